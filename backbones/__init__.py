@@ -1,0 +1,1 @@
+"""zoo.backbones: image backbones, one file per family; importing this package registers every model with timm."""

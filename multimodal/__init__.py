@@ -1,0 +1,1 @@
+"""zoo.multimodal: pipelines built on open_clip, diffusers and transformers (imported on demand)."""

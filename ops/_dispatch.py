@@ -1,0 +1,119 @@
+"""Backend dispatch for the attention operators.
+
+Each op (``routing_attention``, ``outlook_attention``, ...) has a ``reference`` backend in plain PyTorch, the
+definition every other backend is tested against, and any number of fast backends. A backend registers a
+``supports(*args, **kwargs) -> str | None`` check that returns why it cannot serve an input (dtype, device, shape,
+missing library) or None. Dispatch order:
+
+1. the ``backend=`` argument of the call, else
+2. ``ZOO_OPS_BACKEND=op:backend,op2:backend2`` (read at every call, so tests can set it), else
+3. the highest-priority backend whose check passes.
+
+A requested backend that cannot serve an input warns once with its reason and dispatch falls back to automatic
+choice: wrong numbers are never returned silently.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Backend", "register_backend", "available_backends", "registered_backends", "select_backend", "dispatch",
+           "BackendUnavailable"]
+
+
+class BackendUnavailable(RuntimeError):
+    """No registered backend of an op can serve the given input."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op."""
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    supports: Callable[..., str | None]
+    priority: int
+    available: Callable[[], str | None]
+
+
+def _always(*_: Any, **__: Any) -> None:
+    return None
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def register_backend(op: str, name: str, fn: Callable[..., Any], *, supports: Callable[..., str | None] | None = None,
+                     priority: int = 0, available: Callable[[], str | None] | None = None) -> Backend:
+    """Register ``fn`` as backend ``name`` of ``op``.
+
+    Args:
+        supports: per-call check with the op's arguments; returns the reason it cannot serve them, or None.
+        priority: higher is tried first by automatic choice (``reference`` uses 0).
+        available: environment check (library importable, device present); returns a reason or None.
+    """
+    backend = Backend(op, name, fn, supports or _always, priority, available or _always)
+    _REGISTRY.setdefault(op, {})[name] = backend
+    return backend
+
+
+def registered_backends(op: str) -> list[str]:
+    """Every backend registered for ``op``, highest priority first."""
+    _check_op(op)
+    return [b.name for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)]
+
+
+def available_backends(op: str) -> list[str]:
+    """Backends of ``op`` whose environment requirements are met here, highest priority first."""
+    _check_op(op)
+    return [b.name for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority) if b.available() is None]
+
+
+def _check_op(op: str) -> None:
+    if op not in _REGISTRY:
+        raise ValueError(f"op={op!r} is not a zoo op; known ops: {sorted(_REGISTRY)}")
+
+
+def _env_choice(op: str) -> str | None:
+    spec = os.environ.get("ZOO_OPS_BACKEND", "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, backend = item.partition(":")
+        if sep and name.strip() == op:
+            return backend.strip()
+    return None
+
+
+def _reason(backend: Backend, args: tuple, kwargs: dict) -> str | None:
+    return backend.available() or backend.supports(*args, **kwargs)
+
+
+def select_backend(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Backend:
+    """The backend that will run ``op`` on these arguments (see the module docstring for the order)."""
+    _check_op(op)
+    backends = _REGISTRY[op]
+    wanted = backend or _env_choice(op)
+    if wanted:
+        if wanted not in backends:
+            raise ValueError(f"backend={wanted!r} is not a backend of {op}; registered: {registered_backends(op)}")
+        reason = _reason(backends[wanted], args, kwargs)
+        if reason is None:
+            return backends[wanted]
+        key = (op, wanted, reason)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"{op}: backend {wanted!r} cannot serve this input ({reason}); falling back", stacklevel=3)
+    reasons = []
+    for b in sorted(backends.values(), key=lambda b: -b.priority):
+        reason = _reason(b, args, kwargs)
+        if reason is None:
+            return b
+        reasons.append(f"{b.name}: {reason}")
+    raise BackendUnavailable(f"no backend of {op} can serve this input: " + "; ".join(reasons))
+
+
+def dispatch(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Any:
+    """Run ``op`` on the selected backend."""
+    return select_backend(op, backend, *args, **kwargs).fn(*args, **kwargs)

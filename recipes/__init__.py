@@ -1,0 +1,1 @@
+"""zoo.recipes: Lightning modules, data modules and LightningCLI YAML configs."""
