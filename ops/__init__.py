@@ -6,3 +6,4 @@ definition) and optional fast backends chosen by :mod:`zoo.ops._dispatch`. See `
 from ._dispatch import BackendUnavailable, available_backends, dispatch, register_backend, registered_backends
 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable"]
+from .agent import agent_attention  # noqa: F401

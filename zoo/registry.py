@@ -142,7 +142,7 @@ def build_zoo_model(model_cls: type[torch.nn.Module], variant: str, pretrained: 
         pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=overlay or None,
         pretrained_filter_fn=functools.partial(convert.checkpoint_filter, family),
-        feature_cfg=feature_cfg or dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        feature_cfg={**dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **(feature_cfg or {})},
         **kwargs,
     )
 
