@@ -154,7 +154,7 @@ def resolve_model_name(name: str) -> str:
     arch, _ = split_model_name_tag(name)
     if timm.models.is_model(arch):
         return name
-    known = zoo_model_names() + timm.list_models()
+    known = list(dict.fromkeys(zoo_model_names() + timm.list_models()))
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `zoo list` shows the zoo's models"
     raise ValueError(f"model_name={name!r} is not a zoo or timm model{hint}")
