@@ -119,8 +119,45 @@ def test_convert_file_writes_safetensors_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official.pth", "zoo.safetensors"]
 
 
-def test_read_checkpoint_refuses_arbitrary_pickles(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": _sd(), "obj": Path("x")}, path)
-    with pytest.raises(ValueError, match="could not load .* safely"):
-        convert.read_checkpoint(path)
+class _Evil:
+    """Unpickling this would run a shell command if the loader trusted it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Config(dict):
+    """Like the yacs CfgNode that Swin-codebase release files pickle next to the weights."""
+
+
+def test_read_checkpoint_runs_no_code_and_keeps_the_weights(tmp_path):
+    marker = tmp_path / "pwned"
+    sd = _sd()
+    path = tmp_path / "release.pth"
+    torch.save({"model": sd, "config": _Config(lr=0.1, name="x"), "args": Path("x"), "evil": _Evil(marker)}, path)
+    with pytest.warns(UserWarning, match="inert placeholders: .*posix.system"):
+        ckpt = convert.read_checkpoint(path)
+    assert not marker.exists()
+    assert isinstance(ckpt["evil"], convert.InertObject) and isinstance(ckpt["config"], convert.InertObject)
+    out = convert.unwrap_checkpoint(ckpt)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_read_checkpoint_plain_file_needs_no_fallback(tmp_path):
+    import warnings
+
+    torch.save({"model": _sd(), "epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}}, tmp_path / "a.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert convert.read_checkpoint(tmp_path / "a.pth")["epoch"] == 3
+
+
+def test_read_checkpoint_garbage_is_a_clear_error(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="could not load .*junk.pth"):
+        convert.read_checkpoint(tmp_path / "junk.pth")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -147,7 +149,14 @@ def _is_state_dict(d: Mapping) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Load a checkpoint file without unpickling arbitrary objects (safetensors or ``weights_only=True``)."""
+    """Load a checkpoint file without running code from it.
+
+    safetensors files load directly; pickles load with ``torch.load(weights_only=True)``. Release files of some
+    official codebases also pickle non-tensor objects (a yacs config, argparse args, numpy scalars) that
+    ``weights_only`` refuses; those are loaded again with :class:`_InertUnpickler`, which rebuilds tensors and
+    plain containers and replaces every other object by an inert placeholder (a warning names them). Nothing in
+    the file is ever called.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist or is not a file")
@@ -157,9 +166,71 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         return load_file(str(path), device="cpu")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with custom classes is refused: say so instead of running it
-        raise ValueError(f"could not load {str(path)!r} safely (safetensors or torch.load(weights_only=True)): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    except pickle.UnpicklingError:
+        pass
+    try:
+        replaced: set[str] = set()
+        obj = torch.load(str(path), map_location="cpu", weights_only=False,
+                         pickle_module=_inert_pickle_module(replaced))
+    except Exception as e:
+        raise ValueError(f"could not load {str(path)!r} safely (safetensors, torch.load(weights_only=True) or "
+                         f"zoo's inert unpickler): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         ) from e
+    if replaced:
+        warnings.warn(f"{path.name}: non-tensor objects replaced by inert placeholders: {sorted(replaced)}",
+                      stacklevel=2)
+    return obj
+
+
+class InertObject:
+    """Stands in for an object a checkpoint pickled but zoo does not trust; it keeps the pickled data as data."""
+
+    args: tuple = ()
+    items: dict | None = None
+    state: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.items = args, dict(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # pickles of dict subclasses set items on the object
+        self.items = {**(self.items or {}), key: value}
+
+    def append(self, value: Any) -> None:  # ... and list subclasses append
+        self.args = self.args + (value,)
+
+    def extend(self, values: Any) -> None:
+        self.args = self.args + tuple(values)
+
+
+_TRUSTED_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch", "Size"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "slice"), ("builtins", "complex"), ("torch", "device"),
+}
+
+
+def _inert_pickle_module(replaced: set[str]) -> Any:
+    """A ``pickle``-like module for ``torch.load`` whose unpickler trusts only tensors and plain containers."""
+    import types
+
+    class _InertUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in _TRUSTED_GLOBALS:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            replaced.add(f"{module}.{name}")
+            return InertObject
+
+    mod = types.ModuleType("zoo_inert_pickle")
+    mod.Unpickler = _InertUnpickler
+    mod.load = lambda f, **kw: _InertUnpickler(f, **kw).load()
+    mod.__dict__.update({k: getattr(pickle, k) for k in ("UnpicklingError", "HIGHEST_PROTOCOL")})
+    return mod
 
 
 def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
