@@ -39,7 +39,8 @@ __all__ = ["FAMILY", "OFFICIAL_BUILDERS", "register_official_builder", "register
            "agent_key_bias", "agent_query_bias", "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
 
 FAMILY = "agent_attention"
-LICENSE = "unknown"  # the official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers)
+# The official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers).
+LICENSE = "unknown"
 PAPER = "Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)"
 PAPER_URL = "https://arxiv.org/abs/2312.08874"
 CODE_URL = "https://github.com/LeapLabTHU/Agent-Attention"

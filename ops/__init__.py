@@ -5,5 +5,18 @@ definition) and optional fast backends chosen by :mod:`zoo.ops._dispatch`. See `
 """
 from ._dispatch import BackendUnavailable, available_backends, dispatch, register_backend, registered_backends
 
-__all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable"]
 from .agent import agent_attention  # noqa: F401
+from .outlook import outlook_attention  # noqa: F401
+from .routing import routing_attention  # noqa: F401
+from .triton import routing as _routing_triton  # noqa: F401  (registers the triton backend of routing_attention)
+from .window import window_attention  # noqa: F401
+from .cross import cross_attention  # noqa: F401
+from .downsampled import downsampled_attention  # noqa: F401
+from .masked import masked_attention, structured_mask  # noqa: F401
+from .neighborhood import neighborhood_attention, neighborhood_mask  # noqa: F401
+from .ms_deform import ms_deform_attn  # noqa: F401
+
+__all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
+           "agent_attention", "outlook_attention", "routing_attention", "window_attention", "cross_attention",
+           "downsampled_attention", "masked_attention", "structured_mask", "neighborhood_attention",
+           "neighborhood_mask", "ms_deform_attn"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._sdpa import sdpa
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["agent_attention"]
@@ -60,6 +61,9 @@ def _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p) -> None:
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"agent_attention: {name} must be a 4-d tensor (B, heads, tokens, dim), got {got}")
+    dtypes = {t.dtype for t in (q, k, v, agent)}
+    if len(dtypes) != 1:
+        raise ValueError(f"agent_attention: q, k, v and agent must share one dtype, got {sorted(map(str, dtypes))}")
     b, h, _, d = q.shape
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or agent.shape[:2] != (b, h):
         raise ValueError("agent_attention: q, k, v and agent must share (B, heads); got "
@@ -94,11 +98,11 @@ def _softmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     # The official code scales the query side before the product; keep that order so float32 matches it.
     logits = (query * scale) @ key.transpose(-2, -1)
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias  # float32 biases promote low-precision logits, as in the official code under autocast
     attn = logits.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
-    return attn @ value
+    return attn.to(value.dtype) @ value
 
 
 def _reference(q, k, v, agent, *, scale, agent_bias, query_bias, dropout_p):
@@ -112,18 +116,11 @@ def _as_mask(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | No
 
 
 def _sdpa(q, k, v, agent, *, scale, agent_bias, query_bias, dropout_p):
-    agent_v = F.scaled_dot_product_attention(agent, k, v, attn_mask=_as_mask(agent_bias, agent),
+    agent_v = sdpa(agent, k, v, attn_mask=_as_mask(agent_bias, agent),
                                              dropout_p=dropout_p, scale=scale)
-    return F.scaled_dot_product_attention(q, agent, agent_v, attn_mask=_as_mask(query_bias, q),
+    return sdpa(q, agent, agent_v, attn_mask=_as_mask(query_bias, q),
                                           dropout_p=dropout_p, scale=scale)
 
 
-def _sdpa_supports(q, k, v, agent, **_) -> str | None:
-    dtypes = {t.dtype for t in (q, k, v, agent)}
-    if len(dtypes) != 1:
-        return f"q, k, v and agent have different dtypes {sorted(map(str, dtypes))}"
-    return None
-
-
 register_backend(_OP, "reference", _reference, priority=0)
-register_backend(_OP, "sdpa", _sdpa, supports=_sdpa_supports, priority=10)
+register_backend(_OP, "sdpa", _sdpa, priority=10)

@@ -40,6 +40,8 @@ def create_model(model_name: str, pretrained: bool = False, num_classes: int | N
     from zoo import convert
 
     state_dict = convert.read_checkpoint(checkpoint_path)
+    if registry.model_family(model_name) is None:  # timm models get no zoo filter: unwrap Lightning/EMA/DDP here
+        state_dict = convert.unwrap_checkpoint(state_dict)
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     overlay["state_dict"] = state_dict
     head_size = _checkpoint_num_classes(model_name, state_dict)
@@ -56,6 +58,8 @@ def _checkpoint_num_classes(model_name: str, checkpoint: Any) -> int | None:
 
     cfg = timm.models.get_pretrained_cfg(model_name)
     classifier = getattr(cfg, "classifier", None) if cfg is not None else None
+    if isinstance(classifier, (tuple, list)):  # e.g. VOLO: ('head', 'aux_head'); the first is the class head
+        classifier = classifier[0] if classifier else None
     if not classifier:
         return None
     try:

@@ -14,7 +14,7 @@ import functools
 import os
 import pickle
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -41,11 +41,13 @@ class FamilyConverter:
         key_map: official state dict -> zoo state dict (keys renamed, tensors reshaped if needed).
         build_official: ``(official_class_name, resolved_kwargs) -> nn.Module`` building the zoo equivalent.
         official_classes: the official class names ``build_official`` accepts (for error messages).
+        fit_to_model: ``(zoo state dict, model) -> state dict`` resizing resolution-dependent tensors (position
+            embeddings, bias tables) to the model, as the official fine-tuning loaders do.
     """
     key_map: Callable[[StateDict], StateDict] = lambda sd: sd
     build_official: Callable[[str, dict[str, Any]], nn.Module] | None = None
     official_classes: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    fit_to_model: Callable[[StateDict, nn.Module], StateDict] | None = None
 
 
 _CONVERTERS: dict[str, FamilyConverter] = {}
@@ -270,6 +272,14 @@ def adapt_state_dict(state_dict: StateDict, model: nn.Module) -> tuple[StateDict
     return sd, tuple(left)
 
 
+def _to_zoo_keys(family: str, sd: StateDict, model: nn.Module) -> StateDict:
+    """Official keys -> zoo keys (skipped when the dict already has the model's keys), then fit to the model."""
+    conv = get_converter(family)
+    if set(sd) != set(model.state_dict()):
+        sd = conv.key_map(sd)
+    return conv.fit_to_model(sd, model) if conv.fit_to_model is not None else sd
+
+
 def checkpoint_filter(family: str, state_dict: Any, model: nn.Module) -> StateDict:
     """timm ``pretrained_filter_fn`` for a zoo family: unwrap, map official keys, adapt head/stem, check strictly.
 
@@ -278,8 +288,7 @@ def checkpoint_filter(family: str, state_dict: Any, model: nn.Module) -> StateDi
     """
     target = model.state_dict()
     sd = unwrap_checkpoint(state_dict, model_keys=set(target))
-    if not set(sd) <= set(target) or not set(target) <= set(sd):
-        sd = get_converter(family).key_map(sd)
+    sd = _to_zoo_keys(family, sd, model)
     sd, left = adapt_state_dict(sd, model)
     missing, unexpected, mismatched = compare_state_dict(sd, model, ignore=left)
     if missing or unexpected or mismatched:
@@ -397,9 +406,7 @@ def load_official_state_dict(family: str, model: nn.Module, state_dict: Mapping[
                              ) -> None:
     """Unwrap and key-map an official state dict, then load it into a zoo model (strict by default)."""
     target = set(model.state_dict())
-    sd = unwrap_checkpoint(state_dict, model_keys=target)
-    if set(sd) != target:
-        sd = get_converter(family).key_map(sd)
+    sd = _to_zoo_keys(family, unwrap_checkpoint(state_dict, model_keys=target), model)
     missing, unexpected, mismatched = compare_state_dict(sd, model)
     if strict and (missing or unexpected or mismatched):
         raise CheckpointMismatchError(missing, unexpected, mismatched, f"({family} {type(model).__name__})")

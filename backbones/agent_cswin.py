@@ -1,0 +1,468 @@
+"""Agent-CSwin: CSWin Transformer with agent attention (Han et al., ECCV 2024), LeapLabTHU/Agent-Attention
+``agent_cswin.py``.
+
+Each block projects q, k, v once and runs one global branch, or two cross-shaped branches on the two channel
+halves (half the heads each): column stripes ``(H, split)`` and row stripes ``(split, W)``. ``attn_type`` has one
+letter per stage: ``A`` agent attention with stripe width ``la_split_size`` (the released models use the full stage
+size: one global branch), ``B`` CSWin's stripe attention with LePE and width ``split_size``; the last stage is
+always one global branch. ``M`` + digits mixes them as in Agent-Swin.
+
+Stripe attention runs through :func:`zoo.ops.window_attention` (rectangular windows) and agent attention through
+:func:`zoo.ops.agent_attention`; both add the depthwise 3x3 conv of the values computed per window (``get_v``,
+CSWin's LePE). State-dict keys equal the official ones.
+
+Other input sizes work as in the official dense-prediction backbones: agent biases are bilinearly resized to the
+actual window size (Agent-Swin's detection backbone), stripes that do not divide the map zero-pad q, k, v
+symmetrically and crop the output (CSWin's segmentation backbone).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import generate_default_cfgs
+from timm.models._features import feature_take_indices
+
+from zoo.ops import agent_attention, window_attention
+from zoo.ops.window import window_partition, window_reverse
+from zoo.registry import build_zoo_model, register_variants
+
+from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_grid, agent_key_bias, agent_query_bias,
+                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from .agent_swin import parse_attn_types
+
+__all__ = ["AgentCSWinTransformer", "CSWinBlock", "LePEAttention", "AgentAttention", "MergeBlock"]
+
+# Branch index as in the official code: -1 global, 0 column stripes (H, split), 1 row stripes (split, W).
+_GLOBAL, _COLUMNS, _ROWS = -1, 0, 1
+
+
+def _branch_window(idx: int, size: tuple[int, int], split: int) -> tuple[int, int]:
+    h, w = size
+    return {_GLOBAL: (h, w), _COLUMNS: (h, split), _ROWS: (split, w)}[idx]
+
+
+def _pad_centered(x: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad (B, H, W, C) symmetrically to multiples of ``window``; returns the map and the (top, left) pad."""
+    h, w = x.shape[1:3]
+    pad_h, pad_w = -h % window[0], -w % window[1]
+    if not (pad_h or pad_w):
+        return x, (0, 0)
+    top, left = pad_h // 2, pad_w // 2
+    return F.pad(x, (0, 0, left, pad_w - left, top, pad_h - top)), (top, left)
+
+
+class _Branch(nn.Module):
+    """What both branch kinds share: the window geometry and the per-window LePE conv ``get_v``."""
+
+    def __init__(self, dim: int, resolution: tuple[int, int], idx: int, split_size: int, num_heads: int):
+        super().__init__()
+        if idx not in (_GLOBAL, _COLUMNS, _ROWS):
+            raise ValueError(f"idx must be -1 (global), 0 (columns) or 1 (rows), got {idx!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.idx, self.split_size = idx, split_size
+        self.window_size = _branch_window(idx, tuple(resolution), split_size)  # at the construction size
+        self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def lepe(self, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """Depthwise conv of the values inside each window (zero padding at window borders): (B, H, W, C)."""
+        h, w = v.shape[1:3]
+        win = window_partition(v, window).permute(0, 3, 1, 2)
+        return window_reverse(self.get_v(win).permute(0, 2, 3, 1), window, h, w)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, W, C) -> (B, H, W, C)."""
+        h, w = q.shape[1:3]
+        window = _branch_window(self.idx, (h, w), self.split_size)
+        (q, (top, left)), (k, _), (v, _) = (_pad_centered(t, window) for t in (q, k, v))
+        out = self.attend(q, k, v, window) + self.lepe(v, window)
+        return out[:, top:top + h, left:left + w]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LePEAttention(_Branch):
+    """CSWin stripe attention with locally-enhanced positional encoding (official ``LePEAttention``)."""
+
+    def __init__(self, dim: int, resolution: tuple[int, int], idx: int, split_size: int = 7, num_heads: int = 8,
+                 attn_drop: float = 0., qk_scale: float | None = None):
+        super().__init__(dim, resolution, idx, split_size, num_heads)
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.attn_drop = attn_drop
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        b, h, w, c = q.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, heads, H, W, d)
+            return t.view(b, h, w, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
+
+        out = window_attention(heads(q), heads(k), heads(v), window, scale=self.scale,
+                               dropout_p=self.attn_drop if self.training else 0.0)
+        return out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+
+
+class AgentAttention(_Branch):
+    """Agent attention inside each stripe/window (official ``AgentAttention`` of ``agent_cswin.py``).
+
+    The agent biases are sized for the construction window; another window size resizes them bilinearly.
+    """
+
+    def __init__(self, dim: int, resolution: tuple[int, int], idx: int, split_size: int = 7, num_heads: int = 8,
+                 attn_drop: float = 0., agent_num: int = 49):
+        super().__init__(dim, resolution, idx, split_size, num_heads)
+        self.scale = self.head_dim ** -0.5  # the official code ignores qk_scale here
+        self.attn_drop = attn_drop
+        self.agent_num = agent_num
+        self.agent_grid = agent_grid(agent_num)
+        init_agent_biases(self, num_heads, agent_num, self.window_size, self.window_size)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        h, w, c = q.shape[1:]
+        n = window[0] * window[1]
+        qw, kw, vw = (window_partition(t, window).reshape(-1, n, c) for t in (q, k, v))
+        agents = pool_agent_tokens(qw, window, self.agent_grid)
+        out = agent_attention(
+            self._heads(qw), self._heads(kw), self._heads(vw), self._heads(agents), scale=self.scale,
+            agent_bias=agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, window),
+            query_bias=agent_query_bias(self.na_bias, self.ha_bias, self.wa_bias, window),
+            dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(-1, *window, c)
+        return window_reverse(out, window, h, w)
+
+
+class CSWinBlock(nn.Module):
+    """Pre-norm CSWin block: shared qkv, one global or two stripe branches, projection, MLP (official keys)."""
+
+    def __init__(self, dim: int, reso: tuple[int, int], num_heads: int, split_size: int = 7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = False, qk_scale: float | None = None, drop: float = 0., attn_drop: float = 0.,
+                 drop_path: float = 0., act_layer: Callable[..., nn.Module] = nn.GELU,
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, last_stage: bool = False,
+                 agent_num: int = 49, attn_type: str = "A"):
+        super().__init__()
+        if attn_type not in ("A", "B"):
+            raise ValueError(f"attn_type must be 'A' (agent) or 'B' (LePE stripes), got {attn_type!r}")
+        reso = tuple(reso)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm1 = norm_layer(dim)
+        # A stripe as wide as the stage is one global branch (official: resolution == split_size).
+        last_stage = last_stage or split_size >= max(reso)
+        self.branch_num = 1 if last_stage else 2
+        self.proj = nn.Linear(dim, dim)
+        if last_stage:
+            specs = [(dim, num_heads, _GLOBAL)]
+        else:
+            specs = [(dim // 2, num_heads // 2, idx) for idx in (_COLUMNS, _ROWS)]
+        if attn_type == "A":
+            self.attns = nn.ModuleList([AgentAttention(d, reso, idx, split_size, h, attn_drop, agent_num)
+                                        for d, h, idx in specs])
+        else:
+            self.attns = nn.ModuleList([LePEAttention(d, reso, idx, split_size, h, attn_drop, qk_scale)
+                                        for d, h, idx in specs])
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, act_layer=act_layer, drop=drop)
+        self.norm2 = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, h, w, 3, c).unbind(3)
+        if self.branch_num == 2:
+            half = c // 2
+            out = torch.cat([self.attns[0](q[..., :half], k[..., :half], v[..., :half]),
+                             self.attns[1](q[..., half:], k[..., half:], v[..., half:])], dim=-1)
+        else:
+            out = self.attns[0](q, k, v)
+        # The official block has a proj_drop module but never applies it; neither do we.
+        x = x + self.drop_path(self.proj(out))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class MergeBlock(nn.Module):
+    """3x3 stride-2 conv + LayerNorm between stages (official ``Merge_Block``; its norm is always nn.LayerNorm)."""
+
+    def __init__(self, dim: int, dim_out: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
+        self.norm = norm_layer(dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class _ToChannelsLast(nn.Module):
+    """(B, C, H, W) -> (B, H, W, C); sits where the official stem has its ``Rearrange`` (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+class AgentCSWinTransformer(nn.Module):
+    """Agent-CSwin (official ``CSWinTransformer`` of ``agent_cswin.py``), with timm's backbone interface.
+
+    Args:
+        img_size: construction input size; sizes the global/stripe windows and the agent biases.
+        in_chans: input channels.
+        num_classes: classifier size (0: no classifier).
+        global_pool: ``'avg'`` (official) or ``''``.
+        embed_dim: channels of stage 1 (doubled per stage).
+        depth, num_heads: blocks and heads per stage.
+        split_size: stripe width of the LePE (``B``) blocks per stage.
+        la_split_size: stripe width of the agent (``A``) blocks per stage, e.g. ``'56-28-14-7'`` (global at 224).
+        mlp_ratio, qkv_bias: MLP expansion, qkv bias.
+        qk_scale: LePE logit scale override (agent attention always uses head_dim ** -0.5).
+        drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth (linear).
+        norm_layer: block and final norm constructor (nn.LayerNorm); stem and merge norms are always nn.LayerNorm.
+        agent_num: agents per stage (perfect squares), e.g. ``(9, 16, 49, 49)`` or ``'9-16-49-49'``.
+        attn_type: per-stage attention, e.g. ``'AABB'`` (``M`` + digits mixes, as in Agent-Swin).
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
+                 global_pool: str = "avg", embed_dim: int = 96, depth: tuple[int, ...] = (2, 2, 6, 2),
+                 split_size: Any = (1, 2, 7, 7), la_split_size: Any = "1-2-7-7",
+                 num_heads: tuple[int, ...] = (2, 4, 8, 16), mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: float | None = None, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0., norm_layer: Callable[..., nn.Module] | None = None,
+                 agent_num: Any = (49, 49, 49, 49), attn_type: str = "AAAA"):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if len(depth) != 4 or len(num_heads) != 4:
+            raise ValueError(f"depth and num_heads need 4 stages, got depth={list(depth)}, "
+                             f"num_heads={list(num_heads)}")
+        img_size = to_2tuple(img_size, "img_size")
+        norm_layer = norm_layer or nn.LayerNorm
+        splits = as_int_list(split_size, 4, "split_size")
+        la_splits = as_int_list(la_split_size, 4, "la_split_size")
+        agent_nums = as_int_list(agent_num, 4, "agent_num")
+        attn_types = parse_attn_types(attn_type, depth)
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = embed_dim * 8
+        self.grad_checkpointing = False
+        self._num_stages = 4  # fewer after prune_intermediate_layers
+
+        self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 4, 2), _ToChannelsLast(),
+                                               nn.LayerNorm(embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()  # also under a meta device
+        self.feature_info = []
+        dim = embed_dim
+        for i in range(4):
+            if i > 0:
+                setattr(self, f"merge{i}", MergeBlock(dim, dim * 2))
+                dim *= 2
+            reso = (img_size[0] // 2 ** (i + 2), img_size[1] // 2 ** (i + 2))
+            start = sum(depth[:i])
+            blocks = [CSWinBlock(dim, reso, num_heads[i], la_splits[i] if kind == "A" else splits[i], mlp_ratio,
+                                 qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[start + j],
+                                 norm_layer=norm_layer, last_stage=i == 3, agent_num=agent_nums[i], attn_type=kind)
+                      for j, kind in enumerate(attn_types[i])]
+            setattr(self, f"stage{i + 1}", nn.ModuleList(blocks))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stage{i + 1}"))
+        self.norm = norm_layer(dim)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Official init: truncated normal 0.02 for linears, zero biases, unit norms (convs keep PyTorch's default).
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- timm interface -------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The agent position biases, kept out of weight decay."""
+        keys = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in keys}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (stem, blocks in order, final norm)."""
+        return dict(
+            stem=r"^stage1_conv_embed",
+            # (99999,) is timm's "join the previous group": coarse groups are a stage with the merge after it.
+            blocks=[(r"^stage(\d+)\.", None), (r"^merge(\d+)", (99999,)), (r"^norm", (99999,))] if coarse else [
+                (r"^stage(\d+)\.(\d+)", None),
+                (r"^merge(\d+)", (99998,)),  # merge k follows stage k's blocks
+                (r"^norm", (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (``num_classes=0``: none) and optionally the pooling (``'avg'`` or ``''``)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Merge (stages 2-4) and blocks of stage ``i`` (0-based) on a (B, H, W, C) map."""
+        if i == 0:
+            if x.ndim != 4 or min(x.shape[-2:]) < 32:
+                raise ValueError(f"expected images (B, C, H, W) of at least 32x32, got shape {tuple(x.shape)}")
+            x = self.stage1_conv_embed(x)
+        else:
+            x = getattr(self, f"merge{i}")(x)
+        for blk in getattr(self, f"stage{i + 1}"):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, H/32, W/32, num_features) normalised channels-last map."""
+        for i in range(self._num_stages):
+            x = self._stage(i, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, H, W, C) map -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs for dense tasks (timm's contract).
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: last n stages if int, these stage indices if a list, all 4 if None.
+            norm: apply the final norm to the last stage's output (the only one it is sized for).
+            stop_early: stop after the last requested stage.
+            output_fmt: ``'NCHW'`` (B, C_i, H/s_i, W/s_i) or ``'NHWC'``.
+            intermediates_only: return only the list of intermediates.
+
+        Returns:
+            The intermediates, or (final map, normalised when every stage ran, intermediates).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(self._num_stages, indices)
+        n_run = max_index + 1 if stop_early else self._num_stages
+        feats = []
+        for i in range(n_run):
+            x = self._stage(i, x)
+            if i in take:
+                feat = self.norm(x) if norm and i == 3 else x
+                feats.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
+        if intermediates_only:
+            return feats
+        return (self.norm(x) if n_run == 4 else x), feats
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages (and merges) after the last requested one, the norm and the head; returns the kept
+        indices."""
+        take, max_index = feature_take_indices(self._num_stages, indices)
+        for i in range(max_index + 1, 4):
+            setattr(self, f"merge{i}", None)
+            setattr(self, f"stage{i + 1}", nn.ModuleList())
+        self._num_stages = max_index + 1
+        if prune_norm or max_index < 3:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variants (official factories Agent_CSWin_*, README configs cfgs/agent_cswin_*.yaml) and pretrained configs.
+
+_COMMON = dict(mlp_ratio=4., qkv_bias=True, agent_num=(9, 16, 49, 49), attn_type="AABB")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "agent_cswin_t": dict(_COMMON, embed_dim=64, depth=(2, 4, 18, 1), split_size=(1, 2, 7, 7),
+                          la_split_size=(56, 28, 14, 7), num_heads=(2, 4, 8, 16), drop_path_rate=0.2),
+    "agent_cswin_s": dict(_COMMON, embed_dim=64, depth=(3, 6, 29, 2), split_size=(1, 2, 7, 7),
+                          la_split_size=(56, 28, 14, 7), num_heads=(2, 4, 8, 16), drop_path_rate=0.4),
+    "agent_cswin_b": dict(_COMMON, embed_dim=96, depth=(3, 6, 29, 2), split_size=(1, 2, 7, 7),
+                          la_split_size=(56, 28, 14, 7), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+    "agent_cswin_b_384": dict(_COMMON, img_size=384, embed_dim=96, depth=(3, 6, 29, 2), split_size=(1, 2, 12, 12),
+                              la_split_size=(96, 48, 24, 12), num_heads=(4, 8, 16, 32), drop_path_rate=0.7),
+}
+
+_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
+
+def _cfg(file_id: str, **kwargs: Any) -> dict[str, Any]:
+    # Official eval (data/build.py, TEST.CROP default True in every CSwin config): square resize to
+    # int(256/224 * size), center crop (timm 'squash', 0.875). Bicubic, ImageNet statistics.
+    return dict(dict(url=_TSINGHUA.format(file_id), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                     crop_pct=0.875, crop_mode="squash", interpolation="bicubic", fixed_input_size=False,
+                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stage1_conv_embed.0",
+                     classifier="head", license=LICENSE, paper_ids="arXiv:2312.08874", paper_name=PAPER,
+                     origin_url=CODE_URL), **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "agent_cswin_t.in1k": _cfg("8c562a74441e46d5902b"),
+    "agent_cswin_s.in1k": _cfg("30eb8af675bc4b7a8747"),
+    "agent_cswin_b.in1k": _cfg("c8035b0839b2410c8c9f"),
+    "agent_cswin_b_384.in1k": _cfg("1239be0df44b47719432", input_size=(3, 384, 384), pool_size=(12, 12)),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentCSWinTransformer:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_zoo_model(AgentCSWinTransformer, variant, pretrained, family=FAMILY,
+                           feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+register_variants(FAMILY, __name__, VARIANTS, _create)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official constructor -> zoo model.
+
+def _from_official(kwargs: dict[str, Any]) -> AgentCSWinTransformer:
+    """Build from the official ``CSWinTransformer(**kwargs)`` of ``agent_cswin.py`` (objects already resolved)."""
+    kw = dict(kwargs)
+    kw.pop("patch_size", None)  # the official class ignores it: the stem is always a 7x7 stride-4 conv
+    if kw.pop("hybrid_backbone", None) is not None:
+        raise ValueError("hybrid_backbone must be None: the official class never uses it")
+    use_checkpoint = bool(kw.pop("use_chk", False))
+    model = AgentCSWinTransformer(**kw)
+    model.set_grad_checkpointing(use_checkpoint)
+    return model
+
+
+register_official_builder("CSWinTransformer", _from_official)

@@ -1,0 +1,450 @@
+"""Agent-PVT: PVT with agent attention (Han et al., ECCV 2024), LeapLabTHU/Agent-Attention ``agent_pvt.py``.
+
+Four stages of (patch embedding + LayerNorm, absolute position embedding, blocks). In an agent block (``'A'`` in
+``attn_type``, every stage of the released models) the queries are average-pooled into ``A`` agents, the keys and
+values optionally come from a spatially reduced map (``agent_sr_ratios``, 1 in the releases), attention goes through
+:func:`zoo.ops.agent_attention` with the agent biases, and a depthwise 3x3 conv of the values is added. ``'B'``
+blocks are PVT's spatial-reduction attention (:func:`zoo.ops.downsampled_attention`). There is no final norm: the
+head sees the mean of the stage-4 tokens. State-dict keys equal the official ones.
+
+Biases and position embeddings are sized for the construction ``img_size``; other input sizes interpolate both
+bilinearly to the actual feature sizes, as the official detection/segmentation backbones do.
+``agent_shapes`` reproduces their ``downstream_agent_shape`` (more agents per stage, biases resized on the agent
+axis).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import generate_default_cfgs
+from timm.models._features import feature_take_indices
+
+from zoo.ops import agent_attention, downsampled_attention
+from zoo.registry import build_zoo_model, register_variants
+
+from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_grid, agent_key_bias, agent_query_bias,
+                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+
+__all__ = ["AgentPyramidVisionTransformer", "AgentAttention", "SpatialReductionAttention", "AgentPVTBlock",
+           "PatchEmbed"]
+
+
+def _reduce(module: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens for the keys/values: ``x`` itself, or the sr-conv reduced and normalised map; returns them and their
+    grid."""
+    if module.sr_ratio == 1:
+        return x, size
+    b, _, c = x.shape
+    reduced = module.sr(x.transpose(1, 2).reshape(b, c, *size))
+    return module.norm(reduced.flatten(2).transpose(1, 2)), tuple(reduced.shape[-2:])
+
+
+class SpatialReductionAttention(nn.Module):
+    """PVT attention over an ``sr_ratio``-reduced key/value map (official ``Attention``, the ``'B'`` blocks)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.,
+                 proj_drop: float = 0., sr_ratio: int = 1):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, H*W, C) tokens on an (H, W) grid -> (B, H*W, C)."""
+        k, v = self.kv(_reduce(self, x, tuple(size))[0]).chunk(2, dim=-1)
+        out = downsampled_attention(self.q(x), k, v, num_heads=self.num_heads,
+                                    dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out))
+
+
+class AgentAttention(nn.Module):
+    """Agent attention on an (H, W) token grid, keys/values optionally from an ``sr_ratio``-reduced grid."""
+
+    def __init__(self, dim: int, grid_size: tuple[int, int], num_heads: int = 8, qkv_bias: bool = False,
+                 attn_drop: float = 0., proj_drop: float = 0., sr_ratio: int = 1, agent_num: int = 49,
+                 agent_shape: tuple[int, int] | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5  # the official code ignores qk_scale in agent attention
+        self.grid_size = tuple(grid_size)
+        self.sr_ratio = sr_ratio
+        self.agent_num = agent_num
+        self.agent_grid = agent_grid(agent_num)
+        # Dense-prediction agent count (official downstream_agent_shape); None keeps the trained grid.
+        self.agent_shape = tuple(agent_shape) if agent_shape is not None else None
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)  # eps 1e-5, whatever the block norm is (official)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        key_size = (self.grid_size[0] // sr_ratio, self.grid_size[1] // sr_ratio)
+        init_agent_biases(self, num_heads, agent_num, key_size, self.grid_size)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, H*W, C) tokens on an (H, W) grid -> (B, H*W, C)."""
+        b, n, c = x.shape
+        size = tuple(size)
+        q = self.q(x)
+        kv_tokens, kv_size = _reduce(self, x, size)
+        k, v = self.kv(kv_tokens).chunk(2, dim=-1)
+        agents_grid = self.agent_shape or self.agent_grid
+        agents = pool_agent_tokens(q, size, agents_grid)
+        out = agent_attention(
+            self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
+            agent_bias=agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, kv_size, agents=agents_grid),
+            query_bias=agent_query_bias(self.na_bias, self.ha_bias, self.wa_bias, size, agents=agents_grid),
+            dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, c)
+        v_map = v.transpose(1, 2).reshape(b, c, *kv_size)
+        if kv_size != size:
+            v_map = F.interpolate(v_map, size=size, mode="bilinear", align_corners=False)
+        out = out + self.dwc(v_map).flatten(2).transpose(1, 2)
+        return self.proj_drop(self.proj(out))
+
+
+class AgentPVTBlock(nn.Module):
+    """Pre-norm block with agent attention (``attn_type='A'``) or spatial-reduction attention (``'B'``)."""
+
+    def __init__(self, dim: int, grid_size: tuple[int, int], num_heads: int, mlp_ratio: float = 4.,
+                 qkv_bias: bool = False, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 act_layer: Callable[..., nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+                 sr_ratio: int = 1, agent_num: int = 49, attn_type: str = "A",
+                 agent_shape: tuple[int, int] | None = None):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        if attn_type == "A":
+            self.attn = AgentAttention(dim, grid_size, num_heads, qkv_bias, attn_drop, drop, sr_ratio, agent_num,
+                                       agent_shape)
+        elif attn_type == "B":
+            self.attn = SpatialReductionAttention(dim, num_heads, qkv_bias, attn_drop, drop, sr_ratio)
+        else:
+            raise ValueError(f"attn_type must be 'A' (agent) or 'B' (spatial reduction), got {attn_type!r}")
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, H*W, C) -> same shape."""
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Strided conv patch embedding + LayerNorm (eps 1e-5), returning tokens and their grid (official layout)."""
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> ((B, H/p * W/p, D), (H/p, W/p))."""
+        x = self.proj(x)
+        size = tuple(x.shape[-2:])
+        return self.norm(x.flatten(2).transpose(1, 2)), size
+
+
+class AgentPyramidVisionTransformer(nn.Module):
+    """Agent-PVT (official class ``PyramidVisionTransformer`` in ``agent_pvt.py``), with timm's backbone interface.
+
+    Args:
+        img_size: construction input size; sizes the position embeddings and the agent biases.
+        patch_size: stage-1 patch size (later stages downsample by 2).
+        in_chans: input channels.
+        num_classes: classifier size (0: none).
+        global_pool: ``'avg'`` (official) or ``''`` (forward_head returns the map).
+        embed_dims, num_heads, mlp_ratios, depths: per-stage width, heads, MLP ratio, depth.
+        qkv_bias: bias in the q/kv projections.
+        qk_scale: only for ``'B'`` stages; must be None (agent stages always use head_dim ** -0.5).
+        drop_rate, attn_drop_rate, drop_path_rate: dropout, attention-map dropout, stochastic depth.
+        norm_layer: block norm constructor (the official factories pass LayerNorm(eps=1e-6)).
+        sr_ratios: spatial reduction of ``'B'`` stages.
+        agent_sr_ratios: spatial reduction of the keys/values of ``'A'`` stages (``'1111'`` in the releases).
+        num_stages: must be 4.
+        agent_num: agents per stage (ints, digit strings or ``'9-16-49-49'``).
+        attn_type: one letter per stage, ``'A'`` agent attention, ``'B'`` spatial-reduction attention.
+        agent_shapes: per-stage agent pooling grids for dense prediction (official ``downstream_agent_shape``);
+            None keeps the trained sqrt(agent_num) grids.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "avg",
+                 embed_dims: tuple[int, ...] = (64, 128, 320, 512), num_heads: tuple[int, ...] = (1, 2, 5, 8),
+                 mlp_ratios: tuple[float, ...] = (8, 8, 4, 4), qkv_bias: bool = True, qk_scale: float | None = None,
+                 drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+                 norm_layer: Callable[..., nn.Module] | None = None, depths: tuple[int, ...] = (2, 2, 2, 2),
+                 sr_ratios: tuple[int, ...] = (8, 4, 2, 1), agent_sr_ratios: Any = "1111", num_stages: int = 4,
+                 agent_num: Any = (9, 16, 49, 49), attn_type: str | None = "AAAA",
+                 agent_shapes: list[tuple[int, int] | None] | None = None):
+        super().__init__()
+        if num_stages != 4:
+            raise ValueError(f"num_stages must be 4 (the official layout), got {num_stages}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        attn_type = "AAAA" if attn_type is None else attn_type
+        if len(attn_type) < num_stages or set(attn_type[:num_stages]) - {"A", "B"}:
+            raise ValueError(f"attn_type must have one 'A' or 'B' per stage, got {attn_type!r}")
+        if qk_scale is not None and "B" in attn_type[:num_stages]:
+            raise ValueError("qk_scale is not supported for 'B' stages (use None: head_dim ** -0.5)")
+        for name, seq in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
+                          ("depths", depths), ("sr_ratios", sr_ratios)):
+            if len(seq) < num_stages:
+                raise ValueError(f"{name} needs {num_stages} entries, got {seq!r}")
+        img_size = to_2tuple(img_size, "img_size")
+        norm_layer = norm_layer or nn.LayerNorm
+        agent_nums = as_int_list(agent_num, num_stages, "agent_num")
+        agent_srs = as_int_list(agent_sr_ratios, num_stages, "agent_sr_ratios")
+        agent_shapes = list(agent_shapes) if agent_shapes is not None else [None] * num_stages
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_stages = num_stages
+        self.depths = list(depths)
+        self.num_features = self.head_hidden_size = embed_dims[num_stages - 1]
+        self.patch_size = patch_size
+        self.grad_checkpointing = False
+        self.feature_info = []
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths[:num_stages]), device="cpu").tolist()
+        size, cur = img_size, 0
+        for i in range(num_stages):
+            stride = patch_size if i == 0 else 2
+            embed = PatchEmbed(size, stride, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i])
+            grid = embed.grid_size
+            sr = sr_ratios[i] if attn_type[i] == "B" else agent_srs[i]
+            blocks = nn.ModuleList([
+                AgentPVTBlock(embed_dims[i], grid, num_heads[i], mlp_ratios[i], qkv_bias, drop_rate, attn_drop_rate,
+                              dpr[cur + j], norm_layer=norm_layer, sr_ratio=sr, agent_num=agent_nums[i],
+                              attn_type=attn_type[i], agent_shape=agent_shapes[i])
+                for j in range(depths[i])])
+            setattr(self, f"patch_embed{i + 1}", embed)
+            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims[i])))
+            setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
+            setattr(self, f"block{i + 1}", blocks)
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"block{i + 1}"))
+            size, cur = grid, cur + depths[i]
+        self.head_drop = nn.Dropout(drop_rate)  # the official head has no dropout; drop_rate 0 in every release
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for i in range(self.num_stages):
+            trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # --- timm interface -------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters excluded from weight decay: none (the official set names only a non-existent cls_token)."""
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (stem = stage-1 embedding)."""
+        return dict(
+            stem=r"^(?:patch_embed1|pos_embed1)\.?",
+            blocks=[(r"^(?:block|patch_embed|pos_embed)(\d+)", None)] if coarse else [
+                (r"^block(\d+)\.(\d+)", None), (r"^(?:patch_embed|pos_embed)(\d+)", (0,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (``num_classes=0``: none) and optionally the pooling."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(x.shape)}")
+        stride = self.patch_size * 2 ** (self.num_stages - 1)
+        if min(x.shape[-2:]) < stride:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is too small: Agent-PVT needs at least {stride} "
+                             f"pixels per side (total stride)")
+
+    def _pos_embed(self, i: int, size: tuple[int, int]) -> torch.Tensor:
+        pos = getattr(self, f"pos_embed{i + 1}")
+        grid = getattr(self, f"patch_embed{i + 1}").grid_size
+        if tuple(size) == tuple(grid):
+            return pos  # the official same-size bilinear resize of stages 2-4 is an exact identity
+        pos = pos.reshape(1, *grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=size, mode="bilinear", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
+    def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Stage ``i``: (B, C, H, W) map -> (B, h*w, D) tokens and (h, w)."""
+        x, size = getattr(self, f"patch_embed{i + 1}")(x)
+        x = getattr(self, f"pos_drop{i + 1}")(x + self._pos_embed(i, size))
+        for blk in getattr(self, f"block{i + 1}"):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, size, use_reentrant=False)
+            else:
+                x = blk(x, size)
+        return x, size
+
+    @staticmethod
+    def _to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, embed_dims[-1], H/32, W/32) stage-4 map (no final norm, as official)."""
+        self._check_input(x)
+        for i in range(self.num_stages):
+            x, size = self._stage(i, x)
+            x = self._to_map(x, size)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) map -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs for dense tasks (timm's contract).
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: last n stages if int, these stage indices if a list, all four if None.
+            norm: accepted for timm compatibility; the model has no final norm, so it changes nothing.
+            stop_early: stop after the last requested stage.
+            output_fmt: ``'NCHW'`` (B, C_i, H/s_i, W/s_i) or ``'NLC'`` (B, H/s_i*W/s_i, C_i).
+            intermediates_only: return only the list of stage outputs.
+
+        Returns:
+            The stage outputs, or (stage-4 map, stage outputs).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        feats = []
+        for i in range(last + 1):
+            tokens, size = self._stage(i, x)
+            x = self._to_map(tokens, size)
+            if i in take:
+                feats.append(tokens if output_fmt == "NLC" else x)
+        return feats if intermediates_only else (x, feats)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last requested one (and the head); returns the kept indices."""
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            for name in (f"patch_embed{i + 1}", f"pos_embed{i + 1}", f"pos_drop{i + 1}", f"block{i + 1}"):
+                delattr(self, name)
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.num_features = self.feature_info[-1]["num_chs"]
+            self.reset_classifier(0, "")
+        return take
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variants (official factories agent_pvt_{tiny,small,medium,large} with the README configs) and pretrained configs.
+
+_SHARED = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+               qkv_bias=True, sr_ratios=(8, 4, 2, 1), agent_sr_ratios="1111", agent_num=(9, 16, 49, 49),
+               attn_type="AAAA")
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "agent_pvt_tiny": dict(_SHARED, depths=(2, 2, 2, 2)),
+    "agent_pvt_small": dict(_SHARED, depths=(3, 4, 6, 3)),
+    "agent_pvt_medium": dict(_SHARED, depths=(3, 4, 18, 3)),
+    "agent_pvt_medium_256": dict(_SHARED, img_size=256, depths=(3, 4, 18, 3)),
+    "agent_pvt_large": dict(_SHARED, depths=(3, 8, 27, 3)),
+}
+
+_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
+
+def _cfg(file_id: str, **kwargs: Any) -> dict[str, Any]:
+    # Official eval: square resize to int(256/224 * size) then center crop (timm's 'squash'), bicubic, ImageNet stats.
+    return dict(dict(url=_TSINGHUA.format(file_id), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                     crop_pct=0.875, crop_mode="squash", interpolation="bicubic", fixed_input_size=False,
+                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed1.proj",
+                     classifier="head", license=LICENSE, paper_ids="arXiv:2312.08874", paper_name=PAPER,
+                     origin_url=CODE_URL), **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "agent_pvt_tiny.in1k": _cfg("13fdf0e0a7c5498c934f"),
+    "agent_pvt_small.in1k": _cfg("36b8be9a8863456685a3"),
+    "agent_pvt_medium.in1k": _cfg("4d00ecacf18b45f9b88c"),
+    "agent_pvt_medium_256.in1k": _cfg("654df734121643b19c52", input_size=(3, 256, 256), pool_size=(8, 8)),
+    "agent_pvt_large.in1k": _cfg("040cfe0cfbbe4762ad09"),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AgentPyramidVisionTransformer:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs.setdefault("norm_layer", functools.partial(nn.LayerNorm, eps=1e-6))
+    return build_zoo_model(AgentPyramidVisionTransformer, variant, pretrained, family=FAMILY,
+                           feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+register_variants(FAMILY, __name__, VARIANTS, _create)
+
+
+def _from_official(kwargs: dict[str, Any]) -> AgentPyramidVisionTransformer:
+    """Build from the official ``PyramidVisionTransformer(**kwargs)`` of ``agent_pvt.py`` (objects resolved)."""
+    return AgentPyramidVisionTransformer(**kwargs)
+
+
+register_official_builder("PyramidVisionTransformer", _from_official)

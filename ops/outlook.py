@@ -1,0 +1,430 @@
+"""Outlook attention (Yuan et al., "VOLO: Vision Outlooker for Visual Recognition", TPAMI 2022).
+
+Every window of ``k x k`` pixels (windows placed with ``stride`` and zero ``padding``, like a convolution) owns a
+``k^2 x k^2`` attention matrix that is *predicted* from the window's pooled features by a linear layer, not computed
+from query/key products. Row ``i`` of that matrix mixes the window's ``k^2`` values into the value written at the
+window's ``i``-th pixel; windows overlap, and the overlapping writes are summed (a "fold")::
+
+    P[n, head]  = softmax(scale * attn[n, head].view(k*k, k*k), dim=-1)           # per window n
+    out[loc(n, i)] += sum_j P[n, head, i, j] * v[loc(n, j), head]                   # for every window n, row i
+    loc(n, i) = (n_y * stride - padding + i // k,  n_x * stride - padding + i % k)
+
+Values outside the image read as zero and writes outside it are dropped. The model computes ``v`` (a linear map of
+the tokens) and ``attn`` (a linear map of the tokens average-pooled by ``stride``); this op does the rest.
+
+Backends:
+    ``reference``: plain PyTorch ``unfold -> softmax-weighted sum -> fold``; the definition, any device and dtype,
+        differentiable. It performs the same operations in the same order as the official code.
+    ``triton``: a fused Triton kernel (softmax, gather, weighted sum and overlap-sum in one pass; no unfolded
+        copies), with a fused backward. Deterministic (gathers, no atomics). CUDA in fp32/fp16/bf16; on CPU only
+        under ``TRITON_INTERPRET=1`` (fp32/fp16). No attention dropout.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .triton import triton_missing_reason
+from ._dispatch import dispatch, register_backend
+
+__all__ = ["outlook_attention", "outlook_window_grid"]
+
+_OP = "outlook_attention"
+
+
+def outlook_window_grid(height: int, width: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
+    """Number of windows ``(h, w)`` along each axis: ``(size + 2 * padding - kernel_size) // stride + 1``.
+
+    VOLO predicts the attention from the tokens average-pooled by ``stride`` with ``ceil_mode``, i.e. a grid of
+    ``ceil(size / stride)``; the two agree for VOLO's ``kernel_size=3, padding=1``.
+    """
+    return ((height + 2 * padding - kernel_size) // stride + 1, (width + 2 * padding - kernel_size) // stride + 1)
+
+
+def outlook_attention(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: int = 3, stride: int = 1,
+                      padding: int = 1, scale: float | None = None, dropout_p: float = 0.0,
+                      backend: str | None = None) -> torch.Tensor:
+    """Outlook attention: per-window predicted ``k^2 x k^2`` weights aggregate values, overlaps are summed.
+
+    Args:
+        v: values, channels last (B, H, W, C) with ``C = num_heads * head_dim``; channel ``c`` belongs to head
+            ``c // head_dim``.
+        attn: attention logits, channels last (B, h, w, num_heads * k^4) with ``(h, w) =``
+            :func:`outlook_window_grid`; feature ``head * k^4 + i * k^2 + j`` is the logit of window pixel ``i``
+            reading window pixel ``j`` (the layout of VOLO's ``attn`` linear layer output).
+        num_heads: number of heads.
+        kernel_size: window side ``k``.
+        stride: window step (VOLO uses 2).
+        padding: zero padding of the image on each side (VOLO uses 1).
+        scale: logit multiplier before the softmax; ``head_dim ** -0.5`` when None.
+        dropout_p: dropout on the softmaxed weights (pass 0 in eval; the triton backend refuses > 0).
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (B, H, W, C) in the dtype of ``v``.
+    """
+    _check_inputs(v, attn, num_heads, kernel_size, stride, padding, dropout_p)
+    if scale is None:
+        scale = (v.shape[-1] // num_heads) ** -0.5
+    return dispatch(_OP, backend, v, attn, int(num_heads), int(kernel_size), int(stride), int(padding),
+                    float(scale), float(dropout_p))
+
+
+def _check_inputs(v, attn, num_heads, kernel_size, stride, padding, dropout_p) -> None:
+    for name, t in (("v", v), ("attn", attn)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"outlook_attention: {name} must be a 4-d channels-last tensor, got {got}")
+    for name, value, low in (("num_heads", num_heads, 1), ("kernel_size", kernel_size, 1), ("stride", stride, 1),
+                             ("padding", padding, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"outlook_attention: {name} must be an int >= {low}, got {value!r}")
+    b, height, width, channels = v.shape
+    if channels % num_heads:
+        raise ValueError(f"outlook_attention: v channels ({channels}) must be divisible by num_heads ({num_heads})")
+    grid = outlook_window_grid(height, width, kernel_size, stride, padding)
+    if min(grid) < 1:
+        raise ValueError(f"outlook_attention: a {height}x{width} input has no {kernel_size}x{kernel_size} window "
+                         f"with padding={padding}")
+    expected = (b, *grid, num_heads * kernel_size ** 4)
+    if tuple(attn.shape) != expected:
+        raise ValueError(f"outlook_attention: attn must have shape (B, h, w, num_heads * k^4) = {expected} for v of "
+                         f"shape {tuple(v.shape)}, kernel_size={kernel_size}, stride={stride}, padding={padding}; "
+                         f"got {tuple(attn.shape)}")
+    if v.device != attn.device:
+        raise ValueError(f"outlook_attention: v and attn must be on one device, got {v.device} and {attn.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"outlook_attention: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference backend
+
+
+def _reference(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: int, stride: int, padding: int,
+               scale: float, dropout_p: float) -> torch.Tensor:
+    b, height, width, channels = v.shape
+    _, h, w, _ = attn.shape
+    kk = kernel_size * kernel_size
+    head_dim = channels // num_heads
+    # (B, C*k^2, L) columns, channel-major: column feature index = c * k^2 + j
+    cols = F.unfold(v.permute(0, 3, 1, 2), kernel_size, padding=padding, stride=stride)
+    cols = cols.reshape(b, num_heads, head_dim, kk, h * w).permute(0, 1, 4, 3, 2)  # B, heads, L, k^2 (j), d
+    weights = attn.reshape(b, h * w, num_heads, kk, kk).permute(0, 2, 1, 3, 4)  # B, heads, L, k^2 (i), k^2 (j)
+    weights = (weights * scale).softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p)
+    out = (weights @ cols.to(weights.dtype)).to(v.dtype)  # B, heads, L, k^2 (i), d
+    out = out.permute(0, 1, 4, 3, 2).reshape(b, channels * kk, h * w)
+    out = F.fold(out, output_size=(height, width), kernel_size=kernel_size, padding=padding, stride=stride)
+    return out.permute(0, 2, 3, 1)
+
+
+register_backend(_OP, "reference", _reference, priority=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# triton backend
+#
+# Three kernels, all "gather" style so that every output element is written by exactly one program (deterministic):
+#   forward  (one program = BLOCK_P pixels x one (batch, head)): for each pixel, visit the <= ceil(k/s)^2 windows
+#            that write to it, softmax the row of logits that targets it, gather the window's k^2 values.
+#            Also stores the row's log-sum-exp, reused by the backward.
+#   grad_v   (pixels x (batch, head)): for each pixel q, visit the windows that read it (offset j) and sum
+#            P[n, i, j] * grad_out[loc(n, i)] over the rows i.
+#   grad_attn (BLOCK_N windows x (batch, head)): dP[i, j] = <grad_out[loc(n, i)], v[loc(n, j)]>, then the softmax
+#            backward scale * P * (dP - sum_j P dP).
+
+
+def _triton_available() -> str | None:
+    if triton_missing_reason() is not None:  # looked up once, so this check is cheap and traceable by dynamo
+        return triton_missing_reason()
+    if not torch.cuda.is_available() and not _interpreting():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    return None
+
+
+def _interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (the spellings triton accepts)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_supports(v, attn, num_heads, kernel_size, stride, padding, scale, dropout_p) -> str | None:
+    if dropout_p > 0.0:
+        return f"attention dropout (dropout_p={dropout_p}) is not implemented"
+    if v.dtype not in _TRITON_DTYPES or attn.dtype != v.dtype:
+        return f"dtypes v={v.dtype}, attn={attn.dtype}; needs one of float32/float16/bfloat16 for both"
+    if v.device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        if v.dtype == torch.bfloat16:
+            return "bfloat16 is not supported by the Triton interpreter"
+    elif v.device.type != "cuda":
+        return f"device {v.device.type} is not supported"
+    if kernel_size * kernel_size > 64 or v.shape[-1] // num_heads > 256:
+        return f"kernel_size={kernel_size} (max 8) or head_dim={v.shape[-1] // num_heads} (max 256) too large"
+    return None
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
+                       K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+        KK: tl.constexpr = K * K
+        pid_p = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // NH).to(tl.int64)
+        head = pid_bh % NH
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < H * W
+        y = offs_p // W
+        x = offs_p % W
+        offs_j = tl.arange(0, BLOCK_KK)
+        mask_j = offs_j < KK
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        v_base = v_ptr + b * H * W * C + head * D
+        row_stride = NH * KK * KK
+        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for ty in tl.static_range(NT):
+            for tx in tl.static_range(NT):
+                # the window n whose row i targets pixel (y, x)
+                ny = (y + PAD) // S - ty
+                nx = (x + PAD) // S - tx
+                iy = y + PAD - ny * S
+                ix = x + PAD - nx * S
+                valid = mask_p & (iy < K) & (ix < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+                n = (b * h + ny) * w + nx
+                row = attn_ptr + n * row_stride + head * KK * KK + (iy * K + ix) * KK
+                m2 = valid[:, None] & mask_j[None, :]
+                logits = tl.load(row[:, None] + offs_j[None, :], mask=m2, other=0.0).to(tl.float32)
+                logits = tl.where(m2, logits * scale, float("-inf"))
+                row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
+                e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
+                denom = tl.where(valid, tl.sum(e, axis=1), 1.0)
+                p = e / denom[:, None]
+                tl.store(lse_ptr + (n * NH + head) * KK + iy * K + ix, row_max + tl.log(denom), mask=valid)
+                # the window's pixels j, zero outside the image
+                vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
+                vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]
+                inside = m2 & (vy >= 0) & (vy < H) & (vx >= 0) & (vx < W)
+                v_ptrs = v_base + ((vy * W + vx) * C)[:, :, None] + offs_d[None, None, :]
+                vals = tl.load(v_ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(p[:, :, None] * vals, axis=1)
+        out_ptrs = out_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale,
+                      K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+        KK: tl.constexpr = K * K
+        pid_p = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // NH).to(tl.int64)
+        head = pid_bh % NH
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < H * W
+        y = offs_p // W
+        x = offs_p % W
+        offs_i = tl.arange(0, BLOCK_KK)
+        mask_i = offs_i < KK
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        go_base = go_ptr + b * H * W * C + head * D
+        row_stride = NH * KK * KK
+        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for ty in tl.static_range(NT):
+            for tx in tl.static_range(NT):
+                # the window n that reads pixel (y, x) as its pixel j
+                ny = (y + PAD) // S - ty
+                nx = (x + PAD) // S - tx
+                jy = y + PAD - ny * S
+                jx = x + PAD - nx * S
+                valid = mask_p & (jy < K) & (jx < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+                n = (b * h + ny) * w + nx
+                # every row i of that window, restricted to rows whose target pixel is inside the image
+                ty_pix = ny[:, None] * S - PAD + (offs_i // K)[None, :]
+                tx_pix = nx[:, None] * S - PAD + (offs_i % K)[None, :]
+                rows = valid[:, None] & mask_i[None, :] & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W)
+                a_ptrs = attn_ptr + (n * row_stride + head * KK * KK + jy * K + jx)[:, None] + (offs_i * KK)[None, :]
+                logits = tl.load(a_ptrs, mask=rows, other=0.0).to(tl.float32) * scale
+                lse = tl.load(lse_ptr + ((n * NH + head) * KK)[:, None] + offs_i[None, :], mask=rows, other=0.0)
+                p = tl.where(rows, tl.exp(logits - lse), 0.0)
+                g_ptrs = go_base + ((ty_pix * W + tx_pix) * C)[:, :, None] + offs_d[None, None, :]
+                g = tl.load(g_ptrs, mask=rows[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(p[:, :, None] * g, axis=1)
+        dv_ptrs = dv_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
+        tl.store(dv_ptrs, acc.to(dv_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def grad_attn_kernel(go_ptr, v_ptr, attn_ptr, da_ptr, H, W, C, h, w, NH, D, scale,
+                         K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+        KK: tl.constexpr = K * K
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // NH).to(tl.int64)
+        head = pid_bh % NH
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < h * w
+        ny = offs_n // w
+        nx = offs_n % w
+        offs_j = tl.arange(0, BLOCK_KK)
+        mask_j = offs_j < KK
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        pix_base = b * H * W * C + head * D
+        # the window's k^2 values, loaded once: (BLOCK_N, BLOCK_KK, BLOCK_D)
+        vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
+        vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]
+        inside = mask_n[:, None] & mask_j[None, :] & (vy >= 0) & (vy < H) & (vx >= 0) & (vx < W)
+        v_ptrs = v_ptr + pix_base + ((vy * W + vx) * C)[:, :, None] + offs_d[None, None, :]
+        vals = tl.load(v_ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+        n = b * h * w + offs_n
+        row_base = n * (NH * KK * KK) + head * KK * KK
+        for i in tl.static_range(KK):
+            iy = ny * S - PAD + i // K
+            ix = nx * S - PAD + i % K
+            target = mask_n & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            g_ptrs = go_ptr + pix_base + ((iy * W + ix) * C)[:, None] + offs_d[None, :]
+            g = tl.load(g_ptrs, mask=target[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            dp = tl.sum(g[:, None, :] * vals, axis=2)  # (BLOCK_N, BLOCK_KK)
+            m2 = mask_n[:, None] & mask_j[None, :]
+            a_ptrs = attn_ptr + (row_base + i * KK)[:, None] + offs_j[None, :]
+            logits = tl.load(a_ptrs, mask=m2, other=0.0).to(tl.float32)
+            logits = tl.where(m2, logits * scale, float("-inf"))
+            row_max = tl.where(mask_n, tl.max(logits, axis=1), 0.0)
+            e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
+            p = e / tl.where(mask_n, tl.sum(e, axis=1), 1.0)[:, None]
+            # rows writing outside the image get no gradient (g is zero there): da = 0
+            da = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])
+            tl.store(da_ptr + (row_base + i * KK)[:, None] + offs_j[None, :], da.to(da_ptr.dtype.element_ty),
+                     mask=m2)
+
+    return forward_kernel, grad_v_kernel, grad_attn_kernel
+
+
+def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int]:
+    import triton
+
+    block_kk = max(triton.next_power_of_2(kernel_size * kernel_size), 2)
+    block_d = max(triton.next_power_of_2(head_dim), 2)
+    return block_kk, block_d
+
+
+def _rows_per_program(block_kk: int, block_d: int) -> int:
+    # keep the (rows, k^2, d) register tile near 8K fp32 elements
+    return max(1, min(64, 8192 // (block_kk * block_d)))
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale):
+    b, height, width, channels = v.shape
+    _, h, w, _ = attn.shape
+    head_dim = channels // num_heads
+    out = torch.empty_like(v)
+    # Window rows that fall in the zero padding have no output pixel, so the kernel never writes their log-sum-exp;
+    # zeros keep the op's saved output fully defined (torch.compile's AOT tracing compares every output element).
+    lse = torch.zeros((b, h, w, num_heads, kernel_size * kernel_size), device=v.device, dtype=torch.float32)
+    block_kk, block_d = _block_sizes(kernel_size, head_dim)
+    block_p = _rows_per_program(block_kk, block_d)
+    grid = (math.ceil(height * width / block_p), b * num_heads)
+    forward_kernel[grid](v, attn, out, lse, height, width, channels, h, w, num_heads, head_dim, scale,
+                         K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
+                         BLOCK_P=block_p, BLOCK_KK=block_kk, BLOCK_D=block_d)
+    return out, lse
+
+
+def _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out, v, attn, lse, num_heads, kernel_size, stride, padding,
+                     scale):
+    b, height, width, channels = v.shape
+    _, h, w, _ = attn.shape
+    head_dim = channels // num_heads
+    grad_v = torch.empty_like(v)
+    grad_attn = torch.empty_like(attn)
+    block_kk, block_d = _block_sizes(kernel_size, head_dim)
+    rows = _rows_per_program(block_kk, block_d)
+    grad_v_kernel[(math.ceil(height * width / rows), b * num_heads)](
+        grad_out, attn, lse, grad_v, height, width, channels, h, w, num_heads, head_dim, scale,
+        K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
+        BLOCK_P=rows, BLOCK_KK=block_kk, BLOCK_D=block_d)
+    grad_attn_kernel[(math.ceil(h * w / rows), b * num_heads)](
+        grad_out, v, attn, grad_attn, height, width, channels, h, w, num_heads, head_dim, scale,
+        K=kernel_size, S=stride, PAD=padding, BLOCK_N=rows, BLOCK_KK=block_kk, BLOCK_D=block_d)
+    return grad_v, grad_attn
+
+
+@torch.library.custom_op("zoo::outlook_attention_fwd", mutates_args=())
+def _triton_forward(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: int, stride: int,
+                    padding: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (B, H, W, C) output and the (B, h, w, heads, k^2) float32 row log-sum-exp."""
+    forward_kernel, _, _ = _kernels()
+    v, attn = v.contiguous(), attn.contiguous()
+    with _on_device(v):
+        return _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale)
+
+
+@_triton_forward.register_fake
+def _(v, attn, num_heads, kernel_size, stride, padding, scale):
+    b, _, _, _ = v.shape
+    _, h, w, _ = attn.shape
+    return torch.empty_like(v), v.new_empty((b, h, w, num_heads, kernel_size * kernel_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("zoo::outlook_attention_bwd", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, v: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                     kernel_size: int, stride: int, padding: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward: gradients of ``v`` (B, H, W, C) and of the logits ``attn`` (B, h, w, heads * k^4)."""
+    _, grad_v_kernel, grad_attn_kernel = _kernels()
+    grad_out, v, attn = grad_out.contiguous(), v.contiguous(), attn.contiguous()
+    with _on_device(v):
+        return _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out, v, attn, lse, num_heads, kernel_size,
+                                stride, padding, scale)
+
+
+@_triton_backward.register_fake
+def _(grad_out, v, attn, lse, num_heads, kernel_size, stride, padding, scale):
+    return torch.empty_like(v), torch.empty_like(attn)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    v, attn, num_heads, kernel_size, stride, padding, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(v, attn, lse)
+    ctx.params = (num_heads, kernel_size, stride, padding, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    v, attn, lse = ctx.saved_tensors
+    grad_v, grad_attn = _triton_backward(grad_out, v, attn, lse, *ctx.params)
+    return grad_v, grad_attn, None, None, None, None, None
+
+
+_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: int, stride: int, padding: int,
+            scale: float, dropout_p: float) -> torch.Tensor:
+    return _triton_forward(v, attn, num_heads, kernel_size, stride, padding, scale)[0]
+
+
+register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=_triton_available)

@@ -1,0 +1,208 @@
+"""Bi-level routing attention (Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023).
+
+The feature map is cut into regions of ``region_size`` tokens (raster order of regions, raster order of tokens
+inside a region). Attention happens on two levels:
+
+1. **Region routing.** Every region gets a descriptor: the mean of its query tokens and the mean of its key
+   tokens (all channels, all heads together). The region affinity ``A = (q_r * routing_scale) @ k_r^T`` picks,
+   for every query region, the ``topk`` key regions with the largest affinity. Routing is computed on detached
+   tensors: no gradient flows through the choice (the official ``diff_routing=False``), every head shares it.
+2. **Token attention.** Every query token attends, per head, to all tokens of its region's ``topk`` key regions::
+
+       out[t] = softmax(scale * q[t] @ K_sel^T) @ V_sel          K_sel, V_sel: topk * region tokens
+
+Padding: when H or W is not a multiple of the region size, q, k and v are zero-padded at the bottom/right
+(*after* projection), region descriptors average only the real tokens (``avg_pool2d(..., ceil_mode=True,
+count_include_pad=False)`` in the official code), padded tokens still take part as keys (logit 0, value 0, not
+masked, as in the official ``nchwBRA``), and the output is cropped back to H x W. The legacy BiFormer rule (pad
+the normalised input *before* the qkv projection, so padded tokens carry the projection bias) is done by the
+caller, which then passes divisible tensors and this padding path is idle.
+
+Quirks callers choose explicitly: ``scale`` (the official models use the full channel width, ``qk_dim ** -0.5``,
+not the head width) and ``routing_scale`` (legacy BRA multiplies the query descriptors by ``scale`` before the
+affinity, nchwBRA does not; the top-k choice is the same up to float rounding of near ties).
+
+Backends:
+    ``reference``: plain PyTorch, the definition: region-major partition, index-gather of the selected key
+        regions, explicit ``softmax((q * scale) @ k^T) @ v`` (the official order of operations).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import dispatch, register_backend
+
+__all__ = ["routing_attention", "route_regions"]
+
+_OP = "routing_attention"
+_LAYOUTS = ("nhwc", "nchw")
+
+
+def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
+                      region_size: int | Sequence[int], topk: int, scale: float,
+                      routing_scale: float | None = None, layout: str = "nhwc",
+                      backend: str | None = None) -> torch.Tensor:
+    """Bi-level routing attention on image-shaped q, k, v (see the module docstring for the computation).
+
+    Args:
+        q: queries, (B, H, W, C_qk) for ``layout="nhwc"`` or (B, C_qk, H, W) for ``layout="nchw"``.
+        k: keys, same shape as ``q``.
+        v: values, (B, H, W, C_v) or (B, C_v, H, W); C_v may differ from C_qk.
+        num_heads: heads of the token attention; C_qk and C_v must be divisible by it (channel ``c`` belongs to
+            head ``c // (C / num_heads)``). Routing uses all channels and is shared by the heads.
+        region_size: (rh, rw) tokens per region (an int means square). Regions per side: ``ceil(H / rh)``,
+            ``ceil(W / rw)``; non-divisible sizes are zero-padded (see the module docstring).
+        topk: key regions each query region attends to, 1 <= topk <= number of regions.
+        scale: multiplier of the token-attention logits.
+        routing_scale: multiplier of the query descriptors before the region affinity; None multiplies by
+            nothing. Only float rounding of near ties depends on it (it must be > 0).
+        layout: ``"nhwc"`` or ``"nchw"``; the output uses the same layout.
+        backend: ``"reference"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (B, H, W, C_v) for ``"nhwc"``, (B, C_v, H, W) for ``"nchw"``, in the dtype of ``v``.
+    """
+    region = _check_inputs(q, k, v, num_heads, region_size, topk, scale, routing_scale, layout)
+    return dispatch(_OP, backend, q, k, v, num_heads=int(num_heads), region_size=region, topk=int(topk),
+                    scale=float(scale), routing_scale=None if routing_scale is None else float(routing_scale),
+                    layout=layout)
+
+
+def _check_inputs(q, k, v, num_heads, region_size, topk, scale, routing_scale, layout) -> tuple[int, int]:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"routing_attention: layout must be one of {_LAYOUTS}, got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"routing_attention: {name} must be a 4-d {layout.upper()} tensor, got {got}")
+    if q.shape != k.shape:
+        raise ValueError(f"routing_attention: q and k must have the same shape, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    spatial = (lambda t: (t.shape[0], t.shape[1], t.shape[2])) if layout == "nhwc" else \
+        (lambda t: (t.shape[0], t.shape[2], t.shape[3]))
+    if spatial(v) != spatial(q):
+        raise ValueError(f"routing_attention: v must share (B, H, W) with q ({layout}), got q {tuple(q.shape)} "
+                         f"and v {tuple(v.shape)}")
+    c_qk = q.shape[-1] if layout == "nhwc" else q.shape[1]
+    c_v = v.shape[-1] if layout == "nhwc" else v.shape[1]
+    if not isinstance(num_heads, int) or num_heads < 1 or c_qk % num_heads or c_v % num_heads:
+        raise ValueError(f"routing_attention: num_heads must be a positive int dividing the q/k channels ({c_qk}) "
+                         f"and the v channels ({c_v}), got {num_heads!r}")
+    region = _pair(region_size)
+    if region is None or min(region) < 1:
+        raise ValueError(f"routing_attention: region_size must be a positive int or a pair of positive ints, "
+                         f"got {region_size!r}")
+    _, h, w = spatial(q)
+    num_regions = -(-h // region[0]) * -(-w // region[1])
+    if not isinstance(topk, int) or not 1 <= topk <= num_regions:
+        raise ValueError(f"routing_attention: topk must be an int in [1, {num_regions}] (the number of "
+                         f"{region[0]}x{region[1]} regions of a {h}x{w} map), got {topk!r}")
+    if routing_scale is not None and not routing_scale > 0:
+        raise ValueError(f"routing_attention: routing_scale must be None or > 0, got {routing_scale!r}")
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"routing_attention: scale must be a number, got {scale!r}")
+    return region
+
+
+def _pair(size) -> tuple[int, int] | None:
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if isinstance(size, Sequence) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Region-major layout helpers (shared with fast backends so that every backend routes identically).
+
+def _pad_to_regions(x: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad an NHWC map at the bottom/right to a multiple of the region size."""
+    _, h, w, _ = x.shape
+    pad_h, pad_w = -h % region[0], -w % region[1]
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def _to_regions(x: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
+    """(B, nh*rh, nw*rw, C) -> (B, nh*nw, rh*rw, C): regions in raster order, tokens in raster order."""
+    b, h, w, c = x.shape
+    rh, rw = region
+    x = x.reshape(b, h // rh, rh, w // rw, rw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // rh) * (w // rw), rh * rw, c)
+
+
+def _from_regions(x: torch.Tensor, grid: tuple[int, int], region: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_to_regions`: (B, nh*nw, rh*rw, C) -> (B, nh*rh, nw*rw, C)."""
+    b, _, _, c = x.shape
+    (nh, nw), (rh, rw) = grid, region
+    x = x.reshape(b, nh, nw, rh, rw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, nh * rh, nw * rw, c)
+
+
+def _valid_tokens_per_region(h: int, w: int, region: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(R, 1) count of real (unpadded) tokens in each region, raster order."""
+    rh, rw = region
+    rows = torch.clamp(h - torch.arange(0, h, rh, device=device), max=rh)
+    cols = torch.clamp(w - torch.arange(0, w, rw, device=device), max=rw)
+    return (rows[:, None] * cols[None, :]).reshape(-1, 1)
+
+
+def route_regions(q_regions: torch.Tensor, k_regions: torch.Tensor, valid_tokens: torch.Tensor, topk: int,
+                  routing_scale: float | None = None) -> torch.Tensor:
+    """Top-k key regions of every query region (detached).
+
+    Args:
+        q_regions, k_regions: (B, R, T, C_qk) region-major queries/keys, zero-padded tokens included.
+        valid_tokens: (R, 1) real tokens per region (padded tokens are excluded from the mean).
+        topk: regions kept per query region.
+        routing_scale: multiplier of the query descriptors, or None.
+
+    Returns:
+        (B, R, topk) int64 indices of key regions, highest affinity first.
+    """
+    count = valid_tokens.to(q_regions.dtype)
+    q_desc = q_regions.detach().sum(2) / count  # (B, R, C): zeros of padding add nothing to the sum
+    k_desc = k_regions.detach().sum(2) / count
+    if routing_scale is not None:
+        q_desc = q_desc * routing_scale
+    affinity = q_desc @ k_desc.transpose(-1, -2)  # (B, R, R)
+    return torch.topk(affinity, k=topk, dim=-1).indices
+
+
+def _gather_regions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, R, T, C) regions, (B, R, topk) indices -> (B, R, topk * T, C) selected tokens per query region."""
+    b, r, t, c = x.shape
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    return x[batch, index].reshape(b, r, index.shape[-1] * t, c)
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, R, N, C) -> (B, R, heads, N, C / heads)."""
+    b, r, n, c = x.shape
+    return x.reshape(b, r, n, num_heads, c // num_heads).transpose(2, 3)
+
+
+def _routing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
+                                 region_size: tuple[int, int], topk: int, scale: float,
+                                 routing_scale: float | None, layout: str) -> torch.Tensor:
+    if layout == "nchw":
+        q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
+    b, h, w, _ = q.shape
+    q, k, v = (_pad_to_regions(t, region_size) for t in (q, k, v))
+    grid = (q.shape[1] // region_size[0], q.shape[2] // region_size[1])
+    q_reg, k_reg, v_reg = (_to_regions(t, region_size) for t in (q, k, v))
+
+    index = route_regions(q_reg, k_reg, _valid_tokens_per_region(h, w, region_size, q.device), topk, routing_scale)
+    k_sel = _split_heads(_gather_regions(k_reg, index), num_heads)  # (B, R, heads, topk*T, d)
+    v_sel = _split_heads(_gather_regions(v_reg, index), num_heads)
+    attn = torch.softmax((_split_heads(q_reg, num_heads) * scale) @ k_sel.transpose(-1, -2), dim=-1)
+    out = (attn @ v_sel).transpose(2, 3)  # (B, R, T, heads, d_v)
+    out = _from_regions(out.reshape(*out.shape[:3], -1), grid, region_size)[:, :h, :w]
+    return out.permute(0, 3, 1, 2) if layout == "nchw" else out
+
+
+register_backend(_OP, "reference", _routing_attention_reference, priority=0)

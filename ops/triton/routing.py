@@ -1,0 +1,547 @@
+"""The ``triton`` backend of :func:`zoo.ops.routing_attention`: fused bi-level routing attention, no gathered K/V.
+
+Importing this module registers the backend (priority 10, above ``reference``) and the two ``torch.library`` custom
+ops ``zoo::routing_attention_fwd`` / ``zoo::routing_attention_bwd``; it does not import triton. The kernels are built
+on first use, so ``TRITON_INTERPRET`` is read then (set it before the first call to run them on CPU).
+
+Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
+
+1. **Routing** in torch (:func:`route`), the reference's own steps on the same tensors (``_pad_to_regions``,
+   ``_to_regions``, ``route_regions``; for full power-of-two regions an equivalent shorter path), so the top-k
+   choice is bitwise the reference's, near ties included, in every dtype. It costs a region-major copy of q and k;
+   the attention itself never materialises anything.
+2. **Attention** (``_forward_kernel``): one program per (batch, head, query region, query tile). Its keys are the
+   ``topk * T`` tokens of its selected regions (``T = rh * rw``), numbered ``n = slot * T + token``; key tiles of
+   ``BLOCK_N`` consecutive ``n`` are loaded row by row straight from the un-gathered (B, H, W, C) tensor (row
+   address from the routing index and the token's (y, x)), so a tile may span several small regions: BiFormer-T's
+   64/16/4-token regions at top-1/4/16 are all one 64-key tile, with no padding of regions to 16 tokens on the key
+   side. Online softmax in float32 (base 2), output and the row log-sum-exp stored. Query tiles are
+   ``max(16, next_pow2(T))`` rows (at most 64) because ``tl.dot`` needs 16; with 2x2 regions that leaves 12 of 16
+   rows idle, which costs tensor-core work only (the masked rows are never loaded or stored).
+3. **Backward**, deterministic (no atomics; every gradient element is one program's float32 sum in a fixed order):
+   * ``_dq_kernel`` (the forward's grid): ``delta = rowsum(dO * O)`` (stored for the next kernel), then dQ over the
+     same key tiles as the forward.
+   * inverse routing lists in torch: a stable sort of the (batch, key region) of every (query region, slot) entry
+     and a ``searchsorted`` give, per key region, the ascending list of query regions that selected it (CSR).
+   * ``_dkv_kernel``: one program per (batch, head, key region, key tile) accumulates dK and dV over the query tokens
+     of its list, numbered ``m = entry * T + token`` and tiled by ``BLOCK_M`` like the forward's keys, so 2x2
+     regions still fill a 64-row query tile.
+
+Padding (H or W not a multiple of the region): as the reference, out-of-map tokens are zeros: padded keys take part
+with logit 0 and value 0 (masked loads give exactly that), padded queries are neither loaded nor stored (their
+output is cropped, so they receive no gradient), and region descriptors average the real tokens only.
+
+Layouts: the kernels read q, k, v, dO through their strides as (B, H, W, C) views, so ``nchw`` inputs (the channels
+of a 1x1-conv output) are read in place; outputs and gradients are written as contiguous NHWC (for ``nchw`` the
+result is the same channels-last NCHW view the reference returns).
+
+Numerics: float32 accumulation for every product; fp32 inputs use IEEE dots (no TF32, like torch's default
+matmul); fp16/bf16 probabilities are rounded to the input dtype before the P @ V product (as flash attention).
+Results are bitwise repeatable for a given launch configuration (``use_tiles``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+
+from .._dispatch import register_backend
+from ..routing import _pad_to_regions, _to_regions, _valid_tokens_per_region, route_regions
+from . import interpreter_requested, triton_missing_reason
+
+__all__ = ["routing_attention_triton", "route", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+
+_OP = "routing_attention"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
+
+# Launch knobs. max_block: the largest tile edge (rows of a query or key tile); 64 covers BiFormer-T's 64 keys per
+# query region in one tile, tests lower it to exercise the multi-tile loops on tiny shapes. num_warps / num_stages:
+# None picks by tile size (see _launch_options); set them to sweep on a GPU. No autotuner: its timing runs allocate a
+# 256 MB L2-flush buffer inside the caller's first backward (it would show in peak-memory benchmarks) and could pick
+# different configurations in different processes.
+_TILES: dict[str, int | None] = {"max_block": 64, "num_warps": None, "num_stages": None}
+
+
+@contextlib.contextmanager
+def use_tiles(max_block: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None) -> Iterator[None]:
+    """Temporarily override the launch knobs (None keeps the current value).
+
+    Args:
+        max_block: largest tile edge, a power of two >= 16 (smaller tiles make tiny shapes take several tiles).
+        num_warps, num_stages: Triton launch options of all three kernels (default: chosen by tile size).
+    """
+    if max_block is not None and (max_block < 16 or max_block & (max_block - 1)):
+        raise ValueError(f"max_block must be a power of two >= 16, got {max_block}")
+    old = dict(_TILES)
+    _TILES.update({k: v for k, v in dict(max_block=max_block, num_warps=num_warps, num_stages=num_stages).items()
+                   if v is not None})
+    try:
+        yield
+    finally:
+        _TILES.clear()
+        _TILES.update(old)
+
+
+def _launch_options(rows: int, cols: int, dtype: torch.dtype) -> dict[str, int]:
+    """num_warps / num_stages for a kernel whose score tile is rows x cols."""
+    # 4 warps: the usual choice for <= 64 x 64 tiles at head dim 32 (sm_90 builds use 70-160 registers a thread for
+    # these kernels; 2 warps push the small-tile dK/dV kernel near 150). fp32 runs IEEE dots on CUDA cores, whose
+    # 64 x 64 tiles spill at 4 warps.
+    big_fp32 = dtype == torch.float32 and rows * cols >= 64 * 64
+    warps = _TILES["num_warps"] or (8 if big_fp32 else 4)
+    return {"num_warps": warps, "num_stages": _TILES["num_stages"] or 2}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels (built on first use)
+
+_STATE: dict[str, bool] = {}
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels run (or, not yet built, will run) in Triton's CPU interpreter."""
+    return _STATE.get("interpreted", interpreter_requested())
+
+
+@functools.cache
+def _kernels():
+    """Build the three kernels: forward, dQ (+ delta), dK/dV."""
+    import triton
+    import triton.language as tl
+
+    interpreted = interpreter_requested()
+    _STATE["interpreted"] = interpreted
+
+    @triton.jit
+    def _token_yx(region, token, NW, RH: tl.constexpr, RW: tl.constexpr):
+        """Map coordinates (y, x) of token ``token`` (raster inside the region) of region ``region`` (raster)."""
+        return (region // NW) * RH + token // RW, (region % NW) * RW + token % RW
+
+    @triton.jit
+    def _load_rows(base, y, x, ok, offs_d, stride_h, stride_w, stride_c, D: tl.constexpr):
+        """A [rows, BLOCK_D] tile of one head's channels at map positions (y, x); zeros where not ``ok``."""
+        ptrs = base + (y * stride_h + x * stride_w)[:, None] + (offs_d * stride_c)[None, :]
+        return tl.load(ptrs, mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
+
+    @triton.jit
+    def _selected_keys(idx_row, n, NW, H, W, T: tl.constexpr, TOPK: tl.constexpr, RH: tl.constexpr,
+                       RW: tl.constexpr):
+        """Key number n = slot * T + token of a query region -> (y, x, in range, inside the map)."""
+        in_range = n < TOPK * T
+        region = tl.load(idx_row + n // T, mask=in_range, other=0).to(tl.int32)
+        y, x = _token_yx(region, n % T, NW, RH, RW)
+        return y, x, in_range, in_range & (y < H) & (x < W)
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+                        sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
+                        H, W, NW, R, HEADS, qk_scale2,
+                        RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr,
+                        DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        T: tl.constexpr = RH * RW
+        M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
+        pid = tl.program_id(0)
+        bh = pid // (R * M_TILES)
+        qr = (pid % (R * M_TILES)) // M_TILES
+        b = bh // HEADS
+        head = bh % HEADS
+        b64 = b.to(tl.int64)
+        offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dq = tl.arange(0, BLOCK_DQK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
+        q_ok = (offs_m < T) & (qy < H) & (qx < W)
+        q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+        k_base = k_ptr + b64 * skb + head * DQK * skc
+        v_base = v_ptr + b64 * svb + head * DV * svc
+        idx_row = idx_ptr + (b * R + qr) * TOPK
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for start in range(0, TOPK * T, BLOCK_N):
+            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                    RW)
+            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+            # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+            s = tl.where(in_range[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        out_row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + head * DV
+        tl.store(out_ptr + out_row[:, None] + offs_dv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=q_ok[:, None] & (offs_dv < DV)[None, :])
+        tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+
+    @triton.jit
+    def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dq_ptr,
+                   sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                   H, W, NW, R, HEADS, scale, qk_scale2,
+                   RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        T: tl.constexpr = RH * RW
+        M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
+        pid = tl.program_id(0)
+        bh = pid // (R * M_TILES)
+        qr = (pid % (R * M_TILES)) // M_TILES
+        b = bh // HEADS
+        head = bh % HEADS
+        b64 = b.to(tl.int64)
+        offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dq = tl.arange(0, BLOCK_DQK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
+        q_ok = (offs_m < T) & (qy < H) & (qx < W)
+        q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+        do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+        o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
+                       HEADS * DV, 1, DV)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # zero on padded query rows
+        row = (bh * R + qr) * T + offs_m
+        tl.store(delta_ptr + row, delta, mask=offs_m < T)
+        lse = tl.load(lse_ptr + row, mask=offs_m < T, other=0.0)
+        k_base = k_ptr + b64 * skb + head * DQK * skc
+        v_base = v_ptr + b64 * svb + head * DV * svc
+        idx_row = idx_ptr + (b * R + qr) * TOPK
+
+        dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+        for start in range(0, TOPK * T, BLOCK_N):
+            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                    RW)
+            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+            v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+            p = tl.where(in_range[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+        dq_row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + head * DQK
+        tl.store(dq_ptr + dq_row[:, None] + offs_dq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=q_ok[:, None] & (offs_dq < DQK)[None, :])
+
+    @triton.jit
+    def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, sources_ptr, dk_ptr, dv_ptr,
+                    sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                    H, W, NW, R, HEADS, scale, qk_scale2,
+                    RH: tl.constexpr, RW: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        T: tl.constexpr = RH * RW
+        N_TILES: tl.constexpr = (T + BLOCK_N - 1) // BLOCK_N
+        pid = tl.program_id(0)
+        bh = pid // (R * N_TILES)
+        kr = (pid % (R * N_TILES)) // N_TILES
+        b = bh // HEADS
+        head = bh % HEADS
+        b64 = b.to(tl.int64)
+        offs_n = (pid % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_dq = tl.arange(0, BLOCK_DQK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        ky, kx = _token_yx(kr, offs_n, NW, RH, RW)
+        k_ok = (offs_n < T) & (ky < H) & (kx < W)
+        k = _load_rows(k_ptr + b64 * skb + head * DQK * skc, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+        v = _load_rows(v_ptr + b64 * svb + head * DV * svc, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+        q_base = q_ptr + b64 * sqb + head * DQK * sqc
+        do_base = do_ptr + b64 * sdb + head * DV * sdc
+        first = tl.load(offsets_ptr + b * R + kr)
+        rows = (tl.load(offsets_ptr + b * R + kr + 1) - first) * T  # query tokens that attend to this key region
+
+        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        for start in range(0, rows, BLOCK_M):
+            m = start + tl.arange(0, BLOCK_M)  # m = entry * T + token over this key region's list
+            in_range = m < rows
+            qr = tl.load(sources_ptr + first + m // T, mask=in_range, other=0) - b * R
+            qy, qx = _token_yx(qr, m % T, NW, RH, RW)
+            q_ok = in_range & (qy < H) & (qx < W)
+            q = _load_rows(q_base, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+            do = _load_rows(do_base, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+            row = (bh * R + qr) * T + m % T
+            lse = tl.load(lse_ptr + row, mask=in_range, other=0.0)
+            delta = tl.load(delta_ptr + row, mask=in_range, other=0.0)
+            # transposed scores (keys x queries) so that no probability tile needs a transpose
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
+            p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+        mask_n = k_ok[:, None]
+        dk_row = ((b64 * H + ky) * W + kx) * (HEADS * DQK) + head * DQK
+        tl.store(dk_ptr + dk_row[:, None] + offs_dq[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+                 mask=mask_n & (offs_dq < DQK)[None, :])
+        dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
+        tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=mask_n & (offs_dv < DV)[None, :])
+
+    # Triton resolves names through the kernel module's globals: the interpreter ignores closures altogether, and the
+    # compiler reads a helper's ``tl.constexpr`` annotations in a scope holding only the globals and the helper's own
+    # closure. Publish ``tl`` and the helpers there before the first launch compiles anything.
+    globals().update(tl=tl, _token_yx=_token_yx, _load_rows=_load_rows, _selected_keys=_selected_keys)
+    return _forward_kernel, _dq_kernel, _dkv_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launches
+
+
+class _Geometry:
+    """Sizes of one call: map (H, W), region (rh, rw), region grid, heads and head sizes, tiles."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, index: torch.Tensor, num_heads: int, region_h: int,
+                 region_w: int):
+        self.b, self.h, self.w, c_qk = q.shape
+        self.rh, self.rw = region_h, region_w
+        self.t = region_h * region_w
+        self.nw = -(-self.w // region_w)
+        self.r = -(-self.h // region_h) * self.nw
+        self.topk = index.shape[-1]
+        self.heads = num_heads
+        self.d_qk, self.d_v = c_qk // num_heads, v.shape[-1] // num_heads
+        cap = _TILES["max_block"]
+        self.block_q = min(cap, max(16, _next_pow2(self.t)))          # query tile of one region (forward, dQ)
+        self.block_keys = min(cap, max(16, _next_pow2(self.topk * self.t)))  # key tile over the selected regions
+        self.block_k = min(cap, max(16, _next_pow2(self.t)))          # key tile of one region (dK/dV)
+        self.block_rows = cap                                         # query tile over a key region's list (dK/dV)
+
+    def constexprs(self) -> dict:
+        return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, BLOCK_DQK=max(16, _next_pow2(self.d_qk)),
+                    BLOCK_DV=max(16, _next_pow2(self.d_v)))
+
+    def runtime(self) -> tuple[int, ...]:
+        return self.h, self.w, self.nw, self.r, self.heads
+
+    def query_tiles(self) -> int:
+        return self.b * self.heads * self.r * -(-self.t // self.block_q)
+
+    def key_tiles(self) -> int:
+        return self.b * self.heads * self.r * -(-self.t // self.block_k)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 must not silently become TF32 (torch's matmul default is IEEE fp32); 16-bit inputs ignore this
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
+    forward_kernel, _, _ = _kernels()
+    geo = _Geometry(q, v, index, num_heads, region_h, region_w)
+    out = torch.empty((geo.b, geo.h, geo.w, v.shape[-1]), device=v.device, dtype=v.dtype)
+    lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32)
+    if lse.numel() == 0:  # empty batch: nothing to launch (a zero-size grid is an error)
+        return out, lse
+    forward_kernel[(geo.query_tiles(),)](
+        q, k, v, index.contiguous(), out, lse, *q.stride(), *k.stride(), *v.stride(), *geo.runtime(), scale * _LOG2E,
+        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=_precision(q.dtype),
+        **geo.constexprs(), **_launch_options(geo.block_q, geo.block_keys, q.dtype))
+    return out, lse
+
+
+def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key region, the query regions that selected it (CSR; deterministic, no host sync).
+
+    Args:
+        index: (B, R, topk) int routing index.
+
+    Returns:
+        offsets (B * R + 1,) int32: the list of key region ``b * R + r`` is ``sources[offsets[g]:offsets[g + 1]]``;
+        sources (B * R * topk,) int32: query regions as ``b * R + r``, ascending within each list.
+    """
+    b, r, topk = index.shape
+    key_region = (index.long() + torch.arange(b, device=index.device).view(b, 1, 1) * r).reshape(-1)
+    sorted_keys, entries = torch.sort(key_region, stable=True)  # stable: ascending query region within a list
+    offsets = torch.searchsorted(sorted_keys, torch.arange(b * r + 1, device=index.device))
+    return offsets.to(torch.int32), (entries // topk).to(torch.int32)
+
+
+def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale):
+    _, dq_kernel, dkv_kernel = _kernels()
+    geo = _Geometry(q, v, index, num_heads, region_h, region_w)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    if lse.numel() == 0:
+        return dq, dk, dv
+    index = index.contiguous()
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    precision = _precision(q.dtype)
+    dq_kernel[(geo.query_tiles(),)](
+        q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E,
+        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.constexprs(),
+        **_launch_options(geo.block_q, geo.block_keys, q.dtype))
+    offsets, sources = _inverse_routing(index)
+    dkv_kernel[(geo.key_tiles(),)](
+        q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale, scale * _LOG2E,
+        BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
+        **_launch_options(geo.block_k, geo.block_rows, q.dtype))
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile) and autograd
+
+
+@torch.library.custom_op("zoo::routing_attention_fwd", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, num_heads: int,
+                region_h: int, region_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused routed attention on (B, H, W, C) views (any strides) with a (B, R, topk) integer routing index.
+
+    Returns the (B, H, W, C_v) contiguous output in v's dtype and the (B * heads, R, rh * rw) float32 base-2
+    log-sum-exp of every query token (padded tokens included) for the backward.
+    """
+    with _on_device(q):
+        return _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale)
+
+
+@_forward_op.register_fake
+def _(q, k, v, index, num_heads, region_h, region_w, scale):
+    b, h, w, _ = q.shape
+    regions = -(-h // region_h) * -(-w // region_w)
+    return (v.new_empty((b, h, w, v.shape[-1])),
+            q.new_empty((b * num_heads, regions, region_h * region_w), dtype=torch.float32))
+
+
+@torch.library.custom_op("zoo::routing_attention_bwd", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, index: torch.Tensor, num_heads: int, region_h: int, region_w: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic fused backward: contiguous (B, H, W, C) gradients of q, k and v in their dtypes."""
+    with _on_device(q):
+        return _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, index, num_heads, region_h, region_w, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, index, out, lse)
+    ctx.params = (num_heads, region_h, region_w, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, index, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, index, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the backend
+
+
+def route(q: torch.Tensor, k: torch.Tensor, region_size: tuple[int, int], topk: int,
+          routing_scale: float | None) -> torch.Tensor:
+    """The reference backend's routing, bitwise (same region-major copies, sums, division, affinity and top-k).
+
+    Args:
+        q, k: (B, H, W, C_qk) views (any strides), any float dtype.
+        region_size: (rh, rw).
+
+    Returns:
+        (B, R, topk) int64 key regions per query region (R = ceil(H / rh) * ceil(W / rw), raster order).
+    """
+    _, h, w, _ = q.shape
+    rh, rw = region_size
+    q_reg, k_reg = (_to_regions(_pad_to_regions(t.detach(), region_size), region_size) for t in (q, k))
+    tokens = rh * rw
+    if h % rh or w % rw or tokens & (tokens - 1):
+        return route_regions(q_reg, k_reg, _valid_tokens_per_region(h, w, region_size, q.device), topk, routing_scale)
+    # Every region full, with a power-of-two token count (BiFormer at 224: 64/16/4): dividing by the count as a
+    # number is exact scaling, bitwise route_regions' division by a count tensor, without the six small kernels
+    # that build that tensor (launch overhead is a visible part of a stage-2 forward).
+    q_desc = q_reg.sum(2) / tokens
+    k_desc = k_reg.sum(2) / tokens
+    if routing_scale is not None:
+        q_desc = q_desc * routing_scale
+    return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices
+
+
+def routing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
+                             region_size: tuple[int, int], topk: int, scale: float,
+                             routing_scale: float | None = None, layout: str = "nhwc") -> torch.Tensor:
+    """Bi-level routing attention with the fused Triton kernels (the arguments of :func:`routing_attention`).
+
+    Args:
+        q, k: (B, H, W, C_qk) for ``"nhwc"`` or (B, C_qk, H, W) for ``"nchw"``; v likewise with C_v channels;
+            one dtype among float32/float16/bfloat16, on CUDA (or CPU under ``TRITON_INTERPRET=1``, not bf16).
+
+    Returns:
+        (B, H, W, C_v) for ``"nhwc"``, (B, C_v, H, W) (a channels-last view) for ``"nchw"``, in v's dtype.
+    """
+    if layout == "nchw":
+        q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
+    index = route(q, k, region_size, topk, routing_scale)
+    out, _ = _forward_op(q, k, v, index, num_heads, region_size[0], region_size[1], scale)
+    return out.permute(0, 3, 1, 2) if layout == "nchw" else out
+
+
+def _triton_available() -> str | None:
+    return triton_missing_reason()
+
+
+def _triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
+                     region_size: tuple[int, int], topk: int, scale: float, routing_scale: float | None = None,
+                     layout: str = "nhwc") -> str | None:
+    """Why the triton backend cannot serve these arguments, or None."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        return f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype}; needs one of float32/float16/bfloat16 for all"
+    if not (q.device == k.device == v.device):
+        return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
+    c_axis = -1 if layout == "nhwc" else 1
+    d_qk, d_v = q.shape[c_axis] // num_heads, v.shape[c_axis] // num_heads
+    if max(d_qk, d_v) > MAX_HEAD_DIM:
+        return f"head dims q/k {d_qk}, v {d_v}; the kernels take at most {MAX_HEAD_DIM}"
+    b, h, w = (q.shape[0], *q.shape[1:3]) if layout == "nhwc" else (q.shape[0], *q.shape[2:4])
+    rh, rw = region_size
+    padded_rows = b * num_heads * -(-h // rh) * rh * -(-w // rw) * rw  # log-sum-exp entries, indexed in int32
+    if any(_image_extent(t) > _INT32_MAX for t in (q, k, v)) or padded_rows > _INT32_MAX:
+        return "tensors too large for the kernels' 32-bit in-image offsets"
+    if q.device.type == "cpu":
+        if not _kernels_interpreted():
+            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 is broken in the Triton interpreter"
+    elif q.device.type != "cuda":
+        return f"device {q.device.type} is not supported"
+    return None
+
+
+def _image_extent(t: torch.Tensor) -> int:
+    """Largest element offset inside one batch item (the kernels index within an item in int32)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+register_backend(_OP, "triton", routing_attention_triton, supports=_triton_supports, priority=10,
+                 available=_triton_available)

@@ -1,0 +1,138 @@
+"""Backend dispatch: discovery, the ZOO_OPS_BACKEND override, fallback with a warning, errors, compile, autocast."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import zoo.ops as ops
+from zoo.ops import _dispatch
+
+MY_OPS = ["downsampled_attention", "cross_attention", "masked_attention", "neighborhood_attention"]
+
+
+@pytest.fixture
+def toy_op(monkeypatch):
+    """A throwaway op with three backends that record their calls; removed from the registry afterwards."""
+    monkeypatch.setattr(_dispatch, "_REGISTRY", dict(_dispatch._REGISTRY))
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    calls = []
+
+    def make(name):
+        def fn(x):
+            calls.append(name)
+            return x * 2.0
+        return fn
+
+    ops.register_backend("toy", "reference", make("reference"), priority=0)
+    ops.register_backend("toy", "fast", make("fast"), priority=10,
+                         supports=lambda x: None if x.dtype == torch.float32 else f"dtype {x.dtype} is not float32")
+    ops.register_backend("toy", "missing", make("missing"), priority=20, available=lambda: "libmissing not installed")
+    return calls
+
+
+@pytest.mark.parametrize("op", MY_OPS)
+def test_every_op_has_its_reference_and_is_exported(op):
+    assert "reference" in ops.available_backends(op)
+    assert ops.registered_backends(op)[-1] == "reference"  # lowest priority: the definition, the last resort
+    assert callable(getattr(ops, op))
+
+
+def test_available_backends_lists_only_usable_ones_by_priority(toy_op):
+    assert ops.registered_backends("toy") == ["missing", "fast", "reference"]
+    assert ops.available_backends("toy") == ["fast", "reference"]
+
+
+def test_automatic_choice_takes_the_best_backend_that_supports_the_input(toy_op):
+    x = torch.randn(3)
+    assert torch.equal(ops.dispatch("toy", None, x), x * 2)
+    ops.dispatch("toy", None, x.double())
+    assert toy_op == ["fast", "reference"]
+
+
+def test_env_override_selects_a_backend(toy_op, monkeypatch):
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "other_op:fast, toy:reference")
+    ops.dispatch("toy", None, torch.randn(3))
+    assert toy_op == ["reference"]
+    ops.dispatch("toy", "fast", torch.randn(3))  # the argument wins over the environment
+    assert toy_op == ["reference", "fast"]
+
+
+def test_env_override_on_a_real_op(randn, monkeypatch):
+    q, k, v = randn(1, 2, 9, 8, seed=1), randn(1, 2, 4, 8, seed=2), randn(1, 2, 4, 8, seed=3)
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "downsampled_attention:reference")
+    assert _dispatch.select_backend("downsampled_attention", None, q, k, v).name == "reference"
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "downsampled_attention:sdpa")
+    assert _dispatch.select_backend("downsampled_attention", None, q, k, v).name == "sdpa"
+
+
+def test_backend_that_cannot_serve_warns_once_and_falls_back(toy_op):
+    x = torch.randn(3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"toy: backend 'fast' cannot serve this input \(dtype torch.float64"):
+        out = ops.dispatch("toy", "fast", x)
+    assert torch.equal(out, x * 2) and toy_op == ["reference"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.dispatch("toy", "fast", x)  # same reason: no second warning
+    with pytest.warns(UserWarning, match="libmissing not installed"):
+        ops.dispatch("toy", "missing", torch.randn(3))
+
+
+def test_fallback_on_a_real_op_gives_reference_numbers(randn, assert_close):
+    # flex has no CPU backward: asking for it while training must still give the reference's values and gradients
+    q, k, v = (randn(1, 2, 6, 6, 16, seed=s, requires_grad=True) for s in (1, 2, 3))
+    _dispatch._WARNED.clear()
+    with pytest.warns(UserWarning, match="no backward on CPU"):
+        out = ops.neighborhood_attention(q, k, v, 3, backend="flex")
+    ref = ops.neighborhood_attention(q, k, v, 3, backend="reference")
+    assert_close(out, ref, atol=0.0)
+
+
+def test_no_backend_can_serve_raises(toy_op, monkeypatch):
+    monkeypatch.setitem(_dispatch._REGISTRY, "toy", {"fast": _dispatch._REGISTRY["toy"]["fast"]})
+    with pytest.raises(ops.BackendUnavailable, match="fast: dtype torch.float64"):
+        ops.dispatch("toy", None, torch.randn(3, dtype=torch.float64))
+
+
+def test_unknown_backend_and_op_raise_value_errors(randn, monkeypatch):
+    q = randn(1, 2, 5, 8, seed=1)
+    with pytest.raises(ValueError, match=r"backend='triton' is not a backend of downsampled_attention; registered"):
+        ops.downsampled_attention(q, q, q, backend="triton")
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "downsampled_attention:nope")
+    with pytest.raises(ValueError, match="'nope' is not a backend"):
+        ops.downsampled_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"op='no_such_op' is not a zoo op; known ops: \["):
+        ops.available_backends("no_such_op")
+
+
+def test_ops_trace_inside_torch_compile(randn, assert_close):
+    q, k, v = randn(2, 2, 12, 8, seed=1), randn(2, 2, 12, 8, seed=2), randn(2, 2, 12, 8, seed=3)
+    prefix, valid = torch.tensor([3, 0]), torch.tensor([12, 9])
+
+    def block(q, k, v):
+        x = ops.masked_attention(q, k, v, causal=True, prefix_len=prefix, valid_len=valid, backend="reference")
+        y, _ = ops.cross_attention(x, k, v_k=v, backend="reference")
+        return ops.downsampled_attention(y, k[:, :, :4], v[:, :, :4], backend="reference")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    assert_close(compiled(q, k, v), block(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("op", MY_OPS)
+def test_cpu_autocast_bf16_matches_float32(randn, assert_close, op):
+    q, k, v = randn(2, 2, 20, 16, seed=1), randn(2, 2, 20, 16, seed=2), randn(2, 2, 20, 16, seed=3)
+    fn = {
+        "downsampled_attention": lambda q, k, v: ops.downsampled_attention(q, k[:, :, :7], v[:, :, :7]),
+        "cross_attention": lambda q, k, v: torch.cat(ops.cross_attention(q[:, :, :5], k, v, v[:, :, :5]), dim=2),
+        "masked_attention": lambda q, k, v: ops.masked_attention(q, k, v, causal=True, prefix_len=6),
+        "neighborhood_attention": lambda q, k, v: ops.neighborhood_attention(
+            *(t.reshape(2, 2, 4, 5, 16) for t in (q, k, v)), 3),
+    }[op]
+    lin = torch.nn.Linear(16, 16)  # autocast acts on the producer, as in a model
+    want = fn(lin(q), lin(k), lin(v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(lin(q), lin(k), lin(v))
+    assert got.dtype == torch.bfloat16
+    assert_close(got, want, atol=6e-2, rtol=3e-2, what=f"{op} bf16 autocast")

@@ -1,0 +1,152 @@
+"""`zoo eval` (ImageFolder top-1/top-5/loss) and `zoo bench` (CSV/JSON, ops delegation)."""
+import csv
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import zoo
+from zoo import bench, evaluate
+
+TINY = dict(depths=[1, 1, 1, 1], embed_dims=[16, 32, 32, 64], head_dim=16, n_win=[4, 2, 1, 1],
+            topks=[4, 2, 1, -2], global_heads=2, auto_pad=True)
+
+
+class _IndexModel(torch.nn.Module):
+    """Logits read from the input: pixel [0, 0, 0] holds a class index, pixel [0, 0, 1] a margin."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        idx = x[:, 0, 0, 0].long()
+        return F.one_hot(idx, self.num_classes).float() * x[:, 0, 0, 1:2] + 0.01 * torch.arange(self.num_classes)
+
+
+def test_evaluate_model_counts_top1_top5_and_loss():
+    torch.manual_seed(0)
+    n, k = 20, 7
+    y = torch.arange(n) % k
+    pred = y.clone()
+    pred[::4] = (y[::4] + 1) % k  # 5 of 20 predictions wrong
+    x = torch.zeros(n, 1, 2, 2)
+    x[:, 0, 0, 0] = pred.float()
+    x[:, 0, 0, 1] = torch.rand(n) * 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    result = evaluate.evaluate_model(_IndexModel(k), loader)
+    logits = _IndexModel(k)(x)
+    assert result["images"] == n and result["num_classes"] == k
+    assert result["top1"] == pytest.approx(15 / 20)
+    top5 = logits.topk(5, -1).indices.eq(y[:, None]).any(-1).float().mean().item()
+    assert result["top5"] == pytest.approx(top5) and result["top5"] > result["top1"]
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert result["images_per_s"] > 0
+
+
+def test_evaluate_model_rejects_labels_beyond_the_head():
+    loader = DataLoader(TensorDataset(torch.zeros(2, 1, 2, 2), torch.tensor([0, 5])), batch_size=2)
+    with pytest.raises(ValueError, match="class index 5 but the model has 3 classes"):
+        evaluate.evaluate_model(_IndexModel(3), loader)
+
+
+def _image_folder(root, classes=("a", "b", "c"), per_class=3):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_eval_main_on_image_folder_matches_a_manual_evaluation(tmp_path, capsys):
+    import timm.data
+    from safetensors.torch import save_file
+    from torchvision.datasets import ImageFolder
+
+    data = _image_folder(tmp_path / "val")
+    torch.manual_seed(0)
+    model = zoo.create_model("biformer_tiny", num_classes=3, **TINY).eval()
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    out = tmp_path / "res.json"
+    rc = evaluate.main(["biformer_tiny", "--data", str(data), "--checkpoint", str(weights), "--model-kwargs",
+                        json.dumps(TINY), "--img-size", "32", "--batch-size", "4", "--workers", "0",
+                        "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "top1 %" in printed and "biformer_tiny" in printed
+    result = json.loads(out.read_text())
+
+    cfg = timm.data.resolve_data_config({"img_size": 32}, model=model)
+    ds = ImageFolder(str(data), transform=timm.data.create_transform(**cfg))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor(ds.targets)
+    with torch.no_grad():
+        logits = model(x)
+    assert result["images"] == 9 and result["num_classes"] == 3
+    assert result["top1"] == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+    assert result["top5"] == 1.0  # 3 classes: the top-3 always holds the label
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
+
+
+def test_lightning_checkpoint_supplies_model_kwargs():
+    ckpt = {"hyper_parameters": {"model_name": "biformer_tiny.in1k", "model_kwargs": {"depths": [1, 1, 1, 1]}}}
+    assert evaluate.lightning_model_kwargs(ckpt, "biformer_tiny") == {"depths": [1, 1, 1, 1]}
+    assert evaluate.lightning_model_kwargs(ckpt, "agent_deit_tiny") == {}
+    assert evaluate.lightning_model_kwargs({"state_dict": {}}, "biformer_tiny") == {}
+
+
+def test_bench_main_writes_csv_and_json(tmp_path, capsys):
+    rc = bench.main(["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2,3", "--dtype", "fp32",
+                     "--img-size", "32", "--train", "--warmup", "0", "--iters", "2", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    assert "images_per_s" in capsys.readouterr().out
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["batch_size"]) for r in rows] == [("infer", "2"), ("infer", "3"), ("train", "2"),
+                                                            ("train", "3")]
+    n_params = sum(p.numel() for p in zoo.create_model("biformer_tiny", **TINY).parameters()) / 1e6
+    for r in rows:
+        ips, lat = float(r["images_per_s"]), float(r["latency_ms"])
+        assert ips > 0 and ips == pytest.approx(int(r["batch_size"]) / (lat / 1e3), rel=1e-6)
+        assert float(r["params_m"]) == pytest.approx(n_params, abs=1e-3)
+        assert r["img_size"] == "32" and r["error"] == ""
+    report = json.loads((tmp_path / "bench.json").read_text())
+    # a configuration that cannot run is reported, not fatal: BatchNorm cannot train on one 1x1 sample
+    rows = bench.bench_model("biformer_tiny", [1], ["fp32"], "cpu", ("train",), img_size=32, warmup=0, iters=1,
+                             model_kwargs=TINY)
+    assert rows[0]["error"].startswith("ValueError: Expected more than 1 value per channel")
+    assert report["environment"]["torch"] == torch.__version__ and len(report["results"]) == 4
+
+
+def test_time_fn_runs_warmup_then_timed_iterations():
+    calls = []
+    times = bench.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_bench_argument_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"--dtype='fp8'.*accepted: \['fp32', 'bf16', 'fp16'\]"):
+        bench.main(["resnet18", "--dtype", "fp8"])
+    with pytest.raises(ValueError, match="--batch-sizes='1,x'"):
+        bench.main(["resnet18", "--batch-sizes", "1,x"])
+
+
+def test_bench_ops_delegates_to_the_ops_benchmark(monkeypatch):
+    seen = []
+    fake = types.ModuleType("zoo.ops.bench")
+    fake.main = lambda argv: seen.append(argv) or 3
+    import zoo.ops
+
+    monkeypatch.setitem(sys.modules, "zoo.ops.bench", fake)
+    monkeypatch.setattr(zoo.ops, "bench", fake, raising=False)
+    assert bench.main(["ops", "--op", "routing", "--quick"]) == 3
+    assert seen == [["--op", "routing", "--quick"]]

@@ -1,0 +1,256 @@
+"""``zoo bench``: model throughput, latency and peak memory (inference and training step); ``zoo bench ops`` for ops.
+
+Examples::
+
+    zoo bench biformer_tiny agent_swin_t --batch-sizes 1,64 --dtype fp32,bf16 --train --out bench/
+    zoo bench resnet50 --compile --channels-last --device cuda
+    zoo bench ops ...            (delegates to zoo.ops.bench)
+
+Each (model, dtype, batch size, mode) is timed after warm-up iterations, with the device synchronized around every
+iteration. ``dtype`` bf16/fp16 means autocast (mixed precision, as in training), fp32 means no autocast. Peak memory
+is the CUDA allocator's peak during the timed iterations (not measured on CPU). Results go to a table on stdout and
+to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bench_model", "build_parser", "format_table", "main", "time_fn"]
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COLUMNS = ["model", "mode", "dtype", "batch_size", "img_size", "images_per_s", "latency_ms", "latency_p90_ms",
+           "peak_mem_mib", "params_m", "compile", "channels_last", "device", "error"]
+
+
+def format_table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
+    """A plain-text table (header, rule, rows) with left-aligned columns sized to their content."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _csv_list(text: str, name: str, cast: Callable[[str], Any] = str, allowed: Iterable[Any] | None = None) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [cast(t) for t in items]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected a comma-separated list") from None
+    if not values:
+        raise ValueError(f"{name}={text!r} is empty")
+    if allowed is not None:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{name}={text!r}: {bad} not accepted; accepted: {list(allowed)}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zoo bench`` (models) argument parser."""
+    p = argparse.ArgumentParser(prog="zoo bench", description="Benchmark models (images/s, latency, peak memory). "
+                                "`zoo bench ops ...` benchmarks the attention ops.")
+    p.add_argument("models", nargs="+", help="zoo or timm model names")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8,64")
+    p.add_argument("--dtype", default="fp32", help="comma-separated from fp32,bf16,fp16 (bf16/fp16 = autocast)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's pretrained_cfg)")
+    p.add_argument("--model-kwargs", default=None, help="JSON dict of constructor arguments for every model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (and training step)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW step)")
+    p.add_argument("--no-infer", action="store_true", help="skip the inference rows (with --train)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
+    p.add_argument("--out", default="bench_results", help="folder for bench.csv and bench.json")
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed calls, device synchronized."""
+    if iters < 1:
+        raise ValueError(f"iters={iters} must be >= 1")
+    for _ in range(max(0, warmup)):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
+    model.eval()
+
+    @torch.inference_mode()
+    def step() -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            return model(x)
+
+    return step
+
+
+def _train_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    target = torch.randint(0, _num_outputs(model), (x.shape[0],), device=x.device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _num_outputs(model: torch.nn.Module) -> int:
+    n = getattr(model, "num_classes", 0)
+    return int(n) if n else 1000
+
+
+def _input_size(model: torch.nn.Module, img_size: int | None) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    return (c, img_size, img_size) if img_size else (c, h, w)
+
+
+def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], device: str | torch.device = "cpu",
+                modes: tuple[str, ...] = ("infer",), img_size: int | None = None, compile: bool = False,
+                channels_last: bool = False, warmup: int = 3, iters: int = 10,
+                model_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One result row per (mode, dtype, batch size): images/s, mean and p90 latency, CUDA peak memory.
+
+    A configuration that runs out of memory gets a row with ``error='OOM'`` (one that fails otherwise, its exception)
+    and the sweep goes on.
+    """
+    import zoo
+
+    device = torch.device(device)
+    model = zoo.create_model(model_name, **dict(model_kwargs or {})).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    chw = _input_size(model, img_size)
+    runner = torch.compile(model) if compile else model
+    rows = []
+    for mode in modes:
+        for dtype in dtypes:
+            for bs in batch_sizes:
+                row = {"model": model_name, "mode": mode, "dtype": dtype, "batch_size": bs, "img_size": chw[-1],
+                       "params_m": round(params_m, 3), "compile": compile, "channels_last": channels_last,
+                       "device": str(device), "images_per_s": None, "latency_ms": None, "latency_p90_ms": None,
+                       "peak_mem_mib": None, "error": None}
+                row.update(_measure(runner, mode, DTYPES[dtype], bs, chw, device, channels_last, warmup, iters))
+                rows.append(row)
+    return rows
+
+
+def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
+             device: torch.device, channels_last: bool, warmup: int, iters: int) -> dict[str, Any]:
+    x = torch.randn(bs, *chw, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fn = _train_fn(model, x, amp) if mode == "train" else _inference_fn(model, x, amp)
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_fn(fn, device, warmup, iters)
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "OOM"}
+    except (RuntimeError, ValueError) as e:  # one configuration failing (e.g. BatchNorm at batch 1) ends no sweep
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    finally:
+        del fn
+    mean = statistics.fmean(times)
+    p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    out = {"images_per_s": bs / mean, "latency_ms": 1e3 * mean, "latency_p90_ms": 1e3 * p90}
+    if device.type == "cuda":
+        out["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "device": str(device), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``bench.csv`` (one row per configuration) and ``bench.json`` (rows + environment) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "bench.csv", out / "bench.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
+    json_path.write_text(json.dumps({"environment": meta, "results": rows}, indent=2))
+    return csv_path, json_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``zoo bench ARGS...`` (``zoo bench ops ...`` goes to :mod:`zoo.ops.bench`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ops":
+        from zoo.ops import bench as ops_bench  # lazy: the ops benchmark pulls in Triton and friends
+
+        return int(ops_bench.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    batch_sizes = _csv_list(args.batch_sizes, "--batch-sizes", int)
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"--batch-sizes={args.batch_sizes!r}: every batch size must be >= 1")
+    dtypes = _csv_list(args.dtype, "--dtype", str, DTYPES)
+    modes = (() if args.no_infer else ("infer",)) + (("train",) if args.train else ())
+    if not modes:
+        raise ValueError("--no-infer without --train leaves nothing to benchmark")
+    from zoo.evaluate import _parse_model_kwargs
+
+    model_kwargs = _parse_model_kwargs(args.model_kwargs)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, args.compile,
+                            args.channels_last, args.warmup, args.iters, model_kwargs)
+    print(format_table(rows, [c for c in COLUMNS if c not in ("device", "compile", "channels_last")]))
+    csv_path, json_path = write_results(rows, args.out, environment(device))
+    print(f"wrote {csv_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
