@@ -26,6 +26,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
+from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
@@ -173,7 +174,7 @@ class PatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), size
 
 
-class AgentPyramidVisionTransformer(nn.Module):
+class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
     """Agent-PVT (official class ``PyramidVisionTransformer`` in ``agent_pvt.py``), with timm's backbone interface.
 
     Args:
@@ -286,20 +287,6 @@ class AgentPyramidVisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass to save memory."""
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier head."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (``num_classes=0``: none) and optionally the pooling."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # --- forward --------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:

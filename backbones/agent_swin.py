@@ -28,6 +28,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
+from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
@@ -309,7 +310,7 @@ def parse_attn_types(attn_type: str, depths: list[int] | tuple[int, ...]) -> lis
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
     """Agent-Swin (official ``AgentSwinTransformer``), with timm's backbone interface.
 
     Args:
@@ -415,20 +416,6 @@ class AgentSwinTransformer(nn.Module):
         """Recompute each block in the backward pass to save memory."""
         for layer in self.layers:
             layer.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier head."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (``num_classes=0``: none) and optionally the pooling (``'avg'`` or ``''``)."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # --- forward --------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:

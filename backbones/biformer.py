@@ -33,6 +33,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import downsampled_attention, routing_attention
 from zoo.registry import build_zoo_model, register_family, register_variants
@@ -341,7 +342,7 @@ def _resolve_norm(norm_layer: str | Callable[..., nn.Module] | None, default: st
     return norm_layer
 
 
-class BiFormer(nn.Module):
+class BiFormer(PooledLinearHeadMixin, nn.Module):
     """BiFormer backbone and classifier (all three official layouts, see the module docstring).
 
     Args:
@@ -505,20 +506,6 @@ class BiFormer(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier layer."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (``num_classes=0``: identity); ``global_pool`` ``"avg"`` or ``""``."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
