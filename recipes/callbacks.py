@@ -32,18 +32,24 @@ class FitReport(L.Callback):
     The history is part of the callback state, so a run resumed with ``--ckpt_path`` keeps its earlier epochs.
 
     Args:
-        monitor: the accuracy to report (logged by the LightningModule).
+        monitor: the metric to report; default: the module's ``report_metric`` attribute, else ``val_acc1``.
         filename: name of the JSON summary written in ``trainer.log_dir``.
         plot: write the learning-curve PNG.
     """
 
-    def __init__(self, monitor: str = "val_acc1", filename: str = "fit_summary.json", plot: bool = True) -> None:
-        self.monitor = monitor
+    def __init__(self, monitor: str | None = None, filename: str = "fit_summary.json", plot: bool = True) -> None:
+        self._monitor = monitor
+        self.monitor = monitor or "val_acc1"
         self.filename = filename
         self.plot = plot
         self.history: dict[int, dict[str, float | None]] = {}
         self._epoch_start: float | None = None
         self._samples = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Without an explicit ``monitor``, report the module's ``report_metric`` (e.g. ``val_dice``), else val_acc1."""
+        if self._monitor is None:
+            self.monitor = getattr(pl_module, "report_metric", None) or "val_acc1"
 
     def _row(self, epoch: int) -> dict[str, float | None]:
         return self.history.setdefault(epoch, {})
