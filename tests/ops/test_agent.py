@@ -180,3 +180,19 @@ def test_cuda_backends_forward_backward(dtype, rel):
         grads = torch.autograd.grad((out * weight.to(dtype)).sum(), inputs)
         for g, r in zip(grads, ref_grads):
             _assert_close(g, r, 4 * rel)
+
+
+def test_auto_choice_avoids_sdpa_for_many_keys_with_a_trainable_bias():
+    from zoo.ops._dispatch import select_backend
+
+    q, k, v, agent = (torch.randn(1, 2, n, 8) for n in (600, 600, 600, 4))
+    bias = torch.randn(1, 2, 4, 600, requires_grad=True)
+    pick = lambda **kw: select_backend("agent_attention", None, q, k, v, agent, scale=0.3, query_bias=None,
+                                       dropout_p=0.0, **kw).name
+    assert pick(agent_bias=bias) == "reference"
+    assert pick(agent_bias=bias.detach()) == "sdpa"
+    with torch.no_grad():
+        assert pick(agent_bias=bias) == "sdpa"
+    short = (t[..., :300, :] for t in (k, v))
+    assert select_backend("agent_attention", None, q, *short, agent, scale=0.3, agent_bias=bias[..., :300],
+                          query_bias=None, dropout_p=0.0).name == "sdpa"
