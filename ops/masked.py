@@ -23,7 +23,6 @@ Backends:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._sdpa import sdpa
 from ._dispatch import dispatch, register_backend

@@ -29,7 +29,6 @@ import importlib.util
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._sdpa import sdpa
 from ._dispatch import dispatch, register_backend
