@@ -104,7 +104,8 @@ class BiLevelRoutingAttention(nn.Module):
         out = routing_attention(q, k, v, num_heads=self.num_heads, region_size=(hp // self.n_win, wp // self.n_win),
                                 topk=self.topk, scale=self.scale, routing_scale=self.scale, layout="nhwc")
         if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # a dense v makes the conv input a channels-last map (v itself is a slice of the qkv projection)
+            out = out + self.lepe(v.contiguous().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.wo(out)[:, :h, :w]
 
     def _pad_to_grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +288,9 @@ class NCHWBlock(nn.Module):
 def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, tokens_last: bool, grad_ckpt: bool) -> torch.Tensor:
     """Run blocks on an NCHW map; ``tokens_last`` blocks see NHWC tokens."""
     if tokens_last:
-        x = x.permute(0, 2, 3, 1)
+        # one copy per stage: the blocks' LayerNorms, linears and residual adds then all see dense NHWC tokens, and
+        # their depthwise convs channels-last maps (a permuted NCHW map costs copies in every block)
+        x = x.permute(0, 2, 3, 1).contiguous()
     for block in blocks:
         x = checkpoint(block, x, use_reentrant=False) if grad_ckpt and not torch.jit.is_scripting() else block(x)
     return x.permute(0, 3, 1, 2) if tokens_last else x

@@ -60,16 +60,31 @@ def register_backend(op: str, name: str, fn: Callable[..., Any], *, supports: Ca
     return backend
 
 
+# op -> (its registry entry, its backends highest priority first): dispatch runs on every attention call, so the
+# order is sorted once per registry state rather than per call
+_ORDER: dict[str, tuple[dict[str, Backend], tuple[Backend, ...], list[Backend]]] = {}
+
+
+def _by_priority(op: str) -> list[Backend]:
+    backends = _REGISTRY[op]
+    cached = _ORDER.get(op)
+    values = tuple(backends.values())
+    if cached is None or cached[0] is not backends or cached[1] != values:
+        cached = (backends, values, sorted(values, key=lambda b: -b.priority))
+        _ORDER[op] = cached
+    return cached[2]
+
+
 def registered_backends(op: str) -> list[str]:
     """Every backend registered for ``op``, highest priority first."""
     _check_op(op)
-    return [b.name for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)]
+    return [b.name for b in _by_priority(op)]
 
 
 def available_backends(op: str) -> list[str]:
     """Backends of ``op`` whose environment requirements are met here, highest priority first."""
     _check_op(op)
-    return [b.name for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority) if b.available() is None]
+    return [b.name for b in _by_priority(op) if b.available() is None]
 
 
 def _check_op(op: str) -> None:
@@ -106,7 +121,7 @@ def select_backend(op: str, backend: str | None, *args: Any, **kwargs: Any) -> B
             _WARNED.add(key)
             warnings.warn(f"{op}: backend {wanted!r} cannot serve this input ({reason}); falling back", stacklevel=3)
     reasons = []
-    for b in sorted(backends.values(), key=lambda b: -b.priority):
+    for b in _by_priority(op):
         reason = _reason(b, args, kwargs)
         if reason is None:
             return b

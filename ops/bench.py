@@ -7,6 +7,13 @@ and GB/s (minimal traffic: every input and output tensor once; forward + backwar
 op's ``reference`` backend, and the peak memory above the inputs. ``dense_sdpa`` rows are "one dense SDPA over all
 tokens" baselines; their ratio is against the reference of the case they accompany.
 
+``sdpa_plain`` rows (case name ``<case>.sdpa``) are the cost targets of agent, window, downsampled and cross attention:
+one plain ``F.scaled_dot_product_attention`` call (no mask, no bias) with the op's batch, heads, head dim and query /
+key token counts (agent: N queries over the same N keys; window: every window as its own batch entry,
+``(B * windows, heads, w*w, w*w)``; downsampled: ``tokens`` queries over ``kv_tokens`` keys; cross: the pair of calls
+m->n and n->m, timed together as one row). Every row of such a case, the baseline included, gets
+``x_sdpa`` = its time / the baseline's time in the same mode (fwd, fwd+bwd): the target is ``x_sdpa <= 1.2``.
+
 Ops are found by name in :mod:`zoo.ops` and backends through the dispatch registry; an op that does not exist, a
 backend that is unavailable or falls back for this input, and a call that fails are reported as rows with a
 status instead of stopping the run. CUDA timing uses CUDA events; ``--device cpu`` uses wall time (use ``--quick``
@@ -50,7 +57,7 @@ class Case:
     batch: int
     params: dict[str, Any]
     quick: dict[str, Any] = field(default_factory=dict)
-    baseline_for: str | None = None  # dense_sdpa rows: the case whose reference they are compared with
+    baseline_for: str | None = None  # dense_sdpa / sdpa_plain rows: the case they accompany
 
 
 _IMG_QUICK = {"batch": 1}
@@ -71,15 +78,27 @@ CASES: list[Case] = [
     # VOLO-D1 stage 1: 28x28, C 192, 6 heads, kernel 3, stride 2, padding 1
     Case("volo_d1.s1", "outlook_attention", "VOLO-D1 outlooker", 128,
          dict(hw=28, channels=192, heads=6, kernel=3, stride=2), dict(hw=8, channels=12, heads=2, batch=1)),
-    # Agent attention: DeiT-S (197 tokens, 6 heads x 64, 49 agents); Swin-T 'A' stages (global, 9/16 agents)
+    # Agent attention: DeiT-S (197 tokens, 6 heads x 64, 49 agents); Swin-T 'A' stages (global, 9/16 agents); each
+    # with its cost target "<case>.sdpa": one plain SDPA over the same token counts (window: the 2x2 windows batched)
     Case("agent_deit_s", "agent_attention", "Agent-DeiT-S block", 128,
          dict(tokens=197, heads=6, dim=64, agents=49), dict(tokens=50, heads=2, dim=16, agents=9, batch=1)),
+    Case("agent_deit_s.sdpa", "sdpa_plain", "Agent-DeiT-S, plain SDPA over the same 197 tokens", 128,
+         dict(tokens=197, heads=6, dim=64), dict(tokens=50, heads=2, dim=16, batch=1), baseline_for="agent_deit_s"),
     Case("agent_swin_t.s0", "agent_attention", "Agent-Swin-T stage 0", 128,
          dict(tokens=56 * 56, heads=3, dim=32, agents=9), dict(tokens=196, heads=1, dim=16, agents=9, batch=1)),
+    Case("agent_swin_t.s0.sdpa", "sdpa_plain", "Agent-Swin-T stage 0, plain SDPA over the same tokens", 128,
+         dict(tokens=56 * 56, heads=3, dim=32), dict(tokens=196, heads=1, dim=16, batch=1),
+         baseline_for="agent_swin_t.s0"),
     Case("agent_swin_t.s1", "agent_attention", "Agent-Swin-T stage 1", 128,
          dict(tokens=28 * 28, heads=6, dim=32, agents=16), dict(tokens=64, heads=1, dim=16, agents=16, batch=1)),
+    Case("agent_swin_t.s1.sdpa", "sdpa_plain", "Agent-Swin-T stage 1, plain SDPA over the same tokens", 128,
+         dict(tokens=28 * 28, heads=6, dim=32), dict(tokens=64, heads=1, dim=16, batch=1),
+         baseline_for="agent_swin_t.s1"),
     Case("agent_swin_t.s2", "window_attention", "Agent-Swin-T stage 2 ('B': Swin window 7)", 128,
          dict(hw=14, heads=12, dim=32, window=7), dict(heads=1, dim=16, batch=1)),
+    Case("agent_swin_t.s2.sdpa", "sdpa_plain", "Agent-Swin-T stage 2, plain SDPA over the windows batched", 128,
+         dict(tokens=7 * 7, heads=12, dim=32, windows=(14 // 7) ** 2), dict(heads=1, dim=16, batch=1),
+         baseline_for="agent_swin_t.s2"),
     # Focus-DETR R50, 4-level encoder at 800x1333 (22,223 tokens), 8 heads x 32, 4 points; and 900 decoder queries
     Case("focus_detr.enc", "ms_deform_attn", "Focus-DETR R50 encoder (800x1333)", 2,
          dict(levels=((100, 167), (50, 84), (25, 42), (13, 21)), queries=None, heads=8, dim=32, points=4),
@@ -90,9 +109,15 @@ CASES: list[Case] = [
     # PVT-S / Agent-PVT-S stage 0 spatial reduction: 56x56 queries, sr 8 -> 7x7 keys, 1 head x 64
     Case("pvt_s.s0", "downsampled_attention", "PVT-S stage 0 (sr 8)", 128,
          dict(tokens=56 * 56, kv_tokens=49, heads=1, dim=64), dict(tokens=196, kv_tokens=16, dim=16, batch=1)),
+    Case("pvt_s.s0.sdpa", "sdpa_plain", "PVT-S stage 0, plain SDPA 3136 queries over 49 keys", 128,
+         dict(tokens=56 * 56, kv_tokens=49, heads=1, dim=64), dict(tokens=196, kv_tokens=16, dim=16, batch=1),
+         baseline_for="pvt_s.s0"),
     # LookupViT-B/16 at 384 (assumed: 24x24 lookup tokens, 7x7 compressed, 12 heads x 64; the paper's table is unknown)
     Case("lookupvit_b.mhbc", "cross_attention", "LookupViT-B MHBC (assumed 576 lookup / 49 compressed)", 128,
          dict(m=49, n=576, heads=12, dim=64), dict(m=4, n=16, heads=2, dim=16, batch=1)),
+    Case("lookupvit_b.mhbc.sdpa", "sdpa_plain", "LookupViT-B MHBC, plain SDPA pair (49->576 + 576->49, 2 calls)", 128,
+         dict(tokens=49, kv_tokens=576, heads=12, dim=64, pair=True),
+         dict(tokens=4, kv_tokens=16, heads=2, dim=16, batch=1), baseline_for="lookupvit_b.mhbc"),
     # NAT-T stage 0 (56x56, 2 heads x 32, k 7) and DiNAT-T stage 1 (28x28, k 7, dilation 4)
     Case("nat_t.s0", "neighborhood_attention", "NAT-T stage 0 (k7)", 128,
          dict(spatial=(56, 56), heads=2, dim=32, kernel=7, dilation=1), dict(spatial=(8, 8), heads=1, dim=16,
@@ -212,12 +237,35 @@ def _build_dense(p, b, dtype, dev, grad):
     return (q, k, v), dict(is_causal=causal), _dense_flops(b, h, n, n, d, d) / (2 if causal else 1)
 
 
+def _build_sdpa_plain(p, b, dtype, dev, grad):
+    """Plain SDPA: ``tokens`` queries over ``kv_tokens`` keys (default: the same), ``windows`` x the batch; with
+    ``pair`` also the reverse call (kv_tokens queries over tokens keys, the cross-attention pair)."""
+    nq, h, d = p["tokens"], p["heads"], p["dim"]
+    nk, bw = p.get("kv_tokens", nq), b * p.get("windows", 1)
+    q = _rand((bw, h, nq, d), dtype, dev, grad)
+    k, v = (_rand((bw, h, nk, d), dtype, dev, grad) for _ in range(2))
+    if not p.get("pair", False):
+        return (q, k, v), {}, _dense_flops(bw, h, nq, nk, d, d)
+    v_rev = _rand((bw, h, nq, d), dtype, dev, grad)  # values on the query set, read by the reverse call
+    return (q, k, v, v_rev), {}, 2 * _dense_flops(bw, h, nq, nk, d, d)
+
+
+def sdpa_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_rev: torch.Tensor | None = None):
+    """One plain SDPA call (no mask, no bias); with ``v_rev`` also the reverse call ``sdpa(k, q, v_rev)``."""
+    out = F.scaled_dot_product_attention(q, k, v)
+    if v_rev is None:
+        return out
+    return out, F.scaled_dot_product_attention(k, q, v_rev)
+
+
 BUILDERS: dict[str, Callable] = {
     "routing_attention": _build_routing, "outlook_attention": _build_outlook, "agent_attention": _build_agent,
     "window_attention": _build_window, "ms_deform_attn": _build_ms_deform,
     "downsampled_attention": _build_downsampled, "cross_attention": _build_cross,
     "neighborhood_attention": _build_neighborhood, "masked_attention": _build_masked, "dense_sdpa": _build_dense,
+    "sdpa_plain": _build_sdpa_plain,
 }
+_SDPA_OPS = ("dense_sdpa", "sdpa_plain")  # baselines timed here directly, not through the dispatch registry
 
 
 # --- timing ----------------------------------------------------------------------------------------------------------
@@ -289,13 +337,15 @@ def _fallback_reason(fn: Callable[[], Any]) -> str | None:
 def _op_function(op: str) -> Callable | None:
     if op == "dense_sdpa":
         return F.scaled_dot_product_attention
+    if op == "sdpa_plain":
+        return sdpa_plain
     import zoo.ops as ops
 
     return getattr(ops, op, None)
 
 
 def _backends(op: str) -> list[str]:
-    if op == "dense_sdpa":
+    if op in _SDPA_OPS:
         return ["sdpa"]
     from . import _dispatch
 
@@ -319,9 +369,9 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
     backward = mode == "fwd+bwd"
     args, kwargs, flops = BUILDERS[case.op](params, batch, dtype, device, backward)
     op_fn = _op_function(case.op)
-    call_kwargs = kwargs if case.op == "dense_sdpa" else {**kwargs, "backend": backend}
+    call_kwargs = kwargs if case.op in _SDPA_OPS else {**kwargs, "backend": backend}
     fn = lambda: op_fn(*args, **call_kwargs)  # noqa: E731
-    if case.op != "dense_sdpa":
+    if case.op not in _SDPA_OPS:
         reason = _fallback_reason(fn)
         if reason is not None:
             return {"status": f"skipped: {reason}"}
@@ -358,13 +408,20 @@ def _run_row(case, backend, mode, params, batch, dtype, device, warmup, iters) -
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """speedup = reference time of the (accompanied) case / this row's time, per mode."""
-    ref = {(r["case"], r["mode"]): r["time_ms"] for r in rows if r["backend"] == "reference" and "time_ms" in r}
+    """Per mode: ``vs_reference`` = reference time of the (accompanied) case / this row's time; ``x_sdpa`` = this
+    row's time / the time of the ``sdpa_plain`` baseline of its case (rows of cases without one get none)."""
     by_name = {c.name: c for c in CASES}
+    ref = {(r["case"], r["mode"]): r["time_ms"] for r in rows if r["backend"] == "reference" and "time_ms" in r}
+    plain = {(by_name[r["case"]].baseline_for, r["mode"]): r["time_ms"] for r in rows
+             if r["op"] == "sdpa_plain" and "time_ms" in r}
     for r in rows:
+        if "time_ms" not in r:
+            continue
         target = by_name[r["case"]].baseline_for or r["case"]
-        if "time_ms" in r and (target, r["mode"]) in ref:
+        if (target, r["mode"]) in ref:
             r["vs_reference"] = ref[(target, r["mode"])] / r["time_ms"]
+        if r["op"] != "dense_sdpa" and (target, r["mode"]) in plain:
+            r["x_sdpa"] = r["time_ms"] / plain[(target, r["mode"])]
 
 
 def select_cases(ops: list[str] | None) -> list[Case]:
@@ -381,8 +438,9 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
     """Benchmark the cases whose op or case name is in ``ops`` (all when None); returns one dict per row.
 
     Rows carry ``case, op, model, backend, mode, dtype, device, batch, status`` and, when measured, ``time_ms``
-    (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend) and ``peak_mib`` (CUDA:
-    peak allocation above the inputs).
+    (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend), ``x_sdpa`` (time over
+    the case's plain-SDPA baseline, for the cases that have one) and ``peak_mib`` (CUDA: peak allocation above the
+    inputs).
     """
     dev = torch.device(device)
     rows = []
@@ -394,7 +452,7 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
                          "status": f"skipped: {case.op} is not in zoo.ops"})
             continue
         for backend in names:
-            if backends and backend not in backends and case.op != "dense_sdpa":
+            if backends and backend not in backends and case.op not in _SDPA_OPS:
                 continue
             for mode in modes:
                 rows.append(_run_row(case, backend, mode, params, b, dtype, dev, warmup, iters))
@@ -407,8 +465,8 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
 # --- output ----------------------------------------------------------------------------------------------------------
 
 COLUMNS = [("case", 22, "{}"), ("backend", 10, "{}"), ("mode", 8, "{}"), ("batch", 5, "{}"), ("time_ms", 10, "{:.3f}"),
-           ("tflops", 8, "{:.2f}"), ("gbps", 8, "{:.1f}"), ("vs_reference", 8, "{:.2f}x"), ("peak_mib", 9, "{:.0f}"),
-           ("status", 0, "{}")]
+           ("tflops", 8, "{:.2f}"), ("gbps", 8, "{:.1f}"), ("vs_reference", 12, "{:.2f}x"), ("x_sdpa", 7, "{:.2f}x"),
+           ("peak_mib", 9, "{:.0f}"), ("status", 0, "{}")]
 
 
 def _format_row(row: dict) -> str:
@@ -447,7 +505,7 @@ def write_results(rows: list[dict], out_dir: Path, env: dict) -> tuple[Path, Pat
     """Write ``ops_bench.csv`` and ``ops_bench.json`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ["case", "op", "model", "backend", "mode", "dtype", "device", "batch", "time_ms", "tflops", "gbps",
-            "vs_reference", "peak_mib", "status"]
+            "vs_reference", "x_sdpa", "peak_mib", "status"]
     csv_path, json_path = out_dir / "ops_bench.csv", out_dir / "ops_bench.json"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

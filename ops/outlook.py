@@ -422,9 +422,35 @@ def _backward(ctx, grad_out, _grad_lse):
 _triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerOutlook(torch.autograd.Function):
+    """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs tens of
+    microseconds of host time a call); graphs under ``torch.compile`` keep the custom ops."""
+
+    @staticmethod
+    def forward(ctx, v, attn, num_heads, kernel_size, stride, padding, scale):
+        forward_kernel, _, _ = _kernels()
+        v, attn = v.contiguous(), attn.contiguous()
+        with _on_device(v):
+            out, lse = _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale)
+        ctx.save_for_backward(v, attn, lse)
+        ctx.params = (num_heads, kernel_size, stride, padding, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _, grad_v_kernel, grad_attn_kernel = _kernels()
+        v, attn, lse = ctx.saved_tensors
+        with _on_device(v):
+            grad_v, grad_attn = _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out.contiguous(), v, attn,
+                                                 lse, *ctx.params)
+        return grad_v, grad_attn, None, None, None, None, None
+
+
 def _triton(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: int, stride: int, padding: int,
             scale: float, dropout_p: float) -> torch.Tensor:
-    return _triton_forward(v, attn, num_heads, kernel_size, stride, padding, scale)[0]
+    if torch.compiler.is_compiling():
+        return _triton_forward(v, attn, num_heads, kernel_size, stride, padding, scale)[0]
+    return _EagerOutlook.apply(v, attn, num_heads, kernel_size, stride, padding, scale)
 
 
 register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=_triton_available)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ._dispatch import dispatch, register_backend
 
-__all__ = ["routing_attention", "route_regions"]
+__all__ = ["routing_attention", "route", "region_descriptors"]
 
 _OP = "routing_attention"
 _LAYOUTS = ("nhwc", "nchw")
@@ -116,7 +116,7 @@ def _pair(size) -> tuple[int, int] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Region-major layout helpers (shared with fast backends so that every backend routes identically).
+# Region-major layout helpers and the routing every backend shares (so that all backends route identically).
 
 def _pad_to_regions(x: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
     """Zero-pad an NHWC map at the bottom/right to a multiple of the region size."""
@@ -151,26 +151,44 @@ def _valid_tokens_per_region(h: int, w: int, region: tuple[int, int], device: to
     return (rows[:, None] * cols[None, :]).reshape(-1, 1)
 
 
-def route_regions(q_regions: torch.Tensor, k_regions: torch.Tensor, valid_tokens: torch.Tensor, topk: int,
-                  routing_scale: float | None = None) -> torch.Tensor:
-    """Top-k key regions of every query region (detached).
+def region_descriptors(x: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
+    """Mean of the real (unpadded) tokens of every region, straight from the map (no region-major copy).
 
     Args:
-        q_regions, k_regions: (B, R, T, C_qk) region-major queries/keys, zero-padded tokens included.
-        valid_tokens: (R, 1) real tokens per region (padded tokens are excluded from the mean).
+        x: (B, H, W, C) map, any strides (an NCHW tensor's channels-last view is read in place).
+        region: (rh, rw) tokens per region; a non-divisible map is zero-padded (padding adds nothing to the sums).
+
+    Returns:
+        (B, R, C) in the dtype of ``x``, regions in raster order.
+    """
+    b, h, w, c = x.shape
+    rh, rw = region
+    x = _pad_to_regions(x, region)
+    nh, nw = x.shape[1] // rh, x.shape[2] // rw
+    sums = x.unflatten(2, (nw, rw)).unflatten(1, (nh, rh)).sum(dim=(2, 4)).reshape(b, nh * nw, c)
+    if h % rh or w % rw:
+        return sums / _valid_tokens_per_region(h, w, region, x.device).to(sums.dtype)
+    return sums / (rh * rw)
+
+
+def route(q: torch.Tensor, k: torch.Tensor, region_size: tuple[int, int], topk: int,
+          routing_scale: float | None = None) -> torch.Tensor:
+    """Top-k key regions of every query region, on detached tensors; every backend routes with this function.
+
+    Args:
+        q, k: (B, H, W, C_qk) maps, any strides.
+        region_size: (rh, rw).
         topk: regions kept per query region.
         routing_scale: multiplier of the query descriptors, or None.
 
     Returns:
-        (B, R, topk) int64 indices of key regions, highest affinity first.
+        (B, R, topk) int64 indices of key regions (raster order), highest affinity first.
     """
-    count = valid_tokens.to(q_regions.dtype)
-    q_desc = q_regions.detach().sum(2) / count  # (B, R, C): zeros of padding add nothing to the sum
-    k_desc = k_regions.detach().sum(2) / count
+    q_desc = region_descriptors(q.detach(), region_size)
+    k_desc = region_descriptors(k.detach(), region_size)
     if routing_scale is not None:
         q_desc = q_desc * routing_scale
-    affinity = q_desc @ k_desc.transpose(-1, -2)  # (B, R, R)
-    return torch.topk(affinity, k=topk, dim=-1).indices
+    return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices
 
 
 def _gather_regions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -192,11 +210,10 @@ def _routing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if layout == "nchw":
         q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
     b, h, w, _ = q.shape
+    index = route(q, k, region_size, topk, routing_scale)
     q, k, v = (_pad_to_regions(t, region_size) for t in (q, k, v))
     grid = (q.shape[1] // region_size[0], q.shape[2] // region_size[1])
     q_reg, k_reg, v_reg = (_to_regions(t, region_size) for t in (q, k, v))
-
-    index = route_regions(q_reg, k_reg, _valid_tokens_per_region(h, w, region_size, q.device), topk, routing_scale)
     k_sel = _split_heads(_gather_regions(k_reg, index), num_heads)  # (B, R, heads, topk*T, d)
     v_sel = _split_heads(_gather_regions(v_reg, index), num_heads)
     attn = torch.softmax((_split_heads(q_reg, num_heads) * scale) @ k_sel.transpose(-1, -2), dim=-1)

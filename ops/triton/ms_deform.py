@@ -37,6 +37,7 @@ No sync with the host anywhere: all sizes come from tensor shapes (the cell spac
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -326,11 +327,17 @@ def _sample_tile(points: int, channels: int) -> tuple[int, int, int, int]:
     return block_q, block_p, block_c, cfg["num_warps"]
 
 
-def _pixel_tile(channels: int) -> tuple[int, int, int, int]:
-    """(BLOCK_S, BLOCK_E, BLOCK_C, num_warps) of the value-gradient gather: pixels x samples x channels."""
+def _pixel_tile(channels: int, per_pixel: float) -> tuple[int, int, int, int]:
+    """(BLOCK_S, BLOCK_E, BLOCK_C, num_warps) of the value-gradient gather: pixels x samples x channels.
+
+    ``per_pixel`` is the mean number of sample corners per value pixel (a function of the shapes only, so the
+    configuration, and with it the bits of the result, do not depend on the data). Sparse sampling (a decoder's
+    900 queries over an encoder's 22k tokens: ~2.6 corners a pixel) gets narrow sample steps over many pixels;
+    with the encoder's ~40 a pixel, wide steps over few pixels.
+    """
     cfg = TILES["pixel"]
     block_c = max(triton.next_power_of_2(channels), 4)
-    block_e = cfg["samples"]
+    block_e = min(cfg["samples"], max(4, triton.next_power_of_2(math.ceil(per_pixel))))
     block_s = max(1, min(64, cfg["elements"] // (block_e * block_c)))
     return block_s, block_e, block_c, cfg["num_warps"]
 
@@ -416,7 +423,7 @@ def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int,
     boundaries = torch.arange(sentinel + 1, device=value.device, dtype=sorted_keys.dtype)
     seg = torch.searchsorted(sorted_keys, boundaries, out_int32=sorted_keys.numel() < 2**31 - 1)
     grad_value = torch.empty_like(value)
-    block_s, block_e, block_c, warps = _pixel_tile(channels)
+    block_s, block_e, block_c, warps = _pixel_tile(channels, 4 * keys.numel() / max(1, batch * tokens * heads))
     _value_grad_kernel[(triton.cdiv(tokens, block_s), heads, batch)](
         shapes, starts if starts is not None else shapes, records, grad_out, perm, seg, grad_value, tokens, cells,
         M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None,

@@ -6,10 +6,9 @@ on first use, so ``TRITON_INTERPRET`` is read then (set it before the first call
 
 Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
 
-1. **Routing** in torch (:func:`route`), the reference's own steps on the same tensors (``_pad_to_regions``,
-   ``_to_regions``, ``route_regions``; for full power-of-two regions an equivalent shorter path), so the top-k
-   choice is bitwise the reference's, near ties included, in every dtype. It costs a region-major copy of q and k;
-   the attention itself never materialises anything.
+1. **Routing** in torch with :func:`zoo.ops.routing.route`, the function every backend routes with (region means
+   summed straight from the strided map, no region-major copy), so the top-k choice is the reference's, near ties
+   included, in every dtype; the attention itself never materialises anything.
 2. **Attention** (``_forward_kernel``): one program per (batch, head, query region, query tile). Its keys are the
    ``topk * T`` tokens of its selected regions (``T = rh * rw``), numbered ``n = slot * T + token``; key tiles of
    ``BLOCK_N`` consecutive ``n`` are loaded row by row straight from the un-gathered (B, H, W, C) tensor (row
@@ -48,10 +47,10 @@ from typing import Iterator
 import torch
 
 from .._dispatch import register_backend
-from ..routing import _pad_to_regions, _to_regions, _valid_tokens_per_region, route_regions
+from ..routing import route
 from . import interpreter_requested, triton_missing_reason
 
-__all__ = ["routing_attention_triton", "route", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+__all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
 
 _OP = "routing_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -457,35 +456,38 @@ def _backward(ctx, grad_out, _grad_lse):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerRouting(torch.autograd.Function):
+    """The same kernels without the custom-op layer, for eager calls.
+
+    ``torch.library`` dispatch costs tens of microseconds of host time per call, as much as a stage's whole kernel
+    on an H200; graphs under ``torch.compile`` keep the custom ops (opaque nodes, no graph break).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, index, num_heads, region_h, region_w, scale):
+        with _on_device(q):
+            out, lse = _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale)
+        ctx.save_for_backward(q, k, v, index, out, lse)
+        ctx.params = (num_heads, region_h, region_w, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, index, out, lse = ctx.saved_tensors
+        with _on_device(q):
+            dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, index, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _routed_attention(q, k, v, index, num_heads: int, region_h: int, region_w: int, scale: float) -> torch.Tensor:
+    """Fused routed attention: the custom op inside ``torch.compile``, the bare autograd function in eager."""
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, index, num_heads, region_h, region_w, scale)[0]
+    return _EagerRouting.apply(q, k, v, index, num_heads, region_h, region_w, scale)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the backend
-
-
-def route(q: torch.Tensor, k: torch.Tensor, region_size: tuple[int, int], topk: int,
-          routing_scale: float | None) -> torch.Tensor:
-    """The reference backend's routing, bitwise (same region-major copies, sums, division, affinity and top-k).
-
-    Args:
-        q, k: (B, H, W, C_qk) views (any strides), any float dtype.
-        region_size: (rh, rw).
-
-    Returns:
-        (B, R, topk) int64 key regions per query region (R = ceil(H / rh) * ceil(W / rw), raster order).
-    """
-    _, h, w, _ = q.shape
-    rh, rw = region_size
-    q_reg, k_reg = (_to_regions(_pad_to_regions(t.detach(), region_size), region_size) for t in (q, k))
-    tokens = rh * rw
-    if h % rh or w % rw or tokens & (tokens - 1):
-        return route_regions(q_reg, k_reg, _valid_tokens_per_region(h, w, region_size, q.device), topk, routing_scale)
-    # Every region full, with a power-of-two token count (BiFormer at 224: 64/16/4): dividing by the count as a
-    # number is exact scaling, bitwise route_regions' division by a count tensor, without the six small kernels
-    # that build that tensor (launch overhead is a visible part of a stage-2 forward).
-    q_desc = q_reg.sum(2) / tokens
-    k_desc = k_reg.sum(2) / tokens
-    if routing_scale is not None:
-        q_desc = q_desc * routing_scale
-    return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices
 
 
 def routing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
@@ -503,7 +505,7 @@ def routing_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if layout == "nchw":
         q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
     index = route(q, k, region_size, topk, routing_scale)
-    out, _ = _forward_op(q, k, v, index, num_heads, region_size[0], region_size[1], scale)
+    out = _routed_attention(q, k, v, index, num_heads, region_size[0], region_size[1], scale)
     return out.permute(0, 3, 1, 2) if layout == "nchw" else out
 
 

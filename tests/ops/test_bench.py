@@ -10,6 +10,10 @@ import torch
 from zoo.ops import bench
 
 MY_OPS = "downsampled_attention,cross_attention,masked_attention,neighborhood_attention"
+SDPA_TARGET_OPS = "agent_attention,window_attention,downsampled_attention,cross_attention"
+# the cases whose cost target is one plain SDPA over the same token counts, each with its "<case>.sdpa" row
+SDPA_TARGET_CASES = ("agent_deit_s", "agent_swin_t.s0", "agent_swin_t.s1", "agent_swin_t.s2", "pvt_s.s0",
+                     "lookupvit_b.mhbc")
 
 
 def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):
@@ -17,10 +21,16 @@ def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):
                      "--out", str(tmp_path)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "time_ms" in printed and "nat_t.s0" in printed
+    assert "time_ms" in printed and "nat_t.s0" in printed and "x_sdpa" in printed and "pvt_s.s0.sdpa" in printed
     rows = json.loads((tmp_path / "ops_bench.json").read_text())["rows"]
     with (tmp_path / "ops_bench.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    # the plain-SDPA ratio reaches both files
+    csv_by_key = {(r["case"], r["backend"], r["mode"]): r for r in csv_rows}
+    json_x = {(r["case"], r["backend"], r["mode"]): r["x_sdpa"] for r in rows if "x_sdpa" in r}
+    assert json_x and all(float(csv_by_key[k]["x_sdpa"]) == pytest.approx(v) for k, v in json_x.items())
+    assert csv_by_key[("nat_t.s0", "reference", "fwd")]["x_sdpa"] == ""  # no plain-SDPA target for NA
     by_key = {(r["case"], r["backend"], r["mode"]): r for r in rows}
     for case in ("pvt_s.s0", "lookupvit_b.mhbc", "nat_t.s0", "dinat_t.s1", "croc_7b.attn"):
         for mode in ("fwd", "fwd+bwd"):
@@ -62,3 +72,84 @@ def test_every_case_has_a_builder_and_valid_quick_shapes():
         params, batch = bench._case_params(case, quick=True, batch=None)
         args, kwargs, flops = bench.BUILDERS[case.op](params, batch, torch.float32, torch.device("cpu"), False)
         assert flops > 0 and all(torch.isfinite(t).all() for t in args if isinstance(t, torch.Tensor))
+
+
+def _expect_x_sdpa(rows: list[dict], cases) -> int:
+    """Check every timed row of ``cases`` against its case's "<case>.sdpa" row; returns how many were checked."""
+    by_key = {(r["case"], r["backend"], r["mode"]): r for r in rows}
+    checked = 0
+    for case in cases:
+        for mode in ("fwd", "fwd+bwd"):
+            base = by_key[(f"{case}.sdpa", "sdpa", mode)]
+            assert base["status"] == "ok" and base["time_ms"] > 0 and base["tflops"] > 0
+            assert base["x_sdpa"] == pytest.approx(1.0)
+            timed = [r for r in rows if r["case"] == case and r["mode"] == mode and "time_ms" in r]
+            assert any(r["backend"] == "reference" for r in timed)
+            for r in timed:
+                assert r["x_sdpa"] == pytest.approx(r["time_ms"] / base["time_ms"], rel=1e-12)
+                checked += 1
+    return checked
+
+
+def test_quick_cpu_plain_sdpa_baselines_and_x_sdpa():
+    rows = bench.run(SDPA_TARGET_OPS.split(","), device="cpu", quick=True, warmup=0, iters=2)
+    names = {r["case"] for r in rows}
+    assert {f"{c}.sdpa" for c in SDPA_TARGET_CASES} <= names
+    assert _expect_x_sdpa(rows, SDPA_TARGET_CASES) >= 4 * len(SDPA_TARGET_CASES)
+    # the plain-SDPA rows keep the "vs reference of the accompanied case" ratio, like the dense_sdpa rows
+    by_key = {(r["case"], r["backend"], r["mode"]): r for r in rows}
+    base, ref = by_key[("pvt_s.s0.sdpa", "sdpa", "fwd")], by_key[("pvt_s.s0", "reference", "fwd")]
+    assert base["vs_reference"] == pytest.approx(ref["time_ms"] / base["time_ms"])
+    table = bench.format_table(rows)
+    assert "x_sdpa" in table.splitlines()[0] and "agent_swin_t.s2.sdpa" in table
+
+
+def test_x_sdpa_is_op_time_over_baseline_time_per_mode(monkeypatch):
+    """With fixed times (distinct per mode) the ratio must be exactly op / baseline of the same mode."""
+    times = {("pvt_s.s0", "sdpa", "fwd"): 3.0, ("pvt_s.s0", "sdpa", "fwd+bwd"): 10.0,
+             ("pvt_s.s0", "reference", "fwd"): 6.0, ("pvt_s.s0", "reference", "fwd+bwd"): 12.0,
+             ("pvt_s.s0.sdpa", "sdpa", "fwd"): 2.0, ("pvt_s.s0.sdpa", "sdpa", "fwd+bwd"): 8.0}
+
+    def fake_measure(case, backend, mode, *args):
+        return {"status": "ok", "time_ms": times[(case.name, backend, mode)], "tflops": 1.0, "gbps": 1.0}
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    monkeypatch.setattr(bench, "_backends", lambda op: ["sdpa"] if op == "sdpa_plain" else ["sdpa", "reference"])
+    rows = bench.run(["pvt_s.s0"], device="cpu", quick=True, warmup=0, iters=1)
+    got = {(r["case"], r["backend"], r["mode"]): (r["x_sdpa"], r["vs_reference"]) for r in rows}
+    assert got == {("pvt_s.s0", "sdpa", "fwd"): (1.5, 2.0), ("pvt_s.s0", "sdpa", "fwd+bwd"): (1.25, 1.2),
+                   ("pvt_s.s0", "reference", "fwd"): (3.0, 1.0), ("pvt_s.s0", "reference", "fwd+bwd"): (1.5, 1.0),
+                   ("pvt_s.s0.sdpa", "sdpa", "fwd"): (1.0, 3.0), ("pvt_s.s0.sdpa", "sdpa", "fwd+bwd"): (1.0, 1.5)}
+    # a baseline that failed leaves its case without the ratio instead of a wrong one
+    monkeypatch.setattr(bench, "_measure", lambda case, backend, mode, *a: (
+        {"status": "oom"} if (case.name, mode) == ("pvt_s.s0.sdpa", "fwd") else fake_measure(case, backend, mode)))
+    rows = bench.run(["pvt_s.s0"], device="cpu", quick=True, warmup=0, iters=1)
+    assert all(("x_sdpa" in r) == (r["mode"] == "fwd+bwd") for r in rows if r["status"] == "ok")
+
+
+def test_plain_sdpa_builder_shapes_flops_and_calls():
+    dev, f32 = torch.device("cpu"), torch.float32
+    by_name = {c.name: c for c in bench.CASES}
+    # agent: N queries over the same N keys
+    (q, k, v), kw, flops = bench.BUILDERS["sdpa_plain"](by_name["agent_deit_s.sdpa"].params, 2, f32, dev, False)
+    assert q.shape == k.shape == v.shape == (2, 6, 197, 64) and kw == {}
+    assert flops == 2.0 * 2 * 6 * 197 * 197 * 128
+    # window 7 over a 14x14 map: the 4 windows batched, 49 x 49 each
+    (q, k, v), _, flops = bench.BUILDERS["sdpa_plain"](by_name["agent_swin_t.s2.sdpa"].params, 2, f32, dev, False)
+    assert q.shape == k.shape == (8, 12, 49, 32)
+    args, _, wflops = bench.BUILDERS["window_attention"](by_name["agent_swin_t.s2"].params, 2, f32, dev, False)
+    assert flops == wflops  # same attention products as the (unshifted) window op
+    # downsampled: tokens queries over kv_tokens keys
+    (q, k, v), _, _ = bench.BUILDERS["sdpa_plain"](by_name["pvt_s.s0.sdpa"].params, 1, f32, dev, False)
+    assert q.shape == (1, 1, 3136, 64) and k.shape == v.shape == (1, 1, 49, 64)
+    # cross: both directions, two plain SDPA calls on the op's four tensors
+    params, batch = bench._case_params(by_name["lookupvit_b.mhbc.sdpa"], quick=True, batch=None)
+    args, _, flops = bench.BUILDERS["sdpa_plain"](params, batch, f32, dev, False)
+    q, k, v, v_rev = args
+    assert q.shape == v_rev.shape == (1, 2, 4, 16) and k.shape == v.shape == (1, 2, 16, 16)
+    assert flops == 2 * 2.0 * 1 * 2 * 4 * 16 * 32
+    out_q, out_k = bench.sdpa_plain(*args)
+    torch.testing.assert_close(out_q, torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v)
+    torch.testing.assert_close(out_k, torch.softmax(k @ q.transpose(-1, -2) / 4, -1) @ v_rev)
+    # selecting an op brings its plain-SDPA target along
+    assert [c.name for c in bench.select_cases(["window_attention"])] == ["agent_swin_t.s2", "agent_swin_t.s2.sdpa"]

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 import zoo.ops.triton.routing as rt  # registers the backend
 from zoo.ops import available_backends, registered_backends, routing_attention
 from zoo.ops._dispatch import select_backend
-from zoo.ops.routing import (_from_regions, _gather_regions, _pad_to_regions, _split_heads, _to_regions,
-                             _valid_tokens_per_region, route_regions)
+from zoo.ops.routing import _from_regions, _gather_regions, _pad_to_regions, _split_heads, _to_regions, route
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,7 +104,7 @@ def test_refusals_are_explained():
 def test_route_matches_avg_pool_descriptors_with_padding():
     q, k, _ = make_inputs(2, 7, 10, 6, 6, seed=3, dtype=torch.float64)
     region, topk = (3, 4), 4
-    index = rt.route(q, k, region, topk, routing_scale=0.5)
+    index = route(q, k, region, topk, routing_scale=0.5)
     q_desc, k_desc = (F.avg_pool2d(t.detach().permute(0, 3, 1, 2), region, ceil_mode=True, count_include_pad=False)
                       .flatten(2).transpose(1, 2) for t in (q, k))
     expected = (q_desc * 0.5 @ k_desc.transpose(1, 2)).topk(topk, dim=-1).indices
@@ -114,13 +113,13 @@ def test_route_matches_avg_pool_descriptors_with_padding():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("region,routing_scale", [((2, 2), None), ((4, 2), 0.3), ((3, 2), None)])
-def test_route_is_bitwise_the_reference_routing(dtype, region, routing_scale):
-    # full power-of-two regions take route()'s own short path; 3x2 regions go through route_regions itself
+def test_route_reads_strided_maps_without_changing_the_choice(dtype, region, routing_scale):
+    # an NCHW tensor's channels-last view routes exactly like the same values stored contiguously
     q, k, _ = make_inputs(2, 12, 8, 16, 16, seed=4, dtype=dtype)
-    q_reg, k_reg = (_to_regions(t.detach(), region) for t in (q, k))
-    valid = _valid_tokens_per_region(12, 8, region, q.device)
-    expected = route_regions(q_reg, k_reg, valid, 5, routing_scale)
-    assert torch.equal(rt.route(q, k, region, 5, routing_scale), expected)
+    q_nchw, k_nchw = (t.permute(0, 3, 1, 2).contiguous() for t in (q, k))
+    strided = route(q_nchw.permute(0, 2, 3, 1), k_nchw.permute(0, 2, 3, 1), region, 5, routing_scale)
+    assert not q_nchw.permute(0, 2, 3, 1).is_contiguous()
+    assert torch.equal(strided, route(q, k, region, 5, routing_scale))
 
 
 def test_inverse_routing_lists_every_selection_once_in_order():
@@ -184,13 +183,13 @@ def _interpreter_fp16_and_compile_checks() -> None:
     q, k, v = make_inputs(1, 8, 8, 32, 32, seed=5, dtype=torch.float16)
     kw = dict(num_heads=2, region_size=(2, 2), topk=3, scale=32 ** -0.5)
     got = out_and_grads(q, k, v, backend="triton", **kw)
-    want = oracle_out_and_grads(q, k, v, rt.route(q, k, (2, 2), 3, None), **kw)
+    want = oracle_out_and_grads(q, k, v, route(q, k, (2, 2), 3, None), **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float16
         assert_close_to(a, b, 4e-3, 3e-3, f"fp16 {name}")
 
     q, k, v = make_inputs(1, 4, 6, 16, 16, seed=6)
-    index = rt.route(q, k, (2, 3), 2, None)
+    index = route(q, k, (2, 3), 2, None)
     torch.library.opcheck(torch.ops.zoo.routing_attention_fwd.default, (q, k, v, index, 1, 2, 3, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -259,7 +258,7 @@ def test_gpu_triton_matches_float64_on_the_same_routing(stage, dtype):
     assert select_backend("routing_attention", None, q, k, v, **{**kw, "routing_scale": None}).name == "triton"
     got = out_and_grads(q, k, v, backend="triton", **kw)
     # float64 attention on the routing both backends compute (the same code, so the same top-k in every dtype)
-    index = rt.route(_nhwc(q, kw["layout"]), _nhwc(k, kw["layout"]), kw["region_size"], kw["topk"], None)
+    index = route(_nhwc(q, kw["layout"]), _nhwc(k, kw["layout"]), kw["region_size"], kw["topk"], None)
     want = oracle_out_and_grads(q, k, v, index, **kw)
     max_abs, rel = GPU_TOL[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -315,15 +314,12 @@ def test_gpu_peak_memory_at_most_the_reference():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["s0", "s1", "s2", "padded_nchw"])
-def test_gpu_route_is_bitwise_the_reference_routing(stage):
+def test_gpu_route_of_strided_views_is_the_contiguous_routing(stage):
     (q, k, _), kw = _gpu_case(stage, torch.bfloat16, seed=4)
     qn, kn = _nhwc(q, kw["layout"]), _nhwc(k, kw["layout"])
-    h, w = qn.shape[1:3]
-    q_reg, k_reg = (_to_regions(_pad_to_regions(t.detach(), kw["region_size"]), kw["region_size"]) for t in (qn, kn))
-    valid = _valid_tokens_per_region(h, w, kw["region_size"], q.device)
     for rscale in (None, kw["scale"]):
-        expected = route_regions(q_reg, k_reg, valid, kw["topk"], rscale)
-        assert torch.equal(rt.route(qn, kn, kw["region_size"], kw["topk"], rscale), expected)
+        expected = route(qn.contiguous(), kn.contiguous(), kw["region_size"], kw["topk"], rscale)
+        assert torch.equal(route(qn, kn, kw["region_size"], kw["topk"], rscale), expected)
 
 
 @pytest.mark.gpu
