@@ -7,7 +7,8 @@ missing library) or None. Dispatch order:
 
 1. the ``backend=`` argument of the call, else
 2. ``ZOO_OPS_BACKEND=op:backend,op2:backend2`` (read at every call, so tests can set it), else
-3. the highest-priority backend whose check passes.
+3. the highest-priority backend whose check passes and whose ``prefer`` rule (a measured speed rule, e.g. "SDPA's
+   bias gradient is slower than the reference above 512 keys") does not point to a lower-priority backend.
 
 A requested backend that cannot serve an input warns once with its reason and dispatch falls back to automatic
 choice: wrong numbers are never returned silently.
@@ -36,6 +37,7 @@ class Backend:
     supports: Callable[..., str | None]
     priority: int
     available: Callable[[], str | None]
+    prefer: Callable[..., str | None] = None  # type: ignore[assignment]
 
 
 def _always(*_: Any, **__: Any) -> None:
@@ -47,15 +49,18 @@ _WARNED: set[tuple[str, str, str]] = set()
 
 
 def register_backend(op: str, name: str, fn: Callable[..., Any], *, supports: Callable[..., str | None] | None = None,
-                     priority: int = 0, available: Callable[[], str | None] | None = None) -> Backend:
+                     priority: int = 0, available: Callable[[], str | None] | None = None,
+                     prefer: Callable[..., str | None] | None = None) -> Backend:
     """Register ``fn`` as backend ``name`` of ``op``.
 
     Args:
         supports: per-call check with the op's arguments; returns the reason it cannot serve them, or None.
         priority: higher is tried first by automatic choice (``reference`` uses 0).
         available: environment check (library importable, device present); returns a reason or None.
+        prefer: per-call speed rule for automatic choice only, with the op's arguments: returns why another backend
+            is faster for them (a measured fact), or None. An explicit request ignores it.
     """
-    backend = Backend(op, name, fn, supports or _always, priority, available or _always)
+    backend = Backend(op, name, fn, supports or _always, priority, available or _always, prefer or _always)
     _REGISTRY.setdefault(op, {})[name] = backend
     return backend
 
@@ -120,12 +125,17 @@ def select_backend(op: str, backend: str | None, *args: Any, **kwargs: Any) -> B
         if key not in _WARNED:
             _WARNED.add(key)
             warnings.warn(f"{op}: backend {wanted!r} cannot serve this input ({reason}); falling back", stacklevel=3)
-    reasons = []
+    reasons, slower = [], None
     for b in _by_priority(op):
         reason = _reason(b, args, kwargs)
         if reason is None:
-            return b
+            if b.prefer(*args, **kwargs) is None:
+                return b
+            slower = slower or b  # can serve, but a lower-priority backend is faster here
+            continue
         reasons.append(f"{b.name}: {reason}")
+    if slower is not None:
+        return slower
     raise BackendUnavailable(f"no backend of {op} can serve this input: " + "; ".join(reasons))
 
 

@@ -126,7 +126,7 @@ def _sdpa(q, k, v, agent, *, scale, agent_bias, query_bias, dropout_p):
 _SDPA_MAX_KEYS_WITH_TRAINABLE_BIAS = 512
 
 
-def _sdpa_supports(q, k, v, agent, *, agent_bias=None, query_bias=None, **_) -> str | None:
+def _sdpa_prefer(q, k, v, agent, *, agent_bias=None, query_bias=None, **_) -> str | None:
     trainable = any(b is not None and b.requires_grad for b in (agent_bias, query_bias)) and torch.is_grad_enabled()
     if trainable and k.shape[-2] > _SDPA_MAX_KEYS_WITH_TRAINABLE_BIAS:
         return (f"{k.shape[-2]} keys with a trainable bias: SDPA's bias gradient is slower than the reference "
@@ -135,4 +135,4 @@ def _sdpa_supports(q, k, v, agent, *, agent_bias=None, query_bias=None, **_) -> 
 
 
 register_backend(_OP, "reference", _reference, priority=0)
-register_backend(_OP, "sdpa", _sdpa, supports=_sdpa_supports, priority=10)
+register_backend(_OP, "sdpa", _sdpa, prefer=_sdpa_prefer, priority=10)

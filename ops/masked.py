@@ -232,5 +232,13 @@ def _flex_supports(q, k, v, *, mask=None, dropout_p=0.0, **_) -> str | None:
     return None
 
 
+def _flex_prefer(q, k, v, **_) -> str | None:
+    # Measured on an H200 (torch 2.11, bf16, Croc-7B layer: L 1024, 32 heads x 128, batch 4): flex 3.54 / 3.34 ms
+    # fwd / fwd+bwd against the reference's 0.51 / 1.38 ms. Prefix + causal span masks keep most blocks, so the
+    # block-sparse kernel has nothing to skip and loses to SDPA's fused kernels.
+    return "span masks are dense enough that SDPA with a boolean mask is faster (measured on H200)"
+
+
 register_backend(_OP, "reference", _reference, priority=0)
-register_backend(_OP, "flex", _flex, supports=_flex_supports, priority=10, available=_flex_available)
+register_backend(_OP, "flex", _flex, supports=_flex_supports, priority=10, available=_flex_available,
+                 prefer=_flex_prefer)

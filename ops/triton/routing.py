@@ -289,11 +289,29 @@ def _kernels():
         tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=mask_n & (offs_dv < DV)[None, :])
 
+    @triton.jit
+    def _inverse_routing_kernel(idx_ptr, offsets_ptr, sources_ptr, R, TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
+        """One program per batch item: the CSR lists of query regions per key region (see _inverse_routing)."""
+        b = tl.program_id(0)
+        entries = R * TOPK
+        offs = tl.arange(0, BLOCK_E)
+        idx = tl.load(idx_ptr + b * entries + offs, mask=offs < entries, other=-1).to(tl.int32)
+        query = b * R + offs // TOPK
+        start = b * entries  # every query region selects exactly TOPK key regions
+        for key in range(0, R):
+            hit = (idx == key).to(tl.int32)
+            tl.store(offsets_ptr + b * R + key, start)
+            # entries in ascending order: ascending query regions within each list (a fixed summation order)
+            tl.store(sources_ptr + start + tl.cumsum(hit, axis=0) - 1, query, mask=hit > 0)
+            start += tl.sum(hit, axis=0)
+        if b == tl.num_programs(0) - 1:
+            tl.store(offsets_ptr + (b + 1) * R, start)
+
     # Triton resolves names through the kernel module's globals: the interpreter ignores closures altogether, and the
     # compiler reads a helper's ``tl.constexpr`` annotations in a scope holding only the globals and the helper's own
     # closure. Publish ``tl`` and the helpers there before the first launch compiles anything.
     globals().update(tl=tl, _token_yx=_token_yx, _load_rows=_load_rows, _selected_keys=_selected_keys)
-    return _forward_kernel, _dq_kernel, _dkv_kernel
+    return _forward_kernel, _dq_kernel, _dkv_kernel, _inverse_routing_kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +366,7 @@ def _on_device(t: torch.Tensor):
 
 
 def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
-    forward_kernel, _, _ = _kernels()
+    forward_kernel = _kernels()[0]
     geo = _Geometry(q, v, index, num_heads, region_h, region_w)
     out = torch.empty((geo.b, geo.h, geo.w, v.shape[-1]), device=v.device, dtype=v.dtype)
     lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32)
@@ -359,6 +377,10 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
         TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=_precision(q.dtype),
         **geo.constexprs(), **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     return out, lse
+
+
+# the one-launch inverse routing holds a batch item's R * topk entries in one program (BiFormer: 49 to 784)
+_MAX_FUSED_ENTRIES = 4096
 
 
 def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,6 +394,13 @@ def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sources (B * R * topk,) int32: query regions as ``b * R + r``, ascending within each list.
     """
     b, r, topk = index.shape
+    if r * topk <= _MAX_FUSED_ENTRIES and b > 0 and (index.is_cuda or _kernels_interpreted()):
+        # one kernel instead of the sort, search and index arithmetic below (each a launch: host time on a GPU)
+        offsets = torch.empty(b * r + 1, device=index.device, dtype=torch.int32)
+        sources = torch.empty(b * r * topk, device=index.device, dtype=torch.int32)
+        _kernels()[3][(b,)](index.contiguous(), offsets, sources, r, TOPK=topk,
+                            BLOCK_E=max(16, _next_pow2(r * topk)))
+        return offsets, sources
     key_region = (index.long() + torch.arange(b, device=index.device).view(b, 1, 1) * r).reshape(-1)
     sorted_keys, entries = torch.sort(key_region, stable=True)  # stable: ascending query region within a list
     offsets = torch.searchsorted(sorted_keys, torch.arange(b * r + 1, device=index.device))
@@ -379,7 +408,7 @@ def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale):
-    _, dq_kernel, dkv_kernel = _kernels()
+    _, dq_kernel, dkv_kernel, _ = _kernels()
     geo = _Geometry(q, v, index, num_heads, region_h, region_w)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)

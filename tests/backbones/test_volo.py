@@ -23,10 +23,11 @@ TINY = dict(layers=(2, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(2, 4, 4
             num_classes=10)
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> float:
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL,
+                  min_scale: float = 0.1) -> float:
     assert actual.shape == expected.shape, f"{what}: {tuple(actual.shape)} vs {tuple(expected.shape)}"
     scale = expected.abs().max().item()
-    assert scale > 0.1, f"{what}: reference is degenerate"
+    assert scale > min_scale, f"{what}: reference is degenerate"
     err = (actual.float() - expected.float()).abs().max().item()
     assert err <= rtol * scale, f"{what}: max|diff| {err:.3g} > {rtol} * {scale:.3g}"
     return err
@@ -316,8 +317,8 @@ def test_gpu_triton_backend_matches_reference_in_the_model(monkeypatch):
     monkeypatch.setenv("ZOO_OPS_BACKEND", "outlook_attention:reference")
     model(x).square().mean().backward()
     for n, p in model.named_parameters():
-        if n in grads and p.grad.abs().max() > 1e-3:
-            _assert_close(grads[n], p.grad, f"grad {n}", rtol=1e-3)
+        if n in grads and p.grad.abs().max() > 1e-3:  # gradients are small: compare relative to each one's scale
+            _assert_close(grads[n], p.grad, f"grad {n}", rtol=1e-3, min_scale=1e-3)
 
 
 @pytest.mark.gpu

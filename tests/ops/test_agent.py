@@ -196,3 +196,6 @@ def test_auto_choice_avoids_sdpa_for_many_keys_with_a_trainable_bias():
     short = (t[..., :300, :] for t in (k, v))
     assert select_backend("agent_attention", None, q, *short, agent, scale=0.3, agent_bias=bias[..., :300],
                           query_bias=None, dropout_p=0.0).name == "sdpa"
+    # the rule is about speed, not capability: an explicit request is served without a fallback
+    assert select_backend("agent_attention", "sdpa", q, k, v, agent, scale=0.3, agent_bias=bias, query_bias=None,
+                          dropout_p=0.0).name == "sdpa"

@@ -51,6 +51,23 @@ def test_automatic_choice_takes_the_best_backend_that_supports_the_input(toy_op)
     assert toy_op == ["fast", "reference"]
 
 
+def test_prefer_rule_steers_only_the_automatic_choice(toy_op, monkeypatch):
+    # a speed rule on "fast": for inputs longer than 4 the reference is faster
+    fast = _dispatch._REGISTRY["toy"]["fast"]
+    ops.register_backend("toy", "fast", fast.fn, supports=fast.supports, priority=10,
+                         prefer=lambda x: "reference is faster above 4 elements" if x.numel() > 4 else None)
+    ops.dispatch("toy", None, torch.randn(3))
+    ops.dispatch("toy", None, torch.randn(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit request is served, no fallback warning
+        ops.dispatch("toy", "fast", torch.randn(8))
+    assert toy_op == ["fast", "reference", "fast"]
+    # when the faster backend cannot serve the input, the slower one still runs
+    monkeypatch.setitem(_dispatch._REGISTRY, "toy", {"fast": _dispatch._REGISTRY["toy"]["fast"]})
+    ops.dispatch("toy", None, torch.randn(8))
+    assert toy_op[-1] == "fast"
+
+
 def test_env_override_selects_a_backend(toy_op, monkeypatch):
     monkeypatch.setenv("ZOO_OPS_BACKEND", "other_op:fast, toy:reference")
     ops.dispatch("toy", None, torch.randn(3))

@@ -220,3 +220,11 @@ def test_gpu_flex_matches_reference(randn, assert_close, assert_no_fallback, spa
 def test_gpu_natten_matches_reference(randn, assert_close, assert_no_fallback, spatial, kernel, dilation, causal,
                                       dtype):
     _gpu_check("natten", randn, assert_close, assert_no_fallback, spatial, kernel, dilation, causal, dtype)
+
+
+def test_flex_auto_choice_follows_the_measured_rule():
+    from zoo.ops.neighborhood import _flex_prefer
+
+    assert _flex_prefer(torch.empty(1, 2, 56, 56, 32), None, None, dilation=(1, 1)) is None
+    assert "dilation (4, 4)" in _flex_prefer(torch.empty(1, 2, 56, 56, 32), None, None, dilation=(4, 4))
+    assert "196 tokens" in _flex_prefer(torch.empty(1, 2, 14, 14, 32), None, None, dilation=(1, 1))

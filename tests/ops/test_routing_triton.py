@@ -122,18 +122,28 @@ def test_route_reads_strided_maps_without_changing_the_choice(dtype, region, rou
     assert torch.equal(strided, route(q, k, region, 5, routing_scale))
 
 
-def test_inverse_routing_lists_every_selection_once_in_order():
+def check_inverse_routing(device: str = "cpu") -> None:
+    """Every selection listed once, per key region, in ascending query order (the dK/dV summation order)."""
     g = torch.Generator().manual_seed(0)
     b, r, topk = 3, 6, 2
     index = torch.stack([torch.stack([torch.randperm(r, generator=g)[:topk] for _ in range(r)]) for _ in range(b)])
-    offsets, sources = rt._inverse_routing(index)
+    offsets, sources = (t.cpu() for t in rt._inverse_routing(index.to(device)))
     assert offsets.dtype == sources.dtype == torch.int32 and offsets[-1] == b * r * topk
     for batch in range(b):
         for key in range(r):
             g_key = batch * r + key
             listed = sources[offsets[g_key]:offsets[g_key + 1]].tolist()
             chose = [batch * r + query for query in range(r) if key in index[batch, query].tolist()]
-            assert listed == chose  # ascending query regions: the dK/dV sums have a fixed order
+            assert listed == chose
+
+
+def test_inverse_routing_lists_every_selection_once_in_order():
+    check_inverse_routing()  # the sort path here; the one-launch kernel in the interpreter subprocess and on GPU
+
+
+@pytest.mark.gpu
+def test_gpu_inverse_routing_kernel_lists_every_selection_once_in_order():
+    check_inverse_routing("cuda")
 
 
 def test_use_tiles_validates():
@@ -157,6 +167,7 @@ INTERPRETER_CASES = [
 def _interpreter_fp32_checks() -> None:
     """fp32: forward and all gradients vs the reference backend, both layouts, padding; bitwise repeatable."""
     warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
+    check_inverse_routing()  # interpreted: the one-launch kernel
     assert rt._triton_supports(*make_inputs(1, 4, 4, 8, 8), num_heads=2, region_size=(2, 2), topk=1,
                                scale=1.0) is None
     for batch, h, w, region, topk, heads, c_qk, c_v, layout, max_block, rscale in INTERPRETER_CASES:
