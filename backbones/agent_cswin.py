@@ -33,8 +33,8 @@ from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_grid, agent_key_bias, agent_query_bias,
-                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
+                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 from .agent_swin import parse_attn_types
 
 __all__ = ["AgentCSWinTransformer", "CSWinBlock", "LePEAttention", "AgentAttention", "MergeBlock"]
@@ -132,11 +132,10 @@ class AgentAttention(_Branch):
         n = window[0] * window[1]
         qw, kw, vw = (window_partition(t, window).reshape(-1, n, c) for t in (q, k, v))
         agents = pool_agent_tokens(qw, window, self.agent_grid)
+        agent_bias, query_bias = agent_biases(self, window, window)
         out = agent_attention(
             self._heads(qw), self._heads(kw), self._heads(vw), self._heads(agents), scale=self.scale,
-            agent_bias=agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, window),
-            query_bias=agent_query_bias(self.na_bias, self.ha_bias, self.wa_bias, window),
-            dropout_p=self.attn_drop if self.training else 0.0)
+            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(-1, *window, c)
         return window_reverse(out, window, h, w)
 

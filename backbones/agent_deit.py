@@ -26,8 +26,8 @@ from timm.models._features import feature_take_indices
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_grid, agent_key_bias, agent_query_bias,
-                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
+                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
 __all__ = ["AgentVisionTransformer", "AgentAttention", "AgentBlock", "Attention", "Block"]
 
@@ -67,11 +67,10 @@ class AgentAttention(nn.Module):
         grid = tuple(grid) if grid is not None else self.grid_size
         q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
         agents = pool_agent_tokens(q[:, 1:], grid, self.agent_grid)  # the class token is not pooled
+        agent_bias, query_bias = agent_biases(self, grid, grid)
         out = agent_attention(
             self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
-            agent_bias=agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, grid, ac_bias=self.ac_bias),
-            query_bias=agent_query_bias(self.na_bias, self.ha_bias, self.wa_bias, grid, ca_bias=self.ca_bias),
-            dropout_p=self.attn_drop if self.training else 0.0)
+            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, c)
         patch_v = v[:, 1:].transpose(1, 2).reshape(b, c, *grid)
         diversity = self.dwc(patch_v).flatten(2).transpose(1, 2)  # DWC on patch values only, as official

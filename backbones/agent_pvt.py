@@ -30,8 +30,8 @@ from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_grid, agent_key_bias, agent_query_bias,
-                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
+                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
 __all__ = ["AgentPyramidVisionTransformer", "AgentAttention", "SpatialReductionAttention", "AgentPVTBlock",
            "PatchEmbed"]
@@ -117,11 +117,10 @@ class AgentAttention(nn.Module):
         k, v = self.kv(kv_tokens).chunk(2, dim=-1)
         agents_grid = self.agent_shape or self.agent_grid
         agents = pool_agent_tokens(q, size, agents_grid)
+        agent_bias, query_bias = agent_biases(self, kv_size, size, agents=agents_grid)
         out = agent_attention(
             self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
-            agent_bias=agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, kv_size, agents=agents_grid),
-            query_bias=agent_query_bias(self.na_bias, self.ha_bias, self.wa_bias, size, agents=agents_grid),
-            dropout_p=self.attn_drop if self.training else 0.0)
+            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, c)
         v_map = v.transpose(1, 2).reshape(b, c, *kv_size)
         if kv_size != size:

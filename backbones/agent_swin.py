@@ -33,8 +33,8 @@ from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_grid, agent_key_bias, agent_query_bias,
-                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
+                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
 __all__ = ["AgentSwinTransformer", "AgentSwinBlock", "AgentAttention", "WindowAttention", "PatchMerging",
            "PatchEmbed", "parse_attn_types", "relative_position_index"]
@@ -120,11 +120,10 @@ class AgentAttention(nn.Module):
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).view(b, h * w, 3, c).unbind(2)
         agents = pool_agent_tokens(q, (h, w), self.agent_grid)
+        agent_bias, query_bias = agent_biases(self, (h, w), (h, w))
         out = agent_attention(
             self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
-            agent_bias=agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, (h, w)),
-            query_bias=agent_query_bias(self.na_bias, self.ha_bias, self.wa_bias, (h, w)),
-            dropout_p=self.attn_drop if self.training else 0.0)
+            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         # Depthwise conv of the values restores the feature diversity the low-rank agent attention loses.
         out = out + self.dwc(v.transpose(1, 2).reshape(b, c, h, w)).permute(0, 2, 3, 1)

@@ -128,6 +128,10 @@ _SDPA_MAX_KEYS_WITH_TRAINABLE_BIAS = 512
 
 def _sdpa_prefer(q, k, v, agent, *, agent_bias=None, query_bias=None, **_) -> str | None:
     trainable = any(b is not None and b.requires_grad for b in (agent_bias, query_bias)) and torch.is_grad_enabled()
+    if trainable and torch.compiler.is_compiling():
+        # Inductor may hand SDPA a padded bias layout that the memory-efficient backward rejects ("last dimension
+        # must be contiguous", Agent-DeiT-T fwd+bwd on an H200, torch 2.11); the reference compiles to fused kernels.
+        return "a trainable bias inside torch.compile: the reference's softmax compiles to fused kernels"
     if trainable and k.shape[-2] > _SDPA_MAX_KEYS_WITH_TRAINABLE_BIAS:
         return (f"{k.shape[-2]} keys with a trainable bias: SDPA's bias gradient is slower than the reference "
                 f"above {_SDPA_MAX_KEYS_WITH_TRAINABLE_BIAS} keys")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import zoo
 from zoo.backbones import _agent_common as common
 from zoo.backbones.agent_deit import AgentVisionTransformer
-from zoo.convert import compare_state_dict, from_official
+from zoo.convert import compare_state_dict, from_official, get_converter
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity" / "agent_attention"
 KEYS = json.loads((FIXTURES / "agent_deit_keys.json").read_text())
@@ -79,10 +79,11 @@ def test_official_keys_load_strictly_with_official_param_count(case):
         model = zoo.create_model(VARIANTS[case])
         official = from_official(entry["family"], entry["official_class"], entry["official_kwargs"])
     sd = {k: torch.empty(shape, device="meta") for k, shape in entry["state_dict"].items()}
+    mapped = get_converter("agent_attention").key_map(sd)  # official 5-D row/column biases -> zoo 4-D
     for m in (model, official):
         assert sum(p.numel() for p in m.parameters()) == entry["num_params"]
-        assert compare_state_dict(sd, m) == ([], [], [])
-    model.load_state_dict(sd, strict=True, assign=True)
+        assert compare_state_dict(mapped, m) == ([], [], [])
+    model.load_state_dict(sd, strict=True, assign=True)  # the official layout also loads directly
 
 
 def test_checkpoint_path_with_official_wrapping(tmp_path):
@@ -90,11 +91,17 @@ def test_checkpoint_path_with_official_wrapping(tmp_path):
     gen = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(v.shape, generator=gen) for k, v in _tiny().state_dict().items()}
     path = tmp_path / "agent_deit_t.pth"
-    torch.save({"model": sd, "epoch": 299, "max_accuracy": 74.9}, path)
+    torch.save({"model": _official_layout(sd), "epoch": 299, "max_accuracy": 74.9}, path)
     model = zoo.create_model("agent_deit_tiny", checkpoint_path=path, **TINY)
     own = model.state_dict()
     assert set(own) == set(sd)
     assert all(torch.equal(own[k], v) for k, v in sd.items())
+
+
+def _official_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A zoo state dict as the official code saves it: row/column agent biases with a leading singleton dim."""
+    rowcol = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+    return {k: v[None] if k.rsplit(".", 1)[-1] in rowcol else v for k, v in sd.items()}
 
 
 def test_from_official_rejects_what_it_cannot_build():
@@ -208,13 +215,13 @@ def _resized_state_dict(model: AgentVisionTransformer, grid: tuple[int, int]) ->
             patch = F.interpolate(v[:, 1:].reshape(1, *old, -1).permute(0, 3, 1, 2), size=grid, mode="bilinear")
             v = torch.cat([v[:, :1], patch.flatten(2).transpose(1, 2)], 1)
         elif k.endswith("ah_bias"):
-            v = F.interpolate(v[0], size=(grid[0], 1), mode="bilinear")[None]
+            v = F.interpolate(v, size=(grid[0], 1), mode="bilinear")
         elif k.endswith("aw_bias"):
-            v = F.interpolate(v[0], size=(1, grid[1]), mode="bilinear")[None]
+            v = F.interpolate(v, size=(1, grid[1]), mode="bilinear")
         elif k.endswith("ha_bias"):
-            v = F.interpolate(v[0].permute(0, 3, 1, 2), size=(grid[0], 1), mode="bilinear").permute(0, 2, 3, 1)[None]
+            v = F.interpolate(v.permute(0, 3, 1, 2), size=(grid[0], 1), mode="bilinear").permute(0, 2, 3, 1)
         elif k.endswith("wa_bias"):
-            v = F.interpolate(v[0].permute(0, 3, 1, 2), size=(1, grid[1]), mode="bilinear").permute(0, 2, 3, 1)[None]
+            v = F.interpolate(v.permute(0, 3, 1, 2), size=(1, grid[1]), mode="bilinear").permute(0, 2, 3, 1)
         sd[k] = v
     return sd
 
@@ -257,8 +264,8 @@ def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
 
 def _bias_params(heads=2, agents=4, hk=5, wk=6, hq=5, wq=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shapes = dict(an=(heads, agents, 7, 7), na=(heads, agents, 7, 7), ah=(1, heads, agents, hk, 1),
-                  aw=(1, heads, agents, 1, wk), ha=(1, heads, hq, 1, agents), wa=(1, heads, 1, wq, agents),
+    shapes = dict(an=(heads, agents, 7, 7), na=(heads, agents, 7, 7), ah=(heads, agents, hk, 1),
+                  aw=(heads, agents, 1, wk), ha=(heads, hq, 1, agents), wa=(heads, 1, wq, agents),
                   ac=(1, heads, agents, 1), ca=(1, heads, 1, agents))
     return {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
 
@@ -268,8 +275,8 @@ def test_agent_key_bias_matches_interpolation_oracle(key_size):
     p = _bias_params()
     mh, mw = _interp_matrix(7, key_size[0]), _interp_matrix(7, key_size[1])
     an = torch.einsum("ia,hnab,jb->hnij", mh, p["an"], mw)
-    ah = torch.einsum("ia,hna->hni", _interp_matrix(5, key_size[0]), p["ah"][0, :, :, :, 0])
-    aw = torch.einsum("jb,hnb->hnj", _interp_matrix(6, key_size[1]), p["aw"][0, :, :, 0, :])
+    ah = torch.einsum("ia,hna->hni", _interp_matrix(5, key_size[0]), p["ah"][:, :, :, 0])
+    aw = torch.einsum("jb,hnb->hnj", _interp_matrix(6, key_size[1]), p["aw"][:, :, 0, :])
     expected = (an + ah[..., None] + aw[..., None, :]).flatten(2)
     expected = torch.cat([p["ac"][0], expected], -1)[None]
     got = common.agent_key_bias(p["an"], p["ah"], p["aw"], key_size, ac_bias=p["ac"])
@@ -282,8 +289,8 @@ def test_agent_query_bias_matches_interpolation_oracle(query_size):
     p = _bias_params()
     mh, mw = _interp_matrix(7, query_size[0]), _interp_matrix(7, query_size[1])
     na = torch.einsum("ia,hnab,jb->hijn", mh, p["na"], mw)
-    ha = torch.einsum("ia,han->hin", _interp_matrix(5, query_size[0]), p["ha"][0, :, :, 0, :])
-    wa = torch.einsum("jb,hbn->hjn", _interp_matrix(6, query_size[1]), p["wa"][0, :, 0, :, :])
+    ha = torch.einsum("ia,han->hin", _interp_matrix(5, query_size[0]), p["ha"][:, :, 0, :])
+    wa = torch.einsum("jb,hbn->hjn", _interp_matrix(6, query_size[1]), p["wa"][:, 0, :, :])
     expected = (na + ha[:, :, None] + wa[:, None]).flatten(1, 2)
     expected = torch.cat([p["ca"][0], expected], 1)[None]
     got = common.agent_query_bias(p["na"], p["ha"], p["wa"], query_size, ca_bias=p["ca"])

@@ -13,7 +13,7 @@ from timm.models.pvt_v2 import Attention as TimmPvtAttention
 
 import zoo
 from zoo.backbones.agent_pvt import AgentPyramidVisionTransformer, SpatialReductionAttention
-from zoo.convert import compare_state_dict, from_official
+from zoo.convert import compare_state_dict, from_official, get_converter
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity" / "agent_attention"
 KEYS = json.loads((FIXTURES / "agent_pvt_keys.json").read_text())
@@ -79,17 +79,20 @@ def test_official_keys_load_strictly_with_official_param_count(case):
         model = zoo.create_model(VARIANTS[case])
         official = from_official(entry["family"], entry["official_class"], entry["official_kwargs"])
     sd = {k: torch.empty(shape, device="meta") for k, shape in entry["state_dict"].items()}
+    mapped = get_converter("agent_attention").key_map(sd)  # official 5-D row/column biases -> zoo 4-D
     for m in (model, official):
         assert sum(p.numel() for p in m.parameters()) == entry["num_params"]
-        assert compare_state_dict(sd, m) == ([], [], [])
-    model.load_state_dict(sd, strict=True, assign=True)
+        assert compare_state_dict(mapped, m) == ([], [], [])
+    model.load_state_dict(sd, strict=True, assign=True)  # the official layout also loads directly
 
 
 def test_checkpoint_path_with_official_wrapping(tmp_path):
     # official keys (checked in full above) on a tiny config, wrapped as the release files are
     sd = _randomize(_tiny(), seed=3).state_dict()
     path = tmp_path / "agent_pvt_t.pth"
-    torch.save({"model": sd, "epoch": 299, "max_accuracy": 78.4}, path)
+    rowcol = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")  # saved with the official leading singleton dim
+    official = {k: v[None] if k.rsplit(".", 1)[-1] in rowcol else v for k, v in sd.items()}
+    torch.save({"model": official, "epoch": 299, "max_accuracy": 78.4}, path)
     model = zoo.create_model("agent_pvt_tiny", checkpoint_path=path, **TINY)
     own = model.state_dict()
     assert set(own) == set(sd)
@@ -203,15 +206,13 @@ def _resized_state_dict(model: AgentPyramidVisionTransformer, grids: list[tuple[
             v = F.interpolate(v.reshape(1, *old, -1).permute(0, 3, 1, 2), size=grids[stage], mode="bilinear")
             v = v.flatten(2).transpose(1, 2)
         elif k.endswith("ah_bias"):
-            v = F.interpolate(v[0], size=(grids[stage][0], 1), mode="bilinear")[None]
+            v = F.interpolate(v, size=(grids[stage][0], 1), mode="bilinear")
         elif k.endswith("aw_bias"):
-            v = F.interpolate(v[0], size=(1, grids[stage][1]), mode="bilinear")[None]
+            v = F.interpolate(v, size=(1, grids[stage][1]), mode="bilinear")
         elif k.endswith("ha_bias"):
-            v = F.interpolate(v[0].permute(0, 3, 1, 2), size=(grids[stage][0], 1), mode="bilinear")
-            v = v.permute(0, 2, 3, 1)[None]
+            v = F.interpolate(v.permute(0, 3, 1, 2), size=(grids[stage][0], 1), mode="bilinear").permute(0, 2, 3, 1)
         elif k.endswith("wa_bias"):
-            v = F.interpolate(v[0].permute(0, 3, 1, 2), size=(1, grids[stage][1]), mode="bilinear")
-            v = v.permute(0, 2, 3, 1)[None]
+            v = F.interpolate(v.permute(0, 3, 1, 2), size=(1, grids[stage][1]), mode="bilinear").permute(0, 2, 3, 1)
         sd[k] = v
     return sd
 
@@ -265,8 +266,8 @@ def test_spatial_reduction_attention_matches_timm_pvt_v2():
 
 def test_mixed_stages_and_agent_sr_run_and_train():
     model = _tiny(attn_type="ABAB", sr_ratios=(4, 2, 2, 1), agent_sr_ratios="2111")
-    assert model.block1[0].attn.ah_bias.shape == (1, 1, 4, 8, 1)  # keys on the sr=2 grid of 16x16
-    assert model.block1[0].attn.ha_bias.shape == (1, 1, 16, 1, 4)
+    assert model.block1[0].attn.ah_bias.shape == (1, 4, 8, 1)  # keys on the sr=2 grid of 16x16
+    assert model.block1[0].attn.ha_bias.shape == (1, 16, 1, 4)
     assert isinstance(model.block2[0].attn, SpatialReductionAttention)
     model.train()
     out = model(_image(64, 64))

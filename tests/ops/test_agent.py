@@ -199,3 +199,16 @@ def test_auto_choice_avoids_sdpa_for_many_keys_with_a_trainable_bias():
     # the rule is about speed, not capability: an explicit request is served without a fallback
     assert select_backend("agent_attention", "sdpa", q, k, v, agent, scale=0.3, agent_bias=bias, query_bias=None,
                           dropout_p=0.0).name == "sdpa"
+
+
+def test_auto_choice_inside_compile_with_a_trainable_bias_is_the_reference(monkeypatch):
+    from zoo.ops._dispatch import select_backend
+
+    q, k, v, agent = (torch.randn(1, 2, n, 8) for n in (50, 50, 50, 4))
+    bias = torch.randn(1, 2, 4, 50, requires_grad=True)
+    pick = lambda b: select_backend("agent_attention", None, q, k, v, agent, scale=0.3, agent_bias=b,
+                                    query_bias=None, dropout_p=0.0).name
+    assert pick(bias) == "sdpa"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert pick(bias) == "reference"
+    assert pick(bias.detach()) == "sdpa"

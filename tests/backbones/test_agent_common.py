@@ -1,0 +1,218 @@
+"""Shared Agent Attention pieces: the separable bilinear resize, the no-grad bias cache, the 4-D bias layout
+(channels_last) and the official 5-D layout on load."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.backbones import _agent_common as common
+from zoo.convert import get_converter
+
+TINY = {
+    "agent_deit_tiny": dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2, agent_num=(4, 4, 4, 4),
+                            agent_layer=2, num_classes=10),
+    "agent_pvt_tiny": dict(img_size=64, embed_dims=(8, 16, 16, 16), num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2),
+                           depths=(1, 1, 1, 1), agent_num=(4, 4, 4, 4), num_classes=10),
+    "agent_swin_t": dict(img_size=64, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=16,
+                         attn_type="AAMB1", agent_num=(4, 4, 4, 4), num_classes=10),
+    "agent_cswin_t": dict(img_size=64, embed_dim=8, depth=(1, 1, 1, 1), split_size=(1, 2, 2, 2),
+                          la_split_size=(4, 8, 4, 2), num_heads=(2, 2, 4, 4), agent_num=(4, 4, 4, 4), attn_type="AABB",
+                          num_classes=10),
+}
+ROWCOL = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+
+
+def _model(name: str) -> torch.nn.Module:
+    """A tiny eval model with biases far from their small init, so that a stale or wrong bias shows."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, **TINY[name]).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _image(name: str, seed: int = 2) -> torch.Tensor:
+    size = TINY[name]["img_size"]
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _agent_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "an_bias")]
+
+
+# --- separable bilinear resize ---------------------------------------------------------------------------------
+
+RESIZES = [((7, 7), (14, 14)), ((7, 7), (56, 56)), ((14, 14), (7, 7)), ((7, 7), (7, 7)), ((5, 9), (13, 4)),
+           ((13, 17), (29, 3)), ((7, 7), (7, 20)), ((1, 1), (5, 5)), ((3, 3), (1, 1)), ((7, 7), (12, 12))]
+
+
+@pytest.mark.parametrize("size_in,size_out", RESIZES)
+def test_resize_bilinear_matches_interpolate(size_in, size_out):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, *size_in, generator=gen, requires_grad=True)
+    ref = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False, antialias=False)
+    got = common.resize_bilinear(x, size_out)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert (got - ref).abs().max().item() <= 1e-6
+    grad = torch.randn(ref.shape, generator=gen)
+    (ref_grad,), (got_grad,) = torch.autograd.grad(ref, x, grad), torch.autograd.grad(got, x, grad)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_bilinear_other_dims_and_dtypes():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 3, generator=gen, dtype=torch.float64)  # resized dims in the middle
+    ref = F.interpolate(x.permute(0, 3, 1, 2), size=(9, 4), mode="bilinear").permute(0, 2, 3, 1)
+    torch.testing.assert_close(common.resize_bilinear(x, (9, 4), dims=(1, 2)), ref, rtol=0, atol=1e-12)
+    half = x.to(torch.bfloat16)
+    got = common.resize_bilinear(half, (9, 4), dims=(1, 2))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=3e-2)
+
+
+def test_resize_tables_built_in_inference_mode_train_later():
+    # A cached table that were an inference tensor could not be saved for a later backward.
+    with torch.inference_mode():
+        common.resize_bilinear(torch.randn(1, 1, 3, 3), (11, 10))
+    x = torch.randn(1, 1, 3, 3, requires_grad=True)
+    common.resize_bilinear(x, (11, 10)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_biases_stay_float32_under_autocast():
+    module = torch.nn.Module()
+    common.init_agent_biases(module, 2, 4, (5, 6), (5, 6), cls_token=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        key, query = common.agent_biases(module, (8, 3), (3, 9), agents=(3, 3))
+    assert key.dtype == query.dtype == torch.float32
+    assert key.shape == (1, 2, 9, 1 + 24) and query.shape == (1, 2, 1 + 27, 9)
+
+
+def test_resize_under_torch_compile():
+    fn = torch.compile(lambda t: common.resize_bilinear(t, (14, 12)), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    out = fn(x)
+    torch.testing.assert_close(out, F.interpolate(x, size=(14, 12), mode="bilinear"), rtol=0, atol=1e-6)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+# --- inference bias cache ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def build_calls(monkeypatch):
+    calls = []
+    build = common._build_biases
+
+    def counting(*args, **kwargs):
+        calls.append(args[1:])
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(common, "_build_biases", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_no_grad_forwards_reuse_the_biases(name, build_calls):
+    model, x = _model(name), _image(name)
+    with torch.no_grad():
+        first = model(x)
+        built = len(build_calls)
+        second = model(x)
+    assert built >= len(_agent_modules(model)) and len(build_calls) == built  # nothing rebuilt
+    assert torch.equal(first, second)
+    with torch.enable_grad():
+        ref = model(x)
+    assert len(build_calls) == 2 * built  # with autograd on the cache is bypassed
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-6)  # autograd may pick other attention kernels
+
+
+def test_in_place_update_invalidates_the_cache():
+    model, x = _model("agent_deit_tiny"), _image("agent_deit_tiny")
+    with torch.inference_mode():
+        before = model.forward_features(x)  # all tokens: ha_bias reaches the logits only through later blocks
+    attn = _agent_modules(model)[0]
+    gen = torch.Generator().manual_seed(5)
+    for name in ("an_bias", "ha_bias", "ca_bias"):
+        with torch.no_grad():
+            param = getattr(attn, name)
+            param.add_(torch.randn(param.shape, generator=gen))  # not a constant: softmax would ignore it
+            cached = model.forward_features(x)
+            fresh = _model("agent_deit_tiny")
+            fresh.load_state_dict(model.state_dict())
+            assert torch.equal(cached, fresh.forward_features(x)), name
+        assert (cached - before).abs().max().item() > 1e-3, name
+        before = cached
+
+
+def test_load_state_dict_deepcopy_and_dtype_change_invalidate_the_cache():
+    model, other, x = _model("agent_pvt_tiny"), _model("agent_pvt_tiny"), _image("agent_pvt_tiny")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+        ref_other = other(x)
+        model(x)  # fill the cache
+        twin = copy.deepcopy(model)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x), ref_other, rtol=0, atol=0)
+        assert not any("cache" in k for k in model.state_dict())
+        twin_out = twin(x)
+        assert (twin_out - ref_other).abs().max().item() > 1e-3  # the copy kept its own weights
+        wide = model.double()(x.double())
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(wide.float(), ref_other, rtol=1e-4, atol=1e-5)
+
+
+def test_training_after_inference_mode_backpropagates():
+    model, x = _model("agent_swin_t"), _image("agent_swin_t")
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x).sum().backward()
+    assert all(m.an_bias.grad is not None and m.ah_bias.grad is not None for m in _agent_modules(model))
+
+
+# --- 4-D bias layout: channels_last and the official 5-D checkpoints -------------------------------------------------
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_channels_last_model_equals_contiguous(name):
+    model, x = _model(name), _image(name)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    assert not _agent_modules(model)[0].an_bias.is_contiguous()  # the 4-D biases really were converted
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_official_5d_biases_are_squeezed_on_load():
+    model = _model("agent_cswin_t")
+    sd = model.state_dict()
+    official = {k: v[None] if k.rsplit(".", 1)[-1] in ROWCOL else v for k, v in sd.items()}
+    assert any(v.ndim == 5 for v in official.values())
+    mapped = get_converter("agent_attention").key_map(official)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in sd.items()}
+    assert common.squeeze_official_biases(mapped).keys() == mapped.keys()  # zoo layout passes unchanged
+    fresh = zoo.create_model("agent_cswin_t", **TINY["agent_cswin_t"]).eval()
+    fresh.load_state_dict(official)  # plain load_state_dict takes the official layout too
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+    assert official["stage1.0.attns.0.ah_bias"].ndim == 5  # the caller's dict is left as it was
+
+
+@pytest.mark.parametrize("agents", [None, (3, 3)])
+def test_biases_have_a_contiguous_agent_and_key_dim(agents):
+    # SDPA's memory-efficient backward rejects a float mask whose last dim is strided (without its alignment padding,
+    # e.g. 16 agents).
+    module = torch.nn.Module()
+    common.init_agent_biases(module, 2, 16, (8, 8), (8, 8), cls_token=True)
+    for sizes in [((8, 8), (8, 8)), ((4, 12), (6, 5))]:
+        for m in (module, copy.deepcopy(module).to(memory_format=torch.channels_last)):
+            key, query = common.agent_biases(m, *sizes, agents=agents)
+            assert key.stride(-1) == 1 and query.stride(-1) == 1
