@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import sdpa
+from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["agent_attention"]
@@ -85,10 +86,7 @@ def _check_bias(name: str, bias: torch.Tensor | None, target: tuple[int, ...]) -
         return
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
         raise ValueError(f"agent_attention: {name} must be a floating-point tensor or None")
-    try:
-        ok = torch.broadcast_shapes(bias.shape, target) == target
-    except RuntimeError:
-        ok = False
+    ok = broadcasts_to(bias.shape, target)
     if not ok:
         raise ValueError(f"agent_attention: {name} of shape {tuple(bias.shape)} does not broadcast to {target}")
 

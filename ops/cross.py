@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import sdpa
+from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["cross_attention"]
@@ -84,10 +85,7 @@ def _check_inputs(q, k, v_k, v_q, bias, dropout_p) -> None:
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             raise ValueError(f"{_OP}: bias must be a floating-point tensor or None, got {type(bias).__name__}")
-        try:
-            ok = bias.ndim <= 4 and torch.broadcast_shapes(bias.shape, (b, h, m, n)) == (b, h, m, n)
-        except RuntimeError:
-            ok = False
+        ok = bias.ndim <= 4 and broadcasts_to(bias.shape, (b, h, m, n))
         if not ok:
             raise ValueError(f"{_OP}: bias of shape {tuple(bias.shape)} does not broadcast to (B, heads, M, N)="
                              f"{(b, h, m, n)}")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import sdpa
+from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["downsampled_attention"]
@@ -111,10 +112,7 @@ def _check_bias(bias: torch.Tensor | None, target: tuple[int, ...]) -> None:
         return
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
         raise ValueError(f"{_OP}: bias must be a floating-point tensor or None, got {type(bias).__name__}")
-    try:
-        ok = bias.ndim <= 4 and torch.broadcast_shapes(bias.shape, target) == target
-    except RuntimeError:
-        ok = False
+    ok = bias.ndim <= 4 and broadcasts_to(bias.shape, target)
     if not ok:
         raise ValueError(f"{_OP}: bias of shape {tuple(bias.shape)} does not broadcast to (B, heads, N, M)={target}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._sdpa import sdpa
+from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 from .neighborhood import _flex_available, _flex_module, compiled_flex_attention
 
@@ -102,10 +103,7 @@ def _check_mask(mask, target: tuple[int, ...]) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{_OP}: mask must be a boolean tensor (True = attend) or None, got {got}")
-    try:
-        ok = mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        ok = False
+    ok = mask.ndim <= 4 and broadcasts_to(mask.shape, target)
     if not ok:
         raise ValueError(f"{_OP}: mask of shape {tuple(mask.shape)} does not broadcast to (B, heads, Lq, Lk)={target}")
 

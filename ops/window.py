@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import sdpa
+from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["window_attention", "window_partition", "window_reverse", "shifted_window_mask"]
@@ -91,10 +92,7 @@ def _check_inputs(q, k, v, window, shift, bias, dropout_p) -> None:
         target = ((h // wh) * (w // ww), heads, wh * ww, wh * ww)
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             raise ValueError("window_attention: bias must be a floating-point tensor or None")
-        try:
-            ok = torch.broadcast_shapes(bias.shape, target) == target
-        except RuntimeError:
-            ok = False
+        ok = broadcasts_to(bias.shape, target)
         if not ok:
             raise ValueError(f"window_attention: bias of shape {tuple(bias.shape)} does not broadcast to "
                              f"(nW, heads, N, N)={target}")
