@@ -5,8 +5,10 @@ inside a region). Attention happens on two levels:
 
 1. **Region routing.** Every region gets a descriptor: the mean of its query tokens and the mean of its key
    tokens (all channels, all heads together). The region affinity ``A = (q_r * routing_scale) @ k_r^T`` picks,
-   for every query region, the ``topk`` key regions with the largest affinity. Routing is computed on detached
-   tensors: no gradient flows through the choice (the official ``diff_routing=False``), every head shares it.
+   for every query region, the ``topk`` key regions with the largest affinity (computed in float32; common
+   positive factors, which cannot change the ranking, are skipped: see :func:`route`). Routing is computed on
+   detached tensors: no gradient flows through the choice (the official ``diff_routing=False``), every head
+   shares it.
 2. **Token attention.** Every query token attends, per head, to all tokens of its region's ``topk`` key regions::
 
        out[t] = softmax(scale * q[t] @ K_sel^T) @ V_sel          K_sel, V_sel: topk * region tokens
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from ._dispatch import dispatch, register_backend
 
-__all__ = ["routing_attention", "route", "region_descriptors"]
+__all__ = ["routing_attention", "route", "region_sums"]
 
 _OP = "routing_attention"
 _LAYOUTS = ("nhwc", "nchw")
@@ -151,43 +153,53 @@ def _valid_tokens_per_region(h: int, w: int, region: tuple[int, int], device: to
     return (rows[:, None] * cols[None, :]).reshape(-1, 1)
 
 
-def region_descriptors(x: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
-    """Mean of the real (unpadded) tokens of every region, straight from the map (no region-major copy).
+def region_sums(x: torch.Tensor, region: tuple[int, int]) -> torch.Tensor:
+    """Sum of the tokens of every region, straight from the map (no region-major copy).
 
     Args:
         x: (B, H, W, C) map, any strides (an NCHW tensor's channels-last view is read in place).
         region: (rh, rw) tokens per region; a non-divisible map is zero-padded (padding adds nothing to the sums).
 
     Returns:
-        (B, R, C) in the dtype of ``x``, regions in raster order.
+        (B, R, C) float32 (float64 for float64 maps), regions in raster order.
     """
-    b, h, w, c = x.shape
+    b, _, _, c = x.shape
     rh, rw = region
     x = _pad_to_regions(x, region)
     nh, nw = x.shape[1] // rh, x.shape[2] // rw
-    sums = x.unflatten(2, (nw, rw)).unflatten(1, (nh, rh)).sum(dim=(2, 4)).reshape(b, nh * nw, c)
-    if h % rh or w % rw:
-        return sums / _valid_tokens_per_region(h, w, region, x.device).to(sums.dtype)
-    return sums / (rh * rw)
+    # float32 (float64 stays): sums of 16-bit tokens would overflow float16 in the affinity product
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.unflatten(2, (nw, rw)).unflatten(1, (nh, rh)).sum(dim=(2, 4), dtype=dtype).reshape(b, nh * nw, c)
 
 
 def route(q: torch.Tensor, k: torch.Tensor, region_size: tuple[int, int], topk: int,
           routing_scale: float | None = None) -> torch.Tensor:
     """Top-k key regions of every query region, on detached tensors; every backend routes with this function.
 
+    The affinity of two regions is the product of their mean query and mean key, in float32 whatever the input
+    dtype (float64 stays float64), also under autocast. Positive factors common to every
+    pair (``1 / tokens**2`` when all regions are full, ``routing_scale``) do not change the ranking, so they are
+    left out (fewer kernels on a launch-bound GPU host): only float rounding of near ties can depend on them. On a
+    padded map the per-region counts differ and the sums are divided by them.
+
     Args:
         q, k: (B, H, W, C_qk) maps, any strides.
         region_size: (rh, rw).
         topk: regions kept per query region.
-        routing_scale: multiplier of the query descriptors, or None.
+        routing_scale: the official query-descriptor multiplier (> 0); it does not change the choice.
 
     Returns:
         (B, R, topk) int64 indices of key regions (raster order), highest affinity first.
     """
-    q_desc = region_descriptors(q.detach(), region_size)
-    k_desc = region_descriptors(k.detach(), region_size)
-    if routing_scale is not None:
-        q_desc = q_desc * routing_scale
+    _, h, w, _ = q.shape
+    q_desc = region_sums(q.detach(), region_size)
+    k_desc = region_sums(k.detach(), region_size)
+    if h % region_size[0] or w % region_size[1]:
+        count = _valid_tokens_per_region(h, w, region_size, q.device).to(q_desc.dtype)
+        q_desc, k_desc = q_desc / count, k_desc / count
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):  # keep the affinity in float32 under autocast
+            return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices
     return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices
 
 
