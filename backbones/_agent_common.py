@@ -308,7 +308,8 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
 
     See :func:`agent_key_bias` and :func:`agent_query_bias`: returns (1, heads, A', [1 +] Hk * Wk) and
     (1, heads, [1 +] Hq * Wq, A'). Without autograd (no_grad / inference_mode, not while compiling) the result is
-    cached on the module per (key_size, query_size, agents) and reused while the bias parameters are unchanged.
+    cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype,
+    and reused while the bias parameters are unchanged.
     """
     key_size, query_size = tuple(key_size), tuple(query_size)
     agents = tuple(agents) if agents is not None else None
@@ -321,9 +322,14 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         state = (token, {})
         module.__dict__["_agent_bias_cache"] = state
     entries = state[1]
-    if (key_size, query_size, agents) not in entries:
-        entries[key_size, query_size, agents] = _build_biases(module, key_size, query_size, agents)
-    return entries[key_size, query_size, agents]
+    # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.
+    device_type = module.an_bias.device.type
+    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    key = (key_size, query_size, agents, compute)
+    if key not in entries:
+        biases = _build_biases(module, key_size, query_size, agents)
+        entries[key] = biases if compute is None else tuple(b.to(compute) for b in biases)
+    return entries[key]
 
 
 def pool_agent_tokens(q: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:

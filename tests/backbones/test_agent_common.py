@@ -47,7 +47,7 @@ def _agent_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "an_bias")]
 
 
-# --- separable bilinear resize ---------------------------------------------------------------------------------
+# --- bilinear resize of bias maps ---------------------------------------------------------------------------------
 
 RESIZES = [((7, 7), (14, 14)), ((7, 7), (56, 56)), ((14, 14), (7, 7)), ((7, 7), (7, 7)), ((5, 9), (13, 4)),
            ((13, 17), (29, 3)), ((7, 7), (7, 20)), ((1, 1), (5, 5)), ((3, 3), (1, 1)), ((7, 7), (12, 12))]
@@ -84,6 +84,21 @@ def test_resize_tables_built_in_inference_mode_train_later():
     x = torch.randn(1, 1, 3, 3, requires_grad=True)
     common.resize_bilinear(x, (11, 10)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_no_grad_autocast_caches_the_biases_in_the_compute_dtype(build_calls):
+    # the attention would cast float32 biases to the autocast dtype on every call: the cache holds that cast
+    model, x = _model("agent_deit_tiny"), _image("agent_deit_tiny")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(x)
+        second = model(x)
+    assert torch.equal(first, second) and len(build_calls) == len(_agent_modules(model))
+    for module in _agent_modules(model):
+        for (key_size, query_size, agents, compute), cached in module._agent_bias_cache[1].items():
+            assert compute == torch.bfloat16
+            fresh = common._build_biases(module, key_size, query_size, agents)
+            for c, f in zip(cached, fresh):
+                assert c.dtype == torch.bfloat16 and torch.equal(c, f.to(torch.bfloat16))
 
 
 def test_biases_stay_float32_under_autocast():
