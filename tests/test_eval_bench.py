@@ -1,6 +1,7 @@
 """`zoo eval` (ImageFolder top-1/top-5/loss) and `zoo bench` (CSV/JSON, ops delegation)."""
 import csv
 import json
+import os
 import sys
 import types
 
@@ -150,3 +151,55 @@ def test_bench_ops_delegates_to_the_ops_benchmark(monkeypatch):
     monkeypatch.setattr(zoo.ops, "bench", fake, raising=False)
     assert bench.main(["ops", "--op", "routing", "--quick"]) == 3
     assert seen == [["--op", "routing", "--quick"]]
+
+
+def test_ops_backend_forces_a_backend_on_every_op_that_has_it(monkeypatch):
+    import zoo.ops._dispatch as dispatch
+
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "user:setting")
+    with bench.ops_backend("reference"):
+        forced = dict(item.split(":") for item in os.environ["ZOO_OPS_BACKEND"].split(","))
+    assert forced == {op: "reference" for op in dispatch._REGISTRY if "reference" in dispatch._REGISTRY[op]}
+    assert "routing_attention" in forced and os.environ["ZOO_OPS_BACKEND"] == "user:setting"  # restored
+    with bench.ops_backend("triton"):
+        assert set(os.environ["ZOO_OPS_BACKEND"].split(",")) >= {"routing_attention:triton", "ms_deform_attn:triton"}
+        assert "agent_attention" not in os.environ["ZOO_OPS_BACKEND"]  # no triton backend: automatic choice
+    with bench.ops_backend("auto"):
+        assert os.environ["ZOO_OPS_BACKEND"] == "user:setting"
+    with pytest.raises(ValueError, match=r"--ops-backend='cutlass': no op has that backend; known: \['auto'"):
+        with bench.ops_backend("cutlass"):
+            pass
+
+
+def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeypatch, tmp_path, capsys):
+    speed = {("timm_m", "auto", False): 100.0, ("timm_m", "auto", True): 250.0, ("timm_m", "reference", False): 100.0,
+             ("timm_m", "reference", True): 250.0, ("zoo_m", "auto", False): 300.0, ("zoo_m", "auto", True): 600.0,
+             ("zoo_m", "reference", False): 50.0, ("zoo_m", "reference", True): 80.0}
+
+    def fake_bench_model(name, batch_sizes, dtypes, device, modes, img_size, compile, *rest):
+        backend = "reference" if "reference" in os.environ.get("ZOO_OPS_BACKEND", "") else "auto"
+        return [{"model": name, "mode": "infer", "dtype": "fp32", "batch_size": 2, "compile": compile,
+                 "images_per_s": speed[name, backend, compile]}]
+
+    written = []
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bench, "write_results", lambda rows, out, meta: (written.extend(rows), ("a", "b"))[1])
+    monkeypatch.delenv("ZOO_OPS_BACKEND", raising=False)
+    assert bench.main(["timm_m", "zoo_m", "--ops-backend", "auto,reference", "--with-compile", "--device", "cpu"]) == 0
+    assert "x_base" in capsys.readouterr().out
+    got = [(r["model"], r["ops"], r["compile"], r["x_base"]) for r in written]
+    assert got == [("timm_m", "auto", False, 1.0), ("timm_m", "auto", True, 2.5),
+                   ("timm_m", "reference", False, 1.0), ("timm_m", "reference", True, 2.5),
+                   ("zoo_m", "auto", False, 3.0), ("zoo_m", "auto", True, 6.0),
+                   ("zoo_m", "reference", False, 0.5), ("zoo_m", "reference", True, 0.8)]
+    assert "ZOO_OPS_BACKEND" not in os.environ
+
+
+def test_add_baseline_ratios_uses_the_first_row_of_each_mode_dtype_batch():
+    rows = [dict(mode="infer", dtype="bf16", batch_size=8, images_per_s=100.0),
+            dict(mode="train", dtype="bf16", batch_size=8, images_per_s=20.0),
+            dict(mode="infer", dtype="bf16", batch_size=8, images_per_s=250.0),
+            dict(mode="train", dtype="bf16", batch_size=8, images_per_s=None),
+            dict(mode="train", dtype="bf16", batch_size=8, images_per_s=30.0)]
+    bench.add_baseline_ratios(rows)
+    assert [r["x_base"] for r in rows] == [1.0, 1.0, 2.5, None, 1.5]

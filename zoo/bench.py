@@ -4,34 +4,43 @@ Examples::
 
     zoo bench biformer_tiny agent_swin_t --batch-sizes 1,64 --dtype fp32,bf16 --train --out bench/
     zoo bench resnet50 --compile --channels-last --device cuda
+    zoo bench volo_d1_224 zoo_volo_d1_224 --dtype bf16 --batch-sizes 128 --ops-backend auto,reference --with-compile
     zoo bench ops ...            (delegates to zoo.ops.bench)
 
 Each (model, dtype, batch size, mode) is timed after warm-up iterations, with the device synchronized around every
 iteration. ``dtype`` bf16/fp16 means autocast (mixed precision, as in training), fp32 means no autocast. Peak memory
 is the CUDA allocator's peak during the timed iterations (not measured on CPU). Results go to a table on stdout and
 to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
+
+``--ops-backend auto,reference`` runs every model once per choice of attention backend (``auto``: the dispatch's
+choice; a name forces that backend on every ``zoo.ops`` op that has it), ``--with-compile`` times eager and
+``torch.compile`` models in the same process. ``x_base`` is each row's images/s over the baseline row's, the
+baseline being the first model, eager, first ops backend, at the same mode, dtype and batch size: list a timm model
+first to read every zoo row against it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bench_model", "build_parser", "format_table", "main", "time_fn"]
+__all__ = ["add_baseline_ratios", "bench_model", "build_parser", "format_table", "main", "ops_backend", "time_fn"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-COLUMNS = ["model", "mode", "dtype", "batch_size", "img_size", "images_per_s", "latency_ms", "latency_p90_ms",
-           "peak_mem_mib", "params_m", "compile", "channels_last", "device", "error"]
+COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
+           "latency_ms", "latency_p90_ms", "peak_mem_mib", "params_m", "channels_last", "device", "error"]
 
 
 def format_table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
@@ -76,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's pretrained_cfg)")
     p.add_argument("--model-kwargs", default=None, help="JSON dict of constructor arguments for every model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (and training step)")
+    p.add_argument("--with-compile", action="store_true", help="time both the eager and the compiled model")
+    p.add_argument("--ops-backend", default="auto",
+                   help="comma-separated attention backends to run with: auto (dispatch's choice) or a backend name "
+                        "forced on every zoo.ops op that has it, e.g. auto,reference")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW step)")
     p.add_argument("--no-infer", action="store_true", help="skip the inference rows (with --train)")
@@ -200,6 +213,47 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
     return out
 
 
+@contextlib.contextmanager
+def ops_backend(name: str) -> Iterator[None]:
+    """Force attention backend ``name`` on every ``zoo.ops`` op that registers it (``auto``: leave dispatch alone).
+
+    Sets ``ZOO_OPS_BACKEND`` for the duration (ops without that backend keep their automatic choice).
+    """
+    if name == "auto":
+        yield
+        return
+    import zoo.ops  # noqa: F401  (registers every op and backend)
+    from zoo.ops import _dispatch
+
+    ops = [op for op in sorted(_dispatch._REGISTRY) if name in _dispatch._REGISTRY[op]]
+    if not ops:
+        known = sorted({b for backends in _dispatch._REGISTRY.values() for b in backends})
+        raise ValueError(f"--ops-backend={name!r}: no op has that backend; known: {['auto', *known]}")
+    old = os.environ.get("ZOO_OPS_BACKEND")
+    os.environ["ZOO_OPS_BACKEND"] = ",".join(f"{op}:{name}" for op in ops)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ZOO_OPS_BACKEND", None)
+        else:
+            os.environ["ZOO_OPS_BACKEND"] = old
+
+
+def add_baseline_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set ``x_base`` on every row: its images/s over the first row with the same (mode, dtype, batch size).
+
+    Rows come in the order models x ops backends x eager/compiled, so that first row is the first model, eager,
+    with the first ops backend. Rows without a measurement (errors) get None.
+    """
+    base: dict[tuple, float | None] = {}
+    for row in rows:
+        key = (row["mode"], row["dtype"], row["batch_size"])
+        base.setdefault(key, row.get("images_per_s"))
+        ref, ips = base[key], row.get("images_per_s")
+        row["x_base"] = ips / ref if ips and ref else None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -242,11 +296,18 @@ def main(argv: list[str] | None = None) -> int:
 
     model_kwargs = _parse_model_kwargs(args.model_kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends = _csv_list(args.ops_backend, "--ops-backend", str)
+    compiles = (False, True) if args.with_compile else (args.compile,)
     rows = []
     for name in args.models:
-        rows += bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, args.compile,
-                            args.channels_last, args.warmup, args.iters, model_kwargs)
-    print(format_table(rows, [c for c in COLUMNS if c not in ("device", "compile", "channels_last")]))
+        for backend in backends:
+            with ops_backend(backend):
+                for compiled in compiles:
+                    for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
+                                           args.channels_last, args.warmup, args.iters, model_kwargs):
+                        rows.append({**row, "ops": backend})
+    add_baseline_ratios(rows)
+    print(format_table(rows, [c for c in COLUMNS if c not in ("device", "channels_last")]))
     csv_path, json_path = write_results(rows, args.out, environment(device))
     print(f"wrote {csv_path} and {json_path}")
     return 0
