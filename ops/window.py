@@ -23,6 +23,8 @@ Backends:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -169,6 +171,41 @@ def shifted_window_mask(height: int, width: int, window_size: int | tuple[int, i
     return ids[:, :, None] == ids[:, None, :]
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_allowed(h: int, w: int, window: tuple[int, int], shift: tuple[int, int],
+                    device: torch.device) -> torch.Tensor:
+    # Built outside inference mode: SDPA saves its mask for the backward of a later training step.
+    with torch.inference_mode(False):
+        return shifted_window_mask(h, w, window, shift, device=device)
+
+
+def _allowed(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The shift mask of :func:`shifted_window_mask`, cached per map, window, shift and device: building it is a
+    dozen small kernels, each a host-side launch on every shifted call."""
+    if torch.compiler.is_compiling():
+        return shifted_window_mask(h, w, window, shift, device=device)
+    return _cached_allowed(h, w, window, shift, torch.device(device))
+
+
+def _additive_shift_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_additive(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return _additive_shift_mask(_cached_allowed(h, w, window, shift, device), dtype)
+
+
+def _shift_logit_mask(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """(nW, N, N) additive mask: 0 where the shift lets query and key meet, -inf elsewhere (cached like _allowed)."""
+    if torch.compiler.is_compiling():
+        return _additive_shift_mask(shifted_window_mask(h, w, window, shift, device=device), dtype)
+    return _cached_additive(h, w, window, shift, dtype, torch.device(device))
+
+
 def _roll(x: torch.Tensor, shift: tuple[int, int], sign: int) -> torch.Tensor:
     if shift == (0, 0):
         return x
@@ -185,7 +222,7 @@ def _reference(q, k, v, *, window_size, shift_size, scale, bias, dropout_p):
     if bias is not None:
         logits = logits + bias.to(logits.dtype)  # a float32 bias must not promote half-precision logits
     if shift_size != (0, 0):
-        allowed = shifted_window_mask(h, w, window_size, shift_size, device=q.device)
+        allowed = _allowed(h, w, window_size, shift_size, q.device)
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     attn = logits.softmax(dim=-1)
     if dropout_p > 0.0:
@@ -198,9 +235,7 @@ def _sdpa_mask(bias, shift_size, window_size, h, w, heads, dtype, device) -> tor
     """Bias plus shift mask as one float mask (nW, heads, N, N), or (heads, N, N) when it is the same per window."""
     mask = None if bias is None else bias.to(dtype)
     if shift_size != (0, 0):
-        allowed = shifted_window_mask(h, w, window_size, shift_size, device=device)
-        shift_mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-        shift_mask = shift_mask[:, None]
+        shift_mask = _shift_logit_mask(h, w, window_size, shift_size, dtype, device)[:, None]
         mask = shift_mask if mask is None else mask + shift_mask
     return mask
 

@@ -223,3 +223,20 @@ def test_gpu_inductor_matches_eager():
     eager = fn(q, k, v, bias)
     compiled = torch.compile(fn, fullgraph=True)(q, k, v, bias)
     assert (compiled - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
+
+
+def test_shift_masks_are_cached_and_usable_for_training_after_inference_mode():
+    from zoo.ops import window as win
+
+    win._cached_allowed.cache_clear()
+    win._cached_additive.cache_clear()
+    q, k, v = (torch.randn(1, 2, 8, 8, 4) for _ in range(3))
+    with torch.inference_mode():  # first built here: must still serve a later backward
+        window_attention(q, k, v, 4, shift_size=2, backend="sdpa")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = window_attention(*leaves, 4, shift_size=2, backend="sdpa")
+    out.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    ref = window_attention(q, k, v, 4, shift_size=2, backend="reference")
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert win._cached_additive.cache_info().hits >= 1 and win._cached_allowed.cache_info().currsize == 1
