@@ -156,8 +156,10 @@ def _dense_mask(spatial, kernel, dilation, causal, device: torch.device) -> torc
     n = 1
     for s in spatial:
         n *= s
-    idx = torch.arange(n, device=device)
-    mask = _token_window(spatial, kernel, dilation, causal)(idx[:, None], idx[None, :])
+    # built outside inference mode: a cached mask is saved by SDPA for the backward of a later training step
+    with torch.inference_mode(False):
+        idx = torch.arange(n, device=device)
+        mask = _token_window(spatial, kernel, dilation, causal)(idx[:, None], idx[None, :])
     if not torch.compiler.is_compiling():
         _MASK_CACHE[key] = mask
     return mask

@@ -228,3 +228,15 @@ def test_flex_auto_choice_follows_the_measured_rule():
     assert _flex_prefer(torch.empty(1, 2, 56, 56, 32), None, None, dilation=(1, 1)) is None
     assert "dilation (4, 4)" in _flex_prefer(torch.empty(1, 2, 56, 56, 32), None, None, dilation=(4, 4))
     assert "196 tokens" in _flex_prefer(torch.empty(1, 2, 14, 14, 32), None, None, dilation=(1, 1))
+
+
+def test_mask_cached_in_inference_mode_serves_a_later_backward():
+    from zoo.ops import neighborhood as na
+
+    na._MASK_CACHE.clear()
+    q, k, v = (torch.randn(1, 2, 6, 6, 8) for _ in range(3))
+    with torch.inference_mode():
+        na.neighborhood_attention(q, k, v, 3, backend="reference")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    na.neighborhood_attention(*leaves, 3, backend="reference").sum().backward()
+    assert all(t.grad is not None for t in leaves)
