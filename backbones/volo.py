@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo import convert, registry
-from zoo.ops import outlook_attention
+from zoo.ops import downsampled_attention, outlook_attention
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -109,8 +109,7 @@ class Attention(nn.Module):
         b, height, width, channels = x.shape
         qkv = self.qkv(x).reshape(b, height * width, 3, self.num_heads, channels // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=self.scale)
+        x = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         x = x.transpose(1, 2).reshape(b, height, width, channels)
         return self.proj_drop(self.proj(x))
 
@@ -155,8 +154,7 @@ class ClassAttention(nn.Module):
         b, n, _ = x.shape
         k, v = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = self.q(x[:, :1]).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        cls = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                             scale=self.scale)
+        cls = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         cls = cls.transpose(1, 2).reshape(b, 1, self.head_dim * self.num_heads)
         return self.proj_drop(self.proj(cls))
 
