@@ -415,12 +415,29 @@ def msda_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: t
     return grad_value, grad_loc, grad_attn
 
 
+_ARANGE: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _cell_boundaries(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``arange(count)``, the cell ids searched in the sorted keys: a prefix of one growing cached ramp per dtype
+    and device (one launch less a backward; detection batches change size, so no per-shape cache)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(count, device=device, dtype=dtype)
+    key = (dtype, torch.device(device))
+    ramp = _ARANGE.get(key)
+    if ramp is None or ramp.numel() < count:
+        with torch.inference_mode(False):
+            ramp = torch.arange(count + count // 4, device=device, dtype=dtype)
+        _ARANGE[key] = ramp
+    return ramp[:count]
+
+
 def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int, sentinel: int) -> torch.Tensor:
     """Sort samples by cell, build CSR offsets, gather per value pixel (passes 2 and 3 of the module docstring)."""
     batch, tokens, heads, channels = value.shape
     _, _, _, levels, points, _ = loc.shape
     sorted_keys, perm = torch.sort(keys.flatten(), stable=True)
-    boundaries = torch.arange(sentinel + 1, device=value.device, dtype=sorted_keys.dtype)
+    boundaries = _cell_boundaries(sentinel + 1, sorted_keys.dtype, value.device)
     seg = torch.searchsorted(sorted_keys, boundaries, out_int32=sorted_keys.numel() < 2**31 - 1)
     grad_value = torch.empty_like(value)
     block_s, block_e, block_c, warps = _pixel_tile(channels, 4 * keys.numel() / max(1, batch * tokens * heads))

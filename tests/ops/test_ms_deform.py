@@ -354,3 +354,17 @@ def test_gpu_autocast_mix_is_served_by_triton():
     expected = ms_deform_attn_reference(v.double(), spatial, loc.double(), attn.double())
     assert_close_to(out, expected, 3e-2, 1.5e-2, "autocast out")
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cell_boundaries_are_prefixes_of_one_growing_ramp():
+    pytest.importorskip("triton")
+    from zoo.ops.triton import ms_deform as kernels
+
+    kernels._ARANGE.clear()
+    small = kernels._cell_boundaries(5, torch.int32, torch.device("cpu"))
+    assert small.tolist() == [0, 1, 2, 3, 4]
+    big = kernels._cell_boundaries(40, torch.int32, torch.device("cpu"))
+    assert torch.equal(big, torch.arange(40, dtype=torch.int32))
+    again = kernels._cell_boundaries(7, torch.int32, torch.device("cpu"))
+    assert torch.equal(again, torch.arange(7, dtype=torch.int32)) and again.data_ptr() == big.data_ptr()
+    assert kernels._cell_boundaries(3, torch.int64, torch.device("cpu")).dtype == torch.int64
