@@ -370,6 +370,9 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
             LayerNorm2d (STL layouts, the official class default; the released STL models use BatchNorm2d).
         pre_head_norm_layer: final norm if different from ``norm_layer``.
         drop_rate: dropout before the classifier; drop_path_rate: stochastic depth, linear over blocks.
+        extra_norms: add the official dense-prediction backbone's per-stage output norms (``BiFormer_mm``:
+            ``extra_norms.{0..3}``, LayerNorm2d eps 1e-6), applied to every stage output that
+            :meth:`forward_intermediates` (and so ``features_only``) returns; the classification path is unchanged.
     """
 
     def __init__(self, depths: Sequence[int] = (2, 2, 8, 2), embed_dims: Sequence[int] = (64, 128, 256, 512),
@@ -381,7 +384,7 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
                  pre_norm: bool = True, mlp_dwconv: bool = False, param_attention: str = "qkvo",
                  norm_layer: str | Callable[..., nn.Module] | None = None,
                  pre_head_norm_layer: str | Callable[..., nn.Module] | None = None,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, extra_norms: bool = False):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -421,6 +424,8 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
                                else BlocksStage(blocks, tokens_last=layout == "stl"))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
 
+        if extra_norms:  # the official detection/segmentation backbone normalises each stage output for FPNs
+            self.extra_norms = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for d in embed_dims)
         head_norm = norm if pre_head_norm_layer is None else _resolve_norm(pre_head_norm_layer, "")
         self.norm = head_norm(embed_dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
@@ -518,7 +523,8 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         Args:
             x: (B, in_chans, H, W) images.
             indices: stages to return: the last n if int, all if None, else the listed ones.
-            norm: apply the final norm to the last stage's output when it is returned.
+            norm: apply the final norm to the last stage's output when it is returned (models built with
+                ``extra_norms`` apply their per-stage norm to every returned output instead).
             stop_early: stop after the last requested stage.
             output_fmt: only ``"NCHW"``.
             intermediates_only: return only the list of stage outputs.
@@ -532,7 +538,10 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         for i in range(num_stages):
             x = self.stages[i](self.downsample_layers[i](x))
             if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last else x)
+                if hasattr(self, "extra_norms"):
+                    intermediates.append(self.extra_norms[i](x))
+                else:
+                    intermediates.append(self.norm(x) if norm and i == last else x)
         if intermediates_only:
             return intermediates
         if num_stages == len(self.stages):
@@ -545,6 +554,8 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
         self.downsample_layers = self.downsample_layers[:max_index + 1]
+        if hasattr(self, "extra_norms"):
+            self.extra_norms = self.extra_norms[:max_index + 1]
         if prune_norm or max_index < 3:
             self.norm = nn.Identity()
         if prune_head or max_index < 3:

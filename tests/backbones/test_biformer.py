@@ -217,6 +217,40 @@ def test_features_only(name):
     assert torch.allclose(two[0], feats[1]) and torch.allclose(two[1], feats[2])
 
 
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_extra_norms_normalise_every_returned_stage_output(name):
+    # the official dense-prediction backbone (BiFormer_mm): LayerNorm2d(eps 1e-6) on each stage output
+    plain = _tiny(name)
+    model = _tiny(name, extra_norms=True)
+    assert [k for k in model.state_dict() if k.startswith("extra_norms.")] == \
+        [f"extra_norms.{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(k for k in model.state_dict() if k.startswith("extra_norms."))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.extra_norms.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = _images()
+    with torch.no_grad():
+        raw = plain.forward_intermediates(x, intermediates_only=True)
+        normed = model.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(model(x), plain(x))  # the classification path is unchanged
+    for i, (r, n) in enumerate(zip(raw, normed)):
+        mean, var = r.mean(1, keepdim=True), r.var(1, keepdim=True, unbiased=False)
+        weight, bias = model.extra_norms[i].weight, model.extra_norms[i].bias
+        expected = (r - mean) / torch.sqrt(var + 1e-6) * weight[:, None, None] + bias[:, None, None]
+        torch.testing.assert_close(n, expected, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    feats = zoo.create_model(name, features_only=True, out_indices=(1, 2), extra_norms=True,
+                             **TINY_MODELS[name]).eval()
+    dropped = ("extra_norms.3", "head", "norm", "stages.3", "downsample_layers.3")  # pruned with out_indices (1, 2)
+    feats.model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(dropped)})
+    with torch.no_grad():
+        two = feats(x)
+    torch.testing.assert_close(two[0], normed[1])
+    torch.testing.assert_close(two[1], normed[2])
+
+
 def test_grad_checkpointing_keeps_outputs_and_grads():
     model = _tiny("biformer_tiny").train()
     x = _images()
