@@ -231,3 +231,17 @@ def test_biases_have_a_contiguous_agent_and_key_dim(agents):
         for m in (module, copy.deepcopy(module).to(memory_format=torch.channels_last)):
             key, query = common.agent_biases(m, *sizes, agents=agents)
             assert key.stride(-1) == 1 and query.stride(-1) == 1
+
+
+def test_agent_model_compiles_without_graph_breaks_and_matches_eager_gradients():
+    model = _model("agent_deit_tiny").train()
+    x = _image("agent_deit_tiny")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    params = [model.blocks[0].attn.an_bias, model.blocks[0].attn.qkv.weight]
+    got = torch.autograd.grad(out.square().sum(), params)
+    want = torch.autograd.grad(model(x).square().sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
