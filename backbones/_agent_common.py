@@ -296,10 +296,17 @@ def _build_biases(module: nn.Module, key_size: tuple[int, int], query_size: tupl
     return key, query
 
 
-def _bias_token(module: nn.Module) -> tuple:
-    # Any in-place update (optimizer step, load_state_dict, p.add_) bumps _version; .to()/.data swaps move data_ptr.
-    params = (getattr(module, name, None) for name in _BIAS_NAMES)
-    return tuple((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()) for p in params if p is not None)
+def _bias_token(module: nn.Module) -> tuple | None:
+    """What identifies the current bias values, or None when that cannot be known (no caching then).
+
+    Any in-place update (optimizer step, load_state_dict, p.add_) bumps ``_version``; .to()/.data swaps move
+    data_ptr. Parameters created under inference_mode have no version counter and may still change in place inside
+    it, so they are never cached.
+    """
+    params = [p for p in (getattr(module, name, None) for name in _BIAS_NAMES) if p is not None]
+    if any(p.is_inference() for p in params):
+        return None
+    return tuple((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()) for p in params)
 
 
 def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple[int, int],
@@ -316,6 +323,8 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return _build_biases(module, key_size, query_size, agents)
     token = _bias_token(module)
+    if token is None:
+        return _build_biases(module, key_size, query_size, agents)
     # A plain attribute, not a buffer: stays out of state_dict and is left behind (then invalidated) by .to().
     state = module.__dict__.get("_agent_bias_cache")
     if state is None or state[0] != token:

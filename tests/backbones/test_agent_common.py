@@ -245,3 +245,16 @@ def test_agent_model_compiles_without_graph_breaks_and_matches_eager_gradients()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_model_built_under_inference_mode_runs_and_sees_in_place_updates(build_calls):
+    # parameters created under inference_mode have no version counter: no caching, never stale
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = zoo.create_model("agent_deit_tiny", **TINY["agent_deit_tiny"]).eval()
+        x = _image("agent_deit_tiny")
+        first = model(x)
+        model.blocks[0].attn.an_bias.add_(torch.randn(model.blocks[0].attn.an_bias.shape))
+        second = model(x)
+    assert not torch.equal(first, second)
+    assert len(build_calls) == 2 * len(_agent_modules(model))
