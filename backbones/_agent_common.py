@@ -38,6 +38,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
+from zoo.ops._amp import autocast_dtype
 from zoo.registry import register_family
 
 __all__ = ["FAMILY", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map", "init_agent_biases",
@@ -332,8 +333,7 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         module.__dict__["_agent_bias_cache"] = state
     entries = state[1]
     # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.
-    device_type = module.an_bias.device.type
-    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    compute = autocast_dtype(module.an_bias.device.type)
     key = (key_size, query_size, agents, compute)
     if key not in entries:
         biases = _build_biases(module, key_size, query_size, agents)

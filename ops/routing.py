@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._amp import autocast_dtype
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["routing_attention", "route", "region_sums"]
@@ -197,7 +198,7 @@ def route(q: torch.Tensor, k: torch.Tensor, region_size: tuple[int, int], topk: 
     if h % region_size[0] or w % region_size[1]:
         count = _valid_tokens_per_region(h, w, region_size, q.device).to(q_desc.dtype)
         q_desc, k_desc = q_desc / count, k_desc / count
-    if torch.is_autocast_enabled(q.device.type):
+    if autocast_dtype(q.device.type) is not None:
         with torch.autocast(q.device.type, enabled=False):  # keep the affinity in float32 under autocast
             return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices
     return torch.topk(q_desc @ k_desc.transpose(-1, -2), k=topk, dim=-1).indices

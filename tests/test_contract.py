@@ -89,3 +89,14 @@ def test_pretrained_loads_a_cached_official_file(monkeypatch, tmp_path):
         model = zoo.create_model("biformer_tiny.in1k", pretrained=True, **kwargs)
     for k, v in ref_model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("name", ["biformer_tiny", "biformer_stl_nchw", "zoo_volo_d1_224", "agent_deit_tiny",
+                                  "agent_pvt_tiny", "agent_swin_t", "agent_cswin_t"])
+def test_forward_on_the_meta_device(name):
+    # shape inference and deferred init run models on "meta", where autocast queries and caches must not break
+    model = zoo.create_model(name, num_classes=7).to("meta").eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    with torch.no_grad():
+        out = model(torch.empty(2, 3, size, size, device="meta"))
+    assert out.shape == (2, 7) and out.device.type == "meta"
