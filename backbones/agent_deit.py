@@ -309,7 +309,7 @@ class AgentVisionTransformer(nn.Module):
         prefix = [f[:, :1] for f in feats]
         feats = [f[:, 1:] for f in feats]
         if output_fmt == "NCHW":
-            feats = [f.reshape(b, *grid, -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+            feats = [f.reshape(b, *grid, f.shape[-1]).permute(0, 3, 1, 2).contiguous() for f in feats]
         if return_prefix_tokens:
             feats = list(zip(feats, prefix))
         if intermediates_only:

@@ -318,7 +318,7 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
 
     @staticmethod
     def _to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, embed_dims[-1], H/32, W/32) stage-4 map (no final norm, as official)."""

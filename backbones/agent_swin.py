@@ -80,7 +80,8 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, shift_size: int = 0) -> torch.Tensor:
         """(B, H, W, C), H and W multiples of the window -> (B, H, W, C); ``shift_size`` shifts the window grid."""
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x).view(b, h, w, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        qkv = self.qkv(x).view(b, h, w, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
         out = window_attention(q, k, v, self.window_size, shift_size=shift_size, scale=self.scale,
                                bias=self.relative_position_bias(),
                                dropout_p=self.attn_drop if self.training else 0.0)

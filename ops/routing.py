@@ -231,7 +231,7 @@ def _routing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     v_sel = _split_heads(_gather_regions(v_reg, index), num_heads)
     attn = torch.softmax((_split_heads(q_reg, num_heads) * scale) @ k_sel.transpose(-1, -2), dim=-1)
     out = (attn @ v_sel).transpose(2, 3)  # (B, R, T, heads, d_v)
-    out = _from_regions(out.reshape(*out.shape[:3], -1), grid, region_size)[:, :h, :w]
+    out = _from_regions(out.reshape(*out.shape[:3], out.shape[3] * out.shape[4]), grid, region_size)[:, :h, :w]
     return out.permute(0, 3, 1, 2) if layout == "nchw" else out
 
 

@@ -118,15 +118,16 @@ def window_partition(x: torch.Tensor, window_size: int | tuple[int, int]) -> tor
     wh, ww = _pair(window_size, "window_size")
     b, h, w, c = x.shape
     x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh, ww, c)
+    return x.reshape(b * (h // wh) * (w // ww), wh, ww, c)  # explicit sizes: an empty batch has no -1 to infer
 
 
 def window_reverse(windows: torch.Tensor, window_size: int | tuple[int, int], height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (B * nW, wh, ww, C) -> (B, H, W, C)."""
     wh, ww = _pair(window_size, "window_size")
     c = windows.shape[-1]
-    x = windows.view(-1, height // wh, width // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, height, width, c)
+    b = windows.shape[0] // ((height // wh) * (width // ww))
+    x = windows.view(b, height // wh, width // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, height, width, c)
 
 
 def _partition_heads(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -253,10 +254,10 @@ def _sdpa(q, k, v, *, window_size, shift_size, scale, bias, dropout_p):
         # Per-window masks: windows go to the head dim, so the mask broadcasts over the images only.
         mask = mask.expand(n_win, heads, n, n).reshape(1, n_win * heads, n, n)
         fold = (b, n_win * heads)
-    out = sdpa(qw.reshape(*fold, n, -1), kw.reshape(*fold, n, -1),
-                                         vw.reshape(*fold, n, -1), attn_mask=mask, dropout_p=dropout_p,
+    out = sdpa(qw.reshape(*fold, n, qw.shape[-1]), kw.reshape(*fold, n, kw.shape[-1]),
+                                         vw.reshape(*fold, n, vw.shape[-1]), attn_mask=mask, dropout_p=dropout_p,
                                          scale=scale)
-    out = _reverse_heads(out.view(b, n_win, heads, n, -1), window_size, h, w)
+    out = _reverse_heads(out.view(b, n_win, heads, n, out.shape[-1]), window_size, h, w)
     return _roll(out, shift_size, 1)
 
 

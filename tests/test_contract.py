@@ -100,3 +100,15 @@ def test_forward_on_the_meta_device(name):
     with torch.no_grad():
         out = model(torch.empty(2, 3, size, size, device="meta"))
     assert out.shape == (2, 7) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["biformer_tiny", "biformer_stl_nchw", "zoo_volo_d1_224", "agent_deit_tiny",
+                                  "agent_pvt_tiny", "agent_swin_t", "agent_cswin_t"])
+def test_empty_batch_gives_empty_outputs(name):
+    # e.g. a detector's last, empty shard: every reshape must spell its sizes (-1 is ambiguous for 0 elements)
+    model = zoo.create_model(name, num_classes=7).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    with torch.no_grad():
+        assert model(torch.empty(0, 3, size, size)).shape == (0, 7)
+        feats = model.forward_intermediates(torch.empty(0, 3, size, size), intermediates_only=True)
+    assert all(f.shape[0] == 0 for f in feats) and len(feats) >= 3

@@ -155,3 +155,11 @@ def test_cuda_matches_cpu_reference():
     out_gpu.square().sum().backward()
     out_cpu.square().sum().backward()
     assert (qc.grad.cpu() - q.grad).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_empty_batch(layout):
+    shape = (0, 8, 8, 16) if layout == "nhwc" else (0, 16, 8, 8)
+    q = torch.randn(shape)
+    out = routing_attention(q, q, q, num_heads=2, region_size=2, topk=2, scale=0.3, layout=layout, backend="reference")
+    assert out.shape == shape

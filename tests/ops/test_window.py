@@ -240,3 +240,11 @@ def test_shift_masks_are_cached_and_usable_for_training_after_inference_mode():
     ref = window_attention(q, k, v, 4, shift_size=2, backend="reference")
     torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
     assert win._cached_additive.cache_info().hits >= 1 and win._cached_allowed.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_empty_batch(backend):
+    q = torch.randn(0, 2, 8, 8, 4)
+    assert window_attention(q, q, q, 4, shift_size=2, backend=backend).shape == (0, 2, 8, 8, 4)
+    assert window_partition(torch.randn(0, 8, 8, 3), 4).shape == (0, 4, 4, 3)
+    assert window_reverse(torch.randn(0, 4, 4, 3), 4, 8, 8).shape == (0, 8, 8, 3)
