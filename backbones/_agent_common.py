@@ -41,7 +41,8 @@ from zoo.convert import FamilyConverter, register_converter
 from zoo.ops._amp import autocast_dtype
 from zoo.registry import register_family
 
-__all__ = ["FAMILY", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map", "init_agent_biases",
+__all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
+           "init_agent_biases",
            "squeeze_official_biases", "resize_bilinear", "agent_biases", "agent_key_bias", "agent_query_bias",
            "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
 
@@ -142,7 +143,8 @@ def agent_grid(agent_num: int) -> tuple[int, int]:
 
 #: Parameters stored without the official leading singleton dim (5-D parameters break ``model.to(channels_last)``).
 _ROWCOL_BIASES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
-_BIAS_NAMES = ("an_bias", "na_bias", *_ROWCOL_BIASES, "ac_bias", "ca_bias")
+#: Every agent position-bias parameter name (models keep them out of weight decay).
+AGENT_BIAS_NAMES = ("an_bias", "na_bias", *_ROWCOL_BIASES, "ac_bias", "ca_bias")
 
 
 def init_agent_biases(module: nn.Module, num_heads: int, agent_num: int, key_size: tuple[int, int],
@@ -304,7 +306,7 @@ def _bias_token(module: nn.Module) -> tuple | None:
     data_ptr. Parameters created under inference_mode have no version counter and may still change in place inside
     it, so they are never cached.
     """
-    params = [p for p in (getattr(module, name, None) for name in _BIAS_NAMES) if p is not None]
+    params = [p for p in (getattr(module, name, None) for name in AGENT_BIAS_NAMES) if p is not None]
     if any(p.is_inference() for p in params):
         return None
     return tuple((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()) for p in params)

@@ -33,8 +33,8 @@ from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
-                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (AGENT_BIAS_NAMES, CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid,
+                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 from .agent_swin import parse_attn_types
 
 __all__ = ["AgentCSWinTransformer", "CSWinBlock", "LePEAttention", "AgentAttention", "MergeBlock"]
@@ -230,6 +230,8 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
         attn_type: per-stage attention, e.g. ``'AABB'`` (``M`` + digits mixes, as in Agent-Swin).
     """
 
+    pool_dims = (1, 2)  # forward_features gives a channels-last map
+
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", embed_dim: int = 96, depth: tuple[int, ...] = (2, 2, 6, 2),
                  split_size: Any = (1, 2, 7, 7), la_split_size: Any = "1-2-7-7",
@@ -293,8 +295,7 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """The agent position biases, kept out of weight decay."""
-        keys = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")
-        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in keys}
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in AGENT_BIAS_NAMES}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -334,16 +335,6 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
         for i in range(self._num_stages):
             x = self._stage(i, x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, H, W, C) map -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False

@@ -328,17 +328,6 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
             x = self._to_map(x, size)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) map -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
         """Stage outputs for dense tasks (timm's contract).

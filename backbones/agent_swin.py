@@ -33,8 +33,8 @@ from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
-                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (AGENT_BIAS_NAMES, CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid,
+                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
 __all__ = ["AgentSwinTransformer", "AgentSwinBlock", "AgentAttention", "WindowAttention", "PatchMerging",
            "PatchEmbed", "parse_attn_types", "relative_position_index"]
@@ -332,6 +332,8 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
         attn_type: per-stage attention, e.g. ``'AAAB'``, ``'AAMB2'`` (see :func:`parse_attn_types`).
     """
 
+    pool_dims = (1, 2)  # forward_features gives a channels-last map
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 96,
                  depths: tuple[int, ...] = (2, 2, 6, 2), num_heads: tuple[int, ...] = (3, 6, 12, 24),
@@ -396,8 +398,7 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position parameters kept out of weight decay: relative position tables, agent biases, the APE."""
-        keys = ("relative_position_bias_table", "an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias",
-                "absolute_pos_embed")
+        keys = {"relative_position_bias_table", "absolute_pos_embed", *AGENT_BIAS_NAMES}
         return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in keys}
 
     @torch.jit.ignore
@@ -445,16 +446,6 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
             if layer.downsample is not None:
                 x = layer.downsample(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, H, W, C) map -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False

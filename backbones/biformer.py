@@ -569,16 +569,6 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
             x = stage(downsample(x))
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C_3, h, w) features -> (B, num_classes) logits, or the pooled (B, C_3) with ``pre_logits``."""
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -70,17 +70,17 @@ class OutlookAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Outlooker(nn.Module):
-    """Pre-norm residual block: outlook attention, then an MLP. Tokens (B, H, W, C)."""
+class _PreNormBlock(nn.Module):
+    """Pre-norm residual block: the given attention, then an MLP. Tokens (B, H, W, C).
 
-    def __init__(self, dim: int, kernel_size: int, padding: int, stride: int = 1, num_heads: int = 1,
-                 mlp_ratio: float = 3.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 act_layer: Callable[..., nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-                 qkv_bias: bool = False, qk_scale: float | None = None):
+    Keys ``norm1``, ``attn``, ``norm2``, ``mlp`` (the official blocks' names).
+    """
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float,
+                 act_layer: Callable[..., nn.Module], norm_layer: Callable[..., nn.Module]):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = OutlookAttention(dim, num_heads, kernel_size=kernel_size, padding=padding, stride=stride,
-                                     qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop)
+        self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
@@ -89,6 +89,18 @@ class Outlooker(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Outlooker(_PreNormBlock):
+    """Outlook-attention block (stage 1)."""
+
+    def __init__(self, dim: int, kernel_size: int, padding: int, stride: int = 1, num_heads: int = 1,
+                 mlp_ratio: float = 3.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: Callable[..., nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+                 qkv_bias: bool = False, qk_scale: float | None = None):
+        attn = OutlookAttention(dim, num_heads, kernel_size=kernel_size, padding=padding, stride=stride,
+                                qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop)
+        super().__init__(dim, attn, mlp_ratio, drop_path, act_layer, norm_layer)
 
 
 class Attention(nn.Module):
@@ -114,23 +126,14 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Transformer(nn.Module):
-    """Pre-norm residual block: self-attention, then an MLP. Tokens (B, H, W, C)."""
+class Transformer(_PreNormBlock):
+    """Self-attention block (stages 2-4)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: float | None = None, attn_drop: float = 0.0, drop_path: float = 0.0,
                  act_layer: Callable[..., nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop)
+        super().__init__(dim, attn, mlp_ratio, drop_path, act_layer, norm_layer)
 
 
 class ClassAttention(nn.Module):
