@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.ops import downsampled_attention
+
 __all__ = [
     "STATE_NORMAL", "STATE_ANOMALOUS", "TEXTURE_CLASSES", "CLASS_RENAMES", "prompt_templates", "state_prompts",
     "encode_state_prompts", "value_value_attention", "DualPathOutput", "dual_path_forward", "patch_tokens_for_map",
@@ -155,23 +157,13 @@ def encode_state_prompts(model: nn.Module, tokenizer: Callable[[list[str]], torc
 
 # --- dual-path vision forward (open_clip/transformer.py surgery) -----------------------------------------------------
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
 def value_value_attention(x: torch.Tensor, attn: nn.MultiheadAttention,
                           with_original: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """V-V self-attention and the ordinary self-attention of one stock block, from its own weights.
 
     ``qkv = x @ in_proj_weight^T + in_proj_bias``; V-V: ``softmax(scale * v v^T) v``, original:
     ``softmax(scale * q k^T) v``, ``scale = head_dim^-0.5``, both through ``out_proj``. Both are plain full
-    attentions (SDPA with ``q = k = v`` for the V-V one), so no zoo.ops operator is needed.
+    attentions (``q = k = v`` for the V-V one), computed by :func:`zoo.ops.downsampled_attention`.
 
     Args:
         x: normalised tokens (B, L, C) (the block's ``ln_1`` output).
@@ -185,12 +177,12 @@ def value_value_attention(x: torch.Tensor, attn: nn.MultiheadAttention,
         raise TypeError(f"value_value_attention needs an nn.MultiheadAttention with a packed in_proj_weight, "
                         f"got {type(attn).__name__}")
     heads = attn.num_heads
-    q, k, v = (_split_heads(t, heads) for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     scale = (x.shape[-1] // heads) ** -0.5
-    vv = attn.out_proj(_merge_heads(F.scaled_dot_product_attention(v, v, v, scale=scale)))
+    vv = attn.out_proj(downsampled_attention(v, v, v, num_heads=heads, scale=scale))
     if not with_original:
         return vv, None
-    ori = attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale)))
+    ori = attn.out_proj(downsampled_attention(q, k, v, num_heads=heads, scale=scale))
     return vv, ori
 
 
