@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._cache import cached_constant
 from ._sdpa import sdpa
 from ._dispatch import dispatch, register_backend
 
@@ -132,9 +133,6 @@ def _token_window(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: t
     return allowed
 
 
-_MASK_CACHE: dict[tuple, torch.Tensor] = {}
-
-
 def neighborhood_mask(spatial: Sequence[int], kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
                       is_causal: BoolOrTuple = False, device: torch.device | str | None = None) -> torch.Tensor:
     """Dense boolean mask (N, N), N = prod(spatial), True where query token i may attend key token j.
@@ -149,20 +147,11 @@ def neighborhood_mask(spatial: Sequence[int], kernel_size: IntOrTuple, dilation:
     return _dense_mask(spatial, kernel, dil, causal, torch.device(device or "cpu"))
 
 
+@cached_constant()
 def _dense_mask(spatial, kernel, dilation, causal, device: torch.device) -> torch.Tensor:
-    key = (spatial, kernel, dilation, causal, str(device))
-    if not torch.compiler.is_compiling() and key in _MASK_CACHE:
-        return _MASK_CACHE[key]
-    n = 1
-    for s in spatial:
-        n *= s
-    # built outside inference mode: a cached mask is saved by SDPA for the backward of a later training step
-    with torch.inference_mode(False):
-        idx = torch.arange(n, device=device)
-        mask = _token_window(spatial, kernel, dilation, causal)(idx[:, None], idx[None, :])
-    if not torch.compiler.is_compiling():
-        _MASK_CACHE[key] = mask
-    return mask
+    n = math.prod(spatial)
+    idx = torch.arange(n, device=device)
+    return _token_window(spatial, kernel, dilation, causal)(idx[:, None], idx[None, :])
 
 
 # --- backends --------------------------------------------------------------------------------------------------------

@@ -23,12 +23,11 @@ Backends:
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ._sdpa import sdpa
+from ._cache import cached_constant
 from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 
@@ -172,39 +171,18 @@ def shifted_window_mask(height: int, width: int, window_size: int | tuple[int, i
     return ids[:, :, None] == ids[:, None, :]
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_allowed(h: int, w: int, window: tuple[int, int], shift: tuple[int, int],
-                    device: torch.device) -> torch.Tensor:
-    # Built outside inference mode: SDPA saves its mask for the backward of a later training step.
-    with torch.inference_mode(False):
-        return shifted_window_mask(h, w, window, shift, device=device)
-
-
+@cached_constant()
 def _allowed(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The shift mask of :func:`shifted_window_mask`, cached per map, window, shift and device: building it is a
-    dozen small kernels, each a host-side launch on every shifted call."""
-    if torch.compiler.is_compiling():
-        return shifted_window_mask(h, w, window, shift, device=device)
-    return _cached_allowed(h, w, window, shift, torch.device(device))
+    """The shift mask of :func:`shifted_window_mask`, cached (a dozen small kernels on every shifted call)."""
+    return shifted_window_mask(h, w, window, shift, device=device)
 
 
-def _additive_shift_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_additive(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], dtype: torch.dtype,
-                     device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return _additive_shift_mask(_cached_allowed(h, w, window, shift, device), dtype)
-
-
+@cached_constant()
 def _shift_logit_mask(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
-    """(nW, N, N) additive mask: 0 where the shift lets query and key meet, -inf elsewhere (cached like _allowed)."""
-    if torch.compiler.is_compiling():
-        return _additive_shift_mask(shifted_window_mask(h, w, window, shift, device=device), dtype)
-    return _cached_additive(h, w, window, shift, dtype, torch.device(device))
+    """(nW, N, N) additive mask: 0 where the shift lets query and key meet, -inf elsewhere."""
+    allowed = _allowed(h, w, window, shift, device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
 def _roll(x: torch.Tensor, shift: tuple[int, int], sign: int) -> torch.Tensor:

@@ -233,7 +233,7 @@ def test_flex_auto_choice_follows_the_measured_rule():
 def test_mask_cached_in_inference_mode_serves_a_later_backward():
     from zoo.ops import neighborhood as na
 
-    na._MASK_CACHE.clear()
+    na._dense_mask.cache_clear()
     q, k, v = (torch.randn(1, 2, 6, 6, 8) for _ in range(3))
     with torch.inference_mode():
         na.neighborhood_attention(q, k, v, 3, backend="reference")

@@ -228,8 +228,8 @@ def test_gpu_inductor_matches_eager():
 def test_shift_masks_are_cached_and_usable_for_training_after_inference_mode():
     from zoo.ops import window as win
 
-    win._cached_allowed.cache_clear()
-    win._cached_additive.cache_clear()
+    win._allowed.cache_clear()
+    win._shift_logit_mask.cache_clear()
     q, k, v = (torch.randn(1, 2, 8, 8, 4) for _ in range(3))
     with torch.inference_mode():  # first built here: must still serve a later backward
         window_attention(q, k, v, 4, shift_size=2, backend="sdpa")
@@ -239,7 +239,7 @@ def test_shift_masks_are_cached_and_usable_for_training_after_inference_mode():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     ref = window_attention(q, k, v, 4, shift_size=2, backend="reference")
     torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
-    assert win._cached_additive.cache_info().hits >= 1 and win._cached_allowed.cache_info().currsize == 1
+    assert win._shift_logit_mask.cache_info().hits >= 1 and win._allowed.cache_info().currsize == 1
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])

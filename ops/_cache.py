@@ -1,0 +1,37 @@
+"""Per-call constants (masks, index tables) built once per shape and device."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+
+__all__ = ["cached_constant"]
+
+T = TypeVar("T", bound=Callable[..., torch.Tensor])
+
+
+def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
+    """Decorate ``build(*hashable_args) -> Tensor`` so that eager calls reuse the result for equal arguments.
+
+    Building such a constant is several small kernels, each a host-side launch on every call of the op. The
+    cached tensor is built outside inference mode (an op may save it for the backward of a later training step);
+    inside ``torch.compile`` the builder is traced instead, so the graph holds the computation, not a Python
+    cache. ``cache_clear`` and ``cache_info`` are those of :func:`functools.lru_cache`.
+    """
+    def wrap(build: T) -> T:
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return build(*args)
+
+        @functools.wraps(build)
+        def get(*args):
+            if torch.compiler.is_compiling():
+                return build(*args)
+            return cached(*args)
+
+        get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info
+        return get  # type: ignore[return-value]
+
+    return wrap
