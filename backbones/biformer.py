@@ -33,6 +33,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._layers import ChannelsLastSequential
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import downsampled_attention, routing_attention
@@ -446,9 +447,9 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
     @staticmethod
     def _stem(layout: str, in_chans: int, dim: int, norm: Callable[..., nn.Module]) -> nn.Sequential:
         if layout == "biformer":  # overlapping two-conv stem (UniFormer style), stride 4
-            return nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, 2, 1), norm(dim // 2), nn.GELU(),
-                                 nn.Conv2d(dim // 2, dim, 3, 2, 1), norm(dim))
-        return nn.Sequential(nn.Conv2d(in_chans, dim, 4, 4), norm(dim))  # Swin-style patchify
+            return ChannelsLastSequential(nn.Conv2d(in_chans, dim // 2, 3, 2, 1), norm(dim // 2), nn.GELU(),
+                                          nn.Conv2d(dim // 2, dim, 3, 2, 1), norm(dim))
+        return ChannelsLastSequential(nn.Conv2d(in_chans, dim, 4, 4), norm(dim))  # Swin-style patchify
 
     @staticmethod
     def _downsample(layout: str, dim: int, out_dim: int, norm: Callable[..., nn.Module]) -> nn.Sequential:

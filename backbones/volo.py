@@ -32,6 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import downsampled_attention, outlook_attention
 
+from ._layers import ChannelsLastSequential
+
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
 _FAMILY = "volo"
@@ -192,7 +194,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if patch_size not in (4, 8, 16):
             raise ValueError(f"patch_size must be 4, 8 or 16, got {patch_size}")
-        self.conv = nn.Sequential(
+        self.conv = ChannelsLastSequential(
             nn.Conv2d(in_chans, hidden_dim, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(hidden_dim),

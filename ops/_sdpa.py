@@ -3,8 +3,29 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["sdpa"]
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_ALL_BUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _backends_without_cudnn() -> list[SDPBackend]:
+    """The SDPA backends the user left enabled, less cuDNN (math is always kept as the last resort).
+
+    Under ``torch.compile`` the switches cannot be read (dynamo refuses non-tensor results of torch functions), so
+    every backend but cuDNN is allowed there.
+    """
+    if torch.compiler.is_compiling():
+        return _ALL_BUT_CUDNN
+    enabled = [(torch.backends.cuda.flash_sdp_enabled(), SDPBackend.FLASH_ATTENTION),
+               (torch.backends.cuda.mem_efficient_sdp_enabled(), SDPBackend.EFFICIENT_ATTENTION)]
+    return [backend for on, backend in enabled if on] + [SDPBackend.MATH]
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -19,6 +40,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     The memory-efficient CUDA kernel reads rows with wide vector loads: a view whose row stride is not aligned
     (a sliced head dim, a transposed bias) made it fail with "misaligned address" on an H200 (torch 2.11), so
     strided views are copied first; contiguous inputs pass through untouched.
+
+    When a gradient is needed on CUDA the cuDNN backend is left out: its backward returns non-finite
+    gradients on H100/H200 for some shapes (pytorch/pytorch#196678, seen here as NaN grads in Agent-CSWin-T's
+    bf16 train step with torch 2.11), while flash, memory-efficient and math are clean on the same inputs.
+    Inference keeps cuDNN's fast forward.
     """
-    return F.scaled_dot_product_attention(_dense(q), _dense(k), _dense(v), attn_mask=_dense(attn_mask),
-                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    q, k, v, attn_mask = _dense(q), _dense(k), _dense(v), _dense(attn_mask)
+    if q.is_cuda and _needs_grad(q, k, v, attn_mask):
+        with sdpa_kernel(_backends_without_cudnn()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale)

@@ -1,0 +1,75 @@
+"""The shared SDPA entry point: contiguous operands, and no cuDNN backward on CUDA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.ops._sdpa import _backends_without_cudnn, sdpa
+
+
+def test_strided_operands_match_dense_attention(randn, assert_close):
+    q, k, v = (randn(2, 5, 3, 8, seed=s, requires_grad=True) for s in (1, 2, 3))
+    bias = randn(2, 3, 6, 5, seed=4).transpose(-1, -2)  # (2, 3, 5, 6): a strided float mask
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (2, 3, L, 8) views
+    out = sdpa(qt, kt, vt, attn_mask=bias[..., :5])
+    ref = torch.softmax(qt @ kt.transpose(-1, -2) / math.sqrt(8) + bias[..., :5], -1) @ vt
+    assert_close(out, ref, atol=1e-5, what="strided sdpa")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_backends_without_cudnn_follow_the_user_switches():
+    assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in _backends_without_cudnn()
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        assert torch.nn.attention.SDPBackend.FLASH_ATTENTION not in _backends_without_cudnn()
+        assert torch.nn.attention.SDPBackend.MATH in _backends_without_cudnn()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+
+
+def test_backend_choice_traces_under_compile():
+    """dynamo cannot read the SDPA switches; the compiled path must still trace without a graph break."""
+    def attend(q):
+        with torch.nn.attention.sdpa_kernel(_backends_without_cudnn()):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    q = torch.randn(1, 2, 8, 4)
+    out = torch.compile(attend, fullgraph=True, backend="eager")(q)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+
+
+def _cudnn_nan_case(length: int = 704, dim: int = 64):
+    """Inputs on which cuDNN's SDPA backward returns NaN grad_q on H100/H200 (pytorch/pytorch#196678):
+    an explicit mask, length % 128 == 64, every logit about -120 so each row's logsumexp is below -88.7."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, length, dim, generator=gen) * 0.1
+    k = torch.randn(1, 1, length, dim, generator=gen) * 0.1
+    v = torch.randn(1, 1, length, dim, generator=gen)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(dim)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    return [t.cuda().bfloat16() for t in (q, k, v)], mask.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_training_gradients_stay_finite_where_cudnn_fails(compiled):
+    (q, k, v), mask = _cudnn_nan_case()
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    fn = torch.compile(sdpa, fullgraph=True) if compiled else sdpa
+    out = fn(q, k, v, attn_mask=mask)
+    out.backward(torch.ones_like(out))
+    for name, t in zip("qkv", (q, k, v)):
+        assert torch.isfinite(t.grad).all(), f"grad_{name} is not finite"
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        qd, kd, vd = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+        ref.backward(torch.ones_like(ref))
+    # feature 0 of grad_q is a sum that cancels exactly (k's -960 entry times sum_j dS_ij = 0): bf16 noise only
+    got, want = q.grad.float()[..., 1:], qd.grad[..., 1:]
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 0.05, f"grad_q differs from float32 math attention by {rel:.3g} (relative)"
