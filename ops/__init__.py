@@ -15,8 +15,9 @@ from .downsampled import downsampled_attention  # noqa: F401
 from .masked import masked_attention, structured_mask  # noqa: F401
 from .neighborhood import neighborhood_attention, neighborhood_mask  # noqa: F401
 from .ms_deform import ms_deform_attn  # noqa: F401
+from .layer_norm import LayerNorm, layer_norm  # noqa: F401
 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
            "agent_attention", "outlook_attention", "routing_attention", "window_attention", "cross_attention",
            "downsampled_attention", "masked_attention", "structured_mask", "neighborhood_attention",
-           "neighborhood_mask", "ms_deform_attn"]
+           "neighborhood_mask", "ms_deform_attn", "layer_norm", "LayerNorm"]

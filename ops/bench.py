@@ -147,6 +147,15 @@ CASES: list[Case] = [
     Case("croc_7b.causal_dense", "dense_sdpa", "Croc-7B layer, plain causal SDPA", 4,
          dict(tokens=1024, heads=32, dim=128, causal=True), dict(tokens=40, heads=2, dim=16, causal=True, batch=1),
          baseline_for="croc_7b.attn"),
+    # BiFormer-T's block LayerNorms at 224 (channels last): 56x56x64, 28x28x128, 14x14x256, 7x7x512
+    Case("biformer_t.s0.ln", "layer_norm", "BiFormer-T stage 0 LayerNorm (C 64)", 128,
+         dict(tokens=56 * 56, channels=64), dict(tokens=49, batch=1)),
+    Case("biformer_t.s1.ln", "layer_norm", "BiFormer-T stage 1 LayerNorm (C 128)", 128,
+         dict(tokens=28 * 28, channels=128), dict(tokens=49, batch=1)),
+    Case("biformer_t.s2.ln", "layer_norm", "BiFormer-T stage 2 LayerNorm (C 256)", 128,
+         dict(tokens=14 * 14, channels=256), dict(tokens=49, batch=1)),
+    Case("biformer_t.s3.ln", "layer_norm", "BiFormer-T stage 3 LayerNorm (C 512)", 128,
+         dict(tokens=7 * 7, channels=512), dict(batch=1)),
 ]
 
 
@@ -243,6 +252,13 @@ def _build_masked(p, b, dtype, dev, grad):
     return (q, k, v), dict(causal=True, prefix_len=prefix, valid_len=valid), flops
 
 
+def _build_layer_norm(p, b, dtype, dev, grad):
+    n, c = p["tokens"], p["channels"]
+    x = _rand((b, n, c), dtype, dev, grad)
+    weight, bias = _rand((c,), dtype, dev, grad), _rand((c,), dtype, dev, grad)
+    return (x, weight, bias), {}, 8.0 * b * n * c  # ~8 FLOPs per element (mean, variance, scale, shift)
+
+
 def _build_dense(p, b, dtype, dev, grad):
     n, h, d = p["tokens"], p["heads"], p["dim"]
     q, k, v = (_rand((b, h, n, d), dtype, dev, grad) for _ in range(3))
@@ -276,7 +292,7 @@ BUILDERS: dict[str, Callable] = {
     "window_attention": _build_window, "ms_deform_attn": _build_ms_deform,
     "downsampled_attention": _build_downsampled, "cross_attention": _build_cross,
     "neighborhood_attention": _build_neighborhood, "masked_attention": _build_masked, "dense_sdpa": _build_dense,
-    "sdpa_plain": _build_sdpa_plain,
+    "sdpa_plain": _build_sdpa_plain, "layer_norm": _build_layer_norm,
 }
 _SDPA_OPS = ("dense_sdpa", "sdpa_plain")  # baselines timed here directly, not through the dispatch registry
 

@@ -1,0 +1,413 @@
+"""LayerNorm over the last dimension, with a Triton backend for the narrow widths of vision backbones.
+
+For ``x`` of shape (..., C), every row of ``C`` values is normalized with its own mean and biased variance, computed
+in float32 (float64 for float64 inputs), then scaled and shifted::
+
+    y = (x - mean) * rsqrt(var + eps) * weight + bias
+
+the semantics of ``F.layer_norm(x, (C,), weight, bias, eps)``. The output dtype follows autocast (see
+:func:`layer_norm`): under autocast the op writes the autocast dtype directly, rounded once from float32, where
+``nn.LayerNorm`` writes float32 and the next op pays a separate cast kernel.
+
+Why a kernel of our own: PyTorch's CUDA LayerNorm (``vectorized_layer_norm_kernel``) is far from memory bandwidth at
+small ``C`` (reported on an H200 with torch 2.11: ``nn.LayerNorm(64)`` on a (128, 56, 56, 64) bf16 tensor under
+autocast, 154 MB moved, takes 665 us, 231 GB/s), and its backward likewise. The Triton forward normalizes a tile of
+``BLOCK_ROWS x BLOCK_C`` values per program (``BLOCK_C`` = the next power of two of ``C``, about 4096 values a
+tile), so that even ``C = 64`` rows give each program enough bytes in flight to approach memory bandwidth; its GPU
+speed is measured with ``zoo bench ops --ops layer_norm`` (the tile sizes are not tuned yet).
+
+Backends:
+    ``reference``: ``F.layer_norm`` on the inputs cast to float32 (float64 if any input is float64), then cast to
+        the output dtype. The definition; any device and dtype, differentiable.
+    ``triton``: a forward kernel that also saves each row's mean and rstd (float32), a backward kernel that writes
+        ``dx`` and per-program float32 partial sums of ``dweight``/``dbias``, reduced by ``.sum(0)``: deterministic,
+        no atomics. CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16);
+        ``C <= 8192``; non-contiguous inputs are copied to contiguous ones. Chosen automatically on CUDA only (on CPU
+        the interpreter is a test vehicle, far slower than the reference).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+from typing import Optional  # custom_op schemas: Optional is read by every torch >= 2.5
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._amp import autocast_dtype
+from ._dispatch import dispatch, register_backend
+from .triton import interpreter_requested, triton_missing_reason
+
+__all__ = ["LayerNorm", "layer_norm"]
+
+_OP = "layer_norm"
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast recasts (never float64)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
+               backend: str | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension: ``(x - mean) * rsqrt(var + eps) * weight + bias`` per row.
+
+    Args:
+        x: (..., C) floating-point input; any number of leading dimensions, possibly zero rows.
+        weight: (C,) scale, or None for none.
+        bias: (C,) shift, or None for none.
+        eps: added to the biased variance, >= 0.
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (..., C). Mean and variance are computed in float32 (float64 when an input is float64). The dtype is the one
+        ``nn.LayerNorm`` followed by the next autocast op would consume: when autocast is enabled for ``x``'s device
+        type and ``x`` is float32/float16/bfloat16, the autocast dtype (bf16/fp16), rounded once from the float32
+        result; otherwise the dtype of ``x``. Under autocast this saves ``nn.LayerNorm``'s float32 output and the cast
+        kernel the next op would run on it. Gradients come back in the dtypes of ``x``, ``weight`` and ``bias``.
+    """
+    _check_inputs(x, weight, bias, eps)
+    return dispatch(_OP, backend, x, weight, bias, float(eps), _out_dtype(x))
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    amp = autocast_dtype(x.device.type)
+    return amp if amp is not None and x.dtype in _AUTOCAST_INPUTS else x.dtype
+
+
+def _check_inputs(x, weight, bias, eps) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
+        got = (f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__)
+        raise ValueError(f"layer_norm: x must be a floating-point tensor of shape (..., C), got {got}")
+    channels = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (channels,) or not t.is_floating_point():
+            got = (f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise ValueError(f"layer_norm: {name} must be None or a floating-point ({channels},) tensor for x of "
+                             f"shape {tuple(x.shape)}, got {got}")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} must be on the device of x ({x.device}), got {t.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"layer_norm: eps must be a finite real number >= 0, got {eps!r}")
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension through :func:`layer_norm` (Triton on CUDA).
+
+    Same constructor, parameters and state-dict keys as ``nn.LayerNorm``, so its checkpoints load unchanged; only a
+    one-dimensional ``normalized_shape`` (an int or a 1-tuple). The output dtype follows :func:`layer_norm`: the
+    autocast dtype under autocast (``nn.LayerNorm`` gives float32 there), else the input's dtype.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                         dtype=dtype)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"LayerNorm: normalized_shape must be one dimension (an int or a 1-tuple), got "
+                             f"{normalized_shape!r}; use torch.nn.LayerNorm for several trailing dimensions")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.normalized_shape[0]:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"LayerNorm: x must have last dimension normalized_shape={self.normalized_shape[0]}, "
+                             f"got shape {got}")
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference backend
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    dtypes = [t.dtype for t in (x, weight, bias) if t is not None]
+    compute = torch.float64 if torch.float64 in dtypes else torch.float32
+    weight = None if weight is None else weight.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    return F.layer_norm(x.to(compute), (x.shape[-1],), weight, bias, eps).to(out_dtype)
+
+
+register_backend(_OP, "reference", _reference, priority=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# triton backend
+#
+# x is viewed as (M, C) rows. Forward: program p normalizes rows [p * BLOCK_ROWS, (p + 1) * BLOCK_ROWS) as one
+# (BLOCK_ROWS, BLOCK_C) register tile (two-pass mean / variance in float32 on the tile) and stores y, mean, rstd.
+# Backward: a fixed number G of programs (a few per SM) each loop over row blocks p, p + G, ...; per row
+#     xhat = (x - mean) * rstd,  g = dy * weight,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+# and each program sums dy * xhat and dy over its rows into one float32 row of a (G, C) partials tensor; the
+# partials are reduced by .sum(0) outside the kernel (deterministic for a given device and shape, no atomics).
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_C = 8192
+_TILE = 4096  # register-tile elements per program (BLOCK_ROWS * BLOCK_C, BLOCK_ROWS >= 1)
+_MAX_ROWS = 128
+_BACKWARD_PROGRAMS_PER_SM = 4  # not tuned: the partials cost G * C * 8 bytes, G = programs
+
+
+def _triton_available() -> str | None:
+    if triton_missing_reason() is not None:  # looked up once, so this check is cheap and traceable by dynamo
+        return triton_missing_reason()
+    if not torch.cuda.is_available() and not interpreter_requested():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    return None
+
+
+def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
+    dtypes = {"x": x.dtype, "output": out_dtype}
+    dtypes.update({name: t.dtype for name, t in (("weight", weight), ("bias", bias)) if t is not None})
+    wrong = {name: dt for name, dt in dtypes.items() if dt not in _TRITON_DTYPES}
+    if wrong:
+        return f"dtypes {wrong}; needs float32/float16/bfloat16"
+    if x.device.type == "cpu":
+        if not interpreter_requested():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        if torch.bfloat16 in dtypes.values():
+            return f"bfloat16 is not supported by the Triton interpreter (dtypes {dtypes})"
+    elif x.device.type != "cuda":
+        return f"device {x.device.type} is not supported"
+    if x.shape[-1] > _MAX_C:
+        return f"C={x.shape[-1]} is larger than {_MAX_C} (one row must fit a program's registers)"
+    return None
+
+
+def _triton_prefer(x, weight, bias, eps, out_dtype) -> str | None:
+    if x.device.type != "cuda":
+        return f"on {x.device.type} the reference is faster than Triton's interpreter"
+    return None
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        row_ok = rows < M
+        col_ok = cols < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / C
+        rstd = tl.rsqrt(var + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, num_blocks,
+                        HAS_W: tl.constexpr, DX: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+        for block in range(pid, num_blocks, step):
+            rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if DX:
+                if HAS_W:
+                    g = dy * w[None, :]
+                else:
+                    g = dy
+                mean_g = tl.sum(g, axis=1) / C
+                mean_gx = tl.sum(g * xhat, axis=1) / C
+                dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if DW:
+                dw_acc += dy * xhat
+            if DB:
+                db_acc += dy
+        if DW:
+            tl.store(dw_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        if DB:
+            tl.store(db_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+    return forward_kernel, backward_kernel
+
+
+def _tiles(channels: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_C, num_warps): a register tile of about _TILE elements, at least one whole row."""
+    block_c = max(16, 1 << max(channels - 1, 0).bit_length())  # next power of two, at least 16
+    block_rows = max(1, min(_MAX_ROWS, _TILE // block_c))
+    num_warps = min(16, max(4, block_rows * block_c // 512))
+    return block_rows, block_c, num_warps
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _backward_programs(x: torch.Tensor, num_blocks: int) -> int:
+    """Programs of the backward (rows of the partials): a few per SM on the GPU; 3 in the interpreter, so that tests
+    with a handful of row blocks take the loop and several partial rows."""
+    if x.is_cuda:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        limit = _BACKWARD_PROGRAMS_PER_SM * _sm_count(index)
+    else:
+        limit = 3
+    return max(1, min(num_blocks, limit))
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(x, weight, bias, eps, out_dtype):
+    """x contiguous (..., C) -> y (..., C) in out_dtype, mean and rstd (...) float32."""
+    channels = x.shape[-1]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rows = mean.numel()
+    if y.numel() == 0:  # no rows, or rows of no values
+        return y, mean.zero_(), rstd.zero_()
+    forward_kernel, _ = _kernels()
+    block_rows, block_c, num_warps = _tiles(channels)
+    with _on_device(x):
+        forward_kernel[(_cdiv(rows, block_rows),)](
+            x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, rows, channels, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+            num_warps=num_warps)
+    return y, mean, rstd
+
+
+def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    """dy, x contiguous (..., C) -> dx (x's dtype; empty (0,) when not needed), dweight and dbias as float32 (C,)
+    sums (empty (0,) when not needed)."""
+    channels = x.shape[-1]
+    rows = mean.numel()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty((0,))
+    empty = x.new_empty((0,), dtype=torch.float32)
+    if x.numel() == 0:  # no rows (the sums are zeros), or rows of no values
+        zeros = x.new_zeros((channels,), dtype=torch.float32)
+        return dx, zeros if need_dw else empty, zeros.clone() if need_db else empty
+    _, backward_kernel = _kernels()
+    block_rows, block_c, num_warps = _tiles(channels)
+    num_blocks = _cdiv(rows, block_rows)
+    programs = _backward_programs(x, num_blocks)
+    dw = torch.empty((programs, channels), dtype=torch.float32, device=x.device) if need_dw else None
+    db = torch.empty((programs, channels), dtype=torch.float32, device=x.device) if need_db else None
+    with _on_device(x):
+        backward_kernel[(programs,)](
+            dy, x, x if weight is None else weight, mean, rstd, dx if need_dx else x, x if dw is None else dw,
+            x if db is None else db, rows, channels, num_blocks, HAS_W=weight is not None, DX=need_dx, DW=need_dw,
+            DB=need_db, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    return dx, empty if dw is None else dw.sum(0), empty if db is None else db.sum(0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("zoo::layer_norm_fwd", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],  # noqa: UP045
+                    eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: y (..., C) in ``out_dtype``, per-row mean and rstd (...) float32."""
+    return _launch_forward(x.contiguous(), _contiguous(weight), _contiguous(bias), eps, out_dtype)
+
+
+@_triton_forward.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("zoo::layer_norm_bwd", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],  # noqa: UP045
+                     mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool,
+                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: dx (..., C) in x's dtype, float32 (C,) sums dweight and dbias; each empty (0,) when not needed."""
+    return _launch_backward(grad_out.contiguous(), x.contiguous(), _contiguous(weight), mean.contiguous(),
+                            rstd.contiguous(), need_dx, need_dw, need_db)
+
+
+@_triton_backward.register_fake
+def _(grad_out, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    channels = x.shape[-1]
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            x.new_empty((channels,) if need_dw else (0,), dtype=torch.float32),
+            x.new_empty((channels,) if need_db else (0,), dtype=torch.float32))
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db = _triton_backward(grad_out, x, weight, mean, rstd, need[0], need[1], need[2])
+    return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
+            db.to(ctx.bias_dtype) if need[2] else None, None, None)
+
+
+_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLayerNorm(torch.autograd.Function):
+    """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs tens of
+    microseconds of host time a call); graphs under ``torch.compile`` keep the custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        x, weight = x.contiguous(), _contiguous(weight)
+        y, mean, rstd = _launch_forward(x, weight, _contiguous(bias), eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _launch_backward(grad_out.contiguous(), x, weight, mean, rstd, need[0], need[1], need[2])
+        return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
+                db.to(ctx.bias_dtype) if need[2] else None, None, None)
+
+
+def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _triton_forward(x, weight, bias, eps, out_dtype)[0]
+    return _EagerLayerNorm.apply(x, weight, bias, eps, out_dtype)
+
+
+register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=_triton_available,
+                 prefer=_triton_prefer)
