@@ -163,3 +163,48 @@ def test_empty_batch(layout):
     q = torch.randn(shape)
     out = routing_attention(q, q, q, num_heads=2, region_size=2, topk=2, scale=0.3, layout=layout, backend="reference")
     assert out.shape == shape
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("h,w,region,topk,heads,c_qk,c_v,rscale", CASES)
+def test_sdpa_backend_matches_the_gather_reference(h, w, region, topk, heads, c_qk, c_v, rscale, layout):
+    q, k, v = (t.requires_grad_() for t in _inputs(2, h, w, c_qk, c_v, seed=3))
+    if layout == "nchw":
+        q, k, v = (t.detach().permute(0, 3, 1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    kwargs = dict(num_heads=heads, region_size=region, topk=topk, scale=c_qk ** -0.5, routing_scale=rscale,
+                  layout=layout)
+    out = routing_attention(q, k, v, backend="sdpa", **kwargs)
+    ref = routing_attention(q, k, v, backend="reference", **kwargs)
+    assert out.shape == ref.shape and ref.abs().max() > 0.1
+    assert (out - ref).abs().max().item() < 1e-12
+    w_out = torch.randn_like(out)
+    for g, g_ref in zip(torch.autograd.grad((out * w_out).sum(), (q, k, v)),
+                        torch.autograd.grad((ref * w_out).sum(), (q, k, v))):
+        assert g_ref.abs().max() > 1e-3 and (g - g_ref).abs().max().item() < 1e-12
+
+
+def test_sdpa_backend_float32_bfloat16_and_empty_batch():
+    q, k, v = _inputs(2, 14, 14, 64, 64, seed=4, dtype=torch.float32)
+    kw = dict(num_heads=2, region_size=2, topk=16, scale=64 ** -0.5)
+    ref = routing_attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+    assert (routing_attention(q, k, v, backend="sdpa", **kw).double() - ref).abs().max().item() < 1e-5
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ref = routing_attention(qb.double(), kb.double(), vb.double(), backend="reference", **kw)  # same routing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = routing_attention(qb, kb, vb, backend="sdpa", **kw)
+    assert out.dtype == torch.bfloat16 and (out.double() - ref).abs().max().item() < 0.02
+    empty = torch.randn(0, 8, 8, 16)
+    assert routing_attention(empty, empty, empty, num_heads=2, region_size=2, topk=8, scale=0.3,
+                             backend="sdpa").shape == (0, 8, 8, 16)
+
+
+def test_auto_choice_masks_densely_only_when_the_routed_keys_are_a_large_share():
+    from zoo.ops._dispatch import select_backend
+
+    def pick(hw, region, topk):
+        q = torch.randn(1, hw, hw, 32)
+        return select_backend("routing_attention", None, q, q, q, num_heads=1, region_size=(region, region),
+                              topk=topk, scale=0.2, routing_scale=None, layout="nhwc").name
+
+    assert pick(14, 2, 16) == "sdpa"  # BiFormer stage 2: 16 of 49 regions
+    assert pick(28, 4, 4) != "sdpa" and pick(56, 8, 1) != "sdpa"  # stages 1 and 0: 4 and 1 of 49
