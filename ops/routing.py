@@ -229,18 +229,29 @@ def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _routing_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
                                  region_size: tuple[int, int], topk: int, scale: float,
                                  routing_scale: float | None, layout: str) -> torch.Tensor:
-    if layout == "nchw":
-        q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
-    b, h, w, _ = q.shape
-    index = route(q, k, region_size, topk, routing_scale)
-    q, k, v = (_pad_to_regions(t, region_size) for t in (q, k, v))
+    (q, k, v), index, size = _routed_and_padded(q, k, v, region_size, topk, routing_scale, layout)
     grid = (q.shape[1] // region_size[0], q.shape[2] // region_size[1])
     q_reg, k_reg, v_reg = (_to_regions(t, region_size) for t in (q, k, v))
     k_sel = _split_heads(_gather_regions(k_reg, index), num_heads)  # (B, R, heads, topk*T, d)
     v_sel = _split_heads(_gather_regions(v_reg, index), num_heads)
     attn = torch.softmax((_split_heads(q_reg, num_heads) * scale) @ k_sel.transpose(-1, -2), dim=-1)
     out = (attn @ v_sel).transpose(2, 3)  # (B, R, T, heads, d_v)
-    out = _from_regions(out.reshape(*out.shape[:3], out.shape[3] * out.shape[4]), grid, region_size)[:, :h, :w]
+    out = _from_regions(out.reshape(*out.shape[:3], out.shape[3] * out.shape[4]), grid, region_size)
+    return _cropped(out, size, layout)
+
+
+def _routed_and_padded(q, k, v, region_size, topk, routing_scale, layout):
+    """NHWC views of q, k, v padded to whole regions, the routing (B, R, topk) and the unpadded (H, W)."""
+    if layout == "nchw":
+        q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
+    size = (q.shape[1], q.shape[2])
+    index = route(q, k, region_size, topk, routing_scale)
+    return tuple(_pad_to_regions(t, region_size) for t in (q, k, v)), index, size
+
+
+def _cropped(out: torch.Tensor, size: tuple[int, int], layout: str) -> torch.Tensor:
+    """(B, Hp, Wp, C) padded NHWC output -> the caller's layout at the unpadded (H, W)."""
+    out = out[:, :size[0], :size[1]]
     return out.permute(0, 3, 1, 2) if layout == "nchw" else out
 
 
@@ -269,17 +280,12 @@ def _routing_mask(index: torch.Tensor, num_regions: int, token_regions: torch.Te
 def _routing_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int,
                             region_size: tuple[int, int], topk: int, scale: float,
                             routing_scale: float | None, layout: str) -> torch.Tensor:
-    if layout == "nchw":
-        q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
-    b, h, w, _ = q.shape
-    index = route(q, k, region_size, topk, routing_scale)
-    q, k, v = (_pad_to_regions(t, region_size) for t in (q, k, v))
-    hp, wp = q.shape[1], q.shape[2]
+    (q, k, v), index, size = _routed_and_padded(q, k, v, region_size, topk, routing_scale, layout)
+    b, hp, wp, _ = q.shape
     mask = _routing_mask(index, index.shape[1], _token_regions(hp, wp, region_size, q.device))
     heads = [t.reshape(b, hp * wp, num_heads, t.shape[-1] // num_heads).transpose(1, 2) for t in (q, k, v)]
     out = sdpa(*heads, attn_mask=mask, scale=scale)  # (B, heads, N, d_v)
-    out = out.transpose(1, 2).reshape(b, hp, wp, v.shape[-1])[:, :h, :w]
-    return out.permute(0, 3, 1, 2) if layout == "nchw" else out
+    return _cropped(out.transpose(1, 2).reshape(b, hp, wp, v.shape[-1]), size, layout)
 
 
 # Dense SDPA over all tokens measured against the Triton routing kernel on an H200 (bf16, batch 128, ms fwd /
