@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ChannelsLastSequential"]
+__all__ = ["ChannelsLastSequential", "init_linears"]
 
 
 class ChannelsLastSequential(nn.Sequential):
@@ -19,3 +19,17 @@ class ChannelsLastSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the stack's output (channels-last strides)."""
         return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+
+def init_linears(model: nn.Module, std: float = 0.02) -> None:
+    """The official DeiT/PVT/Swin/CSWin/VOLO/BiFormer init: truncated-normal(``std``) Linear weights, zero biases.
+
+    Linears are visited in module order (the order ``model.apply`` reaches them), so random draws match the
+    official code's. Every other layer keeps PyTorch's construction-time init; the official code's explicit
+    ones/zeros for norms equal that default.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
+from ._layers import init_linears
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
@@ -278,18 +279,7 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stage{i + 1}"))
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # Official init: truncated normal 0.02 for linears, zero biases, unit norms (convs keep PyTorch's default).
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_linears(self)  # convs keep PyTorch's default, as in the official code
 
     # --- timm interface -------------------------------------------------------------------------------------------
     @torch.jit.ignore

@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
+from ._layers import init_linears
 from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
                             init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
@@ -191,14 +192,7 @@ class AgentVisionTransformer(nn.Module):
         # The official DeiT init: truncated normal 0.02 for embeddings and linears, zero biases, unit norms.
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # --- timm interface -------------------------------------------------------------------------------------------
     @torch.jit.ignore

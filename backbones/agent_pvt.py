@@ -26,6 +26,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
+from ._layers import init_linears
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
@@ -259,14 +260,7 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
     def _init_weights(self) -> None:
         for i in range(self.num_stages):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # --- timm interface -------------------------------------------------------------------------------------------
     @torch.jit.ignore

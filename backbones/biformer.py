@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import ChannelsLastSequential
+from ._layers import ChannelsLastSequential, init_linears
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import downsampled_attention, routing_attention
@@ -431,7 +431,7 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         self.norm = head_norm(embed_dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        init_linears(self)  # convs keep PyTorch's default, as in the official code
 
     # -- construction ------------------------------------------------------------------------------------------
     @staticmethod
@@ -482,14 +482,6 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         return Block(dim, attn, mlp_ratios[stage], pos_embed_kernel=before_attn_dwconv if legacy else 0,
                      mlp_slot=legacy, mlp_dwconv=mlp_dwconv, layer_scale_init_value=layer_scale_init_value,
                      pre_norm=pre_norm, drop_path=drop_path)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # as the official code: truncated-normal Linear weights, zero biases; convs keep PyTorch's default init
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     # -- timm interface ----------------------------------------------------------------------------------------
     @torch.jit.ignore

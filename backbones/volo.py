@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import downsampled_attention, outlook_attention
 
-from ._layers import ChannelsLastSequential
+from ._layers import ChannelsLastSequential, init_linears
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -365,14 +365,7 @@ class VOLO(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # ---- timm interface ---------------------------------------------------------------------------------------
 
