@@ -39,7 +39,7 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import dispatch, register_backend
-from .triton import interpreter_requested, triton_missing_reason
+from .triton import interpreter_requested, no_device_reason
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -147,14 +147,6 @@ _MAX_C = 8192
 _TILE = 4096  # register-tile elements per program (BLOCK_ROWS * BLOCK_C, BLOCK_ROWS >= 1)
 _MAX_ROWS = 128
 _BACKWARD_PROGRAMS_PER_SM = 4  # not tuned: the partials cost G * C * 8 bytes, G = programs
-
-
-def _triton_available() -> str | None:
-    if triton_missing_reason() is not None:  # looked up once, so this check is cheap and traceable by dynamo
-        return triton_missing_reason()
-    if not torch.cuda.is_available() and not interpreter_requested():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    return None
 
 
 def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
@@ -428,5 +420,5 @@ def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     return _EagerLayerNorm.apply(x, weight, bias, eps, out_dtype)
 
 
-register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=_triton_available,
+register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,
                  prefer=_triton_prefer)

@@ -24,12 +24,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .triton import triton_missing_reason
+from .triton import interpreter_requested, no_device_reason
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["outlook_attention", "outlook_window_grid"]
@@ -141,19 +140,6 @@ register_backend(_OP, "reference", _reference, priority=0)
 #            backward scale * P * (dP - sum_j P dP).
 
 
-def _triton_available() -> str | None:
-    if triton_missing_reason() is not None:  # looked up once, so this check is cheap and traceable by dynamo
-        return triton_missing_reason()
-    if not torch.cuda.is_available() and not _interpreting():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    return None
-
-
-def _interpreting() -> bool:
-    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (the spellings triton accepts)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -163,7 +149,7 @@ def _triton_supports(v, attn, num_heads, kernel_size, stride, padding, scale, dr
     if v.dtype not in _TRITON_DTYPES or attn.dtype != v.dtype:
         return f"dtypes v={v.dtype}, attn={attn.dtype}; needs one of float32/float16/bfloat16 for both"
     if v.device.type == "cpu":
-        if not _interpreting():
+        if not interpreter_requested():
             return "CPU tensors need TRITON_INTERPRET=1"
         if v.dtype == torch.bfloat16:
             return "bfloat16 is not supported by the Triton interpreter"
@@ -453,4 +439,4 @@ def _triton(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: in
     return _EagerOutlook.apply(v, attn, num_heads, kernel_size, stride, padding, scale)
 
 
-register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=_triton_available)
+register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason)

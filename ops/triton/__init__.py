@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["triton_missing_reason", "interpreter_requested"]
+import torch
+
+__all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -27,3 +29,12 @@ def triton_missing_reason() -> str | None:
 def interpreter_requested() -> bool:
     """True when ``TRITON_INTERPRET`` asks for the CPU interpreter (the same spellings triton accepts)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def no_device_reason() -> str | None:
+    """Why no Triton kernel can run here (triton missing; no CUDA device and no interpreter requested), or None."""
+    if _TRITON_MISSING is not None:
+        return _TRITON_MISSING
+    if not torch.cuda.is_available() and not interpreter_requested():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    return None

@@ -12,7 +12,8 @@ import torch
 
 from zoo.ops import outlook_attention, registered_backends
 from zoo.ops._dispatch import select_backend
-from zoo.ops.outlook import _interpreting, outlook_window_grid
+from zoo.ops.outlook import outlook_window_grid
+from zoo.ops.triton import interpreter_requested as _interpreting
 
 # (H, W, kernel_size, stride, padding, heads, head_dim): VOLO's k3/s2/p1 with odd sizes, stride 1, stride > kernel
 # reach, no padding, even kernels and padding beyond the kernel's reach.
