@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["sdpa"]
+__all__ = ["sdpa", "mixed_dtypes_reason"]
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -53,3 +53,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
                                                   is_causal=is_causal, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale)
+
+
+def mixed_dtypes_reason(**operands: torch.Tensor | None) -> str | None:
+    """Why SDPA cannot take these operands together (it needs one dtype), or None; None operands are skipped."""
+    dtypes = {name: t.dtype for name, t in operands.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        return "SDPA needs one dtype for its operands, got " + ", ".join(f"{n}={d}" for n, d in dtypes.items())
+    return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._sdpa import sdpa
+from ._sdpa import mixed_dtypes_reason, sdpa
 from ._checks import broadcasts_to
 from ._dispatch import dispatch, register_backend
 
@@ -138,10 +138,7 @@ def _sdpa(q, k, v, *, bias, scale, dropout_p):
 
 
 def _sdpa_supports(q, k, v, **_) -> str | None:
-    dtypes = {t.dtype for t in (q, k, v)}
-    if len(dtypes) != 1:
-        return f"q, k, v have different dtypes {sorted(map(str, dtypes))}"
-    return None
+    return mixed_dtypes_reason(q=q, k=k, v=v)
 
 
 register_backend(_OP, "reference", _reference, priority=0)

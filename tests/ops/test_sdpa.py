@@ -73,3 +73,12 @@ def test_gpu_training_gradients_stay_finite_where_cudnn_fails(compiled):
     got, want = q.grad.float()[..., 1:], qd.grad[..., 1:]
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.05, f"grad_q differs from float32 math attention by {rel:.3g} (relative)"
+
+
+def test_mixed_dtypes_reason_names_each_operand():
+    from zoo.ops._sdpa import mixed_dtypes_reason
+
+    q = torch.randn(1, 2, 3)
+    assert mixed_dtypes_reason(q=q, k=q, v=None) is None
+    reason = mixed_dtypes_reason(q=q, k=q.half())
+    assert "q=torch.float32" in reason and "k=torch.float16" in reason
