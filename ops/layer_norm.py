@@ -384,9 +384,15 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dw, db = _triton_backward(grad_out, x, weight, mean, rstd, need[0], need[1], need[2])
+    return _input_grads(_triton_backward(grad_out, x, weight, mean, rstd, *need[:3]), need, weight, ctx.bias_dtype)
+
+
+def _input_grads(grads, need, weight, bias_dtype) -> tuple:
+    """(dx, float32 dweight, float32 dbias) -> the gradients of (x, weight, bias, eps, out_dtype) as autograd wants
+    them: None where not needed, the parameter sums in their parameters' dtypes."""
+    dx, dw, db = grads
     return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
-            db.to(ctx.bias_dtype) if need[2] else None, None, None)
+            db.to(bias_dtype) if need[2] else None, None, None)
 
 
 _triton_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -408,9 +414,8 @@ class _EagerLayerNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db = _launch_backward(grad_out.contiguous(), x, weight, mean, rstd, need[0], need[1], need[2])
-        return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
-                db.to(ctx.bias_dtype) if need[2] else None, None, None)
+        return _input_grads(_launch_backward(grad_out.contiguous(), x, weight, mean, rstd, *need[:3]), need, weight,
+                            ctx.bias_dtype)
 
 
 def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
