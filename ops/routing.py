@@ -288,20 +288,22 @@ def _routing_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return _cropped(out.transpose(1, 2).reshape(b, hp, wp, v.shape[-1]), size, layout)
 
 
-# Dense SDPA over all tokens measured against the Triton routing kernel on an H200 (bf16, batch 128, ms fwd /
-# fwd+bwd): BiFormer-T stage 2 (196 tokens, top-16 of 49 regions) 0.087 / 0.387 vs 0.467 / 1.209; stage 1 (784
-# tokens, top-4) 0.355 / 1.042 vs 0.308 / 1.067; stage 0 (3136 tokens, top-1) 1.624 / 5.151 vs 0.281 / 0.797.
-# The masked pass costs about a dense one, so it is chosen when the routed keys are at least a quarter of the
-# map; below that the routed kernels read fewer bytes.
+# The masked pass costs about a dense one plus the mask; it is chosen on CPU (where the reference is the other
+# choice: BiFormer-T stage 2, 196 tokens, top-16 of 49 regions, 2.1 vs 4.5 ms) when the routed keys are at least a
+# quarter of the map; below that the routed gather reads fewer bytes. On CUDA the Triton routed kernel measured
+# faster at every BiFormer stage (H200, bf16, batch 128, ms fwd / fwd+bwd, masked SDPA vs Triton): T stage 2
+# 0.782 / 1.649 vs 0.635 / 1.490, B stage 2 0.918 / 2.019 vs 0.799 / 1.861, stage 1 1.661 / 4.465 vs 0.563 / 1.170.
 _SDPA_MIN_ROUTED_SHARE = 0.25
 
 
 def _sdpa_prefer(q, k, v, *, region_size, topk, layout, **_) -> str | None:
+    if q.is_cuda:
+        return "on CUDA the routed Triton kernel measured faster than the masked dense pass at every BiFormer stage"
     h, w = (q.shape[1], q.shape[2]) if layout == "nhwc" else (q.shape[2], q.shape[3])
     regions = -(-h // region_size[0]) * -(-w // region_size[1])
     if topk / regions < _SDPA_MIN_ROUTED_SHARE:
         return (f"top-{topk} of {regions} regions is less than {_SDPA_MIN_ROUTED_SHARE:.0%} of the keys: the routed "
-                "kernels read fewer bytes than a masked pass over every key")
+                "gather reads fewer bytes than a masked pass over every key")
     return None
 
 

@@ -208,3 +208,14 @@ def test_auto_choice_masks_densely_only_when_the_routed_keys_are_a_large_share()
 
     assert pick(14, 2, 16) == "sdpa"  # BiFormer stage 2: 16 of 49 regions
     assert pick(28, 4, 4) != "sdpa" and pick(56, 8, 1) != "sdpa"  # stages 1 and 0: 4 and 1 of 49
+
+
+def test_masked_dense_pass_is_never_preferred_on_cuda():
+    from types import SimpleNamespace
+
+    from zoo.ops.routing import _sdpa_prefer
+
+    stage2 = dict(region_size=(2, 2), topk=16, layout="nhwc")
+    cuda_q = SimpleNamespace(is_cuda=True, shape=(1, 14, 14, 32))  # the rule reads only the device and the shape
+    assert "Triton" in _sdpa_prefer(cuda_q, None, None, **stage2)
+    assert _sdpa_prefer(torch.empty(1, 14, 14, 32), None, None, **stage2) is None
