@@ -9,6 +9,7 @@ from .agent import agent_attention  # noqa: F401
 from .outlook import outlook_attention  # noqa: F401
 from .routing import routing_attention  # noqa: F401
 from .triton import routing as _routing_triton  # noqa: F401  (registers the triton backend of routing_attention)
+from .triton import agent as _agent_triton  # noqa: F401  (registers the triton backend of agent_attention)
 from .window import window_attention  # noqa: F401
 from .cross import cross_attention  # noqa: F401
 from .downsampled import downsampled_attention  # noqa: F401

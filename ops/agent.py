@@ -15,6 +15,9 @@ Backends:
         code does).
     ``sdpa``: two ``F.scaled_dot_product_attention`` calls with the biases as float masks; any device, differentiable
         in every input including the biases.
+    ``triton`` (:mod:`zoo.ops.triton.agent`): both attentions in one kernel per (batch, head), the backward in one
+        more; deterministic, biases read through broadcast strides, no probability maps in memory. CUDA (or the
+        Triton interpreter), no dropout.
 """
 from __future__ import annotations
 
@@ -45,10 +48,11 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: to
         agent_bias: added to the agent->key logits, broadcastable to (B, heads, A, M); e.g. (1, heads, A, M).
         query_bias: added to the query->agent logits, broadcastable to (B, heads, N, A); e.g. (1, heads, N, A).
         dropout_p: dropout on both attention maps (apply only in training; backends draw different masks).
-        backend: ``"reference"``, ``"sdpa"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+        backend: ``"reference"``, ``"sdpa"``, ``"triton"`` or None for automatic choice (see
+            :mod:`zoo.ops._dispatch`).
 
     Returns:
-        (B, heads, N, d_v) in the dtype of ``q``.
+        (B, heads, N, d_v) in the dtype of ``q`` (the triton backend returns a view of token-major memory).
     """
     _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p)
     if scale is None:

@@ -1,0 +1,471 @@
+"""The ``triton`` backend of :func:`zoo.ops.agent_attention`: both attentions in one kernel, backward in one more.
+
+Importing this module registers the backend (priority 20, above ``sdpa``) and the ``torch.library`` custom ops
+``zoo::agent_attention_fwd`` / ``zoo::agent_attention_bwd``; it does not import triton (kernels are built on first
+use, so ``TRITON_INTERPRET`` is read then).
+
+Computation (the definition is the reference backend in :mod:`zoo.ops.agent`), one program per (batch, head):
+
+1. **Agent aggregation**: the program's ``A`` agent tokens (at most 128, all in one tile) stream over the keys in
+   tiles of ``BLOCK_T`` with an online softmax of ``agent @ k^T * scale + agent_bias`` and accumulate ``@ v``:
+   ``agent_v`` (A, d_v), rounded to the input dtype as the reference's matmul output is, and its log-sum-exp.
+2. **Agent broadcast**: the same program streams over the queries in tiles of ``BLOCK_T``; each tile's softmax over
+   the agents fits in one tile (no online rescaling) and reads ``agent_v`` from registers.
+
+So the forward is one launch that reads q, k, v once, with no (A, M) or (N, A) probability map in memory and no
+bias cast. The backward is one launch per (batch, head) too: the broadcast's gradient over the query tiles first
+(dQ written per tile; d(agent) and d(agent_v) summed in registers), then the aggregation's over the key tiles (dK,
+dV written per tile). It is deterministic without atomics: every gradient element is one program's float32 sum in a
+fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as
+float32 (B, heads, A, M) / (B, heads, N, A) maps and summed to the bias's shape by torch (one reduction each).
+
+Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
+is a (B, heads, N, d_v) view of a contiguous (B, N, heads, d_v) tensor, so the models' ``transpose(1, 2).reshape``
+back to (B, N, C) is free; the q/k/v/agent gradients use the same token-major layout.
+
+Numerics: float32 accumulation and softmax; fp32 inputs use IEEE dots (no TF32); fp16/bf16 probabilities are
+rounded to the input dtype before their products (as flash attention). Logits are ``(agent @ k^T) * scale``
+rather than the reference's ``(agent * scale) @ k^T``: equal up to float rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, NamedTuple
+
+import torch
+
+from .._dispatch import register_backend
+from . import interpreter_requested, triton_missing_reason
+
+__all__ = ["agent_attention_triton", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
+
+_OP = "agent_attention"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_AGENTS = 128   # every agent row of a (batch, head) lives in one tile
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
+_BLOCK_T = 64      # token tile (keys in the aggregation, queries in the broadcast)
+
+_STATE: dict[str, bool] = {}
+
+
+class _Kernels(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels run (or, not yet built, will run) in Triton's CPU interpreter."""
+    return _STATE.get("interpreted", interpreter_requested())
+
+
+@functools.cache
+def _kernels() -> _Kernels:
+    """Build the forward and backward kernels."""
+    import triton
+    import triton.language as tl
+
+    _STATE["interpreted"] = interpreter_requested()
+
+    @triton.jit
+    def _tile(base, rows, n_rows, cols, n_cols, s_row, s_col):
+        """A [rows, cols] tile at base + row * s_row + col * s_col; zeros outside (n_rows, n_cols)."""
+        ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
+        return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+    @triton.jit
+    def _put(base, rows, n_rows, cols, n_cols, s_row, s_col, value):
+        ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
+        tl.store(ptrs, value.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse1_ptr, lse2_ptr,
+                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad,
+                        sbb, sbh, sba, sbm, scb, sch, scn, sca,
+                        HEADS, N, M, A, qk_scale2,
+                        D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        pid = tl.program_id(0)
+        b = (pid // HEADS).to(tl.int64)
+        h = pid % HEADS
+        offs_a = tl.arange(0, BLOCK_A)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_t = tl.arange(0, BLOCK_T)
+        a_ok = offs_a < A
+        agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
+        ab_base = ab_ptr + b * sbb + h * sbh
+
+        # 1. agents aggregate over the keys (online softmax over key tiles)
+        m_i = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_A], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+        for start in range(0, M, BLOCK_T):
+            keys = start + offs_t
+            kt = _tile(k_base, keys, M, offs_d, D, skn, skd)
+            s = tl.dot(agent, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+            if HAS_AB:
+                s += _tile(ab_base, offs_a, A, keys, M, sba, sbm).to(tl.float32) * LOG2E
+            s = tl.where((keys < M)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = _tile(v_base, keys, M, offs_dv, DV, svn, svd)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        agent_v = (acc / l_i[:, None]).to(agent.dtype)  # the reference's first matmul output dtype
+        pid64 = pid.to(tl.int64)
+        _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
+        tl.store(lse1_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
+
+        # 2. queries read from the agents (all agents in one tile: a plain softmax per query tile)
+        q_base = q_ptr + b * sqb + h * sqh
+        qb_base = qb_ptr + b * scb + h * sch
+        out_base = out_ptr + b * N * HEADS * DV + h * DV
+        for start in range(0, N, BLOCK_T):
+            rows = start + offs_t
+            qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+            s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
+            if HAS_QB:
+                s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
+            s = tl.where(a_ok[None, :], s, float("-inf"))
+            m = tl.max(s, axis=1)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, axis=1)
+            o = tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]
+            _put(out_base, rows, N, offs_dv, DV, HEADS * DV, 1, o)
+            tl.store(lse2_ptr + pid64 * N + rows, m + tl.log2(l), mask=rows < N)
+
+    @triton.jit
+    def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse1_ptr, lse2_ptr,
+                         dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
+                         sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca,
+                         HEADS, N, M, A, scale, qk_scale2,
+                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                         HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        pid = tl.program_id(0)
+        pid64 = pid.to(tl.int64)
+        b = (pid // HEADS).to(tl.int64)
+        h = pid % HEADS
+        offs_a = tl.arange(0, BLOCK_A)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_t = tl.arange(0, BLOCK_T)
+        a_ok = offs_a < A
+        agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+        agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+        lse1 = tl.load(lse1_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
+        d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+        d_agent_v = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+
+        # broadcast backward, query tiles: dQ, and the sums into d(agent), d(agent_v)
+        q_base = q_ptr + b * sqb + h * sqh
+        do_base = do_ptr + b * sob + h * soh
+        qb_base = qb_ptr + b * scb + h * sch
+        tok_stride = HEADS * D
+        for start in range(0, N, BLOCK_T):
+            rows = start + offs_t
+            r_ok = rows < N
+            qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+            dot_ = _tile(do_base, rows, N, offs_dv, DV, son, sod)
+            ot = _tile(out_ptr + b * N * HEADS * DV + h * DV, rows, N, offs_dv, DV, HEADS * DV, 1)
+            lse2 = tl.load(lse2_ptr + pid64 * N + rows, mask=r_ok, other=0.0)
+            s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
+            if HAS_QB:
+                s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
+            p = tl.where(r_ok[:, None] & a_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            delta = tl.sum(dot_.to(tl.float32) * ot.to(tl.float32), axis=1)
+            dp = tl.dot(dot_, tl.trans(agent_v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
+            dq = tl.dot(ds.to(agent.dtype), agent, input_precision=PRECISION) * scale
+            _put(dq_ptr + b * N * tok_stride + h * D, rows, N, offs_d, D, tok_stride, 1, dq)
+            d_agent += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+            d_agent_v += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
+            if QB_GRAD:
+                _put(dqb_ptr + pid64 * N * A, rows, N, offs_a, A, A, 1, ds)
+
+        # aggregation backward, key tiles: dK, dV, and the rest of d(agent)
+        delta1 = tl.sum(d_agent_v * agent_v.to(tl.float32), axis=1)
+        dav = d_agent_v.to(agent_v.dtype)
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
+        ab_base = ab_ptr + b * sbb + h * sbh
+        kv_stride_k = HEADS * D
+        kv_stride_v = HEADS * DV
+        for start in range(0, M, BLOCK_T):
+            keys = start + offs_t
+            k_ok = keys < M
+            kt = _tile(k_base, keys, M, offs_d, D, skn, skd)
+            vt = _tile(v_base, keys, M, offs_dv, DV, svn, svd)
+            s = tl.dot(agent, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+            if HAS_AB:
+                s += _tile(ab_base, offs_a, A, keys, M, sba, sbm).to(tl.float32) * LOG2E
+            p = tl.where(a_ok[:, None] & k_ok[None, :], tl.exp2(s - lse1[:, None]), 0.0)
+            dp = tl.dot(dav, tl.trans(vt), input_precision=PRECISION)
+            ds = p * (dp - delta1[:, None])
+            dv = tl.dot(tl.trans(p.to(dav.dtype)), dav, input_precision=PRECISION)
+            _put(dv_ptr + b * M * kv_stride_v + h * DV, keys, M, offs_dv, DV, kv_stride_v, 1, dv)
+            dk = tl.dot(tl.trans(ds.to(agent.dtype)), agent, input_precision=PRECISION) * scale
+            _put(dk_ptr + b * M * kv_stride_k + h * D, keys, M, offs_d, D, kv_stride_k, 1, dk)
+            d_agent += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+            if AB_GRAD:
+                _put(dab_ptr + pid64 * A * M, offs_a, A, keys, M, M, 1, ds)
+        _put(da_ptr + b * A * HEADS * D + h * D, offs_a, A, offs_d, D, HEADS * D, 1, d_agent * scale)
+
+    # Triton resolves helper names through the kernel module's globals (see ops/triton/routing.py)
+    globals().update(tl=tl, _tile=_tile, _put=_put)
+    return _Kernels(_forward_kernel, _backward_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launches
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays IEEE, as torch's matmul default
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    """(B, heads, n, d) view of a contiguous (B, n, heads, d) tensor."""
+    return torch.empty((b, n, heads, d), device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
+
+
+def _bias_strides(bias: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of ``bias`` broadcast to ``shape`` (0 along broadcast dims); zeros when there is no bias."""
+    return (0, 0, 0, 0) if bias is None else bias.expand(shape).stride()
+
+
+class _Sizes(NamedTuple):
+    b: int
+    heads: int
+    n: int
+    m: int
+    a: int
+    d: int
+    dv: int
+
+    @classmethod
+    def of(cls, q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> "_Sizes":
+        b, heads, n, d = q.shape
+        return cls(b, heads, n, v.shape[2], agent.shape[2], d, v.shape[3])
+
+    def constexprs(self, dtype: torch.dtype) -> dict:
+        return dict(D=self.d, DV=self.dv, BLOCK_D=max(16, _next_pow2(self.d)), BLOCK_DV=max(16, _next_pow2(self.dv)),
+                    BLOCK_A=max(16, _next_pow2(self.a)), BLOCK_T=_BLOCK_T, PRECISION=_precision(dtype))
+
+
+def _num_warps(sizes: _Sizes, backward: bool) -> int:
+    # the backward keeps two (A, d) float32 accumulators and the agent tiles in registers over both loops
+    return 8 if backward or sizes.a > 64 or max(sizes.d, sizes.dv) > 64 else 4
+
+
+def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale):
+    s = _Sizes.of(q, v, agent)
+    out = _token_major(s.b, s.heads, s.n, s.dv, q)
+    agent_v = torch.empty((s.b, s.heads, s.a, s.dv), device=q.device, dtype=q.dtype)
+    lse1 = torch.empty((s.b, s.heads, s.a), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((s.b, s.heads, s.n), device=q.device, dtype=torch.float32)
+    if s.b * s.heads == 0 or s.n == 0:
+        return out, agent_v, lse1, lse2
+    _kernels().forward[(s.b * s.heads,)](
+        q, k, v, agent, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
+        out, agent_v, lse1, lse2, *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
+        *_bias_strides(agent_bias, (s.b, s.heads, s.a, s.m)), *_bias_strides(query_bias, (s.b, s.heads, s.n, s.a)),
+        s.heads, s.n, s.m, s.a, scale * _LOG2E, HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None,
+        num_warps=_num_warps(s, False), num_stages=2, **s.constexprs(q.dtype))
+    return out, agent_v, lse1, lse2
+
+
+def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale,
+                     agent_bias_grad: bool, query_bias_grad: bool):
+    s = _Sizes.of(q, v, agent)
+    dq = _token_major(s.b, s.heads, s.n, s.d, q)
+    dk = _token_major(s.b, s.heads, s.m, s.d, k)
+    dv = _token_major(s.b, s.heads, s.m, s.dv, v)
+    da = _token_major(s.b, s.heads, s.a, s.d, agent)
+    dab = torch.empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), device=q.device, dtype=torch.float32)
+    dqb = torch.empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), device=q.device, dtype=torch.float32)
+    if s.b * s.heads == 0 or s.n == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), da.zero_(), dab.zero_(), dqb.zero_()
+    _kernels().backward[(s.b * s.heads,)](
+        grad_out, q, k, v, agent, agent_bias if agent_bias is not None else q,
+        query_bias if query_bias is not None else q, out, agent_v, lse1, lse2, dq, dk, dv, da, dab, dqb,
+        *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
+        *_bias_strides(agent_bias, (s.b, s.heads, s.a, s.m)), *_bias_strides(query_bias, (s.b, s.heads, s.n, s.a)),
+        s.heads, s.n, s.m, s.a, scale, scale * _LOG2E, HAS_AB=agent_bias is not None,
+        HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad, QB_GRAD=query_bias_grad,
+        num_warps=_num_warps(s, True), num_stages=1, **s.constexprs(q.dtype))
+    return dq, dk, dv, da, dab, dqb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile) and autograd
+
+
+@torch.library.custom_op("zoo::agent_attention_fwd", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor,
+                agent_bias: torch.Tensor | None, query_bias: torch.Tensor | None,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused agent attention. Returns the (B, heads, N, d_v) output (token-major memory), the (B, heads, A, d_v)
+    agent values and the float32 base-2 log-sum-exps (B, heads, A) and (B, heads, N) for the backward."""
+    with _on_device(q):
+        return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
+
+
+@_forward_op.register_fake
+def _(q, k, v, agent, agent_bias, query_bias, scale):
+    s = _Sizes.of(q, v, agent)
+    return (_token_major(s.b, s.heads, s.n, s.dv, q), q.new_empty((s.b, s.heads, s.a, s.dv)),
+            q.new_empty((s.b, s.heads, s.a), dtype=torch.float32), q.new_empty((s.b, s.heads, s.n), dtype=torch.float32))
+
+
+@torch.library.custom_op("zoo::agent_attention_bwd", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor,
+                 agent_bias: torch.Tensor | None, query_bias: torch.Tensor | None, out: torch.Tensor,
+                 agent_v: torch.Tensor, lse1: torch.Tensor, lse2: torch.Tensor, scale: float,
+                 agent_bias_grad: bool, query_bias_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic fused backward: dq, dk, dv, d(agent) (token-major memory) and the float32 per-(batch, head)
+    logit gradients (B, heads, A, M) / (B, heads, N, A) of the biases (empty when not asked for)."""
+    with _on_device(q):
+        return _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale,
+                                agent_bias_grad, query_bias_grad)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale, agent_bias_grad,
+      query_bias_grad):
+    s = _Sizes.of(q, v, agent)
+    return (_token_major(s.b, s.heads, s.n, s.d, q), _token_major(s.b, s.heads, s.m, s.d, k),
+            _token_major(s.b, s.heads, s.m, s.dv, v), _token_major(s.b, s.heads, s.a, s.d, agent),
+            q.new_empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), dtype=torch.float32),
+            q.new_empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), dtype=torch.float32))
+
+
+def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+    """The per-(batch, head) logit gradient summed to the bias's (broadcast) shape and dtype."""
+    if not wanted:
+        return None
+    return grad.sum_to_size(bias.shape).to(bias.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, agent, agent_bias, query_bias, scale = inputs
+    out, agent_v, lse1, lse2 = output
+    ctx.save_for_backward(q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2)
+    ctx.scale = scale
+    ctx.bias_grads = (agent_bias is not None and ctx.needs_input_grad[4],
+                      query_bias is not None and ctx.needs_input_grad[5])
+
+
+def _backward(ctx, grad_out, *_unused):
+    q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2 = ctx.saved_tensors
+    dq, dk, dv, da, dab, dqb = _backward_op(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1,
+                                            lse2, ctx.scale, *ctx.bias_grads)
+    return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
+            _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAgent(torch.autograd.Function):
+    """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs host time)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, agent, agent_bias, query_bias, scale):
+        with _on_device(q):
+            out, agent_v, lse1, lse2 = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
+        _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse1, lse2))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2 = ctx.saved_tensors
+        with _on_device(q):
+            dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out,
+                                                        agent_v, lse1, lse2, ctx.scale, *ctx.bias_grads)
+        return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
+                _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the backend
+
+
+def agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor, *, scale: float,
+                           agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """Agent attention with the fused Triton kernels (the arguments of :func:`zoo.ops.agent_attention`).
+
+    Args:
+        q: (B, heads, N, d); k: (B, heads, M, d); v: (B, heads, M, d_v); agent: (B, heads, A, d), any strides,
+            one dtype among float32/float16/bfloat16, on CUDA (or CPU under ``TRITON_INTERPRET=1``, not bf16).
+        agent_bias, query_bias: broadcastable to (B, heads, A, M) / (B, heads, N, A), any float dtype.
+        dropout_p: must be 0 (dropout is not fused; dispatch sends such calls elsewhere).
+
+    Returns:
+        (B, heads, N, d_v) in q's dtype, a view of token-major (B, N, heads, d_v) memory.
+    """
+    if dropout_p:
+        raise ValueError(f"agent_attention triton backend: dropout_p must be 0, got {dropout_p}")
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
+    return _EagerAgent.apply(q, k, v, agent, agent_bias, query_bias, scale)
+
+
+def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor, *, scale: float | None = None,
+              agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+              dropout_p: float = 0.0) -> str | None:
+    """Why the triton backend cannot serve these arguments, or None."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype}; needs float32/float16/bfloat16"
+    if dropout_p:
+        return f"dropout_p={dropout_p} (attention dropout is not fused)"
+    tensors = [t for t in (q, k, v, agent, agent_bias, query_bias) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        return "inputs on different devices"
+    if agent.shape[2] > MAX_AGENTS:
+        return f"{agent.shape[2]} agents; the kernels hold at most {MAX_AGENTS} in one tile"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernels take at most {MAX_HEAD_DIM}"
+    b, heads, n, _ = q.shape
+    sizes = (b * n * heads * max(q.shape[-1], v.shape[-1]), b * heads * agent.shape[2] * max(n, k.shape[2]))
+    if any(_extent(t) > _INT32_MAX for t in tensors[:4]) or max(sizes) > _INT32_MAX:
+        return "tensors too large for the kernels' 32-bit in-item offsets"
+    if q.device.type == "cpu":
+        if not _kernels_interpreted():
+            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 is broken in the Triton interpreter"
+    elif q.device.type != "cuda":
+        return f"device {q.device.type} is not supported"
+    return None
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Largest element offset inside one batch item (the kernels index within an item in int32)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+register_backend(_OP, "triton", agent_attention_triton, supports=_supports, priority=20,
+                 available=triton_missing_reason)

@@ -1,0 +1,228 @@
+"""agent_attention ``triton`` backend: against the reference backend in Triton's CPU interpreter (subprocess with
+TRITON_INTERPRET=1, fp32/fp16, tiny shapes) and on the GPU (Agent-DeiT/-PVT/-Swin shapes, fp32/fp16/bf16, bias
+gradients, determinism, torch.compile); refusals on plain CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo.ops.triton.agent as ta  # registers the backend
+from zoo.ops import agent_attention
+from zoo.ops._dispatch import select_backend
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_inputs(b, heads, n, m, a, d, dv, *, dtype=torch.float32, device="cpu", bias="shared", seed=0):
+    """q as a head-split view of a (B, N, 3, heads, d) projection (the models' strides), k token-major, v and the
+    agents contiguous; biases (1 or B, heads, A, M) and (1, heads, N, A) or None; all leaves require grad."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3, heads, d, generator=g)
+    q = qkv.to(device=device, dtype=dtype)[:, :, 0].transpose(1, 2)
+    k = torch.randn(b, m, heads, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    v = torch.randn(b, heads, m, dv, generator=g).to(device=device, dtype=dtype)
+    agent = torch.randn(b, heads, a, d, generator=g).to(device=device, dtype=dtype)
+    biases = [None, None]
+    if bias is not None:
+        rows = b if bias == "per_item" else 1
+        biases = [(torch.randn(rows, heads, a, m, generator=g) * 0.5).to(device),
+                  (torch.randn(1, heads, n, a, generator=g) * 0.5).to(device)]
+    tensors = [q, k, v, agent, *biases]
+    for t in tensors:
+        if t is not None:
+            t.requires_grad_()
+    return tensors
+
+
+def out_and_grads(tensors, backend, scale, grad_seed=7):
+    """Output and gradients of sum(out * g) w.r.t. every tensor that requires grad."""
+    q, k, v, agent, ab, qb = tensors
+    out = agent_attention(q, k, v, agent, scale=scale, agent_bias=ab, query_bias=qb, backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
+    leaves = [t for t in tensors if t is not None and t.requires_grad]
+    return (out, *torch.autograd.grad(out, leaves, g))
+
+
+def float64_out_and_grads(tensors, scale, grad_seed=7):
+    """The reference backend on float64 copies (the oracle), same cotangent."""
+    copies = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    return out_and_grads(copies, "reference", scale, grad_seed)
+
+
+def assert_close_to(actual, expected, max_abs, rel_norm, what):
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    scale = e.abs().max().item()
+    assert scale > 0, f"{what}: degenerate expected values"
+    err = (a - e).abs().max().item()
+    rel = ((a - e).norm() / e.norm()).item()
+    assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
+
+
+NAMES = ("out", "dq", "dk", "dv", "d_agent", "d_agent_bias", "d_query_bias")
+
+# ----------------------------------------------------------------------------------------------------------------
+# plain CPU
+
+
+def test_refusals_are_explained():
+    q, k, v, agent, ab, qb = make_inputs(1, 2, 8, 8, 4, 16, 16)
+    kw = dict(scale=0.25, agent_bias=ab, query_bias=qb)
+    assert "float32/float16/bfloat16" in ta._supports(q.double(), k.double(), v.double(), agent.double(), **kw)
+    assert "dropout" in ta._supports(q, k, v, agent, dropout_p=0.1, **kw)
+    many = torch.zeros(1, 2, ta.MAX_AGENTS + 1, 16)
+    assert "agents" in ta._supports(q, k, v, many, scale=0.25)
+    wide = make_inputs(1, 1, 4, 4, 4, 256, 16)
+    assert "head dims" in ta._supports(*wide[:4], scale=0.1)
+    if not ta._kernels_interpreted():
+        assert "TRITON_INTERPRET=1" in ta._supports(q, k, v, agent, **kw)
+        with torch.no_grad():  # automatic choice falls back quietly
+            assert select_backend("agent_attention", None, q, k, v, agent, **kw, dropout_p=0.0).name != "triton"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton interpreter (subprocess: TRITON_INTERPRET must be set before the kernels are built)
+
+INTERPRETER_CASES = [
+    # (B, heads, N, M, A, d, d_v, bias)
+    (2, 2, 20, 20, 9, 16, 16, "shared"),      # self-attention-like, 3x3 agents, batch-shared biases
+    (1, 3, 70, 33, 16, 16, 24, "per_item"),   # N != M (PVT's reduced keys), two query tiles, d_v != d, per-item bias
+    (2, 1, 65, 130, 5, 32, 16, None),         # no biases, three key tiles, padded agent tile
+    (1, 2, 17, 17, 49, 16, 16, "shared"),     # 49 agents in a 64-row tile
+]
+
+
+def _interpreter_fp32_checks() -> None:
+    """fp32: output and every gradient (biases included) vs the reference backend; bitwise repeatable."""
+    warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
+    for case in INTERPRETER_CASES:
+        b, heads, n, m, a, d, dv, bias = case
+        tensors = make_inputs(b, heads, n, m, a, d, dv, bias=bias, seed=n)
+        got = out_and_grads(tensors, "triton", d ** -0.5)
+        want = out_and_grads(tensors, "reference", d ** -0.5)
+        assert len(got) == (7 if bias else 5)
+        for name, x, y in zip(NAMES, got, want):
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case}")
+        again = out_and_grads(tensors, "triton", d ** -0.5)
+        for name, x, y in zip(NAMES, got, again):
+            assert torch.equal(x, y), f"{name} not bitwise repeatable {case}"
+    print("fp32 ok")
+
+
+def _interpreter_fp16_and_compile_checks() -> None:
+    """fp16 vs a float64 oracle; custom-op registration (opcheck); a graph-break-free trace equal to eager."""
+    warnings.filterwarnings("error", message=".*falling back")
+    tensors = make_inputs(2, 2, 40, 40, 9, 16, 16, dtype=torch.float16, seed=1)
+    got = out_and_grads(tensors, "triton", 0.25)
+    want = float64_out_and_grads(tensors, 0.25)
+    for name, x, y in zip(NAMES, got, want):
+        assert_close_to(x, y, 4e-3, 3e-3, f"fp16 {name}")
+
+    q, k, v, agent, ab, qb = make_inputs(1, 2, 12, 10, 4, 16, 16, seed=2)
+    torch.library.opcheck(torch.ops.zoo.agent_attention_fwd.default, (q, k, v, agent, ab, qb, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss(q, k, v, agent, ab, qb):
+        return agent_attention(q, k, v, agent, scale=0.25, agent_bias=ab, query_bias=qb).square().sum()
+
+    assert select_backend("agent_attention", None, q, k, v, agent, scale=0.25, agent_bias=ab, query_bias=qb,
+                          dropout_p=0.0).name == "triton"
+    leaves = (q, k, v, agent, ab, qb)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for x, y in zip(torch.autograd.grad(compiled(*leaves), leaves), torch.autograd.grad(loss(*leaves), leaves)):
+        assert torch.equal(x, y)
+    print("fp16 + compile ok")
+
+
+def _run_in_interpreter(check: str) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    code = f"import test_agent_triton as t; t.{check}(); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_triton_interpreter_fp32_forward_backward_determinism():
+    _run_in_interpreter("_interpreter_fp32_checks")
+
+
+def test_triton_interpreter_fp16_custom_op_and_compile_trace():
+    _run_in_interpreter("_interpreter_fp16_and_compile_checks")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the released models' shapes at 224, batch 8
+
+SHAPES = {  # (heads, N, M, A, d)
+    "deit_s": (6, 197, 197, 49, 64),       # Agent-DeiT-S: class token + 14x14, 7x7 agents
+    "pvt_t_s0": (1, 3136, 49, 49, 64),     # Agent-PVT-T stage 0: 56x56 queries over 7x7 reduced keys
+    "swin_t_s0": (3, 3136, 3136, 9, 32),   # Agent-Swin-T stage 0: global agent attention over 56x56, 3x3 agents
+    "swin_t_s1": (6, 784, 784, 16, 32),    # stage 1: 4x4 agents
+}
+GPU_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1.5e-2)}
+
+
+def _gpu_case(shape, dtype, seed=0, batch=8):
+    heads, n, m, a, d = SHAPES[shape]
+    return make_inputs(batch, heads, n, m, a, d, d, dtype=dtype, device="cuda", seed=seed), d ** -0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_triton_matches_float64(shape, dtype):
+    tensors, scale = _gpu_case(shape, dtype)
+    q, k, v, agent, ab, qb = tensors
+    assert select_backend("agent_attention", None, q, k, v, agent, scale=scale, agent_bias=ab.detach(),
+                          query_bias=qb.detach(), dropout_p=0.0).name == "triton"
+    got = out_and_grads(tensors, "triton", scale)
+    want = float64_out_and_grads(tensors, scale)
+    max_abs, rel = GPU_TOL[dtype]
+    for name, x, y in zip(NAMES, got, want):
+        assert x.dtype == (dtype if name in NAMES[:5] else torch.float32), name
+        assert_close_to(x, y, max_abs, rel, f"{shape} {dtype} {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_float32_biases_and_layouts():
+    tensors, scale = _gpu_case("deit_s", torch.float32, seed=1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = [t.detach().bfloat16().requires_grad_() for t in tensors[:4]] + tensors[4:]
+        got = out_and_grads(low, "triton", scale)
+    want = float64_out_and_grads(low, scale)
+    assert got[0].dtype == torch.bfloat16 and got[0].transpose(1, 2).is_contiguous()  # token-major memory
+    assert got[5].dtype == got[6].dtype == torch.float32
+    for name, x, y in zip(NAMES, got, want):
+        assert_close_to(x, y, *GPU_TOL[torch.bfloat16], f"autocast {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["deit_s", "swin_t_s0"])
+def test_gpu_backward_is_bitwise_deterministic(shape):
+    tensors, scale = _gpu_case(shape, torch.bfloat16, seed=2)
+    first = out_and_grads(tensors, "triton", scale)
+    for _ in range(3):
+        for name, x, y in zip(NAMES, first, out_and_grads(tensors, "triton", scale)):
+            assert torch.equal(x, y), f"{name} differs between runs"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_matches_eager():
+    tensors, scale = _gpu_case("deit_s", torch.bfloat16, seed=3)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16)
+
+    def block(q, k, v, agent, ab, qb):
+        out = agent_attention(q, k, v, agent, scale=scale, agent_bias=ab, query_bias=qb, backend="triton")
+        return proj(out).float().square().mean()
+
+    compiled = torch.compile(block, fullgraph=True)
+    for x, y in zip(torch.autograd.grad(compiled(*tensors), tensors), torch.autograd.grad(block(*tensors), tensors)):
+        assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
