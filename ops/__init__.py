@@ -11,6 +11,7 @@ from .routing import routing_attention  # noqa: F401
 from .triton import routing as _routing_triton  # noqa: F401  (registers the triton backend of routing_attention)
 from .triton import agent as _agent_triton  # noqa: F401  (registers the triton backend of agent_attention)
 from .window import window_attention  # noqa: F401
+from .triton import window as _window_triton  # noqa: F401  (registers the triton backend of window_attention)
 from .cross import cross_attention  # noqa: F401
 from .downsampled import downsampled_attention  # noqa: F401
 from .masked import masked_attention, structured_mask  # noqa: F401

@@ -20,6 +20,10 @@ Backends:
     ``reference``: plain PyTorch, the definition (scales the queries before the product, as Swin does).
     ``sdpa``: ``F.scaled_dot_product_attention`` on the window-partitioned tensors, with the bias and the shift mask
         as one float mask; any device and dtype, differentiable in q, k, v and the bias.
+    ``triton``: :mod:`zoo.ops.triton.window`, one fused kernel per pass: windows, roll and shift mask from index
+        arithmetic (no partition, roll or mask tensors), q, k, v read through their strides; deterministic backward
+        with the bias gradient; CUDA fp32/fp16/bf16 (CPU under ``TRITON_INTERPRET=1``), windows of at most 256
+        tokens, no dropout.
 """
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         bias: float logit bias per window, broadcastable to (nW, heads, N, N) with N = wh*ww and
             nW = (H/wh)*(W/ww) windows in raster order; usually a relative position bias (heads, N, N).
         dropout_p: dropout on the attention map (apply only in training).
-        backend: ``"reference"``, ``"sdpa"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+        backend: ``"reference"``, ``"sdpa"``, ``"triton"`` or None for automatic choice (see
+            :mod:`zoo.ops._dispatch`).
 
     Returns:
         (B, heads, H, W, d_v) in the dtype of ``q``.
