@@ -27,7 +27,6 @@ Backends:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -39,7 +38,7 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import dispatch, register_backend
-from .triton import interpreter_requested, no_device_reason
+from .triton import device_reason, interpreter_requested, no_device_reason, on_device
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -155,13 +154,9 @@ def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
     wrong = {name: dt for name, dt in dtypes.items() if dt not in _TRITON_DTYPES}
     if wrong:
         return f"dtypes {wrong}; needs float32/float16/bfloat16"
-    if x.device.type == "cpu":
-        if not interpreter_requested():
-            return "CPU tensors need TRITON_INTERPRET=1"
-        if torch.bfloat16 in dtypes.values():
-            return f"bfloat16 is not supported by the Triton interpreter (dtypes {dtypes})"
-    elif x.device.type != "cuda":
-        return f"device {x.device.type} is not supported"
+    reason = device_reason(x.device, dtypes.values(), interpreter_requested())
+    if reason is not None:
+        return reason
     if x.shape[-1] > _MAX_C:
         return f"C={x.shape[-1]} is larger than {_MAX_C} (one row must fit a program's registers)"
     return None
@@ -288,11 +283,6 @@ def _backward_programs(x: torch.Tensor, num_blocks: int) -> int:
     return max(1, min(num_blocks, limit))
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_forward(x, weight, bias, eps, out_dtype):
     """x contiguous (..., C) -> y (..., C) in out_dtype, mean and rstd (...) float32."""
     channels = x.shape[-1]
@@ -304,7 +294,7 @@ def _launch_forward(x, weight, bias, eps, out_dtype):
         return y, mean.zero_(), rstd.zero_()
     forward_kernel, _ = _kernels()
     block_rows, block_c, num_warps = _tiles(channels)
-    with _on_device(x):
+    with on_device(x):
         forward_kernel[(_cdiv(rows, block_rows),)](
             x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, rows, channels, eps,
             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
@@ -328,7 +318,7 @@ def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
     programs = _backward_programs(x, num_blocks)
     dw = torch.empty((programs, channels), dtype=torch.float32, device=x.device) if need_dw else None
     db = torch.empty((programs, channels), dtype=torch.float32, device=x.device) if need_db else None
-    with _on_device(x):
+    with on_device(x):
         backward_kernel[(programs,)](
             dy, x, x if weight is None else weight, mean, rstd, dx if need_dx else x, x if dw is None else dw,
             x if db is None else db, rows, channels, num_blocks, HAS_W=weight is not None, DX=need_dx, DW=need_dw,

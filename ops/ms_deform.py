@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch, register_backend
-from .triton import interpreter_requested, triton_missing_reason
+from .triton import device_reason, interpreter_requested, triton_missing_reason
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
 
@@ -178,14 +178,7 @@ def _triton_supports(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling
         return f"dtypes {[str(t.dtype) for t in tensors]}; each must be float32, float16 or bfloat16"
     if value.shape[-1] > _MAX_CHANNELS:
         return f"head_dim={value.shape[-1]} > {_MAX_CHANNELS}"
-    if value.device.type == "cpu":
-        if not _kernels_interpreted():
-            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
-        if any(t.dtype == torch.bfloat16 for t in tensors):
-            return "bfloat16 is broken in the Triton interpreter"
-    elif value.device.type != "cuda":
-        return f"device {value.device.type} is not supported"
-    return None
+    return device_reason(value.device, (t.dtype for t in tensors), _kernels_interpreted())
 
 
 @torch.library.custom_op("zoo::ms_deform_attn_fwd", mutates_args=())

@@ -21,14 +21,13 @@ Backends:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .triton import interpreter_requested, no_device_reason
+from .triton import device_reason, interpreter_requested, no_device_reason, on_device
 from ._dispatch import dispatch, register_backend
 
 __all__ = ["outlook_attention", "outlook_window_grid"]
@@ -148,13 +147,9 @@ def _triton_supports(v, attn, num_heads, kernel_size, stride, padding, scale, dr
         return f"attention dropout (dropout_p={dropout_p}) is not implemented"
     if v.dtype not in _TRITON_DTYPES or attn.dtype != v.dtype:
         return f"dtypes v={v.dtype}, attn={attn.dtype}; needs one of float32/float16/bfloat16 for both"
-    if v.device.type == "cpu":
-        if not interpreter_requested():
-            return "CPU tensors need TRITON_INTERPRET=1"
-        if v.dtype == torch.bfloat16:
-            return "bfloat16 is not supported by the Triton interpreter"
-    elif v.device.type != "cuda":
-        return f"device {v.device.type} is not supported"
+    reason = device_reason(v.device, (v.dtype,), interpreter_requested())
+    if reason is not None:
+        return reason
     if kernel_size * kernel_size > 64 or v.shape[-1] // num_heads > 256:
         return f"kernel_size={kernel_size} (max 8) or head_dim={v.shape[-1] // num_heads} (max 256) too large"
     return None
@@ -328,11 +323,6 @@ def _gather_warps(rows: int) -> int:
     return max(1, min(8, rows // 8))
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale):
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
@@ -375,7 +365,7 @@ def _triton_forward(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_
     """Fused forward: (B, H, W, C) output and the (B, h, w, heads, k^2) float32 row log-sum-exp."""
     forward_kernel, _, _ = _kernels()
     v, attn = v.contiguous(), attn.contiguous()
-    with _on_device(v):
+    with on_device(v):
         return _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale)
 
 
@@ -392,7 +382,7 @@ def _triton_backward(grad_out: torch.Tensor, v: torch.Tensor, attn: torch.Tensor
     """Fused backward: gradients of ``v`` (B, H, W, C) and of the logits ``attn`` (B, h, w, heads * k^4)."""
     _, grad_v_kernel, grad_attn_kernel = _kernels()
     grad_out, v, attn = grad_out.contiguous(), v.contiguous(), attn.contiguous()
-    with _on_device(v):
+    with on_device(v):
         return _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out, v, attn, lse, num_heads, kernel_size,
                                 stride, padding, scale)
 
@@ -426,7 +416,7 @@ class _EagerOutlook(torch.autograd.Function):
     def forward(ctx, v, attn, num_heads, kernel_size, stride, padding, scale):
         forward_kernel, _, _ = _kernels()
         v, attn = v.contiguous(), attn.contiguous()
-        with _on_device(v):
+        with on_device(v):
             out, lse = _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale)
         ctx.save_for_backward(v, attn, lse)
         ctx.params = (num_heads, kernel_size, stride, padding, scale)
@@ -436,7 +426,7 @@ class _EagerOutlook(torch.autograd.Function):
     def backward(ctx, grad_out):
         _, grad_v_kernel, grad_attn_kernel = _kernels()
         v, attn, lse = ctx.saved_tensors
-        with _on_device(v):
+        with on_device(v):
             grad_v, grad_attn = _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out.contiguous(), v, attn,
                                                  lse, *ctx.params)
         return grad_v, grad_attn, None, None, None, None, None

@@ -6,12 +6,17 @@ its ``@triton.jit`` decorator runs (triton reads ``TRITON_INTERPRET`` then), i.e
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from typing import Iterable
 
 import torch
 
-__all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason"]
+__all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
+           "next_pow2", "dot_precision", "item_extent", "INT32_MAX"]
+
+INT32_MAX = 2**31 - 1
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -38,3 +43,40 @@ def no_device_reason() -> str | None:
     if not torch.cuda.is_available() and not interpreter_requested():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
     return None
+
+
+def device_reason(device: torch.device, dtypes: Iterable[torch.dtype], interpreted: bool) -> str | None:
+    """Why a backend's Triton kernels cannot run on ``device`` with these dtypes, or None.
+
+    CUDA always can; CPU only when the kernels are built for the interpreter (``interpreted``: the module read
+    ``TRITON_INTERPRET`` when it built them), and not in bfloat16, which the interpreter breaks.
+    """
+    if device.type == "cpu":
+        if not interpreted:
+            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
+        if torch.bfloat16 in set(dtypes):
+            return "bfloat16 is broken in the Triton interpreter"
+        return None
+    if device.type != "cuda":
+        return f"device {device.type} is not supported"
+    return None
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1): tile edges are powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 stays IEEE (torch's matmul default, never silent TF32); 16-bit ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def item_extent(t: torch.Tensor) -> int:
+    """Largest element offset inside one batch item (dim 0): kernels that index within an item use int32."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))

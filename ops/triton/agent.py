@@ -29,14 +29,14 @@ rather than the reference's ``(agent * scale) @ k^T``: equal up to float roundin
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, NamedTuple
 
 import torch
 
 from .._dispatch import register_backend
-from . import interpreter_requested, triton_missing_reason
+from . import (INT32_MAX, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
+               on_device, triton_missing_reason)
 
 __all__ = ["agent_attention_triton", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
 
@@ -45,7 +45,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_AGENTS = 128   # every agent row of a (batch, head) lives in one tile
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_INT32_MAX = 2**31 - 1
 _BLOCK_T = 64      # token tile (keys in the aggregation, queries in the broadcast)
 
 _STATE: dict[str, bool] = {}
@@ -232,18 +231,6 @@ def _kernels() -> _Kernels:
 # launches
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays IEEE, as torch's matmul default
-
-
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor, dtype: torch.dtype | None = None):
     """(B, heads, n, d) view of a contiguous (B, n, heads, d) tensor."""
     return torch.empty((b, n, heads, d), device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
@@ -269,8 +256,8 @@ class _Sizes(NamedTuple):
         return cls(b, heads, n, v.shape[2], agent.shape[2], d, v.shape[3])
 
     def constexprs(self, dtype: torch.dtype) -> dict:
-        return dict(D=self.d, DV=self.dv, BLOCK_D=max(16, _next_pow2(self.d)), BLOCK_DV=max(16, _next_pow2(self.dv)),
-                    BLOCK_A=max(16, _next_pow2(self.a)), BLOCK_T=_BLOCK_T, PRECISION=_precision(dtype))
+        return dict(D=self.d, DV=self.dv, BLOCK_D=max(16, next_pow2(self.d)), BLOCK_DV=max(16, next_pow2(self.dv)),
+                    BLOCK_A=max(16, next_pow2(self.a)), BLOCK_T=_BLOCK_T, PRECISION=dot_precision(dtype))
 
 
 def _num_warps(sizes: _Sizes, backward: bool) -> int:
@@ -327,7 +314,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.
                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused agent attention. Returns the (B, heads, N, d_v) output (token-major memory), the (B, heads, A, d_v)
     agent values and the float32 base-2 log-sum-exps (B, heads, A) and (B, heads, N) for the backward."""
-    with _on_device(q):
+    with on_device(q):
         return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
 
 
@@ -346,7 +333,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic fused backward: dq, dk, dv, d(agent) (token-major memory) and the float32 per-(batch, head)
     logit gradients (B, heads, A, M) / (B, heads, N, A) of the biases (empty when not asked for)."""
-    with _on_device(q):
+    with on_device(q):
         return _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale,
                                 agent_bias_grad, query_bias_grad)
 
@@ -393,7 +380,7 @@ class _EagerAgent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, agent, agent_bias, query_bias, scale):
-        with _on_device(q):
+        with on_device(q):
             out, agent_v, lse1, lse2 = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
         _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse1, lse2))
         return out
@@ -401,7 +388,7 @@ class _EagerAgent(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2 = ctx.saved_tensors
-        with _on_device(q):
+        with on_device(q):
             dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out,
                                                         agent_v, lse1, lse2, ctx.scale, *ctx.bias_grads)
         return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
@@ -450,21 +437,9 @@ def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Te
         return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernels take at most {MAX_HEAD_DIM}"
     b, heads, n, _ = q.shape
     sizes = (b * n * heads * max(q.shape[-1], v.shape[-1]), b * heads * agent.shape[2] * max(n, k.shape[2]))
-    if any(_extent(t) > _INT32_MAX for t in tensors[:4]) or max(sizes) > _INT32_MAX:
+    if any(item_extent(t) > INT32_MAX for t in tensors[:4]) or max(sizes) > INT32_MAX:
         return "tensors too large for the kernels' 32-bit in-item offsets"
-    if q.device.type == "cpu":
-        if not _kernels_interpreted():
-            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
-        if q.dtype == torch.bfloat16:
-            return "bfloat16 is broken in the Triton interpreter"
-    elif q.device.type != "cuda":
-        return f"device {q.device.type} is not supported"
-    return None
-
-
-def _extent(t: torch.Tensor) -> int:
-    """Largest element offset inside one batch item (the kernels index within an item in int32)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return device_reason(q.device, (q.dtype,), _kernels_interpreted())
 
 
 register_backend(_OP, "triton", agent_attention_triton, supports=_supports, priority=20,

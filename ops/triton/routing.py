@@ -48,7 +48,8 @@ import torch
 
 from .._dispatch import register_backend
 from ..routing import route
-from . import interpreter_requested, triton_missing_reason
+from . import (INT32_MAX, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
+               on_device, triton_missing_reason)
 
 __all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
 
@@ -56,7 +57,6 @@ _OP = "routing_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_INT32_MAX = 2**31 - 1
 
 # Launch knobs. max_block: the largest tile edge (rows of a query or key tile); 64 covers BiFormer-T's 64 keys per
 # query region in one tile, tests lower it to exercise the multi-tile loops on tiny shapes. num_warps / num_stages:
@@ -332,14 +332,14 @@ class _Geometry:
         self.heads = num_heads
         self.d_qk, self.d_v = c_qk // num_heads, v.shape[-1] // num_heads
         cap = _TILES["max_block"]
-        self.block_q = min(cap, max(16, _next_pow2(self.t)))          # query tile of one region (forward, dQ)
-        self.block_keys = min(cap, max(16, _next_pow2(self.topk * self.t)))  # key tile over the selected regions
-        self.block_k = min(cap, max(16, _next_pow2(self.t)))          # key tile of one region (dK/dV)
+        self.block_q = min(cap, max(16, next_pow2(self.t)))          # query tile of one region (forward, dQ)
+        self.block_keys = min(cap, max(16, next_pow2(self.topk * self.t)))  # key tile over the selected regions
+        self.block_k = min(cap, max(16, next_pow2(self.t)))          # key tile of one region (dK/dV)
         self.block_rows = cap                                         # query tile over a key region's list (dK/dV)
 
     def constexprs(self) -> dict:
-        return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, BLOCK_DQK=max(16, _next_pow2(self.d_qk)),
-                    BLOCK_DV=max(16, _next_pow2(self.d_v)))
+        return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, BLOCK_DQK=max(16, next_pow2(self.d_qk)),
+                    BLOCK_DV=max(16, next_pow2(self.d_v)))
 
     def runtime(self) -> tuple[int, ...]:
         return self.h, self.w, self.nw, self.r, self.heads
@@ -351,20 +351,6 @@ class _Geometry:
         return self.b * self.heads * self.r * -(-self.t // self.block_k)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 must not silently become TF32 (torch's matmul default is IEEE fp32); 16-bit inputs ignore this
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
     forward_kernel = _kernels()[0]
     geo = _Geometry(q, v, index, num_heads, region_h, region_w)
@@ -374,7 +360,7 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
         return out, lse
     forward_kernel[(geo.query_tiles(),)](
         q, k, v, index.contiguous(), out, lse, *q.stride(), *k.stride(), *v.stride(), *geo.runtime(), scale * _LOG2E,
-        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=_precision(q.dtype),
+        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=dot_precision(q.dtype),
         **geo.constexprs(), **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     return out, lse
 
@@ -399,7 +385,7 @@ def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = torch.empty(b * r + 1, device=index.device, dtype=torch.int32)
         sources = torch.empty(b * r * topk, device=index.device, dtype=torch.int32)
         _kernels()[3][(b,)](index.contiguous(), offsets, sources, r, TOPK=topk,
-                            BLOCK_E=max(16, _next_pow2(r * topk)))
+                            BLOCK_E=max(16, next_pow2(r * topk)))
         return offsets, sources
     key_region = (index.long() + torch.arange(b, device=index.device).view(b, 1, 1) * r).reshape(-1)
     sorted_keys, entries = torch.sort(key_region, stable=True)  # stable: ascending query region within a list
@@ -418,7 +404,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
         return dq, dk, dv
     index = index.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     dq_kernel[(geo.query_tiles(),)](
         q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E,
         TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.constexprs(),
@@ -443,7 +429,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.
     Returns the (B, H, W, C_v) contiguous output in v's dtype and the (B * heads, R, rh * rw) float32 base-2
     log-sum-exp of every query token (padded tokens included) for the backward.
     """
-    with _on_device(q):
+    with on_device(q):
         return _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale)
 
 
@@ -460,7 +446,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  lse: torch.Tensor, index: torch.Tensor, num_heads: int, region_h: int, region_w: int,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic fused backward: contiguous (B, H, W, C) gradients of q, k and v in their dtypes."""
-    with _on_device(q):
+    with on_device(q):
         return _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale)
 
 
@@ -494,7 +480,7 @@ class _EagerRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, index, num_heads, region_h, region_w, scale):
-        with _on_device(q):
+        with on_device(q):
             out, lse = _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale)
         ctx.save_for_backward(q, k, v, index, out, lse)
         ctx.params = (num_heads, region_h, region_w, scale)
@@ -503,7 +489,7 @@ class _EagerRouting(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, index, out, lse = ctx.saved_tensors
-        with _on_device(q):
+        with on_device(q):
             dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, index, *ctx.params)
         return dq, dk, dv, None, None, None, None, None
 
@@ -557,21 +543,9 @@ def _triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_h
     b, h, w = (q.shape[0], *q.shape[1:3]) if layout == "nhwc" else (q.shape[0], *q.shape[2:4])
     rh, rw = region_size
     padded_rows = b * num_heads * -(-h // rh) * rh * -(-w // rw) * rw  # log-sum-exp entries, indexed in int32
-    if any(_image_extent(t) > _INT32_MAX for t in (q, k, v)) or padded_rows > _INT32_MAX:
+    if any(item_extent(t) > INT32_MAX for t in (q, k, v)) or padded_rows > INT32_MAX:
         return "tensors too large for the kernels' 32-bit in-image offsets"
-    if q.device.type == "cpu":
-        if not _kernels_interpreted():
-            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
-        if q.dtype == torch.bfloat16:
-            return "bfloat16 is broken in the Triton interpreter"
-    elif q.device.type != "cuda":
-        return f"device {q.device.type} is not supported"
-    return None
-
-
-def _image_extent(t: torch.Tensor) -> int:
-    """Largest element offset inside one batch item (the kernels index within an item in int32)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return device_reason(q.device, (q.dtype,), _kernels_interpreted())
 
 
 register_backend(_OP, "triton", routing_attention_triton, supports=_triton_supports, priority=10,

@@ -58,7 +58,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import register_backend
-from . import interpreter_requested, triton_missing_reason
+from . import (INT32_MAX, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
+               on_device, triton_missing_reason)
 
 __all__ = ["window_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_WINDOW_TOKENS", "MAX_HEAD_DIM"]
 
@@ -67,7 +68,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WINDOW_TOKENS = 256  # a window's keys and values are one tile each: 256 x 128 fp32 is half an SM's registers
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_INT32_MAX = 2**31 - 1
 
 # Launch knobs. block_m: the query rows a program handles at a time (None: as many as fit, see _Geometry); tests
 # lower it to run the multi-block loops on tiny windows. bias_programs: the most programs of a backward that also
@@ -283,7 +283,7 @@ class _Geometry:
         self.n = self.wh * self.ww
         self.nwx = self.w // self.ww
         self.nwin = (self.h // self.wh) * self.nwx
-        self.block_n = max(16, _next_pow2(self.n))
+        self.block_n = max(16, next_pow2(self.n))
         fp32 = q.dtype == torch.float32
         # Query rows per block: the largest score tile that compiles without register spills for sm_90 at head dim
         # 32 (ptxas -v on the kernels built for the Swin / CSWin windows of 49, 98 and 144 tokens): 8K floats in
@@ -305,22 +305,13 @@ class _Geometry:
 
     def constexprs(self) -> dict:
         return dict(WH=self.wh, WW=self.ww, D=self.d, DV=self.dv, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
-                    BLOCK_D=max(16, _next_pow2(self.d)), BLOCK_DV=max(16, _next_pow2(self.dv)))
+                    BLOCK_D=max(16, next_pow2(self.d)), BLOCK_DV=max(16, next_pow2(self.dv)))
 
     def bias_chunk(self) -> int:
         """Batch items per backward program when the bias gradient is summed over the batch."""
         programs = min(_TILES["bias_programs"], _BIAS_PARTIAL_FLOATS // (self.n * self.n))
         chunks = min(self.b, max(1, programs // (self.heads * self.nwin)))
         return -(-self.b // chunks)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 must not silently become TF32 (torch's matmul default is IEEE fp32); 16-bit inputs ignore this
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _launch_options(geo: _Geometry) -> dict[str, int]:
@@ -337,11 +328,6 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(st if size > 1 else 0 for size, st in zip(shape, stride))  # type: ignore[return-value]
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_forward(q, k, v, bias, window, shift, scale) -> torch.Tensor:
     """One kernel: (B, H, W, heads, d) views in, contiguous (B, H, W, heads, d_v) out."""
     geo = _Geometry(q, v, window, shift)
@@ -350,7 +336,7 @@ def _launch_forward(q, k, v, bias, window, shift, scale) -> torch.Tensor:
         return out
     _kernels()[0][(geo.programs(),)](
         q, k, v, q if bias is None else bias, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias),
-        *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype),
+        *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype),
         **geo.constexprs(), **_launch_options(geo))
     return out
 
@@ -368,13 +354,13 @@ def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: b
         chunk = geo.bias_chunk()
         partial = torch.empty((-(-geo.b // chunk), geo.nwin, geo.heads, geo.n, geo.n), device=q.device,
                               dtype=torch.float32)
-    if _item_extent(grad_out) > _INT32_MAX:  # an odd stride pattern; contiguous it fits (checked in supports)
+    if item_extent(grad_out) > INT32_MAX:  # an odd stride pattern; contiguous it fits (checked in supports)
         grad_out = grad_out.contiguous()
     _kernels()[1][(geo.programs(chunk),)](
         q, k, v, q if bias is None else bias, grad_out, dq, dk, dv, dq if partial is None else partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias),
         geo.b, chunk, *geo.runtime(), scale, scale * _LOG2E, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad,
-        PRECISION=_precision(q.dtype), **geo.constexprs(), **_launch_options(geo))
+        PRECISION=dot_precision(q.dtype), **geo.constexprs(), **_launch_options(geo))
     return dq, dk, dv, (_reduce_bias_grad(partial, bias) if bias_grad else None)
 
 
@@ -386,11 +372,6 @@ def _reduce_bias_grad(partial: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
     return grad.reshape(bias.shape).to(bias.dtype)
 
 
-def _item_extent(t: torch.Tensor) -> int:
-    """Largest element offset inside one batch item (the kernels index within an item in int32)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops (opaque to torch.compile) and autograd
 
@@ -400,7 +381,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
                 window_w: int, shift_y: int, shift_x: int, scale: float) -> torch.Tensor:
     """Fused window attention on (B, H, W, heads, d) views (any strides) with an optional bias broadcastable to
     (nW, heads, N, N); returns the contiguous (B, H, W, heads, d_v) output in q's dtype."""
-    with _on_device(q):
+    with on_device(q):
         return _launch_forward(q, k, v, bias, (window_h, window_w), (shift_y, shift_x), scale)
 
 
@@ -415,7 +396,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic fused backward: contiguous (B, H, W, heads, d) gradients of q, k and v, and the bias gradient
     (an empty tensor unless ``bias_grad``)."""
-    with _on_device(q):
+    with on_device(q):
         dq, dk, dv, dbias = _launch_backward(grad_out, q, k, v, bias, (window_h, window_w), (shift_y, shift_x),
                                              scale, bias_grad)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
@@ -452,7 +433,7 @@ class _EagerWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, window_h, window_w, shift_y, shift_x, scale):
-        with _on_device(q):
+        with on_device(q):
             out = _launch_forward(q, k, v, bias, (window_h, window_w), (shift_y, shift_x), scale)
         ctx.save_for_backward(q, k, v, bias)
         ctx.params = (window_h, window_w, shift_y, shift_x, scale)
@@ -464,7 +445,7 @@ class _EagerWindow(torch.autograd.Function):
         q, k, v, bias = ctx.saved_tensors
         window_h, window_w, shift_y, shift_x, scale = ctx.params
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        with _on_device(q):
+        with on_device(q):
             dq, dk, dv, dbias = _launch_backward(grad_out, q, k, v, bias, (window_h, window_w), (shift_y, shift_x),
                                                  scale, bias_grad)
         return dq, dk, dv, dbias, None, None, None, None, None
@@ -528,14 +509,8 @@ def _triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
         return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernels take at most {MAX_HEAD_DIM}"
     if _offsets_overflow(q, k, v, bias, tokens):
         return "tensors too large for the kernels' 32-bit in-image offsets"
-    if q.device.type == "cpu":
-        if not _kernels_interpreted():
-            return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
-        if q.dtype == torch.bfloat16 or (bias is not None and bias.dtype == torch.bfloat16):
-            return "bfloat16 is broken in the Triton interpreter"
-    elif q.device.type != "cuda":
-        return f"device {q.device.type} is not supported"
-    return None
+    dtypes = (q.dtype,) if bias is None else (q.dtype, bias.dtype)
+    return device_reason(q.device, dtypes, _kernels_interpreted())
 
 
 def _offsets_overflow(q, k, v, bias, tokens: int) -> bool:
@@ -544,7 +519,7 @@ def _offsets_overflow(q, k, v, bias, tokens: int) -> bool:
     n_win = (h * w) // tokens
     item = h * w * heads * max(q.shape[-1], v.shape[-1])  # the contiguous outputs and gradients
     bias_extent = 0 if bias is None else sum((s - 1) * st for s, st in zip(bias.shape, bias.stride()))
-    return max(item, bias_extent, n_win * heads * tokens * tokens, *(_item_extent(t) for t in (q, k, v))) > _INT32_MAX
+    return max(item, bias_extent, n_win * heads * tokens * tokens, *(item_extent(t) for t in (q, k, v))) > INT32_MAX
 
 
 register_backend(_OP, "triton", window_attention_triton, supports=_triton_supports, priority=20,

@@ -3,11 +3,7 @@ TRITON_INTERPRET=1, fp32/fp16, tiny shapes) and on the GPU (Agent-DeiT/-PVT/-Swi
 gradients, determinism, torch.compile); refusals on plain CPU."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +11,7 @@ import torch
 import zoo.ops.triton.agent as ta  # registers the backend
 from zoo.ops import agent_attention
 from zoo.ops._dispatch import select_backend
-
-HERE = Path(__file__).resolve().parent
+from triton_checks import assert_close_to, run_in_interpreter
 
 
 def make_inputs(b, heads, n, m, a, d, dv, *, dtype=torch.float32, device="cpu", bias="shared", seed=0):
@@ -53,16 +48,6 @@ def float64_out_and_grads(tensors, scale, grad_seed=7):
     """The reference backend on float64 copies (the oracle), same cotangent."""
     copies = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
     return out_and_grads(copies, "reference", scale, grad_seed)
-
-
-def assert_close_to(actual, expected, max_abs, rel_norm, what):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    scale = e.abs().max().item()
-    assert scale > 0, f"{what}: degenerate expected values"
-    err = (a - e).abs().max().item()
-    rel = ((a - e).norm() / e.norm()).item()
-    assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
 
 
 NAMES = ("out", "dq", "dk", "dv", "d_agent", "d_agent_bias", "d_query_bias")
@@ -141,20 +126,12 @@ def _interpreter_fp16_and_compile_checks() -> None:
     print("fp16 + compile ok")
 
 
-def _run_in_interpreter(check: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    code = f"import test_agent_triton as t; t.{check}(); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def test_triton_interpreter_fp32_forward_backward_determinism():
-    _run_in_interpreter("_interpreter_fp32_checks")
+    run_in_interpreter("test_agent_triton", "_interpreter_fp32_checks")
 
 
 def test_triton_interpreter_fp16_custom_op_and_compile_trace():
-    _run_in_interpreter("_interpreter_fp16_and_compile_checks")
+    run_in_interpreter("test_agent_triton", "_interpreter_fp16_and_compile_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

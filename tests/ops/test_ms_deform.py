@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import torch
 from zoo.ops import available_backends, ms_deform_attn
 from zoo.ops._dispatch import select_backend
 from zoo.ops.ms_deform import _triton_supports, ms_deform_attn_reference
+from triton_checks import assert_close_to, run_in_interpreter
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "focus_detr"
-HERE = Path(__file__).resolve().parent
 
 
 def msda_oracle(value, spatial_shapes, loc, attn):
@@ -68,16 +67,6 @@ def random_case(batch=2, queries=5, heads=2, channels=8, points=3, shapes=((4, 6
 def randn(*shape, seed=0, device="cpu"):
     """Standard-normal float32 tensor from its own generator (independent of whatever imports consumed)."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def assert_close_to(actual, expected, max_abs, rel_norm, what):
-    """max|a-b| <= max_abs * max|expected| and ||a-b|| / ||expected|| <= rel_norm (in float64)."""
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    rel = ((actual - expected).norm() / expected.norm()).item()
-    assert scale > 0, f"{what}: degenerate (all-zero) expected values"
-    assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
 
 
 def forward_and_grads(value, spatial, loc, attn, grad_out, backend, level_start_index=None):
@@ -253,20 +242,12 @@ def _interpreter_compile_checks() -> None:
         assert torch.equal(a, b)
 
 
-def _run_in_interpreter(check: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    code = f"import test_ms_deform as t; t.{check}(); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def test_triton_interpreter_forward_backward_determinism():
-    _run_in_interpreter("_interpreter_checks")
+    run_in_interpreter("test_ms_deform", "_interpreter_checks")
 
 
 def test_triton_interpreter_custom_op_and_compile_trace():
-    _run_in_interpreter("_interpreter_compile_checks")
+    run_in_interpreter("test_ms_deform", "_interpreter_compile_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

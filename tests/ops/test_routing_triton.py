@@ -3,11 +3,7 @@ TRITON_INTERPRET=1, fp32/fp16, tiny shapes) and on the GPU (BiFormer-T stage sha
 torch.compile); the torch-side helpers (routing, inverse routing lists) and refusals on plain CPU."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +13,7 @@ import zoo.ops.triton.routing as rt  # registers the backend
 from zoo.ops import available_backends, registered_backends, routing_attention
 from zoo.ops._dispatch import select_backend
 from zoo.ops.routing import _from_regions, _gather_regions, _pad_to_regions, _split_heads, _to_regions, route
-
-HERE = Path(__file__).resolve().parent
+from triton_checks import assert_close_to, run_in_interpreter
 
 
 def make_inputs(b, h, w, c_qk, c_v, *, seed=0, dtype=torch.float32, device="cpu", layout="nhwc"):
@@ -35,17 +30,6 @@ def out_and_grads(q, k, v, grad_seed=7, **kwargs):
     out = routing_attention(q, k, v, **kwargs)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
     return (out, *torch.autograd.grad(out, (q, k, v), g))
-
-
-def assert_close_to(actual, expected, max_abs, rel_norm, what):
-    """max|a-e| <= max_abs * max|e| and ||a-e|| / ||e|| <= rel_norm, in float64."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    scale = e.abs().max().item()
-    assert scale > 0, f"{what}: degenerate (all-zero) expected values"
-    err = (a - e).abs().max().item()
-    rel = ((a - e).norm() / e.norm()).item()
-    assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
 
 
 def attention_with_index(q, k, v, index, *, num_heads, region_size, scale):
@@ -221,20 +205,12 @@ def _interpreter_fp16_and_compile_checks() -> None:
     print("fp16 + compile ok")
 
 
-def _run_in_interpreter(check: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    code = f"import test_routing_triton as t; t.{check}(); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def test_triton_interpreter_fp32_forward_backward_determinism():
-    _run_in_interpreter("_interpreter_fp32_checks")
+    run_in_interpreter("test_routing_triton", "_interpreter_fp32_checks")
 
 
 def test_triton_interpreter_fp16_custom_op_and_compile_trace():
-    _run_in_interpreter("_interpreter_fp16_and_compile_checks")
+    run_in_interpreter("test_routing_triton", "_interpreter_fp16_and_compile_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

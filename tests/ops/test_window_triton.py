@@ -3,11 +3,7 @@ TRITON_INTERPRET=1, fp32/fp16, tiny shapes), refusals on plain CPU, and on the G
 fp32/fp16/bf16 against float64, bias gradient, determinism, torch.compile, automatic dispatch)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +11,8 @@ import torch
 import zoo.ops.triton.window as tw  # registers the backend
 from zoo.ops import available_backends, registered_backends, window_attention
 from zoo.ops._dispatch import select_backend
+from triton_checks import assert_close_to, run_in_interpreter
 
-HERE = Path(__file__).resolve().parent
 NAMES = ("out", "dq", "dk", "dv", "dbias")
 
 
@@ -63,17 +59,6 @@ def oracle_out_and_grads(q, k, v, window, *, shift=(0, 0), bias=None, scale=None
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(q.device, q.dtype)
     inputs = leaves + ([bias64] if bias64 is not None and bias64.requires_grad else [])
     return [out, *torch.autograd.grad(out, inputs, g.double())]
-
-
-def assert_close_to(actual, expected, max_abs, rel_norm, what):
-    """max|a-e| <= max_abs * max|e| and ||a-e|| / ||e|| <= rel_norm, in float64."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    scale = e.abs().max().item()
-    assert scale > 0, f"{what}: degenerate (all-zero) expected values"
-    err = (a - e).abs().max().item()
-    rel = ((a - e).norm() / e.norm()).item()
-    assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
 
 
 def _kwargs(**overrides):
@@ -271,20 +256,12 @@ def _interpreter_fp16_and_compile_checks() -> None:
     print("fp16 + compile ok")
 
 
-def _run_in_interpreter(check: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    code = f"import test_window_triton as t; t.{check}(); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def test_triton_interpreter_fp32_forward_backward_determinism():
-    _run_in_interpreter("_interpreter_fp32_checks")
+    run_in_interpreter("test_window_triton", "_interpreter_fp32_checks")
 
 
 def test_triton_interpreter_fp16_custom_op_and_compile_trace():
-    _run_in_interpreter("_interpreter_fp16_and_compile_checks")
+    run_in_interpreter("test_window_triton", "_interpreter_fp16_and_compile_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

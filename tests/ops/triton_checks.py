@@ -1,0 +1,33 @@
+"""Helpers shared by the test files of the Triton backends: float64 closeness, and checks run in Triton's CPU
+interpreter (a subprocess: ``TRITON_INTERPRET`` must be set before a backend builds its kernels)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, max_abs: float, rel_norm: float, what: str) -> None:
+    """max|a-e| <= max_abs * max|e| and ||a-e|| / ||e|| <= rel_norm, in float64; same shapes; e not all zero."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    scale = e.abs().max().item()
+    assert scale > 0, f"{what}: degenerate (all-zero) expected values"
+    err = (a - e).abs().max().item()
+    rel = ((a - e).norm() / e.norm()).item()
+    assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
+
+
+def run_in_interpreter(module: str, check: str) -> None:
+    """Run ``module.check()`` (a test file of this folder) in a fresh interpreter with ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    code = f"import {module} as t; t.{check}(); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
