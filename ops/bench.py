@@ -4,7 +4,9 @@ For each case of :data:`CASES` (an op at the shape one released model runs it at
 is available here, it measures the forward (under ``no_grad``) and the forward + backward, and reports the median
 time, the achieved TFLOP/s (model FLOPs: the attention products only; forward + backward counts 3x the forward)
 and GB/s (minimal traffic: every input and output tensor once; forward + backward counts 3x), the speed-up over the
-op's ``reference`` backend, and the peak memory above the inputs. ``dense_sdpa`` rows are "one dense SDPA over all
+op's ``reference`` backend, and the peak memory above the inputs. ``time_ms`` is a synchronised step, host included;
+on CUDA ``device_ms`` is the step's summed kernel time (``torch.profiler``): where ``time_ms`` is well above it the op
+is bound by host (launch) time, not by the GPU. ``dense_sdpa`` rows are "one dense SDPA over all
 tokens" baselines; their ratio is against the reference of the case they accompany.
 
 ``sdpa_plain`` rows (case name ``<case>.sdpa``) are the cost targets of agent, window, downsampled and cross attention:
@@ -345,6 +347,18 @@ def _median_ms(step: Callable[[], None], device: torch.device, warmup: int, iter
     return statistics.median(times)
 
 
+def _device_ms(step: Callable[[], None], device: torch.device, iters: int) -> float:
+    """Mean summed kernel time of one step on a CUDA device (the GPU's own cost, without host overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
+
+
 def _fallback_reason(fn: Callable[[], Any]) -> str | None:
     """Run once; the dispatch warning text if the requested backend fell back, else None."""
     from . import _dispatch
@@ -419,6 +433,7 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
            "gbps": factor * (tensor_bytes + out_bytes) / (ms * 1e-3) / 1e9}
     if device.type == "cuda":
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        row["device_ms"] = _device_ms(step, device, iters)
     return row
 
 
@@ -468,8 +483,8 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
 
     Rows carry ``case, op, model, backend, mode, dtype, device, batch, status`` and, when measured, ``time_ms``
     (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend), ``x_sdpa`` (time over
-    the case's plain-SDPA baseline, for the cases that have one) and ``peak_mib`` (CUDA: peak allocation above the
-    inputs).
+    the case's plain-SDPA baseline, for the cases that have one), ``peak_mib`` (CUDA: peak allocation above the
+    inputs) and ``device_ms`` (CUDA: summed kernel time of one step).
     """
     dev = torch.device(device)
     rows = []
@@ -494,8 +509,8 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
 # --- output ----------------------------------------------------------------------------------------------------------
 
 COLUMNS = [("case", 22, "{}"), ("backend", 10, "{}"), ("mode", 8, "{}"), ("batch", 5, "{}"), ("time_ms", 10, "{:.3f}"),
-           ("tflops", 8, "{:.2f}"), ("gbps", 8, "{:.1f}"), ("vs_reference", 12, "{:.2f}x"), ("x_sdpa", 7, "{:.2f}x"),
-           ("peak_mib", 9, "{:.0f}"), ("status", 0, "{}")]
+           ("device_ms", 9, "{:.3f}"), ("tflops", 8, "{:.2f}"), ("gbps", 8, "{:.1f}"), ("vs_reference", 12, "{:.2f}x"),
+           ("x_sdpa", 7, "{:.2f}x"), ("peak_mib", 9, "{:.0f}"), ("status", 0, "{}")]
 
 
 def _format_row(row: dict) -> str:
@@ -533,8 +548,8 @@ def environment(device: str) -> dict:
 def write_results(rows: list[dict], out_dir: Path, env: dict) -> tuple[Path, Path]:
     """Write ``ops_bench.csv`` and ``ops_bench.json`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["case", "op", "model", "backend", "mode", "dtype", "device", "batch", "time_ms", "tflops", "gbps",
-            "vs_reference", "x_sdpa", "peak_mib", "status"]
+    keys = ["case", "op", "model", "backend", "mode", "dtype", "device", "batch", "time_ms", "device_ms", "tflops",
+            "gbps", "vs_reference", "x_sdpa", "peak_mib", "status"]
     csv_path, json_path = out_dir / "ops_bench.csv", out_dir / "ops_bench.json"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -31,6 +31,7 @@ def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):
     json_x = {(r["case"], r["backend"], r["mode"]): r["x_sdpa"] for r in rows if "x_sdpa" in r}
     assert json_x and all(float(csv_by_key[k]["x_sdpa"]) == pytest.approx(v) for k, v in json_x.items())
     assert csv_by_key[("nat_t.s0", "reference", "fwd")]["x_sdpa"] == ""  # no plain-SDPA target for NA
+    assert csv_by_key[("nat_t.s0", "reference", "fwd")]["device_ms"] == ""  # kernel time is measured on CUDA only
     by_key = {(r["case"], r["backend"], r["mode"]): r for r in rows}
     for case in ("pvt_s.s0", "lookupvit_b.mhbc", "nat_t.s0", "dinat_t.s1", "croc_7b.attn"):
         for mode in ("fwd", "fwd+bwd"):
@@ -153,3 +154,12 @@ def test_plain_sdpa_builder_shapes_flops_and_calls():
     torch.testing.assert_close(out_k, torch.softmax(k @ q.transpose(-1, -2) / 4, -1) @ v_rev)
     # selecting an op brings its plain-SDPA target along
     assert [c.name for c in bench.select_cases(["window_attention"])] == ["agent_swin_t.s2", "agent_swin_t.s2.sdpa"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rows_carry_the_kernel_time_next_to_the_step_time():
+    rows = bench.run(ops=["pvt_s.s0"], backends=["reference"], dtype=torch.float16, device="cuda", quick=True,
+                     warmup=1, iters=3)
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert timed and all(0 < r["device_ms"] < 10 * r["time_ms"] for r in timed)
