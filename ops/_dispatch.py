@@ -12,6 +12,12 @@ missing library) or None. Dispatch order:
 
 A requested backend that cannot serve an input warns once with its reason and dispatch falls back to automatic
 choice: wrong numbers are never returned silently.
+
+Ops whose argument checks and backend rules read only metadata (shapes, strides, dtypes, devices, requires_grad,
+scalar arguments), not tensor values, pass :func:`call_key` of their raw arguments: a call with the key of an earlier
+one skips the checks (:func:`validated`) and reuses its choice. Eager models are bound by host time on a fast GPU
+(one attention call's checks cost as much host time as its kernel takes on an H200), and a model calls each layer's
+op with the same metadata every step.
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 __all__ = ["Backend", "register_backend", "available_backends", "registered_backends", "select_backend", "dispatch",
-           "BackendUnavailable"]
+           "BackendUnavailable", "call_key", "validated"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,6 +77,13 @@ def register_backend(op: str, name: str, fn: Callable[..., Any], *, supports: Ca
 # order is sorted once per registry state rather than per call
 _ORDER: dict[str, tuple[dict[str, Backend], tuple[Backend, ...], list[Backend]]] = {}
 
+_SCALARS = (bool, int, float, str, type(None))
+# op -> {(backend, ZOO_OPS_BACKEND, grad mode, call key): chosen backend} and op -> {call keys whose checks passed};
+# bounded (a model has a few dozen distinct calls; shapes that change every step must not grow them without end)
+_CHOICES: dict[str, dict[tuple, Backend]] = {}
+_VALID: dict[str, set[tuple]] = {}
+_MEMO_LIMIT = 512
+
 
 def _by_priority(op: str) -> list[Backend]:
     backends = _REGISTRY[op]
@@ -77,6 +92,7 @@ def _by_priority(op: str) -> list[Backend]:
     if cached is None or cached[0] is not backends or cached[1] != values:
         cached = (backends, values, sorted(values, key=lambda b: -b.priority))
         _ORDER[op] = cached
+        _CHOICES.pop(op, None)  # choices remembered by dispatch were made among the old backends
     return cached[2]
 
 
@@ -139,6 +155,57 @@ def select_backend(op: str, backend: str | None, *args: Any, **kwargs: Any) -> B
     raise BackendUnavailable(f"no backend of {op} can serve this input: " + "; ".join(reasons))
 
 
-def dispatch(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Any:
-    """Run ``op`` on the selected backend."""
-    return select_backend(op, backend, *args, **kwargs).fn(*args, **kwargs)
+def call_key(*args: Any) -> tuple | None:
+    """Hashable metadata of an op's raw arguments, or None when they cannot be summarised that way.
+
+    A tensor contributes (shape, strides, dtype, device, requires_grad), a scalar or a tuple of scalars its value.
+    Inside ``torch.compile`` tracing there is no key: dynamo traces the checks and the choice once per graph.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.shape, a.stride(), a.dtype, a.device, a.requires_grad))
+        elif isinstance(a, _SCALARS) or (isinstance(a, tuple) and all(isinstance(x, _SCALARS) for x in a)):
+            key.append(a)
+        else:
+            return None
+    return tuple(key)
+
+
+def validated(op: str, key: tuple | None) -> bool:
+    """Whether a call with this :func:`call_key` already passed the op's argument checks."""
+    return key is not None and key in _VALID.get(op, ())
+
+
+def _remember(table: dict, op: str, entry: Any, value: Any = None) -> None:
+    memo = table.setdefault(op, {} if value is not None else set())
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    if value is None:
+        memo.add(entry)
+    else:
+        memo[entry] = value
+
+
+def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None, **kwargs: Any) -> Any:
+    """Run ``op`` on the selected backend.
+
+    Args:
+        key: the :func:`call_key` of the op's raw arguments, whose checks have passed: the choice is then made once
+            per (key, ``backend``, ``ZOO_OPS_BACKEND``, grad mode). Only for ops whose checks and backend rules
+            read metadata, never tensor values.
+    """
+    if key is None:
+        return select_backend(op, backend, *args, **kwargs).fn(*args, **kwargs)
+    _by_priority(op)  # a changed registry forgets the remembered choices
+    memo_key = (backend, os.environ.get("ZOO_OPS_BACKEND"), torch.is_grad_enabled(), key)
+    chosen = _CHOICES.get(op, {}).get(memo_key)
+    if chosen is None:
+        warned = len(_WARNED)
+        chosen = select_backend(op, backend, *args, **kwargs)
+        _remember(_VALID, op, key)
+        if len(_WARNED) == warned:  # a fallback warns once per reason: choose again so later calls see it too
+            _remember(_CHOICES, op, memo_key, chosen)
+    return chosen.fn(*args, **kwargs)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ._sdpa import sdpa
 from ._checks import broadcasts_to
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["agent_attention"]
 
@@ -54,11 +54,13 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: to
     Returns:
         (B, heads, N, d_v) in the dtype of ``q`` (the triton backend returns a view of token-major memory).
     """
-    _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p)
+    key = call_key(q, k, v, agent, agent_bias, query_bias, scale, dropout_p)
+    if not validated(_OP, key):
+        _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return dispatch(_OP, backend, q, k, v, agent, scale=float(scale), agent_bias=agent_bias,
-                    query_bias=query_bias, dropout_p=float(dropout_p))
+                    query_bias=query_bias, dropout_p=float(dropout_p), key=key)
 
 
 def _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p) -> None:

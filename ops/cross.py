@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ._sdpa import mixed_dtypes_reason, sdpa
 from ._checks import broadcasts_to
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["cross_attention"]
 
@@ -57,10 +57,13 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v_k: torch.Tensor | None =
         ``(out_q, out_k)``: (B, heads, M, d_v) and (B, heads, N, d_v2) in the dtype of ``q``; the direction whose
         values were not given is None.
     """
-    _check_inputs(q, k, v_k, v_q, bias, dropout_p)
+    key = call_key(q, k, v_k, v_q, bias, scale, dropout_p)
+    if not validated(_OP, key):
+        _check_inputs(q, k, v_k, v_q, bias, dropout_p)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return dispatch(_OP, backend, q, k, v_k, v_q, bias=bias, scale=float(scale), dropout_p=float(dropout_p))
+    return dispatch(_OP, backend, q, k, v_k, v_q, bias=bias, scale=float(scale), dropout_p=float(dropout_p),
+                    key=key)
 
 
 def _shape(t) -> object:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import autocast_dtype
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import device_reason, interpreter_requested, no_device_reason, on_device
 
 __all__ = ["LayerNorm", "layer_norm"]
@@ -64,8 +64,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         result; otherwise the dtype of ``x``. Under autocast this saves ``nn.LayerNorm``'s float32 output and the cast
         kernel the next op would run on it. Gradients come back in the dtypes of ``x``, ``weight`` and ``bias``.
     """
-    _check_inputs(x, weight, bias, eps)
-    return dispatch(_OP, backend, x, weight, bias, float(eps), _out_dtype(x))
+    out_dtype = _out_dtype(x) if isinstance(x, torch.Tensor) else None
+    key = call_key(x, weight, bias, eps, out_dtype)  # the output dtype follows autocast, and so may the choice
+    if not validated(_OP, key):
+        _check_inputs(x, weight, bias, eps)
+    return dispatch(_OP, backend, x, weight, bias, float(eps), out_dtype, key=key)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:

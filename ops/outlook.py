@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .triton import device_reason, interpreter_requested, no_device_reason, on_device
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["outlook_attention", "outlook_window_grid"]
 
@@ -66,11 +66,13 @@ def outlook_attention(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kerne
     Returns:
         (B, H, W, C) in the dtype of ``v``.
     """
-    _check_inputs(v, attn, num_heads, kernel_size, stride, padding, dropout_p)
+    key = call_key(v, attn, num_heads, kernel_size, stride, padding, scale, dropout_p)
+    if not validated(_OP, key):
+        _check_inputs(v, attn, num_heads, kernel_size, stride, padding, dropout_p)
     if scale is None:
         scale = (v.shape[-1] // num_heads) ** -0.5
     return dispatch(_OP, backend, v, attn, int(num_heads), int(kernel_size), int(stride), int(padding),
-                    float(scale), float(dropout_p))
+                    float(scale), float(dropout_p), key=key)
 
 
 def _check_inputs(v, attn, num_heads, kernel_size, stride, padding, dropout_p) -> None:

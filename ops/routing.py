@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ._amp import autocast_dtype
 from ._cache import cached_constant
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 from ._sdpa import sdpa
 
 __all__ = ["routing_attention", "route", "region_sums"]
@@ -77,10 +77,14 @@ def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
     Returns:
         (B, H, W, C_v) for ``"nhwc"``, (B, C_v, H, W) for ``"nchw"``, in the dtype of ``v``.
     """
-    region = _check_inputs(q, k, v, num_heads, region_size, topk, scale, routing_scale, layout)
+    key = call_key(q, k, v, num_heads, region_size, topk, scale, routing_scale, layout)
+    if validated(_OP, key):
+        region = _pair(region_size)
+    else:
+        region = _check_inputs(q, k, v, num_heads, region_size, topk, scale, routing_scale, layout)
     return dispatch(_OP, backend, q, k, v, num_heads=int(num_heads), region_size=region, topk=int(topk),
                     scale=float(scale), routing_scale=None if routing_scale is None else float(routing_scale),
-                    layout=layout)
+                    layout=layout, key=key)
 
 
 def _check_inputs(q, k, v, num_heads, region_size, topk, scale, routing_scale, layout) -> tuple[int, int]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ._sdpa import mixed_dtypes_reason, sdpa
 from ._cache import cached_constant
 from ._checks import broadcasts_to
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["window_attention", "window_partition", "window_reverse", "shifted_window_mask"]
 
@@ -72,11 +72,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     window = _pair(window_size, "window_size")
     shift = _pair(shift_size, "shift_size")
-    _check_inputs(q, k, v, window, shift, bias, dropout_p)
+    key = call_key(q, k, v, window, shift, bias, scale, dropout_p)
+    if not validated(_OP, key):
+        _check_inputs(q, k, v, window, shift, bias, dropout_p)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return dispatch(_OP, backend, q, k, v, window_size=window, shift_size=shift, scale=float(scale), bias=bias,
-                    dropout_p=float(dropout_p))
+                    dropout_p=float(dropout_p), key=key)
 
 
 def _check_inputs(q, k, v, window, shift, bias, dropout_p) -> None:

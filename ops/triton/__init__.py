@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
-           "next_pow2", "dot_precision", "item_extent", "INT32_MAX"]
+           "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
 
@@ -80,3 +80,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 def item_extent(t: torch.Tensor) -> int:
     """Largest element offset inside one batch item (dim 0): kernels that index within an item use int32."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def broadcast_strides(shape: Sequence[int], stride: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Strides of a tensor broadcast to ``ndim`` dims: 0 along missing leading dims and size-1 dims.
+
+    What ``t.expand(target).stride()`` gives (a size-1 dim is only ever indexed at 0), without a tensor op.
+    """
+    lead = ndim - len(shape)
+    return (0,) * lead + tuple(0 if size == 1 else st for size, st in zip(shape, stride))

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._dispatch import register_backend
-from . import (INT32_MAX, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
+from . import (INT32_MAX, broadcast_strides, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
                on_device, triton_missing_reason)
 
 __all__ = ["agent_attention_triton", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
@@ -236,9 +236,9 @@ def _token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor, dtype: 
     return torch.empty((b, n, heads, d), device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
 
 
-def _bias_strides(bias: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Strides of ``bias`` broadcast to ``shape`` (0 along broadcast dims); zeros when there is no bias."""
-    return (0, 0, 0, 0) if bias is None else bias.expand(shape).stride()
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
+    """Strides of ``bias`` broadcast to 4 dims (0 along broadcast dims); zeros when there is no bias."""
+    return (0, 0, 0, 0) if bias is None else broadcast_strides(bias.shape, bias.stride(), 4)
 
 
 class _Sizes(NamedTuple):
@@ -255,18 +255,28 @@ class _Sizes(NamedTuple):
         b, heads, n, d = q.shape
         return cls(b, heads, n, v.shape[2], agent.shape[2], d, v.shape[3])
 
-    def constexprs(self, dtype: torch.dtype) -> dict:
-        return dict(D=self.d, DV=self.dv, BLOCK_D=max(16, next_pow2(self.d)), BLOCK_DV=max(16, next_pow2(self.dv)),
-                    BLOCK_A=max(16, next_pow2(self.a)), BLOCK_T=_BLOCK_T, PRECISION=dot_precision(dtype))
+
+class _Plan(NamedTuple):
+    """What a launch needs besides the tensors, computed once per sizes and dtype (host time matters here)."""
+    sizes: _Sizes
+    runtime: tuple[int, ...]  # heads, N, M, A
+    constexprs: dict
+    num_warps: int
 
 
-def _num_warps(sizes: _Sizes, backward: bool) -> int:
+@functools.lru_cache(maxsize=256)
+def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool) -> _Plan:
+    s = sizes
+    constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
+                      BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=_BLOCK_T, PRECISION=dot_precision(dtype))
     # the backward keeps two (A, d) float32 accumulators and the agent tiles in registers over both loops
-    return 8 if backward or sizes.a > 64 or max(sizes.d, sizes.dv) > 64 else 4
+    num_warps = 8 if backward or s.a > 64 or max(s.d, s.dv) > 64 else 4
+    return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, num_warps)
 
 
 def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale):
-    s = _Sizes.of(q, v, agent)
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, False)
+    s = plan.sizes
     out = _token_major(s.b, s.heads, s.n, s.dv, q)
     agent_v = torch.empty((s.b, s.heads, s.a, s.dv), device=q.device, dtype=q.dtype)
     lse1 = torch.empty((s.b, s.heads, s.a), device=q.device, dtype=torch.float32)
@@ -276,15 +286,16 @@ def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale):
     _kernels().forward[(s.b * s.heads,)](
         q, k, v, agent, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
         out, agent_v, lse1, lse2, *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
-        *_bias_strides(agent_bias, (s.b, s.heads, s.a, s.m)), *_bias_strides(query_bias, (s.b, s.heads, s.n, s.a)),
-        s.heads, s.n, s.m, s.a, scale * _LOG2E, HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None,
-        num_warps=_num_warps(s, False), num_stages=2, **s.constexprs(q.dtype))
+        *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale * _LOG2E,
+        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, num_warps=plan.num_warps, num_stages=2,
+        **plan.constexprs)
     return out, agent_v, lse1, lse2
 
 
 def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale,
                      agent_bias_grad: bool, query_bias_grad: bool):
-    s = _Sizes.of(q, v, agent)
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True)
+    s = plan.sizes
     dq = _token_major(s.b, s.heads, s.n, s.d, q)
     dk = _token_major(s.b, s.heads, s.m, s.d, k)
     dv = _token_major(s.b, s.heads, s.m, s.dv, v)
@@ -297,10 +308,9 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         grad_out, q, k, v, agent, agent_bias if agent_bias is not None else q,
         query_bias if query_bias is not None else q, out, agent_v, lse1, lse2, dq, dk, dv, da, dab, dqb,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
-        *_bias_strides(agent_bias, (s.b, s.heads, s.a, s.m)), *_bias_strides(query_bias, (s.b, s.heads, s.n, s.a)),
-        s.heads, s.n, s.m, s.a, scale, scale * _LOG2E, HAS_AB=agent_bias is not None,
-        HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad, QB_GRAD=query_bias_grad,
-        num_warps=_num_warps(s, True), num_stages=1, **s.constexprs(q.dtype))
+        *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale, scale * _LOG2E,
+        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad,
+        QB_GRAD=query_bias_grad, num_warps=plan.num_warps, num_stages=1, **plan.constexprs)
     return dq, dk, dv, da, dab, dqb
 
 

@@ -162,4 +162,6 @@ def test_cuda_rows_carry_the_kernel_time_next_to_the_step_time():
     rows = bench.run(ops=["pvt_s.s0"], backends=["reference"], dtype=torch.float16, device="cuda", quick=True,
                      warmup=1, iters=3)
     timed = [r for r in rows if r["status"] == "ok"]
-    assert timed and all(0 < r["device_ms"] < 10 * r["time_ms"] for r in timed)
+    # kernels of one stream run one after another inside the synchronised step: their sum cannot exceed it (a sum
+    # that also counted the CPU-side op rows of the profile would come out about twice the kernels' time)
+    assert timed and all(0 < r["device_ms"] <= 1.05 * r["time_ms"] for r in timed)

@@ -153,3 +153,88 @@ def test_cpu_autocast_bf16_matches_float32(randn, assert_close, op):
         got = fn(lin(q), lin(k), lin(v))
     assert got.dtype == torch.bfloat16
     assert_close(got, want, atol=6e-2, rtol=3e-2, what=f"{op} bf16 autocast")
+
+
+@pytest.fixture
+def counted_op(monkeypatch):
+    """A throwaway op whose fast backend counts its support checks and serves float32 only."""
+    monkeypatch.setattr(_dispatch, "_REGISTRY", dict(_dispatch._REGISTRY))
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    monkeypatch.setattr(_dispatch, "_CHOICES", {})
+    monkeypatch.setattr(_dispatch, "_VALID", {})
+    checks = []
+
+    def supports(x):
+        checks.append(tuple(x.shape))
+        return None if x.dtype == torch.float32 else f"dtype {x.dtype}"
+
+    ops.register_backend("counted", "reference", lambda x: ("reference", x), priority=0)
+    ops.register_backend("counted", "fast", lambda x: ("fast", x), priority=10, supports=supports,
+                         prefer=lambda x: "reference is faster when training" if x.requires_grad else None)
+    return checks
+
+
+def _run(x, backend=None):
+    return ops.dispatch("counted", backend, x, key=_dispatch.call_key(x))[0]
+
+
+def test_keyed_dispatch_checks_each_metadata_once(counted_op):
+    x = torch.randn(2, 3)
+    assert [_run(x), _run(x), _run(torch.randn(2, 3))] == ["fast"] * 3
+    assert counted_op == [(2, 3)]  # same shape, strides, dtype, device: one check
+    assert _run(torch.randn(3, 2)) == "fast" and _run(torch.randn(3, 2).t()) == "fast"  # new shape; new strides
+    assert counted_op == [(2, 3), (3, 2), (2, 3)]
+    assert _run(x.double()) == "reference"  # dtype is part of the key
+    trainable = torch.randn(2, 3, requires_grad=True)
+    assert _run(trainable) == "reference"  # requires_grad too (the prefer rule reads it)
+    with torch.no_grad():
+        assert _run(trainable) == "reference"  # and grad mode: a new choice, same answer from the rule
+
+
+def test_keyed_dispatch_follows_requests_environment_and_registry(counted_op, monkeypatch):
+    x = torch.randn(2, 3)
+    assert _run(x) == "fast"
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "counted:reference")
+    assert _run(x) == "reference"
+    monkeypatch.delenv("ZOO_OPS_BACKEND")
+    assert _run(x, backend="reference") == "reference" and _run(x) == "fast"
+    # re-registering a backend forgets the remembered choices
+    ops.register_backend("counted", "fast", lambda x: ("new fast", x), priority=10)
+    assert _run(x) == "new fast"
+
+
+def test_keyed_dispatch_keeps_warning_about_each_fallback(counted_op):
+    x = torch.randn(2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="backend 'fast' cannot serve this input"):
+        assert _run(x, backend="fast") == "reference"
+    _dispatch._WARNED.clear()  # what `zoo bench ops` does to see a fallback: the choice was not remembered
+    with pytest.warns(UserWarning, match="backend 'fast' cannot serve this input"):
+        assert _run(x, backend="fast") == "reference"
+
+
+def test_call_key_summarises_metadata_only():
+    x = torch.randn(2, 3)
+    assert _dispatch.call_key(x, 0.5, (2, 2), None, "nhwc") == _dispatch.call_key(torch.zeros(2, 3), 0.5, (2, 2),
+                                                                                   None, "nhwc")
+    assert _dispatch.call_key(x, 0.5) != _dispatch.call_key(x, 0.25)
+    assert _dispatch.call_key(x, [2, 2]) is None  # a list could be changed in place: no key, checks run every call
+
+
+def test_memo_is_bounded(counted_op, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_MEMO_LIMIT", 4)
+    for n in range(1, 11):
+        _run(torch.randn(n))
+    assert len(_dispatch._CHOICES["counted"]) <= 4 and len(_dispatch._VALID["counted"]) <= 4
+
+
+def test_a_real_op_still_rejects_bad_input_after_good_calls(randn):
+    q, k, v, agent = randn(1, 2, 9, 8, seed=1), randn(1, 2, 9, 8, seed=2), randn(1, 2, 9, 8, seed=3), \
+        randn(1, 2, 4, 8, seed=4)
+    first = ops.agent_attention(q, k, v, agent)
+    torch.testing.assert_close(ops.agent_attention(q, k, v, agent), first, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="agent_bias of shape \\(3, 4, 9\\) does not broadcast"):
+        ops.agent_attention(q, k, v, agent, agent_bias=randn(3, 4, 9, seed=5))
+    with pytest.raises(ValueError, match="topk must be an int in"):
+        x = randn(1, 4, 4, 8, seed=6)
+        ops.routing_attention(x, x, x, num_heads=2, region_size=2, topk=1, scale=0.3)
+        ops.routing_attention(x, x, x, num_heads=2, region_size=2, topk=5, scale=0.3)
