@@ -172,9 +172,10 @@ def test_ops_backend_forces_a_backend_on_every_op_that_has_it(monkeypatch):
 
 
 def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeypatch, tmp_path, capsys):
-    speed = {("timm_m", "auto", False): 100.0, ("timm_m", "auto", True): 250.0, ("timm_m", "reference", False): 100.0,
-             ("timm_m", "reference", True): 250.0, ("zoo_m", "auto", False): 300.0, ("zoo_m", "auto", True): 600.0,
-             ("zoo_m", "reference", False): 50.0, ("zoo_m", "reference", True): 80.0}
+    on = "reduce-overhead"
+    speed = {("timm_m", "auto", False): 100.0, ("timm_m", "auto", on): 250.0, ("timm_m", "reference", False): 100.0,
+             ("timm_m", "reference", on): 250.0, ("zoo_m", "auto", False): 300.0, ("zoo_m", "auto", on): 600.0,
+             ("zoo_m", "reference", False): 50.0, ("zoo_m", "reference", on): 80.0}
 
     def fake_bench_model(name, batch_sizes, dtypes, device, modes, img_size, compile, *rest):
         backend = "reference" if "reference" in os.environ.get("ZOO_OPS_BACKEND", "") else "auto"
@@ -185,13 +186,14 @@ def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeyp
     monkeypatch.setattr(bench, "bench_model", fake_bench_model)
     monkeypatch.setattr(bench, "write_results", lambda rows, out, meta: (written.extend(rows), ("a", "b"))[1])
     monkeypatch.delenv("ZOO_OPS_BACKEND", raising=False)
-    assert bench.main(["timm_m", "zoo_m", "--ops-backend", "auto,reference", "--with-compile", "--device", "cpu"]) == 0
+    assert bench.main(["timm_m", "zoo_m", "--ops-backend", "auto,reference", "--with-compile", "--compile-mode", on,
+                       "--device", "cpu"]) == 0
     assert "x_base" in capsys.readouterr().out
     got = [(r["model"], r["ops"], r["compile"], r["x_base"]) for r in written]
-    assert got == [("timm_m", "auto", False, 1.0), ("timm_m", "auto", True, 2.5),
-                   ("timm_m", "reference", False, 1.0), ("timm_m", "reference", True, 2.5),
-                   ("zoo_m", "auto", False, 3.0), ("zoo_m", "auto", True, 6.0),
-                   ("zoo_m", "reference", False, 0.5), ("zoo_m", "reference", True, 0.8)]
+    assert got == [("timm_m", "auto", False, 1.0), ("timm_m", "auto", on, 2.5),
+                   ("timm_m", "reference", False, 1.0), ("timm_m", "reference", on, 2.5),
+                   ("zoo_m", "auto", False, 3.0), ("zoo_m", "auto", on, 6.0),
+                   ("zoo_m", "reference", False, 0.5), ("zoo_m", "reference", on, 0.8)]
     assert "ZOO_OPS_BACKEND" not in os.environ
 
 
@@ -203,3 +205,15 @@ def test_add_baseline_ratios_uses_the_first_row_of_each_mode_dtype_batch():
             dict(mode="train", dtype="bf16", batch_size=8, images_per_s=30.0)]
     bench.add_baseline_ratios(rows)
     assert [r["x_base"] for r in rows] == [1.0, 1.0, 2.5, None, 1.5]
+
+
+def test_bench_model_compiles_with_the_mode_asked_for(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (seen.append(mode), model)[1])
+    rows = bench.bench_model("biformer_tiny", [2], ["fp32"], "cpu", img_size=32, compile="reduce-overhead", warmup=0,
+                             iters=1, model_kwargs=TINY)
+    assert seen == ["reduce-overhead"] and rows[0]["compile"] == "reduce-overhead" and rows[0]["images_per_s"] > 0
+    assert bench.bench_model("biformer_tiny", [2], ["fp32"], "cpu", img_size=32, compile=True, warmup=0, iters=1,
+                             model_kwargs=TINY)[0]["compile"] == "default" and seen[-1] == "default"
+    with pytest.raises(ValueError, match=r"compile='fast': pass False, True or one of \['default', 'reduce-overhead'"):
+        bench.bench_model("biformer_tiny", [2], ["fp32"], "cpu", compile="fast", model_kwargs=TINY)

@@ -4,6 +4,7 @@ Examples::
 
     zoo bench biformer_tiny agent_swin_t --batch-sizes 1,64 --dtype fp32,bf16 --train --out bench/
     zoo bench resnet50 --compile --channels-last --device cuda
+    zoo bench biformer_tiny --dtype bf16 --batch-sizes 128 --train --compile --compile-mode reduce-overhead
     zoo bench volo_d1_224 zoo_volo_d1_224 --dtype bf16 --batch-sizes 128 --ops-backend auto,reference --with-compile
     zoo bench ops ...            (delegates to zoo.ops.bench)
 
@@ -14,7 +15,9 @@ to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version
 
 ``--ops-backend auto,reference`` runs every model once per choice of attention backend (``auto``: the dispatch's
 choice; a name forces that backend on every ``zoo.ops`` op that has it), ``--with-compile`` times eager and
-``torch.compile`` models in the same process. ``x_base`` is each row's images/s over the baseline row's, the
+``torch.compile`` models in the same process; ``--compile-mode`` is ``torch.compile``'s ``mode`` (``reduce-overhead``
+replays CUDA graphs: on a fast GPU the eager and the default compiled models are bound by host time, not by their
+kernels, so their speeds hide what the kernels gain). ``x_base`` is each row's images/s over the baseline row's, the
 baseline being the first model, eager, first ops backend, at the same mode, dtype and batch size: list a timm model
 first to read every zoo row against it.
 """
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 __all__ = ["add_baseline_ratios", "bench_model", "build_parser", "format_table", "main", "ops_backend", "time_fn"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
            "latency_ms", "latency_p90_ms", "peak_mem_mib", "params_m", "channels_last", "device", "error"]
 
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", default=None, help="JSON dict of constructor arguments for every model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (and training step)")
     p.add_argument("--with-compile", action="store_true", help="time both the eager and the compiled model")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled runs (reduce-overhead: CUDA graphs)")
     p.add_argument("--ops-backend", default="auto",
                    help="comma-separated attention backends to run with: auto (dispatch's choice) or a backend name "
                         "forced on every zoo.ops op that has it, e.g. auto,reference")
@@ -158,15 +164,21 @@ def _input_size(model: torch.nn.Module, img_size: int | None) -> tuple[int, int,
 
 
 def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], device: str | torch.device = "cpu",
-                modes: tuple[str, ...] = ("infer",), img_size: int | None = None, compile: bool = False,
+                modes: tuple[str, ...] = ("infer",), img_size: int | None = None, compile: bool | str = False,
                 channels_last: bool = False, warmup: int = 3, iters: int = 10,
                 model_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One result row per (mode, dtype, batch size): images/s, mean and p90 latency, CUDA peak memory.
 
-    A configuration that runs out of memory gets a row with ``error='OOM'`` (one that fails otherwise, its exception)
-    and the sweep goes on.
+    ``compile``: False for eager, True or a ``torch.compile`` mode name (see ``COMPILE_MODES``) to compile; the rows'
+    ``compile`` column is False or the mode. A configuration that runs out of memory gets a row with ``error='OOM'``
+    (one that fails otherwise, its exception) and the sweep goes on.
     """
     import zoo
+
+    if compile is True:
+        compile = "default"
+    if compile is not False and compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r}: pass False, True or one of {list(COMPILE_MODES)}")
 
     device = torch.device(device)
     model = zoo.create_model(model_name, **dict(model_kwargs or {})).to(device)
@@ -174,7 +186,7 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
         model = model.to(memory_format=torch.channels_last)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     chw = _input_size(model, img_size)
-    runner = torch.compile(model) if compile else model
+    runner = torch.compile(model, mode=compile) if compile else model
     rows = []
     for mode in modes:
         for dtype in dtypes:
@@ -297,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     model_kwargs = _parse_model_kwargs(args.model_kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = _csv_list(args.ops_backend, "--ops-backend", str)
-    compiles = (False, True) if args.with_compile else (args.compile,)
+    compiled_mode = args.compile_mode
+    compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
     rows = []
     for name in args.models:
         for backend in backends:
