@@ -87,14 +87,16 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None,
         _TILES.update(old)
 
 
-def _launch_options(rows: int, cols: int, dtype: torch.dtype) -> dict[str, int]:
-    """num_warps / num_stages for a kernel whose score tile is rows x cols."""
-    # 4 warps: the usual choice for <= 64 x 64 tiles at head dim 32 (sm_90 builds use 70-160 registers a thread for
-    # these kernels; 2 warps push the small-tile dK/dV kernel near 150). fp32 runs IEEE dots on CUDA cores, whose
-    # 64 x 64 tiles spill at 4 warps.
-    big_fp32 = dtype == torch.float32 and rows * cols >= 64 * 64
-    warps = _TILES["num_warps"] or (8 if big_fp32 else 4)
-    return {"num_warps": warps, "num_stages": _TILES["num_stages"] or 2}
+def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False) -> dict[str, int]:
+    """num_warps / num_stages for a kernel whose score tile is rows x cols (``dkv``: the dK/dV kernel)."""
+    # 4 warps: the usual choice for 64 x 64 tiles at head dim 32. fp32 runs IEEE dots on CUDA cores, whose 64 x 64
+    # tiles spill at 4 warps. 16-bit 16 x 64 tiles (regions of <= 16 tokens: BiFormer stages 2 and 3) are latency
+    # bound, so more programs in flight beat wider ones; H200 sweep at BiFormer-T bf16 stage 2 (stage 1), us per
+    # kernel, 4 warps -> chosen: forward 148 -> 92 (78 -> 55) at 1 warp, dQ 160 -> 118 (96 -> 77) at 1 warp,
+    # dK/dV 344 -> 223 (177 -> 121) at 2 warps.
+    small_16bit = dtype != torch.float32 and rows * cols <= 16 * 64
+    default = (2 if dkv else 1) if small_16bit else (8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4)
+    return {"num_warps": _TILES["num_warps"] or default, "num_stages": _TILES["num_stages"] or 2}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
     dkv_kernel[(geo.key_tiles(),)](
         q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale, scale * _LOG2E,
         BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
-        **_launch_options(geo.block_k, geo.block_rows, q.dtype))
+        **_launch_options(geo.block_k, geo.block_rows, q.dtype, dkv=True))
     return dq, dk, dv
 
 
