@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ._sdpa import mixed_dtypes_reason, sdpa
 from ._checks import broadcasts_to
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["downsampled_attention"]
 
@@ -51,16 +51,19 @@ def downsampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     Returns:
         (B, heads, N, d_v), or (B, N, heads * d_v) for token-layout inputs, in the dtype of ``q``.
     """
-    tokens_layout = _check_layout(q, k, v, num_heads)
+    key = call_key(q, k, v, num_heads, bias, scale, dropout_p)
+    checked = validated(_OP, key)
+    tokens_layout = q.ndim == 3 if checked else _check_layout(q, k, v, num_heads)
     if tokens_layout:
         q, k, v = (_split_heads(t, num_heads) for t in (q, k, v))
-    _check_heads_split(q, k, v)
-    _check_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not checked:
+        _check_heads_split(q, k, v)
+        _check_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out = dispatch(_OP, backend, q, k, v, bias=bias, scale=float(scale), dropout_p=float(dropout_p))
+    out = dispatch(_OP, backend, q, k, v, bias=bias, scale=float(scale), dropout_p=float(dropout_p), key=key)
     return _merge_heads(out) if tokens_layout else out
 
 

@@ -33,7 +33,7 @@ import torch
 
 from ._cache import cached_constant
 from ._sdpa import sdpa
-from ._dispatch import dispatch, register_backend
+from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["neighborhood_attention", "neighborhood_mask"]
 
@@ -61,14 +61,18 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     Returns:
         (B, heads, *spatial, d_v) in the dtype of ``q``.
     """
-    spatial = _check_tensors(q, k, v)
+    key = call_key(q, k, v, kernel_size, dilation, is_causal, scale)
+    checked = validated(_OP, key)
+    spatial = tuple(q.shape[2:-1]) if checked else _check_tensors(q, k, v)
     kernel = _per_axis("kernel_size", kernel_size, len(spatial), int)
     dil = _per_axis("dilation", dilation, len(spatial), int)
     causal = _per_axis("is_causal", is_causal, len(spatial), bool)
-    _check_window(spatial, kernel, dil)
+    if not checked:
+        _check_window(spatial, kernel, dil)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return dispatch(_OP, backend, q, k, v, kernel_size=kernel, dilation=dil, is_causal=causal, scale=float(scale))
+    return dispatch(_OP, backend, q, k, v, kernel_size=kernel, dilation=dil, is_causal=causal, scale=float(scale),
+                    key=key)
 
 
 def _check_tensors(q, k, v) -> tuple[int, ...]:
