@@ -77,7 +77,7 @@ def register_backend(op: str, name: str, fn: Callable[..., Any], *, supports: Ca
 # order is sorted once per registry state rather than per call
 _ORDER: dict[str, tuple[dict[str, Backend], tuple[Backend, ...], list[Backend]]] = {}
 
-_SCALARS = (bool, int, float, str, type(None))
+_SCALARS = frozenset((bool, int, float, str, type(None)))
 # op -> {(backend, ZOO_OPS_BACKEND, grad mode, call key): chosen backend} and op -> {call keys whose checks passed};
 # bounded (a model has a few dozen distinct calls; shapes that change every step must not grow them without end)
 _CHOICES: dict[str, dict[tuple, Backend]] = {}
@@ -165,9 +165,10 @@ def call_key(*args: Any) -> tuple | None:
         return None
     key = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        kind = type(a)  # exact types first: this runs on every call of a hot op
+        if kind is torch.Tensor or kind is torch.nn.Parameter or isinstance(a, torch.Tensor):
             key.append((a.shape, a.stride(), a.dtype, a.device, a.requires_grad))
-        elif isinstance(a, _SCALARS) or (isinstance(a, tuple) and all(isinstance(x, _SCALARS) for x in a)):
+        elif kind in _SCALARS or (kind is tuple and all(type(x) in _SCALARS for x in a)):
             key.append(a)
         else:
             return None

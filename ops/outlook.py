@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton import device_reason, interpreter_requested, no_device_reason, on_device
+from .triton import device_reason, interpreter_requested, next_pow2, no_device_reason, on_device
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["outlook_attention", "outlook_window_grid"]
@@ -303,11 +303,7 @@ def _kernels():
 
 
 def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int]:
-    import triton
-
-    block_kk = max(triton.next_power_of_2(kernel_size * kernel_size), 2)
-    block_d = max(triton.next_power_of_2(head_dim), 2)
-    return block_kk, block_d
+    return max(next_pow2(kernel_size * kernel_size), 2), max(next_pow2(head_dim), 2)
 
 
 def _rows_per_program(block_kk: int, block_d: int) -> int:

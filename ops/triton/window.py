@@ -58,8 +58,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import register_backend
-from . import (INT32_MAX, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
-               on_device, triton_missing_reason)
+from . import (INT32_MAX, broadcast_strides, device_reason, dot_precision, interpreter_requested, item_extent,
+               next_pow2, on_device, triton_missing_reason)
 
 __all__ = ["window_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_WINDOW_TOKENS", "MAX_HEAD_DIM"]
 
@@ -319,13 +319,9 @@ def _launch_options(geo: _Geometry) -> dict[str, int]:
     return {"num_warps": geo.num_warps, "num_stages": _TILES["num_stages"] or 2}
 
 
-def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
     """Strides of ``bias`` broadcast to (nW, heads, N, N): 0 along broadcast dims (all 0 without a bias)."""
-    if bias is None:
-        return 0, 0, 0, 0
-    pad = 4 - bias.ndim
-    shape, stride = (1,) * pad + tuple(bias.shape), (0,) * pad + tuple(bias.stride())
-    return tuple(st if size > 1 else 0 for size, st in zip(shape, stride))  # type: ignore[return-value]
+    return (0, 0, 0, 0) if bias is None else broadcast_strides(bias.shape, bias.stride(), 4)
 
 
 def _launch_forward(q, k, v, bias, window, shift, scale) -> torch.Tensor:
