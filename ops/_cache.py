@@ -17,7 +17,9 @@ def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
     Building such a constant is several small kernels, each a host-side launch on every call of the op. The
     cached tensor is built outside inference mode (an op may save it for the backward of a later training step);
     inside ``torch.compile`` the builder is traced instead, so the graph holds the computation, not a Python
-    cache. ``cache_clear`` and ``cache_info`` are those of :func:`functools.lru_cache`.
+    cache; so is it under any dispatch-mode tracer (``make_fx``, ``torch.export``, ``FakeTensorMode``), where a cached
+    real tensor would leak into the trace and symbolic sizes cannot be hashed. ``cache_clear`` and ``cache_info`` are
+    those of :func:`functools.lru_cache`.
     """
     def wrap(build: T) -> T:
         @functools.lru_cache(maxsize=maxsize)
@@ -27,7 +29,7 @@ def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
 
         @functools.wraps(build)
         def get(*args):
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
                 return build(*args)
             return cached(*args)
 

@@ -159,7 +159,8 @@ def call_key(*args: Any) -> tuple | None:
     """Hashable metadata of an op's raw arguments, or None when they cannot be summarised that way.
 
     A tensor contributes (shape, strides, dtype, device, requires_grad), a scalar or a tuple of scalars its value.
-    Inside ``torch.compile`` tracing there is no key: dynamo traces the checks and the choice once per graph.
+    Inside ``torch.compile`` tracing there is no key: dynamo traces the checks and the choice once per graph; nor
+    for symbolic shapes (``make_fx(tracing_mode="symbolic")``), whose sizes are not values.
     """
     if torch.compiler.is_compiling():
         return None
@@ -172,7 +173,12 @@ def call_key(*args: Any) -> tuple | None:
             key.append(a)
         else:
             return None
-    return tuple(key)
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:  # symbolic sizes (make_fx / export tracing with dynamic shapes) have no stable value
+        return None
+    return key
 
 
 def validated(op: str, key: tuple | None) -> bool:

@@ -238,3 +238,19 @@ def test_a_real_op_still_rejects_bad_input_after_good_calls(randn):
         x = randn(1, 4, 4, 8, seed=6)
         ops.routing_attention(x, x, x, num_heads=2, region_size=2, topk=1, scale=0.3)
         ops.routing_attention(x, x, x, num_heads=2, region_size=2, topk=5, scale=0.3)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "fake"])
+def test_ops_trace_with_make_fx_including_symbolic_shapes(randn, mode):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, agent = randn(2, 2, 9, 8, seed=1), randn(2, 2, 4, 8, seed=2)
+    x = randn(1, 4, 4, 8, seed=3)
+
+    def f(q, agent, x):
+        out = ops.agent_attention(q, q, q, agent)
+        return out, ops.routing_attention(x, x, x, num_heads=2, region_size=2, topk=2, scale=0.3)
+
+    graph = make_fx(f, tracing_mode=mode)(q, agent, x)
+    for got, want in zip(graph(q, agent, x), f(q, agent, x)):
+        torch.testing.assert_close(got, want)
