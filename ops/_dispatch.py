@@ -210,9 +210,9 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
     memo_key = (backend, os.environ.get("ZOO_OPS_BACKEND"), torch.is_grad_enabled(), key)
     chosen = _CHOICES.get(op, {}).get(memo_key)
     if chosen is None:
-        warned = len(_WARNED)
         chosen = select_backend(op, backend, *args, **kwargs)
         _remember(_VALID, op, key)
-        if len(_WARNED) == warned:  # a fallback warns once per reason: choose again so later calls see it too
+        wanted = backend or _env_choice(op)
+        if not wanted or chosen.name == wanted:  # a fallback is chosen again each call: its warning stays reachable
             _remember(_CHOICES, op, memo_key, chosen)
     return chosen.fn(*args, **kwargs)

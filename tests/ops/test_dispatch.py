@@ -207,9 +207,13 @@ def test_keyed_dispatch_keeps_warning_about_each_fallback(counted_op):
     x = torch.randn(2, dtype=torch.float64)
     with pytest.warns(UserWarning, match="backend 'fast' cannot serve this input"):
         assert _run(x, backend="fast") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _run(x, backend="fast") == "reference"  # warned once per reason
     _dispatch._WARNED.clear()  # what `zoo bench ops` does to see a fallback: the choice was not remembered
     with pytest.warns(UserWarning, match="backend 'fast' cannot serve this input"):
         assert _run(x, backend="fast") == "reference"
+    assert not _dispatch._CHOICES.get("counted")
 
 
 def test_call_key_summarises_metadata_only():
