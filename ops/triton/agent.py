@@ -29,8 +29,9 @@ rather than the reference's ``(agent * scale) @ k^T``: equal up to float roundin
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -38,14 +39,38 @@ from .._dispatch import register_backend
 from . import (INT32_MAX, broadcast_strides, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
                on_device, triton_missing_reason)
 
-__all__ = ["agent_attention_triton", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
+__all__ = ["agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
 
 _OP = "agent_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_AGENTS = 128   # every agent row of a (batch, head) lives in one tile
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_BLOCK_T = 64      # token tile (keys in the aggregation, queries in the broadcast)
+# Launch knobs. block_t: the token tile (keys in the aggregation, queries in the broadcast); num_warps / num_stages:
+# None picks the defaults of _plan. Tests lower block_t to run the multi-tile loops on tiny shapes; sweeps set all.
+_TILES: dict[str, int | None] = {"block_t": 64, "num_warps": None, "num_stages": None}
+
+
+@contextlib.contextmanager
+def use_tiles(block_t: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None) -> Iterator[None]:
+    """Temporarily override the launch knobs of both kernels (None keeps the current value).
+
+    Args:
+        block_t: token tile, a power of two >= 16.
+        num_warps, num_stages: Triton launch options (default: 4 or 8 warps by tile size, 2 stages forward,
+            1 backward).
+    """
+    if block_t is not None and (block_t < 16 or block_t & (block_t - 1)):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
+    old = dict(_TILES)
+    _TILES.update({k: v for k, v in dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages).items()
+                   if v is not None})
+    try:
+        yield
+    finally:
+        _TILES.clear()
+        _TILES.update(old)
 
 _STATE: dict[str, bool] = {}
 
@@ -261,17 +286,23 @@ class _Plan(NamedTuple):
     sizes: _Sizes
     runtime: tuple[int, ...]  # heads, N, M, A
     constexprs: dict
-    num_warps: int
+    options: dict  # num_warps, num_stages
+
+
+def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool) -> _Plan:
+    return _plan_for(sizes, dtype, backward, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"])
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool) -> _Plan:
+def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, block_t: int, num_warps: int | None,
+              num_stages: int | None) -> _Plan:
     s = sizes
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
-                      BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=_BLOCK_T, PRECISION=dot_precision(dtype))
+                      BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
     # the backward keeps two (A, d) float32 accumulators and the agent tiles in registers over both loops
-    num_warps = 8 if backward or s.a > 64 or max(s.d, s.dv) > 64 else 4
-    return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, num_warps)
+    warps = num_warps or (8 if backward or s.a > 64 or max(s.d, s.dv) > 64 else 4)
+    options = dict(num_warps=warps, num_stages=num_stages or (1 if backward else 2))
+    return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options)
 
 
 def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale):
@@ -287,8 +318,7 @@ def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale):
         q, k, v, agent, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
         out, agent_v, lse1, lse2, *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
         *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale * _LOG2E,
-        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, num_warps=plan.num_warps, num_stages=2,
-        **plan.constexprs)
+        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, **plan.options, **plan.constexprs)
     return out, agent_v, lse1, lse2
 
 
@@ -310,7 +340,7 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
         *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale, scale * _LOG2E,
         HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad,
-        QB_GRAD=query_bias_grad, num_warps=plan.num_warps, num_stages=1, **plan.constexprs)
+        QB_GRAD=query_bias_grad, **plan.options, **plan.constexprs)
     return dq, dk, dv, da, dab, dqb
 
 

@@ -98,6 +98,13 @@ def _interpreter_fp32_checks() -> None:
         again = out_and_grads(tensors, "triton", d ** -0.5)
         for name, x, y in zip(NAMES, got, again):
             assert torch.equal(x, y), f"{name} not bitwise repeatable {case}"
+    # 16-token tiles: five query tiles and three key tiles through the launch knobs
+    tensors = make_inputs(1, 3, 70, 33, 16, 16, 24, bias="per_item", seed=7)
+    want = out_and_grads(tensors, "reference", 0.25)
+    with ta.use_tiles(block_t=16, num_warps=2, num_stages=1):
+        got = out_and_grads(tensors, "triton", 0.25)
+    for name, x, y in zip(NAMES, got, want):
+        assert_close_to(x, y, 1e-5, 1e-5, f"{name} block_t=16")
     print("fp32 ok")
 
 
@@ -203,3 +210,17 @@ def test_gpu_torch_compile_matches_eager():
     compiled = torch.compile(block, fullgraph=True)
     for x, y in zip(torch.autograd.grad(compiled(*tensors), tensors), torch.autograd.grad(block(*tensors), tensors)):
         assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
+
+
+def test_use_tiles_checks_and_restores_the_knobs():
+    with pytest.raises(ValueError, match="block_t must be a power of two >= 16, got 24"):
+        with ta.use_tiles(block_t=24):
+            pass
+    before = dict(ta._TILES)
+    with ta.use_tiles(block_t=32, num_warps=2):
+        assert ta._TILES == {**before, "block_t": 32, "num_warps": 2}
+        plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, False)
+        assert plan.constexprs["BLOCK_T"] == 32 and plan.options == {"num_warps": 2, "num_stages": 2}
+    assert ta._TILES == before
+    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, True)
+    assert plan.constexprs["BLOCK_T"] == 64 and plan.options == {"num_warps": 8, "num_stages": 1}
