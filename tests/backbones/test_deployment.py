@@ -1,6 +1,6 @@
-"""Every family runs with its weights cast to bfloat16 (``model.bfloat16()``, the usual deployment path, no
-autocast): the routing descriptors, the agent biases and their caches, the outlook and window ops all take
-low-precision parameters, and the result stays close to float32."""
+"""Deployment paths of every family: weights cast to bfloat16 (``model.bfloat16()``, no autocast: the routing
+descriptors, the agent biases and their caches, the outlook and window ops all take low-precision parameters, and
+the result stays close to float32) and ``torch.export``."""
 from __future__ import annotations
 
 import pytest
@@ -38,3 +38,15 @@ def test_bfloat16_weights_match_float32(name):
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert ((low.float() - ref).norm() / ref.norm()).item() < 0.03  # measured 0.004-0.010
     assert torch.equal(again, low)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_export_gives_the_eager_output(name):
+    # the deployment path: one exported program per model (ops dispatch to their CPU backends while tracing)
+    kwargs, size = CASES[name]
+    torch.manual_seed(0)
+    model = zoo.create_model(name, **kwargs).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
