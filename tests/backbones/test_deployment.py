@@ -1,9 +1,11 @@
-"""Deployment paths of every family: weights cast to bfloat16 (``model.bfloat16()``, no autocast: the routing
-descriptors, the agent biases and their caches, the outlook and window ops all take low-precision parameters, and
-the result stays close to float32) and ``torch.export``."""
+"""Deployment paths of every family: weights cast to bfloat16 or float16 (``model.to(dtype)``, no autocast: the
+routing descriptors, the agent biases and their caches, the outlook and window ops all take low-precision
+parameters, and the result stays close to float32) and ``torch.export`` of the classifier and of the feature
+pyramid."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import zoo
@@ -25,27 +27,30 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(CASES))
-def test_bfloat16_weights_match_float32(name):
+def test_low_precision_weights_match_float32(name, dtype):
     kwargs, size = CASES[name]
     torch.manual_seed(0)
     model = zoo.create_model(name, **kwargs).eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)
-        low = model.bfloat16()(x.bfloat16())
-        again = model(x.bfloat16())  # the second call goes through the remembered dispatch and bias caches
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+        low = model.to(dtype)(x.to(dtype))
+        again = model(x.to(dtype))  # the second call goes through the remembered dispatch and bias caches
+    assert low.dtype == dtype and torch.isfinite(low).all()
     assert ((low.float() - ref).norm() / ref.norm()).item() < 0.03  # measured 0.004-0.010
     assert torch.equal(again, low)
 
 
+@pytest.mark.parametrize("features_only", [False, True])
 @pytest.mark.parametrize("name", list(CASES))
-def test_torch_export_gives_the_eager_output(name):
-    # the deployment path: one exported program per model (ops dispatch to their CPU backends while tracing)
+def test_torch_export_gives_the_eager_output(name, features_only):
+    # the deployment path, for the classifier and for the feature pyramid a detector takes (ops dispatch to their
+    # CPU backends while tracing)
     kwargs, size = CASES[name]
     torch.manual_seed(0)
-    model = zoo.create_model(name, **kwargs).eval()
+    model = timm.create_model(name, features_only=features_only, **kwargs).eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     program = torch.export.export(model, (x,))
     with torch.no_grad():
