@@ -81,7 +81,7 @@ _SCALARS = frozenset((bool, int, float, str, type(None)))
 # op -> {(backend, ZOO_OPS_BACKEND, grad mode, call key): chosen backend} and op -> {call keys whose checks passed};
 # bounded (a model has a few dozen distinct calls; shapes that change every step must not grow them without end)
 _CHOICES: dict[str, dict[tuple, Backend]] = {}
-_VALID: dict[str, set[tuple]] = {}
+_VALID: dict[str, dict[tuple, bool]] = {}
 _MEMO_LIMIT = 512
 
 
@@ -186,14 +186,11 @@ def validated(op: str, key: tuple | None) -> bool:
     return key is not None and key in _VALID.get(op, ())
 
 
-def _remember(table: dict, op: str, entry: Any, value: Any = None) -> None:
-    memo = table.setdefault(op, {} if value is not None else set())
+def _remember(table: dict[str, dict], op: str, entry: tuple, value: Any) -> None:
+    memo = table.setdefault(op, {})
     if len(memo) >= _MEMO_LIMIT:
         memo.clear()
-    if value is None:
-        memo.add(entry)
-    else:
-        memo[entry] = value
+    memo[entry] = value
 
 
 def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None, **kwargs: Any) -> Any:
@@ -211,7 +208,7 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
     chosen = _CHOICES.get(op, {}).get(memo_key)
     if chosen is None:
         chosen = select_backend(op, backend, *args, **kwargs)
-        _remember(_VALID, op, key)
+        _remember(_VALID, op, key, True)
         wanted = backend or _env_choice(op)
         if not wanted or chosen.name == wanted:  # a fallback is chosen again each call: its warning stays reachable
             _remember(_CHOICES, op, memo_key, chosen)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
-           "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "INT32_MAX"]
+           "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "check_tile_edge",
+           "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
 
@@ -89,3 +90,21 @@ def broadcast_strides(shape: Sequence[int], stride: Sequence[int], ndim: int) ->
     """
     lead = ndim - len(shape)
     return (0,) * lead + tuple(0 if size == 1 else st for size, st in zip(shape, stride))
+
+
+@contextlib.contextmanager
+def override_knobs(knobs: dict[str, Any], **values: Any) -> Iterator[None]:
+    """Set the given non-None launch knobs in a backend's ``knobs`` dict for the block, then restore them all."""
+    old = dict(knobs)
+    knobs.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        knobs.clear()
+        knobs.update(old)
+
+
+def check_tile_edge(name: str, value: int | None) -> None:
+    """Raise unless ``value`` (a tile-edge knob) is None or a power of two >= 16, the smallest ``tl.dot`` operand."""
+    if value is not None and (value < 16 or value & (value - 1)):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")

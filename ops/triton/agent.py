@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from .._dispatch import register_backend
-from . import (INT32_MAX, broadcast_strides, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
-               on_device, triton_missing_reason)
+from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, dot_precision, interpreter_requested,
+               item_extent, next_pow2, on_device, override_knobs, triton_missing_reason)
 
 __all__ = ["agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
 
@@ -51,9 +51,8 @@ _LOG2E = 1.4426950408889634
 _TILES: dict[str, int | None] = {"block_t": 64, "num_warps": None, "num_stages": None}
 
 
-@contextlib.contextmanager
 def use_tiles(block_t: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None) -> Iterator[None]:
+              num_stages: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs of both kernels (None keeps the current value).
 
     Args:
@@ -61,16 +60,9 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None,
         num_warps, num_stages: Triton launch options (default: 4 or 8 warps by tile size, 2 stages forward,
             1 backward).
     """
-    if block_t is not None and (block_t < 16 or block_t & (block_t - 1)):
-        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
-    old = dict(_TILES)
-    _TILES.update({k: v for k, v in dict(block_t=block_t, num_warps=num_warps, num_stages=num_stages).items()
-                   if v is not None})
-    try:
-        yield
-    finally:
-        _TILES.clear()
-        _TILES.update(old)
+    check_tile_edge("block_t", block_t)
+    return override_knobs(_TILES, block_t=block_t, num_warps=num_warps, num_stages=num_stages)
+
 
 _STATE: dict[str, bool] = {}
 

@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
 
 import torch
 
 from .._dispatch import register_backend
 from ..routing import route
-from . import (INT32_MAX, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
-               on_device, triton_missing_reason)
+from . import (INT32_MAX, check_tile_edge, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
+               on_device, override_knobs, triton_missing_reason)
 
 __all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
 
@@ -66,25 +65,16 @@ _LOG2E = 1.4426950408889634
 _TILES: dict[str, int | None] = {"max_block": 64, "num_warps": None, "num_stages": None}
 
 
-@contextlib.contextmanager
 def use_tiles(max_block: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None) -> Iterator[None]:
+              num_stages: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
         max_block: largest tile edge, a power of two >= 16 (smaller tiles make tiny shapes take several tiles).
         num_warps, num_stages: Triton launch options of all three kernels (default: chosen by tile size).
     """
-    if max_block is not None and (max_block < 16 or max_block & (max_block - 1)):
-        raise ValueError(f"max_block must be a power of two >= 16, got {max_block}")
-    old = dict(_TILES)
-    _TILES.update({k: v for k, v in dict(max_block=max_block, num_warps=num_warps, num_stages=num_stages).items()
-                   if v is not None})
-    try:
-        yield
-    finally:
-        _TILES.clear()
-        _TILES.update(old)
+    check_tile_edge("max_block", max_block)
+    return override_knobs(_TILES, max_block=max_block, num_warps=num_warps, num_stages=num_stages)
 
 
 def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False) -> dict[str, int]:

@@ -52,14 +52,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import register_backend
-from . import (INT32_MAX, broadcast_strides, device_reason, dot_precision, interpreter_requested, item_extent,
-               next_pow2, on_device, triton_missing_reason)
+from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, dot_precision, interpreter_requested,
+               item_extent, next_pow2, on_device, override_knobs, triton_missing_reason)
 
 __all__ = ["window_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_WINDOW_TOKENS", "MAX_HEAD_DIM"]
 
@@ -81,9 +80,8 @@ _TILES: dict[str, int | None] = {"block_m": None, "bias_programs": 4096, "num_wa
 _BIAS_PARTIAL_FLOATS = 2**23
 
 
-@contextlib.contextmanager
 def use_tiles(block_m: int | None = None, bias_programs: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None) -> Iterator[None]:
+              num_stages: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
@@ -92,18 +90,11 @@ def use_tiles(block_m: int | None = None, bias_programs: int | None = None, num_
             items per program; at least one program per (head, window) in any case).
         num_warps, num_stages: Triton launch options of both kernels (default: chosen by tile size).
     """
-    if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    check_tile_edge("block_m", block_m)
     if bias_programs is not None and bias_programs < 1:
         raise ValueError(f"bias_programs must be >= 1, got {bias_programs}")
-    old = dict(_TILES)
-    _TILES.update({k: v for k, v in dict(block_m=block_m, bias_programs=bias_programs, num_warps=num_warps,
-                                         num_stages=num_stages).items() if v is not None})
-    try:
-        yield
-    finally:
-        _TILES.clear()
-        _TILES.update(old)
+    return override_knobs(_TILES, block_m=block_m, bias_programs=bias_programs, num_warps=num_warps,
+                          num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------------------------
