@@ -6,9 +6,15 @@ from typing import Callable, TypeVar
 
 import torch
 
-__all__ = ["cached_constant"]
+__all__ = ["cached_constant", "tracing"]
 
 T = TypeVar("T", bound=Callable[..., torch.Tensor])
+
+
+def tracing() -> bool:
+    """True while ``torch.compile`` traces or a dispatch-mode tracer runs (``make_fx``, ``torch.export``,
+    ``FakeTensorMode``, the fake run of a ``triton_op`` body): a cached real tensor must not leak in then."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
@@ -29,7 +35,7 @@ def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
 
         @functools.wraps(build)
         def get(*args):
-            if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+            if tracing():
                 return build(*args)
             return cached(*args)
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import device_reason, interpreter_requested, no_device_reason, on_device
+from .triton import device_reason, direct, interpreter_requested, kernel_op, no_device_reason, on_device, traced
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -193,73 +193,9 @@ def _triton_prefer(x, weight, bias, eps, out_dtype) -> str | None:
 @functools.cache
 def _kernels():
     """The Triton kernels, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
-    import triton
-    import triton.language as tl
+    from .triton.kernels import layer_norm as kernels
 
-    @triton.jit
-    def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_C)
-        row_ok = rows < M
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / C
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / C
-        rstd = tl.rsqrt(var + eps)
-        y = xc * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(mean_ptr + rows, mean, mask=row_ok)
-        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-
-    @triton.jit
-    def backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, num_blocks,
-                        HAS_W: tl.constexpr, DX: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        step = tl.num_programs(0)
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        if HAS_W:
-            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-        for block in range(pid, num_blocks, step):
-            rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            if DX:
-                if HAS_W:
-                    g = dy * w[None, :]
-                else:
-                    g = dy
-                mean_g = tl.sum(g, axis=1) / C
-                mean_gx = tl.sum(g * xhat, axis=1) / C
-                dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
-                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if DW:
-                dw_acc += dy * xhat
-            if DB:
-                db_acc += dy
-        if DW:
-            tl.store(dw_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-        if DB:
-            tl.store(db_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
-
-    return forward_kernel, backward_kernel
+    return kernels.forward_kernel, kernels.backward_kernel
 
 
 def _tiles(channels: int) -> tuple[int, int, int]:
@@ -286,7 +222,7 @@ def _backward_programs(x: torch.Tensor, num_blocks: int) -> int:
     return max(1, min(num_blocks, limit))
 
 
-def _launch_forward(x, weight, bias, eps, out_dtype):
+def _launch_forward(x, weight, bias, eps, out_dtype, launch=direct):
     """x contiguous (..., C) -> y (..., C) in out_dtype, mean and rstd (...) float32."""
     channels = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -295,7 +231,7 @@ def _launch_forward(x, weight, bias, eps, out_dtype):
     rows = mean.numel()
     if y.numel() == 0:  # no rows, or rows of no values
         return y, mean.zero_(), rstd.zero_()
-    forward_kernel, _ = _kernels()
+    forward_kernel = launch(_kernels()[0])
     block_rows, block_c, num_warps = _tiles(channels)
     with on_device(x):
         forward_kernel[(_cdiv(rows, block_rows),)](
@@ -305,7 +241,7 @@ def _launch_forward(x, weight, bias, eps, out_dtype):
     return y, mean, rstd
 
 
-def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
+def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launch=direct):
     """dy, x contiguous (..., C) -> dx (x's dtype; empty (0,) when not needed), dweight and dbias as float32 (C,)
     sums (empty (0,) when not needed)."""
     channels = x.shape[-1]
@@ -315,7 +251,7 @@ def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
     if x.numel() == 0:  # no rows (the sums are zeros), or rows of no values
         zeros = x.new_zeros((channels,), dtype=torch.float32)
         return dx, zeros if need_dw else empty, zeros.clone() if need_db else empty
-    _, backward_kernel = _kernels()
+    backward_kernel = launch(_kernels()[1])
     block_rows, block_c, num_warps = _tiles(channels)
     num_blocks = _cdiv(rows, block_rows)
     programs = _backward_programs(x, num_blocks)
@@ -333,34 +269,32 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@torch.library.custom_op("zoo::layer_norm_fwd", mutates_args=())
-def _triton_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],  # noqa: UP045
-                    eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: y (..., C) in ``out_dtype``, per-row mean and rstd (...) float32."""
-    return _launch_forward(x.contiguous(), _contiguous(weight), _contiguous(bias), eps, out_dtype)
-
-
-@_triton_forward.register_fake
-def _(x, weight, bias, eps, out_dtype):
+def _triton_forward_fake(x, weight, bias, eps, out_dtype):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("zoo::layer_norm_bwd", mutates_args=())
+@kernel_op("zoo::layer_norm_fwd", fake=_triton_forward_fake)
+def _triton_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],  # noqa: UP045
+                    eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: y (..., C) in ``out_dtype``, per-row mean and rstd (...) float32."""
+    return _launch_forward(x.contiguous(), _contiguous(weight), _contiguous(bias), eps, out_dtype, traced)
+
+
+def _triton_backward_fake(grad_out, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    channels = x.shape[-1]
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            x.new_empty((channels,) if need_dw else (0,), dtype=torch.float32),
+            x.new_empty((channels,) if need_db else (0,), dtype=torch.float32))
+
+
+@kernel_op("zoo::layer_norm_bwd", fake=_triton_backward_fake)
 def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],  # noqa: UP045
                      mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool,
                      need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: dx (..., C) in x's dtype, float32 (C,) sums dweight and dbias; each empty (0,) when not needed."""
     return _launch_backward(grad_out.contiguous(), x.contiguous(), _contiguous(weight), mean.contiguous(),
-                            rstd.contiguous(), need_dx, need_dw, need_db)
-
-
-@_triton_backward.register_fake
-def _(grad_out, x, weight, mean, rstd, need_dx, need_dw, need_db):
-    channels = x.shape[-1]
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            x.new_empty((channels,) if need_dw else (0,), dtype=torch.float32),
-            x.new_empty((channels,) if need_db else (0,), dtype=torch.float32))
+                            rstd.contiguous(), need_dx, need_dw, need_db, traced)
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -393,7 +327,7 @@ _triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerLayerNorm(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs tens of
-    microseconds of host time a call); graphs under ``torch.compile`` keep the custom ops."""
+    microseconds of host time a call); graphs under ``torch.compile`` use the ``torch.library`` ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):

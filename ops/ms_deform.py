@@ -19,7 +19,7 @@ input's dtype. Under autocast nothing is cast by the op itself (an autocast regi
 Backends:
     ``reference``: one ``F.grid_sample`` per level, then the weighted sum (the definition; any device; autograd,
         double backward included). Reads ``spatial_shapes`` on the host (a device sync on CUDA).
-    ``triton``: fused Triton kernels (:mod:`zoo.ops.triton.ms_deform`) wrapped as ``torch.library`` custom ops
+    ``triton``: fused Triton kernels (:mod:`zoo.ops.triton.ms_deform`) wrapped as ``torch.library`` ops
         (``zoo::ms_deform_attn_fwd`` / ``zoo::ms_deform_attn_bwd``) so ``torch.compile`` keeps them in its graph.
         CUDA in float32/float16/bfloat16; CPU only under ``TRITON_INTERPRET=1`` (float32/float16). No host sync.
         Backward is deterministic (bitwise repeatable): see the kernel module for how ``grad_value`` is gathered
@@ -27,13 +27,12 @@ Backends:
 """
 from __future__ import annotations
 
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch, register_backend
-from .triton import device_reason, interpreter_requested, triton_missing_reason
+from .triton import device_reason, kernel_op, kernels_interpreted, traced, triton_missing_reason
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
 
@@ -154,7 +153,7 @@ register_backend(_OP, "reference", ms_deform_attn_reference, priority=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# triton backend: custom ops here (registered at import, no triton needed); kernels imported on first real call
+# triton backend: torch.library ops here (registered at import, no triton needed); kernels imported on first real call
 
 _TRITON_MISSING = triton_missing_reason()
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -167,8 +166,7 @@ def _triton_available() -> str | None:
 
 def _kernels_interpreted() -> bool:
     """Whether the kernels run (or, not yet imported, will run) in Triton's CPU interpreter."""
-    module = sys.modules.get("zoo.ops.triton.ms_deform")
-    return module.INTERPRETED if module is not None else interpreter_requested()
+    return kernels_interpreted(f"{__package__}.triton.ms_deform")
 
 
 def _triton_supports(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
@@ -181,22 +179,27 @@ def _triton_supports(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling
     return device_reason(value.device, (t.dtype for t in tensors), _kernels_interpreted())
 
 
-@torch.library.custom_op("zoo::ms_deform_attn_fwd", mutates_args=())
+def _triton_forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    batch, _, heads, channels = value.shape
+    return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+
+@kernel_op("zoo::ms_deform_attn_fwd", fake=_triton_forward_fake)
 def _triton_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor | None,
                     sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Fused forward: ``[B, Q, heads * C]`` in value's dtype."""
     from .triton.ms_deform import msda_forward
 
-    return msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, traced)
 
 
-@_triton_forward.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    batch, _, heads, channels = value.shape
-    return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+def _triton_backward_fake(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                          need_value_grad):
+    # contiguous, like the real gradients (empty_like would copy the strides of a non-contiguous input)
+    return tuple(t.new_empty(t.shape) for t in (value, sampling_locations, attention_weights))
 
 
-@torch.library.custom_op("zoo::ms_deform_attn_bwd", mutates_args=())
+@kernel_op("zoo::ms_deform_attn_bwd", fake=_triton_backward_fake)
 def _triton_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
                      level_start_index: torch.Tensor | None, sampling_locations: torch.Tensor,
                      attention_weights: torch.Tensor, need_value_grad: bool
@@ -209,13 +212,7 @@ def _triton_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes
     from .triton.ms_deform import msda_backward
 
     return msda_backward(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                         need_value_grad)
-
-
-@_triton_backward.register_fake
-def _(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_value_grad):
-    # contiguous, like the real gradients (empty_like would copy the strides of a non-contiguous input)
-    return tuple(t.new_empty(t.shape) for t in (value, sampling_locations, attention_weights))
+                         need_value_grad, traced)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -238,7 +235,7 @@ _triton_forward.register_autograd(_backward, setup_context=_setup_context)
 class _EagerMSDA(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls: ``torch.library`` dispatch costs tens of
     microseconds of host time a call, more than a decoder layer's forward kernel on an H200. Graphs under
-    ``torch.compile`` keep the custom ops."""
+    ``torch.compile`` use the ``torch.library`` ops."""
 
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Any, Iterable, Iterator, Sequence
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
            "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "check_tile_edge",
-           "INT32_MAX"]
+           "kernel_op", "kernels_interpreted", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
 
@@ -35,6 +36,18 @@ def triton_missing_reason() -> str | None:
 def interpreter_requested() -> bool:
     """True when ``TRITON_INTERPRET`` asks for the CPU interpreter (the same spellings triton accepts)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+@torch.compiler.assume_constant_result
+def kernels_interpreted(module: str) -> bool:
+    """Whether the kernel module ``module`` (full name) was imported for Triton's CPU interpreter or, not imported
+    yet, will be (``TRITON_INTERPRET`` is read at its import).
+
+    A constant to ``torch.compile``: the first trace may import the module midway (running a ``triton_op`` body on
+    fake tensors), and a guard on its presence would then fail on the frame that made it.
+    """
+    loaded = sys.modules.get(module)
+    return loaded.INTERPRETED if loaded is not None else interpreter_requested()
 
 
 def no_device_reason() -> str | None:
@@ -108,3 +121,34 @@ def check_tile_edge(name: str, value: int | None) -> None:
     """Raise unless ``value`` (a tile-edge knob) is None or a power of two >= 16, the smallest ``tl.dot`` operand."""
     if value is not None and (value < 16 or value & (value - 1)):
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+# torch >= 2.6: torch.compile traces into a triton_op's body and inductor launches its kernels from the generated code
+# (a custom op instead stays one opaque node whose Python body costs about 230 us of host time per call on the H200
+# machine's host, more than the kernels take in BiFormer's compiled graphs).
+# The interpreter's kernels are not JITFunctions: wrap_triton passes them through and the derived fake would run them on
+# fake tensors, so interpreted kernels keep the opaque custom op.
+_TRITON_OP = (_TRITON_MISSING is None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+              and not interpreter_requested())
+
+
+def direct(kernel: Any) -> Any:
+    """How eager code launches ``kernel``: as it is (the counterpart of :func:`traced`)."""
+    return kernel
+
+
+def traced(kernel: Any) -> Any:
+    """How the body of a :func:`kernel_op` launches ``kernel``: wrapped for tracing where torch has ``triton_op``."""
+    return torch.library.wrap_triton(kernel) if _TRITON_OP else kernel
+
+
+def kernel_op(name: str, *, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Register the decorated function, whose kernels launch through :func:`traced`, as the ``torch.library`` op
+    ``name``: a ``triton_op`` (torch >= 2.6; its fake is derived by running the body), else an opaque ``custom_op``
+    with ``fake`` as its fake implementation."""
+    def register(fn: Callable[..., Any]) -> Any:
+        if _TRITON_OP:
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return register

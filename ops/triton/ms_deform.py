@@ -43,6 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._cache import tracing
+from . import direct
+
 __all__ = ["msda_forward", "msda_backward", "INTERPRETED", "TILES", "use_tiles"]
 
 
@@ -351,7 +354,7 @@ def _prepare(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
 
 
 def msda_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor | None,
-                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor, launch=direct) -> torch.Tensor:
     """Forward pass: value [B, S, M, C], loc [B, Q, M, L, P, 2], weights [B, Q, M, L, P] -> [B, Q, M*C].
 
     Each input may be float32/float16/bfloat16 independently; float32 accumulation; output in value's dtype.
@@ -365,9 +368,10 @@ def msda_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_
         return out
     block_q, block_p, block_c, warps = _sample_tile(points, channels)
     grid = (triton.cdiv(queries, block_q), heads, batch)
-    _forward_kernel[grid](value, shapes, starts if starts is not None else shapes, loc, attn, out, tokens, queries,
-                          levels, M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None,
-                          BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    launch(_forward_kernel)[grid](
+        value, shapes, starts if starts is not None else shapes, loc, attn, out, tokens, queries, levels,
+        M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None,
+        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return out
 
 
@@ -378,7 +382,7 @@ def _cells_per_head(tokens: int, levels: int) -> int:
 
 def msda_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
                   level_start_index: torch.Tensor | None, sampling_locations: torch.Tensor,
-                  attention_weights: torch.Tensor, need_value_grad: bool = True
+                  attention_weights: torch.Tensor, need_value_grad: bool = True, launch=direct
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic backward: (grad_value, grad_sampling_locations, grad_attention_weights) in their inputs' dtypes.
 
@@ -404,14 +408,14 @@ def msda_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: t
     else:
         keys = records = attn  # not written
     block_q, block_p, block_c, warps = _sample_tile(points, channels)
-    _sample_grad_kernel[(triton.cdiv(queries, block_q), heads, batch)](
+    launch(_sample_grad_kernel)[(triton.cdiv(queries, block_q), heads, batch)](
         value, shapes, starts if starts is not None else shapes, loc, attn, grad_out, grad_loc, grad_attn, keys,
         records, tokens, queries, levels, cells, sentinel,
         M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None, WRITE_CELLS=need_value_grad,
         BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     if not need_value_grad or value.numel() == 0:
         return grad_value, grad_loc, grad_attn
-    grad_value = _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells, sentinel)
+    grad_value = _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells, sentinel, launch)
     return grad_value, grad_loc, grad_attn
 
 
@@ -421,7 +425,7 @@ _ARANGE: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 def _cell_boundaries(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``arange(count)``, the cell ids searched in the sorted keys: a prefix of one growing cached ramp per dtype
     and device (one launch less a backward; detection batches change size, so no per-shape cache)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.arange(count, device=device, dtype=dtype)
     key = (dtype, torch.device(device))
     ramp = _ARANGE.get(key)
@@ -432,7 +436,8 @@ def _cell_boundaries(count: int, dtype: torch.dtype, device: torch.device) -> to
     return ramp[:count]
 
 
-def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int, sentinel: int) -> torch.Tensor:
+def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int, sentinel: int,
+                launch=direct) -> torch.Tensor:
     """Sort samples by cell, build CSR offsets, gather per value pixel (passes 2 and 3 of the module docstring)."""
     batch, tokens, heads, channels = value.shape
     _, _, _, levels, points, _ = loc.shape
@@ -441,7 +446,7 @@ def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int,
     seg = torch.searchsorted(sorted_keys, boundaries, out_int32=sorted_keys.numel() < 2**31 - 1)
     grad_value = torch.empty_like(value)
     block_s, block_e, block_c, warps = _pixel_tile(channels, 4 * keys.numel() / max(1, batch * tokens * heads))
-    _value_grad_kernel[(triton.cdiv(tokens, block_s), heads, batch)](
+    launch(_value_grad_kernel)[(triton.cdiv(tokens, block_s), heads, batch)](
         shapes, starts if starts is not None else shapes, records, grad_out, perm, seg, grad_value, tokens, cells,
         M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None,
         BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_C=block_c, num_warps=warps)

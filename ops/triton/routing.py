@@ -1,8 +1,9 @@
 """The ``triton`` backend of :func:`zoo.ops.routing_attention`: fused bi-level routing attention, no gathered K/V.
 
-Importing this module registers the backend (priority 10, above ``reference``) and the two ``torch.library`` custom
-ops ``zoo::routing_attention_fwd`` / ``zoo::routing_attention_bwd``; it does not import triton. The kernels are built
-on first use, so ``TRITON_INTERPRET`` is read then (set it before the first call to run them on CPU).
+Importing this module registers the backend (priority 10, above ``reference``) and the two ``torch.library``
+ops ``zoo::routing_attention_fwd`` / ``zoo::routing_attention_bwd``; it does not import triton.
+The kernels (:mod:`zoo.ops.triton.kernels`) are imported on first use, so ``TRITON_INTERPRET`` is read then (set
+it before the first call to run them on CPU).
 
 Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
 
@@ -47,8 +48,8 @@ import torch
 
 from .._dispatch import register_backend
 from ..routing import route
-from . import (INT32_MAX, check_tile_edge, device_reason, dot_precision, interpreter_requested, item_extent, next_pow2,
-               on_device, override_knobs, triton_missing_reason)
+from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent,
+               kernel_op, kernels_interpreted, next_pow2, on_device, override_knobs, traced, triton_missing_reason)
 
 __all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
 
@@ -92,218 +93,17 @@ def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False)
 # ----------------------------------------------------------------------------------------------------------------
 # kernels (built on first use)
 
-_STATE: dict[str, bool] = {}
-
-
 def _kernels_interpreted() -> bool:
     """Whether the kernels run (or, not yet built, will run) in Triton's CPU interpreter."""
-    return _STATE.get("interpreted", interpreter_requested())
+    return kernels_interpreted(f"{__package__}.kernels.routing")
 
 
 @functools.cache
 def _kernels():
-    """Build the three kernels: forward, dQ (+ delta), dK/dV."""
-    import triton
-    import triton.language as tl
+    """The kernels: forward, dQ (+ delta), dK/dV and the inverse routing lists (imports triton on first use)."""
+    from .kernels import routing as kernels
 
-    interpreted = interpreter_requested()
-    _STATE["interpreted"] = interpreted
-
-    @triton.jit
-    def _token_yx(region, token, NW, RH: tl.constexpr, RW: tl.constexpr):
-        """Map coordinates (y, x) of token ``token`` (raster inside the region) of region ``region`` (raster)."""
-        return (region // NW) * RH + token // RW, (region % NW) * RW + token % RW
-
-    @triton.jit
-    def _load_rows(base, y, x, ok, offs_d, stride_h, stride_w, stride_c, D: tl.constexpr):
-        """A [rows, BLOCK_D] tile of one head's channels at map positions (y, x); zeros where not ``ok``."""
-        ptrs = base + (y * stride_h + x * stride_w)[:, None] + (offs_d * stride_c)[None, :]
-        return tl.load(ptrs, mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
-
-    @triton.jit
-    def _selected_keys(idx_row, n, NW, H, W, T: tl.constexpr, TOPK: tl.constexpr, RH: tl.constexpr,
-                       RW: tl.constexpr):
-        """Key number n = slot * T + token of a query region -> (y, x, in range, inside the map)."""
-        in_range = n < TOPK * T
-        region = tl.load(idx_row + n // T, mask=in_range, other=0).to(tl.int32)
-        y, x = _token_yx(region, n % T, NW, RH, RW)
-        return y, x, in_range, in_range & (y < H) & (x < W)
-
-    @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
-                        sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
-                        H, W, NW, R, HEADS, qk_scale2,
-                        RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr,
-                        DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-        T: tl.constexpr = RH * RW
-        M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
-        pid = tl.program_id(0)
-        bh = pid // (R * M_TILES)
-        qr = (pid % (R * M_TILES)) // M_TILES
-        b = bh // HEADS
-        head = bh % HEADS
-        b64 = b.to(tl.int64)
-        offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_dq = tl.arange(0, BLOCK_DQK)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
-        q_ok = (offs_m < T) & (qy < H) & (qx < W)
-        q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
-        k_base = k_ptr + b64 * skb + head * DQK * skc
-        v_base = v_ptr + b64 * svb + head * DV * svc
-        idx_row = idx_ptr + (b * R + qr) * TOPK
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        for start in range(0, TOPK * T, BLOCK_N):
-            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
-                                                    RW)
-            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
-            # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-            s = tl.where(in_range[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-
-        out_row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + head * DV
-        tl.store(out_ptr + out_row[:, None] + offs_dv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=q_ok[:, None] & (offs_dv < DV)[None, :])
-        tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
-
-    @triton.jit
-    def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dq_ptr,
-                   sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
-                   H, W, NW, R, HEADS, scale, qk_scale2,
-                   RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   PRECISION: tl.constexpr):
-        T: tl.constexpr = RH * RW
-        M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
-        pid = tl.program_id(0)
-        bh = pid // (R * M_TILES)
-        qr = (pid % (R * M_TILES)) // M_TILES
-        b = bh // HEADS
-        head = bh % HEADS
-        b64 = b.to(tl.int64)
-        offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_dq = tl.arange(0, BLOCK_DQK)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
-        q_ok = (offs_m < T) & (qy < H) & (qx < W)
-        q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
-        do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
-        o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
-                       HEADS * DV, 1, DV)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # zero on padded query rows
-        row = (bh * R + qr) * T + offs_m
-        tl.store(delta_ptr + row, delta, mask=offs_m < T)
-        lse = tl.load(lse_ptr + row, mask=offs_m < T, other=0.0)
-        k_base = k_ptr + b64 * skb + head * DQK * skc
-        v_base = v_ptr + b64 * svb + head * DV * svc
-        idx_row = idx_ptr + (b * R + qr) * TOPK
-
-        dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-        for start in range(0, TOPK * T, BLOCK_N):
-            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
-                                                    RW)
-            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
-            v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-            p = tl.where(in_range[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-        dq_row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + head * DQK
-        tl.store(dq_ptr + dq_row[:, None] + offs_dq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-                 mask=q_ok[:, None] & (offs_dq < DQK)[None, :])
-
-    @triton.jit
-    def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, sources_ptr, dk_ptr, dv_ptr,
-                    sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
-                    H, W, NW, R, HEADS, scale, qk_scale2,
-                    RH: tl.constexpr, RW: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    PRECISION: tl.constexpr):
-        T: tl.constexpr = RH * RW
-        N_TILES: tl.constexpr = (T + BLOCK_N - 1) // BLOCK_N
-        pid = tl.program_id(0)
-        bh = pid // (R * N_TILES)
-        kr = (pid % (R * N_TILES)) // N_TILES
-        b = bh // HEADS
-        head = bh % HEADS
-        b64 = b.to(tl.int64)
-        offs_n = (pid % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_dq = tl.arange(0, BLOCK_DQK)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        ky, kx = _token_yx(kr, offs_n, NW, RH, RW)
-        k_ok = (offs_n < T) & (ky < H) & (kx < W)
-        k = _load_rows(k_ptr + b64 * skb + head * DQK * skc, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
-        v = _load_rows(v_ptr + b64 * svb + head * DV * svc, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-        q_base = q_ptr + b64 * sqb + head * DQK * sqc
-        do_base = do_ptr + b64 * sdb + head * DV * sdc
-        first = tl.load(offsets_ptr + b * R + kr)
-        rows = (tl.load(offsets_ptr + b * R + kr + 1) - first) * T  # query tokens that attend to this key region
-
-        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        for start in range(0, rows, BLOCK_M):
-            m = start + tl.arange(0, BLOCK_M)  # m = entry * T + token over this key region's list
-            in_range = m < rows
-            qr = tl.load(sources_ptr + first + m // T, mask=in_range, other=0) - b * R
-            qy, qx = _token_yx(qr, m % T, NW, RH, RW)
-            q_ok = in_range & (qy < H) & (qx < W)
-            q = _load_rows(q_base, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
-            do = _load_rows(do_base, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
-            row = (bh * R + qr) * T + m % T
-            lse = tl.load(lse_ptr + row, mask=in_range, other=0.0)
-            delta = tl.load(delta_ptr + row, mask=in_range, other=0.0)
-            # transposed scores (keys x queries) so that no probability tile needs a transpose
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
-            p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-
-        mask_n = k_ok[:, None]
-        dk_row = ((b64 * H + ky) * W + kx) * (HEADS * DQK) + head * DQK
-        tl.store(dk_ptr + dk_row[:, None] + offs_dq[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-                 mask=mask_n & (offs_dq < DQK)[None, :])
-        dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
-        tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=mask_n & (offs_dv < DV)[None, :])
-
-    @triton.jit
-    def _inverse_routing_kernel(idx_ptr, offsets_ptr, sources_ptr, R, TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
-        """One program per batch item: the CSR lists of query regions per key region (see _inverse_routing)."""
-        b = tl.program_id(0)
-        entries = R * TOPK
-        offs = tl.arange(0, BLOCK_E)
-        idx = tl.load(idx_ptr + b * entries + offs, mask=offs < entries, other=-1).to(tl.int32)
-        query = b * R + offs // TOPK
-        start = b * entries  # every query region selects exactly TOPK key regions
-        for key in range(0, R):
-            hit = (idx == key).to(tl.int32)
-            tl.store(offsets_ptr + b * R + key, start)
-            # entries in ascending order: ascending query regions within each list (a fixed summation order)
-            tl.store(sources_ptr + start + tl.cumsum(hit, axis=0) - 1, query, mask=hit > 0)
-            start += tl.sum(hit, axis=0)
-        if b == tl.num_programs(0) - 1:
-            tl.store(offsets_ptr + (b + 1) * R, start)
-
-    # Triton resolves names through the kernel module's globals: the interpreter ignores closures altogether, and the
-    # compiler reads a helper's ``tl.constexpr`` annotations in a scope holding only the globals and the helper's own
-    # closure. Publish ``tl`` and the helpers there before the first launch compiles anything.
-    globals().update(tl=tl, _token_yx=_token_yx, _load_rows=_load_rows, _selected_keys=_selected_keys)
-    return _forward_kernel, _dq_kernel, _dkv_kernel, _inverse_routing_kernel
+    return kernels._forward_kernel, kernels._dq_kernel, kernels._dkv_kernel, kernels._inverse_routing_kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,8 +143,8 @@ class _Geometry:
         return self.b * self.heads * self.r * -(-self.t // self.block_k)
 
 
-def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
-    forward_kernel = _kernels()[0]
+def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch=direct):
+    forward_kernel = launch(_kernels()[0])
     geo = _Geometry(q, v, index, num_heads, region_h, region_w)
     out = torch.empty((geo.b, geo.h, geo.w, v.shape[-1]), device=v.device, dtype=v.dtype)
     lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32)
@@ -361,7 +161,7 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale):
 _MAX_FUSED_ENTRIES = 4096
 
 
-def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _inverse_routing(index: torch.Tensor, launch=direct) -> tuple[torch.Tensor, torch.Tensor]:
     """Per key region, the query regions that selected it (CSR; deterministic, no host sync).
 
     Args:
@@ -376,7 +176,7 @@ def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one kernel instead of the sort, search and index arithmetic below (each a launch: host time on a GPU)
         offsets = torch.empty(b * r + 1, device=index.device, dtype=torch.int32)
         sources = torch.empty(b * r * topk, device=index.device, dtype=torch.int32)
-        _kernels()[3][(b,)](index.contiguous(), offsets, sources, r, TOPK=topk,
+        launch(_kernels()[3])[(b,)](index.contiguous(), offsets, sources, r, TOPK=topk,
                             BLOCK_E=max(16, next_pow2(r * topk)))
         return offsets, sources
     key_region = (index.long() + torch.arange(b, device=index.device).view(b, 1, 1) * r).reshape(-1)
@@ -385,8 +185,8 @@ def _inverse_routing(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return offsets.to(torch.int32), (entries // topk).to(torch.int32)
 
 
-def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale):
-    _, dq_kernel, dkv_kernel, _ = _kernels()
+def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale, launch=direct):
+    dq_kernel, dkv_kernel = (launch(kernel) for kernel in _kernels()[1:3])
     geo = _Geometry(q, v, index, num_heads, region_h, region_w)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -401,7 +201,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
         q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E,
         TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.constexprs(),
         **_launch_options(geo.block_q, geo.block_keys, q.dtype))
-    offsets, sources = _inverse_routing(index)
+    offsets, sources = _inverse_routing(index, launch)
     dkv_kernel[(geo.key_tiles(),)](
         q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale, scale * _LOG2E,
         BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
@@ -410,10 +210,21 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# custom ops (opaque to torch.compile) and autograd
+# torch.library ops (for torch.compile) and autograd
 
 
-@torch.library.custom_op("zoo::routing_attention_fwd", mutates_args=())
+def _forward_fake(q, k, v, index, num_heads, region_h, region_w, scale):
+    b, h, w, _ = q.shape
+    regions = -(-h // region_h) * -(-w // region_w)
+    return (v.new_empty((b, h, w, v.shape[-1])),
+            q.new_empty((b * num_heads, regions, region_h * region_w), dtype=torch.float32))
+
+
+def _backward_fake(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("zoo::routing_attention_fwd", fake=_forward_fake)
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, num_heads: int,
                 region_h: int, region_w: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused routed attention on (B, H, W, C) views (any strides) with a (B, R, topk) integer routing index.
@@ -422,29 +233,16 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.
     log-sum-exp of every query token (padded tokens included) for the backward.
     """
     with on_device(q):
-        return _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale)
+        return _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, traced)
 
 
-@_forward_op.register_fake
-def _(q, k, v, index, num_heads, region_h, region_w, scale):
-    b, h, w, _ = q.shape
-    regions = -(-h // region_h) * -(-w // region_w)
-    return (v.new_empty((b, h, w, v.shape[-1])),
-            q.new_empty((b * num_heads, regions, region_h * region_w), dtype=torch.float32))
-
-
-@torch.library.custom_op("zoo::routing_attention_bwd", mutates_args=())
+@kernel_op("zoo::routing_attention_bwd", fake=_backward_fake)
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, index: torch.Tensor, num_heads: int, region_h: int, region_w: int,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic fused backward: contiguous (B, H, W, C) gradients of q, k and v in their dtypes."""
     with on_device(q):
-        return _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale)
-
-
-@_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        return _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, region_w, scale, traced)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -467,7 +265,7 @@ class _EagerRouting(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls.
 
     ``torch.library`` dispatch costs tens of microseconds of host time per call, as much as a stage's whole kernel
-    on an H200; graphs under ``torch.compile`` keep the custom ops (opaque nodes, no graph break).
+    on an H200; graphs under ``torch.compile`` use the ``torch.library`` ops (no graph break).
     """
 
     @staticmethod
@@ -487,7 +285,8 @@ class _EagerRouting(torch.autograd.Function):
 
 
 def _routed_attention(q, k, v, index, num_heads: int, region_h: int, region_w: int, scale: float) -> torch.Tensor:
-    """Fused routed attention: the custom op inside ``torch.compile``, the bare autograd function in eager."""
+    """Fused routed attention: the ``torch.library`` op inside ``torch.compile``, the bare autograd function in
+    eager."""
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, index, num_heads, region_h, region_w, scale)[0]
     return _EagerRouting.apply(q, k, v, index, num_heads, region_h, region_w, scale)

@@ -1,8 +1,9 @@
 """The ``triton`` backend of :func:`zoo.ops.window_attention`: (shifted) window attention in one kernel launch.
 
-Importing this module registers the backend (priority 20, above ``sdpa``) and the two ``torch.library`` custom ops
-``zoo::window_attention_fwd`` / ``zoo::window_attention_bwd``; it does not import triton. The kernels are built on
-first use, so ``TRITON_INTERPRET`` is read then (set it before the first call to run them on CPU).
+Importing this module registers the backend (priority 20, above ``sdpa``) and the two ``torch.library`` ops
+``zoo::window_attention_fwd`` / ``zoo::window_attention_bwd``; it does not import triton.
+The kernels (:mod:`zoo.ops.triton.kernels`) are imported on first use, so ``TRITON_INTERPRET`` is read then (set
+it before the first call to run them on CPU).
 
 Computation (same definition as the reference backend, :mod:`zoo.ops.window`): one program per (batch, head,
 window) holds the window's ``N = wh * ww`` keys and values in one tile (``BLOCK_N = max(16, next_pow2(N))``, at
@@ -57,8 +58,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import register_backend
-from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, dot_precision, interpreter_requested,
-               item_extent, next_pow2, on_device, override_knobs, triton_missing_reason)
+from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, direct, dot_precision,
+               item_extent, kernel_op, kernels_interpreted, next_pow2, on_device, override_knobs, traced,
+               triton_missing_reason)
 
 __all__ = ["window_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_WINDOW_TOKENS", "MAX_HEAD_DIM"]
 
@@ -100,160 +102,17 @@ def use_tiles(block_m: int | None = None, bias_programs: int | None = None, num_
 # ----------------------------------------------------------------------------------------------------------------
 # kernels (built on first use)
 
-_STATE: dict[str, bool] = {}
-
-
 def _kernels_interpreted() -> bool:
     """Whether the kernels run (or, not yet built, will run) in Triton's CPU interpreter."""
-    return _STATE.get("interpreted", interpreter_requested())
+    return kernels_interpreted(f"{__package__}.kernels.window")
 
 
 @functools.cache
 def _kernels():
-    """Build the two kernels: forward, backward."""
-    import triton
-    import triton.language as tl
+    """The forward and backward kernels (imports triton on first use)."""
+    from .kernels import window as kernels
 
-    _STATE["interpreted"] = interpreter_requested()
-
-    @triton.jit
-    def _window_tokens(win, t, H, W, NWX, SY, SX, WH: tl.constexpr, WW: tl.constexpr):
-        """Image position (y, x) and shift region of token ``t`` (raster) of rolled window ``win`` (raster)."""
-        ry = (win // NWX) * WH + t // WW
-        rx = (win % NWX) * WW + t % WW
-        wrapped_y = ry >= H - SY  # rows the roll brought in from the top of the map
-        wrapped_x = rx >= W - SX
-        y = tl.where(wrapped_y, ry + SY - H, ry + SY)
-        x = tl.where(wrapped_x, rx + SX - W, rx + SX)
-        return y, x, wrapped_y.to(tl.int32) * 2 + wrapped_x.to(tl.int32)
-
-    @triton.jit
-    def _load_tokens(base, y, x, ok, offs_d, stride_y, stride_x, stride_d, D: tl.constexpr):
-        """A [rows, BLOCK_D] tile of one head's channels at image positions (y, x); zeros where not ``ok``."""
-        ptrs = base + (y * stride_y + x * stride_x)[:, None] + (offs_d * stride_d)[None, :]
-        return tl.load(ptrs, mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
-
-    @triton.jit
-    def _store_tokens(base, y, x, ok, offs_d, value, stride_y, stride_x, D: tl.constexpr):
-        """Store a [rows, BLOCK_D] tile at image positions (y, x) of a buffer with unit channel stride."""
-        ptrs = base + (y * stride_y + x * stride_x)[:, None] + offs_d[None, :]
-        tl.store(ptrs, value.to(base.dtype.element_ty), mask=ok[:, None] & (offs_d < D)[None, :])
-
-    @triton.jit
-    def _probabilities(q, k, q_ok, k_ok, q_region, k_region, bias_base, offs_m, offs_n, stride_bi, stride_bj,
-                       qk_scale2, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-        """Softmax of a query block over its window's keys: float32 [BLOCK_M, BLOCK_N], zero where masked."""
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                           mask=q_ok[:, None] & k_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634  # log2(e): the softmax runs in base 2
-        # padded query rows (never stored) see every key, so that no row is all -inf (its NaN would reach dK as
-        # NaN * 0 in the backward)
-        allowed = ((q_region[:, None] == k_region[None, :]) | ~q_ok[:, None]) & k_ok[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        p = tl.exp2(s - tl.max(s, axis=1)[:, None])
-        return p / tl.sum(p, axis=1)[:, None]
-
-    @triton.jit
-    def _accumulate_bias_grad(base, ds, offs_m, offs_n, q_ok, k_ok, not_first, N: tl.constexpr):
-        """Add a [BLOCK_M, BLOCK_N] block of dS to this program's (N, N) float32 slice (stored, on its first item)."""
-        ptrs = base + offs_m[:, None] * N + offs_n[None, :]
-        ok = q_ok[:, None] & k_ok[None, :]
-        tl.debug_barrier()  # the previous item's stores to these addresses, by any thread of the program, are seen
-        tl.store(ptrs, ds + tl.load(ptrs, mask=ok & not_first, other=0.0), mask=ok)
-
-    @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr,
-                        sqb, sqy, sqx, sqh, sqd, skb, sky, skx, skh, skd, svb, svy, svx, svh, svd,
-                        sbw, sbh, sbi, sbj, H, W, NWX, NWIN, HEADS, SY, SX, qk_scale2,
-                        WH: tl.constexpr, WW: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-        N: tl.constexpr = WH * WW
-        pid = tl.program_id(0)
-        win = pid % NWIN
-        head = (pid // NWIN) % HEADS
-        b = (pid // (NWIN * HEADS)).to(tl.int64)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        k_ok = offs_n < N
-        ky, kx, k_region = _window_tokens(win, offs_n, H, W, NWX, SY, SX, WH, WW)
-        k = _load_tokens(k_ptr + b * skb + head * skh, ky, kx, k_ok, offs_d, sky, skx, skd, D)
-        v = _load_tokens(v_ptr + b * svb + head * svh, ky, kx, k_ok, offs_dv, svy, svx, svd, DV)
-        q_base = q_ptr + b * sqb + head * sqh
-        bias_base = bias_ptr + win * sbw + head * sbh
-        out_base = out_ptr + b * H * W * HEADS * DV + head * DV
-        for start in range(0, N, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            q_ok = offs_m < N
-            qy, qx, q_region = _window_tokens(win, offs_m, H, W, NWX, SY, SX, WH, WW)
-            q = _load_tokens(q_base, qy, qx, q_ok, offs_d, sqy, sqx, sqd, D)
-            p = _probabilities(q, k, q_ok, k_ok, q_region, k_region, bias_base, offs_m, offs_n, sbi, sbj,
-                               qk_scale2, HAS_BIAS, PRECISION)
-            out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            _store_tokens(out_base, qy, qx, q_ok, offs_dv, out, W * HEADS * DV, HEADS * DV, DV)
-
-    @triton.jit
-    def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
-                         sqb, sqy, sqx, sqh, sqd, skb, sky, skx, skh, skd, svb, svy, svx, svh, svd,
-                         sdb, sdy, sdx, sdh, sdd, sbw, sbh, sbi, sbj,
-                         B, CHUNK, H, W, NWX, NWIN, HEADS, SY, SX, scale, qk_scale2,
-                         WH: tl.constexpr, WW: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                         PRECISION: tl.constexpr):
-        N: tl.constexpr = WH * WW
-        pid = tl.program_id(0)
-        win = pid % NWIN
-        head = (pid // NWIN) % HEADS
-        chunk = pid // (NWIN * HEADS)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        k_ok = offs_n < N
-        ky, kx, k_region = _window_tokens(win, offs_n, H, W, NWX, SY, SX, WH, WW)
-        bias_base = bias_ptr + win * sbw + head * sbh
-        dbias_base = dbias_ptr + ((chunk.to(tl.int64) * NWIN + win) * HEADS + head) * (N * N)
-        first = chunk.to(tl.int64) * CHUNK
-        # one batch item per program without a bias gradient; a chunk of them, summed in order, with one
-        for item in range(0, tl.minimum(CHUNK, B - chunk * CHUNK)):
-            b = first + item
-            k = _load_tokens(k_ptr + b * skb + head * skh, ky, kx, k_ok, offs_d, sky, skx, skd, D)
-            v = _load_tokens(v_ptr + b * svb + head * svh, ky, kx, k_ok, offs_dv, svy, svx, svd, DV)
-            q_base = q_ptr + b * sqb + head * sqh
-            do_base = do_ptr + b * sdb + head * sdh
-            dq_base = dq_ptr + b * H * W * HEADS * D + head * D
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-            for start in range(0, N, BLOCK_M):
-                offs_m = start + tl.arange(0, BLOCK_M)
-                q_ok = offs_m < N
-                qy, qx, q_region = _window_tokens(win, offs_m, H, W, NWX, SY, SX, WH, WW)
-                q = _load_tokens(q_base, qy, qx, q_ok, offs_d, sqy, sqx, sqd, D)
-                do = _load_tokens(do_base, qy, qx, q_ok, offs_dv, sdy, sdx, sdd, DV)
-                p = _probabilities(q, k, q_ok, k_ok, q_region, k_region, bias_base, offs_m, offs_n, sbi, sbj,
-                                   qk_scale2, HAS_BIAS, PRECISION)
-                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # d loss / d logits (rowsum(P dP) = rowsum(dO O))
-                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-                _store_tokens(dq_base, qy, qx, q_ok, offs_d, dq, W * HEADS * D, HEADS * D, D)
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                if BIAS_GRAD:
-                    _accumulate_bias_grad(dbias_base, ds, offs_m, offs_n, q_ok, k_ok, item > 0, N)
-            _store_tokens(dk_ptr + b * H * W * HEADS * D + head * D, ky, kx, k_ok, offs_d, dk * scale,
-                          W * HEADS * D, HEADS * D, D)
-            _store_tokens(dv_ptr + b * H * W * HEADS * DV + head * DV, ky, kx, k_ok, offs_dv, dv,
-                          W * HEADS * DV, HEADS * DV, DV)
-
-    # Triton resolves names through the kernel module's globals: the interpreter ignores closures altogether, and the
-    # compiler reads a helper's ``tl.constexpr`` annotations in a scope holding only the globals and the helper's own
-    # closure. Publish ``tl`` and the helpers there before the first launch compiles anything.
-    globals().update(tl=tl, _window_tokens=_window_tokens, _load_tokens=_load_tokens, _store_tokens=_store_tokens,
-                     _probabilities=_probabilities, _accumulate_bias_grad=_accumulate_bias_grad)
-    return _forward_kernel, _backward_kernel
+    return kernels._forward_kernel, kernels._backward_kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,20 +174,20 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
     return (0, 0, 0, 0) if bias is None else broadcast_strides(bias.shape, bias.stride(), 4)
 
 
-def _launch_forward(q, k, v, bias, window, shift, scale) -> torch.Tensor:
+def _launch_forward(q, k, v, bias, window, shift, scale, launch=direct) -> torch.Tensor:
     """One kernel: (B, H, W, heads, d) views in, contiguous (B, H, W, heads, d_v) out."""
     geo = _Geometry(q, v, window, shift)
     out = torch.empty((geo.b, geo.h, geo.w, geo.heads, geo.dv), device=q.device, dtype=q.dtype)
     if out.numel() == 0:  # empty batch or map: nothing to launch (a zero-size grid is an error)
         return out
-    _kernels()[0][(geo.programs(),)](
+    launch(_kernels()[0])[(geo.programs(),)](
         q, k, v, q if bias is None else bias, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias),
         *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype),
         **geo.constexprs(), **_launch_options(geo))
     return out
 
 
-def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: bool):
+def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: bool, launch=direct):
     """One kernel (plus a torch sum for the bias gradient): contiguous (B, H, W, heads, d) dq, dk, dv and the bias
     gradient in the bias's shape and dtype (None unless ``bias_grad``)."""
     geo = _Geometry(q, v, window, shift, backward=True)
@@ -343,7 +202,7 @@ def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: b
                               dtype=torch.float32)
     if item_extent(grad_out) > INT32_MAX:  # an odd stride pattern; contiguous it fits (checked in supports)
         grad_out = grad_out.contiguous()
-    _kernels()[1][(geo.programs(chunk),)](
+    launch(_kernels()[1])[(geo.programs(chunk),)](
         q, k, v, q if bias is None else bias, grad_out, dq, dk, dv, dq if partial is None else partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias),
         geo.b, chunk, *geo.runtime(), scale, scale * _LOG2E, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad,
@@ -360,24 +219,28 @@ def _reduce_bias_grad(partial: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# custom ops (opaque to torch.compile) and autograd
+# torch.library ops (for torch.compile: see ops.triton.kernel_op) and autograd
 
 
-@torch.library.custom_op("zoo::window_attention_fwd", mutates_args=())
+def _forward_fake(q, k, v, bias, window_h, window_w, shift_y, shift_x, scale):
+    return q.new_empty((*q.shape[:4], v.shape[-1]))
+
+
+@kernel_op("zoo::window_attention_fwd", fake=_forward_fake)
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, window_h: int,
                 window_w: int, shift_y: int, shift_x: int, scale: float) -> torch.Tensor:
     """Fused window attention on (B, H, W, heads, d) views (any strides) with an optional bias broadcastable to
     (nW, heads, N, N); returns the contiguous (B, H, W, heads, d_v) output in q's dtype."""
     with on_device(q):
-        return _launch_forward(q, k, v, bias, (window_h, window_w), (shift_y, shift_x), scale)
+        return _launch_forward(q, k, v, bias, (window_h, window_w), (shift_y, shift_x), scale, traced)
 
 
-@_forward_op.register_fake
-def _(q, k, v, bias, window_h, window_w, shift_y, shift_x, scale):
-    return q.new_empty((*q.shape[:4], v.shape[-1]))
+def _backward_fake(grad_out, q, k, v, bias, window_h, window_w, shift_y, shift_x, scale, bias_grad):
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-@torch.library.custom_op("zoo::window_attention_bwd", mutates_args=())
+@kernel_op("zoo::window_attention_bwd", fake=_backward_fake)
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  bias: torch.Tensor | None, window_h: int, window_w: int, shift_y: int, shift_x: int, scale: float,
                  bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -385,14 +248,8 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     (an empty tensor unless ``bias_grad``)."""
     with on_device(q):
         dq, dk, dv, dbias = _launch_backward(grad_out, q, k, v, bias, (window_h, window_w), (shift_y, shift_x),
-                                             scale, bias_grad)
+                                             scale, bias_grad, traced)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
-
-
-@_backward_op.register_fake
-def _(grad_out, q, k, v, bias, window_h, window_w, shift_y, shift_x, scale, bias_grad):
-    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -415,7 +272,7 @@ class _EagerWindow(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls.
 
     ``torch.library`` dispatch costs tens of microseconds of host time per call, as much as a stage's whole kernel
-    on an H200; graphs under ``torch.compile`` keep the custom ops (opaque nodes, no graph break).
+    on an H200; graphs under ``torch.compile`` use the ``torch.library`` ops (no graph break).
     """
 
     @staticmethod
@@ -439,7 +296,7 @@ class _EagerWindow(torch.autograd.Function):
 
 
 def _attend(q, k, v, bias, window: tuple[int, int], shift: tuple[int, int], scale: float) -> torch.Tensor:
-    """Fused window attention on (B, H, W, heads, d) views: the custom op inside ``torch.compile``, the bare
+    """Fused window attention on (B, H, W, heads, d) views: the ``torch.library`` op inside ``torch.compile``, the bare
     autograd function in eager."""
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, bias, *window, *shift, scale)

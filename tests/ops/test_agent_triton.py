@@ -11,7 +11,7 @@ import torch
 import zoo.ops.triton.agent as ta  # registers the backend
 from zoo.ops import agent_attention
 from zoo.ops._dispatch import select_backend
-from triton_checks import assert_close_to, run_in_interpreter
+from triton_checks import assert_close_to, assert_inductor_launches, run_compiled, run_in_interpreter
 
 
 def make_inputs(b, heads, n, m, a, d, dv, *, dtype=torch.float32, device="cpu", bias="shared", seed=0):
@@ -208,7 +208,9 @@ def test_gpu_torch_compile_matches_eager():
         return proj(out).float().square().mean()
 
     compiled = torch.compile(block, fullgraph=True)
-    for x, y in zip(torch.autograd.grad(compiled(*tensors), tensors), torch.autograd.grad(block(*tensors), tensors)):
+    got, code = run_compiled(lambda: torch.autograd.grad(compiled(*tensors), tensors))
+    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
+    for x, y in zip(got, torch.autograd.grad(block(*tensors), tensors)):
         assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
 
 

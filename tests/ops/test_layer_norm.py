@@ -402,6 +402,8 @@ def test_triton_gpu_autocast_module_and_determinism(randn, assert_close, grads, 
 
 @pytest.mark.gpu
 def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close, monkeypatch):
+    from triton_checks import assert_inductor_launches, run_compiled
+
     monkeypatch.setenv("ZOO_OPS_BACKEND", "layer_norm:triton")
     x, w, b = _inputs((16, 28, 28), 96, randn, dtype=torch.bfloat16, device="cuda")
 
@@ -411,7 +413,9 @@ def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close, monkeypat
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     eager = torch.autograd.grad(f(x, w, b), (x, w, b))
-    for g, e in zip(torch.autograd.grad(compiled(x, w, b), (x, w, b)), eager):
+    grads, code = run_compiled(lambda: torch.autograd.grad(compiled(x, w, b), (x, w, b)))
+    assert_inductor_launches(code, "forward_kernel", "backward_kernel")
+    for g, e in zip(grads, eager):
         assert_close(g.float(), e.float(), atol=1e-2 * e.abs().max().item(), what="compiled grad")
     xf, wf, bf = (t.detach().float() for t in (x, w, b))
     torch.library.opcheck(torch.ops.zoo.layer_norm_fwd.default, (xf, wf, bf, 1e-5, torch.bfloat16))

@@ -13,7 +13,7 @@ import torch
 from zoo.ops import available_backends, ms_deform_attn
 from zoo.ops._dispatch import select_backend
 from zoo.ops.ms_deform import _triton_supports, ms_deform_attn_reference
-from triton_checks import assert_close_to, run_in_interpreter
+from triton_checks import assert_close_to, assert_inductor_launches, run_compiled, run_in_interpreter
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "focus_detr"
 
@@ -315,7 +315,8 @@ def test_gpu_torch_compile_keeps_the_op_in_graph():
         return proj(ms_deform_attn(v, spatial, l, a)).float().square().mean()
 
     compiled = torch.compile(block, fullgraph=True)
-    got = torch.autograd.grad(compiled(value, loc, attn), (value, loc, attn))
+    got, code = run_compiled(lambda: torch.autograd.grad(compiled(value, loc, attn), (value, loc, attn)))
+    assert_inductor_launches(code, "_forward_kernel", "_sample_grad_kernel", "_value_grad_kernel")
     want = torch.autograd.grad(block(value, loc, attn), (value, loc, attn))
     for a, b in zip(got, want):
         assert_close_to(a, b, 2e-2, 1e-2, "compiled vs eager")

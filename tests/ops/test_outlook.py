@@ -201,6 +201,8 @@ def test_triton_gpu_matches_reference(cfg, dtype, randn, assert_close, grads):
 
 @pytest.mark.gpu
 def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
+    from triton_checks import assert_inductor_launches, run_compiled
+
     v, attn = _inputs((28, 28, 3, 2, 1, 6, 32), randn, dtype=torch.bfloat16, device="cuda")
 
     def f(v, attn):
@@ -208,8 +210,9 @@ def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
 
     compiled = torch.compile(f, fullgraph=True)
     eager_grads = torch.autograd.grad(f(v, attn), (v, attn))
-    out = compiled(v, attn)
-    for g, e in zip(torch.autograd.grad(out, (v, attn)), eager_grads):
+    grads, code = run_compiled(lambda: torch.autograd.grad(compiled(v, attn), (v, attn)))
+    assert_inductor_launches(code, "forward_kernel", "grad_v_kernel", "grad_attn_kernel")
+    for g, e in zip(grads, eager_grads):
         assert_close(g.float(), e.float(), atol=1e-2 * e.abs().max().item(), what="compiled grad")
     torch.library.opcheck(torch.ops.zoo.outlook_attention_fwd.default, (v.detach().float(), attn.detach().float(),
                                                                       6, 3, 2, 1, 0.5))

@@ -13,7 +13,7 @@ import zoo.ops.triton.routing as rt  # registers the backend
 from zoo.ops import available_backends, registered_backends, routing_attention
 from zoo.ops._dispatch import select_backend
 from zoo.ops.routing import _from_regions, _gather_regions, _pad_to_regions, _split_heads, _to_regions, route
-from triton_checks import assert_close_to, run_in_interpreter
+from triton_checks import assert_close_to, assert_inductor_launches, run_compiled, run_in_interpreter
 
 
 def make_inputs(b, h, w, c_qk, c_v, *, seed=0, dtype=torch.float32, device="cpu", layout="nhwc"):
@@ -282,7 +282,8 @@ def test_gpu_torch_compile_keeps_the_op_in_graph():
         return proj(routing_attention(q, k, v, **kw)).float().square().mean()
 
     compiled = torch.compile(block, fullgraph=True)
-    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    got, code = run_compiled(lambda: torch.autograd.grad(compiled(q, k, v), (q, k, v)))
+    assert_inductor_launches(code, "_forward_kernel", "_dq_kernel", "_dkv_kernel", "_inverse_routing_kernel")
     want = torch.autograd.grad(block(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         assert_close_to(a, b, 2e-2, 1e-2, "compiled vs eager")

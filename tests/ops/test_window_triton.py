@@ -11,7 +11,7 @@ import torch
 import zoo.ops.triton.window as tw  # registers the backend
 from zoo.ops import available_backends, registered_backends, window_attention
 from zoo.ops._dispatch import select_backend
-from triton_checks import assert_close_to, run_in_interpreter
+from triton_checks import assert_close_to, assert_inductor_launches, run_compiled, run_in_interpreter
 
 NAMES = ("out", "dq", "dk", "dv", "dbias")
 
@@ -344,7 +344,8 @@ def test_gpu_torch_compile_inductor_matches_eager(stage):
 
     inputs = (q, k, v) + ((bias,) if bias is not None else ())
     compiled = torch.compile(block, fullgraph=True)
-    got = torch.autograd.grad(compiled(q, k, v, bias), inputs)
+    got, code = run_compiled(lambda: torch.autograd.grad(compiled(q, k, v, bias), inputs))
+    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
     want = torch.autograd.grad(block(q, k, v, bias), inputs)
     assert heads > 0 and len(got) == len(want)
     for name, x, y in zip(NAMES[1:], got, want):

@@ -1,0 +1,168 @@
+"""Triton kernels of :mod:`zoo.ops.triton.agent` (see its docstring for the computation); imports triton."""
+import triton
+import triton.language as tl
+
+from .. import interpreter_requested
+
+INTERPRETED = interpreter_requested()
+"""Whether these kernels were decorated for Triton's CPU interpreter."""
+
+
+@triton.jit
+def _tile(base, rows, n_rows, cols, n_cols, s_row, s_col):
+    """A [rows, cols] tile at base + row * s_row + col * s_col; zeros outside (n_rows, n_cols)."""
+    ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
+    return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _put(base, rows, n_rows, cols, n_cols, s_row, s_col, value):
+    ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse1_ptr, lse2_ptr,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad,
+                    sbb, sbh, sba, sbm, scb, sch, scn, sca,
+                    HEADS, N, M, A, qk_scale2,
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    b = (pid // HEADS).to(tl.int64)
+    h = pid % HEADS
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    ab_base = ab_ptr + b * sbb + h * sbh
+
+    # 1. agents aggregate over the keys (online softmax over key tiles)
+    m_i = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+    for start in range(0, M, BLOCK_T):
+        keys = start + offs_t
+        kt = _tile(k_base, keys, M, offs_d, D, skn, skd)
+        s = tl.dot(agent, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+        if HAS_AB:
+            s += _tile(ab_base, offs_a, A, keys, M, sba, sbm).to(tl.float32) * LOG2E
+        s = tl.where((keys < M)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = _tile(v_base, keys, M, offs_dv, DV, svn, svd)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m_i = m_new
+    agent_v = (acc / l_i[:, None]).to(agent.dtype)  # the reference's first matmul output dtype
+    pid64 = pid.to(tl.int64)
+    _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
+    tl.store(lse1_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
+
+    # 2. queries read from the agents (all agents in one tile: a plain softmax per query tile)
+    q_base = q_ptr + b * sqb + h * sqh
+    qb_base = qb_ptr + b * scb + h * sch
+    out_base = out_ptr + b * N * HEADS * DV + h * DV
+    for start in range(0, N, BLOCK_T):
+        rows = start + offs_t
+        qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+        s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
+        if HAS_QB:
+            s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
+        s = tl.where(a_ok[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, axis=1)
+        o = tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]
+        _put(out_base, rows, N, offs_dv, DV, HEADS * DV, 1, o)
+        tl.store(lse2_ptr + pid64 * N + rows, m + tl.log2(l), mask=rows < N)
+
+
+@triton.jit
+def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse1_ptr, lse2_ptr,
+                     dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
+                     sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca,
+                     HEADS, N, M, A, scale, qk_scale2,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                     HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    b = (pid // HEADS).to(tl.int64)
+    h = pid % HEADS
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+    lse1 = tl.load(lse1_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
+    d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    d_agent_v = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+
+    # broadcast backward, query tiles: dQ, and the sums into d(agent), d(agent_v)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sob + h * soh
+    qb_base = qb_ptr + b * scb + h * sch
+    tok_stride = HEADS * D
+    for start in range(0, N, BLOCK_T):
+        rows = start + offs_t
+        r_ok = rows < N
+        qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+        dot_ = _tile(do_base, rows, N, offs_dv, DV, son, sod)
+        ot = _tile(out_ptr + b * N * HEADS * DV + h * DV, rows, N, offs_dv, DV, HEADS * DV, 1)
+        lse2 = tl.load(lse2_ptr + pid64 * N + rows, mask=r_ok, other=0.0)
+        s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
+        if HAS_QB:
+            s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
+        p = tl.where(r_ok[:, None] & a_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        delta = tl.sum(dot_.to(tl.float32) * ot.to(tl.float32), axis=1)
+        dp = tl.dot(dot_, tl.trans(agent_v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
+        dq = tl.dot(ds.to(agent.dtype), agent, input_precision=PRECISION) * scale
+        _put(dq_ptr + b * N * tok_stride + h * D, rows, N, offs_d, D, tok_stride, 1, dq)
+        d_agent += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+        d_agent_v += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
+        if QB_GRAD:
+            _put(dqb_ptr + pid64 * N * A, rows, N, offs_a, A, A, 1, ds)
+
+    # aggregation backward, key tiles: dK, dV, and the rest of d(agent)
+    delta1 = tl.sum(d_agent_v * agent_v.to(tl.float32), axis=1)
+    dav = d_agent_v.to(agent_v.dtype)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    ab_base = ab_ptr + b * sbb + h * sbh
+    kv_stride_k = HEADS * D
+    kv_stride_v = HEADS * DV
+    for start in range(0, M, BLOCK_T):
+        keys = start + offs_t
+        k_ok = keys < M
+        kt = _tile(k_base, keys, M, offs_d, D, skn, skd)
+        vt = _tile(v_base, keys, M, offs_dv, DV, svn, svd)
+        s = tl.dot(agent, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+        if HAS_AB:
+            s += _tile(ab_base, offs_a, A, keys, M, sba, sbm).to(tl.float32) * LOG2E
+        p = tl.where(a_ok[:, None] & k_ok[None, :], tl.exp2(s - lse1[:, None]), 0.0)
+        dp = tl.dot(dav, tl.trans(vt), input_precision=PRECISION)
+        ds = p * (dp - delta1[:, None])
+        dv = tl.dot(tl.trans(p.to(dav.dtype)), dav, input_precision=PRECISION)
+        _put(dv_ptr + b * M * kv_stride_v + h * DV, keys, M, offs_dv, DV, kv_stride_v, 1, dv)
+        dk = tl.dot(tl.trans(ds.to(agent.dtype)), agent, input_precision=PRECISION) * scale
+        _put(dk_ptr + b * M * kv_stride_k + h * D, keys, M, offs_d, D, kv_stride_k, 1, dk)
+        d_agent += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+        if AB_GRAD:
+            _put(dab_ptr + pid64 * A * M, offs_a, A, keys, M, M, 1, ds)
+    _put(da_ptr + b * A * HEADS * D + h * D, offs_a, A, offs_d, D, HEADS * D, 1, d_agent * scale)

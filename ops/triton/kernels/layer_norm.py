@@ -1,0 +1,74 @@
+"""Triton kernels of :mod:`zoo.ops.layer_norm` (see its docstring for the computation); imports triton."""
+import triton
+import triton.language as tl
+
+from .. import interpreter_requested
+
+INTERPRETED = interpreter_requested()
+"""Whether these kernels were decorated for Triton's CPU interpreter."""
+
+
+@triton.jit
+def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # fp64 from inductor's launcher
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = tl.rsqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, num_blocks,
+                    HAS_W: tl.constexpr, DX: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    for block in range(pid, num_blocks, step):
+        rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if DX:
+            if HAS_W:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            mean_g = tl.sum(g, axis=1) / C
+            mean_gx = tl.sum(g * xhat, axis=1) / C
+            dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if DW:
+            dw_acc += dy * xhat
+        if DB:
+            db_acc += dy
+    if DW:
+        tl.store(dw_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    if DB:
+        tl.store(db_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)

@@ -1,0 +1,150 @@
+"""Triton kernels of :mod:`zoo.ops.outlook` (see its docstring for the computation); imports triton."""
+import triton
+import triton.language as tl
+
+from .. import interpreter_requested
+
+INTERPRETED = interpreter_requested()
+"""Whether these kernels were decorated for Triton's CPU interpreter."""
+
+
+@triton.jit
+def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
+                   K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
+    KK: tl.constexpr = K * K
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    head = pid_bh % NH
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    y = offs_p // W
+    x = offs_p % W
+    offs_j = tl.arange(0, BLOCK_KK)
+    mask_j = offs_j < KK
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    v_base = v_ptr + b * H * W * C + head * D
+    row_stride = NH * KK * KK
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for ty in tl.static_range(NT):
+        for tx in tl.static_range(NT):
+            # the window n whose row i targets pixel (y, x)
+            ny = (y + PAD) // S - ty
+            nx = (x + PAD) // S - tx
+            iy = y + PAD - ny * S
+            ix = x + PAD - nx * S
+            valid = mask_p & (iy < K) & (ix < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            n = (b * h + ny) * w + nx
+            row = attn_ptr + n * row_stride + head * KK * KK + (iy * K + ix) * KK
+            m2 = valid[:, None] & mask_j[None, :]
+            logits = tl.load(row[:, None] + offs_j[None, :], mask=m2, other=0.0).to(tl.float32)
+            logits = tl.where(m2, logits * scale, float("-inf"))
+            row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
+            e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
+            denom = tl.where(valid, tl.sum(e, axis=1), 1.0)
+            p = e / denom[:, None]
+            tl.store(lse_ptr + (n * NH + head) * KK + iy * K + ix, row_max + tl.log(denom), mask=valid)
+            # the window's pixels j, zero outside the image
+            vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
+            vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]
+            inside = m2 & (vy >= 0) & (vy < H) & (vx >= 0) & (vx < W)
+            v_ptrs = v_base + ((vy * W + vx) * C)[:, :, None] + offs_d[None, None, :]
+            vals = tl.load(v_ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(p[:, :, None] * vals, axis=1)
+    out_ptrs = out_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale,
+                  K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
+    KK: tl.constexpr = K * K
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    head = pid_bh % NH
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    y = offs_p // W
+    x = offs_p % W
+    offs_i = tl.arange(0, BLOCK_KK)
+    mask_i = offs_i < KK
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    go_base = go_ptr + b * H * W * C + head * D
+    row_stride = NH * KK * KK
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for ty in tl.static_range(NT):
+        for tx in tl.static_range(NT):
+            # the window n that reads pixel (y, x) as its pixel j
+            ny = (y + PAD) // S - ty
+            nx = (x + PAD) // S - tx
+            jy = y + PAD - ny * S
+            jx = x + PAD - nx * S
+            valid = mask_p & (jy < K) & (jx < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            n = (b * h + ny) * w + nx
+            # every row i of that window, restricted to rows whose target pixel is inside the image
+            ty_pix = ny[:, None] * S - PAD + (offs_i // K)[None, :]
+            tx_pix = nx[:, None] * S - PAD + (offs_i % K)[None, :]
+            rows = valid[:, None] & mask_i[None, :] & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W)
+            a_ptrs = attn_ptr + (n * row_stride + head * KK * KK + jy * K + jx)[:, None] + (offs_i * KK)[None, :]
+            logits = tl.load(a_ptrs, mask=rows, other=0.0).to(tl.float32) * scale
+            lse = tl.load(lse_ptr + ((n * NH + head) * KK)[:, None] + offs_i[None, :], mask=rows, other=0.0)
+            p = tl.where(rows, tl.exp(logits - lse), 0.0)
+            g_ptrs = go_base + ((ty_pix * W + tx_pix) * C)[:, :, None] + offs_d[None, None, :]
+            g = tl.load(g_ptrs, mask=rows[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(p[:, :, None] * g, axis=1)
+    dv_ptrs = dv_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
+    tl.store(dv_ptrs, acc.to(dv_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def grad_attn_kernel(go_ptr, v_ptr, attn_ptr, da_ptr, H, W, C, h, w, NH, D, scale,
+                     K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
+    KK: tl.constexpr = K * K
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    head = pid_bh % NH
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < h * w
+    ny = offs_n // w
+    nx = offs_n % w
+    offs_j = tl.arange(0, BLOCK_KK)
+    mask_j = offs_j < KK
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    pix_base = b * H * W * C + head * D
+    # the window's k^2 values, loaded once: (BLOCK_N, BLOCK_KK, BLOCK_D)
+    vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
+    vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]
+    inside = mask_n[:, None] & mask_j[None, :] & (vy >= 0) & (vy < H) & (vx >= 0) & (vx < W)
+    v_ptrs = v_ptr + pix_base + ((vy * W + vx) * C)[:, :, None] + offs_d[None, None, :]
+    vals = tl.load(v_ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+    n = b * h * w + offs_n
+    row_base = n * (NH * KK * KK) + head * KK * KK
+    for i in tl.static_range(KK):
+        iy = ny * S - PAD + i // K
+        ix = nx * S - PAD + i % K
+        target = mask_n & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        g_ptrs = go_ptr + pix_base + ((iy * W + ix) * C)[:, None] + offs_d[None, :]
+        g = tl.load(g_ptrs, mask=target[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        dp = tl.sum(g[:, None, :] * vals, axis=2)  # (BLOCK_N, BLOCK_KK)
+        m2 = mask_n[:, None] & mask_j[None, :]
+        a_ptrs = attn_ptr + (row_base + i * KK)[:, None] + offs_j[None, :]
+        logits = tl.load(a_ptrs, mask=m2, other=0.0).to(tl.float32)
+        logits = tl.where(m2, logits * scale, float("-inf"))
+        row_max = tl.where(mask_n, tl.max(logits, axis=1), 0.0)
+        e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
+        p = e / tl.where(mask_n, tl.sum(e, axis=1), 1.0)[:, None]
+        # rows writing outside the image get no gradient (g is zero there): da = 0
+        da = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        tl.store(da_ptr + (row_base + i * KK)[:, None] + offs_j[None, :], da.to(da_ptr.dtype.element_ty),
+                 mask=m2)

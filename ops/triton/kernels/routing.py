@@ -1,0 +1,208 @@
+"""Triton kernels of :mod:`zoo.ops.triton.routing` (see its docstring for the computation); imports triton."""
+import triton
+import triton.language as tl
+
+from .. import interpreter_requested
+
+INTERPRETED = interpreter_requested()
+"""Whether these kernels were decorated for Triton's CPU interpreter."""
+
+
+@triton.jit
+def _token_yx(region, token, NW, RH: tl.constexpr, RW: tl.constexpr):
+    """Map coordinates (y, x) of token ``token`` (raster inside the region) of region ``region`` (raster)."""
+    return (region // NW) * RH + token // RW, (region % NW) * RW + token % RW
+
+
+@triton.jit
+def _load_rows(base, y, x, ok, offs_d, stride_h, stride_w, stride_c, D: tl.constexpr):
+    """A [rows, BLOCK_D] tile of one head's channels at map positions (y, x); zeros where not ``ok``."""
+    ptrs = base + (y * stride_h + x * stride_w)[:, None] + (offs_d * stride_c)[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _selected_keys(idx_row, n, NW, H, W, T: tl.constexpr, TOPK: tl.constexpr, RH: tl.constexpr,
+                   RW: tl.constexpr):
+    """Key number n = slot * T + token of a query region -> (y, x, in range, inside the map)."""
+    in_range = n < TOPK * T
+    region = tl.load(idx_row + n // T, mask=in_range, other=0).to(tl.int32)
+    y, x = _token_yx(region, n % T, NW, RH, RW)
+    return y, x, in_range, in_range & (y < H) & (x < W)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+                    sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
+                    H, W, NW, R, HEADS, qk_scale2,
+                    RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr,
+                    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    T: tl.constexpr = RH * RW
+    M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bh = pid // (R * M_TILES)
+    qr = (pid % (R * M_TILES)) // M_TILES
+    b = bh // HEADS
+    head = bh % HEADS
+    b64 = b.to(tl.int64)
+    offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dq = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
+    q_ok = (offs_m < T) & (qy < H) & (qx < W)
+    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+    k_base = k_ptr + b64 * skb + head * DQK * skc
+    v_base = v_ptr + b64 * svb + head * DV * svc
+    idx_row = idx_ptr + (b * R + qr) * TOPK
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start in range(0, TOPK * T, BLOCK_N):
+        ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                RW)
+        k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+        # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out_row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + head * DV
+    tl.store(out_ptr + out_row[:, None] + offs_dv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+             mask=q_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+
+
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dq_ptr,
+               sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+               H, W, NW, R, HEADS, scale, qk_scale2,
+               RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+               PRECISION: tl.constexpr):
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    T: tl.constexpr = RH * RW
+    M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bh = pid // (R * M_TILES)
+    qr = (pid % (R * M_TILES)) // M_TILES
+    b = bh // HEADS
+    head = bh % HEADS
+    b64 = b.to(tl.int64)
+    offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dq = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
+    q_ok = (offs_m < T) & (qy < H) & (qx < W)
+    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+    do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+    o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
+                   HEADS * DV, 1, DV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # zero on padded query rows
+    row = (bh * R + qr) * T + offs_m
+    tl.store(delta_ptr + row, delta, mask=offs_m < T)
+    lse = tl.load(lse_ptr + row, mask=offs_m < T, other=0.0)
+    k_base = k_ptr + b64 * skb + head * DQK * skc
+    v_base = v_ptr + b64 * svb + head * DV * svc
+    idx_row = idx_ptr + (b * R + qr) * TOPK
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    for start in range(0, TOPK * T, BLOCK_N):
+        ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                RW)
+        k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+        v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+        p = tl.where(in_range[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq_row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + head * DQK
+    tl.store(dq_ptr + dq_row[:, None] + offs_dq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=q_ok[:, None] & (offs_dq < DQK)[None, :])
+
+
+@triton.jit
+def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, sources_ptr, dk_ptr, dv_ptr,
+                sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                H, W, NW, R, HEADS, scale, qk_scale2,
+                RH: tl.constexpr, RW: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PRECISION: tl.constexpr):
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    T: tl.constexpr = RH * RW
+    N_TILES: tl.constexpr = (T + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    bh = pid // (R * N_TILES)
+    kr = (pid % (R * N_TILES)) // N_TILES
+    b = bh // HEADS
+    head = bh % HEADS
+    b64 = b.to(tl.int64)
+    offs_n = (pid % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ky, kx = _token_yx(kr, offs_n, NW, RH, RW)
+    k_ok = (offs_n < T) & (ky < H) & (kx < W)
+    k = _load_rows(k_ptr + b64 * skb + head * DQK * skc, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+    v = _load_rows(v_ptr + b64 * svb + head * DV * svc, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+    q_base = q_ptr + b64 * sqb + head * DQK * sqc
+    do_base = do_ptr + b64 * sdb + head * DV * sdc
+    first = tl.load(offsets_ptr + b * R + kr)
+    rows = (tl.load(offsets_ptr + b * R + kr + 1) - first) * T  # query tokens that attend to this key region
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start in range(0, rows, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)  # m = entry * T + token over this key region's list
+        in_range = m < rows
+        qr = tl.load(sources_ptr + first + m // T, mask=in_range, other=0) - b * R
+        qy, qx = _token_yx(qr, m % T, NW, RH, RW)
+        q_ok = in_range & (qy < H) & (qx < W)
+        q = _load_rows(q_base, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+        do = _load_rows(do_base, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+        row = (bh * R + qr) * T + m % T
+        lse = tl.load(lse_ptr + row, mask=in_range, other=0.0)
+        delta = tl.load(delta_ptr + row, mask=in_range, other=0.0)
+        # transposed scores (keys x queries) so that no probability tile needs a transpose
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
+        p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    mask_n = k_ok[:, None]
+    dk_row = ((b64 * H + ky) * W + kx) * (HEADS * DQK) + head * DQK
+    tl.store(dk_ptr + dk_row[:, None] + offs_dq[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=mask_n & (offs_dq < DQK)[None, :])
+    dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
+    tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=mask_n & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _inverse_routing_kernel(idx_ptr, offsets_ptr, sources_ptr, R, TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program per batch item: the CSR lists of query regions per key region (see _inverse_routing)."""
+    b = tl.program_id(0)
+    entries = R * TOPK
+    offs = tl.arange(0, BLOCK_E)
+    idx = tl.load(idx_ptr + b * entries + offs, mask=offs < entries, other=-1).to(tl.int32)
+    query = b * R + offs // TOPK
+    start = b * entries  # every query region selects exactly TOPK key regions
+    for key in range(0, R):
+        hit = (idx == key).to(tl.int32)
+        tl.store(offsets_ptr + b * R + key, start)
+        # entries in ascending order: ascending query regions within each list (a fixed summation order)
+        tl.store(sources_ptr + start + tl.cumsum(hit, axis=0) - 1, query, mask=hit > 0)
+        start += tl.sum(hit, axis=0)
+    if b == tl.num_programs(0) - 1:
+        tl.store(offsets_ptr + (b + 1) * R, start)
