@@ -1,10 +1,13 @@
 """Small layers shared by several backbone families."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from timm.models._features import feature_take_indices
 from torch import nn
 
-__all__ = ["ChannelsLastSequential", "init_linears"]
+__all__ = ["ChannelsLastSequential", "init_linears", "channels_last_intermediates"]
 
 
 class ChannelsLastSequential(nn.Sequential):
@@ -33,3 +36,40 @@ def init_linears(model: nn.Module, std: float = 0.02) -> None:
             nn.init.trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def channels_last_intermediates(stage: Callable[[int, torch.Tensor], torch.Tensor], num_stages: int,
+                                final_norm: nn.Module, x: torch.Tensor, indices: int | list[int] | None = None,
+                                norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                                intermediates_only: bool = False
+                                ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+    """timm's ``forward_intermediates`` for a model of stages on channels-last maps with one final norm.
+
+    Args:
+        stage: ``stage(i, x)`` runs stage ``i``: images (B, C, H, W) for ``i = 0``, else the previous stage's output;
+            returns the (B, H_i, W_i, C_i) map.
+        num_stages: how many stages the model has (fewer after pruning).
+        final_norm: the model's last norm, sized for the last stage only.
+        x: (B, C, H, W) images.
+        indices: last n stages if int, these stage indices if a list, all if None.
+        norm: apply ``final_norm`` to the last stage's intermediate.
+        stop_early: stop after the last requested stage.
+        output_fmt: ``'NCHW'`` (B, C_i, H_i, W_i) or ``'NHWC'``.
+        intermediates_only: return only the list of intermediates.
+
+    Returns:
+        The intermediates, or (final map, normalised when every stage ran, intermediates).
+    """
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    take, max_index = feature_take_indices(num_stages, indices)
+    n_run = max_index + 1 if stop_early else num_stages
+    feats = []
+    for i in range(n_run):
+        x = stage(i, x)
+        if i in take:
+            feat = final_norm(x) if norm and i == num_stages - 1 else x
+            feats.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
+    if intermediates_only:
+        return feats
+    return (final_norm(x) if n_run == num_stages else x), feats

@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import init_linears
+from ._layers import channels_last_intermediates, init_linears
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
@@ -329,32 +329,10 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs for dense tasks (timm's contract).
-
-        Args:
-            x: (B, C, H, W) images.
-            indices: last n stages if int, these stage indices if a list, all 4 if None.
-            norm: apply the final norm to the last stage's output (the only one it is sized for).
-            stop_early: stop after the last requested stage.
-            output_fmt: ``'NCHW'`` (B, C_i, H/s_i, W/s_i) or ``'NHWC'``.
-            intermediates_only: return only the list of intermediates.
-
-        Returns:
-            The intermediates, or (final map, normalised when every stage ran, intermediates).
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(self._num_stages, indices)
-        n_run = max_index + 1 if stop_early else self._num_stages
-        feats = []
-        for i in range(n_run):
-            x = self._stage(i, x)
-            if i in take:
-                feat = self.norm(x) if norm and i == 3 else x
-                feats.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
-        if intermediates_only:
-            return feats
-        return (self.norm(x) if n_run == 4 else x), feats
+        """Stage outputs for dense tasks (timm's contract; the arguments are
+        :func:`zoo.backbones._layers.channels_last_intermediates`'s)."""
+        return channels_last_intermediates(self._stage, self._num_stages, self.norm, x, indices, norm, stop_early,
+                                           output_fmt, intermediates_only)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

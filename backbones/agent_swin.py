@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import init_linears
+from ._layers import channels_last_intermediates, init_linears
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
@@ -428,49 +428,24 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
             x = x + pos
         return self.pos_drop(x)
 
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``i``: embedding (stage 0, from images) or the previous stage's patch merging, then its blocks."""
+        x = self._embed(x) if i == 0 else self.layers[i - 1].downsample(x)
+        return self.layers[i](x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, H/32, W/32, num_features) normalised channels-last map."""
-        x = self._embed(x)
-        for layer in self.layers:
-            x = layer(x)
-            if layer.downsample is not None:
-                x = layer.downsample(x)
+        for i in range(len(self.layers)):
+            x = self._stage(i, x)
         return self.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (before each patch merging) for dense tasks (timm's contract).
-
-        Args:
-            x: (B, C, H, W) images.
-            indices: last n stages if int, these stage indices if a list, all 4 if None.
-            norm: apply the final norm to the last stage's output (the only one it is sized for).
-            stop_early: stop after the last requested stage.
-            output_fmt: ``'NCHW'`` (B, C_i, H/s_i, W/s_i) or ``'NHWC'``.
-            intermediates_only: return only the list of intermediates.
-
-        Returns:
-            The intermediates, or (final map, normalised when every stage ran, intermediates).
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        layers = self.layers[:max_index + 1] if stop_early else self.layers
-        x = self._embed(x)
-        feats = []
-        last = len(self.layers) - 1
-        for i, layer in enumerate(layers):
-            x = layer(x)
-            if i in take:
-                feat = self.norm(x) if norm and i == last else x
-                feats.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
-            if layer.downsample is not None and i < len(layers) - 1:
-                x = layer.downsample(x)
-        if intermediates_only:
-            return feats
-        # The final norm is sized for the last stage only.
-        return (self.norm(x) if len(layers) == len(self.layers) else x), feats
+        """Stage outputs (before each patch merging) for dense tasks (timm's contract; the arguments are
+        :func:`zoo.backbones._layers.channels_last_intermediates`'s)."""
+        return channels_last_intermediates(self._stage, len(self.layers), self.norm, x, indices, norm, stop_early,
+                                           output_fmt, intermediates_only)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
