@@ -54,3 +54,57 @@ def assert_inductor_launches(code: str, *kernels: str) -> None:
     missing = [kernel for kernel in kernels if kernel not in code]
     assert not missing, f"inductor's code does not launch {missing}"
     assert "torch.ops.zoo." not in code, "a zoo op stayed an opaque call in the compiled graph"
+
+
+class LaunchRecorder:
+    """Stands in for a launcher (``zoo.ops.triton.direct`` / ``traced``): ``recorder(kernel)[grid](*args, **kw)``
+    records the launch instead of running it, so the host-side launch code can run on CPU tensors."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[object, tuple, dict]] = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    recorder.launches.append((kernel, args, kwargs))
+                return launch
+        return _Grid()
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+                 torch.bool: "i1"}
+
+
+def compile_for_gpu(kernel, args: tuple, kwargs: dict, capability: int = 90):
+    """Compile ``kernel`` ahead of time for an NVIDIA GPU of this compute capability (no GPU needed: triton's own
+    ptxas) with the argument types of a recorded launch, typed as inductor's launcher types them (Python floats as
+    fp64). Returns the compiled kernel; raises triton's CompilationError where the GPU would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    bound = {**{p.name: p.default for p in kernel.params if p.has_default}, **dict(zip(kernel.arg_names, args)),
+             **kwargs}
+    signature, constexprs = {}, {}
+    for i, param in enumerate(kernel.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp64"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {param.name}={value!r} of a type no launcher passes")
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", capability, 32),
+                          options=options)

@@ -1,0 +1,137 @@
+"""Every Triton kernel compiles for the H200 (sm_90) without a GPU: triton's own ptxas, at released models' shapes,
+with the argument types inductor's launcher gives a ``triton_op``'s kernels (Python floats as fp64).
+
+The host-side launch code of each backend runs on CPU tensors with a recording launcher in place of the kernels, and
+each recorded launch is compiled ahead of time. This catches on CPU what otherwise fails only on the GPU inside
+``torch.compile``: a helper the kernel reaches through a closure, fp64 statistics from an fp64 scale, a constexpr
+misuse, a tile that does not fit. Whether the kernels compute the right numbers is the other tests' job (the CPU
+interpreter and the GPU tests).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from zoo.ops.triton import interpreter_requested, triton_missing_reason
+from triton_checks import LaunchRecorder, compile_for_gpu
+
+pytestmark = [
+    pytest.mark.skipif(triton_missing_reason() is not None, reason="needs triton"),
+    pytest.mark.skipif(interpreter_requested(), reason="compiles the JIT kernels, not interpreted ones"),
+]
+LN = importlib.import_module("zoo.ops.layer_norm")  # the module (``zoo.ops.layer_norm`` is the function)
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region: int, topk: int,
+             dtype: torch.dtype) -> None:
+    """BiFormer routing attention at one stage (batch 1): forward, dQ, dK/dV and the inverse routing lists."""
+    from zoo.ops.triton import routing as rt
+
+    monkeypatch.setattr(rt, "_kernels_interpreted", lambda: True)  # the one-kernel inverse lists, as on a GPU
+    q, k, v = (_randn(1, hw, hw, channels, dtype=dtype) for _ in range(3))
+    regions = (hw // region) ** 2
+    index = torch.randint(0, regions, (1, regions, topk), generator=torch.Generator().manual_seed(1))
+    heads, scale = channels // 32, channels ** -0.5
+    out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
+    rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
+
+
+def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """Agent-DeiT-S attention (197 tokens, 6 heads of 64, 49 agents) with both biases and their gradients."""
+    from zoo.ops.triton import agent as ta
+
+    heads, n, a, d = 6, 197, 49, 64
+    q, k, v = (_randn(1, heads, n, d, dtype=dtype) for _ in range(3))
+    agent = _randn(1, heads, a, d, dtype=dtype)
+    agent_bias, query_bias = _randn(1, heads, a, n, dtype=dtype), _randn(1, heads, n, a, dtype=dtype)
+    out, agent_v, lse1, lse2 = ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch)
+    ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, d ** -0.5, True, True,
+                        launch)
+
+
+def _window(launch: LaunchRecorder, monkeypatch, hw: tuple[int, int], window: tuple[int, int],
+            shift: tuple[int, int], with_bias: bool, dtype: torch.dtype) -> None:
+    """(Shifted) window attention, 4 heads of 32: a Swin stage (7x7 windows, shift, mask + position bias) or a CSWin
+    stripe stage (no bias)."""
+    from zoo.ops.triton import window as tw
+
+    heads, d = 4, 32
+    q, k, v = (_randn(1, *hw, heads, d, dtype=dtype) for _ in range(3))
+    windows, tokens = (hw[0] // window[0]) * (hw[1] // window[1]), window[0] * window[1]
+    bias = _randn(windows, heads, tokens, tokens, dtype=FP32) if with_bias else None
+    out = tw._launch_forward(q, k, v, bias, window, shift, d ** -0.5, launch)
+    tw._launch_backward(out, q, k, v, bias, window, shift, d ** -0.5, with_bias, launch)
+
+
+def _outlook(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """VOLO-D1 stage-1 outlook attention: 28x28, 192 channels, 6 heads, kernel 3, stride 2, padding 1."""
+    from zoo.ops import outlook as ol
+
+    heads, kernel, stride, padding = 6, 3, 2, 1
+    v = _randn(1, 28, 28, 192, dtype=dtype)
+    attn = _randn(1, 14, 14, heads * kernel ** 4, dtype=dtype)
+    forward_kernel, grad_v_kernel, grad_attn_kernel = (launch(kernel_fn) for kernel_fn in ol._kernels())
+    out, lse = ol._launch_forward(forward_kernel, v, attn, heads, kernel, stride, padding, 32 ** -0.5)
+    ol._launch_backward(grad_v_kernel, grad_attn_kernel, out, v, attn, lse, heads, kernel, stride, padding,
+                        32 ** -0.5)
+
+
+def _layer_norm(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """LayerNorm over BiFormer-T's stage-1 map (3136 tokens of 64) with float32 parameters, autocast-style output."""
+    monkeypatch.setattr(LN, "_sm_count", lambda device_index: 132)  # the H200's
+    x = _randn(1, 3136, 64, dtype=dtype)
+    weight, bias = _randn(64, dtype=FP32), _randn(64, dtype=FP32)
+    y, mean, rstd = LN._launch_forward(x, weight, bias, 1e-6, dtype, launch)
+    LN._launch_backward(y, x, weight, mean, rstd, True, True, True, launch)
+
+
+def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points."""
+    from zoo.ops.triton import ms_deform as md
+
+    shapes = torch.tensor([[32, 40], [16, 20], [8, 10], [4, 5]])
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    tokens, queries, heads, channels, levels, points = int((shapes[:, 0] * shapes[:, 1]).sum()), 100, 8, 32, 4, 4
+    value = _randn(1, tokens, heads, channels, dtype=dtype)
+    loc = torch.rand(1, queries, heads, levels, points, 2, generator=torch.Generator().manual_seed(2)).to(dtype)
+    attn = torch.rand(1, queries, heads, levels, points, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = md.msda_forward(value, shapes, starts, loc, attn, launch)
+    md.msda_backward(out, value, shapes, starts, loc, attn, True, launch)
+
+
+CASES = {
+    "routing.biformer_t.s0.bf16": (_routing, dict(hw=56, channels=64, region=8, topk=1, dtype=BF16)),
+    "routing.biformer_t.s2.bf16": (_routing, dict(hw=14, channels=256, region=2, topk=16, dtype=BF16)),
+    "routing.biformer_t.s1.fp32": (_routing, dict(hw=28, channels=128, region=4, topk=4, dtype=FP32)),
+    "agent.deit_s.bf16": (_agent, dict(dtype=BF16)),
+    "agent.deit_s.fp32": (_agent, dict(dtype=FP32)),
+    "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
+    "window.cswin_columns.fp32": (_window, dict(hw=(28, 28), window=(28, 2), shift=(0, 0), with_bias=False,
+                                                dtype=FP32)),
+    "outlook.volo_d1.bf16": (_outlook, dict(dtype=BF16)),  # 30 s to compile its three kernels: one dtype only
+    "layer_norm.bf16": (_layer_norm, dict(dtype=BF16)),
+    "ms_deform.bf16": (_ms_deform, dict(dtype=BF16)),
+    "ms_deform.fp32": (_ms_deform, dict(dtype=FP32)),
+}
+EXPECTED_KERNELS = {"routing": 4, "agent": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
+    build, kwargs = CASES[case]
+    recorder = LaunchRecorder()
+    build(recorder, monkeypatch, **kwargs)
+    names = [kernel.fn.__name__ for kernel, _, _ in recorder.launches]
+    assert len(set(names)) == EXPECTED_KERNELS[case.split(".")[0]], f"{case}: launched {names}"
+    for kernel, args, kw in recorder.launches:
+        compiled = compile_for_gpu(kernel, args, kw)
+        assert compiled.metadata.num_warps == kw.get("num_warps", 4)
+        assert ".target sm_90" in compiled.asm["ptx"], f"{case}: {kernel.fn.__name__} not built for sm_90"
