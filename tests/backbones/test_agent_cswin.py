@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
+from backbone_checks import randomize, resize_1d
 from zoo.backbones.agent_cswin import AgentCSWinTransformer
 from zoo.convert import from_official, load_official_state_dict
 
@@ -178,62 +179,19 @@ def test_no_weight_decay_and_group_matcher():
     assert coarse[1][0].startswith("stage1.") and coarse[1][-1].startswith("merge1.")
 
 
-def test_compile_matches_eager():
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_cswin_t", **TINY).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        # One graph, no breaks (see test_agent_swin for why not aot_eager on CPU); inductor runs on GPU.
-        out = torch.compile(model, backend="eager", fullgraph=True)(x)
-    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-
-
-def test_bf16_autocast_and_channels_last():
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_cswin_t", **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-        cl = model(x.contiguous(memory_format=torch.channels_last))
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
-    assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
-    assert (cl - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-
-
-def _resize_1d(t, size, dim):
-    """Linear (align_corners=False) resize of one axis, the 1-D form of the bilinear bias resize."""
-    moved = t.movedim(dim, -1)
-    shape = moved.shape
-    out = F.interpolate(moved.reshape(1, -1, shape[-1]), size=size, mode="linear", align_corners=False)
-    return out.reshape(*shape[:-1], size).movedim(-1, dim)
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 1.0 / p.shape[-1] ** 0.5 if p.ndim >= 2 and name.endswith("weight") else 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight")
-                                                                  else 0.0))
-    return model.eval()
-
-
 def test_other_input_size_equals_model_built_for_it():
     """Run at 256, a model built for 128 equals the (official classification) model built for 256 with its
     row/column agent biases resized (bilinear resizing of row + column biases = sum of their 1-D resizes)."""
     kw = dict(img_size=128, embed_dim=8, depth=(1, 1, 1, 1), split_size=(1, 2, 4, 4), la_split_size=(32, 16, 8, 4),
               num_heads=(2, 2, 4, 4), agent_num=(4, 9, 4, 4), attn_type="AAAB", num_classes=10)
-    small = _randomize(AgentCSWinTransformer(**kw))
+    small = randomize(AgentCSWinTransformer(**kw), vector_std=0.5)
     big = AgentCSWinTransformer(**dict(kw, img_size=256, la_split_size=(64, 32, 16, 8))).eval()
     big_sd = big.state_dict()
     for k, v in small.state_dict().items():
         leaf = k.rsplit(".", 1)[-1]
         if leaf in ("ah_bias", "aw_bias", "ha_bias", "wa_bias"):
             dim = {"ah_bias": 2, "aw_bias": 3, "ha_bias": 1, "wa_bias": 2}[leaf]
-            v = _resize_1d(v, big_sd[k].shape[dim], dim)
+            v = resize_1d(v, big_sd[k].shape[dim], dim)
         assert v.shape == big_sd[k].shape, k
         big_sd[k] = v
     big.load_state_dict(big_sd)
@@ -263,7 +221,7 @@ def test_stripe_padding_is_symmetric():
     """An odd-sized map pads stripes on both sides and crops back: a LePE branch is translation-consistent with
     the same branch on a map that already has the padding."""
     torch.manual_seed(0)
-    blk = _randomize(AgentCSWinTransformer(**TINY)).stage3[0]  # LePE stripes of width 2
+    blk = randomize(AgentCSWinTransformer(**TINY), vector_std=0.5).stage3[0]  # LePE stripes of width 2
     branch = blk.attns[0]  # columns (H, 2)
     q, k, v = (torch.randn(1, 4, 5, 16) for _ in range(3))  # W=5 -> padded to 6: 0 left, 1 right
     with torch.no_grad():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
+from backbone_checks import image, max_rel, randomize
 from zoo.backbones import _agent_common as common
 from zoo.backbones.agent_deit import AgentVisionTransformer
 from zoo.convert import compare_state_dict, from_official, get_converter
@@ -23,31 +24,9 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2, agent
             num_classes=10)
 
 
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a-b| relative to max|b| (b must not be degenerate)."""
-    scale = b.abs().max().item()
-    assert scale > 1e-3
-    return (a.double() - b.double()).abs().max().item() / scale
-
-
 def _tiny(**kw) -> AgentVisionTransformer:
     torch.manual_seed(0)
     return zoo.create_model("agent_deit_tiny", **dict(TINY, **kw)).eval()
-
-
-def _image(*size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-degenerate weights (the parity fixtures' scheme): the default init makes attention almost uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = p[0].numel() ** -0.5 if p.ndim >= 2 and name.endswith("weight") else 0.1
-            is_norm_weight = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if is_norm_weight else 0.0))
-    return model
 
 
 # --- parity with the official implementation -------------------------------------------------------------------
@@ -64,10 +43,10 @@ def test_parity_with_official(backend, monkeypatch):
         logits = model(tensors["input"])
         patches, prefix = zip(*model.forward_intermediates(
             tensors["input"], indices=None, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True))
-    assert _max_rel(logits, tensors["output"]) < 1e-5
+    assert max_rel(logits, tensors["output"]) < 1e-5
     assert len(patches) == len(case["features"]) == 6
     for i, (p, c) in enumerate(zip(patches, prefix)):
-        assert _max_rel(torch.cat([c, p], dim=1), tensors[f"feat.{i}"]) < 1e-5, f"block {i}"
+        assert max_rel(torch.cat([c, p], dim=1), tensors[f"feat.{i}"]) < 1e-5, f"block {i}"
 
 
 # --- official checkpoints ------------------------------------------------------------------------------------------
@@ -127,7 +106,7 @@ def test_pretrained_cfgs():
 # --- timm interface -----------------------------------------------------------------------------------------------
 
 def test_forward_features_head_and_reset_classifier():
-    model, x = _tiny(), _image(32, 32)
+    model, x = _tiny(), image(32, 32)
     with torch.no_grad():
         feats = model.forward_features(x)
         assert feats.shape == (2, 17, 16)
@@ -148,7 +127,7 @@ def test_features_only():
     extractor = timm.create_model("agent_deit_tiny", features_only=True, out_indices=(1, 3), **TINY).eval()
     extractor.load_state_dict(model.state_dict(), strict=False)
     assert extractor.feature_info.channels() == [16, 16] and extractor.feature_info.reduction() == [8, 8]
-    x = _image(32, 32)
+    x = image(32, 32)
     with torch.no_grad():
         maps = extractor(x)
         _, ref = model.forward_intermediates(x, indices=[1, 3])
@@ -160,7 +139,7 @@ def test_features_only():
 
 
 def test_grad_checkpointing_matches():
-    model, x = _tiny(), _image(32, 32)
+    model, x = _tiny(), image(32, 32)
     model.train()
     outs, grads = [], []
     for enable in (False, True):
@@ -183,25 +162,6 @@ def test_no_weight_decay_and_group_matcher():
     assert all(k.startswith("blocks.0.") for k in groups[1])
     assert len(groups) == 1 + 4 + 1  # stem, four blocks (the final norm joins the last), head
     assert {"norm.weight", "norm.bias"} < set(groups[4]) and set(groups[5]) == {"head.weight", "head.bias"}
-
-
-def test_torch_compile_matches_eager():
-    model, x = _randomize(_tiny()), _image(32, 32)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-def test_bf16_autocast_and_channels_last():
-    model, x = _randomize(_tiny()), _image(32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-5,
-                                   atol=1e-5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-    assert low.dtype == torch.bfloat16
-    assert _max_rel(low.float(), ref) < 5e-2
 
 
 # --- other input sizes -------------------------------------------------------------------------------------------
@@ -228,19 +188,19 @@ def _resized_state_dict(model: AgentVisionTransformer, grid: tuple[int, int]) ->
 
 @pytest.mark.parametrize("size", [(48, 48), (32, 56)])
 def test_other_input_size_equals_model_built_for_it(size):
-    model, x = _randomize(_tiny()), _image(*size)
+    model, x = randomize(_tiny()), image(*size)
     grid = (size[0] // 8, size[1] // 8)
     native = _tiny(img_size=size)
     native.load_state_dict(_resized_state_dict(model, grid))
     with torch.no_grad():
         out = model(x)
-        assert _max_rel(out, native(x)) < 1e-5
+        assert max_rel(out, native(x)) < 1e-5
         assert model.forward_features(x).shape == (2, 1 + grid[0] * grid[1], 16)
 
 
 def test_input_size_errors_name_the_constraint():
     with pytest.raises(ValueError, match="not a multiple of patch_size=8"):
-        _tiny()(_image(36, 32))
+        _tiny()(image(36, 32))
     with pytest.raises(ValueError, match="img_size"):
         AgentVisionTransformer(img_size="224")
     with pytest.raises(ValueError, match="perfect square"):
@@ -343,11 +303,11 @@ def test_cuda_parity_backends_and_compile(monkeypatch):
     model = from_official(case["family"], case["class"], case["kwargs"], sd).eval().cuda()
     x = tensors["input"].cuda()
     with torch.no_grad():
-        assert _max_rel(model(x).cpu(), tensors["output"]) < 2e-5
+        assert max_rel(model(x).cpu(), tensors["output"]) < 2e-5
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            assert _max_rel(model(x).float().cpu(), tensors["output"]) < 5e-2
+            assert max_rel(model(x).float().cpu(), tensors["output"]) < 5e-2
         compiled = torch.compile(model)
-        assert _max_rel(compiled(x).cpu(), tensors["output"]) < 2e-5
+        assert max_rel(compiled(x).cpu(), tensors["output"]) < 2e-5
     model.train()
     model(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

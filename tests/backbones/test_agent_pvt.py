@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from timm.models.pvt_v2 import Attention as TimmPvtAttention
 
 import zoo
+from backbone_checks import image, max_rel, randomize
 from zoo.backbones.agent_pvt import AgentPyramidVisionTransformer, SpatialReductionAttention
 from zoo.convert import compare_state_dict, from_official, get_converter
 
@@ -24,31 +25,9 @@ TINY = dict(img_size=64, embed_dims=(8, 16, 16, 16), num_heads=(1, 2, 2, 2), mlp
             depths=(1, 1, 1, 1), agent_num=(4, 4, 4, 4), num_classes=10)
 
 
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a-b| relative to max|b| (b must not be degenerate)."""
-    scale = b.abs().max().item()
-    assert scale > 1e-3
-    return (a.double() - b.double()).abs().max().item() / scale
-
-
 def _tiny(**kw) -> AgentPyramidVisionTransformer:
     torch.manual_seed(0)
     return zoo.create_model("agent_pvt_tiny", **dict(TINY, **kw)).eval()
-
-
-def _image(*size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-degenerate weights (the parity fixtures' scheme): the default init makes attention almost uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = p[0].numel() ** -0.5 if p.ndim >= 2 and name.endswith("weight") else 0.1
-            is_norm_weight = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if is_norm_weight else 0.0))
-    return model
 
 
 # --- parity with the official implementation -------------------------------------------------------------------
@@ -64,10 +43,10 @@ def test_parity_with_official(backend, monkeypatch):
     with torch.no_grad():
         logits = model(tensors["input"])
         stages = model.forward_intermediates(tensors["input"], output_fmt="NLC", intermediates_only=True)
-    assert _max_rel(logits, tensors["output"]) < 1e-5
+    assert max_rel(logits, tensors["output"]) < 1e-5
     assert len(stages) == 4
     for i, s in enumerate(stages):
-        assert _max_rel(s, tensors[f"feat.{i}"]) < 1e-5, f"stage {i}"
+        assert max_rel(s, tensors[f"feat.{i}"]) < 1e-5, f"stage {i}"
 
 
 # --- official checkpoints ------------------------------------------------------------------------------------------
@@ -88,7 +67,7 @@ def test_official_keys_load_strictly_with_official_param_count(case):
 
 def test_checkpoint_path_with_official_wrapping(tmp_path):
     # official keys (checked in full above) on a tiny config, wrapped as the release files are
-    sd = _randomize(_tiny(), seed=3).state_dict()
+    sd = randomize(_tiny(), seed=3).state_dict()
     path = tmp_path / "agent_pvt_t.pth"
     rowcol = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")  # saved with the official leading singleton dim
     official = {k: v[None] if k.rsplit(".", 1)[-1] in rowcol else v for k, v in sd.items()}
@@ -113,7 +92,7 @@ def test_pretrained_cfgs():
 # --- timm interface -----------------------------------------------------------------------------------------------
 
 def test_forward_features_head_and_reset_classifier():
-    model, x = _tiny(), _image(64, 64)
+    model, x = _tiny(), image(64, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
         assert feats.shape == (2, 16, 2, 2)
@@ -133,7 +112,7 @@ def test_features_only():
     extractor.load_state_dict(model.state_dict(), strict=False)
     assert extractor.feature_info.channels() == [8, 16, 16, 16]
     assert extractor.feature_info.reduction() == [4, 8, 16, 32]
-    x = _image(64, 64)
+    x = image(64, 64)
     with torch.no_grad():
         maps = extractor(x)
         final, ref = model.forward_intermediates(x)
@@ -146,7 +125,7 @@ def test_features_only():
 
 
 def test_grad_checkpointing_matches():
-    model, x = _tiny(), _image(64, 64)
+    model, x = _tiny(), image(64, 64)
     model.train()
     outs, grads = [], []
     for enable in (False, True):
@@ -172,25 +151,6 @@ def test_no_weight_decay_and_group_matcher():
     assert len(fine) == 1 + 4 + 1  # stem, one group per block (with its stage's embedding), head
     coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     assert len(coarse) == 1 + 4 + 1
-
-
-def test_torch_compile_matches_eager():
-    model, x = _randomize(_tiny()), _image(64, 64)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-def test_bf16_autocast_and_channels_last():
-    model, x = _randomize(_tiny()), _image(64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-5,
-                                   atol=1e-5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-    assert low.dtype == torch.bfloat16
-    assert _max_rel(low.float(), ref) < 5e-2
 
 
 # --- other input sizes ---------------------------------------------------------------------------------------------
@@ -219,18 +179,18 @@ def _resized_state_dict(model: AgentPyramidVisionTransformer, grids: list[tuple[
 
 @pytest.mark.parametrize("size", [(96, 96), (64, 128)])
 def test_other_input_size_equals_model_built_for_it(size):
-    model, x = _randomize(_tiny()), _image(*size)
+    model, x = randomize(_tiny()), image(*size)
     grids = [(size[0] // s, size[1] // s) for s in (4, 8, 16, 32)]
     native = _tiny(img_size=size)
     native.load_state_dict(_resized_state_dict(model, grids))
     with torch.no_grad():
-        assert _max_rel(model(x), native(x)) < 1e-5
+        assert max_rel(model(x), native(x)) < 1e-5
         assert [tuple(f.shape[-2:]) for f in model.forward_intermediates(x, intermediates_only=True)] == grids
 
 
 def test_input_size_errors():
     with pytest.raises(ValueError, match="needs at least 32 pixels"):
-        _tiny()(_image(16, 64))
+        _tiny()(image(16, 64))
     with pytest.raises(ValueError, match="attn_type"):
         AgentPyramidVisionTransformer(**dict(TINY, attn_type="AACA"))
     with pytest.raises(ValueError, match="num_stages must be 4"):
@@ -239,17 +199,17 @@ def test_input_size_errors():
 
 def test_dense_prediction_agent_shapes():
     # official downstream_agent_shape: another agent grid than trained, biases resized along the agent axis
-    model = _randomize(_tiny())
+    model = randomize(_tiny())
     same = _tiny(agent_shapes=[(2, 2)] * 4)
     dense = _tiny(agent_shapes=[(3, 3), (3, 3), (3, 3), None])
     same.load_state_dict(model.state_dict())
     dense.load_state_dict(model.state_dict())
-    x = _image(64, 64)
+    x = image(64, 64)
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(same(x), ref, rtol=0, atol=0)  # the trained grid is the identity case
         out = dense(x)
-    assert torch.isfinite(out).all() and _max_rel(out, ref) > 1e-2  # 9 agents instead of 4 change the result
+    assert torch.isfinite(out).all() and max_rel(out, ref) > 1e-2  # 9 agents instead of 4 change the result
 
 
 # --- 'B' (spatial-reduction) stages and agent stages with a reduced key grid -----------------------------------------
@@ -261,7 +221,7 @@ def test_spatial_reduction_attention_matches_timm_pvt_v2():
     timm_attn.load_state_dict(ours.state_dict())
     x = torch.randn(2, 64, 16)
     with torch.no_grad():
-        assert _max_rel(ours(x, (8, 8)), timm_attn(x, [8, 8])) < 1e-6
+        assert max_rel(ours(x, (8, 8)), timm_attn(x, [8, 8])) < 1e-6
 
 
 def test_mixed_stages_and_agent_sr_run_and_train():
@@ -270,11 +230,11 @@ def test_mixed_stages_and_agent_sr_run_and_train():
     assert model.block1[0].attn.ha_bias.shape == (1, 16, 1, 4)
     assert isinstance(model.block2[0].attn, SpatialReductionAttention)
     model.train()
-    out = model(_image(64, 64))
+    out = model(image(64, 64))
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
-        assert model.eval()(_image(96, 64)).shape == (2, 10)  # reduced key grid at another size
+        assert model.eval()(image(96, 64)).shape == (2, 10)  # reduced key grid at another size
 
 
 # --- GPU --------------------------------------------------------------------------------------------------------
@@ -290,11 +250,11 @@ def test_cuda_parity_backends_and_compile(monkeypatch):
     model = from_official(case["family"], case["class"], case["kwargs"], sd).eval().cuda()
     x = tensors["input"].cuda()
     with torch.no_grad():
-        assert _max_rel(model(x).cpu(), tensors["output"]) < 2e-5
+        assert max_rel(model(x).cpu(), tensors["output"]) < 2e-5
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            assert _max_rel(model(x).float().cpu(), tensors["output"]) < 5e-2
+            assert max_rel(model(x).float().cpu(), tensors["output"]) < 5e-2
         compiled = torch.compile(model)
-        assert _max_rel(compiled(x).cpu(), tensors["output"]) < 2e-5
+        assert max_rel(compiled(x).cpu(), tensors["output"]) < 2e-5
     model.train()
     model(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

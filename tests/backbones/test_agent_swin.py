@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import zoo
+from backbone_checks import randomize, resize_1d
 from zoo.backbones.agent_swin import AgentSwinTransformer, parse_attn_types
 from zoo.convert import from_official, load_official_state_dict
 
@@ -183,65 +183,20 @@ def test_no_weight_decay_and_group_matcher():
     assert len(coarse) == 1 + 4 + 1
 
 
-def test_compile_matches_eager():
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_swin_t", **dict(TINY, depths=(1, 1, 1, 1), attn_type="AABB")).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        # Dynamo captures the whole model as one graph (fullgraph: no breaks). Not aot_eager: on CPU in torch 2.14
-        # it miscomputes SDPA fed by in-graph pooled queries (the agent op's sdpa backend); inductor runs on GPU.
-        out = torch.compile(model, backend="eager", fullgraph=True)(x)
-    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-
-
-def test_bf16_autocast_and_channels_last():
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_swin_t", **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-        cl = model(x.contiguous(memory_format=torch.channels_last))
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
-    assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
-    assert (cl - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-
-
-def _resize_1d(t, size, dim):
-    """Linear (align_corners=False) resize of one axis, the 1-D form of the bilinear bias resize."""
-    moved = t.movedim(dim, -1)
-    shape = moved.shape
-    out = F.interpolate(moved.reshape(1, -1, shape[-1]), size=size, mode="linear", align_corners=False)
-    return out.reshape(*shape[:-1], size).movedim(-1, dim)
-
-
-def _randomize(model, seed=0):
-    """Non-degenerate weights: biases far from their small init, so a wrong resize shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 1.0 / p.shape[-1] ** 0.5 if p.ndim >= 2 and name.endswith("weight") else 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight")
-                                                                  else 0.0))
-    return model.eval()
-
-
 def test_other_input_size_equals_model_built_for_it():
     """Run at 256, a model built for 128 equals the (official classification) model built for 256 whose row/column
     agent biases are the 224 ones resized: bilinear resizing of (row + column) biases is the sum of their 1-D
     resizes. Agent-only stages, so that both models have the same windows."""
     kw = dict(img_size=128, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=32,
               attn_type="AAAA", agent_num=(4, 9, 16, 16), num_classes=10)
-    small = _randomize(AgentSwinTransformer(**kw))
+    small = randomize(AgentSwinTransformer(**kw), vector_std=0.5)
     big = AgentSwinTransformer(**dict(kw, img_size=256, window_size=64)).eval()
     big_sd = big.state_dict()
     for k, v in small.state_dict().items():
         leaf = k.rsplit(".", 1)[-1]
         if leaf in ("ah_bias", "aw_bias", "ha_bias", "wa_bias"):
             dim = {"ah_bias": 2, "aw_bias": 3, "ha_bias": 1, "wa_bias": 2}[leaf]
-            v = _resize_1d(v, big_sd[k].shape[dim], dim)
+            v = resize_1d(v, big_sd[k].shape[dim], dim)
         assert v.shape == big_sd[k].shape, k
         big_sd[k] = v
     big.load_state_dict(big_sd)

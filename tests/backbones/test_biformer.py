@@ -276,31 +276,6 @@ def test_no_weight_decay_and_group_matcher():
     assert fine[5] == ["head.weight", "head.bias"]
 
 
-@pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_bf16_autocast_and_channels_last(name):
-    model = _tiny(name)
-    x = _images()
-    with torch.no_grad():
-        ref = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-        model = model.to(memory_format=torch.channels_last)
-        cl = model(x.to(memory_format=torch.channels_last))
-    assert torch.isfinite(low).all()
-    assert ((low.float() - ref).norm() / ref.norm()).item() < 0.05
-    assert (cl - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
-
-
-def test_torch_compile_captures_one_graph_matching_eager():
-    # aot_eager: dynamo + AOTAutograd without Inductor code generation (cheap); fullgraph: no graph breaks
-    model = _tiny("biformer_stl_nchw")
-    x = _images(batch=1)
-    with torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
-    assert (compiled - eager).abs().max().item() < 1e-5 * eager.abs().max().item()
-
-
 @pytest.mark.slow
 def test_torch_compile_inductor_matches_eager():
     model = _tiny("biformer_tiny")

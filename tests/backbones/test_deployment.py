@@ -1,7 +1,7 @@
-"""Deployment paths of every family: weights cast to bfloat16 or float16 (``model.to(dtype)``, no autocast: the
-routing descriptors, the agent biases and their caches, the outlook and window ops all take low-precision
-parameters, and the result stays close to float32) and ``torch.export`` of the classifier and of the feature
-pyramid."""
+"""Deployment paths of every family, one tiny model each: bfloat16 autocast and channels-last inputs and models;
+weights cast to bfloat16 or float16 (``model.to(dtype)``, no autocast: the routing descriptors, the agent biases and
+their caches, the outlook and window ops all take low-precision parameters, and the result stays close to float32);
+``torch.compile`` as one graph; ``torch.export`` of the classifier and of the feature pyramid."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +9,7 @@ import timm
 import torch
 
 import zoo
+from backbone_checks import image, randomize
 from test_agent_cswin import TINY as CSWIN
 from test_agent_deit import TINY as DEIT
 from test_agent_pvt import TINY as PVT
@@ -25,6 +26,46 @@ CASES = {
     "agent_swin_t": (SWIN, 64),
     "agent_cswin_t": (CSWIN, 64),
 }
+
+# torch.compile backend of the one-graph test: aot_eager (dynamo + AOTAutograd, no code generation), except where
+# torch 2.14's CPU aot_eager miscomputes SDPA fed by in-graph pooled queries (the agent op's sdpa backend)
+COMPILE_BACKEND = {"agent_pvt_tiny": "eager", "agent_swin_t": "eager", "agent_cswin_t": "eager"}
+
+
+def _random_model(name: str) -> torch.nn.Module:
+    kwargs, _ = CASES[name]
+    torch.manual_seed(0)
+    return randomize(zoo.create_model(name, **kwargs))
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_autocast_and_channels_last(name):
+    model, x = _random_model(name), image(CASES[name][1], CASES[name][1])
+    cl_x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+        cl_input = model(cl_x)
+        cl_model = model.to(memory_format=torch.channels_last)(cl_x)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert _relative(low, ref) < 0.05  # measured 0.6-1.5%
+    for what, out in (("channels_last input", cl_input), ("channels_last model", cl_model)):
+        assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), what
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_compile_captures_one_graph_matching_eager(name):
+    # fullgraph: no graph breaks anywhere in the model (inductor runs in the GPU tests)
+    model, x = _random_model(name), image(CASES[name][1], CASES[name][1], batch=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=COMPILE_BACKEND.get(name, "aot_eager"), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5 * model(x).abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
