@@ -100,40 +100,59 @@ def _row_mask(rows_ok, c_ok, EVEN_C: tl.constexpr):
 
 
 @triton.jit
+def _query_block(value_ptr, S, Q, M: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's head and batch (grid: query blocks, heads, batch), its query, point and channel offsets, the
+    channel mask, the (query, point) mask, the output rows (b, q, m) as int64 and the head's value base pointer."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    ok = (offs_q < Q)[:, None] & (offs_p < P)[None, :]
+    row = (batch * Q + offs_q).to(tl.int64) * M + head
+    value_base = value_ptr + batch.to(tl.int64) * S * (M * C) + head * C
+    return head, batch, offs_q, offs_p, offs_c, offs_c < C, ok, row, value_base
+
+
+@triton.jit
+def _level_start(starts_ptr, level, running, HAS_STARTS: tl.constexpr):
+    """First value pixel of ``level``: from level_start_index, else the running sum of the earlier levels' sizes."""
+    if HAS_STARTS:
+        start = tl.load(starts_ptr + level).to(tl.int32)
+    else:
+        start = running
+    return start
+
+
+@triton.jit
+def _footprints(loc_ptr, attn_ptr, sample, ok, height, width):
+    """A tile of samples of one level: weight a, continuous pixel (x, y), top-left corner (x0, y0) of the bilinear
+    footprint and the fractions (fx, fy)."""
+    lx, ly, a = _load_samples(loc_ptr, attn_ptr, sample, ok)
+    x, y = _pixel_coords(lx, ly, height, width)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return a, x, y, x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
+
+
+@triton.jit
 def _forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, S, Q, num_levels,
                     M: tl.constexpr, C: tl.constexpr, L: tl.constexpr, P: tl.constexpr, HAS_STARTS: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     ROW: tl.constexpr = M * C  # elements between consecutive value pixels
     EVEN_C: tl.constexpr = C == BLOCK_C
-    pid_q = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    ok = (offs_q < Q)[:, None] & (offs_p < P)[None, :]
-    row = (batch * Q + offs_q).to(tl.int64) * M + head                    # output row (b, q, m)
-    value_base = value_ptr + batch.to(tl.int64) * S * (M * C) + head * C
+    head, batch, offs_q, offs_p, offs_c, c_ok, ok, row, value_base = _query_block(
+        value_ptr, S, Q, M, C, P, BLOCK_Q, BLOCK_P, BLOCK_C)
     acc = tl.zeros((BLOCK_Q, BLOCK_P, BLOCK_C), dtype=tl.float32)
     running = 0
     # a runtime loop (not unrolled): unrolling lets the compiler hoist all levels' gathers and run out of registers
     for level in range(num_levels):
         height, width = _level_shape(shapes_ptr, level)
-        if HAS_STARTS:
-            start = tl.load(starts_ptr + level).to(tl.int32)
-        else:
-            start = running
+        start = _level_start(starts_ptr, level, running, HAS_STARTS)
         running = running + height * width
         sample = (row[:, None] * L + level) * P + offs_p[None, :]
-        lx, ly, a = _load_samples(loc_ptr, attn_ptr, sample, ok)
-        x, y = _pixel_coords(lx, ly, height, width)
-        x0f = tl.floor(x)
-        y0f = tl.floor(y)
-        fx = x - x0f
-        fy = y - y0f
-        x0 = x0f.to(tl.int32)
-        y0 = y0f.to(tl.int32)
+        a, x, y, x0, y0, fx, fy = _footprints(loc_ptr, attn_ptr, sample, ok, height, width)
         wy0 = a * (1.0 - fy)
         wy1 = a * fy
         v = _gather_corner(value_base, start, y0, x0, height, width, S, ok, offs_c, c_ok, ROW, EVEN_C)
@@ -157,17 +176,9 @@ def _sample_grad_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, go
                         BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     ROW: tl.constexpr = M * C  # elements between consecutive value pixels
     EVEN_C: tl.constexpr = C == BLOCK_C
-    pid_q = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    head, batch, offs_q, offs_p, offs_c, c_ok, ok, row, value_base = _query_block(
+        value_ptr, S, Q, M, C, P, BLOCK_Q, BLOCK_P, BLOCK_C)
     q_ok = offs_q < Q
-    ok = q_ok[:, None] & (offs_p < P)[None, :]
-    row = (batch * Q + offs_q).to(tl.int64) * M + head
-    value_base = value_ptr + batch.to(tl.int64) * S * (M * C) + head * C
     g = tl.load(gout_ptr + row[:, None] * C + offs_c[None, :], mask=q_ok[:, None] & c_ok[None, :], other=0.0)
     g = g.to(tl.float32)[:, None, :]
     cell_base = (batch * M + head).to(tl.int64) * CELLS
@@ -175,20 +186,12 @@ def _sample_grad_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, go
     running_cells = 0
     for level in range(num_levels):
         height, width = _level_shape(shapes_ptr, level)
-        if HAS_STARTS:
-            start = tl.load(starts_ptr + level).to(tl.int32)
-        else:
-            start = running
+        start = _level_start(starts_ptr, level, running, HAS_STARTS)
         running = running + height * width
         sample = (row[:, None] * L + level) * P + offs_p[None, :]
-        lx, ly, a = _load_samples(loc_ptr, attn_ptr, sample, ok)
-        x, y = _pixel_coords(lx, ly, height, width)
-        x0f = tl.floor(x)
-        y0f = tl.floor(y)
-        fx = (x - x0f)[:, :, None]
-        fy = (y - y0f)[:, :, None]
-        x0 = x0f.to(tl.int32)
-        y0 = y0f.to(tl.int32)
+        a, x, y, x0, y0, fx, fy = _footprints(loc_ptr, attn_ptr, sample, ok, height, width)
+        fx = fx[:, :, None]
+        fy = fy[:, :, None]
         v00 = _gather_corner(value_base, start, y0, x0, height, width, S, ok, offs_c, c_ok, ROW, EVEN_C)
         v01 = _gather_corner(value_base, start, y0, x0 + 1, height, width, S, ok, offs_c, c_ok, ROW, EVEN_C)
         v10 = _gather_corner(value_base, start, y0 + 1, x0, height, width, S, ok, offs_c, c_ok, ROW, EVEN_C)

@@ -22,6 +22,19 @@ def _put(base, rows, n_rows, cols, n_cols, s_row, s_col, value):
 
 
 @triton.jit
+def _agent_program(a_ptr, sab, sah, san, sad, HEADS, A, D: tl.constexpr, BLOCK_A: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """This program's batch (int64) and head (grid: batch * heads), the agent and channel offsets, and its
+    [BLOCK_A, BLOCK_D] tile of agent tokens."""
+    pid = tl.program_id(0)
+    b = (pid // HEADS).to(tl.int64)
+    h = pid % HEADS
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, h, offs_a, offs_d, _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse1_ptr, lse2_ptr,
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad,
                     sbb, sbh, sba, sbm, scb, sch, scn, sca,
@@ -31,15 +44,10 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
                     PRECISION: tl.constexpr):
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid = tl.program_id(0)
-    b = (pid // HEADS).to(tl.int64)
-    h = pid % HEADS
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, offs_a, offs_d, agent = _agent_program(a_ptr, sab, sah, san, sad, HEADS, A, D, BLOCK_A, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = tl.arange(0, BLOCK_T)
     a_ok = offs_a < A
-    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     ab_base = ab_ptr + b * sbb + h * sbh
@@ -63,7 +71,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m_i = m_new
     agent_v = (acc / l_i[:, None]).to(agent.dtype)  # the reference's first matmul output dtype
-    pid64 = pid.to(tl.int64)
+    pid64 = tl.program_id(0).to(tl.int64)
     _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
     tl.store(lse1_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
 
@@ -98,16 +106,11 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
                      PRECISION: tl.constexpr):
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     LOG2E: tl.constexpr = 1.4426950408889634
-    pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    b = (pid // HEADS).to(tl.int64)
-    h = pid % HEADS
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, offs_a, offs_d, agent = _agent_program(a_ptr, sab, sah, san, sad, HEADS, A, D, BLOCK_A, BLOCK_D)
+    pid64 = tl.program_id(0).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = tl.arange(0, BLOCK_T)
     a_ok = offs_a < A
-    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
     agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     lse1 = tl.load(lse1_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
     d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)

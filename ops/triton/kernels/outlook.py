@@ -9,19 +9,33 @@ INTERPRETED = interpreter_requested()
 
 
 @triton.jit
+def _pixel_block(H, W, NH, BLOCK_P: tl.constexpr):
+    """This program's batch (int64) and head (grid axis 1: batch * heads) and its block of BLOCK_P pixels (grid
+    axis 0, raster order): their numbers, which are inside the image, and their (y, x)."""
+    pid_bh = tl.program_id(1)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return (pid_bh // NH).to(tl.int64), pid_bh % NH, offs_p, offs_p < H * W, offs_p // W, offs_p % W
+
+
+@triton.jit
+def _covering_window(y, x, mask_p, b, h, w, ty, tx, K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr):
+    """Candidate (ty, tx) of the at most NT x NT windows whose k x k footprint covers pixel (y, x): the window's
+    flat index n and (ny, nx), the pixel's position (iy, ix) in it, and whether that window exists."""
+    ny = (y + PAD) // S - ty
+    nx = (x + PAD) // S - tx
+    iy = y + PAD - ny * S
+    ix = x + PAD - nx * S
+    valid = mask_p & (iy < K) & (ix < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    return (b * h + ny) * w + nx, ny, nx, iy, ix, valid
+
+
+@triton.jit
 def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
                    K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NH).to(tl.int64)
-    head = pid_bh % NH
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    y = offs_p // W
-    x = offs_p % W
+    b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
     offs_j = tl.arange(0, BLOCK_KK)
     mask_j = offs_j < KK
     offs_d = tl.arange(0, BLOCK_D)
@@ -32,12 +46,7 @@ def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scal
     for ty in tl.static_range(NT):
         for tx in tl.static_range(NT):
             # the window n whose row i targets pixel (y, x)
-            ny = (y + PAD) // S - ty
-            nx = (x + PAD) // S - tx
-            iy = y + PAD - ny * S
-            ix = x + PAD - nx * S
-            valid = mask_p & (iy < K) & (ix < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            n = (b * h + ny) * w + nx
+            n, ny, nx, iy, ix, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
             row = attn_ptr + n * row_stride + head * KK * KK + (iy * K + ix) * KK
             m2 = valid[:, None] & mask_j[None, :]
             logits = tl.load(row[:, None] + offs_j[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -64,14 +73,7 @@ def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale
                   BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NH).to(tl.int64)
-    head = pid_bh % NH
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    y = offs_p // W
-    x = offs_p % W
+    b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
     offs_i = tl.arange(0, BLOCK_KK)
     mask_i = offs_i < KK
     offs_d = tl.arange(0, BLOCK_D)
@@ -82,12 +84,7 @@ def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale
     for ty in tl.static_range(NT):
         for tx in tl.static_range(NT):
             # the window n that reads pixel (y, x) as its pixel j
-            ny = (y + PAD) // S - ty
-            nx = (x + PAD) // S - tx
-            jy = y + PAD - ny * S
-            jx = x + PAD - nx * S
-            valid = mask_p & (jy < K) & (jx < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            n = (b * h + ny) * w + nx
+            n, ny, nx, jy, jx, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
             # every row i of that window, restricted to rows whose target pixel is inside the image
             ty_pix = ny[:, None] * S - PAD + (offs_i // K)[None, :]
             tx_pix = nx[:, None] * S - PAD + (offs_i % K)[None, :]

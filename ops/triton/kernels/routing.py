@@ -32,6 +32,20 @@ def _selected_keys(idx_row, n, NW, H, W, T: tl.constexpr, TOPK: tl.constexpr, RH
 
 
 @triton.jit
+def _region_tile(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's batch * head, region, batch and head, and its tile of ``BLOCK`` of the region's tokens: token
+    numbers, map (y, x) and which are real tokens inside the map (grid: batch * heads * regions * tiles)."""
+    T: tl.constexpr = RH * RW
+    TILES: tl.constexpr = (T + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    bh = pid // (R * TILES)
+    region = (pid % (R * TILES)) // TILES
+    offs = (pid % TILES) * BLOCK + tl.arange(0, BLOCK)
+    y, x = _token_yx(region, offs, NW, RH, RW)
+    return bh, region, bh // HEADS, bh % HEADS, offs, y, x, (offs < T) & (y < H) & (x < W)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
                     sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
                     H, W, NW, R, HEADS, qk_scale2,
@@ -40,18 +54,10 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
                     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bh = pid // (R * M_TILES)
-    qr = (pid % (R * M_TILES)) // M_TILES
-    b = bh // HEADS
-    head = bh % HEADS
+    bh, qr, b, head, offs_m, qy, qx, q_ok = _region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_M)
     b64 = b.to(tl.int64)
-    offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
-    q_ok = (offs_m < T) & (qy < H) & (qx < W)
     q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
     k_base = k_ptr + b64 * skb + head * DQK * skc
     v_base = v_ptr + b64 * svb + head * DV * svc
@@ -90,18 +96,10 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr
                PRECISION: tl.constexpr):
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    M_TILES: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bh = pid // (R * M_TILES)
-    qr = (pid % (R * M_TILES)) // M_TILES
-    b = bh // HEADS
-    head = bh % HEADS
+    bh, qr, b, head, offs_m, qy, qx, q_ok = _region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_M)
     b64 = b.to(tl.int64)
-    offs_m = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qy, qx = _token_yx(qr, offs_m, NW, RH, RW)
-    q_ok = (offs_m < T) & (qy < H) & (qx < W)
     q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
     do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
     o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
@@ -140,18 +138,10 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, so
                 PRECISION: tl.constexpr):
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    N_TILES: tl.constexpr = (T + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    bh = pid // (R * N_TILES)
-    kr = (pid % (R * N_TILES)) // N_TILES
-    b = bh // HEADS
-    head = bh % HEADS
+    bh, kr, b, head, offs_n, ky, kx, k_ok = _region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_N)
     b64 = b.to(tl.int64)
-    offs_n = (pid % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ky, kx = _token_yx(kr, offs_n, NW, RH, RW)
-    k_ok = (offs_n < T) & (ky < H) & (kx < W)
     k = _load_rows(k_ptr + b64 * skb + head * DQK * skc, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
     v = _load_rows(v_ptr + b64 * svb + head * DV * svc, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
     q_base = q_ptr + b64 * sqb + head * DQK * sqc
