@@ -38,7 +38,8 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import device_reason, direct, interpreter_requested, kernel_op, no_device_reason, on_device, traced
+from .triton import (device_reason, direct, interpreter_requested, kernel_op, needs_grad, no_device_reason, on_device,
+                     traced)
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -222,22 +223,25 @@ def _backward_programs(x: torch.Tensor, num_blocks: int) -> int:
     return max(1, min(num_blocks, limit))
 
 
-def _launch_forward(x, weight, bias, eps, out_dtype, launch=direct):
-    """x contiguous (..., C) -> y (..., C) in out_dtype, mean and rstd (...) float32."""
+def _launch_forward(x, weight, bias, eps, out_dtype, launch=direct, stats: bool = True):
+    """x contiguous (..., C) -> y (..., C) in out_dtype and, with ``stats``, mean and rstd (...) float32 for the
+    backward (else None: inference)."""
     channels = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rows = mean.numel()
+    mean = rstd = None
+    if stats:
+        mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rows = x.shape[:-1].numel()
     if y.numel() == 0:  # no rows, or rows of no values
-        return y, mean.zero_(), rstd.zero_()
+        return y, *((mean.zero_(), rstd.zero_()) if stats else (None, None))
     forward_kernel = launch(_kernels()[0])
     block_rows, block_c, num_warps = _tiles(channels)
     with on_device(x):
         forward_kernel[(_cdiv(rows, block_rows),)](
-            x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, rows, channels, eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-            num_warps=num_warps)
+            x, x if weight is None else weight, x if bias is None else bias, y, *((mean, rstd) if stats else (y, y)),
+            rows, channels, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_ROWS=block_rows,
+            BLOCK_C=block_c, STATS=stats, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -349,6 +353,8 @@ def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
             out_dtype: torch.dtype) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _triton_forward(x, weight, bias, eps, out_dtype)[0]
+    if not needs_grad(x, weight, bias):  # inference: no autograd node, no saved statistics
+        return _launch_forward(x.contiguous(), _contiguous(weight), _contiguous(bias), eps, out_dtype, stats=False)[0]
     return _EagerLayerNorm.apply(x, weight, bias, eps, out_dtype)
 
 

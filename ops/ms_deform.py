@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import dispatch, register_backend
-from .triton import device_reason, kernel_op, kernels_interpreted, traced, triton_missing_reason
+from .triton import device_reason, kernel_op, kernels_interpreted, needs_grad, traced, triton_missing_reason
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
 
@@ -260,6 +260,10 @@ def _triton(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_location
             attention_weights: torch.Tensor, level_start_index: torch.Tensor | None = None) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _triton_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not needs_grad(value, sampling_locations, attention_weights):  # inference: no autograd node
+        from .triton.ms_deform import msda_forward
+
+        return msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _EagerMSDA.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 

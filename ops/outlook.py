@@ -27,7 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton import device_reason, interpreter_requested, kernel_op, next_pow2, no_device_reason, on_device, traced
+from .triton import (device_reason, interpreter_requested, kernel_op, needs_grad, next_pow2, no_device_reason,
+                     on_device, traced)
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["outlook_attention", "outlook_window_grid"]
@@ -184,20 +185,24 @@ def _gather_warps(rows: int) -> int:
     return max(1, min(8, rows // 8))
 
 
-def _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale):
+def _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale, stats: bool = True):
+    """The output and, with ``stats``, the row log-sum-exps the backward needs (else None: inference)."""
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
     head_dim = channels // num_heads
     out = torch.empty_like(v)
     # Window rows that fall in the zero padding have no output pixel, so the kernel never writes their log-sum-exp;
     # zeros keep the op's saved output fully defined (torch.compile's AOT tracing compares every output element).
-    lse = torch.zeros((b, h, w, num_heads, kernel_size * kernel_size), device=v.device, dtype=torch.float32)
+    lse = None
+    if stats:
+        lse = torch.zeros((b, h, w, num_heads, kernel_size * kernel_size), device=v.device, dtype=torch.float32)
     block_kk, block_d = _block_sizes(kernel_size, head_dim)
     block_p = _rows_per_program(block_kk, block_d)
     grid = (math.ceil(height * width / block_p), b * num_heads)
-    forward_kernel[grid](v, attn, out, lse, height, width, channels, h, w, num_heads, head_dim, scale,
-                         K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
-                         BLOCK_P=block_p, BLOCK_KK=block_kk, BLOCK_D=block_d, num_warps=_gather_warps(block_p))
+    forward_kernel[grid](v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads,
+                         head_dim, scale, K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
+                         BLOCK_P=block_p, BLOCK_KK=block_kk, BLOCK_D=block_d, STATS=stats,
+                         num_warps=_gather_warps(block_p))
     return out, lse
 
 
@@ -295,6 +300,10 @@ def _triton(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: in
             scale: float, dropout_p: float) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _triton_forward(v, attn, num_heads, kernel_size, stride, padding, scale)[0]
+    if not needs_grad(v, attn):  # inference: no autograd node, no saved statistics
+        with on_device(v):
+            return _launch_forward(_kernels()[0], v.contiguous(), attn.contiguous(), num_heads, kernel_size, stride,
+                                   padding, scale, stats=False)[0]
     return _EagerOutlook.apply(v, attn, num_heads, kernel_size, stride, padding, scale)
 
 

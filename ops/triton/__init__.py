@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
            "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "check_tile_edge",
-           "kernel_op", "kernels_interpreted", "direct", "traced", "INT32_MAX"]
+           "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
 
@@ -139,6 +139,12 @@ def direct(kernel: Any) -> Any:
 def traced(kernel: Any) -> Any:
     """How the body of a :func:`kernel_op` launches ``kernel``: wrapped for tracing where torch has ``triton_op``."""
     return torch.library.wrap_triton(kernel) if _TRITON_OP else kernel
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on and one of them requires grad): the eager
+    backends launch without an autograd node or saved statistics otherwise."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def kernel_op(name: str, *, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:

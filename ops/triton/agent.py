@@ -37,7 +37,7 @@ import torch
 
 from .._dispatch import register_backend
 from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, direct, dot_precision,
-               item_extent, kernel_op, kernels_interpreted, next_pow2, on_device, override_knobs, traced,
+               item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced,
                triton_missing_reason)
 
 __all__ = ["agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
@@ -136,20 +136,25 @@ def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, block_t: int, n
     return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options)
 
 
-def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct):
+def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True):
+    """The output and, with ``stats``, what the backward needs (agent values, both log-sum-exps); without, those
+    three are None and neither allocated nor written (inference)."""
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, False)
     s = plan.sizes
     out = _token_major(s.b, s.heads, s.n, s.dv, q)
-    agent_v = torch.empty((s.b, s.heads, s.a, s.dv), device=q.device, dtype=q.dtype)
-    lse1 = torch.empty((s.b, s.heads, s.a), device=q.device, dtype=torch.float32)
-    lse2 = torch.empty((s.b, s.heads, s.n), device=q.device, dtype=torch.float32)
+    agent_v = lse1 = lse2 = None
+    if stats:
+        agent_v = torch.empty((s.b, s.heads, s.a, s.dv), device=q.device, dtype=q.dtype)
+        lse1 = torch.empty((s.b, s.heads, s.a), device=q.device, dtype=torch.float32)
+        lse2 = torch.empty((s.b, s.heads, s.n), device=q.device, dtype=torch.float32)
     if s.b * s.heads == 0 or s.n == 0:
         return out, agent_v, lse1, lse2
     launch(_kernels().forward)[(s.b * s.heads,)](
         q, k, v, agent, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
-        out, agent_v, lse1, lse2, *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
-        *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale * _LOG2E,
-        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, **plan.options, **plan.constexprs)
+        out, *((agent_v, lse1, lse2) if stats else (out, out, out)), *q.stride(), *k.stride(), *v.stride(),
+        *agent.stride(), *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale * _LOG2E,
+        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, STATS=stats, **plan.options,
+        **plan.constexprs)
     return out, agent_v, lse1, lse2
 
 
@@ -287,6 +292,9 @@ def agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ag
         raise ValueError(f"agent_attention triton backend: dropout_p must be 0, got {dropout_p}")
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
+    if not needs_grad(q, k, v, agent, agent_bias, query_bias):  # inference: no autograd node, no saved statistics
+        with on_device(q):
+            return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, stats=False)[0]
     return _EagerAgent.apply(q, k, v, agent, agent_bias, query_bias, scale)
 
 

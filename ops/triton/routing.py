@@ -48,8 +48,8 @@ import torch
 
 from .._dispatch import register_backend
 from ..routing import route
-from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent,
-               kernel_op, kernels_interpreted, next_pow2, on_device, override_knobs, traced, triton_missing_reason)
+from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent, kernel_op,
+               kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced, triton_missing_reason)
 
 __all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
 
@@ -143,17 +143,19 @@ class _Geometry:
         return self.b * self.heads * self.r * -(-self.t // self.block_k)
 
 
-def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch=direct):
+def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch=direct, stats: bool = True):
+    """The output and, with ``stats``, the row log-sum-exps the backward needs (else None: inference)."""
     forward_kernel = launch(_kernels()[0])
     geo = _Geometry(q, v, index, num_heads, region_h, region_w)
     out = torch.empty((geo.b, geo.h, geo.w, v.shape[-1]), device=v.device, dtype=v.dtype)
-    lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32)
-    if lse.numel() == 0:  # empty batch: nothing to launch (a zero-size grid is an error)
+    lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32) if stats else None
+    if geo.b * geo.heads * geo.r == 0:  # empty batch: nothing to launch (a zero-size grid is an error)
         return out, lse
     forward_kernel[(geo.query_tiles(),)](
-        q, k, v, index.contiguous(), out, lse, *q.stride(), *k.stride(), *v.stride(), *geo.runtime(), scale * _LOG2E,
-        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=dot_precision(q.dtype),
-        **geo.constexprs(), **_launch_options(geo.block_q, geo.block_keys, q.dtype))
+        q, k, v, index.contiguous(), out, out if lse is None else lse, *q.stride(), *k.stride(), *v.stride(),
+        *geo.runtime(), scale * _LOG2E, TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys,
+        PRECISION=dot_precision(q.dtype), STATS=stats, **geo.constexprs(),
+        **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     return out, lse
 
 
@@ -289,6 +291,9 @@ def _routed_attention(q, k, v, index, num_heads: int, region_h: int, region_w: i
     eager."""
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, index, num_heads, region_h, region_w, scale)[0]
+    if not needs_grad(q, k, v):  # inference: no autograd node, no saved statistics
+        with on_device(q):
+            return _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, stats=False)[0]
     return _EagerRouting.apply(q, k, v, index, num_heads, region_h, region_w, scale)
 
 

@@ -59,7 +59,7 @@ from torch.autograd.function import once_differentiable
 
 from .._dispatch import register_backend
 from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, direct, dot_precision,
-               item_extent, kernel_op, kernels_interpreted, next_pow2, on_device, override_knobs, traced,
+               item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced,
                triton_missing_reason)
 
 __all__ = ["window_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_WINDOW_TOKENS", "MAX_HEAD_DIM"]
@@ -300,6 +300,9 @@ def _attend(q, k, v, bias, window: tuple[int, int], shift: tuple[int, int], scal
     autograd function in eager."""
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, bias, *window, *shift, scale)
+    if not needs_grad(q, k, v, bias):  # inference: no autograd node
+        with on_device(q):
+            return _launch_forward(q, k, v, bias, window, shift, scale)
     return _EagerWindow.apply(q, k, v, bias, *window, *shift, scale)
 
 

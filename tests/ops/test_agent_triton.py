@@ -98,6 +98,11 @@ def _interpreter_fp32_checks() -> None:
         again = out_and_grads(tensors, "triton", d ** -0.5)
         for name, x, y in zip(NAMES, got, again):
             assert torch.equal(x, y), f"{name} not bitwise repeatable {case}"
+        q, k, v, agent, ab, qb = tensors
+        with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
+            inference = agent_attention(q, k, v, agent, scale=d ** -0.5, agent_bias=ab, query_bias=qb,
+                                        backend="triton")
+        assert torch.equal(inference, got[0]), f"inference output differs {case}"
     # 16-token tiles: five query tiles and three key tiles through the launch knobs
     tensors = make_inputs(1, 3, 70, 33, 16, 16, 24, bias="per_item", seed=7)
     want = out_and_grads(tensors, "reference", 0.25)

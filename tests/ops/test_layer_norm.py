@@ -238,6 +238,8 @@ def _check_triton(x, w, b, assert_close, grads, tol=None, out_dtype=None):
     """Triton forward and gradients of every leaf against the float64 reference on the same values."""
     out = layer_norm(x, w, b, backend="triton")
     assert out.dtype == (out_dtype or x.dtype) and out.shape == x.shape
+    with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
+        assert torch.equal(layer_norm(x, w, b, backend="triton"), out)
     leaves = _leaves(x, w, b)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(ref_leaves)
@@ -303,6 +305,8 @@ def test_triton_interpreter_empty_batch_and_determinism(interpreter, randn, grad
     out = layer_norm(x, w, b, backend="triton")
     gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
     assert out.shape == gx.shape == (0, 5, 64) and not gw.any() and not gb.any()
+    with torch.no_grad():
+        assert layer_norm(x, w, b, backend="triton").shape == (0, 5, 64)
     x, w, b = _inputs((4, 100), 64, randn)  # 7 row blocks over 3 backward programs
     first = [layer_norm(x, w, b, backend="triton"), *grads(layer_norm(x, w, b, backend="triton"), [x, w, b])]
     again = [layer_norm(x, w, b, backend="triton"), *grads(layer_norm(x, w, b, backend="triton"), [x, w, b])]

@@ -186,6 +186,8 @@ def _interpreter_checks() -> None:
         again = forward_and_grads(value, spatial, loc, attn, grad_out, "triton")
         for name, a, b in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, again):
             assert torch.equal(a, b), f"{name} not bitwise repeatable"
+        with torch.no_grad():  # the inference launch (no autograd node)
+            assert torch.equal(ms_deform_attn(value, spatial, loc, attn, backend="triton"), got[0])
     assert sys.modules["zoo.ops.triton.ms_deform"].INTERPRETED
 
     # tiny tiles and clustered samples: several query blocks, several gather steps per pixel, crowded cells

@@ -148,6 +148,8 @@ def _check_triton(cfg, dtype, device, randn, assert_close, grads, seed=0):
     v, attn = _inputs(cfg, randn, dtype=dtype, device=device, seed=seed)
     _, _, k, s, p, heads, _ = cfg
     out = outlook_attention(v, attn, heads, k, s, p, backend="triton")
+    with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
+        assert torch.equal(outlook_attention(v, attn, heads, k, s, p, backend="triton"), out)
     v64, a64 = (t.detach().double().requires_grad_() for t in (v, attn))
     ref = outlook_attention(v64, a64, heads, k, s, p, backend="reference")
     tol = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]

@@ -168,6 +168,8 @@ def _interpreter_fp32_checks() -> None:
                 again = out_and_grads(q, k, v, backend="triton", **kw)
                 for name, a, b in zip(("out", "dq", "dk", "dv"), got, again):
                     assert torch.equal(a, b), f"{name} not bitwise repeatable"
+                with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
+                    assert torch.equal(routing_attention(q, k, v, backend="triton", **kw), got[0])
         want = out_and_grads(q, k, v, backend="reference", **kw)
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
             assert a.dtype == torch.float32 and a.shape == b.shape

@@ -183,6 +183,10 @@ def _interpreter_fp32_checks() -> None:
                 again = out_and_grads(q, k, v, window, backend="triton", **kw)
                 for name, x, y in zip(NAMES, got, again):
                     assert torch.equal(x, y), f"{name} not bitwise repeatable"
+            with torch.no_grad():  # the inference launch (no autograd node)
+                inference = window_attention(q, k, v, window, shift_size=shift, scale=kw["scale"], bias=bias,
+                                             backend="triton")
+            assert torch.equal(inference, got[0]), f"inference output differs in case {i}"
         assert tw._kernels_interpreted()
         want = out_and_grads(q, k, v, window, backend="reference", **kw)
         assert len(got) == len(want) == (5 if kind else 4)

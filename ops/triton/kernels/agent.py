@@ -41,7 +41,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
                     HEADS, N, M, A, qk_scale2,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, STATS: tl.constexpr):
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     LOG2E: tl.constexpr = 1.4426950408889634
     b, h, offs_a, offs_d, agent = _agent_program(a_ptr, sab, sah, san, sad, HEADS, A, D, BLOCK_A, BLOCK_D)
@@ -72,8 +72,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
         m_i = m_new
     agent_v = (acc / l_i[:, None]).to(agent.dtype)  # the reference's first matmul output dtype
     pid64 = tl.program_id(0).to(tl.int64)
-    _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
-    tl.store(lse1_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
+    if STATS:  # what the backward needs (inference calls skip the stores and their buffers)
+        _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
+        tl.store(lse1_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
 
     # 2. queries read from the agents (all agents in one tile: a plain softmax per query tile)
     q_base = q_ptr + b * sqb + h * sqh
@@ -91,7 +92,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
         l = tl.sum(p, axis=1)
         o = tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]
         _put(out_base, rows, N, offs_dv, DV, HEADS * DV, 1, o)
-        tl.store(lse2_ptr + pid64 * N + rows, m + tl.log2(l), mask=rows < N)
+        if STATS:
+            tl.store(lse2_ptr + pid64 * N + rows, m + tl.log2(l), mask=rows < N)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ def _covering_window(y, x, mask_p, b, h, w, ty, tx, K: tl.constexpr, S: tl.const
 @triton.jit
 def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
                    K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
@@ -55,7 +55,8 @@ def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scal
             e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
             denom = tl.where(valid, tl.sum(e, axis=1), 1.0)
             p = e / denom[:, None]
-            tl.store(lse_ptr + (n * NH + head) * KK + iy * K + ix, row_max + tl.log(denom), mask=valid)
+            if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
+                tl.store(lse_ptr + (n * NH + head) * KK + iy * K + ix, row_max + tl.log(denom), mask=valid)
             # the window's pixels j, zero outside the image
             vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
             vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]

@@ -51,7 +51,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
                     H, W, NW, R, HEADS, qk_scale2,
                     RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr,
                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr):
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
     bh, qr, b, head, offs_m, qy, qx, q_ok = _region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_M)
@@ -84,7 +84,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
     out_row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + head * DV
     tl.store(out_ptr + out_row[:, None] + offs_dv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
              mask=q_ok[:, None] & (offs_dv < DV)[None, :])
-    tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+    if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
+        tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
 @triton.jit
