@@ -306,10 +306,14 @@ def _bias_token(module: nn.Module) -> tuple | None:
     data_ptr. Parameters created under inference_mode have no version counter and may still change in place inside
     it, so they are never cached.
     """
-    params = [p for p in (getattr(module, name, None) for name in AGENT_BIAS_NAMES) if p is not None]
-    if any(p.is_inference() for p in params):
-        return None
-    return tuple((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()) for p in params)
+    # the registered parameters straight from the dict: nn.Module.__getattr__ costs about as much as the token
+    params = [p for p in map(module._parameters.get, AGENT_BIAS_NAMES) if p is not None]
+    token = []
+    for p in params:
+        if p.is_inference():
+            return None
+        token.append((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()))
+    return tuple(token)
 
 
 def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple[int, int],
@@ -335,7 +339,7 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         module.__dict__["_agent_bias_cache"] = state
     entries = state[1]
     # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.
-    compute = autocast_dtype(module.an_bias.device.type)
+    compute = autocast_dtype(token[0][2].type)  # the biases' device
     key = (key_size, query_size, agents, compute)
     if key not in entries:
         biases = _build_biases(module, key_size, query_size, agents)
