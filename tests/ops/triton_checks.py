@@ -82,7 +82,9 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 def compile_for_gpu(kernel, args: tuple, kwargs: dict, capability: int = 90):
     """Compile ``kernel`` ahead of time for an NVIDIA GPU of this compute capability (no GPU needed: triton's own
     ptxas) with the argument types of a recorded launch, typed as inductor's launcher types them (Python floats as
-    fp64). Returns the compiled kernel; raises triton's CompilationError where the GPU would."""
+    fp64) and specialised as the launchers specialise (ints equal to 1 as constants; 16-byte aligned pointers and
+    ints divisible by 16 marked so). Returns the compiled kernel; raises triton's CompilationError where the GPU
+    would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,20 +93,27 @@ def compile_for_gpu(kernel, args: tuple, kwargs: dict, capability: int = 90):
     options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
     bound = {**{p.name: p.default for p in kernel.params if p.has_default}, **dict(zip(kernel.arg_names, args)),
              **kwargs}
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
+    aligned = [["tt.divisibility", 16]]  # the launchers' specialisation: 16-byte aligned pointers, ints % 16 == 0
     for i, param in enumerate(kernel.params):
         value = bound[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[(i,)] = "constexpr", value
+        specialize = not param.do_not_specialize
+        if param.is_constexpr or (specialize and isinstance(value, int) and not isinstance(value, bool)
+                                  and value == 1):
+            signature[param.name], constexprs[(i,)] = "constexpr", value  # ints equal to 1 become constants too
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
+            if specialize and value.data_ptr() % 16 == 0:
+                attrs[(i,)] = aligned
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int):
             signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if specialize and value % 16 == 0:
+                attrs[(i,)] = aligned
         elif isinstance(value, float):
             signature[param.name] = "fp64"
         else:
             raise TypeError(f"{kernel.fn.__name__}: argument {param.name}={value!r} of a type no launcher passes")
-    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", capability, 32),
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                           options=options)
