@@ -122,6 +122,7 @@ def check_tile_edge(name: str, value: int | None) -> None:
     if value is not None and (value < 16 or value & (value - 1)):
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
+
 # torch >= 2.6: torch.compile traces into a triton_op's body and inductor launches its kernels from the generated code
 # (a custom op instead stays one opaque node whose Python body costs about 230 us of host time per call on the H200
 # machine's host, more than the kernels take in BiFormer's compiled graphs).
