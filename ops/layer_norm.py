@@ -232,7 +232,7 @@ def _launch_forward(x, weight, bias, eps, out_dtype, launch=direct, stats: bool 
     if stats:
         mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
         rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rows = x.shape[:-1].numel()
+    rows = x.numel() // channels if channels else 0  # (Size.numel() would specialise a symbolic batch)
     if y.numel() == 0:  # no rows, or rows of no values
         return y, *((mean.zero_(), rstd.zero_()) if stats else (None, None))
     forward_kernel = launch(_kernels()[0])

@@ -121,7 +121,10 @@ class _Plan(NamedTuple):
 
 
 def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool) -> _Plan:
-    return _plan_for(sizes, dtype, backward, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"])
+    args = (sizes, dtype, backward, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"])
+    if all(type(size) is int for size in sizes):
+        return _plan_for(*args)
+    return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
 
 
 @functools.lru_cache(maxsize=256)

@@ -446,7 +446,8 @@ def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int,
     _, _, _, levels, points, _ = loc.shape
     sorted_keys, perm = torch.sort(keys.flatten(), stable=True)
     boundaries = _cell_boundaries(sentinel + 1, sorted_keys.dtype, value.device)
-    seg = torch.searchsorted(sorted_keys, boundaries, out_int32=sorted_keys.numel() < 2**31 - 1)
+    # bool(): a guard, not a SymBool, when torch.compile traces with symbolic sizes
+    seg = torch.searchsorted(sorted_keys, boundaries, out_int32=bool(sorted_keys.numel() < 2**31 - 1))
     grad_value = torch.empty_like(value)
     block_s, block_e, block_c, warps = _pixel_tile(channels, 4 * keys.numel() / max(1, batch * tokens * heads))
     launch(_value_grad_kernel)[(triton.cdiv(tokens, block_s), heads, batch)](

@@ -219,6 +219,21 @@ def test_gpu_torch_compile_matches_eager():
         assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
 
 
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_follows_a_changing_batch():
+    # the second batch size makes dynamo recompile with a symbolic batch: the triton_op bodies then trace on SymInts
+    torch._dynamo.reset()
+
+    def attend(q, k, v, agent, ab, qb, scale):
+        return agent_attention(q, k, v, agent, scale=scale, agent_bias=ab, query_bias=qb, backend="triton")
+
+    compiled = torch.compile(attend, fullgraph=True)
+    for batch in (4, 6, 3):
+        tensors, scale = _gpu_case("deit_s", torch.bfloat16, seed=batch, batch=batch)
+        with torch.no_grad():
+            assert_close_to(compiled(*tensors, scale), attend(*tensors, scale), 2e-2, 1e-2, f"batch {batch}")
+
 def test_use_tiles_checks_and_restores_the_knobs():
     with pytest.raises(ValueError, match="block_t must be a power of two >= 16, got 24"):
         with ta.use_tiles(block_t=24):

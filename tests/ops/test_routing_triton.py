@@ -291,6 +291,18 @@ def test_gpu_torch_compile_keeps_the_op_in_graph():
         assert_close_to(a, b, 2e-2, 1e-2, "compiled vs eager")
 
 
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_follows_a_changing_batch():
+    # the second batch size makes dynamo recompile with a symbolic batch: the triton_op bodies then trace on SymInts
+    torch._dynamo.reset()
+    _, kw = _gpu_case("s1", torch.bfloat16, batch=1)
+    compiled = torch.compile(lambda q, k, v: routing_attention(q, k, v, **kw), fullgraph=True)
+    for batch in (4, 6, 3):
+        (q, k, v), _ = _gpu_case("s1", torch.bfloat16, seed=batch, batch=batch)
+        with torch.no_grad():
+            assert_close_to(compiled(q, k, v), routing_attention(q, k, v, **kw), 2e-2, 1e-2, f"batch {batch}")
+
 @pytest.mark.gpu
 def test_gpu_peak_memory_at_most_the_reference():
     (q, k, v), kw = _gpu_case("s2", torch.bfloat16, seed=3, batch=32)
