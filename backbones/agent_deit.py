@@ -66,16 +66,17 @@ class AgentAttention(nn.Module):
         """(B, 1 + H*W, C) -> (B, 1 + H*W, C); ``grid`` is (H, W), the construction grid when None."""
         b, n, c = x.shape
         grid = tuple(grid) if grid is not None else self.grid_size
-        q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
-        agents = pool_agent_tokens(q[:, 1:], grid, self.agent_grid)  # the class token is not pooled
+        # one head split for q, k and v (each a (B, N, heads, d) view): fewer ops, and eager inference is host-bound
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        agents = pool_agent_tokens(q[:, 1:].flatten(2), grid, self.agent_grid)  # the class token is not pooled
         agent_bias, query_bias = agent_biases(self, grid, grid)
         out = agent_attention(
-            self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self._heads(agents), scale=self.scale,
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, c)
-        patch_v = v[:, 1:].transpose(1, 2).reshape(b, c, *grid)
+        patch_v = v[:, 1:].flatten(2).transpose(1, 2).reshape(b, c, *grid)
         diversity = self.dwc(patch_v).flatten(2).transpose(1, 2)  # DWC on patch values only, as official
-        out = torch.cat([out[:, :1], out[:, 1:] + diversity], dim=1)
+        out = out + F.pad(diversity, (0, 0, 1, 0))  # no DWC term on the class token
         return self.proj_drop(self.proj(out))
 
 
