@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton import (device_reason, interpreter_requested, kernel_op, needs_grad, next_pow2, no_device_reason,
+from .triton import (device_reason, direct, interpreter_requested, kernel_op, needs_grad, next_pow2, no_device_reason,
                      on_device, traced)
 from ._dispatch import call_key, dispatch, register_backend, validated
 
@@ -185,7 +185,7 @@ def _gather_warps(rows: int) -> int:
     return max(1, min(8, rows // 8))
 
 
-def _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale, stats: bool = True):
+def _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, launch=direct, stats: bool = True):
     """The output and, with ``stats``, the row log-sum-exps the backward needs (else None: inference)."""
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
@@ -199,15 +199,14 @@ def _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, pad
     block_kk, block_d = _block_sizes(kernel_size, head_dim)
     block_p = _rows_per_program(block_kk, block_d)
     grid = (math.ceil(height * width / block_p), b * num_heads)
-    forward_kernel[grid](v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads,
+    launch(_kernels()[0])[grid](v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads,
                          head_dim, scale, K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
                          BLOCK_P=block_p, BLOCK_KK=block_kk, BLOCK_D=block_d, STATS=stats,
                          num_warps=_gather_warps(block_p))
     return out, lse
 
 
-def _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out, v, attn, lse, num_heads, kernel_size, stride, padding,
-                     scale):
+def _launch_backward(grad_out, v, attn, lse, num_heads, kernel_size, stride, padding, scale, launch=direct):
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
     head_dim = channels // num_heads
@@ -215,6 +214,7 @@ def _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out, v, attn, lse, nu
     grad_attn = torch.empty_like(attn)
     block_kk, block_d = _block_sizes(kernel_size, head_dim)
     rows = _rows_per_program(block_kk, block_d)
+    grad_v_kernel, grad_attn_kernel = (launch(kernel) for kernel in _kernels()[1:])
     grad_v_kernel[(math.ceil(height * width / rows), b * num_heads)](
         grad_out, attn, lse, grad_v, height, width, channels, h, w, num_heads, head_dim, scale,
         K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
@@ -235,10 +235,9 @@ def _triton_forward_fake(v, attn, num_heads, kernel_size, stride, padding, scale
 def _triton_forward(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: int, stride: int,
                     padding: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (B, H, W, C) output and the (B, h, w, heads, k^2) float32 row log-sum-exp."""
-    forward_kernel = traced(_kernels()[0])
     v, attn = v.contiguous(), attn.contiguous()
     with on_device(v):
-        return _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale)
+        return _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, traced)
 
 
 def _triton_backward_fake(grad_out, v, attn, lse, num_heads, kernel_size, stride, padding, scale):
@@ -249,11 +248,9 @@ def _triton_backward_fake(grad_out, v, attn, lse, num_heads, kernel_size, stride
 def _triton_backward(grad_out: torch.Tensor, v: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor, num_heads: int,
                      kernel_size: int, stride: int, padding: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused backward: gradients of ``v`` (B, H, W, C) and of the logits ``attn`` (B, h, w, heads * k^4)."""
-    grad_v_kernel, grad_attn_kernel = (traced(kernel) for kernel in _kernels()[1:])
     grad_out, v, attn = grad_out.contiguous(), v.contiguous(), attn.contiguous()
     with on_device(v):
-        return _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out, v, attn, lse, num_heads, kernel_size,
-                                stride, padding, scale)
+        return _launch_backward(grad_out, v, attn, lse, num_heads, kernel_size, stride, padding, scale, traced)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -278,21 +275,18 @@ class _EagerOutlook(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, attn, num_heads, kernel_size, stride, padding, scale):
-        forward_kernel, _, _ = _kernels()
         v, attn = v.contiguous(), attn.contiguous()
         with on_device(v):
-            out, lse = _launch_forward(forward_kernel, v, attn, num_heads, kernel_size, stride, padding, scale)
+            out, lse = _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale)
         ctx.save_for_backward(v, attn, lse)
         ctx.params = (num_heads, kernel_size, stride, padding, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        _, grad_v_kernel, grad_attn_kernel = _kernels()
         v, attn, lse = ctx.saved_tensors
         with on_device(v):
-            grad_v, grad_attn = _launch_backward(grad_v_kernel, grad_attn_kernel, grad_out.contiguous(), v, attn,
-                                                 lse, *ctx.params)
+            grad_v, grad_attn = _launch_backward(grad_out.contiguous(), v, attn, lse, *ctx.params)
         return grad_v, grad_attn, None, None, None, None, None
 
 
@@ -302,8 +296,8 @@ def _triton(v: torch.Tensor, attn: torch.Tensor, num_heads: int, kernel_size: in
         return _triton_forward(v, attn, num_heads, kernel_size, stride, padding, scale)[0]
     if not needs_grad(v, attn):  # inference: no autograd node, no saved statistics
         with on_device(v):
-            return _launch_forward(_kernels()[0], v.contiguous(), attn.contiguous(), num_heads, kernel_size, stride,
-                                   padding, scale, stats=False)[0]
+            return _launch_forward(v.contiguous(), attn.contiguous(), num_heads, kernel_size, stride, padding, scale,
+                                   stats=False)[0]
     return _EagerOutlook.apply(v, attn, num_heads, kernel_size, stride, padding, scale)
 
 

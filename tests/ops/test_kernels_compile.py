@@ -80,11 +80,9 @@ def _outlook(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     heads, kernel, stride, padding = 6, 3, 2, 1
     v = _randn(1, 28, 28, 192, dtype=dtype)
     attn = _randn(1, 14, 14, heads * kernel ** 4, dtype=dtype)
-    forward_kernel, grad_v_kernel, grad_attn_kernel = (launch(kernel_fn) for kernel_fn in ol._kernels())
-    ol._launch_forward(forward_kernel, v, attn, heads, kernel, stride, padding, 32 ** -0.5, stats=False)
-    out, lse = ol._launch_forward(forward_kernel, v, attn, heads, kernel, stride, padding, 32 ** -0.5)
-    ol._launch_backward(grad_v_kernel, grad_attn_kernel, out, v, attn, lse, heads, kernel, stride, padding,
-                        32 ** -0.5)
+    ol._launch_forward(v, attn, heads, kernel, stride, padding, 32 ** -0.5, launch, stats=False)  # inference
+    out, lse = ol._launch_forward(v, attn, heads, kernel, stride, padding, 32 ** -0.5, launch)
+    ol._launch_backward(out, v, attn, lse, heads, kernel, stride, padding, 32 ** -0.5, launch)
 
 
 def _layer_norm(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
