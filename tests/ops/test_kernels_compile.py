@@ -4,8 +4,10 @@ with the argument types inductor's launcher gives a ``triton_op``'s kernels (Pyt
 The host-side launch code of each backend runs on CPU tensors with a recording launcher in place of the kernels, and
 each recorded launch is compiled ahead of time. This catches on CPU what otherwise fails only on the GPU inside
 ``torch.compile``: a helper the kernel reaches through a closure, fp64 statistics from an fp64 scale, a constexpr
-misuse, a tile that does not fit. Whether the kernels compute the right numbers is the other tests' job (the CPU
-interpreter and the GPU tests).
+misuse, a tile that does not fit. The same recorded launches also go through torch.compile's analysis of which
+tensors a kernel writes: an input it counts as written is copied before every launch in a compiled graph (and once
+broke ms_deform's value gradient under compile). Whether the kernels compute the right numbers is the other tests'
+job (the CPU interpreter and the GPU tests).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from zoo.ops.triton import interpreter_requested, triton_missing_reason
-from triton_checks import LaunchRecorder, compile_for_gpu
+from triton_checks import LaunchRecorder, compile_for_gpu, written_by
 
 pytestmark = [
     pytest.mark.skipif(triton_missing_reason() is not None, reason="needs triton"),
@@ -137,3 +139,40 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
         compiled = compile_for_gpu(kernel, args, kw)
         assert compiled.metadata.num_warps == kw.get("num_warps", 4)
         assert ".target sm_90" in compiled.asm["ptx"], f"{case}: {kernel.fn.__name__} not built for sm_90"
+
+
+# What each kernel stores to: (always, only with STATS=True). torch.compile finds a triton_op kernel's writes by
+# analysing its TTIR and copies every input it counts as written before each launch (a helper call counts all its
+# arguments as written when its results reach a store address), so an input counted as written is a wasted copy
+# and, under in-place buffer reuse, a risk.
+WRITES = {
+    "routing": {"_forward_kernel": ({"out_ptr"}, {"lse_ptr"}), "_dq_kernel": ({"dq_ptr", "delta_ptr"}, set()),
+                "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, set()),
+                "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, set())},
+    "agent": {"_forward_kernel": ({"out_ptr"}, {"av_ptr", "lse1_ptr", "lse2_ptr"}),
+              "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr", "dab_ptr", "dqb_ptr"}, set())},
+    "window": {"_forward_kernel": ({"out_ptr"}, set()), "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, set())},
+    "outlook": {"forward_kernel": ({"out_ptr"}, {"lse_ptr"}), "grad_v_kernel": ({"dv_ptr"}, set()),
+                "grad_attn_kernel": ({"da_ptr"}, set())},
+    "layer_norm": {"forward_kernel": ({"y_ptr"}, {"mean_ptr", "rstd_ptr"}),
+                   "backward_kernel": ({"dx_ptr", "dw_ptr", "db_ptr"}, set())},
+    "ms_deform": {"_forward_kernel": ({"out_ptr"}, set()),
+                  "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr", "cell_ptr", "record_ptr"}, set()),
+                  "_value_grad_kernel": ({"gvalue_ptr"}, set())},
+}
+OPTIONAL_WRITES = {"dbias_ptr"}  # window's bias gradient: written only when the launch has a bias
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_compile_sees_only_the_outputs_written(case, monkeypatch):
+    build, kwargs = CASES[case]
+    recorder = LaunchRecorder()
+    build(recorder, monkeypatch, **kwargs)
+    family = WRITES[case.split(".")[0]]
+    for kernel, args, kw in recorder.launches:
+        name = kernel.fn.__name__
+        always, with_stats = family[name]
+        bound = {**dict(zip(kernel.arg_names, args)), **kw}
+        expected = always | (with_stats if bound.get("STATS", True) else set())
+        got = written_by(kernel, args, kw)
+        assert got - OPTIONAL_WRITES == expected, f"{case}: {name} counted as writing {sorted(got)}"

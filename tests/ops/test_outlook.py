@@ -14,6 +14,7 @@ from zoo.ops import outlook_attention, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.outlook import outlook_window_grid
 from zoo.ops.triton import interpreter_requested as _interpreting
+from triton_checks import assert_inference_launch_agrees
 
 # (H, W, kernel_size, stride, padding, heads, head_dim): VOLO's k3/s2/p1 with odd sizes, stride 1, stride > kernel
 # reach, no padding, even kernels and padding beyond the kernel's reach.
@@ -149,7 +150,7 @@ def _check_triton(cfg, dtype, device, randn, assert_close, grads, seed=0):
     _, _, k, s, p, heads, _ = cfg
     out = outlook_attention(v, attn, heads, k, s, p, backend="triton")
     with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
-        assert torch.equal(outlook_attention(v, attn, heads, k, s, p, backend="triton"), out)
+        assert_inference_launch_agrees(outlook_attention(v, attn, heads, k, s, p, backend="triton"), out)
     v64, a64 = (t.detach().double().requires_grad_() for t in (v, attn))
     ref = outlook_attention(v64, a64, heads, k, s, p, backend="reference")
     tol = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
