@@ -245,4 +245,8 @@ def test_use_tiles_checks_and_restores_the_knobs():
         assert plan.constexprs["BLOCK_T"] == 32 and plan.options == {"num_warps": 2, "num_stages": 2}
     assert ta._TILES == before
     plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, True)
-    assert plan.constexprs["BLOCK_T"] == 64 and plan.options == {"num_warps": 8, "num_stages": 1}
+    assert plan.constexprs["BLOCK_T"] == 64 and plan.options == {"num_warps": 4, "num_stages": 2}
+    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float32, True)
+    assert plan.constexprs["BLOCK_T"] == 16 and plan.options == {"num_warps": 8, "num_stages": 1}
+    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 100, 16, 16), torch.bfloat16, True)  # 128 agents: wider tiles
+    assert plan.options == {"num_warps": 8, "num_stages": 2}
