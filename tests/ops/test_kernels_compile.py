@@ -141,26 +141,28 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
         assert ".target sm_90" in compiled.asm["ptx"], f"{case}: {kernel.fn.__name__} not built for sm_90"
 
 
-# What each kernel stores to: (always, only with STATS=True). torch.compile finds a triton_op kernel's writes by
-# analysing its TTIR and copies every input it counts as written before each launch (a helper call counts all its
-# arguments as written when its results reach a store address), so an input counted as written is a wasted copy
-# and, under in-place buffer reuse, a risk.
+# What each kernel stores to: the pointers always written, and those written only when a constexpr flag of the
+# launch is set. torch.compile finds a triton_op kernel's writes by analysing its TTIR and copies every input it counts
+# as written before each launch (a helper call counts all its arguments as written when its results reach a store
+# address), so an input counted as written is a wasted copy and, under in-place buffer reuse, a risk.
 WRITES = {
-    "routing": {"_forward_kernel": ({"out_ptr"}, {"lse_ptr"}), "_dq_kernel": ({"dq_ptr", "delta_ptr"}, set()),
-                "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, set()),
-                "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, set())},
-    "agent": {"_forward_kernel": ({"out_ptr"}, {"av_ptr", "lse1_ptr", "lse2_ptr"}),
-              "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr", "dab_ptr", "dqb_ptr"}, set())},
-    "window": {"_forward_kernel": ({"out_ptr"}, set()), "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, set())},
-    "outlook": {"forward_kernel": ({"out_ptr"}, {"lse_ptr"}), "grad_v_kernel": ({"dv_ptr"}, set()),
-                "grad_attn_kernel": ({"da_ptr"}, set())},
-    "layer_norm": {"forward_kernel": ({"y_ptr"}, {"mean_ptr", "rstd_ptr"}),
-                   "backward_kernel": ({"dx_ptr", "dw_ptr", "db_ptr"}, set())},
-    "ms_deform": {"_forward_kernel": ({"out_ptr"}, set()),
-                  "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr", "cell_ptr", "record_ptr"}, set()),
-                  "_value_grad_kernel": ({"gvalue_ptr"}, set())},
+    "routing": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
+                "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
+                "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
+                "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {})},
+    "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse1_ptr", "lse2_ptr"}}),
+              "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
+                                   {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},
+    "window": {"_forward_kernel": ({"out_ptr"}, {}),
+               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}})},
+    "outlook": {"forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}), "grad_v_kernel": ({"dv_ptr"}, {}),
+                "grad_attn_kernel": ({"da_ptr"}, {})},
+    "layer_norm": {"forward_kernel": ({"y_ptr"}, {"STATS": {"mean_ptr", "rstd_ptr"}}),
+                   "backward_kernel": ({"dx_ptr", "dw_ptr", "db_ptr"}, {})},
+    "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
+                  "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
+                  "_value_grad_kernel": ({"gvalue_ptr"}, {})},
 }
-OPTIONAL_WRITES = {"dbias_ptr"}  # window's bias gradient: written only when the launch has a bias
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -171,8 +173,8 @@ def test_torch_compile_sees_only_the_outputs_written(case, monkeypatch):
     family = WRITES[case.split(".")[0]]
     for kernel, args, kw in recorder.launches:
         name = kernel.fn.__name__
-        always, with_stats = family[name]
+        always, flagged = family[name]
         bound = {**dict(zip(kernel.arg_names, args)), **kw}
-        expected = always | (with_stats if bound.get("STATS", True) else set())
+        expected = always.union(*(written for flag, written in flagged.items() if bound[flag]))
         got = written_by(kernel, args, kw)
-        assert got - OPTIONAL_WRITES == expected, f"{case}: {name} counted as writing {sorted(got)}"
+        assert got == expected, f"{case}: {name} counted as writing {sorted(got)}, expected {sorted(expected)}"
