@@ -77,6 +77,45 @@ def test_resize_bilinear_other_dims_and_dtypes():
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=3e-2)
 
 
+# --- agent tokens ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,grid", [((56, 56), (7, 7)), ((14, 14), (7, 7)), ((28, 4), (7, 2)), ((9, 9), (3, 3)),
+                                       ((10, 9), (7, 7)), ((72, 72), (7, 7))])
+def test_pool_agent_tokens_matches_adaptive_pooling(size, grid):
+    """Equal windows take the mean-over-a-view path, the rest adaptive pooling; both must be adaptive average
+    pooling of the token grid, forward and backward, on a strided slice of a qkv projection as the models pass."""
+    gen = torch.Generator().manual_seed(0)
+    (h, w), c = size, 8
+    qkv = torch.randn(2, h * w, 3 * c, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = qkv[:, :, :c]
+    ref = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(2, c, h, w), grid).flatten(2).transpose(1, 2)
+    got = common.pool_agent_tokens(q, size, grid)
+    assert got.shape == (2, grid[0] * grid[1], c)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (ref_grad,), (got_grad,) = torch.autograd.grad(ref, qkv, grad), torch.autograd.grad(got, qkv, grad)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not form a"):
+        common.pool_agent_tokens(q[:, 1:], size, grid)
+
+
+@pytest.mark.parametrize("size,grid", [((56, 56), (3, 3)), ((56, 56), (7, 7)), ((14, 14), (5, 5))])
+def test_pool_agent_tokens_16_bit_and_without_adaptive_pooling(size, grid, monkeypatch):
+    """bf16 stays within a rounding of the float32 pooling; ATen's adaptive pooling is never called (its NHWC kernel
+    is what the mean and mask paths replace)."""
+    (h, w), c = size, 16
+    qkv = torch.randn(2, h * w, 3 * c, generator=torch.Generator().manual_seed(0))
+    ref = F.adaptive_avg_pool2d(qkv[:, :, :c].transpose(1, 2).reshape(2, c, h, w), grid).flatten(2).transpose(1, 2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("adaptive_avg_pool2d called")
+
+    monkeypatch.setattr(F, "adaptive_avg_pool2d", refuse)
+    got = common.pool_agent_tokens(qkv.bfloat16()[:, :, :c], size, grid)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -7, atol=2 ** -8)
+
+
 def test_resize_tables_built_in_inference_mode_train_later():
     # A cached table that were an inference tensor could not be saved for a later backward.
     with torch.inference_mode():
