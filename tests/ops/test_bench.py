@@ -12,8 +12,8 @@ from zoo.ops import bench
 MY_OPS = "downsampled_attention,cross_attention,masked_attention,neighborhood_attention"
 SDPA_TARGET_OPS = "agent_attention,window_attention,downsampled_attention,cross_attention"
 # the cases whose cost target is one plain SDPA over the same token counts, each with its "<case>.sdpa" row
-SDPA_TARGET_CASES = ("agent_deit_s", "agent_swin_t.s0", "agent_swin_t.s1", "agent_swin_t.s2", "pvt_s.s0",
-                     "lookupvit_b.mhbc")
+SDPA_TARGET_CASES = ("agent_deit_s", "agent_swin_t.s0", "agent_swin_t.s1", "agent_swin_t.s2", "agent_swin_s.s2",
+                     "pvt_s.s0", "lookupvit_b.mhbc")
 
 
 def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):
@@ -136,9 +136,9 @@ def test_plain_sdpa_builder_shapes_flops_and_calls():
     assert q.shape == k.shape == v.shape == (2, 6, 197, 64) and kw == {}
     assert flops == 2.0 * 2 * 6 * 197 * 197 * 128
     # window 7 over a 14x14 map: the 4 windows batched, 49 x 49 each
-    (q, k, v), _, flops = bench.BUILDERS["sdpa_plain"](by_name["agent_swin_t.s2.sdpa"].params, 2, f32, dev, False)
+    (q, k, v), _, flops = bench.BUILDERS["sdpa_plain"](by_name["agent_swin_s.s2.sdpa"].params, 2, f32, dev, False)
     assert q.shape == k.shape == (8, 12, 49, 32)
-    args, _, wflops = bench.BUILDERS["window_attention"](by_name["agent_swin_t.s2"].params, 2, f32, dev, False)
+    args, _, wflops = bench.BUILDERS["window_attention"](by_name["agent_swin_s.s2"].params, 2, f32, dev, False)
     assert flops == wflops  # same attention products as the (unshifted) window op
     # downsampled: tokens queries over kv_tokens keys
     (q, k, v), _, _ = bench.BUILDERS["sdpa_plain"](by_name["pvt_s.s0.sdpa"].params, 1, f32, dev, False)
@@ -153,7 +153,7 @@ def test_plain_sdpa_builder_shapes_flops_and_calls():
     torch.testing.assert_close(out_q, torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v)
     torch.testing.assert_close(out_k, torch.softmax(k @ q.transpose(-1, -2) / 4, -1) @ v_rev)
     # selecting an op brings its plain-SDPA target along
-    assert [c.name for c in bench.select_cases(["window_attention"])] == ["agent_swin_t.s2", "agent_swin_t.s2.sdpa"]
+    assert [c.name for c in bench.select_cases(["window_attention"])] == ["agent_swin_s.s2", "agent_swin_s.s2.sdpa"]
 
 
 @pytest.mark.gpu
