@@ -16,6 +16,7 @@ from .cross import cross_attention  # noqa: F401
 from .downsampled import downsampled_attention  # noqa: F401
 from .masked import masked_attention, structured_mask  # noqa: F401
 from .neighborhood import neighborhood_attention, neighborhood_mask  # noqa: F401
+from .triton import neighborhood as _neighborhood_triton  # noqa: F401  (registers its triton backend)
 from .ms_deform import ms_deform_attn  # noqa: F401
 from .layer_norm import LayerNorm, layer_norm  # noqa: F401
 

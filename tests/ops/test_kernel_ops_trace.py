@@ -16,6 +16,7 @@ import zoo.ops.layer_norm  # noqa: F401  (registers the ops)
 import zoo.ops.ms_deform  # noqa: F401
 import zoo.ops.outlook  # noqa: F401
 import zoo.ops.triton.agent  # noqa: F401
+import zoo.ops.triton.neighborhood  # noqa: F401
 import zoo.ops.triton.routing  # noqa: F401
 import zoo.ops.triton.window  # noqa: F401
 from zoo.ops import triton as zoo_triton
@@ -36,6 +37,7 @@ def _cases():
     q, agent = _randn(2, 2, 17, 16), _randn(2, 2, 4, 16)
     rq, index, rlse = _randn(2, 8, 8, 32), torch.randint(0, 16, (2, 16, 4)), _randn(4, 16, 4, dtype=torch.float32)
     wq = _randn(2, 8, 8, 2, 16)
+    nq = _randn(2, 2, 8, 8, 16)
     v, attn, olse = _randn(2, 8, 8, 32), _randn(2, 4, 4, 2 * 81), _randn(2, 4, 4, 2, 9, dtype=torch.float32)
     x, w, b, stat = _randn(2, 64, 32), _randn(32, dtype=torch.float32), _randn(32, dtype=torch.float32), \
         _randn(2, 64, dtype=torch.float32)
@@ -59,6 +61,8 @@ def _cases():
         "layer_norm_fwd": (lambda x, w, b: zo.layer_norm_fwd(x, w, b, 1e-5, F16), (x, w, b), (0, 1)),
         "layer_norm_bwd": (lambda g, x, w, m, r: zo.layer_norm_bwd(g, x, w, m, r, True, True, True),
                            (x, x, w, stat, stat), (0, 1)),
+        "neighborhood_fwd": (lambda q, k, v: zo.neighborhood_attention_fwd(q, k, v, [3, 3], [2, 1], [False, True],
+                                                                         0.25), (nq, nq, nq), (0, 2, 3)),
         "ms_deform_fwd": (lambda v, s, i, l, a: zo.ms_deform_attn_fwd(v, s, i, l, a),
                           (value, shapes, starts, loc, weights), (0, 1)),
         "ms_deform_bwd": (lambda g, v, s, i, l, a: zo.ms_deform_attn_bwd(g, v, s, i, l, a, True),

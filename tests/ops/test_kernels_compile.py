@@ -111,6 +111,16 @@ def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     md.msda_backward(out, value, shapes, starts, loc, attn, True, launch)
 
 
+def _neighborhood(launch: LaunchRecorder, monkeypatch, spatial: tuple[int, ...], kernel: int, dilation: int,
+                  causal: bool, dtype: torch.dtype) -> None:
+    """Neighbourhood attention forward, 2 heads of 32, on a map (NAT / DiNAT) or a sequence."""
+    from zoo.ops.triton import neighborhood as tn
+
+    q, k, v = (_randn(1, 2, *spatial, 32, dtype=dtype) for _ in range(3))
+    n = len(spatial)
+    tn._launch_forward(q, k, v, (kernel,) * n, (dilation,) * n, (causal,) * n, 32 ** -0.5, launch)
+
+
 CASES = {
     "routing.biformer_t.s0.bf16": (_routing, dict(hw=56, channels=64, region=8, topk=1, dtype=BF16)),
     "routing.biformer_t.s2.bf16": (_routing, dict(hw=14, channels=256, region=2, topk=16, dtype=BF16)),
@@ -124,8 +134,12 @@ CASES = {
     "layer_norm.bf16": (_layer_norm, dict(dtype=BF16)),
     "ms_deform.bf16": (_ms_deform, dict(dtype=BF16)),
     "ms_deform.fp32": (_ms_deform, dict(dtype=FP32)),
+    "neighborhood.nat_t.bf16": (_neighborhood, dict(spatial=(56, 56), kernel=7, dilation=1, causal=False, dtype=BF16)),
+    "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
+                                                        dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 4, "agent": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3}
+EXPECTED_KERNELS = {"routing": 4, "agent": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3,
+                    "neighborhood": 1}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -162,6 +176,7 @@ WRITES = {
     "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
                   "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
                   "_value_grad_kernel": ({"gvalue_ptr"}, {})},
+    "neighborhood": {"_forward_kernel": ({"out_ptr"}, {})},
 }
 
 
