@@ -21,8 +21,8 @@ Backends:
         (FlexAttention has no backward on CPU and its eager CPU path is slower than the reference).
     ``natten``: ``natten.na1d`` / ``natten.na2d`` when NATTEN with its CUDA library ``libnatten`` is importable
         (optional; never a dependency).
-    ``triton``: a tiled forward (:mod:`zoo.ops.triton.neighborhood`), inference only; automatic choice does not pick
-        it until it is timed on a GPU.
+    ``triton``: tiled kernels (:mod:`zoo.ops.triton.neighborhood`), forward and deterministic backward; automatic
+        choice does not pick it until it is timed on a GPU.
 """
 from __future__ import annotations
 

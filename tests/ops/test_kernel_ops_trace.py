@@ -37,7 +37,7 @@ def _cases():
     q, agent = _randn(2, 2, 17, 16), _randn(2, 2, 4, 16)
     rq, index, rlse = _randn(2, 8, 8, 32), torch.randint(0, 16, (2, 16, 4)), _randn(4, 16, 4, dtype=torch.float32)
     wq = _randn(2, 8, 8, 2, 16)
-    nq = _randn(2, 2, 8, 8, 16)
+    nq, nlse = _randn(2, 2, 8, 8, 16), _randn(2, 2, 8, 8, dtype=torch.float32)
     v, attn, olse = _randn(2, 8, 8, 32), _randn(2, 4, 4, 2 * 81), _randn(2, 4, 4, 2, 9, dtype=torch.float32)
     x, w, b, stat = _randn(2, 64, 32), _randn(32, dtype=torch.float32), _randn(32, dtype=torch.float32), \
         _randn(2, 64, dtype=torch.float32)
@@ -62,7 +62,9 @@ def _cases():
         "layer_norm_bwd": (lambda g, x, w, m, r: zo.layer_norm_bwd(g, x, w, m, r, True, True, True),
                            (x, x, w, stat, stat), (0, 1)),
         "neighborhood_fwd": (lambda q, k, v: zo.neighborhood_attention_fwd(q, k, v, [3, 3], [2, 1], [False, True],
-                                                                         0.25), (nq, nq, nq), (0, 2, 3)),
+                                                                         0.25, True), (nq, nq, nq), (0, 2, 3)),
+        "neighborhood_bwd": (lambda g, q, k, v, o, lse: zo.neighborhood_attention_bwd(
+            g, q, k, v, o, lse, [3, 3], [2, 1], [False, True], 0.25), (nq, nq, nq, nq, nq, nlse), (0, 2, 3)),
         "ms_deform_fwd": (lambda v, s, i, l, a: zo.ms_deform_attn_fwd(v, s, i, l, a),
                           (value, shapes, starts, loc, weights), (0, 1)),
         "ms_deform_bwd": (lambda g, v, s, i, l, a: zo.ms_deform_attn_bwd(g, v, s, i, l, a, True),

@@ -113,12 +113,15 @@ def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
 
 def _neighborhood(launch: LaunchRecorder, monkeypatch, spatial: tuple[int, ...], kernel: int, dilation: int,
                   causal: bool, dtype: torch.dtype) -> None:
-    """Neighbourhood attention forward, 2 heads of 32, on a map (NAT / DiNAT) or a sequence."""
+    """Neighbourhood attention, 2 heads of 32, on a map (NAT / DiNAT) or a sequence: inference and training
+    forward, dQ, dK/dV."""
     from zoo.ops.triton import neighborhood as tn
 
     q, k, v = (_randn(1, 2, *spatial, 32, dtype=dtype) for _ in range(3))
-    n = len(spatial)
-    tn._launch_forward(q, k, v, (kernel,) * n, (dilation,) * n, (causal,) * n, 32 ** -0.5, launch)
+    args = ((kernel,) * len(spatial), (dilation,) * len(spatial), (causal,) * len(spatial), 32 ** -0.5)
+    tn._launch_forward(q, k, v, *args, launch)
+    out, lse = tn._launch_forward(q, k, v, *args, launch, stats=True)
+    tn._launch_backward(out, q, k, v, out, lse, *args, launch)
 
 
 CASES = {
@@ -139,7 +142,7 @@ CASES = {
                                                         dtype=FP32)),
 }
 EXPECTED_KERNELS = {"routing": 4, "agent": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3,
-                    "neighborhood": 1}
+                    "neighborhood": 3}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -176,7 +179,8 @@ WRITES = {
     "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
                   "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
                   "_value_grad_kernel": ({"gvalue_ptr"}, {})},
-    "neighborhood": {"_forward_kernel": ({"out_ptr"}, {})},
+    "neighborhood": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}), "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
+                     "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
 }
 
 

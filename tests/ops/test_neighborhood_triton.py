@@ -1,7 +1,7 @@
-"""neighborhood_attention ``triton`` backend (forward only): refusals and dispatch on plain CPU; against the float64
-reference in Triton's CPU interpreter (subprocess with TRITON_INTERPRET=1: 1-D/2-D, dilation, causal axes, even and
-border-filling kernels, strided inputs, d_v != d, fp32/fp16, the custom op and a compiled trace); on the GPU at NAT-T
-and DiNAT-T stage shapes (tests marked ``gpu``)."""
+"""neighborhood_attention ``triton`` backend: refusals and dispatch on plain CPU; output and gradients against the
+float64 reference in Triton's CPU interpreter (subprocess with TRITON_INTERPRET=1: 1-D/2-D, dilation, causal axes,
+even and border-filling kernels, strided inputs, d_v != d, fp32/fp16, determinism, the custom ops and a compiled
+trace); on the GPU at NAT-T, DiNAT-T and a 1-D shape (tests marked ``gpu``)."""
 from __future__ import annotations
 
 import warnings
@@ -50,15 +50,9 @@ def test_refusals_are_explained():
     supports = tn._triton_supports
     if not tn._kernels_interpreted():
         assert "TRITON_INTERPRET=1" in supports(q, k, v, **_kwargs(q))
-    assert "no backward" in supports(q.requires_grad_(), k, v, **_kwargs(q))
-    q = q.detach()
     assert "dtypes" in supports(q, k.half(), v, **_kwargs(q))
     wide = make_inputs(1, 1, (4, 4), 16, 256)
     assert "at most 128" in supports(*wide, **_kwargs(wide[0]))
-    with pytest.warns(UserWarning, match="no backward yet"):  # an explicit request falls back, and says why
-        got = neighborhood_attention(q.requires_grad_(), k, v, 3, backend="triton")
-    assert got.requires_grad
-    torch.testing.assert_close(got, neighborhood_attention(q, k, v, 3, backend="reference"), rtol=0, atol=0)
 
 
 def test_tiles_cover_the_longest_dilation_group():
@@ -85,20 +79,42 @@ INTERPRETER_CASES = [
 ]
 
 
+def out_and_grads(q, k, v, kernel, dilation=1, causal=False, backend="triton", grad_seed=7):
+    """Output and the gradients of sum(out * g) w.r.t. q, k, v (leaves made here), g a fixed cotangent."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = neighborhood_attention(*leaves, kernel, dilation, is_causal=causal, backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    return [out, *torch.autograd.grad(out, leaves, g)]
+
+
 def _interpreter_checks() -> None:
-    """fp32 and fp16 against float64 on every case; the custom op; a graph-break-free compiled trace."""
+    """Output and gradients in fp32 and fp16 against float64 on every case, bitwise repeatable, the inference launch
+    equal to the training one; the custom ops; a graph-break-free compiled trace with its backward."""
     warnings.filterwarnings("error", message=".*falling back")
     assert tn._kernels_interpreted()
     for i, (b, heads, spatial, d, d_v, kernel, dil, causal, strided) in enumerate(INTERPRETER_CASES):
         for dtype, tol in ((torch.float32, 2e-6), (torch.float16, 2e-3)):
             q, k, v = make_inputs(b, heads, spatial, d, d_v, strided=strided, seed=i, dtype=dtype)
-            with torch.no_grad():
-                got = neighborhood_attention(q, k, v, kernel, dil, is_causal=causal, backend="triton")
-            assert got.dtype == dtype and got.shape == (*q.shape[:-1], v.shape[-1]) and got.is_contiguous()
-            assert_close_to(got, oracle(q, k, v, kernel, dil, causal), tol, tol, f"case {i} {dtype}")
+            got = out_and_grads(q, k, v, kernel, dil, causal)
+            want = out_and_grads(q.double(), k.double(), v.double(), kernel, dil, causal, backend="reference")
+            assert got[0].dtype == dtype and got[0].shape == (*q.shape[:-1], v.shape[-1])
+            for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+                assert_close_to(x, y, tol, tol, f"case {i} {dtype} {name}")
+            if dtype == torch.float32:
+                for name, x, y in zip(("out", "dq", "dk", "dv"), got, out_and_grads(q, k, v, kernel, dil, causal)):
+                    assert torch.equal(x, y), f"case {i}: {name} not bitwise repeatable"
+                with torch.no_grad():  # the inference launch (no autograd node, no statistics)
+                    assert torch.equal(neighborhood_attention(q, k, v, kernel, dil, is_causal=causal,
+                                                              backend="triton"), got[0])
     q, k, v = make_inputs(2, 2, (7, 9), 16, seed=11)
-    torch.library.opcheck(torch.ops.zoo.neighborhood_attention_fwd.default, (q, k, v, [3, 5], [2, 1],
-                                                                            [False, True], 0.3),
+    args = ([3, 5], [2, 1], [False, True], 0.3)
+    for stats in (True, False):
+        torch.library.opcheck(torch.ops.zoo.neighborhood_attention_fwd.default,
+                              (*[t.requires_grad_(stats) for t in (q, k, v)], *args, stats),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = torch.ops.zoo.neighborhood_attention_fwd(q.detach(), k.detach(), v.detach(), *args, True)
+    torch.library.opcheck(torch.ops.zoo.neighborhood_attention_bwd.default,
+                          (torch.randn(out.shape), q.detach(), k.detach(), v.detach(), out, lse, *args),
                           test_utils=("test_schema", "test_faketensor"))
     graphs = []
 
@@ -106,13 +122,16 @@ def _interpreter_checks() -> None:
         graphs.append(gm.code)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
-    def attend(q, k, v):
-        return neighborhood_attention(q, k, v, (3, 5), (2, 1), is_causal=(False, True), backend="triton") * 2
+    def loss(q, k, v):
+        return neighborhood_attention(q, k, v, (3, 5), (2, 1), is_causal=(False, True),
+                                      backend="triton").square().sum()
 
-    with torch.no_grad():
-        got = torch.compile(attend, backend=recording_aot_eager, fullgraph=True)(q, k, v)
-        assert torch.equal(got, attend(q, k, v))
-    assert any("neighborhood_attention_fwd" in code for code in graphs), graphs
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(torch.compile(loss, backend=recording_aot_eager, fullgraph=True)(*leaves), leaves)
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    assert any("neighborhood_attention_fwd" in code for code in graphs), graphs  # the op, not the eager function
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(x, y), f"compiled {name} differs from eager"
     print("interpreter ok")
 
 
@@ -137,20 +156,26 @@ def _gpu_case(stage, dtype, batch=8, seed=0):
 @pytest.mark.parametrize("stage", list(GPU_STAGES))
 def test_gpu_triton_matches_float64(stage, dtype):
     (q, k, v), kernel, dil = _gpu_case(stage, dtype)
-    with torch.no_grad():
-        got = neighborhood_attention(q, k, v, kernel, dil, backend="triton")
+    got = out_and_grads(q, k, v, kernel, dil)
+    want = out_and_grads(q.double(), k.double(), v.double(), kernel, dil, backend="reference")
     tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    assert_close_to(got, oracle(q, k, v, kernel, dil), tol, tol, f"{stage} {dtype}")
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close_to(x, y, tol, tol, f"{stage} {dtype} {name}")
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, out_and_grads(q, k, v, kernel, dil)):
+        assert torch.equal(x, y), f"{stage} {dtype}: {name} not bitwise repeatable"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_torch_compile_launches_the_kernel():
+def test_gpu_torch_compile_launches_the_kernels():
     (q, k, v), kernel, dil = _gpu_case("nat_t.s0", torch.bfloat16)
-    compiled = torch.compile(lambda q, k, v: neighborhood_attention(q, k, v, kernel, dil, backend="triton") * 2,
-                             fullgraph=True)
-    with torch.no_grad():
-        got, code = run_compiled(compiled, q, k, v)
-        want = neighborhood_attention(q, k, v, kernel, dil, backend="triton") * 2
-    assert_inductor_launches(code, "_forward_kernel")
-    assert torch.equal(got, want)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def loss(q, k, v):
+        return neighborhood_attention(q, k, v, kernel, dil, backend="triton").float().square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got, code = run_compiled(lambda: torch.autograd.grad(compiled(*leaves), leaves))
+    assert_inductor_launches(code, "_forward_kernel", "_dq_kernel", "_dkv_kernel")
+    for name, x, y in zip(("dq", "dk", "dv"), got, torch.autograd.grad(loss(*leaves), leaves)):
+        assert_close_to(x, y, 1e-2, 1e-2, f"compiled {name}")
