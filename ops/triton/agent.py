@@ -138,9 +138,10 @@ def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, block_t: int | 
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
                       BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t or (16 if fp32 else 64),
                       PRECISION=dot_precision(dtype))
-    # 16-bit tiles of 64 tokens run best at 4 warps and 2 stages, forward and backward (H200 sweep, bf16, backward
-    # at DeiT-S / PVT-T s0 / Swin-T s0 / s1: 151 / 223 / 682 / 287 us against 200 / 201 / 1,028 / 544 at 8 warps and
-    # 1 stage); wider agent or head tiles keep 8 warps for their float32 accumulators (not swept)
+    # 16-bit tiles of 64 tokens run best at 4 warps and 2 stages, forward and backward (H200 sweep, bf16, 49 agents,
+    # backward at DeiT-S / PVT-T s0 / Swin-T s0 / s1 token counts: 151 / 223 / 682 / 287 us against 200 / 201 /
+    # 1,028 / 544 at 8 warps and 1 stage); wider agent or head tiles keep 8 warps for their float32 accumulators
+    # (not swept)
     warps = num_warps or (8 if fp32 or s.a > 64 or max(s.d, s.dv) > 64 else 4)
     options = dict(num_warps=warps, num_stages=num_stages or (1 if fp32 and backward else 2))
     return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options)
