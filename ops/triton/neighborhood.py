@@ -81,7 +81,7 @@ def _tiles(spatial_2d: tuple[int, int], dilation: tuple[int, int]) -> tuple[int,
 class _Launch:
     """Grid, runtime arguments and constexprs shared by the three kernels of one call."""
 
-    def __init__(self, q2: torch.Tensor, v2: torch.Tensor, kernel_size, dilation, is_causal, scale: float):
+    def __init__(self, q2: torch.Tensor, v2: torch.Tensor, kernel_size, dilation, is_causal):
         self.b, self.heads, self.h, self.w, self.d = q2.shape
         self.dv = v2.shape[-1]
         ky, kx = _per_2d(tuple(kernel_size), 1)
@@ -90,7 +90,6 @@ class _Launch:
         ty, tx, tiles_y, tiles_x = _tiles((self.h, self.w), self.dil)
         self.grid = (self.dil[0] * self.dil[1] * tiles_y * tiles_x, self.b * self.heads)
         self.runtime = (self.heads, self.h, self.w, *self.dil, tiles_y, tiles_x)
-        self.scale = scale
         # query rows per step of the dK/dV kernel: with fp32 (IEEE dots on CUDA cores) 64 rows spill 6.7 KB per
         # thread on sm_90 (ptxas -v, triton 3.6); 16 rows do not
         self.block_m_dkv = 16 if q2.dtype == torch.float32 else _BLOCK_N
@@ -110,7 +109,7 @@ def _launch_forward(q, k, v, kernel_size, dilation, is_causal, scale, launch=dir
     log-sum-exps (B, heads, H, W) (H = 1 in 1-D) the backward needs; else an empty tensor."""
     out = torch.empty((*q.shape[:-1], v.shape[-1]), device=q.device, dtype=q.dtype)
     q2, k2, v2, o2 = (_as_2d(t) for t in (q, k, v, out))
-    geo = _Launch(q2, v2, kernel_size, dilation, is_causal, scale)
+    geo = _Launch(q2, v2, kernel_size, dilation, is_causal)
     lse = geo.stats_buffer(q.device) if stats else q.new_empty((0,), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -127,10 +126,10 @@ def _launch_backward(grad_out, q, k, v, out, lse, kernel_size, dilation, is_caus
     if out.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q2, k2, v2, o2, g2 = (_as_2d(t) for t in (q, k, v, out, grad_out.contiguous()))
-    geo = _Launch(q2, v2, kernel_size, dilation, is_causal, scale)
+    geo = _Launch(q2, v2, kernel_size, dilation, is_causal)
     delta = geo.stats_buffer(q.device)
     strides = (*q2.stride(), *k2.stride(), *v2.stride(), *o2.stride())
-    forward, dq_kernel, dkv_kernel = _kernels()
+    _, dq_kernel, dkv_kernel = _kernels()
     launch(dq_kernel)[geo.grid](q2, k2, v2, o2, g2, lse, dq, delta, *strides, *geo.runtime, scale, scale * _LOG2E,
                                 BLOCK_N=_BLOCK_N, **geo.constexprs)
     launch(dkv_kernel)[geo.grid](q2, k2, v2, g2, lse, delta, dk, dv, *strides, *geo.runtime, scale, scale * _LOG2E,

@@ -3,6 +3,7 @@ import triton
 import triton.language as tl
 
 from .. import interpreter_requested
+from .window import _load_tokens  # a [positions, BLOCK_C] tile of one head at image positions (y, x)
 
 INTERPRETED = interpreter_requested()
 """Whether these kernels were decorated for Triton's CPU interpreter."""
@@ -16,8 +17,9 @@ def _group_length(length, group, DIL):
 
 @triton.jit
 def _axis_span(first, count, glen, K: tl.constexpr, CAUSAL: tl.constexpr):
-    """Group coordinates [lo, hi) of every key that queries first .. first + count - 1 (clipped to the group) of
-    one axis can see: their windows start and end monotonically with the query, so the first and last bound it."""
+    """(lo, size): the group coordinates [lo, lo + size) of every key that queries first .. first + count - 1
+    (clipped to the group) of one axis can see; their windows start and end monotonically with the query, so the
+    first and last bound it."""
     last = tl.minimum(first + count, glen) - 1
     if CAUSAL:
         lo = tl.maximum(first - K + 1, 0)
@@ -88,13 +90,6 @@ def _box_positions(start, lo_y, lo_x, cols, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rows(base, y, x, ok, offs_c, C: tl.constexpr, sy, sx, sc):
-    """[positions, BLOCK_C] tile of one head's channels at image positions (y, x); zeros where not ``ok``."""
-    return tl.load(base + (y * sy + x * sx)[:, None] + (offs_c * sc)[None, :],
-                   mask=ok[:, None] & (offs_c < C)[None, :], other=0.0)
-
-
-@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                     sqb, sqh, sqy, sqx, sqd, skb, skh, sky, skx, skd, svb, svh, svy, svx, svd,
                     sob, soh, soy, sox, sod,
@@ -107,7 +102,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         HEADS, H, W, DIL_Y, DIL_X, TILES_Y, TILES_X, TY, TX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _rows(q_ptr + b * sqb + h * sqh, y_q, x_q, q_ok, offs_d, D, sqy, sqx, sqd)
+    q = _load_tokens(q_ptr + b * sqb + h * sqh, y_q, x_q, q_ok, offs_d, sqy, sqx, sqd, D)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     # the keys any query of the tile can see: a box of group coordinates, walked BLOCK_N at a time
@@ -120,7 +115,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         ky, kx, k_ok = _box_positions(start, lo_y, lo_x, cols, rows * cols, BLOCK_N)
         y = gy + DIL_Y * ky
         x = gx + DIL_X * kx
-        k = _rows(k_base, y, x, k_ok, offs_d, D, sky, skx, skd)
+        k = _load_tokens(k_base, y, x, k_ok, offs_d, sky, skx, skd, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
         allowed = (_in_window(qy[:, None], ky[None, :], glen_y, KY, CAUSAL_Y)
                    & _in_window(qx[:, None], kx[None, :], glen_x, KX, CAUSAL_X) & k_ok[None, :])
@@ -130,7 +125,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _rows(v_base, y, x, k_ok, offs_dv, DV, svy, svx, svd)
+        v = _load_tokens(v_base, y, x, k_ok, offs_dv, svy, svx, svd, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -149,16 +144,16 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
                KY: tl.constexpr, KX: tl.constexpr, CAUSAL_Y: tl.constexpr, CAUSAL_X: tl.constexpr,
                D: tl.constexpr, DV: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of a query tile over the box of keys it sees, and delta = rowsum(dO * O) for the dK/dV pass. out, dO and
-    dQ are contiguous (B, heads, H, W, .) tensors with the out strides; lse and delta (B, heads, H, W) float32."""
+    """dQ of a query tile over the box of keys it sees, and delta = rowsum(dO * O) for the dK/dV pass. out and dO
+    share the out strides; dQ is contiguous (B, heads, H, W, D); lse and delta are (B, heads, H, W) float32."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
     b, h, gy, gx, glen_y, glen_x, first_y, first_x, qy, qx, q_ok, y_q, x_q = _program_tile(
         HEADS, H, W, DIL_Y, DIL_X, TILES_Y, TILES_X, TY, TX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _rows(q_ptr + b * sqb + h * sqh, y_q, x_q, q_ok, offs_d, D, sqy, sqx, sqd)
-    do = _rows(do_ptr + b * sob + h * soh, y_q, x_q, q_ok, offs_dv, DV, soy, sox, sod)
-    o = _rows(out_ptr + b * sob + h * soh, y_q, x_q, q_ok, offs_dv, DV, soy, sox, sod)
+    q = _load_tokens(q_ptr + b * sqb + h * sqh, y_q, x_q, q_ok, offs_d, sqy, sqx, sqd, D)
+    do = _load_tokens(do_ptr + b * sob + h * soh, y_q, x_q, q_ok, offs_dv, soy, sox, sod, DV)
+    o = _load_tokens(out_ptr + b * sob + h * soh, y_q, x_q, q_ok, offs_dv, soy, sox, sod, DV)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     token = (b * HEADS + h) * H * W + y_q * W + x_q
     lse = tl.load(lse_ptr + token, mask=q_ok, other=0.0)
@@ -171,8 +166,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
         ky, kx, k_ok = _box_positions(start, lo_y, lo_x, cols, rows * cols, BLOCK_N)
         y = gy + DIL_Y * ky
         x = gx + DIL_X * kx
-        k = _rows(k_base, y, x, k_ok, offs_d, D, sky, skx, skd)
-        v = _rows(v_base, y, x, k_ok, offs_dv, DV, svy, svx, svd)
+        k = _load_tokens(k_base, y, x, k_ok, offs_d, sky, skx, skd, D)
+        v = _load_tokens(v_base, y, x, k_ok, offs_dv, svy, svx, svd, DV)
         allowed = (_in_window(qy[:, None], ky[None, :], glen_y, KY, CAUSAL_Y)
                    & _in_window(qx[:, None], kx[None, :], glen_x, KX, CAUSAL_X) & k_ok[None, :] & q_ok[:, None])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
@@ -200,8 +195,8 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         HEADS, H, W, DIL_Y, DIL_X, TILES_Y, TILES_X, TY, TX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _rows(k_ptr + b * skb + h * skh, y_k, x_k, k_ok, offs_d, D, sky, skx, skd)
-    v = _rows(v_ptr + b * svb + h * svh, y_k, x_k, k_ok, offs_dv, DV, svy, svx, svd)
+    k = _load_tokens(k_ptr + b * skb + h * skh, y_k, x_k, k_ok, offs_d, sky, skx, skd, D)
+    v = _load_tokens(v_ptr + b * svb + h * svh, y_k, x_k, k_ok, offs_dv, svy, svx, svd, DV)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sob + h * soh
     stat_base = (b * HEADS + h) * H * W
@@ -213,8 +208,8 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         qy, qx, q_ok = _box_positions(start, lo_y, lo_x, cols, rows * cols, BLOCK_M)
         y = gy + DIL_Y * qy
         x = gx + DIL_X * qx
-        q = _rows(q_base, y, x, q_ok, offs_d, D, sqy, sqx, sqd)
-        do = _rows(do_base, y, x, q_ok, offs_dv, DV, soy, sox, sod)
+        q = _load_tokens(q_base, y, x, q_ok, offs_d, sqy, sqx, sqd, D)
+        do = _load_tokens(do_base, y, x, q_ok, offs_dv, soy, sox, sod, DV)
         lse = tl.load(lse_ptr + stat_base + y * W + x, mask=q_ok, other=0.0)
         delta = tl.load(delta_ptr + stat_base + y * W + x, mask=q_ok, other=0.0)
         allowed = (_in_window(qy[None, :], ky[:, None], glen_y, KY, CAUSAL_Y)
