@@ -148,6 +148,13 @@ CASES: list[Case] = [
                                                                                kernel=3, dilation=2, batch=1)),
     Case("nat_t.s0.dense", "dense_sdpa", "NAT-T stage 0, dense over all tokens", 128,
          dict(tokens=56 * 56, heads=2, dim=32), dict(tokens=64, heads=1, dim=16, batch=1), baseline_for="nat_t.s0"),
+    # the neighbourhood target's baseline: one SDPA over all tokens with the neighbourhood as a boolean mask
+    Case("nat_t.s0.masked", "dense_sdpa", "NAT-T stage 0, dense SDPA with the neighbourhood mask", 128,
+         dict(tokens=56 * 56, heads=2, dim=32, neighborhood=((56, 56), 7, 1)),
+         dict(tokens=64, heads=1, dim=16, neighborhood=((8, 8), 3, 1), batch=1), baseline_for="nat_t.s0"),
+    Case("dinat_t.s1.masked", "dense_sdpa", "DiNAT-T stage 1, dense SDPA with the neighbourhood mask", 128,
+         dict(tokens=28 * 28, heads=4, dim=32, neighborhood=((28, 28), 7, 4)),
+         dict(tokens=64, heads=1, dim=16, neighborhood=((8, 8), 3, 2), batch=1), baseline_for="dinat_t.s1"),
     # Croc-7B (Vicuna-7B: 32 heads x 128): prefix (prompt + 576 image tokens) bidirectional, causal text, padding
     Case("croc_7b.attn", "masked_attention", "Croc-7B LLM layer (L 1024)", 4,
          dict(length=1024, heads=32, dim=128, prefix=(612, 640, 700, 600), valid=(1024, 900, 1000, 800)),
@@ -271,6 +278,12 @@ def _build_dense(p, b, dtype, dev, grad):
     n, h, d = p["tokens"], p["heads"], p["dim"]
     q, k, v = (_rand((b, h, n, d), dtype, dev, grad) for _ in range(3))
     causal = bool(p.get("causal", False))
+    if "neighborhood" in p:  # (spatial, kernel, dilation): the boolean mask a dense implementation would use
+        from .neighborhood import neighborhood_mask
+
+        spatial, kernel, dilation = p["neighborhood"]
+        mask = neighborhood_mask(spatial, kernel, dilation, device=dev)
+        return (q, k, v), dict(attn_mask=mask), _dense_flops(b, h, n, n, d, d)
     return (q, k, v), dict(is_causal=causal), _dense_flops(b, h, n, n, d, d) / (2 if causal else 1)
 
 

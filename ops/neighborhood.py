@@ -21,8 +21,9 @@ Backends:
         (FlexAttention has no backward on CPU and its eager CPU path is slower than the reference).
     ``natten``: ``natten.na1d`` / ``natten.na2d`` when NATTEN with its CUDA library ``libnatten`` is importable
         (optional; never a dependency).
-    ``triton``: tiled kernels (:mod:`zoo.ops.triton.neighborhood`), forward and deterministic backward; automatic
-        choice does not pick it until it is timed on a GPU.
+    ``triton``: tiled kernels (:mod:`zoo.ops.triton.neighborhood`), forward and deterministic backward; chosen
+        automatically on CUDA unless NATTEN is present (H200, bf16: 4.4-9.5x the dense-masked reference, 3.9-16x
+        flex at NAT-T / DiNAT-T shapes).
 """
 from __future__ import annotations
 

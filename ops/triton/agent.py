@@ -57,9 +57,10 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None,
     """Temporarily override the launch knobs of both kernels (None keeps the current value).
 
     Args:
-        block_t: token tile, a power of two >= 16 (default: 64; 16 for float32).
-        num_warps, num_stages: Triton launch options (default: 4 or 8 warps by tile size, 8 for float32; 2 stages
-            forward, 1 backward).
+        block_t: token tile, a power of two >= 16 (default: by agent count and head width, see
+            ``_default_tiles``; 16 for float32).
+        num_warps, num_stages: Triton launch options (default: likewise; float32 8 warps, 2 stages forward and 1
+            backward).
     """
     check_tile_edge("block_t", block_t)
     return override_knobs(_TILES, block_t=block_t, num_warps=num_warps, num_stages=num_stages)
@@ -131,20 +132,35 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool) -> _Plan:
 def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, block_t: int | None, num_warps: int | None,
               num_stages: int | None) -> _Plan:
     s = sizes
+    default_t, default_warps, default_stages = _default_tiles(s, dtype, backward)
+    constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
+                      BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t or default_t,
+                      PRECISION=dot_precision(dtype))
+    options = dict(num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
+    return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options)
+
+
+def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
+    """(block_t, num_warps, num_stages) of a launch when use_tiles sets none."""
     # float32 runs IEEE dots on CUDA cores, which hold whole tiles in registers: at Agent-DeiT-S (49 agents, head dim
     # 64) 64-token tiles spill 2.7 KB (forward, 4 warps) and 7 KB (backward, 8 warps) per thread on sm_90 (ptxas
     # -v, triton 3.6), 16-token tiles at 8 warps at most 8 bytes
-    fp32 = dtype == torch.float32
-    constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
-                      BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t or (16 if fp32 else 64),
-                      PRECISION=dot_precision(dtype))
-    # 16-bit tiles of 64 tokens run best at 4 warps and 2 stages, forward and backward (H200 sweep, bf16, 49 agents,
-    # backward at DeiT-S / PVT-T s0 / Swin-T s0 / s1 token counts: 151 / 223 / 682 / 287 us against 200 / 201 /
-    # 1,028 / 544 at 8 warps and 1 stage); wider agent or head tiles keep 8 warps for their float32 accumulators
-    # (not swept)
-    warps = num_warps or (8 if fp32 or s.a > 64 or max(s.d, s.dv) > 64 else 4)
-    options = dict(num_warps=warps, num_stages=num_stages or (1 if fp32 and backward else 2))
-    return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options)
+    if dtype == torch.float32:
+        return 16, 8, 1 if backward else 2
+    if s.a > 64 or max(s.d, s.dv) > 64:  # wider agent or head tiles: 8 warps for their float32 accumulators (not swept)
+        return 64, 8, 2
+    # 16-bit: the best of 9 configurations per kernel at the released shapes (H200, bf16, batch 128; forward /
+    # backward us, best against the former (64, 4, 2) everywhere): DeiT-S (49 agents, d 64) backward (32, 4, 3)
+    # 145 / 165; Swin-T s2 (49, d 32) forward (32, 4, 3) 101 / 171; Swin-T s0 / s1 (9 / 16, d 32) forward (128, 4, 2)
+    # 111 / 147 and 49 / 53; PVT-T s0 (9, d 64) forward (128, 4, 2) 108 / 149, backward (128, 8, 2) 184 / 226
+    few_agents, wide = s.a <= 16, max(s.d, s.dv) >= 64
+    if backward:
+        if wide:
+            return (128, 8, 2) if few_agents else (32, 4, 3)
+        return 64, 4, 2
+    if few_agents:
+        return 128, 4, 2
+    return (64, 4, 2) if wide else (32, 4, 3)
 
 
 def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True):

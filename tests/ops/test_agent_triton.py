@@ -250,3 +250,11 @@ def test_use_tiles_checks_and_restores_the_knobs():
     assert plan.constexprs["BLOCK_T"] == 16 and plan.options == {"num_warps": 8, "num_stages": 1}
     plan = ta._plan(ta._Sizes(2, 3, 40, 40, 100, 16, 16), torch.bfloat16, True)  # 128 agents: wider tiles
     assert plan.options == {"num_warps": 8, "num_stages": 2}
+    # 16-bit defaults by agent count and head width (H200 sweep): (block_t, warps, stages) forward / backward
+    tiles = lambda sizes, backward: (ta._plan(sizes, torch.bfloat16, backward).constexprs["BLOCK_T"],
+                                     *ta._plan(sizes, torch.bfloat16, backward).options.values())
+    deit_s, swin_s2, pvt_s0 = ta._Sizes(8, 6, 197, 197, 49, 64, 64), ta._Sizes(8, 12, 196, 196, 49, 32, 32), \
+        ta._Sizes(8, 1, 3136, 3136, 9, 64, 64)
+    assert (tiles(deit_s, False), tiles(deit_s, True)) == ((64, 4, 2), (32, 4, 3))
+    assert (tiles(swin_s2, False), tiles(swin_s2, True)) == ((32, 4, 3), (64, 4, 2))
+    assert (tiles(pvt_s0, False), tiles(pvt_s0, True)) == ((128, 4, 2), (128, 8, 2))
