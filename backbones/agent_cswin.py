@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import channels_last_intermediates, init_linears
+from ._layers import channels_last_intermediates, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
@@ -154,7 +154,7 @@ class CSWinBlock(nn.Module):
             raise ValueError(f"attn_type must be 'A' (agent) or 'B' (LePE stripes), got {attn_type!r}")
         reso = tuple(reso)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.norm1 = norm_layer(dim)
+        self.norm1 = projection_norm(norm_layer, dim)
         # A stripe as wide as the stage is one global branch (official: resolution == split_size).
         last_stage = last_stage or split_size >= max(reso)
         self.branch_num = 1 if last_stage else 2
@@ -171,7 +171,7 @@ class CSWinBlock(nn.Module):
                                         for d, h, idx in specs])
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, act_layer=act_layer, drop=drop)
-        self.norm2 = norm_layer(dim)
+        self.norm2 = projection_norm(norm_layer, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""

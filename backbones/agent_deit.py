@@ -26,7 +26,7 @@ from timm.models._features import feature_take_indices
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
-from ._layers import init_linears
+from ._layers import init_linears, projection_norm
 from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
                             init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
@@ -111,13 +111,13 @@ class Block(nn.Module):
                  norm_layer: Callable[..., nn.Module] = nn.LayerNorm, agent_num: int | None = 49,
                  grid_size: tuple[int, int] = (14, 14)):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = projection_norm(norm_layer, dim)
         if agent_num is None:
             self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         else:
             self.attn = AgentAttention(dim, num_heads, qkv_bias, attn_drop, drop, agent_num, grid_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import init_linears
+from ._layers import init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
@@ -139,7 +139,7 @@ class AgentPVTBlock(nn.Module):
                  sr_ratio: int = 1, agent_num: int = 49, attn_type: str = "A",
                  agent_shape: tuple[int, int] | None = None):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = projection_norm(norm_layer, dim)
         if attn_type == "A":
             self.attn = AgentAttention(dim, grid_size, num_heads, qkv_bias, attn_drop, drop, sr_ratio, agent_num,
                                        agent_shape)
@@ -148,7 +148,7 @@ class AgentPVTBlock(nn.Module):
         else:
             raise ValueError(f"attn_type must be 'A' (agent) or 'B' (spatial reduction), got {attn_type!r}")
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

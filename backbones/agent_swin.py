@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import channels_last_intermediates, init_linears
+from ._layers import channels_last_intermediates, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
@@ -169,13 +169,13 @@ class AgentSwinBlock(nn.Module):
         # A global agent block attends over the whole map at any input size (biases resized to it).
         self.global_attn = attn_type == "A" and window_size >= min(self.input_resolution)
         window = (window_size, window_size)
-        self.norm1 = norm_layer(dim)
+        self.norm1 = projection_norm(norm_layer, dim)
         if attn_type == "A":
             self.attn = AgentAttention(dim, window, num_heads, qkv_bias, attn_drop, drop, agent_num)
         else:
             self.attn = WindowAttention(dim, window, num_heads, qkv_bias, qk_scale, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         # The official Swin mask (-100 between pieces the roll brings together), kept as a persistent buffer so
         # official checkpoints load strictly; window_attention builds the same mask itself at any map size.
@@ -219,7 +219,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.dim = dim
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(4 * dim)
+        self.norm = projection_norm(norm_layer, 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""

@@ -22,6 +22,7 @@ All attention goes through :func:`zoo.ops.routing_attention` (routing stages) an
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,7 +34,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import ChannelsLastSequential, init_linears
+from ._layers import ChannelsLastSequential, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import downsampled_attention, routing_attention
@@ -241,9 +242,11 @@ class Block(nn.Module):
         # padding=1 whatever the kernel size, as the official code (same size only for kernel 3)
         self.pos_embed = (nn.Conv2d(dim, dim, pos_embed_kernel, padding=1, groups=dim) if pos_embed_kernel > 0
                           else None)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        # pre-norm: the norms feed projections only (zoo's faster LayerNorm); post-norm: they emit the residual stream
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = projection_norm(norm, dim) if pre_norm else norm(dim)
         self.attn = attn
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = projection_norm(norm, dim) if pre_norm else norm(dim)
         middle = [_DWConvNHWC(hidden) if mlp_dwconv else nn.Identity()] if mlp_slot else []
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), *middle, nn.GELU(), nn.Linear(hidden, dim))
         if layer_scale_init_value > 0:

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import downsampled_attention, outlook_attention
 
-from ._layers import ChannelsLastSequential, init_linears
+from ._layers import ChannelsLastSequential, init_linears, projection_norm
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -81,10 +81,10 @@ class _PreNormBlock(nn.Module):
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float,
                  act_layer: Callable[..., nn.Module], norm_layer: Callable[..., nn.Module]):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = projection_norm(norm_layer, dim)
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,11 +172,11 @@ class ClassBlock(nn.Module):
                  drop_path: float = 0.0, act_layer: Callable[..., nn.Module] = nn.GELU,
                  norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = projection_norm(norm_layer, dim)
         self.attn = ClassAttention(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, qk_scale=qk_scale,
                                    attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

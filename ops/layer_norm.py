@@ -23,7 +23,9 @@ Backends:
         ``dx`` and per-program float32 partial sums of ``dweight``/``dbias``, reduced by ``.sum(0)``: deterministic,
         no atomics. CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16);
         ``C <= 8192``; non-contiguous inputs are copied to contiguous ones. Chosen automatically on CUDA only (on CPU
-        the interpreter is a test vehicle, far slower than the reference).
+        the interpreter is a test vehicle, far slower than the reference), in eager code only (under
+        ``torch.compile`` inductor fuses the reference's LayerNorm with the ops around it), and from the sizes
+        where it measured faster (see ``_triton_is_faster``).
 """
 from __future__ import annotations
 
@@ -184,6 +186,8 @@ def _triton_is_faster(numel: int, channels: int, training: bool) -> bool:
 def _triton_prefer(x, weight, bias, eps, out_dtype) -> str | None:
     if x.device.type != "cuda":
         return f"on {x.device.type} the reference is faster than Triton's interpreter"
+    if torch.compiler.is_compiling():
+        return "under torch.compile the reference lets inductor fuse the norm with its neighbours"
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not _triton_is_faster(x.numel(), x.shape[-1], training):
         return (f"{x.numel()} values of width {x.shape[-1]} ({'training' if training else 'inference'}): the "
