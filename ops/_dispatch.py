@@ -77,7 +77,7 @@ def register_backend(op: str, name: str, fn: Callable[..., Any], *, supports: Ca
 # order is sorted once per registry state rather than per call
 _ORDER: dict[str, tuple[dict[str, Backend], tuple[Backend, ...], list[Backend]]] = {}
 
-_SCALARS = frozenset((bool, int, float, str, type(None)))
+_SCALARS = frozenset((bool, int, float, str, type(None), torch.dtype))  # values that key a call as they are
 # op -> {(backend, ZOO_OPS_BACKEND, grad mode, call key): chosen backend} and op -> {call keys whose checks passed};
 # bounded (a model has a few dozen distinct calls; shapes that change every step must not grow them without end)
 _CHOICES: dict[str, dict[tuple, Backend]] = {}
@@ -158,7 +158,8 @@ def select_backend(op: str, backend: str | None, *args: Any, **kwargs: Any) -> B
 def call_key(*args: Any) -> tuple | None:
     """Hashable metadata of an op's raw arguments, or None when they cannot be summarised that way.
 
-    A tensor contributes (shape, strides, dtype, device, requires_grad), a scalar or a tuple of scalars its value.
+    A tensor contributes (shape, strides, dtype, device, requires_grad), a scalar (bool, int, float, str, None, a
+    ``torch.dtype``) or a tuple of scalars its value.
     Inside ``torch.compile`` tracing there is no key: dynamo traces the checks and the choice once per graph; nor
     for symbolic shapes (``make_fx(tracing_mode="symbolic")``), whose sizes are not values.
     """

@@ -222,6 +222,24 @@ def test_call_key_summarises_metadata_only():
                                                                                    None, "nhwc")
     assert _dispatch.call_key(x, 0.5) != _dispatch.call_key(x, 0.25)
     assert _dispatch.call_key(x, [2, 2]) is None  # a list could be changed in place: no key, checks run every call
+    assert _dispatch.call_key(x, torch.bfloat16) != _dispatch.call_key(x, torch.float16)  # layer_norm's out dtype
+
+
+def test_layer_norm_chooses_once_per_metadata(monkeypatch):
+    # its key holds the autocast output dtype: without a key every call re-ran the checks and the selection
+    # (about half of its 100 us host time per call on the H200 machine)
+    monkeypatch.setattr(_dispatch, "_CHOICES", {})  # forget choices earlier tests made for these shapes
+    monkeypatch.setattr(_dispatch, "_VALID", {})
+    chosen = []
+    select = _dispatch.select_backend
+    monkeypatch.setattr(_dispatch, "select_backend", lambda *a, **k: chosen.append(a[0]) or select(*a, **k))
+    norm, x = ops.LayerNorm(16), torch.randn(4, 16)
+    with torch.no_grad():
+        outs = [norm(x) for _ in range(3)]
+        with torch.autocast("cpu", torch.bfloat16):
+            outs += [norm(x) for _ in range(2)]
+    assert chosen == ["layer_norm", "layer_norm"]  # float32 output, then bf16 under autocast
+    assert outs[3].dtype == torch.bfloat16 and torch.equal(outs[0], outs[2])
 
 
 def test_memo_is_bounded(counted_op, monkeypatch):
