@@ -129,9 +129,14 @@ def _reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                out_dtype: torch.dtype) -> torch.Tensor:
     dtypes = [t.dtype for t in (x, weight, bias) if t is not None]
     compute = torch.float64 if torch.float64 in dtypes else torch.float32
-    weight = None if weight is None else weight.to(compute)
-    bias = None if bias is None else bias.to(compute)
-    return F.layer_norm(x.to(compute), (x.shape[-1],), weight, bias, eps).to(out_dtype)
+    weight, bias, x = (_as_dtype(t, compute) for t in (weight, bias, x))
+    return _as_dtype(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), out_dtype)
+
+
+def _as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)`` only where it changes something (a no-op ``.to`` still costs a dispatcher round trip; this
+    runs on every eager LayerNorm call, where host time is what a fast GPU waits for)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 register_backend(_OP, "reference", _reference, priority=0)
