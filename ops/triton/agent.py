@@ -149,10 +149,11 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool) -> tuple[int, 
         return 16, 8, 1 if backward else 2
     if s.a > 64 or max(s.d, s.dv) > 64:  # wider agent or head tiles: 8 warps for their float32 accumulators (not swept)
         return 64, 8, 2
-    # 16-bit: the best of 9 configurations per kernel at the released shapes (H200, bf16, batch 128; forward /
-    # backward us, best against the former (64, 4, 2) everywhere): DeiT-S (49 agents, d 64) backward (32, 4, 3)
-    # 145 / 165; Swin-T s2 (49, d 32) forward (32, 4, 3) 101 / 171; Swin-T s0 / s1 (9 / 16, d 32) forward (128, 4, 2)
-    # 111 / 147 and 49 / 53; PVT-T s0 (9, d 64) forward (128, 4, 2) 108 / 149, backward (128, 8, 2) 184 / 226
+    # 16-bit: the best of 9 configurations per kernel at the released shapes (H200, bf16, batch 128; kernel us of
+    # the chosen configuration against the former default (64, 4, 2)): DeiT-S (49 agents, d 64) backward (32, 4, 3)
+    # 145 against 165; Swin-T s2 (49, d 32) forward (32, 4, 3) 101 against 171; Swin-T s0 / s1 (9 / 16, d 32)
+    # forward (128, 4, 2) 111 against 147 and 49 against 53; PVT-T s0 (9, d 64) forward (128, 4, 2) 108 against
+    # 149, backward (128, 8, 2) 184 against 226. Where no row names a kernel, (64, 4, 2) was best or within 5%.
     few_agents, wide = s.a <= 16, max(s.d, s.dv) >= 64
     if backward:
         if wide:
