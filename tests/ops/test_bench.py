@@ -30,8 +30,17 @@ def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):
     csv_by_key = {(r["case"], r["backend"], r["mode"]): r for r in csv_rows}
     json_x = {(r["case"], r["backend"], r["mode"]): r["x_sdpa"] for r in rows if "x_sdpa" in r}
     assert json_x and all(float(csv_by_key[k]["x_sdpa"]) == pytest.approx(v) for k, v in json_x.items())
-    assert csv_by_key[("nat_t.s0", "reference", "fwd")]["x_sdpa"] == ""  # no plain-SDPA target for NA
+    assert csv_by_key[("croc_7b.attn", "reference", "fwd")]["x_sdpa"] == ""  # no SDPA target for masked attention
     assert csv_by_key[("nat_t.s0", "reference", "fwd")]["device_ms"] == ""  # kernel time is measured on CUDA only
+    assert csv_by_key[("nat_t.s0", "reference", "fwd")]["x_sdpa_dev"] == ""
+    # the neighbourhood target is the dense SDPA under the neighbourhood mask; the unmasked dense row is no target
+    for case in ("nat_t.s0", "dinat_t.s1"):
+        for mode in ("fwd", "fwd+bwd"):
+            masked = csv_by_key[(f"{case}.masked", "sdpa", mode)]
+            assert float(masked["x_sdpa"]) == pytest.approx(1.0)
+            ref = csv_by_key[(case, "reference", mode)]
+            assert float(ref["x_sdpa"]) == pytest.approx(float(ref["time_ms"]) / float(masked["time_ms"]), rel=1e-6)
+    assert csv_by_key[("nat_t.s0.dense", "sdpa", "fwd")]["x_sdpa"] == ""
     by_key = {(r["case"], r["backend"], r["mode"]): r for r in rows}
     for case in ("pvt_s.s0", "lookupvit_b.mhbc", "nat_t.s0", "dinat_t.s1", "croc_7b.attn"):
         for mode in ("fwd", "fwd+bwd"):
@@ -111,8 +120,10 @@ def test_x_sdpa_is_op_time_over_baseline_time_per_mode(monkeypatch):
              ("pvt_s.s0", "reference", "fwd"): 6.0, ("pvt_s.s0", "reference", "fwd+bwd"): 12.0,
              ("pvt_s.s0.sdpa", "sdpa", "fwd"): 2.0, ("pvt_s.s0.sdpa", "sdpa", "fwd+bwd"): 8.0}
 
-    def fake_measure(case, backend, mode, *args):
-        return {"status": "ok", "time_ms": times[(case.name, backend, mode)], "tflops": 1.0, "gbps": 1.0}
+    def fake_measure(case, backend, mode, *args):  # kernel time: a tenth of the step, plus 1 for the reference
+        t = times[(case.name, backend, mode)]
+        return {"status": "ok", "time_ms": t, "device_ms": t / 10 + (backend == "reference"), "tflops": 1.0,
+                "gbps": 1.0}
 
     monkeypatch.setattr(bench, "_measure", fake_measure)
     monkeypatch.setattr(bench, "_backends", lambda op: ["sdpa"] if op == "sdpa_plain" else ["sdpa", "reference"])
@@ -121,6 +132,11 @@ def test_x_sdpa_is_op_time_over_baseline_time_per_mode(monkeypatch):
     assert got == {("pvt_s.s0", "sdpa", "fwd"): (1.5, 2.0), ("pvt_s.s0", "sdpa", "fwd+bwd"): (1.25, 1.2),
                    ("pvt_s.s0", "reference", "fwd"): (3.0, 1.0), ("pvt_s.s0", "reference", "fwd+bwd"): (1.5, 1.0),
                    ("pvt_s.s0.sdpa", "sdpa", "fwd"): (1.0, 3.0), ("pvt_s.s0.sdpa", "sdpa", "fwd+bwd"): (1.0, 1.5)}
+    dev = {(r["case"], r["backend"], r["mode"]): r["x_sdpa_dev"] for r in rows}
+    assert dev == pytest.approx({("pvt_s.s0", "sdpa", "fwd"): 1.5, ("pvt_s.s0", "sdpa", "fwd+bwd"): 1.25,
+                                 ("pvt_s.s0", "reference", "fwd"): 1.6 / 0.2,
+                                 ("pvt_s.s0", "reference", "fwd+bwd"): 2.2 / 0.8,
+                                 ("pvt_s.s0.sdpa", "sdpa", "fwd"): 1.0, ("pvt_s.s0.sdpa", "sdpa", "fwd+bwd"): 1.0})
     # a baseline that failed leaves its case without the ratio instead of a wrong one
     monkeypatch.setattr(bench, "_measure", lambda case, backend, mode, *a: (
         {"status": "oom"} if (case.name, mode) == ("pvt_s.s0.sdpa", "fwd") else fake_measure(case, backend, mode)))
