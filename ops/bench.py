@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CASES", "Case", "select_cases", "run", "format_table", "write_results", "main"]
+__all__ = ["CASES", "Case", "select_cases", "run", "format_table", "write_results", "main", "device_ms"]
 
 
 # --- the cases: one released-model shape per row --------------------------------------------------------------------
@@ -373,7 +373,7 @@ def _median_ms(step: Callable[[], None], device: torch.device, warmup: int, iter
     return statistics.median(times)
 
 
-def _device_ms(step: Callable[[], None], device: torch.device, iters: int) -> float:
+def device_ms(step: Callable[[], None], device: torch.device, iters: int) -> float:
     """Mean summed kernel time of one step on a CUDA device (the GPU's own cost, without host overhead)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -459,7 +459,7 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
            "gbps": factor * (tensor_bytes + out_bytes) / (ms * 1e-3) / 1e9}
     if device.type == "cuda":
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-        row["device_ms"] = _device_ms(step, device, iters)
+        row["device_ms"] = device_ms(step, device, iters)
     return row
 
 

@@ -107,7 +107,7 @@ def test_lightning_checkpoint_supplies_model_kwargs():
 def test_bench_main_writes_csv_and_json(tmp_path, capsys):
     rc = bench.main(["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2,3", "--dtype", "fp32",
                      "--img-size", "32", "--train", "--warmup", "0", "--iters", "2", "--device", "cpu",
-                     "--out", str(tmp_path)])
+                     "--device-time", "--out", str(tmp_path)])
     assert rc == 0
     assert "images_per_s" in capsys.readouterr().out
     with open(tmp_path / "bench.csv") as f:
@@ -120,6 +120,7 @@ def test_bench_main_writes_csv_and_json(tmp_path, capsys):
         assert ips > 0 and ips == pytest.approx(int(r["batch_size"]) / (lat / 1e3), rel=1e-6)
         assert float(r["params_m"]) == pytest.approx(n_params, abs=1e-3)
         assert r["img_size"] == "32" and r["error"] == ""
+        assert r["device_ms"] == ""  # kernel time is profiled on CUDA only
     report = json.loads((tmp_path / "bench.json").read_text())
     # a configuration that cannot run is reported, not fatal: BatchNorm cannot train on one 1x1 sample
     rows = bench.bench_model("biformer_tiny", [1], ["fp32"], "cpu", ("train",), img_size=32, warmup=0, iters=1,
@@ -217,3 +218,12 @@ def test_bench_model_compiles_with_the_mode_asked_for(monkeypatch):
                              model_kwargs=TINY)[0]["compile"] == "default" and seen[-1] == "default"
     with pytest.raises(ValueError, match=r"compile='fast': pass False, True or one of \['default', 'reduce-overhead'"):
         bench.bench_model("biformer_tiny", [2], ["fp32"], "cpu", compile="fast", model_kwargs=TINY)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_device_time_is_the_kernel_share_of_the_step():
+    rows = bench.bench_model("biformer_tiny", [8], ["bf16"], "cuda", ("infer", "train"), img_size=64, warmup=2,
+                             iters=3, model_kwargs=TINY, device_time=True)
+    for r in rows:
+        assert r["error"] is None and 0 < r["device_ms"] <= 1.05 * r["latency_ms"], r

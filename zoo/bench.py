@@ -12,6 +12,8 @@ Each (model, dtype, batch size, mode) is timed after warm-up iterations, with th
 iteration. ``dtype`` bf16/fp16 means autocast (mixed precision, as in training), fp32 means no autocast. Peak memory
 is the CUDA allocator's peak during the timed iterations (not measured on CPU). Results go to a table on stdout and
 to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
+``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
+``latency_ms`` is well above it, the host (Python, launches) bounds the step and faster kernels will not show.
 
 ``--ops-backend auto,reference`` runs every model once per choice of attention backend (``auto``: the dispatch's
 choice; a name forces that backend on every ``zoo.ops`` op that has it), ``--with-compile`` times eager and
@@ -44,7 +46,7 @@ __all__ = ["add_baseline_ratios", "bench_model", "build_parser", "format_table",
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
-           "latency_ms", "latency_p90_ms", "peak_mem_mib", "params_m", "channels_last", "device", "error"]
+           "latency_ms", "latency_p90_ms", "device_ms", "peak_mem_mib", "params_m", "channels_last", "device", "error"]
 
 
 def format_table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW step)")
     p.add_argument("--no-infer", action="store_true", help="skip the inference rows (with --train)")
+    p.add_argument("--device-time", action="store_true",
+                   help="also report each step's summed kernel time (CUDA, one profiled pass more): a latency well "
+                        "above it means the host, not the GPU, bounds the step")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
@@ -166,8 +171,9 @@ def _input_size(model: torch.nn.Module, img_size: int | None) -> tuple[int, int,
 def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], device: str | torch.device = "cpu",
                 modes: tuple[str, ...] = ("infer",), img_size: int | None = None, compile: bool | str = False,
                 channels_last: bool = False, warmup: int = 3, iters: int = 10,
-                model_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One result row per (mode, dtype, batch size): images/s, mean and p90 latency, CUDA peak memory.
+                model_kwargs: dict[str, Any] | None = None, device_time: bool = False) -> list[dict[str, Any]]:
+    """One result row per (mode, dtype, batch size): images/s, mean and p90 latency, CUDA peak memory and, with
+    ``device_time`` on CUDA, ``device_ms``: the summed kernel time of one step (a profiled pass after the timing).
 
     ``compile``: False for eager, True or a ``torch.compile`` mode name (see ``COMPILE_MODES``) to compile; the rows'
     ``compile`` column is False or the mode. A configuration that runs out of memory gets a row with ``error='OOM'``
@@ -194,14 +200,16 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
                 row = {"model": model_name, "mode": mode, "dtype": dtype, "batch_size": bs, "img_size": chw[-1],
                        "params_m": round(params_m, 3), "compile": compile, "channels_last": channels_last,
                        "device": str(device), "images_per_s": None, "latency_ms": None, "latency_p90_ms": None,
-                       "peak_mem_mib": None, "error": None}
-                row.update(_measure(runner, mode, DTYPES[dtype], bs, chw, device, channels_last, warmup, iters))
+                       "device_ms": None, "peak_mem_mib": None, "error": None}
+                row.update(_measure(runner, mode, DTYPES[dtype], bs, chw, device, channels_last, warmup, iters,
+                                    device_time))
                 rows.append(row)
     return rows
 
 
 def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
-             device: torch.device, channels_last: bool, warmup: int, iters: int) -> dict[str, Any]:
+             device: torch.device, channels_last: bool, warmup: int, iters: int,
+             device_time: bool = False) -> dict[str, Any]:
     x = torch.randn(bs, *chw, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -211,6 +219,8 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         times = time_fn(fn, device, warmup, iters)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        kernels = _kernel_ms(fn, device, iters) if device_time and device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError:
         return {"error": "OOM"}
     except (RuntimeError, ValueError) as e:  # one configuration failing (e.g. BatchNorm at batch 1) ends no sweep
@@ -219,10 +229,14 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
         del fn
     mean = statistics.fmean(times)
     p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    out = {"images_per_s": bs / mean, "latency_ms": 1e3 * mean, "latency_p90_ms": 1e3 * p90}
-    if device.type == "cuda":
-        out["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+    return {"images_per_s": bs / mean, "latency_ms": 1e3 * mean, "latency_p90_ms": 1e3 * p90, "peak_mem_mib": peak,
+            "device_ms": kernels}
+
+
+def _kernel_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    from zoo.ops.bench import device_ms  # lazy, as for ``zoo bench ops``
+
+    return device_ms(fn, device, iters)
 
 
 @contextlib.contextmanager
@@ -317,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             with ops_backend(backend):
                 for compiled in compiles:
                     for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
-                                           args.channels_last, args.warmup, args.iters, model_kwargs):
+                                           args.channels_last, args.warmup, args.iters, model_kwargs,
+                                           args.device_time):
                         rows.append({**row, "ops": backend})
     add_baseline_ratios(rows)
     print(format_table(rows, [c for c in COLUMNS if c not in ("device", "channels_last")]))
