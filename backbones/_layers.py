@@ -32,9 +32,10 @@ def projection_norm(norm_layer: Callable[..., nn.Module], dim: int) -> nn.Module
 
     Why: PyTorch's CUDA LayerNorm is far from memory bandwidth at the narrow widths of vision stages (H200, bf16
     autocast, (128, 3136, 96): 738 us of kernel time against 42 for zoo's Triton kernel); in eager Agent-Swin-T
-    inference it was a third of the GPU time. zoo's norm writes the autocast dtype where ``nn.LayerNorm`` writes float32, which the
-    projection would round to the same autocast dtype anyway; so only norms feeding projections are swapped, never
-    one whose output is the residual stream or a returned feature. Other norm layers are built as given.
+    inference it was a third of the GPU time. zoo's norm writes the autocast dtype where ``nn.LayerNorm`` writes
+    float32, which the projection would round to the same autocast dtype anyway; so only norms feeding projections
+    are swapped, never one whose output is the residual stream or a returned feature. Other norm layers are built
+    as given.
     """
     norm = norm_layer(dim)
     if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
