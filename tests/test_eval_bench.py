@@ -227,3 +227,25 @@ def test_gpu_device_time_is_the_kernel_share_of_the_step():
                              iters=3, model_kwargs=TINY, device_time=True)
     for r in rows:
         assert r["error"] is None and 0 < r["device_ms"] <= 1.05 * r["latency_ms"], r
+
+
+def test_bench_imports_a_module_that_registers_models(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_bench_models.py").write_text(
+        "import timm, torch\n"
+        "from timm.models import register_model\n"
+        "@register_model\n"
+        "def my_bench_mlp(pretrained=False, **kwargs):\n"
+        "    for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'features_only'):\n"
+        "        kwargs.pop(key, None)\n"
+        "    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))\n"
+        "    model.pretrained_cfg = {'input_size': (3, 8, 8)}\n"
+        "    return model\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = bench.main(["my_bench_mlp", "--import", "my_bench_models", "--batch-sizes", "4", "--warmup", "0", "--iters",
+                     "2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    row, = report["results"]
+    assert row["model"] == "my_bench_mlp" and row["img_size"] == 8 and row["error"] is None and row["images_per_s"] > 0
+    with pytest.raises(ValueError, match=r"--import='no_such_module_x': cannot import 'no_such_module_x'"):
+        bench.main(["my_bench_mlp", "--import", "no_such_module_x"])

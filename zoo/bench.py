@@ -6,6 +6,7 @@ Examples::
     zoo bench resnet50 --compile --channels-last --device cuda
     zoo bench biformer_tiny --dtype bf16 --batch-sizes 128 --train --compile --compile-mode reduce-overhead
     zoo bench volo_d1_224 zoo_volo_d1_224 --dtype bf16 --batch-sizes 128 --ops-backend auto,reference --with-compile
+    zoo bench official_agent_swin_t agent_swin_t --import my_official_models --dtype bf16 --batch-sizes 128
     zoo bench ops ...            (delegates to zoo.ops.bench)
 
 Each (model, dtype, batch size, mode) is timed after warm-up iterations, with the device synchronized around every
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo bench", description="Benchmark models (images/s, latency, peak memory). "
                                 "`zoo bench ops ...` benchmarks the attention ops.")
     p.add_argument("models", nargs="+", help="zoo or timm model names")
+    p.add_argument("--import", dest="imports", default=None, metavar="MODULES",
+                   help="comma-separated Python modules to import first, e.g. one that registers your own timm "
+                        "models (an official implementation to time beside zoo's)")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8,64")
     p.add_argument("--dtype", default="fp32", help="comma-separated from fp32,bf16,fp16 (bf16/fp16 = autocast)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's pretrained_cfg)")
@@ -303,6 +307,22 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
     return csv_path, json_path
 
 
+def _import_modules(names: str | None) -> None:
+    """Import each module of the comma-separated ``--import`` list (after zoo, so that zoo's names are taken)."""
+    if names is None:
+        return
+    import importlib
+
+    import zoo  # noqa: F401  (zoo's registrations first)
+
+    for name in _csv_list(names, "--import"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"--import={names!r}: cannot import {name!r} ({e}); the module must be importable from "
+                             f"the current directory or PYTHONPATH") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zoo bench ARGS...`` (``zoo bench ops ...`` goes to :mod:`zoo.ops.bench`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -311,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(ops_bench.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
+    _import_modules(args.imports)
     batch_sizes = _csv_list(args.batch_sizes, "--batch-sizes", int)
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"--batch-sizes={args.batch_sizes!r}: every batch size must be >= 1")
