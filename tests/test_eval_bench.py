@@ -240,7 +240,8 @@ def test_bench_imports_a_module_that_registers_models(tmp_path, monkeypatch, cap
         "    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))\n"
         "    model.pretrained_cfg = {'input_size': (3, 8, 8)}\n"
         "    return model\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # --import appends the current directory to it
+    monkeypatch.chdir(tmp_path)  # found there, as a user's module next to where they run `zoo bench`
     rc = bench.main(["my_bench_mlp", "--import", "my_bench_models", "--batch-sizes", "4", "--warmup", "0", "--iters",
                      "2", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert rc == 0

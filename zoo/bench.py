@@ -315,6 +315,8 @@ def _import_modules(names: str | None) -> None:
 
     import zoo  # noqa: F401  (zoo's registrations first)
 
+    if os.getcwd() not in sys.path:  # the `zoo` script, unlike `python -m`, does not search the current directory;
+        sys.path.append(os.getcwd())  # appended, so that it never shadows an installed package
     for name in _csv_list(names, "--import"):
         try:
             importlib.import_module(name)
