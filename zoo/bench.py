@@ -224,7 +224,11 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
             torch.cuda.reset_peak_memory_stats(device)
         times = time_fn(fn, device, warmup, iters)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        kernels = _kernel_ms(fn, device, iters) if device_time and device.type == "cuda" else None
+        kernels = None
+        if device_time and device.type == "cuda":
+            from zoo.ops.bench import device_ms  # lazy, as for ``zoo bench ops``
+
+            kernels = device_ms(fn, device, iters)
     except torch.cuda.OutOfMemoryError:
         return {"error": "OOM"}
     except (RuntimeError, ValueError) as e:  # one configuration failing (e.g. BatchNorm at batch 1) ends no sweep
@@ -236,11 +240,6 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
     return {"images_per_s": bs / mean, "latency_ms": 1e3 * mean, "latency_p90_ms": 1e3 * p90, "peak_mem_mib": peak,
             "device_ms": kernels}
 
-
-def _kernel_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
-    from zoo.ops.bench import device_ms  # lazy, as for ``zoo bench ops``
-
-    return device_ms(fn, device, iters)
 
 
 @contextlib.contextmanager
@@ -308,12 +307,11 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
 
 
 def _import_modules(names: str | None) -> None:
-    """Import each module of the comma-separated ``--import`` list (after zoo, so that zoo's names are taken)."""
+    """Import each module of the comma-separated ``--import`` list (zoo, a parent package of this module, is already
+    imported, so its names are taken first)."""
     if names is None:
         return
     import importlib
-
-    import zoo  # noqa: F401  (zoo's registrations first)
 
     if os.getcwd() not in sys.path:  # the `zoo` script, unlike `python -m`, does not search the current directory;
         sys.path.append(os.getcwd())  # appended, so that it never shadows an installed package
