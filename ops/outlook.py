@@ -15,23 +15,26 @@ the tokens) and ``attn`` (a linear map of the tokens average-pooled by ``stride`
 Backends:
     ``reference``: plain PyTorch ``unfold -> softmax-weighted sum -> fold``; the definition, any device and dtype,
         differentiable. It performs the same operations in the same order as the official code.
-    ``triton``: a fused Triton kernel (softmax, gather, weighted sum and overlap-sum in one pass; no unfolded
-        copies), with a fused backward. Deterministic (gathers, no atomics). CUDA in fp32/fp16/bf16; on CPU only
-        under ``TRITON_INTERPRET=1`` (fp32/fp16). No attention dropout.
+    ``triton``: fused Triton kernels, per output pixel: the softmaxed weights of every (window, row) that writes the
+        pixel are summed per pixel offset (they reach only the (2k-1)^2 pixels around it), then each neighbour's
+        channels are read once; no unfolded copies. The backward's grad-of-``v`` kernel works the same way.
+        Deterministic (gathers, no atomics). CUDA in fp32/fp16/bf16; on CPU only under ``TRITON_INTERPRET=1``
+        (fp32/fp16). No attention dropout.
 """
 from __future__ import annotations
 
 import functools
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .triton import (device_reason, direct, interpreter_requested, kernel_op, needs_grad, next_pow2, no_device_reason,
-                     on_device, traced)
+                     on_device, override_knobs, traced)
 from ._dispatch import call_key, dispatch, register_backend, validated
 
-__all__ = ["outlook_attention", "outlook_window_grid"]
+__all__ = ["outlook_attention", "outlook_window_grid", "use_tiles"]
 
 _OP = "outlook_attention"
 
@@ -158,6 +161,24 @@ def _triton_supports(v, attn, num_heads, kernel_size, stride, padding, scale, dr
     return None
 
 
+# Launch knobs of the per-pixel kernels (forward, grad_v); None: chosen by tile size (see _gather_warps).
+_TILES: dict[str, int | None] = {"rows": None, "num_warps": None}
+
+
+def use_tiles(rows: int | None = None, num_warps: int | None = None) -> contextlib.AbstractContextManager:
+    """Temporarily override the launch knobs of the forward and grad_v kernels (None keeps the current value).
+
+    Args:
+        rows: output pixels per program, a power of two (default: a (rows, slots, head_dim) tile of about 8K
+            elements).
+        num_warps: Triton launch option, a power of two (default: one warp per 8 rows).
+    """
+    for name, value in (("rows", rows), ("num_warps", num_warps)):
+        if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two (1, 2, 4, ...) or None, got {value!r}")
+    return override_knobs(_TILES, rows=rows, num_warps=num_warps)
+
+
 @functools.cache
 def _kernels():
     """The Triton kernels, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
@@ -166,23 +187,25 @@ def _kernels():
     return kernels.forward_kernel, kernels.grad_v_kernel, kernels.grad_attn_kernel
 
 
-def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int]:
-    return max(next_pow2(kernel_size * kernel_size), 2), max(next_pow2(head_dim), 2)
+def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int, int]:
+    """Tile edges: window positions (k^2), pixel offsets a window reaches ((2k-1)^2), head channels."""
+    return (max(next_pow2(kernel_size * kernel_size), 2), max(next_pow2((2 * kernel_size - 1) ** 2), 2),
+            max(next_pow2(head_dim), 2))
 
 
 def _rows_per_program(block_kk: int, block_d: int) -> int:
-    # keep the (rows, k^2, d) register tile near 8K fp32 elements
+    # keep the (rows, slots, d) register tile near 8K fp32 elements
     return max(1, min(64, 8192 // (block_kk * block_d)))
 
 
 def _gather_warps(rows: int) -> int:
-    """Warps of the per-pixel gather kernels (forward, grad_v): one per 8 pixel rows.
+    """Warps of the per-pixel kernels (forward, grad_v): one per 8 pixel rows.
 
-    Swept on an H200 at VOLO-D1 stage 1 (bf16, batch 128, 16 rows a program): forward 631 us at 2 warps against
-    979 at Triton's default 4, grad_v 393 against 882; 32 rows at 4 warps and 64 at 8 measured alike (652/424,
-    720/475 us). grad_attn keeps 4 warps (176 us, the best but one).
+    Swept on an H200 at VOLO-D1 stage 1 (bf16, batch 128; rows, warps -> forward us, grad_v + grad_attn us):
+    8, 1 -> 227, 435 (the default: 8 rows fill the 8K tile of 25 offset slots x 32 channels); 16, 2 -> 255, 466;
+    4, 1 -> 273, 468; 32, 2 -> 262, 451; four warps or more on 4-16 rows -> 425-2318, 532-1851.
     """
-    return max(1, min(8, rows // 8))
+    return _TILES["num_warps"] or max(1, min(8, rows // 8))
 
 
 def _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, launch=direct, stats: bool = True):
@@ -196,12 +219,12 @@ def _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, lau
     lse = None
     if stats:
         lse = torch.zeros((b, h, w, num_heads, kernel_size * kernel_size), device=v.device, dtype=torch.float32)
-    block_kk, block_d = _block_sizes(kernel_size, head_dim)
-    block_p = _rows_per_program(block_kk, block_d)
+    _, block_e, block_d = _block_sizes(kernel_size, head_dim)
+    block_p = _TILES["rows"] or _rows_per_program(block_e, block_d)
     grid = (math.ceil(height * width / block_p), b * num_heads)
     launch(_kernels()[0])[grid](v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads,
                          head_dim, scale, K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
-                         BLOCK_P=block_p, BLOCK_KK=block_kk, BLOCK_D=block_d, STATS=stats,
+                         BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_D=block_d, STATS=stats,
                          num_warps=_gather_warps(block_p))
     return out, lse
 
@@ -212,13 +235,14 @@ def _launch_backward(grad_out, v, attn, lse, num_heads, kernel_size, stride, pad
     head_dim = channels // num_heads
     grad_v = torch.empty_like(v)
     grad_attn = torch.empty_like(attn)
-    block_kk, block_d = _block_sizes(kernel_size, head_dim)
+    block_kk, block_e, block_d = _block_sizes(kernel_size, head_dim)
+    pixels = _TILES["rows"] or _rows_per_program(block_e, block_d)
     rows = _rows_per_program(block_kk, block_d)
     grad_v_kernel, grad_attn_kernel = (launch(kernel) for kernel in _kernels()[1:])
-    grad_v_kernel[(math.ceil(height * width / rows), b * num_heads)](
+    grad_v_kernel[(math.ceil(height * width / pixels), b * num_heads)](
         grad_out, attn, lse, grad_v, height, width, channels, h, w, num_heads, head_dim, scale,
         K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
-        BLOCK_P=rows, BLOCK_KK=block_kk, BLOCK_D=block_d, num_warps=_gather_warps(rows))
+        BLOCK_P=pixels, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_gather_warps(pixels))
     grad_attn_kernel[(math.ceil(h * w / rows), b * num_heads)](
         grad_out, v, attn, grad_attn, height, width, channels, h, w, num_heads, head_dim, scale,
         K=kernel_size, S=stride, PAD=padding, BLOCK_N=rows, BLOCK_KK=block_kk, BLOCK_D=block_d, num_warps=4)

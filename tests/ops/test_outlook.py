@@ -12,7 +12,7 @@ import torch
 
 from zoo.ops import outlook_attention, registered_backends
 from zoo.ops._dispatch import select_backend
-from zoo.ops.outlook import outlook_window_grid
+from zoo.ops.outlook import outlook_window_grid, use_tiles
 from zoo.ops.triton import interpreter_requested as _interpreting
 from triton_checks import assert_inference_launch_agrees
 
@@ -174,6 +174,19 @@ def test_triton_interpreter_matches_reference(cfg, randn, assert_close, grads):
 
 
 @pytest.mark.skipif(not _interpreting(), reason="runs inside the TRITON_INTERPRET=1 subprocess")
+def test_triton_interpreter_matches_reference_with_small_tiles(randn, assert_close, grads):
+    """Two pixels a program: the programs' pixel blocks cut across window rows and image rows."""
+    with use_tiles(rows=2, num_warps=1):
+        _check_triton(CONFIGS[1], torch.float32, "cpu", randn, assert_close, grads, seed=3)
+
+
+@pytest.mark.parametrize("knob", [dict(rows=0), dict(rows=12), dict(num_warps=3), dict(rows=2.0)])
+def test_use_tiles_rejects_bad_knobs(knob):
+    with pytest.raises(ValueError, match=next(iter(knob))):
+        use_tiles(**knob)
+
+
+@pytest.mark.skipif(not _interpreting(), reason="runs inside the TRITON_INTERPRET=1 subprocess")
 def test_triton_custom_op_opcheck(randn):
     v, attn = _inputs(CONFIGS[0], randn, dtype=torch.float32)
     torch.library.opcheck(torch.ops.zoo.outlook_attention_fwd.default, (v, attn, 2, 3, 2, 1, 0.5),
@@ -191,7 +204,7 @@ def test_triton_kernels_under_interpreter():
                "-k", "interpreter_matches or opcheck or cpu_dispatch"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "7 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.gpu

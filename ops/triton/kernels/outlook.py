@@ -30,75 +30,100 @@ def _covering_window(y, x, mask_p, b, h, w, ty, tx, K: tl.constexpr, S: tl.const
 
 
 @triton.jit
+def _neighbour_slots(K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Slots e of the (2K-1) x (2K-1) pixel offsets (oy, ox) in [-(K-1), K-1]^2 that one window row can reach
+    (row i and column j of a window sit at pixels whose offset is j - i): slot numbers, offsets, which exist."""
+    R: tl.constexpr = 2 * K - 1
+    offs_e = tl.arange(0, BLOCK_E)
+    return offs_e // R - (K - 1), offs_e % R - (K - 1), offs_e < R * R
+
+
+@triton.jit
+def _gather_neighbours(src_ptr, weights, b, head, y, x, mask_p, oy, ox, mask_e, H, W, C, D,
+                       BLOCK_D: tl.constexpr):
+    """sum_e weights[p, e] * src[pixel p + offset e] over one head's D channels, zero outside the image:
+    (BLOCK_P, BLOCK_D) float32."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    sy = y[:, None] + oy[None, :]
+    sx = x[:, None] + ox[None, :]
+    inside = mask_p[:, None] & mask_e[None, :] & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+    ptrs = src_ptr + b * H * W * C + head * D + ((sy * W + sx) * C)[:, :, None] + offs_d[None, None, :]
+    vals = tl.load(ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
+    return tl.sum(weights[:, :, None] * vals, axis=1)
+
+
+@triton.jit
+def _store_pixels(dst_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = dst_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
+    tl.store(ptrs, acc.to(dst_ptr.dtype.element_ty), mask=mask_p[:, None] & (offs_d < D)[None, :])
+
+
+# Both gather kernels work per output pixel p. The windows covering p reach only the (2K-1)^2 pixels around it, and
+# several (window, row) pairs reach the same pixel (VOLO's k3/s2: up to 4 windows x 9 pixels onto 25 pixels; k3/s1:
+# 81 onto 25), so the softmaxed weights are first summed per offset, then each neighbour's channels are read once.
+
+
+@triton.jit
 def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
                    K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
+                   BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
-    offs_j = tl.arange(0, BLOCK_KK)
-    mask_j = offs_j < KK
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    v_base = v_ptr + b * H * W * C + head * D
+    oy, ox, mask_e = _neighbour_slots(K, BLOCK_E)
     row_stride = NH * KK * KK
-    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    weights = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
     for ty in tl.static_range(NT):
         for tx in tl.static_range(NT):
-            # the window n whose row i targets pixel (y, x)
+            # the window n whose row i = (iy, ix) targets pixel (y, x); its column j reads the pixel at offset j - i
             n, ny, nx, iy, ix, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
+            jy = iy[:, None] + oy[None, :]
+            jx = ix[:, None] + ox[None, :]
+            m2 = valid[:, None] & mask_e[None, :] & (jy >= 0) & (jy < K) & (jx >= 0) & (jx < K)
             row = attn_ptr + n * row_stride + head * KK * KK + (iy * K + ix) * KK
-            m2 = valid[:, None] & mask_j[None, :]
-            logits = tl.load(row[:, None] + offs_j[None, :], mask=m2, other=0.0).to(tl.float32)
+            logits = tl.load(row[:, None] + jy * K + jx, mask=m2, other=0.0).to(tl.float32)
             logits = tl.where(m2, logits * scale, float("-inf"))
             row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
             e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
             denom = tl.where(valid, tl.sum(e, axis=1), 1.0)
-            p = e / denom[:, None]
+            weights += e / denom[:, None]
             if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
                 tl.store(lse_ptr + (n * NH + head) * KK + iy * K + ix, row_max + tl.log(denom), mask=valid)
-            # the window's pixels j, zero outside the image
-            vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
-            vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]
-            inside = m2 & (vy >= 0) & (vy < H) & (vx >= 0) & (vx < W)
-            v_ptrs = v_base + ((vy * W + vx) * C)[:, :, None] + offs_d[None, None, :]
-            vals = tl.load(v_ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(p[:, :, None] * vals, axis=1)
-    out_ptrs = out_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+    acc = _gather_neighbours(v_ptr, weights, b, head, y, x, mask_p, oy, ox, mask_e, H, W, C, D, BLOCK_D)
+    _store_pixels(out_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D)
 
 
 @triton.jit
 def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale,
                   K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
-    offs_i = tl.arange(0, BLOCK_KK)
-    mask_i = offs_i < KK
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    go_base = go_ptr + b * H * W * C + head * D
+    oy, ox, mask_e = _neighbour_slots(K, BLOCK_E)
     row_stride = NH * KK * KK
-    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    weights = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
     for ty in tl.static_range(NT):
         for tx in tl.static_range(NT):
-            # the window n that reads pixel (y, x) as its pixel j
+            # the window n that reads pixel (y, x) as its column j = (jy, jx); its row i writes the pixel at offset
+            # i - j, and only rows whose pixel is inside the image have a gradient
             n, ny, nx, jy, jx, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
-            # every row i of that window, restricted to rows whose target pixel is inside the image
-            ty_pix = ny[:, None] * S - PAD + (offs_i // K)[None, :]
-            tx_pix = nx[:, None] * S - PAD + (offs_i % K)[None, :]
-            rows = valid[:, None] & mask_i[None, :] & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W)
-            a_ptrs = attn_ptr + (n * row_stride + head * KK * KK + jy * K + jx)[:, None] + (offs_i * KK)[None, :]
-            logits = tl.load(a_ptrs, mask=rows, other=0.0).to(tl.float32) * scale
-            lse = tl.load(lse_ptr + ((n * NH + head) * KK)[:, None] + offs_i[None, :], mask=rows, other=0.0)
-            p = tl.where(rows, tl.exp(logits - lse), 0.0)
-            g_ptrs = go_base + ((ty_pix * W + tx_pix) * C)[:, :, None] + offs_d[None, None, :]
-            g = tl.load(g_ptrs, mask=rows[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(p[:, :, None] * g, axis=1)
-    dv_ptrs = dv_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
-    tl.store(dv_ptrs, acc.to(dv_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+            iy = jy[:, None] + oy[None, :]
+            ix = jx[:, None] + ox[None, :]
+            ty_pix = y[:, None] + oy[None, :]
+            tx_pix = x[:, None] + ox[None, :]
+            rows = (valid[:, None] & mask_e[None, :] & (iy >= 0) & (iy < K) & (ix >= 0) & (ix < K)
+                    & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W))
+            i = iy * K + ix
+            base = n * row_stride + head * KK * KK
+            logits = tl.load(attn_ptr + base[:, None] + i * KK + (jy * K + jx)[:, None], mask=rows,
+                             other=0.0).to(tl.float32) * scale
+            lse = tl.load(lse_ptr + ((n * NH + head) * KK)[:, None] + i, mask=rows, other=0.0)
+            weights += tl.where(rows, tl.exp(logits - lse), 0.0)
+    acc = _gather_neighbours(go_ptr, weights, b, head, y, x, mask_p, oy, ox, mask_e, H, W, C, D, BLOCK_D)
+    _store_pixels(dv_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D)
 
 
 @triton.jit
