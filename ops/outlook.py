@@ -23,8 +23,8 @@ Backends:
 """
 from __future__ import annotations
 
-import functools
 import contextlib
+import functools
 import math
 
 import torch
@@ -193,9 +193,9 @@ def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int, int]:
             max(next_pow2(head_dim), 2))
 
 
-def _rows_per_program(block_kk: int, block_d: int) -> int:
+def _rows_per_program(block_slots: int, block_d: int) -> int:
     # keep the (rows, slots, d) register tile near 8K fp32 elements
-    return max(1, min(64, 8192 // (block_kk * block_d)))
+    return max(1, min(64, 8192 // (block_slots * block_d)))
 
 
 def _gather_warps(rows: int) -> int:
