@@ -19,6 +19,11 @@ CUDA ``x_sdpa_dev`` is the same ratio of kernel times (``device_ms``), which hos
 neighbourhood cases' target is the dense SDPA with the neighbourhood as a boolean mask (``<case>.masked`` rows,
 ``dense_sdpa`` cases marked ``target``): there the same columns read ``x_sdpa <= 1/3``.
 
+``floor_ms`` is the roofline floor of a row: its FLOPs at the device's peak throughput or its minimal bytes at peak
+memory bandwidth, whichever takes longer (``bound`` says which), from vendor peaks for known GPUs (H200, H100; see
+:data:`GPU_PEAKS`) or ``--peak-tflops`` / ``--peak-gbps``. ``x_floor`` is the row's kernel time (``device_ms``, else
+``time_ms``) over that floor: how far the op is from what the hardware allows for its work and traffic.
+
 Ops are found by name in :mod:`zoo.ops` and backends through the dispatch registry; an op that does not exist, a
 backend that is unavailable or falls back for this input, and a call that fails are reported as rows with a
 status instead of stopping the run. CUDA timing uses CUDA events; ``--device cpu`` uses wall time (use ``--quick``
@@ -433,8 +438,36 @@ def _case_params(case: Case, quick: bool, batch: int | None) -> tuple[dict, int]
     return params, batch or default_batch
 
 
+# Vendor peaks by a substring of the CUDA device name, first match wins (variants before their family): dense 16-bit
+# tensor-core FLOP/s, float32 FLOP/s without TF32 (the kernels keep float32 IEEE), memory bytes/s.
+GPU_PEAKS: dict[str, tuple[float, float, float]] = {
+    "H200": (989e12, 67e12, 4.8e12),
+    "H100 PCIe": (756e12, 51e12, 2.0e12),
+    "H100 NVL": (835e12, 60e12, 3.9e12),
+    "H100": (989e12, 67e12, 3.35e12),  # SXM
+}
+
+
+def device_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float] | None:
+    """(peak FLOP/s for ``dtype``, peak memory bytes/s) of a known CUDA device, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, single, bandwidth) in GPU_PEAKS.items():
+        if key in name:
+            return (single if dtype == torch.float32 else half), bandwidth
+    return None
+
+
+def roofline_ms(flops: float, nbytes: float, peaks: tuple[float, float]) -> tuple[float, str]:
+    """The least time ``flops`` FLOPs and ``nbytes`` bytes of memory traffic can take at ``peaks`` (FLOP/s, bytes/s),
+    in ms, and which of the two sets it (``"flops"`` or ``"bytes"``)."""
+    t_flops, t_bytes = flops / peaks[0], nbytes / peaks[1]
+    return max(t_flops, t_bytes) * 1e3, ("flops" if t_flops >= t_bytes else "bytes")
+
+
 def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtype: torch.dtype,
-             device: torch.device, warmup: int, iters: int) -> dict:
+             device: torch.device, warmup: int, iters: int, peaks: tuple[float, float] | None = None) -> dict:
     backward = mode == "fwd+bwd"
     args, kwargs, flops = BUILDERS[case.op](params, batch, dtype, device, backward)
     op_fn = _op_function(case.op)
@@ -460,14 +493,17 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
     if device.type == "cuda":
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
         row["device_ms"] = device_ms(step, device, iters)
+    if peaks is not None:
+        row["floor_ms"], row["bound"] = roofline_ms(factor * flops, factor * (tensor_bytes + out_bytes), peaks)
+        row["x_floor"] = row.get("device_ms", ms) / row["floor_ms"]
     return row
 
 
-def _run_row(case, backend, mode, params, batch, dtype, device, warmup, iters) -> dict:
+def _run_row(case, backend, mode, params, batch, dtype, device, warmup, iters, peaks=None) -> dict:
     row = {"case": case.name, "op": case.op, "model": case.model, "backend": backend, "mode": mode,
            "dtype": str(dtype).replace("torch.", ""), "device": device.type, "batch": batch}
     try:
-        row.update(_measure(case, backend, mode, params, batch, dtype, device, warmup, iters))
+        row.update(_measure(case, backend, mode, params, batch, dtype, device, warmup, iters, peaks))
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except Exception as exc:  # one broken backend must not stop the benchmark
@@ -515,15 +551,19 @@ def select_cases(ops: list[str] | None) -> list[Case]:
 
 def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: torch.dtype = torch.bfloat16,
         device: str = "cuda", batch: int | None = None, quick: bool = False, warmup: int = 5, iters: int = 20,
-        modes: tuple[str, ...] = ("fwd", "fwd+bwd"), log: Callable[[str], None] | None = None) -> list[dict]:
+        modes: tuple[str, ...] = ("fwd", "fwd+bwd"), log: Callable[[str], None] | None = None,
+        peaks: tuple[float, float] | None = None) -> list[dict]:
     """Benchmark the cases whose op or case name is in ``ops`` (all when None); returns one dict per row.
 
     Rows carry ``case, op, model, backend, mode, dtype, device, batch, status`` and, when measured, ``time_ms``
     (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend), ``x_sdpa`` (time over
     the case's target SDPA baseline, for the cases that have one; ``x_sdpa_dev`` the same in kernel time),
-    ``peak_mib`` (CUDA: peak allocation above the inputs) and ``device_ms`` (CUDA: summed kernel time of one step).
+    ``peak_mib`` (CUDA: peak allocation above the inputs), ``device_ms`` (CUDA: summed kernel time of one step) and,
+    where peaks are known (``peaks`` = (FLOP/s, bytes/s), else :func:`device_peaks`), ``floor_ms``, ``bound`` and
+    ``x_floor`` (see the module docstring).
     """
     dev = torch.device(device)
+    peaks = peaks or device_peaks(dev, dtype)
     rows = []
     for case in select_cases(ops):
         params, b = _case_params(case, quick, batch)
@@ -536,7 +576,7 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
             if backends and backend not in backends and case.op not in _SDPA_OPS:
                 continue
             for mode in modes:
-                rows.append(_run_row(case, backend, mode, params, b, dtype, dev, warmup, iters))
+                rows.append(_run_row(case, backend, mode, params, b, dtype, dev, warmup, iters, peaks))
                 if log:
                     log(_format_row(rows[-1]))
     _add_ratios(rows)
@@ -546,8 +586,9 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
 # --- output ----------------------------------------------------------------------------------------------------------
 
 COLUMNS = [("case", 22, "{}"), ("backend", 10, "{}"), ("mode", 8, "{}"), ("batch", 5, "{}"), ("time_ms", 10, "{:.3f}"),
-           ("device_ms", 9, "{:.3f}"), ("tflops", 8, "{:.2f}"), ("gbps", 8, "{:.1f}"), ("vs_reference", 12, "{:.2f}x"),
-           ("x_sdpa", 7, "{:.2f}x"), ("x_sdpa_dev", 10, "{:.2f}x"), ("peak_mib", 9, "{:.0f}"), ("status", 0, "{}")]
+           ("device_ms", 9, "{:.3f}"), ("tflops", 8, "{:.2f}"), ("gbps", 8, "{:.1f}"), ("floor_ms", 8, "{:.3f}"),
+           ("bound", 5, "{}"), ("x_floor", 7, "{:.1f}x"), ("vs_reference", 12, "{:.2f}x"), ("x_sdpa", 7, "{:.2f}x"),
+           ("x_sdpa_dev", 10, "{:.2f}x"), ("peak_mib", 9, "{:.0f}"), ("status", 0, "{}")]
 
 
 def _format_row(row: dict) -> str:
@@ -586,7 +627,7 @@ def write_results(rows: list[dict], out_dir: Path, env: dict) -> tuple[Path, Pat
     """Write ``ops_bench.csv`` and ``ops_bench.json`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ["case", "op", "model", "backend", "mode", "dtype", "device", "batch", "time_ms", "device_ms", "tflops",
-            "gbps", "vs_reference", "x_sdpa", "x_sdpa_dev", "peak_mib", "status"]
+            "gbps", "floor_ms", "bound", "x_floor", "vs_reference", "x_sdpa", "x_sdpa_dev", "peak_mib", "status"]
     csv_path, json_path = out_dir / "ops_bench.csv", out_dir / "ops_bench.json"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -616,6 +657,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--out", type=Path, default=None, help="directory for ops_bench.csv and ops_bench.json")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of the device for the roofline floor (default: vendor figure for known GPUs)")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="peak memory GB/s for the roofline floor (give both peaks, or neither)")
     return p
 
 
@@ -643,6 +688,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"--ops: unknown {unknown}; known ops and cases: {sorted(known)}", file=sys.stderr)
         return 2
+    given = [v for v in (args.peak_tflops, args.peak_gbps) if v is not None]
+    if len(given) == 1 or any(v <= 0 for v in given):
+        print(f"--peak-tflops and --peak-gbps: give both, each > 0 (got {args.peak_tflops}, {args.peak_gbps})",
+              file=sys.stderr)
+        return 2
+    peaks = (args.peak_tflops * 1e12, args.peak_gbps * 1e9) if given else None
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if device == "cpu" and not args.quick:
         print("note: the released shapes are GPU-sized; on CPU add --quick", file=sys.stderr)
@@ -651,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(format_table([]))
     rows = run(ops, _split(args.backends), dtype, device, args.batch, args.quick, args.warmup, args.iters, modes,
-               log=print)
+               log=print, peaks=peaks)
     print()
     print(format_table(rows))
     if args.out is not None:

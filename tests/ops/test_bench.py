@@ -181,3 +181,44 @@ def test_cuda_rows_carry_the_kernel_time_next_to_the_step_time():
     # kernels of one stream run one after another inside the synchronised step: their sum cannot exceed it (a sum
     # that also counted the CPU-side op rows of the profile would come out about twice the kernels' time)
     assert timed and all(0 < r["device_ms"] <= 1.05 * r["time_ms"] for r in timed)
+
+
+def test_roofline_floor_is_the_slower_of_flops_and_bytes():
+    assert bench.roofline_ms(2e12, 1e9, (1e15, 1e12)) == (pytest.approx(2.0), "flops")
+    assert bench.roofline_ms(1e12, 3e9, (1e15, 1e12)) == (pytest.approx(3.0), "bytes")
+
+
+def test_device_peaks_by_gpu_name(monkeypatch):
+    assert bench.device_peaks(torch.device("cpu"), torch.bfloat16) is None
+    for name, bf16, fp32, bandwidth in (("NVIDIA H200", 989e12, 67e12, 4.8e12),
+                                        ("NVIDIA H100 PCIe", 756e12, 51e12, 2.0e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12, 67e12, 3.35e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench.device_peaks(torch.device("cuda"), torch.bfloat16) == (bf16, bandwidth)
+        assert bench.device_peaks(torch.device("cuda"), torch.float32) == (fp32, bandwidth)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert bench.device_peaks(torch.device("cuda"), torch.float16) is None
+
+
+def test_cli_peaks_give_floor_columns_consistent_with_throughput(tmp_path, capsys):
+    rc = bench.main(["--device", "cpu", "--quick", "--iters", "2", "--warmup", "0", "--ops", "pvt_s.s0",
+                     "--peak-tflops", "0.05", "--peak-gbps", "20", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "floor_ms" in capsys.readouterr().out
+    rows = [r for r in json.loads((tmp_path / "ops_bench.json").read_text())["rows"] if r["status"] == "ok"]
+    assert rows
+    for r in rows:
+        # tflops and gbps are the row's work and traffic over its time: the floor is that work at the peaks
+        by_flops = r["time_ms"] * r["tflops"] / 0.05
+        by_bytes = r["time_ms"] * r["gbps"] / 20
+        assert r["floor_ms"] == pytest.approx(max(by_flops, by_bytes), rel=1e-9)
+        assert r["bound"] == ("flops" if by_flops >= by_bytes else "bytes")
+        assert r["x_floor"] == pytest.approx(r["time_ms"] / r["floor_ms"], rel=1e-9)  # no device_ms on CPU
+    with (tmp_path / "ops_bench.csv").open() as f:
+        assert all(row["floor_ms"] and row["bound"] for row in csv.DictReader(f) if row["status"] == "ok")
+
+
+@pytest.mark.parametrize("argv", [["--peak-tflops", "10"], ["--peak-tflops", "10", "--peak-gbps", "0"]])
+def test_cli_rejects_half_or_bad_peaks(argv, capsys):
+    assert bench.main(["--device", "cpu", "--quick", *argv]) == 2
+    assert "--peak-tflops and --peak-gbps" in capsys.readouterr().err
