@@ -137,10 +137,11 @@ register_backend(_OP, "reference", _reference, priority=0)
 #
 # Three kernels, all "gather" style so that every output element is written by exactly one program (deterministic):
 #   forward  (one program = BLOCK_P pixels x one (batch, head)): for each pixel, visit the <= ceil(k/s)^2 windows
-#            that write to it, softmax the row of logits that targets it, gather the window's k^2 values.
+#            that write to it, softmax the row of logits that targets it and add each probability P[n, i, j] to the
+#            slot of its pixel offset j - i ((2k-1)^2 slots), then read the value at each offset once and sum.
 #            Also stores the row's log-sum-exp, reused by the backward.
-#   grad_v   (pixels x (batch, head)): for each pixel q, visit the windows that read it (offset j) and sum
-#            P[n, i, j] * grad_out[loc(n, i)] over the rows i.
+#   grad_v   (pixels x (batch, head)): for each pixel q, visit the windows that read it (as column j), add
+#            P[n, i, j] to the slot of offset i - j over the rows i, then read grad_out at each offset once and sum.
 #   grad_attn (BLOCK_N windows x (batch, head)): dP[i, j] = <grad_out[loc(n, i)], v[loc(n, j)]>, then the softmax
 #            backward scale * P * (dP - sum_j P dP).
 
