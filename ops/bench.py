@@ -438,13 +438,13 @@ def _case_params(case: Case, quick: bool, batch: int | None) -> tuple[dict, int]
     return params, batch or default_batch
 
 
-# Vendor peaks by a substring of the CUDA device name, first match wins (variants before their family): dense 16-bit
-# tensor-core FLOP/s, float32 FLOP/s without TF32 (the kernels keep float32 IEEE), memory bytes/s.
+# Vendor datasheet peaks by a substring of the CUDA device name (SXM boards and the H100 PCIe card): dense 16-bit
+# tensor-core FLOP/s, float32 FLOP/s without TF32 (the kernels keep float32 IEEE), memory bytes/s. NVL boards differ
+# from their SXM namesakes and are left to --peak-tflops / --peak-gbps.
 GPU_PEAKS: dict[str, tuple[float, float, float]] = {
     "H200": (989e12, 67e12, 4.8e12),
+    "H100 80GB HBM3": (989e12, 67e12, 3.35e12),
     "H100 PCIe": (756e12, 51e12, 2.0e12),
-    "H100 NVL": (835e12, 60e12, 3.9e12),
-    "H100": (989e12, 67e12, 3.35e12),  # SXM
 }
 
 
@@ -453,6 +453,8 @@ def device_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if "NVL" in name:
+        return None
     for key, (half, single, bandwidth) in GPU_PEAKS.items():
         if key in name:
             return (single if dtype == torch.float32 else half), bandwidth

@@ -196,8 +196,9 @@ def test_device_peaks_by_gpu_name(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert bench.device_peaks(torch.device("cuda"), torch.bfloat16) == (bf16, bandwidth)
         assert bench.device_peaks(torch.device("cuda"), torch.float32) == (fp32, bandwidth)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    assert bench.device_peaks(torch.device("cuda"), torch.float16) is None
+    for unknown in ("Tesla T4", "NVIDIA H200 NVL", "NVIDIA H100 NVL"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=unknown: name)
+        assert bench.device_peaks(torch.device("cuda"), torch.float16) is None
 
 
 def test_cli_peaks_give_floor_columns_consistent_with_throughput(tmp_path, capsys):
