@@ -26,7 +26,8 @@
   biases are bilinearly interpolated to it, as the official detection/segmentation backbones do; at the
   construction size this reduces exactly to the classification code. :func:`agent_key_bias` and
   :func:`agent_query_bias` return the additive biases that :func:`zoo.ops.agent_attention` takes;
-  :func:`agent_biases` returns both for a module, cached between no-grad forwards.
+  :func:`agent_biases` returns both for a module, cached between no-grad forwards (see
+  :func:`clear_agent_bias_caches`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from zoo.registry import register_family
 __all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
            "init_agent_biases",
            "squeeze_official_biases", "resize_bilinear", "agent_biases", "agent_key_bias", "agent_query_bias",
-           "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
+           "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple", "clear_agent_bias_caches"]
 
 FAMILY = "agent_attention"
 # The official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers).
@@ -324,7 +325,9 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     See :func:`agent_key_bias` and :func:`agent_query_bias`: returns (1, heads, A', [1 +] Hk * Wk) and
     (1, heads, [1 +] Hq * Wq, A'). Without autograd (no_grad / inference_mode, not while compiling) the result is
     cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype,
-    and reused while the bias parameters are unchanged.
+    and reused while the bias parameters are unchanged. "Unchanged" is read from each parameter's version counter
+    and storage, which every in-place update bumps except a write through ``.data`` (``p.data.mul_(...)``, as some
+    EMA code does): after such a write, call :func:`clear_agent_bias_caches` on the model.
     """
     key_size, query_size = tuple(key_size), tuple(query_size)
     agents = tuple(agents) if agents is not None else None
@@ -346,6 +349,12 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         biases = _build_biases(module, key_size, query_size, agents)
         entries[key] = biases if compute is None else tuple(b.to(compute) for b in biases)
     return entries[key]
+
+
+def clear_agent_bias_caches(model: nn.Module) -> int:
+    """Drop the inference bias caches of :func:`agent_biases` in every module of ``model`` (needed only after
+    writing bias parameters through ``.data``, which leaves their version counters unchanged); returns how many."""
+    return sum(m.__dict__.pop("_agent_bias_cache", None) is not None for m in model.modules())
 
 
 def _window_membership(n: int, g: int, device: torch.device) -> torch.Tensor:

@@ -206,6 +206,23 @@ def test_in_place_update_invalidates_the_cache():
         before = cached
 
 
+def test_data_writes_need_an_explicit_cache_clear():
+    """A write through ``.data`` leaves the version counter as it was: the cache cannot see it (documented), and
+    clear_agent_bias_caches drops every module's cache."""
+    model, x = _model("agent_swin_t"), _image("agent_swin_t")
+    with torch.no_grad():
+        before = model(x)
+        for attn in _agent_modules(model):
+            attn.an_bias.data.add_(torch.randn(attn.an_bias.shape, generator=torch.Generator().manual_seed(7)))
+        assert torch.equal(model(x), before)  # stale: the limitation the docstring states
+        assert common.clear_agent_bias_caches(model) == len(_agent_modules(model))
+        after = model(x)
+        fresh = _model("agent_swin_t")
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(after, fresh(x)) and (after - before).abs().max().item() > 1e-3
+        assert common.clear_agent_bias_caches(model) == len(_agent_modules(model))  # refilled by the forward
+
+
 def test_load_state_dict_deepcopy_and_dtype_change_invalidate_the_cache():
     model, other, x = _model("agent_pvt_tiny"), _model("agent_pvt_tiny"), _image("agent_pvt_tiny")
     with torch.no_grad():
