@@ -20,8 +20,8 @@ neighbourhood cases' target is the dense SDPA with the neighbourhood as a boolea
 ``dense_sdpa`` cases marked ``target``): there the same columns read ``x_sdpa <= 1/3``.
 
 ``floor_ms`` is the roofline floor of a row: its FLOPs at the device's peak throughput or its minimal bytes at peak
-memory bandwidth, whichever takes longer (``bound`` says which), from vendor peaks for known GPUs (H200, H100; see
-:data:`GPU_PEAKS`) or ``--peak-tflops`` / ``--peak-gbps``. ``x_floor`` is the row's kernel time (``device_ms``, else
+memory bandwidth, whichever takes longer (``bound`` says which), from datasheet peaks for known GPUs (H200, H100
+SXM/PCIe; see :data:`GPU_PEAKS`) or ``--peak-tflops`` / ``--peak-gbps``. ``x_floor`` is the row's kernel time (``device_ms``, else
 ``time_ms``) over that floor: how far the op is from what the hardware allows for its work and traffic.
 
 Ops are found by name in :mod:`zoo.ops` and backends through the dispatch registry; an op that does not exist, a
@@ -490,13 +490,13 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
         torch.cuda.reset_peak_memory_stats(device)
     ms = _median_ms(step, device, warmup, iters)
     factor = 3.0 if backward else 1.0
-    row = {"status": "ok", "time_ms": ms, "tflops": factor * flops / (ms * 1e-3) / 1e12,
-           "gbps": factor * (tensor_bytes + out_bytes) / (ms * 1e-3) / 1e9}
+    work, traffic = factor * flops, factor * (tensor_bytes + out_bytes)
+    row = {"status": "ok", "time_ms": ms, "tflops": work / (ms * 1e-3) / 1e12, "gbps": traffic / (ms * 1e-3) / 1e9}
     if device.type == "cuda":
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
         row["device_ms"] = device_ms(step, device, iters)
     if peaks is not None:
-        row["floor_ms"], row["bound"] = roofline_ms(factor * flops, factor * (tensor_bytes + out_bytes), peaks)
+        row["floor_ms"], row["bound"] = roofline_ms(work, traffic, peaks)
         row["x_floor"] = row.get("device_ms", ms) / row["floor_ms"]
     return row
 

@@ -241,7 +241,6 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
             "device_ms": kernels}
 
 
-
 @contextlib.contextmanager
 def ops_backend(name: str) -> Iterator[None]:
     """Force attention backend ``name`` on every ``zoo.ops`` op that registers it (``auto``: leave dispatch alone).
