@@ -10,7 +10,9 @@ Computation (the definition is the reference backend in :mod:`zoo.ops.agent`), o
    tiles of ``BLOCK_T`` with an online softmax of ``agent @ k^T * scale + agent_bias`` and accumulate ``@ v``:
    ``agent_v`` (A, d_v), rounded to the input dtype as the reference's matmul output is, and its log-sum-exp.
 2. **Agent broadcast**: the same program streams over the queries in tiles of ``BLOCK_T``; each tile's softmax over
-   the agents fits in one tile (no online rescaling) and reads ``agent_v`` from registers.
+   the agents fits in one tile (no online rescaling) and reads ``agent_v`` from registers. No per-query statistic
+   is stored: the backward recomputes this softmax (a per-tile store of its log-sum-exp doubled the kernel's time
+   at Agent-Swin-T stage 2 on the H200).
 
 So the forward is one launch that reads q, k, v once, with no (A, M) or (N, A) probability map in memory and no
 bias cast. The backward is one launch per (batch, head) too: the broadcast's gradient over the query tiles first
@@ -165,28 +167,27 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool) -> tuple[int, 
 
 
 def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True):
-    """The output and, with ``stats``, what the backward needs (agent values, both log-sum-exps); without, those
-    three are None and neither allocated nor written (inference)."""
+    """The output and, with ``stats``, what the backward needs (agent values and the aggregation's log-sum-exp);
+    without, those two are None and neither allocated nor written (inference)."""
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, False)
     s = plan.sizes
     out = _token_major(s.b, s.heads, s.n, s.dv, q)
-    agent_v = lse1 = lse2 = None
+    agent_v = lse = None
     if stats:
         agent_v = torch.empty((s.b, s.heads, s.a, s.dv), device=q.device, dtype=q.dtype)
-        lse1 = torch.empty((s.b, s.heads, s.a), device=q.device, dtype=torch.float32)
-        lse2 = torch.empty((s.b, s.heads, s.n), device=q.device, dtype=torch.float32)
+        lse = torch.empty((s.b, s.heads, s.a), device=q.device, dtype=torch.float32)
     if s.b * s.heads == 0 or s.n == 0:
-        return out, agent_v, lse1, lse2
+        return out, agent_v, lse
     launch(_kernels().forward)[(s.b * s.heads,)](
         q, k, v, agent, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q,
-        out, *((agent_v, lse1, lse2) if stats else (out, out, out)), *q.stride(), *k.stride(), *v.stride(),
+        out, *((agent_v, lse) if stats else (out, out)), *q.stride(), *k.stride(), *v.stride(),
         *agent.stride(), *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale * _LOG2E,
         HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, STATS=stats, **plan.options,
         **plan.constexprs)
-    return out, agent_v, lse1, lse2
+    return out, agent_v, lse
 
 
-def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale,
+def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
                      agent_bias_grad: bool, query_bias_grad: bool, launch=direct):
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, True)
     s = plan.sizes
@@ -200,7 +201,7 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         return dq.zero_(), dk.zero_(), dv.zero_(), da.zero_(), dab.zero_(), dqb.zero_()
     launch(_kernels().backward)[(s.b * s.heads,)](
         grad_out, q, k, v, agent, agent_bias if agent_bias is not None else q,
-        query_bias if query_bias is not None else q, out, agent_v, lse1, lse2, dq, dk, dv, da, dab, dqb,
+        query_bias if query_bias is not None else q, out, agent_v, lse, dq, dk, dv, da, dab, dqb,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
         *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale, scale * _LOG2E,
         HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad,
@@ -215,21 +216,20 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
 def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale):
     s = _Sizes.of(q, v, agent)
     return (_token_major(s.b, s.heads, s.n, s.dv, q), q.new_empty((s.b, s.heads, s.a, s.dv)),
-            q.new_empty((s.b, s.heads, s.a), dtype=torch.float32),
-            q.new_empty((s.b, s.heads, s.n), dtype=torch.float32))
+            q.new_empty((s.b, s.heads, s.a), dtype=torch.float32))
 
 
 @kernel_op("zoo::agent_attention_fwd", fake=_forward_fake)
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor,
                 agent_bias: torch.Tensor | None, query_bias: torch.Tensor | None,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused agent attention. Returns the (B, heads, N, d_v) output (token-major memory), the (B, heads, A, d_v)
-    agent values and the float32 base-2 log-sum-exps (B, heads, A) and (B, heads, N) for the backward."""
+    agent values and the aggregation's float32 base-2 log-sum-exp (B, heads, A) for the backward."""
     with on_device(q):
         return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, traced)
 
 
-def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale, agent_bias_grad,
+def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale, agent_bias_grad,
       query_bias_grad):
     s = _Sizes.of(q, v, agent)
     return (_token_major(s.b, s.heads, s.n, s.d, q), _token_major(s.b, s.heads, s.m, s.d, k),
@@ -241,13 +241,13 @@ def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_
 @kernel_op("zoo::agent_attention_bwd", fake=_backward_fake)
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor,
                  agent_bias: torch.Tensor | None, query_bias: torch.Tensor | None, out: torch.Tensor,
-                 agent_v: torch.Tensor, lse1: torch.Tensor, lse2: torch.Tensor, scale: float,
+                 agent_v: torch.Tensor, lse: torch.Tensor, scale: float,
                  agent_bias_grad: bool, query_bias_grad: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic fused backward: dq, dk, dv, d(agent) (token-major memory) and the float32 per-(batch, head)
     logit gradients (B, heads, A, M) / (B, heads, N, A) of the biases (empty when not asked for)."""
     with on_device(q):
-        return _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, scale,
+        return _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
                                 agent_bias_grad, query_bias_grad, traced)
 
 
@@ -260,17 +260,17 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool) -> t
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, agent, agent_bias, query_bias, scale = inputs
-    out, agent_v, lse1, lse2 = output
-    ctx.save_for_backward(q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2)
+    out, agent_v, lse = output
+    ctx.save_for_backward(q, k, v, agent, agent_bias, query_bias, out, agent_v, lse)
     ctx.scale = scale
     ctx.bias_grads = (agent_bias is not None and ctx.needs_input_grad[4],
                       query_bias is not None and ctx.needs_input_grad[5])
 
 
 def _backward(ctx, grad_out, *_unused):
-    q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2 = ctx.saved_tensors
-    dq, dk, dv, da, dab, dqb = _backward_op(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1,
-                                            lse2, ctx.scale, *ctx.bias_grads)
+    q, k, v, agent, agent_bias, query_bias, out, agent_v, lse = ctx.saved_tensors
+    dq, dk, dv, da, dab, dqb = _backward_op(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse,
+                                            ctx.scale, *ctx.bias_grads)
     return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
             _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
 
@@ -284,16 +284,16 @@ class _EagerAgent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, agent, agent_bias, query_bias, scale):
         with on_device(q):
-            out, agent_v, lse1, lse2 = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
-        _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse1, lse2))
+            out, agent_v, lse = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
+        _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2 = ctx.saved_tensors
+        q, k, v, agent, agent_bias, query_bias, out, agent_v, lse = ctx.saved_tensors
         with on_device(q):
             dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out,
-                                                        agent_v, lse1, lse2, ctx.scale, *ctx.bias_grads)
+                                                        agent_v, lse, ctx.scale, *ctx.bias_grads)
         return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
                 _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
 

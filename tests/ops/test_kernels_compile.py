@@ -56,9 +56,8 @@ def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     agent = _randn(1, heads, a, d, dtype=dtype)
     agent_bias, query_bias = _randn(1, heads, a, n, dtype=dtype), _randn(1, heads, n, a, dtype=dtype)
     ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch, stats=False)  # inference
-    out, agent_v, lse1, lse2 = ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch)
-    ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse1, lse2, d ** -0.5, True, True,
-                        launch)
+    out, agent_v, lse = ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch)
+    ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, d ** -0.5, True, True, launch)
 
 
 def _window(launch: LaunchRecorder, monkeypatch, hw: tuple[int, int], window: tuple[int, int],
@@ -167,7 +166,7 @@ WRITES = {
                 "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                 "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {})},
-    "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse1_ptr", "lse2_ptr"}}),
+    "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},
     "window": {"_forward_kernel": ({"out_ptr"}, {}),
