@@ -41,9 +41,9 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: to
 
     Args:
         q: queries (B, heads, N, d).
-        k: keys (B, heads, M, d).
+        k: keys (B, heads, M, d), M >= 1.
         v: values (B, heads, M, d_v).
-        agent: agent tokens (B, heads, A, d).
+        agent: agent tokens (B, heads, A, d), A >= 1.
         scale: logit scale of both attentions; ``d ** -0.5`` when None.
         agent_bias: added to the agent->key logits, broadcastable to (B, heads, A, M); e.g. (1, heads, A, M).
         query_bias: added to the query->agent logits, broadcastable to (B, heads, N, A); e.g. (1, heads, N, A).
@@ -81,6 +81,10 @@ def _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p) -> None:
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"agent_attention: k and v must have the same token count, got {k.shape[2]} and {v.shape[2]}")
     n, m, a = q.shape[2], k.shape[2], agent.shape[2]
+    for name, t in (("agent", agent), ("k", k)):
+        if t.shape[2] == 0 and b * h:  # a softmax over an empty set (the backends would differ: zeros or NaN)
+            raise ValueError(f"agent_attention: {name} has no tokens (shape {tuple(t.shape)}); both softmaxes need "
+                             "at least one agent and one key")
     _check_bias("agent_bias", agent_bias, (b, h, a, m))
     _check_bias("query_bias", query_bias, (b, h, n, a))
     if not 0.0 <= dropout_p < 1.0:

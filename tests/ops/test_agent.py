@@ -149,6 +149,9 @@ def test_dropout_only_changes_training_outputs():
     (dict(query_bias=torch.zeros(1, 3, 4, 20)), "query_bias of shape"),
     (dict(dropout_p=1.0), "dropout_p"),
     (dict(v=torch.zeros(2, 3, 12, 8, dtype=torch.float64)), "share one dtype"),
+    (dict(agent=torch.zeros(2, 3, 0, 8), agent_bias=None, query_bias=None),
+     "agent has no tokens \\(shape \\(2, 3, 0, 8\\)\\)"),
+    (dict(k=torch.zeros(2, 3, 0, 8), v=torch.zeros(2, 3, 0, 8), agent_bias=None), "k has no tokens"),
 ])
 def test_errors_name_the_argument(bad, match):
     q, k, v, agent, ab, qb = _inputs()
