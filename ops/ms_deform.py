@@ -75,6 +75,8 @@ def _check_inputs(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_lo
         raise ValueError(f"spatial_shapes must be an int64/int32 tensor [L, 2] of (H, W); got shape "
                          f"{tuple(spatial_shapes.shape)}, dtype {spatial_shapes.dtype}")
     levels = spatial_shapes.shape[0]
+    if levels == 0:
+        raise ValueError("spatial_shapes has no levels (shape (0, 2)); give at least one (H, W) level")
     loc = sampling_locations
     if loc.dim() != 6 or loc.shape[-1] != 2 or loc.dtype not in _FLOATS or loc.shape[0] != batch \
             or loc.shape[2] != heads or loc.shape[3] != levels:
@@ -139,6 +141,9 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, 
     grids = 2 * sampling_locations.to(dtype) - 1
     samples = []
     for level, (h, w) in enumerate(hw):
+        if h * w == 0:  # every sample of an empty map falls in the zero padding (grid_sample rejects empty maps)
+            samples.append(grids.new_zeros((batch * heads, channels, queries, points)))
+            continue
         v = value[:, starts[level]:starts[level] + h * w].to(dtype)
         v = v.permute(0, 2, 3, 1).reshape(batch * heads, channels, h, w)
         g = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)

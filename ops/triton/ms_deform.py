@@ -372,6 +372,8 @@ def msda_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_
     out = value.new_empty((batch, queries, heads * channels))
     if out.numel() == 0:
         return out
+    if levels * points == 0:  # a weighted sum over no samples
+        return out.zero_()
     block_q, block_p, block_c, warps = _sample_tile(points, channels)
     grid = (triton.cdiv(queries, block_q), heads, batch)
     launch(_forward_kernel)[grid](

@@ -31,6 +31,7 @@ after ``natten``, before ``flex``); the measurements are beside the registration
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -219,7 +220,7 @@ def _triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kerne
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernel takes at most {MAX_HEAD_DIM}"
     item = max(item_extent(t) for t in (q, k, v))
-    if max(item, q[0].numel() // q.shape[-1] * v.shape[-1]) > INT32_MAX:
+    if max(item, math.prod(q.shape[1:-1]) * v.shape[-1]) > INT32_MAX:  # the output's item (also for B = 0)
         return "tensors too large for the kernel's 32-bit in-item offsets"
     return device_reason(q.device, (q.dtype,), _kernels_interpreted())
 

@@ -138,6 +138,27 @@ def test_rejects_bad_arguments_with_clear_errors():
         ms_deform_attn(value[:, :20], spatial, loc, attn)
     with pytest.raises(ValueError, match="level_start_index must be"):
         ms_deform_attn(value, spatial, loc, attn, torch.tensor([0]))
+    with pytest.raises(ValueError, match="spatial_shapes has no levels"):
+        ms_deform_attn(value[:, :0], spatial[:0], loc[:, :, :, :0], attn[:, :, :, :0])
+
+
+def _degenerate_cases_agree(backend: str) -> None:
+    """An empty level adds nothing (all its samples fall in the zero padding); no points give zeros with gradients."""
+    value, spatial, loc, attn = random_case(shapes=((4, 6), (0, 3)), seed=16)
+    out = ms_deform_attn(value, spatial, loc, attn, backend=backend)
+    first = ms_deform_attn(value, spatial[:1], loc[:, :, :, :1], attn[:, :, :, :1], backend="reference")
+    assert_close_to(out, first, 1e-6, 1e-6, f"{backend} empty level")
+    grad_loc, grad_attn = torch.autograd.grad(out.square().sum(), (loc, attn))
+    assert grad_loc[:, :, :, 1].abs().max() == 0 and grad_attn[:, :, :, 1].abs().max() == 0
+    value, spatial, loc, attn = random_case(points=0, seed=17)
+    out = ms_deform_attn(value, spatial, loc, attn, backend=backend)
+    assert out.shape == (2, 5, 16) and out.abs().max() == 0
+    grad_value, = torch.autograd.grad(out.sum(), (value,))
+    assert grad_value.abs().max() == 0
+
+
+def test_reference_empty_level_and_no_points():
+    _degenerate_cases_agree("reference")
 
 
 def test_triton_backend_refusals_are_explained():
@@ -189,6 +210,7 @@ def _interpreter_checks() -> None:
         with torch.no_grad():  # the inference launch (no autograd node)
             assert torch.equal(ms_deform_attn(value, spatial, loc, attn, backend="triton"), got[0])
     assert sys.modules["zoo.ops.triton.ms_deform"].INTERPRETED
+    _degenerate_cases_agree("triton")
 
     # tiny tiles and clustered samples: several query blocks, several gather steps per pixel, crowded cells
     from zoo.ops.triton.ms_deform import use_tiles

@@ -108,6 +108,9 @@ def _interpreter_checks() -> None:
                 with torch.no_grad():  # the inference launch (no autograd node, no statistics)
                     assert torch.equal(neighborhood_attention(q, k, v, kernel, dil, is_causal=causal,
                                                               backend="triton"), got[0])
+    empty = [t[:0].detach().requires_grad_() for t in make_inputs(2, 2, (7, 9), 16, seed=12)]  # an empty batch
+    out = neighborhood_attention(*empty, 3, backend="triton")
+    assert out.shape == (0, 2, 7, 9, 16) and torch.autograd.grad(out.sum(), empty[0])[0].shape == empty[0].shape
     q, k, v = make_inputs(2, 2, (7, 9), 16, seed=11)
     args = ([3, 5], [2, 1], [False, True], 0.3)
     for stats in (True, False):
