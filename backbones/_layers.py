@@ -9,7 +9,7 @@ from torch import nn
 
 from zoo.ops import LayerNorm
 
-__all__ = ["ChannelsLastSequential", "init_linears", "channels_last_intermediates", "projection_norm"]
+__all__ = ["ChannelsLastSequential", "check_images", "init_linears", "channels_last_intermediates", "projection_norm"]
 
 
 class ChannelsLastSequential(nn.Sequential):
@@ -24,6 +24,23 @@ class ChannelsLastSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the stack's output (channels-last strides)."""
         return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+
+def check_images(x: torch.Tensor, family: str, min_side: int = 1, why: str = "") -> None:
+    """Raise ``ValueError`` unless ``x`` is a floating-point (B, C, H, W) batch with H and W >= ``min_side``.
+
+    The models' entry check, so that a wrong input fails with the model's name and the fix rather than deep inside
+    a reshape. ``why`` explains ``min_side`` (e.g. the total stride).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{family} expects images (B, C, H, W), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{family} expects floating-point images (normalised with the model's pretrained_cfg "
+                         f"mean and std), got dtype {x.dtype}")
+    if min(x.shape[-2:]) < min_side:
+        raise ValueError(f"input size {tuple(x.shape[-2:])} is too small: {family} needs at least {min_side}x"
+                         f"{min_side}{f' ({why})' if why else ''}")
 
 
 def projection_norm(norm_layer: Callable[..., nn.Module], dim: int) -> nn.Module:

@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import channels_last_intermediates, init_linears, projection_norm
+from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
@@ -308,8 +308,7 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Merge (stages 2-4) and blocks of stage ``i`` (0-based) on a (B, H, W, C) map."""
         if i == 0:
-            if x.ndim != 4 or min(x.shape[-2:]) < 32:
-                raise ValueError(f"expected images (B, C, H, W) of at least 32x32, got shape {tuple(x.shape)}")
+            check_images(x, "Agent-CSWin", 32, "total stride")
             x = self.stage1_conv_embed(x)
         else:
             x = getattr(self, f"merge{i}")(x)

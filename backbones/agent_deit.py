@@ -26,7 +26,7 @@ from timm.models._features import feature_take_indices
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
-from ._layers import init_linears, projection_norm
+from ._layers import check_images, init_linears, projection_norm
 from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
                             init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 
@@ -250,6 +250,7 @@ class AgentVisionTransformer(nn.Module):
         return blk(x, grid)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        check_images(x, "Agent-DeiT")
         grid = self._grid(x)
         return self._pos_embed(self.patch_embed(x), grid), grid
 

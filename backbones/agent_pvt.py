@@ -26,7 +26,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import init_linears, projection_norm
+from ._layers import check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
@@ -283,12 +283,7 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(x.shape)}")
-        stride = self.patch_size * 2 ** (self.num_stages - 1)
-        if min(x.shape[-2:]) < stride:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is too small: Agent-PVT needs at least {stride} "
-                             f"pixels per side (total stride)")
+        check_images(x, "Agent-PVT", self.patch_size * 2 ** (self.num_stages - 1), "total stride")
 
     def _pos_embed(self, i: int, size: tuple[int, int]) -> torch.Tensor:
         pos = getattr(self, f"pos_embed{i + 1}")

@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import channels_last_intermediates, init_linears, projection_norm
+from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import agent_attention, window_attention
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
@@ -410,16 +410,9 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
             layer.grad_checkpointing = enable
 
     # --- forward --------------------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        smallest = self.patch_size * 2 ** (self.num_layers - 1)
-        if min(x.shape[-2:]) < smallest:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is too small: Agent-Swin needs at least "
-                             f"{smallest}x{smallest} (patch {self.patch_size}, {self.num_layers - 1} mergings)")
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        check_images(x, "Agent-Swin", self.patch_size * 2 ** (self.num_layers - 1),
+                     f"patch {self.patch_size}, {self.num_layers - 1} mergings")
         x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
             pos = self.absolute_pos_embed.view(1, *self.patches_resolution, -1)

@@ -34,7 +34,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import ChannelsLastSequential, init_linears, projection_norm
+from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import downsampled_attention, routing_attention
@@ -527,6 +527,7 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_images(x, "BiFormer")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         num_stages = max_index + 1 if stop_early else len(self.stages)
@@ -561,6 +562,7 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, C_3, H/32, W/32), after the final norm."""
+        check_images(x, "BiFormer")
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
         return self.norm(x)

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import downsampled_attention, outlook_attention
 
-from ._layers import ChannelsLastSequential, init_linears, projection_norm
+from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -450,6 +450,7 @@ class VOLO(nn.Module):
         return x
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, "VOLO")
         return self.patch_embed(x).permute(0, 2, 3, 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

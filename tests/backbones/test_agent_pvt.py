@@ -189,7 +189,7 @@ def test_other_input_size_equals_model_built_for_it(size):
 
 
 def test_input_size_errors():
-    with pytest.raises(ValueError, match="needs at least 32 pixels"):
+    with pytest.raises(ValueError, match="needs at least 32x32"):
         _tiny()(image(16, 64))
     with pytest.raises(ValueError, match="attn_type"):
         AgentPyramidVisionTransformer(**dict(TINY, attn_type="AACA"))
