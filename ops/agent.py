@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import sdpa
-from ._checks import broadcasts_to
+from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["agent_attention"]
@@ -68,9 +68,7 @@ def _check_inputs(q, k, v, agent, agent_bias, query_bias, dropout_p) -> None:
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"agent_attention: {name} must be a 4-d tensor (B, heads, tokens, dim), got {got}")
-    dtypes = {t.dtype for t in (q, k, v, agent)}
-    if len(dtypes) != 1:
-        raise ValueError(f"agent_attention: q, k, v and agent must share one dtype, got {sorted(map(str, dtypes))}")
+    check_float_tensors("agent_attention", q=q, k=k, v=v, agent=agent)
     b, h, _, d = q.shape
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or agent.shape[:2] != (b, h):
         raise ValueError("agent_attention: q, k, v and agent must share (B, heads); got "

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import mixed_dtypes_reason, sdpa
-from ._checks import broadcasts_to
+from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["cross_attention"]
@@ -76,6 +76,8 @@ def _check_inputs(q, k, v_k, v_q, bias, dropout_p) -> None:
             raise ValueError(f"{_OP}: {name} must be a 4-d tensor (B, heads, tokens, dim), got {_shape(t)}")
     if v_k is None and v_q is None:
         raise ValueError(f"{_OP}: give v_k (q reads from k), v_q (k reads from q) or both; both are None")
+    check_float_tensors(_OP, q=q, k=k)
+    check_float_tensors(_OP, same_dtype=False, v_k=v_k, v_q=v_q)  # the outputs follow their values' dtypes
     b, h, m, d = q.shape
     n = k.shape[2]
     if k.shape[:2] != (b, h) or k.shape[-1] != d:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sdpa import mixed_dtypes_reason, sdpa
-from ._checks import broadcasts_to
+from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["downsampled_attention"]
@@ -73,6 +73,7 @@ def _check_layout(q, k, v, num_heads: int | None) -> bool:
         if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{_OP}: {name} must be (B, heads, tokens, d) or (B, tokens, heads*d), got {got}")
+    check_float_tensors(_OP, q=q, k=k, v=v)
     if len({q.ndim, k.ndim, v.ndim}) != 1:
         raise ValueError(f"{_OP}: q, k, v must use one layout, got ndims {q.ndim}, {k.ndim}, {v.ndim}")
     if q.ndim == 4:

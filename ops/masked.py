@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._sdpa import sdpa
-from ._checks import broadcasts_to
+from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import dispatch, register_backend
 from .neighborhood import _flex_available, _flex_module, compiled_flex_attention
 
@@ -75,6 +75,7 @@ def _check_tensors(q, k, v, causal) -> None:
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{_OP}: {name} must be a 4-d tensor (B, heads, tokens, dim), got {got}")
+    check_float_tensors(_OP, q=q, k=k, v=v)
     b, h, lq, d = q.shape
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[-1] != d or v.shape[2] != k.shape[2]:
         raise ValueError(f"{_OP}: need q (B, heads, Lq, d), k (B, heads, Lk, d), v (B, heads, Lk, d_v); got "

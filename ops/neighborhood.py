@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._cache import cached_constant
+from ._checks import check_float_tensors
 from ._sdpa import sdpa
 from ._dispatch import call_key, dispatch, register_backend, validated
 
@@ -83,6 +84,7 @@ def _check_tensors(q, k, v) -> tuple[int, ...]:
         if not isinstance(t, torch.Tensor) or t.ndim not in (4, 5):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{_OP}: {name} must be (B, heads, L, d) or (B, heads, H, W, d), got {got}")
+    check_float_tensors(_OP, q=q, k=k, v=v)
     if k.shape != q.shape:
         raise ValueError(f"{_OP}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:-1] != q.shape[:-1]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .triton import (device_reason, direct, interpreter_requested, kernel_op, needs_grad, next_pow2, no_device_reason,
                      on_device, override_knobs, traced)
+from ._checks import check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["outlook_attention", "outlook_window_grid", "use_tiles"]
@@ -84,6 +85,7 @@ def _check_inputs(v, attn, num_heads, kernel_size, stride, padding, dropout_p) -
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"outlook_attention: {name} must be a 4-d channels-last tensor, got {got}")
+    check_float_tensors("outlook_attention", same_dtype=False, v=v, attn=attn)  # the backends cast attn to v's dtype
     for name, value, low in (("num_heads", num_heads, 1), ("kernel_size", kernel_size, 1), ("stride", stride, 1),
                              ("padding", padding, 0)):
         if not isinstance(value, int) or value < low:

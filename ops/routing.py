@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ._amp import autocast_dtype
 from ._cache import cached_constant
+from ._checks import check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 from ._sdpa import sdpa
 
@@ -94,6 +95,7 @@ def _check_inputs(q, k, v, num_heads, region_size, topk, scale, routing_scale, l
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"routing_attention: {name} must be a 4-d {layout.upper()} tensor, got {got}")
+    check_float_tensors("routing_attention", q=q, k=k, v=v)
     if q.shape != k.shape:
         raise ValueError(f"routing_attention: q and k must have the same shape, got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ._sdpa import mixed_dtypes_reason, sdpa
 from ._cache import cached_constant
-from ._checks import broadcasts_to
+from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 
 __all__ = ["window_attention", "window_partition", "window_reverse", "shifted_window_mask"]
@@ -86,6 +86,7 @@ def _check_inputs(q, k, v, window, shift, bias, dropout_p) -> None:
         if not isinstance(t, torch.Tensor) or t.ndim != 5:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"window_attention: {name} must be a 5-d tensor (B, heads, H, W, dim), got {got}")
+    check_float_tensors("window_attention", q=q, k=k, v=v)
     if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
         raise ValueError("window_attention: q and k must have the same shape and v the same (B, heads, H, W); got "
                          f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}")
