@@ -114,12 +114,22 @@ def _check_op(op: str) -> None:
 
 
 def _env_choice(op: str) -> str | None:
-    spec = os.environ.get("ZOO_OPS_BACKEND", "")
+    return _env_choices(os.environ.get("ZOO_OPS_BACKEND", "")).get(op)
+
+
+def _env_choices(spec: str) -> dict[str, str]:
+    """``ZOO_OPS_BACKEND``'s ``op:backend`` items as a dict; a malformed item or an unknown op is an error (a typo
+    silently ignored would leave the user measuring the backend they meant to replace)."""
+    choices = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, backend = item.partition(":")
-        if sep and name.strip() == op:
-            return backend.strip()
-    return None
+        name, sep, backend = (part.strip() for part in item.partition(":"))
+        if not sep or not name or not backend:
+            raise ValueError(f"ZOO_OPS_BACKEND={spec!r}: item {item!r} is not 'op:backend' "
+                             "(e.g. ZOO_OPS_BACKEND=routing_attention:reference,window_attention:sdpa)")
+        if name not in _REGISTRY:
+            raise ValueError(f"ZOO_OPS_BACKEND={spec!r}: {name!r} is not a zoo op; known ops: {sorted(_REGISTRY)}")
+        choices[name] = backend
+    return choices
 
 
 def _reason(backend: Backend, args: tuple, kwargs: dict) -> str | None:

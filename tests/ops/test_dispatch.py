@@ -69,7 +69,7 @@ def test_prefer_rule_steers_only_the_automatic_choice(toy_op, monkeypatch):
 
 
 def test_env_override_selects_a_backend(toy_op, monkeypatch):
-    monkeypatch.setenv("ZOO_OPS_BACKEND", "other_op:fast, toy:reference")
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "window_attention:sdpa, toy:reference")
     ops.dispatch("toy", None, torch.randn(3))
     assert toy_op == ["reference"]
     ops.dispatch("toy", "fast", torch.randn(3))  # the argument wins over the environment
@@ -121,6 +121,19 @@ def test_unknown_backend_and_op_raise_value_errors(randn, monkeypatch):
         ops.downsampled_attention(q, q, q)
     with pytest.raises(ValueError, match=r"op='no_such_op' is not a zoo op; known ops: \["):
         ops.available_backends("no_such_op")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("downsampled_attention", r"item 'downsampled_attention' is not 'op:backend'"),
+    ("downsampled_attention:", r"is not 'op:backend'"),
+    ("downsampled_attn:reference", r"'downsampled_attn' is not a zoo op; known ops: \["),
+])
+def test_malformed_env_override_is_an_error(randn, monkeypatch, spec, match):
+    # a typo silently ignored would leave the automatic choice in place while the user believes it overridden
+    q = randn(1, 2, 5, 8, seed=1)
+    monkeypatch.setenv("ZOO_OPS_BACKEND", spec)
+    with pytest.raises(ValueError, match=f"ZOO_OPS_BACKEND={spec!r}: .*" + match):
+        ops.downsampled_attention(q, q, q)
 
 
 def test_ops_trace_inside_torch_compile(randn, assert_close):
