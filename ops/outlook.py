@@ -176,9 +176,8 @@ def use_tiles(rows: int | None = None, num_warps: int | None = None) -> contextl
             elements).
         num_warps: Triton launch option, a power of two (default: one warp per 8 rows).
     """
-    for name, value in (("rows", rows), ("num_warps", num_warps)):
-        if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
-            raise ValueError(f"{name} must be a power of two (1, 2, 4, ...) or None, got {value!r}")
+    if rows is not None and (not isinstance(rows, int) or rows < 1 or rows & (rows - 1)):
+        raise ValueError(f"rows must be a power of two (1, 2, 4, ...) or None, got {rows!r}")
     return override_knobs(_TILES, rows=rows, num_warps=num_warps)
 
 

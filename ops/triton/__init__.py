@@ -105,11 +105,24 @@ def broadcast_strides(shape: Sequence[int], stride: Sequence[int], ndim: int) ->
     return (0,) * lead + tuple(0 if size == 1 else st for size, st in zip(shape, stride))
 
 
+def override_knobs(knobs: dict[str, Any], **values: Any) -> contextlib.AbstractContextManager:
+    """A context that sets the given non-None launch knobs in a backend's ``knobs`` dict, then restores them all.
+
+    ``num_warps`` (a power of two, 1 to 32) and ``num_stages`` (>= 1) are checked here, at the call, for every
+    backend: Triton would only reject them at the first launch, inside the caller's step.
+    """
+    warps, stages = values.get("num_warps"), values.get("num_stages")
+    if warps is not None and (type(warps) is not int or not 1 <= warps <= 32 or warps & (warps - 1)):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32 or None, got {warps!r}")
+    if stages is not None and (type(stages) is not int or stages < 1):
+        raise ValueError(f"num_stages must be an int >= 1 or None, got {stages!r}")
+    return _overridden(knobs, {name: value for name, value in values.items() if value is not None})
+
+
 @contextlib.contextmanager
-def override_knobs(knobs: dict[str, Any], **values: Any) -> Iterator[None]:
-    """Set the given non-None launch knobs in a backend's ``knobs`` dict for the block, then restore them all."""
+def _overridden(knobs: dict[str, Any], values: dict[str, Any]) -> Iterator[None]:
     old = dict(knobs)
-    knobs.update({name: value for name, value in values.items() if value is not None})
+    knobs.update(values)
     try:
         yield
     finally:

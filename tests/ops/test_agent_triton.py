@@ -238,6 +238,11 @@ def test_use_tiles_checks_and_restores_the_knobs():
     with pytest.raises(ValueError, match="block_t must be a power of two >= 16, got 24"):
         with ta.use_tiles(block_t=24):
             pass
+    # launch options are checked at the call (shared by every backend's use_tiles), not at the first launch
+    with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32 or None, got 3"):
+        ta.use_tiles(num_warps=3)
+    with pytest.raises(ValueError, match="num_stages must be an int >= 1 or None, got 0"):
+        ta.use_tiles(num_stages=0)
     before = dict(ta._TILES)
     with ta.use_tiles(block_t=32, num_warps=2):
         assert ta._TILES == {**before, "block_t": 32, "num_warps": 2}
