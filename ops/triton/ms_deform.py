@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Iterator
 
 import torch
 import triton
@@ -315,12 +316,31 @@ TILES: dict[str, dict[str, int]] = {
 }
 
 
+def use_tiles(sample: dict[str, int] | None = None,
+              pixel: dict[str, int] | None = None) -> contextlib.AbstractContextManager:
+    """Temporarily override entries of :data:`TILES` (for tuning sweeps).
+
+    Args:
+        sample: any of ``elements`` (>= 1) and ``num_warps`` for the forward and per-sample backward kernels.
+        pixel: any of ``elements``, ``samples`` (>= 1) and ``num_warps`` for the value-gradient gather.
+    Unknown keys and bad values raise ``ValueError`` here (``num_warps``: a power of two from 1 to 32).
+    """
+    for name, given in (("sample", sample), ("pixel", pixel)):
+        unknown = sorted(set(given or {}) - set(TILES[name]))
+        if unknown:
+            raise ValueError(f"use_tiles({name}=...): unknown keys {unknown}; known: {sorted(TILES[name])}")
+        for key, value in (given or {}).items():
+            if type(value) is not int or value < 1 or (key == "num_warps" and (value > 32 or value & (value - 1))):
+                accepted = "a power of two from 1 to 32" if key == "num_warps" else "an int >= 1"
+                raise ValueError(f"use_tiles({name}=...): {key} must be {accepted}, got {value!r}")
+    return _tiles_overridden(sample or {}, pixel or {})
+
+
 @contextlib.contextmanager
-def use_tiles(sample: dict[str, int] | None = None, pixel: dict[str, int] | None = None):
-    """Temporarily override entries of :data:`TILES` (for tuning sweeps)."""
+def _tiles_overridden(sample: dict[str, int], pixel: dict[str, int]) -> Iterator[None]:
     saved = {k: dict(v) for k, v in TILES.items()}
-    TILES["sample"].update(sample or {})
-    TILES["pixel"].update(pixel or {})
+    TILES["sample"].update(sample)
+    TILES["pixel"].update(pixel)
     try:
         yield
     finally:

@@ -161,6 +161,22 @@ def test_reference_empty_level_and_no_points():
     _degenerate_cases_agree("reference")
 
 
+def test_use_tiles_rejects_unknown_keys_and_bad_values():
+    pytest.importorskip("triton")
+    from zoo.ops.triton.ms_deform import TILES, use_tiles
+
+    with pytest.raises(ValueError, match=r"use_tiles\(sample=...\): unknown keys \['elemnts'\]; known"):
+        use_tiles(sample={"elemnts": 64})
+    with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32, got 3"):
+        use_tiles(pixel={"num_warps": 3})
+    with pytest.raises(ValueError, match="samples must be an int >= 1, got 0"):
+        use_tiles(pixel={"samples": 0})
+    before = {k: dict(v) for k, v in TILES.items()}
+    with use_tiles(sample={"elements": 64}):
+        assert TILES["sample"]["elements"] == 64
+    assert TILES == before
+
+
 def test_triton_backend_refusals_are_explained():
     value, spatial, loc, attn = random_case(seed=5)
     reason = _triton_supports(value.double(), spatial, loc, attn)
