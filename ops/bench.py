@@ -21,8 +21,9 @@ neighbourhood cases' target is the dense SDPA with the neighbourhood as a boolea
 
 ``floor_ms`` is the roofline floor of a row: its FLOPs at the device's peak throughput or its minimal bytes at peak
 memory bandwidth, whichever takes longer (``bound`` says which), from datasheet peaks for known GPUs (H200, H100
-SXM/PCIe; see :data:`GPU_PEAKS`) or ``--peak-tflops`` / ``--peak-gbps``. ``x_floor`` is the row's kernel time (``device_ms``, else
-``time_ms``) over that floor: how far the op is from what the hardware allows for its work and traffic.
+SXM/PCIe; see :data:`GPU_PEAKS`) or ``--peak-tflops`` / ``--peak-gbps``. ``x_floor`` is the row's kernel time
+(``device_ms``, else ``time_ms``) over that floor: how far the op is from what the hardware allows for its work and
+traffic.
 
 Ops are found by name in :mod:`zoo.ops` and backends through the dispatch registry; an op that does not exist, a
 backend that is unavailable or falls back for this input, and a call that fails are reported as rows with a

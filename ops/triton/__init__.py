@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
-           "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "check_tile_edge",
+           "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "is_num_warps",
+           "check_tile_edge",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
@@ -112,11 +113,16 @@ def override_knobs(knobs: dict[str, Any], **values: Any) -> contextlib.AbstractC
     backend: Triton would only reject them at the first launch, inside the caller's step.
     """
     warps, stages = values.get("num_warps"), values.get("num_stages")
-    if warps is not None and (type(warps) is not int or not 1 <= warps <= 32 or warps & (warps - 1)):
+    if warps is not None and not is_num_warps(warps):
         raise ValueError(f"num_warps must be a power of two from 1 to 32 or None, got {warps!r}")
     if stages is not None and (type(stages) is not int or stages < 1):
         raise ValueError(f"num_stages must be an int >= 1 or None, got {stages!r}")
     return _overridden(knobs, {name: value for name, value in values.items() if value is not None})
+
+
+def is_num_warps(value: Any) -> bool:
+    """Whether ``value`` is a Triton ``num_warps``: an int power of two from 1 to 32."""
+    return type(value) is int and 1 <= value <= 32 and not value & (value - 1)
 
 
 @contextlib.contextmanager

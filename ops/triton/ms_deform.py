@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._cache import tracing
-from . import direct
+from . import direct, is_num_warps, override_knobs
 
 __all__ = ["msda_forward", "msda_backward", "INTERPRETED", "TILES", "use_tiles"]
 
@@ -330,7 +330,7 @@ def use_tiles(sample: dict[str, int] | None = None,
         if unknown:
             raise ValueError(f"use_tiles({name}=...): unknown keys {unknown}; known: {sorted(TILES[name])}")
         for key, value in (given or {}).items():
-            if type(value) is not int or value < 1 or (key == "num_warps" and (value > 32 or value & (value - 1))):
+            if not (is_num_warps(value) if key == "num_warps" else type(value) is int and value >= 1):
                 accepted = "a power of two from 1 to 32" if key == "num_warps" else "an int >= 1"
                 raise ValueError(f"use_tiles({name}=...): {key} must be {accepted}, got {value!r}")
     return _tiles_overridden(sample or {}, pixel or {})
@@ -338,13 +338,8 @@ def use_tiles(sample: dict[str, int] | None = None,
 
 @contextlib.contextmanager
 def _tiles_overridden(sample: dict[str, int], pixel: dict[str, int]) -> Iterator[None]:
-    saved = {k: dict(v) for k, v in TILES.items()}
-    TILES["sample"].update(sample)
-    TILES["pixel"].update(pixel)
-    try:
+    with override_knobs(TILES["sample"], **sample), override_knobs(TILES["pixel"], **pixel):
         yield
-    finally:
-        TILES.update(saved)
 
 
 def _sample_tile(points: int, channels: int) -> tuple[int, int, int, int]:

@@ -20,13 +20,13 @@ def _pixel_block(H, W, NH, BLOCK_P: tl.constexpr):
 @triton.jit
 def _covering_window(y, x, mask_p, b, h, w, ty, tx, K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr):
     """Candidate (ty, tx) of the at most NT x NT windows whose k x k footprint covers pixel (y, x): the window's
-    flat index n and (ny, nx), the pixel's position (iy, ix) in it, and whether that window exists."""
+    flat index n, the pixel's position (iy, ix) in it, and whether that window exists."""
     ny = (y + PAD) // S - ty
     nx = (x + PAD) // S - tx
     iy = y + PAD - ny * S
     ix = x + PAD - nx * S
     valid = mask_p & (iy < K) & (ix < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-    return (b * h + ny) * w + nx, ny, nx, iy, ix, valid
+    return (b * h + ny) * w + nx, iy, ix, valid
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scal
     for ty in tl.static_range(NT):
         for tx in tl.static_range(NT):
             # the window n whose row i = (iy, ix) targets pixel (y, x); its column j reads the pixel at offset j - i
-            n, ny, nx, iy, ix, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
+            n, iy, ix, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
             jy = iy[:, None] + oy[None, :]
             jx = ix[:, None] + ox[None, :]
             m2 = valid[:, None] & mask_e[None, :] & (jy >= 0) & (jy < K) & (jx >= 0) & (jx < K)
@@ -109,7 +109,7 @@ def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale
         for tx in tl.static_range(NT):
             # the window n that reads pixel (y, x) as its column j = (jy, jx); its row i writes the pixel at offset
             # i - j, and only rows whose pixel is inside the image have a gradient
-            n, ny, nx, jy, jx, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
+            n, jy, jx, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
             iy = jy[:, None] + oy[None, :]
             ix = jx[:, None] + ox[None, :]
             ty_pix = y[:, None] + oy[None, :]
