@@ -44,7 +44,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     When a gradient is needed on CUDA the cuDNN backend is left out: its backward returns non-finite
     gradients on H100/H200 for some shapes (pytorch/pytorch#196678, seen here as NaN grads in Agent-CSWin-T's
     bf16 train step with torch 2.11), while flash, memory-efficient and math are clean on the same inputs.
-    Inference keeps cuDNN's fast forward.
+    The failure needs rows whose logsumexp is below -88.7 and a key count on cuDNN's padded-tile pattern, with or
+    without a mask (H200, cuDNN 9.19: 64 queries fail at keys % 128 == 64, 1 query at keys % 64 == 0; LookupViT's
+    49 queries over 576 keys fail unmasked), so no shape rule is safe and training never uses cuDNN. Inference
+    keeps cuDNN's fast forward. The cost: cuDNN's backward is the fastest at some shapes (H200 bf16, batch 128,
+    49 -> 576 + 576 -> 49 tokens, 12 heads x 64: 1.08 ms of kernels forward and backward for both SDPA calls with
+    cuDNN, 1.91 without).
     """
     q, k, v, attn_mask = _dense(q), _dense(k), _dense(v), _dense(attn_mask)
     if q.is_cuda and _needs_grad(q, k, v, attn_mask):
