@@ -99,6 +99,7 @@ class LePEAttention(_Branch):
         self.attn_drop = attn_drop
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """Softmax attention within each ``window`` stripe: q, k, v (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = q.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, heads, H, W, d)
@@ -129,6 +130,7 @@ class AgentAttention(_Branch):
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """Agent attention within each ``window`` stripe: q, k, v (B, H, W, C) -> (B, H, W, C)."""
         h, w, c = q.shape[1:]
         n = window[0] * window[1]
         qw, kw, vw = (window_partition(t, window).reshape(-1, n, c) for t in (q, k, v))

@@ -86,6 +86,7 @@ class ReportTokenEncoder(nn.Module):
         return int(self.model.config.hidden_size)
 
     def train(self, mode: bool = True) -> ReportTokenEncoder:
+        """``nn.Module.train``, except that a frozen encoder stays in eval mode."""
         super().train(mode)
         if self.freeze:
             self.model.eval()  # a frozen encoder never uses dropout

@@ -12,6 +12,8 @@ INTERPRETED = interpreter_requested()
 def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                    STATS: tl.constexpr):
+    """y = (x - mean) * rstd (* w) (+ b) over the last dim of the (M, C) row-major x, BLOCK_ROWS rows a program
+    (grid: cdiv(M, BLOCK_ROWS)), float32 statistics; with STATS also each row's mean and rstd (M,) float32."""
     eps = tl.cast(eps, tl.float32)  # fp64 from inductor's launcher
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -39,6 +41,8 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
 def backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, num_blocks,
                     HAS_W: tl.constexpr, DX: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
                     BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx (M, C) and, per program, partial dw / db rows (num_programs, C) float32, summed by the caller: each
+    program strides over blocks pid, pid + num_programs, ... of BLOCK_ROWS rows, so sums keep a fixed order."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)

@@ -69,6 +69,9 @@ def _store_pixels(dst_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D: tl
 def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
                    K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
+    """Outlook output of BLOCK_P pixels of one (batch, head) (grid: (cdiv(H*W, BLOCK_P), B*heads)): v and out
+    (B, H, W, C) channels-last, attn the (B*h*w, heads, K*K, K*K) window logits; with STATS each window row's
+    float32 log-sum-exp."""
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
@@ -99,6 +102,8 @@ def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scal
 def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale,
                   K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dv of BLOCK_P pixels of one (batch, head), the forward's gather with grad_out in place of v (grid and
+    layouts as ``forward_kernel``); the softmax weights come back from the logits and the saved log-sum-exp."""
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
@@ -130,6 +135,9 @@ def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale
 def grad_attn_kernel(go_ptr, v_ptr, attn_ptr, da_ptr, H, W, C, h, w, NH, D, scale,
                      K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d(logits) of BLOCK_N windows of one (batch, head) (grid: (cdiv(h*w, BLOCK_N), B*heads)), written in the
+    (B*h*w, heads, K*K, K*K) layout of attn: each window's K*K values are loaded once and every row's softmax
+    backward reads the grad_out pixel it wrote to."""
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     pid_n = tl.program_id(0)
