@@ -125,13 +125,13 @@ CASES: list[Case] = [
     Case("agent_swin_t.s2.sdpa", "sdpa_plain", "Agent-Swin-T stage 2, plain SDPA over the same tokens", 128,
          dict(tokens=14 * 14, heads=12, dim=32), dict(tokens=49, heads=1, dim=16, batch=1),
          baseline_for="agent_swin_t.s2"),
-    # window attention: Agent-Swin-S/B stage 2 ('B' blocks: Swin window 7 on the 14x14 map)
     # Agent-PVT-T stage 0: one head, so only batch-many (batch, head) programs in the fused kernel
     Case("agent_pvt_t.s0", "agent_attention", "Agent-PVT-T stage 0", 128,
          dict(tokens=56 * 56, heads=1, dim=64, agents=9), dict(tokens=196, heads=1, dim=16, agents=9, batch=1)),
     Case("agent_pvt_t.s0.sdpa", "sdpa_plain", "Agent-PVT-T stage 0, plain SDPA over the same tokens", 128,
          dict(tokens=56 * 56, heads=1, dim=64), dict(tokens=196, heads=1, dim=16, batch=1),
          baseline_for="agent_pvt_t.s0"),
+    # window attention: Agent-Swin-S/B stage 2 ('B' blocks: Swin window 7 on the 14x14 map)
     Case("agent_swin_s.s2", "window_attention", "Agent-Swin-S stage 2 ('B': Swin window 7)", 128,
          dict(hw=14, heads=12, dim=32, window=7), dict(heads=1, dim=16, batch=1)),
     Case("agent_swin_s.s2.sdpa", "sdpa_plain", "Agent-Swin-S stage 2, plain SDPA over the windows batched", 128,

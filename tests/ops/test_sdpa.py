@@ -42,16 +42,22 @@ def test_backend_choice_traces_under_compile():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
 
 
+def _low_logsumexp_inputs(queries: int, keys: int, dim: int = 64, heads: int = 2, seed: int = 1):
+    """bf16 CUDA q (1, heads, queries, dim), k and v (1, heads, keys, dim) whose every logit is about -120: each
+    row's logsumexp is below -88.7, where cuDNN's backward overflows on its padded key columns."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, queries, dim, generator=gen) * 0.1
+    k = torch.randn(1, heads, keys, dim, generator=gen) * 0.1
+    v = torch.randn(1, heads, keys, dim, generator=gen)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(dim)
+    return [t.cuda().bfloat16() for t in (q, k, v)]
+
+
 def _cudnn_nan_case(length: int = 704, dim: int = 64):
     """Inputs on which cuDNN's SDPA backward returns NaN grad_q on H100/H200 (pytorch/pytorch#196678):
-    an explicit mask, length % 128 == 64, every logit about -120 so each row's logsumexp is below -88.7."""
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, length, dim, generator=gen) * 0.1
-    k = torch.randn(1, 1, length, dim, generator=gen) * 0.1
-    v = torch.randn(1, 1, length, dim, generator=gen)
-    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(dim)
+    an explicit mask, length % 128 == 64, every row's logsumexp below -88.7."""
     mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
-    return [t.cuda().bfloat16() for t in (q, k, v)], mask.cuda()
+    return _low_logsumexp_inputs(length, length, dim, heads=1, seed=0), mask.cuda()
 
 
 @pytest.mark.gpu
@@ -84,17 +90,6 @@ def test_mixed_dtypes_reason_names_each_operand():
     assert "q=torch.float32" in reason and "k=torch.float16" in reason
 
 
-def _low_logsumexp_inputs(queries: int, keys: int, dim: int = 64):
-    """bf16 CUDA q (1, 2, queries, dim), k and v (1, 2, keys, dim) whose every logit is about -120: each row's
-    logsumexp is below -88.7, where cuDNN's backward overflows on its padded key columns."""
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 2, queries, dim, generator=gen) * 0.1
-    k = torch.randn(1, 2, keys, dim, generator=gen) * 0.1
-    v = torch.randn(1, 2, keys, dim, generator=gen)
-    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(dim)
-    return [t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("queries, keys", [(49, 576), (64, 192)])
 def test_gpu_unmasked_training_gradients_stay_finite_where_cudnn_fails(queries, keys):
@@ -103,7 +98,7 @@ def test_gpu_unmasked_training_gradients_stay_finite_where_cudnn_fails(queries, 
     (cross_attention's sdpa backend, the shared entry point) the gradients are finite and equal float32 math's."""
     from zoo.ops import cross_attention
 
-    q, k, v = _low_logsumexp_inputs(queries, keys)
+    q, k, v = (t.requires_grad_(True) for t in _low_logsumexp_inputs(queries, keys))
     out, _ = cross_attention(q, k, v_k=v)
     out.backward(torch.ones_like(out))
     qd, kd, vd = (t.detach().float().requires_grad_(True) for t in (q, k, v))
