@@ -469,9 +469,13 @@ def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int,
     # bool(): a guard, not a SymBool, when torch.compile traces with symbolic sizes
     seg = torch.searchsorted(sorted_keys, boundaries, out_int32=bool(sorted_keys.numel() < 2**31 - 1))
     grad_value = torch.empty_like(value)
+    # The gather reads each sample's output-gradient row once per covered pixel. From float32 rows it ran 2.8x
+    # faster than from bfloat16 ones at the decoder shape (H200: 78 against 215 us; encoder 1.05 against 1.48 ms;
+    # the value's and the locations' dtypes made no difference), far more than the cast costs.
+    grad_rows = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
     block_s, block_e, block_c, warps = _pixel_tile(channels, 4 * keys.numel() / max(1, batch * tokens * heads))
     launch(_value_grad_kernel)[(triton.cdiv(tokens, block_s), heads, batch)](
-        shapes, starts if starts is not None else shapes, records, grad_out, perm, seg, grad_value, tokens, cells,
+        shapes, starts if starts is not None else shapes, records, grad_rows, perm, seg, grad_value, tokens, cells,
         M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None,
         BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_C=block_c, num_warps=warps)
     return grad_value
