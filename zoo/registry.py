@@ -127,8 +127,11 @@ def build_zoo_model(model_cls: type[torch.nn.Module], variant: str, pretrained: 
     ``pretrained=True`` resolves ``variant.tag`` in the weights manifest and downloads (or finds in the cache) the
     verified file; a caller's ``pretrained_cfg_overlay=dict(file=...)`` or ``dict(state_dict=...)`` wins. Loading
     goes through :func:`zoo.convert.checkpoint_filter` for the family, so official release files load as they are.
+    The model's ``nn.Linear``/``nn.Conv2d`` layers keep autocast's weight copies between inference calls
+    (:mod:`zoo.ops.autocast_cache`).
     """
     from zoo import convert
+    from zoo.ops.autocast_cache import cache_autocast_casts
 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
@@ -137,7 +140,7 @@ def build_zoo_model(model_cls: type[torch.nn.Module], variant: str, pretrained: 
 
         tag = _resolve_tag(variant, pretrained_cfg)
         overlay["file"] = str(hub.fetch(f"{variant}.{tag}" if tag else variant))
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         model_cls, variant, pretrained,
         pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=overlay or None,
@@ -145,6 +148,7 @@ def build_zoo_model(model_cls: type[torch.nn.Module], variant: str, pretrained: 
         feature_cfg={**dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **(feature_cfg or {})},
         **kwargs,
     )
+    return cache_autocast_casts(model)
 
 
 def resolve_model_name(name: str) -> str:
