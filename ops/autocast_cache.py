@@ -67,7 +67,10 @@ def autocast_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     dtype = autocast_dtype(weight.device.type)
     if dtype is None:
         return weight, bias
-    state = _state(weight, bias, dtype)
+    try:
+        state = _state(weight, bias, dtype)
+    except RuntimeError:  # no storage: functorch's wrapped tensors (vmap over stacked parameters)
+        return weight, bias
     entry = module.__dict__.get(_ATTR)
     if entry is not None and entry[0] is weight and entry[1] is bias and entry[2] == state:
         return entry[3], entry[4]

@@ -148,6 +148,19 @@ def test_no_copies_without_autocast_or_for_non_float32_weights():
     assert not any(_ATTR in m.__dict__ for m in cached)
 
 
+def test_vmap_over_stacked_parameters_runs_uncached():
+    from torch.func import functional_call, stack_module_state, vmap
+
+    x = _input()
+    outputs = []
+    for nets in ([_plain_net(seed) for seed in range(3)], [_pair(seed)[1] for seed in range(3)]):
+        params, buffers = stack_module_state(nets)
+        base = copy.deepcopy(nets[0]).to("meta")
+        with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+            outputs.append(vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers))
+    assert outputs[1].shape == (3, 2, 8, 4) and torch.equal(outputs[1], outputs[0])
+
+
 def test_pickle_and_deepcopy_leave_the_copies_behind():
     _, cached = _pair()
     _infer(cached, _input())
