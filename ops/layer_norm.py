@@ -127,17 +127,15 @@ class LayerNorm(nn.LayerNorm):
 
 def _reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                out_dtype: torch.dtype) -> torch.Tensor:
-    if x.dtype is _F32 and (weight is None or weight.dtype is _F32) and (bias is None or bias.dtype is _F32):
+    f32 = torch.float32
+    if x.dtype is f32 and (weight is None or weight.dtype is f32) and (bias is None or bias.dtype is f32):
         y = torch.layer_norm(x, (x.shape[-1],), weight, bias, eps)  # the usual call: nothing to convert
     else:
         dtypes = [t.dtype for t in (x, weight, bias) if t is not None]
-        compute = torch.float64 if torch.float64 in dtypes else _F32
+        compute = torch.float64 if torch.float64 in dtypes else f32
         weight, bias, x = (_as_dtype(t, compute) for t in (weight, bias, x))
         y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return _as_dtype(y, out_dtype)
-
-
-_F32 = torch.float32
 
 
 def _as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -175,9 +175,9 @@ def _zoo_model_and_plain_copy(device: str) -> tuple[nn.Module, nn.Module]:
     assert AutocastCachedLinear in kinds and AutocastCachedConv2d in kinds
     assert nn.Linear not in kinds and nn.Conv2d not in kinds
     plain = copy.deepcopy(model)
+    plain_types = {AutocastCachedLinear: nn.Linear, AutocastCachedConv2d: nn.Conv2d}
     for m in plain.modules():
-        if type(m) in (AutocastCachedLinear, AutocastCachedConv2d):
-            m.__class__ = type(m).__mro__[2]  # back to nn.Linear / nn.Conv2d
+        m.__class__ = plain_types.get(type(m), type(m))
     return model, plain
 
 
