@@ -150,6 +150,11 @@ CASES: list[Case] = [
     Case("pvt_s.s0.sdpa", "sdpa_plain", "PVT-S stage 0, plain SDPA 3136 queries over 49 keys", 128,
          dict(tokens=56 * 56, kv_tokens=49, heads=1, dim=64), dict(tokens=196, kv_tokens=16, dim=16, batch=1),
          baseline_for="pvt_s.s0"),
+    Case("pvt_s.s2", "downsampled_attention", "PVT-S stage 2 (sr 2)", 128,
+         dict(tokens=14 * 14, kv_tokens=49, heads=5, dim=64), dict(tokens=64, kv_tokens=16, dim=16, batch=1)),
+    Case("pvt_s.s2.sdpa", "sdpa_plain", "PVT-S stage 2, plain SDPA 196 queries over 49 keys", 128,
+         dict(tokens=14 * 14, kv_tokens=49, heads=5, dim=64), dict(tokens=64, kv_tokens=16, dim=16, batch=1),
+         baseline_for="pvt_s.s2"),
     # LookupViT-B/16 at 384 (assumed: 24x24 lookup tokens, 7x7 compressed, 12 heads x 64; the paper's table is unknown)
     Case("lookupvit_b.mhbc", "cross_attention", "LookupViT-B MHBC (assumed 576 lookup / 49 compressed)", 128,
          dict(m=49, n=576, heads=12, dim=64), dict(m=4, n=16, heads=2, dim=16, batch=1)),

@@ -164,7 +164,7 @@ def test_ops_backend_forces_a_backend_on_every_op_that_has_it(monkeypatch):
     assert "routing_attention" in forced and os.environ["ZOO_OPS_BACKEND"] == "user:setting"  # restored
     with bench.ops_backend("triton"):
         assert set(os.environ["ZOO_OPS_BACKEND"].split(",")) >= {"routing_attention:triton", "ms_deform_attn:triton"}
-        assert "cross_attention" not in os.environ["ZOO_OPS_BACKEND"]  # no triton backend: automatic choice
+        assert "masked_attention" not in os.environ["ZOO_OPS_BACKEND"]  # no triton backend: automatic choice
     with bench.ops_backend("auto"):
         assert os.environ["ZOO_OPS_BACKEND"] == "user:setting"
     with pytest.raises(ValueError, match=r"--ops-backend='cutlass': no op has that backend; known: \['auto'"):

@@ -60,6 +60,15 @@ def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, d ** -0.5, True, True, launch)
 
 
+def _short_keys(launch: LaunchRecorder, monkeypatch, batch: int, dtype: torch.dtype) -> None:
+    """PVT-S stage 0: 3136 queries over 49 reduced keys, one head of 64."""
+    from zoo.ops.triton import short_keys as tk
+    q = _randn(batch, 3136, 1, 64, dtype=dtype).transpose(1, 2)
+    k, v = (_randn(batch, 1, 49, 64, dtype=dtype) for _ in range(2))
+    out = tk._launch_forward(q, k, v, 0.125, launch)
+    tk._launch_backward(out, q, k, v, 0.125, launch)
+
+
 def _window(launch: LaunchRecorder, monkeypatch, hw: tuple[int, int], window: tuple[int, int],
             shift: tuple[int, int], with_bias: bool, dtype: torch.dtype) -> None:
     """(Shifted) window attention, 4 heads of 32: a Swin stage (7x7 windows, shift, mask + position bias) or a CSWin
@@ -129,6 +138,8 @@ CASES = {
     "routing.biformer_t.s1.fp32": (_routing, dict(hw=28, channels=128, region=4, topk=4, dtype=FP32)),
     "agent.deit_s.bf16": (_agent, dict(dtype=BF16)),
     "agent.deit_s.fp32": (_agent, dict(dtype=FP32)),
+    "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
+    "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
     "window.cswin_columns.fp32": (_window, dict(hw=(28, 28), window=(28, 2), shift=(0, 0), with_bias=False,
                                                 dtype=FP32)),
@@ -140,7 +151,7 @@ CASES = {
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 4, "agent": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3,
+EXPECTED_KERNELS = {"routing": 4, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3,
                     "neighborhood": 3}
 
 
@@ -169,6 +180,7 @@ WRITES = {
     "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},
+    "short_keys": {"_forward_kernel": ({"out_ptr"}, {}), "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {})},
     "window": {"_forward_kernel": ({"out_ptr"}, {}),
                "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}})},
     "outlook": {"forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}), "grad_v_kernel": ({"dv_ptr"}, {}),

@@ -1,0 +1,100 @@
+"""Triton kernels of :mod:`zoo.ops.triton.short_keys` (see its docstring for the computation); imports triton."""
+import triton
+import triton.language as tl
+
+from .. import interpreter_requested
+from .agent import _put, _tile
+
+INTERPRETED = interpreter_requested()
+"""Whether these kernels were decorated for Triton's CPU interpreter."""
+
+
+@triton.jit
+def _program(HEADS, CHUNK, N):
+    """This program's batch (int64), head and query rows [start, end) (grid: (batch * heads, chunks)).
+
+    Takes no pointer (see ``agent._agent_program``: a written input costs a copy under torch.compile)."""
+    pid = tl.program_id(0)
+    start = tl.program_id(1) * CHUNK
+    return (pid // HEADS).to(tl.int64), pid % HEADS, start, tl.minimum(start + CHUNK, N)
+
+
+@triton.jit
+def _keys_and_values(k_base, v_base, M, skm, skd, svm, svd, D: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The (batch, head)'s keys [BLOCK_M, BLOCK_D] and values [BLOCK_M, BLOCK_DV] (zero padded), and which rows are
+    keys."""
+    offs_m = tl.arange(0, BLOCK_M)
+    kt = _tile(k_base, offs_m, M, tl.arange(0, BLOCK_D), D, skm, skd)
+    vt = _tile(v_base, offs_m, M, tl.arange(0, BLOCK_DV), DV, svm, svd)
+    return kt, vt, offs_m < M
+
+
+@triton.jit
+def _probs(qt, kt, key_ok, qk_scale2, PRECISION: tl.constexpr):
+    """Softmax over all keys (one tile) of a query tile, float32, unnormalised, and its row sums."""
+    s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+    return p, tl.sum(p, axis=1)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr,
+                    sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                    HEADS, N, M, CHUNK, qk_scale2,
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, start, end = _program(HEADS, CHUNK, N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    kt, vt, key_ok = _keys_and_values(k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, M, skm, skd, svm, svd,
+                                      D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+    q_base = q_ptr + b * sqb + h * sqh
+    out_base = out_ptr + b * N * HEADS * DV + h * DV
+    for row0 in range(start, end, BLOCK_T):
+        rows = row0 + offs_t
+        qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
+        p, l = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
+        o = tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) / l[:, None]
+        _put(out_base, rows, end, offs_dv, DV, HEADS * DV, 1, o)
+
+
+@triton.jit
+def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
+                     sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                     dk_split, dv_split, HEADS, N, M, CHUNK, scale, qk_scale2,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, start, end = _program(HEADS, CHUNK, N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    kt, vt, key_ok = _keys_and_values(k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, M, skm, skd, svm, svd,
+                                      D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sob + h * soh
+    dq_base = dq_ptr + b * N * HEADS * D + h * D
+    for row0 in range(start, end, BLOCK_T):
+        rows = row0 + offs_t
+        qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
+        dot_ = _tile(do_base, rows, end, offs_dv, DV, son, sod)
+        p, l = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
+        p = tl.where((rows < end)[:, None], p / l[:, None], 0.0)  # the forward's probabilities, recomputed
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=PRECISION)
+        # softmax backward with the row's sum(p * dp), as autograd's softmax does (no output tile to read)
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        _put(dq_base, rows, end, offs_d, D, HEADS * D, 1,
+             tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION) * scale)
+        dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+        dv += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
+    # this chunk's key/value gradients: token-major (B, M, heads, d) rows of split tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)
+    _put(dk_ptr + split * dk_split + b * M * HEADS * D + h * D, offs_m, M, offs_d, D, HEADS * D, 1, dk * scale)
+    _put(dv_ptr + split * dv_split + b * M * HEADS * DV + h * DV, offs_m, M, offs_dv, DV, HEADS * DV, 1, dv)

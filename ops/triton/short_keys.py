@@ -1,0 +1,311 @@
+"""The ``triton`` backends of :func:`zoo.ops.downsampled_attention` and :func:`zoo.ops.cross_attention`: attention
+over a short key set (at most 128 keys: PVT's spatial reduction, 3,136 queries over 49 keys at stage 0; LookupViT's
+lookup tokens reading back from its 49 compressed tokens), forward in one kernel, backward in one more.
+
+Importing this module registers both backends (priority 20, above ``sdpa``) and the ``torch.library`` ops
+``zoo::short_keys_attention_fwd`` / ``zoo::short_keys_attention_bwd``; it does not import triton (the kernels, in
+:mod:`zoo.ops.triton.kernels.short_keys`, are imported on first use, so ``TRITON_INTERPRET`` is read then).
+
+Every key fits in one tile, so each query tile's softmax is exact in one pass (no online rescaling, no statistics
+stored), and the programs are (batch, head, chunk of query rows):
+
+- **forward**: a program loads its (batch, head)'s keys and values once and streams over its chunk's query tiles;
+- **backward**: the same programs recompute each tile's probabilities ``p``, take ``ds = p * (dp - sum(p * dp))``
+  with ``dp = dO @ v^T`` (autograd's softmax backward: the output is not read), write dQ per tile and sum dK and dV
+  in registers over their chunk. Where the (batch, head) pairs alone would leave the GPU idle (PVT's one head at
+  stage 0), the queries are split into chunks whose float32 dK/dV partials torch sums in a fixed order: the backward
+  is deterministic, without atomics.
+
+Flash-style kernels (SDPA's flash and memory-efficient backends) stream key blocks per query block and, backward,
+query blocks per key block; with 49 keys that is one short key block per program and a dK/dV pass over every query
+block. This one-tile layout reads q and dO once (H200, bf16, PVT-S stage 0 at batch 128: see the README).
+
+Layouts: inputs are read through their strides; the output and dQ are (B, heads, N, d) views of contiguous
+(B, N, heads, d) memory (the models' ``transpose(1, 2).reshape`` back to (B, N, C) is free), dK/dV likewise.
+Numerics: float32 softmax and accumulation; fp32 inputs use IEEE dots (no TF32); fp16/bf16 probabilities are rounded
+to the input dtype before their products with v and dO (as flash attention). Logits are ``(q @ k^T) * scale`` rather
+than the reference's ``(q * scale) @ k^T``: equal up to float rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .._dispatch import register_backend
+from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent, kernel_op,
+               kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced, triton_missing_reason)
+
+__all__ = ["downsampled_attention_triton", "cross_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_KEYS",
+           "MAX_HEAD_DIM"]
+
+_OP = "downsampled_attention"
+_CROSS = "cross_attention"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KEYS = 128  # every key of a (batch, head) lives in one tile
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+# programs a launch aims for (an H200 has 132 SMs): more chunks of query rows below this many (batch, head) programs
+_TARGET_PROGRAMS = 512
+# Launch knobs; None picks the defaults of _plan_for. Tests lower block_t to run multi-tile chunks on tiny shapes.
+_TILES: dict[str, int | None] = {"block_t": None, "num_warps": None, "num_stages": None}
+
+
+def use_tiles(block_t: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None) -> contextlib.AbstractContextManager:
+    """Temporarily override the launch knobs of both kernels (None keeps the current value).
+
+    Args:
+        block_t: query tile, a power of two >= 16 (default 64 for 16-bit inputs, 16 for float32).
+        num_warps, num_stages: Triton launch options (default 4 warps; 2 stages forward, 1 backward).
+    """
+    check_tile_edge("block_t", block_t)
+    return override_knobs(_TILES, block_t=block_t, num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.cache
+def _kernels():
+    """The kernel module (imports triton on first use)."""
+    from .kernels import short_keys
+
+    return short_keys
+
+
+def _kernels_interpreted() -> bool:
+    return kernels_interpreted(f"{__package__}.kernels.short_keys")
+
+
+class _Plan(NamedTuple):
+    """What a launch needs besides the tensors, computed once per sizes and dtype (host time matters here)."""
+    grid: tuple[int, int]
+    chunk: int        # query rows per program
+    runtime: tuple[int, ...]  # heads, N, M, chunk
+    constexprs: dict
+    options: dict
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool) -> _Plan:
+    b, heads, n, d = q.shape
+    args = (b, heads, n, k.shape[2], d, v.shape[3], q.dtype, backward, _TILES["block_t"], _TILES["num_warps"],
+            _TILES["num_stages"])
+    if all(type(size) is int for size in args[:6]):
+        return _plan_for(*args)
+    return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(b: int, heads: int, n: int, m: int, d: int, dv: int, dtype: torch.dtype, backward: bool,
+              block_t: int | None, num_warps: int | None, num_stages: int | None) -> _Plan:
+    block_t = block_t or (16 if dtype == torch.float32 else 64)  # float32 IEEE dots hold whole tiles in registers
+    tiles = -(-n // block_t)
+    pairs = max(1, b * heads)
+    chunks = max(1, min(tiles, -(-_TARGET_PROGRAMS // pairs)))
+    chunk = -(-tiles // chunks) * block_t
+    chunks = max(1, -(-n // chunk))
+    constexprs = dict(D=d, DV=dv, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
+                      BLOCK_M=max(16, next_pow2(m)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
+    options = dict(num_warps=num_warps or 4, num_stages=num_stages or (1 if backward else 2))
+    return _Plan((b * heads, chunks), chunk, (heads, n, m, chunk), constexprs, options)
+
+
+def _token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    """(B, heads, n, d) view of a contiguous (B, n, heads, d) tensor."""
+    return torch.empty((b, n, heads, d), device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
+
+
+def _launch_forward(q, k, v, scale: float, launch=direct) -> torch.Tensor:
+    b, heads, n, _ = q.shape
+    out = _token_major(b, heads, n, v.shape[3], q)
+    if b * heads == 0 or n == 0:
+        return out
+    plan = _plan(q, k, v, False)
+    launch(_kernels()._forward_kernel)[plan.grid](
+        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *plan.runtime, scale * _LOG2E,
+        **plan.options, **plan.constexprs)
+    return out
+
+
+def _launch_backward(grad_out, q, k, v, scale: float, launch=direct):
+    b, heads, n, d = q.shape
+    m, dv_width = k.shape[2], v.shape[3]
+    dq = _token_major(b, heads, n, d, q)
+    if b * heads == 0 or n == 0:
+        return dq, _token_major(b, heads, m, d, k).zero_(), _token_major(b, heads, m, dv_width, v).zero_()
+    plan = _plan(q, k, v, True)
+    splits = plan.grid[1]
+    if splits == 1:  # one program per (batch, head): it writes the gradients themselves
+        dk, dv = _token_major(b, heads, m, d, k), _token_major(b, heads, m, dv_width, v)
+        dk_mem, dv_mem, dk_split, dv_split = dk, dv, 0, 0
+    else:  # float32 partial sums per chunk, (splits, B, M, heads, d), summed below in a fixed order
+        dk_mem = torch.empty((splits, b, m, heads, d), device=q.device, dtype=torch.float32)
+        dv_mem = torch.empty((splits, b, m, heads, dv_width), device=q.device, dtype=torch.float32)
+        dk_split, dv_split = dk_mem.stride(0), dv_mem.stride(0)
+    launch(_kernels()._backward_kernel)[plan.grid](
+        grad_out, q, k, v, dq, dk_mem, dv_mem, *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+        dk_split, dv_split, *plan.runtime, scale, scale * _LOG2E, **plan.options, **plan.constexprs)
+    if splits > 1:
+        dk = dk_mem.sum(0).to(k.dtype).transpose(1, 2)
+        dv = dv_mem.sum(0).to(v.dtype).transpose(1, 2)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops (for torch.compile: see ops.triton.kernel_op) and autograd
+
+
+def _forward_fake(q, k, v, scale):
+    b, heads, n, _ = q.shape
+    return _token_major(b, heads, n, v.shape[3], q)
+
+
+@kernel_op("zoo::short_keys_attention_fwd", fake=_forward_fake)
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over at most 128 keys: (B, heads, N, d_v), token-major memory."""
+    with on_device(q):
+        return _launch_forward(q, k, v, scale, traced)
+
+
+def _backward_fake(grad_out, q, k, v, scale):
+    b, heads, n, d = q.shape
+    m = k.shape[2]
+    return (_token_major(b, heads, n, d, q), _token_major(b, heads, m, d, k),
+            _token_major(b, heads, m, v.shape[3], v))
+
+
+@kernel_op("zoo::short_keys_attention_bwd", fake=_backward_fake)
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic backward: dq, dk, dv (token-major memory)."""
+    with on_device(q):
+        return _launch_backward(grad_out, q, k, v, scale, traced)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    return (*_backward_op(grad_out, q, k, v, ctx.scale), None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerShortKeys(torch.autograd.Function):
+    """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs host time)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        with on_device(q):
+            out = _launch_forward(q, k, v, scale)
+        _setup_context(ctx, (q, k, v, scale), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        with on_device(q):
+            return (*_launch_backward(grad_out, q, k, v, ctx.scale), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the backend
+
+
+def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v with the kernels, through the path that fits the caller (compiled, inference, eager
+    training)."""
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, scale)
+    if not needs_grad(q, k, v):  # inference: no autograd node, nothing saved
+        with on_device(q):
+            return _launch_forward(q, k, v, scale)
+    return _EagerShortKeys.apply(q, k, v, scale)
+
+
+def downsampled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                                 bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention over at most 128 keys with the Triton kernels (the arguments of
+    :func:`zoo.ops.downsampled_attention`, heads split).
+
+    Args:
+        q: (B, heads, N, d); k: (B, heads, M, d), M <= 128; v: (B, heads, M, d_v); any strides, one dtype among
+            float32/float16/bfloat16, on CUDA (or CPU under ``TRITON_INTERPRET=1``, not bf16).
+        bias, dropout_p: must be None and 0 (neither is fused; dispatch sends such calls elsewhere).
+
+    Returns:
+        (B, heads, N, d_v) in q's dtype, a view of token-major (B, N, heads, d_v) memory.
+    """
+    _refuse_unfused(_OP, bias, dropout_p)
+    return _short_keys_attention(q, k, v, scale)
+
+
+def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v_k: torch.Tensor | None, v_q: torch.Tensor | None, *,
+                           scale: float, bias: torch.Tensor | None = None,
+                           dropout_p: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both directions of :func:`zoo.ops.cross_attention` (same arguments): ``out_k`` (the N k tokens reading from at
+    most 128 q tokens) with the kernels, ``out_q`` (q reading from the N k tokens: a long key set) with SDPA.
+
+    Args:
+        q: (B, heads, M, d), M <= 128; k: (B, heads, N, d); v_k: (B, heads, N, d_v) or None; v_q: (B, heads, M,
+            d_v2) or None; one dtype among float32/float16/bfloat16.
+        bias, dropout_p: must be None and 0.
+
+    Returns:
+        ``(out_q, out_k)`` as :func:`zoo.ops.cross_attention` returns them (``out_k`` token-major in memory).
+    """
+    from .._sdpa import sdpa
+
+    _refuse_unfused(_CROSS, bias, dropout_p)
+    out_q = None if v_k is None else sdpa(q, k, v_k, scale=scale)
+    out_k = None if v_q is None else _short_keys_attention(k, q, v_q, scale)
+    return out_q, out_k
+
+
+def _refuse_unfused(op: str, bias: torch.Tensor | None, dropout_p: float) -> None:
+    if bias is not None or dropout_p:
+        raise ValueError(f"{op} triton backend: needs bias=None and dropout_p=0, got a bias of "
+                         f"{None if bias is None else tuple(bias.shape)} and dropout_p={dropout_p}")
+
+
+def _cross_supports(q: torch.Tensor, k: torch.Tensor, v_k: torch.Tensor | None, v_q: torch.Tensor | None, *,
+                    scale: float | None = None, bias: torch.Tensor | None = None,
+                    dropout_p: float = 0.0) -> str | None:
+    """Why the cross-attention triton backend cannot serve these arguments, or None."""
+    if v_q is None:
+        return "no v_q: the kernels serve the reverse direction (k reading from q), which is not asked for"
+    if v_k is not None and v_k.dtype != q.dtype:
+        return f"v_k dtype {v_k.dtype} differs from q's {q.dtype}"
+    return _supports(k, q, v_q, bias=bias, dropout_p=dropout_p)
+
+
+def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> str | None:
+    """Why the downsampled-attention triton backend cannot serve these arguments, or None."""
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; needs one of float32/float16/bfloat16"
+    if bias is not None:
+        return "a logit bias (not fused)"
+    if dropout_p:
+        return f"dropout_p={dropout_p} (attention dropout is not fused)"
+    if len({q.device, k.device, v.device}) > 1:
+        return "inputs on different devices"
+    if k.shape[2] > MAX_KEYS:
+        return f"{k.shape[2]} keys; the kernels hold at most {MAX_KEYS} in one tile"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernels take at most {MAX_HEAD_DIM}"
+    b, heads, n, _ = q.shape
+    if any(item_extent(t) > INT32_MAX for t in (q, k, v)) or n * heads * max(q.shape[-1], v.shape[-1]) > INT32_MAX:
+        return "tensors too large for the kernels' 32-bit in-item offsets"
+    return device_reason(q.device, (q.dtype,), _kernels_interpreted())
+
+
+register_backend(_OP, "triton", downsampled_attention_triton, supports=_supports, priority=20,
+                 available=triton_missing_reason)
+register_backend(_CROSS, "triton", cross_attention_triton, supports=_cross_supports, priority=20,
+                 available=triton_missing_reason)

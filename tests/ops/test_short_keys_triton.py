@@ -1,0 +1,295 @@
+"""downsampled_attention and cross_attention ``triton`` backends (attention over at most 128 keys): against the
+reference backend in Triton's CPU interpreter (subprocess with TRITON_INTERPRET=1, fp32/fp16, tiny shapes, split
+backward) and on the GPU (PVT and LookupViT shapes, fp32/fp16/bf16, determinism, torch.compile); refusals on plain
+CPU."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import zoo.ops.triton.short_keys as tk  # registers the backend
+from zoo.ops import cross_attention, downsampled_attention
+from zoo.ops._dispatch import select_backend
+from triton_checks import assert_close_to, assert_inductor_launches, run_compiled, run_in_interpreter
+
+
+def make_inputs(b, heads, n, m, d, dv, *, dtype=torch.float32, device="cpu", seed=0):
+    """q as a head-split view of a (B, N, heads, d) projection (the models' strides), k and v head-split views of one
+    (B, M, 2, heads, d) projection; all require grad."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, heads, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    kv = torch.randn(b, m, 2, heads, max(d, dv), generator=g).to(device=device, dtype=dtype)
+    k, v = kv[:, :, 0, :, :d].transpose(1, 2), kv[:, :, 1, :, :dv].transpose(1, 2)
+    return _leaves(q, k, v)
+
+
+def _leaves(*views):
+    """Leaf tensors with the views' strides (grad flows to them directly)."""
+    out = []
+    for t in views:
+        leaf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        with torch.no_grad():
+            leaf.copy_(t)
+        out.append(leaf.requires_grad_())
+    return out
+
+
+def out_and_grads(tensors, backend, scale, grad_seed=7):
+    """Output and gradients of sum(out * g) w.r.t. q, k, v."""
+    q, k, v = tensors
+    out = downsampled_attention(q, k, v, scale=scale, backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
+    return (out, *torch.autograd.grad(out, tensors, g))
+
+
+def float64_out_and_grads(tensors, scale, grad_seed=7):
+    """The reference backend on float64 copies (the oracle), same cotangent."""
+    return out_and_grads([t.detach().double().requires_grad_() for t in tensors], "reference", scale, grad_seed)
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def test_refusals_are_explained():
+    q, k, v = make_inputs(1, 2, 8, 8, 16, 16)
+    assert "float32/float16/bfloat16" in tk._supports(q.double(), k.double(), v.double(), scale=0.25)
+    assert "dtypes" in tk._supports(q, k.half(), v, scale=0.25)
+    assert "bias" in tk._supports(q, k, v, scale=0.25, bias=torch.zeros(1, 1, 8, 8))
+    assert "dropout" in tk._supports(q, k, v, scale=0.25, dropout_p=0.1)
+    many = torch.zeros(1, 2, tk.MAX_KEYS + 1, 16)
+    assert "keys" in tk._supports(q, many, many, scale=0.25)
+    wide = make_inputs(1, 1, 4, 4, 256, 16)
+    assert "head dims" in tk._supports(*wide, scale=0.1)
+    with pytest.raises(ValueError, match="bias=None and dropout_p=0"):
+        tk.downsampled_attention_triton(q, k, v, scale=0.25, dropout_p=0.1)
+    if not tk._kernels_interpreted():
+        assert "TRITON_INTERPRET=1" in tk._supports(q, k, v, scale=0.25)
+        with torch.no_grad():  # automatic choice falls back quietly
+            assert select_backend("downsampled_attention", None, q, k, v, bias=None, scale=0.25,
+                                  dropout_p=0.0).name != "triton"
+
+
+def test_cross_attention_refusals_are_explained():
+    q, k, v_q = make_inputs(1, 2, 8, 8, 16, 16)
+    assert "no v_q" in tk._cross_supports(q, k, v_q, None)
+    assert "v_k dtype" in tk._cross_supports(q, k, v_q.half(), v_q)
+    many = torch.zeros(1, 2, tk.MAX_KEYS + 1, 16)
+    assert "keys" in tk._cross_supports(many, k, None, many)  # M q tokens are the reverse direction's keys
+    assert "bias" in tk._cross_supports(q, k, None, v_q, bias=torch.zeros(1, 1, 8, 8))
+
+
+def test_plans_split_the_queries_only_when_the_pairs_are_few():
+    q, k, v = (torch.empty(128, 1, 3136, 64, dtype=torch.bfloat16), torch.empty(128, 1, 49, 64, dtype=torch.bfloat16),
+               torch.empty(128, 1, 49, 64, dtype=torch.bfloat16))
+    plan = tk._plan(q, k, v, True)  # PVT-S stage 0: 128 (batch, head) pairs -> 4 chunks of 13 64-row tiles
+    assert plan.grid == (128, 4) and plan.chunk == 832 and plan.constexprs["BLOCK_M"] == 64
+    many = torch.empty(64, 8, 196, 64, dtype=torch.bfloat16)
+    assert tk._plan(many, k[:64].expand(64, 8, 49, 64), v[:64].expand(64, 8, 49, 64), True).grid == (512, 1)
+    assert tk._plan(q.float(), k.float(), v.float(), False).constexprs["BLOCK_T"] == 16
+    with tk.use_tiles(block_t=32, num_warps=2, num_stages=3):
+        plan = tk._plan(q, k, v, False)
+        assert plan.constexprs["BLOCK_T"] == 32 and plan.options == {"num_warps": 2, "num_stages": 3}
+    with pytest.raises(ValueError, match="block_t must be a power of two >= 16"):
+        tk.use_tiles(block_t=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton interpreter (subprocess: TRITON_INTERPRET must be set before the kernels are built)
+
+INTERPRETER_CASES = [
+    # (B, heads, N, M, d, d_v)
+    (2, 2, 40, 9, 16, 16),    # 3x3 reduced keys, padded key tile
+    (1, 3, 70, 33, 16, 24),   # several query tiles, d_v != d
+    (3, 1, 50, 49, 32, 32),   # one head: PVT's stage-0 case, split into chunks
+    (1, 2, 17, 128, 16, 16),  # a full 128-key tile
+    (2, 2, 12, 9, 16, 16),    # one query tile: no split, the gradients written directly
+]
+
+
+def _interpreter_fp32_checks() -> None:
+    """fp32: output and every gradient vs the reference backend (split into chunks of query rows, as the small
+    batches here are); bitwise repeatable."""
+    warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
+    for case in INTERPRETER_CASES:
+        b, heads, n, m, d, dv = case
+        tensors = make_inputs(b, heads, n, m, d, dv, seed=n)
+        got = out_and_grads(tensors, "triton", d ** -0.5)
+        want = out_and_grads(tensors, "reference", d ** -0.5)
+        for name, x, y in zip(NAMES, got, want):
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case}")
+        again = out_and_grads(tensors, "triton", d ** -0.5)
+        for name, x, y in zip(NAMES, got, again):
+            assert torch.equal(x, y), f"{name} not bitwise repeatable {case}"
+        with torch.no_grad():  # the inference launch (no autograd node)
+            inference = downsampled_attention(*tensors, scale=d ** -0.5, backend="triton")
+        assert torch.equal(inference, got[0]), f"inference output differs {case}"
+    # token layout (B, N, heads * d) through the public function; 16-row tiles: 4 (batch, head) pairs x 5 chunks
+    b, heads, n, m, d = 2, 2, 70, 20, 16
+    q, k, v = (torch.randn(b, t, heads * d, requires_grad=True) for t in (n, m, m))
+    g = torch.randn(b, n, heads * d)
+    want = torch.autograd.grad(downsampled_attention(q, k, v, num_heads=heads, backend="reference"), (q, k, v), g)
+    with tk.use_tiles(block_t=16, num_warps=2, num_stages=1):
+        assert tk._plan(*(x.view(b, t, heads, d).transpose(1, 2) for x, t in ((q, n), (k, m), (v, m))),
+                        True).grid == (4, 5)
+        out = downsampled_attention(q, k, v, num_heads=heads, backend="triton")
+        got = torch.autograd.grad(out, (q, k, v), g)
+    assert out.shape == (b, n, heads * d)
+    for name, x, y in zip(NAMES[1:], got, want):
+        assert_close_to(x, y, 1e-5, 1e-5, f"{name} split")
+    print("fp32 ok")
+
+
+def _cross_out_and_grads(tensors, backend, with_v_k, grad_seed=9):
+    q, k, v_k, v_q = tensors
+    out_q, out_k = cross_attention(q, k, v_k if with_v_k else None, v_q, backend=backend)
+    outs = [o for o in (out_q, out_k) if o is not None]
+    g = torch.Generator().manual_seed(grad_seed)
+    cot = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    leaves = [t for t in tensors if t is not None and (with_v_k or t is not v_k)]
+    return (*outs, *torch.autograd.grad(outs, leaves, cot))
+
+
+def _cross_inputs(b, heads, m, n, d, *, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, heads, t, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+            for t in (m, n, n, m)]  # q, k, v_k, v_q
+
+
+def _interpreter_cross_checks() -> None:
+    """cross_attention: both directions and the reverse alone vs the reference backend, fp32."""
+    warnings.filterwarnings("error", message=".*falling back")
+    for with_v_k in (True, False):
+        tensors = _cross_inputs(2, 2, 9, 40, 16, seed=3)
+        got = _cross_out_and_grads(tensors, "triton", with_v_k)
+        want = _cross_out_and_grads(tensors, "reference", with_v_k)
+        assert len(got) == len(want) == (6 if with_v_k else 4)
+        for i, (x, y) in enumerate(zip(got, want)):
+            assert_close_to(x, y, 1e-5, 1e-5, f"cross with_v_k={with_v_k} #{i}")
+    print("cross ok")
+
+
+def _interpreter_fp16_and_compile_checks() -> None:
+    """fp16 vs a float64 oracle; custom-op registration (opcheck); a graph-break-free trace equal to eager."""
+    warnings.filterwarnings("error", message=".*falling back")
+    tensors = make_inputs(2, 2, 40, 9, 16, 16, dtype=torch.float16, seed=1)
+    got = out_and_grads(tensors, "triton", 0.25)
+    want = float64_out_and_grads(tensors, 0.25)
+    for name, x, y in zip(NAMES, got, want):
+        assert_close_to(x, y, 4e-3, 3e-3, f"fp16 {name}")
+
+    q, k, v = make_inputs(1, 2, 12, 10, 16, 16, seed=2)
+    torch.library.opcheck(torch.ops.zoo.short_keys_attention_fwd.default, (q, k, v, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss(q, k, v):
+        return downsampled_attention(q, k, v, scale=0.25).square().sum()
+
+    assert select_backend("downsampled_attention", None, q, k, v, bias=None, scale=0.25,
+                          dropout_p=0.0).name == "triton"
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for x, y in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)), torch.autograd.grad(loss(q, k, v), (q, k, v))):
+        assert torch.equal(x, y)
+    print("fp16 + compile ok")
+
+
+def test_triton_interpreter_fp32_forward_backward_determinism():
+    run_in_interpreter("test_short_keys_triton", "_interpreter_fp32_checks")
+
+
+def test_triton_interpreter_fp16_custom_op_and_compile_trace():
+    run_in_interpreter("test_short_keys_triton", "_interpreter_fp16_and_compile_checks")
+
+
+def test_triton_interpreter_cross_attention_both_directions():
+    run_in_interpreter("test_short_keys_triton", "_interpreter_cross_checks")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the released models' shapes at 224, batch 8
+
+SHAPES = {  # (heads, N, M, d)
+    "pvt_s0": (1, 3136, 49, 64),     # PVT-S / Agent-PVT stage 0: 56x56 queries over 7x7 reduced keys (sr 8)
+    "pvt_s1": (2, 784, 49, 64),      # stage 1 (sr 4)
+    "pvt_s2": (5, 196, 49, 64),      # stage 2 (sr 2)
+    "keys_128": (4, 300, 128, 32),   # the widest key tile
+}
+GPU_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1.5e-2)}
+
+
+def _gpu_case(shape, dtype, seed=0, batch=8):
+    heads, n, m, d = SHAPES[shape]
+    return make_inputs(batch, heads, n, m, d, d, dtype=dtype, device="cuda", seed=seed), d ** -0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_triton_matches_float64(shape, dtype):
+    tensors, scale = _gpu_case(shape, dtype)
+    assert select_backend("downsampled_attention", None, *tensors, bias=None, scale=scale,
+                          dropout_p=0.0).name == "triton"
+    got = out_and_grads(tensors, "triton", scale)
+    want = float64_out_and_grads(tensors, scale)
+    max_abs, rel = GPU_TOL[dtype]
+    for name, x, y in zip(NAMES, got, want):
+        assert x.dtype == dtype, name
+        assert_close_to(x, y, max_abs, rel, f"{shape} {dtype} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["pvt_s0", "pvt_s2"])
+def test_gpu_backward_is_bitwise_deterministic(shape):
+    tensors, scale = _gpu_case(shape, torch.bfloat16, seed=2)
+    first = out_and_grads(tensors, "triton", scale)
+    for _ in range(3):
+        for name, x, y in zip(NAMES, first, out_and_grads(tensors, "triton", scale)):
+            assert torch.equal(x, y), f"{name} differs between runs"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_matches_eager():
+    tensors, scale = _gpu_case("pvt_s1", torch.bfloat16, seed=3)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16)
+
+    def block(q, k, v):
+        return proj(downsampled_attention(q, k, v, scale=scale, backend="triton")).float().square().mean()
+
+    compiled = torch.compile(block, fullgraph=True)
+    got, code = run_compiled(lambda: torch.autograd.grad(compiled(*tensors), tensors))
+    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
+    for x, y in zip(got, torch.autograd.grad(block(*tensors), tensors)):
+        assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_cross_attention_matches_float64(dtype):
+    """LookupViT-B's bidirectional cross-attention: 49 compressed tokens, 576 lookup tokens, 12 heads of 64."""
+    tensors = _cross_inputs(4, 12, 49, 576, 64, dtype=dtype, device="cuda", seed=5)
+    q, k, v_k, v_q = tensors
+    assert select_backend("cross_attention", None, q, k, v_k, v_q, bias=None, scale=0.125,
+                          dropout_p=0.0).name == "triton"
+    got = _cross_out_and_grads(tensors, "triton", True)
+    want = _cross_out_and_grads([t.detach().double().requires_grad_() for t in tensors], "reference", True)
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert x.dtype == dtype
+        assert_close_to(x, y, *GPU_TOL[dtype], f"cross {dtype} #{i}")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_follows_a_changing_batch():
+    # the second batch size makes dynamo recompile with a symbolic batch: the plan's chunk count then depends on it
+    torch._dynamo.reset()
+
+    def attend(q, k, v, scale):
+        return downsampled_attention(q, k, v, scale=scale, backend="triton")
+
+    compiled = torch.compile(attend, fullgraph=True)
+    for batch in (4, 6, 3):
+        tensors, scale = _gpu_case("pvt_s1", torch.bfloat16, seed=batch, batch=batch)
+        with torch.no_grad():
+            assert_close_to(compiled(*tensors, scale), attend(*tensors, scale), 2e-2, 1e-2, f"batch {batch}")
