@@ -295,8 +295,8 @@ def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         return f"dropout_p={dropout_p} (attention dropout is not fused)"
     if len({q.device, k.device, v.device}) > 1:
         return "inputs on different devices"
-    if k.shape[2] > MAX_KEYS:
-        return f"{k.shape[2]} keys; the kernels hold at most {MAX_KEYS} in one tile"
+    if not 0 < k.shape[2] <= MAX_KEYS:
+        return f"{k.shape[2]} keys; the kernels take 1 to {MAX_KEYS} (all in one tile)"
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernels take at most {MAX_HEAD_DIM}"
     b, heads, n, _ = q.shape

@@ -77,6 +77,7 @@ def test_cross_attention_refusals_are_explained():
     assert "v_k dtype" in tk._cross_supports(q, k, v_q.half(), v_q)
     many = torch.zeros(1, 2, tk.MAX_KEYS + 1, 16)
     assert "keys" in tk._cross_supports(many, k, None, many)  # M q tokens are the reverse direction's keys
+    assert "0 keys" in tk._cross_supports(q[:, :, :0], k, None, v_q[:, :, :0])
     assert "bias" in tk._cross_supports(q, k, None, v_q, bias=torch.zeros(1, 1, 8, 8))
 
 
