@@ -14,7 +14,7 @@ from .window import window_attention  # noqa: F401
 from .triton import window as _window_triton  # noqa: F401  (registers the triton backend of window_attention)
 from .cross import cross_attention  # noqa: F401
 from .downsampled import downsampled_attention  # noqa: F401
-from .triton import short_keys as _short_keys_triton  # noqa: F401  (registers downsampled_attention's triton backend)
+from .triton import short_keys as _short_keys_triton  # noqa: F401  (triton backends of downsampled, cross attention)
 from .masked import masked_attention, structured_mask  # noqa: F401
 from .neighborhood import neighborhood_attention, neighborhood_mask  # noqa: F401
 from .triton import neighborhood as _neighborhood_triton  # noqa: F401  (registers its triton backend)
