@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "on_device",
            "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "is_num_warps",
-           "check_tile_edge",
+           "check_tile_edge", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
@@ -104,6 +104,13 @@ def broadcast_strides(shape: Sequence[int], stride: Sequence[int], ndim: int) ->
     """
     lead = ndim - len(shape)
     return (0,) * lead + tuple(0 if size == 1 else st for size, st in zip(shape, stride))
+
+
+def token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, heads, n, d) view of a contiguous (B, n, heads, d) tensor with ``like``'s device and
+    dtype: kernels write attention outputs and gradients token-major, so the models' ``transpose(1, 2).reshape(B, n,
+    heads * d)`` back to tokens is free."""
+    return torch.empty((b, n, heads, d), device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
 def override_knobs(knobs: dict[str, Any], **values: Any) -> contextlib.AbstractContextManager:

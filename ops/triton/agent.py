@@ -39,8 +39,8 @@ import torch
 
 from .._dispatch import register_backend
 from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, direct, dot_precision,
-               item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced,
-               triton_missing_reason)
+               item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
+               token_major, traced, triton_missing_reason)
 
 __all__ = ["agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
 
@@ -89,10 +89,6 @@ def _kernels() -> _Kernels:
 # ----------------------------------------------------------------------------------------------------------------
 # launches
 
-
-def _token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor, dtype: torch.dtype | None = None):
-    """(B, heads, n, d) view of a contiguous (B, n, heads, d) tensor."""
-    return torch.empty((b, n, heads, d), device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
 
 
 def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
@@ -171,7 +167,7 @@ def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct
     without, those two are None and neither allocated nor written (inference)."""
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, False)
     s = plan.sizes
-    out = _token_major(s.b, s.heads, s.n, s.dv, q)
+    out = token_major(s.b, s.heads, s.n, s.dv, q)
     agent_v = lse = None
     if stats:
         agent_v = torch.empty((s.b, s.heads, s.a, s.dv), device=q.device, dtype=q.dtype)
@@ -191,10 +187,10 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
                      agent_bias_grad: bool, query_bias_grad: bool, launch=direct):
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, True)
     s = plan.sizes
-    dq = _token_major(s.b, s.heads, s.n, s.d, q)
-    dk = _token_major(s.b, s.heads, s.m, s.d, k)
-    dv = _token_major(s.b, s.heads, s.m, s.dv, v)
-    da = _token_major(s.b, s.heads, s.a, s.d, agent)
+    dq = token_major(s.b, s.heads, s.n, s.d, q)
+    dk = token_major(s.b, s.heads, s.m, s.d, k)
+    dv = token_major(s.b, s.heads, s.m, s.dv, v)
+    da = token_major(s.b, s.heads, s.a, s.d, agent)
     dab = torch.empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), device=q.device, dtype=torch.float32)
     dqb = torch.empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), device=q.device, dtype=torch.float32)
     if s.b * s.heads == 0 or s.n == 0:
@@ -215,7 +211,7 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
 
 def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale):
     s = _Sizes.of(q, v, agent)
-    return (_token_major(s.b, s.heads, s.n, s.dv, q), q.new_empty((s.b, s.heads, s.a, s.dv)),
+    return (token_major(s.b, s.heads, s.n, s.dv, q), q.new_empty((s.b, s.heads, s.a, s.dv)),
             q.new_empty((s.b, s.heads, s.a), dtype=torch.float32))
 
 
@@ -232,8 +228,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.
 def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale, agent_bias_grad,
       query_bias_grad):
     s = _Sizes.of(q, v, agent)
-    return (_token_major(s.b, s.heads, s.n, s.d, q), _token_major(s.b, s.heads, s.m, s.d, k),
-            _token_major(s.b, s.heads, s.m, s.dv, v), _token_major(s.b, s.heads, s.a, s.d, agent),
+    return (token_major(s.b, s.heads, s.n, s.d, q), token_major(s.b, s.heads, s.m, s.d, k),
+            token_major(s.b, s.heads, s.m, s.dv, v), token_major(s.b, s.heads, s.a, s.d, agent),
             q.new_empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), dtype=torch.float32),
             q.new_empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), dtype=torch.float32))
 

@@ -34,8 +34,10 @@ from typing import NamedTuple
 import torch
 
 from .._dispatch import register_backend
+from .._sdpa import sdpa
 from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent, kernel_op,
-               kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced, triton_missing_reason)
+               kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, token_major, traced,
+               triton_missing_reason)
 
 __all__ = ["downsampled_attention_triton", "cross_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_KEYS",
            "MAX_HEAD_DIM"]
@@ -109,14 +111,10 @@ def _plan_for(b: int, heads: int, n: int, m: int, d: int, dv: int, dtype: torch.
     return _Plan((b * heads, chunks), chunk, (heads, n, m, chunk), constexprs, options)
 
 
-def _token_major(b: int, heads: int, n: int, d: int, like: torch.Tensor, dtype: torch.dtype | None = None):
-    """(B, heads, n, d) view of a contiguous (B, n, heads, d) tensor."""
-    return torch.empty((b, n, heads, d), device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
-
 
 def _launch_forward(q, k, v, scale: float, launch=direct) -> torch.Tensor:
     b, heads, n, _ = q.shape
-    out = _token_major(b, heads, n, v.shape[3], q)
+    out = token_major(b, heads, n, v.shape[3], q)
     if b * heads == 0 or n == 0:
         return out
     plan = _plan(q, k, v, False)
@@ -129,13 +127,13 @@ def _launch_forward(q, k, v, scale: float, launch=direct) -> torch.Tensor:
 def _launch_backward(grad_out, q, k, v, scale: float, launch=direct):
     b, heads, n, d = q.shape
     m, dv_width = k.shape[2], v.shape[3]
-    dq = _token_major(b, heads, n, d, q)
+    dq = token_major(b, heads, n, d, q)
     if b * heads == 0 or n == 0:
-        return dq, _token_major(b, heads, m, d, k).zero_(), _token_major(b, heads, m, dv_width, v).zero_()
+        return dq, token_major(b, heads, m, d, k).zero_(), token_major(b, heads, m, dv_width, v).zero_()
     plan = _plan(q, k, v, True)
     splits = plan.grid[1]
     if splits == 1:  # one program per (batch, head): it writes the gradients themselves
-        dk, dv = _token_major(b, heads, m, d, k), _token_major(b, heads, m, dv_width, v)
+        dk, dv = token_major(b, heads, m, d, k), token_major(b, heads, m, dv_width, v)
         dk_mem, dv_mem, dk_split, dv_split = dk, dv, 0, 0
     else:  # float32 partial sums per chunk, (splits, B, M, heads, d), summed below in a fixed order
         dk_mem = torch.empty((splits, b, m, heads, d), device=q.device, dtype=torch.float32)
@@ -156,7 +154,7 @@ def _launch_backward(grad_out, q, k, v, scale: float, launch=direct):
 
 def _forward_fake(q, k, v, scale):
     b, heads, n, _ = q.shape
-    return _token_major(b, heads, n, v.shape[3], q)
+    return token_major(b, heads, n, v.shape[3], q)
 
 
 @kernel_op("zoo::short_keys_attention_fwd", fake=_forward_fake)
@@ -169,8 +167,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 def _backward_fake(grad_out, q, k, v, scale):
     b, heads, n, d = q.shape
     m = k.shape[2]
-    return (_token_major(b, heads, n, d, q), _token_major(b, heads, m, d, k),
-            _token_major(b, heads, m, v.shape[3], v))
+    return (token_major(b, heads, n, d, q), token_major(b, heads, m, d, k),
+            token_major(b, heads, m, v.shape[3], v))
 
 
 @kernel_op("zoo::short_keys_attention_bwd", fake=_backward_fake)
@@ -258,8 +256,6 @@ def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v_k: torch.Tensor |
     Returns:
         ``(out_q, out_k)`` as :func:`zoo.ops.cross_attention` returns them (``out_k`` token-major in memory).
     """
-    from .._sdpa import sdpa
-
     _refuse_unfused(_CROSS, bias, dropout_p)
     out_q = None if v_k is None else sdpa(q, k, v_k, scale=scale)
     out_k = None if v_q is None else _short_keys_attention(k, q, v_q, scale)
