@@ -4,10 +4,10 @@ with the argument types inductor's launcher gives a ``triton_op``'s kernels (Pyt
 The host-side launch code of each backend runs on CPU tensors with a recording launcher in place of the kernels, and
 each recorded launch is compiled ahead of time. This catches on CPU what otherwise fails only on the GPU inside
 ``torch.compile``: a helper the kernel reaches through a closure, fp64 statistics from an fp64 scale, a constexpr
-misuse, a tile that does not fit. The same recorded launches also go through torch.compile's analysis of which
-tensors a kernel writes: an input it counts as written is copied before every launch in a compiled graph (and once
-broke ms_deform's value gradient under compile). Whether the kernels compute the right numbers is the other tests'
-job (the CPU interpreter and the GPU tests).
+misuse, a tile that does not fit (in registers, or in the H200's 227 KiB of shared memory a block). The same recorded
+launches also go through torch.compile's analysis of which tensors a kernel writes: an input it counts as written is
+copied before every launch in a compiled graph (and once broke ms_deform's value gradient under compile). Whether
+the kernels compute the right numbers is the other tests' job (the CPU interpreter and the GPU tests).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ pytestmark = [
 LN = importlib.import_module("zoo.ops.layer_norm")  # the module (``zoo.ops.layer_norm`` is the function)
 
 BF16, FP32 = torch.bfloat16, torch.float32
+_H200_SHARED_BYTES = 227 * 1024
 
 
 def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -166,6 +167,10 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
         compiled = compile_for_gpu(kernel, args, kw)
         assert compiled.metadata.num_warps == kw.get("num_warps", 4)
         assert ".target sm_90" in compiled.asm["ptx"], f"{case}: {kernel.fn.__name__} not built for sm_90"
+        # ptxas builds a kernel whose tiles need more than the H200's 227 KiB of shared memory a block; its launch
+        # then fails (OutOfResources), only on the GPU
+        shared = compiled.metadata.shared
+        assert shared <= _H200_SHARED_BYTES, f"{case}: {kernel.fn.__name__} needs {shared} bytes of shared memory"
 
 
 # What each kernel stores to: the pointers always written, and those written only when a constexpr flag of the
