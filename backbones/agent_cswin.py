@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import agent_attention, window_attention
+from zoo.ops import Mlp, agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from zoo.ops import agent_attention, downsampled_attention
+from zoo.ops import Mlp, agent_attention, downsampled_attention
 from zoo.registry import build_zoo_model, register_variants
 
 from ._layers import check_images, init_linears, projection_norm

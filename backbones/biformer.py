@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
-from zoo.ops import downsampled_attention, routing_attention
+from zoo.ops import SequentialMlp, downsampled_attention, routing_attention
 from zoo.registry import build_zoo_model, register_family, register_variants
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "NCHWRoutingAttention", "AttentionLePE", "NCHWAttentionLePE"]
@@ -248,7 +248,7 @@ class Block(nn.Module):
         self.attn = attn
         self.norm2 = projection_norm(norm, dim) if pre_norm else norm(dim)
         middle = [_DWConvNHWC(hidden) if mlp_dwconv else nn.Identity()] if mlp_slot else []
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), *middle, nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = SequentialMlp(nn.Linear(dim, hidden), *middle, nn.GELU(), nn.Linear(hidden, dim))
         if layer_scale_init_value > 0:
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
             self.gamma2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))

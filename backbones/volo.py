@@ -24,13 +24,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo import convert, registry
-from zoo.ops import downsampled_attention, outlook_attention
+from zoo.ops import Mlp, downsampled_attention, outlook_attention
 
 from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
 

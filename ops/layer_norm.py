@@ -40,8 +40,8 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import (device_reason, direct, interpreter_requested, kernel_op, needs_grad, no_device_reason, on_device,
-                     traced)
+from .triton import (device_reason, direct, dtypes_reason, interpreter_requested, kernel_op, needs_grad,
+                     no_device_reason, on_device, traced)
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -157,7 +157,6 @@ register_backend(_OP, "reference", _reference, priority=0)
 # and each program sums dy * xhat and dy over its rows into one float32 row of a (G, C) partials tensor; the
 # partials are reduced by .sum(0) outside the kernel (deterministic for a given device and shape, no atomics).
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_C = 8192
 _TILE = 4096  # register-tile elements per program (BLOCK_ROWS * BLOCK_C, BLOCK_ROWS >= 1)
 _MAX_ROWS = 128
@@ -167,10 +166,7 @@ _BACKWARD_PROGRAMS_PER_SM = 4  # not tuned: the partials cost G * C * 8 bytes, G
 def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
     dtypes = {"x": x.dtype, "output": out_dtype}
     dtypes.update({name: t.dtype for name, t in (("weight", weight), ("bias", bias)) if t is not None})
-    wrong = {name: dt for name, dt in dtypes.items() if dt not in _TRITON_DTYPES}
-    if wrong:
-        return f"dtypes {wrong}; needs float32/float16/bfloat16"
-    reason = device_reason(x.device, dtypes.values(), interpreter_requested())
+    reason = dtypes_reason(dtypes) or device_reason(x.device, dtypes.values(), interpreter_requested())
     if reason is not None:
         return reason
     if x.shape[-1] > _MAX_C:

@@ -24,6 +24,7 @@ pytestmark = [
     pytest.mark.skipif(interpreter_requested(), reason="compiles the JIT kernels, not interpreted ones"),
 ]
 LN = importlib.import_module("zoo.ops.layer_norm")  # the module (``zoo.ops.layer_norm`` is the function)
+FM = importlib.import_module("zoo.ops.mlp")
 
 BF16, FP32 = torch.bfloat16, torch.float32
 _H200_SHARED_BYTES = 227 * 1024
@@ -106,6 +107,14 @@ def _layer_norm(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None
     LN._launch_backward(y, x, weight, mean, rstd, True, True, True, launch)
 
 
+def _mlp(launch: LaunchRecorder, monkeypatch, c_in: int, hidden: int, c_out: int, dtype: torch.dtype) -> None:
+    """The fused MLP over 3136 tokens, weights already in the compute dtype (as the backend passes them)."""
+    x = _randn(1, 3136, c_in, dtype=dtype)
+    w1, b1 = _randn(hidden, c_in, dtype=dtype), _randn(hidden, dtype=dtype)
+    w2, b2 = _randn(c_out, hidden, dtype=dtype), _randn(c_out, dtype=dtype)
+    FM._launch(x, w1, b1, w2, b2, dtype, launch)
+
+
 def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points."""
     from zoo.ops.triton import ms_deform as md
@@ -146,13 +155,17 @@ CASES = {
                                                 dtype=FP32)),
     "outlook.volo_d1.bf16": (_outlook, dict(dtype=BF16)),  # 30 s to compile its three kernels: one dtype only
     "layer_norm.bf16": (_layer_norm, dict(dtype=BF16)),
+    "mlp.pvt_t_s0.bf16": (_mlp, dict(c_in=64, hidden=512, c_out=64, dtype=BF16)),
+    "mlp.c256.bf16": (_mlp, dict(c_in=256, hidden=70, c_out=100, dtype=BF16)),
+    "mlp.c96.fp32": (_mlp, dict(c_in=96, hidden=384, c_out=96, dtype=FP32)),
+    "mlp.c192.fp32": (_mlp, dict(c_in=192, hidden=576, c_out=150, dtype=FP32)),
     "ms_deform.bf16": (_ms_deform, dict(dtype=BF16)),
     "ms_deform.fp32": (_ms_deform, dict(dtype=FP32)),
     "neighborhood.nat_t.bf16": (_neighborhood, dict(spatial=(56, 56), kernel=7, dilation=1, causal=False, dtype=BF16)),
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 4, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "ms_deform": 3,
+EXPECTED_KERNELS = {"routing": 4, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1, "ms_deform": 3,
                     "neighborhood": 3}
 
 
@@ -192,6 +205,7 @@ WRITES = {
                 "grad_attn_kernel": ({"da_ptr"}, {})},
     "layer_norm": {"forward_kernel": ({"y_ptr"}, {"STATS": {"mean_ptr", "rstd_ptr"}}),
                    "backward_kernel": ({"dx_ptr", "dw_ptr", "db_ptr"}, {})},
+    "mlp": {"forward_kernel": ({"y_ptr"}, {})},
     "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
                   "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
                   "_value_grad_kernel": ({"gvalue_ptr"}, {})},

@@ -6,11 +6,7 @@ torch.compile)."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from zoo import ops
 from zoo.ops import LayerNorm, layer_norm, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.triton import triton_missing_reason
-from triton_checks import assert_inference_launch_agrees
+from triton_checks import assert_inference_launch_agrees, run_pytest_in_interpreter
 
 LN = importlib.import_module("zoo.ops.layer_norm")  # the module (``zoo.ops.layer_norm`` is the function)
 
@@ -335,16 +331,9 @@ def test_triton_interpreter_custom_ops_and_compile(interpreter, randn, assert_cl
 
 def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k",
-               "interpreter and not under_interpreter"]
-    proc = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "15 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=15)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,11 +2,6 @@
 against the reference (CPU through TRITON_INTERPRET=1 in a subprocess, and on the GPU)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,7 +9,7 @@ from zoo.ops import outlook_attention, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.outlook import outlook_window_grid, use_tiles
 from zoo.ops.triton import interpreter_requested as _interpreting
-from triton_checks import assert_inference_launch_agrees
+from triton_checks import assert_inference_launch_agrees, run_pytest_in_interpreter
 
 # (H, W, kernel_size, stride, padding, heads, head_dim): VOLO's k3/s2/p1 with odd sizes, stride 1, stride > kernel
 # reach, no padding, even kernels and padding beyond the kernel's reach.
@@ -196,15 +191,9 @@ def test_triton_custom_op_opcheck(randn):
 
 def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests (and the dispatch check) in a fresh process with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
     if _interpreting():
         pytest.skip("already interpreting: the tests above ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-               "-k", "interpreter_matches or opcheck or cpu_dispatch"]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "7 passed" in proc.stdout, proc.stdout[-2000:]
+    run_pytest_in_interpreter(__file__, "interpreter_matches or opcheck or cpu_dispatch", passed=7)
 
 
 @pytest.mark.gpu

@@ -33,6 +33,19 @@ def run_in_interpreter(module: str, check: str) -> None:
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def run_pytest_in_interpreter(test_file: str, keyword: str, passed: int) -> None:
+    """Run the tests of ``test_file`` selected by ``-k keyword`` in a fresh pytest process with
+    ``TRITON_INTERPRET=1`` (triton's own ``tl.sum`` & co. are built in interpreted form only when triton is imported
+    with it set); all must pass and exactly ``passed`` of them run, none skipped."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", keyword]
+    proc = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=HERE.parents[1])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"{passed} passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
 def run_compiled(fn, *args):
     """Run ``fn(*args)``, which calls ``torch.compile``d code, and return its result and the source inductor wrote
     meanwhile (forward and, if ``fn`` differentiates, backward graphs; the FX graph cache is off so nothing is

@@ -1,0 +1,295 @@
+"""The transformer MLP, ``fc2(gelu(fc1(x)))``, with a fused Triton kernel for inference.
+
+For ``x`` of shape (..., C_in)::
+
+    y = gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T + fc2_bias        # (..., C_out)
+
+with the exact (erf) GELU, the semantics of timm's ``Mlp`` with ``nn.GELU`` and no dropout (or in eval mode).
+
+Why a kernel of our own: the hidden activation is ``mlp_ratio`` (3-8) times wider than the tokens, and the unfused
+layers write it, read and write it again for the GELU, and read it once more for ``fc2``. At the first stages of the
+pyramid backbones that traffic dominates the MLP (Agent-PVT-T stage 0 at batch 128: 401,408 tokens of 64 channels, a
+(401,408, 512) bf16 hidden activation of 411 MB and a GELU pass that moves 822 MB); the fused kernel keeps the hidden
+activation in registers, 32 columns at a time, and moves only x, y and the weights. Its floor is then the GELU's erf on
+the CUDA cores, which the matrix products cannot hide. Measured on an H200 (torch 2.11, triton 3.6, bf16 weights,
+kernel ms, unfused cuBLAS + GELU + cuBLAS against fused): Agent-PVT-T stage 0 (C 64, H 512) 0.524 / 0.360, stage 1
+(128, 1024) 0.280 / 0.232, Agent-Swin-T stage 0 (96, 384) 0.442 / 0.355, BiFormer-T stage 0 (64, 192) 0.247 / 0.148;
+but Agent-Swin-T stage 1 (192, 768) 0.234 / 0.302 and DeiT-T (192, 768) 0.077 / 0.109: wider rows take 64 KB of
+registers per tile and the unfused GEMMs win, so the automatic choice takes the kernel only up to 128 channels.
+
+Backends:
+    ``reference``: ``F.linear``, ``F.gelu``, ``F.linear``: the definition; any device and dtype, differentiable,
+        and autocast applies to it as to the layers it is made of.
+    ``triton``: one forward kernel, no backward: inference only (a call that autograd would record goes to the
+        reference). CUDA in float16/bfloat16 (also float32 with IEEE dots, not chosen automatically); on CPU only
+        under ``TRITON_INTERPRET=1`` (float32/float16); ``C_in``, ``C_out`` <= 256. Under autocast it computes in the
+        autocast dtype and rounds where the unfused layers write that dtype (fc1's output, the GELU's output, the
+        result), so it matches them up to the order of float32 accumulation. Chosen automatically on CUDA for 16-bit
+        compute with ``C_in``, ``C_out`` <= 128, in eager code and under ``torch.compile`` (inductor launches the
+        kernel from its generated code). The models' :class:`Mlp` / :class:`SequentialMlp` call it only in compiled
+        graphs (see :class:`Mlp` for the measurement).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional  # custom_op schemas: Optional is read by every torch >= 2.5
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp as _TimmMlp
+from torch import nn
+
+from ._amp import autocast_dtype
+from ._dispatch import call_key, dispatch, register_backend, validated
+from .triton import (device_reason, direct, dtypes_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2,
+                     no_device_reason, on_device, traced)
+
+__all__ = ["Mlp", "SequentialMlp", "mlp"]
+
+_OP = "mlp"
+_ACTIVATIONS = ("gelu",)
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor | None, activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
+    """``gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T + fc2_bias`` over the last dimension.
+
+    Args:
+        x: (..., C_in) floating point; any number of leading dimensions, possibly zero rows.
+        fc1_weight: (H, C_in); fc1_bias: (H,) or None.
+        fc2_weight: (C_out, H); fc2_bias: (C_out,) or None.
+        activation: ``"gelu"``, the exact (erf) GELU.
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (..., C_out). Under autocast (for x's device, x float32/float16/bfloat16) in the autocast dtype, as
+        ``F.linear`` gives it; otherwise in x's dtype, and then the weights must have x's dtype too.
+    """
+    compute = _compute_dtype(x) if isinstance(x, torch.Tensor) else None
+    key = call_key(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, compute)
+    if not validated(_OP, key):
+        _check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, compute)
+    return dispatch(_OP, backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute, key=key)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    amp = autocast_dtype(x.device.type)
+    return amp if amp is not None and x.dtype in _AUTOCAST_INPUTS else x.dtype
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, compute) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
+        raise ValueError(f"mlp: x must be a floating-point tensor of shape (..., C_in), got {_describe(x)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"mlp: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    c_in = x.shape[-1]
+    hidden = fc1_weight.shape[0] if isinstance(fc1_weight, torch.Tensor) and fc1_weight.ndim == 2 else None
+    c_out = fc2_weight.shape[0] if isinstance(fc2_weight, torch.Tensor) and fc2_weight.ndim == 2 else None
+    expected = {"fc1_weight": (hidden, c_in), "fc1_bias": (hidden,), "fc2_weight": (c_out, hidden),
+                "fc2_bias": (c_out,)}
+    given = {"fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+    for name, t in given.items():
+        if t is None and name.endswith("bias"):
+            continue
+        if (not isinstance(t, torch.Tensor) or not t.is_floating_point() or hidden is None or c_out is None
+                or tuple(t.shape) != expected[name]):
+            raise ValueError(f"mlp: {name} must be a floating-point tensor of shape (H, C_in) / (H,) / (C_out, H) / "
+                             f"(C_out,) (fc1_weight, fc1_bias, fc2_weight, fc2_bias) for x of shape "
+                             f"{tuple(x.shape)}, got {_describe(t)}")
+        if t.device != x.device:
+            raise ValueError(f"mlp: {name} must be on the device of x ({x.device}), got {t.device}")
+        if compute == x.dtype and autocast_dtype(x.device.type) is None and t.dtype != x.dtype:
+            raise ValueError(f"mlp: {name} has dtype {t.dtype} but x has {x.dtype}; outside autocast they must "
+                             "match (or run under torch.autocast)")
+
+
+class Mlp(_TimmMlp):
+    """timm's ``Mlp`` whose GELU MLPs run through :func:`mlp` (the fused kernel) inside ``torch.compile`` graphs.
+
+    Same constructor, parameters and state-dict keys as ``timm.layers.Mlp``. A call takes :func:`mlp` when it is
+    being compiled (``torch.compile``), the activation is an exact ``nn.GELU``, there is no hidden norm, the layers
+    are linear (not ``use_conv``), the in and out widths are those where the kernel measured faster (<= 128),
+    dropout is off (p = 0 or eval mode) and autograd records nothing (inference); otherwise it is timm's forward.
+
+    Why only when compiled: eager inference of these backbones is bound by host time on an H200, and the fused call's
+    Python and Triton launch cost about what the three layers' calls save (eager Agent-PVT-T, Agent-Swin-T and
+    BiFormer-T measured slower or within noise with it), while in a compiled graph inductor launches the kernel from
+    its generated code (compiled Agent-PVT-T at batch 128: 4.73 against 5.21 ms of kernels, 262 against 278 kernels
+    a batch, H200, bf16; two runs of one session).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        act = self.act
+        self._fusable_layers = (type(act) is nn.GELU and act.approximate == "none"
+                                and isinstance(self.norm, nn.Identity) and isinstance(self.fc1, nn.Linear)
+                                and isinstance(self.fc2, nn.Linear)
+                                and _fusion_pays(self.fc1.in_features, self.fc2.out_features))
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        if not (self._fusable_layers and torch.compiler.is_compiling()):
+            return False
+        if needs_grad(x, self.fc1.weight, self.fc2.weight):
+            return False
+        return not self.training or (self.drop1.p == 0 and self.drop2.p == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        return _fused(x, self.fc1, self.fc2) if self._fusable(x) else super().forward(x)
+
+
+class SequentialMlp(nn.Sequential):
+    """``nn.Sequential(nn.Linear, [nn.Identity, ...], nn.GELU(), nn.Linear)`` whose calls run through :func:`mlp`
+    under the rules of :class:`Mlp` (compiled, inference, widths <= 128); anything else runs as a plain
+    ``nn.Sequential``.
+
+    For MLPs released as a Sequential (BiFormer's ``mlp.0``/``mlp.3`` keys, with an Identity kept in the middle
+    slot): same constructor, entries and state-dict keys as ``nn.Sequential``.
+    """
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        first, *middle, last = list(self) if len(self) >= 3 else (None, None, None)
+        acts = [m for m in middle if not isinstance(m, nn.Identity)] if middle else []
+        self._fusable_layers = (isinstance(first, nn.Linear) and isinstance(last, nn.Linear) and len(acts) == 1
+                                and type(acts[0]) is nn.GELU and acts[0].approximate == "none"
+                                and _fusion_pays(first.in_features, last.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        first, last = self[0], self[-1]
+        if (self._fusable_layers and torch.compiler.is_compiling()
+                and not needs_grad(x, first.weight, last.weight)):
+            return _fused(x, first, last)
+        return super().forward(x)
+
+
+def _fused(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """:func:`mlp` with two linear layers' parameters (cast in the graph under autocast)."""
+    return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference backend
+
+
+def _reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+register_backend(_OP, "reference", _reference, priority=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# triton backend
+
+_MAX_C = 256  # x's and y's row tiles live in registers
+_BLOCK_H = 32  # hidden columns a loop step (see _tiles)
+_FASTER_MAX_C = 128  # widths where the kernel measured faster than the unfused layers (module docstring)
+
+
+def _triton_supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> str | None:
+    if needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        return "no backward kernel: calls autograd records (training) take the reference"
+    dtypes = {"compute": compute, "x": x.dtype, "fc1_weight": fc1_weight.dtype, "fc2_weight": fc2_weight.dtype}
+    dtypes.update({name: t.dtype for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias)) if t is not None})
+    reason = dtypes_reason(dtypes) or device_reason(x.device, dtypes.values(), _kernels_interpreted())
+    if reason is not None:
+        return reason
+    widest = max(x.shape[-1], fc2_weight.shape[0])
+    if widest > _MAX_C:
+        return f"C_in={x.shape[-1]}, C_out={fc2_weight.shape[0]}: at most {_MAX_C} (row tiles live in registers)"
+    return None
+
+
+def _triton_prefer(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> str | None:
+    if x.device.type != "cuda":
+        return f"on {x.device.type} the reference is faster than Triton's interpreter"
+    if compute == torch.float32:
+        return "float32: the kernel's IEEE dots are not measured against cuBLAS"
+    if not _fusion_pays(x.shape[-1], fc2_weight.shape[0]):
+        return (f"C_in={x.shape[-1]}, C_out={fc2_weight.shape[0]}: above {_FASTER_MAX_C} the unfused layers measured "
+                "faster")
+    return None
+
+
+def _fusion_pays(c_in: int, c_out: int) -> bool:
+    """Whether the kernel measured faster than the unfused layers at these widths (module docstring)."""
+    return max(c_in, c_out) <= _FASTER_MAX_C
+
+
+def _kernels_interpreted() -> bool:
+    return kernels_interpreted(f"{__package__}.triton.kernels.mlp")
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
+    from .triton.kernels import mlp as kernels
+
+    return kernels.forward_kernel
+
+
+def _tiles(c_in: int, c_out: int, compute: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_CIN, BLOCK_COUT, num_warps, num_stages) for these widths and compute dtype."""
+    block_cin, block_cout = max(16, next_pow2(c_in)), max(16, next_pow2(c_out))
+    wide = max(block_cin, block_cout) > 128
+    if compute == torch.float32:  # (not measured for speed) float32 tiles within the H200's 227 KiB of shared memory
+        return (64, block_cin, block_cout, 8, 1) if wide else (128, block_cin, block_cout, 4, 2)
+    # 16-bit: the best of 72 configurations (BLOCK_M 64/128/256, BLOCK_H 32/64/128, 4/8 warps, 1-4 stages) at each
+    # H200 shape the module docstring lists; 128-row tiles with 32 hidden columns a step won at every width
+    return (128, block_cin, block_cout, 8, 3) if wide else (128, block_cin, block_cout, 4, 3)
+
+
+def _launch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute, launch=direct) -> torch.Tensor:
+    """x contiguous (..., C_in), contiguous weights -> y (..., C_out) in ``compute``."""
+    c_in, hidden, c_out = x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0]
+    y = torch.empty((*x.shape[:-1], c_out), dtype=compute, device=x.device)
+    if y.numel() == 0:
+        return y
+    rows = y.numel() // c_out  # (Size.numel() would specialise a symbolic batch)
+    block_m, block_cin, block_cout, num_warps, num_stages = _tiles(c_in, c_out, compute)
+    with on_device(x):
+        launch(_kernel())[(-(-rows // block_m),)](
+            x, fc1_weight, x if fc1_bias is None else fc1_bias, fc2_weight, x if fc2_bias is None else fc2_bias, y,
+            rows, c_in, hidden, c_out, HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None, BLOCK_M=block_m,
+            BLOCK_CIN=block_cin, BLOCK_H=_BLOCK_H, BLOCK_COUT=block_cout,
+            PRECISION="ieee" if compute == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def _fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute):
+    return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=compute)
+
+
+@kernel_op("zoo::mlp_fwd", fake=_fake)
+def _triton_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],  # noqa: UP045
+               fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],  # noqa: UP045
+               compute: torch.dtype) -> torch.Tensor:
+    """The fused MLP (..., C_in) -> (..., C_out) in ``compute``, as a ``torch.library`` op for torch.compile."""
+    return _launch(x.contiguous(), fc1_weight.contiguous(), _contiguous(fc1_bias), fc2_weight.contiguous(),
+                   _contiguous(fc2_bias), compute, traced)
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> torch.Tensor:
+    # every program reads all the weights: in the compute dtype (float32 weights took 1.5x the kernel time at
+    # Agent-PVT-T stage 0); under autocast these casts are the ones the unfused layers would make
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = (t if t is None or t.dtype == compute else t.to(compute)
+                                                  for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    if torch.compiler.is_compiling():
+        return _triton_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute)
+    return _launch(x.contiguous(), fc1_weight.contiguous(), _contiguous(fc1_bias), fc2_weight.contiguous(),
+                   _contiguous(fc2_bias), compute)
+
+
+register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,
+                 prefer=_triton_prefer)
