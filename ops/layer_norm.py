@@ -40,8 +40,8 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import (device_reason, direct, dtypes_reason, interpreter_requested, kernel_op, needs_grad,
-                     no_device_reason, on_device, traced)
+from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, interpreter_requested, kernel_op,
+                     needs_grad, no_device_reason, on_device, traced)
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -292,7 +292,7 @@ def _triton_forward_fake(x, weight, bias, eps, out_dtype):
 def _triton_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],  # noqa: UP045
                     eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: y (..., C) in ``out_dtype``, per-row mean and rstd (...) float32."""
-    return _launch_forward(x.contiguous(), _contiguous(weight), _contiguous(bias), eps, out_dtype, traced)
+    return _launch_forward(x.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias), eps, out_dtype, traced)
 
 
 def _triton_backward_fake(grad_out, x, weight, mean, rstd, need_dx, need_dw, need_db):
@@ -307,12 +307,8 @@ def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[t
                      mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool,
                      need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: dx (..., C) in x's dtype, float32 (C,) sums dweight and dbias; each empty (0,) when not needed."""
-    return _launch_backward(grad_out.contiguous(), x.contiguous(), _contiguous(weight), mean.contiguous(),
+    return _launch_backward(grad_out.contiguous(), x.contiguous(), contiguous_or_none(weight), mean.contiguous(),
                             rstd.contiguous(), need_dx, need_dw, need_db, traced)
-
-
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -345,8 +341,8 @@ class _EagerLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        x, weight = x.contiguous(), _contiguous(weight)
-        y, mean, rstd = _launch_forward(x, weight, _contiguous(bias), eps, out_dtype)
+        x, weight = x.contiguous(), contiguous_or_none(weight)
+        y, mean, rstd = _launch_forward(x, weight, contiguous_or_none(bias), eps, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -364,7 +360,8 @@ def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     if torch.compiler.is_compiling():
         return _triton_forward(x, weight, bias, eps, out_dtype)[0]
     if not needs_grad(x, weight, bias):  # inference: no autograd node, no saved statistics
-        return _launch_forward(x.contiguous(), _contiguous(weight), _contiguous(bias), eps, out_dtype, stats=False)[0]
+        return _launch_forward(x.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias), eps, out_dtype,
+                               stats=False)[0]
     return _EagerLayerNorm.apply(x, weight, bias, eps, out_dtype)
 
 

@@ -41,8 +41,8 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import (device_reason, direct, dtypes_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2,
-                     no_device_reason, on_device, traced)
+from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, kernel_op, kernels_interpreted,
+                     needs_grad, next_pow2, no_device_reason, on_device, traced)
 
 __all__ = ["Mlp", "SequentialMlp", "mlp"]
 
@@ -125,22 +125,14 @@ class Mlp(_TimmMlp):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        act = self.act
-        self._fusable_layers = (type(act) is nn.GELU and act.approximate == "none"
-                                and isinstance(self.norm, nn.Identity) and isinstance(self.fc1, nn.Linear)
-                                and isinstance(self.fc2, nn.Linear)
-                                and _fusion_pays(self.fc1.in_features, self.fc2.out_features))
-
-    def _fusable(self, x: torch.Tensor) -> bool:
-        if not (self._fusable_layers and torch.compiler.is_compiling()):
-            return False
-        if needs_grad(x, self.fc1.weight, self.fc2.weight):
-            return False
-        return not self.training or (self.drop1.p == 0 and self.drop2.p == 0)
+        self._fusable_layers = isinstance(self.norm, nn.Identity) and _gelu_mlp_layers(self.fc1, self.act, self.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        return _fused(x, self.fc1, self.fc2) if self._fusable(x) else super().forward(x)
+        if (self._fusable_layers and _fuses_now(x, self.fc1, self.fc2)
+                and (not self.training or (self.drop1.p == 0 and self.drop2.p == 0))):
+            return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return super().forward(x)
 
 
 class SequentialMlp(nn.Sequential):
@@ -156,22 +148,26 @@ class SequentialMlp(nn.Sequential):
         super().__init__(*layers)
         first, *middle, last = list(self) if len(self) >= 3 else (None, None, None)
         acts = [m for m in middle if not isinstance(m, nn.Identity)] if middle else []
-        self._fusable_layers = (isinstance(first, nn.Linear) and isinstance(last, nn.Linear) and len(acts) == 1
-                                and type(acts[0]) is nn.GELU and acts[0].approximate == "none"
-                                and _fusion_pays(first.in_features, last.out_features))
+        self._fusable_layers = len(acts) == 1 and _gelu_mlp_layers(first, acts[0], last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        first, last = self[0], self[-1]
-        if (self._fusable_layers and torch.compiler.is_compiling()
-                and not needs_grad(x, first.weight, last.weight)):
-            return _fused(x, first, last)
+        fc1, fc2 = self[0], self[-1]
+        if self._fusable_layers and _fuses_now(x, fc1, fc2):
+            return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return super().forward(x)
 
 
-def _fused(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    """:func:`mlp` with two linear layers' parameters (cast in the graph under autocast)."""
-    return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+def _gelu_mlp_layers(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
+    """Whether linear, exact GELU, linear at widths where the kernel pays: what the modules may hand to :func:`mlp`."""
+    return (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and type(act) is nn.GELU
+            and act.approximate == "none" and _fusion_pays(fc1.in_features, fc2.out_features))
+
+
+def _fuses_now(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
+    """Whether this call goes to :func:`mlp`: inside a ``torch.compile`` graph, with nothing for autograd to record
+    (see :class:`Mlp` for why not in eager code)."""
+    return torch.compiler.is_compiling() and not needs_grad(x, fc1.weight, fc2.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,12 +268,7 @@ def _triton_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[tor
                fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],  # noqa: UP045
                compute: torch.dtype) -> torch.Tensor:
     """The fused MLP (..., C_in) -> (..., C_out) in ``compute``, as a ``torch.library`` op for torch.compile."""
-    return _launch(x.contiguous(), fc1_weight.contiguous(), _contiguous(fc1_bias), fc2_weight.contiguous(),
-                   _contiguous(fc2_bias), compute, traced)
-
-
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+    return _launch(*map(contiguous_or_none, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)), compute, traced)
 
 
 def _triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> torch.Tensor:
@@ -287,8 +278,7 @@ def _triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> torch.Ten
                                                   for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     if torch.compiler.is_compiling():
         return _triton_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute)
-    return _launch(x.contiguous(), fc1_weight.contiguous(), _contiguous(fc1_bias), fc2_weight.contiguous(),
-                   _contiguous(fc2_bias), compute)
+    return _launch(*map(contiguous_or_none, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)), compute)
 
 
 register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "dtypes_reason",
-           "on_device",
+           "contiguous_or_none", "on_device",
            "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "is_num_warps",
            "check_tile_edge", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
@@ -78,14 +78,19 @@ def device_reason(device: torch.device, dtypes: Iterable[torch.dtype], interpret
     return None
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dtypes_reason(dtypes: dict[str, torch.dtype]) -> str | None:
     """Why a kernel taking float32/float16/bfloat16 cannot take these named dtypes (e.g. ``{"x": x.dtype}``), or
     None."""
-    wrong = {name: dtype for name, dtype in dtypes.items() if dtype not in KERNEL_DTYPES}
+    wrong = {name: dtype for name, dtype in dtypes.items() if dtype not in _KERNEL_DTYPES}
     return f"dtypes {wrong}; needs float32/float16/bfloat16" if wrong else None
+
+
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.contiguous()``, or None for an absent optional tensor (a bias, a weight)."""
+    return None if t is None else t.contiguous()
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
