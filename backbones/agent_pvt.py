@@ -28,7 +28,8 @@ from timm.models._features import feature_take_indices
 
 from ._layers import check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, agent_attention, downsampled_attention
+from zoo.ops import Mlp, agent_attention, depthwise_conv, downsampled_attention
+from zoo.ops.autocast_cache import autocast_weights
 from zoo.registry import build_zoo_model, register_variants
 
 from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
@@ -122,11 +123,10 @@ class AgentAttention(nn.Module):
         out = agent_attention(
             self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, n, c)
-        v_map = v.transpose(1, 2).reshape(b, c, *kv_size)
-        if kv_size != size:
-            v_map = F.interpolate(v_map, size=size, mode="bilinear", align_corners=False)
-        out = out + self.dwc(v_map).flatten(2).transpose(1, 2)
+        out = out.transpose(1, 2).reshape(b, *size, c)
+        # the values' depthwise conv, on the values bilinearly upsampled to the query grid when reduced (official)
+        out = depthwise_conv(v.view(b, *kv_size, c), *autocast_weights(self.dwc), residual=out, size=size)
+        out = out.flatten(1, 2)
         return self.proj_drop(self.proj(out))
 
 

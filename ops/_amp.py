@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_dtype"]
+__all__ = ["autocast_dtype", "compute_dtype"]
+
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast recasts (never float64)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -17,3 +19,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     except RuntimeError:
         return None
     return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an autocast-eligible layer (linear, conv) computes ``x`` in right now: the autocast dtype of x's device
+    when autocast is on there and x is float32/float16/bfloat16, else x's own dtype."""
+    amp = autocast_dtype(x.device.type)
+    return amp if amp is not None and x.dtype in _AUTOCAST_INPUTS else x.dtype

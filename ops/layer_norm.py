@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._amp import autocast_dtype
+from ._amp import compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, interpreter_requested, kernel_op,
                      needs_grad, no_device_reason, on_device, traced)
@@ -46,7 +46,6 @@ from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, i
 __all__ = ["LayerNorm", "layer_norm"]
 
 _OP = "layer_norm"
-_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast recasts (never float64)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
@@ -67,16 +66,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         result; otherwise the dtype of ``x``. Under autocast this saves ``nn.LayerNorm``'s float32 output and the cast
         kernel the next op would run on it. Gradients come back in the dtypes of ``x``, ``weight`` and ``bias``.
     """
-    out_dtype = _out_dtype(x) if isinstance(x, torch.Tensor) else None
+    out_dtype = compute_dtype(x) if isinstance(x, torch.Tensor) else None
     key = call_key(x, weight, bias, eps, out_dtype)  # the output dtype follows autocast, and so may the choice
     if not validated(_OP, key):
         _check_inputs(x, weight, bias, eps)
     return dispatch(_OP, backend, x, weight, bias, float(eps), out_dtype, key=key)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    amp = autocast_dtype(x.device.type)
-    return amp if amp is not None and x.dtype in _AUTOCAST_INPUTS else x.dtype
 
 
 def _check_inputs(x, weight, bias, eps) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
 
-from ._amp import autocast_dtype
+from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, kernel_op, kernels_interpreted,
                      needs_grad, next_pow2, no_device_reason, on_device, traced)
@@ -48,7 +48,6 @@ __all__ = ["Mlp", "SequentialMlp", "mlp"]
 
 _OP = "mlp"
 _ACTIVATIONS = ("gelu",)
-_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
@@ -66,16 +65,11 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None
         (..., C_out). Under autocast (for x's device, x float32/float16/bfloat16) in the autocast dtype, as
         ``F.linear`` gives it; otherwise in x's dtype, and then the weights must have x's dtype too.
     """
-    compute = _compute_dtype(x) if isinstance(x, torch.Tensor) else None
+    compute = compute_dtype(x) if isinstance(x, torch.Tensor) else None
     key = call_key(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, compute)
     if not validated(_OP, key):
         _check_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, compute)
     return dispatch(_OP, backend, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute, key=key)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    amp = autocast_dtype(x.device.type)
-    return amp if amp is not None and x.dtype in _AUTOCAST_INPUTS else x.dtype
 
 
 def _describe(t) -> str:

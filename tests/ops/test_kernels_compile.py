@@ -25,6 +25,7 @@ pytestmark = [
 ]
 LN = importlib.import_module("zoo.ops.layer_norm")  # the module (``zoo.ops.layer_norm`` is the function)
 FM = importlib.import_module("zoo.ops.mlp")
+DW = importlib.import_module("zoo.ops.depthwise_conv")
 
 BF16, FP32 = torch.bfloat16, torch.float32
 _H200_SHARED_BYTES = 227 * 1024
@@ -115,6 +116,14 @@ def _mlp(launch: LaunchRecorder, monkeypatch, c_in: int, hidden: int, c_out: int
     FM._launch(x, w1, b1, w2, b2, dtype, launch)
 
 
+def _depthwise_conv(launch: LaunchRecorder, monkeypatch, c: int, k: int, hw: int, dtype: torch.dtype) -> None:
+    """The values' depthwise conv plus residual, x a slice of a projection; and without bias and residual."""
+    x = _randn(2, hw, hw, 2 * c, dtype=dtype)[..., c:]
+    weight, bias, residual = _randn(c, 1, k, k, dtype=dtype), _randn(c, dtype=dtype), _randn(2, hw, hw, c, dtype=dtype)
+    DW._launch(x, weight, bias, residual, dtype, dtype, launch)
+    DW._launch(x, weight, None, None, dtype, dtype, launch)
+
+
 def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points."""
     from zoo.ops.triton import ms_deform as md
@@ -159,14 +168,16 @@ CASES = {
     "mlp.c256.bf16": (_mlp, dict(c_in=256, hidden=70, c_out=100, dtype=BF16)),
     "mlp.c96.fp32": (_mlp, dict(c_in=96, hidden=384, c_out=96, dtype=FP32)),
     "mlp.c192.fp32": (_mlp, dict(c_in=192, hidden=576, c_out=150, dtype=FP32)),
+    "depthwise_conv.swin_t_s0.bf16": (_depthwise_conv, dict(c=96, k=3, hw=7, dtype=BF16)),
+    "depthwise_conv.biformer_lepe.fp32": (_depthwise_conv, dict(c=64, k=5, hw=14, dtype=FP32)),
     "ms_deform.bf16": (_ms_deform, dict(dtype=BF16)),
     "ms_deform.fp32": (_ms_deform, dict(dtype=FP32)),
     "neighborhood.nat_t.bf16": (_neighborhood, dict(spatial=(56, 56), kernel=7, dilation=1, causal=False, dtype=BF16)),
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 4, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1, "ms_deform": 3,
-                    "neighborhood": 3}
+EXPECTED_KERNELS = {"routing": 4, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
+                    "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -206,6 +217,7 @@ WRITES = {
     "layer_norm": {"forward_kernel": ({"y_ptr"}, {"STATS": {"mean_ptr", "rstd_ptr"}}),
                    "backward_kernel": ({"dx_ptr", "dw_ptr", "db_ptr"}, {})},
     "mlp": {"forward_kernel": ({"y_ptr"}, {})},
+    "depthwise_conv": {"forward_kernel": ({"y_ptr"}, {})},
     "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
                   "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
                   "_value_grad_kernel": ({"gvalue_ptr"}, {})},

@@ -1,0 +1,227 @@
+"""Depthwise convolution of a channels-last map plus a residual, with a fused Triton kernel for inference.
+
+For ``x`` of shape (B, H_in, W_in, C), a (C, 1, K, K) ``weight`` (odd K) and ``size`` = (H, W)::
+
+    y = residual + depthwise_conv2d(resize(x, size), weight, bias, padding=K // 2)        # (B, H, W, C)
+
+with ``resize`` the bilinear ``F.interpolate(..., align_corners=False)`` (the identity when ``size`` is x's own).
+This is the "conv of the values" term the Agent backbones add to their attention output (Agent-Swin per window;
+Agent-PVT on its token grid, upsampling the values first when ``agent_sr_ratios`` reduce them, which the released
+models do not) and BiFormer's LePE and position-embedding conv.
+
+Why a kernel of our own: the values are a slice of the qkv (or kv) projection, so the unfused term is a strided copy
+into the layout cuDNN takes, the conv and the residual add: three kernels and as many passes over the map, and on the
+host a convolution call (about 75 us on the H200 machine's host, in eager code and in compiled graphs alike). The
+kernel reads the values where they lie and adds the residual: one pass, one launch. A resize stays ``F.interpolate``,
+written channels-last for the kernel (resizing inside the kernel, four gathers per tap, measured 11x slower than the
+unfused layers for 7x7 values resized to 56x56). Measured on an H200 (torch 2.11, triton 3.6, bf16, batch 128,
+kernel ms, unfused against fused): Agent-Swin-T's windows at stages 0/1/2 0.336 / 0.208, 0.170 / 0.104,
+0.080 / 0.054; Agent-PVT-T stage 3 0.028 / 0.017; BiFormer-T stage 0 position-embedding conv 0.157 / 0.135 and 5x5
+LePE 0.264 / 0.256; 64 channels of 7x7 values resized to 56x56 0.402 / 0.380 (the resize is most of both). On the
+host the fused call replaces the convolution call and its copies with one launch.
+
+Backends:
+    ``reference``: ``F.interpolate``, ``F.conv2d``, ``+``: the definition; any device and dtype, differentiable, and
+        autocast applies to it as to the layers it is made of.
+    ``triton``: one forward kernel, no backward: inference only (a call that autograd would record goes to the
+        reference). CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16).
+        Under autocast it computes in the autocast dtype and rounds where the unfused layers write: the conv's output
+        (the autocast dtype) and the sum, so it matches them up to the order of float32 accumulation. A resize runs
+        first, as ``F.interpolate`` on a channels-last map (one more kernel). Chosen automatically on CUDA.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional  # custom_op schemas: Optional is read by every torch >= 2.5
+
+import torch
+import torch.nn.functional as F
+
+from ._amp import autocast_dtype, compute_dtype
+from ._dispatch import call_key, dispatch, register_backend, validated
+from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, item_extent, kernel_op,
+                     kernels_interpreted, needs_grad, no_device_reason, on_device, traced, INT32_MAX)
+
+__all__ = ["depthwise_conv"]
+
+_OP = "depthwise_conv"
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   residual: torch.Tensor | None = None, size: tuple[int, int] | None = None,
+                   backend: str | None = None) -> torch.Tensor:
+    """``residual + conv2d(resize(x, size), weight, bias, padding=K // 2, groups=C)`` on channels-last maps.
+
+    Args:
+        x: (B, H_in, W_in, C) floating point, any strides (a slice of a projection is read in place).
+        weight: (C, 1, K, K), K odd (zero padding K // 2 keeps the map's size).
+        bias: (C,) or None.
+        residual: (B, H, W, C) added to the conv's output, or None.
+        size: (H, W) to resize x to first (bilinear, ``align_corners=False``, as ``F.interpolate``); None keeps
+            (H_in, W_in).
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (B, H, W, C). The conv's dtype is the autocast dtype under autocast (x float32/float16/bfloat16), else x's
+        (the weights must then have x's dtype); with a residual, the sum's dtype is the promotion of both, as ``+``
+        gives it.
+    """
+    size = tuple(size) if size is not None else (tuple(x.shape[1:3]) if isinstance(x, torch.Tensor) else None)
+    compute = compute_dtype(x) if isinstance(x, torch.Tensor) else None
+    key = call_key(x, weight, bias, residual, size, compute)
+    if not validated(_OP, key):
+        _check_inputs(x, weight, bias, residual, size, compute)
+    return dispatch(_OP, backend, x, weight, bias, residual, size, compute, key=key)
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
+
+
+def _check_inputs(x, weight, bias, residual, size, compute) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"depthwise_conv: x must be a floating-point (B, H, W, C) tensor, got {_describe(x)}")
+    c = x.shape[-1]
+    if (not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.ndim != 4
+            or weight.shape[:2] != (c, 1) or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0):
+        raise ValueError(f"depthwise_conv: weight must be a floating-point (C, 1, K, K) tensor with odd K for x of "
+                         f"shape {tuple(x.shape)} (C={c}), got {_describe(weight)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or tuple(bias.shape) != (c,)):
+        raise ValueError(f"depthwise_conv: bias must be None or a floating-point (C,) tensor (C={c}), got "
+                         f"{_describe(bias)}")
+    if len(size) != 2 or not all(type(s) is int and s > 0 for s in size):
+        raise ValueError(f"depthwise_conv: size must be None or two positive ints (H, W), got {size!r}")
+    expected = (x.shape[0], *size, c)
+    if residual is not None and (not isinstance(residual, torch.Tensor) or not residual.is_floating_point()
+                                 or tuple(residual.shape) != expected):
+        raise ValueError(f"depthwise_conv: residual must be None or a floating-point tensor of shape {expected} "
+                         f"(B, H, W, C) for x of shape {tuple(x.shape)} and size {size}, got {_describe(residual)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"depthwise_conv: {name} must be on the device of x ({x.device}), got {t.device}")
+    if compute == x.dtype and autocast_dtype(x.device.type) is None:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise ValueError(f"depthwise_conv: {name} has dtype {t.dtype} but x has {x.dtype}; outside autocast "
+                                 "they must match (or run under torch.autocast)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference backend
+
+
+def _reference(x, weight, bias, residual, size, compute) -> torch.Tensor:
+    maps = x.permute(0, 3, 1, 2)
+    if size != tuple(x.shape[1:3]):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    y = F.conv2d(maps, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[-1]).permute(0, 2, 3, 1)
+    return y if residual is None else residual + y
+
+
+register_backend(_OP, "reference", _reference, priority=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# triton backend
+
+_MAX_K = 7  # the K*K taps are unrolled
+
+
+def _triton_supports(x, weight, bias, residual, size, compute) -> str | None:
+    if needs_grad(x, weight, bias, residual):
+        return "no backward kernel: calls autograd records (training) take the reference"
+    dtypes = {"compute": compute, "x": x.dtype, "weight": weight.dtype}
+    dtypes.update({name: t.dtype for name, t in (("bias", bias), ("residual", residual)) if t is not None})
+    reason = dtypes_reason(dtypes) or device_reason(x.device, dtypes.values(), _kernels_interpreted())
+    if reason is not None:
+        return reason
+    if weight.shape[-1] > _MAX_K:
+        return f"kernel size {weight.shape[-1]}: at most {_MAX_K} (the taps are unrolled)"
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and item_extent(t) >= INT32_MAX:
+            return f"{name}: one batch item spans more than 2**31 elements (in-item offsets are int32)"
+    if size[0] * size[1] * x.shape[-1] > INT32_MAX:
+        return f"size {size} x {x.shape[-1]} channels: more than 2**31 elements an item (in-item offsets are int32)"
+    return None
+
+
+def _triton_prefer(x, weight, bias, residual, size, compute) -> str | None:
+    if x.device.type != "cuda":
+        return f"on {x.device.type} the reference is faster than Triton's interpreter"
+    return None
+
+
+def _kernels_interpreted() -> bool:
+    return kernels_interpreted(f"{__package__}.triton.kernels.depthwise_conv")
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
+    from .triton.kernels import depthwise_conv as kernels
+
+    return kernels.forward_kernel
+
+
+def _tiles(c: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps): channel blocks that divide C where one does (96 = 3 x 32), 4096 elements a
+    program; within 5% of the best of 16 tiles (BLOCK_P 16-128, BLOCK_C 32/64, 2/4 warps) at Agent-Swin-T and
+    Agent-PVT-T stage 0 and BiFormer-T's stage-0 LePE on the H200."""
+    block_c = next((b for b in (64, 32, 16) if c % b == 0), min(64, max(16, 1 << (c - 1).bit_length())))
+    return 4096 // block_c, block_c, 4
+
+
+def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> torch.Tensor:
+    """x (B, H, W, C) any strides, weight (C, 1, K, K) / bias contiguous in ``compute`` (the kernel reads the compute
+    dtype from the weight) -> (B, H, W, C) contiguous."""
+    b, h, w, c = x.shape
+    y = torch.empty((b, h, w, c), dtype=out_dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    pixels = b * h * w
+    r = residual if residual is not None else y
+    block_p, block_c, num_warps = _tiles(c)
+    with on_device(x):
+        launch(_kernel())[(-(-pixels // block_p), -(-c // block_c))](
+            x, weight, weight if bias is None else bias, r, y, pixels, h, w, c, *x.stride(), *r.stride(),
+            K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_P=block_p,
+            BLOCK_C=block_c, num_warps=num_warps)
+    return y
+
+
+def _out_dtype(residual, compute) -> torch.dtype:
+    return compute if residual is None else torch.promote_types(residual.dtype, compute)
+
+
+def _fake(x, weight, bias, residual, compute):
+    return x.new_empty(x.shape, dtype=_out_dtype(residual, compute))
+
+
+@kernel_op("zoo::depthwise_conv_fwd", fake=_fake)
+def _triton_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
+               residual: Optional[torch.Tensor], compute: torch.dtype) -> torch.Tensor:  # noqa: UP045
+    """The fused depthwise conv plus residual (B, H, W, C), as a ``torch.library`` op for torch.compile."""
+    return _launch(x, weight, bias, residual, compute, _out_dtype(residual, compute), traced)
+
+
+def _resized_channels_last(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w, C) -> (B, H, W, C) through ``F.interpolate`` as the reference calls it, written channels-last (the
+    small source map is made channels-last first: the resize then writes the layout the kernel reads densely)."""
+    maps = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+
+def _triton(x, weight, bias, residual, size, compute) -> torch.Tensor:
+    if size != tuple(x.shape[1:3]):
+        x = _resized_channels_last(x, size)
+    # under autocast these casts are the ones F.conv2d would make (the models pass autocast's cached copies in eager)
+    weight, bias = (t if t is None or t.dtype == compute else t.to(compute) for t in (weight, bias))
+    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
+    if torch.compiler.is_compiling():
+        return _triton_op(x, weight, bias, residual, compute)
+    return _launch(x, weight, bias, residual, compute, _out_dtype(residual, compute))
+
+
+register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,
+                 prefer=_triton_prefer)

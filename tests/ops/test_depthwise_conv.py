@@ -1,0 +1,325 @@
+"""depthwise_conv: the reference against nn.Conv2d / F.interpolate as the models wrote them (bitwise, with
+gradients), input errors, dispatch; the fused Triton kernel against a float64 oracle that rounds where the unfused
+layers write, in Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1) and on the GPU (bf16/fp16/fp32,
+autocast, torch.compile, models)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import ops
+from zoo.ops import depthwise_conv, registered_backends
+from zoo.ops._dispatch import select_backend
+from zoo.ops.triton import interpreter_requested
+from triton_checks import run_pytest_in_interpreter
+
+DW = importlib.import_module("zoo.ops.depthwise_conv")  # the module (``zoo.ops.depthwise_conv`` is the function)
+
+# (B, H_in, W_in, C, K, size): Agent-Swin windows (a slice of qkv), Agent-PVT upsampled values, BiFormer's 5x5 LePE,
+# channels that no channel block divides, a non-square upsampling with odd ratios, a downsampling, one pixel
+CASES = [(3, 7, 7, 96, 3, None), (2, 7, 7, 64, 3, (28, 28)), (2, 6, 5, 40, 5, None), (2, 7, 7, 20, 3, (14, 14)),
+         (1, 9, 11, 24, 3, (20, 17)), (2, 12, 10, 16, 3, (5, 7)), (2, 1, 1, 8, 3, None)]
+
+
+def _inputs(b, h_in, w_in, c, k, size, randn, dtype=torch.float32, device="cpu", seed=0, bias=True, residual=True):
+    """x as a slice of a wider projection (the models' layout), weight, bias, residual."""
+    proj = randn(b, h_in, w_in, 3 * c, dtype=dtype, device=device, seed=seed)
+    x = proj[..., c:2 * c]
+    weight = randn(c, 1, k, k, dtype=dtype, device=device, seed=seed + 1, scale=1 / k)
+    b_ = randn(c, dtype=dtype, device=device, seed=seed + 2, scale=0.5) if bias else None
+    h, w = size or (h_in, w_in)
+    r = randn(b, h, w, c, dtype=dtype, device=device, seed=seed + 3) if residual else None
+    return x, weight, b_, r
+
+
+def _unfused(x, weight, bias, residual, size):
+    """The models' former code: values to NCHW, resized, nn.Conv2d-style conv, back to channels-last, plus out."""
+    b, h, w, c = x.shape
+    maps = x.permute(0, 3, 1, 2).reshape(b, c, h, w)
+    if size is not None:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    y = F.conv2d(maps, weight, bias, padding=weight.shape[-1] // 2, groups=c).permute(0, 2, 3, 1)
+    return y if residual is None else residual + y
+
+
+def _oracle(x, weight, bias, residual, size, compute):
+    """float64 result, rounding where the unfused layers write: the resized map (x's dtype), the conv inputs and
+    output (``compute``), the sum (its promoted dtype)."""
+    def r(t, dtype):
+        return None if t is None else t.to(dtype).double()
+    maps = x.double().permute(0, 3, 1, 2)
+    if size is not None:
+        maps = r(F.interpolate(maps, size=size, mode="bilinear", align_corners=False), x.dtype)
+    y = F.conv2d(r(maps, compute), r(weight, compute), r(bias, compute), padding=weight.shape[-1] // 2,
+                 groups=x.shape[-1])
+    y = r(y, compute).permute(0, 2, 3, 1)
+    return y if residual is None else y + residual.double()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference backend (CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_reference_is_the_unfused_layers_bitwise_with_gradients(case, dtype, randn, grads):
+    x, weight, bias, residual = (t.requires_grad_() for t in _inputs(*case, randn, dtype=dtype))
+    size = case[-1]
+    want = _unfused(x, weight, bias, residual, size)
+    got = depthwise_conv(x, weight, bias, residual=residual, size=size, backend="reference")
+    assert torch.equal(got, want)
+    for g, w in zip(grads(got, [x, weight, bias, residual]), grads(want, [x, weight, bias, residual])):
+        assert torch.equal(g, w)
+
+
+def test_gradcheck_reference(randn):
+    x, weight, bias, residual = (t.requires_grad_() for t in _inputs(2, 3, 4, 5, 3, (5, 6), randn,
+                                                                     dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda *a: depthwise_conv(*a[:3], residual=a[3], size=(5, 6), backend="reference"), (x, weight, bias, residual))
+
+
+def test_no_bias_no_residual_and_autocast_dtypes(randn):
+    x, weight, _, _ = _inputs(2, 5, 5, 8, 3, None, randn)
+    want = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=1, groups=8).permute(0, 2, 3, 1)
+    assert torch.equal(depthwise_conv(x, weight), want)
+    residual = randn(2, 5, 5, 8, seed=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 conv; a float32 residual promotes the sum, as "+" does
+        assert depthwise_conv(x, weight).dtype == torch.bfloat16
+        assert depthwise_conv(x, weight, residual=residual).dtype == torch.float32
+
+
+def _bad(**override):
+    x, weight, bias, residual = _inputs(2, 4, 4, 6, 3, None, lambda *s, **k: torch.randn(*s, dtype=k.get("dtype")))
+    args = dict(x=x, weight=weight, bias=bias, residual=residual)
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("args, message", [
+    (_bad(x=torch.ones(2, 4, 6)), r"x must be a floating-point \(B, H, W, C\) tensor, got shape \(2, 4, 6\)"),
+    (_bad(x=torch.ones(2, 4, 4, 6, dtype=torch.long)), "x must be a floating-point"),
+    (_bad(weight=torch.ones(6, 1, 2, 2)), r"weight must be .* odd K .* got shape \(6, 1, 2, 2\)"),
+    (_bad(weight=torch.ones(5, 1, 3, 3)), r"\(C=6\), got shape \(5, 1, 3, 3\)"),
+    (_bad(weight=torch.ones(6, 2, 3, 3)), "weight must be"),
+    (_bad(bias=torch.ones(5)), r"bias must be None or a floating-point \(C,\) tensor \(C=6\), got shape \(5,\)"),
+    (_bad(residual=torch.ones(2, 4, 5, 6)), r"residual .* shape \(2, 4, 4, 6\) .* got shape \(2, 4, 5, 6\)"),
+    (_bad(size=(4, 0)), r"size must be None or two positive ints \(H, W\), got \(4, 0\)"),
+    (_bad(size=(3,)), "size must be None or two positive ints"),
+    (_bad(weight=torch.ones(6, 1, 3, 3, dtype=torch.float64)), "weight has dtype torch.float64 but x has"),
+    (_bad(weight=torch.ones(6, 1, 3, 3, device="meta")), "weight must be on the device of x"),
+])
+def test_input_errors_name_the_argument_and_value(args, message):
+    with pytest.raises(ValueError, match=message):
+        depthwise_conv(**args)
+
+
+# (channels, kernel) of every call: Agent-Swin's value conv in its agent blocks (stages 0-2); BiFormer's
+# position-embedding conv then LePE in every block
+MODEL_CONVS = {"agent_swin_t": [(c, 3) for c, depth in ((96, 2), (192, 2), (384, 6)) for _ in range(depth)],
+               "biformer_tiny": [(c, k) for c, depth in ((64, 2), (128, 2), (256, 8), (512, 2)) for _ in range(depth)
+                                 for k in (3, 5)]}
+
+
+@pytest.mark.parametrize("name", MODEL_CONVS)
+def test_models_route_their_depthwise_convs_through_the_op(name, monkeypatch):
+    import timm
+
+    import zoo  # noqa: F401  (registers the models)
+
+    calls = []
+    dispatch = DW.dispatch
+    monkeypatch.setattr(DW, "dispatch", lambda op, backend, x, w, *a, **k: calls.append((x.shape[-1], w.shape[-1]))
+                        or dispatch(op, backend, x, w, *a, **k))
+    with torch.no_grad():
+        timm.create_model(name).eval()(torch.randn(1, 3, 224, 224))
+    assert calls == MODEL_CONVS[name]
+
+
+def test_registered_exported_and_reference_chosen_on_cpu(randn, monkeypatch):
+    assert registered_backends("depthwise_conv") == ["triton", "reference"]
+    assert "depthwise_conv" in ops.__all__
+    x, weight, bias, residual = _inputs(*CASES[0], randn)
+    assert select_backend("depthwise_conv", None, x, weight, bias, residual, (7, 7), torch.float32).name == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter serves CPU tensors, but is never chosen for them
+    monkeypatch.setattr(DW, "_kernels_interpreted", lambda: True)
+    assert select_backend("depthwise_conv", None, x, weight, bias, residual, (7, 7), torch.float32).name == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(DW, "_kernels_interpreted", lambda: False)
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):  # asked for, unavailable: falls back, says why
+        got = depthwise_conv(x, weight, bias, residual=residual, backend="triton")
+    assert torch.equal(got, _unfused(x, weight, bias, residual, None))
+
+
+def test_triton_supports_reasons(randn, monkeypatch):
+    monkeypatch.setattr(DW, "_kernels_interpreted", lambda: True)
+    x, weight, bias, residual = _inputs(*CASES[0], randn)
+    supports = DW._triton_supports
+    assert supports(x, weight, bias, residual, (7, 7), torch.float32) is None
+    assert "training" in supports(x.requires_grad_(), weight, bias, residual, (7, 7), torch.float32)
+    x = x.detach()
+    assert "float64" in supports(x.double(), weight, bias, residual, (7, 7), torch.float64)
+    assert "bfloat16" in supports(x, weight, bias, residual, (7, 7), torch.bfloat16)
+    assert "kernel size 9: at most 7" in supports(x, torch.ones(96, 1, 9, 9), bias, residual, (7, 7), torch.float32)
+    monkeypatch.setattr(DW, "_kernels_interpreted", lambda: False)
+    assert "TRITON_INTERPRET=1" in supports(x, weight, bias, residual, (7, 7), torch.float32)
+
+
+def test_tiles_divide_the_channels_where_they_can():
+    assert DW._tiles(96) == (128, 32, 4) and DW._tiles(64) == (64, 64, 4) and DW._tiles(320) == (64, 64, 4)
+    assert DW._tiles(20) == (128, 32, 4) and DW._tiles(8) == (256, 16, 4) and DW._tiles(100) == (64, 64, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel in the CPU interpreter (the tests below run in the subprocess started by the last one)
+
+INTERPRETING = interpreter_requested()
+
+
+@pytest.fixture
+def interpreter(assert_no_fallback):
+    """Inside the TRITON_INTERPRET=1 subprocess: no dispatch may fall back from the requested triton backend."""
+    if not INTERPRETING:
+        pytest.skip("runs inside the TRITON_INTERPRET=1 subprocess")
+    with assert_no_fallback():
+        yield
+    assert type(DW._kernel()).__name__ == "InterpretedFunction"
+
+
+def _check_triton(inputs, size, compute, assert_close, tol):
+    x, weight, bias, residual = inputs
+    out = depthwise_conv(x, weight, bias, residual=residual, size=size, backend="triton")
+    want = _oracle(x, weight, bias, residual, size, compute)
+    assert out.shape == want.shape and out.is_contiguous()
+    assert out.dtype == (compute if residual is None else torch.promote_types(residual.dtype, compute))
+    assert_close(out, want, atol=tol * want.abs().max().item(), what=f"forward {compute}")
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_interpreter_fp32(case, interpreter, randn, assert_close):
+    _check_triton(_inputs(*case, randn, seed=3), case[-1], torch.float32, assert_close, 1e-6)
+
+
+@pytest.mark.parametrize("bias, residual", [(False, True), (True, False), (False, False)])
+def test_triton_interpreter_fp32_optional_terms(bias, residual, interpreter, randn, assert_close):
+    case = CASES[1]
+    _check_triton(_inputs(*case, randn, bias=bias, residual=residual), case[-1], torch.float32, assert_close, 1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_triton_interpreter_fp16_and_fp16_autocast(case, interpreter, randn, assert_close):
+    inputs = _inputs(*case, randn, seed=4)
+    _check_triton([t.half() for t in inputs], case[-1], torch.float16, assert_close, 1e-3)
+    with torch.autocast("cpu", dtype=torch.float16):  # float32 everything, fp16 conv, float32 residual sum
+        _check_triton(inputs, case[-1], torch.float16, assert_close, 1e-3)
+
+
+def test_triton_interpreter_empty_and_repeatable(interpreter, randn):
+    x, weight, bias, residual = _inputs(*CASES[1], randn)
+    first = depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton")
+    assert torch.equal(first, depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton"))
+    empty = depthwise_conv(x[:0], weight, bias, size=(3, 3), backend="triton")
+    assert empty.shape == (0, 3, 3, 64)
+
+
+def test_triton_interpreter_custom_op_and_compile(interpreter, randn, assert_close):
+    x, weight, bias, residual = _inputs(*CASES[1], randn, seed=5)
+    for args in ((x, weight, bias, x * 3, torch.float32), (x.half(), weight.half(), None, None, torch.float16)):
+        torch.library.opcheck(torch.ops.zoo.depthwise_conv_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+    def f(x):
+        return depthwise_conv(x * 2.0, weight, bias, residual=residual, size=(28, 28), backend="triton").square()
+
+    torch._dynamo.reset()
+    want = f(x)  # (the traced resize is decomposed: equal up to float32 rounding)
+    assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x), want, atol=1e-6 * want.abs().max().item())
+
+
+def test_triton_interpreter_model_routes_its_value_convs(interpreter, assert_close, monkeypatch):
+    import timm
+
+    import zoo  # noqa: F401  (registers the models)
+
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "depthwise_conv:triton")
+    calls, resized = [], []
+    launch, resize = DW._launch, DW._resized_channels_last
+    monkeypatch.setattr(DW, "_launch", lambda *a, **k: calls.append(a[0].shape[1:]) or launch(*a, **k))
+    monkeypatch.setattr(DW, "_resized_channels_last", lambda x, size: resized.append((x.shape[1], size)) or
+                        resize(x, size))
+    torch.manual_seed(0)
+    # keys/values reduced 8x, 4x, 2x (not in the releases): stages 0-2 upsample the values to the token grid first
+    model = timm.create_model("agent_pvt_tiny", img_size=112, agent_sr_ratios="8421").eval()
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        got = model(x)
+        want = _with_backend(monkeypatch, "depthwise_conv:reference", model, x)
+    assert calls == [(h, h, c) for h, c in ((28, 64), (14, 128), (7, 320), (3, 512)) for _ in range(2)]
+    assert resized == [(h, (h_out, h_out)) for h, h_out in ((3, 28), (3, 14), (3, 7)) for _ in range(2)]
+    assert_close(got, want, atol=1e-5 * want.abs().max().item(), what="logits")
+
+
+def _with_backend(monkeypatch, setting: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setenv("ZOO_OPS_BACKEND", setting)
+        return model(x)
+
+
+def test_triton_kernels_under_interpreter():
+    """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
+    if INTERPRETING:
+        pytest.skip("already interpreting: the tests above ran in this process")
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: shapes at batch 8: Agent-Swin-T stage-0 windows, values reduced 8x / 2x and resized back (Agent-PVT-T stages 0
+# and 2 with agent_sr_ratios 8 and 2), BiFormer-T's stage-0 LePE, an odd resize
+
+GPU_CASES = [(8 * 64, 7, 7, 96, 3, None), (8, 7, 7, 64, 3, (56, 56)), (8, 7, 7, 320, 3, (14, 14)),
+             (8, 56, 56, 64, 5, None), (3, 9, 11, 24, 3, (20, 17))]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_choice_is_the_kernel_for_inference(randn):
+    x, weight, bias, residual = _inputs(*GPU_CASES[0], randn, device="cuda", dtype=torch.bfloat16)
+    args = (x, weight, bias, residual, (7, 7), torch.bfloat16)
+    with torch.no_grad():
+        assert select_backend("depthwise_conv", None, *args).name == "triton"
+    assert select_backend("depthwise_conv", None, x, weight.requires_grad_(), *args[2:]).name == "reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_triton_gpu_matches_the_rounding_oracle(case, dtype, tol, randn, assert_close, assert_no_fallback):
+    inputs = _inputs(*case, randn, device="cuda", seed=6)
+    with assert_no_fallback():
+        _check_triton([t.to(dtype) for t in inputs], case[-1], dtype, assert_close, tol)
+        if dtype != torch.float32:
+            with torch.autocast("cuda", dtype=dtype):  # float32 inputs and weights: conv in dtype, float32 sum
+                _check_triton(inputs, case[-1], dtype, assert_close, tol)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
+    from triton_checks import assert_inductor_launches, run_compiled
+
+    x, weight, bias, residual = _inputs(*GPU_CASES[1], randn, device="cuda", seed=7)
+
+    def f(x):
+        return depthwise_conv(x * 2, weight, bias, residual=residual, size=(56, 56))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = f(x)
+        got, code = run_compiled(lambda: compiled(x))
+    assert_inductor_launches(code, "forward_kernel")
+    assert got.dtype == torch.float32
+    assert_close(got, eager, atol=1e-2 * eager.abs().max().item(), what="compiled")
