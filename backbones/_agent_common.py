@@ -40,7 +40,7 @@ from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops._amp import autocast_dtype
-from zoo.ops._cache import cached_constant
+from zoo.ops._cache import cached_constant, optimizer_steps
 from zoo.registry import register_family
 
 __all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
@@ -304,9 +304,9 @@ def _build_biases(module: nn.Module, key_size: tuple[int, int], query_size: tupl
 def _bias_token(module: nn.Module) -> tuple | None:
     """What identifies the current bias values, or None when that cannot be known (no caching then).
 
-    Any in-place update (optimizer step, load_state_dict, p.add_) bumps ``_version``; .to()/.data swaps move
-    data_ptr. Parameters created under inference_mode have no version counter and may still change in place inside
-    it, so they are never cached.
+    In-place updates (load_state_dict, p.add_) bump ``_version``; .to()/.data swaps move data_ptr; optimizer steps
+    are counted (foreach and fused optimizers may not bump ``_version``). Parameters created under inference_mode
+    have no version counter and may still change in place inside it, so they are never cached.
     """
     # the registered parameters straight from the dict: nn.Module.__getattr__ costs about as much as the token
     params = [p for p in map(module._parameters.get, AGENT_BIAS_NAMES) if p is not None]
@@ -315,6 +315,7 @@ def _bias_token(module: nn.Module) -> tuple | None:
         if p.is_inference():
             return None
         token.append((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()))
+    token.append(optimizer_steps())
     return tuple(token)
 
 
@@ -326,8 +327,9 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     (1, heads, [1 +] Hq * Wq, A'). Without autograd (no_grad / inference_mode, not while compiling) the result is
     cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype,
     and reused while the bias parameters are unchanged. "Unchanged" is read from each parameter's version counter
-    and storage, which every in-place update bumps except a write through ``.data`` (``p.data.mul_(...)``, as some
-    EMA code does): after such a write, call :func:`clear_agent_bias_caches` on the model.
+    and storage and from the process's optimizer-step count (:func:`zoo.ops._cache.optimizer_steps`); a write that
+    bumps no version counter outside an optimizer step (``p.data.mul_(...)``, or a foreach update between steps)
+    needs a :func:`clear_agent_bias_caches` call on the model.
     """
     key_size, query_size = tuple(key_size), tuple(query_size)
     agents = tuple(agents) if agents is not None else None

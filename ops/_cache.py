@@ -1,14 +1,35 @@
-"""Per-call constants (masks, index tables) built once per shape and device."""
+"""Per-call constants (masks, index tables) built once per shape and device; the optimizer-step count that caches of
+values derived from parameters key on."""
 from __future__ import annotations
 
 import functools
 from typing import Callable, TypeVar
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["cached_constant", "tracing"]
+__all__ = ["cached_constant", "tracing", "optimizer_steps"]
 
 T = TypeVar("T", bound=Callable[..., torch.Tensor])
+
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many ``torch.optim`` steps this process has taken (a global step hook counts them).
+
+    Caches of values computed from parameters (autocast's weight copies, the agent biases) key on it besides the
+    parameters' version counters: the multi-tensor kernels of foreach and fused optimizers may update parameters
+    without bumping those counters (PyTorch's foreach ops bump them only on their per-tensor fallback path).
+    """
+    return _OPTIMIZER_STEPS[0]
 
 
 def tracing() -> bool:

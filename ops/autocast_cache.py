@@ -16,10 +16,15 @@ A layer uses its cached copy only when all of these hold, and is exactly its par
   to the parameter; such a call also drops the copy, so training does not keep it alive);
 - ``torch.compile`` is not tracing (inductor fuses the casts with their neighbours itself).
 
-A copy is reused while the parameter objects, their storage addresses, their version counters (bumped by every
-in-place update: optimizer steps, ``load_state_dict``, ``nn.init`` functions) and the autocast dtype are unchanged;
-``.to()``, ``.cuda()``, ``.half()`` and the like drop it. Writes through ``.data`` (``p.data.mul_(2)``) bypass the
-version counter: call :func:`clear_autocast_caches` after those. Outputs are bitwise those of the parent class: the copy
+A copy is reused while the parameter objects, their storage addresses, their version counters (bumped by in-place
+updates: ``load_state_dict``, ``nn.init`` functions, ``p.add_(...)``), the autocast dtype and the count of optimizer
+steps taken in the process are unchanged; ``.to()``, ``.cuda()``, ``.half()`` and the like drop it. Every
+``torch.optim`` step invalidates every copy (a global step hook counts them) because the multi-tensor kernels of
+foreach and fused optimizers may update parameters without bumping their version counters (PyTorch's foreach ops bump
+them only on their per-tensor fallback path). Writes that bump no version counter outside an optimizer step, such as
+``p.data.mul_(2)`` or another foreach update (an EMA's ``torch._foreach_lerp_`` between steps), need a
+:func:`clear_autocast_caches` call; an EMA updated right after each optimizer step, as timm's and the recipes' are, is
+covered by the next step's count. Outputs are bitwise those of the parent class: the copy
 is the cast autocast makes. The copies cost the autocast dtype's share of the layers' weights (half of their float32
 size) while cached.
 """
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import autocast_dtype
+from ._cache import optimizer_steps
 
 __all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts",
            "clear_autocast_caches"]
@@ -43,9 +49,10 @@ def _plain_float32(t: torch.Tensor | None) -> bool:
 
 
 def _state(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+    steps = optimizer_steps()
     if bias is None:
-        return weight.data_ptr(), weight._version, 0, 0, dtype
-    return weight.data_ptr(), weight._version, bias.data_ptr(), bias._version, dtype
+        return weight.data_ptr(), weight._version, 0, 0, dtype, steps
+    return weight.data_ptr(), weight._version, bias.data_ptr(), bias._version, dtype, steps
 
 
 def autocast_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -223,6 +223,25 @@ def test_data_writes_need_an_explicit_cache_clear():
         assert common.clear_agent_bias_caches(model) == len(_agent_modules(model))  # refilled by the forward
 
 
+def test_an_optimizer_step_invalidates_the_cache():
+    """Foreach and fused optimizers may write parameters without bumping their version counters (CUDA's multi-tensor
+    kernels): the cache keys on the process's optimizer-step count too. A ``.data`` write stands in for such an
+    update here; a step of any optimizer, even one that changes nothing, then refreshes the biases."""
+    model, x = _model("agent_swin_t"), _image("agent_swin_t")
+    with torch.no_grad():
+        before = model(x)
+        for attn in _agent_modules(model):
+            attn.an_bias.data.add_(torch.randn(attn.an_bias.shape, generator=torch.Generator().manual_seed(8)))
+        assert torch.equal(model(x), before)  # no version bump: still the cached biases
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # no gradients: changes no parameter
+    with torch.no_grad():
+        after = model(x)
+    fresh = _model("agent_swin_t")
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(after, fresh(x)) and (after - before).abs().max().item() > 1e-3
+
+
 def test_load_state_dict_deepcopy_and_dtype_change_invalidate_the_cache():
     model, other, x = _model("agent_pvt_tiny"), _model("agent_pvt_tiny"), _image("agent_pvt_tiny")
     with torch.no_grad():

@@ -97,6 +97,21 @@ def test_copies_follow_parameter_updates(update):
     assert torch.equal(_infer(cached, x), _infer(plain, x))
 
 
+def test_an_optimizer_step_invalidates_the_copies():
+    """Foreach and fused optimizers may write parameters without bumping their version counters (CUDA's multi-tensor
+    kernels): every optimizer step drops every copy. A ``.data`` write stands in for such an update; a step that
+    changes nothing follows."""
+    plain, cached = _pair()
+    x = _input()
+    _infer(cached, x)
+    for p in cached.parameters():
+        p.data.mul_(-1.0)
+    plain.load_state_dict(cached.state_dict())
+    assert not torch.equal(_infer(cached, x), _infer(plain, x))
+    torch.optim.AdamW(cached.parameters(), lr=0.1).step()  # no gradients: changes no parameter
+    assert torch.equal(_infer(cached, x), _infer(plain, x))
+
+
 def test_data_writes_need_an_explicit_clear():
     plain, cached = _pair()
     x = _input()
