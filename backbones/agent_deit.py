@@ -23,7 +23,8 @@ from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from zoo.ops import Mlp, agent_attention, downsampled_attention
+from zoo.ops import Mlp, agent_attention, depthwise_conv, downsampled_attention
+from zoo.ops.autocast_cache import autocast_weights
 from zoo.registry import build_zoo_model, register_variants
 
 from ._layers import check_images, init_linears, projection_norm
@@ -74,9 +75,10 @@ class AgentAttention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self._heads(agents), scale=self.scale,
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, c)
-        patch_v = v[:, 1:].flatten(2).transpose(1, 2).reshape(b, c, *grid)
-        diversity = self.dwc(patch_v).flatten(2).transpose(1, 2)  # DWC on patch values only, as official
-        out = out + F.pad(diversity, (0, 0, 1, 0))  # no DWC term on the class token
+        # the values' depthwise conv on the patch tokens only, as official: the class token gets no such term
+        patches = depthwise_conv(v[:, 1:].flatten(2).view(b, *grid, c), *autocast_weights(self.dwc),
+                                 residual=out[:, 1:].view(b, *grid, c))
+        out = torch.cat([out[:, :1], patches.flatten(1, 2)], dim=1)
         return self.proj_drop(self.proj(out))
 
 

@@ -118,9 +118,10 @@ def test_input_errors_name_the_argument_and_value(args, message):
         depthwise_conv(**args)
 
 
-# (channels, kernel) of every call: Agent-Swin's value conv in its agent blocks (stages 0-2); BiFormer's
-# position-embedding conv then LePE in every block
+# (channels, kernel) of every call: Agent-Swin's value conv in its agent blocks (stages 0-2), Agent-DeiT's in every
+# block (patch tokens only); BiFormer's position-embedding conv then LePE in every block
 MODEL_CONVS = {"agent_swin_t": [(c, 3) for c, depth in ((96, 2), (192, 2), (384, 6)) for _ in range(depth)],
+               "agent_deit_tiny": [(192, 3)] * 12,
                "biformer_tiny": [(c, k) for c, depth in ((64, 2), (128, 2), (256, 8), (512, 2)) for _ in range(depth)
                                  for k in (3, 5)]}
 
@@ -219,6 +220,18 @@ def test_triton_interpreter_fp16_and_fp16_autocast(case, interpreter, randn, ass
         _check_triton(inputs, case[-1], torch.float16, assert_close, 1e-3)
 
 
+def test_triton_interpreter_strided_residual_as_agent_deit_passes_it(interpreter, randn, assert_close):
+    """Agent-DeiT adds the conv to the patch tokens of the attention output: the residual is a view that skips each
+    item's class token (item stride 197 tokens for 196 pixels)."""
+    b, grid, c = 2, 14, 24
+    tokens = randn(b, 1 + grid * grid, c, seed=10)
+    x, weight, bias, _ = _inputs(b, grid, grid, c, 3, None, randn, seed=11)
+    residual = tokens[:, 1:].view(b, grid, grid, c)
+    out = depthwise_conv(x, weight, bias, residual=residual, backend="triton")
+    want = _oracle(x, weight, bias, residual, None, torch.float32)
+    assert_close(out, want, atol=1e-6 * want.abs().max().item(), what="strided residual")
+
+
 def test_triton_interpreter_empty_and_repeatable(interpreter, randn):
     x, weight, bias, residual = _inputs(*CASES[1], randn)
     first = depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton")
@@ -274,7 +287,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=16)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=17)
 
 
 # ----------------------------------------------------------------------------------------------------------------
