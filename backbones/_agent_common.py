@@ -305,8 +305,9 @@ def _bias_token(module: nn.Module) -> tuple | None:
     """What identifies the current bias values, or None when that cannot be known (no caching then).
 
     In-place updates (load_state_dict, p.add_) bump ``_version``; .to()/.data swaps move data_ptr; optimizer steps
-    are counted (foreach and fused optimizers may not bump ``_version``). Parameters created under inference_mode
-    have no version counter and may still change in place inside it, so they are never cached.
+    are counted (whether fused or multi-tensor optimizer kernels bump ``_version`` then does not matter). Parameters
+    created under inference_mode have no version counter and may still change in place inside it, so they are never
+    cached.
     """
     # the registered parameters straight from the dict: nn.Module.__getattr__ costs about as much as the token
     params = [p for p in map(module._parameters.get, AGENT_BIAS_NAMES) if p is not None]
@@ -328,8 +329,8 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype,
     and reused while the bias parameters are unchanged. "Unchanged" is read from each parameter's version counter
     and storage and from the process's optimizer-step count (:func:`zoo.ops._cache.optimizer_steps`); a write that
-    bumps no version counter outside an optimizer step (``p.data.mul_(...)``, or a foreach update between steps)
-    needs a :func:`clear_agent_bias_caches` call on the model.
+    bumps no version counter outside an optimizer step (``p.data.mul_(...)``) needs a :func:`clear_agent_bias_caches`
+    call on the model.
     """
     key_size, query_size = tuple(key_size), tuple(query_size)
     agents = tuple(agents) if agents is not None else None

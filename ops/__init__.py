@@ -28,5 +28,6 @@ from .autocast_cache import (AutocastCachedConv2d, AutocastCachedLinear, cache_a
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
            "agent_attention", "outlook_attention", "routing_attention", "window_attention", "cross_attention",
            "downsampled_attention", "masked_attention", "structured_mask", "neighborhood_attention",
-           "neighborhood_mask", "ms_deform_attn", "layer_norm", "LayerNorm", "mlp", "Mlp", "SequentialMlp", "depthwise_conv",
+           "neighborhood_mask", "ms_deform_attn", "layer_norm", "LayerNorm", "mlp", "Mlp", "SequentialMlp",
+           "depthwise_conv",
            "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "clear_autocast_caches"]

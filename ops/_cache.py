@@ -26,8 +26,8 @@ def optimizer_steps() -> int:
     """How many ``torch.optim`` steps this process has taken (a global step hook counts them).
 
     Caches of values computed from parameters (autocast's weight copies, the agent biases) key on it besides the
-    parameters' version counters: the multi-tensor kernels of foreach and fused optimizers may update parameters
-    without bumping those counters (PyTorch's foreach ops bump them only on their per-tensor fallback path).
+    parameters' version counters, so that whether an optimizer's kernels record their in-place writes in those
+    counters (fused and multi-tensor kernels have not always done so across PyTorch releases) does not matter.
     """
     return _OPTIMIZER_STEPS[0]
 

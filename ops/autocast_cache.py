@@ -19,13 +19,11 @@ A layer uses its cached copy only when all of these hold, and is exactly its par
 A copy is reused while the parameter objects, their storage addresses, their version counters (bumped by in-place
 updates: ``load_state_dict``, ``nn.init`` functions, ``p.add_(...)``), the autocast dtype and the count of optimizer
 steps taken in the process are unchanged; ``.to()``, ``.cuda()``, ``.half()`` and the like drop it. Every
-``torch.optim`` step invalidates every copy (a global step hook counts them) because the multi-tensor kernels of
-foreach and fused optimizers may update parameters without bumping their version counters (PyTorch's foreach ops bump
-them only on their per-tensor fallback path). Writes that bump no version counter outside an optimizer step, such as
-``p.data.mul_(2)`` or another foreach update (an EMA's ``torch._foreach_lerp_`` between steps), need a
-:func:`clear_autocast_caches` call; an EMA updated right after each optimizer step, as timm's and the recipes' are, is
-covered by the next step's count. Outputs are bitwise those of the parent class: the copy
-is the cast autocast makes. The copies cost the autocast dtype's share of the layers' weights (half of their float32
+``torch.optim`` step invalidates every copy (a global step hook counts them), so that whether an optimizer's fused or
+multi-tensor kernels record their writes in the version counters (they have not always, across PyTorch releases) does
+not matter. Writes that bump no version counter outside an optimizer step, such as ``p.data.mul_(2)``, need a
+:func:`clear_autocast_caches` call. Outputs are bitwise those of the parent class: the copy is the cast autocast
+makes. The copies cost the autocast dtype's share of the layers' weights (half of their float32
 size) while cached.
 """
 from __future__ import annotations

@@ -224,9 +224,9 @@ def test_data_writes_need_an_explicit_cache_clear():
 
 
 def test_an_optimizer_step_invalidates_the_cache():
-    """Foreach and fused optimizers may write parameters without bumping their version counters (CUDA's multi-tensor
-    kernels): the cache keys on the process's optimizer-step count too. A ``.data`` write stands in for such an
-    update here; a step of any optimizer, even one that changes nothing, then refreshes the biases."""
+    """The cache keys on the process's optimizer-step count too, whether or not an optimizer's kernels bump the
+    parameters' version counters. A ``.data`` write stands in for an update they do not record; a step of any
+    optimizer, even one that changes nothing, then refreshes the biases."""
     model, x = _model("agent_swin_t"), _image("agent_swin_t")
     with torch.no_grad():
         before = model(x)

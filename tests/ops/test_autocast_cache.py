@@ -98,9 +98,8 @@ def test_copies_follow_parameter_updates(update):
 
 
 def test_an_optimizer_step_invalidates_the_copies():
-    """Foreach and fused optimizers may write parameters without bumping their version counters (CUDA's multi-tensor
-    kernels): every optimizer step drops every copy. A ``.data`` write stands in for such an update; a step that
-    changes nothing follows."""
+    """Every optimizer step drops every copy, whether or not its kernels bump the parameters' version counters. A
+    ``.data`` write stands in for an update they do not record; a step that changes nothing follows."""
     plain, cached = _pair()
     x = _input()
     _infer(cached, x)
