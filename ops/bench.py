@@ -195,6 +195,24 @@ CASES: list[Case] = [
          dict(tokens=14 * 14, channels=256), dict(tokens=49, batch=1)),
     Case("biformer_t.s3.ln", "layer_norm", "BiFormer-T stage 3 LayerNorm (C 512)", 128,
          dict(tokens=7 * 7, channels=512), dict(batch=1)),
+    # stage-0 MLPs at 224 (tokens x C -> hidden -> C, exact GELU): the narrow ones the fused kernel serves
+    Case("agent_pvt_t.s0.mlp", "mlp", "Agent-PVT-T stage 0 MLP (64 -> 512 -> 64)", 128,
+         dict(tokens=56 * 56, channels=64, hidden=512), dict(tokens=49, batch=1)),
+    Case("agent_swin_t.s0.mlp", "mlp", "Agent-Swin-T stage 0 MLP (96 -> 384 -> 96)", 128,
+         dict(tokens=56 * 56, channels=96, hidden=384), dict(tokens=49, batch=1)),
+    Case("biformer_t.s0.mlp", "mlp", "BiFormer-T stage 0 MLP (64 -> 192 -> 64)", 128,
+         dict(tokens=56 * 56, channels=64, hidden=192), dict(tokens=49, batch=1)),
+    # stage-0 depthwise convs plus residual at 224: x a slice of a projection `proj` channels wide, as the models pass
+    # v (Agent-Swin per 7x7 window, Agent-PVT on the 56x56 grid, BiFormer's 5x5 LePE) or the block input (BiFormer's
+    # position-embedding conv)
+    Case("agent_swin_t.s0.dwconv", "depthwise_conv", "Agent-Swin-T stage 0 value conv (64 windows of 7x7, C 96)", 128,
+         dict(windows=64, hw=7, channels=96, kernel=3, proj=3), dict(windows=4, batch=1)),
+    Case("agent_pvt_t.s0.dwconv", "depthwise_conv", "Agent-PVT-T stage 0 value conv (56x56, C 64)", 128,
+         dict(hw=56, channels=64, kernel=3, proj=2), dict(hw=8, batch=1)),
+    Case("biformer_t.s0.lepe", "depthwise_conv", "BiFormer-T stage 0 LePE (56x56, C 64, 5x5)", 128,
+         dict(hw=56, channels=64, kernel=5, proj=3), dict(hw=8, batch=1)),
+    Case("biformer_t.s0.pos", "depthwise_conv", "BiFormer-T stage 0 position-embedding conv (56x56, C 64)", 128,
+         dict(hw=56, channels=64, kernel=3, proj=1), dict(hw=8, batch=1)),
 ]
 
 
@@ -298,6 +316,22 @@ def _build_layer_norm(p, b, dtype, dev, grad):
     return (x, weight, bias), {}, 8.0 * b * n * c  # ~8 FLOPs per element (mean, variance, scale, shift)
 
 
+def _build_mlp(p, b, dtype, dev, grad):
+    n, c, hidden = p["tokens"], p["channels"], p["hidden"]
+    x = _rand((b, n, c), dtype, dev, grad)
+    w1, w2 = _rand((hidden, c), dtype, dev, grad, c ** -0.5), _rand((c, hidden), dtype, dev, grad, hidden ** -0.5)
+    b1, b2 = _rand((hidden,), dtype, dev, grad), _rand((c,), dtype, dev, grad)
+    return (x, w1, b1, w2, b2), {}, 4.0 * b * n * c * hidden  # two products of 2 * n * c * hidden
+
+
+def _build_depthwise_conv(p, b, dtype, dev, grad):
+    items, hw, c, k = b * p.get("windows", 1), p["hw"], p["channels"], p["kernel"]
+    x = _rand((items, hw, hw, p["proj"] * c), dtype, dev, grad)[..., -c:]
+    weight, bias = _rand((c, 1, k, k), dtype, dev, grad, 1.0 / k), _rand((c,), dtype, dev, grad)
+    residual = _rand((items, hw, hw, c), dtype, dev, grad)
+    return (x, weight, bias), dict(residual=residual), 2.0 * items * hw * hw * c * k * k
+
+
 def _build_dense(p, b, dtype, dev, grad):
     n, h, d = p["tokens"], p["heads"], p["dim"]
     q, k, v = (_rand((b, h, n, d), dtype, dev, grad) for _ in range(3))
@@ -337,7 +371,8 @@ BUILDERS: dict[str, Callable] = {
     "window_attention": _build_window, "ms_deform_attn": _build_ms_deform,
     "downsampled_attention": _build_downsampled, "cross_attention": _build_cross,
     "neighborhood_attention": _build_neighborhood, "masked_attention": _build_masked, "dense_sdpa": _build_dense,
-    "sdpa_plain": _build_sdpa_plain, "layer_norm": _build_layer_norm,
+    "sdpa_plain": _build_sdpa_plain, "layer_norm": _build_layer_norm, "mlp": _build_mlp,
+    "depthwise_conv": _build_depthwise_conv,
 }
 _SDPA_OPS = ("dense_sdpa", "sdpa_plain")  # baselines timed here directly, not through the dispatch registry
 
