@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, item_extent, kernel_op,
-                     kernels_interpreted, needs_grad, no_device_reason, on_device, traced, INT32_MAX)
+                     kernels_interpreted, needs_grad, next_pow2, no_device_reason, on_device, traced, INT32_MAX)
 
 __all__ = ["depthwise_conv"]
 
@@ -169,7 +169,7 @@ def _tiles(c: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): channel blocks that divide C where one does (96 = 3 x 32), 4096 elements a
     program; within 5% of the best of 16 tiles (BLOCK_P 16-128, BLOCK_C 32/64, 2/4 warps) at Agent-Swin-T and
     Agent-PVT-T stage 0 and BiFormer-T's stage-0 LePE on the H200."""
-    block_c = next((b for b in (64, 32, 16) if c % b == 0), min(64, max(16, 1 << (c - 1).bit_length())))
+    block_c = next((b for b in (64, 32, 16) if c % b == 0), min(64, max(16, next_pow2(c))))
     return 4096 // block_c, block_c, 4
 
 

@@ -15,7 +15,7 @@ from zoo import ops
 from zoo.ops import depthwise_conv, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.triton import interpreter_requested
-from triton_checks import run_pytest_in_interpreter
+from triton_checks import interpreter_fixture, run_pytest_in_interpreter
 
 DW = importlib.import_module("zoo.ops.depthwise_conv")  # the module (``zoo.ops.depthwise_conv`` is the function)
 
@@ -181,14 +181,7 @@ def test_tiles_divide_the_channels_where_they_can():
 INTERPRETING = interpreter_requested()
 
 
-@pytest.fixture
-def interpreter(assert_no_fallback):
-    """Inside the TRITON_INTERPRET=1 subprocess: no dispatch may fall back from the requested triton backend."""
-    if not INTERPRETING:
-        pytest.skip("runs inside the TRITON_INTERPRET=1 subprocess")
-    with assert_no_fallback():
-        yield
-    assert type(DW._kernel()).__name__ == "InterpretedFunction"
+interpreter = interpreter_fixture(lambda: DW._kernel())
 
 
 def _check_triton(inputs, size, compute, assert_close, tol):

@@ -17,7 +17,8 @@ from zoo import ops
 from zoo.ops import LayerNorm, layer_norm, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.triton import triton_missing_reason
-from triton_checks import assert_inference_launch_agrees, run_pytest_in_interpreter
+from triton_checks import (assert_inference_launch_agrees, interpreter_fixture,
+                           run_pytest_in_interpreter)
 
 LN = importlib.import_module("zoo.ops.layer_norm")  # the module (``zoo.ops.layer_norm`` is the function)
 
@@ -221,14 +222,7 @@ def test_triton_supports_reasons(randn, monkeypatch):
 INTERPRETING = LN.interpreter_requested()
 
 
-@pytest.fixture
-def interpreter(assert_no_fallback):
-    """Inside the TRITON_INTERPRET=1 subprocess: no dispatch may fall back from the requested triton backend."""
-    if not INTERPRETING:
-        pytest.skip("runs inside the TRITON_INTERPRET=1 subprocess")
-    with assert_no_fallback():
-        yield
-    assert type(LN._kernels()[0]).__name__ == "InterpretedFunction"
+interpreter = interpreter_fixture(lambda: LN._kernels()[0])
 
 
 def _check_triton(x, w, b, assert_close, grads, tol=None, out_dtype=None):

@@ -16,7 +16,7 @@ from zoo import ops
 from zoo.ops import Mlp, SequentialMlp, mlp, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.triton import interpreter_requested
-from triton_checks import run_pytest_in_interpreter
+from triton_checks import interpreter_fixture, run_pytest_in_interpreter
 
 FM = importlib.import_module("zoo.ops.mlp")  # the module (``zoo.ops.mlp`` is the function)
 
@@ -208,14 +208,7 @@ def test_tiles_follow_the_h200_sweep():
 INTERPRETING = interpreter_requested()
 
 
-@pytest.fixture
-def interpreter(assert_no_fallback):
-    """Inside the TRITON_INTERPRET=1 subprocess: no dispatch may fall back from the requested triton backend."""
-    if not INTERPRETING:
-        pytest.skip("runs inside the TRITON_INTERPRET=1 subprocess")
-    with assert_no_fallback():
-        yield
-    assert type(FM._kernel()).__name__ == "InterpretedFunction"
+interpreter = interpreter_fixture(lambda: FM._kernel())
 
 
 def _check_triton(x, weights, compute, assert_close, tol):

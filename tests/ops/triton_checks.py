@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from zoo.ops.triton import interpreter_requested
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -31,6 +33,20 @@ def run_in_interpreter(module: str, check: str) -> None:
     code = f"import {module} as t; t.{check}(); print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def interpreter_fixture(kernel):
+    """A pytest fixture for the tests that run inside a ``run_pytest_in_interpreter`` subprocess: skipped outside it;
+    inside, no dispatch may fall back from the requested triton backend, and ``kernel()`` (the backend's kernel
+    getter) must return an interpreted kernel afterwards. Assign it to a module-level name of the test file."""
+    @pytest.fixture
+    def interpreter(assert_no_fallback):
+        if not interpreter_requested():
+            pytest.skip("runs inside the TRITON_INTERPRET=1 subprocess")
+        with assert_no_fallback():
+            yield
+        assert type(kernel()).__name__ == "InterpretedFunction"
+    return interpreter
 
 
 def run_pytest_in_interpreter(test_file: str, keyword: str, passed: int) -> None:
