@@ -27,7 +27,7 @@
   construction size this reduces exactly to the classification code. :func:`agent_key_bias` and
   :func:`agent_query_bias` return the additive biases that :func:`zoo.ops.agent_attention` takes;
   :func:`agent_biases` returns both for a module, cached between no-grad forwards (see
-  :func:`clear_agent_bias_caches`).
+  :func:`zoo.ops.clear_parameter_caches`).
 """
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops._amp import autocast_dtype
-from zoo.ops._cache import cached_constant, optimizer_steps
+from zoo.ops._cache import cached_constant, optimizer_steps, register_parameter_cache
 from zoo.registry import register_family
 
 __all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
            "init_agent_biases",
            "squeeze_official_biases", "resize_bilinear", "agent_biases", "agent_key_bias", "agent_query_bias",
-           "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple", "clear_agent_bias_caches"]
+           "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
 
 FAMILY = "agent_attention"
 # The official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers).
@@ -292,6 +292,10 @@ def agent_query_bias(na_bias: torch.Tensor, ha_bias: torch.Tensor, wa_bias: torc
     return _resize_agents(bias, grid, agents, dim=2).unsqueeze(0).contiguous()
 
 
+# a plain instance attribute (not a buffer): (token, {(key_size, query_size, agents, dtype): biases})
+_CACHE_ATTR = register_parameter_cache("_agent_bias_cache")
+
+
 def _build_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple[int, int],
                   agents: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     key = agent_key_bias(module.an_bias, module.ah_bias, module.aw_bias, key_size,
@@ -305,7 +309,7 @@ def _bias_token(module: nn.Module) -> tuple | None:
     """What identifies the current bias values, or None when that cannot be known (no caching then).
 
     In-place updates (load_state_dict, p.add_) bump ``_version``; .to()/.data swaps move data_ptr; optimizer steps
-    are counted (whether fused or multi-tensor optimizer kernels bump ``_version`` then does not matter). Parameters
+    are counted (fused AdamW on CUDA bumps no ``_version``). Parameters
     created under inference_mode have no version counter and may still change in place inside it, so they are never
     cached.
     """
@@ -329,8 +333,8 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype,
     and reused while the bias parameters are unchanged. "Unchanged" is read from each parameter's version counter
     and storage and from the process's optimizer-step count (:func:`zoo.ops._cache.optimizer_steps`); a write that
-    bumps no version counter outside an optimizer step (``p.data.mul_(...)``) needs a :func:`clear_agent_bias_caches`
-    call on the model.
+    bumps no version counter outside an optimizer step (``p.data.mul_(...)``, ``torch._foreach_lerp_`` on CUDA)
+    needs a :func:`zoo.ops.clear_parameter_caches` call on the model.
     """
     key_size, query_size = tuple(key_size), tuple(query_size)
     agents = tuple(agents) if agents is not None else None
@@ -340,10 +344,10 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     if token is None:
         return _build_biases(module, key_size, query_size, agents)
     # A plain attribute, not a buffer: stays out of state_dict and is left behind (then invalidated) by .to().
-    state = module.__dict__.get("_agent_bias_cache")
+    state = module.__dict__.get(_CACHE_ATTR)
     if state is None or state[0] != token:
         state = (token, {})
-        module.__dict__["_agent_bias_cache"] = state
+        module.__dict__[_CACHE_ATTR] = state
     entries = state[1]
     # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.
     compute = autocast_dtype(token[0][2].type)  # the biases' device
@@ -352,12 +356,6 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         biases = _build_biases(module, key_size, query_size, agents)
         entries[key] = biases if compute is None else tuple(b.to(compute) for b in biases)
     return entries[key]
-
-
-def clear_agent_bias_caches(model: nn.Module) -> int:
-    """Drop the inference bias caches of :func:`agent_biases` in every module of ``model`` (needed only after
-    writing bias parameters through ``.data``, which leaves their version counters unchanged); returns how many."""
-    return sum(m.__dict__.pop("_agent_bias_cache", None) is not None for m in model.modules())
 
 
 def _window_membership(n: int, g: int, device: torch.device) -> torch.Tensor:

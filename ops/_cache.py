@@ -1,5 +1,5 @@
 """Per-call constants (masks, index tables) built once per shape and device; the optimizer-step count that caches of
-values derived from parameters key on."""
+values derived from parameters key on, and the one call that drops all such caches."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from typing import Callable, TypeVar
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["cached_constant", "tracing", "optimizer_steps"]
+__all__ = ["cached_constant", "tracing", "optimizer_steps", "register_parameter_cache", "clear_parameter_caches"]
 
 T = TypeVar("T", bound=Callable[..., torch.Tensor])
 
@@ -26,10 +26,32 @@ def optimizer_steps() -> int:
     """How many ``torch.optim`` steps this process has taken (a global step hook counts them).
 
     Caches of values computed from parameters (autocast's weight copies, the agent biases) key on it besides the
-    parameters' version counters, so that whether an optimizer's kernels record their in-place writes in those
-    counters (fused and multi-tensor kernels have not always done so across PyTorch releases) does not matter.
+    parameters' version counters, because some in-place kernels leave those counters unchanged: measured on an H200
+    with torch 2.11, ``torch.optim.AdamW(fused=True)`` and ``torch._foreach_lerp_`` on CUDA tensors (timm's
+    ModelEmaV3 update) do, while the default multi-tensor AdamW bumps them.
     """
     return _OPTIMIZER_STEPS[0]
+
+
+# Instance attributes of modules that hold values derived from the module's parameters.
+_PARAMETER_CACHE_ATTRS: set[str] = set()
+
+
+def register_parameter_cache(attr: str) -> str:
+    """Declare ``attr`` as a module instance attribute caching values computed from that module's parameters, so
+    that :func:`clear_parameter_caches` drops it; returns ``attr``."""
+    _PARAMETER_CACHE_ATTRS.add(attr)
+    return attr
+
+
+def clear_parameter_caches(model: torch.nn.Module) -> int:
+    """Drop every cache of parameter-derived values (autocast's weight copies, the agent biases) in every module of
+    ``model``; returns how many were dropped.
+
+    Needed after a write that neither bumps a version counter nor is an optimizer step: ``p.data`` writes, or
+    ``torch._foreach_lerp_`` on CUDA (an EMA update such as timm's ModelEmaV3) that no optimizer step follows.
+    """
+    return sum(m.__dict__.pop(attr, None) is not None for m in model.modules() for attr in _PARAMETER_CACHE_ATTRS)
 
 
 def tracing() -> bool:

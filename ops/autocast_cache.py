@@ -19,10 +19,10 @@ A layer uses its cached copy only when all of these hold, and is exactly its par
 A copy is reused while the parameter objects, their storage addresses, their version counters (bumped by in-place
 updates: ``load_state_dict``, ``nn.init`` functions, ``p.add_(...)``), the autocast dtype and the count of optimizer
 steps taken in the process are unchanged; ``.to()``, ``.cuda()``, ``.half()`` and the like drop it. Every
-``torch.optim`` step invalidates every copy (a global step hook counts them), so that whether an optimizer's fused or
-multi-tensor kernels record their writes in the version counters (they have not always, across PyTorch releases) does
-not matter. Writes that bump no version counter outside an optimizer step, such as ``p.data.mul_(2)``, need a
-:func:`clear_autocast_caches` call. Outputs are bitwise those of the parent class: the copy is the cast autocast
+``torch.optim`` step invalidates every copy (a global step hook counts them), because some kernels write parameters
+without bumping their version counters (H200, torch 2.11: fused AdamW, and ``torch._foreach_lerp_`` on CUDA). Writes
+that bump no version counter outside an optimizer step, such as ``p.data.mul_(2)`` or an EMA update by
+``torch._foreach_lerp_`` (timm's ModelEmaV3) on CUDA, need a :func:`zoo.ops.clear_parameter_caches` call. Outputs are bitwise those of the parent class: the copy is the cast autocast
 makes. The copies cost the autocast dtype's share of the layers' weights (half of their float32
 size) while cached.
 """
@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import autocast_dtype
-from ._cache import optimizer_steps
+from ._cache import optimizer_steps, register_parameter_cache
 
-__all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts",
-           "clear_autocast_caches"]
+__all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts"]
 
-_ATTR = "_zoo_autocast_copies"  # instance attribute: (weight, bias, state, weight copy, bias copy)
+# instance attribute: (weight, bias, state, weight copy, bias copy)
+_ATTR = register_parameter_cache("_zoo_autocast_copies")
 _PLAIN = (nn.Parameter, torch.Tensor)
 
 
@@ -136,10 +136,3 @@ def cache_autocast_casts(model: nn.Module) -> nn.Module:
             module.__class__ = cached
     return model
 
-
-def clear_autocast_caches(model: nn.Module) -> nn.Module:
-    """Drop every cached autocast copy held in ``model`` (after writing parameters through ``.data``, or to free
-    their memory); returns ``model``."""
-    for module in model.modules():
-        module.__dict__.pop(_ATTR, None)
-    return model

@@ -24,6 +24,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from zoo.ops import clear_parameter_caches
+
 __all__ = ["ImageClassifier", "warmup_cosine_factor"]
 
 # Strategies that shard parameters: a full-copy EMA of a shard is meaningless, so EMA refuses them.
@@ -188,6 +190,10 @@ class ImageClassifier(L.LightningModule):
         ema = self._ema
         if ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             ema.update(self.model, step=self.global_step)
+            # On CUDA the update's torch._foreach_lerp_ bumps no version counter, so caches of values computed from
+            # the EMA weights (autocast copies, agent biases) cannot see it (the optimizer step before it only
+            # happens to invalidate them); an evaluation of stale copies scored chance on the H200.
+            clear_parameter_caches(ema.module)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._ema is not None:

@@ -208,19 +208,19 @@ def test_in_place_update_invalidates_the_cache():
 
 def test_data_writes_need_an_explicit_cache_clear():
     """A write through ``.data`` leaves the version counter as it was: the cache cannot see it (documented), and
-    clear_agent_bias_caches drops every module's cache."""
+    zoo.ops.clear_parameter_caches drops every module's cache."""
     model, x = _model("agent_swin_t"), _image("agent_swin_t")
     with torch.no_grad():
         before = model(x)
         for attn in _agent_modules(model):
             attn.an_bias.data.add_(torch.randn(attn.an_bias.shape, generator=torch.Generator().manual_seed(7)))
         assert torch.equal(model(x), before)  # stale: the limitation the docstring states
-        assert common.clear_agent_bias_caches(model) == len(_agent_modules(model))
+        assert zoo.ops.clear_parameter_caches(model) == len(_agent_modules(model))
         after = model(x)
         fresh = _model("agent_swin_t")
         fresh.load_state_dict(model.state_dict())
         assert torch.equal(after, fresh(x)) and (after - before).abs().max().item() > 1e-3
-        assert common.clear_agent_bias_caches(model) == len(_agent_modules(model))  # refilled by the forward
+        assert zoo.ops.clear_parameter_caches(model) == len(_agent_modules(model))  # refilled by the forward
 
 
 def test_an_optimizer_step_invalidates_the_cache():

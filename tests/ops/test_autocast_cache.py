@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo
-from zoo.ops import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts, clear_autocast_caches
+from zoo.ops import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts, clear_parameter_caches
 
 _ATTR = "_zoo_autocast_copies"
 
@@ -119,7 +119,7 @@ def test_data_writes_need_an_explicit_clear():
         p.data.mul_(-1.0)  # bypasses the version counter
     plain.load_state_dict(cached.state_dict())
     assert not torch.equal(_infer(cached, x), _infer(plain, x))  # the documented hazard
-    clear_autocast_caches(cached)
+    assert clear_parameter_caches(cached) == 3
     assert torch.equal(_infer(cached, x), _infer(plain, x))
 
 
@@ -215,3 +215,28 @@ def test_gpu_zoo_model_reuses_copies_bitwise_under_cuda_autocast():
     assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[2], outputs[0])
     assert copies[2] < copies[1] == copies[0]  # 62 layers' casts skipped on the second call
     assert copies[1] - copies[2] >= 2 * 49
+
+
+@pytest.mark.gpu
+def test_gpu_ema_update_needs_clear_parameter_caches():
+    """timm's ModelEmaV3 writes the EMA weights with torch._foreach_lerp_, which on CUDA bumps no version counter
+    (H200, torch 2.11); clear_parameter_caches (the recipe calls it after each update) makes evaluation use them."""
+    from timm.utils import ModelEmaV3
+
+    model, plain = _zoo_model_and_plain_copy("cuda")
+    ema = ModelEmaV3(model, decay=0.5)
+    x = torch.randn(4, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+
+    def logits(net):
+        with torch.autocast("cuda", torch.bfloat16), torch.no_grad():
+            return net(x).float()
+
+    before = logits(ema.module)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ema.update(model, step=10)
+    clear_parameter_caches(ema.module)
+    plain.load_state_dict(ema.module.state_dict())
+    after = logits(ema.module)
+    assert torch.equal(after, logits(plain)) and (after - before).abs().max().item() > 1e-3

@@ -110,6 +110,34 @@ def test_ema_follows_timm_update_and_is_used_for_evaluation(tiny_kwargs, fixed_b
         torch.testing.assert_close(restored.eval_model()(x), loaded(x), rtol=0, atol=0)
 
 
+def test_ema_update_drops_the_caches_of_the_ema_weights(tiny_kwargs, fixed_batch):
+    """After an EMA update, evaluation under autocast uses the new EMA weights even when the update bumped no version
+    counter (CUDA's torch._foreach_lerp_, which timm's ModelEmaV3 uses; a ``.data`` write stands in for it here)."""
+    x, y = fixed_batch
+    module = _module(tiny_kwargs, ema_decay=0.5, ema_warmup=False, lr=1e-2)
+    _fit(module, x, y, steps=2)
+    ema = module.ema.module.eval()
+
+    def autocast_logits(model):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return model(x).float()
+
+    before = autocast_logits(ema)  # fills the cached bf16 copies of the EMA weights
+    model_weights = dict(module.model.named_parameters())
+
+    def update_without_version_bump(model, step=None):
+        for name, p in ema.named_parameters():
+            p.data.lerp_(model_weights[name].data, 0.5)
+
+    module.ema.update = update_without_version_bump
+    module.on_train_batch_end(None, (x, y), 0)
+    fresh = zoo.create_model("biformer_tiny", num_classes=4, **tiny_kwargs).eval()
+    fresh.load_state_dict(ema.state_dict())
+    after = autocast_logits(ema)
+    assert torch.equal(after, autocast_logits(fresh))
+    assert (after - before).abs().max().item() > 1e-3
+
+
 def test_layer_decay_scales_lr_per_layer_group(tiny_kwargs):
     module = _module(tiny_kwargs, lr=1.0, layer_decay=0.5, weight_decay=0.05)
     groups = module.parameter_groups()
