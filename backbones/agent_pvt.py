@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 
 from ._layers import check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, agent_attention, depthwise_conv, downsampled_attention
+from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.registry import build_zoo_model, register_variants
 
@@ -240,6 +240,8 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
         for i in range(num_stages):
             stride = patch_size if i == 0 else 2
             embed = PatchEmbed(size, stride, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i])
+            if i == 0:  # the image stem: one GEMM over the patches on CUDA (zoo.ops.patch_conv; later stages unmeasured)
+                as_patch_conv(embed.proj)
             grid = embed.grid_size
             sr = sr_ratios[i] if attn_type[i] == "B" else agent_srs[i]
             blocks = nn.ModuleList([

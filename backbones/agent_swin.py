@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 
 from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, agent_attention, depthwise_conv, window_attention
+from zoo.ops import Mlp, PatchConv2d, agent_attention, depthwise_conv, window_attention
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
@@ -239,7 +239,7 @@ class PatchEmbed(nn.Module):
                  norm_layer: Callable[..., nn.Module] | None = None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchConv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
