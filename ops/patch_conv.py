@@ -81,9 +81,20 @@ class PatchConv2d(AutocastCachedConv2d):
             raise ValueError(f"PatchConv2d: {reason}; a patch convolution has kernel_size == stride, padding 0, "
                              "dilation 1 and groups 1 (use nn.Conv2d for others)")
 
+    def _gemm_applies(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the GEMM: a batched CUDA input (where it measured faster), zero padding mode."""
+        return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_cuda and self.padding_mode == "zeros"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_cuda and self.padding_mode == "zeros"):
+        if not self._gemm_applies(x):
             return super().forward(x)
+        # the convolution's own input errors, which the GEMM would report as a shape mismatch or not at all
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"PatchConv2d: x must have in_channels={self.in_channels} channels (dim 1), got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
+            raise ValueError(f"PatchConv2d: x of shape {tuple(x.shape)} is smaller than one patch "
+                             f"{self.kernel_size}")
         weight, bias = autocast_weights(self)
         return patch_conv_gemm(x, weight, bias)
 

@@ -91,6 +91,18 @@ def test_converter_keeps_parameters_and_rejects_other_layers():
         as_patch_conv(nn.Linear(3, 3))
 
 
+def test_gemm_branch_checks_its_input_as_the_convolution_does(monkeypatch):
+    monkeypatch.setattr(PatchConv2d, "_gemm_applies", lambda self, inp: True)  # the CUDA branch, run on CPU
+    torch.manual_seed(0)
+    layer = PatchConv2d(3, 8, 16, stride=16)
+    x = torch.randn(2, 3, 32, 48)
+    assert ((layer(x) - F.conv2d(x, layer.weight, layer.bias, stride=16)).abs().max()).item() < 1e-5
+    with pytest.raises(ValueError, match=r"in_channels=3 channels \(dim 1\), got shape \(2, 4, 32, 32\)"):
+        layer(torch.zeros(2, 4, 32, 32))
+    with pytest.raises(ValueError, match=r"smaller than one patch \(16, 16\)"):
+        layer(torch.zeros(2, 3, 8, 64))
+
+
 @pytest.mark.parametrize("name, path", [("agent_deit_tiny", "patch_embed.proj"),
                                         ("agent_swin_t", "patch_embed.proj"),
                                         ("agent_pvt_tiny", "patch_embed1.proj")])
@@ -108,7 +120,7 @@ def test_agent_models_give_the_same_features_through_the_gemm(name, monkeypatch)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.forward_features(x)
-        monkeypatch.setattr(PatchConv2d, "forward", lambda self, inp: patch_conv_gemm(inp, self.weight, self.bias))
+        monkeypatch.setattr(PatchConv2d, "_gemm_applies", lambda self, inp: True)
         ours = model.forward_features(x)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
 
