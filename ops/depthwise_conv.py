@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, item_extent, kernel_op,
-                     kernels_interpreted, needs_grad, next_pow2, no_device_reason, on_device, traced, INT32_MAX)
+from .triton import (contiguous_or_none, direct, inputs_reason, item_extent, kernel_op, kernels_interpreted,
+                     needs_grad, next_pow2, no_device_reason, on_device, traced, INT32_MAX)
 
 __all__ = ["depthwise_conv"]
 
@@ -132,9 +132,8 @@ _MAX_K = 7  # the K*K taps are unrolled
 def _triton_supports(x, weight, bias, residual, size, compute) -> str | None:
     if needs_grad(x, weight, bias, residual):
         return "no backward kernel: calls autograd records (training) take the reference"
-    dtypes = {"compute": compute, "x": x.dtype, "weight": weight.dtype}
-    dtypes.update({name: t.dtype for name, t in (("bias", bias), ("residual", residual)) if t is not None})
-    reason = dtypes_reason(dtypes) or device_reason(x.device, dtypes.values(), _kernels_interpreted())
+    reason = inputs_reason(x.device, _kernels_interpreted(), compute=compute, x=x, weight=weight, bias=bias,
+                           residual=residual)
     if reason is not None:
         return reason
     if weight.shape[-1] > _MAX_K:

@@ -40,8 +40,8 @@ from torch import nn
 
 from ._amp import compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, interpreter_requested, kernel_op,
-                     needs_grad, no_device_reason, on_device, traced)
+from .triton import (contiguous_or_none, direct, inputs_reason, interpreter_requested, kernel_op, needs_grad,
+                     no_device_reason, on_device, traced)
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -158,9 +158,7 @@ _BACKWARD_PROGRAMS_PER_SM = 4  # not tuned: the partials cost G * C * 8 bytes, G
 
 
 def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
-    dtypes = {"x": x.dtype, "output": out_dtype}
-    dtypes.update({name: t.dtype for name, t in (("weight", weight), ("bias", bias)) if t is not None})
-    reason = dtypes_reason(dtypes) or device_reason(x.device, dtypes.values(), interpreter_requested())
+    reason = inputs_reason(x.device, interpreter_requested(), x=x, output=out_dtype, weight=weight, bias=bias)
     if reason is not None:
         return reason
     if x.shape[-1] > _MAX_C:

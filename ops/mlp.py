@@ -41,8 +41,8 @@ from torch import nn
 
 from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
-from .triton import (contiguous_or_none, device_reason, direct, dtypes_reason, kernel_op, kernels_interpreted,
-                     needs_grad, next_pow2, no_device_reason, on_device, traced)
+from .triton import (contiguous_or_none, direct, inputs_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2,
+                     no_device_reason, on_device, traced)
 
 __all__ = ["Mlp", "SequentialMlp", "mlp"]
 
@@ -186,9 +186,8 @@ _FASTER_MAX_C = 128  # widths where the kernel measured faster than the unfused 
 def _triton_supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> str | None:
     if needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         return "no backward kernel: calls autograd records (training) take the reference"
-    dtypes = {"compute": compute, "x": x.dtype, "fc1_weight": fc1_weight.dtype, "fc2_weight": fc2_weight.dtype}
-    dtypes.update({name: t.dtype for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias)) if t is not None})
-    reason = dtypes_reason(dtypes) or device_reason(x.device, dtypes.values(), _kernels_interpreted())
+    reason = inputs_reason(x.device, _kernels_interpreted(), compute=compute, x=x, fc1_weight=fc1_weight,
+                           fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
     if reason is not None:
         return reason
     widest = max(x.shape[-1], fc2_weight.shape[0])

@@ -82,8 +82,8 @@ class PatchConv2d(AutocastCachedConv2d):
                              "dilation 1 and groups 1 (use nn.Conv2d for others)")
 
     def _gemm_applies(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the GEMM: a batched CUDA input (where it measured faster), zero padding mode."""
-        return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_cuda and self.padding_mode == "zeros"
+        """Whether this call takes the GEMM: a batched CUDA input (where it measured faster)."""
+        return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_cuda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._gemm_applies(x):

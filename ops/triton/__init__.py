@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "dtypes_reason",
+__all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device",
            "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "is_num_warps",
            "check_tile_edge", "token_major",
@@ -81,11 +81,18 @@ def device_reason(device: torch.device, dtypes: Iterable[torch.dtype], interpret
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def dtypes_reason(dtypes: dict[str, torch.dtype]) -> str | None:
-    """Why a kernel taking float32/float16/bfloat16 cannot take these named dtypes (e.g. ``{"x": x.dtype}``), or
-    None."""
+def inputs_reason(device: torch.device, interpreted: bool,
+                  **operands: torch.Tensor | torch.dtype | None) -> str | None:
+    """Why a kernel taking float32/float16/bfloat16 operands cannot take these on ``device``, or None.
+
+    ``operands`` are named tensors or dtypes (e.g. ``x=x, output=out_dtype``); None marks an absent optional one. A
+    dtype outside those three is named first; then :func:`device_reason` with the operands' dtypes.
+    """
+    dtypes = {name: op if isinstance(op, torch.dtype) else op.dtype for name, op in operands.items() if op is not None}
     wrong = {name: dtype for name, dtype in dtypes.items() if dtype not in _KERNEL_DTYPES}
-    return f"dtypes {wrong}; needs float32/float16/bfloat16" if wrong else None
+    if wrong:
+        return f"dtypes {wrong}; needs float32/float16/bfloat16"
+    return device_reason(device, dtypes.values(), interpreted)
 
 
 def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:

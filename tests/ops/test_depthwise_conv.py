@@ -314,18 +314,11 @@ def test_triton_gpu_matches_the_rounding_oracle(case, dtype, tol, randn, assert_
 
 @pytest.mark.gpu
 def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
-    from triton_checks import assert_inductor_launches, run_compiled
+    from triton_checks import assert_inductor_launches, compiled_inference
 
     x, weight, bias, residual = _inputs(*GPU_CASES[1], randn, device="cuda", seed=7)
-
-    def f(x):
-        return depthwise_conv(x * 2, weight, bias, residual=residual, size=(56, 56))
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = f(x)
-        got, code = run_compiled(lambda: compiled(x))
+    eager, got, code = compiled_inference(
+        lambda x: depthwise_conv(x * 2, weight, bias, residual=residual, size=(56, 56)), x)
     assert_inductor_launches(code, "forward_kernel")
     assert got.dtype == torch.float32
     assert_close(got, eager, atol=1e-2 * eager.abs().max().item(), what="compiled")

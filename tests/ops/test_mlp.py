@@ -330,20 +330,12 @@ def test_triton_gpu_matches_the_rounding_oracle(rows, c_in, hidden, c_out, dtype
 
 @pytest.mark.gpu
 def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
-    from triton_checks import assert_inductor_launches, run_compiled
+    from triton_checks import assert_inductor_launches, compiled_inference
 
     _, ours = _timm_pair(64, 512, 64)
     ours = ours.cuda().eval()
     x = randn(4, 196, 64, device="cuda", seed=10)
-
-    def f(x):
-        return ours(x * 2)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = f(x)
-        got, code = run_compiled(lambda: compiled(x))
+    eager, got, code = compiled_inference(lambda x: ours(x * 2), x)
     assert_inductor_launches(code, "forward_kernel")
     assert got.dtype == torch.bfloat16
     assert_close(got.float(), eager.float(), atol=1e-2 * eager.float().abs().max().item(), what="compiled")

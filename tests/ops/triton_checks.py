@@ -74,6 +74,17 @@ def run_compiled(fn, *args):
     return result, "\n".join(codes)
 
 
+def compiled_inference(f, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    """``f(x)`` eager and through ``torch.compile(f, fullgraph=True)``, both without grad under CUDA autocast in
+    ``dtype``: (eager result, compiled result, the source inductor wrote)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        eager = f(x)
+        got, code = run_compiled(lambda: compiled(x))
+    return eager, got, code
+
+
 def assert_inductor_launches(code: str, *kernels: str) -> None:
     """Where torch has ``triton_op`` (>= 2.6), inductor's code launches each named kernel itself and keeps no zoo op
     as an opaque call (about 230 us of host time each on the H200 machine); before that, the op stays a call."""
