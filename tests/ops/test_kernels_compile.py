@@ -37,7 +37,8 @@ def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region: int, topk: int,
              dtype: torch.dtype) -> None:
-    """BiFormer routing attention at one stage (batch 1): forward, dQ, dK/dV and the inverse routing lists."""
+    """BiFormer routing attention at one stage (batch 1): forward, both backwards (dQ, dK/dV and the inverse routing
+    lists; the masked dQ and dK/dV)."""
     from zoo.ops.triton import routing as rt
 
     monkeypatch.setattr(rt, "_kernels_interpreted", lambda: True)  # the one-kernel inverse lists, as on a GPU
@@ -47,7 +48,9 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
     heads, scale = channels // 32, channels ** -0.5
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
     out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
-    rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
+    for backward in ("routed", "masked"):
+        with rt.use_tiles(backward=backward):
+            rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
 
 
 def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
@@ -176,7 +179,7 @@ CASES = {
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 4, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
+EXPECTED_KERNELS = {"routing": 6, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
 
 
@@ -205,7 +208,9 @@ WRITES = {
     "routing": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
                 "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                 "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
-                "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {})},
+                "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {}),
+                "_masked_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
+                "_masked_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
     "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},

@@ -94,7 +94,7 @@ def test_route_matches_avg_pool_descriptors_with_padding():
     q_desc, k_desc = (F.avg_pool2d(t.detach().permute(0, 3, 1, 2), region, ceil_mode=True, count_include_pad=False)
                       .flatten(2).transpose(1, 2) for t in (q, k))
     expected = (q_desc * 0.5 @ k_desc.transpose(1, 2)).topk(topk, dim=-1).indices
-    assert torch.equal(index, expected)
+    assert torch.equal(index.sort(-1).values, expected.sort(-1).values)  # the same regions, in any order
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -137,13 +137,38 @@ def test_use_tiles_validates():
     with pytest.raises(ValueError, match="power of two"):
         with rt.use_tiles(max_block=24):
             pass
+    with pytest.raises(ValueError, match="backward='dense'.*'routed', 'masked'"):
+        with rt.use_tiles(backward="dense"):
+            pass
+
+
+def _geometry(h, w, region, topk, channels=64, heads=2):
+    """The launch geometry of a call (meta tensors: shapes only)."""
+    q = torch.empty(2, h, w, channels, device="meta")
+    index = torch.empty(2, -(-h // region[0]) * -(-w // region[1]), topk, dtype=torch.int64, device="meta")
+    return rt._Geometry(q, q, index, heads, *region)
+
+
+def test_backward_choice_by_tile_work():
+    # BiFormer-T at 224: 64-token regions at top-1 and 16-token ones at top-4 fill the routed tiles; 2x2 regions at
+    # top-16 idle 12 of 16 query rows, as much score-tile work per row as the whole 196-token map (256 columns)
+    assert not _geometry(56, 56, (8, 8), 1).masked_backward()
+    assert not _geometry(28, 28, (4, 4), 4).masked_backward()
+    assert _geometry(14, 14, (2, 2), 16).masked_backward()
+    assert not _geometry(14, 14, (2, 2), 4).masked_backward()  # 16 keys a query region: smaller routed tiles
+    assert _geometry(15, 13, (2, 2), 12).masked_backward()     # padded map, 56 regions, 48 keys a query region
+    with rt.use_tiles(backward="routed"):
+        assert not _geometry(14, 14, (2, 2), 16).masked_backward()
+    with rt.use_tiles(backward="masked"):
+        assert _geometry(56, 56, (8, 8), 1).masked_backward()
+        assert not _geometry(18, 18, (2, 2), 16).masked_backward()  # 81 regions: more than an int64 of bits
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton interpreter (subprocess: TRITON_INTERPRET must be set before the kernels are built)
 
 INTERPRETER_CASES = [
-    # (B, H, W, region, topk, heads, C_qk, C_v, layout, max_block, routing_scale)
+    # (B, H, W, region, topk, heads, C_qk, C_v, layout, max_block, routing_scale); each runs both backwards
     (1, 8, 8, (2, 2), 2, 2, 32, 32, "nhwc", 64, None),    # 4x4 regions of 2x2 tokens, d 16: the brief's tiny case
     (2, 7, 6, (2, 2), 3, 2, 32, 16, "nchw", 64, None),    # batch 2, padded map, nchw strides, d_v 8 < d_qk 16
     (2, 7, 10, (3, 4), 4, 2, 32, 32, "nhwc", 16, 0.25),   # padded, 12-token regions: several key / query-list tiles
@@ -161,19 +186,20 @@ def _interpreter_fp32_checks() -> None:
         q, k, v = make_inputs(batch, h, w, c_qk, c_v, seed=h * w, layout=layout)
         kw = dict(num_heads=heads, region_size=region, topk=topk, scale=c_qk ** -0.5, routing_scale=rscale,
                   layout=layout)
-        with rt.use_tiles(max_block=max_block, num_warps=1 if max_block == 16 else None):
-            got = out_and_grads(q, k, v, backend="triton", **kw)
-            assert rt._kernels_interpreted()
-            if rscale is not None:  # one case is enough (each interpreted pass costs seconds)
-                again = out_and_grads(q, k, v, backend="triton", **kw)
-                for name, a, b in zip(("out", "dq", "dk", "dv"), got, again):
-                    assert torch.equal(a, b), f"{name} not bitwise repeatable"
-                with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
-                    assert torch.equal(routing_attention(q, k, v, backend="triton", **kw), got[0])
         want = out_and_grads(q, k, v, backend="reference", **kw)
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-            assert a.dtype == torch.float32 and a.shape == b.shape
-            assert_close_to(a, b, 1e-5, 1e-5, f"{name} {layout} {h}x{w} region {region}")
+        for path in ("routed", "masked"):  # the backward's
+            with rt.use_tiles(max_block=max_block, num_warps=1 if max_block == 16 else None, backward=path):
+                got = out_and_grads(q, k, v, backend="triton", **kw)
+                assert rt._kernels_interpreted()
+                if rscale is not None:  # one case is enough (each interpreted pass costs seconds)
+                    again = out_and_grads(q, k, v, backend="triton", **kw)
+                    for name, a, b in zip(("out", "dq", "dk", "dv"), got, again):
+                        assert torch.equal(a, b), f"{name} not bitwise repeatable ({path})"
+                    with torch.no_grad():  # the inference launch (no autograd node, no statistics stored)
+                        assert torch.equal(routing_attention(q, k, v, backend="triton", **kw), got[0])
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+                assert a.dtype == torch.float32 and a.shape == b.shape
+                assert_close_to(a, b, 1e-5, 1e-5, f"{name} {layout} {h}x{w} region {region} {path}")
     print("fp32 ok")
 
 
@@ -182,11 +208,13 @@ def _interpreter_fp16_and_compile_checks() -> None:
     warnings.filterwarnings("error", message=".*falling back")
     q, k, v = make_inputs(1, 8, 8, 32, 32, seed=5, dtype=torch.float16)
     kw = dict(num_heads=2, region_size=(2, 2), topk=3, scale=32 ** -0.5)
-    got = out_and_grads(q, k, v, backend="triton", **kw)
     want = oracle_out_and_grads(q, k, v, route(q, k, (2, 2), 3, None), **kw)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert a.dtype == torch.float16
-        assert_close_to(a, b, 4e-3, 3e-3, f"fp16 {name}")
+    for path in ("routed", "masked"):
+        with rt.use_tiles(backward=path):
+            got = out_and_grads(q, k, v, backend="triton", **kw)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert a.dtype == torch.float16
+            assert_close_to(a, b, 4e-3, 3e-3, f"fp16 {name} {path}")
 
     q, k, v = make_inputs(1, 8, 9, 16, 16, seed=6)  # 2 of 12 regions: auto choice is the routed kernel
     index = route(q, k, (2, 3), 2, None)
@@ -223,12 +251,14 @@ STAGES = {
     "s1": dict(hw=(28, 28), channels=128, heads=4, region=(4, 4), topk=4),
     "s2": dict(hw=(14, 14), channels=256, heads=8, region=(2, 2), topk=16),
     "big_regions": dict(hw=(28, 28), channels=64, heads=2, region=(14, 14), topk=2),   # 196 tokens: tiled regions
-    "padded_nchw": dict(hw=(15, 13), channels=64, heads=2, region=(2, 2), topk=5, layout="nchw"),
+    "padded_nchw": dict(hw=(15, 13), channels=64, heads=2, region=(2, 2), topk=12, layout="nchw"),  # masked bwd
+    "s2_routed": dict(hw=(14, 14), channels=256, heads=8, region=(2, 2), topk=16, backward="routed"),
 }
 GPU_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1.5e-2)}
 
 
 def _gpu_case(stage, dtype, seed=0, batch=8):
+    """Inputs and keyword arguments of a stage (the backward it forces is applied by :func:`_path`)."""
     p = STAGES[stage]
     layout = p.get("layout", "nhwc")
     q, k, v = make_inputs(batch, *p["hw"], p["channels"], p["channels"], seed=seed, dtype=dtype, device="cuda",
@@ -236,6 +266,11 @@ def _gpu_case(stage, dtype, seed=0, batch=8):
     kw = dict(num_heads=p["heads"], region_size=p["region"], topk=p["topk"], scale=p["channels"] ** -0.5,
               layout=layout)
     return (q, k, v), kw
+
+
+def _path(stage):
+    """The launch knobs of a stage: its forced backward, or the automatic choice."""
+    return rt.use_tiles(backward=STAGES[stage].get("backward"))
 
 
 def _nhwc(t, layout):
@@ -248,7 +283,8 @@ def _nhwc(t, layout):
 def test_gpu_triton_matches_float64_on_the_same_routing(stage, dtype):
     (q, k, v), kw = _gpu_case(stage, dtype)
     assert select_backend("routing_attention", None, q, k, v, **{**kw, "routing_scale": None}).name == "triton"
-    got = out_and_grads(q, k, v, backend="triton", **kw)
+    with _path(stage):
+        got = out_and_grads(q, k, v, backend="triton", **kw)
     # float64 attention on the routing both backends compute (the same code, so the same top-k in every dtype)
     index = route(_nhwc(q, kw["layout"]), _nhwc(k, kw["layout"]), kw["region_size"], kw["topk"], None)
     want = oracle_out_and_grads(q, k, v, index, **kw)
@@ -264,28 +300,35 @@ def test_gpu_triton_matches_float64_on_the_same_routing(stage, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("stage", ["s0", "s2"])
+@pytest.mark.parametrize("stage", ["s0", "s2", "s2_routed"])
 def test_gpu_triton_backward_is_bitwise_deterministic(stage, dtype):
     (q, k, v), kw = _gpu_case(stage, dtype, seed=1)
-    first = out_and_grads(q, k, v, backend="triton", **kw)
-    for _ in range(3):
-        again = out_and_grads(q, k, v, backend="triton", **kw)
-        for name, a, b in zip(("out", "dq", "dk", "dv"), first, again):
-            assert torch.equal(a, b), f"{name} differs between runs"
+    with _path(stage):
+        first = out_and_grads(q, k, v, backend="triton", **kw)
+        for _ in range(3):
+            again = out_and_grads(q, k, v, backend="triton", **kw)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), first, again):
+                assert torch.equal(a, b), f"{name} differs between runs"
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_keeps_the_op_in_graph():
-    (q, k, v), kw = _gpu_case("s1", torch.bfloat16, seed=2)
+@pytest.mark.parametrize("stage,kernels", [
+    ("s1", ("_forward_kernel", "_dq_kernel", "_dkv_kernel", "_inverse_routing_kernel")),
+    ("s2", ("_forward_kernel", "_masked_dq_kernel", "_masked_dkv_kernel")),
+])
+def test_gpu_torch_compile_keeps_the_op_in_graph(stage, kernels):
+    torch._dynamo.reset()
+    (q, k, v), kw = _gpu_case(stage, torch.bfloat16, seed=2)
     torch.manual_seed(0)
-    proj = torch.nn.Linear(128, 128, device="cuda", dtype=torch.bfloat16)
+    channels = STAGES[stage]["channels"]
+    proj = torch.nn.Linear(channels, channels, device="cuda", dtype=torch.bfloat16)
 
     def block(q, k, v):
         return proj(routing_attention(q, k, v, **kw)).float().square().mean()
 
     compiled = torch.compile(block, fullgraph=True)
     got, code = run_compiled(lambda: torch.autograd.grad(compiled(q, k, v), (q, k, v)))
-    assert_inductor_launches(code, "_forward_kernel", "_dq_kernel", "_dkv_kernel", "_inverse_routing_kernel")
+    assert_inductor_launches(code, *kernels)
     want = torch.autograd.grad(block(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         assert_close_to(a, b, 2e-2, 1e-2, "compiled vs eager")

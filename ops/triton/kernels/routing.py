@@ -197,3 +197,153 @@ def _inverse_routing_kernel(idx_ptr, offsets_ptr, sources_ptr, R, TOPK: tl.const
         start += tl.sum(hit, axis=0)
     if b == tl.num_programs(0) - 1:
         tl.store(offsets_ptr + (b + 1) * R, start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the masked backward: every key of the padded map, masked to the query row's selected regions
+
+
+@triton.jit
+def _padded_token(n, NW, RH: tl.constexpr, RW: tl.constexpr):
+    """Token number ``n`` of the padded map in raster order -> (y, x, region)."""
+    y = n // (NW * RW)
+    x = n % (NW * RW)
+    return y, x, (y // RH) * NW + x // RW
+
+
+@triton.jit
+def _map_tile(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's batch * head, batch, head and its tile of ``BLOCK`` tokens of the padded map (raster): token
+    numbers, (y, x), regions, which are map tokens at all and which lie inside the map (grid: batch * heads *
+    tiles)."""
+    N = R * (RH * RW)
+    tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // tiles
+    offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+    y, x, region = _padded_token(offs, NW, RH, RW)
+    in_grid = offs < N
+    return bh, bh // HEADS, bh % HEADS, offs, y, x, tl.where(in_grid, region, 0), in_grid, in_grid & (y < H) & (
+        x < W)
+
+
+@triton.jit
+def _stats_row(bh, region, y, x, R, RH: tl.constexpr, RW: tl.constexpr):
+    """Index of a token's row statistic (log-sum-exp, delta) in the routed path's (B * heads, R, T) layout, so that
+    either path's backward reads either path's forward."""
+    return (bh * R + region) * (RH * RW) + (y % RH) * RW + x % RW
+
+
+@triton.jit
+def _selection_bits(idx_ptr, regions, ok, TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr):
+    """Per row, the int64 set of the key regions its query region selected (bit r: region r; needs R <= 64); empty
+    where not ``ok``. ``idx_ptr``: the batch item's (R, TOPK) routing index."""
+    slots = tl.arange(0, BLOCK_TOPK)
+    idx = tl.load(idx_ptr + regions[:, None] * TOPK + slots[None, :], mask=ok[:, None] & (slots < TOPK)[None, :],
+                  other=-1).to(tl.int64)
+    chosen = idx >= 0
+    # top-k indices are distinct, so the sum of their bits is their union
+    return tl.sum(chosen.to(tl.int64) << tl.where(chosen, idx, 0), axis=1)
+
+
+@triton.jit
+def _selected(bits, regions):
+    """[rows, cols] mask: whether the column's region is in the row's set (``bits`` per row, ``regions`` per
+    column)."""
+    return ((bits[:, None] >> regions[None, :].to(tl.int64)) & 1) != 0
+
+
+@triton.jit
+def _masked_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dq_ptr,
+                      sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                      H, W, NW, R, HEADS, scale, qk_scale2,
+                      RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+                      DQK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    N = R * (RH * RW)
+    bh, b, head, offs_m, qy, qx, qr, m_in, q_ok = _map_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_M)
+    b64 = b.to(tl.int64)
+    offs_dq = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+    do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+    o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
+                   HEADS * DV, 1, DV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # zero on padded query rows
+    row = _stats_row(bh, qr, qy, qx, R, RH, RW)
+    tl.store(delta_ptr + row, delta, mask=m_in)
+    lse = tl.load(lse_ptr + row, mask=m_in, other=0.0)
+    bits = _selection_bits(idx_ptr + b * R * TOPK, qr, m_in, TOPK, BLOCK_TOPK)
+    k_base = k_ptr + b64 * skb + head * DQK * skc
+    v_base = v_ptr + b64 * svb + head * DV * svc
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        ky, kx, kr = _padded_token(n, NW, RH, RW)
+        n_in = n < N
+        k_ok = n_in & (ky < H) & (kx < W)
+        k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+        v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+        sel = _selected(bits, tl.where(n_in, kr, 0)) & n_in[None, :]
+        p = tl.where(sel, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq_row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + head * DQK
+    tl.store(dq_ptr + dq_row[:, None] + offs_dq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=q_ok[:, None] & (offs_dq < DQK)[None, :])
+
+
+@triton.jit
+def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                       sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                       H, W, NW, R, HEADS, scale, qk_scale2,
+                       RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+                       DQK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    N = R * (RH * RW)
+    bh, b, head, offs_n, ky, kx, kr, n_in, k_ok = _map_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_N)
+    b64 = b.to(tl.int64)
+    offs_dq = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(k_ptr + b64 * skb + head * DQK * skc, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+    v = _load_rows(v_ptr + b64 * svb + head * DV * svc, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+    q_base = q_ptr + b64 * sqb + head * DQK * sqc
+    do_base = do_ptr + b64 * sdb + head * DV * sdc
+    idx_item = idx_ptr + b * R * TOPK
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)
+        qy, qx, qr = _padded_token(m, NW, RH, RW)
+        m_in = m < N
+        q_ok = m_in & (qy < H) & (qx < W)
+        q = _load_rows(q_base, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+        do = _load_rows(do_base, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+        qr = tl.where(m_in, qr, 0)
+        row = _stats_row(bh, qr, qy, qx, R, RH, RW)
+        lse = tl.load(lse_ptr + row, mask=m_in, other=0.0)
+        delta = tl.load(delta_ptr + row, mask=m_in, other=0.0)
+        bits = _selection_bits(idx_item, qr, q_ok, TOPK, BLOCK_TOPK)
+        # transposed scores (keys x queries) so that no probability tile needs a transpose
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
+        sel_t = (((bits[None, :] >> kr[:, None].to(tl.int64)) & 1) != 0) & n_in[:, None]
+        p_t = tl.where(sel_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    mask_n = k_ok[:, None]
+    dk_row = ((b64 * H + ky) * W + kx) * (HEADS * DQK) + head * DQK
+    tl.store(dk_ptr + dk_row[:, None] + offs_dq[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=mask_n & (offs_dq < DQK)[None, :])
+    dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
+    tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=mask_n & (offs_dv < DV)[None, :])
