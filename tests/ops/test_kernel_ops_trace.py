@@ -49,6 +49,7 @@ def _cases():
                       (0, 2)),
         "routing_fwd": (lambda q, k, v, i: zo.routing_attention_fwd(q, k, v, i, 2, 2, 2, 0.2), (rq, rq, rq, index),
                         (0, 1, 2)),
+        "routing_route": (lambda q, k: zo.routing_route(q, k, 2, 2, 4), (rq, rq), (0, 1, 2)),
         "routing_bwd": (lambda g, q, k, v, o, lse, i: zo.routing_attention_bwd(g, q, k, v, o, lse, i, 2, 2, 2, 0.2),
                         (rq, rq, rq, rq, rq, rlse, index), (0, 1, 2)),
         "window_fwd": (lambda q, k, v: zo.window_attention_fwd(q, k, v, None, 4, 4, 2, 2, 0.25), (wq, wq, wq),

@@ -37,8 +37,8 @@ def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region: int, topk: int,
              dtype: torch.dtype) -> None:
-    """BiFormer routing attention at one stage (batch 1): forward, both backwards (dQ, dK/dV and the inverse routing
-    lists; the masked dQ and dK/dV)."""
+    """BiFormer routing attention at one stage (batch 1): routing, forward, both backwards (dQ, dK/dV and the
+    inverse routing lists; the masked dQ and dK/dV)."""
     from zoo.ops.triton import routing as rt
 
     monkeypatch.setattr(rt, "_kernels_interpreted", lambda: True)  # the one-kernel inverse lists, as on a GPU
@@ -46,6 +46,7 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
     regions = (hw // region) ** 2
     index = torch.randint(0, regions, (1, regions, topk), generator=torch.Generator().manual_seed(1))
     heads, scale = channels // 32, channels ** -0.5
+    rt._launch_route(q, k, region, region, topk, launch)
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
     out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
     for backward in ("routed", "masked"):
@@ -179,7 +180,7 @@ CASES = {
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 6, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
+EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
 
 
@@ -210,7 +211,9 @@ WRITES = {
                 "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {}),
                 "_masked_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
-                "_masked_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
+                "_masked_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
+                "_region_sums_kernel": ({"sums_ptr"}, {}),
+                "_route_topk_kernel": ({"idx_ptr"}, {})},
     "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},

@@ -176,10 +176,26 @@ INTERPRETER_CASES = [
 ]
 
 
+def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float16)) -> None:
+    """The one-kernel routing picks a top-k of the affinities (float64 check), the same regions as :func:`route` on
+    these seeds, for contiguous and strided maps, full and padded."""
+    for dtype in dtypes:
+        for b, h, w, region, topk, c, layout in [(2, 8, 8, (2, 2), 3, 32, "nhwc"), (2, 7, 10, (3, 4), 4, 24, "nchw"),
+                                                 (1, 14, 14, (2, 2), 16, 64, "nhwc"), (1, 15, 13, (2, 2), 5, 16, "nchw"),
+                                                 (1, 20, 20, (3, 3), 7, 200, "nhwc")]:
+            q, k, _ = make_inputs(b, h, w, c, c, seed=h * w + c, dtype=dtype, device=device, layout=layout)
+            q, k = (_nhwc(t.detach(), layout) for t in (q, k))
+            got = rt._route(q, k, region, topk, None)
+            assert got.shape == (b, -(-h // region[0]) * -(-w // region[1]), topk) and got.dtype == torch.int64
+            assert_is_a_top_k(got, q, k, region, topk)
+            assert torch.equal(got.sort(-1).values, route(q, k, region, topk, None).sort(-1).values)
+
+
 def _interpreter_fp32_checks() -> None:
     """fp32: forward and all gradients vs the reference backend, both layouts, padding; bitwise repeatable."""
     warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
     check_inverse_routing()  # interpreted: the one-launch kernel
+    check_routing_kernel()
     assert rt._triton_supports(*make_inputs(1, 4, 4, 8, 8), num_heads=2, region_size=(2, 2), topk=1,
                                scale=1.0) is None
     for batch, h, w, region, topk, heads, c_qk, c_v, layout, max_block, rscale in INTERPRETER_CASES:
@@ -220,6 +236,8 @@ def _interpreter_fp16_and_compile_checks() -> None:
     index = route(q, k, (2, 3), 2, None)
     torch.library.opcheck(torch.ops.zoo.routing_attention_fwd.default, (q, k, v, index, 1, 2, 3, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.zoo.routing_route.default, (q.detach(), k.detach(), 2, 3, 2),
+                          test_utils=("test_schema", "test_faketensor"))
 
     def loss(q, k, v):
         return routing_attention(q, k, v, num_heads=1, region_size=(2, 3), topk=2, scale=0.25).square().sum()
@@ -285,8 +303,9 @@ def test_gpu_triton_matches_float64_on_the_same_routing(stage, dtype):
     assert select_backend("routing_attention", None, q, k, v, **{**kw, "routing_scale": None}).name == "triton"
     with _path(stage):
         got = out_and_grads(q, k, v, backend="triton", **kw)
-    # float64 attention on the routing both backends compute (the same code, so the same top-k in every dtype)
-    index = route(_nhwc(q, kw["layout"]), _nhwc(k, kw["layout"]), kw["region_size"], kw["topk"], None)
+    # float64 attention on the routing the backend computes (its one kernel: a top-k of the same affinities, near
+    # ties may resolve differently from route(), whose choice the reference check below uses)
+    index = rt._route(_nhwc(q, kw["layout"]), _nhwc(k, kw["layout"]), kw["region_size"], kw["topk"], None)
     want = oracle_out_and_grads(q, k, v, index, **kw)
     max_abs, rel = GPU_TOL[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -313,8 +332,8 @@ def test_gpu_triton_backward_is_bitwise_deterministic(stage, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage,kernels", [
-    ("s1", ("_forward_kernel", "_dq_kernel", "_dkv_kernel", "_inverse_routing_kernel")),
-    ("s2", ("_forward_kernel", "_masked_dq_kernel", "_masked_dkv_kernel")),
+    ("s1", ("_region_sums_kernel", "_route_topk_kernel", "_forward_kernel", "_dq_kernel", "_dkv_kernel", "_inverse_routing_kernel")),
+    ("s2", ("_region_sums_kernel", "_route_topk_kernel", "_forward_kernel", "_masked_dq_kernel", "_masked_dkv_kernel")),
 ])
 def test_gpu_torch_compile_keeps_the_op_in_graph(stage, kernels):
     torch._dynamo.reset()
@@ -379,7 +398,14 @@ def test_gpu_route_of_strided_views_is_a_top_k(stage):
     (q, k, _), kw = _gpu_case(stage, torch.bfloat16, seed=4)
     qn, kn = _nhwc(q, kw["layout"]), _nhwc(k, kw["layout"])
     for rscale in (None, kw["scale"]):
-        assert_is_a_top_k(route(qn, kn, kw["region_size"], kw["topk"], rscale), qn, kn, kw["region_size"], kw["topk"])
+        for routing in (route, rt._route):
+            assert_is_a_top_k(routing(qn, kn, kw["region_size"], kw["topk"], rscale), qn, kn, kw["region_size"],
+                              kw["topk"])
+
+
+@pytest.mark.gpu
+def test_gpu_routing_kernel_is_a_top_k():
+    check_routing_kernel("cuda", (torch.float32, torch.float16, torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -347,3 +347,67 @@ def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr,
     dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
     tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=mask_n & (offs_dv < DV)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# routing in one kernel
+
+
+@triton.jit
+def _region_sums_kernel(q_ptr, k_ptr, sums_ptr, sqb, sqh, sqw, sqc, skb, skh, skw, skc, H, W, NW, R, C, B,
+                        RH: tl.constexpr, RW: tl.constexpr, BLOCK_NW: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (batch, region rows, channel chunks): the float32 sums of q and k over each region of one row of regions
+    (a 0/1 membership matrix times each token tile), written to sums[0 / 1, b, region, channel] (regions partition
+    the tokens, so every sum is one program's, in a fixed order)."""
+    b = tl.program_id(0).to(tl.int64)
+    region_row = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_g = tl.arange(0, BLOCK_NW)
+    c_ok = offs_c < C
+    band = RH * NW * RW  # tokens of a row of regions in the padded map
+    q_sum = tl.zeros([BLOCK_NW, BLOCK_C], dtype=tl.float32)
+    k_sum = tl.zeros([BLOCK_NW, BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, band, BLOCK_T):
+        n = n0 + tl.arange(0, BLOCK_T)
+        y = region_row * RH + n // (NW * RW)
+        x = n % (NW * RW)
+        ok = (n < band) & (y < H) & (x < W)
+        qt = tl.load(q_ptr + b * sqb + (y * sqh + x * sqw)[:, None] + (offs_c * sqc)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        kt = tl.load(k_ptr + b * skb + (y * skh + x * skw)[:, None] + (offs_c * skc)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        member = ((offs_g[:, None] == (x // RW)[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
+        q_sum += tl.dot(member, qt, input_precision=PRECISION)
+        k_sum += tl.dot(member, kt, input_precision=PRECISION)
+    rows = (b * R + region_row * NW + offs_g) * C
+    mask = (offs_g < NW)[:, None] & c_ok[None, :]
+    tl.store(sums_ptr + rows[:, None] + offs_c[None, :], q_sum, mask=mask)
+    tl.store(sums_ptr + B * R * C + rows[:, None] + offs_c[None, :], k_sum, mask=mask)
+
+
+@triton.jit
+def _route_topk_kernel(sums_ptr, idx_ptr, H, W, NW, R, C, B, RH: tl.constexpr, RW: tl.constexpr,
+                       TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (batch, query-region chunks): the float32 affinity of BLOCK_Q query regions with every key region,
+    divided by the key regions' token counts (mean descriptors; a query's own count scales its whole row), and its
+    top-k by repeated arg-max (ties: the lowest region), written as (TOPK,) int64 per query region."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    affinity = tl.zeros([BLOCK_Q, BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = (c0 + offs_c) < C
+        qd = tl.load(sums_ptr + ((b * R + offs_q) * C)[:, None] + (c0 + offs_c)[None, :],
+                     mask=(offs_q < R)[:, None] & c_ok[None, :], other=0.0)
+        kd = tl.load(sums_ptr + B * R * C + ((b * R + offs_r) * C)[:, None] + (c0 + offs_c)[None, :],
+                     mask=(offs_r < R)[:, None] & c_ok[None, :], other=0.0)
+        affinity += tl.dot(qd, tl.trans(kd), input_precision="ieee")
+    count = tl.maximum(tl.minimum(H - (offs_r // NW) * RH, RH) * tl.minimum(W - (offs_r % NW) * RW, RW), 1)
+    affinity = tl.where((offs_r < R)[None, :], affinity / count.to(tl.float32)[None, :], float("-inf"))
+    out = idx_ptr + (b * R + offs_q) * TOPK
+    for slot in range(TOPK):
+        best = tl.argmax(affinity, axis=1, tie_break_left=True)
+        tl.store(out + slot, best.to(tl.int64), mask=offs_q < R)
+        affinity = tl.where(offs_r[None, :] == best[:, None], float("-inf"), affinity)
