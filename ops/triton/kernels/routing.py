@@ -22,6 +22,48 @@ def _load_rows(base, y, x, ok, offs_d, stride_h, stride_w, stride_c, D: tl.const
 
 
 @triton.jit
+def _store_rows(ptr, values, b64, y, x, ok, H, W, width, col0, offs_d, D: tl.constexpr):
+    """Store a [rows, BLOCK_D] tile into a contiguous (B, H, W, width) tensor: rows at map positions (y, x) of batch
+    item ``b64``, channels ``col0 + offs_d`` (where ``ok`` and ``offs_d < D``), cast to the tensor's dtype."""
+    row = ((b64 * H + y) * W + x) * width + col0
+    tl.store(ptr + row[:, None] + offs_d[None, :], values.to(ptr.dtype.element_ty),
+             mask=ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _query_rows_for_dq(q_ptr, do_ptr, out_ptr, b64, head, qy, qx, q_ok, offs_dq, offs_dv, sqb, sqh, sqw, sqc,
+                       sdb, sdh, sdw, sdc, H, W, HEADS, DQK: tl.constexpr, DV: tl.constexpr):
+    """A query tile's q and dO rows and ``delta = rowsum(dO * O)`` (zero on rows that are not ``q_ok``)."""
+    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+    do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
+    o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
+                   HEADS * DV, 1, DV)
+    return q, do, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _dq_step(dq, q, k, v, do, lse, delta, keep, qk_scale2, PRECISION: tl.constexpr):
+    """dQ accumulated over one key tile (``keep``: the scores that take part, broadcast against [rows, keys])."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkv_step(dk, dv, k, v, q, do, lse, delta, keep_t, qk_scale2, PRECISION: tl.constexpr):
+    """dK and dV accumulated over one query tile, on transposed scores (keys x queries) so that no probability
+    tile needs a transpose (``keep_t``: the scores that take part, broadcast against [keys, rows])."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
+    p_t = tl.where(keep_t, tl.exp2(s_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return dk + tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION), dv
+
+
+@triton.jit
 def _selected_keys(idx_row, n, NW, H, W, T: tl.constexpr, TOPK: tl.constexpr, RH: tl.constexpr,
                    RW: tl.constexpr):
     """Key number n = slot * T + token of a query region -> (y, x, in range, inside the map)."""
@@ -81,9 +123,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    out_row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + head * DV
-    tl.store(out_ptr + out_row[:, None] + offs_dv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-             mask=q_ok[:, None] & (offs_dv < DV)[None, :])
+    _store_rows(out_ptr, acc / l_i[:, None], b64, qy, qx, q_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
     if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
         tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
@@ -101,11 +141,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr
     b64 = b.to(tl.int64)
     offs_dq = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
-    do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
-    o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
-                   HEADS * DV, 1, DV)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # zero on padded query rows
+    q, do, delta = _query_rows_for_dq(q_ptr, do_ptr, out_ptr, b64, head, qy, qx, q_ok, offs_dq, offs_dv,
+                                      sqb, sqh, sqw, sqc, sdb, sdh, sdw, sdc, H, W, HEADS, DQK, DV)
     row = (bh * R + qr) * T + offs_m
     tl.store(delta_ptr + row, delta, mask=offs_m < T)
     lse = tl.load(lse_ptr + row, mask=offs_m < T, other=0.0)
@@ -119,15 +156,9 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr
                                                 RW)
         k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
         v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-        p = tl.where(in_range[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = _dq_step(dq, q, k, v, do, lse, delta, in_range[None, :], qk_scale2, PRECISION)
 
-    dq_row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + head * DQK
-    tl.store(dq_ptr + dq_row[:, None] + offs_dq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=q_ok[:, None] & (offs_dq < DQK)[None, :])
+    _store_rows(dq_ptr, dq * scale, b64, qy, qx, q_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
 
 
 @triton.jit
@@ -163,21 +194,10 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, so
         row = (bh * R + qr) * T + m % T
         lse = tl.load(lse_ptr + row, mask=in_range, other=0.0)
         delta = tl.load(delta_ptr + row, mask=in_range, other=0.0)
-        # transposed scores (keys x queries) so that no probability tile needs a transpose
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
-        p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse, delta, q_ok[None, :], qk_scale2, PRECISION)
 
-    mask_n = k_ok[:, None]
-    dk_row = ((b64 * H + ky) * W + kx) * (HEADS * DQK) + head * DQK
-    tl.store(dk_ptr + dk_row[:, None] + offs_dq[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=mask_n & (offs_dq < DQK)[None, :])
-    dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
-    tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=mask_n & (offs_dv < DV)[None, :])
+    _store_rows(dk_ptr, dk * scale, b64, ky, kx, k_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
+    _store_rows(dv_ptr, dv, b64, ky, kx, k_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
 
 
 @triton.jit
@@ -266,11 +286,8 @@ def _masked_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, de
     b64 = b.to(tl.int64)
     offs_dq = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
-    do = _load_rows(do_ptr + b64 * sdb + head * DV * sdc, qy, qx, q_ok, offs_dv, sdh, sdw, sdc, DV)
-    o = _load_rows(out_ptr + b64 * H * W * (HEADS * DV) + head * DV, qy, qx, q_ok, offs_dv, W * (HEADS * DV),
-                   HEADS * DV, 1, DV)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # zero on padded query rows
+    q, do, delta = _query_rows_for_dq(q_ptr, do_ptr, out_ptr, b64, head, qy, qx, q_ok, offs_dq, offs_dv,
+                                      sqb, sqh, sqw, sqc, sdb, sdh, sdw, sdc, H, W, HEADS, DQK, DV)
     row = _stats_row(bh, qr, qy, qx, R, RH, RW)
     tl.store(delta_ptr + row, delta, mask=m_in)
     lse = tl.load(lse_ptr + row, mask=m_in, other=0.0)
@@ -286,16 +303,10 @@ def _masked_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, de
         k_ok = n_in & (ky < H) & (kx < W)
         k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
         v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-        sel = _selected(bits, tl.where(n_in, kr, 0)) & n_in[None, :]
-        p = tl.where(sel, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        keep = _selected(bits, tl.where(n_in, kr, 0)) & n_in[None, :]
+        dq = _dq_step(dq, q, k, v, do, lse, delta, keep, qk_scale2, PRECISION)
 
-    dq_row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + head * DQK
-    tl.store(dq_ptr + dq_row[:, None] + offs_dq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=q_ok[:, None] & (offs_dq < DQK)[None, :])
+    _store_rows(dq_ptr, dq * scale, b64, qy, qx, q_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
 
 
 @triton.jit
@@ -331,26 +342,15 @@ def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr,
         lse = tl.load(lse_ptr + row, mask=m_in, other=0.0)
         delta = tl.load(delta_ptr + row, mask=m_in, other=0.0)
         bits = _selection_bits(idx_item, qr, q_ok, TOPK, BLOCK_TOPK)
-        # transposed scores (keys x queries) so that no probability tile needs a transpose
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
-        sel_t = (((bits[None, :] >> kr[:, None].to(tl.int64)) & 1) != 0) & n_in[:, None]
-        p_t = tl.where(sel_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        keep_t = (((bits[None, :] >> kr[:, None].to(tl.int64)) & 1) != 0) & n_in[:, None]
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse, delta, keep_t, qk_scale2, PRECISION)
 
-    mask_n = k_ok[:, None]
-    dk_row = ((b64 * H + ky) * W + kx) * (HEADS * DQK) + head * DQK
-    tl.store(dk_ptr + dk_row[:, None] + offs_dq[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=mask_n & (offs_dq < DQK)[None, :])
-    dv_row = ((b64 * H + ky) * W + kx) * (HEADS * DV) + head * DV
-    tl.store(dv_ptr + dv_row[:, None] + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=mask_n & (offs_dv < DV)[None, :])
+    _store_rows(dk_ptr, dk * scale, b64, ky, kx, k_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
+    _store_rows(dv_ptr, dv, b64, ky, kx, k_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# routing in one kernel
+# routing: region sums, then affinity and top-k
 
 
 @triton.jit
