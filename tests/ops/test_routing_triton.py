@@ -189,6 +189,10 @@ def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float
             assert got.shape == (b, -(-h // region[0]) * -(-w // region[1]), topk) and got.dtype == torch.int64
             assert_is_a_top_k(got, q, k, region, topk)
             assert torch.equal(got.sort(-1).values, route(q, k, region, topk, None).sort(-1).values)
+    # exact ties (every key region alike): the lowest regions, in ascending order
+    q, k, _ = make_inputs(2, 8, 8, 16, 16, seed=1, device=device)
+    got = rt._route(q.detach(), k.detach()[:, :1, :1].expand(2, 8, 8, 16), (2, 2), 5, None)
+    assert torch.equal(got, torch.arange(5, device=device).expand(2, 16, 5))
 
 
 def _interpreter_fp32_checks() -> None:
