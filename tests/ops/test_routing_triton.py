@@ -109,6 +109,11 @@ def test_route_reads_strided_maps_without_changing_the_choice(dtype, region, rou
     assert_is_a_top_k(strided, q, k, region, 5)
 
 
+def test_maps_of_more_than_64_regions_route_with_route():
+    q, k, _ = make_inputs(2, 18, 18, 8, 8, seed=2)  # 81 regions of 2x2: more than the routing kernels' tile
+    assert torch.equal(rt._route(q, k, (2, 2), 3, None), route(q, k, (2, 2), 3, None))
+
+
 def check_inverse_routing(device: str = "cpu") -> None:
     """Every selection listed once, per key region, in ascending query order (the dK/dV summation order)."""
     g = torch.Generator().manual_seed(0)
