@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
@@ -43,7 +44,7 @@ from zoo.ops._amp import autocast_dtype
 from zoo.ops._cache import cached_constant, optimizer_steps, register_parameter_cache
 from zoo.registry import register_family
 
-__all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
+__all__ = ["FAMILY", "agent_cfg", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
            "init_agent_biases",
            "squeeze_official_biases", "resize_bilinear", "agent_biases", "agent_key_bias", "agent_query_bias",
            "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
@@ -54,6 +55,25 @@ LICENSE = "unknown"
 PAPER = "Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)"
 PAPER_URL = "https://arxiv.org/abs/2312.08874"
 CODE_URL = "https://github.com/LeapLabTHU/Agent-Attention"
+_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
+
+def agent_cfg(file_id: str, first_conv: str, **kwargs: Any) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` fields of an official Agent-Attention checkpoint on Tsinghua Cloud.
+
+    The official evaluation of every family (its ``data/build.py``): a square resize to ``int(256 / 224 * size)``,
+    then a centre crop (timm's ``'squash'`` mode, ``crop_pct`` 0.875), bicubic, ImageNet statistics; configs with
+    ``TEST.CROP False`` resize straight to the size (pass ``crop_pct=1.0``).
+
+    Args:
+        file_id: the checkpoint's Tsinghua Cloud share id.
+        first_conv: the stem convolution's module name.
+        kwargs: fields that differ from the 224-pixel defaults (``input_size``, ``pool_size``, ``crop_pct``).
+    """
+    return dict(dict(url=_TSINGHUA.format(file_id), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                     crop_pct=0.875, crop_mode="squash", interpolation="bicubic", fixed_input_size=False,
+                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv=first_conv, classifier="head",
+                     license=LICENSE, paper_ids="arXiv:2312.08874", paper_name=PAPER, origin_url=CODE_URL), **kwargs)
 
 register_family(FAMILY, paper=PAPER, paper_url=PAPER_URL, code_url=CODE_URL, license=LICENSE)
 

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
@@ -34,8 +33,8 @@ from zoo.ops import Mlp, agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (AGENT_BIAS_NAMES, CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid,
-                            as_int_list, init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (AGENT_BIAS_NAMES, FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list,
+                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
 from .agent_swin import parse_attn_types
 
 __all__ = ["AgentCSWinTransformer", "CSWinBlock", "LePEAttention", "AgentAttention", "MergeBlock"]
@@ -366,17 +365,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                               la_split_size=(96, 48, 24, 12), num_heads=(4, 8, 16, 32), drop_path_rate=0.7),
 }
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-
-
 def _cfg(file_id: str, **kwargs: Any) -> dict[str, Any]:
-    # Official eval (data/build.py, TEST.CROP default True in every CSwin config): square resize to
-    # int(256/224 * size), center crop (timm 'squash', 0.875). Bicubic, ImageNet statistics.
-    return dict(dict(url=_TSINGHUA.format(file_id), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
-                     crop_pct=0.875, crop_mode="squash", interpolation="bicubic", fixed_input_size=False,
-                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stage1_conv_embed.0",
-                     classifier="head", license=LICENSE, paper_ids="arXiv:2312.08874", paper_name=PAPER,
-                     origin_url=CODE_URL), **kwargs)
+    return agent_cfg(file_id, "stage1_conv_embed.0", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
@@ -28,8 +27,8 @@ from zoo.ops.autocast_cache import autocast_weights
 from zoo.registry import build_zoo_model, register_variants
 
 from ._layers import check_images, init_linears, projection_norm
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
-                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
+                            pool_agent_tokens, register_official_builder, to_2tuple)
 
 __all__ = ["AgentVisionTransformer", "AgentAttention", "AgentBlock", "Attention", "Block"]
 
@@ -337,16 +336,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "agent_deit_base": dict(embed_dim=768, depth=12, num_heads=12, agent_num=(81, 81, 81, 81), agent_layer=4),
 }
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-
-
 def _cfg(file_id: str, **kwargs: Any) -> dict[str, Any]:
-    # Official eval: square resize to int(256/224 * size) then center crop (timm's 'squash'), bicubic, ImageNet stats.
-    return dict(dict(url=_TSINGHUA.format(file_id), num_classes=1000, input_size=(3, 224, 224), pool_size=None,
-                     crop_pct=0.875, crop_mode="squash", interpolation="bicubic", fixed_input_size=False,
-                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj",
-                     classifier="head", license=LICENSE, paper_ids="arXiv:2312.08874", paper_name=PAPER,
-                     origin_url=CODE_URL), **kwargs)
+    return agent_cfg(file_id, "patch_embed.proj", pool_size=None, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
@@ -32,8 +31,8 @@ from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsam
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.registry import build_zoo_model, register_variants
 
-from ._agent_common import (CODE_URL, FAMILY, LICENSE, PAPER, agent_biases, agent_grid, as_int_list,
-                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
+                            pool_agent_tokens, register_official_builder, to_2tuple)
 
 __all__ = ["AgentPyramidVisionTransformer", "AgentAttention", "SpatialReductionAttention", "AgentPVTBlock",
            "PatchEmbed"]
@@ -377,16 +376,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "agent_pvt_large": dict(_SHARED, depths=(3, 8, 27, 3)),
 }
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-
-
 def _cfg(file_id: str, **kwargs: Any) -> dict[str, Any]:
-    # Official eval: square resize to int(256/224 * size) then center crop (timm's 'squash'), bicubic, ImageNet stats.
-    return dict(dict(url=_TSINGHUA.format(file_id), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
-                     crop_pct=0.875, crop_mode="squash", interpolation="bicubic", fixed_input_size=False,
-                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed1.proj",
-                     classifier="head", license=LICENSE, paper_ids="arXiv:2312.08874", paper_name=PAPER,
-                     origin_url=CODE_URL), **kwargs)
+    return agent_cfg(file_id, "patch_embed1.proj", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
