@@ -44,10 +44,9 @@ from zoo.ops._amp import autocast_dtype
 from zoo.ops._cache import cached_constant, optimizer_steps, register_parameter_cache
 from zoo.registry import register_family
 
-__all__ = ["FAMILY", "agent_cfg", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "register_official_builder", "register_key_map",
-           "init_agent_biases",
-           "squeeze_official_biases", "resize_bilinear", "agent_biases", "agent_key_bias", "agent_query_bias",
-           "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
+__all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "agent_cfg", "register_official_builder",
+           "register_key_map", "init_agent_biases", "squeeze_official_biases", "resize_bilinear", "agent_biases",
+           "agent_key_bias", "agent_query_bias", "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
 
 FAMILY = "agent_attention"
 # The official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers).

@@ -239,7 +239,7 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
         for i in range(num_stages):
             stride = patch_size if i == 0 else 2
             embed = PatchEmbed(size, stride, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i])
-            if i == 0:  # the image stem: one GEMM over the patches on CUDA (zoo.ops.patch_conv; later stages unmeasured)
+            if i == 0:  # the image stem: one GEMM over patches on CUDA (zoo.ops.patch_conv; later stages unmeasured)
                 as_patch_conv(embed.proj)
             grid = embed.grid_size
             sr = sr_ratios[i] if attn_type[i] == "B" else agent_srs[i]

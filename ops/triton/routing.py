@@ -14,10 +14,11 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    program per 16 query regions) takes their float32 affinity with every key region, divided by the key regions'
    token counts (as :func:`zoo.ops.routing.route`'s means), and the top-k by repeated arg-max. They replace
    route()'s five kernels (two reductions, a float32 GEMM, the top-k and its sort: 72 us at BiFormer-T's third
-   stage, batch 128 on the H200; measured there: region sums 15 us, affinity + top-k 51 us, 3 us a slot of
-   the arg-max loop, which is what is left to speed up; a single program per batch item doing both was as slow). The affinities are the reference's up to float32 summation order, so a near tie (within rounding) may
-   resolve differently from the reference backend; larger region grids route with route(). The attention itself
-   never materialises anything.
+   stage, batch 128 on the H200); measured there: region sums 15 us, affinity + top-k 51 us (3 us a slot of the
+   arg-max loop: what is left to speed up); a single program per batch item doing both was as slow. The affinities
+   are the reference's up to float32 summation order, so a near tie (within rounding) may resolve differently from
+   the reference backend; larger region grids route with route(). The attention itself never materialises
+   anything.
 2. **Attention** (``_forward_kernel``): one program per (batch, head, query region, query tile). Its keys are the
    ``topk * T`` tokens of its selected regions (``T = rh * rw``), numbered ``n = slot * T + token``; key tiles of
    ``BLOCK_N`` consecutive ``n`` are loaded row by row straight from the un-gathered (B, H, W, C) tensor (row
@@ -125,8 +126,8 @@ def _kernels_interpreted() -> bool:
 
 @functools.cache
 def _kernels():
-    """The kernel module (imports triton on first use): per path a forward, a dQ (+ delta) and a dK/dV kernel, and
-    the routed path's inverse routing lists."""
+    """The kernel module (imports triton on first use): the routing kernels, the forward, both backwards' dQ
+    (+ delta) and dK/dV kernels, and the routed backward's inverse routing lists."""
     from .kernels import routing as kernels
 
     return kernels
@@ -224,7 +225,7 @@ def _inverse_routing(index: torch.Tensor, launch=direct) -> tuple[torch.Tensor, 
         offsets = torch.empty(b * r + 1, device=index.device, dtype=torch.int32)
         sources = torch.empty(b * r * topk, device=index.device, dtype=torch.int32)
         launch(_kernels()._inverse_routing_kernel)[(b,)](index.contiguous(), offsets, sources, r, TOPK=topk,
-                            BLOCK_E=max(16, next_pow2(r * topk)))
+                                                         BLOCK_E=max(16, next_pow2(r * topk)))
         return offsets, sources
     key_region = (index.long() + torch.arange(b, device=index.device).view(b, 1, 1) * r).reshape(-1)
     sorted_keys, entries = torch.sort(key_region, stable=True)  # stable: ascending query region within a list
@@ -265,7 +266,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
     return dq, dk, dv
 
 
-MAX_ROUTE_REGIONS = 64  # the routing kernel holds a batch item's R x R affinity in one tile
+MAX_ROUTE_REGIONS = 64  # the top-k kernel holds a query region's affinities to every key region in one tile row
 
 
 def _launch_route(q: torch.Tensor, k: torch.Tensor, region_h: int, region_w: int, topk: int,
@@ -297,14 +298,14 @@ def _route_fake(q, k, region_h, region_w, topk):
 
 @kernel_op("zoo::routing_route", fake=_route_fake)
 def _route_op(q: torch.Tensor, k: torch.Tensor, region_h: int, region_w: int, topk: int) -> torch.Tensor:
-    """(B, R, topk) int64 routing index of (B, H, W, C) maps (any strides), computed by one kernel."""
+    """(B, R, topk) int64 routing index of (B, H, W, C) maps (any strides), computed by the routing kernels."""
     with on_device(q):
         return _launch_route(q, k, region_h, region_w, topk, traced)
 
 
 def _route(q: torch.Tensor, k: torch.Tensor, region_size: tuple[int, int], topk: int,
            routing_scale: float | None) -> torch.Tensor:
-    """The routing index: the one-kernel routing where the map has at most 64 regions, else :func:`route`."""
+    """The routing index: the routing kernels where the map has at most 64 regions, else :func:`route`."""
     rh, rw = region_size
     if -(-q.shape[1] // rh) * -(-q.shape[2] // rw) > MAX_ROUTE_REGIONS:
         return route(q, k, region_size, topk, routing_scale)

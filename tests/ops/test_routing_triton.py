@@ -182,12 +182,12 @@ INTERPRETER_CASES = [
 
 
 def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float16)) -> None:
-    """The one-kernel routing picks a top-k of the affinities (float64 check), the same regions as :func:`route` on
+    """The routing kernels pick a top-k of the affinities (float64 check), the same regions as :func:`route` on
     these seeds, for contiguous and strided maps, full and padded."""
+    cases = [(2, 8, 8, (2, 2), 3, 32, "nhwc"), (2, 7, 10, (3, 4), 4, 24, "nchw"), (1, 14, 14, (2, 2), 16, 64, "nhwc"),
+             (1, 15, 13, (2, 2), 5, 16, "nchw"), (1, 20, 20, (3, 3), 7, 200, "nhwc")]
     for dtype in dtypes:
-        for b, h, w, region, topk, c, layout in [(2, 8, 8, (2, 2), 3, 32, "nhwc"), (2, 7, 10, (3, 4), 4, 24, "nchw"),
-                                                 (1, 14, 14, (2, 2), 16, 64, "nhwc"), (1, 15, 13, (2, 2), 5, 16, "nchw"),
-                                                 (1, 20, 20, (3, 3), 7, 200, "nhwc")]:
+        for b, h, w, region, topk, c, layout in cases:
             q, k, _ = make_inputs(b, h, w, c, c, seed=h * w + c, dtype=dtype, device=device, layout=layout)
             q, k = (_nhwc(t.detach(), layout) for t in (q, k))
             got = rt._route(q, k, region, topk, None)
@@ -341,8 +341,10 @@ def test_gpu_triton_backward_is_bitwise_deterministic(stage, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage,kernels", [
-    ("s1", ("_region_sums_kernel", "_route_topk_kernel", "_forward_kernel", "_dq_kernel", "_dkv_kernel", "_inverse_routing_kernel")),
-    ("s2", ("_region_sums_kernel", "_route_topk_kernel", "_forward_kernel", "_masked_dq_kernel", "_masked_dkv_kernel")),
+    ("s1", ("_region_sums_kernel", "_route_topk_kernel", "_forward_kernel", "_dq_kernel", "_dkv_kernel",
+            "_inverse_routing_kernel")),
+    ("s2", ("_region_sums_kernel", "_route_topk_kernel", "_forward_kernel", "_masked_dq_kernel",
+            "_masked_dkv_kernel")),
 ])
 def test_gpu_torch_compile_keeps_the_op_in_graph(stage, kernels):
     torch._dynamo.reset()

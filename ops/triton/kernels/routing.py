@@ -249,8 +249,8 @@ def _map_tile(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, BLOCK: tl.
 
 @triton.jit
 def _stats_row(bh, region, y, x, R, RH: tl.constexpr, RW: tl.constexpr):
-    """Index of a token's row statistic (log-sum-exp, delta) in the routed path's (B * heads, R, T) layout, so that
-    either path's backward reads either path's forward."""
+    """Index of a token's row statistic (log-sum-exp, delta) in the routed kernels' (B * heads, R, T) layout, which
+    the masked backward shares (the forward is always routed)."""
     return (bh * R + region) * (RH * RW) + (y % RH) * RW + x % RW
 
 
