@@ -41,7 +41,7 @@ from torch import nn
 from ._amp import compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, interpreter_requested, kernel_op, needs_grad,
-                     no_device_reason, on_device, traced)
+                     no_device_reason, on_device, sm_count, traced)
 
 __all__ = ["LayerNorm", "layer_norm"]
 
@@ -209,17 +209,11 @@ def _tiles(channels: int) -> tuple[int, int, int]:
     return block_rows, block_c, num_warps
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _backward_programs(x: torch.Tensor, num_blocks: int) -> int:
     """Programs of the backward (rows of the partials): a few per SM on the GPU; 3 in the interpreter, so that tests
     with a handful of row blocks take the loop and several partial rows."""
     if x.is_cuda:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        limit = _BACKWARD_PROGRAMS_PER_SM * _sm_count(index)
+        limit = _BACKWARD_PROGRAMS_PER_SM * sm_count(x)
     else:
         limit = 3
     return max(1, min(num_blocks, limit))

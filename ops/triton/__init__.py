@@ -7,6 +7,7 @@ its ``@triton.jit`` decorator runs (triton reads ``TRITON_INTERPRET`` then), i.e
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -113,6 +114,27 @@ def next_pow2(n: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 stays IEEE (torch's matmul default, never silent TF32); 16-bit ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fp32_dot_precision(t: torch.Tensor) -> str:
+    """``tl.dot`` precision for float32 operands whose products must keep float32 accuracy: "tf32x3" (three TF32
+    tensor-core products, error near float32 rounding) on GPUs with TF32 (compute capability >= 8.0), "ieee" on
+    older GPUs and in the CPU interpreter."""
+    return "tf32x3" if t.is_cuda and _properties(t.device).major >= 8 else "ieee"
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of a CUDA tensor's GPU: launch heuristics size grids by it."""
+    return _properties(t.device).multi_processor_count
+
+
+def _properties(device: torch.device):
+    return _properties_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _properties_of(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def item_extent(t: torch.Tensor) -> int:

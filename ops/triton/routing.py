@@ -11,14 +11,15 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
 1. **Routing** in two kernels where the map has at most 64 regions (BiFormer: 49): ``_region_sums_kernel`` (one
    program per batch item, row of regions and 64 channels) sums q and k over each region straight from the strided
    maps (a 0/1 region-membership matrix times each token tile, float32 accumulation); ``_route_topk_kernel`` (one
-   program per 16 query regions) takes their float32 affinity with every key region, divided by the key regions'
-   token counts (as :func:`zoo.ops.routing.route`'s means), and the top-k by repeated arg-max. They replace
-   route()'s five kernels (two reductions, a float32 GEMM, the top-k and its sort: 72 us at BiFormer-T's third
-   stage, batch 128 on the H200); measured there: region sums 15 us, affinity + top-k 51 us (3 us a slot of the
-   arg-max loop: what is left to speed up); a single program per batch item doing both was as slow. The affinities
-   are the reference's up to float32 summation order, so a near tie (within rounding) may resolve differently from
-   the reference backend; larger region grids route with route(). The attention itself never materialises
-   anything.
+   program per 16 query regions, or per batch item from about three 16-region programs per SM) takes their
+   float32-accurate affinity with every key region (3xTF32 tensor-core products, ``tf32x3``, where the GPU has
+   TF32), divided by the key regions' token counts (as :func:`zoo.ops.routing.route`'s means), and the top-k by
+   repeated arg-max. They replace route()'s five kernels (two reductions, a float32 GEMM, the top-k and its sort:
+   72 us at BiFormer-T's third stage, batch 128 on the H200); measured there: region sums 15 us, affinity + top-k
+   14 us (51 with IEEE float32 products on CUDA cores; plain TF32 chose differently in 13 of 6,272 query regions,
+   3xTF32 in none). The affinities are the reference's up to float32 rounding, so a near tie may resolve
+   differently from the reference backend; larger region grids route with route(). The attention itself never
+   materialises anything.
 2. **Attention** (``_forward_kernel``): one program per (batch, head, query region, query tile). Its keys are the
    ``topk * T`` tokens of its selected regions (``T = rh * rw``), numbered ``n = slot * T + token``; key tiles of
    ``BLOCK_N`` consecutive ``n`` are loaded row by row straight from the un-gathered (B, H, W, C) tensor (row
@@ -65,8 +66,9 @@ import torch
 
 from .._dispatch import register_backend
 from ..routing import route
-from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent, kernel_op,
-               kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced, triton_missing_reason)
+from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, fp32_dot_precision, item_extent,
+               kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, sm_count, traced,
+               triton_missing_reason)
 
 __all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MAX_MASKED_REGIONS",
            "MAX_ROUTE_REGIONS"]
@@ -285,10 +287,21 @@ def _launch_route(q: torch.Tensor, k: torch.Tensor, region_h: int, region_w: int
         q, k, sums, *q.stride(), *k.stride(), h, w, nw, r, c, b, RH=region_h, RW=region_w,
         BLOCK_NW=max(16, next_pow2(nw)), BLOCK_T=64, BLOCK_C=block_c, PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2)
-    launch(_kernels()._route_topk_kernel)[(b, -(-r // 16))](
-        sums, index, h, w, nw, r, c, b, RH=region_h, RW=region_w, TOPK=topk, BLOCK_Q=16,
-        BLOCK_R=max(16, next_pow2(r)), BLOCK_C=32, num_warps=4, num_stages=2)
+    block_r = max(16, next_pow2(r))
+    block_q = _route_block_q(q, b, block_r)
+    launch(_kernels()._route_topk_kernel)[(b, -(-r // block_q))](
+        sums, index, h, w, nw, r, c, b, RH=region_h, RW=region_w, TOPK=topk, BLOCK_Q=block_q, BLOCK_R=block_r,
+        BLOCK_C=32, PRECISION=fp32_dot_precision(q), num_warps=4, num_stages=2)
     return index
+
+
+def _route_block_q(q: torch.Tensor, batch: int, block_r: int) -> int:
+    """Query regions per top-k program: 16, or all of them (each program then reads its item's key-region sums
+    once) when 16-region tiles would make more than 3 programs per SM. Measured on the H200 (132 SMs) at BiFormer's
+    stages: all 64 are 1.2-1.6x faster from batch 128, 16 are 1.2-1.5x faster up to batch 64."""
+    if q.is_cuda and batch * (block_r // 16) > 3 * sm_count(q):
+        return block_r
+    return 16
 
 
 def _route_fake(q, k, region_h, region_w, topk):

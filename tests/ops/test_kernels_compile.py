@@ -46,7 +46,10 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
     regions = (hw // region) ** 2
     index = torch.randint(0, regions, (1, regions, topk), generator=torch.Generator().manual_seed(1))
     heads, scale = channels // 32, channels ** -0.5
-    rt._launch_route(q, k, region, region, topk, launch)
+    monkeypatch.setattr(rt, "fp32_dot_precision", lambda t: "tf32x3")  # a GPU's (compute capability >= 8)
+    for block_q in (16, 64):  # the small- and large-batch tiles of the top-k kernel
+        monkeypatch.setattr(rt, "_route_block_q", lambda q, batch, block_r, n=block_q: min(n, block_r))
+        rt._launch_route(q, k, region, region, topk, launch)
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
     out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
     for backward in ("routed", "masked"):
@@ -104,7 +107,6 @@ def _outlook(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
 
 def _layer_norm(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     """LayerNorm over BiFormer-T's stage-1 map (3136 tokens of 64) with float32 parameters, autocast-style output."""
-    monkeypatch.setattr(LN, "_sm_count", lambda device_index: 132)  # the H200's
     x = _randn(1, 3136, 64, dtype=dtype)
     weight, bias = _randn(64, dtype=FP32), _randn(64, dtype=FP32)
     LN._launch_forward(x, weight, bias, 1e-6, dtype, launch, stats=False)  # inference
@@ -229,7 +231,8 @@ WRITES = {
     "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
                   "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
                   "_value_grad_kernel": ({"gvalue_ptr"}, {})},
-    "neighborhood": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}), "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
+    "neighborhood": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
+                     "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                      "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
 }
 

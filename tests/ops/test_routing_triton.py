@@ -3,7 +3,9 @@ TRITON_INTERPRET=1, fp32/fp16, tiny shapes) and on the GPU (BiFormer-T stage sha
 torch.compile); the torch-side helpers (routing, inverse routing lists) and refusals on plain CPU."""
 from __future__ import annotations
 
+import itertools
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -183,17 +185,19 @@ INTERPRETER_CASES = [
 
 def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float16)) -> None:
     """The routing kernels pick a top-k of the affinities (float64 check), the same regions as :func:`route` on
-    these seeds, for contiguous and strided maps, full and padded."""
+    these seeds, for contiguous and strided maps, full and padded, with the top-k kernel's small- and large-batch
+    tiles (16 query regions a program, or all)."""
     cases = [(2, 8, 8, (2, 2), 3, 32, "nhwc"), (2, 7, 10, (3, 4), 4, 24, "nchw"), (1, 14, 14, (2, 2), 16, 64, "nhwc"),
              (1, 15, 13, (2, 2), 5, 16, "nchw"), (1, 20, 20, (3, 3), 7, 200, "nhwc")]
-    for dtype in dtypes:
-        for b, h, w, region, topk, c, layout in cases:
+    tiles = {16: lambda q, batch, block_r: 16, "all": lambda q, batch, block_r: block_r}
+    for dtype, tile, (b, h, w, region, topk, c, layout) in itertools.product(dtypes, tiles, cases):
+        with mock.patch.object(rt, "_route_block_q", tiles[tile]):
             q, k, _ = make_inputs(b, h, w, c, c, seed=h * w + c, dtype=dtype, device=device, layout=layout)
             q, k = (_nhwc(t.detach(), layout) for t in (q, k))
             got = rt._route(q, k, region, topk, None)
-            assert got.shape == (b, -(-h // region[0]) * -(-w // region[1]), topk) and got.dtype == torch.int64
-            assert_is_a_top_k(got, q, k, region, topk)
-            assert torch.equal(got.sort(-1).values, route(q, k, region, topk, None).sort(-1).values)
+        assert got.shape == (b, -(-h // region[0]) * -(-w // region[1]), topk) and got.dtype == torch.int64
+        assert_is_a_top_k(got, q, k, region, topk)
+        assert torch.equal(got.sort(-1).values, route(q, k, region, topk, None).sort(-1).values), (dtype, tile)
     # exact ties (every key region alike): the lowest regions, in ascending order
     q, k, _ = make_inputs(2, 8, 8, 16, 16, seed=1, device=device)
     got = rt._route(q.detach(), k.detach()[:, :1, :1].expand(2, 8, 8, 16), (2, 2), 5, None)

@@ -388,10 +388,12 @@ def _region_sums_kernel(q_ptr, k_ptr, sums_ptr, sqb, sqh, sqw, sqc, skb, skh, sk
 
 @triton.jit
 def _route_topk_kernel(sums_ptr, idx_ptr, H, W, NW, R, C, B, RH: tl.constexpr, RW: tl.constexpr,
-                       TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """Grid (batch, query-region chunks): the float32 affinity of BLOCK_Q query regions with every key region,
     divided by the key regions' token counts (mean descriptors; a query's own count scales its whole row), and its
-    top-k by repeated arg-max (ties: the lowest region), written as (TOPK,) int64 per query region."""
+    top-k by repeated arg-max (ties: the lowest region), written as (TOPK,) int64 per query region. PRECISION is
+    an fp32-accurate ``tl.dot`` precision ("tf32x3" or "ieee"): the top-k turns rounding into different choices."""
     b = tl.program_id(0).to(tl.int64)
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_r = tl.arange(0, BLOCK_R)
@@ -403,7 +405,7 @@ def _route_topk_kernel(sums_ptr, idx_ptr, H, W, NW, R, C, B, RH: tl.constexpr, R
                      mask=(offs_q < R)[:, None] & c_ok[None, :], other=0.0)
         kd = tl.load(sums_ptr + B * R * C + ((b * R + offs_r) * C)[:, None] + (c0 + offs_c)[None, :],
                      mask=(offs_r < R)[:, None] & c_ok[None, :], other=0.0)
-        affinity += tl.dot(qd, tl.trans(kd), input_precision="ieee")
+        affinity += tl.dot(qd, tl.trans(kd), input_precision=PRECISION)
     count = tl.maximum(tl.minimum(H - (offs_r // NW) * RH, RH) * tl.minimum(W - (offs_r % NW) * RW, RW), 1)
     affinity = tl.where((offs_r < R)[None, :], affinity / count.to(tl.float32)[None, :], float("-inf"))
     out = idx_ptr + (b * R + offs_q) * TOPK
