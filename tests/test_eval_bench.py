@@ -198,6 +198,66 @@ def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeyp
     assert "ZOO_OPS_BACKEND" not in os.environ
 
 
+class _FakeSubject:
+    """A bench subject whose steps log their calls; time_fn is replaced by a scripted clock in these tests."""
+
+    def __init__(self, name, backend, log):
+        self.name, self.backend, self.log = name, backend, log
+
+    def row(self, mode, dtype, bs):
+        return {"model": self.name, "ops": self.backend, "mode": mode, "dtype": dtype, "batch_size": bs}
+
+    def step(self, mode, amp, bs, device):
+        if self.name == "broken" and mode == "train":
+            raise RuntimeError("CUDA error: no training here\nsecond line")
+        return lambda: self.log.append(self.name)
+
+
+def test_interleaved_rounds_take_the_subjects_in_turn_and_report_the_median_round(monkeypatch):
+    log, clock = [], {}
+    monkeypatch.setattr(bench._Subject, "build", classmethod(
+        lambda cls, name, backend, compile, *rest: _FakeSubject(name, backend, log)))
+    per_round = {"a": [0.010, 0.030, 0.020], "broken": [0.005, 0.006, 0.007]}  # seconds a step, round by round
+
+    def scripted_time_fn(fn, device, warmup, iters):
+        for _ in range(warmup + iters):
+            fn()
+        name = log[-1]
+        n = clock[name] = clock.get(name, -1) + 1
+        return [per_round[name][n % 3]] * iters  # the same three rounds in each configuration
+
+    monkeypatch.setattr(bench, "time_fn", scripted_time_fn)
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "user:setting")
+    rows = bench.bench_interleaved([("a", "auto", False), ("broken", "auto", False)], [4], ["fp32"], "cpu",
+                                   ("infer", "train"), warmup=1, iters=2, rounds=3)
+    # infer: round 1 warms each subject up, later rounds only time; train: "broken" fails once and is dropped
+    assert log == ["a"] * 3 + ["broken"] * 3 + ["a", "a", "broken", "broken"] * 2 + ["a"] * 7
+    assert [(r["model"], r["mode"]) for r in rows] == [("a", "infer"), ("a", "train"), ("broken", "infer"),
+                                                      ("broken", "train")]
+    a_infer, a_train, b_infer, b_train = rows
+    assert a_infer["latency_ms"] == pytest.approx(20.0) and a_infer["images_per_s"] == pytest.approx(4 / 0.020)
+    assert a_infer["latency_p90_ms"] == pytest.approx(30.0) and a_infer["rounds"] == 3
+    assert a_infer["latency_spread"] == pytest.approx((0.030 - 0.010) / 0.020)
+    assert a_infer["peak_mem_mib"] is None and a_infer["device_ms"] is None
+    assert b_infer["latency_ms"] == pytest.approx(6.0)
+    assert b_train["error"] == "RuntimeError: CUDA error: no training here" and b_train.get("latency_ms") is None
+    assert os.environ["ZOO_OPS_BACKEND"] == "user:setting"
+    with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
+        bench.bench_interleaved([("a", "auto", False)], [4], ["fp32"], rounds=0)
+
+
+def test_cli_rounds_time_real_models_in_turn(tmp_path, capsys):
+    rc = bench.main(["biformer_tiny", "biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2",
+                     "--img-size", "32", "--rounds", "2", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert rc == 0 and "latency_spread" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["rounds"] for r in rows] == [2, 2] and all(r["images_per_s"] > 0 and r["error"] is None for r in rows)
+    assert rows[0]["x_base"] == 1.0
+    with pytest.raises(ValueError, match="--rounds=0: must be >= 1"):
+        bench.main(["biformer_tiny", "--rounds", "0"])
+
+
 def test_add_baseline_ratios_uses_the_first_row_of_each_mode_dtype_batch():
     rows = [dict(mode="infer", dtype="bf16", batch_size=8, images_per_s=100.0),
             dict(mode="train", dtype="bf16", batch_size=8, images_per_s=20.0),

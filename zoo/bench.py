@@ -23,6 +23,10 @@ replays CUDA graphs: on a fast GPU the eager and the default compiled models are
 kernels, so their speeds hide what the kernels gain). ``x_base`` is each row's images/s over the baseline row's, the
 baseline being the first model, eager, first ops backend, at the same mode, dtype and batch size: list a timm model
 first to read every zoo row against it.
+
+``--rounds N`` (N > 1) times every configuration in N rounds that take the models in turn and reports the median
+round, with ``latency_spread`` ((slowest - fastest round) / median): on a shared host whose speed drifts, back-to-back
+runs of one model after another can differ by more than the models do.
 """
 from __future__ import annotations
 
@@ -42,12 +46,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_baseline_ratios", "bench_model", "build_parser", "format_table", "main", "ops_backend", "time_fn"]
+__all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "main",
+           "ops_backend", "time_fn"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
-           "latency_ms", "latency_p90_ms", "device_ms", "peak_mem_mib", "params_m", "channels_last", "device", "error"]
+           "latency_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "peak_mem_mib", "params_m",
+           "channels_last", "device", "error"]
 
 
 def format_table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
@@ -107,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-time", action="store_true",
                    help="also report each step's summed kernel time (CUDA, one profiled pass more): a latency well "
                         "above it means the host, not the GPU, bounds the step")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration in this many rounds that take the models in turn, reporting the "
+                        "median round (all models stay in memory; peak memory is then not reported): side-by-side "
+                        "ratios then share the machine's drift")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
@@ -183,42 +193,158 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
     ``compile`` column is False or the mode. A configuration that runs out of memory gets a row with ``error='OOM'``
     (one that fails otherwise, its exception) and the sweep goes on.
     """
-    import zoo
-
-    if compile is True:
-        compile = "default"
-    if compile is not False and compile not in COMPILE_MODES:
-        raise ValueError(f"compile={compile!r}: pass False, True or one of {list(COMPILE_MODES)}")
-
     device = torch.device(device)
-    model = zoo.create_model(model_name, **dict(model_kwargs or {})).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    chw = _input_size(model, img_size)
-    runner = torch.compile(model, mode=compile) if compile else model
+    subject = _Subject.build(model_name, "auto", compile, device, channels_last, img_size, model_kwargs)
     rows = []
-    for mode in modes:
-        for dtype in dtypes:
-            for bs in batch_sizes:
-                row = {"model": model_name, "mode": mode, "dtype": dtype, "batch_size": bs, "img_size": chw[-1],
-                       "params_m": round(params_m, 3), "compile": compile, "channels_last": channels_last,
-                       "device": str(device), "images_per_s": None, "latency_ms": None, "latency_p90_ms": None,
-                       "device_ms": None, "peak_mem_mib": None, "error": None}
-                row.update(_measure(runner, mode, DTYPES[dtype], bs, chw, device, channels_last, warmup, iters,
-                                    device_time))
-                rows.append(row)
+    for mode, dtype, bs in _configurations(modes, dtypes, batch_sizes):
+        row = subject.row(mode, dtype, bs)
+        row.update(_measure(subject.runner, mode, DTYPES[dtype], bs, subject.chw, device, channels_last, warmup,
+                            iters, device_time))
+        rows.append(row)
     return rows
+
+
+def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: list[int], dtypes: list[str],
+                      device: str | torch.device = "cpu", modes: tuple[str, ...] = ("infer",),
+                      img_size: int | None = None, channels_last: bool = False, warmup: int = 3, iters: int = 10,
+                      model_kwargs: dict[str, Any] | None = None, device_time: bool = False,
+                      rounds: int = 3) -> list[dict[str, Any]]:
+    """Rows for (model, ops backend, compile) ``subjects`` whose timings share the machine's drift.
+
+    Every configuration (mode, dtype, batch size) is timed in ``rounds`` rounds; a round takes the subjects in
+    turn, ``iters`` timed iterations each (after ``warmup`` untimed ones in the first round). A row reports the median
+    round's mean latency (``latency_ms``, and ``images_per_s`` from it), the p90 over all timed iterations and
+    ``latency_spread``, (slowest - fastest round) / median. A host or a GPU clock that changes speed during the run
+    then moves every subject alike, which back-to-back runs of one model after another do not.
+
+    Every model stays built for the whole run, so the CUDA allocator's peak is not one model's: ``peak_mem_mib`` is
+    left empty (``bench_model`` measures it). Rows come subject by subject in the order given.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    device = torch.device(device)
+    built = [_Subject.build(name, backend, compile, device, channels_last, img_size, model_kwargs)
+             for name, backend, compile in subjects]
+    results: dict[tuple[int, tuple], dict[str, Any]] = {}
+    for config in _configurations(modes, dtypes, batch_sizes):
+        for i, result in enumerate(_interleave(built, config, device, warmup, iters, device_time, rounds)):
+            results[i, config] = result
+    return [{**subject.row(*config), **results[i, config]}
+            for i, subject in enumerate(built) for config in _configurations(modes, dtypes, batch_sizes)]
+
+
+def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: torch.device, warmup: int,
+                iters: int, device_time: bool, rounds: int) -> list[dict[str, Any]]:
+    """One configuration's measurements of every subject, timed in interleaved rounds (see bench_interleaved)."""
+    mode, dtype, bs = config
+    steps: dict[int, Callable[[], Any]] = {}
+    times: dict[int, list[list[float]]] = {i: [] for i in range(len(subjects))}
+    failed: dict[int, dict[str, Any]] = {}
+    for round_ in range(rounds):
+        for i, subject in enumerate(subjects):
+            if i in failed:
+                continue
+            with ops_backend(subject.backend), _failures_as_rows() as failure:
+                if i not in steps:
+                    steps[i] = subject.step(mode, DTYPES[dtype], bs, device)
+                times[i].append(time_fn(steps[i], device, warmup if round_ == 0 else 0, iters))
+            if failure:
+                failed[i] = failure
+                steps.pop(i, None)
+    out = []
+    for i, subject in enumerate(subjects):
+        if i in failed:
+            out.append(failed[i])
+            continue
+        result = {**_round_summary(times[i], bs), "peak_mem_mib": None, "device_ms": None}
+        if device_time and device.type == "cuda":
+            from zoo.ops.bench import device_ms  # lazy, as for ``zoo bench ops``
+
+            with ops_backend(subject.backend):
+                result["device_ms"] = device_ms(steps[i], device, iters)
+        out.append(result)
+    return out
+
+
+def _round_summary(rounds: list[list[float]], bs: int) -> dict[str, Any]:
+    """Images/s and latencies of one subject from its rounds' per-iteration seconds (median round, pooled p90)."""
+    means = sorted(statistics.fmean(r) for r in rounds)
+    median = statistics.median(means)
+    pooled = sorted(t for r in rounds for t in r)
+    p90 = pooled[min(len(pooled) - 1, round(0.9 * (len(pooled) - 1)))]
+    return {"images_per_s": bs / median, "latency_ms": 1e3 * median, "latency_p90_ms": 1e3 * p90,
+            "rounds": len(rounds), "latency_spread": (means[-1] - means[0]) / median}
+
+
+@contextlib.contextmanager
+def _failures_as_rows() -> Iterator[dict[str, Any]]:
+    """Turn a configuration's OOM or error into its row's ``error`` (filled into the yielded dict): one
+    configuration failing (e.g. BatchNorm at batch 1) ends no sweep."""
+    failure: dict[str, Any] = {}
+    try:
+        yield failure
+    except torch.cuda.OutOfMemoryError:
+        failure["error"] = "OOM"
+    except (RuntimeError, ValueError) as e:
+        failure["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+class _Subject:
+    """A model built for benchmarking: under one ops backend, eager or compiled."""
+
+    def __init__(self, name: str, backend: str, compile: bool | str, model: torch.nn.Module, runner: Any,
+                 chw: tuple[int, int, int], params_m: float, channels_last: bool, device: torch.device):
+        self.name, self.backend, self.compile, self.model, self.runner = name, backend, compile, model, runner
+        self.chw, self.params_m, self.channels_last, self.device = chw, params_m, channels_last, device
+
+    @classmethod
+    def build(cls, name: str, backend: str, compile: bool | str, device: torch.device, channels_last: bool,
+              img_size: int | None, model_kwargs: dict[str, Any] | None) -> _Subject:
+        import zoo
+
+        if compile is True:
+            compile = "default"
+        if compile is not False and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: pass False, True or one of {list(COMPILE_MODES)}")
+        model = zoo.create_model(name, **dict(model_kwargs or {})).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        runner = torch.compile(model, mode=compile) if compile else model
+        return cls(name, backend, compile, model, runner, _input_size(model, img_size), params_m, channels_last,
+                   device)
+
+    def row(self, mode: str, dtype: str, bs: int) -> dict[str, Any]:
+        """A result row of this subject at one configuration, its measurements not yet filled in."""
+        return {"model": self.name, "ops": self.backend, "mode": mode, "dtype": dtype, "batch_size": bs,
+                "img_size": self.chw[-1], "params_m": round(self.params_m, 3), "compile": self.compile,
+                "channels_last": self.channels_last, "device": str(self.device), "images_per_s": None,
+                "latency_ms": None, "latency_p90_ms": None, "rounds": 1, "latency_spread": None, "device_ms": None,
+                "peak_mem_mib": None, "error": None}
+
+    def step(self, mode: str, amp: torch.dtype | None, bs: int, device: torch.device) -> Callable[[], Any]:
+        """One inference or training step on a fixed random batch."""
+        return _step_fn(self.runner, mode, amp, bs, self.chw, device, self.channels_last)
+
+
+def _configurations(modes: Iterable[str], dtypes: Iterable[str], batch_sizes: Iterable[int]) -> list[tuple]:
+    """(mode, dtype, batch size) in the rows' order."""
+    return [(m, d, b) for m in modes for d in dtypes for b in batch_sizes]
+
+
+def _step_fn(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
+             device: torch.device, channels_last: bool) -> Callable[[], Any]:
+    x = torch.randn(bs, *chw, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _train_fn(model, x, amp) if mode == "train" else _inference_fn(model, x, amp)
 
 
 def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
              device: torch.device, channels_last: bool, warmup: int, iters: int,
              device_time: bool = False) -> dict[str, Any]:
-    x = torch.randn(bs, *chw, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    fn = _train_fn(model, x, amp) if mode == "train" else _inference_fn(model, x, amp)
-    try:
+    with _failures_as_rows() as failure:
+        fn = _step_fn(model, mode, amp, bs, chw, device, channels_last)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -229,16 +355,10 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
             from zoo.ops.bench import device_ms  # lazy, as for ``zoo bench ops``
 
             kernels = device_ms(fn, device, iters)
-    except torch.cuda.OutOfMemoryError:
-        return {"error": "OOM"}
-    except (RuntimeError, ValueError) as e:  # one configuration failing (e.g. BatchNorm at batch 1) ends no sweep
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-    finally:
         del fn
-    mean = statistics.fmean(times)
-    p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return {"images_per_s": bs / mean, "latency_ms": 1e3 * mean, "latency_p90_ms": 1e3 * p90, "peak_mem_mib": peak,
-            "device_ms": kernels}
+    if failure:
+        return failure
+    return {**_round_summary([times], bs), "latency_spread": None, "peak_mem_mib": peak, "device_ms": kernels}
 
 
 @contextlib.contextmanager
@@ -343,19 +463,24 @@ def main(argv: list[str] | None = None) -> int:
     model_kwargs = _parse_model_kwargs(args.model_kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = _csv_list(args.ops_backend, "--ops-backend", str)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds={args.rounds}: must be >= 1")
     compiled_mode = args.compile_mode
     compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
-    rows = []
-    for name in args.models:
-        for backend in backends:
+    subjects = [(name, backend, compiled) for name in args.models for backend in backends for compiled in compiles]
+    if args.rounds > 1:
+        rows = bench_interleaved(subjects, batch_sizes, dtypes, device, modes, args.img_size, args.channels_last,
+                                 args.warmup, args.iters, model_kwargs, args.device_time, args.rounds)
+    else:
+        rows = []
+        for name, backend, compiled in subjects:
             with ops_backend(backend):
-                for compiled in compiles:
-                    for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
-                                           args.channels_last, args.warmup, args.iters, model_kwargs,
-                                           args.device_time):
-                        rows.append({**row, "ops": backend})
+                for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
+                                       args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time):
+                    rows.append({**row, "ops": backend})
     add_baseline_ratios(rows)
-    print(format_table(rows, [c for c in COLUMNS if c not in ("device", "channels_last")]))
+    hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
+    print(format_table(rows, [c for c in COLUMNS if c not in hidden]))
     csv_path, json_path = write_results(rows, args.out, environment(device))
     print(f"wrote {csv_path} and {json_path}")
     return 0
