@@ -28,6 +28,8 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    side. Online softmax in float32 (base 2), output and the row log-sum-exp stored. Query tiles are
    ``max(16, next_pow2(T))`` rows (at most 64) because ``tl.dot`` needs 16; with 2x2 regions that leaves 12 of 16
    rows idle, which costs tensor-core work only (the masked rows are never loaded or stored).
+   ``use_tiles(query_regions=G)`` makes each program take G consecutive query regions in turn (same bits; for
+   measuring whether neighbouring regions' shared key regions, found in L1, beat more programs in flight).
 3. **Backward**, deterministic (no atomics; every gradient element is one program's float32 sum in a fixed order):
    * ``_dq_kernel`` (the forward's grid): ``delta = rowsum(dO * O)`` (stored for the next kernel), then dQ over the
      same key tiles as the forward.
@@ -84,13 +86,14 @@ _LOG2E = 1.4426950408889634
 # 256 MB L2-flush buffer inside the caller's first backward (it would show in peak-memory benchmarks) and could pick
 # different configurations in different processes.
 # backward: "routed" or "masked" forces that backward (masked only where R <= 64); None chooses by tile work.
-_TILES: dict[str, int | str | None] = {"max_block": 64, "num_warps": None, "num_stages": None, "backward": None}
+_TILES: dict[str, int | str | None] = {"max_block": 64, "num_warps": None, "num_stages": None, "backward": None,
+                                       "query_regions": None}
 _BACKWARDS = ("routed", "masked")
 MAX_MASKED_REGIONS = 64  # the masked backward holds a query row's selected regions as the bits of one int64
 
 
 def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              backward: str | None = None) -> contextlib.AbstractContextManager:
+              backward: str | None = None, query_regions: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
@@ -98,12 +101,15 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
         num_warps, num_stages: Triton launch options of all kernels (default: chosen by tile size).
         backward: ``"routed"`` or ``"masked"`` forces that backward (``"masked"`` only where the map has at most
             64 regions; elsewhere the routed one runs); by default it is chosen by tile work (module docstring).
+        query_regions: consecutive query regions each forward program takes in turn (default 1).
     """
     check_tile_edge("max_block", max_block)
     if backward is not None and backward not in _BACKWARDS:
         raise ValueError(f"backward={backward!r} is not a routing backward; expected one of {_BACKWARDS} or None")
+    if query_regions is not None and (type(query_regions) is not int or query_regions < 1):
+        raise ValueError(f"query_regions={query_regions!r} must be an int >= 1 or None")
     return override_knobs(_TILES, max_block=max_block, num_warps=num_warps, num_stages=num_stages,
-                          backward=backward)
+                          backward=backward, query_regions=query_regions)
 
 
 def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False) -> dict[str, int]:
@@ -158,6 +164,7 @@ class _Geometry:
         self.block_k = min(cap, max(16, next_pow2(self.t)))          # key tile of one region (dK/dV)
         self.block_rows = cap                                         # query tile over a key region's list (dK/dV)
         self.block_map = cap                                          # query and key tiles of the masked backward
+        self.group = min(self.r, _TILES["query_regions"] or 1)        # query regions of one forward program
 
     def masked_backward(self) -> bool:
         """Whether the masked backward runs: forced by ``use_tiles(backward=...)``, else when its score tiles per
@@ -184,6 +191,10 @@ class _Geometry:
     def query_tiles(self) -> int:
         return self.b * self.heads * self.r * -(-self.t // self.block_q)
 
+    def forward_tiles(self) -> int:
+        """Programs of the forward: batch * heads * groups of query regions * query tiles."""
+        return self.b * self.heads * -(-self.r // self.group) * -(-self.t // self.block_q)
+
     def key_tiles(self) -> int:
         return self.b * self.heads * self.r * -(-self.t // self.block_k)
 
@@ -199,10 +210,10 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch
     lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32) if stats else None
     if geo.b * geo.heads * geo.r == 0:  # empty batch: nothing to launch (a zero-size grid is an error)
         return out, lse
-    launch(_kernels()._forward_kernel)[(geo.query_tiles(),)](
+    launch(_kernels()._forward_kernel)[(geo.forward_tiles(),)](
         q, k, v, index.contiguous(), out, out if lse is None else lse, *q.stride(), *k.stride(), *v.stride(),
         *geo.runtime(), scale * _LOG2E, TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys,
-        PRECISION=dot_precision(q.dtype), STATS=stats, **geo.constexprs(),
+        PRECISION=dot_precision(q.dtype), STATS=stats, GROUP=geo.group, **geo.constexprs(),
         **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     return out, lse
 

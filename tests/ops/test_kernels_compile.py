@@ -51,6 +51,8 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
         monkeypatch.setattr(rt, "_route_block_q", lambda q, batch, block_r, n=block_q: min(n, block_r))
         rt._launch_route(q, k, region, region, topk, launch)
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
+    with rt.use_tiles(query_regions=4):  # forward programs that take four query regions in turn
+        rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
     out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
     for backward in ("routed", "masked"):
         with rt.use_tiles(backward=backward):

@@ -147,6 +147,9 @@ def test_use_tiles_validates():
     with pytest.raises(ValueError, match="backward='dense'.*'routed', 'masked'"):
         with rt.use_tiles(backward="dense"):
             pass
+    with pytest.raises(ValueError, match="query_regions=0 must be an int >= 1"):
+        with rt.use_tiles(query_regions=0):
+            pass
 
 
 def _geometry(h, w, region, topk, channels=64, heads=2):
@@ -204,11 +207,27 @@ def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float
     assert torch.equal(got, torch.arange(5, device=device).expand(2, 16, 5))
 
 
+def check_grouped_forward(device: str = "cpu", dtype=torch.float32) -> None:
+    """Forward programs that take several query regions in turn write the same bits (output and row statistics,
+    padded tokens included) as one region a program, also where the last group runs past the last region."""
+    # 3x4 regions, 4x2 of them, the last row of regions padded
+    q, k, v = (t.detach() for t in make_inputs(2, 10, 8, 32, 32, seed=7, dtype=dtype, device=device))
+    index = route(q, k, (3, 4), 3, None)
+    want = rt._launch_forward(q, k, v, index, 2, 3, 4, 0.25)
+    for group in (3, 8, 20):
+        with rt.use_tiles(query_regions=group):
+            got = rt._launch_forward(q, k, v, index, 2, 3, 4, 0.25)
+            inference, _ = rt._launch_forward(q, k, v, index, 2, 3, 4, 0.25, stats=False)
+        for name, a, b in (("out", got[0], want[0]), ("lse", got[1], want[1]), ("inference", inference, want[0])):
+            assert torch.equal(a, b), f"{name} differs with {group} query regions a program"
+
+
 def _interpreter_fp32_checks() -> None:
     """fp32: forward and all gradients vs the reference backend, both layouts, padding; bitwise repeatable."""
     warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
     check_inverse_routing()  # interpreted: the one-launch kernel
     check_routing_kernel()
+    check_grouped_forward()
     assert rt._triton_supports(*make_inputs(1, 4, 4, 8, 8), num_heads=2, region_size=(2, 2), topk=1,
                                scale=1.0) is None
     for batch, h, w, region, topk, heads, c_qk, c_v, layout, max_block, rscale in INTERPRETER_CASES:
@@ -416,6 +435,12 @@ def test_gpu_route_of_strided_views_is_a_top_k(stage):
         for routing in (route, rt._route):
             assert_is_a_top_k(routing(qn, kn, kw["region_size"], kw["topk"], rscale), qn, kn, kw["region_size"],
                               kw["topk"])
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_forward_writes_the_same_bits():
+    for dtype in (torch.float32, torch.bfloat16):
+        check_grouped_forward("cuda", dtype)
 
 
 @pytest.mark.gpu

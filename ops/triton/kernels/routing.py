@@ -88,44 +88,73 @@ def _region_tile(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def _grouped_region_tile(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, BLOCK: tl.constexpr,
+                         GROUP: tl.constexpr, g):
+    """:func:`_region_tile` of region ``g`` of this program's ``GROUP`` consecutive regions (grid: batch * heads *
+    region groups * tiles), and whether that region exists: past the last region it is the last one again, every
+    token masked."""
+    if GROUP == 1:  # the plain tiling, instruction for instruction
+        bh, region, b, head, offs, y, x, ok = _region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK)
+        real = tl.full([BLOCK], 1, tl.int1)
+    else:
+        T: tl.constexpr = RH * RW
+        TILES: tl.constexpr = (T + BLOCK - 1) // BLOCK
+        groups = (R + GROUP - 1) // GROUP
+        pid = tl.program_id(0)
+        bh = pid // (groups * TILES)
+        region = (pid % (groups * TILES)) // TILES * GROUP + g
+        real = (tl.zeros([BLOCK], tl.int32) + region) < R
+        region = tl.minimum(region, R - 1)
+        offs = (pid % TILES) * BLOCK + tl.arange(0, BLOCK)
+        y, x = _token_yx(region, offs, NW, RH, RW)
+        b, head, ok = bh // HEADS, bh % HEADS, (offs < T) & (y < H) & (x < W) & real
+    return bh, region, b, head, offs, y, x, ok, real
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
                     sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
                     H, W, NW, R, HEADS, qk_scale2,
                     RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr,
                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr, GROUP: tl.constexpr):
+    """Grid (batch * heads * groups of GROUP consecutive query regions * query tiles): each query region of the
+    group in turn (neighbouring regions select many of the same key regions, whose rows the loads then find in
+    L1), attention over its selected key regions."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    bh, qr, b, head, offs_m, qy, qx, q_ok = _region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_M)
-    b64 = b.to(tl.int64)
     offs_dq = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
-    k_base = k_ptr + b64 * skb + head * DQK * skc
-    v_base = v_ptr + b64 * svb + head * DV * svc
-    idx_row = idx_ptr + (b * R + qr) * TOPK
+    for g in range(GROUP):
+        bh, qr, b, head, offs_m, qy, qx, q_ok, real = _grouped_region_tile(H, W, NW, R, HEADS, RH, RW, BLOCK_M,
+                                                                           GROUP, g)
+        b64 = b.to(tl.int64)
+        q = _load_rows(q_ptr + b64 * sqb + head * DQK * sqc, qy, qx, q_ok, offs_dq, sqh, sqw, sqc, DQK)
+        k_base = k_ptr + b64 * skb + head * DQK * skc
+        v_base = v_ptr + b64 * svb + head * DV * svc
+        idx_row = idx_ptr + (b * R + qr) * TOPK
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start in range(0, TOPK * T, BLOCK_N):
-        ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
-                                                RW)
-        k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
-        # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-        s = tl.where(in_range[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for start in range(0, TOPK * T, BLOCK_N):
+            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                    RW)
+            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+            # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+            s = tl.where(in_range[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
 
-    _store_rows(out_ptr, acc / l_i[:, None], b64, qy, qx, q_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
-    if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
-        tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+        _store_rows(out_ptr, acc / l_i[:, None], b64, qy, qx, q_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
+        if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
+            tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=(offs_m < T) & real)
 
 
 @triton.jit
