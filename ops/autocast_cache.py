@@ -22,9 +22,9 @@ steps taken in the process are unchanged; ``.to()``, ``.cuda()``, ``.half()`` an
 ``torch.optim`` step invalidates every copy (a global step hook counts them), because some kernels write parameters
 without bumping their version counters (H200, torch 2.11: fused AdamW, and ``torch._foreach_lerp_`` on CUDA). Writes
 that bump no version counter outside an optimizer step, such as ``p.data.mul_(2)`` or an EMA update by
-``torch._foreach_lerp_`` (timm's ModelEmaV3) on CUDA, need a :func:`zoo.ops.clear_parameter_caches` call. Outputs are bitwise those of the parent class: the copy is the cast autocast
-makes. The copies cost the autocast dtype's share of the layers' weights (half of their float32
-size) while cached.
+``torch._foreach_lerp_`` (timm's ModelEmaV3) on CUDA, need a :func:`zoo.ops.clear_parameter_caches` call. Outputs
+are bitwise those of the parent class: the copy is the cast autocast makes. The copies cost the autocast dtype's
+share of the layers' weights (half of their float32 size) while cached.
 """
 from __future__ import annotations
 

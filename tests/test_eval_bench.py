@@ -207,7 +207,7 @@ class _FakeSubject:
     def row(self, mode, dtype, bs):
         return {"model": self.name, "ops": self.backend, "mode": mode, "dtype": dtype, "batch_size": bs}
 
-    def step(self, mode, amp, bs, device):
+    def step(self, mode, amp, bs):
         if self.name == "broken" and mode == "train":
             raise RuntimeError("CUDA error: no training here\nsecond line")
         return lambda: self.log.append(self.name)

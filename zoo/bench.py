@@ -246,7 +246,7 @@ def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: 
                 continue
             with ops_backend(subject.backend), _failures_as_rows() as failure:
                 if i not in steps:
-                    steps[i] = subject.step(mode, DTYPES[dtype], bs, device)
+                    steps[i] = subject.step(mode, DTYPES[dtype], bs)
                 times[i].append(time_fn(steps[i], device, warmup if round_ == 0 else 0, iters))
             if failure:
                 failed[i] = failure
@@ -322,9 +322,9 @@ class _Subject:
                 "latency_ms": None, "latency_p90_ms": None, "rounds": 1, "latency_spread": None, "device_ms": None,
                 "peak_mem_mib": None, "error": None}
 
-    def step(self, mode: str, amp: torch.dtype | None, bs: int, device: torch.device) -> Callable[[], Any]:
+    def step(self, mode: str, amp: torch.dtype | None, bs: int) -> Callable[[], Any]:
         """One inference or training step on a fixed random batch."""
-        return _step_fn(self.runner, mode, amp, bs, self.chw, device, self.channels_last)
+        return _step_fn(self.runner, mode, amp, bs, self.chw, self.device, self.channels_last)
 
 
 def _configurations(modes: Iterable[str], dtypes: Iterable[str], batch_sizes: Iterable[int]) -> list[tuple]:

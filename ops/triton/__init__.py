@@ -17,8 +17,8 @@ import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device",
-           "next_pow2", "dot_precision", "item_extent", "broadcast_strides", "override_knobs", "is_num_warps",
-           "check_tile_edge", "token_major",
+           "next_pow2", "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
+           "override_knobs", "is_num_warps", "check_tile_edge", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1

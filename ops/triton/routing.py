@@ -188,12 +188,9 @@ class _Geometry:
     def runtime(self) -> tuple[int, ...]:
         return self.h, self.w, self.nw, self.r, self.heads
 
-    def query_tiles(self) -> int:
-        return self.b * self.heads * self.r * -(-self.t // self.block_q)
-
-    def forward_tiles(self) -> int:
-        """Programs of the forward: batch * heads * groups of query regions * query tiles."""
-        return self.b * self.heads * -(-self.r // self.group) * -(-self.t // self.block_q)
+    def query_tiles(self, group: int = 1) -> int:
+        """Programs of a kernel over query tiles: batch * heads * groups of ``group`` query regions * tiles."""
+        return self.b * self.heads * -(-self.r // group) * -(-self.t // self.block_q)
 
     def key_tiles(self) -> int:
         return self.b * self.heads * self.r * -(-self.t // self.block_k)
@@ -210,7 +207,7 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch
     lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32) if stats else None
     if geo.b * geo.heads * geo.r == 0:  # empty batch: nothing to launch (a zero-size grid is an error)
         return out, lse
-    launch(_kernels()._forward_kernel)[(geo.forward_tiles(),)](
+    launch(_kernels()._forward_kernel)[(geo.query_tiles(geo.group),)](
         q, k, v, index.contiguous(), out, out if lse is None else lse, *q.stride(), *k.stride(), *v.stride(),
         *geo.runtime(), scale * _LOG2E, TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys,
         PRECISION=dot_precision(q.dtype), STATS=stats, GROUP=geo.group, **geo.constexprs(),
