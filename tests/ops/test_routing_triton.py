@@ -152,11 +152,25 @@ def test_use_tiles_validates():
             pass
 
 
-def _geometry(h, w, region, topk, channels=64, heads=2):
+def _geometry(h, w, region, topk, channels=64, heads=2, batch=2):
     """The launch geometry of a call (meta tensors: shapes only)."""
-    q = torch.empty(2, h, w, channels, device="meta")
-    index = torch.empty(2, -(-h // region[0]) * -(-w // region[1]), topk, dtype=torch.int64, device="meta")
+    q = torch.empty(batch, h, w, channels, device="meta")
+    index = torch.empty(batch, -(-h // region[0]) * -(-w // region[1]), topk, dtype=torch.int64, device="meta")
     return rt._Geometry(q, q, index, heads, *region)
+
+
+@pytest.mark.parametrize("stage, batch, sms, group", [
+    ("T.s2", 128, 132, 7), ("T.s2", 32, 132, 7), ("T.s2", 16, 132, 2), ("T.s2", 4, 132, 1), ("T.s2", 128, None, 1),
+    ("T.s0", 128, 132, 7), ("T.s0", 64, 132, 2), ("T.s0", 16, 132, 1), ("T.s0", 128, 528, 2)])
+def test_forward_groups_a_row_of_regions_while_programs_fill_the_gpu(stage, batch, sms, group):
+    # BiFormer-T stage 2 (14x14, 2x2 regions, 8 heads) and stage 0 (56x56, 8x8 regions, 2 heads): programs at a
+    # row (7 regions) of stage 2, batch 32: 32 * 8 * 7 = 1,792 >= 12 * 132; at 2 regions, batch 16: 3,200
+    shape = {"T.s2": (14, 14, (2, 2), 16, 256, 8), "T.s0": (56, 56, (8, 8), 1, 64, 2)}[stage]
+    geo = _geometry(*shape, batch=batch)
+    assert geo.default_group(sms) == group
+    assert geo.group == 1  # meta tensors are not CUDA: one region a program
+    with rt.use_tiles(query_regions=3):
+        assert _geometry(*shape, batch=batch).group == 3
 
 
 def test_backward_choice_by_tile_work():
