@@ -32,7 +32,13 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    programs per SM, else 2 regions, else 1 (``_Geometry.default_group``): neighbouring query regions select many
    of the same key regions, whose rows the loads then find in L1 (same bits as one region a program). H200,
    BiFormer-T stage 2, batch 128 bf16: 83 -> 64 us; BiFormer-B stage 2: 123 -> 93 us.
-   ``use_tiles(query_regions=G)`` forces G.
+   ``use_tiles(query_regions=G)`` forces G. ``use_tiles(heads_per_tile=HP)`` (regions of fewer than 16 tokens;
+   default off, not yet timed on a GPU) runs ``_packed_forward_kernel`` instead: HP heads share a query tile (row
+   m is token ``m % T`` of head ``m // T``), each row's query holding only its head's channels, so one Q @ K^T over
+   the heads' channels side by side gives each row its own head's scores and the keys and values are loaded once
+   for all HP heads (every head routes to the same regions); same multiply-adds, no idle rows, 1/HP of the
+   programs. Not bitwise the plain kernel's (the products are summed in other groupings); an inf or NaN in one
+   head's keys reaches the other heads' rows of the tile (0 * inf).
 3. **Backward**, deterministic (no atomics; every gradient element is one program's float32 sum in a fixed order):
    * ``_dq_kernel`` (the forward's grid): ``delta = rowsum(dO * O)`` (stored for the next kernel), then dQ over the
      same key tiles as the forward.
@@ -90,13 +96,14 @@ _LOG2E = 1.4426950408889634
 # different configurations in different processes.
 # backward: "routed" or "masked" forces that backward (masked only where R <= 64); None chooses by tile work.
 _TILES: dict[str, int | str | None] = {"max_block": 64, "num_warps": None, "num_stages": None, "backward": None,
-                                       "query_regions": None}
+                                       "query_regions": None, "heads_per_tile": None}
 _BACKWARDS = ("routed", "masked")
 MAX_MASKED_REGIONS = 64  # the masked backward holds a query row's selected regions as the bits of one int64
 
 
 def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              backward: str | None = None, query_regions: int | None = None) -> contextlib.AbstractContextManager:
+              backward: str | None = None, query_regions: int | None = None,
+              heads_per_tile: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
@@ -106,18 +113,23 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
             64 regions; elsewhere the routed one runs); by default it is chosen by tile work (module docstring).
         query_regions: consecutive query regions each forward program takes in turn (default: a row of regions,
             2 or 1 by programs per SM; 1 off CUDA).
+        heads_per_tile: heads sharing a forward program's query tile where regions have fewer than 16 tokens
+            (default 1; at most as many as fill ``max_block`` rows).
     """
     check_tile_edge("max_block", max_block)
     if backward is not None and backward not in _BACKWARDS:
         raise ValueError(f"backward={backward!r} is not a routing backward; expected one of {_BACKWARDS} or None")
-    if query_regions is not None and (type(query_regions) is not int or query_regions < 1):
-        raise ValueError(f"query_regions={query_regions!r} must be an int >= 1 or None")
+    for name, value in (("query_regions", query_regions), ("heads_per_tile", heads_per_tile)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
     return override_knobs(_TILES, max_block=max_block, num_warps=num_warps, num_stages=num_stages,
-                          backward=backward, query_regions=query_regions)
+                          backward=backward, query_regions=query_regions, heads_per_tile=heads_per_tile)
 
 
-def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False) -> dict[str, int]:
-    """num_warps / num_stages for a kernel whose score tile is rows x cols (``dkv``: the dK/dV kernel)."""
+def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False,
+                    packed: bool = False) -> dict[str, int]:
+    """num_warps / num_stages for a kernel whose score tile is rows x cols (``dkv``: the dK/dV kernel; ``packed``:
+    the forward whose query tile several heads share, with key tiles as wide as their channels)."""
     # 4 warps: the usual choice for 64 x 64 tiles at head dim 32. fp32 runs IEEE dots on CUDA cores, whose 64 x 64
     # tiles spill at 4 warps. 16-bit 16 x 64 tiles (regions of <= 16 tokens: BiFormer stages 2 and 3) are latency
     # bound, so more programs in flight beat wider ones; H200 sweep at BiFormer-T bf16 stage 2 (stage 1), us per
@@ -125,6 +137,8 @@ def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False)
     # dK/dV 344 -> 223 (177 -> 121) at 2 warps.
     small_16bit = dtype != torch.float32 and rows * cols <= 16 * 64
     default = (2 if dkv else 1) if small_16bit else (8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4)
+    if packed:  # a 1-warp tile of 64 keys x 4 heads' channels would spill (not yet swept on a GPU)
+        default = 4
     return {"num_warps": _TILES["num_warps"] or default, "num_stages": _TILES["num_stages"] or 2}
 
 
@@ -168,6 +182,9 @@ class _Geometry:
         self.block_k = min(cap, max(16, next_pow2(self.t)))          # key tile of one region (dK/dV)
         self.block_rows = cap                                         # query tile over a key region's list (dK/dV)
         self.block_map = cap                                          # query and key tiles of the masked backward
+        # heads sharing a forward query tile (packed: row m is token m % T of head m // T), only where T < 16
+        self.hp = max(1, min(_TILES["heads_per_tile"] or 1, self.heads, cap // self.t)) if self.t < 16 else 1
+        self.block_packed = max(16, next_pow2(self.hp * self.t))      # packed query tile
         sms = sm_count(q) if q.is_cuda else None
         self.group = min(self.r, _TILES["query_regions"] or self.default_group(sms))  # query regions a forward program
 
@@ -185,7 +202,7 @@ class _Geometry:
             return 1
         enough = 12 * sms
         for group in (self.nw, 2):
-            if 1 < group < self.r and self.query_tiles(group) >= enough:
+            if 1 < group < self.r and self.query_tiles(group, self.hp) >= enough:
                 return group
         return 1
 
@@ -204,6 +221,11 @@ class _Geometry:
         return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, BLOCK_DQK=max(16, next_pow2(self.d_qk)),
                     BLOCK_DV=max(16, next_pow2(self.d_v)))
 
+    def packed_constexprs(self) -> dict:
+        """The packed forward's shapes: ``HP`` heads' rows in a ``BLOCK_M`` tile, their channels side by side."""
+        return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, HP=self.hp, BLOCK_M=self.block_packed,
+                    BLOCK_CQK=max(16, next_pow2(self.hp * self.d_qk)), BLOCK_CV=max(16, next_pow2(self.hp * self.d_v)))
+
     def masked_constexprs(self) -> dict:
         return dict(TOPK=self.topk, BLOCK_TOPK=next_pow2(self.topk), BLOCK_M=self.block_map,
                     BLOCK_N=self.block_map, **self.constexprs())
@@ -211,9 +233,10 @@ class _Geometry:
     def runtime(self) -> tuple[int, ...]:
         return self.h, self.w, self.nw, self.r, self.heads
 
-    def query_tiles(self, group: int = 1) -> int:
-        """Programs of a kernel over query tiles: batch * heads * groups of ``group`` query regions * tiles."""
-        return self.b * self.heads * -(-self.r // group) * -(-self.t // self.block_q)
+    def query_tiles(self, group: int = 1, heads_per_tile: int = 1) -> int:
+        """Programs of a kernel over query tiles: batch * groups of ``heads_per_tile`` heads * groups of ``group``
+        query regions * tiles (one where heads share a tile)."""
+        return self.b * -(-self.heads // heads_per_tile) * -(-self.r // group) * -(-self.t // self.block_q)
 
     def key_tiles(self) -> int:
         return self.b * self.heads * self.r * -(-self.t // self.block_k)
@@ -230,11 +253,18 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch
     lse = torch.empty((geo.b * geo.heads, geo.r, geo.t), device=q.device, dtype=torch.float32) if stats else None
     if geo.b * geo.heads * geo.r == 0:  # empty batch: nothing to launch (a zero-size grid is an error)
         return out, lse
-    launch(_kernels()._forward_kernel)[(geo.query_tiles(geo.group),)](
-        q, k, v, index.contiguous(), out, out if lse is None else lse, *q.stride(), *k.stride(), *v.stride(),
-        *geo.runtime(), scale * _LOG2E, TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys,
-        PRECISION=dot_precision(q.dtype), STATS=stats, GROUP=geo.group, **geo.constexprs(),
-        **_launch_options(geo.block_q, geo.block_keys, q.dtype))
+    args = (q, k, v, index.contiguous(), out, out if lse is None else lse, *q.stride(), *k.stride(), *v.stride(),
+            *geo.runtime(), scale * _LOG2E)
+    common = dict(TOPK=geo.topk, BLOCK_N=geo.block_keys, PRECISION=dot_precision(q.dtype), STATS=stats,
+                  GROUP=geo.group)
+    if geo.hp > 1:
+        launch(_kernels()._packed_forward_kernel)[(geo.query_tiles(geo.group, geo.hp),)](
+            *args, **common, **geo.packed_constexprs(),
+            **_launch_options(geo.block_packed, geo.block_keys, q.dtype, packed=True))
+    else:
+        launch(_kernels()._forward_kernel)[(geo.query_tiles(geo.group),)](
+            *args, BLOCK_M=geo.block_q, **common, **geo.constexprs(),
+            **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     return out, lse
 
 

@@ -150,6 +150,9 @@ def test_use_tiles_validates():
     with pytest.raises(ValueError, match="query_regions=0 must be an int >= 1"):
         with rt.use_tiles(query_regions=0):
             pass
+    with pytest.raises(ValueError, match="heads_per_tile=2.0 must be an int >= 1"):
+        with rt.use_tiles(heads_per_tile=2.0):
+            pass
 
 
 def _geometry(h, w, region, topk, channels=64, heads=2, batch=2):
@@ -157,6 +160,17 @@ def _geometry(h, w, region, topk, channels=64, heads=2, batch=2):
     q = torch.empty(batch, h, w, channels, device="meta")
     index = torch.empty(batch, -(-h // region[0]) * -(-w // region[1]), topk, dtype=torch.int64, device="meta")
     return rt._Geometry(q, q, index, heads, *region)
+
+
+def test_heads_share_a_query_tile_only_where_regions_leave_rows_idle():
+    with rt.use_tiles(heads_per_tile=4):
+        stage2 = _geometry(14, 14, (2, 2), 16, channels=256, heads=8)  # BiFormer-T stage 2: 4-token regions
+        assert (stage2.hp, stage2.block_packed, stage2.query_tiles(1, stage2.hp)) == (4, 16, 2 * 2 * 49)
+        assert _geometry(28, 28, (4, 4), 4, channels=128, heads=4).hp == 1  # 16-token regions fill the tile
+        assert _geometry(14, 14, (2, 2), 16, channels=64, heads=2).hp == 2  # no more than the heads
+    with rt.use_tiles(heads_per_tile=32, max_block=32):
+        assert _geometry(15, 15, (3, 3), 4, channels=256, heads=8).hp == 3  # 9-token regions: 3 fill 32 rows
+    assert _geometry(14, 14, (2, 2), 16, channels=256, heads=8).hp == 1  # off unless asked for
 
 
 @pytest.mark.parametrize("stage, batch, sms, group", [
@@ -236,12 +250,40 @@ def check_grouped_forward(device: str = "cpu", dtype=torch.float32) -> None:
             assert torch.equal(a, b), f"{name} differs with {group} query regions a program"
 
 
+def check_packed_forward(device: str = "cpu", dtype=torch.float32) -> None:
+    """Forward programs whose query tile several heads share give one head a program's output and row statistics
+    (padded tokens included): heads not a multiple of the heads a tile, region groups, padding, strided nchw input,
+    query/key width different from the value width."""
+    # the same products and sums, though not bitwise: matmuls of different widths (zeros added) group them
+    # differently, so a 16-bit output may round to the next value (torch's default tolerance of its dtype)
+    exact = dict(rtol=1e-5, atol=2e-6)
+    tol = {"out": exact if dtype == torch.float32 else {}, "lse": exact}
+    cases = (((9, 10), (2, 3), 3, 48, 24, 3, "nhwc"),   # 3 heads of 16/8, 6-token regions, padded map
+             ((8, 8), (2, 2), 5, 64, 64, 4, "nchw"))    # 4 heads of 16, 4-token regions, channels strided
+    for (h, w), region, topk, c_qk, c_v, heads, layout in cases:
+        q, k, v = (t.detach() for t in make_inputs(2, h, w, c_qk, c_v, seed=3, dtype=dtype, device=device,
+                                                   layout=layout))
+        if layout == "nchw":
+            q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
+        index = route(q, k, region, topk, None)
+        want = rt._launch_forward(q, k, v, index, heads, *region, 0.3)
+        for packed, group in ((2, 1), (4, 3), (16, 1)):
+            with rt.use_tiles(heads_per_tile=packed, query_regions=group):
+                geo = rt._Geometry(q, v, index, heads, *region)
+                assert geo.hp == min(packed, heads) > 1
+                got = rt._launch_forward(q, k, v, index, heads, *region, 0.3)
+                inference, _ = rt._launch_forward(q, k, v, index, heads, *region, 0.3, stats=False)
+            for name, a, b in (("out", got[0], want[0]), ("lse", got[1], want[1]), ("out", inference, want[0])):
+                torch.testing.assert_close(a, b, **tol[name], msg=lambda m: f"{name}, {packed} heads a tile: {m}")
+
+
 def _interpreter_fp32_checks() -> None:
     """fp32: forward and all gradients vs the reference backend, both layouts, padding; bitwise repeatable."""
     warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
     check_inverse_routing()  # interpreted: the one-launch kernel
     check_routing_kernel()
     check_grouped_forward()
+    check_packed_forward()
     assert rt._triton_supports(*make_inputs(1, 4, 4, 8, 8), num_heads=2, region_size=(2, 2), topk=1,
                                scale=1.0) is None
     for batch, h, w, region, topk, heads, c_qk, c_v, layout, max_block, rscale in INTERPRETER_CASES:
@@ -455,6 +497,12 @@ def test_gpu_route_of_strided_views_is_a_top_k(stage):
 def test_gpu_grouped_forward_writes_the_same_bits():
     for dtype in (torch.float32, torch.bfloat16):
         check_grouped_forward("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_forward_matches_one_head_a_program():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        check_packed_forward("cuda", dtype)
 
 
 @pytest.mark.gpu

@@ -15,10 +15,16 @@ def _token_yx(region, token, NW, RH: tl.constexpr, RW: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, y, x, mask, offs_c, stride_h, stride_w, stride_c):
+    """A [rows, len(offs_c)] tile of channels ``offs_c`` at map positions (y, x); zeros where ``mask`` is not set."""
+    ptrs = base + (y * stride_h + x * stride_w)[:, None] + (offs_c * stride_c)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_rows(base, y, x, ok, offs_d, stride_h, stride_w, stride_c, D: tl.constexpr):
     """A [rows, BLOCK_D] tile of one head's channels at map positions (y, x); zeros where not ``ok``."""
-    ptrs = base + (y * stride_h + x * stride_w)[:, None] + (offs_d * stride_c)[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    return _load_tile(base, y, x, ok[:, None] & (offs_d < D)[None, :], offs_d, stride_h, stride_w, stride_c)
 
 
 @triton.jit
@@ -155,6 +161,86 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
         _store_rows(out_ptr, acc / l_i[:, None], b64, qy, qx, q_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
         if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
             tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=(offs_m < T) & real)
+
+
+@triton.jit
+def _packed_rows(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 GROUP: tl.constexpr, g):
+    """The rows of a packed query tile (grid: batch * head groups * groups of GROUP consecutive regions): row m is
+    token ``m % T`` of head ``m // T`` of this program's group of ``HP`` heads, in region g of its regions.
+
+    Returns batch item, head group, region, head within the group and head of each row, map (y, x), the rows that
+    belong to a head and a region (``row_ok``: their statistics are stored, padded tokens included) and those that
+    are also inside the map (``q_ok``)."""
+    T: tl.constexpr = RH * RW
+    groups = (R + GROUP - 1) // GROUP
+    head_groups = (HEADS + HP - 1) // HP
+    pid = tl.program_id(0)
+    bhg = pid // groups
+    region = (pid % groups) * GROUP + g
+    m = tl.arange(0, BLOCK_M)
+    in_group = m // T
+    head = (bhg % head_groups) * HP + in_group
+    row_ok = (in_group < HP) & (head < HEADS) & ((tl.zeros([BLOCK_M], tl.int32) + region) < R)
+    region = tl.minimum(region, R - 1)
+    y, x = _token_yx(region, m % T, NW, RH, RW)
+    return bhg // head_groups, bhg % head_groups, region, in_group, head, y, x, row_ok, row_ok & (y < H) & (x < W)
+
+
+@triton.jit
+def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+                           sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
+                           H, W, NW, R, HEADS, qk_scale2,
+                           RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr,
+                           DV: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_CQK: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                           STATS: tl.constexpr, GROUP: tl.constexpr):
+    """:func:`_forward_kernel` with the query tile's rows shared by ``HP`` heads (regions of fewer than 16 tokens:
+    the plain tile idles ``16 - T`` of its rows). Every head routes to the same key regions, so the program loads
+    its keys and values once for its heads' channels (``HP * D`` wide). A row's query holds only its own head's
+    channels (the others are zeros), so Q @ K^T gives each row its own head's scores; of P @ V each row keeps its
+    head's channels. Same multiply-adds as one head a program, with no idle rows, 1/HP of the programs, softmax
+    work on full rows, and key rows read ``HP * D`` channels wide."""
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    T: tl.constexpr = RH * RW
+    offs_cq = tl.arange(0, BLOCK_CQK)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    for g in range(GROUP):
+        b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M,
+                                                                       GROUP, g)
+        b64 = b.to(tl.int64)
+        cq_ok = (offs_cq < HP * DQK) & (hg * HP + offs_cq // DQK < HEADS)
+        cv_ok = (offs_cv < HP * DV) & (hg * HP + offs_cv // DV < HEADS)
+        own_q = q_ok[:, None] & cq_ok[None, :] & ((offs_cq // DQK)[None, :] == in_group[:, None])
+        q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
+        k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
+        v_base = v_ptr + b64 * svb + hg * HP * DV * svc
+        idx_row = idx_ptr + (b * R + qr) * TOPK
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_CV], dtype=tl.float32)
+        for start in range(0, TOPK * T, BLOCK_N):
+            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                    RW)
+            k = _load_tile(k_base, ky, kx, k_ok[:, None] & cq_ok[None, :], offs_cq, skh, skw, skc)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+            s = tl.where(in_range[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + hg * HP * DV
+        own_v = q_ok[:, None] & cv_ok[None, :] & ((offs_cv // DV)[None, :] == in_group[:, None])
+        tl.store(out_ptr + row[:, None] + offs_cv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=own_v)
+        if STATS:
+            stat = ((b * HEADS + head) * R + qr) * T + tl.arange(0, BLOCK_M) % T
+            tl.store(lse_ptr + stat, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
