@@ -47,6 +47,9 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    * ``_dkv_kernel``: one program per (batch, head, key region, key tile) accumulates dK and dV over the query tokens
      of its list, numbered ``m = entry * T + token`` and tiled by ``BLOCK_M`` like the forward's keys, so 2x2
      regions still fill a 64-row query tile.
+   * With ``use_tiles(heads_per_tile=HP)`` both routed kernels share their tiles among HP heads as the packed
+     forward does (``_packed_dq_kernel``; ``_packed_dkv_kernel``, whose key tile holds HP heads' rows, each score
+     taking the statistics of its key row's head), and the masked backward's choice counts the packed tiles.
    * The **masked backward** replaces both kernels (and the lists) where the routed tiles are mostly idle (2x2
      regions at top-16: BiFormer's third stage): ``_masked_dq_kernel`` and ``_masked_dkv_kernel`` tile the padded
      map in raster order (64 x 64 tiles, flash-attention's backward) and mask each score to the regions the query
@@ -208,12 +211,14 @@ class _Geometry:
 
     def masked_backward(self) -> bool:
         """Whether the masked backward runs: forced by ``use_tiles(backward=...)``, else when its score tiles per
-        query row are no more than the routed kernels' (whose query tiles idle all but T of >= 16 rows)."""
+        query row are no more than the routed kernels' (whose query tiles idle all but T of >= 16 rows, or all but
+        HP * T where HP heads share them)."""
         if self.r > MAX_MASKED_REGIONS or _TILES["backward"] == "routed":
             return False
         if _TILES["backward"] == "masked":
             return True
-        routed = self.block_q // min(self.t, self.block_q) * -(-self.topk * self.t // self.block_keys) * self.block_keys
+        per_row = self.block_packed // (self.hp * self.t) if self.hp > 1 else self.block_q // min(self.t, self.block_q)
+        routed = per_row * -(-self.topk * self.t // self.block_keys) * self.block_keys
         whole = -(-self.r * self.t // self.block_map) * self.block_map
         return whole <= routed
 
@@ -238,8 +243,9 @@ class _Geometry:
         query regions * tiles (one where heads share a tile)."""
         return self.b * -(-self.heads // heads_per_tile) * -(-self.r // group) * -(-self.t // self.block_q)
 
-    def key_tiles(self) -> int:
-        return self.b * self.heads * self.r * -(-self.t // self.block_k)
+    def key_tiles(self, heads_per_tile: int = 1) -> int:
+        """Programs of the dK/dV kernel: batch * groups of ``heads_per_tile`` heads * key regions * tiles."""
+        return self.b * -(-self.heads // heads_per_tile) * self.r * -(-self.t // self.block_k)
 
     def map_tiles(self) -> int:
         """Programs of the masked backward's kernels: batch * heads * tiles of the padded map."""
@@ -317,15 +323,28 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
             q, k, v, grad_out, index, lse, delta, dk, dv, *args, PRECISION=precision, **geo.masked_constexprs(),
             **options)
         return dq, dk, dv
-    launch(_kernels()._dq_kernel)[(geo.query_tiles(),)](
-        q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E,
-        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.constexprs(),
-        **_launch_options(geo.block_q, geo.block_keys, q.dtype))
+    dq_args = (q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E)
+    if geo.hp > 1:
+        launch(_kernels()._packed_dq_kernel)[(geo.query_tiles(1, geo.hp),)](
+            *dq_args, TOPK=geo.topk, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.packed_constexprs(),
+            **_launch_options(geo.block_packed, geo.block_keys, q.dtype, packed=True))
+    else:
+        launch(_kernels()._dq_kernel)[(geo.query_tiles(),)](
+            *dq_args, TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision,
+            **geo.constexprs(), **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     offsets, sources = _inverse_routing(index, launch)
-    launch(_kernels()._dkv_kernel)[(geo.key_tiles(),)](
-        q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale, scale * _LOG2E,
-        BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
-        **_launch_options(geo.block_k, geo.block_rows, q.dtype, dkv=True))
+    dkv_args = (q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale,
+                scale * _LOG2E)
+    if geo.hp > 1:  # the packed constexprs' BLOCK_M (HP heads' rows) is this kernel's key tile
+        shapes = geo.packed_constexprs()
+        shapes["BLOCK_N"] = shapes.pop("BLOCK_M")
+        launch(_kernels()._packed_dkv_kernel)[(geo.key_tiles(geo.hp),)](
+            *dkv_args, BLOCK_M=geo.block_rows, PRECISION=precision, **shapes,
+            **_launch_options(geo.block_packed, geo.block_rows, q.dtype, dkv=True, packed=True))
+    else:
+        launch(_kernels()._dkv_kernel)[(geo.key_tiles(),)](
+            *dkv_args, BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
+            **_launch_options(geo.block_k, geo.block_rows, q.dtype, dkv=True))
     return dq, dk, dv
 
 

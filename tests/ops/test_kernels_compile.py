@@ -53,13 +53,16 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
     with rt.use_tiles(query_regions=4):  # forward programs that take four query regions in turn
         rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
-    if region * region < 16:  # query tiles that four heads share, alone and with region groups
+    if region * region < 16:  # tiles that four heads share: forward alone and with region groups, routed backward
         for group in (1, 7):
             with rt.use_tiles(heads_per_tile=4, query_regions=group):
                 rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=group == 7)
     out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
     for backward in ("routed", "masked"):
         with rt.use_tiles(backward=backward):
+            rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
+    if region * region < 16:
+        with rt.use_tiles(heads_per_tile=4, backward="routed"):
             rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
 
 
@@ -190,7 +193,7 @@ CASES = {
 }
 EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
-PACKED_FORWARD_CASES = {"routing.biformer_t.s2.bf16"}  # regions of fewer than 16 tokens: the packed forward too
+PACKED_CASES = {"routing.biformer_t.s2.bf16"}  # regions of fewer than 16 tokens: the three packed kernels too
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -199,7 +202,7 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
     recorder = LaunchRecorder()
     build(recorder, monkeypatch, **kwargs)
     names = [kernel.fn.__name__ for kernel, _, _ in recorder.launches]
-    expected = EXPECTED_KERNELS[case.split(".")[0]] + (case in PACKED_FORWARD_CASES)
+    expected = EXPECTED_KERNELS[case.split(".")[0]] + 3 * (case in PACKED_CASES)
     assert len(set(names)) == expected, f"{case}: launched {names}"
     for kernel, args, kw in recorder.launches:
         compiled = compile_for_gpu(kernel, args, kw)
@@ -218,6 +221,8 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
 WRITES = {
     "routing": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
                 "_packed_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
+                "_packed_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
+                "_packed_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                 "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {}),

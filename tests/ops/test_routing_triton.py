@@ -166,11 +166,13 @@ def test_heads_share_a_query_tile_only_where_regions_leave_rows_idle():
     with rt.use_tiles(heads_per_tile=4):
         stage2 = _geometry(14, 14, (2, 2), 16, channels=256, heads=8)  # BiFormer-T stage 2: 4-token regions
         assert (stage2.hp, stage2.block_packed, stage2.query_tiles(1, stage2.hp)) == (4, 16, 2 * 2 * 49)
+        assert not stage2.masked_backward()  # packed routed tiles: 64 score columns a row against 256 masked
         assert _geometry(28, 28, (4, 4), 4, channels=128, heads=4).hp == 1  # 16-token regions fill the tile
         assert _geometry(14, 14, (2, 2), 16, channels=64, heads=2).hp == 2  # no more than the heads
     with rt.use_tiles(heads_per_tile=32, max_block=32):
         assert _geometry(15, 15, (3, 3), 4, channels=256, heads=8).hp == 3  # 9-token regions: 3 fill 32 rows
-    assert _geometry(14, 14, (2, 2), 16, channels=256, heads=8).hp == 1  # off unless asked for
+    plain = _geometry(14, 14, (2, 2), 16, channels=256, heads=8)
+    assert plain.hp == 1 and plain.masked_backward()  # off unless asked for; then 4 x 64 routed columns a row
 
 
 @pytest.mark.parametrize("stage, batch, sms, group", [
@@ -277,6 +279,28 @@ def check_packed_forward(device: str = "cpu", dtype=torch.float32) -> None:
                 torch.testing.assert_close(a, b, **tol[name], msg=lambda m: f"{name}, {packed} heads a tile: {m}")
 
 
+def check_packed_backward(device: str = "cpu", dtype=torch.float32) -> None:
+    """The routed backward's dQ and dK/dV kernels with several heads a tile give one head a program's gradients
+    (3 heads of 16/8 channels at 2 a tile, 6-token regions on a padded map; 4 heads of 16 at 4 a tile, nchw)."""
+    exact = dict(rtol=1e-5, atol=1e-5)
+    tol = exact if dtype == torch.float32 else {}
+    cases = (((9, 10), (2, 3), 3, 48, 24, 3, 2, "nhwc"), ((8, 8), (2, 2), 5, 64, 64, 4, 4, "nchw"))
+    for (h, w), region, topk, c_qk, c_v, heads, packed, layout in cases:
+        q, k, v = (t.detach() for t in make_inputs(2, h, w, c_qk, c_v, seed=5, dtype=dtype, device=device,
+                                                   layout=layout))
+        if layout == "nchw":
+            q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
+        index = route(q, k, region, topk, None)
+        out, lse = rt._launch_forward(q, k, v, index, heads, *region, 0.3)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+        with rt.use_tiles(backward="routed"):
+            want = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
+            with rt.use_tiles(heads_per_tile=packed):
+                got = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}, {packed} heads a tile: {m}")
+
+
 def _interpreter_fp32_checks() -> None:
     """fp32: forward and all gradients vs the reference backend, both layouts, padding; bitwise repeatable."""
     warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
@@ -284,6 +308,7 @@ def _interpreter_fp32_checks() -> None:
     check_routing_kernel()
     check_grouped_forward()
     check_packed_forward()
+    check_packed_backward()
     assert rt._triton_supports(*make_inputs(1, 4, 4, 8, 8), num_heads=2, region_size=(2, 2), topk=1,
                                scale=1.0) is None
     for batch, h, w, region, topk, heads, c_qk, c_v, layout, max_block, rscale in INTERPRETER_CASES:
@@ -500,9 +525,10 @@ def test_gpu_grouped_forward_writes_the_same_bits():
 
 
 @pytest.mark.gpu
-def test_gpu_packed_forward_matches_one_head_a_program():
+def test_gpu_packed_kernels_match_one_head_a_program():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         check_packed_forward("cuda", dtype)
+        check_packed_backward("cuda", dtype)
 
 
 @pytest.mark.gpu

@@ -58,14 +58,15 @@ def _dq_step(dq, q, k, v, do, lse, delta, keep, qk_scale2, PRECISION: tl.constex
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, q, do, lse, delta, keep_t, qk_scale2, PRECISION: tl.constexpr):
+def _dkv_step(dk, dv, k, v, q, do, lse_t, delta_t, keep_t, qk_scale2, PRECISION: tl.constexpr):
     """dK and dV accumulated over one query tile, on transposed scores (keys x queries) so that no probability
-    tile needs a transpose (``keep_t``: the scores that take part, broadcast against [keys, rows])."""
+    tile needs a transpose (``keep_t``, ``lse_t``, ``delta_t``: the scores that take part and the query rows'
+    statistics, broadcast against [keys, rows])."""
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
-    p_t = tl.where(keep_t, tl.exp2(s_t - lse[None, :]), 0.0)
+    p_t = tl.where(keep_t, tl.exp2(s_t - lse_t), 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = p_t * (dp_t - delta_t)
     return dk + tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION), dv
 
 
@@ -209,9 +210,9 @@ def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
         b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M,
                                                                        GROUP, g)
         b64 = b.to(tl.int64)
-        cq_ok = (offs_cq < HP * DQK) & (hg * HP + offs_cq // DQK < HEADS)
-        cv_ok = (offs_cv < HP * DV) & (hg * HP + offs_cv // DV < HEADS)
-        own_q = q_ok[:, None] & cq_ok[None, :] & ((offs_cq // DQK)[None, :] == in_group[:, None])
+        cq_group, cq_ok = _head_channels(offs_cq, hg, HEADS, HP, DQK)
+        cv_group, cv_ok = _head_channels(offs_cv, hg, HEADS, HP, DV)
+        own_q = q_ok[:, None] & cq_ok[None, :] & (cq_group[None, :] == in_group[:, None])
         q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
         k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
         v_base = v_ptr + b64 * svb + hg * HP * DV * svc
@@ -235,7 +236,7 @@ def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
             m_i = m_new
 
         row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + hg * HP * DV
-        own_v = q_ok[:, None] & cv_ok[None, :] & ((offs_cv // DV)[None, :] == in_group[:, None])
+        own_v = q_ok[:, None] & cv_ok[None, :] & (cv_group[None, :] == in_group[:, None])
         tl.store(out_ptr + row[:, None] + offs_cv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                  mask=own_v)
         if STATS:
@@ -309,10 +310,112 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, so
         row = (bh * R + qr) * T + m % T
         lse = tl.load(lse_ptr + row, mask=in_range, other=0.0)
         delta = tl.load(delta_ptr + row, mask=in_range, other=0.0)
-        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse, delta, q_ok[None, :], qk_scale2, PRECISION)
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse[None, :], delta[None, :], q_ok[None, :], qk_scale2, PRECISION)
 
     _store_rows(dk_ptr, dk * scale, b64, ky, kx, k_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
     _store_rows(dv_ptr, dv, b64, ky, kx, k_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
+
+
+@triton.jit
+def _head_channels(offs_c, hg, HEADS, HP: tl.constexpr, D: tl.constexpr):
+    """Of a packed tile's channels (``HP`` heads of ``D`` side by side, from head ``hg * HP``): each channel's head
+    within the group and which channels exist (inside the group, of a head below HEADS)."""
+    in_group = offs_c // D
+    return in_group, (offs_c < HP * D) & (hg * HP + in_group < HEADS)
+
+
+@triton.jit
+def _packed_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dq_ptr,
+                      sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                      H, W, NW, R, HEADS, scale, qk_scale2,
+                      RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                      HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
+                      BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_dq_kernel` on :func:`_packed_forward_kernel`'s tiles: ``HP`` heads' rows share the query tile, q, dO
+    and O rows hold only their head's channels, keys and values are loaded for all ``HP`` heads at once."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    T: tl.constexpr = RH * RW
+    b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M, 1, 0)
+    b64 = b.to(tl.int64)
+    offs_cq = tl.arange(0, BLOCK_CQK)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    cq_group, cq_ok = _head_channels(offs_cq, hg, HEADS, HP, DQK)
+    cv_group, cv_ok = _head_channels(offs_cv, hg, HEADS, HP, DV)
+    own_q = q_ok[:, None] & cq_ok[None, :] & (cq_group[None, :] == in_group[:, None])
+    own_v = q_ok[:, None] & cv_ok[None, :] & (cv_group[None, :] == in_group[:, None])
+    q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
+    do = _load_tile(do_ptr + b64 * sdb + hg * HP * DV * sdc, qy, qx, own_v, offs_cv, sdh, sdw, sdc)
+    o = _load_tile(out_ptr + b64 * H * W * (HEADS * DV) + hg * HP * DV, qy, qx, own_v, offs_cv, W * (HEADS * DV),
+                   HEADS * DV, 1)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    stat = ((b * HEADS + head) * R + qr) * T + tl.arange(0, BLOCK_M) % T
+    tl.store(delta_ptr + stat, delta, mask=row_ok)
+    lse = tl.load(lse_ptr + stat, mask=row_ok, other=0.0)
+    k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
+    v_base = v_ptr + b64 * svb + hg * HP * DV * svc
+    idx_row = idx_ptr + (b * R + qr) * TOPK
+
+    dq = tl.zeros([BLOCK_M, BLOCK_CQK], dtype=tl.float32)
+    for start in range(0, TOPK * T, BLOCK_N):
+        ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                RW)
+        k = _load_tile(k_base, ky, kx, k_ok[:, None] & cq_ok[None, :], offs_cq, skh, skw, skc)
+        v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
+        dq = _dq_step(dq, q, k, v, do, lse, delta, in_range[None, :], qk_scale2, PRECISION)
+
+    row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + hg * HP * DQK
+    tl.store(dq_ptr + row[:, None] + offs_cq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=own_q)
+
+
+@triton.jit
+def _packed_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, sources_ptr, dk_ptr, dv_ptr,
+                       sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
+                       H, W, NW, R, HEADS, scale, qk_scale2,
+                       RH: tl.constexpr, RW: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
+                       BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_dkv_kernel` with ``HP`` heads' key rows sharing the key tile (each holding only its head's
+    channels); the query rows of the key region's list are loaded for all ``HP`` heads at once, and each score
+    takes the statistics of its key row's head and its query row."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    T: tl.constexpr = RH * RW
+    b, hg, kr, in_group, head, ky, kx, row_ok, k_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_N, 1, 0)
+    b64 = b.to(tl.int64)
+    offs_cq = tl.arange(0, BLOCK_CQK)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    cq_group, cq_ok = _head_channels(offs_cq, hg, HEADS, HP, DQK)
+    cv_group, cv_ok = _head_channels(offs_cv, hg, HEADS, HP, DV)
+    own_k = k_ok[:, None] & cq_ok[None, :] & (cq_group[None, :] == in_group[:, None])
+    own_v = k_ok[:, None] & cv_ok[None, :] & (cv_group[None, :] == in_group[:, None])
+    k = _load_tile(k_ptr + b64 * skb + hg * HP * DQK * skc, ky, kx, own_k, offs_cq, skh, skw, skc)
+    v = _load_tile(v_ptr + b64 * svb + hg * HP * DV * svc, ky, kx, own_v, offs_cv, svh, svw, svc)
+    q_base = q_ptr + b64 * sqb + hg * HP * DQK * sqc
+    do_base = do_ptr + b64 * sdb + hg * HP * DV * sdc
+    first = tl.load(offsets_ptr + b * R + kr)
+    rows = (tl.load(offsets_ptr + b * R + kr + 1) - first) * T  # query tokens that attend to this key region
+    stat_head = (b * HEADS + head) * R  # [keys]: each key row's head
+
+    dk = tl.zeros([BLOCK_N, BLOCK_CQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_CV], dtype=tl.float32)
+    for start in range(0, rows, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)  # m = entry * T + token over this key region's list
+        in_range = m < rows
+        qr = tl.load(sources_ptr + first + m // T, mask=in_range, other=0) - b * R
+        qy, qx = _token_yx(qr, m % T, NW, RH, RW)
+        q_ok = in_range & (qy < H) & (qx < W)
+        q = _load_tile(q_base, qy, qx, q_ok[:, None] & cq_ok[None, :], offs_cq, sqh, sqw, sqc)
+        do = _load_tile(do_base, qy, qx, q_ok[:, None] & cv_ok[None, :], offs_cv, sdh, sdw, sdc)
+        stat = (stat_head[:, None] + qr[None, :]) * T + (m % T)[None, :]
+        stat_ok = row_ok[:, None] & in_range[None, :]
+        lse_t = tl.load(lse_ptr + stat, mask=stat_ok, other=0.0)
+        delta_t = tl.load(delta_ptr + stat, mask=stat_ok, other=0.0)
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse_t, delta_t, q_ok[None, :], qk_scale2, PRECISION)
+
+    row = ((b64 * H + ky) * W + kx)
+    tl.store(dk_ptr + (row * (HEADS * DQK) + hg * HP * DQK)[:, None] + offs_cq[None, :],
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=own_k)
+    tl.store(dv_ptr + (row * (HEADS * DV) + hg * HP * DV)[:, None] + offs_cv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=own_v)
 
 
 @triton.jit
@@ -458,7 +561,7 @@ def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr,
         delta = tl.load(delta_ptr + row, mask=m_in, other=0.0)
         bits = _selection_bits(idx_item, qr, q_ok, TOPK, BLOCK_TOPK)
         keep_t = (((bits[None, :] >> kr[:, None].to(tl.int64)) & 1) != 0) & n_in[:, None]
-        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse, delta, keep_t, qk_scale2, PRECISION)
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse[None, :], delta[None, :], keep_t, qk_scale2, PRECISION)
 
     _store_rows(dk_ptr, dk * scale, b64, ky, kx, k_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
     _store_rows(dv_ptr, dv, b64, ky, kx, k_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
