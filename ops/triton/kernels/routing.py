@@ -48,6 +48,18 @@ def _query_rows_for_dq(q_ptr, do_ptr, out_ptr, b64, head, qy, qx, q_ok, offs_dq,
 
 
 @triton.jit
+def _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax (base 2) over the keys ``in_range``: the new row maxima, the
+    factor that rescales what was accumulated, the tile's probabilities (unnormalised) and the new row sums."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+    s = tl.where(in_range[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _dq_step(dq, q, k, v, do, lse, delta, keep, qk_scale2, PRECISION: tl.constexpr):
     """dQ accumulated over one key tile (``keep``: the scores that take part, broadcast against [rows, keys])."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
@@ -147,17 +159,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
         for start in range(0, TOPK * T, BLOCK_N):
             ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
                                                     RW)
-            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
             # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-            s = tl.where(in_range[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
+            m_i, alpha, p, l_i = _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION)
             v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
 
         _store_rows(out_ptr, acc / l_i[:, None], b64, qy, qx, q_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
         if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
@@ -189,6 +195,21 @@ def _packed_rows(H, W, NW, R, HEADS, RH: tl.constexpr, RW: tl.constexpr, HP: tl.
 
 
 @triton.jit
+def _packed_channels(in_group, ok, hg, HEADS, HP: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_CQK: tl.constexpr, BLOCK_CV: tl.constexpr):
+    """Channels of a packed tile (``HP`` heads side by side, from head ``hg * HP``) for q/k and for v: offsets,
+    which exist (inside the group, of a head below HEADS), and the tile entries a row owns (rows ``ok``, the
+    channels of the row's head ``in_group``)."""
+    offs_cq = tl.arange(0, BLOCK_CQK)
+    offs_cv = tl.arange(0, BLOCK_CV)
+    cq_ok = (offs_cq < HP * DQK) & (hg * HP + offs_cq // DQK < HEADS)
+    cv_ok = (offs_cv < HP * DV) & (hg * HP + offs_cv // DV < HEADS)
+    own_q = ok[:, None] & cq_ok[None, :] & ((offs_cq // DQK)[None, :] == in_group[:, None])
+    own_v = ok[:, None] & cv_ok[None, :] & ((offs_cv // DV)[None, :] == in_group[:, None])
+    return offs_cq, offs_cv, cq_ok, cv_ok, own_q, own_v
+
+
+@triton.jit
 def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
                            sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc,
                            H, W, NW, R, HEADS, qk_scale2,
@@ -204,15 +225,12 @@ def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
     work on full rows, and key rows read ``HP * D`` channels wide."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    offs_cq = tl.arange(0, BLOCK_CQK)
-    offs_cv = tl.arange(0, BLOCK_CV)
     for g in range(GROUP):
         b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M,
                                                                        GROUP, g)
         b64 = b.to(tl.int64)
-        cq_group, cq_ok = _head_channels(offs_cq, hg, HEADS, HP, DQK)
-        cv_group, cv_ok = _head_channels(offs_cv, hg, HEADS, HP, DV)
-        own_q = q_ok[:, None] & cq_ok[None, :] & (cq_group[None, :] == in_group[:, None])
+        offs_cq, offs_cv, cq_ok, cv_ok, own_q, own_v = _packed_channels(in_group, q_ok, hg, HEADS, HP, DQK, DV,
+                                                                        BLOCK_CQK, BLOCK_CV)
         q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
         k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
         v_base = v_ptr + b64 * svb + hg * HP * DV * svc
@@ -225,18 +243,11 @@ def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
             ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
                                                     RW)
             k = _load_tile(k_base, ky, kx, k_ok[:, None] & cq_ok[None, :], offs_cq, skh, skw, skc)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-            s = tl.where(in_range[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i, alpha, p, l_i = _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION)
             v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
 
         row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + hg * HP * DV
-        own_v = q_ok[:, None] & cv_ok[None, :] & (cv_group[None, :] == in_group[:, None])
         tl.store(out_ptr + row[:, None] + offs_cv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                  mask=own_v)
         if STATS:
@@ -317,14 +328,6 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, so
 
 
 @triton.jit
-def _head_channels(offs_c, hg, HEADS, HP: tl.constexpr, D: tl.constexpr):
-    """Of a packed tile's channels (``HP`` heads of ``D`` side by side, from head ``hg * HP``): each channel's head
-    within the group and which channels exist (inside the group, of a head below HEADS)."""
-    in_group = offs_c // D
-    return in_group, (offs_c < HP * D) & (hg * HP + in_group < HEADS)
-
-
-@triton.jit
 def _packed_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr, dq_ptr,
                       sqb, sqh, sqw, sqc, skb, skh, skw, skc, svb, svh, svw, svc, sdb, sdh, sdw, sdc,
                       H, W, NW, R, HEADS, scale, qk_scale2,
@@ -337,12 +340,8 @@ def _packed_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, de
     T: tl.constexpr = RH * RW
     b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M, 1, 0)
     b64 = b.to(tl.int64)
-    offs_cq = tl.arange(0, BLOCK_CQK)
-    offs_cv = tl.arange(0, BLOCK_CV)
-    cq_group, cq_ok = _head_channels(offs_cq, hg, HEADS, HP, DQK)
-    cv_group, cv_ok = _head_channels(offs_cv, hg, HEADS, HP, DV)
-    own_q = q_ok[:, None] & cq_ok[None, :] & (cq_group[None, :] == in_group[:, None])
-    own_v = q_ok[:, None] & cv_ok[None, :] & (cv_group[None, :] == in_group[:, None])
+    offs_cq, offs_cv, cq_ok, cv_ok, own_q, own_v = _packed_channels(in_group, q_ok, hg, HEADS, HP, DQK, DV,
+                                                                    BLOCK_CQK, BLOCK_CV)
     q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
     do = _load_tile(do_ptr + b64 * sdb + hg * HP * DV * sdc, qy, qx, own_v, offs_cv, sdh, sdw, sdc)
     o = _load_tile(out_ptr + b64 * H * W * (HEADS * DV) + hg * HP * DV, qy, qx, own_v, offs_cv, W * (HEADS * DV),
@@ -381,12 +380,8 @@ def _packed_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_
     T: tl.constexpr = RH * RW
     b, hg, kr, in_group, head, ky, kx, row_ok, k_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_N, 1, 0)
     b64 = b.to(tl.int64)
-    offs_cq = tl.arange(0, BLOCK_CQK)
-    offs_cv = tl.arange(0, BLOCK_CV)
-    cq_group, cq_ok = _head_channels(offs_cq, hg, HEADS, HP, DQK)
-    cv_group, cv_ok = _head_channels(offs_cv, hg, HEADS, HP, DV)
-    own_k = k_ok[:, None] & cq_ok[None, :] & (cq_group[None, :] == in_group[:, None])
-    own_v = k_ok[:, None] & cv_ok[None, :] & (cv_group[None, :] == in_group[:, None])
+    offs_cq, offs_cv, cq_ok, cv_ok, own_k, own_v = _packed_channels(in_group, k_ok, hg, HEADS, HP, DQK, DV,
+                                                                    BLOCK_CQK, BLOCK_CV)
     k = _load_tile(k_ptr + b64 * skb + hg * HP * DQK * skc, ky, kx, own_k, offs_cq, skh, skw, skc)
     v = _load_tile(v_ptr + b64 * svb + hg * HP * DV * svc, ky, kx, own_v, offs_cv, svh, svw, svc)
     q_base = q_ptr + b64 * sqb + hg * HP * DQK * sqc
