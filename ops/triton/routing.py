@@ -32,7 +32,7 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    programs per SM, else 2 regions, else 1 (``_Geometry.default_group``): neighbouring query regions select many
    of the same key regions, whose rows the loads then find in L1 (same bits as one region a program). H200,
    BiFormer-T stage 2, batch 128 bf16: 83 -> 64 us; BiFormer-B stage 2: 123 -> 93 us.
-   ``use_tiles(query_regions=G)`` forces G. ``use_tiles(heads_per_tile=HP)`` (regions of fewer than 16 tokens;
+   ``use_tiles(query_regions=G)`` forces G. ``use_tiles(heads_per_tile=HP)`` (regions of at most half a tile;
    default off, not yet timed on a GPU) runs ``_packed_forward_kernel`` instead: HP heads share a query tile (row
    m is token ``m % T`` of head ``m // T``), each row's query holding only its head's channels, so one Q @ K^T over
    the heads' channels side by side gives each row its own head's scores and the keys and values are loaded once
@@ -116,8 +116,8 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
             64 regions; elsewhere the routed one runs); by default it is chosen by tile work (module docstring).
         query_regions: consecutive query regions each forward program takes in turn (default: a row of regions,
             2 or 1 by programs per SM; 1 off CUDA).
-        heads_per_tile: heads sharing a forward program's query tile where regions have fewer than 16 tokens
-            (default 1; at most as many as fill ``max_block`` rows).
+        heads_per_tile: heads sharing the query (forward, dQ) and key (dK/dV) tiles where a region has at most
+            ``max_block / 2`` tokens (default 1; at most as many as fill ``max_block`` rows).
     """
     check_tile_edge("max_block", max_block)
     if backward is not None and backward not in _BACKWARDS:
@@ -141,7 +141,7 @@ def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False,
     small_16bit = dtype != torch.float32 and rows * cols <= 16 * 64
     default = (2 if dkv else 1) if small_16bit else (8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4)
     if packed:  # a 1-warp tile of 64 keys x 4 heads' channels would spill (not yet swept on a GPU)
-        default = 4
+        default = 8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4
     return {"num_warps": _TILES["num_warps"] or default, "num_stages": _TILES["num_stages"] or 2}
 
 
@@ -185,8 +185,8 @@ class _Geometry:
         self.block_k = min(cap, max(16, next_pow2(self.t)))          # key tile of one region (dK/dV)
         self.block_rows = cap                                         # query tile over a key region's list (dK/dV)
         self.block_map = cap                                          # query and key tiles of the masked backward
-        # heads sharing a forward query tile (packed: row m is token m % T of head m // T), only where T < 16
-        self.hp = max(1, min(_TILES["heads_per_tile"] or 1, self.heads, cap // self.t)) if self.t < 16 else 1
+        # heads sharing a tile (packed: row m is token m % T of head m // T), where a tile holds two regions or more
+        self.hp = max(1, min(_TILES["heads_per_tile"] or 1, self.heads, cap // self.t))
         self.block_packed = max(16, next_pow2(self.hp * self.t))      # packed query tile
         sms = sm_count(q) if q.is_cuda else None
         self.group = min(self.r, _TILES["query_regions"] or self.default_group(sms))  # query regions a forward program

@@ -162,12 +162,13 @@ def _geometry(h, w, region, topk, channels=64, heads=2, batch=2):
     return rt._Geometry(q, q, index, heads, *region)
 
 
-def test_heads_share_a_query_tile_only_where_regions_leave_rows_idle():
+def test_heads_share_a_tile_where_it_holds_two_regions_or_more():
     with rt.use_tiles(heads_per_tile=4):
         stage2 = _geometry(14, 14, (2, 2), 16, channels=256, heads=8)  # BiFormer-T stage 2: 4-token regions
         assert (stage2.hp, stage2.block_packed, stage2.query_tiles(1, stage2.hp)) == (4, 16, 2 * 2 * 49)
         assert not stage2.masked_backward()  # packed routed tiles: 64 score columns a row against 256 masked
-        assert _geometry(28, 28, (4, 4), 4, channels=128, heads=4).hp == 1  # 16-token regions fill the tile
+        assert _geometry(28, 28, (4, 4), 4, channels=128, heads=4).hp == 4  # 16-token regions: 4 a 64-row tile
+        assert _geometry(56, 56, (8, 8), 1, channels=64, heads=2).hp == 1  # 64-token regions fill a tile alone
         assert _geometry(14, 14, (2, 2), 16, channels=64, heads=2).hp == 2  # no more than the heads
     with rt.use_tiles(heads_per_tile=32, max_block=32):
         assert _geometry(15, 15, (3, 3), 4, channels=256, heads=8).hp == 3  # 9-token regions: 3 fill 32 rows
@@ -261,7 +262,8 @@ def check_packed_forward(device: str = "cpu", dtype=torch.float32) -> None:
     exact = dict(rtol=1e-5, atol=2e-6)
     tol = {"out": exact if dtype == torch.float32 else {}, "lse": exact}
     cases = (((9, 10), (2, 3), 3, 48, 24, 3, "nhwc"),   # 3 heads of 16/8, 6-token regions, padded map
-             ((8, 8), (2, 2), 5, 64, 64, 4, "nchw"))    # 4 heads of 16, 4-token regions, channels strided
+             ((8, 8), (2, 2), 5, 64, 64, 4, "nchw"),    # 4 heads of 16, 4-token regions, channels strided
+             ((8, 8), (4, 4), 2, 32, 32, 4, "nhwc"))    # 4 heads of 8, 16-token regions: a 64-row tile
     for (h, w), region, topk, c_qk, c_v, heads, layout in cases:
         q, k, v = (t.detach() for t in make_inputs(2, h, w, c_qk, c_v, seed=3, dtype=dtype, device=device,
                                                    layout=layout))
@@ -284,7 +286,8 @@ def check_packed_backward(device: str = "cpu", dtype=torch.float32) -> None:
     (3 heads of 16/8 channels at 2 a tile, 6-token regions on a padded map; 4 heads of 16 at 4 a tile, nchw)."""
     exact = dict(rtol=1e-5, atol=1e-5)
     tol = exact if dtype == torch.float32 else {}
-    cases = (((9, 10), (2, 3), 3, 48, 24, 3, 2, "nhwc"), ((8, 8), (2, 2), 5, 64, 64, 4, 4, "nchw"))
+    cases = (((9, 10), (2, 3), 3, 48, 24, 3, 2, "nhwc"), ((8, 8), (2, 2), 5, 64, 64, 4, 4, "nchw"),
+             ((8, 8), (4, 4), 2, 32, 32, 4, 4, "nhwc"))
     for (h, w), region, topk, c_qk, c_v, heads, packed, layout in cases:
         q, k, v = (t.detach() for t in make_inputs(2, h, w, c_qk, c_v, seed=5, dtype=dtype, device=device,
                                                    layout=layout))

@@ -217,8 +217,9 @@ def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
                            DV: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_CQK: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
                            STATS: tl.constexpr, GROUP: tl.constexpr):
-    """:func:`_forward_kernel` with the query tile's rows shared by ``HP`` heads (regions of fewer than 16 tokens:
-    the plain tile idles ``16 - T`` of its rows). Every head routes to the same key regions, so the program loads
+    """:func:`_forward_kernel` with the query tile's rows shared by ``HP`` heads (for regions of fewer than 16
+    tokens the plain tile idles ``16 - T`` of its rows; for larger ones, up to half a tile, packing still loads
+    wider rows in fewer programs). Every head routes to the same key regions, so the program loads
     its keys and values once for its heads' channels (``HP * D`` wide). A row's query holds only its own head's
     channels (the others are zeros), so Q @ K^T gives each row its own head's scores; of P @ V each row keeps its
     head's channels. Same multiply-adds as one head a program, with no idle rows, 1/HP of the programs, softmax
