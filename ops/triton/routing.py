@@ -49,7 +49,8 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
      regions still fill a 64-row query tile.
    * With ``use_tiles(heads_per_tile=HP)`` both routed kernels share their tiles among HP heads as the packed
      forward does (``_packed_dq_kernel``; ``_packed_dkv_kernel``, whose key tile holds HP heads' rows, each score
-     taking the statistics of its key row's head), and the masked backward's choice counts the packed tiles.
+     taking the statistics of its key row's head), each program taking the forward's G query (key) regions in
+     turn, and the masked backward's choice counts the packed tiles.
    * The **masked backward** replaces both kernels (and the lists) where the routed tiles are mostly idle (2x2
      regions at top-16: BiFormer's third stage): ``_masked_dq_kernel`` and ``_masked_dkv_kernel`` tile the padded
      map in raster order (64 x 64 tiles, flash-attention's backward) and mask each score to the regions the query
@@ -243,9 +244,10 @@ class _Geometry:
         query regions * tiles (one where heads share a tile)."""
         return self.b * -(-self.heads // heads_per_tile) * -(-self.r // group) * -(-self.t // self.block_q)
 
-    def key_tiles(self, heads_per_tile: int = 1) -> int:
-        """Programs of the dK/dV kernel: batch * groups of ``heads_per_tile`` heads * key regions * tiles."""
-        return self.b * -(-self.heads // heads_per_tile) * self.r * -(-self.t // self.block_k)
+    def key_tiles(self, heads_per_tile: int = 1, group: int = 1) -> int:
+        """Programs of the dK/dV kernel: batch * groups of ``heads_per_tile`` heads * groups of ``group`` key
+        regions * tiles."""
+        return self.b * -(-self.heads // heads_per_tile) * -(-self.r // group) * -(-self.t // self.block_k)
 
     def map_tiles(self) -> int:
         """Programs of the masked backward's kernels: batch * heads * tiles of the padded map."""
@@ -325,8 +327,9 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
         return dq, dk, dv
     dq_args = (q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E)
     if geo.hp > 1:
-        launch(_kernels()._packed_dq_kernel)[(geo.query_tiles(1, geo.hp),)](
-            *dq_args, TOPK=geo.topk, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.packed_constexprs(),
+        launch(_kernels()._packed_dq_kernel)[(geo.query_tiles(geo.group, geo.hp),)](
+            *dq_args, TOPK=geo.topk, BLOCK_N=geo.block_keys, PRECISION=precision, GROUP=geo.group,
+            **geo.packed_constexprs(),
             **_launch_options(geo.block_packed, geo.block_keys, q.dtype, packed=True))
     else:
         launch(_kernels()._dq_kernel)[(geo.query_tiles(),)](
@@ -338,8 +341,8 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
     if geo.hp > 1:  # the packed constexprs' BLOCK_M (HP heads' rows) is this kernel's key tile
         shapes = geo.packed_constexprs()
         shapes["BLOCK_N"] = shapes.pop("BLOCK_M")
-        launch(_kernels()._packed_dkv_kernel)[(geo.key_tiles(geo.hp),)](
-            *dkv_args, BLOCK_M=geo.block_rows, PRECISION=precision, **shapes,
+        launch(_kernels()._packed_dkv_kernel)[(geo.key_tiles(geo.hp, geo.group),)](
+            *dkv_args, BLOCK_M=geo.block_rows, PRECISION=precision, GROUP=geo.group, **shapes,
             **_launch_options(geo.block_packed, geo.block_rows, q.dtype, dkv=True, packed=True))
     else:
         launch(_kernels()._dkv_kernel)[(geo.key_tiles(),)](

@@ -62,8 +62,9 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
         with rt.use_tiles(backward=backward):
             rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
     if region * region <= 32:
-        with rt.use_tiles(heads_per_tile=4, backward="routed"):
-            rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
+        for group in (1, 7):
+            with rt.use_tiles(heads_per_tile=4, backward="routed", query_regions=group):
+                rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
 
 
 def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:

@@ -298,10 +298,12 @@ def check_packed_backward(device: str = "cpu", dtype=torch.float32) -> None:
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
         with rt.use_tiles(backward="routed"):
             want = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
-            with rt.use_tiles(heads_per_tile=packed):
-                got = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}, {packed} heads a tile: {m}")
+            for group in (1, 3):  # and programs taking 3 regions in turn, the last group past the last region
+                with rt.use_tiles(heads_per_tile=packed, query_regions=group):
+                    got = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
+                for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                    torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}, {packed} heads a tile, {group} "
+                                               f"regions a program: {m}")
 
 
 def _interpreter_fp32_checks() -> None:

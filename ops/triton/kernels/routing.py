@@ -334,37 +334,40 @@ def _packed_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, idx_ptr, lse_ptr, de
                       H, W, NW, R, HEADS, scale, qk_scale2,
                       RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                       HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
-                      BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr):
-    """:func:`_dq_kernel` on :func:`_packed_forward_kernel`'s tiles: ``HP`` heads' rows share the query tile, q, dO
-    and O rows hold only their head's channels, keys and values are loaded for all ``HP`` heads at once."""
+                      BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
+    """:func:`_dq_kernel` on :func:`_packed_forward_kernel`'s tiles and region groups: ``HP`` heads' rows share the
+    query tile, q, dO and O rows hold only their head's channels, keys and values are loaded for all ``HP`` heads
+    at once."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M, 1, 0)
-    b64 = b.to(tl.int64)
-    offs_cq, offs_cv, cq_ok, cv_ok, own_q, own_v = _packed_channels(in_group, q_ok, hg, HEADS, HP, DQK, DV,
-                                                                    BLOCK_CQK, BLOCK_CV)
-    q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
-    do = _load_tile(do_ptr + b64 * sdb + hg * HP * DV * sdc, qy, qx, own_v, offs_cv, sdh, sdw, sdc)
-    o = _load_tile(out_ptr + b64 * H * W * (HEADS * DV) + hg * HP * DV, qy, qx, own_v, offs_cv, W * (HEADS * DV),
-                   HEADS * DV, 1)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    stat = ((b * HEADS + head) * R + qr) * T + tl.arange(0, BLOCK_M) % T
-    tl.store(delta_ptr + stat, delta, mask=row_ok)
-    lse = tl.load(lse_ptr + stat, mask=row_ok, other=0.0)
-    k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
-    v_base = v_ptr + b64 * svb + hg * HP * DV * svc
-    idx_row = idx_ptr + (b * R + qr) * TOPK
+    for g in range(GROUP):
+        b, hg, qr, in_group, head, qy, qx, row_ok, q_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_M,
+                                                                       GROUP, g)
+        b64 = b.to(tl.int64)
+        offs_cq, offs_cv, cq_ok, cv_ok, own_q, own_v = _packed_channels(in_group, q_ok, hg, HEADS, HP, DQK, DV,
+                                                                        BLOCK_CQK, BLOCK_CV)
+        q = _load_tile(q_ptr + b64 * sqb + hg * HP * DQK * sqc, qy, qx, own_q, offs_cq, sqh, sqw, sqc)
+        do = _load_tile(do_ptr + b64 * sdb + hg * HP * DV * sdc, qy, qx, own_v, offs_cv, sdh, sdw, sdc)
+        o = _load_tile(out_ptr + b64 * H * W * (HEADS * DV) + hg * HP * DV, qy, qx, own_v, offs_cv, W * (HEADS * DV),
+                       HEADS * DV, 1)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        stat = ((b * HEADS + head) * R + qr) * T + tl.arange(0, BLOCK_M) % T
+        tl.store(delta_ptr + stat, delta, mask=row_ok)
+        lse = tl.load(lse_ptr + stat, mask=row_ok, other=0.0)
+        k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
+        v_base = v_ptr + b64 * svb + hg * HP * DV * svc
+        idx_row = idx_ptr + (b * R + qr) * TOPK
 
-    dq = tl.zeros([BLOCK_M, BLOCK_CQK], dtype=tl.float32)
-    for start in range(0, TOPK * T, BLOCK_N):
-        ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
-                                                RW)
-        k = _load_tile(k_base, ky, kx, k_ok[:, None] & cq_ok[None, :], offs_cq, skh, skw, skc)
-        v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
-        dq = _dq_step(dq, q, k, v, do, lse, delta, in_range[None, :], qk_scale2, PRECISION)
+        dq = tl.zeros([BLOCK_M, BLOCK_CQK], dtype=tl.float32)
+        for start in range(0, TOPK * T, BLOCK_N):
+            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
+                                                    RW)
+            k = _load_tile(k_base, ky, kx, k_ok[:, None] & cq_ok[None, :], offs_cq, skh, skw, skc)
+            v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
+            dq = _dq_step(dq, q, k, v, do, lse, delta, in_range[None, :], qk_scale2, PRECISION)
 
-    row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + hg * HP * DQK
-    tl.store(dq_ptr + row[:, None] + offs_cq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=own_q)
+        row = ((b64 * H + qy) * W + qx) * (HEADS * DQK) + hg * HP * DQK
+        tl.store(dq_ptr + row[:, None] + offs_cq[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=own_q)
 
 
 @triton.jit
@@ -373,45 +376,48 @@ def _packed_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_
                        H, W, NW, R, HEADS, scale, qk_scale2,
                        RH: tl.constexpr, RW: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, HP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
-                       BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
     """:func:`_dkv_kernel` with ``HP`` heads' key rows sharing the key tile (each holding only its head's
-    channels); the query rows of the key region's list are loaded for all ``HP`` heads at once, and each score
-    takes the statistics of its key row's head and its query row."""
+    channels), for ``GROUP`` consecutive key regions in turn (neighbouring key regions' lists share query regions);
+    the query rows of a key region's list are loaded for all ``HP`` heads at once, and each score takes the
+    statistics of its key row's head and its query row."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     T: tl.constexpr = RH * RW
-    b, hg, kr, in_group, head, ky, kx, row_ok, k_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_N, 1, 0)
-    b64 = b.to(tl.int64)
-    offs_cq, offs_cv, cq_ok, cv_ok, own_k, own_v = _packed_channels(in_group, k_ok, hg, HEADS, HP, DQK, DV,
-                                                                    BLOCK_CQK, BLOCK_CV)
-    k = _load_tile(k_ptr + b64 * skb + hg * HP * DQK * skc, ky, kx, own_k, offs_cq, skh, skw, skc)
-    v = _load_tile(v_ptr + b64 * svb + hg * HP * DV * svc, ky, kx, own_v, offs_cv, svh, svw, svc)
-    q_base = q_ptr + b64 * sqb + hg * HP * DQK * sqc
-    do_base = do_ptr + b64 * sdb + hg * HP * DV * sdc
-    first = tl.load(offsets_ptr + b * R + kr)
-    rows = (tl.load(offsets_ptr + b * R + kr + 1) - first) * T  # query tokens that attend to this key region
-    stat_head = (b * HEADS + head) * R  # [keys]: each key row's head
+    for g in range(GROUP):
+        b, hg, kr, in_group, head, ky, kx, row_ok, k_ok = _packed_rows(H, W, NW, R, HEADS, RH, RW, HP, BLOCK_N,
+                                                                       GROUP, g)
+        b64 = b.to(tl.int64)
+        offs_cq, offs_cv, cq_ok, cv_ok, own_k, own_v = _packed_channels(in_group, k_ok, hg, HEADS, HP, DQK, DV,
+                                                                        BLOCK_CQK, BLOCK_CV)
+        k = _load_tile(k_ptr + b64 * skb + hg * HP * DQK * skc, ky, kx, own_k, offs_cq, skh, skw, skc)
+        v = _load_tile(v_ptr + b64 * svb + hg * HP * DV * svc, ky, kx, own_v, offs_cv, svh, svw, svc)
+        q_base = q_ptr + b64 * sqb + hg * HP * DQK * sqc
+        do_base = do_ptr + b64 * sdb + hg * HP * DV * sdc
+        first = tl.load(offsets_ptr + b * R + kr)
+        rows = (tl.load(offsets_ptr + b * R + kr + 1) - first) * T  # query tokens that attend to this key region
+        stat_head = (b * HEADS + head) * R  # [keys]: each key row's head
 
-    dk = tl.zeros([BLOCK_N, BLOCK_CQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_CV], dtype=tl.float32)
-    for start in range(0, rows, BLOCK_M):
-        m = start + tl.arange(0, BLOCK_M)  # m = entry * T + token over this key region's list
-        in_range = m < rows
-        qr = tl.load(sources_ptr + first + m // T, mask=in_range, other=0) - b * R
-        qy, qx = _token_yx(qr, m % T, NW, RH, RW)
-        q_ok = in_range & (qy < H) & (qx < W)
-        q = _load_tile(q_base, qy, qx, q_ok[:, None] & cq_ok[None, :], offs_cq, sqh, sqw, sqc)
-        do = _load_tile(do_base, qy, qx, q_ok[:, None] & cv_ok[None, :], offs_cv, sdh, sdw, sdc)
-        stat = (stat_head[:, None] + qr[None, :]) * T + (m % T)[None, :]
-        stat_ok = row_ok[:, None] & in_range[None, :]
-        lse_t = tl.load(lse_ptr + stat, mask=stat_ok, other=0.0)
-        delta_t = tl.load(delta_ptr + stat, mask=stat_ok, other=0.0)
-        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse_t, delta_t, q_ok[None, :], qk_scale2, PRECISION)
+        dk = tl.zeros([BLOCK_N, BLOCK_CQK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_CV], dtype=tl.float32)
+        for start in range(0, rows, BLOCK_M):
+            m = start + tl.arange(0, BLOCK_M)  # m = entry * T + token over this key region's list
+            in_range = m < rows
+            qr = tl.load(sources_ptr + first + m // T, mask=in_range, other=0) - b * R
+            qy, qx = _token_yx(qr, m % T, NW, RH, RW)
+            q_ok = in_range & (qy < H) & (qx < W)
+            q = _load_tile(q_base, qy, qx, q_ok[:, None] & cq_ok[None, :], offs_cq, sqh, sqw, sqc)
+            do = _load_tile(do_base, qy, qx, q_ok[:, None] & cv_ok[None, :], offs_cv, sdh, sdw, sdc)
+            stat = (stat_head[:, None] + qr[None, :]) * T + (m % T)[None, :]
+            stat_ok = row_ok[:, None] & in_range[None, :]
+            lse_t = tl.load(lse_ptr + stat, mask=stat_ok, other=0.0)
+            delta_t = tl.load(delta_ptr + stat, mask=stat_ok, other=0.0)
+            dk, dv = _dkv_step(dk, dv, k, v, q, do, lse_t, delta_t, q_ok[None, :], qk_scale2, PRECISION)
 
-    row = ((b64 * H + ky) * W + kx)
-    tl.store(dk_ptr + (row * (HEADS * DQK) + hg * HP * DQK)[:, None] + offs_cq[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=own_k)
-    tl.store(dv_ptr + (row * (HEADS * DV) + hg * HP * DV)[:, None] + offs_cv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=own_v)
+        row = ((b64 * H + ky) * W + kx)
+        tl.store(dk_ptr + (row * (HEADS * DQK) + hg * HP * DQK)[:, None] + offs_cq[None, :],
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=own_k)
+        tl.store(dv_ptr + (row * (HEADS * DV) + hg * HP * DV)[:, None] + offs_cv[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=own_v)
 
 
 @triton.jit
