@@ -42,8 +42,10 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
 3. **Backward**, deterministic (no atomics; every gradient element is one program's float32 sum in a fixed order):
    * ``_dq_kernel`` (the forward's grid): ``delta = rowsum(dO * O)`` (stored for the next kernel), then dQ over the
      same key tiles as the forward.
-   * inverse routing lists in torch: a stable sort of the (batch, key region) of every (query region, slot) entry
-     and a ``searchsorted`` give, per key region, the ascending list of query regions that selected it (CSR).
+   * inverse routing lists: per key region, the ascending list of query regions that selected it (CSR), from
+     ``_inverse_routing_kernel`` (one program per batch item and key region: the list starts after the item's
+     entries that selected a lower region) where an item's entries fit one program, else a stable torch sort of
+     the (batch, key region) of every (query region, slot) entry and a ``searchsorted``.
    * ``_dkv_kernel``: one program per (batch, head, key region, key tile) accumulates dK and dV over the query tokens
      of its list, numbered ``m = entry * T + token`` and tiled by ``BLOCK_M`` like the forward's keys, so 2x2
      regions still fill a 64-row query tile.
@@ -276,7 +278,7 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch
     return out, lse
 
 
-# the one-launch inverse routing holds a batch item's R * topk entries in one program (BiFormer: 49 to 784)
+# the one-launch inverse routing holds a batch item's R * topk entries in each program (BiFormer: 49 to 784)
 _MAX_FUSED_ENTRIES = 4096
 
 
@@ -295,8 +297,8 @@ def _inverse_routing(index: torch.Tensor, launch=direct) -> tuple[torch.Tensor, 
         # one kernel instead of the sort, search and index arithmetic below (each a launch: host time on a GPU)
         offsets = torch.empty(b * r + 1, device=index.device, dtype=torch.int32)
         sources = torch.empty(b * r * topk, device=index.device, dtype=torch.int32)
-        launch(_kernels()._inverse_routing_kernel)[(b,)](index.contiguous(), offsets, sources, r, TOPK=topk,
-                                                         BLOCK_E=max(16, next_pow2(r * topk)))
+        launch(_kernels()._inverse_routing_kernel)[(b, r)](index.contiguous(), offsets, sources, r, TOPK=topk,
+                                                           BLOCK_E=max(16, next_pow2(r * topk)))
         return offsets, sources
     key_region = (index.long() + torch.arange(b, device=index.device).view(b, 1, 1) * r).reshape(-1)
     sorted_keys, entries = torch.sort(key_region, stable=True)  # stable: ascending query region within a list

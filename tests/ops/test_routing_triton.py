@@ -129,6 +129,12 @@ def check_inverse_routing(device: str = "cpu") -> None:
             listed = sources[offsets[g_key]:offsets[g_key + 1]].tolist()
             chose = [batch * r + query for query in range(r) if key in index[batch, query].tolist()]
             assert listed == chose
+    if device == "cuda" or rt._kernels_interpreted():  # the kernel's lists equal the sort path's at BiFormer's size
+        index = torch.stack([torch.stack([torch.randperm(49, generator=g)[:16] for _ in range(49)]) for _ in range(3)])
+        kernel = rt._inverse_routing(index.to(device))
+        with mock.patch.object(rt, "_kernels_interpreted", lambda: False):
+            sort = rt._inverse_routing(index)  # CPU tensors, not interpreted: the sort path
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(kernel, sort))
 
 
 def test_inverse_routing_lists_every_selection_once_in_order():

@@ -422,21 +422,21 @@ def _packed_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_
 
 @triton.jit
 def _inverse_routing_kernel(idx_ptr, offsets_ptr, sources_ptr, R, TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One program per batch item: the CSR lists of query regions per key region (see _inverse_routing)."""
+    """Grid (batch, key regions): the CSR list of the query regions that selected one key region (see
+    _inverse_routing). Lists are laid out by key region, so this one starts after the item's entries that
+    selected a lower key region; every query region selects exactly TOPK key regions."""
     b = tl.program_id(0)
+    key = tl.program_id(1)
     entries = R * TOPK
     offs = tl.arange(0, BLOCK_E)
-    idx = tl.load(idx_ptr + b * entries + offs, mask=offs < entries, other=-1).to(tl.int32)
-    query = b * R + offs // TOPK
-    start = b * entries  # every query region selects exactly TOPK key regions
-    for key in range(0, R):
-        hit = (idx == key).to(tl.int32)
-        tl.store(offsets_ptr + b * R + key, start)
-        # entries in ascending order: ascending query regions within each list (a fixed summation order)
-        tl.store(sources_ptr + start + tl.cumsum(hit, axis=0) - 1, query, mask=hit > 0)
-        start += tl.sum(hit, axis=0)
-    if b == tl.num_programs(0) - 1:
-        tl.store(offsets_ptr + (b + 1) * R, start)
+    idx = tl.load(idx_ptr + b * entries + offs, mask=offs < entries, other=R).to(tl.int32)
+    hit = (idx == key).to(tl.int32)
+    start = b * entries + tl.sum((idx < key).to(tl.int32), axis=0)
+    tl.store(offsets_ptr + b * R + key, start)
+    # entries in ascending order: ascending query regions within each list (a fixed summation order)
+    tl.store(sources_ptr + start + tl.cumsum(hit, axis=0) - 1, b * R + offs // TOPK, mask=hit > 0)
+    if (b == tl.num_programs(0) - 1) & (key == R - 1):
+        tl.store(offsets_ptr + (b + 1) * R, (b + 1) * entries)
 
 
 # ----------------------------------------------------------------------------------------------------------------
