@@ -18,8 +18,9 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    72 us at BiFormer-T's third stage, batch 128 on the H200); measured there: region sums 15 us, affinity + top-k
    14 us (51 with IEEE float32 products on CUDA cores; plain TF32 chose differently in 13 of 6,272 query regions,
    3xTF32 in none). The affinities are the reference's up to float32 rounding, so a near tie may resolve
-   differently from the reference backend; larger region grids route with route(). The attention itself never
-   materialises anything.
+   differently from the reference backend; larger region grids route with route(). ``use_tiles(route="fused")``
+   (not yet timed on a GPU) runs both steps in ``_route_fused_kernel``, one program per batch item over the same
+   token tiles, with no sums buffer. The attention itself never materialises anything.
 2. **Attention** (``_forward_kernel``): one program per (batch, head, query region, query tile). Its keys are the
    ``topk * T`` tokens of its selected regions (``T = rh * rw``), numbered ``n = slot * T + token``; key tiles of
    ``BLOCK_N`` consecutive ``n`` are loaded row by row straight from the un-gathered (B, H, W, C) tensor (row
@@ -102,14 +103,15 @@ _LOG2E = 1.4426950408889634
 # different configurations in different processes.
 # backward: "routed" or "masked" forces that backward (masked only where R <= 64); None chooses by tile work.
 _TILES: dict[str, int | str | None] = {"max_block": 64, "num_warps": None, "num_stages": None, "backward": None,
-                                       "query_regions": None, "heads_per_tile": None}
+                                       "query_regions": None, "heads_per_tile": None, "route": None}
+_ROUTES = ("split", "fused")
 _BACKWARDS = ("routed", "masked")
 MAX_MASKED_REGIONS = 64  # the masked backward holds a query row's selected regions as the bits of one int64
 
 
 def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               backward: str | None = None, query_regions: int | None = None,
-              heads_per_tile: int | None = None) -> contextlib.AbstractContextManager:
+              heads_per_tile: int | None = None, route: str | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
@@ -121,15 +123,20 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
             2 or 1 by programs per SM; 1 off CUDA).
         heads_per_tile: heads sharing the query (forward, dQ) and key (dK/dV) tiles where a region has at most
             ``max_block / 2`` tokens (default 1; at most as many as fill ``max_block`` rows).
+        route: ``"split"`` (region sums, then affinity and top-k: two kernels, the default) or ``"fused"`` (one
+            program per batch item does both; no sums buffer).
     """
     check_tile_edge("max_block", max_block)
     if backward is not None and backward not in _BACKWARDS:
         raise ValueError(f"backward={backward!r} is not a routing backward; expected one of {_BACKWARDS} or None")
+    if route is not None and route not in _ROUTES:
+        raise ValueError(f"route={route!r} is not a routing kernel plan; expected one of {_ROUTES} or None")
     for name, value in (("query_regions", query_regions), ("heads_per_tile", heads_per_tile)):
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
     return override_knobs(_TILES, max_block=max_block, num_warps=num_warps, num_stages=num_stages,
-                          backward=backward, query_regions=query_regions, heads_per_tile=heads_per_tile)
+                          backward=backward, query_regions=query_regions, heads_per_tile=heads_per_tile,
+                          route=route)
 
 
 def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False,
@@ -366,13 +373,19 @@ def _launch_route(q: torch.Tensor, k: torch.Tensor, region_h: int, region_w: int
     index = torch.empty((b, r, topk), device=q.device, dtype=torch.int64)
     if b == 0:
         return index
+    block_r = max(16, next_pow2(r))
+    if _TILES["route"] == "fused":
+        launch(_kernels()._route_fused_kernel)[(b,)](
+            q, k, index, *q.stride(), *k.stride(), h, w, nw, r, c, RH=region_h, RW=region_w, TOPK=topk,
+            BLOCK_R=block_r, BLOCK_T=64, BLOCK_C=32, SUM_PRECISION=dot_precision(q.dtype),
+            PRECISION=fp32_dot_precision(q), num_warps=4, num_stages=2)
+        return index
     sums = torch.empty((2, b, r, c), device=q.device, dtype=torch.float32)  # q's then k's
     block_c = min(64, max(16, next_pow2(c)))
     launch(_kernels()._region_sums_kernel)[(b, nh, -(-c // block_c))](
         q, k, sums, *q.stride(), *k.stride(), h, w, nw, r, c, b, RH=region_h, RW=region_w,
         BLOCK_NW=max(16, next_pow2(nw)), BLOCK_T=64, BLOCK_C=block_c, PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2)
-    block_r = max(16, next_pow2(r))
     block_q = _route_block_q(q, b, block_r)
     launch(_kernels()._route_topk_kernel)[(b, -(-r // block_q))](
         sums, index, h, w, nw, r, c, b, RH=region_h, RW=region_w, TOPK=topk, BLOCK_Q=block_q, BLOCK_R=block_r,

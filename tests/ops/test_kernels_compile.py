@@ -50,6 +50,8 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
     for block_q in (16, 64):  # the small- and large-batch tiles of the top-k kernel
         monkeypatch.setattr(rt, "_route_block_q", lambda q, batch, block_r, n=block_q: min(n, block_r))
         rt._launch_route(q, k, region, region, topk, launch)
+    with rt.use_tiles(route="fused"):  # sums and top-k in one program per batch item
+        rt._launch_route(q, k, region, region, topk, launch)
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
     with rt.use_tiles(query_regions=4):  # forward programs that take four query regions in turn
         rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
@@ -192,7 +194,7 @@ CASES = {
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
+EXPECTED_KERNELS = {"routing": 9, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
 # regions of at most half a tile (32 tokens): the three packed kernels too
 PACKED_CASES = {"routing.biformer_t.s2.bf16", "routing.biformer_t.s1.fp32"}
@@ -231,7 +233,8 @@ WRITES = {
                 "_masked_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                 "_masked_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_region_sums_kernel": ({"sums_ptr"}, {}),
-                "_route_topk_kernel": ({"idx_ptr"}, {})},
+                "_route_topk_kernel": ({"idx_ptr"}, {}),
+                "_route_fused_kernel": ({"idx_ptr"}, {})},
     "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},

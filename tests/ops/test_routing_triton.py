@@ -156,6 +156,9 @@ def test_use_tiles_validates():
     with pytest.raises(ValueError, match="query_regions=0 must be an int >= 1"):
         with rt.use_tiles(query_regions=0):
             pass
+    with pytest.raises(ValueError, match="route='one'.*'split', 'fused'"):
+        with rt.use_tiles(route="one"):
+            pass
     with pytest.raises(ValueError, match="heads_per_tile=2.0 must be an int >= 1"):
         with rt.use_tiles(heads_per_tile=2.0):
             pass
@@ -226,12 +229,13 @@ INTERPRETER_CASES = [
 def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float16)) -> None:
     """The routing kernels pick a top-k of the affinities (float64 check), the same regions as :func:`route` on
     these seeds, for contiguous and strided maps, full and padded, with the top-k kernel's small- and large-batch
-    tiles (16 query regions a program, or all)."""
+    tiles (16 query regions a program, or all) and with the fused kernel (sums and top-k in one program)."""
     cases = [(2, 8, 8, (2, 2), 3, 32, "nhwc"), (2, 7, 10, (3, 4), 4, 24, "nchw"), (1, 14, 14, (2, 2), 16, 64, "nhwc"),
              (1, 15, 13, (2, 2), 5, 16, "nchw"), (1, 20, 20, (3, 3), 7, 200, "nhwc")]
-    tiles = {16: lambda q, batch, block_r: 16, "all": lambda q, batch, block_r: block_r}
+    tiles = {16: lambda q, batch, block_r: 16, "all": lambda q, batch, block_r: block_r, "fused": None}
     for dtype, tile, (b, h, w, region, topk, c, layout) in itertools.product(dtypes, tiles, cases):
-        with mock.patch.object(rt, "_route_block_q", tiles[tile]):
+        plan = "fused" if tile == "fused" else "split"
+        with mock.patch.object(rt, "_route_block_q", tiles[tile] or tiles[16]), rt.use_tiles(route=plan):
             q, k, _ = make_inputs(b, h, w, c, c, seed=h * w + c, dtype=dtype, device=device, layout=layout)
             q, k = (_nhwc(t.detach(), layout) for t in (q, k))
             got = rt._route(q, k, region, topk, None)

@@ -626,6 +626,15 @@ def _route_topk_kernel(sums_ptr, idx_ptr, H, W, NW, R, C, B, RH: tl.constexpr, R
         kd = tl.load(sums_ptr + B * R * C + ((b * R + offs_r) * C)[:, None] + (c0 + offs_c)[None, :],
                      mask=(offs_r < R)[:, None] & c_ok[None, :], other=0.0)
         affinity += tl.dot(qd, tl.trans(kd), input_precision=PRECISION)
+    _store_topk(affinity, idx_ptr, b, offs_q, offs_r, H, W, NW, R, RH, RW, TOPK)
+
+
+@triton.jit
+def _store_topk(affinity, idx_ptr, b, offs_q, offs_r, H, W, NW, R, RH: tl.constexpr, RW: tl.constexpr,
+                TOPK: tl.constexpr):
+    """Divide the query regions' affinities with every key region by the key regions' token counts (mean
+    descriptors; a query's own count scales its whole row) and store each row's top-k by repeated arg-max (ties:
+    the lowest region) as (TOPK,) int64."""
     count = tl.maximum(tl.minimum(H - (offs_r // NW) * RH, RH) * tl.minimum(W - (offs_r % NW) * RW, RW), 1)
     affinity = tl.where((offs_r < R)[None, :], affinity / count.to(tl.float32)[None, :], float("-inf"))
     out = idx_ptr + (b * R + offs_q) * TOPK
@@ -633,3 +642,40 @@ def _route_topk_kernel(sums_ptr, idx_ptr, H, W, NW, R, C, B, RH: tl.constexpr, R
         best = tl.argmax(affinity, axis=1, tie_break_left=True)
         tl.store(out + slot, best.to(tl.int64), mask=offs_q < R)
         affinity = tl.where(offs_r[None, :] == best[:, None], float("-inf"), affinity)
+
+
+@triton.jit
+def _route_fused_kernel(q_ptr, k_ptr, idx_ptr, sqb, sqh, sqw, sqc, skb, skh, skw, skc, H, W, NW, R, C,
+                        RH: tl.constexpr, RW: tl.constexpr, TOPK: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_PRECISION: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Grid (batch): the two routing kernels in one program per batch item, with no sums buffer. For each chunk of
+    ``BLOCK_C`` channels, the item's q and k sums over every region (the region sums kernel's tiles: each row of
+    regions in ``BLOCK_T``-token tiles times a 0/1 membership matrix) and their contribution to the float32
+    affinity (``PRECISION``: "tf32x3" or "ieee"); then the top-k of :func:`_route_topk_kernel`."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    band = RH * NW * RW  # tokens of a row of regions in the padded map
+    rows = R // NW
+    affinity = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = (c0 + offs_c) < C
+        q_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        k_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for region_row in range(0, rows):
+            for n0 in range(0, band, BLOCK_T):
+                n = n0 + tl.arange(0, BLOCK_T)
+                y = region_row * RH + n // (NW * RW)
+                x = n % (NW * RW)
+                ok = (n < band) & (y < H) & (x < W)
+                qt = tl.load(q_ptr + b * sqb + (y * sqh + x * sqw)[:, None] + ((c0 + offs_c) * sqc)[None, :],
+                             mask=ok[:, None] & c_ok[None, :], other=0.0)
+                kt = tl.load(k_ptr + b * skb + (y * skh + x * skw)[:, None] + ((c0 + offs_c) * skc)[None, :],
+                             mask=ok[:, None] & c_ok[None, :], other=0.0)
+                region = region_row * NW + x // RW
+                member = ((offs_r[:, None] == region[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
+                q_sum += tl.dot(member, qt, input_precision=SUM_PRECISION)
+                k_sum += tl.dot(member, kt, input_precision=SUM_PRECISION)
+        affinity += tl.dot(q_sum, tl.trans(k_sum), input_precision=PRECISION)
+    _store_topk(affinity, idx_ptr, b, offs_r, offs_r, H, W, NW, R, RH, RW, TOPK)
