@@ -142,7 +142,7 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
 def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False,
                     packed: bool = False) -> dict[str, int]:
     """num_warps / num_stages for a kernel whose score tile is rows x cols (``dkv``: the dK/dV kernel; ``packed``:
-    the forward whose query tile several heads share, with key tiles as wide as their channels)."""
+    a kernel whose tiles several heads share, their channels side by side)."""
     # 4 warps: the usual choice for 64 x 64 tiles at head dim 32. fp32 runs IEEE dots on CUDA cores, whose 64 x 64
     # tiles spill at 4 warps. 16-bit 16 x 64 tiles (regions of <= 16 tokens: BiFormer stages 2 and 3) are latency
     # bound, so more programs in flight beat wider ones; H200 sweep at BiFormer-T bf16 stage 2 (stage 1), us per
@@ -199,7 +199,8 @@ class _Geometry:
         self.hp = max(1, min(_TILES["heads_per_tile"] or 1, self.heads, cap // self.t))
         self.block_packed = max(16, next_pow2(self.hp * self.t))      # packed query tile
         sms = sm_count(q) if q.is_cuda else None
-        self.group = min(self.r, _TILES["query_regions"] or self.default_group(sms))  # query regions a forward program
+        # query (key) regions a forward (packed backward) program takes in turn
+        self.group = min(self.r, _TILES["query_regions"] or self.default_group(sms))
 
     def default_group(self, sms: int | None) -> int:
         """Query regions a forward program takes in turn: a row of the region grid (neighbouring query regions
@@ -237,7 +238,7 @@ class _Geometry:
                     BLOCK_DV=max(16, next_pow2(self.d_v)))
 
     def packed_constexprs(self) -> dict:
-        """The packed forward's shapes: ``HP`` heads' rows in a ``BLOCK_M`` tile, their channels side by side."""
+        """The packed kernels' shapes: ``HP`` heads' rows in a ``BLOCK_M`` tile, their channels side by side."""
         return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, HP=self.hp, BLOCK_M=self.block_packed,
                     BLOCK_CQK=max(16, next_pow2(self.hp * self.d_qk)), BLOCK_CV=max(16, next_pow2(self.hp * self.d_v)))
 
