@@ -146,21 +146,13 @@ def test_gpu_inverse_routing_kernel_lists_every_selection_once_in_order():
     check_inverse_routing("cuda")
 
 
-def test_use_tiles_validates():
-    with pytest.raises(ValueError, match="power of two"):
-        with rt.use_tiles(max_block=24):
-            pass
-    with pytest.raises(ValueError, match="backward='dense'.*'routed', 'masked'"):
-        with rt.use_tiles(backward="dense"):
-            pass
-    with pytest.raises(ValueError, match="query_regions=0 must be an int >= 1"):
-        with rt.use_tiles(query_regions=0):
-            pass
-    with pytest.raises(ValueError, match="route='one'.*'split', 'fused'"):
-        with rt.use_tiles(route="one"):
-            pass
-    with pytest.raises(ValueError, match="heads_per_tile=2.0 must be an int >= 1"):
-        with rt.use_tiles(heads_per_tile=2.0):
+@pytest.mark.parametrize("knob, message", [
+    (dict(max_block=24), "power of two"), (dict(backward="dense"), "backward='dense'.*'routed', 'masked'"),
+    (dict(query_regions=0), "query_regions=0 must be an int >= 1"), (dict(route="one"), "route='one'.*'split', 'fused'"),
+    (dict(heads_per_tile=2.0), "heads_per_tile=2.0 must be an int >= 1")])
+def test_use_tiles_validates(knob, message):
+    with pytest.raises(ValueError, match=message):
+        with rt.use_tiles(**knob):
             pass
 
 

@@ -574,6 +574,29 @@ def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr,
 
 
 @triton.jit
+def _add_band_sums(q_sum, k_sum, q_item, k_item, sqh, sqw, sqc, skh, skw, skc, H, W, NW, region_row, rows, first,
+                   offs_c, c_ok, RH: tl.constexpr, RW: tl.constexpr, BLOCK_T: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Add the sums of q and k (channels ``offs_c``) over each region of one row of regions to ``q_sum`` /
+    ``k_sum``, whose row ``rows[i]`` holds region ``first + i`` of that row: the row's tokens in ``BLOCK_T``-token
+    tiles, each times a 0/1 region-membership matrix (float32 accumulation, a fixed order)."""
+    band = RH * NW * RW  # tokens of a row of regions in the padded map
+    for n0 in range(0, band, BLOCK_T):
+        n = n0 + tl.arange(0, BLOCK_T)
+        y = region_row * RH + n // (NW * RW)
+        x = n % (NW * RW)
+        ok = (n < band) & (y < H) & (x < W)
+        qt = tl.load(q_item + (y * sqh + x * sqw)[:, None] + (offs_c * sqc)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        kt = tl.load(k_item + (y * skh + x * skw)[:, None] + (offs_c * skc)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        member = ((rows[:, None] == (first + x // RW)[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
+        q_sum += tl.dot(member, qt, input_precision=PRECISION)
+        k_sum += tl.dot(member, kt, input_precision=PRECISION)
+    return q_sum, k_sum
+
+
+@triton.jit
 def _region_sums_kernel(q_ptr, k_ptr, sums_ptr, sqb, sqh, sqw, sqc, skb, skh, skw, skc, H, W, NW, R, C, B,
                         RH: tl.constexpr, RW: tl.constexpr, BLOCK_NW: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
@@ -585,21 +608,10 @@ def _region_sums_kernel(q_ptr, k_ptr, sums_ptr, sqb, sqh, sqw, sqc, skb, skh, sk
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_g = tl.arange(0, BLOCK_NW)
     c_ok = offs_c < C
-    band = RH * NW * RW  # tokens of a row of regions in the padded map
     q_sum = tl.zeros([BLOCK_NW, BLOCK_C], dtype=tl.float32)
     k_sum = tl.zeros([BLOCK_NW, BLOCK_C], dtype=tl.float32)
-    for n0 in range(0, band, BLOCK_T):
-        n = n0 + tl.arange(0, BLOCK_T)
-        y = region_row * RH + n // (NW * RW)
-        x = n % (NW * RW)
-        ok = (n < band) & (y < H) & (x < W)
-        qt = tl.load(q_ptr + b * sqb + (y * sqh + x * sqw)[:, None] + (offs_c * sqc)[None, :],
-                     mask=ok[:, None] & c_ok[None, :], other=0.0)
-        kt = tl.load(k_ptr + b * skb + (y * skh + x * skw)[:, None] + (offs_c * skc)[None, :],
-                     mask=ok[:, None] & c_ok[None, :], other=0.0)
-        member = ((offs_g[:, None] == (x // RW)[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
-        q_sum += tl.dot(member, qt, input_precision=PRECISION)
-        k_sum += tl.dot(member, kt, input_precision=PRECISION)
+    q_sum, k_sum = _add_band_sums(q_sum, k_sum, q_ptr + b * sqb, k_ptr + b * skb, sqh, sqw, sqc, skh, skw, skc, H, W,
+                                  NW, region_row, offs_g, 0, offs_c, c_ok, RH, RW, BLOCK_T, PRECISION)
     rows = (b * R + region_row * NW + offs_g) * C
     mask = (offs_g < NW)[:, None] & c_ok[None, :]
     tl.store(sums_ptr + rows[:, None] + offs_c[None, :], q_sum, mask=mask)
@@ -656,26 +668,14 @@ def _route_fused_kernel(q_ptr, k_ptr, idx_ptr, sqb, sqh, sqw, sqc, skb, skh, skw
     b = tl.program_id(0).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
-    band = RH * NW * RW  # tokens of a row of regions in the padded map
-    rows = R // NW
     affinity = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c_ok = (c0 + offs_c) < C
+        channels = c0 + offs_c
         q_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         k_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for region_row in range(0, rows):
-            for n0 in range(0, band, BLOCK_T):
-                n = n0 + tl.arange(0, BLOCK_T)
-                y = region_row * RH + n // (NW * RW)
-                x = n % (NW * RW)
-                ok = (n < band) & (y < H) & (x < W)
-                qt = tl.load(q_ptr + b * sqb + (y * sqh + x * sqw)[:, None] + ((c0 + offs_c) * sqc)[None, :],
-                             mask=ok[:, None] & c_ok[None, :], other=0.0)
-                kt = tl.load(k_ptr + b * skb + (y * skh + x * skw)[:, None] + ((c0 + offs_c) * skc)[None, :],
-                             mask=ok[:, None] & c_ok[None, :], other=0.0)
-                region = region_row * NW + x // RW
-                member = ((offs_r[:, None] == region[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
-                q_sum += tl.dot(member, qt, input_precision=SUM_PRECISION)
-                k_sum += tl.dot(member, kt, input_precision=SUM_PRECISION)
+        for region_row in range(0, R // NW):
+            q_sum, k_sum = _add_band_sums(q_sum, k_sum, q_ptr + b * sqb, k_ptr + b * skb, sqh, sqw, sqc, skh, skw,
+                                          skc, H, W, NW, region_row, offs_r, region_row * NW, channels,
+                                          channels < C, RH, RW, BLOCK_T, SUM_PRECISION)
         affinity += tl.dot(q_sum, tl.trans(k_sum), input_precision=PRECISION)
     _store_topk(affinity, idx_ptr, b, offs_r, offs_r, H, W, NW, R, RH, RW, TOPK)
