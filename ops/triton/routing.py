@@ -18,9 +18,11 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    72 us at BiFormer-T's third stage, batch 128 on the H200); measured there: region sums 15 us, affinity + top-k
    14 us (51 with IEEE float32 products on CUDA cores; plain TF32 chose differently in 13 of 6,272 query regions,
    3xTF32 in none). The affinities are the reference's up to float32 rounding, so a near tie may resolve
-   differently from the reference backend; larger region grids route with route(). ``use_tiles(route="fused")``
-   (not yet timed on a GPU) runs both steps in ``_route_fused_kernel``, one program per batch item over the same
-   token tiles, with no sums buffer. The attention itself never materialises anything.
+   differently from the reference backend; larger region grids route with route(). The region sums read 32-token
+   tiles of up to 128 channels (H200 sweep, bf16 batch 128: BiFormer-T stage 2 15.4 -> 9.7 us, BiFormer-B stage 2
+   23.0 -> 15.9 against 64 x 64 tiles; stages 0 and 1 alike). One program per batch item doing both steps (no sums
+   buffer) measured 2-9x slower at every batch from 1 to 256 (too few programs), so routing stays two kernels.
+   The attention itself never materialises anything.
 2. **Attention** (``_forward_kernel``): one program per (batch, head, query region, query tile). Its keys are the
    ``topk * T`` tokens of its selected regions (``T = rh * rw``), numbered ``n = slot * T + token``; key tiles of
    ``BLOCK_N`` consecutive ``n`` are loaded row by row straight from the un-gathered (B, H, W, C) tensor (row
@@ -33,13 +35,18 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    programs per SM, else 2 regions, else 1 (``_Geometry.default_group``): neighbouring query regions select many
    of the same key regions, whose rows the loads then find in L1 (same bits as one region a program). H200,
    BiFormer-T stage 2, batch 128 bf16: 83 -> 64 us; BiFormer-B stage 2: 123 -> 93 us.
-   ``use_tiles(query_regions=G)`` forces G. ``use_tiles(heads_per_tile=HP)`` (regions of at most half a tile;
-   default off, not yet timed on a GPU) runs ``_packed_forward_kernel`` instead: HP heads share a query tile (row
-   m is token ``m % T`` of head ``m // T``), each row's query holding only its head's channels, so one Q @ K^T over
-   the heads' channels side by side gives each row its own head's scores and the keys and values are loaded once
-   for all HP heads (every head routes to the same regions); same multiply-adds, no idle rows, 1/HP of the
-   programs. Not bitwise the plain kernel's (the products are summed in other groupings); an inf or NaN in one
-   head's keys reaches the other heads' rows of the tile (0 * inf).
+   ``use_tiles(query_regions=G)`` forces G.
+   **Head-packed forward** (``_packed_forward_kernel``): HP heads share a query tile (row m is token ``m % T`` of
+   head ``m // T``), each row's query holding only its head's channels, so one Q @ K^T over the heads' channels
+   side by side gives each row its own head's scores and the keys and values are loaded once for all HP heads
+   (every head routes to the same regions); same multiply-adds, fewer idle rows, 1/HP of the programs. By default
+   (``_Geometry.default_heads_per_tile``) 2 heads share a tile where two regions fit the 16-row minimum (T <= 8),
+   for 16-bit inputs on CUDA while the packed grid keeps 12 programs per SM; ``use_tiles(heads_per_tile=HP)``
+   forces HP. H200 sweep, bf16 batch 128, forward us (a row of regions a program): BiFormer-T stage 2 64.8 -> 60.2
+   at HP 2 and 1 warp (HP 4: 71.9 at best; 2 to 8 warps at HP 2: 74-138), BiFormer-B stage 2 94.2 -> 84.5;
+   16-token regions (stage 1, 32-row packed tiles) 46.0 -> 61.2 at best, so never packed there. Not bitwise the
+   plain kernel's in general (products summed in other groupings; at 1 warp it measured equal); an inf or NaN in
+   one head's keys reaches the other heads' rows of the tile (0 * inf).
 3. **Backward**, deterministic (no atomics; every gradient element is one program's float32 sum in a fixed order):
    * ``_dq_kernel`` (the forward's grid): ``delta = rowsum(dO * O)`` (stored for the next kernel), then dQ over the
      same key tiles as the forward.
@@ -50,10 +57,9 @@ Computation (same definition as the reference backend, :mod:`zoo.ops.routing`):
    * ``_dkv_kernel``: one program per (batch, head, key region, key tile) accumulates dK and dV over the query tokens
      of its list, numbered ``m = entry * T + token`` and tiled by ``BLOCK_M`` like the forward's keys, so 2x2
      regions still fill a 64-row query tile.
-   * With ``use_tiles(heads_per_tile=HP)`` both routed kernels share their tiles among HP heads as the packed
-     forward does (``_packed_dq_kernel``; ``_packed_dkv_kernel``, whose key tile holds HP heads' rows, each score
-     taking the statistics of its key row's head), each program taking the forward's G query (key) regions in
-     turn, and the masked backward's choice counts the packed tiles.
+   * Packed dQ and dK/dV kernels (HP heads a tile as in the forward) measured no faster than these at any HP,
+     warps and region group (H200, bf16 batch 128, backward us: BiFormer-T stage 2 masked 340, routed 356, packed
+     at best 355; stage 1 routed 203, packed at best 286), so the backward never packs heads.
    * The **masked backward** replaces both kernels (and the lists) where the routed tiles are mostly idle (2x2
      regions at top-16: BiFormer's third stage): ``_masked_dq_kernel`` and ``_masked_dkv_kernel`` tile the padded
      map in raster order (64 x 64 tiles, flash-attention's backward) and mask each score to the regions the query
@@ -103,15 +109,14 @@ _LOG2E = 1.4426950408889634
 # different configurations in different processes.
 # backward: "routed" or "masked" forces that backward (masked only where R <= 64); None chooses by tile work.
 _TILES: dict[str, int | str | None] = {"max_block": 64, "num_warps": None, "num_stages": None, "backward": None,
-                                       "query_regions": None, "heads_per_tile": None, "route": None}
-_ROUTES = ("split", "fused")
+                                       "query_regions": None, "heads_per_tile": None}
 _BACKWARDS = ("routed", "masked")
 MAX_MASKED_REGIONS = 64  # the masked backward holds a query row's selected regions as the bits of one int64
 
 
 def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               backward: str | None = None, query_regions: int | None = None,
-              heads_per_tile: int | None = None, route: str | None = None) -> contextlib.AbstractContextManager:
+              heads_per_tile: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
@@ -121,28 +126,23 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
             64 regions; elsewhere the routed one runs); by default it is chosen by tile work (module docstring).
         query_regions: consecutive query regions each forward program takes in turn (default: a row of regions,
             2 or 1 by programs per SM; 1 off CUDA).
-        heads_per_tile: heads sharing the query (forward, dQ) and key (dK/dV) tiles where a region has at most
-            ``max_block / 2`` tokens (default 1; at most as many as fill ``max_block`` rows).
-        route: ``"split"`` (region sums, then affinity and top-k: two kernels, the default) or ``"fused"`` (one
-            program per batch item does both; no sums buffer).
+        heads_per_tile: heads sharing a forward query tile where a region has at most ``max_block / 2`` tokens
+            (default: 2 or 1, see ``_Geometry.default_heads_per_tile``; at most as many as fill ``max_block`` rows).
     """
     check_tile_edge("max_block", max_block)
     if backward is not None and backward not in _BACKWARDS:
         raise ValueError(f"backward={backward!r} is not a routing backward; expected one of {_BACKWARDS} or None")
-    if route is not None and route not in _ROUTES:
-        raise ValueError(f"route={route!r} is not a routing kernel plan; expected one of {_ROUTES} or None")
     for name, value in (("query_regions", query_regions), ("heads_per_tile", heads_per_tile)):
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
     return override_knobs(_TILES, max_block=max_block, num_warps=num_warps, num_stages=num_stages,
-                          backward=backward, query_regions=query_regions, heads_per_tile=heads_per_tile,
-                          route=route)
+                          backward=backward, query_regions=query_regions, heads_per_tile=heads_per_tile)
 
 
 def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False,
-                    packed: bool = False) -> dict[str, int]:
-    """num_warps / num_stages for a kernel whose score tile is rows x cols (``dkv``: the dK/dV kernel; ``packed``:
-    a kernel whose tiles several heads share, their channels side by side)."""
+                    packed_channels: int = 0) -> dict[str, int]:
+    """num_warps / num_stages for a kernel whose score tile is rows x cols (``dkv``: the dK/dV kernel;
+    ``packed_channels``: the width of the packed forward's q/k rows, several heads' channels side by side)."""
     # 4 warps: the usual choice for 64 x 64 tiles at head dim 32. fp32 runs IEEE dots on CUDA cores, whose 64 x 64
     # tiles spill at 4 warps. 16-bit 16 x 64 tiles (regions of <= 16 tokens: BiFormer stages 2 and 3) are latency
     # bound, so more programs in flight beat wider ones; H200 sweep at BiFormer-T bf16 stage 2 (stage 1), us per
@@ -150,8 +150,8 @@ def _launch_options(rows: int, cols: int, dtype: torch.dtype, dkv: bool = False,
     # dK/dV 344 -> 223 (177 -> 121) at 2 warps.
     small_16bit = dtype != torch.float32 and rows * cols <= 16 * 64
     default = (2 if dkv else 1) if small_16bit else (8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4)
-    if packed:  # a 1-warp tile of 64 keys x 4 heads' channels would spill (not yet swept on a GPU)
-        default = 8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4
+    if packed_channels > 64:  # H200, BiFormer-T stage 2 bf16, 4 heads a tile (128 channels): 1 warp 78, 2 warps 72 us
+        default = 2 if small_16bit else (8 if dtype == torch.float32 and rows * cols >= 64 * 64 else 4)
     return {"num_warps": _TILES["num_warps"] or default, "num_stages": _TILES["num_stages"] or 2}
 
 
@@ -195,12 +195,26 @@ class _Geometry:
         self.block_k = min(cap, max(16, next_pow2(self.t)))          # key tile of one region (dK/dV)
         self.block_rows = cap                                         # query tile over a key region's list (dK/dV)
         self.block_map = cap                                          # query and key tiles of the masked backward
-        # heads sharing a tile (packed: row m is token m % T of head m // T), where a tile holds two regions or more
-        self.hp = max(1, min(_TILES["heads_per_tile"] or 1, self.heads, cap // self.t))
-        self.block_packed = max(16, next_pow2(self.hp * self.t))      # packed query tile
         sms = sm_count(q) if q.is_cuda else None
-        # query (key) regions a forward (packed backward) program takes in turn
+        # heads sharing a forward query tile (packed: row m is token m % T of head m // T)
+        wanted = _TILES["heads_per_tile"] or self.default_heads_per_tile(sms, q.dtype)
+        self.hp = max(1, min(wanted, self.heads, cap // self.t))
+        self.block_packed = max(16, next_pow2(self.hp * self.t))      # packed query tile
+        # query regions a forward program takes in turn
         self.group = min(self.r, _TILES["query_regions"] or self.default_group(sms))
+
+    def default_heads_per_tile(self, sms: int | None, dtype: torch.dtype) -> int:
+        """Heads sharing a forward query tile: 2 where two regions fit the 16-row minimum tile (T <= 8) and the
+        packed grid still keeps 12 programs per SM with a row of regions a program, for 16-bit inputs on CUDA (the
+        measured case, module docstring: BiFormer stage 2 at batch 128); else 1.
+
+        Args:
+            sms: the GPU's SM count; None (not CUDA: the interpreter) packs no heads.
+            dtype: the inputs' dtype (float32 runs its dots on CUDA cores, where packing was not measured).
+        """
+        if sms is None or dtype == torch.float32 or self.heads < 2 or 2 * self.t > 16:
+            return 1
+        return 2 if self.query_tiles(self.nw, 2) >= 12 * sms else 1
 
     def default_group(self, sms: int | None) -> int:
         """Query regions a forward program takes in turn: a row of the region grid (neighbouring query regions
@@ -222,13 +236,12 @@ class _Geometry:
 
     def masked_backward(self) -> bool:
         """Whether the masked backward runs: forced by ``use_tiles(backward=...)``, else when its score tiles per
-        query row are no more than the routed kernels' (whose query tiles idle all but T of >= 16 rows, or all but
-        HP * T where HP heads share them)."""
+        query row are no more than the routed kernels' (whose query tiles idle all but T of >= 16 rows)."""
         if self.r > MAX_MASKED_REGIONS or _TILES["backward"] == "routed":
             return False
         if _TILES["backward"] == "masked":
             return True
-        per_row = self.block_packed // (self.hp * self.t) if self.hp > 1 else self.block_q // min(self.t, self.block_q)
+        per_row = self.block_q // min(self.t, self.block_q)
         routed = per_row * -(-self.topk * self.t // self.block_keys) * self.block_keys
         whole = -(-self.r * self.t // self.block_map) * self.block_map
         return whole <= routed
@@ -254,10 +267,9 @@ class _Geometry:
         query regions * tiles (one where heads share a tile)."""
         return self.b * -(-self.heads // heads_per_tile) * -(-self.r // group) * -(-self.t // self.block_q)
 
-    def key_tiles(self, heads_per_tile: int = 1, group: int = 1) -> int:
-        """Programs of the dK/dV kernel: batch * groups of ``heads_per_tile`` heads * groups of ``group`` key
-        regions * tiles."""
-        return self.b * -(-self.heads // heads_per_tile) * -(-self.r // group) * -(-self.t // self.block_k)
+    def key_tiles(self) -> int:
+        """Programs of the dK/dV kernel: batch * heads * key regions * tiles."""
+        return self.b * self.heads * self.r * -(-self.t // self.block_k)
 
     def map_tiles(self) -> int:
         """Programs of the masked backward's kernels: batch * heads * tiles of the padded map."""
@@ -278,7 +290,7 @@ def _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale, launch
     if geo.hp > 1:
         launch(_kernels()._packed_forward_kernel)[(geo.query_tiles(geo.group, geo.hp),)](
             *args, **common, **geo.packed_constexprs(),
-            **_launch_options(geo.block_packed, geo.block_keys, q.dtype, packed=True))
+            **_launch_options(geo.block_packed, geo.block_keys, q.dtype, packed_channels=geo.hp * geo.d_qk))
     else:
         launch(_kernels()._forward_kernel)[(geo.query_tiles(geo.group),)](
             *args, BLOCK_M=geo.block_q, **common, **geo.constexprs(),
@@ -335,29 +347,15 @@ def _launch_backward(grad_out, q, k, v, out, lse, index, num_heads, region_h, re
             q, k, v, grad_out, index, lse, delta, dk, dv, *args, PRECISION=precision, **geo.masked_constexprs(),
             **options)
         return dq, dk, dv
-    dq_args = (q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E)
-    if geo.hp > 1:
-        launch(_kernels()._packed_dq_kernel)[(geo.query_tiles(geo.group, geo.hp),)](
-            *dq_args, TOPK=geo.topk, BLOCK_N=geo.block_keys, PRECISION=precision, GROUP=geo.group,
-            **geo.packed_constexprs(),
-            **_launch_options(geo.block_packed, geo.block_keys, q.dtype, packed=True))
-    else:
-        launch(_kernels()._dq_kernel)[(geo.query_tiles(),)](
-            *dq_args, TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision,
-            **geo.constexprs(), **_launch_options(geo.block_q, geo.block_keys, q.dtype))
+    launch(_kernels()._dq_kernel)[(geo.query_tiles(),)](
+        q, k, v, out, grad_out, index, lse, delta, dq, *strides, *geo.runtime(), scale, scale * _LOG2E,
+        TOPK=geo.topk, BLOCK_M=geo.block_q, BLOCK_N=geo.block_keys, PRECISION=precision, **geo.constexprs(),
+        **_launch_options(geo.block_q, geo.block_keys, q.dtype))
     offsets, sources = _inverse_routing(index, launch)
-    dkv_args = (q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale,
-                scale * _LOG2E)
-    if geo.hp > 1:  # the packed constexprs' BLOCK_M (HP heads' rows) is this kernel's key tile
-        shapes = geo.packed_constexprs()
-        shapes["BLOCK_N"] = shapes.pop("BLOCK_M")
-        launch(_kernels()._packed_dkv_kernel)[(geo.key_tiles(geo.hp, geo.group),)](
-            *dkv_args, BLOCK_M=geo.block_rows, PRECISION=precision, GROUP=geo.group, **shapes,
-            **_launch_options(geo.block_packed, geo.block_rows, q.dtype, dkv=True, packed=True))
-    else:
-        launch(_kernels()._dkv_kernel)[(geo.key_tiles(),)](
-            *dkv_args, BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
-            **_launch_options(geo.block_k, geo.block_rows, q.dtype, dkv=True))
+    launch(_kernels()._dkv_kernel)[(geo.key_tiles(),)](
+        q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides, *geo.runtime(), scale, scale * _LOG2E,
+        BLOCK_M=geo.block_rows, BLOCK_N=geo.block_k, PRECISION=precision, **geo.constexprs(),
+        **_launch_options(geo.block_k, geo.block_rows, q.dtype, dkv=True))
     return dq, dk, dv
 
 
@@ -375,17 +373,11 @@ def _launch_route(q: torch.Tensor, k: torch.Tensor, region_h: int, region_w: int
     if b == 0:
         return index
     block_r = max(16, next_pow2(r))
-    if _TILES["route"] == "fused":
-        launch(_kernels()._route_fused_kernel)[(b,)](
-            q, k, index, *q.stride(), *k.stride(), h, w, nw, r, c, RH=region_h, RW=region_w, TOPK=topk,
-            BLOCK_R=block_r, BLOCK_T=64, BLOCK_C=32, SUM_PRECISION=dot_precision(q.dtype),
-            PRECISION=fp32_dot_precision(q), num_warps=4, num_stages=2)
-        return index
     sums = torch.empty((2, b, r, c), device=q.device, dtype=torch.float32)  # q's then k's
-    block_c = min(64, max(16, next_pow2(c)))
+    block_c = min(128, max(16, next_pow2(c)))  # 32 tokens x 128 channels: the H200 sweep (module docstring)
     launch(_kernels()._region_sums_kernel)[(b, nh, -(-c // block_c))](
         q, k, sums, *q.stride(), *k.stride(), h, w, nw, r, c, b, RH=region_h, RW=region_w,
-        BLOCK_NW=max(16, next_pow2(nw)), BLOCK_T=64, BLOCK_C=block_c, PRECISION=dot_precision(q.dtype),
+        BLOCK_NW=max(16, next_pow2(nw)), BLOCK_T=32, BLOCK_C=block_c, PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2)
     block_q = _route_block_q(q, b, block_r)
     launch(_kernels()._route_topk_kernel)[(b, -(-r // block_q))](

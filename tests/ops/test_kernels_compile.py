@@ -50,23 +50,17 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
     for block_q in (16, 64):  # the small- and large-batch tiles of the top-k kernel
         monkeypatch.setattr(rt, "_route_block_q", lambda q, batch, block_r, n=block_q: min(n, block_r))
         rt._launch_route(q, k, region, region, topk, launch)
-    with rt.use_tiles(route="fused"):  # sums and top-k in one program per batch item
-        rt._launch_route(q, k, region, region, topk, launch)
     rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=False)  # inference
     with rt.use_tiles(query_regions=4):  # forward programs that take four query regions in turn
         rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
-    if region * region <= 32:  # tiles that four heads share: forward alone and with region groups, routed backward
-        for group in (1, 7):
-            with rt.use_tiles(heads_per_tile=4, query_regions=group):
+    if region * region <= 32:  # tiles that heads share (2: the default at 4-token regions), with region groups
+        for packed, group in ((2, 1), (2, 7), (4, 7)):
+            with rt.use_tiles(heads_per_tile=packed, query_regions=group):
                 rt._launch_forward(q, k, v, index, heads, region, region, scale, launch, stats=group == 7)
     out, lse = rt._launch_forward(q, k, v, index, heads, region, region, scale, launch)
     for backward in ("routed", "masked"):
         with rt.use_tiles(backward=backward):
             rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
-    if region * region <= 32:
-        for group in (1, 7):
-            with rt.use_tiles(heads_per_tile=4, backward="routed", query_regions=group):
-                rt._launch_backward(out, q, k, v, out, lse, index, heads, region, region, scale, launch)
 
 
 def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
@@ -194,9 +188,9 @@ CASES = {
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 9, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
+EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
-# regions of at most half a tile (32 tokens): the three packed kernels too
+# regions of at most half a tile (32 tokens): the packed forward too
 PACKED_CASES = {"routing.biformer_t.s2.bf16", "routing.biformer_t.s1.fp32"}
 
 
@@ -206,7 +200,7 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
     recorder = LaunchRecorder()
     build(recorder, monkeypatch, **kwargs)
     names = [kernel.fn.__name__ for kernel, _, _ in recorder.launches]
-    expected = EXPECTED_KERNELS[case.split(".")[0]] + 3 * (case in PACKED_CASES)
+    expected = EXPECTED_KERNELS[case.split(".")[0]] + (case in PACKED_CASES)
     assert len(set(names)) == expected, f"{case}: launched {names}"
     for kernel, args, kw in recorder.launches:
         compiled = compile_for_gpu(kernel, args, kw)
@@ -225,16 +219,13 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
 WRITES = {
     "routing": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
                 "_packed_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
-                "_packed_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
-                "_packed_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                 "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_inverse_routing_kernel": ({"offsets_ptr", "sources_ptr"}, {}),
                 "_masked_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                 "_masked_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
                 "_region_sums_kernel": ({"sums_ptr"}, {}),
-                "_route_topk_kernel": ({"idx_ptr"}, {}),
-                "_route_fused_kernel": ({"idx_ptr"}, {})},
+                "_route_topk_kernel": ({"idx_ptr"}, {})},
     "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},

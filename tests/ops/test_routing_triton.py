@@ -148,7 +148,7 @@ def test_gpu_inverse_routing_kernel_lists_every_selection_once_in_order():
 
 @pytest.mark.parametrize("knob, message", [
     (dict(max_block=24), "power of two"), (dict(backward="dense"), "backward='dense'.*'routed', 'masked'"),
-    (dict(query_regions=0), "query_regions=0 must be an int >= 1"), (dict(route="one"), "route='one'.*'split', 'fused'"),
+    (dict(query_regions=0), "query_regions=0 must be an int >= 1"),
     (dict(heads_per_tile=2.0), "heads_per_tile=2.0 must be an int >= 1")])
 def test_use_tiles_validates(knob, message):
     with pytest.raises(ValueError, match=message):
@@ -167,14 +167,26 @@ def test_heads_share_a_tile_where_it_holds_two_regions_or_more():
     with rt.use_tiles(heads_per_tile=4):
         stage2 = _geometry(14, 14, (2, 2), 16, channels=256, heads=8)  # BiFormer-T stage 2: 4-token regions
         assert (stage2.hp, stage2.block_packed, stage2.query_tiles(1, stage2.hp)) == (4, 16, 2 * 2 * 49)
-        assert not stage2.masked_backward()  # packed routed tiles: 64 score columns a row against 256 masked
+        assert stage2.masked_backward()  # the backward never packs: 16-row tiles of 4 rows, as unpacked
         assert _geometry(28, 28, (4, 4), 4, channels=128, heads=4).hp == 4  # 16-token regions: 4 a 64-row tile
         assert _geometry(56, 56, (8, 8), 1, channels=64, heads=2).hp == 1  # 64-token regions fill a tile alone
         assert _geometry(14, 14, (2, 2), 16, channels=64, heads=2).hp == 2  # no more than the heads
     with rt.use_tiles(heads_per_tile=32, max_block=32):
         assert _geometry(15, 15, (3, 3), 4, channels=256, heads=8).hp == 3  # 9-token regions: 3 fill 32 rows
     plain = _geometry(14, 14, (2, 2), 16, channels=256, heads=8)
-    assert plain.hp == 1 and plain.masked_backward()  # off unless asked for; then 4 x 64 routed columns a row
+    assert plain.hp == 1 and plain.masked_backward()  # meta tensors are not CUDA: one head a tile
+
+
+@pytest.mark.parametrize("stage, batch, sms, dtype, packed", [
+    ("T.s2", 128, 132, torch.bfloat16, 2), ("B.s2", 128, 132, torch.float16, 2), ("T.s2", 128, 132, torch.float32, 1),
+    ("T.s2", 128, None, torch.bfloat16, 1), ("T.s2", 32, 132, torch.bfloat16, 1), ("T.s2", 64, 132, torch.bfloat16, 2),
+    ("T.s1", 128, 132, torch.bfloat16, 1), ("one head", 128, 132, torch.bfloat16, 1)])
+def test_default_packs_two_heads_where_two_regions_fit_a_tile(stage, batch, sms, dtype, packed):
+    # 4-token regions pack 2 heads a 16-row tile while a row of regions a program leaves >= 12 programs per SM
+    # (T.s2 batch 64: 64 * 4 * 7 = 1,792 >= 12 * 132; batch 32: 896); 16-token regions (T.s1) would need 32 rows
+    shape = {"T.s2": (14, 14, (2, 2), 16, 256, 8), "B.s2": (14, 14, (2, 2), 16, 384, 12),
+             "T.s1": (28, 28, (4, 4), 4, 128, 4), "one head": (14, 14, (2, 2), 16, 32, 1)}[stage]
+    assert _geometry(*shape, batch=batch).default_heads_per_tile(sms, dtype) == packed
 
 
 @pytest.mark.parametrize("stage, batch, sms, group", [
@@ -221,13 +233,12 @@ INTERPRETER_CASES = [
 def check_routing_kernel(device: str = "cpu", dtypes=(torch.float32, torch.float16)) -> None:
     """The routing kernels pick a top-k of the affinities (float64 check), the same regions as :func:`route` on
     these seeds, for contiguous and strided maps, full and padded, with the top-k kernel's small- and large-batch
-    tiles (16 query regions a program, or all) and with the fused kernel (sums and top-k in one program)."""
+    tiles (16 query regions a program, or all)."""
     cases = [(2, 8, 8, (2, 2), 3, 32, "nhwc"), (2, 7, 10, (3, 4), 4, 24, "nchw"), (1, 14, 14, (2, 2), 16, 64, "nhwc"),
              (1, 15, 13, (2, 2), 5, 16, "nchw"), (1, 20, 20, (3, 3), 7, 200, "nhwc")]
-    tiles = {16: lambda q, batch, block_r: 16, "all": lambda q, batch, block_r: block_r, "fused": None}
+    tiles = {16: lambda q, batch, block_r: 16, "all": lambda q, batch, block_r: block_r}
     for dtype, tile, (b, h, w, region, topk, c, layout) in itertools.product(dtypes, tiles, cases):
-        plan = "fused" if tile == "fused" else "split"
-        with mock.patch.object(rt, "_route_block_q", tiles[tile] or tiles[16]), rt.use_tiles(route=plan):
+        with mock.patch.object(rt, "_route_block_q", tiles[tile]):
             q, k, _ = make_inputs(b, h, w, c, c, seed=h * w + c, dtype=dtype, device=device, layout=layout)
             q, k = (_nhwc(t.detach(), layout) for t in (q, k))
             got = rt._route(q, k, region, topk, None)
@@ -283,31 +294,6 @@ def check_packed_forward(device: str = "cpu", dtype=torch.float32) -> None:
                 torch.testing.assert_close(a, b, **tol[name], msg=lambda m: f"{name}, {packed} heads a tile: {m}")
 
 
-def check_packed_backward(device: str = "cpu", dtype=torch.float32) -> None:
-    """The routed backward's dQ and dK/dV kernels with several heads a tile give one head a program's gradients
-    (3 heads of 16/8 channels at 2 a tile, 6-token regions on a padded map; 4 heads of 16 at 4 a tile, nchw)."""
-    exact = dict(rtol=1e-5, atol=1e-5)
-    tol = exact if dtype == torch.float32 else {}
-    cases = (((9, 10), (2, 3), 3, 48, 24, 3, 2, "nhwc"), ((8, 8), (2, 2), 5, 64, 64, 4, 4, "nchw"),
-             ((8, 8), (4, 4), 2, 32, 32, 4, 4, "nhwc"))
-    for (h, w), region, topk, c_qk, c_v, heads, packed, layout in cases:
-        q, k, v = (t.detach() for t in make_inputs(2, h, w, c_qk, c_v, seed=5, dtype=dtype, device=device,
-                                                   layout=layout))
-        if layout == "nchw":
-            q, k, v = (t.permute(0, 2, 3, 1) for t in (q, k, v))
-        index = route(q, k, region, topk, None)
-        out, lse = rt._launch_forward(q, k, v, index, heads, *region, 0.3)
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
-        with rt.use_tiles(backward="routed"):
-            want = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
-            for group in (1, 3):  # and programs taking 3 regions in turn, the last group past the last region
-                with rt.use_tiles(heads_per_tile=packed, query_regions=group):
-                    got = rt._launch_backward(grad, q, k, v, out, lse, index, heads, *region, 0.3)
-                for name, a, b in zip(("dq", "dk", "dv"), got, want):
-                    torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}, {packed} heads a tile, {group} "
-                                               f"regions a program: {m}")
-
-
 def _interpreter_fp32_checks() -> None:
     """fp32: forward and all gradients vs the reference backend, both layouts, padding; bitwise repeatable."""
     warnings.filterwarnings("error", message=".*falling back")  # a silent fallback would test reference vs itself
@@ -315,7 +301,6 @@ def _interpreter_fp32_checks() -> None:
     check_routing_kernel()
     check_grouped_forward()
     check_packed_forward()
-    check_packed_backward()
     assert rt._triton_supports(*make_inputs(1, 4, 4, 8, 8), num_heads=2, region_size=(2, 2), topk=1,
                                scale=1.0) is None
     for batch, h, w, region, topk, heads, c_qk, c_v, layout, max_block, rscale in INTERPRETER_CASES:
@@ -532,10 +517,9 @@ def test_gpu_grouped_forward_writes_the_same_bits():
 
 
 @pytest.mark.gpu
-def test_gpu_packed_kernels_match_one_head_a_program():
+def test_gpu_packed_forward_matches_one_head_a_program():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         check_packed_forward("cuda", dtype)
-        check_packed_backward("cuda", dtype)
 
 
 @pytest.mark.gpu
