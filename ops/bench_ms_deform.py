@@ -292,18 +292,21 @@ def sweep_ms_deform_tiles(shape: str = "encoder", dtype: str = "float32", locati
                           device: str = "cuda", warmup: int = 5, iters: int = 30) -> list[dict]:
     """Time the triton backend under alternative tile configurations, to pick the defaults on a new GPU.
 
-    The sample tile (forward and per-sample backward kernels) is swept with the default pixel tile, then the pixel
-    tile (value-gradient gather) with the default sample tile. Returns rows: tile, config, default, shape, dtype,
-    pass, ms, kernel_ms (None off CUDA).
+    The forward tile is timed on the forward, then the per-sample backward's tile and the value-gradient gather's
+    (``pixel`` or ``dense_pixel``, whichever the shape uses) on the backward, each with the other tiles at their
+    defaults. Returns rows: tile, config, default, shape, dtype, pass, ms, kernel_ms (None off CUDA).
     """
-    from .triton.ms_deform import TILES, use_tiles
+    from .triton.ms_deform import TILES, corners_per_pixel, pixel_tile_kind, use_tiles
 
     defaults = {kind: dict(config) for kind, config in TILES.items()}
     inputs = msda_bench_inputs(shape, _DTYPES[dtype], device, locations)
+    value, spatial, _, loc, _ = inputs
+    gather = pixel_tile_kind(corners_per_pixel(value.shape[1], loc.shape[1], spatial.shape[0], loc.shape[4]))
     timer = _timer(device, warmup, iters)
     on_cuda = device.startswith("cuda")
-    sweeps = [("sample", c, ("fwd", "bwd")) for c in SAMPLE_TILE_CANDIDATES]
-    sweeps += [("pixel", c, ("bwd",)) for c in PIXEL_TILE_CANDIDATES]
+    sweeps = [("forward", c, ("fwd",)) for c in SAMPLE_TILE_CANDIDATES]
+    sweeps += [("sample", c, ("bwd",)) for c in SAMPLE_TILE_CANDIDATES]
+    sweeps += [(gather, c, ("bwd",)) for c in PIXEL_TILE_CANDIDATES]
     rows = []
     for kind, config, passes in sweeps:
         with use_tiles(**{kind: config}):

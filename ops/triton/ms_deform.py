@@ -47,7 +47,8 @@ import triton.language as tl
 from .._cache import tracing
 from . import direct, is_num_warps, override_knobs
 
-__all__ = ["msda_forward", "msda_backward", "INTERPRETED", "TILES", "use_tiles"]
+__all__ = ["msda_forward", "msda_backward", "INTERPRETED", "TILES", "use_tiles", "corners_per_pixel",
+           "pixel_tile_kind"]
 
 
 @triton.jit
@@ -304,47 +305,75 @@ INTERPRETED = type(_forward_kernel).__name__ == "InterpretedFunction"
 # launchers
 
 
-# Tile sizes and warps per kernel. Set by reasoning about registers and memory parallelism (the kernels compile to
-# 60-130 registers/thread for sm_90 at these sizes, no spills), not yet by measurement on the GPU:
-# ``zoo.ops.bench_ms_deform.sweep_ms_deform_tiles`` times alternatives, and ``use_tiles`` overrides them. Results
-# are bitwise repeatable for a fixed configuration (the reduction trees depend on the tile shape).
-#   sample: forward and per-sample backward, a [queries, points, channels] tile of ``elements`` elements.
-#   pixel:  value-gradient gather, a [pixels, samples, channels] tile; ``samples`` entries are read per step.
+# Tile sizes and warps per kernel, from ``zoo.ops.bench_ms_deform.sweep_ms_deform_tiles`` on an H200 (torch 2.11,
+# Focus-DETR R50 shapes at batch 2, kernel ms against the first defaults, which every kernel shared: 2048 elements,
+# 4 warps); ``use_tiles`` overrides them. Results are bitwise repeatable for a fixed configuration (the reduction
+# trees depend on the tile shape).
+#   forward:     the forward kernel, a [queries, points, channels] tile of ``elements`` elements. 4096 / 4 warps:
+#                decoder fp32 0.023 -> 0.014, encoder bf16 0.272 -> 0.228 (fp32 0.276 -> 0.259).
+#   sample:      the per-sample backward, same tiling. 1024 / 2 warps: the whole backward, decoder fp32
+#                0.179 -> 0.173, encoder 1.86 -> 1.78 (4096 elements, best for the forward, made it 2.05).
+#   pixel:       the value-gradient gather where samples are sparse (fewer corners per value pixel than a dense
+#                step's ``samples``: a decoder's 900 queries, ~2.6 a pixel), a [pixels, samples, channels] tile;
+#                ``samples`` entries are read per step. 4096 / 4 warps (32 pixels a program): decoder backward
+#                fp32 0.180 -> 0.154, bf16 0.179 -> 0.154.
+#   dense_pixel: the same where each pixel fills a step (the encoder, ~40 a pixel). 1024 / 2 warps (one pixel a
+#                program): encoder backward fp32 1.86 -> 1.55, bf16 1.85 -> 1.52 (4096 / 4 warps: 1.74).
 TILES: dict[str, dict[str, int]] = {
-    "sample": {"elements": 2048, "num_warps": 4},
-    "pixel": {"elements": 2048, "samples": 32, "num_warps": 4},
+    "forward": {"elements": 4096, "num_warps": 4},
+    "sample": {"elements": 1024, "num_warps": 2},
+    "pixel": {"elements": 4096, "samples": 32, "num_warps": 4},
+    "dense_pixel": {"elements": 1024, "samples": 32, "num_warps": 2},
 }
 
 
-def use_tiles(sample: dict[str, int] | None = None,
-              pixel: dict[str, int] | None = None) -> contextlib.AbstractContextManager:
+def use_tiles(forward: dict[str, int] | None = None, sample: dict[str, int] | None = None,
+              pixel: dict[str, int] | None = None,
+              dense_pixel: dict[str, int] | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override entries of :data:`TILES` (for tuning sweeps).
 
     Args:
-        sample: any of ``elements`` (>= 1) and ``num_warps`` for the forward and per-sample backward kernels.
-        pixel: any of ``elements``, ``samples`` (>= 1) and ``num_warps`` for the value-gradient gather.
+        forward: any of ``elements`` (>= 1) and ``num_warps`` for the forward kernel.
+        sample: the same keys for the per-sample backward kernel.
+        pixel: any of ``elements``, ``samples`` (>= 1) and ``num_warps`` for the value-gradient gather where
+            samples are sparse; ``dense_pixel``: the same where they are dense (see :func:`pixel_tile_kind`).
     Unknown keys and bad values raise ``ValueError`` here (``num_warps``: a power of two from 1 to 32).
     """
-    for name, given in (("sample", sample), ("pixel", pixel)):
-        unknown = sorted(set(given or {}) - set(TILES[name]))
+    given = {"forward": forward, "sample": sample, "pixel": pixel, "dense_pixel": dense_pixel}
+    for name, config in given.items():
+        unknown = sorted(set(config or {}) - set(TILES[name]))
         if unknown:
             raise ValueError(f"use_tiles({name}=...): unknown keys {unknown}; known: {sorted(TILES[name])}")
-        for key, value in (given or {}).items():
+        for key, value in (config or {}).items():
             if not (is_num_warps(value) if key == "num_warps" else type(value) is int and value >= 1):
                 accepted = "a power of two from 1 to 32" if key == "num_warps" else "an int >= 1"
                 raise ValueError(f"use_tiles({name}=...): {key} must be {accepted}, got {value!r}")
-    return _tiles_overridden(sample or {}, pixel or {})
+    return _tiles_overridden({name: config or {} for name, config in given.items()})
 
 
 @contextlib.contextmanager
-def _tiles_overridden(sample: dict[str, int], pixel: dict[str, int]) -> Iterator[None]:
-    with override_knobs(TILES["sample"], **sample), override_knobs(TILES["pixel"], **pixel):
+def _tiles_overridden(overrides: dict[str, dict[str, int]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for name, config in overrides.items():
+            stack.enter_context(override_knobs(TILES[name], **config))
         yield
 
 
-def _sample_tile(points: int, channels: int) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_P, BLOCK_C, num_warps) of the forward and per-sample backward kernels."""
-    cfg = TILES["sample"]
+def corners_per_pixel(tokens: int, queries: int, levels: int, points: int) -> float:
+    """Mean number of sample corners per value pixel (4 per sample), a function of the shapes only."""
+    return 4 * queries * levels * points / max(1, tokens)
+
+
+def pixel_tile_kind(per_pixel: float) -> str:
+    """``"dense_pixel"`` where the mean corners per value pixel fill a dense gather step, else ``"pixel"``: the
+    :data:`TILES` entry of the value-gradient gather."""
+    return "dense_pixel" if per_pixel >= TILES["dense_pixel"]["samples"] else "pixel"
+
+
+def _sample_tile(points: int, channels: int, kind: str) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_P, BLOCK_C, num_warps) of the forward (``kind="forward"``) or the per-sample backward
+    (``"sample"``) kernel."""
+    cfg = TILES[kind]
     block_p = triton.next_power_of_2(points)
     block_c = max(triton.next_power_of_2(channels), 4)
     block_q = max(1, min(128, cfg["elements"] // (block_p * block_c)))
@@ -356,10 +385,10 @@ def _pixel_tile(channels: int, per_pixel: float) -> tuple[int, int, int, int]:
 
     ``per_pixel`` is the mean number of sample corners per value pixel (a function of the shapes only, so the
     configuration, and with it the bits of the result, do not depend on the data). Sparse sampling (a decoder's
-    900 queries over an encoder's 22k tokens: ~2.6 corners a pixel) gets narrow sample steps over many pixels;
-    with the encoder's ~40 a pixel, wide steps over few pixels.
+    900 queries over an encoder's 22k tokens: ~2.6 corners a pixel) gets narrow sample steps over many pixels
+    (``TILES["pixel"]``); with the encoder's ~40 a pixel, wide steps over few pixels (``TILES["dense_pixel"]``).
     """
-    cfg = TILES["pixel"]
+    cfg = TILES[pixel_tile_kind(per_pixel)]
     block_c = max(triton.next_power_of_2(channels), 4)
     block_e = min(cfg["samples"], max(4, triton.next_power_of_2(math.ceil(per_pixel))))
     block_s = max(1, min(64, cfg["elements"] // (block_e * block_c)))
@@ -389,7 +418,7 @@ def msda_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_
         return out
     if levels * points == 0:  # a weighted sum over no samples
         return out.zero_()
-    block_q, block_p, block_c, warps = _sample_tile(points, channels)
+    block_q, block_p, block_c, warps = _sample_tile(points, channels, "forward")
     grid = (triton.cdiv(queries, block_q), heads, batch)
     launch(_forward_kernel)[grid](
         value, shapes, starts if starts is not None else shapes, loc, attn, out, tokens, queries, levels,
@@ -430,7 +459,7 @@ def msda_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: t
         records = torch.empty((*attn.shape, 4), device=value.device, dtype=torch.float32)
     else:
         keys = records = attn  # not written
-    block_q, block_p, block_c, warps = _sample_tile(points, channels)
+    block_q, block_p, block_c, warps = _sample_tile(points, channels, "sample")
     launch(_sample_grad_kernel)[(triton.cdiv(queries, block_q), heads, batch)](
         value, shapes, starts if starts is not None else shapes, loc, attn, grad_out, grad_loc, grad_attn, keys,
         records, tokens, queries, levels, cells, sentinel,
@@ -463,7 +492,7 @@ def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int,
                 launch=direct) -> torch.Tensor:
     """Sort samples by cell, build CSR offsets, gather per value pixel (passes 2 and 3 of the module docstring)."""
     batch, tokens, heads, channels = value.shape
-    _, _, _, levels, points, _ = loc.shape
+    _, queries, _, levels, points, _ = loc.shape
     sorted_keys, perm = torch.sort(keys.flatten(), stable=True)
     boundaries = _cell_boundaries(sentinel + 1, sorted_keys.dtype, value.device)
     # bool(): a guard, not a SymBool, when torch.compile traces with symbolic sizes
@@ -473,7 +502,7 @@ def _value_grad(grad_out, value, shapes, starts, loc, keys, records, cells: int,
     # faster than from bfloat16 ones at the decoder shape (H200: 78 against 215 us; encoder 1.05 against 1.48 ms;
     # the value's and the locations' dtypes made no difference), far more than the cast costs.
     grad_rows = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
-    block_s, block_e, block_c, warps = _pixel_tile(channels, 4 * keys.numel() / max(1, batch * tokens * heads))
+    block_s, block_e, block_c, warps = _pixel_tile(channels, corners_per_pixel(tokens, queries, levels, points))
     launch(_value_grad_kernel)[(triton.cdiv(tokens, block_s), heads, batch)](
         shapes, starts if starts is not None else shapes, records, grad_rows, perm, seg, grad_value, tokens, cells,
         M=heads, C=channels, L=levels, P=points, HAS_STARTS=starts is not None,

@@ -251,7 +251,7 @@ class _Geometry:
                     BLOCK_DV=max(16, next_pow2(self.d_v)))
 
     def packed_constexprs(self) -> dict:
-        """The packed kernels' shapes: ``HP`` heads' rows in a ``BLOCK_M`` tile, their channels side by side."""
+        """The packed forward's shapes: ``HP`` heads' rows in a ``BLOCK_M`` tile, their channels side by side."""
         return dict(RH=self.rh, RW=self.rw, DQK=self.d_qk, DV=self.d_v, HP=self.hp, BLOCK_M=self.block_packed,
                     BLOCK_CQK=max(16, next_pow2(self.hp * self.d_qk)), BLOCK_CV=max(16, next_pow2(self.hp * self.d_v)))
 

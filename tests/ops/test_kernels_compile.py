@@ -137,17 +137,19 @@ def _depthwise_conv(launch: LaunchRecorder, monkeypatch, c: int, k: int, hw: int
 
 
 def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
-    """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points."""
+    """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points;
+    100 queries (a decoder's sparse value-gradient gather) and every token a query (the encoder's dense one)."""
     from zoo.ops.triton import ms_deform as md
 
     shapes = torch.tensor([[32, 40], [16, 20], [8, 10], [4, 5]])
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-    tokens, queries, heads, channels, levels, points = int((shapes[:, 0] * shapes[:, 1]).sum()), 100, 8, 32, 4, 4
+    tokens, heads, channels, levels, points = int((shapes[:, 0] * shapes[:, 1]).sum()), 8, 32, 4, 4
     value = _randn(1, tokens, heads, channels, dtype=dtype)
-    loc = torch.rand(1, queries, heads, levels, points, 2, generator=torch.Generator().manual_seed(2)).to(dtype)
-    attn = torch.rand(1, queries, heads, levels, points, generator=torch.Generator().manual_seed(3)).to(dtype)
-    out = md.msda_forward(value, shapes, starts, loc, attn, launch)
-    md.msda_backward(out, value, shapes, starts, loc, attn, True, launch)
+    for queries in (100, tokens):
+        loc = torch.rand(1, queries, heads, levels, points, 2, generator=torch.Generator().manual_seed(2)).to(dtype)
+        attn = torch.rand(1, queries, heads, levels, points, generator=torch.Generator().manual_seed(3)).to(dtype)
+        out = md.msda_forward(value, shapes, starts, loc, attn, launch)
+        md.msda_backward(out, value, shapes, starts, loc, attn, True, launch)
 
 
 def _neighborhood(launch: LaunchRecorder, monkeypatch, spatial: tuple[int, ...], kernel: int, dilation: int,

@@ -171,10 +171,26 @@ def test_use_tiles_rejects_unknown_keys_and_bad_values():
         use_tiles(pixel={"num_warps": 3})
     with pytest.raises(ValueError, match="samples must be an int >= 1, got 0"):
         use_tiles(pixel={"samples": 0})
+    with pytest.raises(ValueError, match=r"use_tiles\(dense_pixel=...\): unknown keys \['pixels'\]"):
+        use_tiles(dense_pixel={"pixels": 4})
     before = {k: dict(v) for k, v in TILES.items()}
-    with use_tiles(sample={"elements": 64}):
-        assert TILES["sample"]["elements"] == 64
+    with use_tiles(forward={"num_warps": 8}, sample={"elements": 64}, dense_pixel={"samples": 8}):
+        changed = TILES["forward"]["num_warps"], TILES["sample"]["elements"], TILES["dense_pixel"]["samples"]
+        assert changed == (8, 64, 8)
     assert TILES == before
+
+
+def test_value_gradient_gather_tile_by_corners_per_pixel():
+    pytest.importorskip("triton")
+    from zoo.ops.triton.ms_deform import corners_per_pixel, pixel_tile_kind, use_tiles
+
+    tokens = 100 * 167 + 50 * 84 + 25 * 42 + 13 * 21  # Focus-DETR R50 at 800 x 1333: 22,223 value pixels
+    assert corners_per_pixel(tokens, tokens, 4, 4) == 64.0  # the encoder: every token a query, 16 samples each
+    assert pixel_tile_kind(64.0) == "dense_pixel"
+    assert pixel_tile_kind(corners_per_pixel(tokens, 900, 4, 4)) == "pixel"  # 900 decoder queries: 2.6 a pixel
+    assert pixel_tile_kind(32.0) == "dense_pixel" and pixel_tile_kind(31.9) == "pixel"  # a full 32-sample step
+    with use_tiles(dense_pixel={"samples": 64}):
+        assert pixel_tile_kind(32.0) == "pixel"
 
 
 def test_triton_backend_refusals_are_explained():
@@ -233,7 +249,8 @@ def _interpreter_checks() -> None:
 
     value, spatial, loc, attn = random_case(queries=7, spread=(0.3, 0.55), seed=14)
     grad_out = randn(2, 7, 16, seed=15)
-    with use_tiles(sample={"elements": 64, "num_warps": 1}, pixel={"elements": 64, "samples": 4, "num_warps": 1}):
+    tiny, tiny_gather = {"elements": 64, "num_warps": 1}, {"elements": 64, "samples": 4, "num_warps": 1}
+    with use_tiles(forward=tiny, sample=tiny, pixel=tiny_gather, dense_pixel=tiny_gather):
         got = forward_and_grads(value, spatial, loc, attn, grad_out, "triton")
     expected = msda_oracle(value, spatial, loc, attn)
     want = (expected, *torch.autograd.grad(expected, (value, loc, attn), grad_out.double()))
