@@ -292,9 +292,9 @@ def _failures_as_rows() -> Iterator[dict[str, Any]]:
 class _Subject:
     """A model built for benchmarking: under one ops backend, eager or compiled."""
 
-    def __init__(self, name: str, backend: str, compile: bool | str, model: torch.nn.Module, runner: Any,
-                 chw: tuple[int, int, int], params_m: float, channels_last: bool, device: torch.device):
-        self.name, self.backend, self.compile, self.model, self.runner = name, backend, compile, model, runner
+    def __init__(self, name: str, backend: str, compile: bool | str, runner: Any, chw: tuple[int, int, int],
+                 params_m: float, channels_last: bool, device: torch.device):
+        self.name, self.backend, self.compile, self.runner = name, backend, compile, runner
         self.chw, self.params_m, self.channels_last, self.device = chw, params_m, channels_last, device
 
     @classmethod
@@ -311,8 +311,7 @@ class _Subject:
             model = model.to(memory_format=torch.channels_last)
         params_m = sum(p.numel() for p in model.parameters()) / 1e6
         runner = torch.compile(model, mode=compile) if compile else model
-        return cls(name, backend, compile, model, runner, _input_size(model, img_size), params_m, channels_last,
-                   device)
+        return cls(name, backend, compile, runner, _input_size(model, img_size), params_m, channels_last, device)
 
     def row(self, mode: str, dtype: str, bs: int) -> dict[str, Any]:
         """A result row of this subject at one configuration, its measurements not yet filled in."""

@@ -60,6 +60,26 @@ def _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION: tl.cons
 
 
 @triton.jit
+def _attend_selected(q, k_base, v_base, idx_row, offs_ck, ck_ok, offs_cv, cv_ok, skh, skw, skc, svh, svw, svc, NW, H,
+                     W, qk_scale2, T: tl.constexpr, TOPK: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax attention of the query tile ``q`` over the ``TOPK * T`` keys of its query region's selected
+    regions (routing row ``idx_row``), key tiles of ``BLOCK_N`` loaded from the un-gathered maps (channels
+    ``offs_ck`` / ``offs_cv`` where ``ck_ok`` / ``cv_ok``): the row maxima, row sums and unnormalised output."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_CV], dtype=tl.float32)
+    for start in range(0, TOPK * T, BLOCK_N):
+        ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH, RW)
+        # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
+        k = _load_tile(k_base, ky, kx, k_ok[:, None] & ck_ok[None, :], offs_ck, skh, skw, skc)
+        m_i, alpha, p, l_i = _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION)
+        v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _dq_step(dq, q, k, v, do, lse, delta, keep, qk_scale2, PRECISION: tl.constexpr):
     """dQ accumulated over one key tile (``keep``: the scores that take part, broadcast against [rows, keys])."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
@@ -70,15 +90,14 @@ def _dq_step(dq, q, k, v, do, lse, delta, keep, qk_scale2, PRECISION: tl.constex
 
 
 @triton.jit
-def _dkv_step(dk, dv, k, v, q, do, lse_t, delta_t, keep_t, qk_scale2, PRECISION: tl.constexpr):
+def _dkv_step(dk, dv, k, v, q, do, lse, delta, keep_t, qk_scale2, PRECISION: tl.constexpr):
     """dK and dV accumulated over one query tile, on transposed scores (keys x queries) so that no probability
-    tile needs a transpose (``keep_t``, ``lse_t``, ``delta_t``: the scores that take part and the query rows'
-    statistics, broadcast against [keys, rows])."""
+    tile needs a transpose (``keep_t``: the scores that take part, broadcast against [keys, rows])."""
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
-    p_t = tl.where(keep_t, tl.exp2(s_t - lse_t), 0.0)
+    p_t = tl.where(keep_t, tl.exp2(s_t - lse[None, :]), 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta_t)
+    ds_t = p_t * (dp_t - delta[None, :])
     return dk + tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION), dv
 
 
@@ -152,19 +171,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
         k_base = k_ptr + b64 * skb + head * DQK * skc
         v_base = v_ptr + b64 * svb + head * DV * svc
         idx_row = idx_ptr + (b * R + qr) * TOPK
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        for start in range(0, TOPK * T, BLOCK_N):
-            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
-                                                    RW)
-            # padded keys are zero rows: logit 0, value 0, not masked (the reference's rule)
-            k = _load_rows(k_base, ky, kx, k_ok, offs_dq, skh, skw, skc, DQK)
-            m_i, alpha, p, l_i = _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION)
-            v = _load_rows(v_base, ky, kx, k_ok, offs_dv, svh, svw, svc, DV)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-
+        m_i, l_i, acc = _attend_selected(q, k_base, v_base, idx_row, offs_dq, offs_dq < DQK, offs_dv, offs_dv < DV,
+                                         skh, skw, skc, svh, svw, svc, NW, H, W, qk_scale2, T, TOPK, RH, RW, BLOCK_M,
+                                         BLOCK_N, BLOCK_DV, PRECISION)
         _store_rows(out_ptr, acc / l_i[:, None], b64, qy, qx, q_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
         if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
             tl.store(lse_ptr + (bh * R + qr) * T + offs_m, m_i + tl.log2(l_i), mask=(offs_m < T) & real)
@@ -236,18 +245,9 @@ def _packed_forward_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
         k_base = k_ptr + b64 * skb + hg * HP * DQK * skc
         v_base = v_ptr + b64 * svb + hg * HP * DV * svc
         idx_row = idx_ptr + (b * R + qr) * TOPK
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_CV], dtype=tl.float32)
-        for start in range(0, TOPK * T, BLOCK_N):
-            ky, kx, in_range, k_ok = _selected_keys(idx_row, start + tl.arange(0, BLOCK_N), NW, H, W, T, TOPK, RH,
-                                                    RW)
-            k = _load_tile(k_base, ky, kx, k_ok[:, None] & cq_ok[None, :], offs_cq, skh, skw, skc)
-            m_i, alpha, p, l_i = _online_softmax_step(q, k, in_range, m_i, l_i, qk_scale2, PRECISION)
-            v = _load_tile(v_base, ky, kx, k_ok[:, None] & cv_ok[None, :], offs_cv, svh, svw, svc)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-
+        m_i, l_i, acc = _attend_selected(q, k_base, v_base, idx_row, offs_cq, cq_ok, offs_cv, cv_ok, skh, skw, skc,
+                                         svh, svw, svc, NW, H, W, qk_scale2, T, TOPK, RH, RW, BLOCK_M, BLOCK_N,
+                                         BLOCK_CV, PRECISION)
         row = ((b64 * H + qy) * W + qx) * (HEADS * DV) + hg * HP * DV
         tl.store(out_ptr + row[:, None] + offs_cv[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                  mask=own_v)
@@ -322,7 +322,7 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, so
         row = (bh * R + qr) * T + m % T
         lse = tl.load(lse_ptr + row, mask=in_range, other=0.0)
         delta = tl.load(delta_ptr + row, mask=in_range, other=0.0)
-        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse[None, :], delta[None, :], q_ok[None, :], qk_scale2, PRECISION)
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse, delta, q_ok[None, :], qk_scale2, PRECISION)
 
     _store_rows(dk_ptr, dk * scale, b64, ky, kx, k_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
     _store_rows(dv_ptr, dv, b64, ky, kx, k_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
@@ -471,7 +471,7 @@ def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr,
         delta = tl.load(delta_ptr + row, mask=m_in, other=0.0)
         bits = _selection_bits(idx_item, qr, q_ok, TOPK, BLOCK_TOPK)
         keep_t = (((bits[None, :] >> kr[:, None].to(tl.int64)) & 1) != 0) & n_in[:, None]
-        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse[None, :], delta[None, :], keep_t, qk_scale2, PRECISION)
+        dk, dv = _dkv_step(dk, dv, k, v, q, do, lse, delta, keep_t, qk_scale2, PRECISION)
 
     _store_rows(dk_ptr, dk * scale, b64, ky, kx, k_ok, H, W, HEADS * DQK, head * DQK, offs_dq, DQK)
     _store_rows(dv_ptr, dv, b64, ky, kx, k_ok, H, W, HEADS * DV, head * DV, offs_dv, DV)
@@ -479,29 +479,6 @@ def _masked_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, lse_ptr, delta_ptr,
 
 # ----------------------------------------------------------------------------------------------------------------
 # routing: region sums, then affinity and top-k
-
-
-@triton.jit
-def _add_band_sums(q_sum, k_sum, q_item, k_item, sqh, sqw, sqc, skh, skw, skc, H, W, NW, region_row, rows, first,
-                   offs_c, c_ok, RH: tl.constexpr, RW: tl.constexpr, BLOCK_T: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Add the sums of q and k (channels ``offs_c``) over each region of one row of regions to ``q_sum`` /
-    ``k_sum``, whose row ``rows[i]`` holds region ``first + i`` of that row: the row's tokens in ``BLOCK_T``-token
-    tiles, each times a 0/1 region-membership matrix (float32 accumulation, a fixed order)."""
-    band = RH * NW * RW  # tokens of a row of regions in the padded map
-    for n0 in range(0, band, BLOCK_T):
-        n = n0 + tl.arange(0, BLOCK_T)
-        y = region_row * RH + n // (NW * RW)
-        x = n % (NW * RW)
-        ok = (n < band) & (y < H) & (x < W)
-        qt = tl.load(q_item + (y * sqh + x * sqw)[:, None] + (offs_c * sqc)[None, :],
-                     mask=ok[:, None] & c_ok[None, :], other=0.0)
-        kt = tl.load(k_item + (y * skh + x * skw)[:, None] + (offs_c * skc)[None, :],
-                     mask=ok[:, None] & c_ok[None, :], other=0.0)
-        member = ((rows[:, None] == (first + x // RW)[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
-        q_sum += tl.dot(member, qt, input_precision=PRECISION)
-        k_sum += tl.dot(member, kt, input_precision=PRECISION)
-    return q_sum, k_sum
 
 
 @triton.jit
@@ -516,10 +493,21 @@ def _region_sums_kernel(q_ptr, k_ptr, sums_ptr, sqb, sqh, sqw, sqc, skb, skh, sk
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_g = tl.arange(0, BLOCK_NW)
     c_ok = offs_c < C
+    band = RH * NW * RW  # tokens of a row of regions in the padded map
     q_sum = tl.zeros([BLOCK_NW, BLOCK_C], dtype=tl.float32)
     k_sum = tl.zeros([BLOCK_NW, BLOCK_C], dtype=tl.float32)
-    q_sum, k_sum = _add_band_sums(q_sum, k_sum, q_ptr + b * sqb, k_ptr + b * skb, sqh, sqw, sqc, skh, skw, skc, H, W,
-                                  NW, region_row, offs_g, 0, offs_c, c_ok, RH, RW, BLOCK_T, PRECISION)
+    for n0 in range(0, band, BLOCK_T):
+        n = n0 + tl.arange(0, BLOCK_T)
+        y = region_row * RH + n // (NW * RW)
+        x = n % (NW * RW)
+        ok = (n < band) & (y < H) & (x < W)
+        qt = tl.load(q_ptr + b * sqb + (y * sqh + x * sqw)[:, None] + (offs_c * sqc)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        kt = tl.load(k_ptr + b * skb + (y * skh + x * skw)[:, None] + (offs_c * skc)[None, :],
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        member = ((offs_g[:, None] == (x // RW)[None, :]) & ok[None, :]).to(qt.dtype)  # exact in every dtype
+        q_sum += tl.dot(member, qt, input_precision=PRECISION)
+        k_sum += tl.dot(member, kt, input_precision=PRECISION)
     rows = (b * R + region_row * NW + offs_g) * C
     mask = (offs_g < NW)[:, None] & c_ok[None, :]
     tl.store(sums_ptr + rows[:, None] + offs_c[None, :], q_sum, mask=mask)
@@ -546,15 +534,6 @@ def _route_topk_kernel(sums_ptr, idx_ptr, H, W, NW, R, C, B, RH: tl.constexpr, R
         kd = tl.load(sums_ptr + B * R * C + ((b * R + offs_r) * C)[:, None] + (c0 + offs_c)[None, :],
                      mask=(offs_r < R)[:, None] & c_ok[None, :], other=0.0)
         affinity += tl.dot(qd, tl.trans(kd), input_precision=PRECISION)
-    _store_topk(affinity, idx_ptr, b, offs_q, offs_r, H, W, NW, R, RH, RW, TOPK)
-
-
-@triton.jit
-def _store_topk(affinity, idx_ptr, b, offs_q, offs_r, H, W, NW, R, RH: tl.constexpr, RW: tl.constexpr,
-                TOPK: tl.constexpr):
-    """Divide the query regions' affinities with every key region by the key regions' token counts (mean
-    descriptors; a query's own count scales its whole row) and store each row's top-k by repeated arg-max (ties:
-    the lowest region) as (TOPK,) int64."""
     count = tl.maximum(tl.minimum(H - (offs_r // NW) * RH, RH) * tl.minimum(W - (offs_r % NW) * RW, RW), 1)
     affinity = tl.where((offs_r < R)[None, :], affinity / count.to(tl.float32)[None, :], float("-inf"))
     out = idx_ptr + (b * R + offs_q) * TOPK
