@@ -110,6 +110,13 @@ def _interpreter_fp32_checks() -> None:
         got = out_and_grads(tensors, "triton", 0.25)
     for name, x, y in zip(NAMES, got, want):
         assert_close_to(x, y, 1e-5, 1e-5, f"{name} block_t=16")
+    # the forward's query tiles dealt to 2 and 3 programs a (batch, head) (5 tiles: uneven shares); the training
+    # launch's statistics come from the first split only, so the gradients test them too
+    for splits in (2, 3):
+        with ta.use_tiles(block_t=16, num_warps=2, num_stages=1, query_splits=splits):
+            split = out_and_grads(tensors, "triton", 0.25)
+        for name, x, y in zip(NAMES, split, got):
+            assert torch.equal(x, y), f"{name} query_splits={splits} differs from one program a (batch, head)"
     print("fp32 ok")
 
 
@@ -246,20 +253,35 @@ def test_use_tiles_checks_and_restores_the_knobs():
     before = dict(ta._TILES)
     with ta.use_tiles(block_t=32, num_warps=2):
         assert ta._TILES == {**before, "block_t": 32, "num_warps": 2}
-        plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, False)
+        plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, False, None)
         assert plan.constexprs["BLOCK_T"] == 32 and plan.options == {"num_warps": 2, "num_stages": 2}
     assert ta._TILES == before
-    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, True)
+    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, True, None)
     assert plan.constexprs["BLOCK_T"] == 64 and plan.options == {"num_warps": 4, "num_stages": 2}
-    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float32, True)
+    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float32, True, None)
     assert plan.constexprs["BLOCK_T"] == 16 and plan.options == {"num_warps": 8, "num_stages": 1}
-    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 100, 16, 16), torch.bfloat16, True)  # 128 agents: wider tiles
+    plan = ta._plan(ta._Sizes(2, 3, 40, 40, 100, 16, 16), torch.bfloat16, True, None)  # 128 agents: wider tiles
     assert plan.options == {"num_warps": 8, "num_stages": 2}
     # 16-bit defaults by agent count and head width (H200 sweep): (block_t, warps, stages) forward / backward
-    tiles = lambda sizes, backward: (ta._plan(sizes, torch.bfloat16, backward).constexprs["BLOCK_T"],
-                                     *ta._plan(sizes, torch.bfloat16, backward).options.values())
+    tiles = lambda sizes, backward: (ta._plan(sizes, torch.bfloat16, backward, None).constexprs["BLOCK_T"],
+                                     *ta._plan(sizes, torch.bfloat16, backward, None).options.values())
     deit_s, swin_s2, pvt_s0 = ta._Sizes(8, 6, 197, 197, 49, 64, 64), ta._Sizes(8, 12, 196, 196, 49, 32, 32), \
         ta._Sizes(8, 1, 3136, 3136, 9, 64, 64)
     assert (tiles(deit_s, False), tiles(deit_s, True)) == ((64, 4, 2), (32, 4, 3))
     assert (tiles(swin_s2, False), tiles(swin_s2, True)) == ((32, 4, 3), (64, 4, 2))
     assert (tiles(pvt_s0, False), tiles(pvt_s0, True)) == ((128, 4, 2), (128, 8, 2))
+
+
+def test_default_query_splits_fill_the_sms():
+    """Where batch * heads is below the SM count the forward deals each (batch, head)'s query tiles to about two
+    programs per SM (Agent-PVT-T stage 0 at batch 128 on 132 SMs: 3), capped by the query tiles; otherwise one."""
+    splits = lambda sizes, sms: ta._plan(sizes, torch.bfloat16, False, sms).query_splits
+    pvt_s0 = lambda b: ta._Sizes(b, 1, 3136, 3136, 9, 64, 64)   # 128-token tiles: 25 query tiles
+    deit_s = lambda b: ta._Sizes(b, 6, 197, 197, 49, 64, 64)    # 64-token tiles: 4
+    assert splits(pvt_s0(128), 132) == 3
+    assert splits(pvt_s0(256), 132) == 1 and splits(deit_s(128), 132) == 1 and splits(deit_s(22), 132) == 1
+    assert splits(pvt_s0(1), 132) == 25 and splits(deit_s(1), 132) == 4 and splits(deit_s(8), 132) == 4
+    assert splits(pvt_s0(128), None) == 1  # off CUDA (the interpreter)
+    assert ta._plan(pvt_s0(128), torch.bfloat16, True, 132).query_splits == 1  # the backward has none
+    with ta.use_tiles(query_splits=2):
+        assert splits(deit_s(128), 132) == 2

@@ -72,7 +72,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
         m_i = m_new
     agent_v = (acc / l_i[:, None]).to(agent.dtype)  # the reference's first matmul output dtype
     pid64 = tl.program_id(0).to(tl.int64)
-    if STATS:  # what the backward needs (inference calls skip the stores and their buffers)
+    split = tl.program_id(1)  # the query tiles are dealt to the grid's second axis, each split aggregating again
+    if STATS and split == 0:  # what the backward needs (inference calls skip the stores and their buffers)
         _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
         tl.store(lse_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
 
@@ -80,7 +81,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
     q_base = q_ptr + b * sqb + h * sqh
     qb_base = qb_ptr + b * scb + h * sch
     out_base = out_ptr + b * N * HEADS * DV + h * DV
-    for start in range(0, N, BLOCK_T):
+    for start in range(split * BLOCK_T, N, BLOCK_T * tl.num_programs(1)):
         rows = start + offs_t
         qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
         s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
