@@ -7,7 +7,7 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from zoo.ops import LayerNorm
+from zoo.ops import LayerNorm, SpaceToDepthConv2d
 
 __all__ = ["ChannelsLastSequential", "check_images", "init_linears", "channels_last_intermediates", "projection_norm"]
 
@@ -23,7 +23,9 @@ class ChannelsLastSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the stack's output (channels-last strides)."""
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+        if not (isinstance(self[0], SpaceToDepthConv2d) and self[0].folds(x)):  # it gathers from any layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
 
 
 def check_images(x: torch.Tensor, family: str, min_side: int = 1, why: str = "") -> None:

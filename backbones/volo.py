@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo import convert, registry
-from zoo.ops import Mlp, downsampled_attention, outlook_attention
+from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, outlook_attention
 
 from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
 
@@ -194,8 +194,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if patch_size not in (4, 8, 16):
             raise ValueError(f"patch_size must be 4, 8 or 16, got {patch_size}")
-        self.conv = ChannelsLastSequential(
-            nn.Conv2d(in_chans, hidden_dim, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(hidden_dim),
+        self.conv = ChannelsLastSequential(  # the 7x7/2 conv on the image folded to 4x4/1 (zoo.ops.space_to_depth)
+            SpaceToDepthConv2d(in_chans, hidden_dim, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True),

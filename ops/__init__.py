@@ -25,6 +25,7 @@ from .depthwise_conv import depthwise_conv  # noqa: F401
 from .autocast_cache import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts  # noqa: F401
 from ._cache import clear_parameter_caches  # noqa: F401
 from .patch_conv import PatchConv2d, as_patch_conv  # noqa: F401
+from .space_to_depth import SpaceToDepthConv2d, as_space_to_depth_conv  # noqa: F401
 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
            "agent_attention", "outlook_attention", "routing_attention", "window_attention", "cross_attention",
@@ -32,4 +33,4 @@ __all__ = ["available_backends", "registered_backends", "register_backend", "dis
            "neighborhood_mask", "ms_deform_attn", "layer_norm", "LayerNorm", "mlp", "Mlp", "SequentialMlp",
            "depthwise_conv",
            "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "clear_parameter_caches",
-           "PatchConv2d", "as_patch_conv"]
+           "PatchConv2d", "as_patch_conv", "SpaceToDepthConv2d", "as_space_to_depth_conv"]

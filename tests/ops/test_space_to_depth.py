@@ -1,0 +1,146 @@
+"""zoo.ops.space_to_depth: a strided convolution as a stride-1 convolution over the space-to-depth input equals it."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zoo
+from zoo.ops import AutocastCachedConv2d, SpaceToDepthConv2d, as_space_to_depth_conv
+from zoo.ops.space_to_depth import space_to_depth_conv
+
+
+def _inputs(shape, out_channels, kernel, dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    weight = torch.randn(out_channels, shape[1], *kernel, generator=g, dtype=dtype)
+    b = torch.randn(out_channels, generator=g, dtype=dtype) if bias else None
+    return x, weight, b
+
+
+@pytest.mark.parametrize("shape, out_channels, kernel, stride, padding, bias", [
+    ((2, 3, 28, 30), 8, (7, 7), (2, 2), (3, 3), False),  # VOLO's stem conv, a non-square image
+    ((2, 3, 27, 25), 6, (7, 7), (2, 2), (3, 3), True),   # odd sizes: the convolution drops the last row and column
+    ((1, 3, 20, 21), 5, (3, 3), (2, 2), (1, 1), True),   # BiFormer's stem conv
+    ((2, 2, 17, 19), 4, (4, 4), (2, 2), (1, 1), True),   # even kernel
+    ((1, 3, 23, 26), 4, (5, 3), (3, 2), (2, 0), True),   # non-square kernel, stride and padding; stride 3
+    ((1, 1, 9, 11), 3, (2, 2), (3, 3), (0, 0), False),   # stride larger than the kernel: zero taps fill the block
+])
+def test_folded_convolution_equals_the_convolution_with_gradients(shape, out_channels, kernel, stride, padding, bias):
+    x, weight, b = _inputs(shape, out_channels, kernel, bias=bias)
+    leaves = [t.requires_grad_() for t in (x, weight, b) if t is not None]
+    ours = space_to_depth_conv(x, weight, b, stride, padding)
+    ref = F.conv2d(x, weight, b, stride=stride, padding=padding)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_folded_convolution_in_float32_from_any_layout_writes_channels_last():
+    x, weight, _ = _inputs((2, 3, 32, 32), 16, (7, 7), dtype=torch.float32)
+    ref = F.conv2d(x, weight, None, stride=2, padding=3)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        ours = space_to_depth_conv(inp, weight, None, (2, 2), (3, 3))
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        assert ((ours - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_folded_convolution_under_cpu_autocast_computes_in_bfloat16():
+    x, weight, b = _inputs((2, 3, 32, 32), 16, (7, 7), dtype=torch.float32)
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = space_to_depth_conv(x, weight, b, (2, 2), (3, 3))
+        ref = F.conv2d(x, weight, b, stride=2, padding=3)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    assert ((ours.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_layer_is_a_conv_with_the_same_keys_and_runs_the_convolution_on_cpu():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+    layer = SpaceToDepthConv2d(3, 8, 7, stride=2, padding=3, bias=False)
+    layer.load_state_dict(conv.state_dict())
+    assert isinstance(layer, nn.Conv2d) and isinstance(layer, AutocastCachedConv2d)
+    x = torch.randn(2, 3, 16, 20)
+    assert torch.equal(layer(x), conv(x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kernel_size=3, stride=1), "stride=(1, 1)"),
+    (dict(kernel_size=3, stride=2, padding="valid"), "padding='valid'"),
+    (dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+    (dict(kernel_size=3, stride=2, dilation=2), "dilation=(2, 2)"),
+    (dict(kernel_size=3, stride=2, groups=3), "groups=3"),
+])
+def test_constructor_and_converter_reject_other_convolutions(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SpaceToDepthConv2d(3, 6, **kwargs)
+    with pytest.raises(ValueError, match="only strided, zero-padded, undilated, ungrouped convolutions fold"):
+        as_space_to_depth_conv(nn.Conv2d(3, 6, **kwargs))
+
+
+def test_converter_keeps_parameters_and_rejects_other_layers():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    weight = conv.weight
+    assert as_space_to_depth_conv(conv) is conv and type(conv) is SpaceToDepthConv2d and conv.weight is weight
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
+        as_space_to_depth_conv(nn.Linear(3, 3))
+
+
+def test_folded_branch_checks_its_input_as_the_convolution_does(monkeypatch):
+    monkeypatch.setattr(SpaceToDepthConv2d, "folds", lambda self, inp: True)  # the CUDA branch, run on CPU
+    torch.manual_seed(0)
+    layer = SpaceToDepthConv2d(3, 8, 7, stride=2, padding=3)
+    x = torch.randn(2, 3, 30, 34)
+    assert ((layer(x) - F.conv2d(x, layer.weight, layer.bias, stride=2, padding=3)).abs().max()).item() < 1e-5
+    with pytest.raises(ValueError, match=r"in_channels=3 channels \(dim 1\), got shape \(2, 4, 32, 32\)"):
+        layer(torch.zeros(2, 4, 32, 32))
+    with pytest.raises(ValueError, match=r"padded by \(3, 3\) is smaller than the kernel \(7, 7\)"):
+        layer(torch.zeros(2, 3, 8, 0))
+
+
+@pytest.mark.parametrize("name", ["zoo_volo_d1_224", "zoo_volo_d5_224"])
+def test_volo_stem_folds_its_first_conv_with_the_official_keys_and_features(name, monkeypatch):
+    """VOLO's 7x7/2 stem conv is the layer; its CUDA path (any input layout, channels-last output into the stem's
+    BatchNorm) run on CPU gives the convolution's features."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=0).eval()
+    assert type(model.patch_embed.conv[0]) is SpaceToDepthConv2d
+    assert "patch_embed.conv.0.weight" in model.state_dict()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.patch_embed(x)
+        monkeypatch.setattr(SpaceToDepthConv2d, "folds", lambda self, inp: True)
+        ours = model.patch_embed(x)
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_layer_matches_the_convolution(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN convolutions take TF32 by default
+    x, weight, _ = _inputs((4, 3, 64, 66), 32, (7, 7), dtype=torch.float64)
+    layer = SpaceToDepthConv2d(3, 32, 7, stride=2, padding=3, bias=False).cuda()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    ref = F.conv2d(x, weight, None, stride=2, padding=3).cuda()
+    xc = x.float().cuda()
+    with torch.no_grad():
+        out = layer(xc)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+        with torch.autocast("cuda", torch.bfloat16):
+            out16 = layer(xc)
+        assert out16.dtype == torch.bfloat16 and ((out16.double() - ref).norm() / ref.norm()).item() < 1e-2
+        compiled = torch.compile(layer, fullgraph=True)
+        assert ((compiled(xc).double() - ref).norm() / ref.norm()).item() < 1e-6
+    xg = xc.clone().requires_grad_()
+    layer(xg).double().mul(ref).sum().backward()  # the weight and input gradients through the fold
+    conv_x = xc.clone().requires_grad_()
+    conv_w = layer.weight.detach().clone().requires_grad_()
+    F.conv2d(conv_x, conv_w, None, stride=2, padding=3).double().mul(ref).sum().backward()
+    for ours, want in ((xg.grad, conv_x.grad), (layer.weight.grad, conv_w.grad)):
+        assert ((ours - want).norm() / want.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match=r"in_channels=3 channels"):
+        layer(torch.zeros(1, 4, 32, 32, device="cuda"))
