@@ -349,7 +349,8 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
 
     See :func:`agent_key_bias` and :func:`agent_query_bias`: returns (1, heads, A', [1 +] Hk * Wk) and
     (1, heads, [1 +] Hq * Wq, A'). Without autograd (no_grad / inference_mode, not while compiling) the result is
-    cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype,
+    cached on the module per (key_size, query_size, agents, autocast dtype), already in the autocast compute dtype
+    (while compiling without autograd, built in the graph and cast to that dtype likewise),
     and reused while the bias parameters are unchanged. "Unchanged" is read from each parameter's version counter
     and storage and from the process's optimizer-step count (:func:`zoo.ops._cache.optimizer_steps`); a write that
     bumps no version counter outside an optimizer step (``p.data.mul_(...)``, ``torch._foreach_lerp_`` on CUDA)
@@ -357,8 +358,14 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     """
     key_size, query_size = tuple(key_size), tuple(query_size)
     agents = tuple(agents) if agents is not None else None
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+    if torch.is_grad_enabled():
         return _build_biases(module, key_size, query_size, agents)
+    if torch.compiler.is_compiling():
+        # the graph builds them each call; cast as the eager cache does, so that compiled and eager inference feed
+        # the attention the same biases (a fused kernel reads any dtype and would otherwise read float32 ones)
+        biases = _build_biases(module, key_size, query_size, agents)
+        compute = autocast_dtype(biases[0].device.type)
+        return biases if compute is None else tuple(b.to(compute) for b in biases)
     token = _bias_token(module)
     if token is None:
         return _build_biases(module, key_size, query_size, agents)

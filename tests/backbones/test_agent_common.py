@@ -149,6 +149,26 @@ def test_biases_stay_float32_under_autocast():
     assert key.shape == (1, 2, 9, 1 + 24) and query.shape == (1, 2, 1 + 27, 9)
 
 
+def test_compiled_inference_casts_the_biases_as_the_eager_cache_does():
+    """Compiled without autograd under autocast, the biases come out in the compute dtype (the eager inference cache's
+    values); with autograd on they stay float32, as in eager training."""
+    module = torch.nn.Module()
+    common.init_agent_biases(module, 2, 4, (5, 6), (5, 6), cls_token=True)
+    fresh = common._build_biases(module, (8, 3), (3, 9), (3, 3))
+    biases = torch.compile(lambda: common.agent_biases(module, (8, 3), (3, 9), agents=(3, 3)), backend="aot_eager",
+                           fullgraph=True)
+    with torch.no_grad():
+        plain = biases()  # (the compiled graph's bilinear resize may round differently from eager's)
+    for c, f in zip(plain, fresh):
+        assert c.dtype == torch.float32
+        torch.testing.assert_close(c, f, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            cast = biases()
+        assert all(c.dtype == torch.bfloat16 and torch.equal(c, p.to(torch.bfloat16)) for c, p in zip(cast, plain))
+        assert all(c.dtype == torch.float32 for c in biases())
+
+
 def test_resize_under_torch_compile():
     fn = torch.compile(lambda t: common.resize_bilinear(t, (14, 12)), backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 4, 7, 7, requires_grad=True)
