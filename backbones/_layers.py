@@ -23,7 +23,7 @@ class ChannelsLastSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the stack's output (channels-last strides)."""
-        if not (isinstance(self[0], SpaceToDepthConv2d) and self[0].folds(x)):  # it gathers from any layout
+        if not (isinstance(self[0], SpaceToDepthConv2d) and self[0].rewrites(x)):  # it gathers from any layout
             x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 

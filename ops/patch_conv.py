@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import compute_dtype
-from .autocast_cache import AutocastCachedConv2d, autocast_weights
+from ._conv_layers import RewrittenConv2d
+from .autocast_cache import autocast_weights
 
 __all__ = ["PatchConv2d", "as_patch_conv", "patch_conv_gemm"]
 
@@ -66,7 +67,7 @@ def patch_conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y.view(b, grid_h, grid_w, out_channels).permute(0, 3, 1, 2)
 
 
-class PatchConv2d(AutocastCachedConv2d):
+class PatchConv2d(RewrittenConv2d):
     """``nn.Conv2d`` for non-overlapping patches (kernel_size == stride, padding 0, dilation 1, groups 1) whose CUDA
     forward is :func:`patch_conv_gemm` (module docstring); elsewhere the convolution. Keeps autocast's weight copies
     between inference calls like :class:`zoo.ops.AutocastCachedConv2d`.
@@ -74,24 +75,14 @@ class PatchConv2d(AutocastCachedConv2d):
     ``x`` (B, C_in, H, W) → (B, C_out, H // p, W // p).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        reason = _patch_conv_reason(self)
-        if reason is not None:
-            raise ValueError(f"PatchConv2d: {reason}; a patch convolution has kernel_size == stride, padding 0, "
-                             "dilation 1 and groups 1 (use nn.Conv2d for others)")
-
-    def _gemm_applies(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the GEMM: a batched CUDA input (where it measured faster)."""
-        return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_cuda
+    requirement = "a patch convolution has kernel_size == stride, padding 0, dilation 1 and groups 1"
+    convertible = "non-overlapping patch convolutions can become PatchConv2d"
+    reason_of = staticmethod(_patch_conv_reason)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._gemm_applies(x):
+        if not self.rewrites(x):
             return super().forward(x)
-        # the convolution's own input errors, which the GEMM would report as a shape mismatch or not at all
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"PatchConv2d: x must have in_channels={self.in_channels} channels (dim 1), got shape "
-                             f"{tuple(x.shape)}")
+        self.check_in_channels(x)
         if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
             raise ValueError(f"PatchConv2d: x of shape {tuple(x.shape)} is smaller than one patch "
                              f"{self.kernel_size}")
@@ -102,10 +93,4 @@ class PatchConv2d(AutocastCachedConv2d):
 def as_patch_conv(conv: nn.Conv2d) -> PatchConv2d:
     """Turn ``conv`` (an ``nn.Conv2d`` or its autocast-caching subclass, e.g. timm's ``PatchEmbed.proj``) into a
     :class:`PatchConv2d` in place (parameters, hooks and state-dict keys unchanged) and return it."""
-    if type(conv) not in (nn.Conv2d, AutocastCachedConv2d, PatchConv2d):
-        raise TypeError(f"as_patch_conv: conv must be an nn.Conv2d, got {type(conv).__name__}")
-    reason = _patch_conv_reason(conv)
-    if reason is not None:
-        raise ValueError(f"as_patch_conv: {reason}; only non-overlapping patch convolutions can become PatchConv2d")
-    conv.__class__ = PatchConv2d
-    return conv
+    return PatchConv2d.convert(conv, "as_patch_conv")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import compute_dtype
-from .autocast_cache import AutocastCachedConv2d, autocast_weights
+from ._conv_layers import RewrittenConv2d
+from .autocast_cache import autocast_weights
 
 __all__ = ["SpaceToDepthConv2d", "as_space_to_depth_conv", "space_to_depth_conv"]
 
@@ -90,34 +91,23 @@ def _space_to_depth_reason(conv: nn.Conv2d) -> str | None:
     return None
 
 
-class SpaceToDepthConv2d(AutocastCachedConv2d):
+class SpaceToDepthConv2d(RewrittenConv2d):
     """``nn.Conv2d`` (stride > 1, zero padding given as ints, dilation 1, groups 1) whose CUDA forward is
-    :func:`space_to_depth_conv` (module docstring: for few-channel images); elsewhere the convolution. Same
-    constructor, parameters and state-dict keys; keeps autocast's weight copies between inference calls like
-    :class:`zoo.ops.AutocastCachedConv2d`.
+    :func:`space_to_depth_conv` (module docstring: for few-channel images), reading ``x`` in any layout; elsewhere
+    the convolution. Same constructor, parameters and state-dict keys; keeps autocast's weight copies between
+    inference calls like :class:`zoo.ops.AutocastCachedConv2d`.
 
     ``x`` (B, C_in, H, W) → (B, C_out, H_out, W_out) as the convolution gives it (channels-last strides on CUDA).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        reason = _space_to_depth_reason(self)
-        if reason is not None:
-            raise ValueError(f"SpaceToDepthConv2d: {reason}; it folds a strided, zero-padded, undilated, ungrouped "
-                             "convolution (use nn.Conv2d for others)")
-
-    def folds(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the folded convolution: a batched CUDA input (where it measured faster); it
-        then reads ``x`` in any layout."""
-        return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_cuda
+    requirement = "it folds a strided, zero-padded, undilated, ungrouped convolution"
+    convertible = "strided, zero-padded, undilated, ungrouped convolutions fold"
+    reason_of = staticmethod(_space_to_depth_reason)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.folds(x):
+        if not self.rewrites(x):
             return super().forward(x)
-        # the convolution's own input errors, which the folded one would report differently or not at all
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"SpaceToDepthConv2d: x must have in_channels={self.in_channels} channels (dim 1), got "
-                             f"shape {tuple(x.shape)}")
+        self.check_in_channels(x)
         for size, k, p in zip(x.shape[-2:], self.kernel_size, self.padding):
             if size + 2 * p < k:
                 raise ValueError(f"SpaceToDepthConv2d: x of shape {tuple(x.shape)} padded by {self.padding} is "
@@ -129,11 +119,4 @@ class SpaceToDepthConv2d(AutocastCachedConv2d):
 def as_space_to_depth_conv(conv: nn.Conv2d) -> SpaceToDepthConv2d:
     """Turn ``conv`` (an ``nn.Conv2d`` or its autocast-caching subclass) into a :class:`SpaceToDepthConv2d` in
     place (parameters, hooks and state-dict keys unchanged) and return it."""
-    if type(conv) not in (nn.Conv2d, AutocastCachedConv2d, SpaceToDepthConv2d):
-        raise TypeError(f"as_space_to_depth_conv: conv must be an nn.Conv2d, got {type(conv).__name__}")
-    reason = _space_to_depth_reason(conv)
-    if reason is not None:
-        raise ValueError(f"as_space_to_depth_conv: {reason}; only strided, zero-padded, undilated, ungrouped "
-                         "convolutions fold")
-    conv.__class__ = SpaceToDepthConv2d
-    return conv
+    return SpaceToDepthConv2d.convert(conv, "as_space_to_depth_conv")

@@ -2,19 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import zoo
-from zoo.ops import AutocastCachedConv2d, PatchConv2d, as_patch_conv
+from zoo.ops import PatchConv2d
 from zoo.ops.patch_conv import patch_conv_gemm
 
-
-def _inputs(shape, out_channels, patch, dtype=torch.float64, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=dtype)
-    weight = torch.randn(out_channels, shape[1], *patch, generator=g, dtype=dtype)
-    b = torch.randn(out_channels, generator=g, dtype=dtype) if bias else None
-    return x, weight, b
+from conv_checks import assert_equals_the_convolution, conv_inputs
 
 
 @pytest.mark.parametrize("shape, out_channels, patch, bias", [
@@ -23,19 +16,12 @@ def _inputs(shape, out_channels, patch, dtype=torch.float64, bias=True, seed=0):
     ((1, 4, 9, 10), 6, (3, 2), False),     # non-square patches, no bias
 ])
 def test_gemm_equals_the_convolution_with_gradients(shape, out_channels, patch, bias):
-    x, weight, b = _inputs(shape, out_channels, patch, bias=bias)
-    leaves = [t.requires_grad_() for t in (x, weight, b) if t is not None]
-    ours = patch_conv_gemm(x, weight, b)
-    ref = F.conv2d(x, weight, b, stride=patch)
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
-    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    x, weight, b = conv_inputs(shape, out_channels, patch, bias=bias)
+    assert_equals_the_convolution(patch_conv_gemm, x, weight, b, stride=patch)
 
 
 def test_gemm_in_float32_and_channels_last_input():
-    x, weight, b = _inputs((2, 3, 32, 32), 16, (8, 8), dtype=torch.float32)
+    x, weight, b = conv_inputs((2, 3, 32, 32), 16, (8, 8), dtype=torch.float32)
     ref = F.conv2d(x, weight, b, stride=8)
     for inp in (x, x.contiguous(memory_format=torch.channels_last)):
         ours = patch_conv_gemm(inp, weight, b)
@@ -43,7 +29,7 @@ def test_gemm_in_float32_and_channels_last_input():
 
 
 def test_output_is_channels_last_so_tokens_need_no_copy():
-    x, weight, b = _inputs((2, 3, 16, 16), 8, (4, 4), dtype=torch.float32)
+    x, weight, b = conv_inputs((2, 3, 16, 16), 8, (4, 4), dtype=torch.float32)
     y = patch_conv_gemm(x, weight, b)
     assert y.is_contiguous(memory_format=torch.channels_last)
     tokens = y.flatten(2).transpose(1, 2)
@@ -52,7 +38,7 @@ def test_output_is_channels_last_so_tokens_need_no_copy():
 
 
 def test_gemm_under_cpu_autocast_computes_in_bfloat16():
-    x, weight, b = _inputs((2, 3, 32, 32), 16, (16, 16), dtype=torch.float32)
+    x, weight, b = conv_inputs((2, 3, 32, 32), 16, (16, 16), dtype=torch.float32)
     with torch.autocast("cpu", torch.bfloat16):
         ours = patch_conv_gemm(x, weight, b)
         ref = F.conv2d(x, weight, b, stride=16)
@@ -60,39 +46,8 @@ def test_gemm_under_cpu_autocast_computes_in_bfloat16():
     assert ((ours.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
-def test_layer_is_a_conv_with_the_same_keys_and_runs_the_convolution_on_cpu():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 8, 4, stride=4)
-    layer = PatchConv2d(3, 8, 4, stride=4)
-    layer.load_state_dict(conv.state_dict())
-    assert isinstance(layer, nn.Conv2d) and isinstance(layer, AutocastCachedConv2d)
-    x = torch.randn(2, 3, 16, 20)
-    assert torch.equal(layer(x), conv(x))
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(kernel_size=4, stride=2), "kernel_size=(4, 4) differs from stride=(2, 2)"),
-    (dict(kernel_size=4, stride=4, padding=1), "padding=(1, 1)"),
-    (dict(kernel_size=4, stride=4, dilation=2), "dilation=(2, 2)"),
-    (dict(kernel_size=4, stride=4, groups=3), "groups=3"),
-])
-def test_constructor_and_converter_reject_other_convolutions(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        PatchConv2d(3, 6, **kwargs)
-    with pytest.raises(ValueError, match="only non-overlapping patch convolutions"):
-        as_patch_conv(nn.Conv2d(3, 6, **kwargs))
-
-
-def test_converter_keeps_parameters_and_rejects_other_layers():
-    conv = nn.Conv2d(3, 8, 2, stride=2)
-    weight = conv.weight
-    assert as_patch_conv(conv) is conv and type(conv) is PatchConv2d and conv.weight is weight
-    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
-        as_patch_conv(nn.Linear(3, 3))
-
-
 def test_gemm_branch_checks_its_input_as_the_convolution_does(monkeypatch):
-    monkeypatch.setattr(PatchConv2d, "_gemm_applies", lambda self, inp: True)  # the CUDA branch, run on CPU
+    monkeypatch.setattr(PatchConv2d, "rewrites", lambda self, inp: True)  # the CUDA branch, run on CPU
     torch.manual_seed(0)
     layer = PatchConv2d(3, 8, 16, stride=16)
     x = torch.randn(2, 3, 32, 48)
@@ -120,7 +75,7 @@ def test_agent_models_give_the_same_features_through_the_gemm(name, monkeypatch)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.forward_features(x)
-        monkeypatch.setattr(PatchConv2d, "_gemm_applies", lambda self, inp: True)
+        monkeypatch.setattr(PatchConv2d, "rewrites", lambda self, inp: True)
         ours = model.forward_features(x)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
 
@@ -129,7 +84,7 @@ def test_agent_models_give_the_same_features_through_the_gemm(name, monkeypatch)
 def test_gpu_layer_matches_the_convolution():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    x, weight, b = _inputs((4, 3, 64, 64), 32, (16, 16), dtype=torch.float64)
+    x, weight, b = conv_inputs((4, 3, 64, 64), 32, (16, 16), dtype=torch.float64)
     layer = PatchConv2d(3, 32, 16, stride=16).cuda()
     with torch.no_grad():
         layer.weight.copy_(weight), layer.bias.copy_(b)

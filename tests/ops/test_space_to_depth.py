@@ -2,19 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import zoo
-from zoo.ops import AutocastCachedConv2d, SpaceToDepthConv2d, as_space_to_depth_conv
+from zoo.ops import SpaceToDepthConv2d
 from zoo.ops.space_to_depth import space_to_depth_conv
 
-
-def _inputs(shape, out_channels, kernel, dtype=torch.float64, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=dtype)
-    weight = torch.randn(out_channels, shape[1], *kernel, generator=g, dtype=dtype)
-    b = torch.randn(out_channels, generator=g, dtype=dtype) if bias else None
-    return x, weight, b
+from conv_checks import assert_equals_the_convolution, conv_inputs
 
 
 @pytest.mark.parametrize("shape, out_channels, kernel, stride, padding, bias", [
@@ -26,19 +19,13 @@ def _inputs(shape, out_channels, kernel, dtype=torch.float64, bias=True, seed=0)
     ((1, 1, 9, 11), 3, (2, 2), (3, 3), (0, 0), False),   # stride larger than the kernel: zero taps fill the block
 ])
 def test_folded_convolution_equals_the_convolution_with_gradients(shape, out_channels, kernel, stride, padding, bias):
-    x, weight, b = _inputs(shape, out_channels, kernel, bias=bias)
-    leaves = [t.requires_grad_() for t in (x, weight, b) if t is not None]
-    ours = space_to_depth_conv(x, weight, b, stride, padding)
-    ref = F.conv2d(x, weight, b, stride=stride, padding=padding)
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
-    for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    x, weight, b = conv_inputs(shape, out_channels, kernel, bias=bias)
+    assert_equals_the_convolution(lambda x, w, b: space_to_depth_conv(x, w, b, stride, padding), x, weight, b,
+                                  stride=stride, padding=padding)
 
 
 def test_folded_convolution_in_float32_from_any_layout_writes_channels_last():
-    x, weight, _ = _inputs((2, 3, 32, 32), 16, (7, 7), dtype=torch.float32)
+    x, weight, _ = conv_inputs((2, 3, 32, 32), 16, (7, 7), dtype=torch.float32)
     ref = F.conv2d(x, weight, None, stride=2, padding=3)
     for inp in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
         ours = space_to_depth_conv(inp, weight, None, (2, 2), (3, 3))
@@ -47,7 +34,7 @@ def test_folded_convolution_in_float32_from_any_layout_writes_channels_last():
 
 
 def test_folded_convolution_under_cpu_autocast_computes_in_bfloat16():
-    x, weight, b = _inputs((2, 3, 32, 32), 16, (7, 7), dtype=torch.float32)
+    x, weight, b = conv_inputs((2, 3, 32, 32), 16, (7, 7), dtype=torch.float32)
     with torch.autocast("cpu", torch.bfloat16):
         ours = space_to_depth_conv(x, weight, b, (2, 2), (3, 3))
         ref = F.conv2d(x, weight, b, stride=2, padding=3)
@@ -55,40 +42,8 @@ def test_folded_convolution_under_cpu_autocast_computes_in_bfloat16():
     assert ((ours.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
-def test_layer_is_a_conv_with_the_same_keys_and_runs_the_convolution_on_cpu():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
-    layer = SpaceToDepthConv2d(3, 8, 7, stride=2, padding=3, bias=False)
-    layer.load_state_dict(conv.state_dict())
-    assert isinstance(layer, nn.Conv2d) and isinstance(layer, AutocastCachedConv2d)
-    x = torch.randn(2, 3, 16, 20)
-    assert torch.equal(layer(x), conv(x))
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(kernel_size=3, stride=1), "stride=(1, 1)"),
-    (dict(kernel_size=3, stride=2, padding="valid"), "padding='valid'"),
-    (dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
-    (dict(kernel_size=3, stride=2, dilation=2), "dilation=(2, 2)"),
-    (dict(kernel_size=3, stride=2, groups=3), "groups=3"),
-])
-def test_constructor_and_converter_reject_other_convolutions(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        SpaceToDepthConv2d(3, 6, **kwargs)
-    with pytest.raises(ValueError, match="only strided, zero-padded, undilated, ungrouped convolutions fold"):
-        as_space_to_depth_conv(nn.Conv2d(3, 6, **kwargs))
-
-
-def test_converter_keeps_parameters_and_rejects_other_layers():
-    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-    weight = conv.weight
-    assert as_space_to_depth_conv(conv) is conv and type(conv) is SpaceToDepthConv2d and conv.weight is weight
-    with pytest.raises(TypeError, match="conv must be an nn.Conv2d, got Linear"):
-        as_space_to_depth_conv(nn.Linear(3, 3))
-
-
 def test_folded_branch_checks_its_input_as_the_convolution_does(monkeypatch):
-    monkeypatch.setattr(SpaceToDepthConv2d, "folds", lambda self, inp: True)  # the CUDA branch, run on CPU
+    monkeypatch.setattr(SpaceToDepthConv2d, "rewrites", lambda self, inp: True)  # the CUDA branch, run on CPU
     torch.manual_seed(0)
     layer = SpaceToDepthConv2d(3, 8, 7, stride=2, padding=3)
     x = torch.randn(2, 3, 30, 34)
@@ -110,7 +65,7 @@ def test_volo_stem_folds_its_first_conv_with_the_official_keys_and_features(name
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.patch_embed(x)
-        monkeypatch.setattr(SpaceToDepthConv2d, "folds", lambda self, inp: True)
+        monkeypatch.setattr(SpaceToDepthConv2d, "rewrites", lambda self, inp: True)
         ours = model.patch_embed(x)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
 
@@ -120,7 +75,7 @@ def test_gpu_layer_matches_the_convolution(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN convolutions take TF32 by default
-    x, weight, _ = _inputs((4, 3, 64, 66), 32, (7, 7), dtype=torch.float64)
+    x, weight, _ = conv_inputs((4, 3, 64, 66), 32, (7, 7), dtype=torch.float64)
     layer = SpaceToDepthConv2d(3, 32, 7, stride=2, padding=3, bias=False).cuda()
     with torch.no_grad():
         layer.weight.copy_(weight)
