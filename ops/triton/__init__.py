@@ -18,7 +18,7 @@ import torch
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device",
            "next_pow2", "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
-           "override_knobs", "is_num_warps", "check_tile_edge", "token_major",
+           "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
@@ -192,6 +192,12 @@ def check_tile_edge(name: str, value: int | None) -> None:
     """Raise unless ``value`` (a tile-edge knob) is None or a power of two >= 16, the smallest ``tl.dot`` operand."""
     if value is not None and (value < 16 or value & (value - 1)):
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def check_count(name: str, value: int | None) -> None:
+    """Raise unless ``value`` (a knob counting programs, regions or heads) is None or an int >= 1."""
+    if value is not None and (type(value) is not int or value < 1):
+        raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
 
 
 # torch >= 2.6: torch.compile traces into a triton_op's body and inductor launches its kernels from the generated code

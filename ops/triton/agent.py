@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._dispatch import register_backend
-from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, direct, dot_precision,
+from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
                sm_count, token_major, traced, triton_missing_reason)
 
@@ -69,6 +69,7 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stag
             ``default_query_splits``).
     """
     check_tile_edge("block_t", block_t)
+    check_count("query_splits", query_splits)
     return override_knobs(_TILES, block_t=block_t, num_warps=num_warps, num_stages=num_stages,
                           query_splits=query_splits)
 

@@ -90,9 +90,9 @@ import torch
 
 from .._dispatch import register_backend
 from ..routing import route
-from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, fp32_dot_precision, item_extent,
-               kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, sm_count, traced,
-               triton_missing_reason)
+from . import (INT32_MAX, check_count, check_tile_edge, device_reason, direct, dot_precision, fp32_dot_precision,
+               item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, sm_count,
+               traced, triton_missing_reason)
 
 __all__ = ["routing_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MAX_MASKED_REGIONS",
            "MAX_ROUTE_REGIONS"]
@@ -132,9 +132,8 @@ def use_tiles(max_block: int | None = None, num_warps: int | None = None, num_st
     check_tile_edge("max_block", max_block)
     if backward is not None and backward not in _BACKWARDS:
         raise ValueError(f"backward={backward!r} is not a routing backward; expected one of {_BACKWARDS} or None")
-    for name, value in (("query_regions", query_regions), ("heads_per_tile", heads_per_tile)):
-        if value is not None and (type(value) is not int or value < 1):
-            raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
+    check_count("query_regions", query_regions)
+    check_count("heads_per_tile", heads_per_tile)
     return override_knobs(_TILES, max_block=max_block, num_warps=num_warps, num_stages=num_stages,
                           backward=backward, query_regions=query_regions, heads_per_tile=heads_per_tile)
 

@@ -250,6 +250,8 @@ def test_use_tiles_checks_and_restores_the_knobs():
         ta.use_tiles(num_warps=3)
     with pytest.raises(ValueError, match="num_stages must be an int >= 1 or None, got 0"):
         ta.use_tiles(num_stages=0)
+    with pytest.raises(ValueError, match="query_splits=0 must be an int >= 1 or None"):
+        ta.use_tiles(query_splits=0)
     before = dict(ta._TILES)
     with ta.use_tiles(block_t=32, num_warps=2):
         assert ta._TILES == {**before, "block_t": 32, "num_warps": 2}
