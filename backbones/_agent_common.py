@@ -364,8 +364,7 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         # the graph builds them each call; cast as the eager cache does, so that compiled and eager inference feed
         # the attention the same biases (a fused kernel reads any dtype and would otherwise read float32 ones)
         biases = _build_biases(module, key_size, query_size, agents)
-        compute = autocast_dtype(biases[0].device.type)
-        return biases if compute is None else tuple(b.to(compute) for b in biases)
+        return _in_dtype(biases, autocast_dtype(biases[0].device.type))
     token = _bias_token(module)
     if token is None:
         return _build_biases(module, key_size, query_size, agents)
@@ -380,8 +379,13 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
     key = (key_size, query_size, agents, compute)
     if key not in entries:
         biases = _build_biases(module, key_size, query_size, agents)
-        entries[key] = biases if compute is None else tuple(b.to(compute) for b in biases)
+        entries[key] = _in_dtype(biases, compute)
     return entries[key]
+
+
+def _in_dtype(biases: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """The biases cast to ``dtype`` (the autocast compute dtype), or as they are where it is None."""
+    return biases if dtype is None else tuple(b.to(dtype) for b in biases)
 
 
 def _window_membership(n: int, g: int, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from zoo.ops import LayerNorm, SpaceToDepthConv2d
+from zoo.ops import LayerNorm
+from zoo.ops._conv_layers import RewrittenConv2d
 
 __all__ = ["ChannelsLastSequential", "check_images", "init_linears", "channels_last_intermediates", "projection_norm"]
 
@@ -18,12 +19,13 @@ class ChannelsLastSequential(nn.Sequential):
     For convolution + BatchNorm stems on full-resolution maps: PyTorch's BatchNorm2d training kernels are far
     slower on NCHW maps than on channels-last ones (H200, torch 2.11, bf16 (64, 32, 112, 112): forward 722 vs
     290 us, forward + backward 2188 vs 557 us), and cuDNN convolutions prefer channels-last too. Copying the
-    3-channel image costs little.
+    3-channel image costs little; a first layer computed another way on CUDA (:class:`zoo.ops.SpaceToDepthConv2d`,
+    :class:`zoo.ops.PatchConv2d`) reads the image as it is and writes channels-last itself, so it is not copied.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the stack's output (channels-last strides)."""
-        if not (isinstance(self[0], SpaceToDepthConv2d) and self[0].rewrites(x)):  # it gathers from any layout
+        if not (isinstance(self[0], RewrittenConv2d) and self[0].rewrites(x)):  # it reads any layout
             x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 
