@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 
 from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, agent_attention, window_attention
+from zoo.ops import Mlp, SpaceToDepthConv2d, agent_attention, window_attention
 from zoo.ops.window import window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
@@ -261,7 +261,8 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
         self.grad_checkpointing = False
         self._num_stages = 4  # fewer after prune_intermediate_layers
 
-        self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 4, 2), _ToChannelsLast(),
+        # the 7x7/4 conv on the image folded to 2x2/1 over its 4x4 blocks (zoo.ops.space_to_depth)
+        self.stage1_conv_embed = nn.Sequential(SpaceToDepthConv2d(in_chans, embed_dim, 7, 4, 2), _ToChannelsLast(),
                                                nn.LayerNorm(embed_dim))
         dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()  # also under a meta device
         self.feature_info = []

@@ -54,19 +54,25 @@ def test_folded_branch_checks_its_input_as_the_convolution_does(monkeypatch):
         layer(torch.zeros(2, 3, 8, 0))
 
 
-@pytest.mark.parametrize("name", ["zoo_volo_d1_224", "zoo_volo_d5_224"])
-def test_volo_stem_folds_its_first_conv_with_the_official_keys_and_features(name, monkeypatch):
-    """VOLO's 7x7/2 stem conv is the layer; its CUDA path (any input layout, channels-last output into the stem's
-    BatchNorm) run on CPU gives the convolution's features."""
+@pytest.mark.parametrize("name, stem, first_key", [
+    ("zoo_volo_d1_224", "patch_embed", "patch_embed.conv.0.weight"),
+    ("zoo_volo_d5_224", "patch_embed", "patch_embed.conv.0.weight"),
+    ("agent_cswin_t", "stage1_conv_embed", "stage1_conv_embed.0.weight"),
+])
+def test_stem_folds_its_first_conv_with_the_official_keys_and_features(name, stem, first_key, monkeypatch):
+    """VOLO's 7x7/2 and Agent-CSwin's 7x7/4 stem convs are the layer; its CUDA path (any input layout, channels-last
+    output into the stem's next layer) run on CPU gives the convolution's features."""
     torch.manual_seed(0)
     model = zoo.create_model(name, num_classes=0).eval()
-    assert type(model.patch_embed.conv[0]) is SpaceToDepthConv2d
-    assert "patch_embed.conv.0.weight" in model.state_dict()
+    module = getattr(model, stem)
+    first = module.conv[0] if hasattr(module, "conv") else module[0]
+    assert type(first) is SpaceToDepthConv2d
+    assert first_key in model.state_dict()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = model.patch_embed(x)
+        ref = module(x)
         monkeypatch.setattr(SpaceToDepthConv2d, "rewrites", lambda self, inp: True)
-        ours = model.patch_embed(x)
+        ours = module(x)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
 
 
