@@ -15,11 +15,14 @@ into the layout cuDNN takes, the conv and the residual add: three kernels and as
 host a convolution call (about 75 us on the H200 machine's host, in eager code and in compiled graphs alike). The
 kernel reads the values where they lie and adds the residual: one pass, one launch. A resize stays ``F.interpolate``,
 written channels-last for the kernel (resizing inside the kernel, four gathers per tap, measured 11x slower than the
-unfused layers for 7x7 values resized to 56x56). Measured on an H200 (torch 2.11, triton 3.6, bf16, batch 128,
-kernel ms, unfused against fused): Agent-Swin-T's windows at stages 0/1/2 0.336 / 0.208, 0.170 / 0.104,
-0.080 / 0.054; Agent-PVT-T stage 3 0.028 / 0.017; BiFormer-T stage 0 position-embedding conv 0.157 / 0.135 and 5x5
-LePE 0.264 / 0.256; 64 channels of 7x7 values resized to 56x56 0.402 / 0.380 (the resize is most of both). On the
-host the fused call replaces the convolution call and its copies with one launch.
+unfused layers for 7x7 values resized to 56x56). A program computes a block of whole rows (up to 64 columns) of one
+map: the rows of taps its pixels read overlap within the block, where blocks of consecutive flat pixel indices
+(the first kernel) read each tap row from other programs' blocks; that took 1.3-1.9x off. Measured on an H200 (torch
+2.11, triton 3.6, bf16, batch 128, kernel us, cuDNN's conv on a channels-last copy plus the add, the flat-pixel
+kernel, this one): Agent-DeiT-S 78.8 / 53.5 / 32.9; Agent-DeiT-T 40.5 / 26.2 / 13.7; Agent-Swin-T's windows at
+stages 0 and 2 336.2 / 208.4 / 160.5 and 79.8 / 53.8 / 38.2; Agent-PVT-T stage 0 (a slice of kv) 218.9 / 135.2 /
+80.1; BiFormer-T stage 0 position-embedding conv 156.9 / 134.8 / 77.7 and 5x5 LePE 264.6 / 259.8 / 183.5, stage 2
+LePE 69.9 / 67.3 / 49.2. On the host the fused call replaces the convolution call and its copies with one launch.
 
 Backends:
     ``reference``: ``F.interpolate``, ``F.conv2d``, ``+``: the definition; any device and dtype, differentiable, and
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, item_extent, kernel_op, kernels_interpreted,
-                     needs_grad, next_pow2, no_device_reason, on_device, traced, INT32_MAX)
+                     needs_grad, next_pow2, no_device_reason, on_device, prev_pow2, traced, INT32_MAX)
 
 __all__ = ["depthwise_conv"]
 
@@ -164,12 +167,16 @@ def _kernel():
     return kernels.forward_kernel
 
 
-def _tiles(c: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps): channel blocks that divide C where one does (96 = 3 x 32), 4096 elements a
-    program; within 5% of the best of 16 tiles (BLOCK_P 16-128, BLOCK_C 32/64, 2/4 warps) at Agent-Swin-T and
-    Agent-PVT-T stage 0 and BiFormer-T's stage-0 LePE on the H200."""
-    block_c = next((b for b in (64, 32, 16) if c % b == 0), min(64, max(16, next_pow2(c))))
-    return 4096 // block_c, block_c, 4
+def _tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
+    """(TILE_H, TILE_W, BLOCK_C, num_warps) for (H, W, C) maps: 4096 elements a program, a block of whole rows of
+    up to 64 columns (a power of two, ≥ W where W ≤ 64), 32 channels where C has no 64-channel blocks or the rows are
+    long, else 64. Within 4% of the best of 24 tiles (1-8 rows, 32-128 channels, 4/8 warps) at eight of the models'
+    shapes on the H200 (Agent-DeiT-S/T, Agent-Swin-T stages 0 and 2, Agent-PVT-T stage 0, BiFormer-T's stage-0
+    position conv and LePE and stage-2 LePE)."""
+    tile_w = min(64, next_pow2(w))
+    block_c = 64 if c % 64 == 0 and tile_w < 64 else 32
+    tile_h = max(1, min(4096 // (block_c * tile_w), prev_pow2(h)))
+    return tile_h, tile_w, block_c, 4
 
 
 def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> torch.Tensor:
@@ -179,14 +186,14 @@ def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> tor
     y = torch.empty((b, h, w, c), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
-    pixels = b * h * w
     r = residual if residual is not None else y
-    block_p, block_c, num_warps = _tiles(c)
+    tile_h, tile_w, block_c, num_warps = _tiles(h, w, c)
+    blocks = b * -(-h // tile_h) * -(-w // tile_w)
     with on_device(x):
-        launch(_kernel())[(-(-pixels // block_p), -(-c // block_c))](
-            x, weight, weight if bias is None else bias, r, y, pixels, h, w, c, *x.stride(), *r.stride(),
-            K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_P=block_p,
-            BLOCK_C=block_c, num_warps=num_warps)
+        launch(_kernel())[(blocks, -(-c // block_c))](
+            x, weight, weight if bias is None else bias, r, y, h, w, c, *x.stride(), *r.stride(),
+            K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, TILE_H=tile_h,
+            TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
     return y
 
 

@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device",
-           "next_pow2", "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
+           "next_pow2", "prev_pow2", "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
            "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
@@ -109,6 +109,11 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1): tile edges are powers of two."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    """Largest power of two <= n (1 for n <= 1)."""
+    return 1 << max(0, int(n).bit_length() - 1)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -20,9 +20,10 @@ from triton_checks import interpreter_fixture, run_pytest_in_interpreter
 DW = importlib.import_module("zoo.ops.depthwise_conv")  # the module (``zoo.ops.depthwise_conv`` is the function)
 
 # (B, H_in, W_in, C, K, size): Agent-Swin windows (a slice of qkv), Agent-PVT upsampled values, BiFormer's 5x5 LePE,
-# channels that no channel block divides, a non-square upsampling with odd ratios, a downsampling, one pixel
+# channels that no channel block divides, a non-square upsampling with odd ratios, a downsampling, one pixel, rows
+# wider than a tile (two column blocks, the last partial)
 CASES = [(3, 7, 7, 96, 3, None), (2, 7, 7, 64, 3, (28, 28)), (2, 6, 5, 40, 5, None), (2, 7, 7, 20, 3, (14, 14)),
-         (1, 9, 11, 24, 3, (20, 17)), (2, 12, 10, 16, 3, (5, 7)), (2, 1, 1, 8, 3, None)]
+         (1, 9, 11, 24, 3, (20, 17)), (2, 12, 10, 16, 3, (5, 7)), (2, 1, 1, 8, 3, None), (1, 3, 70, 8, 3, None)]
 
 
 def _inputs(b, h_in, w_in, c, k, size, randn, dtype=torch.float32, device="cpu", seed=0, bias=True, residual=True):
@@ -170,9 +171,13 @@ def test_triton_supports_reasons(randn, monkeypatch):
     assert "TRITON_INTERPRET=1" in supports(x, weight, bias, residual, (7, 7), torch.float32)
 
 
-def test_tiles_divide_the_channels_where_they_can():
-    assert DW._tiles(96) == (128, 32, 4) and DW._tiles(64) == (64, 64, 4) and DW._tiles(320) == (64, 64, 4)
-    assert DW._tiles(20) == (128, 32, 4) and DW._tiles(8) == (256, 16, 4) and DW._tiles(100) == (64, 64, 4)
+def test_tiles_are_blocks_of_rows_and_channels():
+    """(TILE_H, TILE_W, BLOCK_C, warps): whole short rows, 64-column blocks of long ones, 4096 elements."""
+    assert DW._tiles(14, 14, 384) == (4, 16, 64, 4)  # Agent-DeiT: a power-of-two block of rows
+    assert DW._tiles(7, 7, 96) == (4, 8, 32, 4)  # Agent-Swin windows: 96 channels have no 64-channel blocks
+    assert DW._tiles(56, 56, 64) == (2, 64, 32, 4)  # BiFormer / Agent-PVT stage 0: long rows take 32 channels
+    assert DW._tiles(333, 200, 96) == (2, 64, 32, 4)  # rows wider than 64 columns split in column blocks
+    assert DW._tiles(3, 5, 40) == (2, 8, 32, 4) and DW._tiles(1, 1, 8) == (1, 1, 32, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,15 +285,17 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=17)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=18)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: shapes at batch 8: Agent-Swin-T stage-0 windows, values reduced 8x / 2x and resized back (Agent-PVT-T stages 0
-# and 2 with agent_sr_ratios 8 and 2), BiFormer-T's stage-0 LePE, an odd resize
+# and 2 with agent_sr_ratios 8 and 2), BiFormer-T's stage-0 LePE, an odd resize, Agent-DeiT-S's patch grid, rows
+# wider than a tile
 
 GPU_CASES = [(8 * 64, 7, 7, 96, 3, None), (8, 7, 7, 64, 3, (56, 56)), (8, 7, 7, 320, 3, (14, 14)),
-             (8, 56, 56, 64, 5, None), (3, 9, 11, 24, 3, (20, 17))]
+             (8, 56, 56, 64, 5, None), (3, 9, 11, 24, 3, (20, 17)), (8, 14, 14, 384, 3, None),
+             (2, 5, 150, 40, 3, None)]
 
 
 @pytest.mark.gpu

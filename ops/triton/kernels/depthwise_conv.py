@@ -15,36 +15,42 @@ def _rounded(t, dtype: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, P, H, W, C, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c,
-                   K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
-    """y = residual + depthwise_conv(x) for BLOCK_P pixels x BLOCK_C channels a program (grid: (cdiv(P, BLOCK_P),
-    cdiv(C, BLOCK_C)), P = B*H*W pixels of the (B, H, W, C) maps; y written contiguous).
+def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c,
+                   K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TILE_H: tl.constexpr,
+                   TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = residual + depthwise_conv(x) for a TILE_H x TILE_W block of one map's pixels x BLOCK_C channels a program
+    (grid: (B * cdiv(H, TILE_H) * cdiv(W, TILE_W), cdiv(C, BLOCK_C)); y (B, H, W, C) written contiguous).
 
     x and residual (B, H, W, C) are read through their strides; w is (C, K*K) contiguous and b (C,), both in the
     compute dtype (w's). Rounding follows the unfused layers: conv inputs in the compute dtype, float32 accumulation,
     the conv (+ bias) rounded to the compute dtype, the residual sum in float32 rounded to y's dtype. Zero padding of
-    K // 2 at the map's borders.
+    K // 2 at the map's borders. Offsets within a batch item are int32 (the caller checks the extents).
     """
     compute = w_ptr.dtype.element_ty
-    pix = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # a block of rows and columns of one map (not a run of flat pixel indices): the K rows of taps a block reads
+    # overlap within it, and the pixel's row and column are shifts of a power-of-two tile index
+    row_blocks = tl.cdiv(H, TILE_H)
+    col_blocks = tl.cdiv(W, TILE_W)
+    block = tl.program_id(0)
+    item = (block // (row_blocks * col_blocks)).to(tl.int64)
+    in_item = block % (row_blocks * col_blocks)
+    i = tl.arange(0, TILE_H * TILE_W)
+    row = (in_item // col_blocks) * TILE_H + i // TILE_W
+    col = (in_item % col_blocks) * TILE_W + i % TILE_W
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pix_ok = pix < P
+    pix_ok = (row < H) & (col < W)
     ch_ok = ch < C
-    col = (pix % W).to(tl.int32)
-    row = ((pix // W) % H).to(tl.int32)
-    item = pix // (H * W)
-    x_item = item * sx_b  # per-pixel offsets: only the accumulator is a (pixels, channels) tile across the taps
+    x_item = x_ptr + item * sx_b
     x_ch = ch * sx_c
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=tl.float32)
     for dy in tl.static_range(K):
         y_in = row + (dy - K // 2)
         y_ok = pix_ok & (y_in >= 0) & (y_in < H)
         for dx in tl.static_range(K):
             x_in = col + (dx - K // 2)
             ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
-            offset = x_item + (y_in * sx_h + x_in * sx_w)
-            value = tl.load(x_ptr + offset[:, None] + x_ch[None, :], mask=ok, other=0.0).to(tl.float32)
+            offset = y_in * sx_h + x_in * sx_w
+            value = tl.load(x_item + offset[:, None] + x_ch[None, :], mask=ok, other=0.0).to(tl.float32)
             tap = tl.load(w_ptr + ch * (K * K) + (dy * K + dx), mask=ch_ok, other=0.0).to(tl.float32)
             acc += _rounded(value, compute) * tap[None, :]
     if HAS_BIAS:
@@ -52,6 +58,9 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, P, H, W, C, sx_b, sx_h, sx
     acc = _rounded(acc, compute)
     out_ok = pix_ok[:, None] & ch_ok[None, :]
     if HAS_RESIDUAL:
-        r_offset = item * sr_b + row.to(tl.int64) * sr_h + col.to(tl.int64) * sr_w
-        acc += tl.load(r_ptr + r_offset[:, None] + ch[None, :] * sr_c, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pix[:, None] * C + ch[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        r_offset = row * sr_h + col * sr_w
+        acc += tl.load(r_ptr + item * sr_b + r_offset[:, None] + ch[None, :] * sr_c, mask=out_ok,
+                       other=0.0).to(tl.float32)
+    y_offset = (row * W + col) * C
+    tl.store(y_ptr + item * H * W * C + y_offset[:, None] + ch[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=out_ok)
