@@ -192,7 +192,7 @@ def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> tor
     with on_device(x):
         launch(_kernel())[(blocks, -(-c // block_c))](
             x, weight, weight if bias is None else bias, r, y, h, w, c, *x.stride(), *r.stride(),
-            K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, TILE_H=tile_h,
+            weight.shape[-1] ** 2, 1, K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, TILE_H=tile_h,
             TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
     return y
 

@@ -16,13 +16,13 @@ def _rounded(t, dtype: tl.constexpr):
 
 @triton.jit
 def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c,
-                   K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TILE_H: tl.constexpr,
+                   sw_c, sw_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TILE_H: tl.constexpr,
                    TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = residual + depthwise_conv(x) for a TILE_H x TILE_W block of one map's pixels x BLOCK_C channels a program
     (grid: (B * cdiv(H, TILE_H) * cdiv(W, TILE_W), cdiv(C, BLOCK_C)); y (B, H, W, C) written contiguous).
 
-    x and residual (B, H, W, C) are read through their strides; w is (C, K*K) contiguous and b (C,), both in the
-    compute dtype (w's). Rounding follows the unfused layers: conv inputs in the compute dtype, float32 accumulation,
+    x and residual (B, H, W, C) are read through their strides, w (C, K*K) through its strides (sw_c, sw_t) and b
+    (C,) contiguous, both in the compute dtype (w's). Rounding follows the unfused layers: conv inputs in the compute dtype, float32 accumulation,
     the conv (+ bias) rounded to the compute dtype, the residual sum in float32 rounded to y's dtype. Zero padding of
     K // 2 at the map's borders. Offsets within a batch item are int32 (the caller checks the extents).
     """
@@ -51,7 +51,7 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
             ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
             offset = y_in * sx_h + x_in * sx_w
             value = tl.load(x_item + offset[:, None] + x_ch[None, :], mask=ok, other=0.0).to(tl.float32)
-            tap = tl.load(w_ptr + ch * (K * K) + (dy * K + dx), mask=ch_ok, other=0.0).to(tl.float32)
+            tap = tl.load(w_ptr + ch * sw_c + (dy * K + dx) * sw_t, mask=ch_ok, other=0.0).to(tl.float32)
             acc += _rounded(value, compute) * tap[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
