@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
 from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
 from ._layers import check_images, init_linears, projection_norm
@@ -75,8 +76,8 @@ class AgentAttention(nn.Module):
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, c)
         # the values' depthwise conv on the patch tokens only, as official: the class token gets no such term
-        patches = depthwise_conv(v[:, 1:].flatten(2).view(b, *grid, c), *autocast_weights(self.dwc),
-                                 residual=out[:, 1:].view(b, *grid, c))
+        patches = depthwise_conv(v[:, 1:].flatten(2).view(b, *grid, c),
+                                 *autocast_weights(self.dwc, channels_innermost), residual=out[:, 1:].view(b, *grid, c))
         out = torch.cat([out[:, :1], patches.flatten(1, 2)], dim=1)
         return self.proj_drop(self.proj(out))
 

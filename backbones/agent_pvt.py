@@ -29,6 +29,7 @@ from ._layers import check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
 from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
 from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
@@ -124,7 +125,8 @@ class AgentAttention(nn.Module):
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, *size, c)
         # the values' depthwise conv, on the values bilinearly upsampled to the query grid when reduced (official)
-        out = depthwise_conv(v.view(b, *kv_size, c), *autocast_weights(self.dwc), residual=out, size=size)
+        out = depthwise_conv(v.view(b, *kv_size, c), *autocast_weights(self.dwc, channels_innermost), residual=out,
+                             size=size)
         out = out.flatten(1, 2)
         return self.proj_drop(self.proj(out))
 

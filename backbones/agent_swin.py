@@ -31,6 +31,7 @@ from ._layers import channels_last_intermediates, check_images, init_linears, pr
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, agent_attention, depthwise_conv, window_attention
 from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.depthwise_conv import channels_innermost
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
@@ -128,7 +129,7 @@ class AgentAttention(nn.Module):
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         # Depthwise conv of the values restores the feature diversity the low-rank agent attention loses.
-        out = depthwise_conv(v.view(b, h, w, c), *autocast_weights(self.dwc), residual=out)
+        out = depthwise_conv(v.view(b, h, w, c), *autocast_weights(self.dwc, channels_innermost), residual=out)
         return self.proj_drop(self.proj(out))
 
 

@@ -39,6 +39,7 @@ from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import SequentialMlp, depthwise_conv, downsampled_attention, routing_attention
 from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_family, register_variants
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "NCHWRoutingAttention", "AttentionLePE", "NCHWAttentionLePE"]
@@ -107,7 +108,7 @@ class BiLevelRoutingAttention(nn.Module):
         out = routing_attention(q, k, v, num_heads=self.num_heads, region_size=(hp // self.n_win, wp // self.n_win),
                                 topk=self.topk, scale=self.scale, routing_scale=self.scale, layout="nhwc")
         if self.lepe is not None:
-            out = depthwise_conv(v, *autocast_weights(self.lepe), residual=out)
+            out = depthwise_conv(v, *autocast_weights(self.lepe, channels_innermost), residual=out)
         return self.wo(out)[:, :h, :w]
 
     def _pad_to_grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,7 @@ class AttentionLePE(nn.Module):
         q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = _global_attention(q, k, v).transpose(1, 2).reshape(b, h, w, c)
         if self.lepe is not None:
-            out = depthwise_conv(x, *autocast_weights(self.lepe), residual=out)
+            out = depthwise_conv(x, *autocast_weights(self.lepe, channels_innermost), residual=out)
         return self.proj(out)
 
 
@@ -263,7 +264,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         if self.pos_embed is not None and self.pos_embed.kernel_size[0] == 3:  # same-size: K // 2 == 1
-            x = depthwise_conv(x, *autocast_weights(self.pos_embed), residual=x)
+            x = depthwise_conv(x, *autocast_weights(self.pos_embed, channels_innermost), residual=x)
         elif self.pos_embed is not None:
             x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if self.pre_norm:

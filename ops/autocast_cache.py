@@ -28,6 +28,8 @@ share of the layers' weights (half of their float32 size) while cached.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,12 +55,15 @@ def _state(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) 
     return weight.data_ptr(), weight._version, bias.data_ptr(), bias._version, dtype, steps
 
 
-def autocast_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight, bias)`` of ``module`` as its next autocast op would consume them: the cached low-precision copies
     when the module docstring's rules allow, else the parameters themselves (autocast then casts them as usual).
 
     Args:
         module: a layer with ``weight`` and ``bias`` attributes (``bias`` may be None).
+        copy_weight: makes the weight's copy from (weight, dtype) in the layout its consumer reads best (such as
+            :func:`zoo.ops.depthwise_conv.channels_innermost`); default ``weight.to(dtype)``. The same values.
 
     Returns:
         (weight, bias), each of the parameter's shape, in the autocast dtype when cached, else the parameters.
@@ -76,12 +81,14 @@ def autocast_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
         state = _state(weight, bias, dtype)
     except RuntimeError:  # no storage: functorch's wrapped tensors (vmap over stacked parameters)
         return weight, bias
+    state = (*state, copy_weight)
     entry = module.__dict__.get(_ATTR)
     if entry is not None and entry[0] is weight and entry[1] is bias and entry[2] == state:
         return entry[3], entry[4]
     # outside inference mode: a copy made there could not be saved for a later backward through frozen layers
     with torch.inference_mode(False), torch.no_grad():
-        copies = weight.to(dtype), None if bias is None else bias.to(dtype)
+        copies = (weight.to(dtype) if copy_weight is None else copy_weight(weight, dtype),
+                  None if bias is None else bias.to(dtype))
     module.__dict__[_ATTR] = (weight, bias, state, *copies)
     return copies
 

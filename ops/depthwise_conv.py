@@ -170,9 +170,9 @@ def _kernel():
 def _tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
     """(TILE_H, TILE_W, BLOCK_C, num_warps) for (H, W, C) maps: 4096 elements a program, a block of whole rows of
     up to 64 columns (a power of two, ≥ W where W ≤ 64), 32 channels where C has no 64-channel blocks or the rows are
-    long, else 64. Within 4% of the best of 24 tiles (1-8 rows, 32-128 channels, 4/8 warps) at eight of the models'
-    shapes on the H200 (Agent-DeiT-S/T, Agent-Swin-T stages 0 and 2, Agent-PVT-T stage 0, BiFormer-T's stage-0
-    position conv and LePE and stage-2 LePE)."""
+    long, else 64. Within 5% of the best of 24 tiles (1-8 rows, 32-128 channels, 4/8 warps; channels-innermost
+    weights) at eight of the models' shapes on the H200 (Agent-DeiT-S/T, Agent-Swin-T stages 0 and 2, Agent-PVT-T
+    stage 0, BiFormer-T's stage-0 position conv and LePE and stage-2 LePE)."""
     tile_w = min(64, next_pow2(w))
     block_c = 64 if c % 64 == 0 and tile_w < 64 else 32
     tile_h = max(1, min(4096 // (block_c * tile_w), prev_pow2(h)))
@@ -180,8 +180,8 @@ def _tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
 
 
 def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> torch.Tensor:
-    """x (B, H, W, C) any strides, weight (C, 1, K, K) / bias contiguous in ``compute`` (the kernel reads the compute
-    dtype from the weight) -> (B, H, W, C) contiguous."""
+    """x (B, H, W, C) any strides, weight (C, 1, K, K) with stride(2) == K * stride(3) and bias contiguous, both in
+    ``compute`` (the kernel reads the compute dtype from the weight) -> (B, H, W, C) contiguous."""
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
@@ -192,8 +192,8 @@ def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> tor
     with on_device(x):
         launch(_kernel())[(blocks, -(-c // block_c))](
             x, weight, weight if bias is None else bias, r, y, h, w, c, *x.stride(), *r.stride(),
-            weight.shape[-1] ** 2, 1, K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, TILE_H=tile_h,
-            TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
+            weight.stride(0), weight.stride(3), K=weight.shape[-1], HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
     return y
 
 
@@ -219,12 +219,34 @@ def _resized_channels_last(x: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
 
 
+def channels_innermost(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of the (C, 1, K, K) ``weight`` (in ``dtype``, default its own) whose channel dimension is innermost
+    (strides (1, ., K*C, C)): the kernel then reads each tap's channels contiguously, where the parameter's own
+    layout is a gather with a stride of K*K elements (H200 bf16 batch 128, kernel us, parameter layout against this:
+    Agent-DeiT-S 42.5 / 36.4, Agent-Swin-T stage-0 windows 203.8 / 170.5, BiFormer-T stage-0 5x5 LePE 234.0 /
+    180.7, its position conv 86.7 / 83.8). Same values; ``F.conv2d`` takes it too. Off CUDA, where the reference
+    computes the conv, the copy keeps the parameter's layout."""
+    if weight.device.type != "cuda":
+        return weight.to(dtype or weight.dtype, copy=True)
+    out = torch.empty_permuted(weight.shape, (1, 2, 3, 0), dtype=dtype or weight.dtype, device=weight.device)
+    return out.copy_(weight)
+
+
+def _taps_readable(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (C, 1, K, K) if the kernel can read it as (C, K*K) through two strides, else a contiguous copy."""
+    k = weight.shape[-1]
+    return weight if k == 1 or weight.stride(2) == k * weight.stride(3) else weight.contiguous()
+
+
 def _triton(x, weight, bias, residual, size, compute) -> torch.Tensor:
     if size != tuple(x.shape[1:3]):
         x = _resized_channels_last(x, size)
-    # under autocast these casts are the ones F.conv2d would make (the models pass autocast's cached copies in eager)
-    weight, bias = (t if t is None or t.dtype == compute else t.to(compute) for t in (weight, bias))
-    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
+    # under autocast these casts are the ones F.conv2d would make (the models pass autocast's cached copies in eager,
+    # made channels-innermost; graphs under torch.compile cast here, into the same layout, in one copy kernel)
+    if weight.dtype != compute:
+        weight = channels_innermost(weight, compute)
+    bias = bias if bias is None or bias.dtype == compute else bias.to(compute)
+    weight, bias = _taps_readable(weight), contiguous_or_none(bias)
     if torch.compiler.is_compiling():
         return _triton_op(x, weight, bias, residual, compute)
     return _launch(x, weight, bias, residual, compute, _out_dtype(residual, compute))

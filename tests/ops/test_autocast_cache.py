@@ -71,6 +71,27 @@ def test_inference_calls_reuse_the_copies_bitwise():
     assert first.copies == 6 and second.copies == 1
 
 
+def test_copy_weight_makes_the_cached_copy_and_keys_it():
+    """A consumer's copy maker (a layout) makes the weight's copy; asking with another maker makes a new one."""
+    from zoo.ops.autocast_cache import autocast_weights
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, groups=4)
+    made = []
+
+    def transposed_copy(w, dtype):  # same values, another layout: (C, 1, K, K) with the channels innermost
+        made.append(dtype)
+        return w.permute(1, 2, 3, 0).to(dtype).contiguous().permute(3, 0, 1, 2)
+
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        w1, b1 = autocast_weights(conv, transposed_copy)
+        w2, _ = autocast_weights(conv, transposed_copy)
+        w3, _ = autocast_weights(conv)
+    assert made == [torch.bfloat16] and w2 is w1 and (w1.stride(0), w1.stride(2), w1.stride(3)) == (1, 12, 4)
+    assert torch.equal(w1, conv.weight.to(torch.bfloat16)) and b1.dtype == torch.bfloat16
+    assert w3 is not w1 and w3.is_contiguous() and torch.equal(w3, w1)
+
+
 @pytest.mark.parametrize("update", ["no_grad_add", "optimizer_step", "load_state_dict", "data_assignment",
                                     "dtype_round_trip"])
 def test_copies_follow_parameter_updates(update):

@@ -230,6 +230,22 @@ def test_triton_interpreter_strided_residual_as_agent_deit_passes_it(interpreter
     assert_close(out, want, atol=1e-6 * want.abs().max().item(), what="strided residual")
 
 
+@pytest.mark.parametrize("layout", ["channels_innermost", "taps_transposed"])
+def test_triton_interpreter_reads_the_weight_in_any_layout(layout, interpreter, randn):
+    """A (C, 1, K, K) weight with the channels innermost (the models' cached copies on CUDA) is read through its
+    strides, one whose taps the kernel cannot stride through is made contiguous: the same bits as contiguous."""
+    x, weight, bias, residual = _inputs(*CASES[2], randn, seed=12)
+    if layout == "channels_innermost":
+        other = torch.empty_permuted(weight.shape, (1, 2, 3, 0)).copy_(weight)
+        c = weight.shape[0]
+        assert (other.stride(0), other.stride(2), other.stride(3)) == (1, 5 * c, c)
+    else:
+        other = weight.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(other, weight)
+    want = depthwise_conv(x, weight, bias, residual=residual, backend="triton")
+    assert torch.equal(depthwise_conv(x, other, bias, residual=residual, backend="triton"), want)
+
+
 def test_triton_interpreter_empty_and_repeatable(interpreter, randn):
     x, weight, bias, residual = _inputs(*CASES[1], randn)
     first = depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton")
@@ -285,7 +301,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=18)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +333,23 @@ def test_triton_gpu_matches_the_rounding_oracle(case, dtype, tol, randn, assert_
         if dtype != torch.float32:
             with torch.autocast("cuda", dtype=dtype):  # float32 inputs and weights: conv in dtype, float32 sum
                 _check_triton(inputs, case[-1], dtype, assert_close, tol)
+
+
+@pytest.mark.gpu
+def test_gpu_channels_innermost_weights_give_the_same_bits(randn):
+    """The models' cached weight copies (channels innermost) and the op's own cast under autocast, which makes the
+    same layout, compute what the parameter's layout does."""
+    from zoo.ops.depthwise_conv import channels_innermost
+
+    x, weight, bias, residual = _inputs(*GPU_CASES[5], randn, device="cuda", seed=8)
+    low = [t.to(torch.bfloat16) for t in (x, weight, bias, residual)]
+    inner = channels_innermost(low[1])
+    assert inner.stride(0) == 1 and torch.equal(inner, low[1])
+    with torch.no_grad():
+        want = depthwise_conv(*low[:3], residual=low[3])
+        assert torch.equal(depthwise_conv(low[0], inner, low[2], residual=low[3]), want)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # float32 weight and bias cast by the op
+            assert torch.equal(depthwise_conv(low[0], weight, bias, residual=low[3]), want)
 
 
 @pytest.mark.gpu
