@@ -16,13 +16,15 @@ host a convolution call (about 75 us on the H200 machine's host, in eager code a
 kernel reads the values where they lie and adds the residual: one pass, one launch. A resize stays ``F.interpolate``,
 written channels-last for the kernel (resizing inside the kernel, four gathers per tap, measured 11x slower than the
 unfused layers for 7x7 values resized to 56x56). A program computes a block of whole rows (up to 64 columns) of one
-map: the rows of taps its pixels read overlap within the block, where blocks of consecutive flat pixel indices
-(the first kernel) read each tap row from other programs' blocks; that took 1.3-1.9x off. Measured on an H200 (torch
-2.11, triton 3.6, bf16, batch 128, kernel us, cuDNN's conv on a channels-last copy plus the add, the flat-pixel
-kernel, this one): Agent-DeiT-S 78.8 / 53.5 / 32.9; Agent-DeiT-T 40.5 / 26.2 / 13.7; Agent-Swin-T's windows at
-stages 0 and 2 336.2 / 208.4 / 160.5 and 79.8 / 53.8 / 38.2; Agent-PVT-T stage 0 (a slice of kv) 218.9 / 135.2 /
-80.1; BiFormer-T stage 0 position-embedding conv 156.9 / 134.8 / 77.7 and 5x5 LePE 264.6 / 259.8 / 183.5, stage 2
-LePE 69.9 / 67.3 / 49.2. On the host the fused call replaces the convolution call and its copies with one launch.
+map, its pixels' rows and columns shifts of a power-of-two tile index; the first kernel took runs of consecutive
+flat pixel numbers and divided them (64-bit) per pixel, and its runs' tap rows lay in other programs' runs. Which of
+the two differences gives the speed was not isolated. Measured on an H200 (torch 2.11, triton 3.6, bf16, batch 128,
+kernel us; cuDNN's conv on a channels-last copy plus the add / the flat-pixel kernel / this kernel with the weights
+channels-innermost as the models cache them): Agent-DeiT-S 78.8 / 53.5 / 36.6; Agent-Swin-T's stage-0 windows
+336.2 / 208.4 / 170.9; Agent-PVT-T stage 0 (a slice of kv) 218.9 / 135.2 / 86.3; BiFormer-T stage-0 position conv
+156.9 / 134.8 / 83.7 and 5x5 LePE 264.6 / 259.8 / 180.4. With the weights in the parameter's layout: Agent-DeiT-T
+41.2 / 26.2 / 17.4, Agent-Swin-T stage 2 80.0 / 53.8 / 41.3, BiFormer-T stage-2 LePE 68.5 / 67.3 / 55.9. On the
+host the fused call replaces the convolution call and its copies with one launch.
 
 Backends:
     ``reference``: ``F.interpolate``, ``F.conv2d``, ``+``: the definition; any device and dtype, differentiable, and
