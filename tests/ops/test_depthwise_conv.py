@@ -350,6 +350,9 @@ def test_gpu_channels_innermost_weights_give_the_same_bits(randn):
         assert torch.equal(depthwise_conv(low[0], inner, low[2], residual=low[3]), want)
         with torch.autocast("cuda", dtype=torch.bfloat16):  # float32 weight and bias cast by the op
             assert torch.equal(depthwise_conv(low[0], weight, bias, residual=low[3]), want)
+            torch._dynamo.reset()  # the same cast traced into a compiled graph (inductor makes the layout)
+            compiled = torch.compile(lambda v: depthwise_conv(v, weight, bias, residual=low[3]), fullgraph=True)
+            assert torch.equal(compiled(low[0]), want)
 
 
 @pytest.mark.gpu
