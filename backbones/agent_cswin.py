@@ -9,7 +9,7 @@ always one global branch. ``M`` + digits mixes them as in Agent-Swin.
 
 Stripe attention runs through :func:`zoo.ops.window_attention` (rectangular windows) and agent attention through
 :func:`zoo.ops.agent_attention`; both add the depthwise 3x3 conv of the values computed per window (``get_v``,
-CSWin's LePE). State-dict keys equal the official ones.
+CSWin's LePE) through :func:`zoo.ops.depthwise_conv`. State-dict keys equal the official ones.
 
 Other input sizes work as in the official dense-prediction backbones: agent biases are bilinearly resized to the
 actual window size (Agent-Swin's detection backbone), stripes that do not divide the map zero-pad q, k, v
@@ -29,7 +29,9 @@ from timm.models._features import feature_take_indices
 
 from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, SpaceToDepthConv2d, agent_attention, window_attention
+from zoo.ops import Mlp, SpaceToDepthConv2d, agent_attention, depthwise_conv, window_attention
+from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.depthwise_conv import channels_innermost
 from zoo.ops.window import window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
@@ -73,8 +75,8 @@ class _Branch(nn.Module):
     def lepe(self, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
         """Depthwise conv of the values inside each window (zero padding at window borders): (B, H, W, C)."""
         h, w = v.shape[1:3]
-        win = window_partition(v, window).permute(0, 3, 1, 2)
-        return window_reverse(self.get_v(win).permute(0, 2, 3, 1), window, h, w)
+        conv = depthwise_conv(window_partition(v, window), *autocast_weights(self.get_v, channels_innermost))
+        return window_reverse(conv, window, h, w)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, W, C) -> (B, H, W, C)."""

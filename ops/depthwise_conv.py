@@ -7,8 +7,8 @@ For ``x`` of shape (B, H_in, W_in, C), a (C, 1, K, K) ``weight`` (odd K) and ``s
 with ``resize`` the bilinear ``F.interpolate(..., align_corners=False)`` (the identity when ``size`` is x's own).
 This is the "conv of the values" term the Agent backbones add to their attention output (Agent-Swin per window;
 Agent-DeiT on its patch tokens, the residual a view past each class token; Agent-PVT on its token grid, upsampling
-the values first when ``agent_sr_ratios`` reduce them, which the released models do not) and BiFormer's LePE and
-position-embedding conv.
+the values first when ``agent_sr_ratios`` reduce them, which the released models do not; Agent-CSwin per window or
+stripe, CSWin's LePE) and BiFormer's LePE and position-embedding conv.
 
 Why a kernel of our own: the values are a slice of the qkv (or kv) projection, so the unfused term is a strided copy
 into the layout cuDNN takes, the conv and the residual add: three kernels and as many passes over the map, and on the

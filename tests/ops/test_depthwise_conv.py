@@ -123,6 +123,8 @@ def test_input_errors_name_the_argument_and_value(args, message):
 # block (patch tokens only); BiFormer's position-embedding conv then LePE in every block
 MODEL_CONVS = {"agent_swin_t": [(c, 3) for c, depth in ((96, 2), (192, 2), (384, 6)) for _ in range(depth)],
                "agent_deit_tiny": [(192, 3)] * 12,
+               # LePE per branch: stages 1-2 one global branch a block, stage 3 two 128-channel stripe branches
+               "agent_cswin_t": [(64, 3)] * 2 + [(128, 3)] * (4 + 2 * 18) + [(512, 3)],
                "biformer_tiny": [(c, k) for c, depth in ((64, 2), (128, 2), (256, 8), (512, 2)) for _ in range(depth)
                                  for k in (3, 5)]}
 
