@@ -7,9 +7,18 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .autocast_cache import AutocastCachedConv2d
+from .autocast_cache import AutocastCachedConv2d, autocast_weights
 
 C = TypeVar("C", bound="RewrittenConv2d")
+
+
+def undilated_ungrouped_reason(conv: nn.Conv2d) -> str | None:
+    """Why ``conv`` is not undilated and ungrouped (what both rewritten computations need), or None."""
+    if conv.dilation != (1, 1):
+        return f"dilation={conv.dilation} (must be 1)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (must be 1)"
+    return None
 
 
 class RewrittenConv2d(AutocastCachedConv2d):
@@ -17,7 +26,9 @@ class RewrittenConv2d(AutocastCachedConv2d):
     inference calls like :class:`zoo.ops.AutocastCachedConv2d`) that subclasses compute another way on CUDA.
 
     Subclasses set ``requirement`` (which convolutions qualify, for the constructor's error) and ``convertible``
-    (likewise, for the converter's) and define ``reason_of(conv)``: why ``conv`` does not qualify, None when it does.
+    (likewise, for the converter's) and define ``reason_of(conv)``: why ``conv`` does not qualify, None when it does;
+    ``check_extent(x)``: raise where ``x`` is too small for the other computation; ``compute(x, weight, bias)``: the
+    other computation, given the (autocast-cached) weight and bias.
     """
 
     requirement = ""
@@ -32,6 +43,19 @@ class RewrittenConv2d(AutocastCachedConv2d):
         reason = self.reason_of(self)
         if reason is not None:
             raise ValueError(f"{type(self).__name__}: {reason}; {self.requirement} (use nn.Conv2d for others)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rewrites(x):
+            return super().forward(x)
+        self.check_in_channels(x)
+        self.check_extent(x)
+        return self.compute(x, *autocast_weights(self))
+
+    def check_extent(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def rewrites(self, x: torch.Tensor) -> bool:
         """Whether this call takes the other computation: a batched CUDA input (where it measured faster). Such a

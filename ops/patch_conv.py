@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import compute_dtype
-from ._conv_layers import RewrittenConv2d
-from .autocast_cache import autocast_weights
+from ._conv_layers import RewrittenConv2d, undilated_ungrouped_reason
 
 __all__ = ["PatchConv2d", "as_patch_conv", "patch_conv_gemm"]
 
@@ -35,11 +34,7 @@ def _patch_conv_reason(conv: nn.Conv2d) -> str | None:
         return f"kernel_size={conv.kernel_size} differs from stride={conv.stride}"
     if conv.padding not in ((0, 0), "valid"):
         return f"padding={conv.padding!r} (must be 0)"
-    if conv.dilation != (1, 1):
-        return f"dilation={conv.dilation} (must be 1)"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (must be 1)"
-    return None
+    return undilated_ungrouped_reason(conv)
 
 
 def patch_conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -79,14 +74,12 @@ class PatchConv2d(RewrittenConv2d):
     convertible = "non-overlapping patch convolutions can become PatchConv2d"
     reason_of = staticmethod(_patch_conv_reason)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rewrites(x):
-            return super().forward(x)
-        self.check_in_channels(x)
+    def check_extent(self, x: torch.Tensor) -> None:
         if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
             raise ValueError(f"PatchConv2d: x of shape {tuple(x.shape)} is smaller than one patch "
                              f"{self.kernel_size}")
-        weight, bias = autocast_weights(self)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return patch_conv_gemm(x, weight, bias)
 
 

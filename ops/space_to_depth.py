@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import compute_dtype
-from ._conv_layers import RewrittenConv2d
-from .autocast_cache import autocast_weights
+from ._conv_layers import RewrittenConv2d, undilated_ungrouped_reason
 
 __all__ = ["SpaceToDepthConv2d", "as_space_to_depth_conv", "space_to_depth_conv"]
 
@@ -86,11 +85,7 @@ def _space_to_depth_reason(conv: nn.Conv2d) -> str | None:
         return f"padding={conv.padding!r} (give the padding as ints)"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (must be 'zeros')"
-    if conv.dilation != (1, 1):
-        return f"dilation={conv.dilation} (must be 1)"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (must be 1)"
-    return None
+    return undilated_ungrouped_reason(conv)
 
 
 class SpaceToDepthConv2d(RewrittenConv2d):
@@ -106,15 +101,13 @@ class SpaceToDepthConv2d(RewrittenConv2d):
     convertible = "strided, zero-padded, undilated, ungrouped convolutions fold"
     reason_of = staticmethod(_space_to_depth_reason)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rewrites(x):
-            return super().forward(x)
-        self.check_in_channels(x)
+    def check_extent(self, x: torch.Tensor) -> None:
         for size, k, p in zip(x.shape[-2:], self.kernel_size, self.padding):
             if size + 2 * p < k:
                 raise ValueError(f"SpaceToDepthConv2d: x of shape {tuple(x.shape)} padded by {self.padding} is "
                                  f"smaller than the kernel {self.kernel_size}")
-        weight, bias = autocast_weights(self)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return space_to_depth_conv(x, weight, bias, self.stride, self.padding)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
-           "contiguous_or_none", "on_device",
-           "next_pow2", "prev_pow2", "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
+           "contiguous_or_none", "on_device", "next_pow2", "prev_pow2",
+           "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
            "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 

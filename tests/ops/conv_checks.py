@@ -24,3 +24,20 @@ def assert_equals_the_convolution(compute, x, weight, b, **conv_args) -> None:
     grad = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
     for g_ours, g_ref in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def assert_cuda_layer_matches(layer, x, ref) -> torch.Tensor:
+    """The CUDA ``layer`` on float32 ``x`` against the float64 convolution ``ref`` (on CUDA): float32 output to 1e-6
+    relative, bf16 autocast output (in bf16) to 1e-2, ``torch.compile(fullgraph=True)`` to 1e-6; returns the float32
+    output."""
+    def rel(out):
+        return ((out.double() - ref).norm() / ref.norm()).item()
+
+    with torch.no_grad():
+        out = layer(x)
+        assert rel(out) < 1e-6
+        with torch.autocast("cuda", torch.bfloat16):
+            out16 = layer(x)
+        assert out16.dtype == torch.bfloat16 and rel(out16) < 1e-2
+        assert rel(torch.compile(layer, fullgraph=True)(x)) < 1e-6
+    return out
