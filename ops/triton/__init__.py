@@ -215,8 +215,20 @@ _TRITON_OP = (_TRITON_MISSING is None and hasattr(torch.library, "triton_op") an
 
 
 def direct(kernel: Any) -> Any:
-    """How eager code launches ``kernel``: as it is (the counterpart of :func:`traced`)."""
-    return kernel
+    """How eager code launches ``kernel`` (the counterpart of :func:`traced`): through a
+    :class:`~zoo.ops.triton.fast_launch.FastLaunch` of it, made once a kernel, which skips most of the JIT's host
+    work a launch; the interpreter's kernels as they are."""
+    entry = _LAUNCHERS.get(id(kernel))
+    if entry is None:
+        from .fast_launch import fast_launch
+
+        entry = _LAUNCHERS[id(kernel)] = (kernel, fast_launch(kernel))
+    return entry[1]
+
+
+# id(kernel) -> (kernel, how eager code launches it): a JITFunction hashes its source on every lookup; the entry
+# holds the kernel, so its id is never reused
+_LAUNCHERS: dict[int, tuple[Any, Any]] = {}
 
 
 def traced(kernel: Any) -> Any:
