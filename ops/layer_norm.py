@@ -166,11 +166,16 @@ def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
     return None
 
 
-# Measured on an H200 (torch 2.11, bf16 autocast, batch 128; us fwd / fwd+bwd, nn.LayerNorm vs triton):
-# C64 56x56 667/1205 vs 172/784; C96 56x56 721/1367 vs 180/819; C128 28x28 189/505 vs 111/854;
-# C192 28x28 229/522 vs 163/901; C256 14x14 67/284 vs 178/856; C512 7x7 61/349 vs 193/742. The forward wins from
-# about 8M values; the backward (about 250 GB/s, untuned) only pays off where the forward saves the most.
-_FASTER_FORWARD_FROM = 1 << 23
+# Measured on an H200 (torch 2.11, bf16 autocast, batch 128), first when eager calls went through the custom op
+# (about 230 us of host time a call; wall us fwd / fwd+bwd, nn.LayerNorm vs triton): C64 56x56 667/1205 vs 172/784;
+# C96 56x56 721/1367 vs 180/819; C128 28x28 189/505 vs 111/854; C192 28x28 229/522 vs 163/901; C256 14x14 67/284
+# vs 178/856; C512 7x7 61/349 vs 193/742. Then with direct launches (`zoo bench ops`, sixteenth session; forward
+# kernel / wall ms, reference vs triton): C64 56x56 0.723 / 0.785 vs 0.026 / 0.118; C128 28x28 0.212 / 0.314 vs
+# 0.013 / 0.073; C256 14x14 0.076 / 0.187 vs 0.006 / 0.149; C512 7x7 0.034 / 0.178 vs 0.004 / 0.138: the forward
+# wins at every measured size up to 512 channels; wider rows keep the first rule (from about 8M values). Forward and
+# backward: kernels 1.227 / 0.406 / 0.242 / 0.085 vs 0.091 / 0.069 / 0.061 / 0.051 ms, but a lone call's wall
+# 1.300 / 0.732 / 0.634 / 0.670 vs 0.669 / 0.754 / 0.849 / 0.864 (the backward's host work): training keeps the rule.
+_FASTER_FORWARD_MAX_C, _FASTER_FORWARD_FROM = 512, 1 << 23
 _FASTER_TRAINING_FROM, _FASTER_TRAINING_MAX_C = 1 << 24, 96
 
 
@@ -178,7 +183,7 @@ def _triton_is_faster(numel: int, channels: int, training: bool) -> bool:
     """The measured rule above: is the Triton path faster than the reference for this size on a GPU?"""
     if training:
         return numel >= _FASTER_TRAINING_FROM and channels <= _FASTER_TRAINING_MAX_C
-    return numel >= _FASTER_FORWARD_FROM
+    return channels <= _FASTER_FORWARD_MAX_C or numel >= _FASTER_FORWARD_FROM
 
 
 def _triton_prefer(x, weight, bias, eps, out_dtype) -> str | None:
@@ -189,7 +194,7 @@ def _triton_prefer(x, weight, bias, eps, out_dtype) -> str | None:
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not _triton_is_faster(x.numel(), x.shape[-1], training):
         return (f"{x.numel()} values of width {x.shape[-1]} ({'training' if training else 'inference'}): the "
-                "reference measured faster at this size (launch cost dominates)")
+                "reference measured faster at this size and width")
     return None
 
 

@@ -199,8 +199,11 @@ def test_speed_rule_follows_the_h200_measurements():
     assert faster(128 * 56 * 56 * 64, 64, training=False) and faster(128 * 56 * 56 * 64, 64, training=True)
     # stage 1 (28 x 28 rows of 128): the forward wins, the backward loses
     assert faster(128 * 28 * 28 * 128, 128, training=False) and not faster(128 * 28 * 28 * 128, 128, training=True)
-    # stage 2/3 sizes: launch cost dominates, the reference wins
-    assert not faster(128 * 14 * 14 * 256, 256, training=False) and not faster(128 * 7 * 7 * 512, 512, False)
+    # stages 2 and 3, and one image: the forward still wins up to 512 channels (direct launches), training does not
+    assert faster(128 * 14 * 14 * 256, 256, training=False) and faster(128 * 7 * 7 * 512, 512, False)
+    assert faster(7 * 7 * 512, 512, training=False) and not faster(128 * 7 * 7 * 512, 512, training=True)
+    # wider rows: from about 8M values only (measured before direct launches)
+    assert not faster(8 * 197 * 768, 768, training=False) and faster(64 * 197 * 768, 768, training=False)
 
 
 def test_triton_supports_reasons(randn, monkeypatch):
@@ -344,7 +347,13 @@ def test_gpu_auto_choice_follows_the_speed_rule():
     w, b = torch.ones(64, device="cuda"), torch.zeros(64, device="cuda")
     with torch.no_grad():
         assert select_backend("layer_norm", None, x, w, b, 1e-5, torch.bfloat16).name == "triton"
-        assert select_backend("layer_norm", None, x[:2], w, b, 1e-5, torch.bfloat16).name == "reference"
+        assert select_backend("layer_norm", None, x[:2], w, b, 1e-5, torch.bfloat16).name == "triton"
+    w.requires_grad_(True)  # training at a small size: the reference
+    assert select_backend("layer_norm", None, x[:2], w, b, 1e-5, torch.bfloat16).name == "reference"
+    wide = torch.randn(2, 197, 768, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.ones(768, device="cuda"), torch.zeros(768, device="cuda")
+    with torch.no_grad():
+        assert select_backend("layer_norm", None, wide, w, b, 1e-5, torch.bfloat16).name == "reference"
 
 
 @pytest.mark.gpu
