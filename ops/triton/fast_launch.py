@@ -74,15 +74,18 @@ def _hooked(runtime: Any) -> bool:
 
 class FastLaunch:
     """``FastLaunch(kernel)[grid](*args, **kwargs)`` launches the ``@triton.jit`` ``kernel`` as
-    ``kernel[grid](*args, **kwargs)`` does (module docstring): runtime arguments positionally, constexprs and launch
-    options (``num_warps``, ...) by keyword; ``grid`` a tuple of 1-3 ints."""
+    ``kernel[grid](*args, **kwargs)`` does (module docstring); ``grid`` a tuple of 1-3 ints. Fast when the runtime
+    arguments come positionally (a runtime argument by keyword keeps the JIT path: its value is not in the key);
+    constexprs and launch options (``num_warps``, ...) either way, keyed by value."""
 
-    __slots__ = ("kernel", "_names", "_constexpr", "_defaults", "_compiled")
+    __slots__ = ("kernel", "_names", "_constexpr", "_first_constexpr", "_defaults", "_compiled")
 
     def __init__(self, kernel: JITFunction):
         self.kernel = kernel
         self._names = [p.name for p in kernel.params]
         self._constexpr = {p.name for p in kernel.params if p.is_constexpr}
+        # constexprs passed positionally are keyed by value (their class would mix kernels compiled for other values)
+        self._first_constexpr = next((i for i, p in enumerate(kernel.params) if p.is_constexpr), len(self._names))
         self._defaults = {p.name: p.default for p in kernel.params if p.has_default}
         self._compiled: dict[tuple, Any] = {}
 
@@ -91,7 +94,8 @@ class FastLaunch:
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
         """Launch the kernel on ``grid`` with ``args`` and ``kwargs`` on the current device and stream."""
-        classes = argument_classes(args)
+        first = self._first_constexpr
+        classes = argument_classes(args) if len(args) <= first else self._positional_key(args)
         if classes is None or type(grid) is not tuple or _hooked(knobs.runtime):
             self.kernel[grid](*args, **kwargs)
             return
@@ -113,6 +117,12 @@ class FastLaunch:
         compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
                      driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
                      None, None, *args, *tail)
+
+    def _positional_key(self, args: tuple) -> tuple | None:
+        """:func:`argument_classes` of the runtime arguments and the values of the constexprs among ``args``."""
+        runtime = [a for a, n in zip(args, self._names) if n not in self._constexpr]
+        classes = argument_classes(runtime)
+        return None if classes is None else (classes, *(a for a, n in zip(args, self._names) if n in self._constexpr))
 
     def _compile_and_launch(self, key: tuple, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
         """The JIT path (compiling on first use), then remember its kernel under ``key`` with the values of the

@@ -97,6 +97,19 @@ def test_another_specialisation_takes_the_jit_path(kernel, changed):
     assert len(kernel.jit) == 2 and len(kernel.compiled.launches) == 1  # now remembered too
 
 
+def test_constexprs_passed_positionally_are_keyed_by_value(kernel):
+    launch = FastLaunch(kernel)
+    x = torch.randn(32)
+    launch[(1,)](x, 32, 0.5, 64)
+    launch[(1,)](x, 32, 0.5, 128)  # another BLOCK: the JIT path compiles another kernel
+    assert len(kernel.jit) == 2 and kernel.compiled.launches == []
+    launch[(2,)](x, 48, 0.25, 128, True)
+    launch[(2,)](x, 48, 0.25, 128, True)
+    assert len(kernel.jit) == 3
+    assert kernel.compiled.launches == [(2, 1, 1, 1234, "function", "metadata", None, None, None,
+                                         x, 48, 0.25, 128, True)]
+
+
 def test_runtime_keywords_hooks_and_grid_functions_keep_the_jit_path(kernel, monkeypatch):
     launch = FastLaunch(kernel)
     x = torch.randn(32)
