@@ -695,7 +695,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo bench ops", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", default=None, help="comma-separated op or case names (default: all); see --list")
+    p.add_argument("--ops", default=None, help="comma-separated op or case names, or all (the default); see --list")
     p.add_argument("--backends", default=None, help="comma-separated backends to run (default: all available)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="batch size for every case (default: per case)")
@@ -717,6 +717,12 @@ def _split(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+def _selected(ops: str | None) -> list[str] | None:
+    """The ``--ops`` names, or None (every case) for none given or ``all``."""
+    names = _split(ops)
+    return None if names == ["all"] else names
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry (``zoo bench ops ...``); returns the exit status."""
     args = _parser().parse_args(argv)
@@ -732,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--batch must be >= 1, got {args.batch}", file=sys.stderr)
         return 2
     known = {c.op for c in CASES} | {c.name for c in CASES}
-    ops = _split(args.ops)
+    ops = _selected(args.ops)
     unknown = sorted(set(ops or ()) - known)
     if unknown:
         print(f"--ops: unknown {unknown}; known ops and cases: {sorted(known)}", file=sys.stderr)

@@ -72,6 +72,8 @@ def test_cli_rejects_bad_arguments(capsys):
     assert bench.main(["--device", "cpu", "--ops", "nope_attention"]) == 2
     assert "unknown ['nope_attention']" in capsys.readouterr().err
     assert bench.main(["--device", "cpu", "--batch", "0"]) == 2
+    assert bench._selected("all") is None and bench._selected(None) is None  # every case
+    assert bench._selected("routing_attention, volo_d1.s1") == ["routing_attention", "volo_d1.s1"]
     assert bench.main(["--list"]) == 0
     assert "focus_detr.enc" in capsys.readouterr().out
 
