@@ -78,12 +78,13 @@ class FastLaunch:
     arguments come positionally (a runtime argument by keyword keeps the JIT path: its value is not in the key);
     constexprs and launch options (``num_warps``, ...) either way, keyed by value."""
 
-    __slots__ = ("kernel", "_names", "_constexpr", "_first_constexpr", "_defaults", "_compiled")
+    __slots__ = ("kernel", "_names", "_constexpr", "_runtime", "_first_constexpr", "_defaults", "_compiled")
 
     def __init__(self, kernel: JITFunction):
         self.kernel = kernel
         self._names = [p.name for p in kernel.params]
         self._constexpr = {p.name for p in kernel.params if p.is_constexpr}
+        self._runtime = set(self._names) - self._constexpr
         # constexprs passed positionally are keyed by value (their class would mix kernels compiled for other values)
         self._first_constexpr = next((i for i, p in enumerate(kernel.params) if p.is_constexpr), len(self._names))
         self._defaults = {p.name: p.default for p in kernel.params if p.has_default}
@@ -94,29 +95,29 @@ class FastLaunch:
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
         """Launch the kernel on ``grid`` with ``args`` and ``kwargs`` on the current device and stream."""
-        first = self._first_constexpr
-        classes = argument_classes(args) if len(args) <= first else self._positional_key(args)
-        if classes is None or type(grid) is not tuple or _hooked(knobs.runtime):
-            self.kernel[grid](*args, **kwargs)
-            return
-        device = driver.active.get_current_device()
-        key = (device, classes, tuple(kwargs.items()))
+        key = self._key(grid, args, kwargs)
         try:
-            entry = self._compiled.get(key)
+            entry = _JIT if key is None else self._compiled.get(key)
         except TypeError:  # an unhashable keyword value
-            self.kernel[grid](*args, **kwargs)
-            return
+            entry = _JIT
         if entry is None:
             self._compile_and_launch(key, grid, args, kwargs)
-            return
-        if entry is _JIT:
+        elif entry is _JIT:
             self.kernel[grid](*args, **kwargs)
-            return
-        compiled, tail = entry
-        size = len(grid)
-        compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
-                     driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
-                     None, None, *args, *tail)
+        else:
+            compiled, tail = entry
+            size = len(grid)
+            compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
+                         driver.active.get_current_stream(key[0]), compiled.function, compiled.packed_metadata, None,
+                         None, None, *args, *tail)
+
+    def _key(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """(device, what the specialisation reads of ``args``, the keyword arguments), or None where the JIT path
+        launches: a grid function, launch hooks, an argument of another type."""
+        if type(grid) is not tuple or _hooked(knobs.runtime):
+            return None
+        classes = argument_classes(args) if len(args) <= self._first_constexpr else self._positional_key(args)
+        return None if classes is None else (driver.active.get_current_device(), classes, tuple(kwargs.items()))
 
     def _positional_key(self, args: tuple) -> tuple | None:
         """:func:`argument_classes` of the runtime arguments and the values of the constexprs among ``args``."""
@@ -132,7 +133,7 @@ class FastLaunch:
             self._compiled.clear()
         rest = self._names[len(args):]
         launchable = all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata"))
-        if not launchable or any(n in kwargs and n not in self._constexpr for n in self._names):
+        if not launchable or not self._runtime.isdisjoint(kwargs):
             self._compiled[key] = _JIT  # a runtime argument by keyword: its value is not in the key
             return
         self._compiled[key] = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in rest))
