@@ -87,6 +87,10 @@ _MEMO_LIMIT = 512
 
 def _by_priority(op: str) -> list[Backend]:
     backends = _REGISTRY[op]
+    if torch.compiler.is_compiling():
+        # dynamo replays a write to this module's caches after the traced call, which fails the guard it took on
+        # them and recompiles the whole model on its second call: traced code sorts and writes nothing
+        return sorted(backends.values(), key=lambda b: -b.priority)
     cached = _ORDER.get(op)
     values = tuple(backends.values())
     if cached is None or cached[0] is not backends or cached[1] != values:

@@ -150,6 +150,35 @@ def test_ops_trace_inside_torch_compile(randn, assert_close):
     assert_close(compiled(q, k, v), block(q, k, v), atol=1e-6)
 
 
+@pytest.mark.parametrize("eager_first", [False, True], ids=["fresh", "after-eager-calls"])
+def test_compiled_op_calls_compile_once(randn, monkeypatch, eager_first):
+    # a fresh process compiles before any eager call has filled dispatch's caches; dynamo replays a write to them
+    # after the traced call, which used to fail its own guard and recompile the model on the second call
+    monkeypatch.setattr(_dispatch, "_ORDER", {})
+    monkeypatch.setattr(_dispatch, "_CHOICES", {})
+    monkeypatch.setattr(_dispatch, "_VALID", {})
+    x, w, b = randn(2, 5, 8, seed=1), randn(8, seed=2), randn(8, seed=3)
+
+    def block(x):
+        y = ops.layer_norm(x, w, b)
+        return ops.downsampled_attention(y[:, None], y[:, None, :3], y[:, None, :3], num_heads=None)
+
+    if eager_first:
+        block(x)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counting_backend, fullgraph=True)
+    for _ in range(3):
+        out = compiled(x)
+    assert len(graphs) == 1, f"{len(graphs)} compilations for three calls with the same inputs"
+    torch.testing.assert_close(out, block(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("op", MY_OPS)
 def test_cpu_autocast_bf16_matches_float32(randn, assert_close, op):
     q, k, v = randn(2, 2, 20, 16, seed=1), randn(2, 2, 20, 16, seed=2), randn(2, 2, 20, 16, seed=3)
