@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -85,16 +85,20 @@ _VALID: dict[str, dict[tuple, bool]] = {}
 _MEMO_LIMIT = 512
 
 
+def _highest_first(backends: Iterable[Backend]) -> list[Backend]:
+    return sorted(backends, key=lambda b: -b.priority)
+
+
 def _by_priority(op: str) -> list[Backend]:
     backends = _REGISTRY[op]
     if torch.compiler.is_compiling():
         # dynamo replays a write to this module's caches after the traced call, which fails the guard it took on
         # them and recompiles the whole model on its second call: traced code sorts and writes nothing
-        return sorted(backends.values(), key=lambda b: -b.priority)
+        return _highest_first(backends.values())
     cached = _ORDER.get(op)
     values = tuple(backends.values())
     if cached is None or cached[0] is not backends or cached[1] != values:
-        cached = (backends, values, sorted(values, key=lambda b: -b.priority))
+        cached = (backends, values, _highest_first(values))
         _ORDER[op] = cached
         _CHOICES.pop(op, None)  # choices remembered by dispatch were made among the old backends
     return cached[2]
