@@ -7,10 +7,12 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from zoo.ops import LayerNorm
+from zoo.ops import LayerNorm, add_layer_norm
+from zoo.ops.mlp import is_identity
 from zoo.ops._conv_layers import RewrittenConv2d
 
-__all__ = ["ChannelsLastSequential", "check_images", "init_linears", "channels_last_intermediates", "projection_norm"]
+__all__ = ["ChannelsLastSequential", "add_norm", "check_images", "init_linears", "channels_last_intermediates",
+           "projection_norm", "unless_identity"]
 
 
 class ChannelsLastSequential(nn.Sequential):
@@ -62,6 +64,25 @@ def projection_norm(norm_layer: Callable[..., nn.Module], dim: int) -> nn.Module
     if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
         return LayerNorm(dim, eps=norm.eps, elementwise_affine=norm.elementwise_affine, bias=norm.bias is not None)
     return norm
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + branch, norm(x + branch))``: a pre-norm block's residual sum and its next branch's input, (..., C) each.
+
+    Through :func:`zoo.ops.add_layer_norm` for a :class:`zoo.ops.LayerNorm` (one kernel in eager inference on CUDA:
+    the residual add's launch is saved, and eager inference of these backbones waits for the host); any other norm
+    gets the plain sum.
+    """
+    if type(norm) is LayerNorm:
+        return add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps)
+    total = x + branch
+    return total, norm(total)
+
+
+def unless_identity(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, without the call where the module is the identity now (see :func:`zoo.ops.mlp.is_identity`):
+    a module call costs eager inference several microseconds of host time, which an H200 waits for."""
+    return x if is_identity(module) else module(x)
 
 
 def init_linears(model: nn.Module, std: float = 0.02) -> None:

@@ -23,11 +23,12 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
+from zoo.ops._amp import compute_dtype
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
-from ._layers import check_images, init_linears, projection_norm
+from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
 from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
                             pool_agent_tokens, register_official_builder, to_2tuple)
 
@@ -76,10 +77,23 @@ class AgentAttention(nn.Module):
             agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, n, c)
         # the values' depthwise conv on the patch tokens only, as official: the class token gets no such term
-        patches = depthwise_conv(v[:, 1:].flatten(2).view(b, *grid, c),
-                                 *autocast_weights(self.dwc, channels_innermost), residual=out[:, 1:].view(b, *grid, c))
-        out = torch.cat([out[:, :1], patches.flatten(1, 2)], dim=1)
-        return self.proj_drop(self.proj(out))
+        values, weights = v[:, 1:].flatten(2).view(b, *grid, c), autocast_weights(self.dwc, channels_innermost)
+        if _adds_in_place(out, values, *weights):  # into the patch rows: no concatenation (inference)
+            depthwise_conv(values, *weights, residual=out[:, 1:].view(b, *grid, c), inplace=True)
+        else:
+            patches = depthwise_conv(values, *weights, residual=out[:, 1:].view(b, *grid, c))
+            out = torch.cat([out[:, :1], patches.flatten(1, 2)], dim=1)
+        return unless_identity(self.proj_drop, self.proj(out))
+
+
+def _adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
+    """Whether the conv term can be added into the attention output ``out`` in place: autograd records nothing
+    (``out`` is not saved for a backward), no graph is being traced (inductor fuses the concatenation itself), and
+    the sum keeps ``out``'s dtype (it does under autocast, where both are the compute dtype)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (out, *inputs))):
+        return False
+    return torch.promote_types(out.dtype, compute_dtype(inputs[0])) == out.dtype
 
 
 class Attention(nn.Module):
@@ -124,8 +138,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, 1 + H*W, C) -> same shape; ``grid`` (H, W) defaults to the construction grid."""
-        x = x + self.drop_path(self.attn(self.norm1(x), grid))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, branch = self.forward_deferred(x, None, grid)
+        return x + branch
+
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None,
+                         grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + branch`` (on ``x`` when ``branch`` is None) with its last residual sum left to the
+        caller: returns ``(x', branch')``, (B, 1 + H*W, C) each, whose sum is the block's output. A stack of blocks
+        passes each sum on to the next block's first norm, where :func:`~zoo.backbones._layers.add_norm` computes it
+        with the norm (one kernel in eager inference instead of two)."""
+        x, h = (x, self.norm1(x)) if branch is None else add_norm(self.norm1, x, branch)
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h, grid)))
+        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 AgentBlock = Block  # the official name of the agent variant
@@ -260,9 +284,14 @@ class AgentVisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, 1 + H/p * W/p, embed_dim) normalised tokens (class token first)."""
         x, grid = self._embed(x)
-        for blk in self.blocks:
-            x = self._block(blk, x, grid)
-        return self.norm(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = self._block(blk, x, grid)
+            return self.norm(x)
+        branch = None
+        for blk in self.blocks:  # each block's last residual sum is made with the next block's first norm
+            x, branch = blk.forward_deferred(x, branch, grid)
+        return self.norm(x if branch is None else x + branch)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 1 + N, C) tokens -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""

@@ -25,7 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import check_images, init_linears, projection_norm
+from ._layers import add_norm, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
 from zoo.ops.autocast_cache import autocast_weights
@@ -154,8 +154,8 @@ class AgentPVTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) -> same shape."""
-        x = x + self.drop_path(self.attn(self.norm1(x), size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, h = add_norm(self.norm2, x, self.drop_path(self.attn(self.norm1(x), size)))
+        return x + self.drop_path(self.mlp(h))
 
 
 class PatchEmbed(nn.Module):

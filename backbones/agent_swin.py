@@ -27,7 +27,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import channels_last_intermediates, check_images, init_linears, projection_norm
+from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, agent_attention, depthwise_conv, window_attention
 from zoo.ops.autocast_cache import autocast_weights
@@ -209,8 +209,8 @@ class AgentSwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path(self._attention(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, h = add_norm(self.norm2, x, self.drop_path(self._attention(self.norm1(x))))
+        return x + self.drop_path(self.mlp(h))
 
 
 class PatchMerging(nn.Module):

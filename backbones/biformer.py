@@ -34,7 +34,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
+from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import SequentialMlp, depthwise_conv, downsampled_attention, routing_attention
@@ -268,8 +268,8 @@ class Block(nn.Module):
         elif self.pos_embed is not None:
             x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if self.pre_norm:
-            x = x + self._scaled(self.attn(self.norm1(x)), self.gamma1)
-            return x + self._scaled(self.mlp(self.norm2(x)), self.gamma2)
+            x, h = add_norm(self.norm2, x, self._scaled(self.attn(self.norm1(x)), self.gamma1))
+            return x + self._scaled(self.mlp(h), self.gamma2)
         x = self.norm1(x + self._scaled(self.attn(x), self.gamma1))
         return self.norm2(x + self._scaled(self.mlp(x), self.gamma2))
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, outlook_attention
 
-from ._layers import ChannelsLastSequential, check_images, init_linears, projection_norm
+from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -89,8 +89,8 @@ class _PreNormBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, h = add_norm(self.norm2, x, self.drop_path(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.mlp(h))
 
 
 class Outlooker(_PreNormBlock):
@@ -181,9 +181,8 @@ class ClassBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
-        cls = x[:, :1]
-        cls = cls + self.drop_path(self.attn(self.norm1(x)))
-        cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
+        cls, h = add_norm(self.norm2, x[:, :1], self.drop_path(self.attn(self.norm1(x))))
+        cls = cls + self.drop_path(self.mlp(h))
         return torch.cat([cls, x[:, 1:]], dim=1)
 
 

@@ -19,7 +19,7 @@ from .masked import masked_attention, structured_mask  # noqa: F401
 from .neighborhood import neighborhood_attention, neighborhood_mask  # noqa: F401
 from .triton import neighborhood as _neighborhood_triton  # noqa: F401  (registers its triton backend)
 from .ms_deform import ms_deform_attn  # noqa: F401
-from .layer_norm import LayerNorm, layer_norm  # noqa: F401
+from .layer_norm import LayerNorm, add_layer_norm, layer_norm  # noqa: F401
 from .mlp import Mlp, SequentialMlp, mlp  # noqa: F401
 from .depthwise_conv import depthwise_conv  # noqa: F401
 from .autocast_cache import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts  # noqa: F401
@@ -30,7 +30,7 @@ from .space_to_depth import SpaceToDepthConv2d, as_space_to_depth_conv  # noqa: 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
            "agent_attention", "outlook_attention", "routing_attention", "window_attention", "cross_attention",
            "downsampled_attention", "masked_attention", "structured_mask", "neighborhood_attention",
-           "neighborhood_mask", "ms_deform_attn", "layer_norm", "LayerNorm", "mlp", "Mlp", "SequentialMlp",
+           "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp", "SequentialMlp",
            "depthwise_conv",
            "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "clear_parameter_caches",
            "PatchConv2d", "as_patch_conv", "SpaceToDepthConv2d", "as_space_to_depth_conv"]

@@ -55,7 +55,7 @@ _OP = "depthwise_conv"
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    residual: torch.Tensor | None = None, size: tuple[int, int] | None = None,
-                   backend: str | None = None) -> torch.Tensor:
+                   inplace: bool = False, backend: str | None = None) -> torch.Tensor:
     """``residual + conv2d(resize(x, size), weight, bias, padding=K // 2, groups=C)`` on channels-last maps.
 
     Args:
@@ -65,6 +65,10 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         residual: (B, H, W, C) added to the conv's output, or None.
         size: (H, W) to resize x to first (bilinear, ``align_corners=False``, as ``F.interpolate``); None keeps
             (H_in, W_in).
+        inplace: write the sum into ``residual`` (any strides, its dtype the sum's) and return it, as
+            ``residual.add_(conv)`` does; for calls autograd does not record (an attention output that later layers
+            read whole: Agent-DeiT's patch rows past the class token, which then need no concatenation). ``x`` must
+            not overlap ``residual``.
         backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
 
     Returns:
@@ -74,17 +78,17 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """
     size = tuple(size) if size is not None else (tuple(x.shape[1:3]) if isinstance(x, torch.Tensor) else None)
     compute = compute_dtype(x) if isinstance(x, torch.Tensor) else None
-    key = call_key(x, weight, bias, residual, size, compute)
+    key = call_key(x, weight, bias, residual, size, compute, inplace)
     if not validated(_OP, key):
-        _check_inputs(x, weight, bias, residual, size, compute)
-    return dispatch(_OP, backend, x, weight, bias, residual, size, compute, key=key)
+        _check_inputs(x, weight, bias, residual, size, compute, inplace)
+    return dispatch(_OP, backend, x, weight, bias, residual, size, compute, inplace, key=key)
 
 
 def _describe(t) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
 
 
-def _check_inputs(x, weight, bias, residual, size, compute) -> None:
+def _check_inputs(x, weight, bias, residual, size, compute, inplace=False) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"depthwise_conv: x must be a floating-point (B, H, W, C) tensor, got {_describe(x)}")
     c = x.shape[-1]
@@ -106,6 +110,8 @@ def _check_inputs(x, weight, bias, residual, size, compute) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"depthwise_conv: {name} must be on the device of x ({x.device}), got {t.device}")
+    if inplace:
+        _check_inplace(x, weight, bias, residual, compute)
     if compute == x.dtype and autocast_dtype(x.device.type) is None:
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype != x.dtype:
@@ -113,16 +119,31 @@ def _check_inputs(x, weight, bias, residual, size, compute) -> None:
                                  "they must match (or run under torch.autocast)")
 
 
+def _check_inplace(x, weight, bias, residual, compute) -> None:
+    if residual is None:
+        raise ValueError("depthwise_conv: inplace=True adds into residual, which is None; pass residual= or "
+                         "inplace=False")
+    if torch.promote_types(residual.dtype, compute) != residual.dtype:
+        raise ValueError(f"depthwise_conv: inplace=True writes the sum in residual's dtype {residual.dtype}, but the "
+                         f"sum is {torch.promote_types(residual.dtype, compute)} (conv in {compute}); use "
+                         "inplace=False")
+    if needs_grad(x, weight, bias, residual):
+        raise ValueError("depthwise_conv: inplace=True is for calls autograd does not record (torch.no_grad, "
+                         "torch.inference_mode, or no input requiring grad); use inplace=False in training")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # reference backend
 
 
-def _reference(x, weight, bias, residual, size, compute) -> torch.Tensor:
+def _reference(x, weight, bias, residual, size, compute, inplace=False) -> torch.Tensor:
     maps = x.permute(0, 3, 1, 2)
     if size != tuple(x.shape[1:3]):
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     y = F.conv2d(maps, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[-1]).permute(0, 2, 3, 1)
-    return y if residual is None else residual + y
+    if residual is None:
+        return y
+    return residual.add_(y) if inplace else residual + y
 
 
 register_backend(_OP, "reference", _reference, priority=0)
@@ -134,7 +155,7 @@ register_backend(_OP, "reference", _reference, priority=0)
 _MAX_K = 7  # the K*K taps are unrolled
 
 
-def _triton_supports(x, weight, bias, residual, size, compute) -> str | None:
+def _triton_supports(x, weight, bias, residual, size, compute, inplace=False) -> str | None:
     if needs_grad(x, weight, bias, residual):
         return "no backward kernel: calls autograd records (training) take the reference"
     reason = inputs_reason(x.device, _kernels_interpreted(), compute=compute, x=x, weight=weight, bias=bias,
@@ -151,7 +172,7 @@ def _triton_supports(x, weight, bias, residual, size, compute) -> str | None:
     return None
 
 
-def _triton_prefer(x, weight, bias, residual, size, compute) -> str | None:
+def _triton_prefer(x, weight, bias, residual, size, compute, inplace=False) -> str | None:
     if x.device.type != "cuda":
         return f"on {x.device.type} the reference is faster than Triton's interpreter"
     return None
@@ -181,11 +202,12 @@ def _tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
     return tile_h, tile_w, block_c, 4
 
 
-def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> torch.Tensor:
+def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct, inplace: bool = False) -> torch.Tensor:
     """x (B, H, W, C) any strides, weight (C, 1, K, K) with stride(2) == K * stride(3) and bias contiguous, both in
-    ``compute`` (the kernel reads the compute dtype from the weight) -> (B, H, W, C) contiguous."""
+    ``compute`` (the kernel reads the compute dtype from the weight) -> (B, H, W, C) contiguous, or ``residual``
+    itself written in place with ``inplace``."""
     b, h, w, c = x.shape
-    y = torch.empty((b, h, w, c), dtype=out_dtype, device=x.device)
+    y = residual if inplace else torch.empty((b, h, w, c), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
     r = residual if residual is not None else y
@@ -195,7 +217,8 @@ def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct) -> tor
         launch(_kernel())[(blocks, -(-c // block_c))](
             x, weight, weight if bias is None else bias, r, y, h, w, c, *x.stride(), *r.stride(),
             weight.stride(0), weight.stride(3), K=weight.shape[-1], HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
+            HAS_RESIDUAL=residual is not None, IN_PLACE=inplace, TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c,
+            num_warps=num_warps)
     return y
 
 
@@ -240,7 +263,7 @@ def _taps_readable(weight: torch.Tensor) -> torch.Tensor:
     return weight if k == 1 or weight.stride(2) == k * weight.stride(3) else weight.contiguous()
 
 
-def _triton(x, weight, bias, residual, size, compute) -> torch.Tensor:
+def _triton(x, weight, bias, residual, size, compute, inplace=False) -> torch.Tensor:
     if size != tuple(x.shape[1:3]):
         x = _resized_channels_last(x, size)
     # under autocast these casts are the ones F.conv2d would make (the models pass autocast's cached copies in eager,
@@ -250,8 +273,9 @@ def _triton(x, weight, bias, residual, size, compute) -> torch.Tensor:
     bias = bias if bias is None or bias.dtype == compute else bias.to(compute)
     weight, bias = _taps_readable(weight), contiguous_or_none(bias)
     if torch.compiler.is_compiling():
-        return _triton_op(x, weight, bias, residual, compute)
-    return _launch(x, weight, bias, residual, compute, _out_dtype(residual, compute))
+        y = _triton_op(x, weight, bias, residual, compute)
+        return residual.copy_(y) if inplace else y
+    return _launch(x, weight, bias, residual, compute, _out_dtype(residual, compute), inplace=inplace)
 
 
 register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,

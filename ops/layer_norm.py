@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._amp import compute_dtype
+from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, interpreter_requested, kernel_op, needs_grad,
                      no_device_reason, on_device, sm_count, traced)
 
-__all__ = ["LayerNorm", "layer_norm"]
+__all__ = ["LayerNorm", "add_layer_norm", "layer_norm"]
 
 _OP = "layer_norm"
 
@@ -227,23 +227,41 @@ def _backward_programs(x: torch.Tensor, num_blocks: int) -> int:
 def _launch_forward(x, weight, bias, eps, out_dtype, launch=direct, stats: bool = True):
     """x contiguous (..., C) -> y (..., C) in out_dtype and, with ``stats``, mean and rstd (...) float32 for the
     backward (else None: inference)."""
-    channels = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = rstd = None
     if stats:
         mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
         rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rows = x.numel() // channels if channels else 0  # (Size.numel() would specialise a symbolic batch)
     if y.numel() == 0:  # no rows, or rows of no values
         return y, *((mean.zero_(), rstd.zero_()) if stats else (None, None))
+    _forward_kernel_call(x, weight, bias, eps, y, mean, rstd, None, None, launch)
+    return y, mean, rstd
+
+
+def _launch_add_forward(x, residual, weight, bias, eps, sum_dtype, out_dtype, launch=direct):
+    """x, residual contiguous (..., C) -> (s, y): s = x + residual in ``sum_dtype`` and y its norm in ``out_dtype``,
+    one kernel, no statistics (inference)."""
+    total = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if y.numel() > 0:
+        _forward_kernel_call(x, weight, bias, eps, y, None, None, residual, total, launch)
+    return total, y
+
+
+def _forward_kernel_call(x, weight, bias, eps, y, mean, rstd, residual, total, launch) -> None:
+    """Launch the forward kernel over x's rows: statistics where ``mean`` is given, the residual sum into ``total``
+    where ``residual`` is."""
+    channels = x.shape[-1]
+    rows = x.numel() // channels  # (Size.numel() would specialise a symbolic batch)
+    stats, add = mean is not None, residual is not None
     forward_kernel = launch(_kernels()[0])
     block_rows, block_c, num_warps = _tiles(channels)
     with on_device(x):
         forward_kernel[(_cdiv(rows, block_rows),)](
             x, x if weight is None else weight, x if bias is None else bias, y, *((mean, rstd) if stats else (y, y)),
-            rows, channels, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_ROWS=block_rows,
-            BLOCK_C=block_c, STATS=stats, num_warps=num_warps)
-    return y, mean, rstd
+            *((residual, total) if add else (x, y)), rows, channels, eps, HAS_W=weight is not None,
+            HAS_B=bias is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c, STATS=stats, HAS_RES=add,
+            num_warps=num_warps)
 
 
 def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launch=direct):
@@ -358,3 +376,95 @@ def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 
 register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,
                  prefer=_triton_prefer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the residual sum and the norm that follows it: add_layer_norm
+
+_ADD_OP = "add_layer_norm"
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float = 1e-5, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` and ``layer_norm(s, weight, bias, eps)``: a pre-norm block's residual sum and the norm
+    of its next branch.
+
+    Args:
+        x, residual: (..., C) floating-point tensors of one shape.
+        weight, bias, eps: as :func:`layer_norm`.
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (s, y), both (..., C): ``s`` as ``x + residual`` gives it (the promotion of both dtypes), ``y`` as
+        :func:`layer_norm` gives it for ``s`` (the autocast dtype under autocast).
+
+    Backends: ``reference`` is ``x + residual`` then :func:`layer_norm` (differentiable; the norm picks its own
+    backend). ``triton`` is one kernel for inference (a call autograd would record takes the reference; eager code
+    only, inductor fuses the reference's sum and norm itself): it reads both rows, writes the sum and normalizes it
+    from registers, so eager inference saves the add's launch, which costs the host about what the kernel does (an
+    H200 waits for Python at the released sizes). The sum is bitwise ``x + residual``'s; the norm is the
+    ``layer_norm`` kernel's.
+    """
+    sum_dtype = (torch.promote_types(x.dtype, residual.dtype)
+                 if isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) else None)
+    out_dtype = _norm_dtype(x, sum_dtype)
+    key = call_key(x, residual, weight, bias, eps, out_dtype)
+    if not validated(_ADD_OP, key):
+        _check_add_inputs(x, residual, weight, bias, eps)
+    return dispatch(_ADD_OP, backend, x, residual, weight, bias, float(eps), sum_dtype, out_dtype, key=key)
+
+
+def _norm_dtype(x, sum_dtype: torch.dtype | None) -> torch.dtype | None:
+    """What :func:`layer_norm` writes for a sum of ``sum_dtype`` on x's device (see its Returns)."""
+    if sum_dtype is None:
+        return None
+    amp = autocast_dtype(x.device.type)
+    return amp if amp is not None and sum_dtype in (torch.float32, torch.float16, torch.bfloat16) else sum_dtype
+
+
+def _check_add_inputs(x, residual, weight, bias, eps) -> None:
+    if not isinstance(residual, torch.Tensor) or not residual.is_floating_point():
+        got = type(residual).__name__ if not isinstance(residual, torch.Tensor) else f"dtype {residual.dtype}"
+        raise ValueError(f"add_layer_norm: residual must be a floating-point tensor, got {got}")
+    _check_inputs(x, weight, bias, eps)
+    if residual.shape != x.shape or residual.device != x.device:
+        raise ValueError(f"add_layer_norm: residual must have the shape and device of x ({tuple(x.shape)} on "
+                         f"{x.device}), got {tuple(residual.shape)} on {residual.device}")
+
+
+def _add_reference(x, residual, weight, bias, eps, sum_dtype, out_dtype):
+    total = x + residual
+    return total, layer_norm(total, weight, bias, eps)
+
+
+def _add_triton_supports(x, residual, weight, bias, eps, sum_dtype, out_dtype) -> str | None:
+    if needs_grad(x, residual, weight, bias):
+        return "no backward kernel: calls autograd records (training) take the reference"
+    reason = inputs_reason(x.device, interpreter_requested(), x=x, residual=residual, sum=sum_dtype,
+                           output=out_dtype, weight=weight, bias=bias)
+    if reason is not None:
+        return reason
+    if x.shape[-1] > _MAX_C:
+        return f"C={x.shape[-1]} is larger than {_MAX_C} (one row must fit a program's registers)"
+    return None
+
+
+def _add_triton_prefer(x, residual, weight, bias, eps, sum_dtype, out_dtype) -> str | None:
+    if x.device.type != "cuda":
+        return f"on {x.device.type} the reference is faster than Triton's interpreter"
+    if torch.compiler.is_compiling():
+        return "under torch.compile inductor fuses the reference's sum and norm"
+    if not _triton_is_faster(x.numel(), x.shape[-1], training=False):
+        return (f"{x.numel()} values of width {x.shape[-1]}: the norm's reference measured faster at this size "
+                "and width")
+    return None
+
+
+def _add_triton(x, residual, weight, bias, eps, sum_dtype, out_dtype):
+    return _launch_add_forward(x.contiguous(), residual.contiguous(), contiguous_or_none(weight),
+                               contiguous_or_none(bias), eps, sum_dtype, out_dtype)
+
+
+register_backend(_ADD_OP, "reference", _add_reference, priority=0)
+register_backend(_ADD_OP, "triton", _add_triton, supports=_add_triton_supports, priority=10,
+                 available=no_device_reason, prefer=_add_triton_prefer)

@@ -36,6 +36,7 @@ from typing import Optional  # custom_op schemas: Optional is read by every torc
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
 
@@ -44,7 +45,7 @@ from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2,
                      no_device_reason, on_device, traced)
 
-__all__ = ["Mlp", "SequentialMlp", "mlp"]
+__all__ = ["Mlp", "SequentialMlp", "is_identity", "mlp"]
 
 _OP = "mlp"
 _ACTIVATIONS = ("gelu",)
@@ -126,6 +127,8 @@ class Mlp(_TimmMlp):
         if (self._fusable_layers and _fuses_now(x, self.fc1, self.fc2)
                 and (not self.training or (self.drop1.p == 0 and self.drop2.p == 0))):
             return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if is_identity(self.drop1) and is_identity(self.norm) and is_identity(self.drop2):
+            return self.fc2(self.act(self.fc1(x)))  # the same layers without three calls that change nothing
         return super().forward(x)
 
 
@@ -156,6 +159,23 @@ def _gelu_mlp_layers(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
     """Whether linear, exact GELU, linear at widths where the kernel pays: what the modules may hand to :func:`mlp`."""
     return (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and type(act) is nn.GELU
             and act.approximate == "none" and _fusion_pays(fc1.in_features, fc2.out_features))
+
+
+def is_identity(module: nn.Module) -> bool:
+    """Whether calling ``module`` now returns its input unchanged and nothing observes the call: an ``nn.Identity``,
+    an ``nn.Dropout`` or timm ``DropPath`` with probability 0 or in eval mode, with no forward hooks of its own. Eager
+    code can then skip the call (H200 machine's host, eager Agent-DeiT-T inference at batch 128: the MLPs' two
+    dropouts and identity norm cost 0.45 of 8.3 ms a forward)."""
+    kind = type(module)
+    if kind is nn.Identity:
+        observed = False
+    elif kind is nn.Dropout:
+        observed = module.training and module.p > 0
+    elif kind is DropPath:
+        observed = module.training and module.drop_prob > 0
+    else:
+        return False
+    return not (observed or module._forward_hooks or module._forward_pre_hooks)
 
 
 def _fuses_now(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:

@@ -113,10 +113,29 @@ def _bad(**override):
     (_bad(size=(3,)), "size must be None or two positive ints"),
     (_bad(weight=torch.ones(6, 1, 3, 3, dtype=torch.float64)), "weight has dtype torch.float64 but x has"),
     (_bad(weight=torch.ones(6, 1, 3, 3, device="meta")), "weight must be on the device of x"),
+    (_bad(residual=None, inplace=True), "inplace=True adds into residual, which is None"),
+    (_bad(residual=torch.ones(2, 4, 4, 6, dtype=torch.float16), inplace=True),
+     r"inplace=True writes the sum in residual's dtype torch.float16, but the sum is torch.float32"),
+    (_bad(residual=torch.ones(2, 4, 4, 6, requires_grad=True), inplace=True),
+     "inplace=True is for calls autograd does not record"),
 ])
 def test_input_errors_name_the_argument_and_value(args, message):
     with pytest.raises(ValueError, match=message):
         depthwise_conv(**args)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=str)
+def test_reference_inplace_adds_into_the_residual(case, randn):
+    """inplace=True writes ``residual + conv`` into the residual itself, a strided view included (Agent-DeiT's patch
+    rows past the class token): the same values as the out-of-place sum, nothing else of the base touched."""
+    x, weight, bias, residual = _inputs(*case, randn)
+    want = depthwise_conv(x, weight, bias, residual=residual, size=case[-1], backend="reference")
+    base = torch.cat([torch.full_like(residual[:, :1], 7.0), residual], dim=1)  # a row before the view, kept
+    view = base[:, 1:]
+    with torch.no_grad():
+        got = depthwise_conv(x, weight, bias, residual=view, size=case[-1], inplace=True, backend="reference")
+    assert got is view and torch.equal(view, want)
+    assert torch.equal(base[:, :1], torch.full_like(residual[:, :1], 7.0))
 
 
 # (channels, kernel) of every call: Agent-Swin's value conv in its agent blocks (stages 0-2), Agent-DeiT's in every
@@ -232,6 +251,21 @@ def test_triton_interpreter_strided_residual_as_agent_deit_passes_it(interpreter
     assert_close(out, want, atol=1e-6 * want.abs().max().item(), what="strided residual")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interpreter_inplace_into_a_strided_residual(dtype, interpreter, randn):
+    """inplace=True stores through the residual's strides (the patch rows of Agent-DeiT's attention output): the
+    bits of the out-of-place kernel, the class-token rows untouched."""
+    b, grid, c = 2, 14, 24
+    tokens = randn(b, 1 + grid * grid, c, seed=13, dtype=dtype)
+    x, weight, bias = (t.to(dtype) for t in _inputs(b, grid, grid, c, 3, None, randn, seed=14)[:3])
+    want = depthwise_conv(x, weight, bias, residual=tokens[:, 1:].view(b, grid, grid, c), backend="triton")
+    class_rows = tokens[:, :1].clone()
+    got = depthwise_conv(x, weight, bias, residual=tokens[:, 1:].view(b, grid, grid, c), inplace=True,
+                         backend="triton")
+    assert got.data_ptr() == tokens[:, 1:].data_ptr() and torch.equal(got, want)
+    assert torch.equal(tokens[:, 1:].view(b, grid, grid, c), want) and torch.equal(tokens[:, :1], class_rows)
+
+
 @pytest.mark.parametrize("layout", ["channels_innermost", "taps_transposed"])
 def test_triton_interpreter_reads_the_weight_in_any_layout(layout, interpreter, randn):
     """A (C, 1, K, K) weight with the channels innermost (the models' cached copies on CUDA) is read through its
@@ -303,7 +337,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=20)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=22)
 
 
 # ----------------------------------------------------------------------------------------------------------------

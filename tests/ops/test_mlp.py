@@ -120,6 +120,41 @@ def test_modules_call_the_op_only_in_compiled_inference(randn, monkeypatch):
     assert calls == [1, 1]
 
 
+def test_is_identity_names_the_calls_that_change_nothing():
+    from timm.layers import DropPath
+
+    from zoo.ops.mlp import is_identity
+
+    dropout, drop_path = nn.Dropout(0.1), DropPath(0.1)
+    assert is_identity(nn.Identity()) and is_identity(nn.Dropout(0.0)) and is_identity(DropPath(0.0))
+    assert not is_identity(dropout) and not is_identity(drop_path)  # training mode with a probability
+    dropout.eval(), drop_path.eval()
+    assert is_identity(dropout) and is_identity(drop_path)
+    assert not is_identity(nn.GELU()) and not is_identity(nn.LayerNorm(4))
+    hooked = nn.Identity()
+    hooked.register_forward_hook(lambda *args: None)  # a hook observes the call: it is made
+    assert not is_identity(hooked)
+
+
+def test_mlp_module_skips_its_no_op_layers_with_the_same_outputs(randn, monkeypatch):
+    """Without dropout (or in eval mode) the module calls fc1, act and fc2 only; outputs equal timm's forward."""
+    torch.manual_seed(0)
+    ours = Mlp(16, 64, drop=0.1)
+    x = randn(3, 5, 16, seed=2)
+    called = []
+    for name in ("drop1", "norm", "drop2"):
+        getattr(ours, name).register_forward_pre_hook(lambda m, args, n=name: called.append(n))
+    ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), TimmMlp.forward(ours, x))
+    assert called == ["drop1", "norm", "drop2"] * 2  # hooked: observed, so called (ours and timm's forward)
+    plain = Mlp(16, 64, drop=0.1).eval()
+    plain.load_state_dict(ours.state_dict())
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: pytest.fail("a no-op dropout was called"))
+    with torch.no_grad():
+        assert torch.equal(plain(x), ours.fc2(ours.act(ours.fc1(x))))
+
+
 def test_sequential_mlp_keeps_keys_and_fuses_only_linear_gelu_linear(randn):
     torch.manual_seed(0)
     theirs = nn.Sequential(nn.Linear(16, 48), nn.Identity(), nn.GELU(), nn.Linear(48, 16))

@@ -16,13 +16,14 @@ def _rounded(t, dtype: tl.constexpr):
 
 @triton.jit
 def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c,
-                   sw_c, sw_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TILE_H: tl.constexpr,
-                   TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                   sw_c, sw_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                   IN_PLACE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = residual + depthwise_conv(x) for a TILE_H x TILE_W block of one map's pixels x BLOCK_C channels a program
     (grid: (B * cdiv(H, TILE_H) * cdiv(W, TILE_W), cdiv(C, BLOCK_C)); y (B, H, W, C) written contiguous).
 
     x and residual (B, H, W, C) are read through their strides, w (C, K*K) through its strides (sw_c, sw_t) and b
-    (C,) contiguous, both in the compute dtype (w's). Rounding follows the unfused layers: conv inputs in the compute dtype, float32 accumulation,
+    (C,) contiguous, both in the compute dtype (w's). With IN_PLACE, y is the residual and the sum is stored
+    through the residual's strides (each element read and written by the same program). Rounding follows the unfused layers: conv inputs in the compute dtype, float32 accumulation,
     the conv (+ bias) rounded to the compute dtype, the residual sum in float32 rounded to y's dtype. Zero padding of
     K // 2 at the map's borders. Offsets within a batch item are int32 (the caller checks the extents).
     """
@@ -61,6 +62,8 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
         r_offset = row * sr_h + col * sr_w
         acc += tl.load(r_ptr + item * sr_b + r_offset[:, None] + ch[None, :] * sr_c, mask=out_ok,
                        other=0.0).to(tl.float32)
-    y_offset = (row * W + col) * C
-    tl.store(y_ptr + item * H * W * C + y_offset[:, None] + ch[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=out_ok)
+    if IN_PLACE:
+        y_at = y_ptr + item * sr_b + (row * sr_h + col * sr_w)[:, None] + ch[None, :] * sr_c
+    else:
+        y_at = y_ptr + item * H * W * C + ((row * W + col) * C)[:, None] + ch[None, :]
+    tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)

@@ -9,11 +9,15 @@ INTERPRETED = interpreter_requested()
 
 
 @triton.jit
-def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
+def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, r_ptr, s_ptr, M, C, eps,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                   STATS: tl.constexpr):
+                   STATS: tl.constexpr, HAS_RES: tl.constexpr):
     """y = (x - mean) * rstd (* w) (+ b) over the last dim of the (M, C) row-major x, BLOCK_ROWS rows a program
-    (grid: cdiv(M, BLOCK_ROWS)), float32 statistics; with STATS also each row's mean and rstd (M,) float32."""
+    (grid: cdiv(M, BLOCK_ROWS)), float32 statistics; with STATS also each row's mean and rstd (M,) float32.
+
+    With HAS_RES the row normalized is the residual sum s = x + r (r (M, C) row-major, any float dtype), added in
+    float32 and rounded to s's dtype, stored to s_ptr and read back from registers: what ``x + r`` followed by the
+    norm gives, in one pass."""
     eps = tl.cast(eps, tl.float32)  # fp64 from inductor's launcher
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -22,6 +26,10 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = (x + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, x, mask=mask)
+        x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
