@@ -121,6 +121,15 @@ def _check_op(op: str) -> None:
         raise ValueError(f"op={op!r} is not a zoo op; known ops: {sorted(_REGISTRY)}")
 
 
+def _env_override_raw(_data=getattr(os.environ, "_data", None), _key=os.environ.encodekey("ZOO_OPS_BACKEND")):
+    """``ZOO_OPS_BACKEND`` as ``os.environ`` stores it (encoded), for the memo key of every eager op call:
+    ``os.environ.get`` encodes the name and decodes the value each time (about 1.5 us of host time a call, which
+    eager inference waits for). ``os.environ`` keeps ``_data`` in step with every change made through it."""
+    if _data is None:  # not CPython's os.environ
+        return os.environ.get("ZOO_OPS_BACKEND")
+    return _data.get(_key)
+
+
 def _env_choice(op: str) -> str | None:
     return _env_choices(os.environ.get("ZOO_OPS_BACKEND", "")).get(op)
 
@@ -223,7 +232,7 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
     if key is None:
         return select_backend(op, backend, *args, **kwargs).fn(*args, **kwargs)
     _by_priority(op)  # a changed registry forgets the remembered choices
-    memo_key = (backend, os.environ.get("ZOO_OPS_BACKEND"), torch.is_grad_enabled(), key)
+    memo_key = (backend, _env_override_raw(), torch.is_grad_enabled(), key)
     chosen = _CHOICES.get(op, {}).get(memo_key)
     if chosen is None:
         chosen = select_backend(op, backend, *args, **kwargs)

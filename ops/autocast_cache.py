@@ -68,6 +68,16 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
     Returns:
         (weight, bias), each of the parameter's shape, in the autocast dtype when cached, else the parameters.
     """
+    entry = module.__dict__.get(_ATTR)
+    if entry is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # the hot path of eager inference: the parameters the copies were made of (they passed the checks below
+        # then), read from the parameter dict (``module.weight`` goes through nn.Module.__getattr__, slower)
+        params = module._parameters
+        weight, bias = params.get("weight"), params.get("bias")
+        if entry[0] is weight and entry[1] is bias:
+            dtype = autocast_dtype(weight.device.type)
+            if dtype is not None and entry[2] == (*_state(weight, bias, dtype), copy_weight):
+                return entry[3], entry[4]
     weight, bias = module.weight, module.bias
     if torch.compiler.is_compiling() or not (_plain_float32(weight) and _plain_float32(bias)):
         return weight, bias  # (symbolic tracers' proxies are not tensors either)
@@ -82,7 +92,6 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
     except RuntimeError:  # no storage: functorch's wrapped tensors (vmap over stacked parameters)
         return weight, bias
     state = (*state, copy_weight)
-    entry = module.__dict__.get(_ATTR)
     if entry is not None and entry[0] is weight and entry[1] is bias and entry[2] == state:
         return entry[3], entry[4]
     # outside inference mode: a copy made there could not be saved for a later backward through frozen layers

@@ -93,7 +93,7 @@ def test_copy_weight_makes_the_cached_copy_and_keys_it():
 
 
 @pytest.mark.parametrize("update", ["no_grad_add", "optimizer_step", "load_state_dict", "data_assignment",
-                                    "dtype_round_trip"])
+                                    "dtype_round_trip", "new_parameter", "bias_removed"])
 def test_copies_follow_parameter_updates(update):
     plain, cached = _pair()
     x = _input()
@@ -111,6 +111,17 @@ def test_copies_follow_parameter_updates(update):
     elif update == "data_assignment":
         for p in cached.parameters():
             p.data = torch.randn_like(p)
+    elif update in ("new_parameter", "bias_removed"):  # other objects under the same names
+        for m in cached.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight = nn.Parameter(torch.randn_like(m.weight))
+                if update == "bias_removed":
+                    m.bias = None
+        if update == "bias_removed":
+            plain = _plain_net()
+            for m in plain.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    m.bias = None
     else:
         cached.double()
         cached.float()
