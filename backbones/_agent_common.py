@@ -324,23 +324,34 @@ def _build_biases(module: nn.Module, key_size: tuple[int, int], query_size: tupl
     return key, query
 
 
-def _bias_token(module: nn.Module) -> tuple | None:
-    """What identifies the current bias values, or None when that cannot be known (no caching then).
+def _bias_params(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The module's agent-bias parameters, straight from its parameter dict (``nn.Module.__getattr__`` would cost
+    about as much as the cache check they serve)."""
+    return tuple(p for p in map(module._parameters.get, AGENT_BIAS_NAMES) if p is not None)
 
-    In-place updates (load_state_dict, p.add_) bump ``_version``; .to()/.data swaps move data_ptr; optimizer steps
-    are counted (fused AdamW on CUDA bumps no ``_version``). Parameters
-    created under inference_mode have no version counter and may still change in place inside it, so they are never
-    cached.
-    """
-    # the registered parameters straight from the dict: nn.Module.__getattr__ costs about as much as the token
-    params = [p for p in map(module._parameters.get, AGENT_BIAS_NAMES) if p is not None]
-    token = []
-    for p in params:
-        if p.is_inference():
-            return None
-        token.append((p._version, p.data_ptr(), p.device, p.dtype, p.shape, p.stride()))
-    token.append(optimizer_steps())
-    return tuple(token)
+
+def _bias_signature(params: tuple[torch.Tensor, ...]) -> tuple:
+    """What identifies these parameters' current values, with the parameter objects themselves (compared by
+    identity, and held by the cache so that no other tensor can take their addresses): in-place updates
+    (load_state_dict, p.add_) bump ``_version``; .data swaps move data_ptr; optimizer steps are counted (fused AdamW
+    on CUDA bumps no ``_version``)."""
+    return (*((p._version, p.data_ptr()) for p in params), optimizer_steps())
+
+
+def _cached_state(module: nn.Module) -> dict | None:
+    """The module's cache of built biases, valid for its current parameters (a fresh one when they changed), or None
+    when it cannot be known whether they changed: parameters created under inference_mode have no version counter
+    and may still change in place inside it, so they are never cached."""
+    params = _bias_params(module)
+    state = module.__dict__.get(_CACHE_ATTR)
+    if (state is not None and len(state[0]) == len(params) and all(a is b for a, b in zip(state[0], params))
+            and state[1] == _bias_signature(params)):
+        return state[2]
+    if any(p.is_inference() for p in params):
+        return None
+    # A plain attribute, not a buffer: stays out of state_dict and is left behind (then invalidated) by .to().
+    module.__dict__[_CACHE_ATTR] = state = (params, _bias_signature(params), {})
+    return state[2]
 
 
 def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple[int, int],
@@ -365,17 +376,11 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         # the attention the same biases (a fused kernel reads any dtype and would otherwise read float32 ones)
         biases = _build_biases(module, key_size, query_size, agents)
         return _in_dtype(biases, autocast_dtype(biases[0].device.type))
-    token = _bias_token(module)
-    if token is None:
+    entries = _cached_state(module)
+    if entries is None:
         return _build_biases(module, key_size, query_size, agents)
-    # A plain attribute, not a buffer: stays out of state_dict and is left behind (then invalidated) by .to().
-    state = module.__dict__.get(_CACHE_ATTR)
-    if state is None or state[0] != token:
-        state = (token, {})
-        module.__dict__[_CACHE_ATTR] = state
-    entries = state[1]
     # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.
-    compute = autocast_dtype(token[0][2].type)  # the biases' device
+    compute = autocast_dtype(module._parameters["an_bias"].device.type)  # the biases' device
     key = (key_size, query_size, agents, compute)
     if key not in entries:
         biases = _build_biases(module, key_size, query_size, agents)

@@ -133,7 +133,7 @@ def test_no_grad_autocast_caches_the_biases_in_the_compute_dtype(build_calls):
         second = model(x)
     assert torch.equal(first, second) and len(build_calls) == len(_agent_modules(model))
     for module in _agent_modules(model):
-        for (key_size, query_size, agents, compute), cached in module._agent_bias_cache[1].items():
+        for (key_size, query_size, agents, compute), cached in module._agent_bias_cache[2].items():
             assert compute == torch.bfloat16
             fresh = common._build_biases(module, key_size, query_size, agents)
             for c, f in zip(cached, fresh):
@@ -224,6 +224,22 @@ def test_in_place_update_invalidates_the_cache():
             assert torch.equal(cached, fresh.forward_features(x)), name
         assert (cached - before).abs().max().item() > 1e-3, name
         before = cached
+
+
+def test_a_replaced_parameter_invalidates_the_cache():
+    """A new Parameter object under a bias's name (a fine-tuning script's re-init) is seen by identity, whatever its
+    version counter and storage address: the cache holds the parameters it was built from."""
+    model, x = _model("agent_deit_tiny"), _image("agent_deit_tiny")
+    attn = _agent_modules(model)[0]
+    with torch.no_grad():
+        before = model.forward_features(x)
+        attn.na_bias = torch.nn.Parameter(attn.na_bias + torch.randn(attn.na_bias.shape,
+                                                                     generator=torch.Generator().manual_seed(6)))
+        cached = model.forward_features(x)
+        fresh = _model("agent_deit_tiny")
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(cached, fresh.forward_features(x))
+    assert (cached - before).abs().max().item() > 1e-3
 
 
 def test_data_writes_need_an_explicit_cache_clear():
