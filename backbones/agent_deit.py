@@ -26,6 +26,7 @@ from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsam
 from zoo.ops._amp import compute_dtype
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.ops.depthwise_conv import channels_innermost
+from zoo.ops.triton import needs_grad
 from zoo.registry import build_zoo_model, register_variants
 
 from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
@@ -90,8 +91,7 @@ def _adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
     """Whether the conv term can be added into the attention output ``out`` in place: autograd records nothing
     (``out`` is not saved for a backward), no graph is being traced (inductor fuses the concatenation itself), and
     the sum keeps ``out``'s dtype (it does under autocast, where both are the compute dtype)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (out, *inputs))):
+    if torch.compiler.is_compiling() or needs_grad(out, *inputs):
         return False
     return torch.promote_types(out.dtype, compute_dtype(inputs[0])) == out.dtype
 

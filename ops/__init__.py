@@ -30,7 +30,7 @@ from .space_to_depth import SpaceToDepthConv2d, as_space_to_depth_conv  # noqa: 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
            "agent_attention", "outlook_attention", "routing_attention", "window_attention", "cross_attention",
            "downsampled_attention", "masked_attention", "structured_mask", "neighborhood_attention",
-           "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp", "SequentialMlp",
-           "depthwise_conv",
+           "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp",
+           "SequentialMlp", "depthwise_conv",
            "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "clear_parameter_caches",
            "PatchConv2d", "as_patch_conv", "SpaceToDepthConv2d", "as_space_to_depth_conv"]

@@ -21,8 +21,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype an autocast-eligible layer (linear, conv) computes ``x`` in right now: the autocast dtype of x's device
-    when autocast is on there and x is float32/float16/bfloat16, else x's own dtype."""
+    when autocast is on there and x is float32/float16/bfloat16, else x's own dtype. With ``dtype``, the same rule for
+    a tensor of that dtype on x's device (a result not made yet, such as a sum)."""
+    dtype = x.dtype if dtype is None else dtype
     amp = autocast_dtype(x.device.type)
-    return amp if amp is not None and x.dtype in _AUTOCAST_INPUTS else x.dtype
+    return amp if amp is not None and dtype in _AUTOCAST_INPUTS else dtype

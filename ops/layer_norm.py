@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._amp import autocast_dtype, compute_dtype
+from ._amp import compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, interpreter_requested, kernel_op, needs_grad,
                      no_device_reason, on_device, sm_count, traced)
@@ -407,19 +407,11 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     """
     sum_dtype = (torch.promote_types(x.dtype, residual.dtype)
                  if isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) else None)
-    out_dtype = _norm_dtype(x, sum_dtype)
+    out_dtype = compute_dtype(x, sum_dtype) if sum_dtype is not None else None  # what layer_norm writes for the sum
     key = call_key(x, residual, weight, bias, eps, out_dtype)
     if not validated(_ADD_OP, key):
         _check_add_inputs(x, residual, weight, bias, eps)
     return dispatch(_ADD_OP, backend, x, residual, weight, bias, float(eps), sum_dtype, out_dtype, key=key)
-
-
-def _norm_dtype(x, sum_dtype: torch.dtype | None) -> torch.dtype | None:
-    """What :func:`layer_norm` writes for a sum of ``sum_dtype`` on x's device (see its Returns)."""
-    if sum_dtype is None:
-        return None
-    amp = autocast_dtype(x.device.type)
-    return amp if amp is not None and sum_dtype in (torch.float32, torch.float16, torch.bfloat16) else sum_dtype
 
 
 def _check_add_inputs(x, residual, weight, bias, eps) -> None:
@@ -440,24 +432,12 @@ def _add_reference(x, residual, weight, bias, eps, sum_dtype, out_dtype):
 def _add_triton_supports(x, residual, weight, bias, eps, sum_dtype, out_dtype) -> str | None:
     if needs_grad(x, residual, weight, bias):
         return "no backward kernel: calls autograd records (training) take the reference"
-    reason = inputs_reason(x.device, interpreter_requested(), x=x, residual=residual, sum=sum_dtype,
-                           output=out_dtype, weight=weight, bias=bias)
-    if reason is not None:
-        return reason
-    if x.shape[-1] > _MAX_C:
-        return f"C={x.shape[-1]} is larger than {_MAX_C} (one row must fit a program's registers)"
-    return None
+    return (inputs_reason(x.device, interpreter_requested(), residual=residual, sum=sum_dtype)
+            or _triton_supports(x, weight, bias, eps, out_dtype))
 
 
 def _add_triton_prefer(x, residual, weight, bias, eps, sum_dtype, out_dtype) -> str | None:
-    if x.device.type != "cuda":
-        return f"on {x.device.type} the reference is faster than Triton's interpreter"
-    if torch.compiler.is_compiling():
-        return "under torch.compile inductor fuses the reference's sum and norm"
-    if not _triton_is_faster(x.numel(), x.shape[-1], training=False):
-        return (f"{x.numel()} values of width {x.shape[-1]}: the norm's reference measured faster at this size "
-                "and width")
-    return None
+    return _triton_prefer(x, weight, bias, eps, out_dtype)  # the norm's rule: the sum adds no launch of its own
 
 
 def _add_triton(x, residual, weight, bias, eps, sum_dtype, out_dtype):

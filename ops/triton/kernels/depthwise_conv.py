@@ -23,8 +23,9 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
 
     x and residual (B, H, W, C) are read through their strides, w (C, K*K) through its strides (sw_c, sw_t) and b
     (C,) contiguous, both in the compute dtype (w's). With IN_PLACE, y is the residual and the sum is stored
-    through the residual's strides (each element read and written by the same program). Rounding follows the unfused layers: conv inputs in the compute dtype, float32 accumulation,
-    the conv (+ bias) rounded to the compute dtype, the residual sum in float32 rounded to y's dtype. Zero padding of
+    through the residual's strides (each element read and written by the same program). Rounding follows the unfused
+    layers: conv inputs in the compute dtype, float32 accumulation, the conv (+ bias) rounded to the compute dtype,
+    the residual sum in float32 rounded to y's dtype. Zero padding of
     K // 2 at the map's borders. Offsets within a batch item are int32 (the caller checks the extents).
     """
     compute = w_ptr.dtype.element_ty
