@@ -41,7 +41,8 @@ from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops._amp import autocast_dtype
-from zoo.ops._cache import cached_constant, optimizer_steps, register_parameter_cache
+from zoo.ops._cache import optimizer_steps, register_parameter_cache
+from zoo.ops.agent import pool_agent_tokens
 from zoo.registry import register_family
 
 __all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "agent_cfg", "register_official_builder",
@@ -391,53 +392,3 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
 def _in_dtype(biases: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
     """The biases cast to ``dtype`` (the autocast compute dtype), or as they are where it is None."""
     return biases if dtype is None else tuple(b.to(dtype) for b in biases)
-
-
-def _window_membership(n: int, g: int, device: torch.device) -> torch.Tensor:
-    """(g, n) bool: which of n positions each of g adaptive-pooling windows covers (ATen's windows:
-    [floor(i * n / g), ceil((i + 1) * n / g)))."""
-    i = torch.arange(g, device=device)[:, None]
-    pos = torch.arange(n, device=device)[None, :]
-    return (pos >= (i * n) // g) & (pos < -((-(i + 1) * n) // g))
-
-
-@cached_constant()
-def _pooling_mask(size: tuple[int, int], grid: tuple[int, int], device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """(ga*gb, H*W) zeros and ones: the token grid positions each agent's window sums."""
-    rows = _window_membership(size[0], grid[0], device)
-    cols = _window_membership(size[1], grid[1], device)
-    return (rows[:, None, :, None] & cols[None, :, None, :]).flatten(2).flatten(0, 1).to(dtype)
-
-
-@cached_constant()
-def _pooling_counts(size: tuple[int, int], grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(ga*gb, 1) float32: how many tokens each agent's window holds."""
-    rows = _window_membership(size[0], grid[0], device).sum(1)
-    cols = _window_membership(size[1], grid[1], device).sum(1)
-    return (rows[:, None] * cols[None, :]).reshape(-1, 1).float()
-
-
-def pool_agent_tokens(q: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """Agent tokens: adaptive average pool of the (patch) queries on their grid.
-
-    Args:
-        q: (B, H*W, C) queries in row-major grid order.
-        size: (H, W).
-        grid: (ga, gb) agent grid.
-
-    Returns:
-        (B, ga*gb, C).
-    """
-    b, n, c = q.shape
-    h, w = size
-    if n != h * w:
-        raise ValueError(f"pool_agent_tokens: {n} tokens do not form a {h}x{w} grid")
-    ga, gb = grid
-    # Not F.adaptive_avg_pool2d: on this channels-last-strided map it runs ATen's NHWC kernel, which took 1.15 ms per
-    # Agent-Swin-T stage-0 call (56x56 -> 3x3) at batch 128 on the H200, 18% of the compiled model's device time.
-    if h % ga == 0 and w % gb == 0:  # equal windows: a mean over a view of the grid
-        return q.reshape(b, ga, h // ga, gb, w // gb, c).mean((2, 4)).flatten(1, 2)
-    # overlapping or unequal windows: sums as a matmul with a 0/1 window mask (exact in every dtype), then the counts
-    sums = torch.matmul(_pooling_mask(tuple(size), tuple(grid), q.device, q.dtype), q)
-    return sums.div_(_pooling_counts(tuple(size), tuple(grid), q.device))  # float32 division, one rounding

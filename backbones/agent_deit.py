@@ -2,8 +2,8 @@
 
 The first ``agent_layer`` blocks (all of them for T/S, four for B) replace softmax attention with agent attention:
 ``A`` agents average-pooled from the patch queries, agent biases (including the class-token biases
-``ac_bias``/``ca_bias``), :func:`zoo.ops.agent_attention`, and a depthwise 3x3 conv of the patch values added to
-the patch outputs. The other blocks are plain DeiT blocks. State-dict keys equal the official ones.
+``ac_bias``/``ca_bias``), agent attention, and a depthwise 3x3 conv of the patch values added to the patch
+outputs, all in :func:`zoo.ops.pooled_agent_attention`. The other blocks are plain DeiT blocks. State-dict keys equal the official ones.
 
 The biases and the position embedding are sized for the construction ``img_size``; another input size (a multiple
 of the patch size) interpolates both bilinearly to the actual patch grid, as the official dense-prediction
@@ -22,16 +22,14 @@ from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
-from zoo.ops._amp import compute_dtype
+from zoo.ops import Mlp, as_patch_conv, downsampled_attention, pooled_agent_attention
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.ops.depthwise_conv import channels_innermost
-from zoo.ops.triton import needs_grad
 from zoo.registry import build_zoo_model, register_variants
 
 from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
 from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
-                            pool_agent_tokens, register_official_builder, to_2tuple)
+                            register_official_builder, to_2tuple)
 
 __all__ = ["AgentVisionTransformer", "AgentAttention", "AgentBlock", "Attention", "Block"]
 
@@ -61,39 +59,22 @@ class AgentAttention(nn.Module):
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         init_agent_biases(self, num_heads, agent_num, self.grid_size, self.grid_size, cls_token=True)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, 1 + H*W, C) -> (B, 1 + H*W, C); ``grid`` is (H, W), the construction grid when None."""
         b, n, c = x.shape
         grid = tuple(grid) if grid is not None else self.grid_size
         # one head split for q, k and v (each a (B, N, heads, d) view): fewer ops, and eager inference is host-bound
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        agents = pool_agent_tokens(q[:, 1:].flatten(2), grid, self.agent_grid)  # the class token is not pooled
         agent_bias, query_bias = agent_biases(self, grid, grid)
-        out = agent_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self._heads(agents), scale=self.scale,
-            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, n, c)
-        # the values' depthwise conv on the patch tokens only, as official: the class token gets no such term
-        values, weights = v[:, 1:].flatten(2).view(b, *grid, c), autocast_weights(self.dwc, channels_innermost)
-        if _adds_in_place(out, values, *weights):  # into the patch rows: no concatenation (inference)
-            depthwise_conv(values, *weights, residual=out[:, 1:].view(b, *grid, c), inplace=True)
-        else:
-            patches = depthwise_conv(values, *weights, residual=out[:, 1:].view(b, *grid, c))
-            out = torch.cat([out[:, :1], patches.flatten(1, 2)], dim=1)
-        return unless_identity(self.proj_drop, self.proj(out))
-
-
-def _adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
-    """Whether the conv term can be added into the attention output ``out`` in place: autograd records nothing
-    (``out`` is not saved for a backward), no graph is being traced (inductor fuses the concatenation itself), and
-    the sum keeps ``out``'s dtype (it does under autocast, where both are the compute dtype)."""
-    if torch.compiler.is_compiling() or needs_grad(out, *inputs):
-        return False
-    return torch.promote_types(out.dtype, compute_dtype(inputs[0])) == out.dtype
+        conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
+        # agents pooled from the patch queries, and the values' depthwise conv on the patch tokens only, as official:
+        # the class token is neither pooled nor gets a conv term
+        out = pooled_agent_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid=grid, agent_grid=self.agent_grid,
+            prefix=1, scale=self.scale, agent_bias=agent_bias, query_bias=query_bias,
+            conv_weight=conv_weight, conv_bias=conv_bias,
+            dropout_p=self.attn_drop if self.training else 0.0)
+        return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
 class Attention(nn.Module):

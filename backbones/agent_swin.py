@@ -7,8 +7,8 @@ Agent blocks use ``window_size`` and window blocks ``max(7, window_size // 8)``;
 (clamped to its smaller side, as Swin does) means no shift. In the released models every agent block covers its
 whole stage (global agent attention) and window blocks alternate plain and shifted 7x7 (9x9, 12x12) windows.
 
-Agent attention runs through :func:`zoo.ops.agent_attention` (agents pooled from the queries, the official agent
-biases, a depthwise 3x3 conv of the values added), window attention through :func:`zoo.ops.window_attention`
+Agent attention runs through :func:`zoo.ops.pooled_agent_attention` (agents pooled from the queries, the official
+agent biases, a depthwise 3x3 conv of the values added), window attention through :func:`zoo.ops.window_attention`
 (relative position bias, shifted windows). State-dict keys, buffers included, equal the official ones.
 
 Other input sizes work as in the official detection/segmentation backbone: global agent blocks bilinearly resize
@@ -29,14 +29,14 @@ from timm.models._features import feature_take_indices
 
 from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, PatchConv2d, agent_attention, depthwise_conv, window_attention
+from zoo.ops import Mlp, PatchConv2d, pooled_agent_attention, window_attention
 from zoo.ops.autocast_cache import autocast_weights
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
 from ._agent_common import (AGENT_BIAS_NAMES, FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list,
-                            init_agent_biases, pool_agent_tokens, register_official_builder, to_2tuple)
+                            init_agent_biases, register_official_builder, to_2tuple)
 
 __all__ = ["AgentSwinTransformer", "AgentSwinBlock", "AgentAttention", "WindowAttention", "PatchMerging",
            "PatchEmbed", "parse_attn_types", "relative_position_index"]
@@ -122,15 +122,15 @@ class AgentAttention(nn.Module):
         """(B, h, w, C) window(s) -> (B, h, w, C)."""
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).view(b, h * w, 3, c).unbind(2)
-        agents = pool_agent_tokens(q, (h, w), self.agent_grid)
         agent_bias, query_bias = agent_biases(self, (h, w), (h, w))
-        out = agent_attention(
-            self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
-            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        # Depthwise conv of the values restores the feature diversity the low-rank agent attention loses.
-        out = depthwise_conv(v.view(b, h, w, c), *autocast_weights(self.dwc, channels_innermost), residual=out)
-        return self.proj_drop(self.proj(out))
+        conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
+        # agents pooled from the window's queries; the values' depthwise conv restores the feature diversity the
+        # low-rank agent attention loses
+        out = pooled_agent_attention(
+            self._heads(q), self._heads(k), self._heads(v), grid=(h, w), agent_grid=self.agent_grid,
+            scale=self.scale, agent_bias=agent_bias, query_bias=query_bias, conv_weight=conv_weight,
+            conv_bias=conv_bias, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, h, w, c)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

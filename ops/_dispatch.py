@@ -192,16 +192,23 @@ def call_key(*args: Any) -> tuple | None:
     """
     if torch.compiler.is_compiling():
         return None
-    key = []
+    # Flat: each tensor adds five entries, starting with its torch.Size, which no scalar entry is, so the tuple
+    # still tells every argument list apart (and saves a tuple a tensor on every call of a hot op).
+    items: list[Any] = []
+    append = items.append
     for a in args:
-        kind = type(a)  # exact types first: this runs on every call of a hot op
+        kind = type(a)  # exact types first
         if kind is torch.Tensor or kind is torch.nn.Parameter or isinstance(a, torch.Tensor):
-            key.append((a.shape, a.stride(), a.dtype, a.device, a.requires_grad))
+            append(a.shape)
+            append(a.stride())
+            append(a.dtype)
+            append(a.device)
+            append(a.requires_grad)
         elif kind in _SCALARS or (kind is tuple and all(type(x) in _SCALARS for x in a)):
-            key.append(a)
+            append(a)
         else:
             return None
-    key = tuple(key)
+    key = tuple(items)
     try:
         hash(key)
     except TypeError:  # symbolic sizes (make_fx / export tracing with dynamic shapes) have no stable value

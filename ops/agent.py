@@ -10,6 +10,11 @@ Both softmaxes are over a short side (A agents, typically 9-81), so the cost is 
 agent tokens (usually an average pool of the queries), the depthwise-conv "diversity" term and the position biases
 are built by the model (see ``zoo.backbones._agent_common``); this op is only the two attentions.
 
+:func:`pooled_agent_attention` is the Agent Attention module's whole token mixing for self-attention over a token
+grid: the agents pooled from the queries, the two attentions and the values' depthwise conv. Its reference backend
+is those three ops in a row (differentiable); its ``triton`` backend computes all three in one launch for eager
+inference, where the models are bound by host time (:mod:`zoo.ops.triton.agent`).
+
 Backends:
     ``reference``: plain PyTorch, the definition (scales the agents/queries before the product, as the official
         code does).
@@ -24,11 +29,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._sdpa import sdpa
+from ._amp import compute_dtype
+from ._cache import cached_constant
 from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
+from ._sdpa import sdpa
+from .depthwise_conv import depthwise_conv
+from .triton import needs_grad
 
-__all__ = ["agent_attention"]
+__all__ = ["agent_attention", "pooled_agent_attention", "pool_agent_tokens"]
 
 _OP = "agent_attention"
 
@@ -146,3 +155,178 @@ def _sdpa_prefer(q, k, v, agent, *, agent_bias=None, query_bias=None, **_) -> st
 
 register_backend(_OP, "reference", _reference, priority=0)
 register_backend(_OP, "sdpa", _sdpa, prefer=_sdpa_prefer, priority=10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# agents pooled from the queries: the token mixing of an Agent Attention module
+
+_POOLED_OP = "pooled_agent_attention"
+
+
+def _window_membership(n: int, g: int, device: torch.device) -> torch.Tensor:
+    """(g, n) bool: which of n positions each of g adaptive-pooling windows covers (ATen's windows:
+    [floor(i * n / g), ceil((i + 1) * n / g)))."""
+    i = torch.arange(g, device=device)[:, None]
+    pos = torch.arange(n, device=device)[None, :]
+    return (pos >= (i * n) // g) & (pos < -((-(i + 1) * n) // g))
+
+
+@cached_constant()
+def _pooling_mask(size: tuple[int, int], grid: tuple[int, int], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(ga*gb, H*W) zeros and ones: the token grid positions each agent's window sums."""
+    rows = _window_membership(size[0], grid[0], device)
+    cols = _window_membership(size[1], grid[1], device)
+    return (rows[:, None, :, None] & cols[None, :, None, :]).flatten(2).flatten(0, 1).to(dtype)
+
+
+@cached_constant()
+def _pooling_counts(size: tuple[int, int], grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(ga*gb, 1) float32: how many tokens each agent's window holds."""
+    rows = _window_membership(size[0], grid[0], device).sum(1)
+    cols = _window_membership(size[1], grid[1], device).sum(1)
+    return (rows[:, None] * cols[None, :]).reshape(-1, 1).float()
+
+
+def pool_agent_tokens(q: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Agent tokens: adaptive average pool of the (patch) queries on their grid.
+
+    Args:
+        q: (B, H*W, C) queries in row-major grid order.
+        size: (H, W).
+        grid: (ga, gb) agent grid.
+
+    Returns:
+        (B, ga*gb, C).
+    """
+    b, n, c = q.shape
+    h, w = size
+    if n != h * w:
+        raise ValueError(f"pool_agent_tokens: {n} tokens do not form a {h}x{w} grid")
+    ga, gb = grid
+    # Not F.adaptive_avg_pool2d: on this channels-last-strided map it runs ATen's NHWC kernel, which took 1.15 ms per
+    # Agent-Swin-T stage-0 call (56x56 -> 3x3) at batch 128 on the H200, 18% of the compiled model's device time.
+    if h % ga == 0 and w % gb == 0:  # equal windows: a mean over a view of the grid
+        return q.reshape(b, ga, h // ga, gb, w // gb, c).mean((2, 4)).flatten(1, 2)
+    # overlapping or unequal windows: sums as a matmul with a 0/1 window mask (exact in every dtype), then the counts
+    sums = torch.matmul(_pooling_mask(tuple(size), tuple(grid), q.device, q.dtype), q)
+    return sums.div_(_pooling_counts(tuple(size), tuple(grid), q.device))  # float32 division, one rounding
+
+
+def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int],
+                           agent_grid: tuple[int, int], prefix: int = 0, scale: float | None = None,
+                           agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+                           conv_weight: torch.Tensor | None = None, conv_bias: torch.Tensor | None = None,
+                           dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
+    """Agent self-attention over ``prefix`` leading tokens and an (H, W) token grid, with the agents pooled from the
+    queries and the values' depthwise conv added (the Agent Attention module before its output projection).
+
+    ``agents`` = :func:`pool_agent_tokens` of the queries' grid tokens to ``agent_grid`` (each head's channels
+    alike); ``out = agent_attention(q, k, v, agents)``; with ``conv_weight``, the grid tokens' outputs get
+    :func:`~zoo.ops.depthwise_conv` of the values' grid (channels ``head * d_v + i``) added, the prefix tokens
+    nothing (Agent-DeiT's class token).
+
+    Args:
+        q, k: (B, heads, N, d); v: (B, heads, N, d_v); N = prefix + H * W tokens, the grid row-major after the
+            prefix. Any strides (head-split views of a qkv projection).
+        grid: (H, W). agent_grid: (ga, gb), A = ga * gb agents (ATen's adaptive-pooling windows).
+        prefix: leading tokens outside the grid (not pooled, no conv term).
+        scale, agent_bias, query_bias, dropout_p: as :func:`agent_attention` (biases broadcastable to
+            (B, heads, A, N) and (B, heads, N, A)).
+        conv_weight: (heads * d_v, 1, K, K) depthwise kernel, K odd, or None for no conv term; conv_bias: (heads *
+            d_v,) or None. Dtypes as :func:`~zoo.ops.depthwise_conv` takes them (its compute dtype).
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (B, heads, N, d_v): the attention output in q's dtype, plus the conv term in the dtype of that sum.
+
+    Backends: ``reference`` is the three ops in a row (differentiable; in calls autograd does not record the conv
+    adds into the attention output's grid rows in place). ``triton`` is one kernel for eager inference on CUDA (a
+    call autograd would record, or a traced one, takes the reference) with the conv's kernel size 3 and a sum that
+    keeps q's dtype: it pools the agents, runs both attentions and adds the conv from registers; the attention
+    output and the conv round as the separate kernels do (the agents' window sums in another order: equal up to
+    float32 rounding before the agents' one rounding).
+    """
+    grid = tuple(grid) if isinstance(grid, (tuple, list)) else grid
+    agent_grid = tuple(agent_grid) if isinstance(agent_grid, (tuple, list)) else agent_grid
+    key = call_key(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid, prefix, scale,
+                   dropout_p)
+    if not validated(_POOLED_OP, key):
+        _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bias, agent_bias, query_bias,
+                             dropout_p)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return dispatch(_POOLED_OP, backend, q, k, v, conv_weight, conv_bias, grid=grid, agent_grid=agent_grid,
+                    prefix=prefix, scale=float(scale), agent_bias=agent_bias, query_bias=query_bias,
+                    dropout_p=float(dropout_p), key=key)
+
+
+def _positive_pair(name: str, value) -> None:
+    if not (isinstance(value, tuple) and len(value) == 2 and all(type(x) is int and x > 0 for x in value)):
+        raise ValueError(f"pooled_agent_attention: {name} must be two positive ints (rows, columns), got {value!r}")
+
+
+def _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bias, agent_bias, query_bias,
+                         dropout_p) -> None:
+    _positive_pair("grid", grid)
+    _positive_pair("agent_grid", agent_grid)
+    if type(prefix) is not int or prefix < 0:
+        raise ValueError(f"pooled_agent_attention: prefix must be an int >= 0, got {prefix!r}")
+    agents = q.new_empty(()).expand(q.shape[0], q.shape[1], agent_grid[0] * agent_grid[1], q.shape[3]) \
+        if isinstance(q, torch.Tensor) and q.ndim == 4 else q
+    _check_inputs(q, k, v, agents, agent_bias, query_bias, dropout_p)
+    n = prefix + grid[0] * grid[1]
+    if q.shape[2] != n or k.shape[2] != n:
+        raise ValueError(f"pooled_agent_attention: q, k and v need prefix + H * W = {prefix} + {grid[0]} * {grid[1]} "
+                         f"= {n} tokens, got q {q.shape[2]}, k {k.shape[2]}")
+    channels = q.shape[1] * v.shape[3]
+    if conv_weight is None:
+        if conv_bias is not None:
+            raise ValueError("pooled_agent_attention: conv_bias needs a conv_weight")
+        return
+    if (not isinstance(conv_weight, torch.Tensor) or conv_weight.ndim != 4 or conv_weight.shape[:2] != (channels, 1)
+            or conv_weight.shape[2] != conv_weight.shape[3] or conv_weight.shape[2] % 2 == 0):
+        got = tuple(conv_weight.shape) if isinstance(conv_weight, torch.Tensor) else type(conv_weight).__name__
+        raise ValueError(f"pooled_agent_attention: conv_weight must be (heads * d_v, 1, K, K) = ({channels}, 1, K, K) "
+                         f"with K odd, got {got}")
+    if conv_bias is not None and (not isinstance(conv_bias, torch.Tensor) or tuple(conv_bias.shape) != (channels,)):
+        got = tuple(conv_bias.shape) if isinstance(conv_bias, torch.Tensor) else type(conv_bias).__name__
+        raise ValueError(f"pooled_agent_attention: conv_bias must be ({channels},) or None, got {got}")
+
+
+def _grid_tokens(t: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N - prefix, heads * d): the grid tokens with the heads merged (a view of a
+    token-major qkv projection)."""
+    return t.transpose(1, 2)[:, prefix:].flatten(2)
+
+
+def adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
+    """Whether a conv term of ``inputs`` can be added into ``out`` in place: autograd records nothing (``out`` is
+    not saved for a backward), no graph is being traced (inductor fuses a concatenation itself), and the sum keeps
+    ``out``'s dtype (it does under autocast, where both are the compute dtype)."""
+    if torch.compiler.is_compiling() or needs_grad(out, *inputs):
+        return False
+    return torch.promote_types(out.dtype, compute_dtype(inputs[0])) == out.dtype
+
+
+def _pooled_reference(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, prefix, scale, agent_bias, query_bias,
+                      dropout_p):
+    b, heads, n, d = q.shape
+    agents = pool_agent_tokens(_grid_tokens(q, prefix), grid, agent_grid).unflatten(-1, (heads, d)).transpose(1, 2)
+    out = agent_attention(q, k, v, agents, scale=scale, agent_bias=agent_bias, query_bias=query_bias,
+                          dropout_p=dropout_p)
+    if conv_weight is None:
+        return out
+    dv = v.shape[-1]
+    out = out.transpose(1, 2).reshape(b, n, heads * dv)
+    values = _grid_tokens(v, prefix).view(b, *grid, heads * dv)
+    rows = out[:, prefix:].view(b, *grid, heads * dv)
+    if adds_in_place(out, values, conv_weight, conv_bias):  # into the grid rows: no concatenation
+        depthwise_conv(values, conv_weight, conv_bias, residual=rows, inplace=True)
+    else:
+        summed = depthwise_conv(values, conv_weight, conv_bias, residual=rows).flatten(1, 2)
+        out = torch.cat([out[:, :prefix], summed], dim=1) if prefix else summed
+    return out.view(b, n, heads, dv).transpose(1, 2)
+
+
+register_backend(_POOLED_OP, "reference", _pooled_reference, priority=0)

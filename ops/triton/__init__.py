@@ -102,8 +102,15 @@ def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensor's GPU (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on the tensor's GPU (Triton launches on the current CUDA device). Nothing to switch (the usual case,
+    asked before every eager launch) costs two C calls: no ``torch.cuda.device`` context and its exchanges."""
+    if not t.is_cuda:
+        return _NO_SWITCH
+    index = t.get_device()
+    return _NO_SWITCH if index == torch._C._cuda_getDevice() else torch.cuda.device(index)
+
+
+_NO_SWITCH = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def next_pow2(n: int) -> int:

@@ -39,12 +39,15 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._amp import compute_dtype
 from .._dispatch import register_backend
+from ..depthwise_conv import _taps_readable, channels_innermost
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
                sm_count, token_major, traced, triton_missing_reason)
 
-__all__ = ["agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS", "MAX_HEAD_DIM"]
+__all__ = ["agent_attention_triton", "pooled_agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS",
+           "MAX_HEAD_DIM"]
 
 _OP = "agent_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,6 +80,7 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stag
 class _Kernels(NamedTuple):
     forward: Callable
     backward: Callable
+    pooled_forward: Callable
 
 
 def _kernels_interpreted() -> bool:
@@ -89,7 +93,7 @@ def _kernels() -> _Kernels:
     """The forward and backward kernels (imports triton on first use)."""
     from .kernels import agent as kernels
 
-    return _Kernels(kernels._forward_kernel, kernels._backward_kernel)
+    return _Kernels(kernels._forward_kernel, kernels._backward_kernel, kernels._pooled_forward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,3 +375,80 @@ def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Te
 
 register_backend(_OP, "triton", agent_attention_triton, supports=_supports, priority=20,
                  available=triton_missing_reason)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pooled_agent_attention: agents pooled from the queries and the values' depthwise conv in the same launch
+
+_POOLED_OP = "pooled_agent_attention"
+
+
+def _conv_in(weight: torch.Tensor | None, bias: torch.Tensor | None, compute: torch.dtype):
+    """The conv's weight and bias in the compute dtype (the casts the depthwise-conv kernel's caller makes), the
+    weight readable as (C, K*K) through two strides."""
+    if weight is None:
+        return None, None
+    if weight.dtype != compute:
+        weight = channels_innermost(weight, compute)
+    bias = bias if bias is None or bias.dtype == compute else bias.to(compute)
+    return _taps_readable(weight), None if bias is None else bias.contiguous()
+
+
+def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale,
+                   launch=direct) -> torch.Tensor:
+    b, heads, n, d = q.shape
+    a = agent_grid[0] * agent_grid[1]
+    plan = _plan(_Sizes(b, heads, n, n, a, d, v.shape[3]), q.dtype, False, sm_count(q) if q.is_cuda else None)
+    out = token_major(b, heads, n, v.shape[3], q)
+    if b * heads == 0 or n == 0:
+        return out
+    w = weight if weight is not None else q
+    equal = grid[0] % agent_grid[0] == 0 and grid[1] % agent_grid[1] == 0
+    with on_device(q):
+        launch(_kernels().pooled_forward)[(b * heads, plan.query_splits)](
+            q, k, v, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q, w,
+            bias if bias is not None else w, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(agent_bias),
+            *_bias_strides(query_bias), *((w.stride(0), w.stride(3)) if weight is not None else (0, 0)), heads, n, a,
+            prefix, *grid, *agent_grid, scale * _LOG2E, HAS_AB=agent_bias is not None,
+            HAS_QB=query_bias is not None, CONV=weight is not None, HAS_CB=bias is not None, ROUND_SUMS=not equal,
+            **plan.options, **plan.constexprs)
+    return out
+
+
+def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None, *,
+                                  grid: tuple[int, int], agent_grid: tuple[int, int], prefix: int, scale: float,
+                                  agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+                                  dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`zoo.ops.pooled_agent_attention` in one kernel launch (eager inference; the arguments are that
+    function's). Returns (B, heads, N, d_v), a view of token-major (B, N, heads, d_v) memory."""
+    weight, bias = _conv_in(conv_weight, conv_bias, compute_dtype(v))
+    return _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale)
+
+
+def _pooled_supports(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, prefix, scale, agent_bias=None,
+                     query_bias=None, dropout_p=0.0) -> str | None:
+    if torch.compiler.is_compiling():
+        return "eager only: in a traced graph the reference's ops (each with its own kernel) compile"
+    if needs_grad(q, k, v, conv_weight, conv_bias, agent_bias, query_bias):
+        return "no backward kernel: calls autograd records (training) take the reference"
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernel takes one"
+    if conv_weight is not None:
+        if conv_weight.shape[-1] != 3:
+            return f"conv kernel size {conv_weight.shape[-1]}: the fused conv is 3x3"
+        total = torch.promote_types(q.dtype, compute_dtype(v))
+        if total != q.dtype:
+            return f"the conv sum is {total}, not q's {q.dtype}: the kernel writes one output dtype"
+    agents = q.new_empty(()).expand(q.shape[0], q.shape[1], agent_grid[0] * agent_grid[1], q.shape[3])
+    return _supports(q, k, v, agents, scale=scale, agent_bias=agent_bias, query_bias=query_bias, dropout_p=dropout_p)
+
+
+def _pooled_prefer(q, *_, **__) -> str | None:
+    if q.device.type != "cuda":
+        return f"on {q.device.type} the reference is faster than Triton's interpreter"
+    return None
+
+
+register_backend(_POOLED_OP, "triton", pooled_agent_attention_triton, supports=_pooled_supports, priority=20,
+                 available=triton_missing_reason, prefer=_pooled_prefer)

@@ -17,7 +17,7 @@ fast path off (read when a kernel's launcher is first made).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from triton.runtime import driver
@@ -33,6 +33,7 @@ __all__ = ["FastLaunch", "fast_launch", "argument_classes"]
 _INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 _CACHE_LIMIT = 256  # compiled variants a kernel keeps (a model uses a handful a kernel)
+_INT_MEMO_LIMIT = 4096  # int arguments whose class is remembered (sizes and strides of a few dozen shapes)
 _JIT = object()  # cache entry of a key whose launches keep the JIT path
 
 
@@ -45,21 +46,31 @@ def _int_class(value: int) -> int:
     return width + (2 if value % 16 == 0 else 3)
 
 
-def argument_classes(args: Sequence[Any]) -> tuple | None:
+def argument_classes(args: Sequence[Any], _ints: dict[int, int] = {}) -> tuple | None:  # noqa: B006 (a memo)
     """The part of the positional kernel arguments ``args`` that Triton's specialisation reads, as a hashable tuple
-    (a tensor: dtype and 16-byte alignment; an int: :func:`_int_class`; a float, bool or None: its type), or None
-    when an argument is of another type (the JIT path then launches it)."""
-    classes = []
+    (a tensor: its dtype, then whether it is 16-byte aligned; an int: :func:`_int_class`; a float, bool or None: its
+    type), or None when an argument is of another type (the JIT path then launches it). Flat, with each int's class
+    remembered: it runs before every eager launch. Only a tensor contributes a ``torch.dtype``, so the flat tuple
+    still tells every argument list apart."""
+    classes: list[Any] = []
+    append = classes.append
     for a in args:
         kind = type(a)
         if kind is torch.Tensor or kind is torch.nn.Parameter:
-            classes.append((a.dtype, a.data_ptr() & 15 == 0))
+            append(a.dtype)
+            append(a.data_ptr() & 15 == 0)
         elif kind is int:
-            classes.append(_int_class(a))
+            cls = _ints.get(a)
+            if cls is None:
+                if len(_ints) >= _INT_MEMO_LIMIT:
+                    _ints.clear()
+                cls = _ints[a] = _int_class(a)
+            append(cls)
         elif kind is float or kind is bool or a is None:
-            classes.append(kind)
+            append(kind)
         elif isinstance(a, torch.Tensor):
-            classes.append((a.dtype, a.data_ptr() & 15 == 0))
+            append(a.dtype)
+            append(a.data_ptr() & 15 == 0)
         else:
             return None
     return tuple(classes)
@@ -78,7 +89,8 @@ class FastLaunch:
     arguments come positionally (a runtime argument by keyword keeps the JIT path: its value is not in the key);
     constexprs and launch options (``num_warps``, ...) either way, keyed by value."""
 
-    __slots__ = ("kernel", "_names", "_constexpr", "_runtime", "_first_constexpr", "_defaults", "_compiled")
+    __slots__ = ("kernel", "_names", "_constexpr", "_runtime", "_first_constexpr", "_defaults", "_compiled",
+                 "_current")
 
     def __init__(self, kernel: JITFunction):
         self.kernel = kernel
@@ -89,6 +101,7 @@ class FastLaunch:
         self._first_constexpr = next((i for i, p in enumerate(kernel.params) if p.is_constexpr), len(self._names))
         self._defaults = {p.name: p.default for p in kernel.params if p.has_default}
         self._compiled: dict[tuple, Any] = {}
+        self._current: tuple[Callable[[], int], Callable[[int], Any]] | None = None  # read at the first launch
 
     def __getitem__(self, grid: tuple[int, ...]):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -107,9 +120,8 @@ class FastLaunch:
         else:
             compiled, tail = entry
             size = len(grid)
-            compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
-                         driver.active.get_current_stream(key[0]), compiled.function, compiled.packed_metadata, None,
-                         None, None, *args, *tail)
+            compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, self._current[1](key[0]),
+                         compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
 
     def _key(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         """(device, what the specialisation reads of ``args``, the keyword arguments), or None where the JIT path
@@ -117,7 +129,11 @@ class FastLaunch:
         if type(grid) is not tuple or _hooked(knobs.runtime):
             return None
         classes = argument_classes(args) if len(args) <= self._first_constexpr else self._positional_key(args)
-        return None if classes is None else (driver.active.get_current_device(), classes, tuple(kwargs.items()))
+        if classes is None:
+            return None
+        if self._current is None:
+            self._current = _device_and_stream()
+        return self._current[0](), classes, tuple(kwargs.items())
 
     def _positional_key(self, args: tuple) -> tuple | None:
         """:func:`argument_classes` of the runtime arguments and the values of the constexprs among ``args``."""
@@ -137,6 +153,18 @@ class FastLaunch:
             self._compiled[key] = _JIT  # a runtime argument by keyword: its value is not in the key
             return
         self._compiled[key] = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in rest))
+
+
+def _device_and_stream() -> tuple[Callable[[], int], Callable[[int], Any]]:
+    """The driver's current-device and current-stream functions, read once: every attribute read through
+    ``driver.active`` (a proxy) costs host time. Triton's CUDA driver answers the device with
+    ``torch.cuda.current_device``, whose lazy-initialisation check a launch on CUDA tensors has passed already, so
+    the same value comes straight from ``torch._C._cuda_getDevice``."""
+    active = driver.active
+    device = active.get_current_device
+    if device is torch.cuda.current_device and hasattr(torch._C, "_cuda_getDevice"):
+        device = torch._C._cuda_getDevice
+    return device, active.get_current_stream
 
 
 def fast_launch(kernel: Any) -> Any:

@@ -34,25 +34,12 @@ def _agent_program(HEADS, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse_ptr,
-                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad,
-                    sbb, sbh, sba, sbm, scb, sch, scn, sca,
-                    HEADS, N, M, A, qk_scale2,
-                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
-                    PRECISION: tl.constexpr, STATS: tl.constexpr):
-    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+def _aggregate(agent, k_base, v_base, ab_base, offs_a, offs_d, offs_dv, offs_t, M, A, skn, skd, svn, svd, sba, sbm,
+               qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, PRECISION: tl.constexpr):
+    """Agents aggregate over the keys (online softmax over key tiles): the float32 (BLOCK_A, BLOCK_DV) weighted
+    value sums, the running maxima and sums of the base-2 logits."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
-    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = tl.arange(0, BLOCK_T)
-    a_ok = offs_a < A
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    ab_base = ab_ptr + b * sbb + h * sbh
-
-    # 1. agents aggregate over the keys (online softmax over key tiles)
     m_i = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_A], dtype=tl.float32)
     acc = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
@@ -70,6 +57,44 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
         vt = _tile(v_base, keys, M, offs_dv, DV, svn, svd)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _broadcast(q_base, qb_base, rows, offs_a, offs_d, agent, agent_v, a_ok, N, A, sqn, sqd, scn, sca, qk_scale2,
+               D: tl.constexpr, HAS_QB: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile reads from the agents (all agents in one tile: a plain softmax): float32 (BLOCK_T, BLOCK_DV)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+    s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
+    if HAS_QB:
+        s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
+    s = tl.where(a_ok[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    return tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse_ptr,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad,
+                    sbb, sbh, sba, sbm, scb, sch, scn, sca,
+                    HEADS, N, M, A, qk_scale2,
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
+                    PRECISION: tl.constexpr, STATS: tl.constexpr):
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+
+    # 1. agents aggregate over the keys
+    acc, m_i, l_i = _aggregate(agent, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh,
+                               ab_ptr + b * sbb + h * sbh, offs_a, offs_d, offs_dv, offs_t, M, A, skn, skd, svn,
+                               svd, sba, sbm, qk_scale2, D, DV, BLOCK_A, BLOCK_DV, BLOCK_T, HAS_AB, PRECISION)
     agent_v = (acc / l_i[:, None]).to(agent.dtype)  # the reference's first matmul output dtype
     pid64 = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)  # the query tiles are dealt to the grid's second axis, each split aggregating again
@@ -77,23 +102,112 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
         _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
         tl.store(lse_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
 
-    # 2. queries read from the agents (all agents in one tile: a plain softmax per query tile)
+    # 2. queries read from the agents
     q_base = q_ptr + b * sqb + h * sqh
     qb_base = qb_ptr + b * scb + h * sch
     out_base = out_ptr + b * N * HEADS * DV + h * DV
     for start in range(split * BLOCK_T, N, BLOCK_T * tl.num_programs(1)):
         rows = start + offs_t
-        qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
-        s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
-        if HAS_QB:
-            s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
-        s = tl.where(a_ok[None, :], s, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, axis=1)
-        o = tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]
+        o = _broadcast(q_base, qb_base, rows, offs_a, offs_d, agent, agent_v, a_ok, N, A, sqn, sqd, scn, sca,
+                       qk_scale2, D, HAS_QB, PRECISION)
         # no per-query statistics are stored: the backward recomputes this one-tile softmax, and a store here
         # made the training forward 2.4x slower at Agent-Swin-T stage 2 (H200, default tiles: 242 against 102 us)
+        _put(out_base, rows, N, offs_dv, DV, HEADS * DV, 1, o)
+
+
+@triton.jit
+def _pooled_agents(q_base, offs_a, offs_d, offs_t, N, sqn, sqd, PREFIX, H, W, GA, GB,
+                   D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                   ROUND_SUMS: tl.constexpr, PRECISION: tl.constexpr):
+    """The agents as the adaptive average pool (ATen's windows) of the queries' (H, W) grid tokens to a (GA, GB) grid
+    (agent a: window row a // GB, column a % GB), in the queries' dtype. float32 window sums as 0/1-weighted dots
+    (exact products), rounded to that dtype first with ROUND_SUMS (the reference's mask matmul for unequal windows;
+    equal windows take a mean, one rounding), then divided by the window's size. Tokens before PREFIX (a class
+    token) are not pooled."""
+    i, j = offs_a // GB, offs_a % GB
+    top, bottom = (i * H) // GA, ((i + 1) * H + GA - 1) // GA  # ceil division without negative operands (C's
+    left, right = (j * W) // GB, ((j + 1) * W + GB - 1) // GB    # integer division truncates towards zero)
+    sums = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    for start in range(PREFIX, N, BLOCK_T):
+        rows = start + offs_t
+        qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+        cell = rows - PREFIX
+        row, col = (cell // W)[None, :], (cell % W)[None, :]
+        member = ((row >= top[:, None]) & (row < bottom[:, None]) & (col >= left[:, None]) & (col < right[:, None])
+                  & (rows < N)[None, :])
+        sums += tl.dot(member.to(qt.dtype), qt, input_precision=PRECISION)
+    dtype = q_base.dtype.element_ty
+    if ROUND_SUMS:
+        sums = sums.to(dtype).to(tl.float32)
+    count = ((bottom - top) * (right - left)).to(tl.float32)
+    return (sums / tl.maximum(count, 1.0)[:, None]).to(dtype)
+
+
+@triton.jit
+def _value_conv_sum(o, v_base, w_ptr, cb_ptr, rows, offs_dv, h, N, svn, svd, sw_c, sw_t, PREFIX, H, W,
+                    DV: tl.constexpr, HAS_CB: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The attention output tile ``o`` (float32) rounded to OUT_DTYPE, plus on grid tokens a 3x3 depthwise conv of
+    the values over the token grid (zero padding; channel = head * DV + d), as :mod:`.depthwise_conv`'s kernel
+    computes it with a residual: inputs in the weights' (compute) dtype, float32 taps in the same order, the conv
+    (+ bias) rounded to the compute dtype, the sum in float32."""
+    compute = w_ptr.dtype.element_ty
+    residual = o.to(OUT_DTYPE).to(tl.float32)
+    cell = rows - PREFIX
+    row, col = cell // W, cell % W
+    in_grid = (rows >= PREFIX) & (rows < N)
+    dv_ok = offs_dv < DV
+    ch = h * DV + offs_dv
+    acc = tl.zeros(o.shape, dtype=tl.float32)
+    for dy in tl.static_range(3):
+        y_in = row + (dy - 1)
+        y_ok = in_grid & (y_in >= 0) & (y_in < H)
+        for dx in tl.static_range(3):
+            x_in = col + (dx - 1)
+            ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & dv_ok[None, :]
+            token = PREFIX + y_in * W + x_in
+            value = tl.load(v_base + token[:, None] * svn + offs_dv[None, :] * svd, mask=ok, other=0.0)
+            tap = tl.load(w_ptr + ch * sw_c + (dy * 3 + dx) * sw_t, mask=dv_ok, other=0.0).to(tl.float32)
+            acc += value.to(tl.float32).to(compute).to(tl.float32) * tap[None, :]
+    if HAS_CB:
+        acc += tl.load(cb_ptr + ch, mask=dv_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc.to(compute).to(tl.float32)
+    return tl.where(in_grid[:, None], acc + residual, residual)
+
+
+@triton.jit
+def _pooled_forward_kernel(q_ptr, k_ptr, v_ptr, ab_ptr, qb_ptr, w_ptr, cb_ptr, out_ptr,
+                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                           sbb, sbh, sba, sbm, scb, sch, scn, sca, sw_c, sw_t,
+                           HEADS, N, A, PREFIX, H, W, GA, GB, qk_scale2,
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                           HAS_QB: tl.constexpr, CONV: tl.constexpr, HAS_CB: tl.constexpr,
+                           ROUND_SUMS: tl.constexpr, PRECISION: tl.constexpr):
+    """Self-attention of N = PREFIX + H * W tokens through agents pooled from the queries' grid, plus the values'
+    depthwise conv on the grid tokens (with CONV): the inference forward of :func:`zoo.ops.pooled_agent_attention`
+    in one launch (grid: (batch * heads, query splits)). Keys and values are the same N tokens."""
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+    q_base = q_ptr + b * sqb + h * sqh
+    v_base = v_ptr + b * svb + h * svh
+    agent = _pooled_agents(q_base, offs_a, offs_d, offs_t, N, sqn, sqd, PREFIX, H, W, GA, GB, D, BLOCK_A, BLOCK_D,
+                           BLOCK_T, ROUND_SUMS, PRECISION)
+    acc, m_i, l_i = _aggregate(agent, k_ptr + b * skb + h * skh, v_base, ab_ptr + b * sbb + h * sbh, offs_a,
+                               offs_d, offs_dv, offs_t, N, A, skn, skd, svn, svd, sba, sbm, qk_scale2, D, DV,
+                               BLOCK_A, BLOCK_DV, BLOCK_T, HAS_AB, PRECISION)
+    agent_v = (acc / l_i[:, None]).to(agent.dtype)
+    qb_base = qb_ptr + b * scb + h * sch
+    out_base = out_ptr + b * N * HEADS * DV + h * DV
+    for start in range(tl.program_id(1) * BLOCK_T, N, BLOCK_T * tl.num_programs(1)):
+        rows = start + offs_t
+        o = _broadcast(q_base, qb_base, rows, offs_a, offs_d, agent, agent_v, a_ok, N, A, sqn, sqd, scn, sca,
+                       qk_scale2, D, HAS_QB, PRECISION)
+        if CONV:
+            o = _value_conv_sum(o, v_base, w_ptr, cb_ptr, rows, offs_dv, h, N, svn, svd, sw_c, sw_t, PREFIX, H, W,
+                                DV, HAS_CB, out_ptr.dtype.element_ty)
         _put(out_base, rows, N, offs_dv, DV, HEADS * DV, 1, o)
 
 

@@ -1,0 +1,192 @@
+"""pooled_agent_attention: the reference is pool_agent_tokens + agent_attention + depthwise_conv; the ``triton``
+backend (one launch, eager inference) against it in Triton's CPU interpreter (fp32 / fp16, equal and unequal pooling
+windows, a class-token prefix, several token tiles and query splits) and on the GPU (bf16 autocast, the released
+Agent-DeiT and Agent-Swin shapes, and those models fused against unfused); dispatch and input errors on plain CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo.ops.triton.agent as ta  # registers the backend
+from zoo.ops import agent_attention, depthwise_conv, pooled_agent_attention
+from zoo.ops._dispatch import select_backend
+from zoo.ops.agent import pool_agent_tokens
+from triton_checks import assert_close_to, run_in_interpreter
+
+
+def make_inputs(b, heads, grid, agent_grid, d, *, prefix=0, conv=True, dtype=torch.float32, device="cpu",
+                seed=0):
+    """q, k, v as head-split views of one (B, N, 3, heads, d) projection (the models' strides), the biases
+    (1, heads, A, N) / (1, heads, N, A) float32, the conv weight (C, 1, 3, 3) and bias (C,) in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    n, a, c = prefix + grid[0] * grid[1], agent_grid[0] * agent_grid[1], heads * d
+    qkv = torch.randn(b, n, 3, heads, d, generator=g).to(device=device, dtype=dtype)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    ab = (torch.randn(1, heads, a, n, generator=g) * 0.5).to(device)
+    qb = (torch.randn(1, heads, n, a, generator=g) * 0.5).to(device)
+    weight = (torch.randn(c, 1, 3, 3, generator=g) * 0.3).to(device=device, dtype=dtype) if conv else None
+    bias = (torch.randn(c, generator=g) * 0.1).to(device=device, dtype=dtype) if conv else None
+    return q, k, v, ab, qb, weight, bias
+
+
+def call(inputs, grid, agent_grid, prefix, backend, scale=0.3):
+    q, k, v, ab, qb, weight, bias = inputs
+    return pooled_agent_attention(q, k, v, grid=grid, agent_grid=agent_grid, prefix=prefix, scale=scale,
+                                  agent_bias=ab, query_bias=qb, conv_weight=weight, conv_bias=bias, backend=backend)
+
+
+def composed(inputs, grid, agent_grid, prefix, scale=0.3):
+    """The definition written out with the three ops, each on its automatic backend (agents from the grid tokens; the
+    prefix gets no conv term)."""
+    q, k, v, ab, qb, weight, bias = inputs
+    b, heads, n, d = q.shape
+    grid_q = q.transpose(1, 2)[:, prefix:].reshape(b, -1, heads * d)
+    agents = pool_agent_tokens(grid_q, grid, agent_grid).reshape(b, -1, heads, d).transpose(1, 2)
+    out = agent_attention(q, k, v, agents, scale=scale, agent_bias=ab, query_bias=qb)
+    if weight is None:
+        return out
+    tokens = out.transpose(1, 2).reshape(b, n, heads * d)
+    values = v.transpose(1, 2)[:, prefix:].reshape(b, *grid, heads * d)
+    rows = depthwise_conv(values, weight, bias, residual=tokens[:, prefix:].reshape(b, *grid, -1))
+    return torch.cat([tokens[:, :prefix], rows.flatten(1, 2)], 1).reshape(b, n, heads, d).transpose(1, 2)
+
+
+CASES = [  # (grid, agent_grid, prefix, conv)
+    ((4, 4), (2, 2), 1, True),    # Agent-DeiT's layout: a class token, equal windows
+    ((7, 7), (3, 3), 0, True),    # Agent-Swin's 7x7 window with 3x3 agents: overlapping windows
+    ((5, 6), (2, 3), 1, True),    # unequal rows, a non-square grid
+    ((4, 4), (2, 2), 0, False),   # no conv term
+]
+
+
+def test_reference_is_the_three_ops_with_gradients():
+    for grid, agent_grid, prefix, conv in CASES:
+        inputs = make_inputs(2, 2, grid, agent_grid, 8, prefix=prefix, conv=conv)
+        leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
+        q, k, v, ab, qb, *conv_args = leaves
+        full = (q, k, v, ab, qb, *(conv_args or (None, None)))
+        got, want = call(full, grid, agent_grid, prefix, "reference"), composed(full, grid, agent_grid, prefix)
+        assert torch.equal(got, want), (grid, agent_grid, prefix, conv)
+        g = torch.randn_like(got)
+        for x, y in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+            assert torch.equal(x, y), (grid, agent_grid, prefix, conv)
+        with torch.no_grad():  # the in-place conv sum of inference calls: the same numbers
+            assert torch.equal(call(full, grid, agent_grid, prefix, "reference"), want)
+
+
+def test_triton_refuses_what_it_cannot_run():
+    q, k, v, ab, qb, weight, bias = make_inputs(1, 2, (4, 4), (2, 2), 8, prefix=1)
+    kwargs = dict(grid=(4, 4), agent_grid=(2, 2), prefix=1, scale=0.3, agent_bias=ab, query_bias=qb, dropout_p=0.0)
+    reason = ta._pooled_supports(q.requires_grad_(), k, v, weight, bias, **kwargs)
+    assert "training" in reason
+    with torch.no_grad():
+        assert "kernel size 5" in ta._pooled_supports(q, k, v, torch.randn(16, 1, 5, 5), None, **kwargs)
+        with torch.autocast("cpu", torch.bfloat16):  # a bf16 conv added to fp16 outputs: a float32 sum
+            assert "not q's" in ta._pooled_supports(q.half(), k.half(), v.half(), weight, None, **kwargs)
+        assert "dtypes" in ta._pooled_supports(q, k.half(), v, weight, bias, **kwargs)
+    # automatic choice without grad off CUDA: the reference (faster than the interpreter)
+    with torch.no_grad():
+        assert select_backend("pooled_agent_attention", None, q, k, v, weight, bias, **kwargs).name == "reference"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(grid=(4, 5)), "prefix \\+ H \\* W = 1 \\+ 4 \\* 5 = 21 tokens, got q 17"),
+    (dict(grid=(4, 0)), "grid must be two positive ints"),
+    (dict(agent_grid=(2,)), "agent_grid must be two positive ints"),
+    (dict(prefix=-1), "prefix must be an int >= 0"),
+    (dict(conv_weight=torch.randn(16, 1, 2, 2)), "conv_weight must be \\(heads \\* d_v, 1, K, K\\) = \\(16, 1, K, K\\)"),
+    (dict(conv_weight=torch.randn(8, 1, 3, 3)), "= \\(16, 1, K, K\\) with K odd, got \\(8, 1, 3, 3\\)"),
+    (dict(conv_bias=torch.randn(15)), "conv_bias must be \\(16,\\) or None, got \\(15,\\)"),
+    (dict(conv_weight=None), "conv_bias needs a conv_weight"),
+    (dict(agent_bias=torch.randn(1, 2, 5, 17)), "agent_bias of shape \\(1, 2, 5, 17\\) does not broadcast"),
+])
+def test_input_errors_name_the_argument(change, message):
+    q, k, v, ab, qb, weight, bias = make_inputs(1, 2, (4, 4), (2, 2), 8, prefix=1)
+    kwargs = {**dict(grid=(4, 4), agent_grid=(2, 2), prefix=1, agent_bias=ab, query_bias=qb, conv_weight=weight,
+                     conv_bias=bias), **change}
+    with pytest.raises(ValueError, match=message):
+        pooled_agent_attention(q, k, v, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel in Triton's CPU interpreter
+
+
+def _interpreter_checks() -> None:
+    """fp32 within float32 rounding of the reference (the agents' window sums in another order), fp16 bitwise where
+    the window sums are exact; several 16-token tiles and query splits give the same bits as one."""
+    with torch.no_grad():
+        for grid, agent_grid, prefix, conv in CASES:
+            for dtype in (torch.float32, torch.float16):
+                inputs = make_inputs(2, 2, grid, agent_grid, 16, prefix=prefix, conv=conv, dtype=dtype, seed=3)
+                assert select_backend("pooled_agent_attention", "triton", *inputs[:3], *inputs[5:], grid=grid,
+                                      agent_grid=agent_grid, prefix=prefix, scale=0.3, agent_bias=inputs[3],
+                                      query_bias=inputs[4], dropout_p=0.0).name == "triton"
+                got = call(inputs, grid, agent_grid, prefix, "triton")
+                want = call(inputs, grid, agent_grid, prefix, "reference")
+                assert got.dtype == want.dtype == dtype
+                tol = 1e-5 if dtype == torch.float32 else 2e-3
+                assert_close_to(got, want, tol, tol, f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv}")
+        # 10x10 + a class token = 101 tokens: seven 16-token tiles, dealt to 1, 2 and 3 programs a (batch, head)
+        inputs = make_inputs(1, 3, (10, 10), (3, 3), 16, prefix=1, seed=5)
+        want = call(inputs, (10, 10), (3, 3), 1, "reference")
+        outs = []
+        for splits in (1, 2, 3):
+            with ta.use_tiles(block_t=16, num_warps=2, num_stages=1, query_splits=splits):
+                outs.append(call(inputs, (10, 10), (3, 3), 1, "triton"))
+        assert_close_to(outs[0], want, 1e-5, 1e-5, "16-token tiles")
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        # empty batch
+        inputs = make_inputs(0, 2, (4, 4), (2, 2), 16, prefix=1)
+        assert call(inputs, (4, 4), (2, 2), 1, "triton").shape == (0, 2, 17, 16)
+    print("ok")
+
+
+def test_triton_interpreter_against_the_reference():
+    run_in_interpreter("test_pooled_agent", "_interpreter_checks")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU
+
+GPU_SHAPES = {  # (batch, heads, grid, agent grid, head dim, prefix)
+    "deit_t": (16, 3, (14, 14), (7, 7), 64, 1),
+    "deit_s": (16, 6, (14, 14), (7, 7), 64, 1),
+    "swin_t_s0": (2, 3, (56, 56), (3, 3), 32, 0),    # global agent attention, 3x3 agents: unequal windows
+    "swin_t_s1_window": (64, 6, (7, 7), (4, 4), 32, 0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_cuda_kernel_against_the_separate_kernels(shape):
+    """bf16 autocast inference: the fused launch against the reference, whose agent attention and conv run the
+    separate Triton kernels (the same roundings; the agents' window sums in another order)."""
+    b, heads, grid, agent_grid, d, prefix = GPU_SHAPES[shape]
+    inputs = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        got = call(inputs, grid, agent_grid, prefix, None)  # automatic choice: the fused kernel
+        want = call(inputs, grid, agent_grid, prefix, "reference")
+        fp32 = call([t.float() if t is not None else None for t in make_inputs(
+            b, heads, grid, agent_grid, d, prefix=prefix, device="cuda")], grid, agent_grid, prefix, None)
+        fp32_want = call([t.float() if t is not None else None for t in make_inputs(
+            b, heads, grid, agent_grid, d, prefix=prefix, device="cuda")], grid, agent_grid, prefix, "reference")
+    assert got.dtype == torch.bfloat16
+    assert_close_to(got, want, 2e-2, 4e-3, f"{shape} bf16")
+    assert_close_to(fp32, fp32_want, 2e-5, 2e-5, f"{shape} fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_swin_t"])
+def test_cuda_models_fused_against_unfused(name, monkeypatch):
+    import zoo
+
+    model = zoo.create_model(name).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        fused = model(x).float()
+        monkeypatch.setenv("ZOO_OPS_BACKEND", "pooled_agent_attention:reference")
+        unfused = model(x).float()
+    assert_close_to(fused, unfused, 3e-2, 1e-2, name)
