@@ -169,8 +169,8 @@ def test_gpu_fast_launches_write_what_the_jit_path_writes():
             blocks = b * -(-h // tile_h) * -(-w // tile_w)
             run[(blocks, -(-c // block_c))](
                 x, weight, weight, y, y, h, w, c, *x.stride(), *y.stride(), weight.stride(0), weight.stride(3),
-                K=3, HAS_BIAS=False, HAS_RESIDUAL=False, TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c,
-                num_warps=num_warps)
+                K=3, HAS_BIAS=False, HAS_RESIDUAL=False, IN_PLACE=False, TILE_H=tile_h, TILE_W=tile_w,
+                BLOCK_C=block_c, num_warps=num_warps)
             outs.append(y)
         want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2).float(), weight.float(), padding=1, groups=c)
         torch.testing.assert_close(outs[0].permute(0, 3, 1, 2).float(), want, rtol=2e-3, atol=2e-3)

@@ -166,10 +166,15 @@ def test_cuda_kernel_against_the_separate_kernels(shape):
     b, heads, grid, agent_grid, d, prefix = GPU_SHAPES[shape]
     inputs = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
-        got = call(inputs, grid, agent_grid, prefix, None)  # automatic choice: the fused kernel
+        q, k, v, ab, qb, weight, bias = inputs
+        chosen = select_backend("pooled_agent_attention", None, q, k, v, weight, bias, grid=grid,
+                                agent_grid=agent_grid, prefix=prefix, scale=0.3, agent_bias=ab, query_bias=qb,
+                                dropout_p=0.0).name
+        assert chosen == ("triton" if q.shape[2] <= ta._POOLED_MAX_TOKENS else "reference")
+        got = call(inputs, grid, agent_grid, prefix, "triton")
         want = call(inputs, grid, agent_grid, prefix, "reference")
         fp32 = call([t.float() if t is not None else None for t in make_inputs(
-            b, heads, grid, agent_grid, d, prefix=prefix, device="cuda")], grid, agent_grid, prefix, None)
+            b, heads, grid, agent_grid, d, prefix=prefix, device="cuda")], grid, agent_grid, prefix, "triton")
         fp32_want = call([t.float() if t is not None else None for t in make_inputs(
             b, heads, grid, agent_grid, d, prefix=prefix, device="cuda")], grid, agent_grid, prefix, "reference")
     assert got.dtype == torch.bfloat16
