@@ -12,8 +12,8 @@ are built by the model (see ``zoo.backbones._agent_common``); this op is only th
 
 :func:`pooled_agent_attention` is the Agent Attention module's whole token mixing for self-attention over a token
 grid: the agents pooled from the queries, the two attentions and the values' depthwise conv. Its reference backend
-is those three ops in a row (differentiable); its ``triton`` backend computes all three in one launch for eager
-inference, where the models are bound by host time (:mod:`zoo.ops.triton.agent`).
+is those three ops in a row; its ``triton`` backend computes all three in one launch and, in training, is one
+autograd node (:mod:`zoo.ops.triton.agent`): eager models are bound by host time.
 
 Backends:
     ``reference``: plain PyTorch, the definition (scales the agents/queries before the product, as the official
@@ -241,11 +241,12 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         (B, heads, N, d_v): the attention output in q's dtype, plus the conv term in the dtype of that sum.
 
     Backends: ``reference`` is the three ops in a row (differentiable; in calls autograd does not record the conv
-    adds into the attention output's grid rows in place). ``triton`` is one kernel for eager inference on CUDA (a
-    call autograd would record, or a traced one, takes the reference) with the conv's kernel size 3 and a sum that
-    keeps q's dtype: it pools the agents, runs both attentions and adds the conv from registers; the attention
-    output and the conv round as the separate kernels do (the agents' window sums in another order: equal up to
-    float32 rounding before the agents' one rounding).
+    adds into the attention output's grid rows in place). ``triton`` (eager calls on CUDA, no dropout, the conv's
+    kernel size 3 and a sum that keeps q's dtype; traced calls take the reference) is one kernel forward: it pools
+    the agents, runs both attentions and adds the conv from registers; the attention output and the conv round as
+    the separate kernels do (the agents' window sums in another order: equal up to float32 rounding before the
+    agents' one rounding). A training call is one autograd node whose backward is the agent backward kernel, the
+    pooling's gradient and cuDNN's conv backward (where the reference's graph has some 25 nodes a call).
     """
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else grid
     agent_grid = tuple(agent_grid) if isinstance(agent_grid, (tuple, list)) else agent_grid

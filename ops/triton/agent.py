@@ -41,6 +41,7 @@ import torch
 
 from .._amp import compute_dtype
 from .._dispatch import register_backend
+from ..agent import _pooling_counts, _pooling_mask
 from ..depthwise_conv import _taps_readable, channels_innermost
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
@@ -214,6 +215,8 @@ def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct
 
 def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
                      agent_bias_grad: bool, query_bias_grad: bool, launch=direct):
+    """The gradients (module docstring); ``out`` None recomputes the forward's output tiles (where the stored output
+    holds another term: :func:`pooled_agent_attention_triton`'s conv)."""
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, None)
     s = plan.sizes
     dq = token_major(s.b, s.heads, s.n, s.d, q)
@@ -226,11 +229,11 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         return dq.zero_(), dk.zero_(), dv.zero_(), da.zero_(), dab.zero_(), dqb.zero_()
     launch(_kernels().backward)[(s.b * s.heads,)](
         grad_out, q, k, v, agent, agent_bias if agent_bias is not None else q,
-        query_bias if query_bias is not None else q, out, agent_v, lse, dq, dk, dv, da, dab, dqb,
+        query_bias if query_bias is not None else q, q if out is None else out, agent_v, lse, dq, dk, dv, da, dab, dqb,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
         *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale, scale * _LOG2E,
         HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad,
-        QB_GRAD=query_bias_grad, **plan.options, **plan.constexprs)
+        QB_GRAD=query_bias_grad, RECOMPUTE_OUT=out is None, **plan.options, **plan.constexprs)
     return dq, dk, dv, da, dab, dqb
 
 
@@ -394,25 +397,32 @@ def _conv_in(weight: torch.Tensor | None, bias: torch.Tensor | None, compute: to
     return _taps_readable(weight), None if bias is None else bias.contiguous()
 
 
-def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale,
-                   launch=direct) -> torch.Tensor:
+def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale, launch=direct,
+                   stats: bool = False) -> tuple[torch.Tensor, ...]:
+    """(out,) or, with ``stats``, (out, agents (B, heads, A, d), agent values (B, heads, A, d_v), the aggregation's
+    float32 base-2 log-sum-exp (B, heads, A)) for the backward."""
     b, heads, n, d = q.shape
-    a = agent_grid[0] * agent_grid[1]
-    plan = _plan(_Sizes(b, heads, n, n, a, d, v.shape[3]), q.dtype, False, sm_count(q) if q.is_cuda else None)
-    out = token_major(b, heads, n, v.shape[3], q)
+    a, dv = agent_grid[0] * agent_grid[1], v.shape[3]
+    plan = _plan(_Sizes(b, heads, n, n, a, d, dv), q.dtype, False, sm_count(q) if q.is_cuda else None)
+    out = token_major(b, heads, n, dv, q)
+    saved = ()
+    if stats:
+        saved = (q.new_empty((b, heads, a, d)), q.new_empty((b, heads, a, dv)),
+                 q.new_empty((b, heads, a), dtype=torch.float32))
     if b * heads == 0 or n == 0:
-        return out
+        return (out, *saved)
     w = weight if weight is not None else q
     equal = grid[0] % agent_grid[0] == 0 and grid[1] % agent_grid[1] == 0
     with on_device(q):
         launch(_kernels().pooled_forward)[(b * heads, plan.query_splits)](
             q, k, v, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q, w,
-            bias if bias is not None else w, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(agent_bias),
+            bias if bias is not None else w, out, *(saved or (out, out, out)), *q.stride(), *k.stride(), *v.stride(),
+            *_bias_strides(agent_bias),
             *_bias_strides(query_bias), *((w.stride(0), w.stride(3)) if weight is not None else (0, 0)), heads, n, a,
             prefix, *grid, *agent_grid, scale * _LOG2E, HAS_AB=agent_bias is not None,
             HAS_QB=query_bias is not None, CONV=weight is not None, HAS_CB=bias is not None, ROUND_SUMS=not equal,
-            **plan.options, **plan.constexprs)
-    return out
+            STATS=stats, **plan.options, **plan.constexprs)
+    return (out, *saved)
 
 
 def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -420,18 +430,92 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   grid: tuple[int, int], agent_grid: tuple[int, int], prefix: int, scale: float,
                                   agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
                                   dropout_p: float = 0.0) -> torch.Tensor:
-    """:func:`zoo.ops.pooled_agent_attention` in one kernel launch (eager inference; the arguments are that
-    function's). Returns (B, heads, N, d_v), a view of token-major (B, N, heads, d_v) memory."""
+    """:func:`zoo.ops.pooled_agent_attention` in one kernel launch (eager calls; the arguments are that function's),
+    one autograd node in training. Returns (B, heads, N, d_v), a view of token-major (B, N, heads, d_v) memory."""
+    if needs_grad(q, k, v, conv_weight, conv_bias, agent_bias, query_bias):
+        return _PooledAgentAttention.apply(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid,
+                                           prefix, scale)
     weight, bias = _conv_in(conv_weight, conv_bias, compute_dtype(v))
-    return _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale)
+    return _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale)[0]
+
+
+def _grid_rows(t: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, heads, N, d) token-major -> the grid tokens' (B, H, W, heads * d) channels-last view."""
+    return t.transpose(1, 2)[:, prefix:].reshape(t.shape[0], *grid, t.shape[1] * t.shape[3])
+
+
+def _add_pooling_grad(dq: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int, int],
+                      agent_grid: tuple[int, int], prefix: int) -> None:
+    """Add the agents' gradient (B, heads, A, d) to the grid queries' ``dq`` (token-major, in place) through the
+    pooling, as autograd differentiates :func:`~zoo.ops.agent.pool_agent_tokens`: a mean's over equal windows, else
+    the window sums' division and mask product."""
+    b, heads, _, d = d_agents.shape
+    (h, w), (ga, gb) = grid, agent_grid
+    rows = _grid_rows(dq, prefix, grid)
+    d_agents = d_agents.transpose(1, 2).reshape(b, ga * gb, heads * d)
+    if h % ga == 0 and w % gb == 0:
+        share = d_agents / ((h // ga) * (w // gb))
+        rows.view(b, ga, h // ga, gb, w // gb, -1).add_(share.view(b, ga, 1, gb, 1, -1))
+        return
+    share = (d_agents / _pooling_counts(grid, agent_grid, dq.device)).to(dq.dtype)
+    rows.view(b, h * w, -1).add_(torch.matmul(_pooling_mask(grid, agent_grid, dq.device, dq.dtype).t(), share))
+
+
+def _conv_grads(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, has_bias: bool, prefix: int,
+                grid: tuple[int, int], wanted: tuple[bool, bool, bool]):
+    """Gradients of the values' grid (B, H, W, C), the (C, 1, 3, 3) weight and the (C,) bias through the conv
+    term, from the output gradient's grid rows (cuDNN's backward, as ``F.conv2d``'s autograd computes them)."""
+    c = weight.shape[0]
+    maps = _grid_rows(v, prefix, grid).permute(0, 3, 1, 2)
+    g = _grid_rows(grad, prefix, grid).permute(0, 3, 1, 2).to(weight.dtype)
+    dx, dw, db = torch.ops.aten.convolution_backward(g, maps, weight, [c] if has_bias else None, [1, 1], [1, 1],
+                                                     [1, 1], False, [0, 0], c, list(wanted))
+    return None if dx is None else dx.permute(0, 2, 3, 1), dw, db
+
+
+class _PooledAgentAttention(torch.autograd.Function):
+    """Training calls of :func:`pooled_agent_attention_triton`: one autograd node. The forward is the fused launch
+    keeping the agents and the aggregation's statistics; the backward is the agent backward kernel (recomputing
+    the attention's output tiles, since the stored output includes the conv), the pooling's and cuDNN's conv
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
+        compute = compute_dtype(v)
+        w, cb = _conv_in(weight, bias, compute)
+        out, agents, agent_v, lse = _launch_pooled(q, k, v, w, cb, agent_bias, query_bias, grid, agent_grid, prefix,
+                                                   scale, stats=True)
+        ctx.save_for_backward(q, k, v, w, agents, agent_bias, query_bias, agent_v, lse)
+        ctx.layout = (grid, agent_grid, prefix, scale, bias is not None)
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.bias_grads = (agent_bias is not None and ctx.needs_input_grad[5],
+                          query_bias is not None and ctx.needs_input_grad[6])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
+        grid, agent_grid, prefix, scale, has_bias = ctx.layout
+        with on_device(q):
+            dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None,
+                                                        agent_v, lse, scale, *ctx.bias_grads)
+        _add_pooling_grad(dq, da, grid, agent_grid, prefix)
+        dw = db = None
+        if w is not None:
+            wanted = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], has_bias and ctx.needs_input_grad[4])
+            dx, dw, db = _conv_grads(grad, v, w, has_bias, prefix, grid, wanted)
+            if dx is not None:
+                _grid_rows(dv, prefix, grid).add_(dx)
+            dw = None if dw is None else dw.to(ctx.param_dtypes[0])
+            db = None if db is None else db.to(ctx.param_dtypes[1])
+        return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
+                _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None, None, None)
 
 
 def _pooled_supports(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, prefix, scale, agent_bias=None,
                      query_bias=None, dropout_p=0.0) -> str | None:
     if torch.compiler.is_compiling():
         return "eager only: in a traced graph the reference's ops (each with its own kernel) compile"
-    if needs_grad(q, k, v, conv_weight, conv_bias, agent_bias, query_bias):
-        return "no backward kernel: calls autograd records (training) take the reference"
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernel takes one"
     if conv_weight is not None:

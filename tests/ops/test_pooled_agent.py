@@ -1,7 +1,8 @@
 """pooled_agent_attention: the reference is pool_agent_tokens + agent_attention + depthwise_conv; the ``triton``
-backend (one launch, eager inference) against it in Triton's CPU interpreter (fp32 / fp16, equal and unequal pooling
-windows, a class-token prefix, several token tiles and query splits) and on the GPU (bf16 autocast, the released
-Agent-DeiT and Agent-Swin shapes, and those models fused against unfused); dispatch and input errors on plain CPU."""
+backend (one launch forward, one autograd node) against it in Triton's CPU interpreter (fp32 / fp16, outputs and
+every gradient, equal and unequal pooling windows, a class-token prefix, several token tiles and query splits) and on
+the GPU (bf16 autocast, the released Agent-DeiT and Agent-Swin shapes, and those models fused against unfused in
+inference and training); dispatch and input errors on plain CPU."""
 from __future__ import annotations
 
 import pytest
@@ -77,8 +78,7 @@ def test_reference_is_the_three_ops_with_gradients():
 def test_triton_refuses_what_it_cannot_run():
     q, k, v, ab, qb, weight, bias = make_inputs(1, 2, (4, 4), (2, 2), 8, prefix=1)
     kwargs = dict(grid=(4, 4), agent_grid=(2, 2), prefix=1, scale=0.3, agent_bias=ab, query_bias=qb, dropout_p=0.0)
-    reason = ta._pooled_supports(q.requires_grad_(), k, v, weight, bias, **kwargs)
-    assert "training" in reason
+    assert "dropout_p=0.1" in ta._pooled_supports(q, k, v, weight, bias, **{**kwargs, "dropout_p": 0.1})
     with torch.no_grad():
         assert "kernel size 5" in ta._pooled_supports(q, k, v, torch.randn(16, 1, 5, 5), None, **kwargs)
         with torch.autocast("cpu", torch.bfloat16):  # a bf16 conv added to fp16 outputs: a float32 sum
@@ -139,7 +139,31 @@ def _interpreter_checks() -> None:
         # empty batch
         inputs = make_inputs(0, 2, (4, 4), (2, 2), 16, prefix=1)
         assert call(inputs, (4, 4), (2, 2), 1, "triton").shape == (0, 2, 17, 16)
+    _interpreter_gradient_checks()
     print("ok")
+
+
+def outputs_and_grads(inputs, grid, agent_grid, prefix, backend):
+    """The output and the gradients of sum(out * g) w.r.t. every input tensor (all leaves requiring grad)."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    out = call(leaves, grid, agent_grid, prefix, backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    return (out, *torch.autograd.grad(out, [t for t in leaves if t is not None], g))
+
+
+def _interpreter_gradient_checks() -> None:
+    """Training calls (one autograd node: the fused forward keeping its statistics, the agent backward kernel
+    recomputing the attention's output, the pooling's and the conv's gradients) against autograd through the
+    reference: q, k, v, both biases, the conv's weight and bias."""
+    for grid, agent_grid, prefix, conv in CASES:
+        for dtype in (torch.float32, torch.float16):
+            inputs = make_inputs(2, 2, grid, agent_grid, 16, prefix=prefix, conv=conv, dtype=dtype, seed=3)
+            got = outputs_and_grads(inputs, grid, agent_grid, prefix, "triton")
+            want = outputs_and_grads(inputs, grid, agent_grid, prefix, "reference")
+            assert got[0].grad_fn is not None and type(got[0].grad_fn).__name__.startswith("_PooledAgentAttention")
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            for i, (x, y) in enumerate(zip(got, want)):
+                assert_close_to(x, y, tol, tol, f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv} [{i}]")
 
 
 def test_triton_interpreter_against_the_reference():
@@ -180,6 +204,13 @@ def test_cuda_kernel_against_the_separate_kernels(shape):
     assert got.dtype == torch.bfloat16
     assert_close_to(got, want, 2e-2, 4e-3, f"{shape} bf16")
     assert_close_to(fp32, fp32_want, 2e-5, 2e-5, f"{shape} fp32")
+    # training: every gradient (fp32 tight; bf16 as the agent kernels' own bf16 tests)
+    for dtype, tol in ((torch.float32, (2e-5, 2e-5)), (torch.bfloat16, (3e-2, 1.5e-2))):
+        inputs = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, dtype=dtype, device="cuda")
+        got = outputs_and_grads(inputs, grid, agent_grid, prefix, "triton")
+        want = outputs_and_grads(inputs, grid, agent_grid, prefix, "reference")
+        for i, (x, y) in enumerate(zip(got, want)):
+            assert_close_to(x, y, *tol, f"{shape} {dtype} training [{i}]")
 
 
 @pytest.mark.gpu
@@ -188,10 +219,28 @@ def test_cuda_kernel_against_the_separate_kernels(shape):
 def test_cuda_models_fused_against_unfused(name, monkeypatch):
     import zoo
 
-    model = zoo.create_model(name).cuda().eval()
+    model = zoo.create_model(name, drop_path_rate=0.0).cuda().eval()  # no random paths in the training step
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         fused = model(x).float()
         monkeypatch.setenv("ZOO_OPS_BACKEND", "pooled_agent_attention:reference")
         unfused = model(x).float()
     assert_close_to(fused, unfused, 3e-2, 1e-2, name)
+    # training in float32, where both paths agree to float rounding (bf16 rounding differences grow through the
+    # depth into gradients of random-init models that no tolerance separates from a wrong gradient)
+    model.train()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    target = torch.randn(4, model.num_classes, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads = []
+    for backend in ("pooled_agent_attention:triton", "pooled_agent_attention:reference"):
+        monkeypatch.setenv("ZOO_OPS_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        (model(x) * target).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key, want in grads[1].items():
+        if not want.any():  # the last block's patch-query biases: only the class token reaches the head
+            assert not grads[0][key].any(), f"{name} grad {key} should be zero"
+            continue
+        assert_close_to(grads[0][key], want, 1e-3, 1e-4, f"{name} grad {key}")

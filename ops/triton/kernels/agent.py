@@ -175,17 +175,18 @@ def _value_conv_sum(o, v_base, w_ptr, cb_ptr, rows, offs_dv, h, N, svn, svd, sw_
 
 
 @triton.jit
-def _pooled_forward_kernel(q_ptr, k_ptr, v_ptr, ab_ptr, qb_ptr, w_ptr, cb_ptr, out_ptr,
+def _pooled_forward_kernel(q_ptr, k_ptr, v_ptr, ab_ptr, qb_ptr, w_ptr, cb_ptr, out_ptr, ag_ptr, av_ptr, lse_ptr,
                            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                            sbb, sbh, sba, sbm, scb, sch, scn, sca, sw_c, sw_t,
                            HEADS, N, A, PREFIX, H, W, GA, GB, qk_scale2,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                            BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                            HAS_QB: tl.constexpr, CONV: tl.constexpr, HAS_CB: tl.constexpr,
-                           ROUND_SUMS: tl.constexpr, PRECISION: tl.constexpr):
+                           ROUND_SUMS: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr):
     """Self-attention of N = PREFIX + H * W tokens through agents pooled from the queries' grid, plus the values'
     depthwise conv on the grid tokens (with CONV): the inference forward of :func:`zoo.ops.pooled_agent_attention`
-    in one launch (grid: (batch * heads, query splits)). Keys and values are the same N tokens."""
+    in one launch (grid: (batch * heads, query splits)). Keys and values are the same N tokens. With STATS the first
+    split also stores what the backward needs: the agents, the agent values and the aggregation's log-sum-exp."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)
     b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -199,6 +200,11 @@ def _pooled_forward_kernel(q_ptr, k_ptr, v_ptr, ab_ptr, qb_ptr, w_ptr, cb_ptr, o
                                offs_d, offs_dv, offs_t, N, A, skn, skd, svn, svd, sba, sbm, qk_scale2, D, DV,
                                BLOCK_A, BLOCK_DV, BLOCK_T, HAS_AB, PRECISION)
     agent_v = (acc / l_i[:, None]).to(agent.dtype)
+    if STATS and tl.program_id(1) == 0:
+        pid64 = tl.program_id(0).to(tl.int64)
+        _put(ag_ptr + pid64 * A * D, offs_a, A, offs_d, D, D, 1, agent)
+        _put(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1, agent_v)
+        tl.store(lse_ptr + pid64 * A + offs_a, m_i + tl.log2(l_i), mask=a_ok)
     qb_base = qb_ptr + b * scb + h * sch
     out_base = out_ptr + b * N * HEADS * DV + h * DV
     for start in range(tl.program_id(1) * BLOCK_T, N, BLOCK_T * tl.num_programs(1)):
@@ -220,7 +226,7 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                      HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr = False):
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     LOG2E: tl.constexpr = 1.4426950408889634
     b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
@@ -244,13 +250,17 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
         r_ok = rows < N
         qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
         dot_ = _tile(do_base, rows, N, offs_dv, DV, son, sod)
-        ot = _tile(out_ptr + b * N * HEADS * DV + h * DV, rows, N, offs_dv, DV, HEADS * DV, 1)
         s = tl.dot(qt, tl.trans(agent), input_precision=PRECISION) * qk_scale2
         if HAS_QB:
             s += _tile(qb_base, rows, N, offs_a, A, scn, sca).to(tl.float32) * LOG2E
         s = tl.where(a_ok[None, :], s, float("-inf"))
         p = tl.exp2(s - tl.max(s, axis=1)[:, None])  # the forward's softmax over all agents, recomputed
-        p = tl.where(r_ok[:, None], p / tl.sum(p, axis=1)[:, None], 0.0)
+        l = tl.sum(p, axis=1)
+        if RECOMPUTE_OUT:  # the output tile as the forward computed and rounded it (its stored one holds more terms)
+            ot = (tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]).to(agent_v.dtype)
+        else:
+            ot = _tile(out_ptr + b * N * HEADS * DV + h * DV, rows, N, offs_dv, DV, HEADS * DV, 1)
+        p = tl.where(r_ok[:, None], p / l[:, None], 0.0)
         delta = tl.sum(dot_.to(tl.float32) * ot.to(tl.float32), axis=1)
         dp = tl.dot(dot_, tl.trans(agent_v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
