@@ -3,7 +3,8 @@
 The first ``agent_layer`` blocks (all of them for T/S, four for B) replace softmax attention with agent attention:
 ``A`` agents average-pooled from the patch queries, agent biases (including the class-token biases
 ``ac_bias``/``ca_bias``), agent attention, and a depthwise 3x3 conv of the patch values added to the patch
-outputs, all in :func:`zoo.ops.pooled_agent_attention`. The other blocks are plain DeiT blocks. State-dict keys equal the official ones.
+outputs, all in :func:`zoo.ops.pooled_agent_attention`. The other blocks are plain DeiT blocks. State-dict keys
+equal the official ones.
 
 The biases and the position embedding are sized for the construction ``img_size``; another input size (a multiple
 of the patch size) interpolates both bilinearly to the actual patch grid, as the official dense-prediction

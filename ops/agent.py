@@ -301,7 +301,7 @@ def _grid_tokens(t: torch.Tensor, prefix: int) -> torch.Tensor:
     return t.transpose(1, 2)[:, prefix:].flatten(2)
 
 
-def adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
+def _adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
     """Whether a conv term of ``inputs`` can be added into ``out`` in place: autograd records nothing (``out`` is
     not saved for a backward), no graph is being traced (inductor fuses a concatenation itself), and the sum keeps
     ``out``'s dtype (it does under autocast, where both are the compute dtype)."""
@@ -322,7 +322,7 @@ def _pooled_reference(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, pref
     out = out.transpose(1, 2).reshape(b, n, heads * dv)
     values = _grid_tokens(v, prefix).view(b, *grid, heads * dv)
     rows = out[:, prefix:].view(b, *grid, heads * dv)
-    if adds_in_place(out, values, conv_weight, conv_bias):  # into the grid rows: no concatenation
+    if _adds_in_place(out, values, conv_weight, conv_bias):  # into the grid rows: no concatenation
         depthwise_conv(values, conv_weight, conv_bias, residual=rows, inplace=True)
     else:
         summed = depthwise_conv(values, conv_weight, conv_bias, residual=rows).flatten(1, 2)

@@ -30,6 +30,14 @@ back to (B, N, C) is free; the q/k/v/agent gradients use the same token-major la
 Numerics: float32 accumulation and softmax; fp32 inputs use IEEE dots (no TF32); fp16/bf16 probabilities are
 rounded to the input dtype before their products (as flash attention). Logits are ``(agent @ k^T) * scale``
 rather than the reference's ``(agent * scale) @ k^T``: equal up to float rounding.
+
+It also registers the ``triton`` backend of :func:`zoo.ops.pooled_agent_attention` (self-attention over a prefix
+and a token grid): the same forward kernel's program first pools its agents from the queries' grid tokens (0/1
+window-membership dots over the query tiles) and, after each query tile's broadcast, adds the values' 3x3 depthwise
+conv for that tile's grid tokens (nine neighbour loads of the head's channels), one launch in all. A training call is
+one autograd node: the forward also stores the agents and the aggregation's statistics; the backward is the kernel
+above with the attention's output tiles recomputed (the stored output holds the conv term too), then the pooling's
+gradient and cuDNN's conv backward.
 """
 from __future__ import annotations
 
@@ -417,9 +425,9 @@ def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_gr
         launch(_kernels().pooled_forward)[(b * heads, plan.query_splits)](
             q, k, v, agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q, w,
             bias if bias is not None else w, out, *(saved or (out, out, out)), *q.stride(), *k.stride(), *v.stride(),
-            *_bias_strides(agent_bias),
-            *_bias_strides(query_bias), *((w.stride(0), w.stride(3)) if weight is not None else (0, 0)), heads, n, a,
-            prefix, *grid, *agent_grid, scale * _LOG2E, HAS_AB=agent_bias is not None,
+            *_bias_strides(agent_bias), *_bias_strides(query_bias),
+            *((w.stride(0), w.stride(3)) if weight is not None else (0, 0)), heads, n, a, prefix, *grid, *agent_grid,
+            scale * _LOG2E, HAS_AB=agent_bias is not None,
             HAS_QB=query_bias is not None, CONV=weight is not None, HAS_CB=bias is not None, ROUND_SUMS=not equal,
             STATS=stats, **plan.options, **plan.constexprs)
     return (out, *saved)
