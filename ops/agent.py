@@ -34,7 +34,7 @@ from ._cache import cached_constant
 from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
 from ._sdpa import sdpa
-from .depthwise_conv import depthwise_conv
+from .depthwise_conv import _check_inputs as _check_conv_inputs, depthwise_conv
 from .triton import needs_grad
 
 __all__ = ["agent_attention", "pooled_agent_attention", "pool_agent_tokens"]
@@ -273,8 +273,7 @@ def _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bi
     _positive_pair("agent_grid", agent_grid)
     if type(prefix) is not int or prefix < 0:
         raise ValueError(f"pooled_agent_attention: prefix must be an int >= 0, got {prefix!r}")
-    agents = q.new_empty(()).expand(q.shape[0], q.shape[1], agent_grid[0] * agent_grid[1], q.shape[3]) \
-        if isinstance(q, torch.Tensor) and q.ndim == 4 else q
+    agents = _agents_like(q, agent_grid) if isinstance(q, torch.Tensor) and q.ndim == 4 else q
     _check_inputs(q, k, v, agents, agent_bias, query_bias, dropout_p)
     n = prefix + grid[0] * grid[1]
     if q.shape[2] != n or k.shape[2] != n:
@@ -293,6 +292,20 @@ def _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bi
     if conv_bias is not None and (not isinstance(conv_bias, torch.Tensor) or tuple(conv_bias.shape) != (channels,)):
         got = tuple(conv_bias.shape) if isinstance(conv_bias, torch.Tensor) else type(conv_bias).__name__
         raise ValueError(f"pooled_agent_attention: conv_bias must be ({channels},) or None, got {got}")
+    # the rest of the conv's rules (floating point, devices, dtypes outside autocast) are depthwise_conv's, which the
+    # fused backend does not call
+    _check_conv_inputs(_grid_maps(v, prefix, grid), conv_weight, conv_bias, None, grid, compute_dtype(v))
+
+
+def _agents_like(q: torch.Tensor, agent_grid: tuple[int, int]) -> torch.Tensor:
+    """A (B, heads, A, d) stand-in (no memory) for the pooled agents, for the checks of :func:`agent_attention`."""
+    return q.new_empty(()).expand(q.shape[0], q.shape[1], agent_grid[0] * agent_grid[1], q.shape[3])
+
+
+def _grid_maps(t: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, heads, N, d) -> the grid tokens' (B, H, W, heads * d) channels-last map: a view of token-major memory
+    (a qkv projection's head-split views, the triton backend's outputs and gradients)."""
+    return _grid_tokens(t, prefix).reshape(t.shape[0], *grid, t.shape[1] * t.shape[3])
 
 
 def _grid_tokens(t: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -320,7 +333,7 @@ def _pooled_reference(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, pref
         return out
     dv = v.shape[-1]
     out = out.transpose(1, 2).reshape(b, n, heads * dv)
-    values = _grid_tokens(v, prefix).view(b, *grid, heads * dv)
+    values = _grid_maps(v, prefix, grid)
     rows = out[:, prefix:].view(b, *grid, heads * dv)
     if _adds_in_place(out, values, conv_weight, conv_bias):  # into the grid rows: no concatenation
         depthwise_conv(values, conv_weight, conv_bias, residual=rows, inplace=True)

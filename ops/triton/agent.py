@@ -49,7 +49,7 @@ import torch
 
 from .._amp import compute_dtype
 from .._dispatch import register_backend
-from ..agent import _pooling_counts, _pooling_mask
+from ..agent import _agents_like, _grid_maps, _pooling_counts, _pooling_mask
 from ..depthwise_conv import _taps_readable, channels_innermost
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
@@ -447,11 +447,6 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale)[0]
 
 
-def _grid_rows(t: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, heads, N, d) token-major -> the grid tokens' (B, H, W, heads * d) channels-last view."""
-    return t.transpose(1, 2)[:, prefix:].reshape(t.shape[0], *grid, t.shape[1] * t.shape[3])
-
-
 def _add_pooling_grad(dq: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int, int],
                       agent_grid: tuple[int, int], prefix: int) -> None:
     """Add the agents' gradient (B, heads, A, d) to the grid queries' ``dq`` (token-major, in place) through the
@@ -459,7 +454,7 @@ def _add_pooling_grad(dq: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int,
     the window sums' division and mask product."""
     b, heads, _, d = d_agents.shape
     (h, w), (ga, gb) = grid, agent_grid
-    rows = _grid_rows(dq, prefix, grid)
+    rows = _grid_maps(dq, prefix, grid)
     d_agents = d_agents.transpose(1, 2).reshape(b, ga * gb, heads * d)
     if h % ga == 0 and w % gb == 0:
         share = d_agents / ((h // ga) * (w // gb))
@@ -474,8 +469,8 @@ def _conv_grads(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, has_b
     """Gradients of the values' grid (B, H, W, C), the (C, 1, 3, 3) weight and the (C,) bias through the conv
     term, from the output gradient's grid rows (cuDNN's backward, as ``F.conv2d``'s autograd computes them)."""
     c = weight.shape[0]
-    maps = _grid_rows(v, prefix, grid).permute(0, 3, 1, 2)
-    g = _grid_rows(grad, prefix, grid).permute(0, 3, 1, 2).to(weight.dtype)
+    maps = _grid_maps(v, prefix, grid).permute(0, 3, 1, 2)
+    g = _grid_maps(grad, prefix, grid).permute(0, 3, 1, 2).to(weight.dtype)
     dx, dw, db = torch.ops.aten.convolution_backward(g, maps, weight, [c] if has_bias else None, [1, 1], [1, 1],
                                                      [1, 1], False, [0, 0], c, list(wanted))
     return None if dx is None else dx.permute(0, 2, 3, 1), dw, db
@@ -513,7 +508,7 @@ class _PooledAgentAttention(torch.autograd.Function):
             wanted = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], has_bias and ctx.needs_input_grad[4])
             dx, dw, db = _conv_grads(grad, v, w, has_bias, prefix, grid, wanted)
             if dx is not None:
-                _grid_rows(dv, prefix, grid).add_(dx)
+                _grid_maps(dv, prefix, grid).add_(dx)
             dw = None if dw is None else dw.to(ctx.param_dtypes[0])
             db = None if db is None else db.to(ctx.param_dtypes[1])
         return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
@@ -532,8 +527,8 @@ def _pooled_supports(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, prefi
         total = torch.promote_types(q.dtype, compute_dtype(v))
         if total != q.dtype:
             return f"the conv sum is {total}, not q's {q.dtype}: the kernel writes one output dtype"
-    agents = q.new_empty(()).expand(q.shape[0], q.shape[1], agent_grid[0] * agent_grid[1], q.shape[3])
-    return _supports(q, k, v, agents, scale=scale, agent_bias=agent_bias, query_bias=query_bias, dropout_p=dropout_p)
+    return _supports(q, k, v, _agents_like(q, agent_grid), scale=scale, agent_bias=agent_bias,
+                     query_bias=query_bias, dropout_p=dropout_p)
 
 
 # Above this many tokens the separate kernels win: every program pools its (batch, head)'s queries again (per query

@@ -109,6 +109,16 @@ def test_input_errors_name_the_argument(change, message):
         pooled_agent_attention(q, k, v, **kwargs)
 
 
+def test_conv_dtypes_follow_depthwise_conv_rules_on_every_backend():
+    """Outside autocast the conv's weights must have the values' dtype: the fused backend, which computes the conv
+    itself, refuses what the reference's depthwise_conv refuses instead of casting the weights silently."""
+    q, k, v, ab, qb, weight, bias = make_inputs(1, 2, (4, 4), (2, 2), 8, prefix=1, dtype=torch.float16)
+    for backend in ("reference", "triton", None):
+        with pytest.raises(ValueError, match="weight has dtype torch.float32 but x has torch.float16"):
+            pooled_agent_attention(q, k, v, grid=(4, 4), agent_grid=(2, 2), prefix=1, conv_weight=weight.float(),
+                                   conv_bias=bias, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the kernel in Triton's CPU interpreter
 
