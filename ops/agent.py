@@ -246,7 +246,7 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     the agents, runs both attentions and adds the conv from registers; the attention output and the conv round as
     the separate kernels do (the agents' window sums in another order: equal up to float32 rounding before the
     agents' one rounding). A training call is one autograd node whose backward is the agent backward kernel, the
-    pooling's gradient and cuDNN's conv backward (where the reference's graph has some 25 nodes a call).
+    pooling's gradient and the depthwise conv's backward kernels (where the reference's graph has some 25 nodes a call).
     """
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else grid
     agent_grid = tuple(agent_grid) if isinstance(agent_grid, (tuple, list)) else agent_grid

@@ -1,4 +1,4 @@
-"""Depthwise convolution of a channels-last map plus a residual, with a fused Triton kernel for inference.
+"""Depthwise convolution of a channels-last map plus a residual, with fused Triton kernels.
 
 For ``x`` of shape (B, H_in, W_in, C), a (C, 1, K, K) ``weight`` (odd K) and ``size`` = (H, W)::
 
@@ -29,8 +29,11 @@ host the fused call replaces the convolution call and its copies with one launch
 Backends:
     ``reference``: ``F.interpolate``, ``F.conv2d``, ``+``: the definition; any device and dtype, differentiable, and
         autocast applies to it as to the layers it is made of.
-    ``triton``: one forward kernel, no backward: inference only (a call that autograd would record goes to the
-        reference). CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16).
+    ``triton``: one forward kernel; in eager training one autograd node whose backward is three launches: the
+        input's gradient by the same kernel with the taps reversed, the weight's and bias's as float32 partial sums
+        over blocks of pixels and their fixed-order total, rounded to the compute dtype as the conv's backward writes
+        them (no atomics: the same bits every call). A traced training call takes the reference. CUDA in
+        float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16).
         Under autocast it computes in the autocast dtype and rounds where the unfused layers write: the conv's output
         (the autocast dtype) and the sum, so it matches them up to the order of float32 accumulation. A resize runs
         first, as ``F.interpolate`` on a channels-last map (one more kernel). Chosen automatically on CUDA.
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, item_extent, kernel_op, kernels_interpreted,
-                     needs_grad, next_pow2, no_device_reason, on_device, prev_pow2, traced, INT32_MAX)
+                     needs_grad, next_pow2, no_device_reason, on_device, prev_pow2, sm_count, traced, INT32_MAX)
 
 __all__ = ["depthwise_conv"]
 
@@ -156,8 +159,8 @@ _MAX_K = 7  # the K*K taps are unrolled
 
 
 def _triton_supports(x, weight, bias, residual, size, compute, inplace=False) -> str | None:
-    if needs_grad(x, weight, bias, residual):
-        return "no backward kernel: calls autograd records (training) take the reference"
+    if needs_grad(x, weight, bias, residual) and torch.compiler.is_compiling():
+        return "training in a traced graph: the reference's ops compile with their autograd"
     reason = inputs_reason(x.device, _kernels_interpreted(), compute=compute, x=x, weight=weight, bias=bias,
                            residual=residual)
     if reason is not None:
@@ -183,11 +186,17 @@ def _kernels_interpreted() -> bool:
 
 
 @functools.cache
-def _kernel():
-    """The Triton kernel, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
+def _kernels():
+    """The Triton kernels' module, imported on first use (so TRITON_INTERPRET is read then, and importing zoo is
+    cheap)."""
     from .triton.kernels import depthwise_conv as kernels
 
-    return kernels.forward_kernel
+    return kernels
+
+
+def _kernel():
+    """The forward kernel."""
+    return _kernels().forward_kernel
 
 
 def _tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
@@ -202,10 +211,11 @@ def _tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
     return tile_h, tile_w, block_c, 4
 
 
-def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct, inplace: bool = False) -> torch.Tensor:
+def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct, inplace: bool = False,
+            flip: bool = False) -> torch.Tensor:
     """x (B, H, W, C) any strides, weight (C, 1, K, K) with stride(2) == K * stride(3) and bias contiguous, both in
     ``compute`` (the kernel reads the compute dtype from the weight) -> (B, H, W, C) contiguous, or ``residual``
-    itself written in place with ``inplace``."""
+    itself written in place with ``inplace``. ``flip`` reads the taps in reverse (the input gradient's conv)."""
     b, h, w, c = x.shape
     y = residual if inplace else torch.empty((b, h, w, c), dtype=out_dtype, device=x.device)
     if y.numel() == 0:
@@ -218,8 +228,81 @@ def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct, inplac
             x, weight, weight if bias is None else bias, r, y, h, w, c, *x.stride(), *r.stride(),
             weight.stride(0), weight.stride(3), K=weight.shape[-1], HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, IN_PLACE=inplace, TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c,
-            num_warps=num_warps)
+            FLIP=flip, num_warps=num_warps)
     return y
+
+
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, compute: torch.dtype,
+               into: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of the conv's input (B, H, W, C) from its output's ``grad`` (B, H, W, C), as the same kernel's
+    conv with the taps reversed (stride 1, padding K // 2), rounded to ``compute``; with ``into`` (B, H, W, C, any
+    strides) added into it in place and returned, as autograd sums two gradients of one tensor.
+
+    ``grad`` and ``weight`` (C, 1, K, K, its taps readable through two strides) are in ``compute``."""
+    if into is None:
+        return _launch(grad, weight, None, None, compute, compute, flip=True)
+    return _launch(grad, weight, None, into, compute, into.dtype, inplace=True, flip=True)
+
+
+def weight_grads(grad: torch.Tensor, x: torch.Tensor, k: int, dtypes: tuple[torch.dtype, torch.dtype | None]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients of the conv's (C, 1, K, K) weight and (C,) bias (None when ``dtypes[1]`` is None) from its
+    output's ``grad`` and its input ``x`` (both (B, H, W, C), any strides; ``grad`` in the compute dtype, ``x``
+    rounded to it): float32 sums in a fixed order (two launches, no atomics), each rounded to the compute dtype
+    (what the conv's backward writes under autocast) and returned in ``dtypes`` (the parameters')."""
+    b, h, w, c = grad.shape
+    dw = torch.empty((c, 1, k, k), dtype=dtypes[0], device=grad.device)
+    db = None if dtypes[1] is None else torch.empty((c,), dtype=dtypes[1], device=grad.device)
+    if grad.numel() == 0:
+        dw.zero_()
+        return dw, None if db is None else db.zero_()
+    tile_h, tile_w, block_c, num_warps = _tiles(h, w, c)
+    tiles, c_blocks = b * -(-h // tile_h) * -(-w // tile_w), -(-c // block_c)
+    splits = _weight_grad_splits(tiles, c_blocks, grad)
+    taps = next_pow2(k * k + 1)
+    parts = torch.empty((splits, taps, c), dtype=torch.float32, device=grad.device)
+    kernels = _kernels()
+    with on_device(grad):
+        direct(kernels.weight_grad_kernel)[(splits, c_blocks)](
+            grad, x, parts, h, w, c, tiles, *grad.stride(), *x.stride(), K=k, TAPS=taps, TILE_H=tile_h,
+            TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
+        direct(kernels.weight_grad_sum_kernel)[(-(-c // 32),)](
+            parts, dw, dw if db is None else db, grad, c, splits, KK=k * k, TAPS=taps, HAS_BIAS=db is not None,
+            BLOCK_S=32, BLOCK_C=32, num_warps=4)
+    return dw, db
+
+
+def _weight_grad_splits(tiles: int, c_blocks: int, like: torch.Tensor) -> int:
+    """How many programs share the pixel blocks of each channel block in :func:`weight_grads`: enough to fill the
+    GPU four times over (each sums a strided share of the blocks), at most one a block."""
+    return min(tiles, max(1, 4 * sm_count(like) // c_blocks)) if like.is_cuda else min(tiles, 3)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Training calls of the triton backend: the forward kernel, and a backward of three launches (the input's
+    gradient by the same kernel with the taps reversed, the weight's and bias's by :func:`weight_grads`); the
+    residual's gradient is the output's. The conv's weight and bias are cast to the compute dtype inside (autograd
+    sees the parameters, the gradients come back in their dtypes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, compute):
+        w, b = _conv_weights(weight, bias, compute)
+        y = _launch(x, w, b, residual, compute, _out_dtype(residual, compute))
+        ctx.save_for_backward(x, w)
+        ctx.compute = compute
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        wants = ctx.needs_input_grad
+        g = grad if grad.dtype == ctx.compute else grad.to(ctx.compute)  # the conv's output gradient, as autograd
+        dx = input_grad(g, w, ctx.compute) if wants[0] else None        # casts it to the conv output's dtype
+        dw = db = None
+        if wants[1] or wants[2]:
+            dw, db = weight_grads(g, x, w.shape[-1], (ctx.dtypes[0], ctx.dtypes[1] if wants[2] else None))
+        return dx, dw if wants[1] else None, db, grad if wants[3] else None, None
 
 
 def _out_dtype(residual, compute) -> torch.dtype:
@@ -263,15 +346,23 @@ def _taps_readable(weight: torch.Tensor) -> torch.Tensor:
     return weight if k == 1 or weight.stride(2) == k * weight.stride(3) else weight.contiguous()
 
 
-def _triton(x, weight, bias, residual, size, compute, inplace=False) -> torch.Tensor:
-    if size != tuple(x.shape[1:3]):
-        x = _resized_channels_last(x, size)
-    # under autocast these casts are the ones F.conv2d would make (the models pass autocast's cached copies in eager,
-    # made channels-innermost; graphs under torch.compile cast here, into the same layout, in one copy kernel)
+def _conv_weights(weight: torch.Tensor, bias: torch.Tensor | None, compute: torch.dtype):
+    """The conv's weight and bias in ``compute`` as the kernel reads them (taps readable through two strides, bias
+    contiguous). Under autocast these casts are the ones ``F.conv2d`` would make (the models pass autocast's cached
+    copies in eager inference, made channels-innermost; training calls and graphs under torch.compile cast here,
+    into the same layout, in one copy kernel)."""
     if weight.dtype != compute:
         weight = channels_innermost(weight, compute)
     bias = bias if bias is None or bias.dtype == compute else bias.to(compute)
-    weight, bias = _taps_readable(weight), contiguous_or_none(bias)
+    return _taps_readable(weight), contiguous_or_none(bias)
+
+
+def _triton(x, weight, bias, residual, size, compute, inplace=False) -> torch.Tensor:
+    if size != tuple(x.shape[1:3]):
+        x = _resized_channels_last(x, size)
+    if needs_grad(x, weight, bias, residual):
+        return _DepthwiseConv.apply(x, weight, bias, residual, compute)
+    weight, bias = _conv_weights(weight, bias, compute)
     if torch.compiler.is_compiling():
         y = _triton_op(x, weight, bias, residual, compute)
         return residual.copy_(y) if inplace else y

@@ -37,7 +37,7 @@ window-membership dots over the query tiles) and, after each query tile's broadc
 conv for that tile's grid tokens (nine neighbour loads of the head's channels), one launch in all. A training call is
 one autograd node: the forward also stores the agents and the aggregation's statistics; the backward is the kernel
 above with the attention's output tiles recomputed (the stored output holds the conv term too), then the pooling's
-gradient and cuDNN's conv backward.
+gradient and the conv's (the depthwise-conv op's backward kernels).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ import torch
 from .._amp import compute_dtype
 from .._dispatch import register_backend
 from ..agent import _agents_like, _grid_maps, _pooling_counts, _pooling_mask
-from ..depthwise_conv import _taps_readable, channels_innermost
+from ..depthwise_conv import _conv_weights
+from ..depthwise_conv import input_grad as conv_input_grad, weight_grads as conv_weight_grads
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
                sm_count, token_major, traced, triton_missing_reason)
@@ -395,14 +396,8 @@ _POOLED_OP = "pooled_agent_attention"
 
 
 def _conv_in(weight: torch.Tensor | None, bias: torch.Tensor | None, compute: torch.dtype):
-    """The conv's weight and bias in the compute dtype (the casts the depthwise-conv kernel's caller makes), the
-    weight readable as (C, K*K) through two strides."""
-    if weight is None:
-        return None, None
-    if weight.dtype != compute:
-        weight = channels_innermost(weight, compute)
-    bias = bias if bias is None or bias.dtype == compute else bias.to(compute)
-    return _taps_readable(weight), None if bias is None else bias.contiguous()
+    """The conv's weight and bias in the compute dtype as the depthwise-conv kernel's caller makes them, or None."""
+    return (None, None) if weight is None else _conv_weights(weight, bias, compute)
 
 
 def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale, launch=direct,
@@ -464,23 +459,11 @@ def _add_pooling_grad(dq: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int,
     rows.view(b, h * w, -1).add_(torch.matmul(_pooling_mask(grid, agent_grid, dq.device, dq.dtype).t(), share))
 
 
-def _conv_grads(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, has_bias: bool, prefix: int,
-                grid: tuple[int, int], wanted: tuple[bool, bool, bool]):
-    """Gradients of the values' grid (B, H, W, C), the (C, 1, 3, 3) weight and the (C,) bias through the conv
-    term, from the output gradient's grid rows (cuDNN's backward, as ``F.conv2d``'s autograd computes them)."""
-    c = weight.shape[0]
-    maps = _grid_maps(v, prefix, grid).permute(0, 3, 1, 2)
-    g = _grid_maps(grad, prefix, grid).permute(0, 3, 1, 2).to(weight.dtype)
-    dx, dw, db = torch.ops.aten.convolution_backward(g, maps, weight, [c] if has_bias else None, [1, 1], [1, 1],
-                                                     [1, 1], False, [0, 0], c, list(wanted))
-    return None if dx is None else dx.permute(0, 2, 3, 1), dw, db
-
-
 class _PooledAgentAttention(torch.autograd.Function):
     """Training calls of :func:`pooled_agent_attention_triton`: one autograd node. The forward is the fused launch
     keeping the agents and the aggregation's statistics; the backward is the agent backward kernel (recomputing
-    the attention's output tiles, since the stored output includes the conv), the pooling's and cuDNN's conv
-    gradients."""
+    the attention's output tiles, since the stored output includes the conv), the pooling's gradient and the conv's
+    (:func:`zoo.ops.depthwise_conv.input_grad` into dv, :func:`~zoo.ops.depthwise_conv.weight_grads`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
@@ -505,12 +488,15 @@ class _PooledAgentAttention(torch.autograd.Function):
         _add_pooling_grad(dq, da, grid, agent_grid, prefix)
         dw = db = None
         if w is not None:
-            wanted = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], has_bias and ctx.needs_input_grad[4])
-            dx, dw, db = _conv_grads(grad, v, w, has_bias, prefix, grid, wanted)
-            if dx is not None:
-                _grid_maps(dv, prefix, grid).add_(dx)
-            dw = None if dw is None else dw.to(ctx.param_dtypes[0])
-            db = None if db is None else db.to(ctx.param_dtypes[1])
+            # the conv term's gradients: the grid rows of the output's gradient in the conv's dtype (as autograd casts
+            # it for the conv's output), the values' part added into dv's grid rows
+            g = _grid_maps(grad, prefix, grid)
+            g = g if g.dtype == w.dtype else g.to(w.dtype)
+            if ctx.needs_input_grad[2]:
+                conv_input_grad(g, w, w.dtype, into=_grid_maps(dv, prefix, grid))
+            if ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4]):
+                dtypes = (ctx.param_dtypes[0], ctx.param_dtypes[1] if ctx.needs_input_grad[4] else None)
+                dw, db = conv_weight_grads(g, _grid_maps(v, prefix, grid), 3, dtypes)
         return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
                 _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None, None, None)
 

@@ -4,6 +4,7 @@ layers write, in Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1)
 autocast, torch.compile, models)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -183,7 +184,11 @@ def test_triton_supports_reasons(randn, monkeypatch):
     x, weight, bias, residual = _inputs(*CASES[0], randn)
     supports = DW._triton_supports
     assert supports(x, weight, bias, residual, (7, 7), torch.float32) is None
-    assert "training" in supports(x.requires_grad_(), weight, bias, residual, (7, 7), torch.float32)
+    assert supports(x.requires_grad_(), weight, bias, residual, (7, 7), torch.float32) is None  # training: eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "training in a traced graph" in supports(x, weight, bias, residual, (7, 7), torch.float32)
+    monkeypatch.undo()
+    monkeypatch.setattr(DW, "_kernels_interpreted", lambda: True)
     x = x.detach()
     assert "float64" in supports(x.double(), weight, bias, residual, (7, 7), torch.float64)
     assert "bfloat16" in supports(x, weight, bias, residual, (7, 7), torch.bfloat16)
@@ -282,6 +287,74 @@ def test_triton_interpreter_reads_the_weight_in_any_layout(layout, interpreter, 
     assert torch.equal(depthwise_conv(x, other, bias, residual=residual, backend="triton"), want)
 
 
+def _grads_both(inputs, size, randn, grads, dtype=None, autocast=None, backends=("triton", "reference")):
+    """Every gradient (the projection x is a slice of, weight, bias, residual) of the op on each backend."""
+    x, weight, bias, residual = inputs
+    proj = x._base if x._base is not None else x
+    results = []
+    for backend in backends:
+        leaves = [t.detach().to(dtype or t.dtype, copy=True).requires_grad_() if t is not None else None
+                  for t in (proj, weight, bias, residual)]
+        x_view = leaves[0].as_strided(x.shape, x.stride(), x.storage_offset())
+        context = torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with context:
+            out = depthwise_conv(x_view, *leaves[1:3], residual=leaves[3], size=size, backend=backend)
+        present = [t for t in leaves if t is not None]
+        results.append([out, *grads(out, present, seed=77)])
+    return results
+
+
+@pytest.mark.parametrize("case", [(2, 7, 7, 40, 3, None), CASES[2], CASES[3], CASES[7]], ids=str)
+def test_triton_interpreter_fp32_gradients(case, interpreter, randn, grads, assert_close):
+    """Training calls: the input's gradient by the forward kernel with reversed taps, the weight's and bias's by
+    the two reduction kernels, the residual's the output's; every one the reference's in float32."""
+    got, want = _grads_both(_inputs(*case, randn, seed=21), case[-1], randn, grads)
+    for name, a, e in zip(("out", "d proj", "d weight", "d bias", "d residual"), got, want):
+        assert a.dtype == e.dtype
+        assert_close(a, e, atol=1e-5 * e.abs().max().item(), what=name)
+
+
+@pytest.mark.parametrize("bias, residual", [(True, False), (False, False)])
+def test_triton_interpreter_gradients_without_optional_terms(bias, residual, interpreter, randn, grads,
+                                                            assert_close):
+    inputs = _inputs(1, 5, 6, 20, 3, None, randn, seed=22, bias=bias, residual=residual)
+    got, want = _grads_both(inputs, None, randn, grads)
+    assert len(got) == 3 + bias + residual
+    for a, e in zip(got, want):
+        assert_close(a, e, atol=1e-5 * e.abs().max().item())
+
+
+def test_triton_interpreter_fp16_gradients_round_as_the_layers(interpreter, randn, grads, assert_close):
+    """fp16 tensors, and float32 ones under fp16 autocast (the weight's and bias's gradients then come back
+    float32, rounded to fp16 first as the conv's backward writes them), against a float64 reference."""
+    inputs = _inputs(1, 7, 7, 40, 3, None, randn, seed=23)
+    (want,) = _grads_both(inputs, None, randn, grads, dtype=torch.float64, backends=("reference",))
+    (low,) = _grads_both(inputs, None, randn, grads, dtype=torch.float16, backends=("triton",))
+    (auto,) = _grads_both(inputs, None, randn, grads, autocast=torch.float16, backends=("triton",))
+    for a, b_, e in zip(low, auto, want):
+        assert_close(a, e, atol=2e-3 * e.abs().max().item())
+        assert_close(b_, e, atol=2e-3 * e.abs().max().item())
+    assert [t.dtype for t in auto] == [torch.float32] * 5
+    assert all(torch.equal(t, t.half().float()) for t in auto[2:4])  # weight and bias grads: fp16 values
+
+
+def test_triton_interpreter_weight_grads_split_and_repeat(interpreter, randn, monkeypatch):
+    """The weight gradient's partial sums over 1, 2 or 3 programs agree to float32 rounding, and a call repeats
+    its bits."""
+    x, weight, *_ = _inputs(2, 7, 7, 20, 3, None, randn, seed=24)
+    g = randn(*x.shape, seed=25)
+    runs = []
+    for splits in (1, 2, 3):
+        monkeypatch.setattr(DW, "_weight_grad_splits", lambda tiles, c_blocks, device, n=splits: n)
+        runs.append(DW.weight_grads(g, x, 3, (torch.float32, torch.float32)))
+    assert torch.equal(runs[-1][0], DW.weight_grads(g, x, 3, (torch.float32, torch.float32))[0])
+    for dw, db in runs[1:]:
+        for a, e in ((dw, runs[0][0]), (db, runs[0][1])):
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-6 * e.abs().max().item())
+    empty_dw, empty_db = DW.weight_grads(g[:0], x[:0], 3, (torch.float32, torch.float32))
+    assert empty_dw.shape == (20, 1, 3, 3) and not empty_dw.any() and not empty_db.any()
+
+
 def test_triton_interpreter_empty_and_repeatable(interpreter, randn):
     x, weight, bias, residual = _inputs(*CASES[1], randn)
     first = depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton")
@@ -337,7 +410,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=22)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=30)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,12 +424,32 @@ GPU_CASES = [(8 * 64, 7, 7, 96, 3, None), (8, 7, 7, 64, 3, (56, 56)), (8, 7, 7, 
 
 
 @pytest.mark.gpu
-def test_gpu_auto_choice_is_the_kernel_for_inference(randn):
+def test_gpu_auto_choice_is_the_kernel_for_inference_and_training(randn):
     x, weight, bias, residual = _inputs(*GPU_CASES[0], randn, device="cuda", dtype=torch.bfloat16)
     args = (x, weight, bias, residual, (7, 7), torch.bfloat16)
     with torch.no_grad():
         assert select_backend("depthwise_conv", None, *args).name == "triton"
-    assert select_backend("depthwise_conv", None, x, weight.requires_grad_(), *args[2:]).name == "reference"
+    assert select_backend("depthwise_conv", None, x, weight.requires_grad_(), *args[2:]).name == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_triton_gpu_gradients(case, dtype, tol, randn, grads, assert_close, assert_no_fallback):
+    """Every gradient of a training call against float64 ones, in ``dtype`` and (fp16/bf16) under autocast with
+    float32 tensors: within ``tol`` of the largest, or twice the reference backend's own error in the same call
+    (the upsampled cases' input gradient goes through ATen's resize backward, which sums its 64 terms in the low
+    precision)."""
+    inputs = _inputs(*case, randn, device="cuda", seed=9)
+    (want,) = _grads_both(inputs, case[-1], randn, grads, dtype=torch.float64, backends=("reference",))
+    settings = [dict(dtype=dtype)] + ([dict(autocast=dtype)] if dtype != torch.float32 else [])
+    for setting in settings:
+        with assert_no_fallback():
+            got, ref = _grads_both(inputs, case[-1], randn, grads, **setting)
+        for name, a, r, e in zip(("out", "d proj", "d weight", "d bias", "d residual"), got, ref, want):
+            assert a.dtype == r.dtype
+            ref_error = (r.double() - e).abs().max().item()
+            assert_close(a, e, atol=max(tol * e.abs().max().item(), 2 * ref_error), what=f"{name} {setting}")
 
 
 @pytest.mark.gpu

@@ -17,7 +17,8 @@ def _rounded(t, dtype: tl.constexpr):
 @triton.jit
 def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c,
                    sw_c, sw_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   IN_PLACE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                   IN_PLACE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                   FLIP: tl.constexpr = False):
     """y = residual + depthwise_conv(x) for a TILE_H x TILE_W block of one map's pixels x BLOCK_C channels a program
     (grid: (B * cdiv(H, TILE_H) * cdiv(W, TILE_W), cdiv(C, BLOCK_C)); y (B, H, W, C) written contiguous).
 
@@ -27,6 +28,9 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
     layers: conv inputs in the compute dtype, float32 accumulation, the conv (+ bias) rounded to the compute dtype,
     the residual sum in float32 rounded to y's dtype. Zero padding of
     K // 2 at the map's borders. Offsets within a batch item are int32 (the caller checks the extents).
+
+    FLIP reads the taps in reverse order (w[c, K-1-i, K-1-j]): the conv's input gradient from the output's (stride
+    1, padding K // 2).
     """
     compute = w_ptr.dtype.element_ty
     # a block of rows and columns of one map (not a run of flat pixel indices): the K rows of taps a block reads
@@ -53,7 +57,8 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
             ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
             offset = y_in * sx_h + x_in * sx_w
             value = tl.load(x_item + offset[:, None] + x_ch[None, :], mask=ok, other=0.0).to(tl.float32)
-            tap = tl.load(w_ptr + ch * sw_c + (dy * K + dx) * sw_t, mask=ch_ok, other=0.0).to(tl.float32)
+            t = (K * K - 1 - (dy * K + dx)) if FLIP else (dy * K + dx)
+            tap = tl.load(w_ptr + ch * sw_c + t * sw_t, mask=ch_ok, other=0.0).to(tl.float32)
             acc += _rounded(value, compute) * tap[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
@@ -68,3 +73,73 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
     else:
         y_at = y_ptr + item * H * W * C + ((row * W + col) * C)[:, None] + ch[None, :]
     tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def weight_grad_kernel(g_ptr, x_ptr, part_ptr, H, W, C, tiles, sg_b, sg_h, sg_w, sg_c, sx_b, sx_h, sx_w, sx_c,
+                       K: tl.constexpr, TAPS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Per-program partial sums of the weight and bias gradients of ``depthwise_conv(x)`` given its output's
+    gradient g (grid: (splits, cdiv(C, BLOCK_C))).
+
+    Program (s, j) takes tiles s, s + splits, ... of the B * cdiv(H, TILE_H) * cdiv(W, TILE_W) pixel blocks (the
+    forward's tiles) and writes part[s, t, c] (float32, (splits, TAPS, C) contiguous) = sum over its pixels p of
+    g[p, c] * x[p + tap t's offset, c] for the K*K taps t (zero padding), and part[s, K*K, c] = sum of g[p, c]. g
+    and x (B, H, W, C) are read through their strides; x is rounded to g's dtype (the compute dtype) on load, as the
+    forward rounds the conv's inputs. A fixed order of sums: the same bits every call.
+    """
+    compute = g_ptr.dtype.element_ty
+    split = tl.program_id(0)
+    splits = tl.num_programs(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < C
+    row_blocks = tl.cdiv(H, TILE_H)
+    col_blocks = tl.cdiv(W, TILE_W)
+    i = tl.arange(0, TILE_H * TILE_W)
+    tap_ids = tl.arange(0, TAPS)
+    acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+    for block in range(split, tiles, splits):
+        item = (block // (row_blocks * col_blocks)).to(tl.int64)
+        in_item = block % (row_blocks * col_blocks)
+        row = (in_item // col_blocks) * TILE_H + i // TILE_W
+        col = (in_item % col_blocks) * TILE_W + i % TILE_W
+        pix_ok = (row < H) & (col < W)
+        g_at = g_ptr + item * sg_b + (row * sg_h + col * sg_w)[:, None] + ch[None, :] * sg_c
+        g = tl.load(g_at, mask=pix_ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.where(tap_ids[:, None] == K * K, tl.sum(g, axis=0)[None, :], 0.0)
+        x_item = x_ptr + item * sx_b
+        for dy in tl.static_range(K):
+            y_in = row + (dy - K // 2)
+            y_ok = pix_ok & (y_in >= 0) & (y_in < H)
+            for dx in tl.static_range(K):
+                x_in = col + (dx - K // 2)
+                ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
+                value = tl.load(x_item + (y_in * sx_h + x_in * sx_w)[:, None] + ch[None, :] * sx_c, mask=ok,
+                                other=0.0).to(compute).to(tl.float32)
+                acc += tl.where(tap_ids[:, None] == dy * K + dx, tl.sum(g * value, axis=0)[None, :], 0.0)
+    part_at = part_ptr + split.to(tl.int64) * TAPS * C + tap_ids[:, None] * C + ch[None, :]
+    tl.store(part_at, acc, mask=(tap_ids[:, None] <= K * K) & ch_ok[None, :])
+
+
+@triton.jit
+def weight_grad_sum_kernel(part_ptr, dw_ptr, db_ptr, like_ptr, C, splits, KK: tl.constexpr, TAPS: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw (C, KK) contiguous and db (C,) from the (splits, TAPS, C) partial sums of :func:`weight_grad_kernel`
+    (grid: (cdiv(C, BLOCK_C),)): each sum over the splits in a fixed order, rounded to the compute dtype (like_ptr's:
+    the dtype the conv's weight and bias had in the forward) and stored in dw's and db's dtypes."""
+    compute = like_ptr.dtype.element_ty
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < C
+    s = tl.arange(0, BLOCK_S)
+    for t in tl.static_range(KK + 1):
+        if t < KK or HAS_BIAS:
+            total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for start in range(0, splits, BLOCK_S):
+                ok = ((start + s) < splits)[:, None] & ch_ok[None, :]
+                part = tl.load(part_ptr + ((start + s) * TAPS + t)[:, None] * C + ch[None, :], mask=ok, other=0.0)
+                total += tl.sum(part, axis=0)
+            total = total.to(compute).to(tl.float32)
+            if t < KK:
+                tl.store(dw_ptr + ch * KK + t, total.to(dw_ptr.dtype.element_ty), mask=ch_ok)
+            else:
+                tl.store(db_ptr + ch, total.to(db_ptr.dtype.element_ty), mask=ch_ok)
