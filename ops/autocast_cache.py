@@ -28,6 +28,7 @@ share of the layers' weights (half of their float32 size) while cached.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import autocast_dtype
-from ._cache import optimizer_steps, register_parameter_cache
+from ._cache import optimizer_steps, register_parameter_cache, tracing
 
 __all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts"]
 
@@ -83,7 +84,8 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
         return weight, bias  # (symbolic tracers' proxies are not tensors either)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         module.__dict__.pop(_ATTR, None)
-        return weight, bias
+        copies = _forward_cast(module, weight, bias)
+        return (weight, bias) if copies is None else copies
     dtype = autocast_dtype(weight.device.type)
     if dtype is None:
         return weight, bias
@@ -100,6 +102,114 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
                   None if bias is None else bias.to(dtype))
     module.__dict__[_ATTR] = (weight, bias, state, *copies)
     return copies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training forwards: one multi-tensor cast of a model's trainable layer weights
+
+
+class _CastTogether(torch.autograd.Function):
+    """Low-precision copies of float32 tensors by one multi-tensor copy, one autograd node: the backward casts
+    their gradients back to float32 the same way. The values are those of ``t.to(dtype)`` and of autocast's
+    backward cast (``grad.to(torch.float32)``)."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        copies = [torch.empty_like(t, dtype=dtype) for t in tensors]
+        torch._foreach_copy_(copies, list(tensors))
+        ctx.like = [(t.shape, t.stride(), t.dtype) for t in tensors]
+        return tuple(copies)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        together, sources = [], []
+        for i, (grad, (shape, stride, dtype)) in enumerate(zip(grads, ctx.like)):
+            if grad is None:
+                continue
+            out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
+            if grad.stride() == stride:  # the multi-tensor kernel takes equal layouts only
+                together.append(out[i])
+                sources.append(grad)
+            else:
+                out[i].copy_(grad)
+        if together:
+            torch._foreach_copy_(together, sources)
+        return (None, *out)
+
+
+_SCOPES = threading.local()  # .stack: the _ForwardCasts of the zoo models whose forward is running, innermost last
+
+
+class _ForwardCasts:
+    """One training forward of one model: on the first request, the low-precision copies of every trainable
+    ``AutocastCached*`` layer's weight and bias on the requesting device, made by :class:`_CastTogether`."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.copies: dict[int, tuple] | None = None  # id(layer) -> (weight, bias, dtype, weight copy, bias copy)
+
+    def get(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        if self.copies is None:
+            self.copies = self._cast(weight.device, dtype)
+        entry = self.copies.get(id(module))
+        if entry is None or entry[0] is not weight or entry[1] is not bias or entry[2] != dtype:
+            return None
+        return entry[3], entry[4]
+
+    def _cast(self, device: torch.device, dtype: torch.dtype) -> dict[int, tuple]:
+        layers, tensors = [], []
+        for layer in self.root.modules():
+            if not isinstance(layer, _DropsCopies):
+                continue
+            weight, bias = layer.weight, layer.bias
+            if all(t is None or (_plain_float32(t) and t.requires_grad and t.device == device)
+                   for t in (weight, bias)):
+                layers.append((layer, weight, bias))
+                tensors += [weight] if bias is None else [weight, bias]
+        if not tensors:
+            return {}
+        copies = iter(_CastTogether.apply(dtype, *tensors))
+        return {id(layer): (weight, bias, dtype, next(copies), None if bias is None else next(copies))
+                for layer, weight, bias in layers}
+
+
+def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The copies of ``module``'s parameters from the running training forward's one cast, or None (no zoo model's
+    forward is running, autocast is off, or the layer is not part of it)."""
+    stack = getattr(_SCOPES, "stack", None)
+    if not stack:
+        return None
+    dtype = autocast_dtype(weight.device.type)
+    if dtype is None:
+        return None
+    for scope in reversed(stack):
+        copies = None if scope is None else scope.get(module, weight, bias, dtype)
+        if copies is not None:
+            return copies
+    return None
+
+
+def _open_forward(root: nn.Module, args: tuple) -> None:
+    stack = getattr(_SCOPES, "stack", None)
+    if stack is None:
+        stack = _SCOPES.stack = []
+    # a scope only where the one cast pays: training forwards, eager, and not under data-parallel training, whose
+    # gradient communication starts as each gradient is accumulated (one node would hand them all over at the end)
+    active = torch.is_grad_enabled() and not tracing() and not _distributed()
+    stack.append(_ForwardCasts(root) if active else None)
+
+
+def _close_forward(root: nn.Module, args: tuple, output) -> None:
+    stack = getattr(_SCOPES, "stack", None)
+    if stack:
+        stack.pop()
+    # the copies die with the scope: the next forward casts again, whatever changed the parameters meanwhile
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
 
 
 class _DropsCopies:
@@ -145,10 +255,24 @@ def cache_autocast_casts(model: nn.Module) -> nn.Module:
     autocast-caching subclass, in place (parameters, hooks and state-dict keys unchanged); returns ``model``.
 
     Subclasses of those layers (timm's or yours) are left alone: their forward may differ.
+
+    ``model``'s own forward also gets two hooks: in a training forward (grad mode on, eager, not data-parallel) the
+    first of its autocast-cached layers to run casts the float32 weights and biases of all of them that train, on its
+    device, in one multi-tensor copy, and each layer uses its copy; the backward casts their gradients back in one
+    more. That replaces two copy kernels and one autograd node a tensor (some 250 launches a step in these
+    backbones) by two; the copies are dropped when the forward returns. Values are bitwise those of autocast's own
+    casts.
     """
     for module in model.modules():
         cached = _SWAPS.get(type(module))
         if cached is not None:
             module.__class__ = cached
+    if not model.__dict__.get(_HOOKED, False):
+        model.register_forward_pre_hook(_open_forward)
+        model.register_forward_hook(_close_forward, always_call=True)
+        model.__dict__[_HOOKED] = True
     return model
+
+
+_HOOKED = "_zoo_forward_casts"
 
