@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import autocast_dtype
-from ._cache import optimizer_steps, register_parameter_cache, tracing
+from ._cache import optimizer_steps, register_parameter_cache
 
 __all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts"]
 
@@ -118,6 +118,7 @@ class _CastTogether(torch.autograd.Function):
         copies = [torch.empty_like(t, dtype=dtype) for t in tensors]
         torch._foreach_copy_(copies, list(tensors))
         ctx.like = [(t.shape, t.stride(), t.dtype) for t in tensors]
+        ctx.set_materialize_grads(False)  # a copy no loss reached gets None, as its parameter would
         return tuple(copies)
 
     @staticmethod
@@ -191,16 +192,20 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def _open_forward(root: nn.Module, args: tuple) -> None:
+    if torch.compiler.is_compiling():
+        return  # inductor fuses the casts itself (and dynamo then traces nothing of this hook)
     stack = getattr(_SCOPES, "stack", None)
     if stack is None:
         stack = _SCOPES.stack = []
-    # a scope only where the one cast pays: training forwards, eager, and not under data-parallel training, whose
-    # gradient communication starts as each gradient is accumulated (one node would hand them all over at the end)
-    active = torch.is_grad_enabled() and not tracing() and not _distributed()
+    # a scope only where the one cast pays: training forwards, and not under data-parallel training, whose gradient
+    # communication starts as each gradient is accumulated (one node would hand them all over at the end)
+    active = torch.is_grad_enabled() and not _distributed()
     stack.append(_ForwardCasts(root) if active else None)
 
 
 def _close_forward(root: nn.Module, args: tuple, output) -> None:
+    if torch.compiler.is_compiling():
+        return
     stack = getattr(_SCOPES, "stack", None)
     if stack:
         stack.pop()

@@ -272,3 +272,152 @@ def test_gpu_ema_update_needs_clear_parameter_caches():
     plain.load_state_dict(ema.module.state_dict())
     after = logits(ema.module)
     assert torch.equal(after, logits(plain)) and (after - before).abs().max().item() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training forwards: the trainable weights cast together
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, counter: _CountCopies | None = None) -> torch.Tensor:
+    """One bf16-autocast forward and backward (inside ``counter`` when given); returns the output."""
+    with counter if counter is not None else torch.enable_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+    return out
+
+
+def _graph_nodes(out: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+def test_a_training_forward_casts_the_trainable_weights_together_bitwise():
+    """Five weights and biases: ten casts and five autograd nodes fewer than autocast's per-layer casts, the same
+    outputs and gradients, over two accumulated steps."""
+    plain, cached = _pair()
+    x = _input()
+    counts, outputs = [], []
+    for model in (plain, cached):
+        counter = _CountCopies()
+        outputs.append([_train_step(model, x, counter), _train_step(model, x * 2)])
+        counts.append(counter.copies)
+    assert counts[0] - counts[1] == 10
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    for p, q in zip(plain.parameters(), cached.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    with torch.autocast("cpu", torch.bfloat16):
+        nodes = [_graph_nodes(model(x)) for model in (plain, cached)]
+    assert nodes[1].count("_CastTogetherBackward") == 1 and "_CastTogetherBackward" not in nodes[0]
+    assert nodes[0].count("ToCopyBackward0") - nodes[1].count("ToCopyBackward0") == 5
+
+
+def test_each_training_forward_casts_anew():
+    """The copies live for one forward: a ``p.data`` write between steps (no version bump, no optimizer step) is
+    seen by the next one, and no copy stays behind."""
+    from zoo.ops import autocast_cache
+
+    plain, cached = _pair()
+    x = _input()
+    for model in (plain, cached):
+        _train_step(model, x)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data.mul_(-0.5)
+    assert torch.equal(_train_step(cached, x), _train_step(plain, x))
+    assert autocast_cache._SCOPES.stack == []
+    assert not any(_ATTR in m.__dict__ for m in cached)
+
+
+def test_frozen_layers_and_no_grad_calls_keep_their_own_paths():
+    plain, cached = _pair()
+    x = _input()
+    for model in (plain, cached):
+        model[0].requires_grad_(False)
+    counter = _CountCopies()
+    outputs = [_train_step(plain, x), _train_step(cached, x)]
+    assert torch.equal(*outputs) and _ATTR in cached[0].__dict__  # the frozen conv's copy is the inference cache's
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(plain[3:].parameters(), cached[3:].parameters()))
+    assert torch.equal(_train_step(cached, x, counter), outputs[0])
+    assert counter.copies == 3  # the input's cast, and the output's float() and its backward
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(cached(x), outputs[0])  # (a no-grad call caches copies of the trainable layers too)
+    assert all(_ATTR in m.__dict__ for m in (cached[0], cached[3], cached[4]))
+
+
+def test_the_scope_closes_when_the_forward_raises():
+    from zoo.ops import autocast_cache
+
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.fc(x)
+            raise RuntimeError("boom")
+
+    model = cache_autocast_casts(Fails())
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(2, 4))
+    assert autocast_cache._SCOPES.stack == []
+
+
+def test_data_parallel_training_keeps_the_per_layer_casts(monkeypatch):
+    """Under DDP each gradient's communication starts when it is accumulated; one node for all would hold them to
+    the end, so there the layers cast one by one."""
+    from zoo.ops import autocast_cache
+
+    monkeypatch.setattr(autocast_cache, "_distributed", lambda: True)
+    plain, cached = _pair()
+    counts = []
+    for model in (plain, cached):
+        counter = _CountCopies()
+        _train_step(model, _input(), counter)
+        counts.append(counter.copies)
+    assert counts[0] == counts[1]
+
+
+def test_cast_together_backward_takes_any_gradient_layout_and_missing_gradients():
+    from zoo.ops.autocast_cache import _CastTogether
+
+    a = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    c = torch.randn(2, 2, requires_grad=True)
+    low = _CastTogether.apply(torch.bfloat16, a, b, c)
+    assert [t.dtype for t in low] == [torch.bfloat16] * 3
+    assert all(torch.equal(t, s.to(torch.bfloat16)) for t, s in zip(low, (a, b, c)))
+    m = torch.randn(3, 6, dtype=torch.bfloat16)
+    (low[0].t() @ m).float().sum().backward(retain_graph=True)  # a transposed gradient for a
+    (low[1] * 3).float().sum().backward()  # c gets none
+    want = (m.sum(1, keepdim=True).expand(3, 5)).float()
+    assert torch.equal(a.grad, want) and a.grad.is_contiguous()
+    assert torch.equal(b.grad, torch.full((4,), 3.0)) and c.grad is None
+
+
+def test_zoo_model_training_step_casts_together_bitwise():
+    model = zoo.create_model("agent_deit_tiny", num_classes=10, img_size=64)
+    plain = copy.deepcopy(model)
+    plain_types = {AutocastCachedLinear: nn.Linear, AutocastCachedConv2d: nn.Conv2d}
+    for m in plain.modules():
+        m.__class__ = plain_types.get(type(m), type(m))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    outputs = [_train_step(net, x) for net in (plain, model)]
+    assert torch.equal(*outputs)
+    grads = [{name: p.grad for name, p in net.named_parameters()} for net in (plain, model)]
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    with torch.autocast("cpu", torch.bfloat16):
+        nodes = [_graph_nodes(net(x)) for net in (plain, model)]
+    # (the patch embedding's conv is a subclass the plain copy keeps: cast together in both)
+    swapped = [m for m in model.modules() if type(m) in plain_types]
+    assert len(swapped) == 1 + 12 * 5 and nodes[1].count("_CastTogetherBackward") == 1
+    tensors = sum(1 + (m.bias is not None) for m in swapped)
+    assert nodes[0].count("ToCopyBackward0") - nodes[1].count("ToCopyBackward0") == tensors
