@@ -494,3 +494,36 @@ def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
     assert_inductor_launches(code, "forward_kernel")
     assert got.dtype == torch.float32
     assert_close(got, eager, atol=1e-2 * eager.abs().max().item(), what="compiled")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["biformer_tiny", "agent_pvt_tiny", "agent_swin_t"])
+def test_gpu_models_train_through_the_kernels(name, monkeypatch):
+    """A float32 training step whose depthwise convs (BiFormer's LePE and position conv, Agent-PVT's and the large
+    Agent-Swin stages' value convs) run on the kernels gives every parameter the gradient the reference's step does."""
+    import timm
+
+    import zoo  # noqa: F401  (registers the models)
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).cuda().train()
+    x = torch.randn(2, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    grads, calls = [], []
+    backward = DW._DepthwiseConv.backward
+    monkeypatch.setattr(DW._DepthwiseConv, "backward", staticmethod(lambda ctx, g: calls.append(1) or
+                                                                    backward(ctx, g)))
+    for setting in (None, "depthwise_conv:reference"):
+        if setting is None:
+            monkeypatch.delenv("ZOO_OPS_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("ZOO_OPS_BACKEND", setting)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)  # the same stochastic-depth draws in both steps
+        model(x).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert calls and grads[0].keys() == grads[1].keys()
+    for n, want in grads[1].items():
+        got = grads[0][n]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, n
