@@ -236,7 +236,7 @@ def test_triton_interpreter_fp32_optional_terms(bias, residual, interpreter, ran
     _check_triton(_inputs(*case, randn, bias=bias, residual=residual), case[-1], torch.float32, assert_close, 1e-6)
 
 
-@pytest.mark.parametrize("case", CASES[:3], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=str)
 def test_triton_interpreter_fp16_and_fp16_autocast(case, interpreter, randn, assert_close):
     inputs = _inputs(*case, randn, seed=4)
     _check_triton([t.half() for t in inputs], case[-1], torch.float16, assert_close, 1e-3)
@@ -356,11 +356,11 @@ def test_triton_interpreter_weight_grads_split_and_repeat(interpreter, randn, mo
 
 
 def test_triton_interpreter_empty_and_repeatable(interpreter, randn):
-    x, weight, bias, residual = _inputs(*CASES[1], randn)
-    first = depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton")
-    assert torch.equal(first, depthwise_conv(x, weight, bias, residual=residual, size=(28, 28), backend="triton"))
+    x, weight, bias, residual = _inputs(*CASES[3], randn)
+    first = depthwise_conv(x, weight, bias, residual=residual, size=(14, 14), backend="triton")
+    assert torch.equal(first, depthwise_conv(x, weight, bias, residual=residual, size=(14, 14), backend="triton"))
     empty = depthwise_conv(x[:0], weight, bias, size=(3, 3), backend="triton")
-    assert empty.shape == (0, 3, 3, 64)
+    assert empty.shape == (0, 3, 3, 20)
 
 
 def test_triton_interpreter_custom_op_and_compile(interpreter, randn, assert_close):
@@ -410,7 +410,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=30)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=29)
 
 
 # ----------------------------------------------------------------------------------------------------------------
