@@ -25,6 +25,13 @@ that bump no version counter outside an optimizer step, such as ``p.data.mul_(2)
 ``torch._foreach_lerp_`` (timm's ModelEmaV3) on CUDA, need a :func:`zoo.ops.clear_parameter_caches` call. Outputs
 are bitwise those of the parent class: the copy is the cast autocast makes. The copies cost the autocast dtype's
 share of the layers' weights (half of their float32 size) while cached.
+
+Training calls cast too, but once a forward: :func:`cache_autocast_casts` hooks the model's own forward so that in a
+training forward the first of its layers to run casts the trainable weights and biases of all of them in one
+multi-tensor copy (one autograd node, whose backward casts the gradients back in one more launch), each layer uses
+its copy, and the copies are dropped when the forward returns (so nothing that wrote the parameters between steps is
+missed). Not under data-parallel training (DDP starts each gradient's communication as it is accumulated; one node
+for all would hold them to the end of the backward), nor in traced graphs.
 """
 from __future__ import annotations
 
