@@ -188,9 +188,10 @@ def call_key(*args: Any) -> tuple | None:
     A tensor contributes (shape, strides, dtype, device, requires_grad), a scalar (bool, int, float, str, None, a
     ``torch.dtype``) or a tuple of scalars its value.
     Inside ``torch.compile`` tracing there is no key: dynamo traces the checks and the choice once per graph; nor
-    for symbolic shapes (``make_fx(tracing_mode="symbolic")``), whose sizes are not values.
+    for symbolic shapes (``make_fx(tracing_mode="symbolic")``), whose sizes are not values; nor inside a
+    ``torch.func`` transform, where the fast backends refuse tensors whose metadata matches an earlier call's.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return None
     # Flat: each tensor adds five entries, starting with its torch.Size, which no scalar entry is, so the tuple
     # still tells every argument list apart (and saves a tuple a tensor on every call of a hot op).

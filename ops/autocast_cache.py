@@ -44,6 +44,7 @@ from torch import nn
 
 from ._amp import autocast_dtype
 from ._cache import optimizer_steps, register_parameter_cache
+from .triton import functorch_transforming
 
 __all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts"]
 
@@ -186,8 +187,8 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     """The copies of ``module``'s parameters from the running training forward's one cast, or None (no zoo model's
     forward is running, autocast is off, or the layer is not part of it)."""
     stack = getattr(_SCOPES, "stack", None)
-    if not stack:
-        return None
+    if not stack or functorch_transforming():
+        return None  # (the copies' autograd.Function has no functorch rules: autocast's own casts have)
     dtype = autocast_dtype(weight.device.type)
     if dtype is None:
         return None

@@ -19,7 +19,7 @@ __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason",
            "contiguous_or_none", "on_device", "next_pow2", "prev_pow2",
            "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
            "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
-           "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
+           "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "functorch_transforming", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
 
@@ -66,8 +66,12 @@ def device_reason(device: torch.device, dtypes: Iterable[torch.dtype], interpret
     """Why a backend's Triton kernels cannot run on ``device`` with these dtypes, or None.
 
     CUDA always can; CPU only when the kernels are built for the interpreter (``interpreted``: the module read
-    ``TRITON_INTERPRET`` when it built them), and not in bfloat16, which the interpreter breaks.
+    ``TRITON_INTERPRET`` when it built them), and not in bfloat16, which the interpreter breaks. Neither inside a
+    ``torch.func`` transform, whose wrapped tensors the kernels cannot read.
     """
+    if functorch_transforming():
+        return ("inside a torch.func transform (vmap, grad, jacrev, ...): the kernels read raw memory, the "
+                "reference's PyTorch ops have functorch rules")
     if device.type == "cpu":
         if not interpreted:
             return "CPU tensors need TRITON_INTERPRET=1 (set before the kernels are first used)"
@@ -77,6 +81,11 @@ def device_reason(device: torch.device, dtypes: Iterable[torch.dtype], interpret
     if device.type != "cuda":
         return f"device {device.type} is not supported"
     return None
+
+
+def functorch_transforming() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running: its tensors are wrappers."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -421,3 +421,23 @@ def test_zoo_model_training_step_casts_together_bitwise():
     assert len(swapped) == 1 + 12 * 5 and nodes[1].count("_CastTogetherBackward") == 1
     tensors = sum(1 + (m.bias is not None) for m in swapped)
     assert nodes[0].count("ToCopyBackward0") - nodes[1].count("ToCopyBackward0") == tensors
+
+
+def test_torch_func_transforms_keep_autocasts_casts():
+    """Per-sample gradients (``vmap`` over ``grad`` of a ``functional_call``) under autocast: the training cast
+    steps aside, and the results are the plain layers'."""
+    from torch.func import functional_call, grad, vmap
+
+    plain, cached = _pair()
+    x = _input()
+    results = []
+    for model in (plain, cached):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(p, xb, model=model):
+            with torch.autocast("cpu", torch.bfloat16):
+                return functional_call(model, p, (xb,)).float().square().sum()
+
+        results.append(vmap(grad(loss), in_dims=(None, 0))(params, x[:, None]))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -197,6 +197,27 @@ def test_triton_supports_reasons(randn, monkeypatch):
     assert "TRITON_INTERPRET=1" in supports(x, weight, bias, residual, (7, 7), torch.float32)
 
 
+def test_torch_func_transforms_take_the_reference(randn, monkeypatch):
+    """Inside ``torch.func.grad`` / ``vmap`` the kernels (which read raw memory, and whose training node has no
+    functorch rules) refuse, a requested triton backend falls back with that reason, and no earlier call's choice is
+    reused there."""
+    from zoo.ops._dispatch import call_key
+
+    monkeypatch.setattr(DW, "_kernels_interpreted", lambda: True)  # the kernels would take these CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, weight, bias, residual = _inputs(*CASES[0], randn)
+    assert DW._triton_supports(x, weight, bias, residual, (7, 7), torch.float32) is None
+
+    def loss(w, backend):
+        return depthwise_conv(x, w, bias, residual=residual, backend=backend).square().sum()
+
+    with pytest.warns(UserWarning, match="inside a torch.func transform"):
+        got = torch.func.grad(loss)(weight, "triton")
+    assert torch.equal(got, torch.func.grad(loss)(weight, "reference"))
+    keys = torch.func.vmap(lambda t: torch.tensor(call_key(t) is None))(x)
+    assert keys.all() and call_key(x) is not None
+
+
 def test_tiles_are_blocks_of_rows_and_channels():
     """(TILE_H, TILE_W, BLOCK_C, warps): whole short rows, 64-column blocks of long ones, 4096 elements."""
     assert DW._tiles(14, 14, 384) == (4, 16, 64, 4)  # Agent-DeiT: a power-of-two block of rows
