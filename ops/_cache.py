@@ -8,7 +8,8 @@ from typing import Callable, TypeVar
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["cached_constant", "tracing", "optimizer_steps", "register_parameter_cache", "clear_parameter_caches"]
+__all__ = ["cached_constant", "tracing", "functorch_transforming", "optimizer_steps", "register_parameter_cache",
+           "clear_parameter_caches"]
 
 T = TypeVar("T", bound=Callable[..., torch.Tensor])
 
@@ -52,6 +53,19 @@ def clear_parameter_caches(model: torch.nn.Module) -> int:
     ``torch._foreach_lerp_`` on CUDA (an EMA update such as timm's ModelEmaV3) that no optimizer step follows.
     """
     return sum(m.__dict__.pop(attr, None) is not None for m in model.modules() for attr in _PARAMETER_CACHE_ATTRS)
+
+
+def functorch_transforming() -> bool:
+    """Whether a ``torch.func`` transform that wraps tensors is running: ``grad``, ``vmap``, ``jvp`` and those built
+    on them (``jacrev``, ``hessian``, ...). Functionalization, which AOTAutograd's tracing runs, is not one; nor is
+    anything while dynamo traces (it handles the transforms in a graph itself)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return any(i.key() in _WRAPPING for i in torch._C._functorch.get_interpreter_stack())
+
+
+_WRAPPING = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp,
+             torch._C._functorch.TransformType.Vmap)
 
 
 def tracing() -> bool:

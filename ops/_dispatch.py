@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ._cache import functorch_transforming
+
 __all__ = ["Backend", "register_backend", "available_backends", "registered_backends", "select_backend", "dispatch",
            "BackendUnavailable", "call_key", "validated"]
 
@@ -191,7 +193,7 @@ def call_key(*args: Any) -> tuple | None:
     for symbolic shapes (``make_fx(tracing_mode="symbolic")``), whose sizes are not values; nor inside a
     ``torch.func`` transform, where the fast backends refuse tensors whose metadata matches an earlier call's.
     """
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or functorch_transforming():
         return None
     # Flat: each tensor adds five entries, starting with its torch.Size, which no scalar entry is, so the tuple
     # still tells every argument list apart (and saves a tuple a tensor on every call of a hot op).

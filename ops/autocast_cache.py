@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import autocast_dtype
-from ._cache import optimizer_steps, register_parameter_cache
-from .triton import functorch_transforming
+from ._cache import functorch_transforming, optimizer_steps, register_parameter_cache
 
 __all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts"]
 

@@ -15,11 +15,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .._cache import functorch_transforming
+
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device", "next_pow2", "prev_pow2",
            "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
            "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
-           "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "functorch_transforming", "INT32_MAX"]
+           "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
 INT32_MAX = 2**31 - 1
 
@@ -81,11 +83,6 @@ def device_reason(device: torch.device, dtypes: Iterable[torch.dtype], interpret
     if device.type != "cuda":
         return f"device {device.type} is not supported"
     return None
-
-
-def functorch_transforming() -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running: its tensors are wrappers."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
