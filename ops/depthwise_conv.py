@@ -232,13 +232,13 @@ def _launch(x, weight, bias, residual, compute, out_dtype, launch=direct, inplac
     return y
 
 
-def input_grad(grad: torch.Tensor, weight: torch.Tensor, compute: torch.dtype,
-               into: torch.Tensor | None = None) -> torch.Tensor:
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of the conv's input (B, H, W, C) from its output's ``grad`` (B, H, W, C), as the same kernel's
-    conv with the taps reversed (stride 1, padding K // 2), rounded to ``compute``; with ``into`` (B, H, W, C, any
-    strides) added into it in place and returned, as autograd sums two gradients of one tensor.
+    conv with the taps reversed (stride 1, padding K // 2), rounded to the compute dtype; with ``into`` (B, H, W, C,
+    any strides) added into it in place and returned, as autograd sums two gradients of one tensor.
 
-    ``grad`` and ``weight`` (C, 1, K, K, its taps readable through two strides) are in ``compute``."""
+    ``weight`` (C, 1, K, K, its taps readable through two strides) is in the compute dtype, ``grad`` too."""
+    compute = weight.dtype
     if into is None:
         return _launch(grad, weight, None, None, compute, compute, flip=True)
     return _launch(grad, weight, None, into, compute, into.dtype, inplace=True, flip=True)
@@ -288,8 +288,7 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, compute):
         w, b = _conv_weights(weight, bias, compute)
         y = _launch(x, w, b, residual, compute, _out_dtype(residual, compute))
-        ctx.save_for_backward(x, w)
-        ctx.compute = compute
+        ctx.save_for_backward(x, w)  # w: in the compute dtype
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -297,8 +296,8 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         wants = ctx.needs_input_grad
-        g = grad if grad.dtype == ctx.compute else grad.to(ctx.compute)  # the conv's output gradient, as autograd
-        dx = input_grad(g, w, ctx.compute) if wants[0] else None        # casts it to the conv output's dtype
+        g = grad if grad.dtype == w.dtype else grad.to(w.dtype)  # the conv's output gradient, as autograd casts it
+        dx = input_grad(g, w) if wants[0] else None              # to the conv output's dtype
         dw = db = None
         if wants[1] or wants[2]:
             dw, db = weight_grads(g, x, w.shape[-1], (ctx.dtypes[0], ctx.dtypes[1] if wants[2] else None))

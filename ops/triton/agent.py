@@ -493,7 +493,7 @@ class _PooledAgentAttention(torch.autograd.Function):
             g = _grid_maps(grad, prefix, grid)
             g = g if g.dtype == w.dtype else g.to(w.dtype)
             if ctx.needs_input_grad[2]:
-                conv_input_grad(g, w, w.dtype, into=_grid_maps(dv, prefix, grid))
+                conv_input_grad(g, w, into=_grid_maps(dv, prefix, grid))
             if ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4]):
                 dtypes = (ctx.param_dtypes[0], ctx.param_dtypes[1] if ctx.needs_input_grad[4] else None)
                 dw, db = conv_weight_grads(g, _grid_maps(v, prefix, grid), 3, dtypes)

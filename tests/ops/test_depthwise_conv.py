@@ -308,7 +308,7 @@ def test_triton_interpreter_reads_the_weight_in_any_layout(layout, interpreter, 
     assert torch.equal(depthwise_conv(x, other, bias, residual=residual, backend="triton"), want)
 
 
-def _grads_both(inputs, size, randn, grads, dtype=None, autocast=None, backends=("triton", "reference")):
+def _grads_both(inputs, size, grads, dtype=None, autocast=None, backends=("triton", "reference")):
     """Every gradient (the projection x is a slice of, weight, bias, residual) of the op on each backend."""
     x, weight, bias, residual = inputs
     proj = x._base if x._base is not None else x
@@ -329,7 +329,7 @@ def _grads_both(inputs, size, randn, grads, dtype=None, autocast=None, backends=
 def test_triton_interpreter_fp32_gradients(case, interpreter, randn, grads, assert_close):
     """Training calls: the input's gradient by the forward kernel with reversed taps, the weight's and bias's by
     the two reduction kernels, the residual's the output's; every one the reference's in float32."""
-    got, want = _grads_both(_inputs(*case, randn, seed=21), case[-1], randn, grads)
+    got, want = _grads_both(_inputs(*case, randn, seed=21), case[-1], grads)
     for name, a, e in zip(("out", "d proj", "d weight", "d bias", "d residual"), got, want):
         assert a.dtype == e.dtype
         assert_close(a, e, atol=1e-5 * e.abs().max().item(), what=name)
@@ -339,7 +339,7 @@ def test_triton_interpreter_fp32_gradients(case, interpreter, randn, grads, asse
 def test_triton_interpreter_gradients_without_optional_terms(bias, residual, interpreter, randn, grads,
                                                             assert_close):
     inputs = _inputs(1, 5, 6, 20, 3, None, randn, seed=22, bias=bias, residual=residual)
-    got, want = _grads_both(inputs, None, randn, grads)
+    got, want = _grads_both(inputs, None, grads)
     assert len(got) == 3 + bias + residual
     for a, e in zip(got, want):
         assert_close(a, e, atol=1e-5 * e.abs().max().item())
@@ -349,9 +349,9 @@ def test_triton_interpreter_fp16_gradients_round_as_the_layers(interpreter, rand
     """fp16 tensors, and float32 ones under fp16 autocast (the weight's and bias's gradients then come back
     float32, rounded to fp16 first as the conv's backward writes them), against a float64 reference."""
     inputs = _inputs(1, 7, 7, 40, 3, None, randn, seed=23)
-    (want,) = _grads_both(inputs, None, randn, grads, dtype=torch.float64, backends=("reference",))
-    (low,) = _grads_both(inputs, None, randn, grads, dtype=torch.float16, backends=("triton",))
-    (auto,) = _grads_both(inputs, None, randn, grads, autocast=torch.float16, backends=("triton",))
+    (want,) = _grads_both(inputs, None, grads, dtype=torch.float64, backends=("reference",))
+    (low,) = _grads_both(inputs, None, grads, dtype=torch.float16, backends=("triton",))
+    (auto,) = _grads_both(inputs, None, grads, autocast=torch.float16, backends=("triton",))
     for a, b_, e in zip(low, auto, want):
         assert_close(a, e, atol=2e-3 * e.abs().max().item())
         assert_close(b_, e, atol=2e-3 * e.abs().max().item())
@@ -462,11 +462,11 @@ def test_triton_gpu_gradients(case, dtype, tol, randn, grads, assert_close, asse
     (the upsampled cases' input gradient goes through ATen's resize backward, which sums its 64 terms in the low
     precision)."""
     inputs = _inputs(*case, randn, device="cuda", seed=9)
-    (want,) = _grads_both(inputs, case[-1], randn, grads, dtype=torch.float64, backends=("reference",))
+    (want,) = _grads_both(inputs, case[-1], grads, dtype=torch.float64, backends=("reference",))
     settings = [dict(dtype=dtype)] + ([dict(autocast=dtype)] if dtype != torch.float32 else [])
     for setting in settings:
         with assert_no_fallback():
-            got, ref = _grads_both(inputs, case[-1], randn, grads, **setting)
+            got, ref = _grads_both(inputs, case[-1], grads, **setting)
         for name, a, r, e in zip(("out", "d proj", "d weight", "d bias", "d residual"), got, ref, want):
             assert a.dtype == r.dtype
             ref_error = (r.double() - e).abs().max().item()
