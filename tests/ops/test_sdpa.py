@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.ops._sdpa import _backends_without_cudnn, sdpa
+from zoo.ops._sdpa import _backends_without_cudnn, _rows_aligned, sdpa
 
 
 def test_strided_operands_match_dense_attention(randn, assert_close):
@@ -19,6 +19,32 @@ def test_strided_operands_match_dense_attention(randn, assert_close):
     assert_close(out, ref, atol=1e-5, what="strided sdpa")
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_aligned_head_views_pass_through_and_misaligned_rows_are_copied():
+    qkv = torch.randn(2, 10, 3, 4, 8, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, 8)
+    q, k, v = qkv.unbind(0)
+    for t in (q, k, v):  # a fused projection's heads: rows 16-byte aligned, the copy is skipped
+        assert _rows_aligned(t).data_ptr() == t.data_ptr()
+    flat = torch.randn(2, 4, 10, 12, dtype=torch.bfloat16)
+    shifted, transposed = flat[..., 1:9], flat.transpose(-1, -2)  # offset 2 bytes; unit stride lost
+    for t in (shifted, transposed):
+        out = _rows_aligned(t)
+        assert out.data_ptr() != t.data_ptr() and out.is_contiguous() and torch.equal(out, t)
+    narrow = flat[..., :8]  # row stride 12 elements = 24 bytes: the next row is off the boundary
+    assert _rows_aligned(narrow).is_contiguous()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_head_views_compile_in_one_graph(requires_grad):
+    """The layout check reads only strides under dynamo (a storage offset would break the graph)."""
+    def attend(x):
+        q, k, v = x.reshape(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return sdpa(q, k, v)
+
+    x = torch.randn(2, 10, 96, requires_grad=requires_grad)
+    out = torch.compile(attend, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, attend(x))
 
 
 def test_backends_without_cudnn_follow_the_user_switches():
