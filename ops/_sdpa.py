@@ -34,15 +34,16 @@ _ALIGN_BYTES = 16  # the widest vector load of the fused kernels
 def _aligned(t: torch.Tensor) -> bool:
     """Whether every row of ``t`` starts on a 16-byte boundary: unit last stride, other strides and address aligned.
 
-    Under ``torch.compile`` the address is unknown (and reading the storage offset would break the graph):
-    only the strides are checked there, and inductor's SDPA lowering copies an operand it finds misaligned.
+    The address is read as the storage offset (a storage starts on an allocator boundary; fake tensors under
+    ``make_fx`` have offsets but no addresses). Under ``torch.compile`` even that would break the graph: only the
+    strides are checked there, and inductor's SDPA lowering copies an operand it finds misaligned.
     """
     step = max(1, _ALIGN_BYTES // t.element_size())
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         return False
     if any(size > 1 and stride % step for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
         return False
-    return torch.compiler.is_compiling() or t.data_ptr() % _ALIGN_BYTES == 0
+    return torch.compiler.is_compiling() or t.storage_offset() % step == 0
 
 
 def _rows_aligned(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -60,12 +61,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     q (..., L, E), k (..., S, E), v (..., S, Ev), attn_mask broadcastable to (..., L, S) -> (..., L, Ev).
     The memory-efficient CUDA kernel reads rows with wide vector loads: a view whose row stride is not aligned
     (a sliced head dim, a transposed bias) made it fail with "misaligned address" on an H200 (torch 2.11), so
-    strided operands are copied first. Without a gradient, q, k and v are copied only when a row would not start
-    on a 16-byte boundary: aligned views such as the heads of a fused qkv projection
-    (``qkv.permute(2, 0, 3, 1, 4).unbind(0)``) pass through as they are (their three copies took 0.7 of a compiled
-    VOLO-D1 batch's 10.1 ms of kernels, H200 bf16 batch 128). With a gradient every strided operand is copied: the
+    strided operands are copied first. Without a gradient on CUDA, q, k and v are copied only when a row would not
+    start on a 16-byte boundary: aligned views such as the heads of a fused qkv projection
+    (``qkv.permute(2, 0, 3, 1, 4).unbind(0)``) pass through as they are (their 42 copy kernels took some 0.6 ms of
+    a compiled VOLO-D1 batch's 10.1 ms of kernels, H200 bf16 batch 128). With a gradient every strided operand is copied: the
     flash backward reads and writes dense tensors faster (VOLO-D1's heads, batch 64: 265 against 312 µs forward and
-    backward), and the strided views added some 70 eager copies to a compiled VOLO-D1 training step.
+    backward), and the strided views added some 70 eager copies to a compiled VOLO-D1 training step. On CPU every
+    strided operand is copied too, so that inference and training calls there compute the same bits.
 
     When a gradient is needed on CUDA the cuDNN backend is left out: its backward returns non-finite
     gradients on H100/H200 for some shapes (pytorch/pytorch#196678, seen here as NaN grads in Agent-CSWin-T's
@@ -78,7 +80,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     cuDNN, 1.91 without).
     """
     training = _needs_grad(q, k, v, attn_mask)
-    operand = _dense if training else _rows_aligned
+    operand = _rows_aligned if q.is_cuda and not training else _dense
     q, k, v, attn_mask = operand(q), operand(k), operand(v), _dense(attn_mask)
     if q.is_cuda and training:
         with sdpa_kernel(_backends_without_cudnn()):
