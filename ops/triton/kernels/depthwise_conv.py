@@ -15,6 +15,17 @@ def _rounded(t, dtype: tl.constexpr):
 
 
 @triton.jit
+def _neighbours(x_item, row, col, pix_ok, x_ch, ch_ok, H, W, sx_h, sx_w, dy: tl.constexpr, dx: tl.constexpr,
+                K: tl.constexpr):
+    """x at tap (dy, dx) of each of the block's pixels (row, col) (padding K // 2, zero outside the map) for the
+    channels at offsets x_ch: (TILE_H * TILE_W, BLOCK_C) float32."""
+    y_in = row + (dy - K // 2)
+    x_in = col + (dx - K // 2)
+    ok = (pix_ok & (y_in >= 0) & (y_in < H) & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
+    return tl.load(x_item + (y_in * sx_h + x_in * sx_w)[:, None] + x_ch[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c,
                    sw_c, sw_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                    IN_PLACE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -50,13 +61,8 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, H, W, C, sx_b, sx_h, sx_w,
     x_ch = ch * sx_c
     acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=tl.float32)
     for dy in tl.static_range(K):
-        y_in = row + (dy - K // 2)
-        y_ok = pix_ok & (y_in >= 0) & (y_in < H)
         for dx in tl.static_range(K):
-            x_in = col + (dx - K // 2)
-            ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
-            offset = y_in * sx_h + x_in * sx_w
-            value = tl.load(x_item + offset[:, None] + x_ch[None, :], mask=ok, other=0.0).to(tl.float32)
+            value = _neighbours(x_item, row, col, pix_ok, x_ch, ch_ok, H, W, sx_h, sx_w, dy, dx, K)
             t = (K * K - 1 - (dy * K + dx)) if FLIP else (dy * K + dx)
             tap = tl.load(w_ptr + ch * sw_c + t * sw_t, mask=ch_ok, other=0.0).to(tl.float32)
             acc += _rounded(value, compute) * tap[None, :]
@@ -97,6 +103,7 @@ def weight_grad_kernel(g_ptr, x_ptr, part_ptr, H, W, C, tiles, sg_b, sg_h, sg_w,
     col_blocks = tl.cdiv(W, TILE_W)
     i = tl.arange(0, TILE_H * TILE_W)
     tap_ids = tl.arange(0, TAPS)
+    x_ch = ch * sx_c
     acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
     for block in range(split, tiles, splits):
         item = (block // (row_blocks * col_blocks)).to(tl.int64)
@@ -109,13 +116,9 @@ def weight_grad_kernel(g_ptr, x_ptr, part_ptr, H, W, C, tiles, sg_b, sg_h, sg_w,
         acc += tl.where(tap_ids[:, None] == K * K, tl.sum(g, axis=0)[None, :], 0.0)
         x_item = x_ptr + item * sx_b
         for dy in tl.static_range(K):
-            y_in = row + (dy - K // 2)
-            y_ok = pix_ok & (y_in >= 0) & (y_in < H)
             for dx in tl.static_range(K):
-                x_in = col + (dx - K // 2)
-                ok = (y_ok & (x_in >= 0) & (x_in < W))[:, None] & ch_ok[None, :]
-                value = tl.load(x_item + (y_in * sx_h + x_in * sx_w)[:, None] + ch[None, :] * sx_c, mask=ok,
-                                other=0.0).to(compute).to(tl.float32)
+                value = _rounded(_neighbours(x_item, row, col, pix_ok, x_ch, ch_ok, H, W, sx_h, sx_w, dy, dx, K),
+                                 compute)
                 acc += tl.where(tap_ids[:, None] == dy * K + dx, tl.sum(g * value, axis=0)[None, :], 0.0)
     part_at = part_ptr + split.to(tl.int64) * TAPS * C + tap_ids[:, None] * C + ch[None, :]
     tl.store(part_at, acc, mask=(tap_ids[:, None] <= K * K) & ch_ok[None, :])
