@@ -185,8 +185,8 @@ def test_triton_supports_reasons(randn, monkeypatch):
     supports = DW._triton_supports
     assert supports(x, weight, bias, residual, (7, 7), torch.float32) is None
     assert supports(x.requires_grad_(), weight, bias, residual, (7, 7), torch.float32) is None  # training: eager
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert "training in a traced graph" in supports(x, weight, bias, residual, (7, 7), torch.float32)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # and traced (the op's registered autograd)
+    assert supports(x, weight, bias, residual, (7, 7), torch.float32) is None
     monkeypatch.undo()
     monkeypatch.setattr(DW, "_kernels_interpreted", lambda: True)
     x = x.detach()
@@ -398,6 +398,42 @@ def test_triton_interpreter_custom_op_and_compile(interpreter, randn, assert_clo
     assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x), want, atol=1e-6 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("case, optional", [(CASES[0], True), (CASES[3], True), (CASES[2], False)], ids=str)
+def test_triton_interpreter_traced_training_takes_no_convolution_node(case, optional, interpreter, randn, grads,
+                                                                      assert_close):
+    """A training call in a traced graph runs the kernel's op forward and ATen's convolution_backward (no
+    ``aten.convolution`` in the joint graph, which would turn on inductor's layout optimization): the output and
+    every gradient (resized input, weight, bias, residual) are the reference's in float32."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.compilers import nop
+
+    inputs = _inputs(*case, randn, seed=31, bias=optional, residual=optional)
+    size = case[-1]
+    ops = set()
+
+    def record(gm, example_inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return nop(gm, example_inputs)
+
+    def call(backend, x, weight, bias=None, residual=None):
+        return depthwise_conv(x * 2.0, weight, bias, residual=residual, size=size, backend=backend)
+
+    leaves = [t.detach().clone().requires_grad_() for t in inputs if t is not None]
+    want_out = call("reference", *leaves)
+    want = [want_out, *grads(want_out, leaves, seed=32)]
+    traced_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: call("triton", *a), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    out = compiled(*traced_leaves)
+    got = [out, *grads(out, traced_leaves, seed=32)]
+    assert "zoo.depthwise_conv_fwd.default" in ops and "aten.convolution_backward.default" in ops, sorted(ops)
+    assert "aten.convolution.default" not in ops
+    for name, a, e in zip(("out", "d proj", "d weight", "d bias", "d residual"), got, want):
+        assert a.dtype == e.dtype
+        assert_close(a, e, atol=1e-5 * e.abs().max().item(), what=name)
+
+
 def test_triton_interpreter_model_routes_its_value_convs(interpreter, assert_close, monkeypatch):
     import timm
 
@@ -431,7 +467,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=29)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,4 +583,27 @@ def test_gpu_models_train_through_the_kernels(name, monkeypatch):
     assert calls and grads[0].keys() == grads[1].keys()
     for n, want in grads[1].items():
         got = grads[0][n]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, n
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_step_matches_eager(monkeypatch):
+    """A compiled float32 training step of a two-stage Agent-Swin, whose value convs run the kernel's op forward and
+    ATen's convolution_backward in the traced graph, gives every parameter the eager step's gradient."""
+    from zoo.backbones.agent_swin import AgentSwinTransformer
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = AgentSwinTransformer(img_size=64, embed_dim=32, depths=(1, 1), num_heads=(1, 2), window_size=16,
+                                 agent_num=(4, 4), attn_type="AA", num_classes=10, drop_path_rate=0.0).cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    grads = []
+    torch._dynamo.reset()
+    for run in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        run(x).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n, want in grads[0].items():
+        got = grads[1][n]
         assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, n
