@@ -237,6 +237,7 @@ def test_interleaved_rounds_take_the_subjects_in_turn_and_report_the_median_roun
     a_infer, a_train, b_infer, b_train = rows
     assert a_infer["latency_ms"] == pytest.approx(20.0) and a_infer["images_per_s"] == pytest.approx(4 / 0.020)
     assert a_infer["latency_p90_ms"] == pytest.approx(30.0) and a_infer["rounds"] == 3
+    assert a_infer["latency_p50_ms"] == pytest.approx(20.0)
     assert a_infer["latency_spread"] == pytest.approx((0.030 - 0.010) / 0.020)
     assert a_infer["peak_mem_mib"] is None and a_infer["device_ms"] is None
     assert b_infer["latency_ms"] == pytest.approx(6.0)
@@ -244,6 +245,16 @@ def test_interleaved_rounds_take_the_subjects_in_turn_and_report_the_median_roun
     assert os.environ["ZOO_OPS_BACKEND"] == "user:setting"
     with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
         bench.bench_interleaved([("a", "auto", False)], [4], ["fp32"], rounds=0)
+
+
+def test_round_summary_mean_and_median_part_where_a_few_iterations_stall():
+    """A host-bound model whose host stalls for a few iterations: the mean (images/s, latency_ms) counts the stall,
+    the pooled median and p90 read the iterations as they mostly ran."""
+    rounds = [[0.010] * 8 + [0.050, 0.060], [0.012] * 10, [0.011] * 10]
+    row = bench._round_summary(rounds, 4)
+    assert row["latency_ms"] == pytest.approx(12.0) and row["images_per_s"] == pytest.approx(4 / 0.012)
+    assert row["latency_p50_ms"] == pytest.approx(11.0) and row["latency_p90_ms"] == pytest.approx(12.0)
+    assert row["latency_spread"] == pytest.approx((0.019 - 0.011) / 0.012)
 
 
 def test_cli_rounds_time_real_models_in_turn(tmp_path, capsys):
