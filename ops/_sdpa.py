@@ -64,10 +64,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     strided operands are copied first. Without a gradient on CUDA, q, k and v are copied only when a row would not
     start on a 16-byte boundary: aligned views such as the heads of a fused qkv projection
     (``qkv.permute(2, 0, 3, 1, 4).unbind(0)``) pass through as they are (their 42 copy kernels took some 0.6 ms of
-    a compiled VOLO-D1 batch's 10.1 ms of kernels, H200 bf16 batch 128). With a gradient every strided operand is copied: the
-    flash backward reads and writes dense tensors faster (VOLO-D1's heads, batch 64: 265 against 312 µs forward and
-    backward), and the strided views added some 70 eager copies to a compiled VOLO-D1 training step. On CPU every
-    strided operand is copied too, so that inference and training calls there compute the same bits.
+    a compiled VOLO-D1 batch's 10.1 ms of kernels, H200 bf16 batch 128). With a gradient every strided operand is
+    copied: the flash backward reads and writes dense tensors faster (VOLO-D1's heads, batch 64: 265 against 312 µs
+    forward and backward), and the strided views added some 70 eager copies to a compiled VOLO-D1 training step. On
+    CPU every strided operand is copied too, so that inference and training calls there compute the same bits.
 
     When a gradient is needed on CUDA the cuDNN backend is left out: its backward returns non-finite
     gradients on H100/H200 for some shapes (pytorch/pytorch#196678, seen here as NaN grads in Agent-CSWin-T's

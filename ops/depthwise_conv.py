@@ -345,18 +345,18 @@ def _traced_backward(ctx, grad):
     """
     x, weight = ctx.saved_tensors
     wants = ctx.needs_input_grad
+    mask = [wants[0], wants[1], wants[2] and ctx.bias_dtype is not None]
     dx = dw = db = None
-    want_bias = wants[2] and ctx.bias_dtype is not None
-    if wants[0] or wants[1] or want_bias:
+    if any(mask):  # (convolution_backward returns None where the mask is off)
         compute, k = weight.dtype, weight.shape[-1]
-        maps = x.to(compute).permute(0, 3, 1, 2)
         dx, dw, db = torch.ops.aten.convolution_backward(
-            grad.to(compute).permute(0, 3, 1, 2), maps, weight, [weight.shape[0]] if want_bias else None, [1, 1],
-            [k // 2, k // 2], [1, 1], False, [0, 0], weight.shape[0], [wants[0], wants[1], want_bias])
-        dx = dx.permute(0, 2, 3, 1).to(x.dtype) if wants[0] else None
-        db = db.to(ctx.bias_dtype) if want_bias else None
+            grad.to(compute).permute(0, 3, 1, 2), x.to(compute).permute(0, 3, 1, 2), weight,
+            [weight.shape[0]] if mask[2] else None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], weight.shape[0],
+            mask)
+        dx = None if dx is None else dx.permute(0, 2, 3, 1).to(x.dtype)
+        db = None if db is None else db.to(ctx.bias_dtype)
     dr = grad.to(ctx.residual_dtype) if wants[3] and ctx.residual_dtype is not None else None
-    return dx, dw if wants[1] else None, db, dr, None
+    return dx, dw, db, dr, None
 
 
 _triton_op.register_autograd(_traced_backward, setup_context=_setup_traced)

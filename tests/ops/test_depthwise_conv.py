@@ -576,14 +576,23 @@ def test_gpu_models_train_through_the_kernels(name, monkeypatch):
             monkeypatch.delenv("ZOO_OPS_BACKEND", raising=False)
         else:
             monkeypatch.setenv("ZOO_OPS_BACKEND", setting)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(2)  # the same stochastic-depth draws in both steps
-        model(x).logsumexp(-1).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert calls and grads[0].keys() == grads[1].keys()
-    for n, want in grads[1].items():
-        got = grads[0][n]
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, n
+        grads.append(_step_grads(model, model, x))
+    assert calls
+    _assert_same_grads(grads[0], grads[1])
+
+
+def _step_grads(model: nn.Module, run, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient after one step of ``run`` (``model`` or a compiled form of it) on ``x``."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same stochastic-depth draws in every step
+    run(x).logsumexp(-1).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for n, w in want.items():
+        assert (got[n] - w).abs().max() <= 1e-4 * w.abs().max() + 1e-7, n
 
 
 @pytest.mark.gpu
@@ -598,12 +607,6 @@ def test_gpu_compiled_training_step_matches_eager(monkeypatch):
     model = AgentSwinTransformer(img_size=64, embed_dim=32, depths=(1, 1), num_heads=(1, 2), window_size=16,
                                  agent_num=(4, 4), attn_type="AA", num_classes=10, drop_path_rate=0.0).cuda()
     x = torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    grads = []
     torch._dynamo.reset()
-    for run in (model, torch.compile(model, fullgraph=True)):
-        model.zero_grad(set_to_none=True)
-        run(x).logsumexp(-1).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for n, want in grads[0].items():
-        got = grads[1][n]
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, n
+    want = _step_grads(model, model, x)
+    _assert_same_grads(_step_grads(model, torch.compile(model, fullgraph=True), x), want)
