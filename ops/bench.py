@@ -25,6 +25,11 @@ SXM/PCIe; see :data:`GPU_PEAKS`) or ``--peak-tflops`` / ``--peak-gbps``. ``x_flo
 (``device_ms``, else ``time_ms``) over that floor: how far the op is from what the hardware allows for its work and
 traffic.
 
+``--compile`` times every call compiled by ``torch.compile`` (inductor, one compile per row): what each backend
+costs inside a model's traced graph, where the ops' kernels run as ``torch.library`` ops, their backward formulas
+compile with the graph, and the ``reference`` backend's tensor ops are fused by inductor. A row whose call breaks the
+graph is skipped and says where.
+
 Ops are found by name in :mod:`zoo.ops` and backends through the dispatch registry; an op that does not exist, a
 backend that is unavailable or falls back for this input, and a call that fails are reported as rows with a
 status instead of stopping the run. CUDA timing uses CUDA events; ``--device cpu`` uses wall time (use ``--quick``
@@ -34,6 +39,7 @@ Examples::
 
     python -m zoo.ops.bench --dtype bfloat16 --out bench_out
     zoo bench ops --ops neighborhood_attention,masked_attention --batch 32
+    zoo bench ops --ops depthwise_conv --mode fwd+bwd --batch 64 --compile
     python -m zoo.ops.bench --device cpu --quick --iters 2
 """
 from __future__ import annotations
@@ -515,19 +521,42 @@ def roofline_ms(flops: float, nbytes: float, peaks: tuple[float, float]) -> tupl
     return max(t_flops, t_bytes) * 1e3, ("flops" if t_flops >= t_bytes else "bytes")
 
 
+def _compiled(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` under ``torch.compile`` (inductor), in a fresh dynamo state: every row compiles its own graph (the rows'
+    calls share one code object, whose cache would otherwise fill and fall back to eager)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters["graph_break"].clear()
+    return torch.compile(fn)
+
+
+def _graph_breaks() -> str | None:
+    """The graph breaks of the calls compiled since :func:`_compiled`, as one line, or None."""
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    return "; ".join(str(reason).splitlines()[0][:120] for reason in breaks) or None
+
+
 def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtype: torch.dtype,
-             device: torch.device, warmup: int, iters: int, peaks: tuple[float, float] | None = None) -> dict:
+             device: torch.device, warmup: int, iters: int, peaks: tuple[float, float] | None = None,
+             compiled: bool = False) -> dict:
     backward = mode == "fwd+bwd"
     args, kwargs, flops = BUILDERS[case.op](params, batch, dtype, device, backward)
     op_fn = _op_function(case.op)
     call_kwargs = kwargs if case.op in _SDPA_OPS else {**kwargs, "backend": backend}
     fn = lambda: op_fn(*args, **call_kwargs)  # noqa: E731
+    if compiled:
+        fn = _compiled(fn)
     if case.op not in _SDPA_OPS:
+        # (compiled: dispatch's warning breaks the graph, so it runs, and is caught, in the first call)
         reason = _fallback_reason(fn)
         if reason is not None:
             return {"status": f"skipped: {reason}"}
     fn()  # builds masks / compiles outside the timed region
     step = _step(fn, backward, _grad_inputs(args, kwargs))
+    if compiled:
+        step()  # the step's own graph (a backward, or the forward under no_grad) compiles here, untimed
+        breaks = _graph_breaks()
+        if breaks:
+            return {"status": f"skipped: graph break under torch.compile: {breaks}"}
     tensor_bytes = sum(t.numel() * t.element_size() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
     with torch.no_grad():
         out_bytes = sum(t.numel() * t.element_size() for t in _tensors(fn()))
@@ -548,11 +577,11 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
     return row
 
 
-def _run_row(case, backend, mode, params, batch, dtype, device, warmup, iters, peaks=None) -> dict:
+def _run_row(case, backend, mode, params, batch, dtype, device, warmup, iters, peaks=None, compiled=False) -> dict:
     row = {"case": case.name, "op": case.op, "model": case.model, "backend": backend, "mode": mode,
-           "dtype": str(dtype).replace("torch.", ""), "device": device.type, "batch": batch}
+           "dtype": str(dtype).replace("torch.", ""), "device": device.type, "batch": batch, "compiled": compiled}
     try:
-        row.update(_measure(case, backend, mode, params, batch, dtype, device, warmup, iters, peaks))
+        row.update(_measure(case, backend, mode, params, batch, dtype, device, warmup, iters, peaks, compiled))
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except Exception as exc:  # one broken backend must not stop the benchmark
@@ -601,12 +630,13 @@ def select_cases(ops: list[str] | None) -> list[Case]:
 def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: torch.dtype = torch.bfloat16,
         device: str = "cuda", batch: int | None = None, quick: bool = False, warmup: int = 5, iters: int = 20,
         modes: tuple[str, ...] = ("fwd", "fwd+bwd"), log: Callable[[str], None] | None = None,
-        peaks: tuple[float, float] | None = None) -> list[dict]:
+        peaks: tuple[float, float] | None = None, compiled: bool = False) -> list[dict]:
     """Benchmark the cases whose op or case name is in ``ops`` (all when None); returns one dict per row.
 
-    Rows carry ``case, op, model, backend, mode, dtype, device, batch, status`` and, when measured, ``time_ms``
-    (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend), ``x_sdpa`` (time over
-    the case's target SDPA baseline, for the cases that have one; ``x_sdpa_dev`` the same in kernel time),
+    ``compiled`` times every call under ``torch.compile`` (see the module docstring).
+    Rows carry ``case, op, model, backend, mode, dtype, device, batch, compiled, status`` and, when measured,
+    ``time_ms`` (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend), ``x_sdpa``
+    (time over the case's target SDPA baseline, for the cases that have one; ``x_sdpa_dev`` the same in kernel time),
     ``peak_mib`` (CUDA: peak allocation above the inputs), ``device_ms`` (CUDA: summed kernel time of one step) and,
     where peaks are known (``peaks`` = (FLOP/s, bytes/s), else :func:`device_peaks`), ``floor_ms``, ``bound`` and
     ``x_floor`` (see the module docstring).
@@ -625,7 +655,7 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
             if backends and backend not in backends and case.op not in _SDPA_OPS:
                 continue
             for mode in modes:
-                rows.append(_run_row(case, backend, mode, params, b, dtype, dev, warmup, iters, peaks))
+                rows.append(_run_row(case, backend, mode, params, b, dtype, dev, warmup, iters, peaks, compiled))
                 if log:
                     log(_format_row(rows[-1]))
     _add_ratios(rows)
@@ -675,8 +705,9 @@ def environment(device: str) -> dict:
 def write_results(rows: list[dict], out_dir: Path, env: dict) -> tuple[Path, Path]:
     """Write ``ops_bench.csv`` and ``ops_bench.json`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["case", "op", "model", "backend", "mode", "dtype", "device", "batch", "time_ms", "device_ms", "tflops",
-            "gbps", "floor_ms", "bound", "x_floor", "vs_reference", "x_sdpa", "x_sdpa_dev", "peak_mib", "status"]
+    keys = ["case", "op", "model", "backend", "mode", "dtype", "device", "batch", "compiled", "time_ms", "device_ms",
+            "tflops", "gbps", "floor_ms", "bound", "x_floor", "vs_reference", "x_sdpa", "x_sdpa_dev", "peak_mib",
+            "status"]
     csv_path, json_path = out_dir / "ops_bench.csv", out_dir / "ops_bench.json"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -705,6 +736,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--out", type=Path, default=None, help="directory for ops_bench.csv and ops_bench.json")
+    p.add_argument("--compile", action="store_true",
+                   help="time every call under torch.compile (inductor): each backend inside a traced graph")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s of the device for the roofline floor (default: vendor figure for known GPUs)")
@@ -753,11 +786,11 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and not args.quick:
         print("note: the released shapes are GPU-sized; on CPU add --quick", file=sys.stderr)
     modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
-    env = environment(device)
+    env = {**environment(device), "compiled": args.compile}
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(format_table([]))
     rows = run(ops, _split(args.backends), dtype, device, args.batch, args.quick, args.warmup, args.iters, modes,
-               log=print, peaks=peaks)
+               log=print, peaks=peaks, compiled=args.compile)
     print()
     print(format_table(rows))
     if args.out is not None:

@@ -247,3 +247,43 @@ def test_cli_peaks_give_floor_columns_consistent_with_throughput(tmp_path, capsy
 def test_cli_rejects_half_or_bad_peaks(argv, capsys):
     assert bench.main(["--device", "cpu", "--quick", *argv]) == 2
     assert "--peak-tflops and --peak-gbps" in capsys.readouterr().err
+
+
+def test_compiled_rows_time_the_traced_call_and_skip_fallbacks_and_graph_breaks(tmp_path, monkeypatch, capsys):
+    """``--compile``: every row compiles its own graph (dynamo counts them) and is marked compiled in both files; a
+    backend that falls back inside the graph is skipped with dispatch's reason, and a call that breaks the graph is
+    skipped and says so, never timed."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    rc = bench.main(["--device", "cpu", "--quick", "--iters", "1", "--warmup", "0", "--ops", "agent_pvt_t.s0.dwconv",
+                     "--compile", "--out", str(tmp_path)])
+    assert rc == 0 and "compiled=True" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "ops_bench.json").read_text())["rows"]
+    with (tmp_path / "ops_bench.csv").open() as f:
+        assert [r["compiled"] for r in csv.DictReader(f)] == ["True", "True"]
+    assert [(r["backend"], r["mode"], r["status"], r["compiled"]) for r in rows] == [
+        ("reference", "fwd", "ok", True), ("reference", "fwd+bwd", "ok", True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+
+    monkeypatch.setattr(bench, "_backends", lambda op: ["triton"])  # no CUDA, no interpreter: it falls back
+    (row,) = bench.run(["agent_pvt_t.s0.dwconv"], device="cpu", quick=True, warmup=0, iters=1, modes=("fwd+bwd",),
+                       compiled=True)
+    assert row["status"].startswith("skipped:") and "no CUDA device" in row["status"] and "time_ms" not in row
+
+    real = bench._op_function
+
+    def breaking(op):
+        fn = real(op)
+
+        def call(*args, **kwargs):
+            torch._dynamo.graph_break()
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(bench, "_backends", lambda op: ["reference"])
+    monkeypatch.setattr(bench, "_op_function", breaking)
+    (row,) = bench.run(["agent_pvt_t.s0.dwconv"], device="cpu", quick=True, warmup=0, iters=1, modes=("fwd",),
+                       compiled=True)
+    assert row["status"].startswith("skipped: graph break under torch.compile") and "time_ms" not in row
+    (row,) = bench.run(["agent_pvt_t.s0.dwconv"], device="cpu", quick=True, warmup=0, iters=1, modes=("fwd",))
+    assert row["status"] == "ok" and row["compiled"] is False  # eager rows do not look for graph breaks
