@@ -633,7 +633,8 @@ def run(ops: list[str] | None = None, backends: list[str] | None = None, dtype: 
         peaks: tuple[float, float] | None = None, compiled: bool = False) -> list[dict]:
     """Benchmark the cases whose op or case name is in ``ops`` (all when None); returns one dict per row.
 
-    ``compiled`` times every call under ``torch.compile`` (see the module docstring).
+    ``compiled`` times every call under ``torch.compile`` (see the module docstring); each row resets dynamo's caches
+    (``torch._dynamo.reset()``), so functions compiled earlier in the process compile again on their next call.
     Rows carry ``case, op, model, backend, mode, dtype, device, batch, compiled, status`` and, when measured,
     ``time_ms`` (median), ``tflops``, ``gbps``, ``vs_reference`` (speed-up over the reference backend), ``x_sdpa``
     (time over the case's target SDPA baseline, for the cases that have one; ``x_sdpa_dev`` the same in kernel time),
