@@ -550,7 +550,8 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
         reason = _fallback_reason(fn)
         if reason is not None:
             return {"status": f"skipped: {reason}"}
-    fn()  # builds masks / compiles outside the timed region
+    # the first call outside the timed region builds masks (and compiles); its outputs give the traffic's bytes
+    out_bytes = sum(t.numel() * t.element_size() for t in _tensors(fn()))
     step = _step(fn, backward, _grad_inputs(args, kwargs))
     if compiled:
         step()  # the step's own graph (a backward, or the forward under no_grad) compiles here, untimed
@@ -558,8 +559,6 @@ def _measure(case: Case, backend: str, mode: str, params: dict, batch: int, dtyp
         if breaks:
             return {"status": f"skipped: graph break under torch.compile: {breaks}"}
     tensor_bytes = sum(t.numel() * t.element_size() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
-    with torch.no_grad():
-        out_bytes = sum(t.numel() * t.element_size() for t in _tensors(fn()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
