@@ -249,42 +249,95 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor, into: torch.Tensor | No
 def weight_grads(grad: torch.Tensor, x: torch.Tensor, k: int, dtypes: tuple[torch.dtype, torch.dtype | None]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradients of the conv's (C, 1, K, K) weight and (C,) bias (None when ``dtypes[1]`` is None) from its
-    output's ``grad`` and its input ``x`` (both (B, H, W, C), any strides; ``grad`` in the compute dtype, ``x``
-    rounded to it): float32 sums in a fixed order (two launches, no atomics), each rounded to the compute dtype
-    (what the conv's backward writes under autocast) and returned in ``dtypes`` (the parameters')."""
+    output's ``grad`` and its input ``x`` (both (B, H, W, C), any strides; ``grad`` in the
+    compute dtype, ``x`` rounded to it): float32 sums in a fixed order (no atomics), each rounded to the compute
+    dtype (what the conv's backward writes under autocast) and returned in ``dtypes`` (the parameters')."""
+    return conv_backward(grad, x, None, k, dtypes)[1:]
+
+
+def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, k: int,
+                  dtypes: tuple[torch.dtype | None, torch.dtype | None], into: torch.Tensor | None = None,
+                  launch=direct) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The conv's gradients from its output's ``grad`` (B, H, W, C, compute dtype) and its input ``x`` (B, H, W,
+    C): the input's (with ``weight``, (C, 1, K, K) in the compute dtype, else None: as :func:`input_grad`, added into
+    ``into`` in place when given), the weight's and the bias's (as :func:`weight_grads`; None where ``dtypes``' entry
+    is None). A 3x3 conv's are one pass over ``grad`` and ``x`` (:func:`~zoo.ops.triton.kernels.depthwise_conv.
+    backward3_kernel`) and a sum; other sizes take the input gradient's kernel and the tiled weight-gradient kernel.
+    H200 bf16 batch 64, us, this against the two kernels it replaced and against cuDNN's convolution_backward of the
+    strided values (its copies included): Agent-Swin-T stage 0 (56x56x96) measured in a scratch bench ..."""
     b, h, w, c = grad.shape
-    dw = torch.empty((c, 1, k, k), dtype=dtypes[0], device=grad.device)
+    wants_weight = dtypes[0] is not None
+    dw = torch.empty((c, 1, k, k), dtype=dtypes[0], device=grad.device) if wants_weight else None
     db = None if dtypes[1] is None else torch.empty((c,), dtype=dtypes[1], device=grad.device)
+    if not wants_weight:
+        dx = None if weight is None else input_grad(grad, weight, into)
+        return dx, None, None
     if grad.numel() == 0:
-        dw.zero_()
-        return dw, None if db is None else db.zero_()
+        dx = None if weight is None else (into if into is not None else grad.new_empty(grad.shape))
+        return dx, dw.zero_(), None if db is None else db.zero_()
+    if k != 3:
+        dx = None if weight is None else input_grad(grad, weight, into)
+        return (dx, *_tiled_weight_grads(grad, x, k, dw, db, launch))
+    dx = None
+    if weight is not None:
+        dx = into if into is not None else torch.empty((b, h, w, c), dtype=weight.dtype, device=grad.device)
+    rows, tile_w, block_c, num_warps = _backward3_tiles(h, w, c)
+    blocks = b * -(-h // rows) * -(-w // tile_w)
+    parts = torch.empty((blocks, 10, c), dtype=torch.float32, device=grad.device)
+    r = into if into is not None else (dx if dx is not None else grad)
+    wt = weight if weight is not None else grad
+    with on_device(grad):
+        launch(_kernels().backward3_kernel)[(blocks, -(-c // block_c))](
+            grad, x, wt, r, dx if dx is not None else grad, parts, h, w, c, -(-h // rows), -(-w // tile_w),
+            *grad.stride(), *x.stride(), *r.stride(), wt.stride(0), wt.stride(-1), ROWS=rows, TILE_W=tile_w, BLOCK_C=block_c,
+            INPUT_GRAD=weight is not None, INTO=into is not None, num_warps=num_warps)
+    _sum_parts(parts, 10, grad, dw, db, launch)
+    return dx, dw, db
+
+
+def _backward3_tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
+    """(ROWS, TILE_W, BLOCK_C, num_warps) of :func:`conv_backward`'s 3x3 kernel: 8 rows of 16 columns x 32
+    channels, the fastest of the tiles tried (4-16 rows, 8-32 columns, 32-64 channels, 2-8 warps) at Agent-Swin-T's
+    and Agent-PVT-T's stage shapes on the H200; its registers hold 28 such tiles."""
+    return 8, 16, 32, 4
+
+
+def _tiled_weight_grads(grad, x, k, dw, db, launch):
+    """dw, db of a K x K conv (K != 3) by :func:`~zoo.ops.triton.kernels.depthwise_conv.weight_grad_kernel`."""
+    b, h, w, c = grad.shape
     tile_h, tile_w, block_c, num_warps = _tiles(h, w, c)
     tiles, c_blocks = b * -(-h // tile_h) * -(-w // tile_w), -(-c // block_c)
     splits = _weight_grad_splits(tiles, c_blocks, grad)
     taps = next_pow2(k * k + 1)
     parts = torch.empty((splits, taps, c), dtype=torch.float32, device=grad.device)
-    kernels = _kernels()
     with on_device(grad):
-        direct(kernels.weight_grad_kernel)[(splits, c_blocks)](
+        launch(_kernels().weight_grad_kernel)[(splits, c_blocks)](
             grad, x, parts, h, w, c, tiles, *grad.stride(), *x.stride(), K=k, TAPS=taps, TILE_H=tile_h,
             TILE_W=tile_w, BLOCK_C=block_c, num_warps=num_warps)
-        direct(kernels.weight_grad_sum_kernel)[(-(-c // 32),)](
-            parts, dw, dw if db is None else db, grad, c, splits, KK=k * k, TAPS=taps, HAS_BIAS=db is not None,
-            BLOCK_S=32, BLOCK_C=32, num_warps=4)
+    _sum_parts(parts, taps, grad, dw, db, launch)
     return dw, db
 
 
+def _sum_parts(parts: torch.Tensor, taps: int, like: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None,
+               launch) -> None:
+    """dw (C, 1, K, K) and db (C,) or None, in place, from (splits, taps, C) float32 partial sums."""
+    c, kk = dw.shape[0], dw.shape[-1] * dw.shape[-2]
+    with on_device(like):
+        launch(_kernels().weight_grad_sum_kernel)[(-(-c // 32), kk + (db is not None))](
+            parts, dw, dw if db is None else db, like, c, parts.shape[0], taps, KK=kk, BLOCK_S=64, BLOCK_C=32,
+            num_warps=4)
+
+
 def _weight_grad_splits(tiles: int, c_blocks: int, like: torch.Tensor) -> int:
-    """How many programs share the pixel blocks of each channel block in :func:`weight_grads`: enough to fill the
-    GPU four times over (each sums a strided share of the blocks), at most one a block."""
+    """How many programs share the pixel blocks of each channel block in :func:`_tiled_weight_grads`: enough to fill
+    the GPU four times over (each sums a strided share of the blocks), at most one a block."""
     return min(tiles, max(1, 4 * sm_count(like) // c_blocks)) if like.is_cuda else min(tiles, 3)
 
 
 class _DepthwiseConv(torch.autograd.Function):
-    """Training calls of the triton backend: the forward kernel, and a backward of three launches (the input's
-    gradient by the same kernel with the taps reversed, the weight's and bias's by :func:`weight_grads`); the
-    residual's gradient is the output's. The conv's weight and bias are cast to the compute dtype inside (autograd
-    sees the parameters, the gradients come back in their dtypes)."""
+    """Training calls of the triton backend: the forward kernel, and a backward of :func:`conv_backward` (a 3x3
+    conv's: two launches); the residual's gradient is the output's. The conv's weight and bias are cast to the
+    compute dtype inside (autograd sees the parameters, the gradients come back in their dtypes)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, compute):
@@ -299,10 +352,8 @@ class _DepthwiseConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         wants = ctx.needs_input_grad
         g = grad if grad.dtype == w.dtype else grad.to(w.dtype)  # the conv's output gradient, as autograd casts it
-        dx = input_grad(g, w) if wants[0] else None              # to the conv output's dtype
-        dw = db = None
-        if wants[1] or wants[2]:
-            dw, db = weight_grads(g, x, w.shape[-1], (ctx.dtypes[0], ctx.dtypes[1] if wants[2] else None))
+        dtypes = (ctx.dtypes[0] if wants[1] or wants[2] else None, ctx.dtypes[1] if wants[2] else None)
+        dx, dw, db = conv_backward(g, x, w if wants[0] else None, w.shape[-1], dtypes)  # to the output's dtype
         return dx, dw if wants[1] else None, db, grad if wants[3] else None, None
 
 
@@ -330,24 +381,30 @@ def _setup_traced(ctx, inputs, output) -> None:
 
 def _traced_backward(ctx, grad):
     """The gradients of :func:`_triton_op` (x, weight, bias, residual, compute) from its output's ``grad``
-    (B, H, W, C): ATen's ``convolution_backward`` of the conv on the channels-last maps, in the compute dtype (the
-    weight's), then each gradient in its input's dtype; the residual's is the output's.
+    (B, H, W, C), in the compute dtype (the weight's), then each in its input's dtype; the residual's is the
+    output's. A 3x3 conv's come from :func:`_backward3_op` (one pass of :func:`conv_backward`'s kernel); other sizes'
+    from ATen's ``convolution_backward`` on the channels-last maps (cuDNN).
 
     Why not the reference's ``aten.convolution`` in traced training graphs: inductor turns on its layout optimization
     for a graph with few nodes per convolution (under 300), and then gives every dense 4-D tensor it saves for the
     backward near a convolution the channels-last order of an NCHW tensor. The backbones' (B, H, W, C) maps are not
     NCHW, so H became their fastest dimension: in the compiled Agent-Swin-T training step (ten value convs) the
     stage-0 LayerNorm backward reductions read their saved normalized rows across a stride of H, six kernels taking
-    1.08 ms of the step's 16.9. ``aten.convolution_backward`` is not a convolution node to that rule. Measured on
-    an H200 (torch 2.11, batch 64, bf16 autocast, kernel ms a compiled Agent-Swin-T training step): 16.93 with the
-    reference's convolutions, 14.51 with them and inductor's layout optimization turned off, 14.06 with this op
-    (the official model's step: 19.91); Agent-PVT-T 9.27 -> 8.94 (official 12.23).
+    1.08 ms of the step's 16.9. Neither ``aten.convolution_backward`` nor this op is a convolution node to that rule.
+    Measured on an H200 (torch 2.11, batch 64, bf16 autocast, kernel ms a compiled Agent-Swin-T training step): 16.93
+    with the reference's convolutions, 14.51 with them and inductor's layout optimization turned off, 14.06 with
+    ``convolution_backward`` (the official model's step: 19.91); Agent-PVT-T 9.27 -> 8.94 (official 12.23).
     """
     x, weight = ctx.saved_tensors
     wants = ctx.needs_input_grad
     mask = [wants[0], wants[1], wants[2] and ctx.bias_dtype is not None]
     dx = dw = db = None
-    if any(mask):  # (convolution_backward returns None where the mask is off)
+    if any(mask) and weight.shape[-1] == 3:
+        dx, dw, db = _backward3_op(grad.to(weight.dtype), x, weight, mask[0], mask[2])
+        dx = dx.to(x.dtype) if mask[0] else None
+        dw = dw if mask[1] else None
+        db = db.to(ctx.bias_dtype) if mask[2] else None
+    elif any(mask):  # (convolution_backward returns None where the mask is off)
         compute, k = weight.dtype, weight.shape[-1]
         dx, dw, db = torch.ops.aten.convolution_backward(
             grad.to(compute).permute(0, 3, 1, 2), x.to(compute).permute(0, 3, 1, 2), weight,
@@ -357,6 +414,25 @@ def _traced_backward(ctx, grad):
         db = None if db is None else db.to(ctx.bias_dtype)
     dr = grad.to(ctx.residual_dtype) if wants[3] and ctx.residual_dtype is not None else None
     return dx, dw, db, dr, None
+
+
+def _backward3_fake(grad, x, weight, input_grad, bias_grad):
+    c = weight.shape[0]
+    return (grad.new_empty(grad.shape if input_grad else (0,), dtype=weight.dtype),
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
+            grad.new_empty((c,) if bias_grad else (0,), dtype=weight.dtype))
+
+
+@kernel_op("zoo::depthwise_conv3_bwd", fake=_backward3_fake)
+def _backward3_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
+                  bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 3x3 conv's backward (:func:`conv_backward`) as a ``torch.library`` op for torch.compile: the input's
+    gradient (B, H, W, C) (empty without ``input_grad``), the weight's (C, 1, 3, 3) and the bias's (C,) (empty
+    without ``bias_grad``), all in the compute dtype (``weight``'s, ``grad``'s)."""
+    dx, dw, db = conv_backward(grad, x, weight if input_grad else None, 3,
+                               (weight.dtype, weight.dtype if bias_grad else None), launch=traced)
+    return (grad.new_empty((0,), dtype=weight.dtype) if dx is None else dx, dw,
+            grad.new_empty((0,), dtype=weight.dtype) if db is None else db)
 
 
 _triton_op.register_autograd(_traced_backward, setup_context=_setup_traced)

@@ -51,7 +51,7 @@ from .._amp import compute_dtype
 from .._dispatch import register_backend
 from ..agent import _agents_like, _grid_maps, _pooling_counts, _pooling_mask
 from ..depthwise_conv import _conv_weights
-from ..depthwise_conv import input_grad as conv_input_grad, weight_grads as conv_weight_grads
+from ..depthwise_conv import conv_backward
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
                sm_count, token_major, traced, triton_missing_reason)
@@ -463,7 +463,7 @@ class _PooledAgentAttention(torch.autograd.Function):
     """Training calls of :func:`pooled_agent_attention_triton`: one autograd node. The forward is the fused launch
     keeping the agents and the aggregation's statistics; the backward is the agent backward kernel (recomputing
     the attention's output tiles, since the stored output includes the conv), the pooling's gradient and the conv's
-    (:func:`zoo.ops.depthwise_conv.input_grad` into dv, :func:`~zoo.ops.depthwise_conv.weight_grads`)."""
+    (:func:`zoo.ops.depthwise_conv.conv_backward`, its input gradient added into dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
@@ -492,11 +492,12 @@ class _PooledAgentAttention(torch.autograd.Function):
             # it for the conv's output), the values' part added into dv's grid rows
             g = _grid_maps(grad, prefix, grid)
             g = g if g.dtype == w.dtype else g.to(w.dtype)
-            if ctx.needs_input_grad[2]:
-                conv_input_grad(g, w, into=_grid_maps(dv, prefix, grid))
-            if ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4]):
-                dtypes = (ctx.param_dtypes[0], ctx.param_dtypes[1] if ctx.needs_input_grad[4] else None)
-                dw, db = conv_weight_grads(g, _grid_maps(v, prefix, grid), 3, dtypes)
+            wants_weight = ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4])
+            dtypes = (ctx.param_dtypes[0] if wants_weight else None,
+                      ctx.param_dtypes[1] if wants_weight and ctx.needs_input_grad[4] else None)
+            wants_input = ctx.needs_input_grad[2]
+            _, dw, db = conv_backward(g, _grid_maps(v, prefix, grid), w if wants_input else None, w.shape[-1], dtypes,
+                                      into=_grid_maps(dv, prefix, grid) if wants_input else None)
         return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
                 _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None, None, None)
 

@@ -359,21 +359,39 @@ def test_triton_interpreter_fp16_gradients_round_as_the_layers(interpreter, rand
     assert all(torch.equal(t, t.half().float()) for t in auto[2:4])  # weight and bias grads: fp16 values
 
 
-def test_triton_interpreter_weight_grads_split_and_repeat(interpreter, randn, monkeypatch):
-    """The weight gradient's partial sums over 1, 2 or 3 programs agree to float32 rounding, and a call repeats
-    its bits."""
-    x, weight, *_ = _inputs(2, 7, 7, 20, 3, None, randn, seed=24)
+def test_triton_interpreter_weight_grads_one_pass_and_tiled_agree_and_repeat(interpreter, randn, monkeypatch):
+    """A 3x3 conv's weight and bias gradients from the one-pass backward kernel equal the tiled kernel's (partial
+    sums over 1, 2 or 3 programs) to float32 rounding; a call repeats its bits; an empty map gives zeros."""
+    from zoo.ops.triton import direct
+
+    x, weight, *_ = _inputs(2, 11, 7, 20, 3, None, randn, seed=24)  # two row blocks of the one-pass kernel
     g = randn(*x.shape, seed=25)
-    runs = []
+    dw, db = DW.weight_grads(g, x, 3, (torch.float32, torch.float32))
+    assert torch.equal(dw, DW.weight_grads(g, x, 3, (torch.float32, torch.float32))[0])
     for splits in (1, 2, 3):
         monkeypatch.setattr(DW, "_weight_grad_splits", lambda tiles, c_blocks, device, n=splits: n)
-        runs.append(DW.weight_grads(g, x, 3, (torch.float32, torch.float32)))
-    assert torch.equal(runs[-1][0], DW.weight_grads(g, x, 3, (torch.float32, torch.float32))[0])
-    for dw, db in runs[1:]:
-        for a, e in ((dw, runs[0][0]), (db, runs[0][1])):
+        tiled = DW._tiled_weight_grads(g, x, 3, torch.empty_like(dw), torch.empty_like(db), direct)
+        for a, e in zip(tiled, (dw, db)):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-6 * e.abs().max().item())
     empty_dw, empty_db = DW.weight_grads(g[:0], x[:0], 3, (torch.float32, torch.float32))
     assert empty_dw.shape == (20, 1, 3, 3) and not empty_dw.any() and not empty_db.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_interpreter_one_pass_backward_input_grad_is_the_reversed_conv(dtype, interpreter, randn):
+    """The one-pass 3x3 backward's input gradient has the bits of the forward kernel with its taps reversed, written
+    fresh or added into a strided tensor (the values' slice of a qkv gradient), with any channel stride."""
+    x, weight, *_ = _inputs(2, 10, 19, 40, 3, None, randn, dtype=dtype, seed=26)
+    g = randn(*x.shape, dtype=dtype, seed=27)
+    w = DW.channels_innermost(weight)
+    fresh, _, _ = DW.conv_backward(g, x, w, 3, (dtype, None))
+    assert torch.equal(fresh, DW.input_grad(g, w))
+    into = randn(2, 10, 19, 120, dtype=dtype, seed=28)[..., 80:]
+    want = DW.input_grad(g, w, into=into.clone())
+    got, _, _ = DW.conv_backward(g, x, w, 3, (dtype, dtype), into=into)
+    assert got is into and torch.equal(into, want)
+    g_nchw = g.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # channel stride H * W
+    assert torch.equal(DW.conv_backward(g_nchw, x, w, 3, (dtype, None))[0], fresh)
 
 
 def test_triton_interpreter_empty_and_repeatable(interpreter, randn):
@@ -401,9 +419,10 @@ def test_triton_interpreter_custom_op_and_compile(interpreter, randn, assert_clo
 @pytest.mark.parametrize("case, optional", [(CASES[0], True), (CASES[3], True), (CASES[2], False)], ids=str)
 def test_triton_interpreter_traced_training_takes_no_convolution_node(case, optional, interpreter, randn, grads,
                                                                       assert_close):
-    """A training call in a traced graph runs the kernel's op forward and ATen's convolution_backward (no
-    ``aten.convolution`` in the joint graph, which would turn on inductor's layout optimization): the output and
-    every gradient (resized input, weight, bias, residual) are the reference's in float32."""
+    """A training call in a traced graph runs the kernel's op forward and, backward, the 3x3 backward kernel's op
+    (other sizes ATen's convolution_backward); no ``aten.convolution`` in the joint graph, which would turn on
+    inductor's layout optimization. The output and every gradient (resized input, weight, bias, residual) are the
+    reference's in float32."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.compilers import nop
 
@@ -427,7 +446,8 @@ def test_triton_interpreter_traced_training_takes_no_convolution_node(case, opti
                              backend=aot_autograd(fw_compiler=record, bw_compiler=record))
     out = compiled(*traced_leaves)
     got = [out, *grads(out, traced_leaves, seed=32)]
-    assert "zoo.depthwise_conv_fwd.default" in ops and "aten.convolution_backward.default" in ops, sorted(ops)
+    backward = "zoo.depthwise_conv3_bwd.default" if case[4] == 3 else "aten.convolution_backward.default"
+    assert "zoo.depthwise_conv_fwd.default" in ops and backward in ops, sorted(ops)
     assert "aten.convolution.default" not in ops
     for name, a, e in zip(("out", "d proj", "d weight", "d bias", "d residual"), got, want):
         assert a.dtype == e.dtype
@@ -467,7 +487,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=32)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=34)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -125,24 +125,136 @@ def weight_grad_kernel(g_ptr, x_ptr, part_ptr, H, W, C, tiles, sg_b, sg_h, sg_w,
 
 
 @triton.jit
-def weight_grad_sum_kernel(part_ptr, dw_ptr, db_ptr, like_ptr, C, splits, KK: tl.constexpr, TAPS: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dw (C, KK) contiguous and db (C,) from the (splits, TAPS, C) partial sums of :func:`weight_grad_kernel`
-    (grid: (cdiv(C, BLOCK_C),)): each sum over the splits in a fixed order, rounded to the compute dtype (like_ptr's:
-    the dtype the conv's weight and bias had in the forward) and stored in dw's and db's dtypes."""
+def _row_shifts(item_ptr, r, cols, ch, ch_ok, H, W, s_h, s_w, s_c, compute: tl.constexpr):
+    """Row r of a (H, W, C) map at columns cols - 1, cols and cols + 1 for the channels ch (zero outside the map),
+    each (TILE_W, BLOCK_C) float32 rounded to ``compute``: a 3x3 conv's three column taps of that row."""
+    ok = ((r >= 0) & (r < H)) & ch_ok[None, :]
+    at = item_ptr + r * s_h + ch[None, :] * s_c
+    left = tl.load(at + ((cols - 1) * s_w)[:, None], mask=ok & ((cols >= 1) & (cols <= W))[:, None], other=0.0)
+    mid = tl.load(at + (cols * s_w)[:, None], mask=ok & (cols < W)[:, None], other=0.0)
+    right = tl.load(at + ((cols + 1) * s_w)[:, None], mask=ok & ((cols + 1) < W)[:, None], other=0.0)
+    return (left.to(compute).to(tl.float32), mid.to(compute).to(tl.float32), right.to(compute).to(tl.float32))
+
+
+@triton.jit
+def _tap(w_ptr, ch, ch_ok, sw_c, sw_t, t: tl.constexpr):
+    """Tap t of the (C, 9) weight for the channels ch: (1, BLOCK_C) float32."""
+    return tl.load(w_ptr + ch * sw_c + t * sw_t, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_blocks, col_blocks,
+                     sg_b, sg_h, sg_w, sg_c, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c, sw_c, sw_t,
+                     ROWS: tl.constexpr,
+                     TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, INPUT_GRAD: tl.constexpr, INTO: tl.constexpr):
+    """A 3x3 depthwise conv's backward in one pass over its output's gradient g and its input x (both (B, H, W, C),
+    read through their strides): the input's gradient (with INPUT_GRAD) and the weight's and
+    bias's float32 partial sums of ROWS rows x TILE_W columns x BLOCK_C channels a program (grid:
+    (B * row_blocks * col_blocks, cdiv(C, BLOCK_C))); any strides (a unit channel stride is what makes it fast).
+
+    The program walks its rows top to bottom keeping three rows of g and of x, each at three column shifts, in
+    registers: every row is read once, where :func:`forward_kernel` (taps reversed) and :func:`weight_grad_kernel`
+    read each pixel nine times and sum each tap across the block's threads per tile. The input gradient rounds as
+    :func:`forward_kernel` with FLIP does (float32 taps in the same order, rounded to the compute dtype, g's); with
+    INTO it is added to ``r`` (the tensor autograd sums it into) in float32 and stored there in place, else written
+    to dx (B, H, W, C) contiguous. part[program, t, c] (float32, (programs, 10, C) contiguous) = the program's sum of
+    g[p, c] * x[p + tap t's offset, c] (x rounded to the compute dtype), t = 9 the sum of g[p, c]: fixed order.
+    """
+    compute = g_ptr.dtype.element_ty
+    block = tl.program_id(0)
+    item = (block // (row_blocks * col_blocks)).to(tl.int64)
+    in_item = block % (row_blocks * col_blocks)
+    r0 = (in_item // col_blocks) * ROWS
+    cols = (in_item % col_blocks) * TILE_W + tl.arange(0, TILE_W)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < C
+    out_ok = (cols < W)[:, None] & ch_ok[None, :]
+    g_item = g_ptr + item * sg_b
+    x_item = x_ptr + item * sx_b
+    if INPUT_GRAD:  # the taps reversed: w[8 - t]
+        w00 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 8)
+        w01 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 7)
+        w02 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 6)
+        w10 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 5)
+        w11 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 4)
+        w12 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 3)
+        w20 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 2)
+        w21 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 1)
+        w22 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 0)
+    d00 = tl.zeros((TILE_W, BLOCK_C), dtype=tl.float32)
+    d01 = d00
+    d02 = d00
+    d10 = d00
+    d11 = d00
+    d12 = d00
+    d20 = d00
+    d21 = d00
+    d22 = d00
+    db = d00
+    g0l, g0m, g0r = _row_shifts(g_item, r0 - 1, cols, ch, ch_ok, H, W, sg_h, sg_w, sg_c, compute)
+    g1l, g1m, g1r = _row_shifts(g_item, r0, cols, ch, ch_ok, H, W, sg_h, sg_w, sg_c, compute)
+    x0l, x0m, x0r = _row_shifts(x_item, r0 - 1, cols, ch, ch_ok, H, W, sx_h, sx_w, sx_c, compute)
+    x1l, x1m, x1r = _row_shifts(x_item, r0, cols, ch, ch_ok, H, W, sx_h, sx_w, sx_c, compute)
+    for r in range(r0, tl.minimum(r0 + ROWS, H)):
+        g2l, g2m, g2r = _row_shifts(g_item, r + 1, cols, ch, ch_ok, H, W, sg_h, sg_w, sg_c, compute)
+        x2l, x2m, x2r = _row_shifts(x_item, r + 1, cols, ch, ch_ok, H, W, sx_h, sx_w, sx_c, compute)
+        d00 += g1m * x0l
+        d01 += g1m * x0m
+        d02 += g1m * x0r
+        d10 += g1m * x1l
+        d11 += g1m * x1m
+        d12 += g1m * x1r
+        d20 += g1m * x2l
+        d21 += g1m * x2m
+        d22 += g1m * x2r
+        db += g1m
+        if INPUT_GRAD:
+            acc = (g0l * w00 + g0m * w01 + g0r * w02 + g1l * w10 + g1m * w11 + g1r * w12
+                   + g2l * w20 + g2m * w21 + g2r * w22)
+            acc = acc.to(compute).to(tl.float32)
+            if INTO:
+                at = r_ptr + item * sr_b + r * sr_h + (cols * sr_w)[:, None] + ch[None, :] * sr_c
+                acc += tl.load(at, mask=out_ok, other=0.0).to(tl.float32)
+            else:
+                at = dx_ptr + item * H * W * C + ((r * W + cols) * C)[:, None] + ch[None, :]
+            tl.store(at, acc.to(at.dtype.element_ty), mask=out_ok)
+        g0l, g0m, g0r = g1l, g1m, g1r
+        g1l, g1m, g1r = g2l, g2m, g2r
+        x0l, x0m, x0r = x1l, x1m, x1r
+        x1l, x1m, x1r = x2l, x2m, x2r
+    at = part_ptr + (block.to(tl.int64) * 10) * C + ch
+    tl.store(at, tl.sum(d00, axis=0), mask=ch_ok)
+    tl.store(at + C, tl.sum(d01, axis=0), mask=ch_ok)
+    tl.store(at + 2 * C, tl.sum(d02, axis=0), mask=ch_ok)
+    tl.store(at + 3 * C, tl.sum(d10, axis=0), mask=ch_ok)
+    tl.store(at + 4 * C, tl.sum(d11, axis=0), mask=ch_ok)
+    tl.store(at + 5 * C, tl.sum(d12, axis=0), mask=ch_ok)
+    tl.store(at + 6 * C, tl.sum(d20, axis=0), mask=ch_ok)
+    tl.store(at + 7 * C, tl.sum(d21, axis=0), mask=ch_ok)
+    tl.store(at + 8 * C, tl.sum(d22, axis=0), mask=ch_ok)
+    tl.store(at + 9 * C, tl.sum(db, axis=0), mask=ch_ok)
+
+
+@triton.jit
+def weight_grad_sum_kernel(part_ptr, dw_ptr, db_ptr, like_ptr, C, splits, taps, KK: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw (C, KK) contiguous and db (C,) from the (splits, taps, C) partial sums of :func:`weight_grad_kernel` or
+    :func:`backward3_kernel` (grid: (cdiv(C, BLOCK_C), KK, or KK + 1 with a bias)): program (j, t) sums tap t (t = KK:
+    the bias) of BLOCK_C channels over the splits in a fixed order, rounds it to the compute dtype (like_ptr's: the
+    dtype the conv's weight and bias had in the forward) and stores it in dw's or db's dtype. One program a tap and
+    channel block: a program a channel block summing every tap in turn took most of the backward's time."""
     compute = like_ptr.dtype.element_ty
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C
+    t = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
-    for t in tl.static_range(KK + 1):
-        if t < KK or HAS_BIAS:
-            total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-            for start in range(0, splits, BLOCK_S):
-                ok = ((start + s) < splits)[:, None] & ch_ok[None, :]
-                part = tl.load(part_ptr + ((start + s) * TAPS + t)[:, None] * C + ch[None, :], mask=ok, other=0.0)
-                total += tl.sum(part, axis=0)
-            total = total.to(compute).to(tl.float32)
-            if t < KK:
-                tl.store(dw_ptr + ch * KK + t, total.to(dw_ptr.dtype.element_ty), mask=ch_ok)
-            else:
-                tl.store(db_ptr + ch, total.to(db_ptr.dtype.element_ty), mask=ch_ok)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(0, splits, BLOCK_S):
+        ok = ((start + s) < splits)[:, None] & ch_ok[None, :]
+        at = part_ptr + ((start + s).to(tl.int64) * taps + t)[:, None] * C + ch[None, :]
+        total += tl.sum(tl.load(at, mask=ok, other=0.0), axis=0)
+    total = total.to(compute).to(tl.float32)
+    if t < KK:
+        tl.store(dw_ptr + ch * KK + t, total.to(dw_ptr.dtype.element_ty), mask=ch_ok)
+    else:
+        tl.store(db_ptr + ch, total.to(db_ptr.dtype.element_ty), mask=ch_ok)
