@@ -29,13 +29,15 @@ host the fused call replaces the convolution call and its copies with one launch
 Backends:
     ``reference``: ``F.interpolate``, ``F.conv2d``, ``+``: the definition; any device and dtype, differentiable, and
         autocast applies to it as to the layers it is made of.
-    ``triton``: one forward kernel; in eager training one autograd node whose backward is three launches: the
-        input's gradient by the same kernel with the taps reversed, the weight's and bias's as float32 partial sums
-        over blocks of pixels and their fixed-order total, rounded to the compute dtype as the conv's backward writes
-        them (no atomics: the same bits every call). In a traced training graph the forward is the kernel's
-        ``torch.library`` op and its backward ATen's ``convolution_backward`` (cuDNN; forward and backward at batch
-        64 on the H200, ms, reference against triton: Agent-Swin-T stage-0 windows 0.564 / 0.626, Agent-PVT-T
-        stage 0 0.276 / 0.238, BiFormer-T LePE 0.364 / 0.662, its position conv 0.211 / 0.235): see
+    ``triton``: one forward kernel; in eager training one autograd node whose backward is :func:`conv_backward`:
+        for a 3x3 conv one pass computing the input's gradient and the weight's and bias's float32 partial sums, then
+        their fixed-order total, rounded to the compute dtype as the conv's backward writes them (other sizes: the
+        input's gradient by the forward kernel with the taps reversed, then a tiled weight-gradient kernel and the
+        total); no atomics: the same bits every call. In a traced training graph the forward is the kernel's
+        ``torch.library`` op and the backward the 3x3 pass's op (other sizes ATen's ``convolution_backward``, cuDNN;
+        forward and backward at batch 64 on the H200 before the 3x3 pass, ms, reference against triton:
+        Agent-Swin-T stage-0 windows 0.564 / 0.626, Agent-PVT-T stage 0 0.276 / 0.238, BiFormer-T LePE 0.364 /
+        0.662, its position conv 0.211 / 0.235): see
         :func:`_traced_backward` for why the graph must not hold an ``aten.convolution``. CUDA in
         float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16).
         Under autocast it computes in the autocast dtype and rounds where the unfused layers write: the conv's output
@@ -263,8 +265,15 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     ``into`` in place when given), the weight's and the bias's (as :func:`weight_grads`; None where ``dtypes``' entry
     is None). A 3x3 conv's are one pass over ``grad`` and ``x`` (:func:`~zoo.ops.triton.kernels.depthwise_conv.
     backward3_kernel`) and a sum; other sizes take the input gradient's kernel and the tiled weight-gradient kernel.
-    H200 bf16 batch 64, us, this against the two kernels it replaced and against cuDNN's convolution_backward of the
-    strided values (its copies included): Agent-Swin-T stage 0 (56x56x96) measured in a scratch bench ..."""
+
+    H200, bf16, batch 64, us for the three gradients with x a slice of a qkv projection: cuDNN's
+    ``convolution_backward`` (its copies included) / the input-gradient and tiled kernels (dx added into a slice) /
+    this, dx added into a slice / this, dx fresh. 56x56x96 (Agent-Swin-T stage 0) 237.4 / 244.5 / 234.1 / 216.0;
+    28x28x192 184.5 / 156.8 / 119.0 / 110.1; 14x14x384 76.4 / 93.4 / 63.5 / 57.3; 56x56x64 (Agent-PVT-T stage 0)
+    176.5 / 171.2 / 174.6 / 161.2; 28x28x128 120.7 / 105.3 / 87.0 / 80.3; 14x14x320 78.2 / 79.1 / 54.3 / 49.0. The
+    large maps' time is mostly the partial sums' total (one partial a program: 1,792 at 56x56x96), which a
+    prototype of the pass alone, without it, ran in 130 us.
+    """
     b, h, w, c = grad.shape
     wants_weight = dtypes[0] is not None
     dw = torch.empty((c, 1, k, k), dtype=dtypes[0], device=grad.device) if wants_weight else None

@@ -242,7 +242,7 @@ def weight_grad_sum_kernel(part_ptr, dw_ptr, db_ptr, like_ptr, C, splits, taps, 
     :func:`backward3_kernel` (grid: (cdiv(C, BLOCK_C), KK, or KK + 1 with a bias)): program (j, t) sums tap t (t = KK:
     the bias) of BLOCK_C channels over the splits in a fixed order, rounds it to the compute dtype (like_ptr's: the
     dtype the conv's weight and bias had in the forward) and stores it in dw's or db's dtype. One program a tap and
-    channel block: a program a channel block summing every tap in turn took most of the backward's time."""
+    channel block, where one a channel block summed every tap in turn."""
     compute = like_ptr.dtype.element_ty
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < C
