@@ -65,7 +65,8 @@ class AgentAttention(nn.Module):
         b, n, c = x.shape
         grid = tuple(grid) if grid is not None else self.grid_size
         # one head split for q, k and v (each a (B, N, heads, d) view): fewer ops, and eager inference is host-bound
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         agent_bias, query_bias = agent_biases(self, grid, grid)
         conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
         # agents pooled from the patch queries, and the values' depthwise conv on the patch tokens only, as official:
@@ -74,7 +75,7 @@ class AgentAttention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid=grid, agent_grid=self.agent_grid,
             prefix=1, scale=self.scale, agent_bias=agent_bias, query_bias=query_bias,
             conv_weight=conv_weight, conv_bias=conv_bias,
-            dropout_p=self.attn_drop if self.training else 0.0)
+            dropout_p=self.attn_drop if self.training else 0.0, qkv=qkv)
         return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 

@@ -217,7 +217,8 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            agent_grid: tuple[int, int], prefix: int = 0, scale: float | None = None,
                            agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
                            conv_weight: torch.Tensor | None = None, conv_bias: torch.Tensor | None = None,
-                           dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
+                           dropout_p: float = 0.0, qkv: torch.Tensor | None = None,
+                           backend: str | None = None) -> torch.Tensor:
     """Agent self-attention over ``prefix`` leading tokens and an (H, W) token grid, with the agents pooled from the
     queries and the values' depthwise conv added (the Agent Attention module before its output projection).
 
@@ -235,6 +236,11 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             (B, heads, A, N) and (B, heads, N, A)).
         conv_weight: (heads * d_v, 1, K, K) depthwise kernel, K odd, or None for no conv term; conv_bias: (heads *
             d_v,) or None. Dtypes as :func:`~zoo.ops.depthwise_conv` takes them (its compute dtype).
+        qkv: the (B, N, 3 * heads * d) projection whose head-split views q, k and v are (q, k, v each heads * d
+            channels in that order, d_v = d), or None. It changes no value: in a traced training graph on CUDA the
+            ``triton`` backend then runs the module as one op whose backward writes qkv's gradient in one buffer
+            (otherwise autograd concatenates q's, k's and v's gradients, with the pooling's and the conv's added, in
+            one more pass over them).
         backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
 
     Returns:
@@ -251,15 +257,16 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else grid
     agent_grid = tuple(agent_grid) if isinstance(agent_grid, (tuple, list)) else agent_grid
     key = call_key(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid, prefix, scale,
-                   dropout_p)
+                   dropout_p, qkv, _offsets_in(qkv, q, k, v))
     if not validated(_POOLED_OP, key):
         _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bias, agent_bias, query_bias,
                              dropout_p)
+        _check_qkv(qkv, q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return dispatch(_POOLED_OP, backend, q, k, v, conv_weight, conv_bias, grid=grid, agent_grid=agent_grid,
                     prefix=prefix, scale=float(scale), agent_bias=agent_bias, query_bias=query_bias,
-                    dropout_p=float(dropout_p), key=key)
+                    dropout_p=float(dropout_p), qkv=qkv, key=key)
 
 
 def _positive_pair(name: str, value) -> None:
@@ -297,6 +304,39 @@ def _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bi
     _check_conv_inputs(_grid_maps(v, prefix, grid), conv_weight, conv_bias, None, grid, compute_dtype(v))
 
 
+def _offsets_in(qkv: torch.Tensor | None, *views: torch.Tensor) -> tuple[int, ...] | None:
+    """Where each view starts in qkv's memory (bytes), for the call key: :func:`_check_qkv` reads addresses, so a
+    call whose views lie elsewhere in qkv is checked again. None without qkv or while tracing (no addresses)."""
+    if qkv is None or torch.compiler.is_compiling():
+        return None
+    base = qkv.data_ptr()
+    return tuple(t.data_ptr() - base for t in views)
+
+
+def _check_qkv(qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """qkv, when given, must be the (B, N, 3 * heads * d) tensor whose head-split views q, k and v are (in eager
+    calls also checked by address: a traced graph computes from qkv alone)."""
+    if qkv is None:
+        return
+    b, heads, n, d = q.shape
+    want = (b, n, 3 * heads * d)
+    if not isinstance(qkv, torch.Tensor) or tuple(qkv.shape) != want or qkv.stride(-1) != 1:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"pooled_agent_attention: qkv must be the (B, N, 3 * heads * d) = {want} projection q, k and "
+                         f"v are head-split views of (channels contiguous), got {got}")
+    if torch.compiler.is_compiling():
+        return
+    size = qkv.element_size()
+    for i, (name, t) in enumerate((("q", q), ("k", k), ("v", v))):
+        view = (t.shape[-1] == d and t.dtype == qkv.dtype and t.stride(0) == qkv.stride(0)
+                and t.stride(2) == qkv.stride(1) and t.stride(1) == d and t.stride(3) == 1
+                and t.data_ptr() == qkv.data_ptr() + i * heads * d * size)
+        if not view:
+            raise ValueError(f"pooled_agent_attention: {name} is not the head-split view of qkv's channels "
+                             f"[{i * heads * d}, {(i + 1) * heads * d}) (shape {tuple(t.shape)}, strides {t.stride()}); "
+                             "pass qkv=None for q, k, v of other memory")
+
+
 def _agents_like(q: torch.Tensor, agent_grid: tuple[int, int]) -> torch.Tensor:
     """A (B, heads, A, d) stand-in (no memory) for the pooled agents, for the checks of :func:`agent_attention`."""
     return q.new_empty(()).expand(q.shape[0], q.shape[1], agent_grid[0] * agent_grid[1], q.shape[3])
@@ -324,7 +364,7 @@ def _adds_in_place(out: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
 
 
 def _pooled_reference(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, prefix, scale, agent_bias, query_bias,
-                      dropout_p):
+                      dropout_p, qkv=None):
     b, heads, n, d = q.shape
     agents = pool_agent_tokens(_grid_tokens(q, prefix), grid, agent_grid).unflatten(-1, (heads, d)).transpose(1, 2)
     out = agent_attention(q, k, v, agents, scale=scale, agent_bias=agent_bias, query_bias=query_bias,

@@ -43,15 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional, Sequence  # custom_op schemas: Optional is read by torch >= 2.5
 
 import torch
 
 from .._amp import compute_dtype
 from .._dispatch import register_backend
-from ..agent import _agents_like, _grid_maps, _pooling_counts, _pooling_mask
-from ..depthwise_conv import _conv_weights
-from ..depthwise_conv import conv_backward
+from ..agent import _agents_like, _grid_maps, _grid_tokens, _pooling_counts, _pooling_mask, pool_agent_tokens
+from ..depthwise_conv import _conv_weights, _launch as conv_launch, conv_backward
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
                sm_count, token_major, traced, triton_missing_reason)
@@ -223,14 +222,16 @@ def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct
 
 
 def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
-                     agent_bias_grad: bool, query_bias_grad: bool, launch=direct):
+                     agent_bias_grad: bool, query_bias_grad: bool, launch=direct, into=None):
     """The gradients (module docstring); ``out`` None recomputes the forward's output tiles (where the stored output
-    holds another term: :func:`pooled_agent_attention_triton`'s conv)."""
+    holds another term: :func:`pooled_agent_attention_triton`'s conv). ``into``: (dq, dk, dv) (B, heads, n, d) views
+    to write them into, each with its heads' channels contiguous in a token (a packed qkv projection's gradient),
+    else they are allocated token-major."""
     plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, None)
     s = plan.sizes
-    dq = token_major(s.b, s.heads, s.n, s.d, q)
-    dk = token_major(s.b, s.heads, s.m, s.d, k)
-    dv = token_major(s.b, s.heads, s.m, s.dv, v)
+    dq, dk, dv = into if into is not None else (token_major(s.b, s.heads, s.n, s.d, q),
+                                                token_major(s.b, s.heads, s.m, s.d, k),
+                                                token_major(s.b, s.heads, s.m, s.dv, v))
     da = token_major(s.b, s.heads, s.a, s.d, agent)
     dab = torch.empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), device=q.device, dtype=torch.float32)
     dqb = torch.empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), device=q.device, dtype=torch.float32)
@@ -240,10 +241,17 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         grad_out, q, k, v, agent, agent_bias if agent_bias is not None else q,
         query_bias if query_bias is not None else q, q if out is None else out, agent_v, lse, dq, dk, dv, da, dab, dqb,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
-        *_bias_strides(agent_bias), *_bias_strides(query_bias), *plan.runtime, scale, scale * _LOG2E,
+        *_bias_strides(agent_bias), *_bias_strides(query_bias), *_token_strides(dq), *_token_strides(dk),
+        *_token_strides(dv), *plan.runtime, scale, scale * _LOG2E,
         HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad,
         QB_GRAD=query_bias_grad, RECOMPUTE_OUT=out is None, **plan.options, **plan.constexprs)
     return dq, dk, dv, da, dab, dqb
+
+
+def _token_strides(t: torch.Tensor) -> tuple[int, int]:
+    """The batch and token strides of a (B, heads, n, d) gradient the backward kernel writes (its heads' channels
+    contiguous within a token: head stride d, channel stride 1)."""
+    return t.stride(0), t.stride(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,9 +440,16 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None, *,
                                   grid: tuple[int, int], agent_grid: tuple[int, int], prefix: int, scale: float,
                                   agent_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
-                                  dropout_p: float = 0.0) -> torch.Tensor:
+                                  dropout_p: float = 0.0, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`zoo.ops.pooled_agent_attention` in one kernel launch (eager calls; the arguments are that function's),
-    one autograd node in training. Returns (B, heads, N, d_v), a view of token-major (B, N, heads, d_v) memory."""
+    one autograd node in training; in a traced training graph (given ``qkv``) the packed op :func:`_packed_forward_op`.
+    Returns (B, heads, N, d_v), a view of token-major (B, N, heads, d_v) memory."""
+    if torch.compiler.is_compiling():
+        b, heads, n, d = q.shape
+        weight, bias = _conv_in(conv_weight, conv_bias, compute_dtype(v))  # (autograd takes the casts' gradients)
+        out = _packed_forward_op(qkv, agent_bias, query_bias, weight, bias, heads, list(grid), list(agent_grid),
+                                 prefix, scale)[0]
+        return out.view(b, n, heads, d).transpose(1, 2)
     if needs_grad(q, k, v, conv_weight, conv_bias, agent_bias, query_bias):
         return _PooledAgentAttention.apply(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid,
                                            prefix, scale)
@@ -502,14 +517,152 @@ class _PooledAgentAttention(torch.autograd.Function):
                 _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None, None, None)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# traced training on a packed qkv projection: the whole module as one op, its backward writing qkv's gradient
+
+
+def _packed_reason(qkv, conv_weight, conv_bias, agent_bias, query_bias) -> str | None:
+    """Why a traced call cannot take the packed op (:func:`_packed_forward_op`), or None."""
+    if qkv is None:
+        return "eager only without qkv: in a traced graph the reference's ops (each with its own kernel) compile"
+    if not needs_grad(qkv, conv_weight, conv_bias, agent_bias, query_bias):
+        return "traced inference: the reference's ops compile to as few kernels (the packed op is for training)"
+    return None
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, n, heads * d) -> its (B, heads, n, d) view."""
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+
+def _split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3 * heads * d) -> q, k, v (B, heads, N, d) views."""
+    c = qkv.shape[-1] // 3
+    return tuple(_heads(qkv[..., i * c:(i + 1) * c], heads) for i in range(3))
+
+
+def _packed_forward_fake(qkv, agent_bias, query_bias, conv_weight, conv_bias, heads, grid, agent_grid, prefix,
+                         scale):
+    b, n, c3 = qkv.shape
+    c, a = c3 // 3, agent_grid[0] * agent_grid[1]
+    attn = qkv.new_empty((b, n, c) if conv_weight is not None else (0,))
+    return (qkv.new_empty((b, n, c)), attn, qkv.new_empty((b, a, c)), qkv.new_empty((b, heads, a, c // heads)),
+            qkv.new_empty((b, heads, a), dtype=torch.float32))
+
+
+@torch.library.custom_op("zoo::pooled_agent_qkv_fwd", mutates_args=())
+def _packed_forward_op(qkv: torch.Tensor, agent_bias: Optional[torch.Tensor],  # noqa: UP045
+                       query_bias: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],  # noqa: UP045
+                       conv_bias: Optional[torch.Tensor], heads: int, grid: Sequence[int],  # noqa: UP045
+                       agent_grid: Sequence[int], prefix: int, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`zoo.ops.pooled_agent_attention` of a (B, N, 3 * heads * d) qkv projection in a traced training graph
+    (an opaque op: its backward must write one buffer, which a graph of views cannot ask of it). The conv's weight
+    and bias come in qkv's dtype, the compute dtype. Returns the output (B, N, heads * d), the attention's output
+    before the conv term (B, N, heads * d; empty without a conv), the agents (B, A, heads * d), their values
+    (B, heads, A, d) and the aggregation's float32 log-sum-exp (B, heads, A): the last four for the backward.
+    The separate kernels: the pooling as :func:`~zoo.ops.agent.pool_agent_tokens` (its ops), the agent forward
+    kernel, the depthwise conv's kernel with the attention's output as its residual."""
+    grid, agent_grid = tuple(grid), tuple(agent_grid)
+    q, k, v = _split_qkv(qkv, heads)
+    agents = pool_agent_tokens(_grid_tokens(q, prefix), grid, agent_grid)
+    with on_device(qkv):
+        attn, agent_v, lse = _launch_forward(q, k, v, _heads(agents, heads), agent_bias, query_bias, scale)
+    b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    attn = attn.transpose(1, 2).reshape(b, n, c)  # (token-major memory: a view)
+    if conv_weight is None:
+        return attn, attn.new_empty((0,)), agents, agent_v, lse
+    if prefix:
+        out = attn.clone()
+        conv_launch(_grid_maps(v, prefix, grid), conv_weight, conv_bias, out[:, prefix:].view(b, *grid, c),
+                    conv_weight.dtype, out.dtype, inplace=True)
+    else:
+        out = conv_launch(_grid_maps(v, prefix, grid), conv_weight, conv_bias, attn.view(b, *grid, c),
+                          conv_weight.dtype, attn.dtype).view(b, n, c)
+    return out, attn, agents, agent_v, lse
+
+
+_packed_forward_op.register_fake(_packed_forward_fake)
+
+
+def _packed_backward_fake(grad, qkv, attn, agents, agent_v, lse, agent_bias, query_bias, conv_weight, heads, grid,
+                          agent_grid, prefix, scale, agent_bias_grad, query_bias_grad, weight_grad, bias_grad):
+    b, n, c3 = qkv.shape
+    a, f32 = agents.shape[1], torch.float32
+    k = conv_weight.shape[-1] if conv_weight is not None else 0
+    return (qkv.new_empty(qkv.shape), qkv.new_empty((b, heads, a, n) if agent_bias_grad else (0,), dtype=f32),
+            qkv.new_empty((b, heads, n, a) if query_bias_grad else (0,), dtype=f32),
+            qkv.new_empty((c3 // 3, 1, k, k) if weight_grad else (0,)),
+            qkv.new_empty((c3 // 3,) if bias_grad else (0,)))
+
+
+@torch.library.custom_op("zoo::pooled_agent_qkv_bwd", mutates_args=())
+def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, agents: torch.Tensor,
+                        agent_v: torch.Tensor, lse: torch.Tensor, agent_bias: Optional[torch.Tensor],  # noqa: UP045
+                        query_bias: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],  # noqa: UP045
+                        heads: int, grid: Sequence[int], agent_grid: Sequence[int], prefix: int, scale: float,
+                        agent_bias_grad: bool, query_bias_grad: bool, weight_grad: bool, bias_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`_packed_forward_op` from its output's ``grad`` (B, N, heads * d), given the
+    attention's output ``attn`` (B, N, heads * d, before the conv term): qkv's gradient (B, N, 3 * heads * d) in one
+    buffer (the agent backward kernel writes dq, dk and dv into its thirds, the pooling's gradient is added into dq's
+    grid rows and the conv's input gradient into dv's), the float32 per-(batch, head) logit gradients of the biases,
+    and the conv's weight and bias gradients in the compute dtype (each empty unless asked for)."""
+    grid, agent_grid = tuple(grid), tuple(agent_grid)
+    q, k, v = _split_qkv(qkv, heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _split_qkv(dqkv, heads)
+    g = _heads(grad, heads)
+    with on_device(qkv):
+        *_, da, dab, dqb = _launch_backward(g, q, k, v, _heads(agents, heads), agent_bias, query_bias,
+                                            _heads(attn, heads), agent_v, lse, scale, agent_bias_grad,
+                                            query_bias_grad, into=(dq, dk, dv))
+        _add_pooling_grad(dq, da, grid, agent_grid, prefix)
+        dw = db = None
+        if conv_weight is not None:
+            dtype = conv_weight.dtype
+            dtypes = (dtype if weight_grad or bias_grad else None, dtype if bias_grad else None)
+            _, dw, db = conv_backward(_grid_maps(g, prefix, grid), _grid_maps(v, prefix, grid), conv_weight,
+                                      conv_weight.shape[-1], dtypes, into=_grid_maps(dv, prefix, grid))
+    empty = qkv.new_empty((0,))
+    return dqkv, dab, dqb, empty.clone() if dw is None else dw, empty.clone() if db is None else db
+
+
+_packed_backward_op.register_fake(_packed_backward_fake)
+
+
+def _packed_setup(ctx, inputs, output) -> None:
+    qkv, agent_bias, query_bias, weight, bias, heads, grid, agent_grid, prefix, scale = inputs
+    out, attn, agents, agent_v, lse = output
+    ctx.save_for_backward(qkv, out if weight is None else attn, agents, agent_v, lse, agent_bias, query_bias, weight)
+    ctx.layout = (heads, grid, agent_grid, prefix, scale)
+    ctx.has_bias = bias is not None
+
+
+def _packed_backward(ctx, grad, *_unused):
+    qkv, attn, agents, agent_v, lse, agent_bias, query_bias, weight = ctx.saved_tensors
+    wants = ctx.needs_input_grad
+    flags = (agent_bias is not None and wants[1], query_bias is not None and wants[2],
+             weight is not None and wants[3], ctx.has_bias and wants[4])
+    dqkv, dab, dqb, dw, db = _packed_backward_op(grad, qkv, attn, agents, agent_v, lse, agent_bias, query_bias,
+                                                 weight, *ctx.layout, *flags)
+    return (dqkv, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1]),
+            dw if flags[2] else None, db if flags[3] else None, None, None, None, None, None)
+
+
+_packed_forward_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
 def _pooled_supports(q, k, v, conv_weight, conv_bias, *, grid, agent_grid, prefix, scale, agent_bias=None,
-                     query_bias=None, dropout_p=0.0) -> str | None:
+                     query_bias=None, dropout_p=0.0, qkv=None) -> str | None:
     if torch.compiler.is_compiling():
-        return "eager only: in a traced graph the reference's ops (each with its own kernel) compile"
+        reason = _packed_reason(qkv, conv_weight, conv_bias, agent_bias, query_bias)
+        if reason is not None:
+            return reason
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         return f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernel takes one"
     if conv_weight is not None:
-        if conv_weight.shape[-1] != 3:
+        if conv_weight.shape[-1] != 3 and not torch.compiler.is_compiling():
             return f"conv kernel size {conv_weight.shape[-1]}: the fused conv is 3x3"
         total = torch.promote_types(q.dtype, compute_dtype(v))
         if total != q.dtype:
@@ -526,6 +679,8 @@ _POOLED_MAX_TOKENS = 256
 
 
 def _pooled_prefer(q, *_, **__) -> str | None:
+    if torch.compiler.is_compiling():
+        return None  # (the packed op: separate kernels inside)
     if q.device.type != "cuda":
         return f"on {q.device.type} the reference is faster than Triton's interpreter"
     if q.shape[2] > _POOLED_MAX_TOKENS:

@@ -182,6 +182,86 @@ def test_triton_interpreter_against_the_reference():
     run_in_interpreter("test_pooled_agent", "_interpreter_checks")
 
 
+def _packed_leaves(b, heads, grid, agent_grid, d, prefix, conv, dtype, seed=7):
+    """(qkv (B, N, 3 * heads * d), agent bias, query bias, conv weight, conv bias), all leaves requiring grad."""
+    q, k, v, *rest = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, conv=conv, dtype=dtype, seed=seed)
+    qkv = torch.stack([q, k, v], 2).transpose(1, 3).flatten(2)  # (B, N, 3, heads, d) -> (B, N, 3C)
+    return [None if t is None else t.detach().clone().requires_grad_() for t in (qkv, *rest)]
+
+
+def _packed_call(qkv, ab, qb, weight, bias, heads, grid, agent_grid, prefix, backend, pass_qkv=True):
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(2)
+    return pooled_agent_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid=grid,
+                                  agent_grid=agent_grid, prefix=prefix, scale=0.3, agent_bias=ab, query_bias=qb,
+                                  conv_weight=weight, conv_bias=bias, backend=backend,
+                                  qkv=qkv if pass_qkv else None).square()
+
+
+def _packed_checks() -> None:
+    """A traced training graph given qkv runs the packed op forward and backward (no stack of q's, k's and v's
+    gradients): its output and every gradient (qkv's, both biases', the conv's weight and bias) are the reference's
+    (fp32 within float32 rounding, fp16 within its own); its ops pass torch.library's schema and fake checks."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.compilers import nop
+
+    ops = set()
+
+    def record(gm, example_inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return nop(gm, example_inputs)
+
+    for (grid, agent_grid, prefix, conv), dtype in [*((case, torch.float32) for case in CASES),
+                                                (CASES[1], torch.float16)]:
+        heads, d = 2, 16
+        leaves = _packed_leaves(2, heads, grid, agent_grid, d, prefix, conv, dtype)
+        used = [t for t in leaves if t is not None]
+        args = (heads, grid, agent_grid, prefix)
+        want = _packed_call(*leaves, *args, "reference")
+        g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        want_grads = torch.autograd.grad(want, used, g)
+        torch._dynamo.reset()
+        ops.clear()
+        compiled = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+        got = compiled(*leaves)
+        got_grads = torch.autograd.grad(got, used, g)
+        what = f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv}"
+        assert {"zoo.pooled_agent_qkv_fwd.default", "zoo.pooled_agent_qkv_bwd.default"} <= ops, (what, sorted(ops))
+        assert "aten.stack.default" not in ops and "aten.cat.default" not in ops, (what, sorted(ops))
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
+            assert x.dtype == y.dtype, (what, i)
+            assert_close_to(x, y, tol, tol, f"{what} [{i}]")
+    qkv, ab, qb, weight, bias = (t.detach() for t in _packed_leaves(1, 2, (4, 4), (2, 2), 8, 1, True, torch.float32))
+    fwd_args = (qkv, ab, qb, weight, bias, 2, [4, 4], [2, 2], 1, 0.3)
+    torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_fwd.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out, attn, agents, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_bwd.default,
+                          (torch.randn_like(out), qkv, attn, agents, agent_v, lse, ab, qb, weight, 2, [4, 4], [2, 2],
+                           1, 0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_interpreter_traced_training_writes_qkv_gradient_in_one_buffer():
+    run_in_interpreter("test_pooled_agent", "_packed_checks")
+
+
+def test_qkv_must_be_the_projection_q_k_v_view():
+    """qkv is checked at the boundary: its shape, and in eager calls that q, k and v are its head-split views."""
+    qkv, ab, qb, weight, bias = (t.detach() for t in _packed_leaves(1, 2, (4, 4), (2, 2), 8, 1, True, torch.float32))
+    q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, 2, 8)).unbind(2))
+    kwargs = dict(grid=(4, 4), agent_grid=(2, 2), prefix=1, agent_bias=ab, query_bias=qb, conv_weight=weight,
+                  conv_bias=bias)
+    want = pooled_agent_attention(q, k, v, **kwargs)
+    assert torch.equal(pooled_agent_attention(q, k, v, **kwargs, qkv=qkv), want)  # changes no value
+    with pytest.raises(ValueError, match=r"qkv must be the \(B, N, 3 \* heads \* d\) = \(1, 17, 48\) projection"):
+        pooled_agent_attention(q, k, v, **kwargs, qkv=qkv[..., :47])
+    with pytest.raises(ValueError, match=r"k is not the head-split view of qkv's channels \[16, 32\)"):
+        pooled_agent_attention(q, k.clone(), v, **kwargs, qkv=qkv)
+    with pytest.raises(ValueError, match=r"v is not the head-split view"):
+        pooled_agent_attention(q, k, k, **kwargs, qkv=qkv)  # the same metadata as a good call: checked again
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU
 

@@ -222,7 +222,7 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
                      dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
                      sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca,
-                     HEADS, N, M, A, scale, qk_scale2,
+                     sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, HEADS, N, M, A, scale, qk_scale2,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                      HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
@@ -244,7 +244,6 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sob + h * soh
     qb_base = qb_ptr + b * scb + h * sch
-    tok_stride = HEADS * D
     for start in range(0, N, BLOCK_T):
         rows = start + offs_t
         r_ok = rows < N
@@ -265,7 +264,7 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
         dp = tl.dot(dot_, tl.trans(agent_v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
         dq = tl.dot(ds.to(agent.dtype), agent, input_precision=PRECISION) * scale
-        _put(dq_ptr + b * N * tok_stride + h * D, rows, N, offs_d, D, tok_stride, 1, dq)
+        _put(dq_ptr + b * sdqb + h * D, rows, N, offs_d, D, sdqn, 1, dq)
         d_agent += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
         d_agent_v += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
         if QB_GRAD:
@@ -277,8 +276,6 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     ab_base = ab_ptr + b * sbb + h * sbh
-    kv_stride_k = HEADS * D
-    kv_stride_v = HEADS * DV
     for start in range(0, M, BLOCK_T):
         keys = start + offs_t
         k_ok = keys < M
@@ -291,9 +288,9 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
         dp = tl.dot(dav, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - delta1[:, None])
         dv = tl.dot(tl.trans(p.to(dav.dtype)), dav, input_precision=PRECISION)
-        _put(dv_ptr + b * M * kv_stride_v + h * DV, keys, M, offs_dv, DV, kv_stride_v, 1, dv)
+        _put(dv_ptr + b * sdvb + h * DV, keys, M, offs_dv, DV, sdvn, 1, dv)
         dk = tl.dot(tl.trans(ds.to(agent.dtype)), agent, input_precision=PRECISION) * scale
-        _put(dk_ptr + b * M * kv_stride_k + h * D, keys, M, offs_d, D, kv_stride_k, 1, dk)
+        _put(dk_ptr + b * sdkb + h * D, keys, M, offs_d, D, sdkn, 1, dk)
         d_agent += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
         if AB_GRAD:
             _put(dab_ptr + pid64 * A * M, offs_a, A, keys, M, M, 1, ds)
