@@ -307,6 +307,28 @@ def test_cuda_kernel_against_the_separate_kernels(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", ["deit_t", "swin_t_s0"])
+def test_cuda_compiled_training_writes_qkv_gradient_in_one_buffer(shape):
+    """Inductor-compiled training given qkv (the packed op): output and every gradient against eager autograd
+    through the reference, fp32 tight and bf16 within the agent kernels' bf16 tolerance."""
+    b, heads, grid, agent_grid, d, prefix = GPU_SHAPES[shape]
+    args = (heads, grid, agent_grid, prefix)
+    for dtype, tol in ((torch.float32, (2e-5, 2e-5)), (torch.bfloat16, (3e-2, 1.5e-2))):
+        leaves = [None if t is None else t.cuda().detach().requires_grad_()
+                  for t in _packed_leaves(b, heads, grid, agent_grid, d, prefix, True, dtype)]
+        used = [t for t in leaves if t is not None]
+        want = _packed_call(*leaves, *args, "reference")
+        g = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, used, g)
+        torch._dynamo.reset()
+        got = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True)(*leaves)
+        got_grads = torch.autograd.grad(got, used, g)
+        for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
+            assert_close_to(x, y, *tol, f"{shape} {dtype} [{i}]")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_swin_t"])
 def test_cuda_models_fused_against_unfused(name, monkeypatch):
     import zoo
