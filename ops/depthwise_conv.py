@@ -333,8 +333,8 @@ def _sum_parts(parts: torch.Tensor, taps: int, like: torch.Tensor, dw: torch.Ten
     c, kk = dw.shape[0], dw.shape[-1] * dw.shape[-2]
     with on_device(like):
         launch(_kernels().weight_grad_sum_kernel)[(-(-c // 32), kk + (db is not None))](
-            parts, dw, dw if db is None else db, like, c, parts.shape[0], taps, KK=kk, BLOCK_S=64, BLOCK_C=32,
-            num_warps=4)
+            parts, dw, dw if db is None else db, like, c, parts.shape[0], taps, KK=kk, BLOCK_S=512, BLOCK_C=32,
+            num_warps=8)
 
 
 def _weight_grad_splits(tiles: int, c_blocks: int, like: torch.Tensor) -> int:
