@@ -19,8 +19,8 @@ few query tiles: ``default_query_splits``):
 So the forward is one launch that reads q, k, v once, with no (A, M) or (N, A) probability map in memory and no
 bias cast. The backward is one launch per (batch, head) too: the broadcast's gradient over the query tiles first
 (dQ written per tile; d(agent) and d(agent_v) summed in registers), then the aggregation's over the key tiles (dK,
-dV written per tile). Where batch * heads leaves SMs idle (the forward's rule, ``default_query_splits``), it is two
-launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing float32
+dV written per tile). Where batch * heads gives fewer than two programs an SM (``default_backward_splits``), it is
+two launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing float32
 partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
 partials in split order; torch sums the d(agent) partials. It is deterministic without atomics: every gradient
 element is float32 sums in a fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as
@@ -86,7 +86,7 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stag
         query_splits: programs sharing one (batch, head)'s query tiles in the forward (default:
             ``default_query_splits``).
         backward_splits: programs sharing one (batch, head)'s query tiles, then its key tiles, in the backward; 1 is
-            the single-launch backward (default: ``default_query_splits``).
+            the single-launch backward (default: ``default_backward_splits``).
     """
     check_tile_edge("block_t", block_t)
     check_count("query_splits", query_splits)
@@ -168,7 +168,7 @@ def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
                       BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
     options = dict(num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
-    splits = query_splits or default_query_splits(s, sms, block_t)
+    splits = query_splits or (default_backward_splits if backward else default_query_splits)(s, sms, block_t)
     return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options, splits)
 
 
@@ -184,6 +184,18 @@ def default_query_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
     """
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs == 0 or pairs >= sms:
+        return 1
+    return max(1, min(-(-s.n // block_t), -(-2 * sms // pairs)))
+
+
+def default_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
+    """How many programs share one (batch, head)'s query tiles, then its key tiles, in the backward: about two
+    programs per SM, never more than the query tiles (Agent-PVT-T stage 0 at batch 64: 5; Agent-Swin-T stage 0, 192
+    (batch, head) pairs: 2, which one program a pair leaves at 1.45 waves of 132 SMs). Unlike the forward's splits
+    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One off CUDA
+    (``sms`` None) and for symbolic sizes."""
+    pairs = s.b * s.heads
+    if sms is None or type(pairs) is not int or pairs == 0:
         return 1
     return max(1, min(-(-s.n // block_t), -(-2 * sms // pairs)))
 

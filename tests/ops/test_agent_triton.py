@@ -294,9 +294,11 @@ def test_default_query_splits_fill_the_sms():
     assert splits(pvt_s0(256), 132) == 1 and splits(deit_s(128), 132) == 1 and splits(deit_s(22), 132) == 1
     assert splits(pvt_s0(1), 132) == 25 and splits(deit_s(1), 132) == 4 and splits(deit_s(8), 132) == 4
     assert splits(pvt_s0(128), None) == 1  # off CUDA (the interpreter)
-    # the backward splits by the same rule (its 128-token tiles at PVT-T stage 0: 25 query tiles)
-    assert ta._plan(pvt_s0(128), torch.bfloat16, True, 132).query_splits == 3
-    assert ta._plan(deit_s(128), torch.bfloat16, True, 132).query_splits == 1
+    # the backward aims at two programs an SM even above one wave (its 128-token tiles at PVT-T stage 0: 25)
+    backward = lambda sizes: ta._plan(sizes, torch.bfloat16, True, 132).query_splits
+    assert backward(pvt_s0(128)) == 3 and backward(pvt_s0(64)) == 5 and backward(deit_s(128)) == 1
+    assert backward(ta._Sizes(64, 3, 3136, 3136, 9, 32, 32)) == 2  # Agent-Swin-T stage 0 at batch 64
+    assert ta._plan(pvt_s0(128), torch.bfloat16, True, None).query_splits == 1
     with ta.use_tiles(query_splits=2):
         assert splits(deit_s(128), 132) == 2
         assert ta._plan(deit_s(128), torch.bfloat16, True, 132).query_splits == 1  # the forward's knob only
