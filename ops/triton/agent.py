@@ -19,8 +19,11 @@ few query tiles: ``default_query_splits``):
 So the forward is one launch that reads q, k, v once, with no (A, M) or (N, A) probability map in memory and no
 bias cast. The backward is one launch per (batch, head) too: the broadcast's gradient over the query tiles first
 (dQ written per tile; d(agent) and d(agent_v) summed in registers), then the aggregation's over the key tiles (dK,
-dV written per tile). It is deterministic without atomics: every gradient element is one program's float32 sum in a
-fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as
+dV written per tile). Where batch * heads gives fewer than two programs an SM (``default_backward_splits``), it is
+two launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing float32
+partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
+partials in split order; torch sums the d(agent) partials. It is deterministic without atomics: every gradient
+element is float32 sums in a fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as
 float32 (B, heads, A, M) / (B, heads, N, A) maps and summed to the bias's shape by torch (one reduction each).
 
 Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
@@ -65,11 +68,13 @@ MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 # Launch knobs. block_t: the token tile (keys in the aggregation, queries in the broadcast); None for each knob picks
 # the defaults of _plan_for. Tests lower block_t to run the multi-tile loops on tiny shapes; sweeps set all.
-_TILES: dict[str, int | None] = {"block_t": None, "num_warps": None, "num_stages": None, "query_splits": None}
+_TILES: dict[str, int | None] = {"block_t": None, "num_warps": None, "num_stages": None, "query_splits": None,
+                                 "backward_splits": None}
 
 
 def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              query_splits: int | None = None) -> contextlib.AbstractContextManager:
+              query_splits: int | None = None, backward_splits: int | None = None
+              ) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs of both kernels (None keeps the current value).
 
     Args:
@@ -79,17 +84,22 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stag
             backward).
         query_splits: programs sharing one (batch, head)'s query tiles in the forward (default:
             ``default_query_splits``).
+        backward_splits: programs sharing one (batch, head)'s query tiles, then its key tiles, in the backward; 1 is
+            the single-launch backward (default: ``default_backward_splits``).
     """
     check_tile_edge("block_t", block_t)
     check_count("query_splits", query_splits)
+    check_count("backward_splits", backward_splits)
     return override_knobs(_TILES, block_t=block_t, num_warps=num_warps, num_stages=num_stages,
-                          query_splits=query_splits)
+                          query_splits=query_splits, backward_splits=backward_splits)
 
 
 class _Kernels(NamedTuple):
     forward: Callable
     backward: Callable
     pooled_forward: Callable
+    backward_queries: Callable
+    backward_keys: Callable
 
 
 def _kernels_interpreted() -> bool:
@@ -102,7 +112,8 @@ def _kernels() -> _Kernels:
     """The forward and backward kernels (imports triton on first use)."""
     from .kernels import agent as kernels
 
-    return _Kernels(kernels._forward_kernel, kernels._backward_kernel, kernels._pooled_forward_kernel)
+    return _Kernels(kernels._forward_kernel, kernels._backward_kernel, kernels._pooled_forward_kernel,
+                    kernels._backward_queries_kernel, kernels._backward_keys_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,12 +147,12 @@ class _Plan(NamedTuple):
     runtime: tuple[int, ...]  # heads, N, M, A
     constexprs: dict
     options: dict  # num_warps, num_stages
-    query_splits: int  # the forward grid's second axis (1 in the backward's plan)
+    query_splits: int  # the grid's second axis (the backward's: 1 for the single-launch kernel)
 
 
 def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None) -> _Plan:
     args = (sizes, dtype, backward, sms, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
-            _TILES["query_splits"])
+            _TILES["backward_splits" if backward else "query_splits"])
     if all(type(size) is int for size in sizes):
         return _plan_for(*args)
     return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
@@ -156,7 +167,7 @@ def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
                       BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
     options = dict(num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
-    splits = 1 if backward else query_splits or default_query_splits(s, sms, block_t)
+    splits = query_splits or (default_backward_splits if backward else default_query_splits)(s, sms, block_t)
     return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options, splits)
 
 
@@ -172,6 +183,18 @@ def default_query_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
     """
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs == 0 or pairs >= sms:
+        return 1
+    return max(1, min(-(-s.n // block_t), -(-2 * sms // pairs)))
+
+
+def default_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
+    """How many programs share one (batch, head)'s query tiles, then its key tiles, in the backward: about two
+    programs per SM, never more than the query tiles (Agent-PVT-T stage 0 at batch 64: 5; Agent-Swin-T stage 0, 192
+    (batch, head) pairs: 2, which one program a pair leaves at 1.45 waves of 132 SMs). Unlike the forward's splits
+    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One off CUDA
+    (``sms`` None) and for symbolic sizes."""
+    pairs = s.b * s.heads
+    if sms is None or type(pairs) is not int or pairs == 0:
         return 1
     return max(1, min(-(-s.n // block_t), -(-2 * sms // pairs)))
 
@@ -227,7 +250,7 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
     holds another term: :func:`pooled_agent_attention_triton`'s conv). ``into``: (dq, dk, dv) (B, heads, n, d) views
     to write them into, each with its heads' channels contiguous in a token (a packed qkv projection's gradient),
     else they are allocated token-major."""
-    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, None)
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, sm_count(q) if q.is_cuda else None)
     s = plan.sizes
     dq, dk, dv = into if into is not None else (token_major(s.b, s.heads, s.n, s.d, q),
                                                 token_major(s.b, s.heads, s.m, s.d, k),
@@ -237,14 +260,32 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
     dqb = torch.empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), device=q.device, dtype=torch.float32)
     if s.b * s.heads == 0 or s.n == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), da.zero_(), dab.zero_(), dqb.zero_()
-    launch(_kernels().backward)[(s.b * s.heads,)](
-        grad_out, q, k, v, agent, agent_bias if agent_bias is not None else q,
-        query_bias if query_bias is not None else q, q if out is None else out, agent_v, lse, dq, dk, dv, da, dab, dqb,
-        *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
-        *_bias_strides(agent_bias), *_bias_strides(query_bias), *_token_strides(dq), *_token_strides(dk),
-        *_token_strides(dv), *plan.runtime, scale, scale * _LOG2E,
-        HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=agent_bias_grad,
-        QB_GRAD=query_bias_grad, RECOMPUTE_OUT=out is None, **plan.options, **plan.constexprs)
+    biases = (agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q)
+    flags = dict(AB_GRAD=agent_bias_grad, QB_GRAD=query_bias_grad, **plan.options, **plan.constexprs)
+    if plan.query_splits == 1:
+        launch(_kernels().backward)[(s.b * s.heads,)](
+            grad_out, q, k, v, agent, *biases, q if out is None else out, agent_v, lse, dq, dk, dv, da, dab, dqb,
+            *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
+            *_bias_strides(agent_bias), *_bias_strides(query_bias), *_token_strides(dq), *_token_strides(dk),
+            *_token_strides(dv), *plan.runtime, scale, scale * _LOG2E,
+            HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, RECOMPUTE_OUT=out is None, **flags)
+        return dq, dk, dv, da, dab, dqb
+    grid = (s.b * s.heads, plan.query_splits)
+    parts = torch.empty((2, *grid[::-1], s.a, s.d), device=q.device, dtype=torch.float32)  # d(agent): queries, keys
+    parts_v = torch.empty((*grid[::-1], s.a, s.dv), device=q.device, dtype=torch.float32)
+    flags.pop("AB_GRAD"), flags.pop("QB_GRAD")
+    launch(_kernels().backward_queries)[grid](
+        grad_out, q, agent, biases[1], q if out is None else out, agent_v, dq, dqb, parts[0], parts_v,
+        *grad_out.stride(), *q.stride(), *agent.stride(), *_bias_strides(query_bias), *_token_strides(dq), s.heads,
+        s.n, s.a, scale, scale * _LOG2E, HAS_QB=query_bias is not None, QB_GRAD=query_bias_grad,
+        RECOMPUTE_OUT=out is None, **flags)
+    launch(_kernels().backward_keys)[grid](
+        k, v, agent, biases[0], agent_v, lse, parts_v, dk, dv, dab, parts[1], *k.stride(), *v.stride(),
+        *agent.stride(), *_bias_strides(agent_bias), *_token_strides(dk), *_token_strides(dv), s.heads, s.m, s.a,
+        plan.query_splits, scale, scale * _LOG2E, HAS_AB=agent_bias is not None, AB_GRAD=agent_bias_grad, **flags)
+    # the splits' d(agent) partials, queries' then keys', summed in a fixed order
+    total = parts.flatten(0, 1).sum(0).view(s.b, s.heads, s.a, s.d).mul_(scale)
+    da.copy_(total)
     return dq, dk, dv, da, dab, dqb
 
 

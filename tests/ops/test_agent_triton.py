@@ -117,6 +117,14 @@ def _interpreter_fp32_checks() -> None:
             split = out_and_grads(tensors, "triton", 0.25)
         for name, x, y in zip(NAMES, split, got):
             assert torch.equal(x, y), f"{name} query_splits={splits} differs from one program a (batch, head)"
+    # the backward split over 2 and 3 programs a (batch, head): five query tiles and three key tiles dealt unevenly,
+    # the d(agent) and d(agent_v) partials summed in split order; each bitwise repeatable
+    for splits in (2, 3):
+        with ta.use_tiles(block_t=16, num_warps=2, num_stages=1, backward_splits=splits):
+            split, again = out_and_grads(tensors, "triton", 0.25), out_and_grads(tensors, "triton", 0.25)
+        for name, x, y, z in zip(NAMES, split, want, again):
+            assert_close_to(x, y, 1e-5, 1e-5, f"{name} backward_splits={splits}")
+            assert torch.equal(x, z), f"{name} backward_splits={splits} not bitwise repeatable"
     print("fp32 ok")
 
 
@@ -252,6 +260,8 @@ def test_use_tiles_checks_and_restores_the_knobs():
         ta.use_tiles(num_stages=0)
     with pytest.raises(ValueError, match="query_splits=0 must be an int >= 1 or None"):
         ta.use_tiles(query_splits=0)
+    with pytest.raises(ValueError, match="backward_splits=0 must be an int >= 1 or None"):
+        ta.use_tiles(backward_splits=0)
     before = dict(ta._TILES)
     with ta.use_tiles(block_t=32, num_warps=2):
         assert ta._TILES == {**before, "block_t": 32, "num_warps": 2}
@@ -284,6 +294,13 @@ def test_default_query_splits_fill_the_sms():
     assert splits(pvt_s0(256), 132) == 1 and splits(deit_s(128), 132) == 1 and splits(deit_s(22), 132) == 1
     assert splits(pvt_s0(1), 132) == 25 and splits(deit_s(1), 132) == 4 and splits(deit_s(8), 132) == 4
     assert splits(pvt_s0(128), None) == 1  # off CUDA (the interpreter)
-    assert ta._plan(pvt_s0(128), torch.bfloat16, True, 132).query_splits == 1  # the backward has none
+    # the backward aims at two programs an SM even above one wave (its 128-token tiles at PVT-T stage 0: 25)
+    backward = lambda sizes: ta._plan(sizes, torch.bfloat16, True, 132).query_splits
+    assert backward(pvt_s0(128)) == 3 and backward(pvt_s0(64)) == 5 and backward(deit_s(128)) == 1
+    assert backward(ta._Sizes(64, 3, 3136, 3136, 9, 32, 32)) == 2  # Agent-Swin-T stage 0 at batch 64
+    assert ta._plan(pvt_s0(128), torch.bfloat16, True, None).query_splits == 1
     with ta.use_tiles(query_splits=2):
         assert splits(deit_s(128), 132) == 2
+        assert ta._plan(deit_s(128), torch.bfloat16, True, 132).query_splits == 1  # the forward's knob only
+    with ta.use_tiles(backward_splits=4):
+        assert ta._plan(deit_s(128), torch.bfloat16, True, 132).query_splits == 4

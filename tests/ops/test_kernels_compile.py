@@ -76,6 +76,21 @@ def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, d ** -0.5, True, True, launch)
 
 
+def _agent_split_backward(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """Agent-PVT stage-0-like attention (one head of 64, 9 agents) whose backward is split over two programs a
+    (batch, head): the queries' and the keys' kernels, with the agent-bias gradient."""
+    from zoo.ops.triton import agent as ta
+
+    heads, n, a, d = 1, 300, 9, 64
+    q, k, v = (_randn(2, heads, n, d, dtype=dtype) for _ in range(3))
+    agent = _randn(2, heads, a, d, dtype=dtype)
+    agent_bias, query_bias = _randn(1, heads, a, n, dtype=dtype), _randn(1, heads, n, a, dtype=dtype)
+    with ta.use_tiles(backward_splits=2):
+        out, agent_v, lse = ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch)
+        ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, d ** -0.5, True, True,
+                            launch)
+
+
 def _short_keys(launch: LaunchRecorder, monkeypatch, batch: int, dtype: torch.dtype) -> None:
     """PVT-S stage 0: 3136 queries over 49 reduced keys, one head of 64."""
     from zoo.ops.triton import short_keys as tk
@@ -171,6 +186,7 @@ CASES = {
     "routing.biformer_t.s1.fp32": (_routing, dict(hw=28, channels=128, region=4, topk=4, dtype=FP32)),
     "agent.deit_s.bf16": (_agent, dict(dtype=BF16)),
     "agent.deit_s.fp32": (_agent, dict(dtype=FP32)),
+    "agent.split_backward.bf16": (_agent_split_backward, dict(dtype=BF16)),
     "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
     "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
@@ -192,8 +208,9 @@ CASES = {
 }
 EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
-# regions of at most half a tile (32 tokens): the packed forward too
-PACKED_CASES = {"routing.biformer_t.s2.bf16", "routing.biformer_t.s1.fp32"}
+# one kernel more than the family's usual: regions of at most half a tile (32 tokens) launch the packed forward too;
+# the split agent backward is two kernels in place of one
+EXTRA_KERNEL_CASES = {"routing.biformer_t.s2.bf16", "routing.biformer_t.s1.fp32", "agent.split_backward.bf16"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -202,7 +219,7 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
     recorder = LaunchRecorder()
     build(recorder, monkeypatch, **kwargs)
     names = [kernel.fn.__name__ for kernel, _, _ in recorder.launches]
-    expected = EXPECTED_KERNELS[case.split(".")[0]] + (case in PACKED_CASES)
+    expected = EXPECTED_KERNELS[case.split(".")[0]] + (case in EXTRA_KERNEL_CASES)
     assert len(set(names)) == expected, f"{case}: launched {names}"
     for kernel, args, kw in recorder.launches:
         compiled = compile_for_gpu(kernel, args, kw)
@@ -230,7 +247,9 @@ WRITES = {
                 "_route_topk_kernel": ({"idx_ptr"}, {})},
     "agent": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"av_ptr", "lse_ptr"}}),
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
-                                   {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}})},
+                                   {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}}),
+              "_backward_queries_kernel": ({"dq_ptr", "pa_ptr", "pv_ptr"}, {"QB_GRAD": {"dqb_ptr"}}),
+              "_backward_keys_kernel": ({"dk_ptr", "dv_ptr", "pk_ptr"}, {"AB_GRAD": {"dab_ptr"}})},
     "short_keys": {"_forward_kernel": ({"out_ptr"}, {}), "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {})},
     "window": {"_forward_kernel": ({"out_ptr"}, {}),
                "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}})},

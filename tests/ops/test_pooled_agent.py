@@ -176,6 +176,13 @@ def _interpreter_gradient_checks() -> None:
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         for i, (x, y) in enumerate(zip(got, want)):
             assert_close_to(x, y, tol, tol, f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv} [{i}]")
+    # the agent backward split over two programs a (batch, head), recomputing the output tiles: 16-token tiles
+    inputs = make_inputs(1, 3, (7, 7), (3, 3), 16, prefix=1, seed=5)
+    want = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "reference")
+    with ta.use_tiles(block_t=16, num_warps=2, num_stages=1, backward_splits=2):
+        got = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "triton")
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert_close_to(x, y, 1e-5, 1e-5, f"backward_splits=2 [{i}]")
 
 
 def test_triton_interpreter_against_the_reference():

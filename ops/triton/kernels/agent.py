@@ -218,33 +218,18 @@ def _pooled_forward_kernel(q_ptr, k_ptr, v_ptr, ab_ptr, qb_ptr, w_ptr, cb_ptr, o
 
 
 @triton.jit
-def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse_ptr,
-                     dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
-                     sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca,
-                     sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, HEADS, N, M, A, scale, qk_scale2,
-                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
-                     HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
-                     PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr = False):
-    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+def _broadcast_grads(do_base, q_base, qb_base, out_base, dq_base, dqb_base, agent, agent_v, first, step,
+                     offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn, sca, sdqn,
+                     scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_QB: tl.constexpr, QB_GRAD: tl.constexpr,
+                     PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr):
+    """The broadcast's backward over the query tiles first, first + step, ...: dQ (and the query-bias logit
+    gradient) written per tile; returns the float32 sums into d(agent) (BLOCK_A, BLOCK_D) and d(agent_v)
+    (BLOCK_A, BLOCK_DV) over those tiles."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
-    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
-    pid64 = tl.program_id(0).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = tl.arange(0, BLOCK_T)
-    a_ok = offs_a < A
-    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
-    lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
     d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
     d_agent_v = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
-
-    # broadcast backward, query tiles: dQ, and the sums into d(agent), d(agent_v)
-    q_base = q_ptr + b * sqb + h * sqh
-    do_base = do_ptr + b * sob + h * soh
-    qb_base = qb_ptr + b * scb + h * sch
-    for start in range(0, N, BLOCK_T):
+    for start in range(first, N, step):
         rows = start + offs_t
         r_ok = rows < N
         qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
@@ -258,25 +243,34 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
         if RECOMPUTE_OUT:  # the output tile as the forward computed and rounded it (its stored one holds more terms)
             ot = (tl.dot(p.to(agent_v.dtype), agent_v, input_precision=PRECISION) / l[:, None]).to(agent_v.dtype)
         else:
-            ot = _tile(out_ptr + b * N * HEADS * DV + h * DV, rows, N, offs_dv, DV, HEADS * DV, 1)
+            ot = _tile(out_base, rows, N, offs_dv, DV, HEADS * DV, 1)
         p = tl.where(r_ok[:, None], p / l[:, None], 0.0)
         delta = tl.sum(dot_.to(tl.float32) * ot.to(tl.float32), axis=1)
         dp = tl.dot(dot_, tl.trans(agent_v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
         dq = tl.dot(ds.to(agent.dtype), agent, input_precision=PRECISION) * scale
-        _put(dq_ptr + b * sdqb + h * D, rows, N, offs_d, D, sdqn, 1, dq)
+        _put(dq_base, rows, N, offs_d, D, sdqn, 1, dq)
         d_agent += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
         d_agent_v += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
         if QB_GRAD:
-            _put(dqb_ptr + pid64 * N * A, rows, N, offs_a, A, A, 1, ds)
+            _put(dqb_base, rows, N, offs_a, A, A, 1, ds)
+    return d_agent, d_agent_v
 
-    # aggregation backward, key tiles: dK, dV, and the rest of d(agent)
+
+@triton.jit
+def _aggregation_grads(k_base, v_base, ab_base, dk_base, dv_base, dab_base, agent, agent_v, d_agent_v, lse, first,
+                       step, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm,
+                       sdkn, sdvn,
+                       scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HAS_AB: tl.constexpr, AB_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """The aggregation's backward over the key tiles first, first + step, ... given the whole float32 d(agent_v):
+    dK, dV (and the agent-bias logit gradient) written per tile; returns the float32 sum into d(agent)
+    (BLOCK_A, BLOCK_D) over those tiles."""
+    LOG2E: tl.constexpr = 1.4426950408889634
     delta1 = tl.sum(d_agent_v * agent_v.to(tl.float32), axis=1)
     dav = d_agent_v.to(agent_v.dtype)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    ab_base = ab_ptr + b * sbb + h * sbh
-    for start in range(0, M, BLOCK_T):
+    d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    for start in range(first, M, step):
         keys = start + offs_t
         k_ok = keys < M
         kt = _tile(k_base, keys, M, offs_d, D, skn, skd)
@@ -288,10 +282,112 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
         dp = tl.dot(dav, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - delta1[:, None])
         dv = tl.dot(tl.trans(p.to(dav.dtype)), dav, input_precision=PRECISION)
-        _put(dv_ptr + b * sdvb + h * DV, keys, M, offs_dv, DV, sdvn, 1, dv)
+        _put(dv_base, keys, M, offs_dv, DV, sdvn, 1, dv)
         dk = tl.dot(tl.trans(ds.to(agent.dtype)), agent, input_precision=PRECISION) * scale
-        _put(dk_ptr + b * sdkb + h * D, keys, M, offs_d, D, sdkn, 1, dk)
+        _put(dk_base, keys, M, offs_d, D, sdkn, 1, dk)
         d_agent += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
         if AB_GRAD:
-            _put(dab_ptr + pid64 * A * M, offs_a, A, keys, M, M, 1, ds)
+            _put(dab_base, offs_a, A, keys, M, M, 1, ds)
+    return d_agent
+
+
+@triton.jit
+def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse_ptr,
+                     dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
+                     sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca,
+                     sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, HEADS, N, M, A, scale, qk_scale2,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                     HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
+                     PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr = False):
+    """The whole backward of one (batch, head) (grid: batch * heads): the query tiles, then the key tiles."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+    pid64 = tl.program_id(0).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+    lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
+    d_agent, d_agent_v = _broadcast_grads(
+        do_ptr + b * sob + h * soh, q_ptr + b * sqb + h * sqh, qb_ptr + b * scb + h * sch,
+        out_ptr + b * N * HEADS * DV + h * DV, dq_ptr + b * sdqb + h * D, dqb_ptr + pid64 * N * A,
+        agent, agent_v, 0, BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn,
+        sca, sdqn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD, PRECISION, RECOMPUTE_OUT)
+    d_agent += _aggregation_grads(
+        k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, ab_ptr + b * sbb + h * sbh,
+        dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr + pid64 * A * M,
+        agent, agent_v, d_agent_v, lse, 0, BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd,
+        svn, svd, sba, sbm, sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
     _put(da_ptr + b * A * HEADS * D + h * D, offs_a, A, offs_d, D, HEADS * D, 1, d_agent * scale)
+
+
+# Where batch * heads leaves SMs idle (Agent-PVT-T stage 0: one head) the backward runs as two launches over a
+# (batch * heads, splits) grid: the query tiles dealt to the splits, each writing float32 partial sums of d(agent)
+# and d(agent_v); then the key tiles, each program first summing the d(agent_v) partials in split order. torch sums
+# the d(agent) partials in a fixed order too: no atomics, the same bits every call.
+
+
+@triton.jit
+def _backward_queries_kernel(do_ptr, q_ptr, a_ptr, qb_ptr, out_ptr, av_ptr, dq_ptr, dqb_ptr, pa_ptr, pv_ptr,
+                             sob, soh, son, sod, sqb, sqh, sqn, sqd, sab, sah, san, sad, scb, sch, scn, sca,
+                             sdqb, sdqn, HEADS, N, A, scale, qk_scale2,
+                             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                             BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_QB: tl.constexpr,
+                             QB_GRAD: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr = False):
+    """Split backward, part 1 (grid: (batch * heads, splits)): split s takes query tiles s, s + splits, ...; writes
+    dQ and its float32 partials of d(agent) into pa (splits, batch * heads, A, D) and of d(agent_v) into pv."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+    pid64 = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+    d_agent, d_agent_v = _broadcast_grads(
+        do_ptr + b * sob + h * soh, q_ptr + b * sqb + h * sqh, qb_ptr + b * scb + h * sch,
+        out_ptr + b * N * HEADS * DV + h * DV, dq_ptr + b * sdqb + h * D, dqb_ptr + pid64 * N * A,
+        agent, agent_v, split * BLOCK_T, splits * BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS,
+        son, sod, sqn, sqd, scn, sca, sdqn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD,
+        PRECISION, RECOMPUTE_OUT)
+    part = split.to(tl.int64) * tl.num_programs(0) + pid64
+    _put(pa_ptr + part * A * D, offs_a, A, offs_d, D, D, 1, d_agent)
+    _put(pv_ptr + part * A * DV, offs_a, A, offs_dv, DV, DV, 1, d_agent_v)
+
+
+@triton.jit
+def _backward_keys_kernel(k_ptr, v_ptr, a_ptr, ab_ptr, av_ptr, lse_ptr, pv_ptr, dk_ptr, dv_ptr, dab_ptr, pk_ptr,
+                          skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad, sbb, sbh, sba, sbm,
+                          sdkb, sdkn, sdvb, sdvn, HEADS, M, A, QUERY_SPLITS, scale, qk_scale2,
+                          D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                          AB_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Split backward, part 2 (grid: (batch * heads, splits)): d(agent_v) summed from part 1's QUERY_SPLITS
+    partials in split order, then split s takes key tiles s, s + splits, ...; writes dK, dV and its float32 partial
+    of d(agent) into pk (splits, batch * heads, A, D)."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
+    pid64 = tl.program_id(0).to(tl.int64)
+    pairs = tl.num_programs(0)
+    split = tl.program_id(1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_T)
+    a_ok = offs_a < A
+    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+    lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
+    d_agent_v = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+    for part in range(QUERY_SPLITS):
+        d_agent_v += _tile(pv_ptr + (part * pairs + pid64) * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+    d_agent = _aggregation_grads(
+        k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, ab_ptr + b * sbb + h * sbh,
+        dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr + pid64 * A * M,
+        agent, agent_v, d_agent_v, lse, split * BLOCK_T, tl.num_programs(1) * BLOCK_T, offs_a, offs_d, offs_dv,
+        offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB,
+        AB_GRAD, PRECISION)
+    _put(pk_ptr + (split.to(tl.int64) * pairs + pid64) * A * D, offs_a, A, offs_d, D, D, 1, d_agent)
