@@ -377,16 +377,17 @@ def test_triton_interpreter_weight_grads_one_pass_and_tiled_agree_and_repeat(int
     assert empty_dw.shape == (20, 1, 3, 3) and not empty_dw.any() and not empty_db.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_interpreter_one_pass_backward_input_grad_is_the_reversed_conv(dtype, interpreter, randn):
-    """The one-pass 3x3 backward's input gradient has the bits of the forward kernel with its taps reversed, written
-    fresh or added into a strided tensor (the values' slice of a qkv gradient), with any channel stride."""
-    x, weight, *_ = _inputs(2, 10, 19, 40, 3, None, randn, dtype=dtype, seed=26)
+def test_triton_interpreter_one_pass_backward_input_grad_is_the_reversed_conv(interpreter, randn):
+    """The one-pass 3x3 backward's input gradient has the bits of the forward kernel with its taps reversed (fp16:
+    the same roundings), written fresh or added into a strided tensor (the values' slice of a qkv gradient), with
+    any channel stride; two row, column and channel blocks each."""
+    dtype = torch.float16
+    x, weight, *_ = _inputs(1, 10, 18, 40, 3, None, randn, dtype=dtype, seed=26)
     g = randn(*x.shape, dtype=dtype, seed=27)
     w = DW.channels_innermost(weight)
     fresh, _, _ = DW.conv_backward(g, x, w, 3, (dtype, None))
     assert torch.equal(fresh, DW.input_grad(g, w))
-    into = randn(2, 10, 19, 120, dtype=dtype, seed=28)[..., 80:]
+    into = randn(1, 10, 18, 120, dtype=dtype, seed=28)[..., 80:]
     want = DW.input_grad(g, w, into=into.clone())
     got, _, _ = DW.conv_backward(g, x, w, 3, (dtype, dtype), into=into)
     assert got is into and torch.equal(into, want)
@@ -487,7 +488,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=34)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=33)
 
 
 # ----------------------------------------------------------------------------------------------------------------
