@@ -248,23 +248,16 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor, into: torch.Tensor | No
     return _launch(grad, weight, None, into, compute, into.dtype, inplace=True, flip=True)
 
 
-def weight_grads(grad: torch.Tensor, x: torch.Tensor, k: int, dtypes: tuple[torch.dtype, torch.dtype | None]
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gradients of the conv's (C, 1, K, K) weight and (C,) bias (None when ``dtypes[1]`` is None) from its
-    output's ``grad`` and its input ``x`` (both (B, H, W, C), any strides; ``grad`` in the
-    compute dtype, ``x`` rounded to it): float32 sums in a fixed order (no atomics), each rounded to the compute
-    dtype (what the conv's backward writes under autocast) and returned in ``dtypes`` (the parameters')."""
-    return conv_backward(grad, x, None, k, dtypes)[1:]
-
-
 def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, k: int,
                   dtypes: tuple[torch.dtype | None, torch.dtype | None], into: torch.Tensor | None = None,
                   launch=direct) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The conv's gradients from its output's ``grad`` (B, H, W, C, compute dtype) and its input ``x`` (B, H, W,
-    C): the input's (with ``weight``, (C, 1, K, K) in the compute dtype, else None: as :func:`input_grad`, added into
-    ``into`` in place when given), the weight's and the bias's (as :func:`weight_grads`; None where ``dtypes``' entry
-    is None). A 3x3 conv's are one pass over ``grad`` and ``x`` (:func:`~zoo.ops.triton.kernels.depthwise_conv.
-    backward3_kernel`) and a sum; other sizes take the input gradient's kernel and the tiled weight-gradient kernel.
+    C, any strides, rounded to the compute dtype): the input's (with ``weight``, (C, 1, K, K) in the compute dtype,
+    else None: as :func:`input_grad`, added into ``into`` in place when given), the weight's and the bias's (None
+    where ``dtypes``' entry is None, else in that dtype: the parameters'), float32 sums in a fixed order (no atomics)
+    rounded to the compute dtype as the conv's backward writes them under autocast. A 3x3 conv's are one pass over
+    ``grad`` and ``x`` (:func:`~zoo.ops.triton.kernels.depthwise_conv.backward3_kernel`) and a sum; other sizes take
+    the input gradient's kernel and the tiled weight-gradient kernel.
 
     H200, bf16, batch 64, us for the three gradients with x a slice of a qkv projection: cuDNN's
     ``convolution_backward`` (its copies included) / the input-gradient and tiled kernels (dx added into a slice) /
@@ -274,15 +267,15 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     large maps' time is mostly the partial sums' total (one partial a program: 1,792 at 56x56x96), which a
     prototype of the pass alone, without it, ran in 130 us.
     """
+    if dtypes[0] is None:
+        return None if weight is None else input_grad(grad, weight, into), None, None
     b, h, w, c = grad.shape
-    wants_weight = dtypes[0] is not None
-    dw = torch.empty((c, 1, k, k), dtype=dtypes[0], device=grad.device) if wants_weight else None
+    dw = torch.empty((c, 1, k, k), dtype=dtypes[0], device=grad.device)
     db = None if dtypes[1] is None else torch.empty((c,), dtype=dtypes[1], device=grad.device)
-    if not wants_weight:
-        dx = None if weight is None else input_grad(grad, weight, into)
-        return dx, None, None
     if grad.numel() == 0:
-        dx = None if weight is None else (into if into is not None else grad.new_empty(grad.shape))
+        dx = None
+        if weight is not None:
+            dx = into if into is not None else grad.new_empty(grad.shape, dtype=weight.dtype)
         return dx, dw.zero_(), None if db is None else db.zero_()
     if k != 3:
         dx = None if weight is None else input_grad(grad, weight, into)
@@ -290,7 +283,7 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     dx = None
     if weight is not None:
         dx = into if into is not None else torch.empty((b, h, w, c), dtype=weight.dtype, device=grad.device)
-    rows, tile_w, block_c, num_warps = _backward3_tiles(h, w, c)
+    rows, tile_w, block_c, num_warps = _BACKWARD3_TILES
     blocks = b * -(-h // rows) * -(-w // tile_w)
     parts = torch.empty((blocks, 10, c), dtype=torch.float32, device=grad.device)
     r = into if into is not None else (dx if dx is not None else grad)
@@ -298,21 +291,21 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     with on_device(grad):
         launch(_kernels().backward3_kernel)[(blocks, -(-c // block_c))](
             grad, x, wt, r, dx if dx is not None else grad, parts, h, w, c, -(-h // rows), -(-w // tile_w),
-            *grad.stride(), *x.stride(), *r.stride(), wt.stride(0), wt.stride(-1), ROWS=rows, TILE_W=tile_w, BLOCK_C=block_c,
-            INPUT_GRAD=weight is not None, INTO=into is not None, num_warps=num_warps)
+            *grad.stride(), *x.stride(), *r.stride(), wt.stride(0), wt.stride(-1), ROWS=rows, TILE_W=tile_w,
+            BLOCK_C=block_c, INPUT_GRAD=weight is not None, INTO=into is not None, num_warps=num_warps)
     _sum_parts(parts, 10, grad, dw, db, launch)
     return dx, dw, db
 
 
-def _backward3_tiles(h: int, w: int, c: int) -> tuple[int, int, int, int]:
-    """(ROWS, TILE_W, BLOCK_C, num_warps) of :func:`conv_backward`'s 3x3 kernel: 8 rows of 16 columns x 32
-    channels, the fastest of the tiles tried (4-16 rows, 8-32 columns, 32-64 channels, 2-8 warps) at Agent-Swin-T's
-    and Agent-PVT-T's stage shapes on the H200; its registers hold 28 such tiles."""
-    return 8, 16, 32, 4
+# (ROWS, TILE_W, BLOCK_C, num_warps) of conv_backward's 3x3 kernel: 8 rows of 16 columns x 32 channels, the fastest
+# of the tiles tried (4-16 rows, 8-32 columns, 32-64 channels, 2-8 warps) at Agent-Swin-T's and Agent-PVT-T's stage
+# shapes on the H200, whatever the map; its registers hold 28 such tiles.
+_BACKWARD3_TILES = (8, 16, 32, 4)
 
 
 def _tiled_weight_grads(grad, x, k, dw, db, launch):
-    """dw, db of a K x K conv (K != 3) by :func:`~zoo.ops.triton.kernels.depthwise_conv.weight_grad_kernel`."""
+    """dw, db (in place) of a K x K conv by :func:`~zoo.ops.triton.kernels.depthwise_conv.weight_grad_kernel` (any K;
+    :func:`conv_backward` takes it for K != 3)."""
     b, h, w, c = grad.shape
     tile_h, tile_w, block_c, num_warps = _tiles(h, w, c)
     tiles, c_blocks = b * -(-h // tile_h) * -(-w // tile_w), -(-c // block_c)

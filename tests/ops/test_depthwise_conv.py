@@ -366,14 +366,14 @@ def test_triton_interpreter_weight_grads_one_pass_and_tiled_agree_and_repeat(int
 
     x, weight, *_ = _inputs(2, 11, 7, 20, 3, None, randn, seed=24)  # two row blocks of the one-pass kernel
     g = randn(*x.shape, seed=25)
-    dw, db = DW.weight_grads(g, x, 3, (torch.float32, torch.float32))
-    assert torch.equal(dw, DW.weight_grads(g, x, 3, (torch.float32, torch.float32))[0])
+    dw, db = DW.conv_backward(g, x, None, 3, (torch.float32, torch.float32))[1:]
+    assert torch.equal(dw, DW.conv_backward(g, x, None, 3, (torch.float32, torch.float32))[1])
     for splits in (1, 2, 3):
         monkeypatch.setattr(DW, "_weight_grad_splits", lambda tiles, c_blocks, device, n=splits: n)
         tiled = DW._tiled_weight_grads(g, x, 3, torch.empty_like(dw), torch.empty_like(db), direct)
         for a, e in zip(tiled, (dw, db)):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-6 * e.abs().max().item())
-    empty_dw, empty_db = DW.weight_grads(g[:0], x[:0], 3, (torch.float32, torch.float32))
+    empty_dw, empty_db = DW.conv_backward(g[:0], x[:0], None, 3, (torch.float32, torch.float32))[1:]
     assert empty_dw.shape == (20, 1, 3, 3) and not empty_dw.any() and not empty_db.any()
 
 

@@ -145,11 +145,11 @@ def _tap(w_ptr, ch, ch_ok, sw_c, sw_t, t: tl.constexpr):
 @triton.jit
 def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_blocks, col_blocks,
                      sg_b, sg_h, sg_w, sg_c, sx_b, sx_h, sx_w, sx_c, sr_b, sr_h, sr_w, sr_c, sw_c, sw_t,
-                     ROWS: tl.constexpr,
-                     TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, INPUT_GRAD: tl.constexpr, INTO: tl.constexpr):
+                     ROWS: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, INPUT_GRAD: tl.constexpr,
+                     INTO: tl.constexpr):
     """A 3x3 depthwise conv's backward in one pass over its output's gradient g and its input x (both (B, H, W, C),
-    read through their strides): the input's gradient (with INPUT_GRAD) and the weight's and
-    bias's float32 partial sums of ROWS rows x TILE_W columns x BLOCK_C channels a program (grid:
+    read through their strides): the input's gradient (with INPUT_GRAD) and the weight's and bias's float32 partial
+    sums of ROWS rows x TILE_W columns x BLOCK_C channels a program (grid:
     (B * row_blocks * col_blocks, cdiv(C, BLOCK_C))); any strides (a unit channel stride is what makes it fast).
 
     The program walks its rows top to bottom keeping three rows of g and of x, each at three column shifts, in
