@@ -52,7 +52,7 @@ import torch
 
 from .._amp import compute_dtype
 from .._dispatch import register_backend
-from ..agent import _agents_like, _grid_maps, _grid_tokens, _pooling_counts, _pooling_mask, pool_agent_tokens
+from ..agent import _agents_like, _grid_maps, _grid_tokens, _window_membership, pool_agent_tokens
 from ..depthwise_conv import _conv_weights, _launch as conv_launch, conv_backward
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
@@ -100,6 +100,7 @@ class _Kernels(NamedTuple):
     pooled_forward: Callable
     backward_queries: Callable
     backward_keys: Callable
+    pooling_grad: Callable
 
 
 def _kernels_interpreted() -> bool:
@@ -113,7 +114,8 @@ def _kernels() -> _Kernels:
     from .kernels import agent as kernels
 
     return _Kernels(kernels._forward_kernel, kernels._backward_kernel, kernels._pooled_forward_kernel,
-                    kernels._backward_queries_kernel, kernels._backward_keys_kernel)
+                    kernels._backward_queries_kernel, kernels._backward_keys_kernel,
+                    kernels.pooling_grad_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,8 +490,10 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if torch.compiler.is_compiling():
         b, heads, n, d = q.shape
         weight, bias = _conv_in(conv_weight, conv_bias, compute_dtype(v))  # (autograd takes the casts' gradients)
-        out = _packed_forward_op(qkv, agent_bias, query_bias, weight, bias, heads, list(grid), list(agent_grid),
-                                 prefix, scale)[0]
+        # the pooling outside the op, where inductor fuses it (the op's backward adds its gradient into dq)
+        agents = pool_agent_tokens(_grid_tokens(q, prefix), grid, agent_grid)
+        out = _packed_forward_op(qkv, agents, agent_bias, query_bias, weight, bias, heads, list(grid),
+                                 list(agent_grid), prefix, scale)[0]
         return out.view(b, n, heads, d).transpose(1, 2)
     if needs_grad(q, k, v, conv_weight, conv_bias, agent_bias, query_bias):
         return _PooledAgentAttention.apply(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid,
@@ -499,20 +503,28 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 def _add_pooling_grad(dq: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int, int],
-                      agent_grid: tuple[int, int], prefix: int) -> None:
-    """Add the agents' gradient (B, heads, A, d) to the grid queries' ``dq`` (token-major, in place) through the
-    pooling, as autograd differentiates :func:`~zoo.ops.agent.pool_agent_tokens`: a mean's over equal windows, else
-    the window sums' division and mask product."""
-    b, heads, _, d = d_agents.shape
+                      agent_grid: tuple[int, int], prefix: int, launch=direct) -> None:
+    """Add the agents' gradient (B, heads, A, d) to the grid queries' ``dq`` (B, heads, N, d, token-major, in
+    place) through the pooling, as autograd differentiates :func:`~zoo.ops.agent.pool_agent_tokens` (one launch of
+    ``pooling_grad_kernel``: each grid token gathers its windows' shares)."""
+    b, heads, a, d = d_agents.shape
     (h, w), (ga, gb) = grid, agent_grid
-    rows = _grid_maps(dq, prefix, grid)
-    d_agents = d_agents.transpose(1, 2).reshape(b, ga * gb, heads * d)
-    if h % ga == 0 and w % gb == 0:
-        share = d_agents / ((h // ga) * (w // gb))
-        rows.view(b, ga, h // ga, gb, w // gb, -1).add_(share.view(b, ga, 1, gb, 1, -1))
+    rows = _grid_tokens(dq, prefix)  # (B, H * W, C) view
+    d_agents = d_agents.transpose(1, 2).reshape(b, a, heads * d)
+    if rows.numel() == 0:
         return
-    share = (d_agents / _pooling_counts(grid, agent_grid, dq.device)).to(dq.dtype)
-    rows.view(b, h * w, -1).add_(torch.matmul(_pooling_mask(grid, agent_grid, dq.device, dq.dtype).t(), share))
+    block_t, block_c = 32, min(64, max(16, next_pow2(heads * d)))
+    kernel_grid = (b * -(-(h * w) // block_t), -(-(heads * d) // block_c))
+    launch(_kernels().pooling_grad)[kernel_grid](
+        d_agents, rows, h, w, heads * d, ga, gb, d_agents.stride(0), d_agents.stride(1), rows.stride(0),
+        rows.stride(1), SPAN_H=_window_span(h, ga), SPAN_W=_window_span(w, gb), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _window_span(n: int, g: int) -> int:
+    """The most adaptive-pooling windows (of g over n positions) any one position lies in."""
+    return int(_window_membership(n, g, torch.device("cpu")).sum(0).max())
 
 
 class _PooledAgentAttention(torch.autograd.Function):
@@ -582,37 +594,38 @@ def _split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tenso
     return tuple(_heads(qkv[..., i * c:(i + 1) * c], heads) for i in range(3))
 
 
-def _packed_forward_fake(qkv, agent_bias, query_bias, conv_weight, conv_bias, heads, grid, agent_grid, prefix,
-                         scale):
+def _packed_forward_fake(qkv, agents, agent_bias, query_bias, conv_weight, conv_bias, heads, grid, agent_grid,
+                         prefix, scale):
     b, n, c3 = qkv.shape
-    c, a = c3 // 3, agent_grid[0] * agent_grid[1]
+    c, a = c3 // 3, agents.shape[1]
     attn = qkv.new_empty((b, n, c) if conv_weight is not None else (0,))
-    return (qkv.new_empty((b, n, c)), attn, qkv.new_empty((b, a, c)), qkv.new_empty((b, heads, a, c // heads)),
+    return (qkv.new_empty((b, n, c)), attn, qkv.new_empty((b, heads, a, c // heads)),
             qkv.new_empty((b, heads, a), dtype=torch.float32))
 
 
 @torch.library.custom_op("zoo::pooled_agent_qkv_fwd", mutates_args=())
-def _packed_forward_op(qkv: torch.Tensor, agent_bias: Optional[torch.Tensor],  # noqa: UP045
+def _packed_forward_op(qkv: torch.Tensor, agents: torch.Tensor, agent_bias: Optional[torch.Tensor],  # noqa: UP045
                        query_bias: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],  # noqa: UP045
                        conv_bias: Optional[torch.Tensor], heads: int, grid: Sequence[int],  # noqa: UP045
                        agent_grid: Sequence[int], prefix: int, scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`zoo.ops.pooled_agent_attention` of a (B, N, 3 * heads * d) qkv projection in a traced training graph
-    (an opaque op: its backward must write one buffer, which a graph of views cannot ask of it). The conv's weight
-    and bias come in qkv's dtype, the compute dtype. Returns the output (B, N, heads * d), the attention's output
-    before the conv term (B, N, heads * d; empty without a conv), the agents (B, A, heads * d), their values
-    (B, heads, A, d) and the aggregation's float32 log-sum-exp (B, heads, A): the last four for the backward.
-    The separate kernels: the pooling as :func:`~zoo.ops.agent.pool_agent_tokens` (its ops), the agent forward
-    kernel, the depthwise conv's kernel with the attention's output as its residual."""
+    (an opaque op: its backward must write one buffer, which a graph of views cannot ask of it). ``agents`` (B, A,
+    heads * d) must be :func:`~zoo.ops.agent.pool_agent_tokens` of qkv's grid queries: the caller pools (inductor
+    fuses the pooling into its own kernels) and the op's backward adds the pooling's gradient into qkv's, so it
+    gives the agents none. The conv's weight and bias come in qkv's dtype, the compute dtype. Returns the output (B,
+    N, heads * d), the attention's output before the conv term (B, N, heads * d; empty without a conv), the agents'
+    values (B, heads, A, d) and the aggregation's float32 log-sum-exp (B, heads, A): the last three for the
+    backward. The separate kernels: the agent forward kernel, the depthwise conv's with the attention's output as
+    its residual."""
     grid, agent_grid = tuple(grid), tuple(agent_grid)
     q, k, v = _split_qkv(qkv, heads)
-    agents = pool_agent_tokens(_grid_tokens(q, prefix), grid, agent_grid)
     with on_device(qkv):
         attn, agent_v, lse = _launch_forward(q, k, v, _heads(agents, heads), agent_bias, query_bias, scale)
     b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     attn = attn.transpose(1, 2).reshape(b, n, c)  # (token-major memory: a view)
     if conv_weight is None:
-        return attn, attn.new_empty((0,)), agents, agent_v, lse
+        return attn, attn.new_empty((0,)), agent_v, lse
     if prefix:
         out = attn.clone()
         conv_launch(_grid_maps(v, prefix, grid), conv_weight, conv_bias, out[:, prefix:].view(b, *grid, c),
@@ -620,7 +633,7 @@ def _packed_forward_op(qkv: torch.Tensor, agent_bias: Optional[torch.Tensor],  #
     else:
         out = conv_launch(_grid_maps(v, prefix, grid), conv_weight, conv_bias, attn.view(b, *grid, c),
                           conv_weight.dtype, attn.dtype).view(b, n, c)
-    return out, attn, agents, agent_v, lse
+    return out, attn, agent_v, lse
 
 
 _packed_forward_op.register_fake(_packed_forward_fake)
@@ -673,8 +686,8 @@ _packed_backward_op.register_fake(_packed_backward_fake)
 
 
 def _packed_setup(ctx, inputs, output) -> None:
-    qkv, agent_bias, query_bias, weight, bias, heads, grid, agent_grid, prefix, scale = inputs
-    out, attn, agents, agent_v, lse = output
+    qkv, agents, agent_bias, query_bias, weight, bias, heads, grid, agent_grid, prefix, scale = inputs
+    out, attn, agent_v, lse = output
     ctx.save_for_backward(qkv, out if weight is None else attn, agents, agent_v, lse, agent_bias, query_bias, weight)
     ctx.layout = (heads, grid, agent_grid, prefix, scale)
     ctx.has_bias = bias is not None
@@ -683,11 +696,12 @@ def _packed_setup(ctx, inputs, output) -> None:
 def _packed_backward(ctx, grad, *_unused):
     qkv, attn, agents, agent_v, lse, agent_bias, query_bias, weight = ctx.saved_tensors
     wants = ctx.needs_input_grad
-    flags = (agent_bias is not None and wants[1], query_bias is not None and wants[2],
-             weight is not None and wants[3], ctx.has_bias and wants[4])
+    flags = (agent_bias is not None and wants[2], query_bias is not None and wants[3],
+             weight is not None and wants[4], ctx.has_bias and wants[5])
     dqkv, dab, dqb, dw, db = _packed_backward_op(grad, qkv, attn, agents, agent_v, lse, agent_bias, query_bias,
                                                  weight, *ctx.layout, *flags)
-    return (dqkv, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1]),
+    # the agents get no gradient: dqkv holds the pooling's (see _packed_forward_op)
+    return (dqkv, None, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1]),
             dw if flags[2] else None, db if flags[3] else None, None, None, None, None, None)
 
 

@@ -183,6 +183,27 @@ def _interpreter_gradient_checks() -> None:
         got = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "triton")
     for i, (x, y) in enumerate(zip(got, want)):
         assert_close_to(x, y, 1e-5, 1e-5, f"backward_splits=2 [{i}]")
+    _pooling_grad_checks()
+
+
+def _pooling_grad_checks() -> None:
+    """The pooling's gradient kernel added into a strided dq (a third of a qkv gradient, after a class token)
+    against autograd through pool_agent_tokens plus that sum: equal windows, overlapping ones, unequal rows and a map
+    smaller than the agent grid (a token in three window rows), over several token tiles and channel blocks."""
+    for (h, w), agent_grid, heads, d in [((4, 4), (2, 2), 2, 8), ((9, 9), (3, 3), 2, 40), ((5, 6), (2, 3), 1, 16),
+                                         ((2, 3), (5, 4), 2, 8)]:
+        for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
+            g = torch.Generator().manual_seed(h * w)
+            b, c, a = 2, heads * d, agent_grid[0] * agent_grid[1]
+            buffer = torch.randn(b, 1 + h * w, 3 * c, generator=g).to(dtype)
+            dq = buffer[..., :c].unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, N, d) token-major view
+            da = torch.randn(b, a, heads, d, generator=g).to(dtype).transpose(1, 2)
+            q = torch.zeros(b, h * w, c, dtype=dtype, requires_grad=True)
+            pooled, = torch.autograd.grad(pool_agent_tokens(q, (h, w), agent_grid), q, da.transpose(1, 2).flatten(2))
+            want = buffer.clone()
+            want[:, 1:, :c] = (want[:, 1:, :c].float() + pooled.float()).to(dtype)
+            ta._add_pooling_grad(dq, da, (h, w), agent_grid, 1)
+            assert_close_to(buffer, want, tol, tol, f"pooling gradient {(h, w)} -> {agent_grid} {dtype}")
 
 
 def test_triton_interpreter_against_the_reference():
@@ -240,10 +261,11 @@ def _packed_checks() -> None:
             assert x.dtype == y.dtype, (what, i)
             assert_close_to(x, y, tol, tol, f"{what} [{i}]")
     qkv, ab, qb, weight, bias = (t.detach() for t in _packed_leaves(1, 2, (4, 4), (2, 2), 8, 1, True, torch.float32))
-    fwd_args = (qkv, ab, qb, weight, bias, 2, [4, 4], [2, 2], 1, 0.3)
+    agents = pool_agent_tokens(qkv[:, 1:, :16], (4, 4), (2, 2))
+    fwd_args = (qkv, agents, ab, qb, weight, bias, 2, [4, 4], [2, 2], 1, 0.3)
     torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor"))
-    out, attn, agents, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
+    out, attn, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
     torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_bwd.default,
                           (torch.randn_like(out), qkv, attn, agents, agent_v, lse, ab, qb, weight, 2, [4, 4], [2, 2],
                            1, 0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))

@@ -144,6 +144,43 @@ def _pooled_agents(q_base, offs_a, offs_d, offs_t, N, sqn, sqd, PREFIX, H, W, GA
 
 
 @triton.jit
+def pooling_grad_kernel(da_ptr, dq_ptr, H, W, C, GA, GB, sda_b, sda_a, sdq_b, sdq_t, SPAN_H: tl.constexpr,
+                        SPAN_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Add the agents' gradient through the adaptive average pool (:func:`_pooled_agents`' windows) into the grid
+    queries' gradient, in place (grid: (B * cdiv(H * W, BLOCK_T), cdiv(C, BLOCK_C))).
+
+    dq[b, t, c] += sum over the windows (i, j) holding grid token t = (y, x) of da[b, i * GB + j, c] / size(i, j).
+    da (B, GA * GB, C) and dq (B, H * W, C) are read through their batch and row strides (channels contiguous). A
+    token lies in at most SPAN_H window rows and SPAN_W window columns (two each where the map is at least the agent
+    grid), counted from the first window holding it. Rounding follows autograd through the reference's pooling:
+    each window's share rounded to dq's dtype, their sum rounded (the mask matmul's output), the add in float32."""
+    tiles = tl.cdiv(H * W, BLOCK_T)
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    t = (tl.program_id(0) % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok, c_ok = t < H * W, c < C
+    y, x = t // W, t % W
+    dtype = dq_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for di in tl.static_range(SPAN_H):
+        i = (y * GA) // H + di
+        top, bottom = (i * H) // GA, ((i + 1) * H + GA - 1) // GA
+        in_row = (i < GA) & (y >= top) & (y < bottom)
+        for dj in tl.static_range(SPAN_W):
+            j = (x * GB) // W + dj
+            left, right = (j * W) // GB, ((j + 1) * W + GB - 1) // GB
+            ok = in_row & (j < GB) & (x >= left) & (x < right) & t_ok
+            size = ((bottom - top) * (right - left)).to(tl.float32)
+            g = tl.load(da_ptr + b * sda_b + ((i * GB + j) * sda_a)[:, None] + c[None, :],
+                        mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc += (g / tl.maximum(size, 1.0)[:, None]).to(dtype).to(tl.float32)
+    at = dq_ptr + b * sdq_b + (t * sdq_t)[:, None] + c[None, :]
+    mask = t_ok[:, None] & c_ok[None, :]
+    old = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    tl.store(at, (old + acc.to(dtype).to(tl.float32)).to(dtype), mask=mask)
+
+
+@triton.jit
 def _value_conv_sum(o, v_base, w_ptr, cb_ptr, rows, offs_dv, h, N, svn, svd, sw_c, sw_t, PREFIX, H, W,
                     DV: tl.constexpr, HAS_CB: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """The attention output tile ``o`` (float32) rounded to OUT_DTYPE, plus on grid tokens a 3x3 depthwise conv of
