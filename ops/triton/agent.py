@@ -252,7 +252,9 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
     holds another term: :func:`pooled_agent_attention_triton`'s conv). ``into``: (dq, dk, dv) (B, heads, n, d) views
     to write them into, each with its heads' channels contiguous in a token (a packed qkv projection's gradient),
     else they are allocated token-major."""
-    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, sm_count(q) if q.is_cuda else None)
+    # traced graphs take the single launch: the split pair (its float32 partials views of one buffer) as inductor
+    # compiled it faulted on the H200 (an illegal address, session 25); eager launches and the packed op split
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, sm_count(q) if q.is_cuda and launch is not traced else None)
     s = plan.sizes
     dq, dk, dv = into if into is not None else (token_major(s.b, s.heads, s.n, s.d, q),
                                                 token_major(s.b, s.heads, s.m, s.d, k),
