@@ -333,8 +333,8 @@ def _check_qkv(qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: to
                 and t.data_ptr() == qkv.data_ptr() + i * heads * d * size)
         if not view:
             raise ValueError(f"pooled_agent_attention: {name} is not the head-split view of qkv's channels "
-                             f"[{i * heads * d}, {(i + 1) * heads * d}) (shape {tuple(t.shape)}, strides {t.stride()}); "
-                             "pass qkv=None for q, k, v of other memory")
+                             f"[{i * heads * d}, {(i + 1) * heads * d}) (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}); pass qkv=None for q, k, v of other memory")
 
 
 def _agents_like(q: torch.Tensor, agent_grid: tuple[int, int]) -> torch.Tensor:

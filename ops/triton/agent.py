@@ -22,9 +22,10 @@ bias cast. The backward is one launch per (batch, head) too: the broadcast's gra
 dV written per tile). Where batch * heads gives fewer than two programs an SM (``default_backward_splits``), it is
 two launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing float32
 partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
-partials in split order; torch sums the d(agent) partials. It is deterministic without atomics: every gradient
-element is float32 sums in a fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as
-float32 (B, heads, A, M) / (B, heads, N, A) maps and summed to the bias's shape by torch (one reduction each).
+partials in split order; torch sums the d(agent) partials (eager launches only: traced graphs keep the single
+launch). It is deterministic without atomics: every gradient element is float32 sums in a fixed order. Bias
+gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as float32 (B, heads, A, M)
+/ (B, heads, N, A) maps and summed to the bias's shape by torch (one reduction each).
 
 Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
 is a (B, heads, N, d_v) view of a contiguous (B, N, heads, d_v) tensor, so the models' ``transpose(1, 2).reshape``
@@ -193,8 +194,8 @@ def default_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
     """How many programs share one (batch, head)'s query tiles, then its key tiles, in the backward: about two
     programs per SM, never more than the query tiles (Agent-PVT-T stage 0 at batch 64: 5; Agent-Swin-T stage 0, 192
     (batch, head) pairs: 2, which one program a pair leaves at 1.45 waves of 132 SMs). Unlike the forward's splits
-    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One off CUDA
-    (``sms`` None) and for symbolic sizes."""
+    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One where
+    ``sms`` is None (off CUDA, and in traced graphs: :func:`_launch_backward`) and for symbolic sizes."""
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs == 0:
         return 1

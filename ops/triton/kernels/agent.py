@@ -297,8 +297,7 @@ def _broadcast_grads(do_base, q_base, qb_base, out_base, dq_base, dqb_base, agen
 @triton.jit
 def _aggregation_grads(k_base, v_base, ab_base, dk_base, dv_base, dab_base, agent, agent_v, d_agent_v, lse, first,
                        step, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm,
-                       sdkn, sdvn,
-                       scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
+                       sdkn, sdvn, scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_AB: tl.constexpr, AB_GRAD: tl.constexpr, PRECISION: tl.constexpr):
     """The aggregation's backward over the key tiles first, first + step, ... given the whole float32 d(agent_v):
     dK, dV (and the agent-bias logit gradient) written per tile; returns the float32 sum into d(agent)
@@ -425,6 +424,6 @@ def _backward_keys_kernel(k_ptr, v_ptr, a_ptr, ab_ptr, av_ptr, lse_ptr, pv_ptr, 
         k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, ab_ptr + b * sbb + h * sbh,
         dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr + pid64 * A * M,
         agent, agent_v, d_agent_v, lse, split * BLOCK_T, tl.num_programs(1) * BLOCK_T, offs_a, offs_d, offs_dv,
-        offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB,
-        AB_GRAD, PRECISION)
+        offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A,
+        BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
     _put(pk_ptr + (split.to(tl.int64) * pairs + pid64) * A * D, offs_a, A, offs_d, D, D, 1, d_agent)
