@@ -289,6 +289,9 @@ def test_qkv_must_be_the_projection_q_k_v_view():
         pooled_agent_attention(q, k.clone(), v, **kwargs, qkv=qkv)
     with pytest.raises(ValueError, match=r"v is not the head-split view"):
         pooled_agent_attention(q, k, k, **kwargs, qkv=qkv)  # the same metadata as a good call: checked again
+    empty = qkv[:0]  # an empty batch's views have no addresses to compare: its shape is all that is checked
+    views = (t.transpose(1, 2) for t in empty.unflatten(-1, (3, 2, 8)).unbind(2))
+    assert pooled_agent_attention(*views, **kwargs, qkv=empty).shape == (0, 2, 17, 8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
