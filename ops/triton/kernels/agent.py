@@ -34,6 +34,16 @@ def _agent_program(HEADS, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _backward_program(HEADS, A, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
+    """:func:`_agent_program` for the backward kernels: batch, head, the (batch, head) index as int64, the agent,
+    channel, value-channel and token offsets and the agents' mask (no pointer, for the same reason)."""
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    return (b, h, tl.program_id(0).to(tl.int64), offs_a, offs_d, tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_T),
+            offs_a < A)
+
+
+@triton.jit
 def _aggregate(agent, k_base, v_base, ab_base, offs_a, offs_d, offs_dv, offs_t, M, A, skn, skd, svn, svd, sba, sbm,
                qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, PRECISION: tl.constexpr):
@@ -339,12 +349,9 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
                      PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr = False):
     """The whole backward of one (batch, head) (grid: batch * heads): the query tiles, then the key tiles."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
-    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    b, h, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok = _backward_program(HEADS, A, BLOCK_A, BLOCK_D, BLOCK_DV,
+                                                                           BLOCK_T)
     agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
-    pid64 = tl.program_id(0).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = tl.arange(0, BLOCK_T)
-    a_ok = offs_a < A
     agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
     d_agent, d_agent_v = _broadcast_grads(
@@ -376,14 +383,11 @@ def _backward_queries_kernel(do_ptr, q_ptr, a_ptr, qb_ptr, out_ptr, av_ptr, dq_p
     """Split backward, part 1 (grid: (batch * heads, splits)): split s takes query tiles s, s + splits, ...; writes
     dQ and its float32 partials of d(agent) into pa (splits, batch * heads, A, D) and of d(agent_v) into pv."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
-    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    b, h, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok = _backward_program(HEADS, A, BLOCK_A, BLOCK_D, BLOCK_DV,
+                                                                           BLOCK_T)
     agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
-    pid64 = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = tl.arange(0, BLOCK_T)
-    a_ok = offs_a < A
     agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     d_agent, d_agent_v = _broadcast_grads(
         do_ptr + b * sob + h * soh, q_ptr + b * sqb + h * sqh, qb_ptr + b * scb + h * sch,
@@ -407,14 +411,11 @@ def _backward_keys_kernel(k_ptr, v_ptr, a_ptr, ab_ptr, av_ptr, lse_ptr, pv_ptr, 
     partials in split order, then split s takes key tiles s, s + splits, ...; writes dK, dV and its float32 partial
     of d(agent) into pk (splits, batch * heads, A, D)."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
-    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    b, h, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok = _backward_program(HEADS, A, BLOCK_A, BLOCK_D, BLOCK_DV,
+                                                                           BLOCK_T)
     agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
-    pid64 = tl.program_id(0).to(tl.int64)
     pairs = tl.num_programs(0)
     split = tl.program_id(1)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = tl.arange(0, BLOCK_T)
-    a_ok = offs_a < A
     agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
     d_agent_v = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
