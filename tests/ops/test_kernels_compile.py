@@ -91,6 +91,19 @@ def _agent_split_backward(launch: LaunchRecorder, monkeypatch, dtype: torch.dtyp
                             launch)
 
 
+def _agent_pooling_grad(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """Agent-Swin-T stage-0-like (56x56 queries, 3 heads of 32, 3x3 overlapping windows): the forward, then the
+    pooling's gradient added into dq, a third of a qkv gradient (the packed op's backward)."""
+    from zoo.ops.triton import agent as ta
+
+    heads, hw, g, d = 3, 56, 3, 32
+    q, k, v = (_randn(2, heads, hw * hw, d, dtype=dtype) for _ in range(3))
+    agent = _randn(2, heads, g * g, d, dtype=dtype)
+    ta._launch_forward(q, k, v, agent, None, None, d ** -0.5, launch, stats=False)
+    dq = _randn(2, hw * hw, 3 * heads * d, dtype=dtype)[..., :heads * d].unflatten(-1, (heads, d)).transpose(1, 2)
+    ta._add_pooling_grad(dq, _randn(2, g * g, heads, d, dtype=dtype).transpose(1, 2), (hw, hw), (g, g), 0, launch)
+
+
 def _short_keys(launch: LaunchRecorder, monkeypatch, batch: int, dtype: torch.dtype) -> None:
     """PVT-S stage 0: 3136 queries over 49 reduced keys, one head of 64."""
     from zoo.ops.triton import short_keys as tk
@@ -187,6 +200,7 @@ CASES = {
     "agent.deit_s.bf16": (_agent, dict(dtype=BF16)),
     "agent.deit_s.fp32": (_agent, dict(dtype=FP32)),
     "agent.split_backward.bf16": (_agent_split_backward, dict(dtype=BF16)),
+    "agent.pooling_grad.bf16": (_agent_pooling_grad, dict(dtype=BF16)),
     "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
     "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
@@ -249,7 +263,8 @@ WRITES = {
               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr", "da_ptr"},
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}}),
               "_backward_queries_kernel": ({"dq_ptr", "pa_ptr", "pv_ptr"}, {"QB_GRAD": {"dqb_ptr"}}),
-              "_backward_keys_kernel": ({"dk_ptr", "dv_ptr", "pk_ptr"}, {"AB_GRAD": {"dab_ptr"}})},
+              "_backward_keys_kernel": ({"dk_ptr", "dv_ptr", "pk_ptr"}, {"AB_GRAD": {"dab_ptr"}}),
+              "pooling_grad_kernel": ({"dq_ptr"}, {})},
     "short_keys": {"_forward_kernel": ({"out_ptr"}, {}), "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {})},
     "window": {"_forward_kernel": ({"out_ptr"}, {}),
                "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}})},
