@@ -22,10 +22,10 @@ bias cast. The backward is one launch per (batch, head) too: the broadcast's gra
 dV written per tile). Where batch * heads gives fewer than two programs an SM (``default_backward_splits``), it is
 two launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing float32
 partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
-partials in split order; torch sums the d(agent) partials (eager launches only: traced graphs keep the single
-launch). It is deterministic without atomics: every gradient element is float32 sums in a fixed order. Bias
-gradients (when a bias requires grad) are the per-(batch, head) logit gradients written as float32 (B, heads, A, M)
-/ (B, heads, N, A) maps and summed to the bias's shape by torch (one reduction each).
+partials in split order; torch sums the d(agent) partials. It is deterministic without atomics: every gradient
+element is float32 sums in a fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit
+gradients written as float32 (B, heads, A, M) / (B, heads, N, A) maps and summed to the bias's shape by torch (one
+reduction each).
 
 Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
 is a (B, heads, N, d_v) view of a contiguous (B, N, heads, d_v) tensor, so the models' ``transpose(1, 2).reshape``
@@ -194,8 +194,8 @@ def default_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
     """How many programs share one (batch, head)'s query tiles, then its key tiles, in the backward: about two
     programs per SM, never more than the query tiles (Agent-PVT-T stage 0 at batch 64: 5; Agent-Swin-T stage 0, 192
     (batch, head) pairs: 2, which one program a pair leaves at 1.45 waves of 132 SMs). Unlike the forward's splits
-    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One where
-    ``sms`` is None (off CUDA, and in traced graphs: :func:`_launch_backward`) and for symbolic sizes."""
+    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One off CUDA
+    (``sms`` None) and for symbolic sizes."""
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs == 0:
         return 1
@@ -253,9 +253,7 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
     holds another term: :func:`pooled_agent_attention_triton`'s conv). ``into``: (dq, dk, dv) (B, heads, n, d) views
     to write them into, each with its heads' channels contiguous in a token (a packed qkv projection's gradient),
     else they are allocated token-major."""
-    # traced graphs take the single launch: the split pair (its float32 partials views of one buffer) as inductor
-    # compiled it faulted on the H200 (an illegal address, session 25); eager launches and the packed op split
-    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, sm_count(q) if q.is_cuda and launch is not traced else None)
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, True, sm_count(q) if q.is_cuda else None)
     s = plan.sizes
     dq, dk, dv = into if into is not None else (token_major(s.b, s.heads, s.n, s.d, q),
                                                 token_major(s.b, s.heads, s.m, s.d, k),
@@ -276,20 +274,22 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
             HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, RECOMPUTE_OUT=out is None, **flags)
         return dq, dk, dv, da, dab, dqb
     grid = (s.b * s.heads, plan.query_splits)
-    parts = torch.empty((2, *grid[::-1], s.a, s.d), device=q.device, dtype=torch.float32)  # d(agent): queries, keys
+    # float32 partials (splits, batch * heads, A, d): d(agent) of the query tiles, of the key tiles, and d(agent_v);
+    # three buffers, no views (a traced graph functionalizes each kernel's writes)
+    parts_q, parts_k = (torch.empty((*grid[::-1], s.a, s.d), device=q.device, dtype=torch.float32) for _ in range(2))
     parts_v = torch.empty((*grid[::-1], s.a, s.dv), device=q.device, dtype=torch.float32)
     flags.pop("AB_GRAD"), flags.pop("QB_GRAD")
     launch(_kernels().backward_queries)[grid](
-        grad_out, q, agent, biases[1], q if out is None else out, agent_v, dq, dqb, parts[0], parts_v,
+        grad_out, q, agent, biases[1], q if out is None else out, agent_v, dq, dqb, parts_q, parts_v,
         *grad_out.stride(), *q.stride(), *agent.stride(), *_bias_strides(query_bias), *_token_strides(dq), s.heads,
         s.n, s.a, scale, scale * _LOG2E, HAS_QB=query_bias is not None, QB_GRAD=query_bias_grad,
         RECOMPUTE_OUT=out is None, **flags)
     launch(_kernels().backward_keys)[grid](
-        k, v, agent, biases[0], agent_v, lse, parts_v, dk, dv, dab, parts[1], *k.stride(), *v.stride(),
+        k, v, agent, biases[0], agent_v, lse, parts_v, dk, dv, dab, parts_k, *k.stride(), *v.stride(),
         *agent.stride(), *_bias_strides(agent_bias), *_token_strides(dk), *_token_strides(dv), s.heads, s.m, s.a,
         plan.query_splits, scale, scale * _LOG2E, HAS_AB=agent_bias is not None, AB_GRAD=agent_bias_grad, **flags)
     # the splits' d(agent) partials, queries' then keys', summed in a fixed order
-    total = parts.flatten(0, 1).sum(0).view(s.b, s.heads, s.a, s.d).mul_(scale)
+    total = parts_q.sum(0).add_(parts_k.sum(0)).view(s.b, s.heads, s.a, s.d).mul_(scale)
     da.copy_(total)
     return dq, dk, dv, da, dab, dqb
 

@@ -229,7 +229,8 @@ def test_gpu_torch_compile_matches_eager():
 
     compiled = torch.compile(block, fullgraph=True)
     got, code = run_compiled(lambda: torch.autograd.grad(compiled(*tensors), tensors))
-    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
+    # DeiT-S's 6 heads at batch 8 leave fewer than two programs an SM: the backward splits, traced as in eager
+    assert_inductor_launches(code, "_forward_kernel", "_backward_queries_kernel", "_backward_keys_kernel")
     for x, y in zip(got, torch.autograd.grad(block(*tensors), tensors)):
         assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
 
