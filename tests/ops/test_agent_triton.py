@@ -153,12 +153,8 @@ def _interpreter_fp16_and_compile_checks() -> None:
     print("fp16 + compile ok")
 
 
-def test_triton_interpreter_fp32_forward_backward_determinism():
-    run_in_interpreter("test_agent_triton", "_interpreter_fp32_checks")
-
-
-def test_triton_interpreter_fp16_custom_op_and_compile_trace():
-    run_in_interpreter("test_agent_triton", "_interpreter_fp16_and_compile_checks")
+def test_triton_interpreter_fp32_fp16_determinism_custom_op_and_compile_trace():
+    run_in_interpreter("test_agent_triton", "_interpreter_fp32_checks", "_interpreter_fp16_and_compile_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

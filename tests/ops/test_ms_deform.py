@@ -299,12 +299,8 @@ def _interpreter_compile_checks() -> None:
         assert torch.equal(a, b)
 
 
-def test_triton_interpreter_forward_backward_determinism():
-    run_in_interpreter("test_ms_deform", "_interpreter_checks")
-
-
-def test_triton_interpreter_custom_op_and_compile_trace():
-    run_in_interpreter("test_ms_deform", "_interpreter_compile_checks")
+def test_triton_interpreter_forward_backward_determinism_custom_op_and_compile_trace():
+    run_in_interpreter("test_ms_deform", "_interpreter_checks", "_interpreter_compile_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

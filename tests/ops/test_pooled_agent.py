@@ -206,10 +206,6 @@ def _pooling_grad_checks() -> None:
             assert_close_to(buffer, want, tol, tol, f"pooling gradient {(h, w)} -> {agent_grid} {dtype}")
 
 
-def test_triton_interpreter_against_the_reference():
-    run_in_interpreter("test_pooled_agent", "_interpreter_checks")
-
-
 def _packed_leaves(b, heads, grid, agent_grid, d, prefix, conv, dtype, seed=7):
     """(qkv (B, N, 3 * heads * d), agent bias, query bias, conv weight, conv bias), all leaves requiring grad."""
     q, k, v, *rest = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, conv=conv, dtype=dtype, seed=seed)
@@ -271,8 +267,8 @@ def _packed_checks() -> None:
                            1, 0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_triton_interpreter_traced_training_writes_qkv_gradient_in_one_buffer():
-    run_in_interpreter("test_pooled_agent", "_packed_checks")
+def test_triton_interpreter_against_the_reference_and_traced_training_writes_qkv_gradient_in_one_buffer():
+    run_in_interpreter("test_pooled_agent", "_interpreter_checks", "_packed_checks")
 
 
 def test_qkv_must_be_the_projection_q_k_v_view():

@@ -26,13 +26,16 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, max_abs: float
     assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
 
 
-def run_in_interpreter(module: str, check: str) -> None:
-    """Run ``module.check()`` (a test file of this folder) in a fresh interpreter with ``TRITON_INTERPRET=1``."""
+def run_in_interpreter(module: str, *checks: str) -> None:
+    """Run ``module.check()`` for each named check (functions of a test file of this folder), in order, in one fresh
+    interpreter with ``TRITON_INTERPRET=1``: one process start (importing torch, triton and zoo takes several seconds
+    on the CI machine) for a file's checks. The message of a failure holds the failing check's traceback."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    code = f"import {module} as t; t.{check}(); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    code = f"import {module} as t\nfor name in {checks!r}:\n    getattr(t, name)()\n    print('ok', name)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
+    assert proc.returncode == 0 and passed == list(checks), proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def interpreter_fixture(kernel):
