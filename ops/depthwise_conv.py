@@ -259,13 +259,13 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     ``grad`` and ``x`` (:func:`~zoo.ops.triton.kernels.depthwise_conv.backward3_kernel`) and a sum; other sizes take
     the input gradient's kernel and the tiled weight-gradient kernel.
 
-    H200, bf16, batch 64, us for the three gradients with x a slice of a qkv projection: cuDNN's
-    ``convolution_backward`` (its copies included) / the input-gradient and tiled kernels (dx added into a slice) /
-    this, dx added into a slice / this, dx fresh. 56x56x96 (Agent-Swin-T stage 0) 237.4 / 244.5 / 234.1 / 216.0;
-    28x28x192 184.5 / 156.8 / 119.0 / 110.1; 14x14x384 76.4 / 93.4 / 63.5 / 57.3; 56x56x64 (Agent-PVT-T stage 0)
-    176.5 / 171.2 / 174.6 / 161.2; 28x28x128 120.7 / 105.3 / 87.0 / 80.3; 14x14x320 78.2 / 79.1 / 54.3 / 49.0. The
-    large maps' time is mostly the partial sums' total (one partial a program: 1,792 at 56x56x96), which a
-    prototype of the pass alone, without it, ran in 130 us.
+    H200, bf16, batch 64, us for the three gradients with x a slice of a qkv projection and dx fresh (one
+    ``triton.testing.do_bench`` median each, 2026-12-01): cuDNN's ``convolution_backward`` / this kernel walking one
+    row a step in programs of 8 rows (before) / this, four rows a step in programs of 56 (:func:`_backward3_tiles`).
+    56x56x96 (Agent-Swin-T stage 0) 241.9 / 199.4 / 89.6; 28x28x192 188.2 / 105.9 / 51.3; 14x14x384 76.1 / 59.6 /
+    39.7; 56x56x64 (Agent-PVT-T stage 0) 179.0 / 143.7 / 63.3; 28x28x128 121.1 / 76.1 / 37.2; 14x14x320 87.6 / 61.3
+    / 39.8. The input gradient alone (:func:`input_grad`) took 58.1 us at 56x56x96: the weight gradient's sums cost
+    about as much again.
     """
     if dtypes[0] is None:
         return None if weight is None else input_grad(grad, weight, into), None, None
@@ -283,7 +283,7 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     dx = None
     if weight is not None:
         dx = into if into is not None else torch.empty((b, h, w, c), dtype=weight.dtype, device=grad.device)
-    rows, tile_w, block_c, num_warps = _BACKWARD3_TILES
+    rows, tile_w, block_c, num_warps = _backward3_tiles(w)
     blocks = b * -(-h // rows) * -(-w // tile_w)
     parts = torch.empty((blocks, 10, c), dtype=torch.float32, device=grad.device)
     r = into if into is not None else (dx if dx is not None else grad)
@@ -297,10 +297,18 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     return dx, dw, db
 
 
-# (ROWS, TILE_W, BLOCK_C, num_warps) of conv_backward's 3x3 kernel: 8 rows of 16 columns x 32 channels, the fastest
-# of the tiles tried (4-16 rows, 8-32 columns, 32-64 channels, 2-8 warps) at Agent-Swin-T's and Agent-PVT-T's stage
-# shapes on the H200, whatever the map; its registers hold 28 such tiles.
-_BACKWARD3_TILES = (8, 16, 32, 4)
+# (ROWS, TILE_W, BLOCK_C, num_warps) of conv_backward's 3x3 kernel: programs of 56 rows (four a step; a whole map up
+# to 56 rows, so few partial sums) of 16 columns x 16 channels in 4 warps, the lowest total over Agent-Swin-T's and
+# Agent-PVT-T's stage shapes of 54 tiles tried (16-56 rows, 8-32 columns, 16-64 channels, 2-8 warps) on the H200;
+# maps of 56 columns or more take 32 columns (56x56x96: 89.6 against 103.6 us; at 28 or 14 columns a 32-column tile
+# is mostly padding). ROWS must be a multiple of the kernel's four-row step.
+_BACKWARD3_TILES = (56, 16, 16, 4)
+
+
+def _backward3_tiles(w: int) -> tuple[int, int, int, int]:
+    """(ROWS, TILE_W, BLOCK_C, num_warps) of the one-pass 3x3 backward for maps ``w`` columns wide."""
+    rows, tile_w, block_c, num_warps = _BACKWARD3_TILES
+    return rows, 2 * tile_w if w >= 56 else tile_w, block_c, num_warps
 
 
 def _tiled_weight_grads(grad, x, k, dw, db, launch):

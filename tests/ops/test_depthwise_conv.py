@@ -225,6 +225,8 @@ def test_tiles_are_blocks_of_rows_and_channels():
     assert DW._tiles(56, 56, 64) == (2, 64, 32, 4)  # BiFormer / Agent-PVT stage 0: long rows take 32 channels
     assert DW._tiles(333, 200, 96) == (2, 64, 32, 4)  # rows wider than 64 columns split in column blocks
     assert DW._tiles(3, 5, 40) == (2, 8, 32, 4) and DW._tiles(1, 1, 8) == (1, 1, 32, 4)
+    # the one-pass 3x3 backward: 56-row programs, 32 columns for maps of 56 or more, else 16
+    assert DW._backward3_tiles(56) == (56, 32, 16, 4) and DW._backward3_tiles(28) == (56, 16, 16, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,7 +366,8 @@ def test_triton_interpreter_weight_grads_one_pass_and_tiled_agree_and_repeat(int
     sums over 1, 2 or 3 programs) to float32 rounding; a call repeats its bits; an empty map gives zeros."""
     from zoo.ops.triton import direct
 
-    x, weight, *_ = _inputs(2, 11, 7, 20, 3, None, randn, seed=24)  # two row blocks of the one-pass kernel
+    monkeypatch.setattr(DW, "_BACKWARD3_TILES", (8, 16, 16, 4))  # two row blocks of the one-pass kernel, two steps
+    x, weight, *_ = _inputs(2, 11, 7, 20, 3, None, randn, seed=24)  # and a second step past the map's last row
     g = randn(*x.shape, seed=25)
     dw, db = DW.conv_backward(g, x, None, 3, (torch.float32, torch.float32))[1:]
     assert torch.equal(dw, DW.conv_backward(g, x, None, 3, (torch.float32, torch.float32))[1])
@@ -377,10 +380,16 @@ def test_triton_interpreter_weight_grads_one_pass_and_tiled_agree_and_repeat(int
     assert empty_dw.shape == (20, 1, 3, 3) and not empty_dw.any() and not empty_db.any()
 
 
-def test_triton_interpreter_one_pass_backward_input_grad_is_the_reversed_conv(interpreter, randn):
+@pytest.mark.parametrize("tiles", [None, (4, 8, 16, 2)], ids=["default", "row-blocks-of-4"])
+def test_triton_interpreter_one_pass_backward_input_grad_is_the_reversed_conv(tiles, interpreter, randn,
+                                                                              monkeypatch):
     """The one-pass 3x3 backward's input gradient has the bits of the forward kernel with its taps reversed (fp16:
     the same roundings), written fresh or added into a strided tensor (the values' slice of a qkv gradient), with
-    any channel stride; two row, column and channel blocks each."""
+    any channel stride; one row block of three four-row steps, or three blocks of one; two or three column blocks
+    and three channel blocks."""
+    assert DW._BACKWARD3_TILES[0] % 4 == 0  # the kernel steps four rows: a block of other rows would overlap the next
+    if tiles is not None:
+        monkeypatch.setattr(DW, "_BACKWARD3_TILES", tiles)
     dtype = torch.float16
     x, weight, *_ = _inputs(1, 10, 18, 40, 3, None, randn, dtype=dtype, seed=26)
     g = randn(*x.shape, dtype=dtype, seed=27)
@@ -488,7 +497,7 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=33)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=34)
 
 
 # ----------------------------------------------------------------------------------------------------------------
