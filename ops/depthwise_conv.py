@@ -332,8 +332,9 @@ def _sum_parts(parts: torch.Tensor, taps: int, like: torch.Tensor, dw: torch.Ten
                launch) -> None:
     """dw (C, 1, K, K) and db (C,) or None, in place, from (splits, taps, C) float32 partial sums."""
     c, kk = dw.shape[0], dw.shape[-1] * dw.shape[-2]
-    # 512 partials a step in 8 warps: the one-pass 3x3 backward leaves 1,792 of them at Agent-Swin-T stage 0 (batch
-    # 64), and 64 a step made the sum most of that backward's time (H200: 216 -> 195 us with the pass, session 25)
+    # 512 partials a step in 8 warps: the one-pass 3x3 backward's 8-row programs left 1,792 of them at Agent-Swin-T
+    # stage 0 (batch 64), and 64 a step made the sum most of that backward's time (H200: 216 -> 195 us with the pass);
+    # its 56-row programs leave 128 there, and the tiled weight-gradient kernel up to four a SM per channel block
     with on_device(like):
         launch(_kernels().weight_grad_sum_kernel)[(-(-c // 32), kk + (db is not None))](
             parts, dw, dw if db is None else db, like, c, parts.shape[0], taps, KK=kk, BLOCK_S=512, BLOCK_C=32,
