@@ -321,3 +321,43 @@ def test_bench_imports_a_module_that_registers_models(tmp_path, monkeypatch, cap
     assert row["model"] == "my_bench_mlp" and row["img_size"] == 8 and row["error"] is None and row["images_per_s"] > 0
     with pytest.raises(ValueError, match=r"--import='no_such_module_x': cannot import 'no_such_module_x'"):
         bench.main(["my_bench_mlp", "--import", "no_such_module_x"])
+
+
+def test_host_profile_ranks_operators_by_self_time_with_calls_a_step():
+    """Two matrix products and one sum a step: addmm is counted twice a step and sum once (over 3 profiled steps), and
+    the ranking is by self CPU time, most first."""
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)
+
+    def step():
+        torch.addmm(bias, a, b)
+        torch.addmm(bias, b, a)
+        a.sum()
+
+    host = bench.host_profile(step, torch.device("cpu"), iters=3, top=50)["host_top"]
+    calls = {name: n for name, _, n in host}
+    assert calls["aten::addmm"] == 2 and calls["aten::sum"] == 1
+    times = [ms for _, ms, _ in host]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert host[0][0] == "aten::addmm"  # two 256^3 products outweigh a sum of 65,536 numbers
+    assert len(bench.host_profile(step, torch.device("cpu"), iters=1, top=2)["host_top"]) == 2
+    with pytest.raises(ValueError, match="top=0 must be >= 1"):
+        bench.host_profile(step, torch.device("cpu"), iters=1, top=0)
+
+
+@pytest.mark.parametrize("rounds", ["1", "2"])
+def test_bench_host_profile_prints_a_second_table_and_keeps_it_in_the_json(rounds, tmp_path, capsys):
+    rc = bench.main(["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2", "--img-size", "32",
+                     "--warmup", "1", "--iters", "2", "--device", "cpu", "--host-profile", "4", "--rounds", rounds,
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    row, = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert len(row["host_top"]) == 4 and all(name.startswith("aten::") for name, _, _ in row["host_top"])
+    times = [ms for _, ms, _ in row["host_top"]]
+    assert times == sorted(times, reverse=True) and all(calls > 0 for *_, calls in row["host_top"])
+    table = bench.host_rows([row])
+    assert [r["rank"] for r in table] == [1, 2, 3, 4] and table[0]["host_op"] == row["host_top"][0][0]
+    assert "host_op" in out and "self_cpu_ms" in out and row["host_top"][0][0] in out
+    with pytest.raises(ValueError, match=r"--host-profile=-1: must be >= 0"):
+        bench.main(["biformer_tiny", "--host-profile", "-1"])

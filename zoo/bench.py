@@ -15,6 +15,10 @@ is the CUDA allocator's peak during the timed iterations (not measured on CPU). 
 to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
 ``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
 ``latency_ms`` is well above it, the host (Python, launches) bounds the step and faster kernels will not show.
+``--host-profile N`` shows where that host time goes: one more profiled pass per row gives, in a second table, the N
+operators that took the most host time a step (self CPU time as ``torch.profiler`` counts it, and calls a step; on
+CUDA the runtime's launch calls, ``cudaLaunchKernel`` and the like, rank among them with their counts): run it on an
+official model beside zoo's to see what one step does more than the other.
 
 ``--ops-backend auto,reference`` runs every model once per choice of attention backend (``auto``: the dispatch's
 choice; a name forces that backend on every ``zoo.ops`` op that has it), ``--with-compile`` times eager and
@@ -51,14 +55,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "main",
-           "ops_backend", "time_fn"]
+__all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "host_profile",
+           "host_rows", "main", "ops_backend", "time_fn"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
            "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "peak_mem_mib",
            "params_m", "channels_last", "device", "error"]
+HOST_COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "rank", "host_op", "self_cpu_ms", "calls"]
 
 
 def format_table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-time", action="store_true",
                    help="also report each step's summed kernel time (CUDA, one profiled pass more): a latency well "
                         "above it means the host, not the GPU, bounds the step")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="also profile one pass more per row and list the N operators that took the most host "
+                        "time a step (self CPU time, calls a step), in a second table")
     p.add_argument("--rounds", type=int, default=1,
                    help="time every configuration in this many rounds that take the models in turn, reporting the "
                         "median round (all models stay in memory; peak memory is then not reported): side-by-side "
@@ -148,6 +156,36 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def host_profile(step: Callable[[], Any], device: torch.device, iters: int, top: int) -> dict[str, Any]:
+    """Where the host time of ``step`` goes, from ``iters`` profiled calls (after the timed ones: warm).
+
+    Returns ``{"host_top": [[name, ms a call, calls a call], ...]}``: the ``top`` host events (operators, and on
+    CUDA the runtime's calls such as ``cudaLaunchKernel``) with the most self CPU time a call, most first. Self time
+    is what the profiler counts inside an event and outside its children, its own overhead included, so compare two
+    models profiled alike rather than read the milliseconds as the step's.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if top < 1:
+        raise ValueError(f"top={top} must be >= 1")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        _sync(device)
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    ranked = sorted(host, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"host_top": [[e.key, e.self_cpu_time_total / iters / 1e3, e.count / iters] for e in ranked]}
+
+
+def host_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The second table of ``--host-profile``: a row per (result row, ranked host operator)."""
+    keys = HOST_COLUMNS[:6]
+    return [{**{k: row.get(k) for k in keys}, "rank": rank, "host_op": name, "self_cpu_ms": ms, "calls": calls}
+            for row in rows for rank, (name, ms, calls) in enumerate(row.get("host_top") or [], 1)]
 
 
 def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
@@ -190,9 +228,11 @@ def _input_size(model: torch.nn.Module, img_size: int | None) -> tuple[int, int,
 def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], device: str | torch.device = "cpu",
                 modes: tuple[str, ...] = ("infer",), img_size: int | None = None, compile: bool | str = False,
                 channels_last: bool = False, warmup: int = 3, iters: int = 10,
-                model_kwargs: dict[str, Any] | None = None, device_time: bool = False) -> list[dict[str, Any]]:
+                model_kwargs: dict[str, Any] | None = None, device_time: bool = False,
+                host_top: int = 0) -> list[dict[str, Any]]:
     """One result row per (mode, dtype, batch size): images/s, mean and p90 latency, CUDA peak memory and, with
-    ``device_time`` on CUDA, ``device_ms``: the summed kernel time of one step (a profiled pass after the timing).
+    ``device_time`` on CUDA, ``device_ms``: the summed kernel time of one step (a profiled pass after the timing);
+    with ``host_top`` > 0, ``host_top`` from :func:`host_profile` (one more pass).
 
     ``compile``: False for eager, True or a ``torch.compile`` mode name (see ``COMPILE_MODES``) to compile; the rows'
     ``compile`` column is False or the mode. A configuration that runs out of memory gets a row with ``error='OOM'``
@@ -204,7 +244,7 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
     for mode, dtype, bs in _configurations(modes, dtypes, batch_sizes):
         row = subject.row(mode, dtype, bs)
         row.update(_measure(subject.runner, mode, DTYPES[dtype], bs, subject.chw, device, channels_last, warmup,
-                            iters, device_time))
+                            iters, device_time, host_top))
         rows.append(row)
     return rows
 
@@ -213,7 +253,7 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
                       device: str | torch.device = "cpu", modes: tuple[str, ...] = ("infer",),
                       img_size: int | None = None, channels_last: bool = False, warmup: int = 3, iters: int = 10,
                       model_kwargs: dict[str, Any] | None = None, device_time: bool = False,
-                      rounds: int = 3) -> list[dict[str, Any]]:
+                      rounds: int = 3, host_top: int = 0) -> list[dict[str, Any]]:
     """Rows for (model, ops backend, compile) ``subjects`` whose timings share the machine's drift.
 
     Every configuration (mode, dtype, batch size) is timed in ``rounds`` rounds; a round takes the subjects in
@@ -232,14 +272,15 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
              for name, backend, compile in subjects]
     results: dict[tuple[int, tuple], dict[str, Any]] = {}
     for config in _configurations(modes, dtypes, batch_sizes):
-        for i, result in enumerate(_interleave(built, config, device, warmup, iters, device_time, rounds)):
+        for i, result in enumerate(_interleave(built, config, device, warmup, iters, device_time, rounds,
+                                               host_top)):
             results[i, config] = result
     return [{**subject.row(*config), **results[i, config]}
             for i, subject in enumerate(built) for config in _configurations(modes, dtypes, batch_sizes)]
 
 
 def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: torch.device, warmup: int,
-                iters: int, device_time: bool, rounds: int) -> list[dict[str, Any]]:
+                iters: int, device_time: bool, rounds: int, host_top: int = 0) -> list[dict[str, Any]]:
     """One configuration's measurements of every subject, timed in interleaved rounds (see bench_interleaved)."""
     mode, dtype, bs = config
     steps: dict[int, Callable[[], Any]] = {}
@@ -267,6 +308,9 @@ def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: 
 
             with ops_backend(subject.backend):
                 result["device_ms"] = device_ms(steps[i], device, iters)
+        if host_top:
+            with ops_backend(subject.backend):
+                result.update(host_profile(steps[i], device, iters, host_top))
         out.append(result)
     return out
 
@@ -348,7 +392,7 @@ def _step_fn(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
 
 def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
              device: torch.device, channels_last: bool, warmup: int, iters: int,
-             device_time: bool = False) -> dict[str, Any]:
+             device_time: bool = False, host_top: int = 0) -> dict[str, Any]:
     with _failures_as_rows() as failure:
         fn = _step_fn(model, mode, amp, bs, chw, device, channels_last)
         if device.type == "cuda":
@@ -361,10 +405,12 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
             from zoo.ops.bench import device_ms  # lazy, as for ``zoo bench ops``
 
             kernels = device_ms(fn, device, iters)
+        host = host_profile(fn, device, iters, host_top) if host_top else {}
         del fn
     if failure:
         return failure
-    return {**_round_summary([times], bs), "latency_spread": None, "peak_mem_mib": peak, "device_ms": kernels}
+    return {**_round_summary([times], bs), "latency_spread": None, "peak_mem_mib": peak, "device_ms": kernels,
+            **host}
 
 
 @contextlib.contextmanager
@@ -471,22 +517,28 @@ def main(argv: list[str] | None = None) -> int:
     backends = _csv_list(args.ops_backend, "--ops-backend", str)
     if args.rounds < 1:
         raise ValueError(f"--rounds={args.rounds}: must be >= 1")
+    if args.host_profile < 0:
+        raise ValueError(f"--host-profile={args.host_profile}: must be >= 0 (operators to list; 0: no profile)")
     compiled_mode = args.compile_mode
     compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
     subjects = [(name, backend, compiled) for name in args.models for backend in backends for compiled in compiles]
     if args.rounds > 1:
         rows = bench_interleaved(subjects, batch_sizes, dtypes, device, modes, args.img_size, args.channels_last,
-                                 args.warmup, args.iters, model_kwargs, args.device_time, args.rounds)
+                                 args.warmup, args.iters, model_kwargs, args.device_time, args.rounds,
+                                 args.host_profile)
     else:
         rows = []
         for name, backend, compiled in subjects:
             with ops_backend(backend):
                 for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
-                                       args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time):
+                                       args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time,
+                                       args.host_profile):
                     rows.append({**row, "ops": backend})
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
     print(format_table(rows, [c for c in COLUMNS if c not in hidden]))
+    if args.host_profile:
+        print(format_table(host_rows(rows), HOST_COLUMNS))
     csv_path, json_path = write_results(rows, args.out, environment(device))
     print(f"wrote {csv_path} and {json_path}")
     return 0
