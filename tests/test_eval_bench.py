@@ -361,3 +361,5 @@ def test_bench_host_profile_prints_a_second_table_and_keeps_it_in_the_json(round
     assert "host_op" in out and "self_cpu_ms" in out and row["host_top"][0][0] in out
     with pytest.raises(ValueError, match=r"--host-profile=-1: must be >= 0"):
         bench.main(["biformer_tiny", "--host-profile", "-1"])
+    with pytest.raises(ValueError, match=r"host_top=-2 must be >= 0"):
+        bench.bench_model("biformer_tiny", [2], ["fp32"], host_top=-2, model_kwargs=TINY)

@@ -181,6 +181,11 @@ def host_profile(step: Callable[[], Any], device: torch.device, iters: int, top:
     return {"host_top": [[e.key, e.self_cpu_time_total / iters / 1e3, e.count / iters] for e in ranked]}
 
 
+def _check_host_top(host_top: int) -> None:
+    if host_top < 0:
+        raise ValueError(f"host_top={host_top} must be >= 0 (host operators to list; 0: no host profile)")
+
+
 def host_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The second table of ``--host-profile``: a row per (result row, ranked host operator)."""
     keys = HOST_COLUMNS[:6]
@@ -238,6 +243,7 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
     ``compile`` column is False or the mode. A configuration that runs out of memory gets a row with ``error='OOM'``
     (one that fails otherwise, its exception) and the sweep goes on.
     """
+    _check_host_top(host_top)
     device = torch.device(device)
     subject = _Subject.build(model_name, "auto", compile, device, channels_last, img_size, model_kwargs)
     rows = []
@@ -267,6 +273,7 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
+    _check_host_top(host_top)
     device = torch.device(device)
     built = [_Subject.build(name, backend, compile, device, channels_last, img_size, model_kwargs)
              for name, backend, compile in subjects]
