@@ -363,3 +363,21 @@ def test_bench_host_profile_prints_a_second_table_and_keeps_it_in_the_json(round
         bench.main(["biformer_tiny", "--host-profile", "-1"])
     with pytest.raises(ValueError, match=r"host_top=-2 must be >= 0"):
         bench.bench_model("biformer_tiny", [2], ["fp32"], host_top=-2, model_kwargs=TINY)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_host_profile_counts_the_runtime_launches():
+    """On CUDA the runtime's launch calls rank among the host events: three elementwise kernels a step, three
+    launches a step (whichever launch entry point the build's runtime records)."""
+    x = torch.randn(1 << 16, device="cuda")
+
+    def step():
+        x.add_(1.0)
+        x.mul_(0.5)
+        x.sub_(0.25)
+
+    host = bench.host_profile(step, torch.device("cuda"), iters=4, top=1000)["host_top"]
+    calls = {name: n for name, _, n in host}
+    launches = sum(n for name, n in calls.items() if name.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    assert launches == 3 and calls["aten::add_"] == 1, calls
