@@ -325,7 +325,7 @@ def test_bench_imports_a_module_that_registers_models(tmp_path, monkeypatch, cap
 
 def test_host_profile_ranks_operators_by_self_time_with_calls_a_step():
     """Two matrix products and one sum a step: addmm is counted twice a step and sum once (over 3 profiled steps), and
-    the ranking is by self CPU time, most first."""
+    the ranking is by self CPU time, most first (which event leads is the host's timing: not asserted)."""
     torch.manual_seed(0)
     a, b, bias = torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)
 
@@ -339,7 +339,6 @@ def test_host_profile_ranks_operators_by_self_time_with_calls_a_step():
     assert calls["aten::addmm"] == 2 and calls["aten::sum"] == 1
     times = [ms for _, ms, _ in host]
     assert times == sorted(times, reverse=True) and times[0] > 0
-    assert host[0][0] == "aten::addmm"  # two 256^3 products outweigh a sum of 65,536 numbers
     assert len(bench.host_profile(step, torch.device("cpu"), iters=1, top=2)["host_top"]) == 2
     with pytest.raises(ValueError, match="top=0 must be >= 1"):
         bench.host_profile(step, torch.device("cpu"), iters=1, top=0)
