@@ -180,7 +180,7 @@ def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_
     at three column shifts, in registers and loading the step's four rows (and the one below) together: every row is
     read once, where :func:`forward_kernel` (taps reversed) and :func:`weight_grad_kernel` read each pixel nine
     times, and a step's 24 loads are in flight at once (one row a step left the kernel waiting on memory: 199 against
-    104 us at 56x56x96, batch 64, bf16 on the H200). The input gradient rounds as :func:`forward_kernel` with FLIP
+    90 us at 56x56x96, batch 64, bf16 on the H200). The input gradient rounds as :func:`forward_kernel` with FLIP
     does; with INTO it is added to ``r`` (the tensor autograd sums it into) in float32 and stored there in place,
     else written to dx (B, H, W, C) contiguous. part[program, t, c] (float32, (programs, 10, C) contiguous) = the
     program's sum of g[p, c] * x[p + tap t's offset, c] (x rounded to the compute dtype), t = 9 the sum of g[p, c]:
