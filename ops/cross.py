@@ -19,8 +19,8 @@ Backends:
     ``reference``: explicit ``S`` once, two softmaxes (over N and over M), plain PyTorch, the definition.
     ``sdpa``: one ``F.scaled_dot_product_attention`` per requested direction (``SDPA(q, k, v_k)`` and
         ``SDPA(k, q, v_q)`` with the transposed bias); any device, differentiable.
-    ``triton``: when ``v_q`` is given, M <= 128, no bias, no dropout: the reverse direction (N tokens over at most
-        128 keys) in the short-key kernels of :mod:`zoo.ops.triton.short_keys`, ``out_q`` through SDPA; chosen on
+    ``triton``: when ``v_q`` is given, M <= 256, no bias, no dropout: the reverse direction (N tokens over at most
+        256 keys) in the short-key kernels of :mod:`zoo.ops.triton.short_keys`, ``out_q`` through SDPA; chosen on
         CUDA when it can serve the call.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ Backends:
     ``reference``: explicit ``softmax(q k^T) v`` in plain PyTorch, the definition.
     ``sdpa``: one ``F.scaled_dot_product_attention`` call (flash / memory-efficient kernels where they apply);
         any device, differentiable in every input including ``bias``.
-    ``triton``: at most 128 keys, no bias, no dropout: every key in one tile, one kernel forward and one backward,
+    ``triton``: at most 256 keys, no bias, no dropout: every key in one tile, one kernel forward and one backward,
         deterministic (:mod:`zoo.ops.triton.short_keys`); chosen on CUDA when it can serve the call.
 """
 from __future__ import annotations

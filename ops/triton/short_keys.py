@@ -1,6 +1,7 @@
 """The ``triton`` backends of :func:`zoo.ops.downsampled_attention` and :func:`zoo.ops.cross_attention`: attention
-over a short key set (at most 128 keys: PVT's spatial reduction, 3,136 queries over 49 keys at stage 0; LookupViT's
-lookup tokens reading back from its 49 compressed tokens), forward in one kernel, backward in one more.
+over a short key set (at most 256 keys: PVT's spatial reduction, 3,136 queries over 49 keys at stage 0; LookupViT's
+lookup tokens reading back from its 49 compressed tokens; VOLO's self-attention, 196 tokens at 224, and its class
+attention over 197), forward in one kernel, backward in one more.
 
 Importing this module registers both backends (priority 20, above ``sdpa``) and the ``torch.library`` ops
 ``zoo::short_keys_attention_fwd`` / ``zoo::short_keys_attention_bwd``; it does not import triton (the kernels, in
@@ -45,7 +46,7 @@ __all__ = ["downsampled_attention_triton", "cross_attention_triton", "use_tiles"
 _OP = "downsampled_attention"
 _CROSS = "cross_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_KEYS = 128  # every key of a (batch, head) lives in one tile
+MAX_KEYS = 256  # every key of a (batch, head) lives in one tile
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 # programs a launch aims for (an H200 has 132 SMs): more chunks of query rows below this many (batch, head) programs
@@ -96,10 +97,24 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool) -> 
     return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
 
 
+def _default_block_t(m: int, dtype: torch.dtype, backward: bool) -> int:
+    """The query tile when use_tiles sets none.
+
+    float32 IEEE dots hold whole tiles in registers: 16 rows. 16-bit: 64 rows, but the backward's 16 above 128 keys,
+    where the key-wide float32 tiles (logits, their gradient, the dK/dV sums) of 64 rows spill (H200, bf16, VOLO-D1
+    self-attention at batch 64, 12 heads of 196 tokens x 32, kernel us forward / backward at 4 warps: 64-row tiles
+    47.6 / 190.0, 16-row 74.7 / 136.9, 32-row 74.7 / 288.5; one SDPA call forward and backward: flash 264.5, cuDNN
+    207.7).
+    """
+    if dtype == torch.float32:
+        return 16
+    return 16 if backward and m > 128 else 64
+
+
 @functools.lru_cache(maxsize=256)
 def _plan_for(b: int, heads: int, n: int, m: int, d: int, dv: int, dtype: torch.dtype, backward: bool,
               block_t: int | None, num_warps: int | None, num_stages: int | None) -> _Plan:
-    block_t = block_t or (16 if dtype == torch.float32 else 64)  # float32 IEEE dots hold whole tiles in registers
+    block_t = block_t or _default_block_t(m, dtype, backward)
     tiles = -(-n // block_t)
     pairs = max(1, b * heads)
     chunks = max(1, min(tiles, -(-_TARGET_PROGRAMS // pairs)))
@@ -159,7 +174,7 @@ def _forward_fake(q, k, v, scale):
 
 @kernel_op("zoo::short_keys_attention_fwd", fake=_forward_fake)
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over at most 128 keys: (B, heads, N, d_v), token-major memory."""
+    """softmax(q k^T * scale) v over at most 256 keys: (B, heads, N, d_v), token-major memory."""
     with on_device(q):
         return _launch_forward(q, k, v, scale, traced)
 
@@ -227,11 +242,11 @@ def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 def downsampled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                                  bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention over at most 128 keys with the Triton kernels (the arguments of
+    """Attention over at most 256 keys with the Triton kernels (the arguments of
     :func:`zoo.ops.downsampled_attention`, heads split).
 
     Args:
-        q: (B, heads, N, d); k: (B, heads, M, d), M <= 128; v: (B, heads, M, d_v); any strides, one dtype among
+        q: (B, heads, N, d); k: (B, heads, M, d), M <= 256; v: (B, heads, M, d_v); any strides, one dtype among
             float32/float16/bfloat16, on CUDA (or CPU under ``TRITON_INTERPRET=1``, not bf16).
         bias, dropout_p: must be None and 0 (neither is fused; dispatch sends such calls elsewhere).
 

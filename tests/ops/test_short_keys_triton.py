@@ -1,4 +1,4 @@
-"""downsampled_attention and cross_attention ``triton`` backends (attention over at most 128 keys): against the
+"""downsampled_attention and cross_attention ``triton`` backends (attention over at most 256 keys): against the
 reference backend in Triton's CPU interpreter (subprocess with TRITON_INTERPRET=1, fp32/fp16, tiny shapes, split
 backward) and on the GPU (PVT and LookupViT shapes, fp32/fp16/bf16, determinism, torch.compile); refusals on plain
 CPU."""
@@ -89,6 +89,11 @@ def test_plans_split_the_queries_only_when_the_pairs_are_few():
     many = torch.empty(64, 8, 196, 64, dtype=torch.bfloat16)
     assert tk._plan(many, k[:64].expand(64, 8, 49, 64), v[:64].expand(64, 8, 49, 64), True).grid == (512, 1)
     assert tk._plan(q.float(), k.float(), v.float(), False).constexprs["BLOCK_T"] == 16
+    volo = torch.empty(64, 12, 196, 32, dtype=torch.bfloat16)  # above 128 keys the backward takes 16-row tiles
+    backward = tk._plan(volo, volo, volo, True).constexprs
+    assert (backward["BLOCK_T"], backward["BLOCK_M"]) == (16, 256)
+    assert tk._plan(volo, volo, volo, False).constexprs["BLOCK_T"] == 64
+    assert tk._plan(volo, volo[:, :, :128], volo[:, :, :128], True).constexprs["BLOCK_T"] == 64
     with tk.use_tiles(block_t=32, num_warps=2, num_stages=3):
         plan = tk._plan(q, k, v, False)
         assert plan.constexprs["BLOCK_T"] == 32 and plan.options == {"num_warps": 2, "num_stages": 3}
@@ -105,6 +110,7 @@ INTERPRETER_CASES = [
     (1, 3, 70, 33, 16, 24),   # several query tiles, d_v != d
     (3, 1, 50, 49, 32, 32),   # one head: PVT's stage-0 case, split into chunks
     (1, 2, 17, 128, 16, 16),  # a full 128-key tile
+    (1, 2, 20, 197, 16, 16),  # VOLO's class attention width: a 256-key tile, the backward's 16-row default tiles
     (2, 2, 12, 9, 16, 16),    # one query tile: no split, the gradients written directly
 ]
 
@@ -175,11 +181,13 @@ def _interpreter_cross_checks() -> None:
 def _interpreter_fp16_and_compile_checks() -> None:
     """fp16 vs a float64 oracle; custom-op registration (opcheck); a graph-break-free trace equal to eager."""
     warnings.filterwarnings("error", message=".*falling back")
-    tensors = make_inputs(2, 2, 40, 9, 16, 16, dtype=torch.float16, seed=1)
-    got = out_and_grads(tensors, "triton", 0.25)
-    want = float64_out_and_grads(tensors, 0.25)
-    for name, x, y in zip(NAMES, got, want):
-        assert_close_to(x, y, 4e-3, 3e-3, f"fp16 {name}")
+    # the second case: a 256-key tile, which the 16-bit backward walks in 16-row query tiles (the forward in 64)
+    for case in ((2, 2, 40, 9, 16, 16), (1, 2, 70, 197, 16, 16)):
+        tensors = make_inputs(*case, dtype=torch.float16, seed=1)
+        got = out_and_grads(tensors, "triton", 0.25)
+        want = float64_out_and_grads(tensors, 0.25)
+        for name, x, y in zip(NAMES, got, want):
+            assert_close_to(x, y, 4e-3, 3e-3, f"fp16 {name} {case}")
 
     q, k, v = make_inputs(1, 2, 12, 10, 16, 16, seed=2)
     torch.library.opcheck(torch.ops.zoo.short_keys_attention_fwd.default, (q, k, v, 0.25),
@@ -208,7 +216,10 @@ SHAPES = {  # (heads, N, M, d)
     "pvt_s0": (1, 3136, 49, 64),     # PVT-S / Agent-PVT stage 0: 56x56 queries over 7x7 reduced keys (sr 8)
     "pvt_s1": (2, 784, 49, 64),      # stage 1 (sr 4)
     "pvt_s2": (5, 196, 49, 64),      # stage 2 (sr 2)
-    "keys_128": (4, 300, 128, 32),   # the widest key tile
+    "keys_128": (4, 300, 128, 32),   # a full 128-key tile
+    "volo": (12, 196, 196, 32),      # VOLO-D1 self-attention (14x14 tokens), 16-row backward tiles
+    "volo_cls": (12, 1, 197, 32),    # VOLO's class attention: one query over the class token and 196 tokens
+    "keys_256": (4, 300, 256, 32),   # the widest key tile
 }
 GPU_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1.5e-2)}
 
