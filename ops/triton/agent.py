@@ -289,8 +289,8 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         *agent.stride(), *_bias_strides(agent_bias), *_token_strides(dk), *_token_strides(dv), s.heads, s.m, s.a,
         plan.query_splits, scale, scale * _LOG2E, HAS_AB=agent_bias is not None, AB_GRAD=agent_bias_grad, **flags)
     # the splits' d(agent) partials, queries' then keys', summed in a fixed order
-    total = parts_q.sum(0).add_(parts_k.sum(0)).view(s.b, s.heads, s.a, s.d).mul_(scale)
-    da.copy_(total)
+    total = parts_q.sum(0).add_(parts_k.sum(0)).view(s.b, s.heads, s.a, s.d)
+    torch.mul(total, scale, out=da)  # scaled in float32, rounded once into da's dtype
     return dq, dk, dv, da, dab, dqb
 
 
@@ -505,14 +505,14 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale)[0]
 
 
-def _add_pooling_grad(dq: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int, int],
-                      agent_grid: tuple[int, int], prefix: int, launch=direct) -> None:
-    """Add the agents' gradient (B, heads, A, d) to the grid queries' ``dq`` (B, heads, N, d, token-major, in
-    place) through the pooling, as autograd differentiates :func:`~zoo.ops.agent.pool_agent_tokens` (one launch of
-    ``pooling_grad_kernel``: each grid token gathers its windows' shares)."""
+def _add_pooling_grad(rows: torch.Tensor, d_agents: torch.Tensor, grid: tuple[int, int],
+                      agent_grid: tuple[int, int], launch=direct) -> None:
+    """Add the agents' gradient (B, heads, A, d) to the grid queries' gradient ``rows`` (B, H * W, heads * d, a
+    view with unit channel stride, in place) through the pooling, as autograd differentiates
+    :func:`~zoo.ops.agent.pool_agent_tokens` (one launch of ``pooling_grad_kernel``: each grid token gathers its
+    windows' shares)."""
     b, heads, a, d = d_agents.shape
     (h, w), (ga, gb) = grid, agent_grid
-    rows = _grid_tokens(dq, prefix)  # (B, H * W, C) view
     d_agents = d_agents.transpose(1, 2).reshape(b, a, heads * d)
     if rows.numel() == 0:
         return
@@ -556,7 +556,7 @@ class _PooledAgentAttention(torch.autograd.Function):
         with on_device(q):
             dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None,
                                                         agent_v, lse, scale, *ctx.bias_grads)
-        _add_pooling_grad(dq, da, grid, agent_grid, prefix)
+        _add_pooling_grad(_grid_tokens(dq, prefix), da, grid, agent_grid)
         dw = db = None
         if w is not None:
             # the conv term's gradients: the grid rows of the output's gradient in the conv's dtype (as autograd casts
@@ -586,15 +586,32 @@ def _packed_reason(qkv, conv_weight, conv_bias, agent_bias, query_bias) -> str |
     return None
 
 
+# The packed ops run eagerly inside a compiled step, once a block each way: their views are made in as few tensor
+# calls as possible (each costs host time; splitting one dimension is always a view, whatever the strides).
+
+
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, n, heads * d) -> its (B, heads, n, d) view."""
-    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
     """(B, N, 3 * heads * d) -> q, k, v (B, heads, N, d) views."""
-    c = qkv.shape[-1] // 3
-    return tuple(_heads(qkv[..., i * c:(i + 1) * c], heads) for i in range(3))
+    b, n, c3 = qkv.shape
+    return qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _third(t: torch.Tensor, i: int) -> torch.Tensor:
+    """(B, N, 3 * C) -> its i-th (B, N, C) channel third (q, k or v of a qkv projection or its gradient)."""
+    c = t.shape[-1] // 3
+    return t.narrow(-1, i * c, c)
+
+
+def _token_map(t: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, C) tokens -> the grid tokens' (B, H, W, C) map, a view."""
+    b, _, c = t.shape
+    return (t[:, prefix:] if prefix else t).view(b, *grid, c)
 
 
 def _packed_forward_fake(qkv, agents, agent_bias, query_bias, conv_weight, conv_bias, heads, grid, agent_grid,
@@ -629,13 +646,14 @@ def _packed_forward_op(qkv: torch.Tensor, agents: torch.Tensor, agent_bias: Opti
     attn = attn.transpose(1, 2).reshape(b, n, c)  # (token-major memory: a view)
     if conv_weight is None:
         return attn, attn.new_empty((0,)), agent_v, lse
+    values = _token_map(_third(qkv, 2), prefix, grid)
     if prefix:
         out = attn.clone()
-        conv_launch(_grid_maps(v, prefix, grid), conv_weight, conv_bias, out[:, prefix:].view(b, *grid, c),
-                    conv_weight.dtype, out.dtype, inplace=True)
+        conv_launch(values, conv_weight, conv_bias, _token_map(out, prefix, grid), conv_weight.dtype, out.dtype,
+                    inplace=True)
     else:
-        out = conv_launch(_grid_maps(v, prefix, grid), conv_weight, conv_bias, attn.view(b, *grid, c),
-                          conv_weight.dtype, attn.dtype).view(b, n, c)
+        out = conv_launch(values, conv_weight, conv_bias, attn.view(b, *grid, c), conv_weight.dtype,
+                          attn.dtype).view(b, n, c)
     return out, attn, agent_v, lse
 
 
@@ -674,13 +692,15 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tenso
         *_, da, dab, dqb = _launch_backward(g, q, k, v, _heads(agents, heads), agent_bias, query_bias,
                                             _heads(attn, heads), agent_v, lse, scale, agent_bias_grad,
                                             query_bias_grad, into=(dq, dk, dv))
-        _add_pooling_grad(dq, da, grid, agent_grid, prefix)
+        dq_rows = _third(dqkv, 0)
+        _add_pooling_grad(dq_rows[:, prefix:] if prefix else dq_rows, da, grid, agent_grid)
         dw = db = None
         if conv_weight is not None:
             dtype = conv_weight.dtype
             dtypes = (dtype if weight_grad or bias_grad else None, dtype if bias_grad else None)
-            _, dw, db = conv_backward(_grid_maps(g, prefix, grid), _grid_maps(v, prefix, grid), conv_weight,
-                                      conv_weight.shape[-1], dtypes, into=_grid_maps(dv, prefix, grid))
+            _, dw, db = conv_backward(_token_map(grad, prefix, grid), _token_map(_third(qkv, 2), prefix, grid),
+                                      conv_weight, conv_weight.shape[-1], dtypes,
+                                      into=_token_map(_third(dqkv, 2), prefix, grid))
     empty = qkv.new_empty((0,))
     return dqkv, dab, dqb, empty.clone() if dw is None else dw, empty.clone() if db is None else db
 

@@ -100,8 +100,8 @@ def _agent_pooling_grad(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype)
     q, k, v = (_randn(2, heads, hw * hw, d, dtype=dtype) for _ in range(3))
     agent = _randn(2, heads, g * g, d, dtype=dtype)
     ta._launch_forward(q, k, v, agent, None, None, d ** -0.5, launch, stats=False)
-    dq = _randn(2, hw * hw, 3 * heads * d, dtype=dtype)[..., :heads * d].unflatten(-1, (heads, d)).transpose(1, 2)
-    ta._add_pooling_grad(dq, _randn(2, g * g, heads, d, dtype=dtype).transpose(1, 2), (hw, hw), (g, g), 0, launch)
+    dq_rows = _randn(2, hw * hw, 3 * heads * d, dtype=dtype)[..., :heads * d]
+    ta._add_pooling_grad(dq_rows, _randn(2, g * g, heads, d, dtype=dtype).transpose(1, 2), (hw, hw), (g, g), launch)
 
 
 def _short_keys(launch: LaunchRecorder, monkeypatch, batch: int, dtype: torch.dtype) -> None:

@@ -196,13 +196,13 @@ def _pooling_grad_checks() -> None:
             g = torch.Generator().manual_seed(h * w)
             b, c, a = 2, heads * d, agent_grid[0] * agent_grid[1]
             buffer = torch.randn(b, 1 + h * w, 3 * c, generator=g).to(dtype)
-            dq = buffer[..., :c].unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, N, d) token-major view
+            rows = buffer[:, 1:, :c]  # the grid queries' third of a qkv gradient after one prefix token
             da = torch.randn(b, a, heads, d, generator=g).to(dtype).transpose(1, 2)
             q = torch.zeros(b, h * w, c, dtype=dtype, requires_grad=True)
             pooled, = torch.autograd.grad(pool_agent_tokens(q, (h, w), agent_grid), q, da.transpose(1, 2).flatten(2))
             want = buffer.clone()
             want[:, 1:, :c] = (want[:, 1:, :c].float() + pooled.float()).to(dtype)
-            ta._add_pooling_grad(dq, da, (h, w), agent_grid, 1)
+            ta._add_pooling_grad(rows, da, (h, w), agent_grid)
             assert_close_to(buffer, want, tol, tol, f"pooling gradient {(h, w)} -> {agent_grid} {dtype}")
 
 
