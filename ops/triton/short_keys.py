@@ -102,9 +102,9 @@ def _default_block_t(m: int, dtype: torch.dtype, backward: bool) -> int:
 
     float32 IEEE dots hold whole tiles in registers: 16 rows. 16-bit: 64 rows, but the backward's 16 above 128 keys,
     where the key-wide float32 tiles (logits, their gradient, the dK/dV sums) of 64 rows spill (H200, bf16, VOLO-D1
-    self-attention at batch 64, 12 heads of 196 tokens x 32, kernel us forward / backward at 4 warps: 64-row tiles
-    47.6 / 190.0, 16-row 74.7 / 136.9, 32-row 74.7 / 288.5; one SDPA call forward and backward: flash 264.5, cuDNN
-    207.7).
+    self-attention at batch 64, 12 heads of 196 tokens x 32, kernel us at 4 warps, forward (2 stages) / backward (1
+    stage): 64-row tiles 48.2 / 190.0, 32-row 74.7 / 443.9, 16-row 75.2 / 136.9; one SDPA call forward and backward:
+    flash 264.5, cuDNN 207.7).
     """
     if dtype == torch.float32:
         return 16
