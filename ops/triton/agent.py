@@ -608,10 +608,15 @@ def _third(t: torch.Tensor, i: int) -> torch.Tensor:
     return t.narrow(-1, i * c, c)
 
 
+def _grid_rows(t: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, N, C) tokens -> the (B, N - prefix, C) grid tokens (``t`` itself without a prefix: no slice call)."""
+    return t[:, prefix:] if prefix else t
+
+
 def _token_map(t: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
     """(B, N, C) tokens -> the grid tokens' (B, H, W, C) map, a view."""
     b, _, c = t.shape
-    return (t[:, prefix:] if prefix else t).view(b, *grid, c)
+    return _grid_rows(t, prefix).view(b, *grid, c)
 
 
 def _packed_forward_fake(qkv, agents, agent_bias, query_bias, conv_weight, conv_bias, heads, grid, agent_grid,
@@ -692,8 +697,7 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tenso
         *_, da, dab, dqb = _launch_backward(g, q, k, v, _heads(agents, heads), agent_bias, query_bias,
                                             _heads(attn, heads), agent_v, lse, scale, agent_bias_grad,
                                             query_bias_grad, into=(dq, dk, dv))
-        dq_rows = _third(dqkv, 0)
-        _add_pooling_grad(dq_rows[:, prefix:] if prefix else dq_rows, da, grid, agent_grid)
+        _add_pooling_grad(_grid_rows(_third(dqkv, 0), prefix), da, grid, agent_grid)
         dw = db = None
         if conv_weight is not None:
             dtype = conv_weight.dtype

@@ -110,7 +110,7 @@ INTERPRETER_CASES = [
     (1, 3, 70, 33, 16, 24),   # several query tiles, d_v != d
     (3, 1, 50, 49, 32, 32),   # one head: PVT's stage-0 case, split into chunks
     (1, 2, 17, 128, 16, 16),  # a full 128-key tile
-    (1, 2, 20, 197, 16, 16),  # VOLO's class attention width: a 256-key tile, the backward's 16-row default tiles
+    (1, 2, 20, 197, 16, 16),  # VOLO's class attention width: a 256-key tile
     (2, 2, 12, 9, 16, 16),    # one query tile: no split, the gradients written directly
 ]
 
