@@ -18,7 +18,8 @@ stored), and the programs are (batch, head, chunk of query rows):
   is deterministic, without atomics.
 
 The backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
-batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README has the figures).
+batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README's operator table has
+the figures).
 
 Layouts: inputs are read through their strides; the output and dQ are (B, heads, N, d) views of contiguous
 (B, N, heads, d) memory (the models' ``transpose(1, 2).reshape`` back to (B, N, C) is free), dK/dV likewise.
