@@ -95,10 +95,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, N, C) -> (B, N, C); ``grid`` is unused (same call as :class:`AgentAttention`)."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # Global attention = the downsampled-attention op with no reduction (keys are all tokens).
+        qkv = self.qkv(x)
+        q, k, v = qkv.chunk(3, dim=-1)
+        # Global attention = the downsampled-attention op with no reduction (keys are all tokens); qkv: training's
+        # backward then writes the projection's gradient in one buffer.
         out = downsampled_attention(q, k, v, num_heads=self.num_heads,
-                                    dropout_p=self.attn_drop if self.training else 0.0)
+                                    dropout_p=self.attn_drop if self.training else 0.0, qkv=qkv)
         return self.proj_drop(self.proj(out))
 
 

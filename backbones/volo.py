@@ -121,9 +121,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         b, height, width, channels = x.shape
-        qkv = self.qkv(x).reshape(b, height * width, 3, self.num_heads, channels // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        n, d = height * width, channels // self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3 * channels)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        # qkv: training's backward then writes the projection's gradient in one buffer
+        x = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
+                                  qkv=qkv)
         x = x.transpose(1, 2).reshape(b, height, width, channels)
         return self.proj_drop(self.proj(x))
 

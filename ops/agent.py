@@ -33,6 +33,7 @@ from ._amp import compute_dtype
 from ._cache import cached_constant
 from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
+from ._qkv import check_qkv, qkv_offsets
 from ._sdpa import sdpa
 from .depthwise_conv import _check_inputs as _check_conv_inputs, depthwise_conv
 from .triton import needs_grad
@@ -257,11 +258,11 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else grid
     agent_grid = tuple(agent_grid) if isinstance(agent_grid, (tuple, list)) else agent_grid
     key = call_key(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid, prefix, scale,
-                   dropout_p, qkv, _offsets_in(qkv, q, k, v))
+                   dropout_p, qkv, qkv_offsets(qkv, q, k, v))
     if not validated(_POOLED_OP, key):
         _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bias, agent_bias, query_bias,
                              dropout_p)
-        _check_qkv(qkv, q, k, v)
+        check_qkv(_POOLED_OP, qkv, q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return dispatch(_POOLED_OP, backend, q, k, v, conv_weight, conv_bias, grid=grid, agent_grid=agent_grid,
@@ -302,39 +303,6 @@ def _check_pooled_inputs(q, k, v, grid, agent_grid, prefix, conv_weight, conv_bi
     # the rest of the conv's rules (floating point, devices, dtypes outside autocast) are depthwise_conv's, which the
     # fused backend does not call
     _check_conv_inputs(_grid_maps(v, prefix, grid), conv_weight, conv_bias, None, grid, compute_dtype(v))
-
-
-def _offsets_in(qkv: torch.Tensor | None, *views: torch.Tensor) -> tuple[int, ...] | None:
-    """Where each view starts in qkv's memory (bytes), for the call key: :func:`_check_qkv` reads addresses, so a
-    call whose views lie elsewhere in qkv is checked again. None without qkv or while tracing (no addresses)."""
-    if qkv is None or torch.compiler.is_compiling():
-        return None
-    base = qkv.data_ptr()
-    return tuple(t.data_ptr() - base for t in views)
-
-
-def _check_qkv(qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """qkv, when given, must be the (B, N, 3 * heads * d) tensor whose head-split views q, k and v are (in eager
-    calls also checked by address: a traced graph computes from qkv alone)."""
-    if qkv is None:
-        return
-    b, heads, n, d = q.shape
-    want = (b, n, 3 * heads * d)
-    if not isinstance(qkv, torch.Tensor) or tuple(qkv.shape) != want or qkv.stride(-1) != 1:
-        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"pooled_agent_attention: qkv must be the (B, N, 3 * heads * d) = {want} projection q, k and "
-                         f"v are head-split views of (channels contiguous), got {got}")
-    if torch.compiler.is_compiling() or qkv.numel() == 0:  # (an empty tensor's views share no addresses to check)
-        return
-    size = qkv.element_size()
-    for i, (name, t) in enumerate((("q", q), ("k", k), ("v", v))):
-        view = (t.shape[-1] == d and t.dtype == qkv.dtype and t.stride(0) == qkv.stride(0)
-                and t.stride(2) == qkv.stride(1) and t.stride(1) == d and t.stride(3) == 1
-                and t.data_ptr() == qkv.data_ptr() + i * heads * d * size)
-        if not view:
-            raise ValueError(f"pooled_agent_attention: {name} is not the head-split view of qkv's channels "
-                             f"[{i * heads * d}, {(i + 1) * heads * d}) (shape {tuple(t.shape)}, strides "
-                             f"{t.stride()}); pass qkv=None for q, k, v of other memory")
 
 
 def _agents_like(q: torch.Tensor, agent_grid: tuple[int, int]) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ._sdpa import mixed_dtypes_reason, sdpa
 from ._checks import broadcasts_to, check_float_tensors
 from ._dispatch import call_key, dispatch, register_backend, validated
+from ._qkv import check_qkv, qkv_offsets
 
 __all__ = ["downsampled_attention"]
 
@@ -35,7 +36,7 @@ _OP = "downsampled_attention"
 
 def downsampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int | None = None,
                           bias: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          backend: str | None = None) -> torch.Tensor:
+                          qkv: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Attention of every query over a spatially reduced key/value set.
 
     Args:
@@ -48,12 +49,16 @@ def downsampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
             (1, heads, N, M)); ``-inf`` entries mask keys. Every query must keep at least one key.
         scale: logit scale; ``d ** -0.5`` when None.
         dropout_p: dropout on the attention map (pass 0 in eval; backends draw different masks).
+        qkv: for self-attention, the (B, N, 3 * heads * d) projection whose head-split views q, k and v are (q, k,
+            v each heads * d channels, in that order; with the 3-d layout, its thirds), or None. It changes no value:
+            in training the ``triton`` backend then runs on qkv itself, and its backward writes qkv's gradient in
+            one buffer where autograd would stack q's, k's and v's gradients in one more pass.
         backend: ``"reference"``, ``"sdpa"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
 
     Returns:
         (B, heads, N, d_v), or (B, N, heads * d_v) for token-layout inputs, in the dtype of ``q``.
     """
-    key = call_key(q, k, v, num_heads, bias, scale, dropout_p)
+    key = call_key(q, k, v, num_heads, bias, scale, dropout_p, qkv, qkv_offsets(qkv, q, k, v))
     checked = validated(_OP, key)
     tokens_layout = q.ndim == 3 if checked else _check_layout(q, k, v, num_heads)
     if tokens_layout:
@@ -63,9 +68,11 @@ def downsampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         _check_bias(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"{_OP}: dropout_p must be in [0, 1), got {dropout_p}")
+        check_qkv(_OP, qkv, q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out = dispatch(_OP, backend, q, k, v, bias=bias, scale=float(scale), dropout_p=float(dropout_p), key=key)
+    out = dispatch(_OP, backend, q, k, v, bias=bias, scale=float(scale), dropout_p=float(dropout_p), qkv=qkv,
+                   key=key)
     return _merge_heads(out) if tokens_layout else out
 
 
@@ -127,7 +134,7 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _reference(q, k, v, *, bias, scale, dropout_p):
+def _reference(q, k, v, *, bias, scale, dropout_p, qkv=None):
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
@@ -138,7 +145,7 @@ def _reference(q, k, v, *, bias, scale, dropout_p):
     return attn @ v
 
 
-def _sdpa(q, k, v, *, bias, scale, dropout_p):
+def _sdpa(q, k, v, *, bias, scale, dropout_p, qkv=None):
     mask = None if bias is None else bias.to(q.dtype)  # autocast keeps a bias parameter in float32
     return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 

@@ -53,6 +53,7 @@ import torch
 
 from .._amp import compute_dtype
 from .._dispatch import register_backend
+from .._qkv import split_qkv
 from ..agent import _agents_like, _grid_maps, _grid_tokens, _window_membership, pool_agent_tokens
 from ..depthwise_conv import _conv_weights, _launch as conv_launch, conv_backward
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
@@ -596,12 +597,6 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
-    """(B, N, 3 * heads * d) -> q, k, v (B, heads, N, d) views."""
-    b, n, c3 = qkv.shape
-    return qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _third(t: torch.Tensor, i: int) -> torch.Tensor:
     """(B, N, 3 * C) -> its i-th (B, N, C) channel third (q, k or v of a qkv projection or its gradient)."""
     c = t.shape[-1] // 3
@@ -644,7 +639,7 @@ def _packed_forward_op(qkv: torch.Tensor, agents: torch.Tensor, agent_bias: Opti
     backward. The separate kernels: the agent forward kernel, the depthwise conv's with the attention's output as
     its residual."""
     grid, agent_grid = tuple(grid), tuple(agent_grid)
-    q, k, v = _split_qkv(qkv, heads)
+    q, k, v = split_qkv(qkv, heads)
     with on_device(qkv):
         attn, agent_v, lse = _launch_forward(q, k, v, _heads(agents, heads), agent_bias, query_bias, scale)
     b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
@@ -689,9 +684,9 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tenso
     grid rows and the conv's input gradient into dv's), the float32 per-(batch, head) logit gradients of the biases,
     and the conv's weight and bias gradients in the compute dtype (each empty unless asked for)."""
     grid, agent_grid = tuple(grid), tuple(agent_grid)
-    q, k, v = _split_qkv(qkv, heads)
+    q, k, v = split_qkv(qkv, heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    dq, dk, dv = _split_qkv(dqkv, heads)
+    dq, dk, dv = split_qkv(dqkv, heads)
     g = _heads(grad, heads)
     with on_device(qkv):
         *_, da, dab, dqb = _launch_backward(g, q, k, v, _heads(agents, heads), agent_bias, query_bias,

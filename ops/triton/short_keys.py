@@ -17,6 +17,10 @@ stored), and the programs are (batch, head, chunk of query rows):
   stage 0), the queries are split into chunks whose float32 dK/dV partials torch sums in a fixed order: the backward
   is deterministic, without atomics.
 
+Self-attention given its qkv projection (``qkv=``, whose head-split views q, k and v are): training calls run on
+the projection (ops ``zoo::short_keys_qkv_attention_fwd`` / ``_bwd`` when traced), and the backward writes dq, dk and
+dv into the thirds of one gradient buffer, where autograd (or inductor) would stack the three in one more pass.
+
 The backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
 batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README's operator table has
 the figures).
@@ -36,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from .._dispatch import register_backend
+from .._qkv import split_qkv
 from .._sdpa import sdpa
 from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent, kernel_op,
                kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, token_major, traced,
@@ -140,27 +145,32 @@ def _launch_forward(q, k, v, scale: float, launch=direct) -> torch.Tensor:
     return out
 
 
-def _launch_backward(grad_out, q, k, v, scale: float, launch=direct):
+def _launch_backward(grad_out, q, k, v, scale: float, launch=direct, into=None):
+    """dq, dk, dv: fresh token-major tensors, or written into ``into``'s three (B, heads, tokens, d) views, whose
+    heads lie side by side in each token (the thirds of a qkv projection's gradient)."""
     b, heads, n, d = q.shape
     m, dv_width = k.shape[2], v.shape[3]
-    dq = token_major(b, heads, n, d, q)
+    dq, dk, dv = into or (token_major(b, heads, n, d, q), token_major(b, heads, m, d, k),
+                          token_major(b, heads, m, dv_width, v))
     if b * heads == 0 or n == 0:
-        return dq, token_major(b, heads, m, d, k).zero_(), token_major(b, heads, m, dv_width, v).zero_()
+        return dq, dk.zero_(), dv.zero_()
     plan = _plan(q, k, v, True)
     splits = plan.grid[1]
     if splits == 1:  # one program per (batch, head): it writes the gradients themselves
-        dk, dv = token_major(b, heads, m, d, k), token_major(b, heads, m, dv_width, v)
         dk_mem, dv_mem, dk_split, dv_split = dk, dv, 0, 0
+        kv_strides = (dk.stride(0), dk.stride(2), dv.stride(0), dv.stride(2))  # (batch, token) of each
     else:  # float32 partial sums per chunk, (splits, B, M, heads, d), summed below in a fixed order
         dk_mem = torch.empty((splits, b, m, heads, d), device=q.device, dtype=torch.float32)
         dv_mem = torch.empty((splits, b, m, heads, dv_width), device=q.device, dtype=torch.float32)
         dk_split, dv_split = dk_mem.stride(0), dv_mem.stride(0)
+        kv_strides = (dk_mem.stride(1), dk_mem.stride(2), dv_mem.stride(1), dv_mem.stride(2))
     launch(_kernels()._backward_kernel)[plan.grid](
         grad_out, q, k, v, dq, dk_mem, dv_mem, *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
-        dk_split, dv_split, *plan.runtime, scale, scale * _LOG2E, **plan.options, **plan.constexprs)
+        dq.stride(0), dq.stride(2), *kv_strides, dk_split, dv_split, *plan.runtime, scale, scale * _LOG2E,
+        **plan.options, **plan.constexprs)
     if splits > 1:
-        dk = dk_mem.sum(0).to(k.dtype).transpose(1, 2)
-        dv = dv_mem.sum(0).to(v.dtype).transpose(1, 2)
+        dk.copy_(dk_mem.sum(0).transpose(1, 2))  # one rounding to the gradient's dtype, in the copy
+        dv.copy_(dv_mem.sum(0).transpose(1, 2))
     return dq, dk, dv
 
 
@@ -227,22 +237,95 @@ class _EagerShortKeys(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# training on a qkv projection (self-attention): the backward writes qkv's gradient in one buffer, where autograd
+# would stack dq, dk and dv (one more pass over them, and in eager code the unbind's and permute's nodes)
+
+
+def _packed_backward(grad_out, qkv, heads: int, scale: float, launch=direct) -> torch.Tensor:
+    """The gradient (B, N, 3 * heads * d) of a (B, N, 3 * heads * d) qkv projection: dq, dk and dv written by the
+    backward kernel into its thirds."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _launch_backward(grad_out, *split_qkv(qkv, heads), scale, launch, into=split_qkv(dqkv, heads))
+    return dqkv
+
+
+def _packed_forward_fake(qkv, heads, scale):
+    b, n, c3 = qkv.shape
+    return token_major(b, heads, n, c3 // (3 * heads), qkv)
+
+
+@kernel_op("zoo::short_keys_qkv_attention_fwd", fake=_packed_forward_fake)
+def _packed_forward_op(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """The attention of a (B, N, 3 * heads * d) qkv projection's head-split views: (B, heads, N, d), token-major
+    memory (N <= 256)."""
+    with on_device(qkv):
+        return _launch_forward(*split_qkv(qkv, heads), scale, traced)
+
+
+def _packed_backward_fake(grad_out, qkv, heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+@kernel_op("zoo::short_keys_qkv_attention_bwd", fake=_packed_backward_fake)
+def _packed_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Deterministic backward: qkv's gradient (B, N, 3 * heads * d) in one buffer."""
+    with on_device(qkv):
+        return _packed_backward(grad_out, qkv, heads, scale, traced)
+
+
+def _packed_setup_context(ctx, inputs, output) -> None:
+    qkv, heads, scale = inputs
+    ctx.save_for_backward(qkv)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _packed_autograd_backward(ctx, grad_out):
+    qkv, = ctx.saved_tensors
+    return _packed_backward_op(grad_out, qkv, ctx.heads, ctx.scale), None, None
+
+
+_packed_forward_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
+
+
+class _EagerPackedShortKeys(torch.autograd.Function):
+    """The packed kernels without the custom-op layer, for eager training calls."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads, scale):
+        with on_device(qkv):
+            out = _launch_forward(*split_qkv(qkv, heads), scale)
+        _packed_setup_context(ctx, (qkv, heads, scale), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, = ctx.saved_tensors
+        with on_device(qkv):
+            return _packed_backward(grad_out, qkv, ctx.heads, ctx.scale), None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the backend
 
 
-def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          qkv: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v with the kernels, through the path that fits the caller (compiled, inference, eager
-    training)."""
+    training; in training on ``qkv`` itself when q, k and v are its views)."""
+    packed = qkv is not None and needs_grad(qkv)
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, scale)
+        return _packed_forward_op(qkv, q.shape[1], scale) if packed else _forward_op(q, k, v, scale)
     if not needs_grad(q, k, v):  # inference: no autograd node, nothing saved
         with on_device(q):
             return _launch_forward(q, k, v, scale)
+    if packed:
+        return _EagerPackedShortKeys.apply(qkv, q.shape[1], scale)
     return _EagerShortKeys.apply(q, k, v, scale)
 
 
 def downsampled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                                 bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                                 bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 qkv: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over at most 256 keys with the Triton kernels (the arguments of
     :func:`zoo.ops.downsampled_attention`, heads split).
 
@@ -250,12 +333,15 @@ def downsampled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q: (B, heads, N, d); k: (B, heads, M, d), M <= 256; v: (B, heads, M, d_v); any strides, one dtype among
             float32/float16/bfloat16, on CUDA (or CPU under ``TRITON_INTERPRET=1``, not bf16).
         bias, dropout_p: must be None and 0 (neither is fused; dispatch sends such calls elsewhere).
+        qkv: None, or the (B, N, 3 * heads * d) projection whose head-split views q, k and v are (checked by
+            :func:`zoo.ops.downsampled_attention`): training calls then run on it, and the backward returns its
+            gradient in one buffer.
 
     Returns:
         (B, heads, N, d_v) in q's dtype, a view of token-major (B, N, heads, d_v) memory.
     """
     _refuse_unfused(_OP, bias, dropout_p)
-    return _short_keys_attention(q, k, v, scale)
+    return _short_keys_attention(q, k, v, scale, qkv)
 
 
 def cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v_k: torch.Tensor | None, v_q: torch.Tensor | None, *,
@@ -296,7 +382,8 @@ def _cross_supports(q: torch.Tensor, k: torch.Tensor, v_k: torch.Tensor | None, 
 
 
 def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> str | None:
+              bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+              qkv: torch.Tensor | None = None) -> str | None:
     """Why the downsampled-attention triton backend cannot serve these arguments, or None."""
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; needs one of float32/float16/bfloat16"
@@ -311,7 +398,8 @@ def _supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}; the kernels take at most {MAX_HEAD_DIM}"
     b, heads, n, _ = q.shape
-    if any(item_extent(t) > INT32_MAX for t in (q, k, v)) or n * heads * max(q.shape[-1], v.shape[-1]) > INT32_MAX:
+    if (any(item_extent(t) > INT32_MAX for t in (q, k, v)) or n * heads * max(q.shape[-1], v.shape[-1]) > INT32_MAX
+            or (qkv is not None and item_extent(qkv) > INT32_MAX)):
         return "tensors too large for the kernels' 32-bit in-item offsets"
     return device_reason(q.device, (q.dtype,), _kernels_interpreted())
 

@@ -88,6 +88,26 @@ def test_argument_errors(randn, call, match):
         call(q, k, v)
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_qkv_changes_no_value_and_must_hold_the_views(backend):
+    b, heads, n, d = 2, 3, 10, 8
+    qkv = torch.randn(b, n, 3 * heads * d, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    g = torch.randn(b, heads, n, d, dtype=torch.float64)
+    with_qkv = downsampled_attention(q, k, v, qkv=qkv, backend=backend)
+    without = downsampled_attention(q, k, v, backend=backend)
+    assert torch.equal(with_qkv, without)
+    assert torch.equal(*(torch.autograd.grad(out, qkv, g)[0] for out in (with_qkv, without)))
+    tokens = downsampled_attention(*qkv.chunk(3, dim=-1), num_heads=heads, qkv=qkv, backend=backend)
+    assert torch.equal(tokens, without.transpose(1, 2).reshape(b, n, heads * d))
+    with pytest.raises(ValueError, match=r"qkv must be the \(B, N, 3 \* heads \* d\) = \(2, 10, 72\)"):
+        downsampled_attention(q, k, v, qkv=qkv[:, :, :48])
+    with pytest.raises(ValueError, match=r"k is not the head-split view of qkv's channels \[24, 48\)"):
+        downsampled_attention(q, v, k, qkv=qkv)  # k and v swapped
+    with pytest.raises(ValueError, match="q is not the head-split view"):
+        downsampled_attention(q.clone(), k, v, qkv=qkv)
+
+
 # --- GPU --------------------------------------------------------------------------------------------------------------
 
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}

@@ -113,6 +113,16 @@ def _short_keys(launch: LaunchRecorder, monkeypatch, batch: int, dtype: torch.dt
     tk._launch_backward(out, q, k, v, 0.125, launch)
 
 
+def _short_keys_packed(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """VOLO-D1's self-attention on its qkv projection (196 tokens, 12 heads of 32): the 256-key tile, the 16-bit
+    backward's 16-row tiles and gradients written into the thirds of one buffer."""
+    from zoo.ops._qkv import split_qkv
+    from zoo.ops.triton import short_keys as tk
+    qkv = _randn(64, 196, 3 * 12 * 32, dtype=dtype)
+    out = tk._launch_forward(*split_qkv(qkv, 12), 32 ** -0.5, launch)
+    tk._packed_backward(out, qkv, 12, 32 ** -0.5, launch)
+
+
 def _window(launch: LaunchRecorder, monkeypatch, hw: tuple[int, int], window: tuple[int, int],
             shift: tuple[int, int], with_bias: bool, dtype: torch.dtype) -> None:
     """(Shifted) window attention, 4 heads of 32: a Swin stage (7x7 windows, shift, mask + position bias) or a CSWin
@@ -203,6 +213,7 @@ CASES = {
     "agent.pooling_grad.bf16": (_agent_pooling_grad, dict(dtype=BF16)),
     "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
     "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
+    "short_keys.volo_qkv.bf16": (_short_keys_packed, dict(dtype=BF16)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
     "window.cswin_columns.fp32": (_window, dict(hw=(28, 28), window=(28, 2), shift=(0, 0), with_bias=False,
                                                 dtype=FP32)),

@@ -204,9 +204,81 @@ def _interpreter_fp16_and_compile_checks() -> None:
     print("fp16 + compile ok")
 
 
+def make_qkv(b, heads, n, d, *, dtype=torch.float32, device="cpu", seed=0):
+    """A (B, N, 3 * heads * d) qkv projection (a leaf) and its head-split views q, k, v."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3 * heads * d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return qkv, qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def packed_out_and_grad(qkv, views, backend, scale, packed, grad_seed=7):
+    """Output and qkv's gradient of sum(out * g), with the projection passed as ``qkv=`` or not."""
+    out = downsampled_attention(*views, scale=scale, backend=backend, qkv=qkv if packed else None)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
+    return out, torch.autograd.grad(out, qkv, g)[0]
+
+
+PACKED_CASES = [
+    # (B, heads, N, d)
+    (2, 2, 40, 16),   # one query tile a program: the backward writes dq, dk and dv into qkv's gradient
+    (1, 1, 70, 16),   # one (batch, head) pair: chunks of query rows, dk and dv summed from float32 partials
+    (1, 2, 197, 16),  # a 256-key tile (VOLO's width)
+]
+
+
+def _interpreter_packed_checks() -> None:
+    """Training on a qkv projection (``qkv=``): the output and qkv's gradient bitwise those of the unpacked kernels
+    (the same arithmetic, written into one buffer) and within 1e-5 of the reference; fp16 likewise bitwise; the
+    token layout; the packed custom ops (opcheck) and a graph-break-free trace equal to eager."""
+    warnings.filterwarnings("error", message=".*falling back")
+    calls = []  # the packed backward's calls (the eager node's and the traced op's body)
+    packed_backward = tk._packed_backward
+    tk._packed_backward = lambda *args, **kw: calls.append(1) or packed_backward(*args, **kw)
+    for dtype in (torch.float32, torch.float16):
+        for case in PACKED_CASES:
+            qkv, views = make_qkv(*case, dtype=dtype, seed=case[2])
+            scale = case[3] ** -0.5
+            got = packed_out_and_grad(qkv, views, "triton", scale, packed=True)
+            assert len(calls) == 1, "the packed path was not taken"
+            unpacked = packed_out_and_grad(qkv, views, "triton", scale, packed=False)
+            assert len(calls) == 1, "the packed path was taken without qkv"
+            calls.clear()
+            for name, x, y in zip(("out", "dqkv"), got, unpacked):
+                assert x.dtype == dtype and torch.equal(x, y), f"packed {name} {dtype} {case}"
+            if dtype == torch.float32:
+                want = packed_out_and_grad(qkv, views, "reference", scale, packed=True)
+                for name, x, y in zip(("out", "dqkv"), got, want):
+                    assert_close_to(x, y, 1e-5, 1e-5, f"packed {name} vs reference {case}")
+    # the token layout: q, k and v as qkv's channel thirds (Agent-DeiT's plain blocks)
+    b, heads, n, d = 2, 3, 33, 16
+    qkv = torch.randn(b, n, 3 * heads * d, requires_grad=True)
+    g = torch.randn(b, n, heads * d)
+    grads = [torch.autograd.grad(downsampled_attention(*qkv.chunk(3, dim=-1), num_heads=heads, backend=backend,
+                                                       qkv=qkv if packed else None), qkv, g)[0]
+             for backend, packed in (("triton", True), ("triton", False), ("reference", True))]
+    assert len(calls) == 1 and torch.equal(grads[0], grads[1])
+    assert_close_to(grads[0], grads[2], 1e-5, 1e-5, "token layout")
+
+    qkv, _ = make_qkv(1, 2, 12, 16, seed=2)
+    for op, args in ((torch.ops.zoo.short_keys_qkv_attention_fwd.default, (qkv, 2, 0.25)),
+                     (torch.ops.zoo.short_keys_qkv_attention_bwd.default,
+                      (torch.randn(1, 12, 2, 16).transpose(1, 2), qkv.detach(), 2, 0.25))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss(qkv):
+        views = qkv.view(1, 12, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        return downsampled_attention(*views, scale=0.25, qkv=qkv).square().sum()
+
+    calls.clear()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    assert torch.equal(torch.autograd.grad(compiled(qkv), qkv)[0], torch.autograd.grad(loss(qkv), qkv)[0])
+    assert len(calls) == 2, calls  # the traced op's and the eager node's
+    print("packed ok")
+
+
 def test_triton_interpreter_fp32_fp16_cross_attention_custom_op_and_compile_trace():
     run_in_interpreter("test_short_keys_triton", "_interpreter_fp32_checks", "_interpreter_fp16_and_compile_checks",
-                       "_interpreter_cross_checks")
+                       "_interpreter_cross_checks", "_interpreter_packed_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,6 +340,28 @@ def test_gpu_torch_compile_matches_eager():
     assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
     for x, y in zip(got, torch.autograd.grad(block(*tensors), tensors)):
         assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [64, 2], ids=["batch64", "batch2_split"])
+def test_gpu_packed_qkv_matches_the_unpacked_kernels_bitwise(batch, dtype):
+    """VOLO-D1's self-attention on its qkv projection: the same bits as the unpacked kernels (at batch 2 the
+    backward sums chunk partials), eager and inductor-compiled within rounding."""
+    heads, n, _, d = SHAPES["volo"]
+    qkv, views = make_qkv(batch, heads, n, d, dtype=dtype, device="cuda", seed=4)
+    got = packed_out_and_grad(qkv, views, "triton", d ** -0.5, packed=True)
+    for name, x, y in zip(("out", "dqkv"), got, packed_out_and_grad(qkv, views, "triton", d ** -0.5, packed=False)):
+        assert torch.equal(x, y), name
+
+    def loss(qkv):
+        views = qkv.view(batch, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return downsampled_attention(*views, scale=d ** -0.5, qkv=qkv).float().square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    grad, code = run_compiled(lambda: torch.autograd.grad(compiled(qkv), qkv)[0])
+    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
+    assert_close_to(grad, torch.autograd.grad(loss(qkv), qkv)[0], *GPU_TOL[dtype], "compiled vs eager")
 
 
 @pytest.mark.gpu

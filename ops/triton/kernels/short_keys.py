@@ -65,7 +65,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr,
 @triton.jit
 def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
                      sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
-                     dk_split, dv_split, HEADS, N, M, CHUNK, scale, qk_scale2,
+                     sdqb, sdqn, sdkb, sdkm, sdvb, sdvm, dk_split, dv_split, HEADS, N, M, CHUNK, scale, qk_scale2,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
@@ -80,7 +80,7 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
     dv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sob + h * soh
-    dq_base = dq_ptr + b * N * HEADS * D + h * D
+    dq_base = dq_ptr + b * sdqb + h * D
     for row0 in range(start, end, BLOCK_T):
         rows = row0 + offs_t
         qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
@@ -90,11 +90,10 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
         dp = tl.dot(dot_, tl.trans(vt), input_precision=PRECISION)
         # softmax backward with the row's sum(p * dp), as autograd's softmax does (no output tile to read)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-        _put(dq_base, rows, end, offs_d, D, HEADS * D, 1,
-             tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION) * scale)
+        _put(dq_base, rows, end, offs_d, D, sdqn, 1, tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION) * scale)
         dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
         dv += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
-    # this chunk's key/value gradients: token-major (B, M, heads, d) rows of split tl.program_id(1)
+    # this chunk's key/value gradients (split tl.program_id(1)); a token's heads lie side by side in every layout
     split = tl.program_id(1).to(tl.int64)
-    _put(dk_ptr + split * dk_split + b * M * HEADS * D + h * D, offs_m, M, offs_d, D, HEADS * D, 1, dk * scale)
-    _put(dv_ptr + split * dv_split + b * M * HEADS * DV + h * DV, offs_m, M, offs_dv, DV, HEADS * DV, 1, dv)
+    _put(dk_ptr + split * dk_split + b * sdkb + h * D, offs_m, M, offs_d, D, sdkm, 1, dk * scale)
+    _put(dv_ptr + split * dv_split + b * sdvb + h * DV, offs_m, M, offs_dv, DV, sdvm, 1, dv)
