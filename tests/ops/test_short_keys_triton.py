@@ -265,14 +265,19 @@ def _interpreter_packed_checks() -> None:
                       (torch.randn(1, 12, 2, 16).transpose(1, 2), qkv.detach(), 2, 0.25))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
-    def loss(qkv):
-        views = qkv.view(1, 12, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
-        return downsampled_attention(*views, scale=0.25, qkv=qkv).square().sum()
+    # traced: one query tile, and one (batch, head) pair in five chunks (the partials' sums copied into the thirds)
+    for heads, n, packed in ((2, 12, True), (1, 70, True), (1, 70, False)):
+        qkv, _ = make_qkv(1, heads, n, 16, seed=n)
 
-    calls.clear()
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    assert torch.equal(torch.autograd.grad(compiled(qkv), qkv)[0], torch.autograd.grad(loss(qkv), qkv)[0])
-    assert len(calls) == 2, calls  # the traced op's and the eager node's
+        def loss(qkv):
+            views = qkv.view(1, n, 3, heads, 16).permute(2, 0, 3, 1, 4).unbind(0)
+            return downsampled_attention(*views, scale=0.25, qkv=qkv if packed else None).square().sum()
+
+        calls.clear()
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        assert torch.equal(torch.autograd.grad(compiled(qkv), qkv)[0], torch.autograd.grad(loss(qkv), qkv)[0])
+        assert len(calls) == (2 if packed else 0), calls  # the traced op's and the eager node's
+        torch._dynamo.reset()
     print("packed ok")
 
 
