@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo import convert, registry
-from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, outlook_attention
+from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, outlook_attention, split_qkv
 
 from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm
 
@@ -121,9 +121,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         b, height, width, channels = x.shape
-        n, d = height * width, channels // self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3 * channels)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(b, height * width, 3 * channels)
+        q, k, v = split_qkv(qkv, self.num_heads)
         # qkv: training's backward then writes the projection's gradient in one buffer
         x = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
                                   qkv=qkv)

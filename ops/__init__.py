@@ -14,6 +14,7 @@ from .window import window_attention  # noqa: F401
 from .triton import window as _window_triton  # noqa: F401  (registers the triton backend of window_attention)
 from .cross import cross_attention  # noqa: F401
 from .downsampled import downsampled_attention  # noqa: F401
+from ._qkv import split_qkv  # noqa: F401
 from .triton import short_keys as _short_keys_triton  # noqa: F401  (triton backends of downsampled, cross attention)
 from .masked import masked_attention, structured_mask  # noqa: F401
 from .neighborhood import neighborhood_attention, neighborhood_mask  # noqa: F401
@@ -29,8 +30,8 @@ from .space_to_depth import SpaceToDepthConv2d, as_space_to_depth_conv  # noqa: 
 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
            "agent_attention", "pooled_agent_attention", "outlook_attention", "routing_attention", "window_attention",
-           "cross_attention",
-           "downsampled_attention", "masked_attention", "structured_mask", "neighborhood_attention",
+           "cross_attention", "downsampled_attention", "split_qkv",
+           "masked_attention", "structured_mask", "neighborhood_attention",
            "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp",
            "SequentialMlp", "depthwise_conv",
            "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "clear_parameter_caches",

@@ -10,7 +10,9 @@ __all__ = ["check_qkv", "qkv_offsets", "split_qkv"]
 
 
 def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, N, 3 * heads * d) -> q, k, v, each a (B, heads, N, d) view (splitting one dimension is always a view)."""
+    """(B, N, 3 * heads * d) -> q, k, v, each a (B, heads, N, d) view (splitting one dimension is always a view):
+    the views that ``qkv=`` of :func:`~zoo.ops.downsampled_attention` and :func:`~zoo.ops.pooled_agent_attention`
+    expects."""
     b, n, c3 = qkv.shape
     return qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
