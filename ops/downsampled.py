@@ -51,8 +51,8 @@ def downsampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         dropout_p: dropout on the attention map (pass 0 in eval; backends draw different masks).
         qkv: for self-attention, the (B, N, 3 * heads * d) projection whose head-split views q, k and v are (q, k,
             v each heads * d channels, in that order; with the 3-d layout, its thirds), or None. It changes no value:
-            in training the ``triton`` backend then runs on qkv itself, and its backward writes qkv's gradient in
-            one buffer where autograd would stack q's, k's and v's gradients in one more pass.
+            in eager training the ``triton`` backend then runs on qkv itself, and its backward writes qkv's
+            gradient in one buffer where autograd would stack q's, k's and v's gradients in one more pass.
         backend: ``"reference"``, ``"sdpa"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
 
     Returns:

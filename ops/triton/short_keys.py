@@ -17,9 +17,11 @@ stored), and the programs are (batch, head, chunk of query rows):
   stage 0), the queries are split into chunks whose float32 dK/dV partials torch sums in a fixed order: the backward
   is deterministic, without atomics.
 
-Self-attention given its qkv projection (``qkv=``, whose head-split views q, k and v are): training calls run on
-the projection (ops ``zoo::short_keys_qkv_attention_fwd`` / ``_bwd`` when traced), and the backward writes dq, dk and
-dv into the thirds of one gradient buffer, where autograd (or inductor) would stack the three in one more pass.
+Self-attention given its qkv projection (``qkv=``, whose head-split views q, k and v are): eager training calls run
+on the projection, and the backward writes dq, dk and dv into the thirds of one gradient buffer, where autograd would
+stack the three in one more pass and its unbind's and permute's nodes. Traced calls take the views (inductor fuses
+the stack into one copy kernel, which an op writing into views of one buffer would cost more: see
+:func:`_short_keys_attention`).
 
 The backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
 batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README's operator table has
@@ -249,44 +251,6 @@ def _packed_backward(grad_out, qkv, heads: int, scale: float, launch=direct) -> 
     return dqkv
 
 
-def _packed_forward_fake(qkv, heads, scale):
-    b, n, c3 = qkv.shape
-    return token_major(b, heads, n, c3 // (3 * heads), qkv)
-
-
-@kernel_op("zoo::short_keys_qkv_attention_fwd", fake=_packed_forward_fake)
-def _packed_forward_op(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """The attention of a (B, N, 3 * heads * d) qkv projection's head-split views: (B, heads, N, d), token-major
-    memory (N <= 256)."""
-    with on_device(qkv):
-        return _launch_forward(*split_qkv(qkv, heads), scale, traced)
-
-
-def _packed_backward_fake(grad_out, qkv, heads, scale):
-    return qkv.new_empty(qkv.shape)
-
-
-@kernel_op("zoo::short_keys_qkv_attention_bwd", fake=_packed_backward_fake)
-def _packed_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """Deterministic backward: qkv's gradient (B, N, 3 * heads * d) in one buffer."""
-    with on_device(qkv):
-        return _packed_backward(grad_out, qkv, heads, scale, traced)
-
-
-def _packed_setup_context(ctx, inputs, output) -> None:
-    qkv, heads, scale = inputs
-    ctx.save_for_backward(qkv)
-    ctx.heads, ctx.scale = heads, scale
-
-
-def _packed_autograd_backward(ctx, grad_out):
-    qkv, = ctx.saved_tensors
-    return _packed_backward_op(grad_out, qkv, ctx.heads, ctx.scale), None, None
-
-
-_packed_forward_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
-
-
 class _EagerPackedShortKeys(torch.autograd.Function):
     """The packed kernels without the custom-op layer, for eager training calls."""
 
@@ -294,7 +258,8 @@ class _EagerPackedShortKeys(torch.autograd.Function):
     def forward(ctx, qkv, heads, scale):
         with on_device(qkv):
             out = _launch_forward(*split_qkv(qkv, heads), scale)
-        _packed_setup_context(ctx, (qkv, heads, scale), out)
+        ctx.save_for_backward(qkv)
+        ctx.heads, ctx.scale = heads, scale
         return out
 
     @staticmethod
@@ -312,13 +277,14 @@ def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
                           qkv: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v with the kernels, through the path that fits the caller (compiled, inference, eager
     training; in training on ``qkv`` itself when q, k and v are its views)."""
-    packed = qkv is not None and needs_grad(qkv)
     if torch.compiler.is_compiling():
-        return _packed_forward_op(qkv, q.shape[1], scale) if packed else _forward_op(q, k, v, scale)
+        # not on qkv: inductor stacks dq, dk and dv into qkv's gradient in one fused copy, where the kernel's writes
+        # into views of one buffer made it copy each view in and out (H200, compiled VOLO-D1 step: 1.2 ms more)
+        return _forward_op(q, k, v, scale)
     if not needs_grad(q, k, v):  # inference: no autograd node, nothing saved
         with on_device(q):
             return _launch_forward(q, k, v, scale)
-    if packed:
+    if qkv is not None and needs_grad(qkv):
         return _EagerPackedShortKeys.apply(qkv, q.shape[1], scale)
     return _EagerShortKeys.apply(q, k, v, scale)
 
@@ -334,8 +300,8 @@ def downsampled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             float32/float16/bfloat16, on CUDA (or CPU under ``TRITON_INTERPRET=1``, not bf16).
         bias, dropout_p: must be None and 0 (neither is fused; dispatch sends such calls elsewhere).
         qkv: None, or the (B, N, 3 * heads * d) projection whose head-split views q, k and v are (checked by
-            :func:`zoo.ops.downsampled_attention`): training calls then run on it, and the backward returns its
-            gradient in one buffer.
+            :func:`zoo.ops.downsampled_attention`): eager training calls then run on it, and the backward returns
+            its gradient in one buffer.
 
     Returns:
         (B, heads, N, d_v) in q's dtype, a view of token-major (B, N, heads, d_v) memory.

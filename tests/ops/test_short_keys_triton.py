@@ -229,9 +229,9 @@ PACKED_CASES = [
 def _interpreter_packed_checks() -> None:
     """Training on a qkv projection (``qkv=``): the output and qkv's gradient bitwise those of the unpacked kernels
     (the same arithmetic, written into one buffer) and within 1e-5 of the reference; fp16 likewise bitwise; the
-    token layout; the packed custom ops (opcheck) and a graph-break-free trace equal to eager."""
+    token layout; a graph-break-free trace (on the views) equal to eager."""
     warnings.filterwarnings("error", message=".*falling back")
-    calls = []  # the packed backward's calls (the eager node's and the traced op's body)
+    calls = []  # the packed backward's calls
     packed_backward = tk._packed_backward
     tk._packed_backward = lambda *args, **kw: calls.append(1) or packed_backward(*args, **kw)
     for dtype in (torch.float32, torch.float16):
@@ -259,24 +259,21 @@ def _interpreter_packed_checks() -> None:
     assert len(calls) == 1 and torch.equal(grads[0], grads[1])
     assert_close_to(grads[0], grads[2], 1e-5, 1e-5, "token layout")
 
-    qkv, _ = make_qkv(1, 2, 12, 16, seed=2)
-    for op, args in ((torch.ops.zoo.short_keys_qkv_attention_fwd.default, (qkv, 2, 0.25)),
-                     (torch.ops.zoo.short_keys_qkv_attention_bwd.default,
-                      (torch.randn(1, 12, 2, 16).transpose(1, 2), qkv.detach(), 2, 0.25))):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-    # traced: one query tile, and one (batch, head) pair in five chunks (the partials' sums copied into the thirds)
-    for heads, n, packed in ((2, 12, True), (1, 70, True), (1, 70, False)):
+    # traced given qkv=: the views' op (inductor fuses the stack of dq, dk and dv), at one query tile and at one
+    # (batch, head) pair in five chunks (the partials' sums)
+    for heads, n in ((2, 12), (1, 70)):
         qkv, _ = make_qkv(1, heads, n, 16, seed=n)
 
         def loss(qkv):
             views = qkv.view(1, n, 3, heads, 16).permute(2, 0, 3, 1, 4).unbind(0)
-            return downsampled_attention(*views, scale=0.25, qkv=qkv if packed else None).square().sum()
+            return downsampled_attention(*views, scale=0.25, qkv=qkv).square().sum()
 
         calls.clear()
         compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-        assert torch.equal(torch.autograd.grad(compiled(qkv), qkv)[0], torch.autograd.grad(loss(qkv), qkv)[0])
-        assert len(calls) == (2 if packed else 0), calls  # the traced op's and the eager node's
+        traced = torch.autograd.grad(compiled(qkv), qkv)[0]
+        assert not calls, "a traced call took the packed backward"
+        assert torch.equal(traced, torch.autograd.grad(loss(qkv), qkv)[0])
+        assert len(calls) == 1, calls  # the eager node's
         torch._dynamo.reset()
     print("packed ok")
 
