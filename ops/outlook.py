@@ -17,7 +17,10 @@ Backends:
         differentiable. It performs the same operations in the same order as the official code.
     ``triton``: fused Triton kernels, per output pixel: the softmaxed weights of every (window, row) that writes the
         pixel are summed per pixel offset (they reach only the (2k-1)^2 pixels around it), then each neighbour's
-        channels are read once; no unfolded copies. The backward's grad-of-``v`` kernel works the same way.
+        channels are read once; no unfolded copies. One launch per residue class of pixels (y % stride,
+        x % stride): within a class the window rows that write a pixel, and the offsets they reach, are
+        compile-time constants (k3/s2: 9, 15, 15 and 25 offsets, against 25 for every pixel otherwise). The
+        backward's grad-of-``v`` kernel works the same way.
         Deterministic (gathers, no atomics). CUDA in fp32/fp16/bf16; on CPU only under ``TRITON_INTERPRET=1``
         (fp32/fp16). No attention dropout.
 """
@@ -138,12 +141,13 @@ register_backend(_OP, "reference", _reference, priority=0)
 # triton backend
 #
 # Three kernels, all "gather" style so that every output element is written by exactly one program (deterministic):
-#   forward  (one program = BLOCK_P pixels x one (batch, head)): for each pixel, visit the <= ceil(k/s)^2 windows
-#            that write to it, softmax the row of logits that targets it and add each probability P[n, i, j] to the
-#            slot of its pixel offset j - i ((2k-1)^2 slots), then read the value at each offset once and sum.
+#   forward  (one program = BLOCK_P pixels of one residue class (y % s, x % s) x one (batch, head), a launch per
+#            class): for each pixel, visit the <= ceil(k/s)^2 windows that write to it, softmax the row of logits
+#            that targets it and add each probability P[n, i, j] to the slot of its pixel offset j - i (the
+#            class's (k + s(ny-1)) x (k + s(nx-1)) offsets), then read the value at each offset once and sum.
 #            Also stores the row's log-sum-exp, reused by the backward.
-#   grad_v   (pixels x (batch, head)): for each pixel q, visit the windows that read it (as column j), add
-#            P[n, i, j] to the slot of offset i - j over the rows i, then read grad_out at each offset once and sum.
+#   grad_v   (pixels of one class x (batch, head)): for each pixel q, visit the windows that read it (as column j),
+#            add P[n, i, j] to the slot of offset i - j over the rows i, then read grad_out at each offset once.
 #   grad_attn (BLOCK_N windows x (batch, head)): dP[i, j] = <grad_out[loc(n, i)], v[loc(n, j)]>, then the softmax
 #            backward scale * P * (dP - sum_j P dP).
 
@@ -172,8 +176,7 @@ def use_tiles(rows: int | None = None, num_warps: int | None = None) -> contextl
     """Temporarily override the launch knobs of the forward and grad_v kernels (None keeps the current value).
 
     Args:
-        rows: output pixels per program, a power of two (default: a (rows, slots, head_dim) tile of about 8K
-            elements).
+        rows: output pixels per program, a power of two (default: 256 / head_dim, 8 for 32 channels).
         num_warps: Triton launch option, a power of two (default: one warp per 8 rows).
     """
     if rows is not None and (not isinstance(rows, int) or rows < 1 or rows & (rows - 1)):
@@ -189,45 +192,89 @@ def _kernels():
     return kernels.forward_kernel, kernels.grad_v_kernel, kernels.grad_attn_kernel
 
 
-def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int, int]:
-    """Tile edges: window positions (k^2), pixel offsets a window reaches ((2k-1)^2), head channels."""
-    return (max(next_pow2(kernel_size * kernel_size), 2), max(next_pow2((2 * kernel_size - 1) ** 2), 2),
-            max(next_pow2(head_dim), 2))
+def _block_sizes(kernel_size: int, head_dim: int) -> tuple[int, int]:
+    """Tile edges: window positions (k^2), head channels."""
+    return max(next_pow2(kernel_size * kernel_size), 2), max(next_pow2(head_dim), 2)
+
+
+def _covering(position: int, kernel_size: int, stride: int, padding: int) -> int:
+    """How many windows cover a pixel at ``position`` mod ``stride`` along one axis: the window positions
+    ``(position + padding) % stride + stride * t`` below ``kernel_size``."""
+    first = (position + padding) % stride
+    return max(0, -(-(kernel_size - first) // stride))
+
+
+def _pixel_classes(height: int, width: int, kernel_size: int, stride: int, padding: int):
+    """The residue classes (y % stride, x % stride) that have pixels: (cy, cx, windows covering along y and x,
+    number of pixels)."""
+    for cy in range(min(stride, height)):
+        for cx in range(min(stride, width)):
+            count = -(-(height - cy) // stride) * -(-(width - cx) // stride)
+            yield (cy, cx, _covering(cy, kernel_size, stride, padding), _covering(cx, kernel_size, stride, padding),
+                   count)
+
+
+def _class_slots(kernel_size: int, stride: int, covering_y: int, covering_x: int) -> int:
+    """Pixel-offset slots a class's windows reach (a power of two): (k + s (ny - 1)) x (k + s (nx - 1))."""
+    return max(2, next_pow2((kernel_size + stride * (covering_y - 1)) * (kernel_size + stride * (covering_x - 1))))
 
 
 def _rows_per_program(block_slots: int, block_d: int) -> int:
-    # keep the (rows, slots, d) register tile near 8K fp32 elements
+    # grad_attn's (windows, k^2, d) register tile: near 8K fp32 elements
     return max(1, min(64, 8192 // (block_slots * block_d)))
+
+
+def _gather_rows(block_d: int) -> int:
+    """Pixels a program of the per-pixel kernels (forward, grad_v) takes: 8 for 32 head channels, whatever the
+    class's offset slots (16 or 32 at k3/s2), with one warp (see :func:`_gather_warps`)."""
+    return _TILES["rows"] or max(1, min(64, 256 // block_d))
 
 
 def _gather_warps(rows: int) -> int:
     """Warps of the per-pixel kernels (forward, grad_v): one per 8 pixel rows.
 
-    Swept on an H200 at VOLO-D1 stage 1 (bf16, batch 128; rows, warps -> forward us, grad_v + grad_attn us):
-    8, 1 -> 227, 435 (the default: 8 rows fill the 8K tile of 25 offset slots x 32 channels); 16, 2 -> 255, 466;
-    4, 1 -> 273, 468; 32, 2 -> 262, 451; four warps or more on 4-16 rows -> 425-2318, 532-1851.
+    Swept on an H200 at VOLO-D1 stage 1 (bf16, batch 128; rows, warps -> forward us, grad_v + grad_attn us), one
+    launch per residue class of pixels (9, 15, 15 and 25 offsets in 16, 16, 16 and 32 slots): 8, 1 -> 149.8, 356.1
+    (the default); 4, 1 -> 175.5, 356.0; 16, 1 -> 160.6, 367.6; 16, 2 -> 168.3, 360.5; 32, 2 -> 174.6, 373.0;
+    32, 4 -> 185.2, 362.3; two or more warps on 4-8 rows, four on 16: 331-972, 451-988. Before the classes (every
+    pixel 25 offsets in 32 slots) the best was 8, 1 too: 227, 435.
     """
     return _TILES["num_warps"] or max(1, min(8, rows // 8))
+
+
+def _launch_gather(kernel, grid_args, batch, height, width, num_heads, head_dim, kernel_size, stride, padding,
+                   launch, **constants) -> None:
+    """Launch a per-pixel kernel (forward or grad_v) once per residue class of pixels that windows cover."""
+    _, block_d = _block_sizes(kernel_size, head_dim)
+    for cy, cx, covering_y, covering_x, count in _pixel_classes(height, width, kernel_size, stride, padding):
+        if covering_y and covering_x:
+            block_e = _class_slots(kernel_size, stride, covering_y, covering_x)
+            block_p = _gather_rows(block_d)
+            launch(kernel)[(math.ceil(count / block_p), batch * num_heads)](
+                *grid_args, K=kernel_size, S=stride, PAD=padding, CY=cy, CX=cx, NY=covering_y, NX=covering_x,
+                BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_gather_warps(block_p), **constants)
+
+
+def _pixels_like(v: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """An output buffer like ``v`` for the per-pixel kernels: zeros where some pixels have no window over them
+    (kernel_size < stride; no kernel writes them), else uninitialised."""
+    return torch.zeros_like(v) if kernel_size < stride else torch.empty_like(v)
 
 
 def _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, launch=direct, stats: bool = True):
     """The output and, with ``stats``, the row log-sum-exps the backward needs (else None: inference)."""
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
-    head_dim = channels // num_heads
-    out = torch.empty_like(v)
+    out = _pixels_like(v, kernel_size, stride)
     # Window rows that fall in the zero padding have no output pixel, so the kernel never writes their log-sum-exp;
     # zeros keep the op's saved output fully defined (torch.compile's AOT tracing compares every output element).
     lse = None
     if stats:
         lse = torch.zeros((b, h, w, num_heads, kernel_size * kernel_size), device=v.device, dtype=torch.float32)
-    _, block_e, block_d = _block_sizes(kernel_size, head_dim)
-    block_p = _TILES["rows"] or _rows_per_program(block_e, block_d)
-    grid = (math.ceil(height * width / block_p), b * num_heads)
-    launch(_kernels()[0])[grid](v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads,
-                         head_dim, scale, K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
-                         BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_D=block_d, STATS=stats,
-                         num_warps=_gather_warps(block_p))
+    head_dim = channels // num_heads
+    args = (v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads, head_dim, scale)
+    _launch_gather(_kernels()[0], args, b, height, width, num_heads, head_dim, kernel_size, stride, padding, launch,
+                   STATS=stats)
     return out, lse
 
 
@@ -235,17 +282,13 @@ def _launch_backward(grad_out, v, attn, lse, num_heads, kernel_size, stride, pad
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
     head_dim = channels // num_heads
-    grad_v = torch.empty_like(v)
+    grad_v = _pixels_like(v, kernel_size, stride)
     grad_attn = torch.empty_like(attn)
-    block_kk, block_e, block_d = _block_sizes(kernel_size, head_dim)
-    pixels = _TILES["rows"] or _rows_per_program(block_e, block_d)
+    args = (grad_out, attn, lse, grad_v, height, width, channels, h, w, num_heads, head_dim, scale)
+    _launch_gather(_kernels()[1], args, b, height, width, num_heads, head_dim, kernel_size, stride, padding, launch)
+    block_kk, block_d = _block_sizes(kernel_size, head_dim)
     rows = _rows_per_program(block_kk, block_d)
-    grad_v_kernel, grad_attn_kernel = (launch(kernel) for kernel in _kernels()[1:])
-    grad_v_kernel[(math.ceil(height * width / pixels), b * num_heads)](
-        grad_out, attn, lse, grad_v, height, width, channels, h, w, num_heads, head_dim, scale,
-        K=kernel_size, S=stride, PAD=padding, NT=math.ceil(kernel_size / stride),
-        BLOCK_P=pixels, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_gather_warps(pixels))
-    grad_attn_kernel[(math.ceil(h * w / rows), b * num_heads)](
+    launch(_kernels()[2])[(math.ceil(h * w / rows), b * num_heads)](
         grad_out, v, attn, grad_attn, height, width, channels, h, w, num_heads, head_dim, scale,
         K=kernel_size, S=stride, PAD=padding, BLOCK_N=rows, BLOCK_KK=block_kk, BLOCK_D=block_d, num_warps=4)
     return grad_v, grad_attn

@@ -175,6 +175,20 @@ def test_triton_interpreter_matches_reference_with_small_tiles(randn, assert_clo
         _check_triton(CONFIGS[1], torch.float32, "cpu", randn, assert_close, grads, seed=3)
 
 
+@pytest.mark.skipif(not _interpreting(), reason="runs inside the TRITON_INTERPRET=1 subprocess")
+def test_triton_interpreter_zeroes_pixels_no_window_covers(randn, assert_close, grads):
+    """kernel_size 2 < stride 3: the pixels of residue class 1 along each axis lie under no window, so no launch
+    writes them; the output and grad_v there must be zeros, not uninitialised memory."""
+    cfg = (9, 7, 2, 3, 1, 1, 3)
+    _check_triton(cfg, torch.float32, "cpu", randn, assert_close, grads, seed=5)
+    v, attn = _inputs(cfg, randn, dtype=torch.float32, seed=5)
+    out = outlook_attention(v, attn, 1, 2, 3, 1, backend="triton")
+    grad_v, = torch.autograd.grad(out.sum(), [v])
+    for t in (out, grad_v):
+        assert t[:, 1::3].abs().max() == 0 and t[:, :, 1::3].abs().max() == 0
+        assert t[:, 0::3, 0::3].abs().min() > 0
+
+
 @pytest.mark.parametrize("knob", [dict(rows=0), dict(rows=12), dict(num_warps=3), dict(rows=2.0)])
 def test_use_tiles_rejects_bad_knobs(knob):
     with pytest.raises(ValueError, match=next(iter(knob))):
@@ -193,7 +207,8 @@ def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests (and the dispatch check) in a fresh process with TRITON_INTERPRET=1."""
     if _interpreting():
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter_matches or opcheck or cpu_dispatch", passed=7)
+    run_pytest_in_interpreter(__file__, "interpreter_matches or interpreter_zeroes or opcheck or cpu_dispatch",
+                              passed=8)
 
 
 @pytest.mark.gpu

@@ -9,33 +9,45 @@ INTERPRETED = interpreter_requested()
 
 
 @triton.jit
-def _pixel_block(H, W, NH, BLOCK_P: tl.constexpr):
-    """This program's batch (int64) and head (grid axis 1: batch * heads) and its block of BLOCK_P pixels (grid
-    axis 0, raster order): their numbers, which are inside the image, and their (y, x)."""
+def _class_pixels(H, W, NH, S: tl.constexpr, CY: tl.constexpr, CX: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's batch (int64) and head (grid axis 1: batch * heads) and its block of BLOCK_P pixels (grid axis
+    0) of residue class (y % S, x % S) = (CY, CX), in raster order: their (y, x) and which are inside the image."""
     pid_bh = tl.program_id(1)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return (pid_bh // NH).to(tl.int64), pid_bh % NH, offs_p, offs_p < H * W, offs_p // W, offs_p % W
+    class_w = tl.cdiv(W - CX, S)
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    y = CY + S * (offs // class_w)
+    x = CX + S * (offs % class_w)
+    return (pid_bh // NH).to(tl.int64), pid_bh % NH, (y < H) & (offs < tl.cdiv(H - CY, S) * class_w), y, x
 
 
 @triton.jit
-def _covering_window(y, x, mask_p, b, h, w, ty, tx, K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr):
-    """Candidate (ty, tx) of the at most NT x NT windows whose k x k footprint covers pixel (y, x): the window's
-    flat index n, the pixel's position (iy, ix) in it, and whether that window exists."""
+def _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty: tl.constexpr, tx: tl.constexpr, K: tl.constexpr,
+                  S: tl.constexpr, PAD: tl.constexpr, P0Y: tl.constexpr, P0X: tl.constexpr):
+    """Window (ty, tx) of the windows over each pixel (y, x) of a class, numbered from the last one, in which the
+    pixel sits at position (P0Y + S * ty, P0X + S * tx): the window's flat index n, whether it exists, the pixel's
+    position index, the position index of each slot's offset from it, and which slots fall inside the window."""
     ny = (y + PAD) // S - ty
     nx = (x + PAD) // S - tx
-    iy = y + PAD - ny * S
-    ix = x + PAD - nx * S
-    valid = mask_p & (iy < K) & (ix < K) & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-    return (b * h + ny) * w + nx, iy, ix, valid
+    valid = mask_p & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    py = P0Y + S * ty
+    px = P0X + S * tx
+    qy = py + oy
+    qx = px + ox
+    reach = mask_e & (qy >= 0) & (qy < K) & (qx >= 0) & (qx < K)
+    return (b * h + ny) * w + nx, valid, py * K + px, qy * K + qx, reach
 
 
 @triton.jit
-def _neighbour_slots(K: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Slots e of the (2K-1) x (2K-1) pixel offsets (oy, ox) in [-(K-1), K-1]^2 that one window row can reach
-    (row i and column j of a window sit at pixels whose offset is j - i): slot numbers, offsets, which exist."""
-    R: tl.constexpr = 2 * K - 1
+def _class_slots(K: tl.constexpr, S: tl.constexpr, IY0: tl.constexpr, IX0: tl.constexpr, NY: tl.constexpr,
+                 NX: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Slots e of the pixel offsets (oy, ox) that the windows covering one residue class's pixels reach: their
+    window positions are IY0 + S * ty (ty < NY) and IX0 + S * tx (tx < NX), so the offsets j - i between two
+    positions of a window span K + S * (NY - 1) rows and K + S * (NX - 1) columns. Offsets, and which slots exist."""
+    RX: tl.constexpr = K + S * (NX - 1)
     offs_e = tl.arange(0, BLOCK_E)
-    return offs_e // R - (K - 1), offs_e % R - (K - 1), offs_e < R * R
+    oy = offs_e // RX - (IY0 + S * (NY - 1))
+    ox = offs_e % RX - (IX0 + S * (NX - 1))
+    return oy, ox, offs_e < (K + S * (NY - 1)) * RX
 
 
 @triton.jit
@@ -54,81 +66,80 @@ def _gather_neighbours(src_ptr, weights, b, head, y, x, mask_p, oy, ox, mask_e, 
 
 
 @triton.jit
-def _store_pixels(dst_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D: tl.constexpr):
+def _store_pixels(dst_ptr, acc, b, head, y, x, mask_p, H, W, C, D, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = dst_ptr + b * H * W * C + head * D + (offs_p * C)[:, None] + offs_d[None, :]
+    ptrs = dst_ptr + b * H * W * C + head * D + ((y * W + x) * C)[:, None] + offs_d[None, :]
     tl.store(ptrs, acc.to(dst_ptr.dtype.element_ty), mask=mask_p[:, None] & (offs_d < D)[None, :])
 
 
-# Both gather kernels work per output pixel p. The windows covering p reach only the (2K-1)^2 pixels around it, and
-# several (window, row) pairs reach the same pixel (VOLO's k3/s2: up to 4 windows x 9 pixels onto 25 pixels; k3/s1:
-# 81 onto 25), so the softmaxed weights are first summed per offset, then each neighbour's channels are read once.
+# Both gather kernels work per output pixel p, one residue class (p_y % S, p_x % S) a launch. The windows covering p
+# reach only the pixels around it, and several (window, row) pairs reach the same pixel (VOLO's k3/s2: up to 4
+# windows x 9 pixels onto 25 pixels; k3/s1: 81 onto 25), so the softmaxed weights are first summed per offset, then
+# each neighbour's channels are read once. Within a class, the window position that lands on p is the same for every
+# pixel and a compile-time constant, and so is the set of offsets it reaches (k3/s2: 9, 15, 15 and 25 offsets for the
+# classes (0, 0), (0, 1), (1, 0), (1, 1), against 25 for every pixel without classes).
 
 
 @triton.jit
 def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scale,
-                   K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, STATS: tl.constexpr):
-    """Outlook output of BLOCK_P pixels of one (batch, head) (grid: (cdiv(H*W, BLOCK_P), B*heads)): v and out
-    (B, H, W, C) channels-last, attn the (B*h*w, heads, K*K, K*K) window logits; with STATS each window row's
-    float32 log-sum-exp."""
+                   K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, CY: tl.constexpr, CX: tl.constexpr,
+                   NY: tl.constexpr, NX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_D: tl.constexpr, STATS: tl.constexpr):
+    """Outlook output of BLOCK_P pixels of residue class (CY, CX) of one (batch, head) (grid: (cdiv(class pixels,
+    BLOCK_P), B*heads)), whose pixels are covered by NY x NX windows: v and out (B, H, W, C) channels-last, attn the
+    (B*h*w, heads, K*K, K*K) window logits; with STATS each window row's float32 log-sum-exp."""
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
-    b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
-    oy, ox, mask_e = _neighbour_slots(K, BLOCK_E)
-    row_stride = NH * KK * KK
+    b, head, mask_p, y, x = _class_pixels(H, W, NH, S, CY, CX, BLOCK_P)
+    oy, ox, mask_e = _class_slots(K, S, (CY + PAD) % S, (CX + PAD) % S, NY, NX, BLOCK_E)
     weights = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
-    for ty in tl.static_range(NT):
-        for tx in tl.static_range(NT):
-            # the window n whose row i = (iy, ix) targets pixel (y, x); its column j reads the pixel at offset j - i
-            n, iy, ix, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
-            jy = iy[:, None] + oy[None, :]
-            jx = ix[:, None] + ox[None, :]
-            m2 = valid[:, None] & mask_e[None, :] & (jy >= 0) & (jy < K) & (jx >= 0) & (jx < K)
-            row = attn_ptr + n * row_stride + head * KK * KK + (iy * K + ix) * KK
-            logits = tl.load(row[:, None] + jy * K + jx, mask=m2, other=0.0).to(tl.float32)
+    for ty in tl.static_range(NY):
+        for tx in tl.static_range(NX):
+            # the window n whose row i targets the pixel; its column j reads the pixel at offset j - i
+            n, valid, i, j, reach = _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty, tx, K, S, PAD,
+                                                  (CY + PAD) % S, (CX + PAD) % S)
+            m2 = valid[:, None] & reach[None, :]
+            row = (n * NH + head) * (KK * KK) + i * KK
+            logits = tl.load(attn_ptr + row[:, None] + j[None, :], mask=m2, other=0.0).to(tl.float32)
             logits = tl.where(m2, logits * scale, float("-inf"))
             row_max = tl.where(valid, tl.max(logits, axis=1), 0.0)
             e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
             denom = tl.where(valid, tl.sum(e, axis=1), 1.0)
             weights += e / denom[:, None]
             if STATS:  # the backward's row statistics (inference calls skip the store and its buffer)
-                tl.store(lse_ptr + (n * NH + head) * KK + iy * K + ix, row_max + tl.log(denom), mask=valid)
+                tl.store(lse_ptr + (n * NH + head) * KK + i, row_max + tl.log(denom), mask=valid)
     acc = _gather_neighbours(v_ptr, weights, b, head, y, x, mask_p, oy, ox, mask_e, H, W, C, D, BLOCK_D)
-    _store_pixels(out_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D)
+    _store_pixels(out_ptr, acc, b, head, y, x, mask_p, H, W, C, D, BLOCK_D)
 
 
 @triton.jit
 def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale,
-                  K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, NT: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dv of BLOCK_P pixels of one (batch, head), the forward's gather with grad_out in place of v (grid and
-    layouts as ``forward_kernel``); the softmax weights come back from the logits and the saved log-sum-exp."""
+                  K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, CY: tl.constexpr, CX: tl.constexpr,
+                  NY: tl.constexpr, NX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """dv of BLOCK_P pixels of residue class (CY, CX) of one (batch, head), the forward's gather with grad_out in
+    place of v (grid and layouts as ``forward_kernel``); the softmax weights come back from the logits and the saved
+    log-sum-exp."""
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
-    b, head, offs_p, mask_p, y, x = _pixel_block(H, W, NH, BLOCK_P)
-    oy, ox, mask_e = _neighbour_slots(K, BLOCK_E)
-    row_stride = NH * KK * KK
+    b, head, mask_p, y, x = _class_pixels(H, W, NH, S, CY, CX, BLOCK_P)
+    oy, ox, mask_e = _class_slots(K, S, (CY + PAD) % S, (CX + PAD) % S, NY, NX, BLOCK_E)
     weights = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
-    for ty in tl.static_range(NT):
-        for tx in tl.static_range(NT):
-            # the window n that reads pixel (y, x) as its column j = (jy, jx); its row i writes the pixel at offset
-            # i - j, and only rows whose pixel is inside the image have a gradient
-            n, jy, jx, valid = _covering_window(y, x, mask_p, b, h, w, ty, tx, K, S, PAD)
-            iy = jy[:, None] + oy[None, :]
-            ix = jx[:, None] + ox[None, :]
+    for ty in tl.static_range(NY):
+        for tx in tl.static_range(NX):
+            # the window n that reads the pixel as its column j; its row i writes the pixel at offset i - j, and
+            # only rows whose pixel is inside the image have a gradient
+            n, valid, j, i, reach = _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty, tx, K, S, PAD,
+                                                  (CY + PAD) % S, (CX + PAD) % S)
             ty_pix = y[:, None] + oy[None, :]
             tx_pix = x[:, None] + ox[None, :]
-            rows = (valid[:, None] & mask_e[None, :] & (iy >= 0) & (iy < K) & (ix >= 0) & (ix < K)
-                    & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W))
-            i = iy * K + ix
-            base = n * row_stride + head * KK * KK
-            logits = tl.load(attn_ptr + base[:, None] + i * KK + (jy * K + jx)[:, None], mask=rows,
-                             other=0.0).to(tl.float32) * scale
-            lse = tl.load(lse_ptr + ((n * NH + head) * KK)[:, None] + i, mask=rows, other=0.0)
-            weights += tl.where(rows, tl.exp(logits - lse), 0.0)
+            rows = (valid[:, None] & reach[None, :] & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W))
+            block = (n * NH + head) * (KK * KK) + j
+            logits = tl.load(attn_ptr + block[:, None] + (i * KK)[None, :], mask=rows, other=0.0).to(tl.float32)
+            lse = tl.load(lse_ptr + ((n * NH + head) * KK)[:, None] + i[None, :], mask=rows, other=0.0)
+            weights += tl.where(rows, tl.exp(logits * scale - lse), 0.0)
     acc = _gather_neighbours(go_ptr, weights, b, head, y, x, mask_p, oy, ox, mask_e, H, W, C, D, BLOCK_D)
-    _store_pixels(dv_ptr, acc, b, head, offs_p, mask_p, H, W, C, D, BLOCK_D)
+    _store_pixels(dv_ptr, acc, b, head, y, x, mask_p, H, W, C, D, BLOCK_D)
 
 
 @triton.jit
