@@ -176,7 +176,7 @@ def use_tiles(rows: int | None = None, num_warps: int | None = None) -> contextl
     """Temporarily override the launch knobs of the forward and grad_v kernels (None keeps the current value).
 
     Args:
-        rows: output pixels per program, a power of two (default: 256 / head_dim, 8 for 32 channels).
+        rows: output pixels per program, a power of two (default: 8 at 32 head channels, see _gather_rows).
         num_warps: Triton launch option, a power of two (default: one warp per 8 rows).
     """
     if rows is not None and (not isinstance(rows, int) or rows < 1 or rows & (rows - 1)):
@@ -214,7 +214,7 @@ def _pixel_classes(height: int, width: int, kernel_size: int, stride: int, paddi
                    count)
 
 
-def _class_slots(kernel_size: int, stride: int, covering_y: int, covering_x: int) -> int:
+def _class_tile_slots(kernel_size: int, stride: int, covering_y: int, covering_x: int) -> int:
     """Pixel-offset slots a class's windows reach (a power of two): (k + s (ny - 1)) x (k + s (nx - 1))."""
     return max(2, next_pow2((kernel_size + stride * (covering_y - 1)) * (kernel_size + stride * (covering_x - 1))))
 
@@ -224,10 +224,11 @@ def _rows_per_program(block_slots: int, block_d: int) -> int:
     return max(1, min(64, 8192 // (block_slots * block_d)))
 
 
-def _gather_rows(block_d: int) -> int:
+def _gather_rows(block_e: int, block_d: int) -> int:
     """Pixels a program of the per-pixel kernels (forward, grad_v) takes: 8 for 32 head channels, whatever the
-    class's offset slots (16 or 32 at k3/s2), with one warp (see :func:`_gather_warps`)."""
-    return _TILES["rows"] or max(1, min(64, 256 // block_d))
+    class's offset slots at k3 (16 or 32), with one warp (see :func:`_gather_warps`); fewer where the (pixels, slots,
+    head_dim) register tile would pass 8K elements (larger kernels)."""
+    return _TILES["rows"] or max(1, min(256 // block_d, 8192 // (block_e * block_d)))
 
 
 def _gather_warps(rows: int) -> int:
@@ -248,8 +249,8 @@ def _launch_gather(kernel, grid_args, batch, height, width, num_heads, head_dim,
     _, block_d = _block_sizes(kernel_size, head_dim)
     for cy, cx, covering_y, covering_x, count in _pixel_classes(height, width, kernel_size, stride, padding):
         if covering_y and covering_x:
-            block_e = _class_slots(kernel_size, stride, covering_y, covering_x)
-            block_p = _gather_rows(block_d)
+            block_e = _class_tile_slots(kernel_size, stride, covering_y, covering_x)
+            block_p = _gather_rows(block_e, block_d)
             launch(kernel)[(math.ceil(count / block_p), batch * num_heads)](
                 *grid_args, K=kernel_size, S=stride, PAD=padding, CY=cy, CX=cx, NY=covering_y, NX=covering_x,
                 BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_gather_warps(block_p), **constants)
