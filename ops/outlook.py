@@ -228,7 +228,7 @@ def _gather_rows(block_e: int, block_d: int) -> int:
     """Pixels a program of the per-pixel kernels (forward, grad_v) takes: 8 for 32 head channels, whatever the
     class's offset slots at k3 (16 or 32), with one warp (see :func:`_gather_warps`); fewer where the (pixels, slots,
     head_dim) register tile would pass 8K elements (larger kernels)."""
-    return _TILES["rows"] or max(1, min(256 // block_d, 8192 // (block_e * block_d)))
+    return _TILES["rows"] or max(1, min(64, 256 // block_d, 8192 // (block_e * block_d)))
 
 
 def _gather_warps(rows: int) -> int:
