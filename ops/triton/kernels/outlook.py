@@ -22,15 +22,16 @@ def _class_pixels(H, W, NH, S: tl.constexpr, CY: tl.constexpr, CX: tl.constexpr,
 
 @triton.jit
 def _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty: tl.constexpr, tx: tl.constexpr, K: tl.constexpr,
-                  S: tl.constexpr, PAD: tl.constexpr, P0Y: tl.constexpr, P0X: tl.constexpr):
-    """Window (ty, tx) of the windows over each pixel (y, x) of a class, numbered from the last one, in which the
-    pixel sits at position (P0Y + S * ty, P0X + S * tx): the window's flat index n, whether it exists, the pixel's
-    position index, the position index of each slot's offset from it, and which slots fall inside the window."""
+                  S: tl.constexpr, PAD: tl.constexpr, CY: tl.constexpr, CX: tl.constexpr):
+    """Window (ty, tx) of the windows over each pixel (y, x) of class (CY, CX), numbered from the last one, in which
+    every pixel of the class sits at position ((CY + PAD) % S + S * ty, (CX + PAD) % S + S * tx): the window's flat
+    index n, whether it exists, the pixel's position index, the position index of each slot's offset from it, and
+    which slots fall inside the window."""
     ny = (y + PAD) // S - ty
     nx = (x + PAD) // S - tx
     valid = mask_p & (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-    py = P0Y + S * ty
-    px = P0X + S * tx
+    py = (CY + PAD) % S + S * ty
+    px = (CX + PAD) % S + S * tx
     qy = py + oy
     qx = px + ox
     reach = mask_e & (qy >= 0) & (qy < K) & (qx >= 0) & (qx < K)
@@ -38,15 +39,16 @@ def _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty: tl.constexpr, tx: t
 
 
 @triton.jit
-def _class_slots(K: tl.constexpr, S: tl.constexpr, IY0: tl.constexpr, IX0: tl.constexpr, NY: tl.constexpr,
-                 NX: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Slots e of the pixel offsets (oy, ox) that the windows covering one residue class's pixels reach: their
-    window positions are IY0 + S * ty (ty < NY) and IX0 + S * tx (tx < NX), so the offsets j - i between two
-    positions of a window span K + S * (NY - 1) rows and K + S * (NX - 1) columns. Offsets, and which slots exist."""
+def _class_slots(K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, CY: tl.constexpr, CX: tl.constexpr,
+                 NY: tl.constexpr, NX: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Slots e of the pixel offsets (oy, ox) that the windows covering the pixels of residue class (CY, CX) reach:
+    their window positions are (CY + PAD) % S + S * ty (ty < NY) and (CX + PAD) % S + S * tx (tx < NX), so the
+    offsets j - i between two positions of a window span K + S * (NY - 1) rows and K + S * (NX - 1) columns.
+    Offsets, and which slots exist."""
     RX: tl.constexpr = K + S * (NX - 1)
     offs_e = tl.arange(0, BLOCK_E)
-    oy = offs_e // RX - (IY0 + S * (NY - 1))
-    ox = offs_e % RX - (IX0 + S * (NX - 1))
+    oy = offs_e // RX - ((CY + PAD) % S + S * (NY - 1))
+    ox = offs_e % RX - ((CX + PAD) % S + S * (NX - 1))
     return oy, ox, offs_e < (K + S * (NY - 1)) * RX
 
 
@@ -91,13 +93,12 @@ def forward_kernel(v_ptr, attn_ptr, out_ptr, lse_ptr, H, W, C, h, w, NH, D, scal
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, mask_p, y, x = _class_pixels(H, W, NH, S, CY, CX, BLOCK_P)
-    oy, ox, mask_e = _class_slots(K, S, (CY + PAD) % S, (CX + PAD) % S, NY, NX, BLOCK_E)
+    oy, ox, mask_e = _class_slots(K, S, PAD, CY, CX, NY, NX, BLOCK_E)
     weights = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
     for ty in tl.static_range(NY):
         for tx in tl.static_range(NX):
             # the window n whose row i targets the pixel; its column j reads the pixel at offset j - i
-            n, valid, i, j, reach = _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty, tx, K, S, PAD,
-                                                  (CY + PAD) % S, (CX + PAD) % S)
+            n, valid, i, j, reach = _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty, tx, K, S, PAD, CY, CX)
             m2 = valid[:, None] & reach[None, :]
             row = (n * NH + head) * (KK * KK) + i * KK
             logits = tl.load(attn_ptr + row[:, None] + j[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -123,14 +124,13 @@ def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     b, head, mask_p, y, x = _class_pixels(H, W, NH, S, CY, CX, BLOCK_P)
-    oy, ox, mask_e = _class_slots(K, S, (CY + PAD) % S, (CX + PAD) % S, NY, NX, BLOCK_E)
+    oy, ox, mask_e = _class_slots(K, S, PAD, CY, CX, NY, NX, BLOCK_E)
     weights = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
     for ty in tl.static_range(NY):
         for tx in tl.static_range(NX):
             # the window n that reads the pixel as its column j; its row i writes the pixel at offset i - j, and
             # only rows whose pixel is inside the image have a gradient
-            n, valid, j, i, reach = _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty, tx, K, S, PAD,
-                                                  (CY + PAD) % S, (CX + PAD) % S)
+            n, valid, j, i, reach = _class_window(y, x, mask_p, b, h, w, oy, ox, mask_e, ty, tx, K, S, PAD, CY, CX)
             ty_pix = y[:, None] + oy[None, :]
             tx_pix = x[:, None] + ox[None, :]
             rows = (valid[:, None] & reach[None, :] & (ty_pix >= 0) & (ty_pix < H) & (tx_pix >= 0) & (tx_pix < W))
