@@ -123,10 +123,14 @@ def _default_block_t(n: int, m: int, dtype: torch.dtype, backward: bool) -> int:
 
 
 def _default_options(block_t: int, n: int, dtype: torch.dtype, backward: bool) -> dict:
-    """Warps and pipeline stages when use_tiles sets none: 4 warps, one for a forward of at most 16 queries; one
-    stage backward, and forward 3 for 16-bit inputs, 2 for float32 (H200 bf16 batch 128, us with 64-row tiles at 2 /
-    3 stages: VOLO-D1 self-attention 85.1 / 76.6, PVT stage 0 (3,136 queries over 49 keys of 64) 43.3 / 37.0)."""
-    warps = 1 if not backward and n <= 16 and block_t == 16 else 4
+    """Warps and pipeline stages when use_tiles sets none: 4 warps, one for a 16-bit forward of at most 16 queries;
+    one stage backward, and forward 3 for 16-bit inputs, 2 for float32 (H200 bf16 batch 128, us with 64-row tiles at
+    2 / 3 stages: VOLO-D1 self-attention 85.1 / 76.6, PVT stage 0 (3,136 queries over 49 keys of 64) 43.3 / 37.0).
+
+    float32 keeps 4 warps at few queries: its IEEE dots over one warp spill (H200, VOLO-D1 class attention, one query
+    over 197 keys, 12 heads of 32, batch 128, us at 1 / 2 / 4 / 8 warps: 1,125 / 1,537 / 84.9 / 106.7; SDPA 177.9).
+    """
+    warps = 1 if not backward and n <= 16 and block_t == 16 and dtype != torch.float32 else 4
     stages = 1 if backward else 2 if dtype == torch.float32 else 3
     return dict(num_warps=warps, num_stages=stages)
 

@@ -98,6 +98,8 @@ def test_plans_split_the_queries_only_when_the_pairs_are_few():
     assert tk._plan(volo.float(), volo.float(), volo.float(), False).options["num_stages"] == 2
     cls = tk._plan(volo[:, :, :1], volo[:, :, :197], volo, False)  # class attention: one query over 197 keys
     assert cls.constexprs["BLOCK_T"] == 16 and cls.options == {"num_warps": 1, "num_stages": 3}
+    fp32_cls = tk._plan(volo[:, :, :1].float(), volo[:, :, :197].float(), volo.float(), False)
+    assert fp32_cls.options == {"num_warps": 4, "num_stages": 2}  # float32 dots over one warp spill
     assert tk._plan(volo[:, :, :1], volo, volo, True).options == {"num_warps": 4, "num_stages": 1}
     with tk.use_tiles(block_t=32, num_warps=2, num_stages=3):
         plan = tk._plan(q, k, v, False)
