@@ -198,6 +198,25 @@ def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeyp
     assert "ZOO_OPS_BACKEND" not in os.environ
 
 
+def test_no_pointwise_autotune_holds_for_the_runs_and_is_recorded(monkeypatch, tmp_path):
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.triton.autotune_pointwise
+    seen, meta = [], {}
+
+    def fake_bench_model(name, *args):
+        seen.append(inductor_config.triton.autotune_pointwise)
+        return [{"model": name, "mode": "infer", "dtype": "fp32", "batch_size": 2, "images_per_s": 1.0}]
+
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bench, "write_results", lambda rows, out, m: (meta.update(m), ("a", "b"))[1])
+    assert bench.main(["m", "--compile", "--no-pointwise-autotune", "--device", "cpu"]) == 0
+    assert seen == [False] and meta["inductor_pointwise_autotune"] is False
+    assert inductor_config.triton.autotune_pointwise == before
+    assert bench.main(["m", "--compile", "--device", "cpu"]) == 0
+    assert seen == [False, before] and meta["inductor_pointwise_autotune"] is True
+
+
 class _FakeSubject:
     """A bench subject whose steps log their calls; time_fn is replaced by a scripted clock in these tests."""
 

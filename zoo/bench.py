@@ -28,6 +28,12 @@ kernels, so their speeds hide what the kernels gain). ``x_base`` is each row's i
 baseline being the first model, eager, first ops backend, at the same mode, dtype and batch size: list a timm model
 first to read every zoo row against it.
 
+``--no-pointwise-autotune`` gives every pointwise kernel inductor generates its first heuristic launch configuration
+instead of the one autotuning picks when it compiles: identical kernels of two compiled models then run alike. With
+autotuning, the pick is a draw that inductor caches on disk: on the H200, compiled VOLO-D1 at batch 128 ran the same
+in-place GELU kernel (28.9M bf16 values) at 42.8 us in one model and at 59-60 us in the other, in either direction,
+0.24 ms of a 9 ms step (the ratio of timm's to zoo's time read 1.46 or 1.53; 1.50 with this flag).
+
 ``--rounds N`` (N > 1) times every configuration in N rounds that take the models in turn and reports the median
 round, with ``latency_spread`` ((slowest - fastest round) / median): on a shared host whose speed drifts, back-to-back
 runs of one model after another can differ by more than the models do.
@@ -56,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "host_profile",
-           "host_rows", "main", "ops_backend", "time_fn"]
+           "host_rows", "main", "ops_backend", "pointwise_autotune", "time_fn"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-compile", action="store_true", help="time both the eager and the compiled model")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled runs (reduce-overhead: CUDA graphs)")
+    p.add_argument("--no-pointwise-autotune", action="store_true",
+                   help="compiled runs take inductor's first heuristic launch configuration for every pointwise "
+                        "kernel rather than autotuning it: the same kernel in two models then runs alike")
     p.add_argument("--ops-backend", default="auto",
                    help="comma-separated attention backends to run with: auto (dispatch's choice) or a backend name "
                         "forced on every zoo.ops op that has it, e.g. auto,reference")
@@ -421,6 +430,19 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
 
 
 @contextlib.contextmanager
+def pointwise_autotune(enabled: bool) -> Iterator[None]:
+    """Whether inductor autotunes the launch configuration of its pointwise kernels while compiling, for the duration
+    (``enabled=True`` leaves inductor's setting alone; False takes each kernel's first heuristic configuration)."""
+    if enabled:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.autotune_pointwise": False}):
+        yield
+
+
+@contextlib.contextmanager
 def ops_backend(name: str) -> Iterator[None]:
     """Force attention backend ``name`` on every ``zoo.ops`` op that registers it (``auto``: leave dispatch alone).
 
@@ -529,26 +551,35 @@ def main(argv: list[str] | None = None) -> int:
     compiled_mode = args.compile_mode
     compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
     subjects = [(name, backend, compiled) for name in args.models for backend in backends for compiled in compiles]
-    if args.rounds > 1:
-        rows = bench_interleaved(subjects, batch_sizes, dtypes, device, modes, args.img_size, args.channels_last,
-                                 args.warmup, args.iters, model_kwargs, args.device_time, args.rounds,
-                                 args.host_profile)
-    else:
-        rows = []
-        for name, backend, compiled in subjects:
-            with ops_backend(backend):
-                for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
-                                       args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time,
-                                       args.host_profile):
-                    rows.append({**row, "ops": backend})
+    with pointwise_autotune(not args.no_pointwise_autotune):
+        rows = _bench_subjects(args, subjects, batch_sizes, dtypes, device, modes, model_kwargs)
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
     print(format_table(rows, [c for c in COLUMNS if c not in hidden]))
     if args.host_profile:
         print(format_table(host_rows(rows), HOST_COLUMNS))
-    csv_path, json_path = write_results(rows, args.out, environment(device))
+    meta = {**environment(device), "inductor_pointwise_autotune": not args.no_pointwise_autotune}
+    csv_path, json_path = write_results(rows, args.out, meta)
     print(f"wrote {csv_path} and {json_path}")
     return 0
+
+
+def _bench_subjects(args: argparse.Namespace, subjects: list[tuple[str, str, bool | str]], batch_sizes: list[int],
+                    dtypes: list[str], device: torch.device, modes: tuple[str, ...],
+                    model_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of every (model, ops backend, compile) subject: in turn, or in interleaved rounds (``--rounds``)."""
+    if args.rounds > 1:
+        return bench_interleaved(subjects, batch_sizes, dtypes, device, modes, args.img_size, args.channels_last,
+                                 args.warmup, args.iters, model_kwargs, args.device_time, args.rounds,
+                                 args.host_profile)
+    rows = []
+    for name, backend, compiled in subjects:
+        with ops_backend(backend):
+            for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
+                                   args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time,
+                                   args.host_profile):
+                rows.append({**row, "ops": backend})
+    return rows
 
 
 if __name__ == "__main__":
