@@ -363,6 +363,25 @@ def test_host_profile_ranks_operators_by_self_time_with_calls_a_step():
         bench.host_profile(step, torch.device("cpu"), iters=1, top=0)
 
 
+def test_top_kernels_rank_device_events_by_device_time_a_call():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(key="gemm", device_type=cuda, self_device_time_total=3000.0, count=8),
+              SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=0.0, count=8),
+              SimpleNamespace(key="gelu", device_type=cuda, self_device_time_total=5000.0, count=4),
+              SimpleNamespace(key="memset", device_type=cuda, self_device_time_total=None, self_cuda_time_total=100.0,
+                              count=12)]
+    assert bench.top_kernels(events, iters=4, top=5) == [["gelu", 1.25, 1.0], ["gemm", 0.75, 2.0],
+                                                         ["memset", 0.025, 3.0]]
+    assert bench.top_kernels(events, iters=4, top=1) == [["gelu", 1.25, 1.0]]
+    table = bench.kernel_rows([{"model": "m", "ops": "auto", "compile": False, "mode": "infer", "dtype": "bf16",
+                                "batch_size": 2, "kernel_top": bench.top_kernels(events, 4, 2)}])
+    assert [(r["rank"], r["kernel"], r["device_ms"], r["calls"]) for r in table] == [(1, "gelu", 1.25, 1.0),
+                                                                                  (2, "gemm", 0.75, 2.0)]
+    assert table[0]["model"] == "m" and bench.kernel_rows([{"model": "m"}]) == []
+
+
 @pytest.mark.parametrize("rounds", ["1", "2"])
 def test_bench_host_profile_prints_a_second_table_and_keeps_it_in_the_json(rounds, tmp_path, capsys):
     rc = bench.main(["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2", "--img-size", "32",
@@ -396,7 +415,9 @@ def test_gpu_host_profile_counts_the_runtime_launches():
         x.mul_(0.5)
         x.sub_(0.25)
 
-    host = bench.host_profile(step, torch.device("cuda"), iters=4, top=1000)["host_top"]
-    calls = {name: n for name, _, n in host}
+    profiled = bench.host_profile(step, torch.device("cuda"), iters=4, top=1000)
+    calls = {name: n for name, _, n in profiled["host_top"]}
     launches = sum(n for name, n in calls.items() if name.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     assert launches == 3 and calls["aten::add_"] == 1, calls
+    kernels = profiled["kernel_top"]  # the three elementwise kernels, once a step each
+    assert len(kernels) == 3 and all(n == 1 and ms > 0 for _, ms, n in kernels), kernels

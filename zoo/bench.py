@@ -18,7 +18,9 @@ to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version
 ``--host-profile N`` shows where that host time goes: one more profiled pass per row gives, in a second table, the N
 operators that took the most host time a step (self CPU time as ``torch.profiler`` counts it, and calls a step; on
 CUDA the runtime's launch calls, ``cudaLaunchKernel`` and the like, rank among them with their counts): run it on an
-official model beside zoo's to see what one step does more than the other.
+official model beside zoo's to see what one step does more than the other. On CUDA a third table gives the same
+pass's N kernels with the most device time a step (``device_ms``, launches a step): where two models' kernel time
+differs.
 
 ``--ops-backend auto,reference`` runs every model once per choice of attention backend (``auto``: the dispatch's
 choice; a name forces that backend on every ``zoo.ops`` op that has it), ``--with-compile`` times eager and
@@ -62,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "host_profile",
-           "host_rows", "main", "ops_backend", "pointwise_autotune", "time_fn"]
+           "host_rows", "kernel_rows", "main", "ops_backend", "pointwise_autotune", "time_fn", "top_kernels"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -70,6 +72,7 @@ COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size",
            "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "peak_mem_mib",
            "params_m", "channels_last", "device", "error"]
 HOST_COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "rank", "host_op", "self_cpu_ms", "calls"]
+KERNEL_COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "rank", "kernel", "device_ms", "calls"]
 
 
 def format_table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "above it means the host, not the GPU, bounds the step")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="also profile one pass more per row and list the N operators that took the most host "
-                        "time a step (self CPU time, calls a step), in a second table")
+                        "time a step (self CPU time, calls a step), in a second table; on CUDA also the N kernels "
+                        "with the most device time a step, in a third")
     p.add_argument("--rounds", type=int, default=1,
                    help="time every configuration in this many rounds that take the models in turn, reporting the "
                         "median round (all models stay in memory; peak memory is then not reported): side-by-side "
@@ -173,7 +177,8 @@ def host_profile(step: Callable[[], Any], device: torch.device, iters: int, top:
     Returns ``{"host_top": [[name, ms a call, calls a call], ...]}``: the ``top`` host events (operators, and on
     CUDA the runtime's calls such as ``cudaLaunchKernel``) with the most self CPU time a call, most first. Self time
     is what the profiler counts inside an event and outside its children, its own overhead included, so compare two
-    models profiled alike rather than read the milliseconds as the step's.
+    models profiled alike rather than read the milliseconds as the step's. On CUDA also ``"kernel_top"``, the same
+    profile's ``top`` kernels (and memory copies and sets) with the most device time a call (see :func:`top_kernels`).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -185,9 +190,27 @@ def host_profile(step: Callable[[], Any], device: torch.device, iters: int, top:
         for _ in range(iters):
             step()
         _sync(device)
-    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    events = prof.key_averages()
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     ranked = sorted(host, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"host_top": [[e.key, e.self_cpu_time_total / iters / 1e3, e.count / iters] for e in ranked]}
+    result = {"host_top": [[e.key, e.self_cpu_time_total / iters / 1e3, e.count / iters] for e in ranked]}
+    if device.type == "cuda":
+        result["kernel_top"] = top_kernels(events, iters, top)
+    return result
+
+
+def top_kernels(events: Iterable[Any], iters: int, top: int) -> list[list[Any]]:
+    """``[[name, device ms a call, launches a call], ...]``: the ``top`` device events of a profile's
+    ``key_averages()`` (kernels, memory copies and sets) over ``iters`` calls, most device time first."""
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    ranked = sorted(device, key=_device_us, reverse=True)[:top]
+    return [[e.key, _device_us(e) / iters / 1e3, e.count / iters] for e in ranked]
+
+
+def _device_us(event: Any) -> float:
+    # torch renamed self_cuda_time_total to self_device_time_total (2.4); both name the event's own device time
+    total = getattr(event, "self_device_time_total", None)
+    return total if total is not None else event.self_cuda_time_total
 
 
 def _check_host_top(host_top: int) -> None:
@@ -200,6 +223,13 @@ def host_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = HOST_COLUMNS[:6]
     return [{**{k: row.get(k) for k in keys}, "rank": rank, "host_op": name, "self_cpu_ms": ms, "calls": calls}
             for row in rows for rank, (name, ms, calls) in enumerate(row.get("host_top") or [], 1)]
+
+
+def kernel_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The third table of ``--host-profile`` on CUDA: a row per (result row, ranked kernel)."""
+    keys = KERNEL_COLUMNS[:6]
+    return [{**{k: row.get(k) for k in keys}, "rank": rank, "kernel": name[:100], "device_ms": ms, "calls": calls}
+            for row in rows for rank, (name, ms, calls) in enumerate(row.get("kernel_top") or [], 1)]
 
 
 def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
@@ -558,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, [c for c in COLUMNS if c not in hidden]))
     if args.host_profile:
         print(format_table(host_rows(rows), HOST_COLUMNS))
+        if any(row.get("kernel_top") for row in rows):
+            print(format_table(kernel_rows(rows), KERNEL_COLUMNS))
     meta = {**environment(device), "inductor_pointwise_autotune": not args.no_pointwise_autotune}
     csv_path, json_path = write_results(rows, args.out, meta)
     print(f"wrote {csv_path} and {json_path}")
