@@ -191,9 +191,8 @@ def host_profile(step: Callable[[], Any], device: torch.device, iters: int, top:
             step()
         _sync(device)
     events = prof.key_averages()
-    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    ranked = sorted(host, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    result = {"host_top": [[e.key, e.self_cpu_time_total / iters / 1e3, e.count / iters] for e in ranked]}
+    result = {"host_top": _top_events(events, torch.autograd.DeviceType.CPU, lambda e: e.self_cpu_time_total, iters,
+                                      top)}
     if device.type == "cuda":
         result["kernel_top"] = top_kernels(events, iters, top)
     return result
@@ -202,9 +201,14 @@ def host_profile(step: Callable[[], Any], device: torch.device, iters: int, top:
 def top_kernels(events: Iterable[Any], iters: int, top: int) -> list[list[Any]]:
     """``[[name, device ms a call, launches a call], ...]``: the ``top`` device events of a profile's
     ``key_averages()`` (kernels, memory copies and sets) over ``iters`` calls, most device time first."""
-    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    ranked = sorted(device, key=_device_us, reverse=True)[:top]
-    return [[e.key, _device_us(e) / iters / 1e3, e.count / iters] for e in ranked]
+    return _top_events(events, torch.autograd.DeviceType.CUDA, _device_us, iters, top)
+
+
+def _top_events(events: Iterable[Any], device_type: Any, time_us: Callable[[Any], float], iters: int,
+                top: int) -> list[list[Any]]:
+    """``[[name, ms a call, count a call], ...]`` of the ``top`` events on ``device_type`` by ``time_us``."""
+    ranked = sorted((e for e in events if e.device_type == device_type), key=time_us, reverse=True)[:top]
+    return [[e.key, time_us(e) / iters / 1e3, e.count / iters] for e in ranked]
 
 
 def _device_us(event: Any) -> float:
@@ -220,16 +224,20 @@ def _check_host_top(host_top: int) -> None:
 
 def host_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The second table of ``--host-profile``: a row per (result row, ranked host operator)."""
-    keys = HOST_COLUMNS[:6]
-    return [{**{k: row.get(k) for k in keys}, "rank": rank, "host_op": name, "self_cpu_ms": ms, "calls": calls}
-            for row in rows for rank, (name, ms, calls) in enumerate(row.get("host_top") or [], 1)]
+    return _ranked_rows(rows, "host_top", HOST_COLUMNS)
 
 
 def kernel_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The third table of ``--host-profile`` on CUDA: a row per (result row, ranked kernel)."""
-    keys = KERNEL_COLUMNS[:6]
-    return [{**{k: row.get(k) for k in keys}, "rank": rank, "kernel": name[:100], "device_ms": ms, "calls": calls}
-            for row in rows for rank, (name, ms, calls) in enumerate(row.get("kernel_top") or [], 1)]
+    return _ranked_rows(rows, "kernel_top", KERNEL_COLUMNS)
+
+
+def _ranked_rows(rows: list[dict[str, Any]], field: str, columns: list[str]) -> list[dict[str, Any]]:
+    """A row per (result row, entry of its ``field`` ranking): the result row's first six ``columns``, then the rank
+    and the entry's name (at most 100 characters), time and count under the last three."""
+    name_key, ms_key, calls_key = columns[-3:]
+    return [{**{k: row.get(k) for k in columns[:6]}, "rank": rank, name_key: name[:100], ms_key: ms, calls_key: calls}
+            for row in rows for rank, (name, ms, calls) in enumerate(row.get(field) or [], 1)]
 
 
 def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
