@@ -152,16 +152,60 @@ def _plan_for(b: int, heads: int, n: int, m: int, d: int, dv: int, dtype: torch.
 
 
 
-def _launch_forward(q, k, v, scale: float, launch=direct) -> torch.Tensor:
+def _launch_forward(q, k, v, scale: float, launch=direct, stats: bool = False):
+    """out (B, heads, N, d_v), token-major memory; with ``stats`` also (out, lse): each row's log-sum-exp of its
+    scaled logits in base 2, (B, heads, N) float32, for the key-blocked backward."""
     b, heads, n, _ = q.shape
     out = token_major(b, heads, n, v.shape[3], q)
+    lse = torch.empty((b, heads, n), device=q.device, dtype=torch.float32) if stats else None
     if b * heads == 0 or n == 0:
-        return out
+        return (out, lse) if stats else out
     plan = _plan(q, k, v, False)
     launch(_kernels()._forward_kernel)[plan.grid](
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *plan.runtime, scale * _LOG2E,
-        **plan.options, **plan.constexprs)
-    return out
+        out if lse is None else lse, **plan.options, **plan.constexprs, STATS=stats)
+    return (out, lse) if stats else out
+
+
+# key-blocked backward tiles: (query rows, keys) a tile, warps, stages; None: the defaults below (not yet measured)
+_KB_TILES: dict[str, int | None] = {"block_t": None, "block_n": None, "num_warps": None, "num_stages": None}
+
+
+def use_key_blocked_tiles(block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                          num_stages: int | None = None) -> contextlib.AbstractContextManager:
+    """Temporarily override the key-blocked backward's launch knobs (None keeps the current value): query rows and
+    keys a tile (powers of two >= 16; default 64 and 64, float32 32 and 32), warps (4) and stages (1)."""
+    check_tile_edge("block_t", block_t)
+    check_tile_edge("block_n", block_n)
+    return override_knobs(_KB_TILES, block_t=block_t, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, launch=direct):
+    """dq, dk, dv (fresh token-major tensors) from the forward's output and row statistics (``_launch_forward``
+    with ``stats``): one kernel for dQ (and delta = rowsum(dO * O)) per query tile, one for dK/dV per key block.
+    Every program owns its outputs: no partial sums, deterministic."""
+    b, heads, n, d = q.shape
+    m, dv_width = k.shape[2], v.shape[3]
+    dq, dk, dv = (token_major(b, heads, n, d, q), token_major(b, heads, m, d, k),
+                  token_major(b, heads, m, dv_width, v))
+    if b * heads == 0 or n == 0:
+        return dq, dk.zero_(), dv.zero_()
+    wide = q.dtype == torch.float32
+    block_t = _KB_TILES["block_t"] or (32 if wide else 64)
+    block_n = _KB_TILES["block_n"] or (32 if wide else 64)
+    constexprs = dict(D=d, DV=dv_width, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv_width)),
+                      BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+                      num_warps=_KB_TILES["num_warps"] or 4, num_stages=_KB_TILES["num_stages"] or 1)
+    delta = torch.empty((b, heads, n), device=q.device, dtype=torch.float32)
+    kernels = _kernels()
+    strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
+    launch(kernels._kb_dq_kernel)[(b * heads, -(-n // block_t))](
+        grad_out, q, k, v, out, lse, dq, delta, *strides, dq.stride(0), dq.stride(2), heads, n, m, scale,
+        scale * _LOG2E, **constexprs)
+    launch(kernels._kb_dkv_kernel)[(b * heads, -(-m // block_n))](
+        grad_out, q, k, v, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(2), dv.stride(0), dv.stride(2),
+        heads, n, m, scale, scale * _LOG2E, **constexprs)
+    return dq, dk, dv
 
 
 def _launch_backward(grad_out, q, k, v, scale: float, launch=direct, into=None):

@@ -4,6 +4,8 @@ backward) and on the GPU (PVT and LookupViT shapes, fp32/fp16/bf16, determinism,
 CPU."""
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import pytest
@@ -156,6 +158,29 @@ def _interpreter_fp32_checks() -> None:
     print("fp32 ok")
 
 
+def _interpreter_key_blocked_checks() -> None:
+    """The forward's row statistics (base-2 log-sum-exp) and the key-blocked backward (dQ per query tile, dK/dV per
+    key block) against the float64 reference, fp32, at one- and several-block tilings; bitwise repeatable."""
+    for case in INTERPRETER_CASES:
+        b, heads, n, m, d, dv = case
+        tensors = make_inputs(b, heads, n, m, d, dv, seed=n)
+        want = float64_out_and_grads(tensors, d ** -0.5)
+        q, k, v = (t.detach() for t in tensors)
+        out, lse = tk._launch_forward(q, k, v, d ** -0.5, stats=True)
+        logits = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+        assert_close_to(lse, torch.logsumexp(logits, -1) / math.log(2), 1e-5, 1e-5, f"lse {case}")
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        for block_t, block_n in ((16, 16), (32, 64)):
+            with tk.use_key_blocked_tiles(block_t=block_t, block_n=block_n):
+                got = (out, *tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5))
+                again = tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5)
+            for name, x, y in zip(NAMES, got, want):
+                assert x.shape == y.shape, name
+                assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} tiles {block_t}x{block_n}")
+            assert all(torch.equal(x, y) for x, y in zip(got[1:], again)), f"not repeatable {case}"
+    print("key-blocked ok")
+
+
 def _cross_out_and_grads(tensors, backend, with_v_k, grad_seed=9):
     q, k, v_k, v_q = tensors
     out_q, out_k = cross_attention(q, k, v_k if with_v_k else None, v_q, backend=backend)
@@ -287,7 +312,7 @@ def _interpreter_packed_checks() -> None:
 
 def test_triton_interpreter_fp32_fp16_cross_attention_custom_op_and_compile_trace():
     run_in_interpreter("test_short_keys_triton", "_interpreter_fp32_checks", "_interpreter_fp16_and_compile_checks",
-                       "_interpreter_cross_checks", "_interpreter_packed_checks")
+                       "_interpreter_cross_checks", "_interpreter_packed_checks", "_interpreter_key_blocked_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------
