@@ -178,6 +178,46 @@ def _interpreter_key_blocked_checks() -> None:
                 assert x.shape == y.shape, name
                 assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} tiles {block_t}x{block_n}")
             assert all(torch.equal(x, y) for x, y in zip(got[1:], again)), f"not repeatable {case}"
+        with tk.use_key_blocked_tiles(enabled=True):  # training through the public function: the autograd node
+            trained = out_and_grads(tensors, "triton", d ** -0.5)
+        for name, x, y in zip(NAMES, trained, want):
+            assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} through autograd")
+    kb_calls = []
+    kb = tk._launch_backward_key_blocked
+    tk._launch_backward_key_blocked = lambda *a, **kw: kb_calls.append(1) or kb(*a, **kw)
+    try:
+        for case in PACKED_CASES:  # on a qkv projection: qkv's gradient in one buffer, equal to the unpacked one's
+            qkv, views = make_qkv(*case, seed=case[2])
+            scale = case[3] ** -0.5
+            with tk.use_key_blocked_tiles(enabled=True):
+                packed = packed_out_and_grad(qkv, views, "triton", scale, packed=True)
+                unpacked = packed_out_and_grad(qkv, views, "triton", scale, packed=False)
+            assert len(kb_calls) == 2, "the key-blocked backward was not taken"
+            kb_calls.clear()
+            want = packed_out_and_grad(qkv, views, "reference", scale, packed=True)
+            for name, x, y, z in zip(("out", "dqkv"), packed, unpacked, want):
+                assert torch.equal(x, y), f"packed {name} {case}"
+                assert_close_to(x, z, 1e-5, 1e-5, f"packed {name} vs reference {case}")
+        # traced: the statistics op and its key-blocked backward op, equal to eager
+        tensors = make_inputs(1, 2, 70, 49, 16, 16, seed=3)
+
+        def loss(q, k, v):
+            return downsampled_attention(q, k, v, scale=0.25, backend="triton").square().sum()
+
+        with tk.use_key_blocked_tiles(enabled=True):
+            eager = torch.autograd.grad(loss(*tensors), tensors)
+            torch._dynamo.reset()
+            traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(*tensors), tensors)
+        assert len(kb_calls) == 2 and all(torch.equal(x, y) for x, y in zip(traced, eager))
+        torch._dynamo.reset()
+        q, k, v = (t.detach() for t in tensors)
+        torch.library.opcheck(torch.ops.zoo.short_keys_attention_fwd_stats.default, (q, k, v, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
+        out, lse = tk._launch_forward(q, k, v, 0.25, stats=True)
+        torch.library.opcheck(torch.ops.zoo.short_keys_attention_bwd_kb.default, (out, q, k, v, out, lse, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
+    finally:
+        tk._launch_backward_key_blocked = kb
     print("key-blocked ok")
 
 
