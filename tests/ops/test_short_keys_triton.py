@@ -466,3 +466,36 @@ def test_gpu_torch_compile_follows_a_changing_batch():
         tensors, scale = _gpu_case("pvt_s1", torch.bfloat16, seed=batch, batch=batch)
         with torch.no_grad():
             assert_close_to(compiled(*tensors, scale), attend(*tensors, scale), 2e-2, 1e-2, f"batch {batch}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_key_blocked_backward_matches_float64(shape, dtype):
+    tensors, scale = _gpu_case(shape, dtype, seed=6)
+    with tk.use_key_blocked_tiles(enabled=True):
+        got = out_and_grads(tensors, "triton", scale)
+        again = out_and_grads(tensors, "triton", scale)
+    want = float64_out_and_grads(tensors, scale)
+    for name, x, y, z in zip(NAMES, got, want, again):
+        assert x.dtype == dtype and torch.equal(x, z), f"{shape} {dtype} {name} not repeatable"
+        assert_close_to(x, y, *GPU_TOL[dtype], f"key-blocked {shape} {dtype} {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_key_blocked_compiled_training_launches_its_kernels():
+    heads, n, _, d = SHAPES["volo"]
+    qkv, _ = make_qkv(8, heads, n, d, dtype=torch.bfloat16, device="cuda", seed=8)
+
+    def loss(qkv):
+        views = qkv.view(8, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return downsampled_attention(*views, scale=d ** -0.5, qkv=qkv).float().square().mean()
+
+    with tk.use_key_blocked_tiles(enabled=True):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True)
+        grad, code = run_compiled(lambda: torch.autograd.grad(compiled(qkv), qkv)[0])
+        eager = torch.autograd.grad(loss(qkv), qkv)[0]
+    torch._dynamo.reset()
+    assert_inductor_launches(code, "_forward_kernel", "_kb_dq_kernel", "_kb_dkv_kernel")
+    assert_close_to(grad, eager, *GPU_TOL[torch.bfloat16], "compiled vs eager")
