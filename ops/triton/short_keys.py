@@ -23,12 +23,16 @@ stack the three in one more pass and its unbind's and permute's nodes. Traced ca
 the stack into one copy kernel, which an op writing into views of one buffer would cost more: see
 :func:`_short_keys_attention`).
 
-A second backward, key-blocked in flash-attention 2's order (``use_key_blocked_tiles(enabled=True)``; off by
-default until it is measured against this one on the GPU): the training forward also writes each row's base-2
-log-sum-exp, one kernel computes dQ and delta = rowsum(dO * O) per query tile over key blocks, another dK and dV per
-key block over query tiles. Its tiles are (64 queries, 64 keys) where the one-pass backward holds a whole 256-key row
-(16 query rows above 128 keys, to stay in registers). Traced training calls then take the ops
-``zoo::short_keys_attention_fwd_stats`` / ``zoo::short_keys_attention_bwd_kb``.
+A second backward, key-blocked in flash-attention 2's order, which 16-bit training calls take
+(``use_key_blocked_tiles(enabled=...)`` forces it on or off; float32 keeps the one-pass backward, its key-blocked tiles
+not measured): the training forward also writes each row's base-2 log-sum-exp, one kernel computes dQ and
+delta = rowsum(dO * O) per query tile over key blocks, another dK and dV per key block over query tiles. Its tiles are
+(64 queries, 64 keys), two stages, where the one-pass backward holds a whole 256-key row (16 query rows above 128 keys,
+to stay in registers). H200, bf16, backward kernels in us (the forward's statistics cost 3 to 8 more): VOLO-D1's
+self-attention (196 over 196 keys, 12 heads of 32) 120 against 136 at batch 64, 241 against 266 at 128; its class
+attention (1 query over 197 keys) 47 against 78; PVT's 784 queries over 49 keys (2 heads of 64, batch 128) 76 against
+175. Traced training calls then take the ops ``zoo::short_keys_attention_fwd_stats`` /
+``zoo::short_keys_attention_bwd_kb``.
 
 The one-pass backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
 batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README's operator table has
@@ -174,9 +178,9 @@ def _launch_forward(q, k, v, scale: float, launch=direct, stats: bool = False):
     return (out, lse) if stats else out
 
 
-# The key-blocked backward: whether training calls take it (off until measured on the GPU), its tiles ((query rows,
-# keys) a tile, warps, stages; None: the defaults of _launch_backward_key_blocked)
-_KB_TILES: dict[str, int | bool | None] = {"enabled": False, "block_t": None, "block_n": None, "num_warps": None,
+# The key-blocked backward: whether training calls take it (None: 16-bit calls do), its tiles ((query rows, keys) a
+# tile, warps, stages; None: the defaults of _launch_backward_key_blocked)
+_KB_TILES: dict[str, int | bool | None] = {"enabled": None, "block_t": None, "block_n": None, "num_warps": None,
                                            "num_stages": None}
 
 
@@ -184,8 +188,9 @@ def use_key_blocked_tiles(enabled: bool | None = None, block_t: int | None = Non
                           num_warps: int | None = None,
                           num_stages: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the key-blocked backward's knobs (None keeps the current value): whether training calls
-    take it (their forward then writes row statistics), query rows and keys a tile (powers of two >= 16; default 64
-    and 64, float32 32 and 32), warps (4) and stages (1)."""
+    take it (their forward then writes row statistics; by default 16-bit calls do, float32 calls take the one-pass
+    backward), query rows and keys a tile (powers of two >= 16; default 64 and 64, float32 32 and 32), warps (4) and
+    stages (16-bit 2, float32 1)."""
     check_tile_edge("block_t", block_t)
     check_tile_edge("block_n", block_n)
     return override_knobs(_KB_TILES, enabled=enabled, block_t=block_t, block_n=block_n, num_warps=num_warps,
@@ -208,7 +213,7 @@ def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, laun
     block_n = _KB_TILES["block_n"] or (32 if wide else 64)
     constexprs = dict(D=d, DV=dv_width, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv_width)),
                       BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-                      num_warps=_KB_TILES["num_warps"] or 4, num_stages=_KB_TILES["num_stages"] or 1)
+                      num_warps=_KB_TILES["num_warps"] or 4, num_stages=_KB_TILES["num_stages"] or (1 if wide else 2))
     delta = torch.empty((b, heads, n), device=q.device, dtype=torch.float32)
     kernels = _kernels()
     strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
@@ -415,6 +420,8 @@ def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     """softmax(q k^T * scale) v with the kernels, through the path that fits the caller (compiled, inference, eager
     training; in training on ``qkv`` itself when q, k and v are its views)."""
     key_blocked = _KB_TILES["enabled"]
+    if key_blocked is None:
+        key_blocked = q.dtype != torch.float32
     if torch.compiler.is_compiling():
         # not on qkv: inductor stacks dq, dk and dv into qkv's gradient in one fused copy, where the kernel's writes
         # into views of one buffer made it copy each view in and out (H200, compiled VOLO-D1 step: 1.2 ms more)
