@@ -23,7 +23,18 @@ stack the three in one more pass and its unbind's and permute's nodes. Traced ca
 the stack into one copy kernel, which an op writing into views of one buffer would cost more: see
 :func:`_short_keys_attention`).
 
-The backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
+A second backward, key-blocked in flash-attention 2's order, which 16-bit training calls take
+(``use_key_blocked_tiles(enabled=...)`` forces it on or off; float32 keeps the one-pass backward, its key-blocked tiles
+not measured): the training forward also writes each row's base-2 log-sum-exp, one kernel computes dQ and
+delta = rowsum(dO * O) per query tile over key blocks, another dK and dV per key block over query tiles. Its tiles are
+(64 queries, 64 keys), two stages, where the one-pass backward holds a whole 256-key row (16 query rows above 128 keys,
+to stay in registers). H200, bf16, backward kernels in us (the forward's statistics cost 3 to 8 more): VOLO-D1's
+self-attention (196 over 196 keys, 12 heads of 32) 120 against 136 at batch 64, 241 against 266 at 128; its class
+attention (1 query over 197 keys) 47 against 78; PVT's 784 queries over 49 keys (2 heads of 64, batch 128) 76 against
+175. Traced training calls then take the ops ``zoo::short_keys_attention_fwd_stats`` /
+``zoo::short_keys_attention_bwd_kb``.
+
+The one-pass backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
 batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README's operator table has
 the figures).
 
@@ -48,8 +59,8 @@ from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision,
                kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, token_major, traced,
                triton_missing_reason)
 
-__all__ = ["downsampled_attention_triton", "cross_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_KEYS",
-           "MAX_HEAD_DIM"]
+__all__ = ["downsampled_attention_triton", "cross_attention_triton", "use_tiles", "use_key_blocked_tiles",
+           "SUPPORTED_DTYPES", "MAX_KEYS", "MAX_HEAD_DIM"]
 
 _OP = "downsampled_attention"
 _CROSS = "cross_attention"
@@ -152,16 +163,67 @@ def _plan_for(b: int, heads: int, n: int, m: int, d: int, dv: int, dtype: torch.
 
 
 
-def _launch_forward(q, k, v, scale: float, launch=direct) -> torch.Tensor:
+def _launch_forward(q, k, v, scale: float, launch=direct, stats: bool = False):
+    """out (B, heads, N, d_v), token-major memory; with ``stats`` also (out, lse): each row's log-sum-exp of its
+    scaled logits in base 2, (B, heads, N) float32, for the key-blocked backward."""
     b, heads, n, _ = q.shape
     out = token_major(b, heads, n, v.shape[3], q)
+    lse = torch.empty((b, heads, n), device=q.device, dtype=torch.float32) if stats else None
     if b * heads == 0 or n == 0:
-        return out
+        return (out, lse) if stats else out
     plan = _plan(q, k, v, False)
     launch(_kernels()._forward_kernel)[plan.grid](
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *plan.runtime, scale * _LOG2E,
-        **plan.options, **plan.constexprs)
-    return out
+        out if lse is None else lse, **plan.options, **plan.constexprs, STATS=stats)
+    return (out, lse) if stats else out
+
+
+# The key-blocked backward: whether training calls take it (None: 16-bit calls do), its tiles ((query rows, keys) a
+# tile, warps, stages; None: the defaults of _launch_backward_key_blocked)
+_KB_TILES: dict[str, int | bool | None] = {"enabled": None, "block_t": None, "block_n": None, "num_warps": None,
+                                           "num_stages": None}
+
+
+def use_key_blocked_tiles(enabled: bool | None = None, block_t: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None,
+                          num_stages: int | None = None) -> contextlib.AbstractContextManager:
+    """Temporarily override the key-blocked backward's knobs (None keeps the current value): whether training calls
+    take it (their forward then writes row statistics; by default 16-bit calls do, float32 calls take the one-pass
+    backward), query rows and keys a tile (powers of two >= 16; default 64 and 64, float32 32 and 32), warps (4) and
+    stages (16-bit 2, float32 1)."""
+    check_tile_edge("block_t", block_t)
+    check_tile_edge("block_n", block_n)
+    return override_knobs(_KB_TILES, enabled=enabled, block_t=block_t, block_n=block_n, num_warps=num_warps,
+                          num_stages=num_stages)
+
+
+def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, launch=direct, into=None):
+    """dq, dk, dv from the forward's output and row statistics (``_launch_forward`` with ``stats``): one kernel for
+    dQ (and delta = rowsum(dO * O)) per query tile, one for dK/dV per key block. Every program owns its outputs: no
+    partial sums, deterministic. Fresh token-major tensors, or written into ``into``'s three views (see
+    ``_launch_backward``)."""
+    b, heads, n, d = q.shape
+    m, dv_width = k.shape[2], v.shape[3]
+    dq, dk, dv = into or (token_major(b, heads, n, d, q), token_major(b, heads, m, d, k),
+                          token_major(b, heads, m, dv_width, v))
+    if b * heads == 0 or n == 0:
+        return dq, dk.zero_(), dv.zero_()
+    wide = q.dtype == torch.float32
+    block_t = _KB_TILES["block_t"] or (32 if wide else 64)
+    block_n = _KB_TILES["block_n"] or (32 if wide else 64)
+    constexprs = dict(D=d, DV=dv_width, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv_width)),
+                      BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+                      num_warps=_KB_TILES["num_warps"] or 4, num_stages=_KB_TILES["num_stages"] or (1 if wide else 2))
+    delta = torch.empty((b, heads, n), device=q.device, dtype=torch.float32)
+    kernels = _kernels()
+    strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
+    launch(kernels._kb_dq_kernel)[(b * heads, -(-n // block_t))](
+        grad_out, q, k, v, out, lse, dq, delta, *strides, dq.stride(0), dq.stride(2), heads, n, m, scale,
+        scale * _LOG2E, **constexprs)
+    launch(kernels._kb_dkv_kernel)[(b * heads, -(-m // block_n))](
+        grad_out, q, k, v, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(2), dv.stride(0), dv.stride(2),
+        heads, n, m, scale, scale * _LOG2E, **constexprs)
+    return dq, dk, dv
 
 
 def _launch_backward(grad_out, q, k, v, scale: float, launch=direct, into=None):
@@ -238,6 +300,46 @@ def _backward(ctx, grad_out):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _forward_stats_fake(q, k, v, scale):
+    b, heads, n, _ = q.shape
+    return token_major(b, heads, n, v.shape[3], q), q.new_empty((b, heads, n), dtype=torch.float32)
+
+
+@kernel_op("zoo::short_keys_attention_fwd_stats", fake=_forward_stats_fake)
+def _forward_stats_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward and each row's base-2 log-sum-exp (B, heads, N) float32, for the key-blocked backward."""
+    with on_device(q):
+        return _launch_forward(q, k, v, scale, traced, stats=True)
+
+
+def _backward_kb_fake(grad_out, q, k, v, out, lse, scale):
+    return _backward_fake(grad_out, q, k, v, scale)
+
+
+@kernel_op("zoo::short_keys_attention_bwd_kb", fake=_backward_kb_fake)
+def _backward_kb_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The key-blocked backward: dq, dk, dv (token-major memory)."""
+    with on_device(q):
+        return _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale, traced)
+
+
+def _setup_stats_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward_kb(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*_backward_kb_op(grad_out, q, k, v, out, lse, ctx.scale), None)
+
+
+_forward_stats_op.register_autograd(_backward_kb, setup_context=_setup_stats_context)
+
+
 class _EagerShortKeys(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs host time)."""
 
@@ -286,6 +388,29 @@ class _EagerPackedShortKeys(torch.autograd.Function):
             return _packed_backward(grad_out, qkv, ctx.heads, ctx.scale), None, None
 
 
+class _EagerShortKeysKB(torch.autograd.Function):
+    """Eager training with the key-blocked backward: the forward keeps its output and row statistics. On a qkv
+    projection (``qkv`` given, q/k/v its views) the backward writes qkv's gradient in one buffer."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, qkv, heads):
+        with on_device(q):
+            out, lse = _launch_forward(q, k, v, scale, stats=True)
+        ctx.save_for_backward(q, k, v, out, lse, qkv)
+        ctx.scale, ctx.heads = scale, heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, qkv = ctx.saved_tensors
+        with on_device(q):
+            if qkv is None:
+                return (*_launch_backward_key_blocked(grad_out, q, k, v, out, lse, ctx.scale), None, None, None)
+            dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+            _launch_backward_key_blocked(grad_out, q, k, v, out, lse, ctx.scale, into=split_qkv(dqkv, ctx.heads))
+            return None, None, None, None, dqkv, None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the backend
 
@@ -294,14 +419,24 @@ def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
                           qkv: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v with the kernels, through the path that fits the caller (compiled, inference, eager
     training; in training on ``qkv`` itself when q, k and v are its views)."""
+    key_blocked = _KB_TILES["enabled"]
+    if key_blocked is None:
+        key_blocked = q.dtype != torch.float32
     if torch.compiler.is_compiling():
         # not on qkv: inductor stacks dq, dk and dv into qkv's gradient in one fused copy, where the kernel's writes
         # into views of one buffer made it copy each view in and out (H200, compiled VOLO-D1 step: 1.2 ms more)
+        if key_blocked and needs_grad(q, k, v):
+            return _forward_stats_op(q, k, v, scale)[0]
         return _forward_op(q, k, v, scale)
     if not needs_grad(q, k, v):  # inference: no autograd node, nothing saved
         with on_device(q):
             return _launch_forward(q, k, v, scale)
-    if qkv is not None and needs_grad(qkv):
+    packed = qkv is not None and needs_grad(qkv)
+    if key_blocked:
+        if packed:  # q, k, v are views of qkv: autograd reaches them through it
+            return _EagerShortKeysKB.apply(q.detach(), k.detach(), v.detach(), scale, qkv, q.shape[1])
+        return _EagerShortKeysKB.apply(q, k, v, scale, None, q.shape[1])
+    if packed:
         return _EagerPackedShortKeys.apply(qkv, q.shape[1], scale)
     return _EagerShortKeys.apply(q, k, v, scale)
 

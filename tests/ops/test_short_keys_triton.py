@@ -4,6 +4,8 @@ backward) and on the GPU (PVT and LookupViT shapes, fp32/fp16/bf16, determinism,
 CPU."""
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import pytest
@@ -156,6 +158,69 @@ def _interpreter_fp32_checks() -> None:
     print("fp32 ok")
 
 
+def _interpreter_key_blocked_checks() -> None:
+    """The forward's row statistics (base-2 log-sum-exp) and the key-blocked backward (dQ per query tile, dK/dV per
+    key block) against the float64 reference, fp32, at one- and several-block tilings; bitwise repeatable."""
+    for case in INTERPRETER_CASES:
+        b, heads, n, m, d, dv = case
+        tensors = make_inputs(b, heads, n, m, d, dv, seed=n)
+        want = float64_out_and_grads(tensors, d ** -0.5)
+        q, k, v = (t.detach() for t in tensors)
+        out, lse = tk._launch_forward(q, k, v, d ** -0.5, stats=True)
+        logits = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+        assert_close_to(lse, torch.logsumexp(logits, -1) / math.log(2), 1e-5, 1e-5, f"lse {case}")
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        for block_t, block_n in ((16, 16), (32, 64)):
+            with tk.use_key_blocked_tiles(block_t=block_t, block_n=block_n):
+                got = (out, *tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5))
+                again = tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5)
+            for name, x, y in zip(NAMES, got, want):
+                assert x.shape == y.shape, name
+                assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} tiles {block_t}x{block_n}")
+            assert all(torch.equal(x, y) for x, y in zip(got[1:], again)), f"not repeatable {case}"
+        with tk.use_key_blocked_tiles(enabled=True):  # training through the public function: the autograd node
+            trained = out_and_grads(tensors, "triton", d ** -0.5)
+        for name, x, y in zip(NAMES, trained, want):
+            assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} through autograd")
+    kb_calls = []
+    kb = tk._launch_backward_key_blocked
+    tk._launch_backward_key_blocked = lambda *a, **kw: kb_calls.append(1) or kb(*a, **kw)
+    try:
+        for case in PACKED_CASES:  # on a qkv projection: qkv's gradient in one buffer, equal to the unpacked one's
+            qkv, views = make_qkv(*case, seed=case[2])
+            scale = case[3] ** -0.5
+            with tk.use_key_blocked_tiles(enabled=True):
+                packed = packed_out_and_grad(qkv, views, "triton", scale, packed=True)
+                unpacked = packed_out_and_grad(qkv, views, "triton", scale, packed=False)
+            assert len(kb_calls) == 2, "the key-blocked backward was not taken"
+            kb_calls.clear()
+            want = packed_out_and_grad(qkv, views, "reference", scale, packed=True)
+            for name, x, y, z in zip(("out", "dqkv"), packed, unpacked, want):
+                assert torch.equal(x, y), f"packed {name} {case}"
+                assert_close_to(x, z, 1e-5, 1e-5, f"packed {name} vs reference {case}")
+        # traced: the statistics op and its key-blocked backward op, equal to eager
+        tensors = make_inputs(1, 2, 70, 49, 16, 16, seed=3)
+
+        def loss(q, k, v):
+            return downsampled_attention(q, k, v, scale=0.25, backend="triton").square().sum()
+
+        with tk.use_key_blocked_tiles(enabled=True):
+            eager = torch.autograd.grad(loss(*tensors), tensors)
+            torch._dynamo.reset()
+            traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(*tensors), tensors)
+        assert len(kb_calls) == 2 and all(torch.equal(x, y) for x, y in zip(traced, eager))
+        torch._dynamo.reset()
+        q, k, v = (t.detach() for t in tensors)
+        torch.library.opcheck(torch.ops.zoo.short_keys_attention_fwd_stats.default, (q, k, v, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
+        out, lse = tk._launch_forward(q, k, v, 0.25, stats=True)
+        torch.library.opcheck(torch.ops.zoo.short_keys_attention_bwd_kb.default, (out, q, k, v, out, lse, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
+    finally:
+        tk._launch_backward_key_blocked = kb
+    print("key-blocked ok")
+
+
 def _cross_out_and_grads(tensors, backend, with_v_k, grad_seed=9):
     q, k, v_k, v_q = tensors
     out_q, out_k = cross_attention(q, k, v_k if with_v_k else None, v_q, backend=backend)
@@ -241,21 +306,22 @@ def _interpreter_packed_checks() -> None:
     calls = []  # the packed backward's calls
     packed_backward = tk._packed_backward
     tk._packed_backward = lambda *args, **kw: calls.append(1) or packed_backward(*args, **kw)
-    for dtype in (torch.float32, torch.float16):
-        for case in PACKED_CASES:
-            qkv, views = make_qkv(*case, dtype=dtype, seed=case[2])
-            scale = case[3] ** -0.5
-            got = packed_out_and_grad(qkv, views, "triton", scale, packed=True)
-            assert len(calls) == 1, "the packed path was not taken"
-            unpacked = packed_out_and_grad(qkv, views, "triton", scale, packed=False)
-            assert len(calls) == 1, "the packed path was taken without qkv"
-            calls.clear()
-            for name, x, y in zip(("out", "dqkv"), got, unpacked):
-                assert x.dtype == dtype and torch.equal(x, y), f"packed {name} {dtype} {case}"
-            if dtype == torch.float32:
-                want = packed_out_and_grad(qkv, views, "reference", scale, packed=True)
-                for name, x, y in zip(("out", "dqkv"), got, want):
-                    assert_close_to(x, y, 1e-5, 1e-5, f"packed {name} vs reference {case}")
+    with tk.use_key_blocked_tiles(enabled=False):  # the one-pass backward (16-bit calls take the key-blocked one)
+        for dtype in (torch.float32, torch.float16):
+            for case in PACKED_CASES:
+                qkv, views = make_qkv(*case, dtype=dtype, seed=case[2])
+                scale = case[3] ** -0.5
+                got = packed_out_and_grad(qkv, views, "triton", scale, packed=True)
+                assert len(calls) == 1, "the packed path was not taken"
+                unpacked = packed_out_and_grad(qkv, views, "triton", scale, packed=False)
+                assert len(calls) == 1, "the packed path was taken without qkv"
+                calls.clear()
+                for name, x, y in zip(("out", "dqkv"), got, unpacked):
+                    assert x.dtype == dtype and torch.equal(x, y), f"packed {name} {dtype} {case}"
+                if dtype == torch.float32:
+                    want = packed_out_and_grad(qkv, views, "reference", scale, packed=True)
+                    for name, x, y in zip(("out", "dqkv"), got, want):
+                        assert_close_to(x, y, 1e-5, 1e-5, f"packed {name} vs reference {case}")
     # the token layout: q, k and v as qkv's channel thirds (Agent-DeiT's plain blocks)
     b, heads, n, d = 2, 3, 33, 16
     qkv = torch.randn(b, n, 3 * heads * d, requires_grad=True)
@@ -287,7 +353,7 @@ def _interpreter_packed_checks() -> None:
 
 def test_triton_interpreter_fp32_fp16_cross_attention_custom_op_and_compile_trace():
     run_in_interpreter("test_short_keys_triton", "_interpreter_fp32_checks", "_interpreter_fp16_and_compile_checks",
-                       "_interpreter_cross_checks", "_interpreter_packed_checks")
+                       "_interpreter_cross_checks", "_interpreter_packed_checks", "_interpreter_key_blocked_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,7 +411,8 @@ def test_gpu_torch_compile_matches_eager():
         return proj(downsampled_attention(q, k, v, scale=scale, backend="triton")).float().square().mean()
 
     compiled = torch.compile(block, fullgraph=True)
-    got, code = run_compiled(lambda: torch.autograd.grad(compiled(*tensors), tensors))
+    with tk.use_key_blocked_tiles(enabled=False):  # the one-pass backward (16-bit calls take the key-blocked one)
+        got, code = run_compiled(lambda: torch.autograd.grad(compiled(*tensors), tensors))
     assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
     for x, y in zip(got, torch.autograd.grad(block(*tensors), tensors)):
         assert_close_to(x, y, 2e-2, 1e-2, "compiled vs eager")
@@ -359,18 +426,20 @@ def test_gpu_packed_qkv_matches_the_unpacked_kernels_bitwise(batch, dtype):
     backward sums chunk partials), eager and inductor-compiled within rounding."""
     heads, n, _, d = SHAPES["volo"]
     qkv, views = make_qkv(batch, heads, n, d, dtype=dtype, device="cuda", seed=4)
-    got = packed_out_and_grad(qkv, views, "triton", d ** -0.5, packed=True)
-    for name, x, y in zip(("out", "dqkv"), got, packed_out_and_grad(qkv, views, "triton", d ** -0.5, packed=False)):
-        assert torch.equal(x, y), name
-
     def loss(qkv):
         views = qkv.view(batch, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         return downsampled_attention(*views, scale=d ** -0.5, qkv=qkv).float().square().mean()
 
-    compiled = torch.compile(loss, fullgraph=True)
-    grad, code = run_compiled(lambda: torch.autograd.grad(compiled(qkv), qkv)[0])
-    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
-    assert_close_to(grad, torch.autograd.grad(loss(qkv), qkv)[0], *GPU_TOL[dtype], "compiled vs eager")
+    with tk.use_key_blocked_tiles(enabled=False):  # the one-pass backward (16-bit calls take the key-blocked one)
+        got = packed_out_and_grad(qkv, views, "triton", d ** -0.5, packed=True)
+        for name, x, y in zip(("out", "dqkv"), got,
+                              packed_out_and_grad(qkv, views, "triton", d ** -0.5, packed=False)):
+            assert torch.equal(x, y), name
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True)
+        grad, code = run_compiled(lambda: torch.autograd.grad(compiled(qkv), qkv)[0])
+        assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
+        assert_close_to(grad, torch.autograd.grad(loss(qkv), qkv)[0], *GPU_TOL[dtype], "compiled vs eager")
 
 
 @pytest.mark.gpu
@@ -401,3 +470,36 @@ def test_gpu_torch_compile_follows_a_changing_batch():
         tensors, scale = _gpu_case("pvt_s1", torch.bfloat16, seed=batch, batch=batch)
         with torch.no_grad():
             assert_close_to(compiled(*tensors, scale), attend(*tensors, scale), 2e-2, 1e-2, f"batch {batch}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_key_blocked_backward_matches_float64(shape, dtype):
+    tensors, scale = _gpu_case(shape, dtype, seed=6)
+    with tk.use_key_blocked_tiles(enabled=True):
+        got = out_and_grads(tensors, "triton", scale)
+        again = out_and_grads(tensors, "triton", scale)
+    want = float64_out_and_grads(tensors, scale)
+    for name, x, y, z in zip(NAMES, got, want, again):
+        assert x.dtype == dtype and torch.equal(x, z), f"{shape} {dtype} {name} not repeatable"
+        assert_close_to(x, y, *GPU_TOL[dtype], f"key-blocked {shape} {dtype} {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_key_blocked_compiled_training_launches_its_kernels():
+    heads, n, _, d = SHAPES["volo"]
+    qkv, _ = make_qkv(8, heads, n, d, dtype=torch.bfloat16, device="cuda", seed=8)
+
+    def loss(qkv):
+        views = qkv.view(8, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return downsampled_attention(*views, scale=d ** -0.5, qkv=qkv).float().square().mean()
+
+    with tk.use_key_blocked_tiles(enabled=True):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True)
+        grad, code = run_compiled(lambda: torch.autograd.grad(compiled(qkv), qkv)[0])
+        eager = torch.autograd.grad(loss(qkv), qkv)[0]
+    torch._dynamo.reset()
+    assert_inductor_launches(code, "_forward_kernel", "_kb_dq_kernel", "_kb_dkv_kernel")
+    assert_close_to(grad, eager, *GPU_TOL[torch.bfloat16], "compiled vs eager")

@@ -32,19 +32,24 @@ def _keys_and_values(k_base, v_base, M, skm, skd, svm, svd, D: tl.constexpr, DV:
 
 @triton.jit
 def _probs(qt, kt, key_ok, qk_scale2, PRECISION: tl.constexpr):
-    """Softmax over all keys (one tile) of a query tile, float32, unnormalised, and its row sums."""
+    """Softmax over all keys (one tile) of a query tile, float32, unnormalised; its row sums and row maxima (of the
+    scaled logits, base 2)."""
     s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale2
     s = tl.where(key_ok[None, :], s, float("-inf"))
-    p = tl.exp2(s - tl.max(s, axis=1)[:, None])
-    return p, tl.sum(p, axis=1)
+    s_max = tl.max(s, axis=1)
+    p = tl.exp2(s - s_max[:, None])
+    return p, tl.sum(p, axis=1), s_max
 
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr,
                     sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
-                    HEADS, N, M, CHUNK, qk_scale2,
+                    HEADS, N, M, CHUNK, qk_scale2, lse_ptr,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+                    STATS: tl.constexpr = False):
+    """out = softmax(q k^T) v over a chunk of query rows; with STATS also each row's log-sum-exp of its scaled
+    logits in base 2 (lse_ptr: (B, heads, N) float32), what the key-blocked backward recomputes p from."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     b, h, start, end = _program(HEADS, CHUNK, N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -57,9 +62,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr,
     for row0 in range(start, end, BLOCK_T):
         rows = row0 + offs_t
         qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
-        p, l = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
+        p, l, s_max = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
         o = tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) / l[:, None]
         _put(out_base, rows, end, offs_dv, DV, HEADS * DV, 1, o)
+        if STATS:
+            tl.store(lse_ptr + (b * HEADS + h) * N + rows, s_max + tl.log2(l), mask=rows < end)
 
 
 @triton.jit
@@ -85,7 +92,7 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
         rows = row0 + offs_t
         qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
         dot_ = _tile(do_base, rows, end, offs_dv, DV, son, sod)
-        p, l = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
+        p, l, _ = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
         p = tl.where((rows < end)[:, None], p / l[:, None], 0.0)  # the forward's probabilities, recomputed
         dp = tl.dot(dot_, tl.trans(vt), input_precision=PRECISION)
         # softmax backward with the row's sum(p * dp), as autograd's softmax does (no output tile to read)
@@ -97,3 +104,82 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
     split = tl.program_id(1).to(tl.int64)
     _put(dk_ptr + split * dk_split + b * sdkb + h * D, offs_m, M, offs_d, D, sdkm, 1, dk * scale)
     _put(dv_ptr + split * dv_split + b * sdvb + h * DV, offs_m, M, offs_dv, DV, sdvm, 1, dv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# key-blocked backward (flash-attention 2's order): dQ per query tile, then dK/dV per key block, from the forward's
+# row statistics; tiles of (BLOCK_T queries, BLOCK_N keys) instead of a whole key row
+
+
+@triton.jit
+def _kb_program(HEADS, BLOCK: tl.constexpr):
+    """This program's batch (int64), head and tile offsets (grid: (batch * heads, tiles))."""
+    pid = tl.program_id(0)
+    return (pid // HEADS).to(tl.int64), pid % HEADS, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _kb_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_ptr,
+                  sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                  sdqb, sdqn, HEADS, N, M, scale, qk_scale2,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of BLOCK_T query rows over every key, BLOCK_N keys at a time, and delta = rowsum(dO * O) for the dK/dV
+    pass (delta_ptr: (B, heads, N) float32). out is token-major (B, N, heads, DV), as the forward writes it."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
+    b, h, rows = _kb_program(HEADS, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qt = _tile(q_ptr + b * sqb + h * sqh, rows, N, offs_d, D, sqn, sqd)
+    dot_ = _tile(do_ptr + b * sob + h * soh, rows, N, offs_dv, DV, son, sod)
+    ot = _tile(out_ptr + b * N * HEADS * DV + h * DV, rows, N, offs_dv, DV, HEADS * DV, 1)
+    delta = tl.sum(dot_.to(tl.float32) * ot.to(tl.float32), axis=1)
+    stat = (b * HEADS + h) * N + rows
+    lse = tl.load(lse_ptr + stat, mask=rows < N, other=0.0)
+    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_N):
+        keys = m0 + tl.arange(0, BLOCK_N)
+        kt = _tile(k_base, keys, M, offs_d, D, skm, skd)
+        vt = _tile(v_base, keys, M, offs_dv, DV, svm, svd)
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+        p = tl.where((keys < M)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+    _put(dq_ptr + b * sdqb + h * D, rows, N, offs_d, D, sdqn, 1, dq * scale)
+    tl.store(delta_ptr + stat, delta, mask=rows < N)
+
+
+@triton.jit
+def _kb_dkv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                   sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                   sdkb, sdkm, sdvb, sdvm, HEADS, N, M, scale, qk_scale2,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of BLOCK_N keys over every query row, BLOCK_T rows at a time (transposed tiles: keys are rows)."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
+    b, h, keys = _kb_program(HEADS, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = _tile(k_ptr + b * skb + h * skh, keys, M, offs_d, D, skm, skd)
+    vt = _tile(v_ptr + b * svb + h * svh, keys, M, offs_dv, DV, svm, svd)
+    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sob + h * soh
+    stat_base = (b * HEADS + h) * N
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_T):
+        rows = n0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < N
+        qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
+        dot_ = _tile(do_base, rows, N, offs_dv, DV, son, sod)
+        lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
+        st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * qk_scale2
+        pt = tl.where(row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PRECISION)
+        dpt = tl.dot(vt, tl.trans(dot_), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
+    _put(dk_ptr + b * sdkb + h * D, keys, M, offs_d, D, sdkm, 1, dk * scale)
+    _put(dv_ptr + b * sdvb + h * DV, keys, M, offs_dv, DV, sdvm, 1, dv)
