@@ -197,6 +197,14 @@ def use_key_blocked_tiles(enabled: bool | None = None, block_t: int | None = Non
                           num_stages=num_stages)
 
 
+def _fresh_gradients(q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised dq, dk, dv: (B, heads, tokens, d) views of token-major memory, shaped and typed as q, k, v."""
+    b, heads, n, d = q.shape
+    m, dv_width = k.shape[2], v.shape[3]
+    return token_major(b, heads, n, d, q), token_major(b, heads, m, d, k), token_major(b, heads, m, dv_width, v)
+
+
 def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, launch=direct, into=None):
     """dq, dk, dv from the forward's output and row statistics (``_launch_forward`` with ``stats``): one kernel for
     dQ (and delta = rowsum(dO * O)) per query tile, one for dK/dV per key block. Every program owns its outputs: no
@@ -204,8 +212,7 @@ def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, laun
     ``_launch_backward``)."""
     b, heads, n, d = q.shape
     m, dv_width = k.shape[2], v.shape[3]
-    dq, dk, dv = into or (token_major(b, heads, n, d, q), token_major(b, heads, m, d, k),
-                          token_major(b, heads, m, dv_width, v))
+    dq, dk, dv = into or _fresh_gradients(q, k, v)
     if b * heads == 0 or n == 0:
         return dq, dk.zero_(), dv.zero_()
     wide = q.dtype == torch.float32
@@ -231,8 +238,7 @@ def _launch_backward(grad_out, q, k, v, scale: float, launch=direct, into=None):
     heads lie side by side in each token (the thirds of a qkv projection's gradient)."""
     b, heads, n, d = q.shape
     m, dv_width = k.shape[2], v.shape[3]
-    dq, dk, dv = into or (token_major(b, heads, n, d, q), token_major(b, heads, m, d, k),
-                          token_major(b, heads, m, dv_width, v))
+    dq, dk, dv = into or _fresh_gradients(q, k, v)
     if b * heads == 0 or n == 0:
         return dq, dk.zero_(), dv.zero_()
     plan = _plan(q, k, v, True)
