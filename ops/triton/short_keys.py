@@ -28,7 +28,7 @@ A second backward, key-blocked in flash-attention 2's order, which 16-bit traini
 not measured): the training forward also writes each row's base-2 log-sum-exp, one kernel computes dQ and
 delta = rowsum(dO * O) per query tile over key blocks, another dK and dV per key block over query tiles. Its tiles are
 (64 queries, 64 keys), two stages, where the one-pass backward holds a whole 256-key row (16 query rows above 128 keys,
-to stay in registers). H200, bf16, backward kernels in us (the forward's statistics cost 3 to 8 more): VOLO-D1's
+to stay in registers). H200, bf16, backward kernels in us (the forward's statistics cost 2 to 7 more): VOLO-D1's
 self-attention (196 over 196 keys, 12 heads of 32) 120 against 136 at batch 64, 241 against 266 at 128; its class
 attention (1 query over 197 keys) 47 against 78; PVT's 784 queries over 49 keys (2 heads of 64, batch 128) 76 against
 175. Traced training calls then take the ops ``zoo::short_keys_attention_fwd_stats`` /
