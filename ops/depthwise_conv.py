@@ -260,8 +260,9 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     the input gradient's kernel and the tiled weight-gradient kernel.
 
     H200, bf16, batch 64, us for the three gradients with x a slice of a qkv projection and dx fresh (one
-    ``triton.testing.do_bench`` median each, 2026-12-01): cuDNN's ``convolution_backward`` / this kernel walking one
-    row a step in programs of 8 rows (before) / this, four rows a step in programs of 56 (:func:`_backward3_tiles`).
+    ``triton.testing.do_bench`` median each, host launches included, 2026-12-01): cuDNN's ``convolution_backward`` /
+    this kernel walking one row a step in programs of 8 rows (before) / this, four rows a step in programs of 56 (the
+    tiles of then; ``_BACKWARD3_TILES`` has the current tiles' kernel times with CUDA graphs).
     56x56x96 (Agent-Swin-T stage 0) 241.9 / 199.4 / 89.6; 28x28x192 188.2 / 105.9 / 51.3; 14x14x384 76.1 / 59.6 /
     39.7; 56x56x64 (Agent-PVT-T stage 0) 179.0 / 143.7 / 63.3; 28x28x128 121.1 / 76.1 / 37.2; 14x14x320 87.6 / 61.3
     / 39.8. The input gradient alone (:func:`input_grad`) took 58.1 us at 56x56x96: the weight gradient's sums cost
@@ -297,18 +298,21 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     return dx, dw, db
 
 
-# (ROWS, TILE_W, BLOCK_C, num_warps) of conv_backward's 3x3 kernel: programs of 56 rows (four a step; a whole map up
-# to 56 rows, so few partial sums) of 16 columns x 16 channels in 4 warps, the lowest total over Agent-Swin-T's and
-# Agent-PVT-T's stage shapes of 54 tiles tried (16-56 rows, 8-32 columns, 16-64 channels, 2-8 warps) on the H200;
-# maps of 56 columns or more take 32 columns (56x56x96: 89.6 against 103.6 us; at 28 or 14 columns a 32-column tile
-# is mostly padding). ROWS must be a multiple of the kernel's four-row step.
-_BACKWARD3_TILES = (56, 16, 16, 4)
+# (ROWS, TILE_W, BLOCK_C, num_warps) of conv_backward's 3x3 kernel by map width, widest first: programs of 56 rows
+# (four a step; a whole map up to 56 rows, so few partial sums). Maps of 28 columns or more take 16 columns x 16
+# channels in 4 warps, narrower ones 8 columns x 32 channels in 2 warps (a 16-column tile of a 14- or 7-column map is
+# mostly padding). Kernel us with CUDA graphs (``triton.testing.do_bench_cudagraph`` medians; H200, bf16, batch 64, x
+# a slice of a qkv projection), the single (56, 16, 16, 4) tiling with 32 columns from 56 up (before) / these:
+# 56x56x96 80.6 / 76.5, 56x56x64 54.8 / 52.9, 28x28x192 43.6 / 43.6, 28x28x128 29.3 / 29.3, 14x14x384 28.9 / 26.0,
+# 14x14x320 24.6 / 23.2, 7x7x512 24.5 / 13.2; each within 2 us of the best of 32 tilings tried at its shape (8-56
+# rows, 8-32 columns, 16-64 channels, 2-8 warps) but 14x14x320 (21.5). ROWS must be a multiple of the kernel's
+# four-row step.
+_BACKWARD3_TILES: dict[int, tuple[int, int, int, int]] = {28: (56, 16, 16, 4), 0: (56, 8, 32, 2)}
 
 
 def _backward3_tiles(w: int) -> tuple[int, int, int, int]:
     """(ROWS, TILE_W, BLOCK_C, num_warps) of the one-pass 3x3 backward for maps ``w`` columns wide."""
-    rows, tile_w, block_c, num_warps = _BACKWARD3_TILES
-    return rows, 2 * tile_w if w >= 56 else tile_w, block_c, num_warps
+    return next(tiles for min_w, tiles in _BACKWARD3_TILES.items() if w >= min_w)
 
 
 def _tiled_weight_grads(grad, x, k, dw, db, launch):

@@ -225,8 +225,9 @@ def test_tiles_are_blocks_of_rows_and_channels():
     assert DW._tiles(56, 56, 64) == (2, 64, 32, 4)  # BiFormer / Agent-PVT stage 0: long rows take 32 channels
     assert DW._tiles(333, 200, 96) == (2, 64, 32, 4)  # rows wider than 64 columns split in column blocks
     assert DW._tiles(3, 5, 40) == (2, 8, 32, 4) and DW._tiles(1, 1, 8) == (1, 1, 32, 4)
-    # the one-pass 3x3 backward: 56-row programs, 32 columns for maps of 56 or more, else 16
-    assert DW._backward3_tiles(56) == (56, 32, 16, 4) and DW._backward3_tiles(28) == (56, 16, 16, 4)
+    # the one-pass 3x3 backward: 56-row programs, 16 columns x 16 channels for maps of 28 columns or more, else 8 x 32
+    assert DW._backward3_tiles(56) == DW._backward3_tiles(28) == (56, 16, 16, 4)
+    assert DW._backward3_tiles(27) == DW._backward3_tiles(7) == DW._backward3_tiles(0) == (56, 8, 32, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_triton_interpreter_weight_grads_one_pass_and_tiled_agree_and_repeat(int
     sums over 1, 2 or 3 programs) to float32 rounding; a call repeats its bits; an empty map gives zeros."""
     from zoo.ops.triton import direct
 
-    monkeypatch.setattr(DW, "_BACKWARD3_TILES", (8, 16, 16, 4))  # two row blocks of the one-pass kernel, two steps
+    monkeypatch.setattr(DW, "_BACKWARD3_TILES", {0: (8, 16, 16, 4)})  # two row blocks of the one-pass kernel, two steps
     x, weight, *_ = _inputs(2, 11, 7, 20, 3, None, randn, seed=24)  # and a second step past the map's last row
     g = randn(*x.shape, seed=25)
     dw, db = DW.conv_backward(g, x, None, 3, (torch.float32, torch.float32))[1:]
@@ -387,9 +388,10 @@ def test_triton_interpreter_one_pass_backward_input_grad_is_the_reversed_conv(ti
     the same roundings), written fresh or added into a strided tensor (the values' slice of a qkv gradient), with
     any channel stride; one row block of three four-row steps, or three blocks of one; two or three column blocks
     and three channel blocks."""
-    assert DW._BACKWARD3_TILES[0] % 4 == 0  # the kernel steps four rows: a block of other rows would overlap the next
+    # the kernel steps four rows: a block of other rows would overlap the next
+    assert all(rows % 4 == 0 for rows, *_ in DW._BACKWARD3_TILES.values())
     if tiles is not None:
-        monkeypatch.setattr(DW, "_BACKWARD3_TILES", tiles)
+        monkeypatch.setattr(DW, "_BACKWARD3_TILES", {0: tiles})
     dtype = torch.float16
     x, weight, *_ = _inputs(1, 10, 18, 40, 3, None, randn, dtype=dtype, seed=26)
     g = randn(*x.shape, dtype=dtype, seed=27)
