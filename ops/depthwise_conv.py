@@ -304,9 +304,8 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
 # mostly padding). Kernel us with CUDA graphs (``triton.testing.do_bench_cudagraph`` medians; H200, bf16, batch 64, x
 # a slice of a qkv projection), the single (56, 16, 16, 4) tiling with 32 columns from 56 up (before) / these:
 # 56x56x96 80.6 / 76.5, 56x56x64 54.8 / 52.9, 28x28x192 43.6 / 43.6, 28x28x128 29.3 / 29.3, 14x14x384 28.9 / 26.0,
-# 14x14x320 24.6 / 23.2, 7x7x512 24.5 / 13.2; each within 2 us of the best of 32 tilings tried at its shape (8-56
-# rows, 8-32 columns, 16-64 channels, 2-8 warps) but 14x14x320 (21.5). ROWS must be a multiple of the kernel's
-# four-row step.
+# 14x14x320 24.6 / 23.2, 7x7x512 24.5 / 13.2; each within 1.7 us of the best of 32 tilings tried at its shape (8-56
+# rows, 8-32 columns, 16-64 channels, 2-8 warps). ROWS must be a multiple of the kernel's four-row step.
 _BACKWARD3_TILES: dict[int, tuple[int, int, int, int]] = {28: (56, 16, 16, 4), 0: (56, 8, 32, 2)}
 
 
