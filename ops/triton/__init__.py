@@ -181,6 +181,12 @@ def override_knobs(knobs: dict[str, Any], **values: Any) -> contextlib.AbstractC
 
     ``num_warps`` (a power of two, 1 to 32) and ``num_stages`` (>= 1) are checked here, at the call, for every
     backend: Triton would only reject them at the first launch, inside the caller's step.
+
+    Under ``torch.compile`` the knobs are read when an op's body is traced, and the traced graph holds its launches;
+    the graph that dynamo hands on shows only the op's call, so a later compile that finds the graph in the compile
+    caches keeps the earlier launches (seen on an H200, torch 2.11: a second model compiled in the same process and
+    cache directory after the defaults changed). Set the knobs before the first compile; to compare settings compiled,
+    run each in a fresh process with its own ``TORCHINDUCTOR_CACHE_DIR``.
     """
     warps, stages = values.get("num_warps"), values.get("num_stages")
     if warps is not None and not is_num_warps(warps):
