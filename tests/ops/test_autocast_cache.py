@@ -423,6 +423,56 @@ def test_zoo_model_training_step_casts_together_bitwise():
     assert nodes[0].count("ToCopyBackward0") - nodes[1].count("ToCopyBackward0") == tensors
 
 
+def _compiled_ops(model: nn.Module, x: torch.Tensor, amp: bool = True) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """Training steps of ``torch.compile(model)`` (AOTAutograd, graphs run as traced; under autocast two, the second
+    without recompiling); returns the first output and the ATen ops of the forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")))
+    if amp:
+        out = _train_step(compiled, x)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the traced scopes' guards hold across steps
+            _train_step(compiled, x)
+    else:
+        out = compiled(x)
+        out.float().square().sum().backward()
+    ops = {kind: [str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"]
+           for kind, gms in graphs.items()}
+    torch._dynamo.reset()
+    return out, ops
+
+
+def test_compiled_training_casts_the_weights_together():
+    """Under torch.compile the five weights and biases are cast by one multi-tensor copy forward and one backward
+    (inductor lowers each to one foreach kernel) in place of five casts each way; the same outputs and gradients
+    as eager; nothing stays in the traced scopes; without autocast nothing is cast."""
+    from zoo.ops import autocast_cache
+
+    plain, cached = _pair()
+    x = _input()
+    (want, plain_ops), (got, ops) = _compiled_ops(plain, x), _compiled_ops(cached, x)
+    assert torch.equal(got, want)
+    for p, q in zip(plain.parameters(), cached.parameters()):  # two steps' gradients, accumulated
+        assert torch.equal(p.grad, q.grad)
+    for kind in ("fw", "bw"):
+        count = lambda names, op: sum(op in name for name in names)
+        assert count(ops[kind], "_foreach_copy") == 1 and count(plain_ops[kind], "_foreach_copy") == 0
+        assert count(plain_ops[kind], "_to_copy") - count(ops[kind], "_to_copy") == 5, kind
+    assert autocast_cache._TRACED == []
+    _, fp32_ops = _compiled_ops(cache_autocast_casts(_plain_net()), x, amp=False)
+    assert not any("_foreach_copy" in name or "_to_copy" in name for name in fp32_ops["fw"] + fp32_ops["bw"])
+
+
 def test_torch_func_transforms_keep_autocasts_casts():
     """Per-sample gradients (``vmap`` over ``grad`` of a ``functional_call``) under autocast: the training cast
     steps aside, and the results are the plain layers'."""
