@@ -208,8 +208,8 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 # Under torch.compile: the copies of the zoo model forwards being traced, innermost last ({id(layer): (weight copy,
-# bias copy)}, or None where the forward casts nothing). A plain list, which dynamo traces (a threading.local it does
-# not); pushed and popped within the traced forward, so no graph leaves anything in it.
+# bias copy)}, or None where the forward casts nothing). Dynamo traces the hooks' push and pop as side effects; each
+# traced forward pops what it pushed, so the list is empty between steps.
 _TRACED: list[dict[int, tuple] | None] = []
 
 
