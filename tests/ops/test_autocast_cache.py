@@ -250,6 +250,31 @@ def test_gpu_zoo_model_reuses_copies_bitwise_under_cuda_autocast():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_compiled_training_casts_together_through_accumulation(mode):
+    """Compiled on CUDA (with CUDA graphs under reduce-overhead), two micro-batches' forwards before their backward
+    (gradient accumulation), over two steps: the traced one cast gives the eager plain layers' gradients (to bf16
+    rounding: compiled kernels round differently) and leaves nothing in its scope list."""
+    from zoo.ops import autocast_cache
+
+    model, plain = _zoo_model_and_plain_copy("cuda")
+    model.train(), plain.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode=mode)
+    xs = [torch.randn(4, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(s)) for s in (1, 2)]
+    for _ in range(2):
+        for net in (compiled, plain):
+            with torch.autocast("cuda", torch.bfloat16):
+                losses = [net(x).float().square().mean() for x in xs]
+            sum(losses).backward()
+    assert autocast_cache._TRACED == []
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        assert (p.grad - q.grad).abs().max() <= 3e-2 * q.grad.abs().max() + 1e-6, name
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
 def test_gpu_ema_update_needs_clear_parameter_caches():
     """timm's ModelEmaV3 writes the EMA weights with torch._foreach_lerp_, which on CUDA bumps no version counter
     (H200, torch 2.11); clear_parameter_caches (the recipe calls it after each update) makes evaluation use them."""
