@@ -175,20 +175,25 @@ class _ForwardCasts:
         return entry[3], entry[4]
 
     def _cast(self, device: torch.device, dtype: torch.dtype) -> dict[int, tuple]:
-        layers, tensors = [], []
-        for layer in self.root.modules():
-            if not isinstance(layer, _DropsCopies):
-                continue
-            weight, bias = layer.weight, layer.bias
-            if all(t is None or (_plain_float32(t) and t.requires_grad and t.device == device)
-                   for t in (weight, bias)):
-                layers.append((layer, weight, bias))
-                tensors += [weight] if bias is None else [weight, bias]
-        if not tensors:
-            return {}
-        copies = iter(_CastTogether.apply(dtype, *tensors))
-        return {id(layer): (weight, bias, dtype, next(copies), None if bias is None else next(copies))
-                for layer, weight, bias in layers}
+        return _cast_layers(self.root, dtype, lambda t: _plain_float32(t) and t.requires_grad and t.device == device)
+
+
+def _cast_layers(root: nn.Module, dtype: torch.dtype, takes: Callable[[torch.Tensor], bool]) -> dict[int, tuple]:
+    """``id(layer) -> (weight, bias, dtype, weight copy, bias copy)`` for every autocast-cached layer of ``root``
+    whose weight and bias (where it has one) ``takes`` accepts, all cast to ``dtype`` by one :class:`_CastTogether`."""
+    layers, tensors = [], []
+    for layer in root.modules():
+        if not isinstance(layer, _DropsCopies):
+            continue
+        weight, bias = layer.weight, layer.bias
+        if all(t is None or takes(t) for t in (weight, bias)):
+            layers.append((layer, weight, bias))
+            tensors += [weight] if bias is None else [weight, bias]
+    if not tensors:
+        return {}
+    copies = iter(_CastTogether.apply(dtype, *tensors))
+    return {id(layer): (weight, bias, dtype, next(copies), None if bias is None else next(copies))
+            for layer, weight, bias in layers}
 
 
 def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -207,44 +212,33 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     return None
 
 
-# Under torch.compile: the copies of the zoo model forwards being traced, innermost last ({id(layer): (weight copy,
-# bias copy)}, or None where the forward casts nothing). Dynamo traces the hooks' push and pop as side effects; each
+# Under torch.compile: the copies of the zoo model forwards being traced, innermost last (``_cast_layers``'s entries,
+# or None where the forward casts nothing). Dynamo traces the hooks' push and pop as side effects; each
 # traced forward pops what it pushed, so the list is empty between steps.
 _TRACED: list[dict[int, tuple] | None] = []
 
 
 def _traced_casts(root: nn.Module, args: tuple) -> dict[int, tuple] | None:
     """While torch.compile traces ``root``'s forward under autocast: every autocast-cached layer's float32 weight and
-    bias on the input's device cast in one multi-tensor copy (:class:`_CastTogether`), by layer id. Inductor lowers
-    the copy to one foreach kernel and its backward's to one more, where each layer's own casts are two kernels
-    forward and two backward (Agent-PVT-T's compiled training step: 146 cast kernels, 0.21 ms on an H200)."""
+    bias on the input's device cast in one multi-tensor copy (:func:`_cast_layers`). Inductor lowers the copy to one
+    foreach kernel and its backward's to one more, where each layer's own casts are two kernels forward and two
+    backward (Agent-PVT-T's compiled training step: 146 cast kernels, 0.21 ms on an H200)."""
     x = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if x is None or _distributed():
         return None
     dtype = autocast_dtype(x.device.type)
     if dtype is None:
         return None
-    layers, tensors = [], []
-    for layer in root.modules():
-        if not isinstance(layer, _DropsCopies):
-            continue
-        weight, bias = layer.weight, layer.bias
-        if all(t is None or (type(t) in _PLAIN and t.dtype == torch.float32 and t.device == x.device)
-               for t in (weight, bias)):
-            layers.append((layer, bias is not None))
-            tensors += [weight] if bias is None else [weight, bias]
-    if not tensors:
-        return None
-    copies = iter(_CastTogether.apply(dtype, *tensors))
-    return {id(layer): (next(copies), next(copies) if has_bias else None) for layer, has_bias in layers}
+    # (the type rather than _plain_float32: dynamo breaks the graph at Tensor._is_view)
+    return _cast_layers(root, dtype, lambda t: type(t) in _PLAIN and t.dtype == torch.float32 and t.device == x.device)
 
 
 def _traced_copies(module: nn.Module) -> tuple | None:
     """``module``'s copies from the innermost traced forward's one cast, or None."""
     for casts in reversed(_TRACED):
-        copies = None if casts is None else casts.get(id(module))
-        if copies is not None:
-            return copies
+        entry = None if casts is None else casts.get(id(module))
+        if entry is not None:
+            return entry[3], entry[4]
     return None
 
 
