@@ -155,7 +155,7 @@ class _Plan(NamedTuple):
 
 
 def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool = False) -> _Plan:
-    """The launch plan; ``training``: a forward that stores the backward's statistics (its own tiles and splits)."""
+    """The launch plan; ``training``: a forward that will be differentiated (its own tiles and splits)."""
     args = (sizes, dtype, backward, sms, training, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
             _TILES["backward_splits" if backward else "query_splits"])
     if all(type(size) is int for size in sizes):
@@ -224,8 +224,8 @@ def default_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
 
 
 def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool = False) -> tuple[int, int, int]:
-    """(block_t, num_warps, num_stages) of a launch when use_tiles sets none (``training``: a forward storing the
-    backward's statistics)."""
+    """(block_t, num_warps, num_stages) of a launch when use_tiles sets none (``training``: a forward that will be
+    differentiated; inference, compiled or not, keeps the batch-128 inference choices)."""
     # float32 runs IEEE dots on CUDA cores, which hold whole tiles in registers: at Agent-DeiT-S (49 agents, head dim
     # 64) 64-token tiles spill 2.7 KB (forward, 4 warps) and 7 KB (backward, 8 warps) per thread on sm_90 (ptxas
     # -v, triton 3.6), 16-token tiles at 8 warps at most 8 bytes
@@ -254,10 +254,12 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     return 32, 4, 3
 
 
-def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True):
+def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True,
+                    training: bool = False):
     """The output and, with ``stats``, what the backward needs (agent values and the aggregation's log-sum-exp);
-    without, those two are None and neither allocated nor written (inference)."""
-    plan = _plan(_Sizes.of(q, v, agent), q.dtype, False, sm_count(q) if q.is_cuda else None, training=stats)
+    without, those two are None and neither allocated nor written (inference). ``training``: the call will be
+    differentiated (the training forward's tiles, ``_default_tiles``)."""
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, False, sm_count(q) if q.is_cuda else None, training=training)
     s = plan.sizes
     out = token_major(s.b, s.heads, s.n, s.dv, q)
     agent_v = lse = None
@@ -332,7 +334,7 @@ def _token_strides(t: torch.Tensor) -> tuple[int, int]:
 # torch.library ops (for torch.compile: see ops.triton.kernel_op) and autograd
 
 
-def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale):
+def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale, training=False):
     s = _Sizes.of(q, v, agent)
     return (token_major(s.b, s.heads, s.n, s.dv, q), q.new_empty((s.b, s.heads, s.a, s.dv)),
             q.new_empty((s.b, s.heads, s.a), dtype=torch.float32))
@@ -341,11 +343,12 @@ def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale):
 @kernel_op("zoo::agent_attention_fwd", fake=_forward_fake)
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor,
                 agent_bias: torch.Tensor | None, query_bias: torch.Tensor | None,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float, training: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused agent attention. Returns the (B, heads, N, d_v) output (token-major memory), the (B, heads, A, d_v)
-    agent values and the aggregation's float32 base-2 log-sum-exp (B, heads, A) for the backward."""
+    agent values and the aggregation's float32 base-2 log-sum-exp (B, heads, A) for the backward. ``training``: the
+    graph differentiates it (the launch takes the training forward's tiles)."""
     with on_device(q):
-        return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, traced)
+        return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, traced, training=training)
 
 
 def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale, agent_bias_grad,
@@ -378,7 +381,7 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool) -> t
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, agent, agent_bias, query_bias, scale = inputs
+    q, k, v, agent, agent_bias, query_bias, scale = inputs[:7]
     out, agent_v, lse = output
     ctx.save_for_backward(q, k, v, agent, agent_bias, query_bias, out, agent_v, lse)
     ctx.scale = scale
@@ -391,7 +394,7 @@ def _backward(ctx, grad_out, *_unused):
     dq, dk, dv, da, dab, dqb = _backward_op(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse,
                                             ctx.scale, *ctx.bias_grads)
     return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
-            _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
+            _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -403,7 +406,7 @@ class _EagerAgent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, agent, agent_bias, query_bias, scale):
         with on_device(q):
-            out, agent_v, lse = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
+            out, agent_v, lse = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, training=True)
         _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse))
         return out
 
@@ -438,7 +441,8 @@ def agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ag
     if dropout_p:
         raise ValueError(f"agent_attention triton backend: dropout_p must be 0, got {dropout_p}")
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
+        training = needs_grad(q, k, v, agent, agent_bias, query_bias)
+        return _forward_op(q, k, v, agent, agent_bias, query_bias, scale, training)[0]
     if not needs_grad(q, k, v, agent, agent_bias, query_bias):  # inference: no autograd node, no saved statistics
         with on_device(q):
             return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, stats=False)[0]

@@ -150,6 +150,18 @@ def _interpreter_fp16_and_compile_checks() -> None:
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     for x, y in zip(torch.autograd.grad(compiled(*leaves), leaves), torch.autograd.grad(loss(*leaves), leaves)):
         assert torch.equal(x, y)
+    # the launches take the training forward's tiles exactly where the graph (or eager autograd) differentiates
+    launch, seen = ta._launch_forward, []
+    ta._launch_forward = lambda *args, **kwargs: seen.append(kwargs.get("training", False)) or launch(*args, **kwargs)
+    try:
+        for grad_mode, want in ((True, {True}), (False, {False})):
+            for fn in (torch.compile(loss, backend="aot_eager", fullgraph=True), loss):
+                seen.clear()
+                with torch.set_grad_enabled(grad_mode):
+                    fn(*leaves)
+                assert set(seen) == want, (grad_mode, fn, seen)
+    finally:
+        ta._launch_forward = launch
     print("fp16 + compile ok")
 
 
@@ -280,7 +292,7 @@ def test_use_tiles_checks_and_restores_the_knobs():
     assert (tiles(deit_s, False), tiles(deit_s, True)) == ((64, 4, 2), (32, 4, 3))
     assert (tiles(swin_s2, False), tiles(swin_s2, True)) == ((32, 4, 3), (64, 4, 2))
     assert (tiles(pvt_s0, False), tiles(pvt_s0, True)) == ((128, 4, 2), (64, 4, 3))
-    # a training forward (storing the backward's statistics) at Agent-PVT's shapes: its own tiles (batch 64 sweep)
+    # a training forward (one autograd will differentiate) at Agent-PVT's shapes: its own tiles (batch 64 sweep)
     training = lambda sizes: (ta._plan(sizes, torch.bfloat16, False, None, training=True).constexprs["BLOCK_T"],
                               *ta._plan(sizes, torch.bfloat16, False, None, training=True).options.values())
     pvt_s2, swin_s0 = ta._Sizes(8, 5, 196, 196, 49, 64, 64), ta._Sizes(8, 3, 3136, 3136, 9, 32, 32)
