@@ -237,7 +237,8 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     # the chosen configuration against the former default (64, 4, 2)): DeiT-S (49 agents, d 64) backward (32, 4, 3)
     # 145 against 165; Swin-T s2 (49, d 32) forward (32, 4, 3) 101 against 171; Swin-T s0 / s1 (9 / 16, d 32)
     # forward (128, 4, 2) 111 against 147 and 49 against 53; PVT-T s0 (9, d 64) forward (128, 4, 2) 108 against
-    # 149. Where no row names a kernel, (64, 4, 2) was best or within 5%.
+    # 149, backward (128, 8, 2) 184 against 226 (replaced by the batch-64 choice below; batch 128 not re-measured).
+    # Where no row names a kernel, (64, 4, 2) was best or within 5%.
     # Agent-PVT-T's training step (batch 64, the best of 18 tilings with their splits, kernel us against the former
     # choice): stage 0 / 1 backward (64, 4, 3) 87.7 / 43.8 against (128, 8, 2)'s 127.8 / 81.7; training forward
     # (128, 4, 3) 51.7 / 21.9 against (128, 4, 2)'s 124.8 / 29.9; stages 2 / 3 (49 agents, d 64) training forward
