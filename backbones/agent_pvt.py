@@ -121,12 +121,14 @@ class AgentAttention(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """q, k, v and the keys' grid (``_separate_projections``). Where the keys are the tokens themselves
         (``sr_ratio`` 1, the releases) and torch.compile traces, q and kv come from one GEMM over the concatenated
-        weights: one read of ``x`` forward, one input-gradient and one weight-gradient GEMM backward in place of
-        two each. Eager calls keep the two layers (their autocast weight copies, fewer host ops)."""
+        weights (the layers' autocast copies where the traced forward made them): one read of ``x`` forward, one
+        input-gradient and one weight-gradient GEMM backward in place of two each. Eager calls keep the two layers
+        (their cached autocast copies, fewer host ops)."""
         if self.sr_ratio > 1 or not torch.compiler.is_compiling():
             return self._separate_projections(x, size)
-        bias = None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias])
-        q, k, v = F.linear(x, torch.cat([self.q.weight, self.kv.weight]), bias).chunk(3, dim=-1)
+        (q_weight, q_bias), (kv_weight, kv_bias) = autocast_weights(self.q), autocast_weights(self.kv)
+        bias = None if q_bias is None else torch.cat([q_bias, kv_bias])
+        q, k, v = F.linear(x, torch.cat([q_weight, kv_weight]), bias).chunk(3, dim=-1)
         return q, k, v, size
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
