@@ -110,13 +110,32 @@ class AgentAttention(nn.Module):
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _separate_projections(self, x: torch.Tensor, size: tuple[int, int]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """q (B, N, C) from ``x``; k, v (B, M, C) from its reduced map (or ``x``) and that map's grid."""
+        kv_tokens, kv_size = _reduce(self, x, size)
+        k, v = self.kv(kv_tokens).chunk(2, dim=-1)
+        return self.q(x), k, v, kv_size
+
+    def _projections(self, x: torch.Tensor, size: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """q, k, v and the keys' grid (``_separate_projections``). Where the keys are the tokens themselves
+        (``sr_ratio`` 1, the releases) and torch.compile traces, q and kv come from one GEMM over the concatenated
+        weights (the layers' autocast copies where the traced forward made them): one read of ``x`` forward, one
+        input-gradient and one weight-gradient GEMM backward in place of two each. Eager calls keep the two layers
+        (their cached autocast copies, fewer host ops)."""
+        if self.sr_ratio > 1 or not torch.compiler.is_compiling():
+            return self._separate_projections(x, size)
+        (q_weight, q_bias), (kv_weight, kv_bias) = autocast_weights(self.q), autocast_weights(self.kv)
+        bias = None if q_bias is None else torch.cat([q_bias, kv_bias])
+        q, k, v = F.linear(x, torch.cat([q_weight, kv_weight]), bias).chunk(3, dim=-1)
+        return q, k, v, size
+
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) tokens on an (H, W) grid -> (B, H*W, C)."""
         b, n, c = x.shape
         size = tuple(size)
-        q = self.q(x)
-        kv_tokens, kv_size = _reduce(self, x, size)
-        k, v = self.kv(kv_tokens).chunk(2, dim=-1)
+        q, k, v, kv_size = self._projections(x, size)
         agents_grid = self.agent_shape or self.agent_grid
         agents = pool_agent_tokens(q, size, agents_grid)
         agent_bias, query_bias = agent_biases(self, kv_size, size, agents=agents_grid)

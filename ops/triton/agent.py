@@ -154,8 +154,9 @@ class _Plan(NamedTuple):
     query_splits: int  # the grid's second axis (the backward's: 1 for the single-launch kernel)
 
 
-def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None) -> _Plan:
-    args = (sizes, dtype, backward, sms, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
+def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool = False) -> _Plan:
+    """The launch plan; ``training``: a forward that will be differentiated (its own tiles and splits)."""
+    args = (sizes, dtype, backward, sms, training, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
             _TILES["backward_splits" if backward else "query_splits"])
     if all(type(size) is int for size in sizes):
         return _plan_for(*args)
@@ -163,19 +164,28 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None) ->
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, block_t: int | None,
-              num_warps: int | None, num_stages: int | None, query_splits: int | None) -> _Plan:
+def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool,
+              block_t: int | None, num_warps: int | None, num_stages: int | None, query_splits: int | None) -> _Plan:
     s = sizes
-    default_t, default_warps, default_stages = _default_tiles(s, dtype, backward)
+    default_t, default_warps, default_stages = _default_tiles(s, dtype, backward, training)
     block_t = block_t or default_t
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
                       BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
     options = dict(num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
-    splits = query_splits or (default_backward_splits if backward else default_query_splits)(s, sms, block_t)
+    if backward:
+        splits = query_splits or default_backward_splits(s, sms, block_t)
+    else:
+        splits = query_splits or default_query_splits(s, sms, block_t, training)
     return _Plan(s, (s.heads, s.n, s.m, s.a), constexprs, options, splits)
 
 
-def default_query_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
+def _pvt_like(s: _Sizes) -> bool:
+    """At most 16 agents and heads 64 wide: Agent-PVT's stages 0 and 1 (global attention over 56x56 / 28x28 tokens
+    through 3x3 / 4x4 agents), where the keys are as many as the queries."""
+    return s.a <= 16 and max(s.d, s.dv) >= 64
+
+
+def default_query_splits(s: _Sizes, sms: int | None, block_t: int, training: bool = False) -> int:
     """How many programs share one (batch, head)'s query tiles in the forward (each aggregates the agents again).
 
     One program per (batch, head) leaves SMs idle where batch * heads is below the SM count: Agent-PVT-T stage 0
@@ -183,28 +193,39 @@ def default_query_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
     where batch * heads filled the SMs (PVT-T stage 1, DeiT-T/S, Swin-T stages 1-3) every split was slower, the
     repeated aggregation costing more than the parallelism gave. So: about two programs per SM where one program per
     (batch, head) gives fewer than one, never more programs than query tiles; one split off CUDA (``sms`` None) and
-    for symbolic sizes.
+    for symbolic sizes. A training forward at Agent-PVT's stages 0-1 (``_pvt_like``, keys as many as queries) takes
+    about one program per SM instead: stage 0 at batch 64 (H200, bf16, its training tiles) took 51.7 us in two
+    splits, 59.6 in three (where the rule above gives five).
     """
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs == 0 or pairs >= sms:
         return 1
-    return max(1, min(-(-s.n // block_t), -(-2 * sms // pairs)))
+    per_pair = sms // pairs if training and _pvt_like(s) else -(-2 * sms // pairs)
+    return max(1, min(-(-s.n // block_t), per_pair))
 
 
 def default_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> int:
     """How many programs share one (batch, head)'s query tiles, then its key tiles, in the backward: about two
-    programs per SM, never more than the query tiles (Agent-PVT-T stage 0 at batch 64: 5; Agent-Swin-T stage 0, 192
-    (batch, head) pairs: 2, which one program a pair leaves at 1.45 waves of 132 SMs). Unlike the forward's splits
-    these repeat no work (the partial sums are the only extra), so they are taken above one wave too. One off CUDA
-    (``sms`` None) and for symbolic sizes."""
+    programs per SM, never more than the query tiles (Agent-Swin-T stage 0, 192 (batch, head) pairs at batch 64: 2,
+    which one program a pair leaves at 1.45 waves of 132 SMs). Unlike the forward's splits these repeat no work (the
+    partial sums are the only extra), so they are taken above one wave too. One off CUDA (``sms`` None) and for
+    symbolic sizes.
+
+    Agent-PVT's stages 0-1 (``_pvt_like``) split only where one program a pair would leave over half the SMs idle,
+    then into four programs an SM: at batch 64 on the H200 (bf16, kernel us with their (64, 4, 3) tiles) stage 0's 64
+    pairs took 87.7 in eight splits, 95.4 in three; stage 1's 128 pairs 43.8 unsplit, 81.7 in three splits (the
+    former rule, with the former (128, 8, 2) tiles)."""
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs == 0:
         return 1
+    if _pvt_like(s):
+        return max(1, min(-(-s.n // block_t), 4 * sms // pairs)) if 2 * pairs < sms else 1
     return max(1, min(-(-s.n // block_t), -(-2 * sms // pairs)))
 
 
-def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
-    """(block_t, num_warps, num_stages) of a launch when use_tiles sets none."""
+def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool = False) -> tuple[int, int, int]:
+    """(block_t, num_warps, num_stages) of a launch when use_tiles sets none (``training``: a forward that will be
+    differentiated; inference, compiled or not, keeps the batch-128 inference choices)."""
     # float32 runs IEEE dots on CUDA cores, which hold whole tiles in registers: at Agent-DeiT-S (49 agents, head dim
     # 64) 64-token tiles spill 2.7 KB (forward, 4 warps) and 7 KB (backward, 8 warps) per thread on sm_90 (ptxas
     # -v, triton 3.6), 16-token tiles at 8 warps at most 8 bytes
@@ -216,21 +237,30 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool) -> tuple[int, 
     # the chosen configuration against the former default (64, 4, 2)): DeiT-S (49 agents, d 64) backward (32, 4, 3)
     # 145 against 165; Swin-T s2 (49, d 32) forward (32, 4, 3) 101 against 171; Swin-T s0 / s1 (9 / 16, d 32)
     # forward (128, 4, 2) 111 against 147 and 49 against 53; PVT-T s0 (9, d 64) forward (128, 4, 2) 108 against
-    # 149, backward (128, 8, 2) 184 against 226. Where no row names a kernel, (64, 4, 2) was best or within 5%.
+    # 149, backward (128, 8, 2) 184 against 226 (replaced by the batch-64 choice below; batch 128 not re-measured).
+    # Where no row names a kernel, (64, 4, 2) was best or within 5%.
+    # Agent-PVT-T's training step (batch 64, the best of 18 tilings with their splits, kernel us against the former
+    # choice): stage 0 / 1 backward (64, 4, 3) 87.7 / 43.8 against (128, 8, 2)'s 127.8 / 81.7; training forward
+    # (128, 4, 3) 51.7 / 21.9 against (128, 4, 2)'s 124.8 / 29.9; stages 2 / 3 (49 agents, d 64) training forward
+    # (64, 4, 1) 29.4 / 15.3 against (64, 4, 2)'s 39.8 / 21.4.
     few_agents, wide = s.a <= 16, max(s.d, s.dv) >= 64
     if backward:
         if wide:
-            return (128, 8, 2) if few_agents else (32, 4, 3)
+            return (64, 4, 3) if _pvt_like(s) else (32, 4, 3)
         return 64, 4, 2
     if few_agents:
-        return 128, 4, 2
-    return (64, 4, 2) if wide else (32, 4, 3)
+        return (128, 4, 3) if training and _pvt_like(s) else (128, 4, 2)
+    if wide:
+        return (64, 4, 1) if training else (64, 4, 2)
+    return 32, 4, 3
 
 
-def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True):
+def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True,
+                    training: bool = False):
     """The output and, with ``stats``, what the backward needs (agent values and the aggregation's log-sum-exp);
-    without, those two are None and neither allocated nor written (inference)."""
-    plan = _plan(_Sizes.of(q, v, agent), q.dtype, False, sm_count(q) if q.is_cuda else None)
+    without, those two are None and neither allocated nor written (inference). ``training``: the call will be
+    differentiated (the training forward's tiles, ``_default_tiles``)."""
+    plan = _plan(_Sizes.of(q, v, agent), q.dtype, False, sm_count(q) if q.is_cuda else None, training=training)
     s = plan.sizes
     out = token_major(s.b, s.heads, s.n, s.dv, q)
     agent_v = lse = None
@@ -305,7 +335,7 @@ def _token_strides(t: torch.Tensor) -> tuple[int, int]:
 # torch.library ops (for torch.compile: see ops.triton.kernel_op) and autograd
 
 
-def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale):
+def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale, training=False):
     s = _Sizes.of(q, v, agent)
     return (token_major(s.b, s.heads, s.n, s.dv, q), q.new_empty((s.b, s.heads, s.a, s.dv)),
             q.new_empty((s.b, s.heads, s.a), dtype=torch.float32))
@@ -314,11 +344,12 @@ def _forward_fake(q, k, v, agent, agent_bias, query_bias, scale):
 @kernel_op("zoo::agent_attention_fwd", fake=_forward_fake)
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent: torch.Tensor,
                 agent_bias: torch.Tensor | None, query_bias: torch.Tensor | None,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float, training: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused agent attention. Returns the (B, heads, N, d_v) output (token-major memory), the (B, heads, A, d_v)
-    agent values and the aggregation's float32 base-2 log-sum-exp (B, heads, A) for the backward."""
+    agent values and the aggregation's float32 base-2 log-sum-exp (B, heads, A) for the backward. ``training``: the
+    graph differentiates it (the launch takes the training forward's tiles)."""
     with on_device(q):
-        return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, traced)
+        return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, traced, training=training)
 
 
 def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale, agent_bias_grad,
@@ -351,7 +382,7 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool) -> t
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, agent, agent_bias, query_bias, scale = inputs
+    q, k, v, agent, agent_bias, query_bias, scale = inputs[:7]
     out, agent_v, lse = output
     ctx.save_for_backward(q, k, v, agent, agent_bias, query_bias, out, agent_v, lse)
     ctx.scale = scale
@@ -364,7 +395,7 @@ def _backward(ctx, grad_out, *_unused):
     dq, dk, dv, da, dab, dqb = _backward_op(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse,
                                             ctx.scale, *ctx.bias_grads)
     return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
-            _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
+            _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -376,7 +407,7 @@ class _EagerAgent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, agent, agent_bias, query_bias, scale):
         with on_device(q):
-            out, agent_v, lse = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale)
+            out, agent_v, lse = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, training=True)
         _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse))
         return out
 
@@ -411,7 +442,8 @@ def agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ag
     if dropout_p:
         raise ValueError(f"agent_attention triton backend: dropout_p must be 0, got {dropout_p}")
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
+        training = needs_grad(q, k, v, agent, agent_bias, query_bias)
+        return _forward_op(q, k, v, agent, agent_bias, query_bias, scale, training)[0]
     if not needs_grad(q, k, v, agent, agent_bias, query_bias):  # inference: no autograd node, no saved statistics
         with on_device(q):
             return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, stats=False)[0]

@@ -237,6 +237,33 @@ def test_mixed_stages_and_agent_sr_run_and_train():
         assert model.eval()(image(96, 64)).shape == (2, 10)  # reduced key grid at another size
 
 
+def test_compiled_training_fuses_the_q_and_kv_projections_and_matches_eager():
+    # under torch.compile the sr-1 agent blocks project q and kv in one GEMM; the sr-2 block keeps its two layers
+    model = _tiny(agent_sr_ratios="2111").train()
+    x = image(64, 64)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, fullgraph=True)
+    out = compiled(x)
+    linears = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is F.linear]
+    # four blocks: proj, fc1, fc2 each; q + kv in the sr-2 block, one fused GEMM in the three others; the head
+    assert len(linears) == 4 * 3 + 2 + 3 + 1
+    attn = model.block2[0].attn
+    params = [attn.q.weight, attn.kv.weight, attn.kv.bias, model.block1[0].attn.q.weight]
+    got = torch.autograd.grad(out.square().sum(), params)
+    eager = model(x)
+    want = torch.autograd.grad(eager.square().sum(), params)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+        assert g.abs().max() > 0
+    torch._dynamo.reset()
+
+
 # --- GPU --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -150,6 +150,18 @@ def _interpreter_fp16_and_compile_checks() -> None:
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     for x, y in zip(torch.autograd.grad(compiled(*leaves), leaves), torch.autograd.grad(loss(*leaves), leaves)):
         assert torch.equal(x, y)
+    # the launches take the training forward's tiles exactly where the graph (or eager autograd) differentiates
+    launch, seen = ta._launch_forward, []
+    ta._launch_forward = lambda *args, **kwargs: seen.append(kwargs.get("training", False)) or launch(*args, **kwargs)
+    try:
+        for grad_mode, want in ((True, {True}), (False, {False})):
+            for fn in (torch.compile(loss, backend="aot_eager", fullgraph=True), loss):
+                seen.clear()
+                with torch.set_grad_enabled(grad_mode):
+                    fn(*leaves)
+                assert set(seen) == want, (grad_mode, fn, seen)
+    finally:
+        ta._launch_forward = launch
     print("fp16 + compile ok")
 
 
@@ -162,7 +174,8 @@ def test_triton_interpreter_fp32_fp16_determinism_custom_op_and_compile_trace():
 
 SHAPES = {  # (heads, N, M, A, d)
     "deit_s": (6, 197, 197, 49, 64),       # Agent-DeiT-S: class token + 14x14, 7x7 agents
-    "pvt_t_s0": (1, 3136, 49, 49, 64),     # Agent-PVT-T stage 0: 56x56 queries over 7x7 reduced keys
+    "pvt_t_s0": (1, 3136, 49, 49, 64),     # 56x56 queries over 7x7 reduced keys (Agent-PVT with agent_sr_ratios > 1)
+    "pvt_t_s0_global": (1, 3136, 3136, 9, 64),  # Agent-PVT-T stage 0 as released: all 56x56 keys, 3x3 agents
     "swin_t_s0": (3, 3136, 3136, 9, 32),   # Agent-Swin-T stage 0: global agent attention over 56x56, 3x3 agents
     "swin_t_s1": (6, 784, 784, 16, 32),    # stage 1: 4x4 agents
 }
@@ -278,12 +291,19 @@ def test_use_tiles_checks_and_restores_the_knobs():
         ta._Sizes(8, 1, 3136, 3136, 9, 64, 64)
     assert (tiles(deit_s, False), tiles(deit_s, True)) == ((64, 4, 2), (32, 4, 3))
     assert (tiles(swin_s2, False), tiles(swin_s2, True)) == ((32, 4, 3), (64, 4, 2))
-    assert (tiles(pvt_s0, False), tiles(pvt_s0, True)) == ((128, 4, 2), (128, 8, 2))
+    assert (tiles(pvt_s0, False), tiles(pvt_s0, True)) == ((128, 4, 2), (64, 4, 3))
+    # a training forward (one autograd will differentiate) at Agent-PVT's shapes: its own tiles (batch 64 sweep)
+    training = lambda sizes: (ta._plan(sizes, torch.bfloat16, False, None, training=True).constexprs["BLOCK_T"],
+                              *ta._plan(sizes, torch.bfloat16, False, None, training=True).options.values())
+    pvt_s2, swin_s0 = ta._Sizes(8, 5, 196, 196, 49, 64, 64), ta._Sizes(8, 3, 3136, 3136, 9, 32, 32)
+    assert (training(pvt_s0), training(pvt_s2)) == ((128, 4, 3), (64, 4, 1))
+    assert (training(swin_s0), training(swin_s2)) == (tiles(swin_s0, False), tiles(swin_s2, False))  # d 32: as before
 
 
 def test_default_query_splits_fill_the_sms():
     """Where batch * heads is below the SM count the forward deals each (batch, head)'s query tiles to about two
-    programs per SM (Agent-PVT-T stage 0 at batch 128 on 132 SMs: 3), capped by the query tiles; otherwise one."""
+    programs per SM (Agent-PVT-T stage 0 at batch 128 on 132 SMs: 3), capped by the query tiles; otherwise one.
+    The backward's splits, and the training forward's at Agent-PVT's shapes, follow their own rules."""
     splits = lambda sizes, sms: ta._plan(sizes, torch.bfloat16, False, sms).query_splits
     pvt_s0 = lambda b: ta._Sizes(b, 1, 3136, 3136, 9, 64, 64)   # 128-token tiles: 25 query tiles
     deit_s = lambda b: ta._Sizes(b, 6, 197, 197, 49, 64, 64)    # 64-token tiles: 4
@@ -291,9 +311,17 @@ def test_default_query_splits_fill_the_sms():
     assert splits(pvt_s0(256), 132) == 1 and splits(deit_s(128), 132) == 1 and splits(deit_s(22), 132) == 1
     assert splits(pvt_s0(1), 132) == 25 and splits(deit_s(1), 132) == 4 and splits(deit_s(8), 132) == 4
     assert splits(pvt_s0(128), None) == 1  # off CUDA (the interpreter)
-    # the backward aims at two programs an SM even above one wave (its 128-token tiles at PVT-T stage 0: 25)
+    # the backward aims at two programs an SM even above one wave
     backward = lambda sizes: ta._plan(sizes, torch.bfloat16, True, 132).query_splits
-    assert backward(pvt_s0(128)) == 3 and backward(pvt_s0(64)) == 5 and backward(deit_s(128)) == 1
+    assert backward(deit_s(128)) == 1 and backward(deit_s(8)) == 6  # 32-token tiles: 7
+    # Agent-PVT's stages 0-1 split their backward only below half the SMs, then four programs an SM (64-token tiles)
+    pvt_s1 = lambda b: ta._Sizes(b, 2, 784, 784, 16, 64, 64)
+    assert backward(pvt_s0(64)) == 8 and backward(pvt_s0(128)) == 1 and backward(pvt_s1(64)) == 1
+    assert backward(pvt_s0(1)) == 49 and backward(pvt_s1(16)) == 13
+    # and their training forward takes about one program an SM: 2 at stage 0, batch 64 (128-token tiles)
+    training = lambda sizes: ta._plan(sizes, torch.bfloat16, False, 132, training=True).query_splits
+    assert training(pvt_s0(64)) == 2 and training(pvt_s1(64)) == 1 and training(pvt_s0(1)) == 25
+    assert training(deit_s(8)) == splits(deit_s(8), 132) == 4  # other shapes: the inference rule
     assert backward(ta._Sizes(64, 3, 3136, 3136, 9, 32, 32)) == 2  # Agent-Swin-T stage 0 at batch 64
     assert ta._plan(pvt_s0(128), torch.bfloat16, True, None).query_splits == 1
     with ta.use_tiles(query_splits=2):
