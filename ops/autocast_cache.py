@@ -131,8 +131,7 @@ class _CastTogether(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        copies = [torch.empty_like(t, dtype=dtype) for t in tensors]
-        torch._foreach_copy_(copies, list(tensors))
+        copies = _foreach_copy([torch.empty_like(t, dtype=dtype) for t in tensors], list(tensors))
         ctx.like = [(t.shape, t.stride(), t.dtype) for t in tensors]
         ctx.set_materialize_grads(False)  # a copy no loss reached gets None, as its parameter would
         return tuple(copies)
@@ -140,19 +139,30 @@ class _CastTogether(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         out: list[torch.Tensor | None] = [None] * len(grads)
-        together, sources = [], []
+        together: list[int] = []  # the multi-tensor kernel takes equal layouts only
         for i, (grad, (shape, stride, dtype)) in enumerate(zip(grads, ctx.like)):
             if grad is None:
                 continue
             out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
-            if grad.stride() == stride:  # the multi-tensor kernel takes equal layouts only
-                together.append(out[i])
-                sources.append(grad)
+            if grad.stride() == stride:
+                together.append(i)
             else:
-                out[i].copy_(grad)
+                out[i] = out[i].copy_(grad)
         if together:
-            torch._foreach_copy_(together, sources)
+            copied = _foreach_copy([out[i] for i in together], [grads[i] for i in together])
+            for i, t in zip(together, copied):
+                out[i] = t
         return (None, *out)
+
+
+def _foreach_copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``targets`` with ``sources`` copied in (cast to the targets' dtypes) by one multi-tensor copy; returns them."""
+    if torch.compiler.is_compiling():
+        # the functional op: torch 2.11's dynamo took the outputs of an autograd.Function's forward that were
+        # written in place for constants, so no gradient reached the parameters (H200: all zero)
+        return list(torch.ops.aten._foreach_copy.default(targets, sources))
+    torch._foreach_copy_(targets, sources)
+    return targets
 
 
 _SCOPES = threading.local()  # .stack: the _ForwardCasts of the zoo models whose forward is running, innermost last
