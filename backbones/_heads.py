@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zoo.ops.autocast_cache import one_cast_per_forward
+
 __all__ = ["PooledLinearHeadMixin"]
 
 
@@ -28,6 +30,7 @@ class PooledLinearHeadMixin:
             x = head_drop(x)
         return x if pre_logits else self.head(x)
 
+    @one_cast_per_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) images -> (B, num_classes)."""
         return self.forward_head(self.forward_features(x))

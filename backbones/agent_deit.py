@@ -24,7 +24,7 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from zoo.ops import Mlp, as_patch_conv, downsampled_attention, pooled_agent_attention
-from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
@@ -287,6 +287,7 @@ class AgentVisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
+    @one_cast_per_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_classes)."""
         return self.forward_head(self.forward_features(x))

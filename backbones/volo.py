@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo import convert, registry
-from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, outlook_attention, split_qkv
+from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, one_cast_per_forward, outlook_attention, split_qkv
 
 from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm
 
@@ -486,10 +486,12 @@ class VOLO(nn.Module):
             logits = logits + 0.5 * self.aux_head(x[:, 1:]).amax(dim=1)
         return logits
 
+    @one_cast_per_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, in_chans, H, W) -> logits (B, num_classes) (the official evaluation output, in any mode)."""
         return self.forward_head(self.forward_features(x))
 
+    @one_cast_per_forward
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
         """The official token-labeling training forward.
 

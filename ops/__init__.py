@@ -24,6 +24,7 @@ from .layer_norm import LayerNorm, add_layer_norm, layer_norm  # noqa: F401
 from .mlp import Mlp, SequentialMlp, mlp  # noqa: F401
 from .depthwise_conv import depthwise_conv  # noqa: F401
 from .autocast_cache import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts  # noqa: F401
+from .autocast_cache import one_cast_per_forward  # noqa: F401
 from ._cache import clear_parameter_caches  # noqa: F401
 from .patch_conv import PatchConv2d, as_patch_conv  # noqa: F401
 from .space_to_depth import SpaceToDepthConv2d, as_space_to_depth_conv  # noqa: F401
@@ -34,5 +35,6 @@ __all__ = ["available_backends", "registered_backends", "register_backend", "dis
            "masked_attention", "structured_mask", "neighborhood_attention",
            "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp",
            "SequentialMlp", "depthwise_conv",
-           "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "clear_parameter_caches",
+           "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "one_cast_per_forward",
+           "clear_parameter_caches",
            "PatchConv2d", "as_patch_conv", "SpaceToDepthConv2d", "as_space_to_depth_conv"]

@@ -33,14 +33,18 @@ its copy, and the copies are dropped when the forward returns (so nothing that w
 missed). Not under data-parallel training (DDP starts each gradient's communication as it is accumulated; one node
 for all would hold them to the end of the backward).
 
-Under ``torch.compile`` (training and inference) the model's forward likewise casts all its autocast-cached layers'
-float32 weights and biases in one multi-tensor copy, traced into the graph, which inductor lowers to one foreach
-kernel, and its backward to one more: inductor leaves each layer's own casts as two kernels forward and two backward,
+The zoo models' classes open that scope in their ``forward`` itself (:func:`one_cast_per_forward`), not by hooks, and
+there it also serves ``torch.compile`` (training and inference): the model's traced forward casts all its
+autocast-cached layers' float32 weights and biases in one multi-tensor copy, which inductor lowers to one foreach
+kernel, and its backward to one more. Inductor leaves each layer's own casts as two kernels forward and two backward,
 because the GEMMs that read the copies are library calls it cannot fuse them into (Agent-PVT-T's compiled training
-step on an H200: 146 cast kernels, 0.21 ms). Not under data-parallel training, for the reason above.
+step on an H200: 146 cast kernels, 0.21 ms, and as many nodes of the CUDA graph for the host to launch). Hooks could
+not do that: ``torch.compile(model)`` traces a model's own hooks as frames of their own, so the cast would be a graph
+of its own. Not under data-parallel training, for the reason above.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable
 
@@ -51,7 +55,8 @@ from torch import nn
 from ._amp import autocast_dtype
 from ._cache import functorch_transforming, optimizer_steps, register_parameter_cache
 
-__all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts"]
+__all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts",
+           "one_cast_per_forward"]
 
 # instance attribute: (weight, bias, state, weight copy, bias copy)
 _ATTR = register_parameter_cache("_zoo_autocast_copies")
@@ -223,8 +228,8 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 # Under torch.compile: the copies of the zoo model forwards being traced, innermost last (``_cast_layers``'s entries,
-# or None where the forward casts nothing). Dynamo traces the hooks' push and pop as side effects; each
-# traced forward pops what it pushed, so the list is empty between steps.
+# or None where the forward casts nothing). Dynamo traces one_cast_per_forward's push and pop in the model's frame;
+# each traced forward pops what it pushed, so the list is empty between steps.
 _TRACED: list[dict[int, tuple] | None] = []
 
 
@@ -254,8 +259,7 @@ def _traced_copies(module: nn.Module) -> tuple | None:
 
 def _open_forward(root: nn.Module, args: tuple) -> None:
     if torch.compiler.is_compiling():
-        _TRACED.append(_traced_casts(root, args))
-        return
+        return  # (a hook traced as a frame of its own: the cast would be a graph of its own)
     stack = getattr(_SCOPES, "stack", None)
     if stack is None:
         stack = _SCOPES.stack = []
@@ -267,13 +271,42 @@ def _open_forward(root: nn.Module, args: tuple) -> None:
 
 def _close_forward(root: nn.Module, args: tuple, output) -> None:
     if torch.compiler.is_compiling():
-        if _TRACED:
-            _TRACED.pop()
         return
     stack = getattr(_SCOPES, "stack", None)
     if stack:
         stack.pop()
     # the copies die with the scope: the next forward casts again, whatever changed the parameters meanwhile
+
+
+def one_cast_per_forward(forward: Callable) -> Callable:
+    """Decorator for a model class's ``forward``: each call is the scope of the one cast (module docstring), eager
+    and traced by ``torch.compile``; :func:`cache_autocast_casts` then adds no hooks to the model.
+
+    Args:
+        forward: the ``forward(self, *args, **kwargs)`` method to wrap.
+
+    Returns:
+        the wrapped method (``functools.wraps``), marked for :func:`cache_autocast_casts`.
+    """
+    @functools.wraps(forward)
+    def forward_in_scope(self: nn.Module, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            _TRACED.append(_traced_casts(self, args))
+            try:
+                return forward(self, *args, **kwargs)
+            finally:
+                _TRACED.pop()
+        _open_forward(self, args)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            _close_forward(self, args, None)
+
+    forward_in_scope.__dict__[_IN_SCOPE] = True
+    return forward_in_scope
+
+
+_IN_SCOPE = "_zoo_one_cast_per_forward"
 
 
 def _distributed() -> bool:
@@ -325,19 +358,21 @@ def cache_autocast_casts(model: nn.Module) -> nn.Module:
 
     Subclasses of those layers (timm's or yours) are left alone: their forward may differ.
 
-    ``model``'s own forward also gets two hooks: in a training forward (grad mode on, eager, not data-parallel) the
-    first of its autocast-cached layers to run casts the float32 weights and biases of all of them that train, on its
-    device, in one multi-tensor copy, and each layer uses its copy; the backward casts their gradients back in one
-    more. That replaces two copy kernels and one autograd node a tensor (some 250 launches a step in these backbones)
-    by two; the copies are dropped when the forward returns. Values are bitwise those of autocast's own casts. Under
-    ``torch.compile`` every forward (training or not, not data-parallel) casts them all so, on the device of its
-    first tensor argument (module docstring).
+    ``model``'s own forward also gets two hooks (none where its class's ``forward`` is wrapped by
+    :func:`one_cast_per_forward`, as the zoo models' are, which does the same and more): in a training forward (grad
+    mode on, eager, not data-parallel) the first of its autocast-cached layers to run casts the float32 weights and
+    biases of all of them that train, on its device, in one multi-tensor copy, and each layer uses its copy; the
+    backward casts their gradients back in one more. That replaces two copy kernels and one autograd node a tensor
+    (some 250 launches a step in these backbones) by two; the copies are dropped when the forward returns. Values are
+    bitwise those of autocast's own casts. Under ``torch.compile`` only a wrapped ``forward`` casts them so (every
+    forward, training or not, not data-parallel, on the device of its first tensor argument; module docstring).
     """
     for module in model.modules():
         cached = _SWAPS.get(type(module))
         if cached is not None:
             module.__class__ = cached
-    if not model.__dict__.get(_HOOKED, False):
+    in_scope = getattr(type(model).forward, _IN_SCOPE, False)
+    if not in_scope and not model.__dict__.get(_HOOKED, False):
         model.register_forward_pre_hook(_open_forward)
         model.register_forward_hook(_close_forward, always_call=True)
         model.__dict__[_HOOKED] = True

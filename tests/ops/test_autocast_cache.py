@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo
-from zoo.ops import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts, clear_parameter_caches
+from zoo.ops import (AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts, clear_parameter_caches,
+                     one_cast_per_forward)
 
 _ATTR = "_zoo_autocast_copies"
 
@@ -36,6 +37,21 @@ def _plain_net(seed: int = 0) -> nn.Module:
 def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     plain = _plain_net(seed)
     return plain, cache_autocast_casts(copy.deepcopy(plain))
+
+
+class _ScopedNet(nn.Sequential):
+    """A model class whose forward is the one cast's scope, as the zoo models' are."""
+
+    @one_cast_per_forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+def _scoped_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    plain = _plain_net(seed)
+    scoped = copy.deepcopy(plain)
+    scoped.__class__ = _ScopedNet
+    return plain, cache_autocast_casts(scoped)
 
 
 def _infer(model: nn.Module, x: torch.Tensor, *, counter: _CountCopies | None = None) -> torch.Tensor:
@@ -448,9 +464,10 @@ def test_zoo_model_training_step_casts_together_bitwise():
     assert nodes[0].count("ToCopyBackward0") - nodes[1].count("ToCopyBackward0") == tensors
 
 
-def _compiled_ops(model: nn.Module, x: torch.Tensor, amp: bool = True) -> tuple[torch.Tensor, dict[str, list[str]]]:
+def _compiled_ops(model: nn.Module, x: torch.Tensor, amp: bool = True) -> tuple[torch.Tensor, dict[str, list]]:
     """Training steps of ``torch.compile(model)`` (AOTAutograd, graphs run as traced; under autocast two, the second
-    without recompiling); returns the first output and the ATen ops of the forward and backward graphs."""
+    without recompiling); returns the first output and the ATen ops of the forward and backward graphs, and the
+    graphs themselves under "fw_graphs"."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -473,19 +490,23 @@ def _compiled_ops(model: nn.Module, x: torch.Tensor, amp: bool = True) -> tuple[
         out.float().square().sum().backward()
     ops = {kind: [str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"]
            for kind, gms in graphs.items()}
+    ops["fw_graphs"] = graphs["fw"]
     torch._dynamo.reset()
     return out, ops
 
 
 def test_compiled_training_casts_the_weights_together():
-    """Under torch.compile the five weights and biases are cast by one multi-tensor copy forward and one backward
-    (inductor lowers each to one foreach kernel) in place of five casts each way; the same outputs and gradients
-    as eager; nothing stays in the traced scopes; without autocast nothing is cast."""
+    """Under torch.compile a forward wrapped by one_cast_per_forward casts the five weights and biases by one
+    multi-tensor copy forward and one backward (inductor lowers each to one foreach kernel) in place of five casts
+    each way, in the model's one graph; the same outputs and gradients as eager; nothing stays in the traced scopes;
+    without autocast nothing is cast."""
     from zoo.ops import autocast_cache
 
-    plain, cached = _pair()
+    plain, cached = _scoped_pair()
+    assert not cached._forward_pre_hooks and not cached._forward_hooks
     x = _input()
     (want, plain_ops), (got, ops) = _compiled_ops(plain, x), _compiled_ops(cached, x)
+    assert len(ops["fw_graphs"]) == len(plain_ops["fw_graphs"]) == 1
     assert torch.equal(got, want)
     for p, q in zip(plain.parameters(), cached.parameters()):  # two steps' gradients, accumulated
         assert torch.equal(p.grad, q.grad)
@@ -494,8 +515,41 @@ def test_compiled_training_casts_the_weights_together():
         assert count(ops[kind], "_foreach_copy") == 1 and count(plain_ops[kind], "_foreach_copy") == 0
         assert count(plain_ops[kind], "_to_copy") - count(ops[kind], "_to_copy") == 5, kind
     assert autocast_cache._TRACED == []
-    _, fp32_ops = _compiled_ops(cache_autocast_casts(_plain_net()), x, amp=False)
+    _, fp32_ops = _compiled_ops(_scoped_pair()[1], x, amp=False)
     assert not any("_foreach_copy" in name or "_to_copy" in name for name in fp32_ops["fw"] + fp32_ops["bw"])
+
+
+def test_compiled_hooked_models_keep_one_graph_and_their_layers_casts():
+    """A model given the one cast by hooks (cache_autocast_casts on any model) keeps each layer's own casts under
+    torch.compile: dynamo traces a model's own hooks as frames of their own, where a cast would be a second graph."""
+    plain, cached = _pair()
+    assert cached._forward_pre_hooks and cached._forward_hooks
+    (want, plain_ops), (got, ops) = _compiled_ops(plain, _input()), _compiled_ops(cached, _input())
+    assert torch.equal(got, want) and len(ops["fw_graphs"]) == 1
+    assert ops["fw"] == plain_ops["fw"] and ops["bw"] == plain_ops["bw"]
+
+
+def test_zoo_models_scope_their_forward_and_compile_to_one_graph(monkeypatch):
+    """The zoo models' forward is the one cast's scope (no hooks); compiled under autocast, one graph holds one
+    multi-tensor cast of every autocast-cached layer's weights, with bitwise the outputs and gradients of the same
+    compiled model casting layer by layer."""
+    from zoo.ops import autocast_cache
+
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, img_size=64)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    per_layer = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    got, ops = _compiled_ops(model, x)
+    monkeypatch.setattr(autocast_cache, "_traced_casts", lambda root, args: None)
+    want, layer_ops = _compiled_ops(per_layer, x)
+    assert len(ops["fw_graphs"]) == 1 and sum("_foreach_copy" in name for name in ops["fw"]) == 1
+    assert not any("_foreach_copy" in name for name in layer_ops["fw"])
+    layers = [m for m in model.modules() if isinstance(m, (AutocastCachedLinear, AutocastCachedConv2d))]
+    cast = next(n for n in ops["fw_graphs"][0].graph.nodes if "_foreach_copy" in str(n.target))
+    assert len(cast.args[1]) == sum(1 + (m.bias is not None) for m in layers)
+    assert torch.equal(got, want)
+    for (name, p), q in zip(model.named_parameters(), per_layer.parameters()):
+        assert torch.equal(p.grad, q.grad), name
 
 
 def test_torch_func_transforms_keep_autocasts_casts():
