@@ -121,9 +121,9 @@ class AgentAttention(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """q, k, v and the keys' grid (``_separate_projections``). Where the keys are the tokens themselves
         (``sr_ratio`` 1, the releases) and torch.compile traces, q and kv come from one GEMM over the concatenated
-        weights (autocast then casts the concatenation): one read of ``x`` forward, one
-        input-gradient and one weight-gradient GEMM backward in place of two each. Eager calls keep the two layers
-        (their cached autocast copies, fewer host ops)."""
+        weights (autocast then casts the concatenation): one read of ``x`` forward, one input-gradient and one
+        weight-gradient GEMM backward in place of two each. Eager calls keep the two layers (their cached autocast
+        copies, fewer host ops)."""
         if self.sr_ratio > 1 or not torch.compiler.is_compiling():
             return self._separate_projections(x, size)
         (q_weight, q_bias), (kv_weight, kv_bias) = autocast_weights(self.q), autocast_weights(self.kv)
