@@ -673,7 +673,8 @@ def _packed_forward_op(qkv: torch.Tensor, agents: torch.Tensor, agent_bias: Opti
     grid, agent_grid = tuple(grid), tuple(agent_grid)
     q, k, v = split_qkv(qkv, heads)
     with on_device(qkv):
-        attn, agent_v, lse = _launch_forward(q, k, v, _heads(agents, heads), agent_bias, query_bias, scale)
+        attn, agent_v, lse = _launch_forward(q, k, v, _heads(agents, heads), agent_bias, query_bias, scale,
+                                             training=True)
     b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     attn = attn.transpose(1, 2).reshape(b, n, c)  # (token-major memory: a view)
     if conv_weight is None:

@@ -261,7 +261,13 @@ def _packed_checks() -> None:
     fwd_args = (qkv, agents, ab, qb, weight, bias, 2, [4, 4], [2, 2], 1, 0.3)
     torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor"))
-    out, attn, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
+    launched, launch = [], ta._launch_forward
+    ta._launch_forward = lambda *a, **kw: launched.append(kw.get("training")) or launch(*a, **kw)
+    try:
+        out, attn, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
+    finally:
+        ta._launch_forward = launch
+    assert launched == [True], launched  # the op is always differentiated: the training forward's tiles
     torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_bwd.default,
                           (torch.randn_like(out), qkv, attn, agents, agent_v, lse, ab, qb, weight, 2, [4, 4], [2, 2],
                            1, 0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
