@@ -535,7 +535,7 @@ def test_zoo_models_scope_their_forward_and_compile_to_one_graph(monkeypatch):
     compiled model casting layer by layer."""
     from zoo.ops import autocast_cache
 
-    model = zoo.create_model("agent_pvt_tiny", num_classes=10, img_size=64)
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, img_size=64, depths=(1, 1, 1, 1))
     assert not model._forward_pre_hooks and not model._forward_hooks
     per_layer = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
