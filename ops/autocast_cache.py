@@ -33,8 +33,9 @@ its copy, and the copies are dropped when the forward returns (so nothing that w
 missed). Not under data-parallel training (DDP starts each gradient's communication as it is accumulated; one node
 for all would hold them to the end of the backward).
 
-The zoo models' classes open that scope in their ``forward`` itself (:func:`one_cast_per_forward`), not by hooks, and
-there it also serves ``torch.compile`` (training and inference): the model's traced forward casts all its
+The zoo models' classes open that scope in their ``forward`` and ``forward_intermediates`` (timm's ``features_only``
+path, a detector's) themselves (:func:`one_cast_per_forward`), not by hooks, and there it also serves
+``torch.compile`` (training and inference): the model's traced forward casts all its
 autocast-cached layers' float32 weights and biases in one multi-tensor copy, which inductor lowers to one foreach
 kernel, and its backward to one more. Inductor leaves each layer's own casts as two kernels forward and two backward,
 because the GEMMs that read the copies are library calls it cannot fuse them into (Agent-PVT-T's compiled training
