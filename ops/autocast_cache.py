@@ -283,7 +283,7 @@ def one_cast_per_forward(forward: Callable) -> Callable:
     """Decorator for a model class's ``forward`` (or another entry point that runs the whole network, such as
     ``forward_intermediates``): each call is the scope of the one cast (module docstring), eager and traced by
     ``torch.compile``; :func:`cache_autocast_casts` then adds no hooks to the model. One decorated method must not
-    call another (each would cast the weights).
+    call another (traced, each would cast the weights).
 
     Args:
         forward: the ``method(self, x, *args, **kwargs)`` to wrap; ``x``, the first tensor argument, gives the device
