@@ -279,6 +279,9 @@ def _close_forward(root: nn.Module, args: tuple, output) -> None:
     # the copies die with the scope: the next forward casts again, whatever changed the parameters meanwhile
 
 
+_IN_SCOPE = "_zoo_one_cast_per_forward"  # the mark on a wrapped forward (cache_autocast_casts then adds no hooks)
+
+
 def one_cast_per_forward(forward: Callable) -> Callable:
     """Decorator for a model class's ``forward`` (or another entry point that runs the whole network, such as
     ``forward_intermediates``): each call is the scope of the one cast (module docstring), eager and traced by
@@ -308,9 +311,6 @@ def one_cast_per_forward(forward: Callable) -> Callable:
 
     forward_in_scope.__dict__[_IN_SCOPE] = True
     return forward_in_scope
-
-
-_IN_SCOPE = "_zoo_one_cast_per_forward"
 
 
 def _distributed() -> bool:
