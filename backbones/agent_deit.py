@@ -292,6 +292,7 @@ class AgentVisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
+    @one_cast_per_forward
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
                               return_prefix_tokens: bool = False):

@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 from ._layers import add_norm, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
-from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
@@ -339,6 +339,7 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
             x = self._to_map(x, size)
         return x
 
+    @one_cast_per_forward
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
         """Stage outputs for dense tasks (timm's contract).

@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, pooled_agent_attention, window_attention
-from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
@@ -435,6 +435,7 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
             x = self._stage(i, x)
         return self.norm(x)
 
+    @one_cast_per_forward
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:

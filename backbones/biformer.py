@@ -38,7 +38,7 @@ from ._layers import ChannelsLastSequential, add_norm, check_images, init_linear
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import SequentialMlp, depthwise_conv, downsampled_attention, routing_attention
-from zoo.ops.autocast_cache import autocast_weights
+from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_family, register_variants
 
@@ -514,6 +514,7 @@ class BiFormer(PooledLinearHeadMixin, nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    @one_cast_per_forward
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:

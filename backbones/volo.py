@@ -529,6 +529,7 @@ class VOLO(nn.Module):
 
     # ---- features ---------------------------------------------------------------------------------------------
 
+    @one_cast_per_forward
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:

@@ -33,8 +33,9 @@ its copy, and the copies are dropped when the forward returns (so nothing that w
 missed). Not under data-parallel training (DDP starts each gradient's communication as it is accumulated; one node
 for all would hold them to the end of the backward).
 
-The zoo models' classes open that scope in their ``forward`` itself (:func:`one_cast_per_forward`), not by hooks, and
-there it also serves ``torch.compile`` (training and inference): the model's traced forward casts all its
+The zoo models' classes open that scope in their ``forward`` and ``forward_intermediates`` (timm's ``features_only``
+path, a detector's) themselves (:func:`one_cast_per_forward`), not by hooks, and there it also serves
+``torch.compile`` (training and inference): the model's traced forward casts all its
 autocast-cached layers' float32 weights and biases in one multi-tensor copy, which inductor lowers to one foreach
 kernel, and its backward to one more. Inductor leaves each layer's own casts as two kernels forward and two backward,
 because the GEMMs that read the copies are library calls it cannot fuse them into (Agent-PVT-T's compiled training
@@ -278,12 +279,18 @@ def _close_forward(root: nn.Module, args: tuple, output) -> None:
     # the copies die with the scope: the next forward casts again, whatever changed the parameters meanwhile
 
 
+_IN_SCOPE = "_zoo_one_cast_per_forward"  # the mark on a wrapped forward (cache_autocast_casts then adds no hooks)
+
+
 def one_cast_per_forward(forward: Callable) -> Callable:
-    """Decorator for a model class's ``forward``: each call is the scope of the one cast (module docstring), eager
-    and traced by ``torch.compile``; :func:`cache_autocast_casts` then adds no hooks to the model.
+    """Decorator for a model class's ``forward`` (or another entry point that runs the whole network, such as
+    ``forward_intermediates``): each call is the scope of the one cast (module docstring), eager and traced by
+    ``torch.compile``; :func:`cache_autocast_casts` then adds no hooks to the model. One decorated method must not
+    call another (traced, each would cast the weights).
 
     Args:
-        forward: the ``forward(self, *args, **kwargs)`` method to wrap.
+        forward: the ``method(self, x, *args, **kwargs)`` to wrap; ``x``, the first tensor argument, gives the device
+            whose autocast dtype the cast takes.
 
     Returns:
         the wrapped method (``functools.wraps``), marked for :func:`cache_autocast_casts`.
@@ -304,9 +311,6 @@ def one_cast_per_forward(forward: Callable) -> Callable:
 
     forward_in_scope.__dict__[_IN_SCOPE] = True
     return forward_in_scope
-
-
-_IN_SCOPE = "_zoo_one_cast_per_forward"
 
 
 def _distributed() -> bool:

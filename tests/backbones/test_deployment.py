@@ -124,3 +124,93 @@ def test_torch_export_gives_the_eager_output(name, features_only):
     program = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+
+def _compiled_feature_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[list, dict, list[str]]:
+    """One bf16-autocast training step of ``torch.compile(model)`` (AOTAutograd, the graphs run as traced): the
+    features, the parameters' gradients and the ATen ops of the forward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    forward_ops = []
+
+    def keep_forward(gm, example_inputs):
+        forward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep_forward,
+                                                         bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        features = compiled(x)
+    sum(f.float().square().mean() for f in features).backward()
+    torch._dynamo.reset()
+    return features, {k: p.grad for k, p in model.named_parameters()}, forward_ops
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", ["agent_deit_tiny"])  # (the decorator is shared: one family keeps the suite short)
+def test_compiled_feature_pyramid_training_casts_the_weights_once(name, device, monkeypatch):
+    # a detector trains the backbone through forward_intermediates (timm's features_only): compiled under autocast,
+    # that call casts every cached layer's weights in one multi-tensor copy, with bitwise the features and gradients
+    # of per-layer casts (which data-parallel training keeps; on CUDA torch 2.11 once gave the one cast's weights
+    # all-zero gradients under compile)
+    from zoo.ops import autocast_cache
+
+    kwargs, size = CASES[name]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    results = []
+    for per_layer in (False, True):
+        monkeypatch.setattr(autocast_cache, "_distributed", lambda per_layer=per_layer: per_layer)
+        torch.manual_seed(0)
+        model = timm.create_model(name, features_only=True, **kwargs).to(device).train()
+        results.append(_compiled_feature_step(model, x))
+    (one, one_grads, one_ops), (layers, layer_grads, layer_ops) = results
+    assert sum("_foreach_copy" in op for op in one_ops) == 1 and not any("_foreach_copy" in op for op in layer_ops)
+    assert all(torch.equal(a, b) for a, b in zip(one, layers))
+    assert one_grads.keys() == layer_grads.keys()
+    for k, g in one_grads.items():
+        assert (g is None) == (layer_grads[k] is None), k
+        assert g is None or torch.equal(g, layer_grads[k]), k
+    assert any(g is not None and g.abs().sum() > 0 for g in one_grads.values())
+
+
+def _autograd_nodes(outputs: list[torch.Tensor]) -> list[str]:
+    """Type names of every autograd node behind ``outputs``."""
+    seen, stack, names = set(), [t.grad_fn for t in outputs], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_feature_pyramid_training_casts_the_weights_once(name, monkeypatch):
+    # eager training through timm's features_only wrapper under autocast casts the weights once too (one autograd
+    # node), with bitwise the features and gradients of per-layer casts (which data-parallel training keeps)
+    from zoo.ops import autocast_cache
+
+    kwargs, size = CASES[name]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    results = []
+    for per_layer in (False, True):
+        monkeypatch.setattr(autocast_cache, "_distributed", lambda per_layer=per_layer: per_layer)
+        torch.manual_seed(0)
+        model = timm.create_model(name, features_only=True, **kwargs).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model(x)
+        sum(f.float().square().mean() for f in features).backward()
+        results.append((features, {k: p.grad for k, p in model.named_parameters()}, _autograd_nodes(features)))
+    (one, one_grads, one_nodes), (layers, layer_grads, layer_nodes) = results
+    assert one_nodes.count("_CastTogetherBackward") == 1 and "_CastTogetherBackward" not in layer_nodes
+    assert layer_nodes.count("ToCopyBackward0") > one_nodes.count("ToCopyBackward0")
+    assert all(torch.equal(a, b) for a, b in zip(one, layers))
+    assert one_grads.keys() == layer_grads.keys()
+    for k, g in one_grads.items():
+        assert (g is None) == (layer_grads[k] is None), k
+        assert g is None or torch.equal(g, layer_grads[k]), k
