@@ -243,16 +243,20 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     # choice): stage 0 / 1 backward (64, 4, 3) 87.7 / 43.8 against (128, 8, 2)'s 127.8 / 81.7; training forward
     # (128, 4, 3) 51.7 / 21.9 against (128, 4, 2)'s 124.8 / 29.9; stages 2 / 3 (49 agents, d 64) training forward
     # (64, 4, 1) 29.4 / 15.3 against (64, 4, 2)'s 39.8 / 21.4.
+    # Agent-Swin-T's training step (heads of 32, batch 64, the same sweep): stage 0 / 1 (9 / 16 agents) backward
+    # (64, 4, 3) 138 / 68.2 against (64, 4, 2)'s 156 / 77.0, training forward (128, 4, 3) 69.3 / 31.5 against
+    # (128, 4, 2)'s 93.8 / 34.7; stage 2 / 3 (49 agents) backward (64, 4, 1) 125 / 69.3 against (64, 4, 2)'s 175 /
+    # 120; stage 3's training forward (49 tokens) (32, 4, 1) 34.4 against (32, 4, 3)'s 43.6, stage 2's (196) as before.
     few_agents, wide = s.a <= 16, max(s.d, s.dv) >= 64
     if backward:
-        if wide:
-            return (64, 4, 3) if _pvt_like(s) else (32, 4, 3)
-        return 64, 4, 2
+        if few_agents:
+            return 64, 4, 3
+        return (32, 4, 3) if wide else (64, 4, 1)
     if few_agents:
-        return (128, 4, 3) if training and _pvt_like(s) else (128, 4, 2)
+        return (128, 4, 3) if training else (128, 4, 2)
     if wide:
         return (64, 4, 1) if training else (64, 4, 2)
-    return 32, 4, 3
+    return (32, 4, 1) if training and s.n <= 64 else (32, 4, 3)
 
 
 def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True,

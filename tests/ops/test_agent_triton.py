@@ -279,7 +279,7 @@ def test_use_tiles_checks_and_restores_the_knobs():
         assert plan.constexprs["BLOCK_T"] == 32 and plan.options == {"num_warps": 2, "num_stages": 2}
     assert ta._TILES == before
     plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float16, True, None)
-    assert plan.constexprs["BLOCK_T"] == 64 and plan.options == {"num_warps": 4, "num_stages": 2}
+    assert plan.constexprs["BLOCK_T"] == 64 and plan.options == {"num_warps": 4, "num_stages": 3}
     plan = ta._plan(ta._Sizes(2, 3, 40, 40, 9, 16, 16), torch.float32, True, None)
     assert plan.constexprs["BLOCK_T"] == 16 and plan.options == {"num_warps": 8, "num_stages": 1}
     plan = ta._plan(ta._Sizes(2, 3, 40, 40, 100, 16, 16), torch.bfloat16, True, None)  # 128 agents: wider tiles
@@ -290,14 +290,16 @@ def test_use_tiles_checks_and_restores_the_knobs():
     deit_s, swin_s2, pvt_s0 = ta._Sizes(8, 6, 197, 197, 49, 64, 64), ta._Sizes(8, 12, 196, 196, 49, 32, 32), \
         ta._Sizes(8, 1, 3136, 3136, 9, 64, 64)
     assert (tiles(deit_s, False), tiles(deit_s, True)) == ((64, 4, 2), (32, 4, 3))
-    assert (tiles(swin_s2, False), tiles(swin_s2, True)) == ((32, 4, 3), (64, 4, 2))
+    assert (tiles(swin_s2, False), tiles(swin_s2, True)) == ((32, 4, 3), (64, 4, 1))
     assert (tiles(pvt_s0, False), tiles(pvt_s0, True)) == ((128, 4, 2), (64, 4, 3))
-    # a training forward (one autograd will differentiate) at Agent-PVT's shapes: its own tiles (batch 64 sweep)
+    # a training forward (one autograd will differentiate): its own tiles (batch 64 sweeps of Agent-PVT-T and -Swin-T)
     training = lambda sizes: (ta._plan(sizes, torch.bfloat16, False, None, training=True).constexprs["BLOCK_T"],
                               *ta._plan(sizes, torch.bfloat16, False, None, training=True).options.values())
     pvt_s2, swin_s0 = ta._Sizes(8, 5, 196, 196, 49, 64, 64), ta._Sizes(8, 3, 3136, 3136, 9, 32, 32)
+    swin_s3 = ta._Sizes(8, 24, 49, 49, 49, 32, 32)
     assert (training(pvt_s0), training(pvt_s2)) == ((128, 4, 3), (64, 4, 1))
-    assert (training(swin_s0), training(swin_s2)) == (tiles(swin_s0, False), tiles(swin_s2, False))  # d 32: as before
+    assert (tiles(swin_s0, False), tiles(swin_s0, True), training(swin_s0)) == ((128, 4, 2), (64, 4, 3), (128, 4, 3))
+    assert (training(swin_s2), training(swin_s3), tiles(swin_s3, False)) == ((32, 4, 3), (32, 4, 1), (32, 4, 3))
 
 
 def test_default_query_splits_fill_the_sms():
