@@ -102,9 +102,10 @@ def _interpreter_checks() -> None:
             assert got[0].dtype == dtype and got[0].shape == (*q.shape[:-1], v.shape[-1])
             for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
                 assert_close_to(x, y, tol, tol, f"case {i} {dtype} {name}")
-            if dtype == torch.float32:
+            if dtype == torch.float32 and i in (0, 3):  # repeatability: a 2-D and a 1-D case (each pass costs secs)
                 for name, x, y in zip(("out", "dq", "dk", "dv"), got, out_and_grads(q, k, v, kernel, dil, causal)):
                     assert torch.equal(x, y), f"case {i}: {name} not bitwise repeatable"
+            if dtype == torch.float32:
                 with torch.no_grad():  # the inference launch (no autograd node, no statistics)
                     assert torch.equal(neighborhood_attention(q, k, v, kernel, dil, is_causal=causal,
                                                               backend="triton"), got[0])
