@@ -21,3 +21,23 @@ def pytest_collection_modifyitems(config, items):
 def _private_zoo_cache(tmp_path_factory, monkeypatch):
     """Every test gets an empty weights cache unless it sets ZOO_CACHE itself."""
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path_factory.mktemp("zoo_cache")))
+
+
+def _autograd_node_names(outputs) -> list[str]:
+    """Type names of every autograd node behind ``outputs`` (a tensor or a list of tensors), each node once."""
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
+    seen, stack, names = set(), [t.grad_fn for t in outputs], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+@pytest.fixture
+def autograd_nodes():
+    """The function listing the autograd node types behind some outputs (how a test counts casts' backward nodes)."""
+    return _autograd_node_names

@@ -176,21 +176,8 @@ def test_compiled_feature_pyramid_training_casts_the_weights_once(name, device, 
     assert any(g is not None and g.abs().sum() > 0 for g in one_grads.values())
 
 
-def _autograd_nodes(outputs: list[torch.Tensor]) -> list[str]:
-    """Type names of every autograd node behind ``outputs``."""
-    seen, stack, names = set(), [t.grad_fn for t in outputs], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_feature_pyramid_training_casts_the_weights_once(name, monkeypatch):
+def test_feature_pyramid_training_casts_the_weights_once(name, monkeypatch, autograd_nodes):
     # eager training through timm's features_only wrapper under autocast casts the weights once too (one autograd
     # node), with bitwise the features and gradients of per-layer casts (which data-parallel training keeps)
     from zoo.ops import autocast_cache
@@ -205,7 +192,7 @@ def test_feature_pyramid_training_casts_the_weights_once(name, monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features = model(x)
         sum(f.float().square().mean() for f in features).backward()
-        results.append((features, {k: p.grad for k, p in model.named_parameters()}, _autograd_nodes(features)))
+        results.append((features, {k: p.grad for k, p in model.named_parameters()}, autograd_nodes(features)))
     (one, one_grads, one_nodes), (layers, layer_grads, layer_nodes) = results
     assert one_nodes.count("_CastTogetherBackward") == 1 and "_CastTogetherBackward" not in layer_nodes
     assert layer_nodes.count("ToCopyBackward0") > one_nodes.count("ToCopyBackward0")

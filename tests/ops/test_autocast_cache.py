@@ -328,19 +328,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, counter: _CountCopies | None 
     return out
 
 
-def _graph_nodes(out: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [out.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return names
-
-
-def test_a_training_forward_casts_the_trainable_weights_together_bitwise():
+def test_a_training_forward_casts_the_trainable_weights_together_bitwise(autograd_nodes):
     """Five weights and biases: ten casts and five autograd nodes fewer than autocast's per-layer casts, the same
     outputs and gradients, over two accumulated steps."""
     plain, cached = _pair()
@@ -355,7 +343,7 @@ def test_a_training_forward_casts_the_trainable_weights_together_bitwise():
     for p, q in zip(plain.parameters(), cached.parameters()):
         assert torch.equal(p.grad, q.grad)
     with torch.autocast("cpu", torch.bfloat16):
-        nodes = [_graph_nodes(model(x)) for model in (plain, cached)]
+        nodes = [autograd_nodes(model(x)) for model in (plain, cached)]
     assert nodes[1].count("_CastTogetherBackward") == 1 and "_CastTogetherBackward" not in nodes[0]
     assert nodes[0].count("ToCopyBackward0") - nodes[1].count("ToCopyBackward0") == 5
 
@@ -443,7 +431,7 @@ def test_cast_together_backward_takes_any_gradient_layout_and_missing_gradients(
     assert torch.equal(b.grad, torch.full((4,), 3.0)) and c.grad is None
 
 
-def test_zoo_model_training_step_casts_together_bitwise():
+def test_zoo_model_training_step_casts_together_bitwise(autograd_nodes):
     model = zoo.create_model("agent_deit_tiny", num_classes=10, img_size=64)
     plain = copy.deepcopy(model)
     plain_types = {AutocastCachedLinear: nn.Linear, AutocastCachedConv2d: nn.Conv2d}
@@ -456,7 +444,7 @@ def test_zoo_model_training_step_casts_together_bitwise():
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
     with torch.autocast("cpu", torch.bfloat16):
-        nodes = [_graph_nodes(net(x)) for net in (plain, model)]
+        nodes = [autograd_nodes(net(x)) for net in (plain, model)]
     # (the patch embedding's conv is a subclass the plain copy keeps: cast together in both)
     swapped = [m for m in model.modules() if type(m) in plain_types]
     assert len(swapped) == 1 + 12 * 5 and nodes[1].count("_CastTogetherBackward") == 1
