@@ -247,6 +247,8 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     # (64, 4, 3) 138 / 68.2 against (64, 4, 2)'s 156 / 77.0, training forward (128, 4, 3) 69.3 / 31.5 against
     # (128, 4, 2)'s 93.8 / 34.7; stage 2 / 3 (49 agents) backward (64, 4, 1) 125 / 69.3 against (64, 4, 2)'s 175 /
     # 120; stage 3's training forward (49 tokens) (32, 4, 1) 34.4 against (32, 4, 3)'s 43.6, stage 2's (196) as before.
+    # (The released Agent-Swin and Agent-CSwin run window or stripe attention in stage 3; its shape stands for
+    # configurations with agent attention there, e.g. attn_type 'AAAA'.)
     few_agents, wide = s.a <= 16, max(s.d, s.dv) >= 64
     if backward:
         if few_agents:
