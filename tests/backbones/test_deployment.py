@@ -126,6 +126,16 @@ def test_torch_export_gives_the_eager_output(name, features_only):
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def _assert_bitwise_equal(one: tuple[list, dict], layers: tuple[list, dict]) -> None:
+    """The features and parameter gradients of one cast against per-layer casts: bitwise equal, None where the other
+    is None."""
+    (features, grads), (layer_features, layer_grads) = one, layers
+    assert all(torch.equal(a, b) for a, b in zip(features, layer_features))
+    assert grads.keys() == layer_grads.keys()
+    for k, g in grads.items():
+        assert (g is None) == (layer_grads[k] is None), k
+        assert g is None or torch.equal(g, layer_grads[k]), k
+
 
 def _compiled_feature_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[list, dict, list[str]]:
     """One bf16-autocast training step of ``torch.compile(model)`` (AOTAutograd, the graphs run as traced): the
@@ -168,11 +178,7 @@ def test_compiled_feature_pyramid_training_casts_the_weights_once(name, device, 
         results.append(_compiled_feature_step(model, x))
     (one, one_grads, one_ops), (layers, layer_grads, layer_ops) = results
     assert sum("_foreach_copy" in op for op in one_ops) == 1 and not any("_foreach_copy" in op for op in layer_ops)
-    assert all(torch.equal(a, b) for a, b in zip(one, layers))
-    assert one_grads.keys() == layer_grads.keys()
-    for k, g in one_grads.items():
-        assert (g is None) == (layer_grads[k] is None), k
-        assert g is None or torch.equal(g, layer_grads[k]), k
+    _assert_bitwise_equal((one, one_grads), (layers, layer_grads))
     assert any(g is not None and g.abs().sum() > 0 for g in one_grads.values())
 
 
@@ -196,8 +202,4 @@ def test_feature_pyramid_training_casts_the_weights_once(name, monkeypatch, auto
     (one, one_grads, one_nodes), (layers, layer_grads, layer_nodes) = results
     assert one_nodes.count("_CastTogetherBackward") == 1 and "_CastTogetherBackward" not in layer_nodes
     assert layer_nodes.count("ToCopyBackward0") > one_nodes.count("ToCopyBackward0")
-    assert all(torch.equal(a, b) for a, b in zip(one, layers))
-    assert one_grads.keys() == layer_grads.keys()
-    for k, g in one_grads.items():
-        assert (g is None) == (layer_grads[k] is None), k
-        assert g is None or torch.equal(g, layer_grads[k]), k
+    _assert_bitwise_equal((one, one_grads), (layers, layer_grads))
