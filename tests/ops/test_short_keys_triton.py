@@ -83,6 +83,12 @@ def test_cross_attention_refusals_are_explained():
     assert "bias" in tk._cross_supports(q, k, None, v_q, bias=torch.zeros(1, 1, 8, 8))
 
 
+def test_tail_tiles_take_the_rows_after_the_last_whole_tile_where_a_smaller_tile_covers_them():
+    assert [tk._tail_edge(n, 64) for n in (196, 197, 1, 70, 100, 49, 64, 3136, 128)] == [16, 16, 16, 16, 0, 0, 0, 0, 0]
+    assert [tk._tail_edge(n, 32) for n in (40, 50, 33)] == [16, 0, 16]
+    assert tk._tail_edge(20, 16) == 0  # a 16-row tile is the smallest a dot takes
+
+
 def test_plans_split_the_queries_only_when_the_pairs_are_few():
     q, k, v = (torch.empty(128, 1, 3136, 64, dtype=torch.bfloat16), torch.empty(128, 1, 49, 64, dtype=torch.bfloat16),
                torch.empty(128, 1, 49, 64, dtype=torch.bfloat16))
@@ -95,6 +101,8 @@ def test_plans_split_the_queries_only_when_the_pairs_are_few():
     backward = tk._plan(volo, volo, volo, True).constexprs
     assert (backward["BLOCK_T"], backward["BLOCK_M"]) == (16, 256)
     assert tk._plan(volo, volo, volo, False).constexprs["BLOCK_T"] == 64
+    assert tk._plan(volo, volo, volo, False).constexprs["TAIL_T"] == 16  # 196 rows: 3 tiles of 64 and one of 16
+    assert "TAIL_T" not in backward  # the one-pass backward's chunks stay whole tiles
     assert tk._plan(volo, volo[:, :, :128], volo[:, :, :128], True).constexprs["BLOCK_T"] == 64
     assert tk._plan(volo, volo, volo, False).options == {"num_warps": 4, "num_stages": 3}
     assert tk._plan(volo.float(), volo.float(), volo.float(), False).options["num_stages"] == 2
@@ -170,7 +178,9 @@ def _interpreter_key_blocked_checks() -> None:
         logits = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
         assert_close_to(lse, torch.logsumexp(logits, -1) / math.log(2), 1e-5, 1e-5, f"lse {case}")
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-        for block_t, block_n in ((16, 16), (32, 64)):
+        # (16, 32): key blocks end in a 16-key tail tile where 32 does not divide M (9, 33, 197); (32, 64): query
+        # tiles do where 32 does not divide N (40, 70), and key blocks (9, 197)
+        for block_t, block_n in ((16, 32), (32, 64)):
             with tk.use_key_blocked_tiles(block_t=block_t, block_n=block_n):
                 got = (out, *tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5))
                 again = tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5)

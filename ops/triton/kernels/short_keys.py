@@ -42,31 +42,46 @@ def _probs(qt, kt, key_ok, qk_scale2, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _forward_rows(q_base, out_base, lse_row, row0, end, kt, vt, key_ok, sqn, sqd, HEADS, qk_scale2,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  ROWS: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr):
+    """One tile of ROWS query rows from row0 (rows below end): its output and, with STATS, its log-sum-exps."""
+    rows = row0 + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
+    p, l, s_max = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
+    o = tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) / l[:, None]
+    _put(out_base, rows, end, offs_dv, DV, HEADS * DV, 1, o)
+    if STATS:
+        tl.store(lse_row + rows, s_max + tl.log2(l), mask=rows < end)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr,
                     sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                     HEADS, N, M, CHUNK, qk_scale2, lse_ptr,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
-                    STATS: tl.constexpr = False):
+                    STATS: tl.constexpr = False, TAIL_T: tl.constexpr = 0):
     """out = softmax(q k^T) v over a chunk of query rows; with STATS also each row's log-sum-exp of its scaled
-    logits in base 2 (lse_ptr: (B, heads, N) float32), what the key-blocked backward recomputes p from."""
+    logits in base 2 (lse_ptr: (B, heads, N) float32), what the key-blocked backward recomputes p from. With TAIL_T
+    (a power of two below BLOCK_T), the rows after the chunk's last whole BLOCK_T tile take one TAIL_T-row tile."""
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     b, h, start, end = _program(HEADS, CHUNK, N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_t = tl.arange(0, BLOCK_T)
     kt, vt, key_ok = _keys_and_values(k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, M, skm, skd, svm, svd,
                                       D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
     q_base = q_ptr + b * sqb + h * sqh
     out_base = out_ptr + b * N * HEADS * DV + h * DV
-    for row0 in range(start, end, BLOCK_T):
-        rows = row0 + offs_t
-        qt = _tile(q_base, rows, end, offs_d, D, sqn, sqd)
-        p, l, s_max = _probs(qt, kt, key_ok, qk_scale2, PRECISION)
-        o = tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) / l[:, None]
-        _put(out_base, rows, end, offs_dv, DV, HEADS * DV, 1, o)
-        if STATS:
-            tl.store(lse_ptr + (b * HEADS + h) * N + rows, s_max + tl.log2(l), mask=rows < end)
+    lse_row = lse_ptr + (b * HEADS + h) * N
+    whole = end - (end - start) % BLOCK_T if TAIL_T > 0 else end
+    for row0 in range(start, whole, BLOCK_T):
+        _forward_rows(q_base, out_base, lse_row, row0, end, kt, vt, key_ok, sqn, sqd, HEADS, qk_scale2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, PRECISION, STATS)
+    if TAIL_T > 0:
+        if whole < end:
+            _forward_rows(q_base, out_base, lse_row, whole, end, kt, vt, key_ok, sqn, sqd, HEADS, qk_scale2,
+                          D, DV, BLOCK_D, BLOCK_DV, TAIL_T, PRECISION, STATS)
 
 
 @triton.jit
@@ -112,22 +127,29 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr,
 
 
 @triton.jit
-def _kb_program(HEADS, BLOCK: tl.constexpr):
-    """This program's batch (int64), head and tile offsets (grid: (batch * heads, tiles))."""
-    pid = tl.program_id(0)
-    return (pid // HEADS).to(tl.int64), pid % HEADS, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _kb_dq_keys(dq, qt, dot_, lse, delta, k_base, v_base, m0, M, skm, skd, svm, svd, qk_scale2,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """dq plus one block of KEYS keys from m0 (keys below M): sum_j ds[:, j] k[j]."""
+    keys = m0 + tl.arange(0, KEYS)
+    kt = _tile(k_base, keys, M, tl.arange(0, BLOCK_D), D, skm, skd)
+    vt = _tile(v_base, keys, M, tl.arange(0, BLOCK_DV), DV, svm, svd)
+    s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale2
+    p = tl.where((keys < M)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(dot_, tl.trans(vt), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
 
 
 @triton.jit
-def _kb_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_ptr,
-                  sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
-                  sdqb, sdqn, HEADS, N, M, scale, qk_scale2,
-                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of BLOCK_T query rows over every key, BLOCK_N keys at a time, and delta = rowsum(dO * O) for the dK/dV
-    pass (delta_ptr: (B, heads, N) float32). out is token-major (B, N, heads, DV), as the forward writes it."""
-    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
-    b, h, rows = _kb_program(HEADS, BLOCK_T)
+def _kb_dq_rows(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_ptr, b, h, row0,
+                sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                sdqb, sdqn, HEADS, N, M, scale, qk_scale2,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ and delta of ROWS query rows from row0 over every key: whole BLOCK_N blocks, then with TAIL_N one TAIL_N
+    block for the keys after the last whole block."""
+    rows = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qt = _tile(q_ptr + b * sqb + h * sqh, rows, N, offs_d, D, sqn, sqd)
@@ -137,18 +159,91 @@ def _kb_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_p
     stat = (b * HEADS + h) * N + rows
     lse = tl.load(lse_ptr + stat, mask=rows < N, other=0.0)
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_N):
-        keys = m0 + tl.arange(0, BLOCK_N)
-        kt = _tile(k_base, keys, M, offs_d, D, skm, skd)
-        vt = _tile(v_base, keys, M, offs_dv, DV, svm, svd)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale2
-        p = tl.where((keys < M)[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(dot_, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    whole = M - M % BLOCK_N if TAIL_N > 0 else M
+    for m0 in range(0, whole, BLOCK_N):
+        dq = _kb_dq_keys(dq, qt, dot_, lse, delta, k_base, v_base, m0, M, skm, skd, svm, svd, qk_scale2,
+                         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, PRECISION)
+    if TAIL_N > 0:
+        dq = _kb_dq_keys(dq, qt, dot_, lse, delta, k_base, v_base, whole, M, skm, skd, svm, svd, qk_scale2,
+                         D, DV, BLOCK_D, BLOCK_DV, TAIL_N, PRECISION)
     _put(dq_ptr + b * sdqb + h * D, rows, N, offs_d, D, sdqn, 1, dq * scale)
     tl.store(delta_ptr + stat, delta, mask=rows < N)
+
+
+@triton.jit
+def _kb_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_ptr,
+                  sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                  sdqb, sdqn, HEADS, N, M, scale, qk_scale2,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                  TAIL_T: tl.constexpr = 0, TAIL_N: tl.constexpr = 0):
+    """dQ of BLOCK_T query rows over every key, BLOCK_N keys at a time, and delta = rowsum(dO * O) for the dK/dV
+    pass (delta_ptr: (B, heads, N) float32). out is token-major (B, N, heads, DV), as the forward writes it. With
+    TAIL_T / TAIL_N (powers of two below BLOCK_T / BLOCK_N), the rows after the last whole query tile (the grid's last
+    program) and the keys after the last whole key block take tiles of that size: VOLO's 196 tokens are three
+    64-token tiles and a 16-token one, not four of 64."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
+    pid = tl.program_id(0)
+    b, h, row0 = (pid // HEADS).to(tl.int64), pid % HEADS, tl.program_id(1) * BLOCK_T
+    args = (do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_ptr, b, h, row0,
+            sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+            sdqb, sdqn, HEADS, N, M, scale, qk_scale2)
+    if TAIL_T > 0:
+        if row0 + BLOCK_T > N:
+            _kb_dq_rows(*args, D, DV, BLOCK_D, BLOCK_DV, TAIL_T, BLOCK_N, TAIL_N, PRECISION)
+        else:
+            _kb_dq_rows(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, BLOCK_N, TAIL_N, PRECISION)
+    else:
+        _kb_dq_rows(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, BLOCK_N, TAIL_N, PRECISION)
+
+
+@triton.jit
+def _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, n0, N, sqn, sqd, son, sod,
+                 qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    """dk and dv plus one tile of ROWS query rows from n0 (rows below N), keys as the tiles' rows."""
+    rows = n0 + tl.arange(0, ROWS)
+    row_ok = rows < N
+    qt = _tile(q_base, rows, N, tl.arange(0, BLOCK_D), D, sqn, sqd)
+    dot_ = _tile(do_base, rows, N, tl.arange(0, BLOCK_DV), DV, son, sod)
+    lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
+    st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * qk_scale2
+    pt = tl.where(row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+    dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PRECISION)
+    dpt = tl.dot(vt, tl.trans(dot_), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _kb_dkv_keys(do_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, b, h, key0,
+                 sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                 sdkb, sdkm, sdvb, sdvm, HEADS, N, M, scale, qk_scale2,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_T: tl.constexpr, KEYS: tl.constexpr, TAIL_T: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of KEYS keys from key0 over every query row: whole BLOCK_T tiles, then with TAIL_T one TAIL_T tile
+    for the rows after the last whole tile."""
+    keys = key0 + tl.arange(0, KEYS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = _tile(k_ptr + b * skb + h * skh, keys, M, offs_d, D, skm, skd)
+    vt = _tile(v_ptr + b * svb + h * svh, keys, M, offs_dv, DV, svm, svd)
+    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sob + h * soh
+    stat_base = (b * HEADS + h) * N
+    dk = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([KEYS, BLOCK_DV], dtype=tl.float32)
+    whole = N - N % BLOCK_T if TAIL_T > 0 else N
+    for n0 in range(0, whole, BLOCK_T):
+        dk, dv = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, n0, N, sqn, sqd,
+                              son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, PRECISION)
+    if TAIL_T > 0:
+        dk, dv = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, whole, N, sqn, sqd,
+                              son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, TAIL_T, PRECISION)
+    _put(dk_ptr + b * sdkb + h * D, keys, M, offs_d, D, sdkm, 1, dk * scale)
+    _put(dv_ptr + b * sdvb + h * DV, keys, M, offs_dv, DV, sdvm, 1, dv)
 
 
 @triton.jit
@@ -156,30 +251,20 @@ def _kb_dkv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                    sdkb, sdkm, sdvb, sdvm, HEADS, N, M, scale, qk_scale2,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of BLOCK_N keys over every query row, BLOCK_T rows at a time (transposed tiles: keys are rows)."""
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                   TAIL_T: tl.constexpr = 0, TAIL_N: tl.constexpr = 0):
+    """dK and dV of BLOCK_N keys over every query row, BLOCK_T rows at a time (transposed tiles: keys are rows);
+    tails as in ``_kb_dq_kernel`` (the grid's last program takes the TAIL_N keys after the last whole block)."""
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
-    b, h, keys = _kb_program(HEADS, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kt = _tile(k_ptr + b * skb + h * skh, keys, M, offs_d, D, skm, skd)
-    vt = _tile(v_ptr + b * svb + h * svh, keys, M, offs_dv, DV, svm, svd)
-    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sob + h * soh
-    stat_base = (b * HEADS + h) * N
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_T):
-        rows = n0 + tl.arange(0, BLOCK_T)
-        row_ok = rows < N
-        qt = _tile(q_base, rows, N, offs_d, D, sqn, sqd)
-        dot_ = _tile(do_base, rows, N, offs_dv, DV, son, sod)
-        lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
-        st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * qk_scale2
-        pt = tl.where(row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PRECISION)
-        dpt = tl.dot(vt, tl.trans(dot_), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
-    _put(dk_ptr + b * sdkb + h * D, keys, M, offs_d, D, sdkm, 1, dk * scale)
-    _put(dv_ptr + b * sdvb + h * DV, keys, M, offs_dv, DV, sdvm, 1, dv)
+    pid = tl.program_id(0)
+    b, h, key0 = (pid // HEADS).to(tl.int64), pid % HEADS, tl.program_id(1) * BLOCK_N
+    args = (do_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, b, h, key0,
+            sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+            sdkb, sdkm, sdvb, sdvm, HEADS, N, M, scale, qk_scale2)
+    if TAIL_N > 0:
+        if key0 + BLOCK_N > M:
+            _kb_dkv_keys(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, TAIL_N, TAIL_T, PRECISION)
+        else:
+            _kb_dkv_keys(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, BLOCK_N, TAIL_T, PRECISION)
+    else:
+        _kb_dkv_keys(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, BLOCK_N, TAIL_T, PRECISION)
