@@ -145,10 +145,12 @@ def grad_v_kernel(go_ptr, attn_ptr, lse_ptr, dv_ptr, H, W, C, h, w, NH, D, scale
 @triton.jit
 def grad_attn_kernel(go_ptr, v_ptr, attn_ptr, da_ptr, H, W, C, h, w, NH, D, scale,
                      K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """d(logits) of BLOCK_N windows of one (batch, head) (grid: (cdiv(h*w, BLOCK_N), B*heads)), written in the
-    (B*h*w, heads, K*K, K*K) layout of attn: each window's K*K values are loaded once and every row's softmax
-    backward reads the grad_out pixel it wrote to."""
+    (B*h*w, heads, K*K, K*K) layout of attn. A window's row i writes the pixel its column i reads, so grad_out and v
+    are gathered at the same K*K pixels, and dP = grad_out[rows] @ v[cols]^T is one batched product over the windows
+    (BLOCK_KK >= 16 and BLOCK_D >= 16: the dot's smallest edges)."""
     scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
     KK: tl.constexpr = K * K
     pid_n = tl.program_id(0)
@@ -162,31 +164,25 @@ def grad_attn_kernel(go_ptr, v_ptr, attn_ptr, da_ptr, H, W, C, h, w, NH, D, scal
     offs_j = tl.arange(0, BLOCK_KK)
     mask_j = offs_j < KK
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    pix_base = b * H * W * C + head * D
-    # the window's k^2 values, loaded once: (BLOCK_N, BLOCK_KK, BLOCK_D)
-    vy = ny[:, None] * S - PAD + (offs_j // K)[None, :]
-    vx = nx[:, None] * S - PAD + (offs_j % K)[None, :]
-    inside = mask_n[:, None] & mask_j[None, :] & (vy >= 0) & (vy < H) & (vx >= 0) & (vx < W)
-    v_ptrs = v_ptr + pix_base + ((vy * W + vx) * C)[:, :, None] + offs_d[None, None, :]
-    vals = tl.load(v_ptrs, mask=inside[:, :, None] & mask_d[None, None, :], other=0.0).to(tl.float32)
-    n = b * h * w + offs_n
-    row_base = n * (NH * KK * KK) + head * KK * KK
-    for i in tl.static_range(KK):
-        iy = ny * S - PAD + i // K
-        ix = nx * S - PAD + i % K
-        target = mask_n & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        g_ptrs = go_ptr + pix_base + ((iy * W + ix) * C)[:, None] + offs_d[None, :]
-        g = tl.load(g_ptrs, mask=target[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        dp = tl.sum(g[:, None, :] * vals, axis=2)  # (BLOCK_N, BLOCK_KK)
-        m2 = mask_n[:, None] & mask_j[None, :]
-        a_ptrs = attn_ptr + (row_base + i * KK)[:, None] + offs_j[None, :]
-        logits = tl.load(a_ptrs, mask=m2, other=0.0).to(tl.float32)
-        logits = tl.where(m2, logits * scale, float("-inf"))
-        row_max = tl.where(mask_n, tl.max(logits, axis=1), 0.0)
-        e = tl.where(m2, tl.exp(logits - row_max[:, None]), 0.0)
-        p = e / tl.where(mask_n, tl.sum(e, axis=1), 1.0)[:, None]
-        # rows writing outside the image get no gradient (g is zero there): da = 0
-        da = scale * p * (dp - tl.sum(p * dp, axis=1)[:, None])
-        tl.store(da_ptr + (row_base + i * KK)[:, None] + offs_j[None, :], da.to(da_ptr.dtype.element_ty),
-                 mask=m2)
+    # each window's K*K pixels (zero outside the image): (BLOCK_N, BLOCK_KK, BLOCK_D) tiles of grad_out and v
+    py = ny[:, None] * S - PAD + (offs_j // K)[None, :]
+    px = nx[:, None] * S - PAD + (offs_j % K)[None, :]
+    inside = mask_n[:, None] & mask_j[None, :] & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+    pixel = (b * H * W * C + head * D + (py * W + px) * C)[:, :, None] + offs_d[None, None, :]
+    mask3 = inside[:, :, None] & (offs_d < D)[None, None, :]
+    g = tl.load(go_ptr + pixel, mask=mask3, other=0.0)
+    vals = tl.load(v_ptr + pixel, mask=mask3, other=0.0)
+    dp = tl.dot(g, tl.permute(vals, (0, 2, 1)), input_precision=PRECISION)  # (BLOCK_N, rows i, columns j)
+    # rows writing outside the image have no gradient (their g is zero, so dp and da are too)
+    m3 = mask_n[:, None, None] & mask_j[None, :, None] & mask_j[None, None, :]
+    row_base = (b * h * w + offs_n) * (NH * KK * KK) + head * KK * KK
+    a_off = row_base[:, None, None] + (offs_j * KK)[None, :, None] + offs_j[None, None, :]
+    logits = tl.load(attn_ptr + a_off, mask=m3, other=0.0).to(tl.float32)
+    logits = tl.where(m3, logits * scale, float("-inf"))
+    row_max = tl.max(logits, axis=2)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    e = tl.where(m3, tl.exp(logits - row_max[:, :, None]), 0.0)
+    denom = tl.sum(e, axis=2)
+    p = e / tl.where(denom == 0.0, 1.0, denom)[:, :, None]
+    da = scale * p * (dp - tl.sum(p * dp, axis=2)[:, :, None])
+    tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=m3)
