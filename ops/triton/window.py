@@ -40,6 +40,13 @@ a (chunks, nW, heads, N, N) buffer (a read-modify-write of memory no other progr
 full-sized; one more launch, a cast, when the bias is not float32). No atomics anywhere: results are bitwise
 repeatable for a given launch configuration.
 
+Windows of one query block with a bias (Swin's 49 tokens in 16 bits) take the items kernels
+(``_forward_items_kernel``, ``_backward_items_kernel``) instead: the same computation, but a program takes a chunk of
+batch items of one (window, head) in its innermost loop, so that Triton pipelines the next item's loads, loads the
+bias block once (Swin's gathered table is read through a permuted view, a 32-byte sector a value) and sums the bias
+gradient of its chunk in registers, stored once; the chunk size (``programs`` knob) depends on the shapes only.
+Outputs and q/k/v gradients are bitwise those of the per-item kernels; the bias gradient is summed in other chunks.
+
 Numerics: float32 accumulation for every product; fp32 inputs use IEEE dots (no TF32, like torch's default
 matmul); fp16/bf16 probabilities and ``dS`` are rounded to the input dtype before their products (as flash
 attention). The scale multiplies the float32 logits (the reference scales q first: a rounding difference in fp32,
@@ -75,28 +82,34 @@ _LOG2E = 1.4426950408889634
 # sums the bias gradient over the batch (each program then takes a chunk of batch items; the chunk size depends on
 # the shapes and this number only, so the summation order is the same on every GPU); 4096 is ~8 waves of 4 programs
 # per SM on an H200 (not measured), and fewer for large windows so that the float32 partial sums stay under
-# _BIAS_PARTIAL_FLOATS (32 MiB). num_warps / num_stages: None picks by tile size (see _Geometry). No autotuner
+# _BIAS_PARTIAL_FLOATS (32 MiB). programs: the same bound for the items kernels (a window of one query block with a
+# bias, forward and backward): 256 took Agent-Swin-S stage 2 (batch 64, bf16, H200) to 21.7 / 52.3 us forward /
+# backward, against 25.8 / 57.6 at 1024, 59.2 / 96.5 at 4096 (one item a program) and 43.8 / 94.0 in the per-item
+# kernels. num_warps / num_stages: None picks by tile size (see _Geometry). No autotuner
 # (as in the routing backend: its timing runs allocate memory inside the caller's first call and may pick different
 # configurations in different processes).
-_TILES: dict[str, int | None] = {"block_m": None, "bias_programs": 4096, "num_warps": None, "num_stages": None}
+_TILES: dict[str, int | None] = {"block_m": None, "bias_programs": 4096, "programs": 256, "num_warps": None,
+                                  "num_stages": None}
 _BIAS_PARTIAL_FLOATS = 2**23
 
 
-def use_tiles(block_m: int | None = None, bias_programs: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None) -> contextlib.AbstractContextManager:
+def use_tiles(block_m: int | None = None, bias_programs: int | None = None, programs: int | None = None,
+              num_warps: int | None = None, num_stages: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs (None keeps the current value).
 
     Args:
         block_m: query rows per block, a power of two >= 16 (smaller than the window runs several blocks).
         bias_programs: most programs of a backward with a bias gradient (>= 1; fewer means larger chunks of batch
             items per program; at least one program per (head, window) in any case).
+        programs: most programs of a launch of the items kernels (windows of one query block; >= 1, same rules).
         num_warps, num_stages: Triton launch options of both kernels (default: chosen by tile size).
     """
     check_tile_edge("block_m", block_m)
-    if bias_programs is not None and bias_programs < 1:
-        raise ValueError(f"bias_programs must be >= 1, got {bias_programs}")
-    return override_knobs(_TILES, block_m=block_m, bias_programs=bias_programs, num_warps=num_warps,
-                          num_stages=num_stages)
+    for name, value in (("bias_programs", bias_programs), ("programs", programs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return override_knobs(_TILES, block_m=block_m, bias_programs=bias_programs, programs=programs,
+                          num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,7 +125,8 @@ def _kernels():
     """The forward and backward kernels (imports triton on first use)."""
     from .kernels import window as kernels
 
-    return kernels._forward_kernel, kernels._backward_kernel
+    return kernels._forward_kernel, kernels._backward_kernel, kernels._forward_items_kernel, \
+        kernels._backward_items_kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,7 +140,7 @@ class _Geometry:
     """
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, window: tuple[int, int], shift: tuple[int, int],
-                 backward: bool = False):
+                 backward: bool = False, has_bias: bool = False):
         self.b, self.h, self.w, self.heads, self.d = q.shape
         self.dv = v.shape[-1]
         (self.wh, self.ww), (self.sy, self.sx) = window, shift
@@ -146,9 +160,25 @@ class _Geometry:
         else:
             wide = self.block_m * self.block_n >= (4096 if fp32 else 8192)
         self.num_warps = _TILES["num_warps"] or (8 if wide else 4)
+        # windows of one query block with a bias take the items kernels (see kernels.window): batch items in the
+        # inner loop; without a bias one item a program runs as fast (CSWin's stripes, H200, not worth a kernel)
+        self.items = self.block_m >= self.n and has_bias
+        self.backward = backward
 
     def programs(self, items_per_program: int = 1) -> int:
         return -(-self.b // items_per_program) * self.heads * self.nwin
+
+    def items_per_program(self, bias_grad: bool = False) -> int:
+        """Batch items per program: a chunk for the items kernels and for a backward that sums the bias gradient,
+        else one. The chunk depends on the shapes and the knobs only, so the bias sums' order is the same on every
+        GPU; the float32 partial sums of the bias gradient stay under _BIAS_PARTIAL_FLOATS."""
+        if not (self.items or bias_grad):
+            return 1
+        programs = _TILES["programs"] if self.items else _TILES["bias_programs"]
+        if bias_grad:
+            programs = min(programs, _BIAS_PARTIAL_FLOATS // (self.n * self.n))
+        chunks = min(self.b, max(1, programs // (self.heads * self.nwin)))
+        return -(-self.b // chunks)
 
     def runtime(self) -> tuple[int, ...]:
         return self.h, self.w, self.nwx, self.nwin, self.heads, self.sy, self.sx
@@ -157,16 +187,12 @@ class _Geometry:
         return dict(WH=self.wh, WW=self.ww, D=self.d, DV=self.dv, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
                     BLOCK_D=max(16, next_pow2(self.d)), BLOCK_DV=max(16, next_pow2(self.dv)))
 
-    def bias_chunk(self) -> int:
-        """Batch items per backward program when the bias gradient is summed over the batch."""
-        programs = min(_TILES["bias_programs"], _BIAS_PARTIAL_FLOATS // (self.n * self.n))
-        chunks = min(self.b, max(1, programs // (self.heads * self.nwin)))
-        return -(-self.b // chunks)
-
 
 def _launch_options(geo: _Geometry) -> dict[str, int]:
     """num_warps / num_stages of a launch (knob overrides, else by tile size, see _Geometry)."""
-    return {"num_warps": geo.num_warps, "num_stages": _TILES["num_stages"] or 2}
+    # the items forward, three stages: 21.7 us against two's 24.7 at Agent-Swin-S stage 2 (batch 64, bf16, H200)
+    return {"num_warps": geo.num_warps, "num_stages": _TILES["num_stages"] or (3 if geo.items and not geo.backward
+                                                                                else 2)}
 
 
 def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
@@ -176,37 +202,47 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
 
 def _launch_forward(q, k, v, bias, window, shift, scale, launch=direct) -> torch.Tensor:
     """One kernel: (B, H, W, heads, d) views in, contiguous (B, H, W, heads, d_v) out."""
-    geo = _Geometry(q, v, window, shift)
+    geo = _Geometry(q, v, window, shift, has_bias=bias is not None)
     out = torch.empty((geo.b, geo.h, geo.w, geo.heads, geo.dv), device=q.device, dtype=q.dtype)
     if out.numel() == 0:  # empty batch or map: nothing to launch (a zero-size grid is an error)
         return out
-    launch(_kernels()[0])[(geo.programs(),)](
-        q, k, v, q if bias is None else bias, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias),
-        *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype),
-        **geo.constexprs(), **_launch_options(geo))
+    args = (q, k, v, q if bias is None else bias, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias))
+    options = dict(PRECISION=dot_precision(q.dtype), **geo.constexprs(), **_launch_options(geo))
+    if geo.items:
+        chunk = geo.items_per_program()
+        del options["BLOCK_M"]
+        launch(_kernels()[2])[(geo.programs(chunk),)](*args, geo.b, chunk, *geo.runtime(), scale * _LOG2E,
+                                                      **options)
+    else:
+        launch(_kernels()[0])[(geo.programs(),)](*args, *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None,
+                                                 **options)
     return out
 
 
 def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: bool, launch=direct):
     """One kernel (plus a torch sum for the bias gradient): contiguous (B, H, W, heads, d) dq, dk, dv and the bias
     gradient in the bias's shape and dtype (None unless ``bias_grad``)."""
-    geo = _Geometry(q, v, window, shift, backward=True)
+    geo = _Geometry(q, v, window, shift, backward=True, has_bias=bias is not None)
     dq, dk = (torch.empty((geo.b, geo.h, geo.w, geo.heads, geo.d), device=q.device, dtype=q.dtype) for _ in "qk")
     dv = torch.empty((geo.b, geo.h, geo.w, geo.heads, geo.dv), device=q.device, dtype=q.dtype)
     if geo.programs() == 0:  # empty batch or map: nothing to launch (a zero-size grid is an error)
         return dq, dk, dv, (torch.zeros_like(bias) if bias_grad else None)
-    chunk, partial = 1, None
+    chunk, partial = geo.items_per_program(bias_grad), None
     if bias_grad:
-        chunk = geo.bias_chunk()
         partial = torch.empty((-(-geo.b // chunk), geo.nwin, geo.heads, geo.n, geo.n), device=q.device,
                               dtype=torch.float32)
     if item_extent(grad_out) > INT32_MAX:  # an odd stride pattern; contiguous it fits (checked in supports)
         grad_out = grad_out.contiguous()
-    launch(_kernels()[1])[(geo.programs(chunk),)](
+    options = dict(BIAS_GRAD=bias_grad, PRECISION=dot_precision(q.dtype), **geo.constexprs(),
+                   **_launch_options(geo))
+    if geo.items:
+        del options["BLOCK_M"]
+    else:
+        options["HAS_BIAS"] = bias is not None
+    launch(_kernels()[3 if geo.items else 1])[(geo.programs(chunk),)](
         q, k, v, q if bias is None else bias, grad_out, dq, dk, dv, dq if partial is None else partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias),
-        geo.b, chunk, *geo.runtime(), scale, scale * _LOG2E, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad,
-        PRECISION=dot_precision(q.dtype), **geo.constexprs(), **_launch_options(geo))
+        geo.b, chunk, *geo.runtime(), scale, scale * _LOG2E, **options)
     return dq, dk, dv, (_reduce_bias_grad(partial, bias) if bias_grad else None)
 
 

@@ -112,24 +112,39 @@ def test_plain_cpu_falls_back_quietly_to_sdpa():
     assert torch.equal(auto, window_attention(q, k, v, 2, shift_size=1, bias=bias, backend="sdpa"))
 
 
-def _geometry(b, heads, h, w, d, window, shift=(0, 0)):
+def _geometry(b, heads, h, w, d, window, shift=(0, 0), dtype=torch.float32, backward=True, has_bias=True):
     """The launch geometry of a (B, heads, H, W, d) call, from shapes only (meta tensors)."""
-    q = torch.empty(b, h, w, heads, d, device="meta")
-    return tw._Geometry(q, q, window, shift)
+    q = torch.empty(b, h, w, heads, d, device="meta", dtype=dtype)
+    return tw._Geometry(q, q, window, shift, backward=backward, has_bias=has_bias)
 
 
 def test_bias_gradient_chunks_depend_on_shapes_only():
-    # Swin-T stage 0 at batch 128: 192 (head, window) pairs, 49x49 tokens: 16 chunks of 8 items, 3072 programs whose
-    # float32 partial sums stay under 32 MiB
+    # Swin-T stage 0 at batch 128 in fp32 (49 tokens in two query blocks): 192 (head, window) pairs, 16 chunks of
+    # 8 items, 3072 programs whose float32 partial sums stay under 32 MiB; one item a program without a bias gradient
     geo = _geometry(128, 3, 56, 56, 32, (7, 7))
-    chunk = geo.bias_chunk()
+    chunk = geo.items_per_program(bias_grad=True)
+    assert not geo.items and geo.items_per_program() == 1
     assert chunk == 8 and geo.programs(chunk) == 3072 and geo.programs(chunk) * 49 * 49 <= tw._BIAS_PARTIAL_FLOATS
     # large windows: fewer, longer programs; never fewer than one per (head, window)
     geo = _geometry(64, 4, 48, 48, 32, (16, 16))
-    assert geo.programs(geo.bias_chunk()) * 256 * 256 <= tw._BIAS_PARTIAL_FLOATS
-    assert _geometry(1, 24, 7, 7, 32, (7, 7)).bias_chunk() == 1
-    with tw.use_tiles(bias_programs=8):  # the interpreter case with a 2 + 1 split of 3 items
-        assert _geometry(3, 2, 8, 8, 16, (4, 8)).bias_chunk() == 2
+    assert geo.programs(geo.items_per_program(True)) * 256 * 256 <= tw._BIAS_PARTIAL_FLOATS
+    assert _geometry(1, 24, 7, 7, 32, (7, 7)).items_per_program(True) == 1
+    with tw.use_tiles(bias_programs=8, block_m=16):  # the interpreter case with a 2 + 1 split of 3 items
+        assert _geometry(3, 2, 8, 8, 16, (4, 8)).items_per_program(True) == 2
+
+
+def test_windows_of_one_query_block_with_a_bias_take_chunks_of_items():
+    # Swin-S stage 2 in bf16 at batch 64: 49 tokens in one 64-row block; 48 (head, window) pairs take 5 chunks of
+    # 13 items (240 programs) with or without a bias gradient, in the forward and the backward
+    for backward in (False, True):
+        geo = _geometry(64, 12, 14, 14, 32, (7, 7), dtype=torch.bfloat16, backward=backward)
+        assert geo.items and geo.items_per_program() == geo.items_per_program(True) == 13
+        assert geo.programs(13) == 240
+    # without a bias (CSWin's stripes): one item a program, the per-item kernels
+    geo = _geometry(64, 1, 56, 56, 32, (56, 1), dtype=torch.bfloat16, has_bias=False)
+    assert not geo.items and geo.items_per_program() == 1
+    with tw.use_tiles(programs=16):  # the interpreter case with a 2 + 1 split of 3 items
+        assert _geometry(3, 2, 8, 8, 16, (4, 4)).items_per_program() == 2
 
 
 @pytest.mark.parametrize("window,forward,backward_16,backward_32", [
@@ -150,6 +165,9 @@ def test_use_tiles_validates():
     with pytest.raises(ValueError, match="bias_programs"):
         with tw.use_tiles(bias_programs=0):
             pass
+    with pytest.raises(ValueError, match="programs must be >= 1, got -2"):
+        with tw.use_tiles(programs=-2):
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,12 +178,13 @@ INTERPRETER_CASES = [
     (2, 2, 8, 8, 16, 16, (4, 4), (0, 0), "heads", True, {}),                  # plain windows, the models' views
     (2, 2, 8, 8, 16, 16, (4, 4), (2, 1), "table", True, {}),                  # shifted in y and x, Swin's bias view
     (2, 2, 8, 12, 8, 8, (4, 4), (1, 0), "window", False,                      # shifted in y only, per-window bias
-     dict(bias_programs=1)),                                                  # summed in one chunk: no torch sum
+     dict(programs=1)),                                                       # summed in one chunk: no torch sum
     (2, 2, 6, 8, 16, 16, (6, 2), (0, 0), None, True, {}),                     # column stripes (H, 2), no bias
     (2, 1, 4, 10, 8, 24, (2, 10), (0, 0), "nn", False, {}),                   # row stripes (2, W), d_v != d, (N, N)
     (2, 2, 6, 9, 12, 8, (3, 3), (1, 2), "heads", False, dict(block_m=16)),    # 9 tokens, d 12 / d_v 8: masked lanes
     (3, 2, 8, 8, 16, 16, (4, 8), (3, 5), "heads", False,                      # 32 tokens in 2 query blocks; bias
      dict(block_m=16, bias_programs=8)),                                      # grad summed over chunks of 2 + 1
+    (3, 2, 8, 8, 16, 16, (4, 4), (2, 2), "table", True, dict(programs=16)),   # one block: items in chunks of 2 + 1
 ]
 
 
@@ -179,7 +198,7 @@ def _interpreter_fp32_checks() -> None:
         assert tw._triton_supports(q, k, v, **_kwargs(window_size=window, shift_size=shift, bias=bias)) is None
         with tw.use_tiles(**tiles):
             got = out_and_grads(q, k, v, window, backend="triton", **kw)
-            if tiles.get("bias_programs"):  # the chunked bias sums (each interpreted pass costs a second)
+            if tiles.get("bias_programs") or tiles.get("programs"):  # chunked sums (a second a pass interpreted)
                 again = out_and_grads(q, k, v, window, backend="triton", **kw)
                 for name, x, y in zip(NAMES, got, again):
                     assert torch.equal(x, y), f"{name} not bitwise repeatable"
@@ -318,9 +337,9 @@ def test_gpu_automatic_dispatch_picks_triton(stage, dtype):
 def test_gpu_backward_and_bias_gradient_are_bitwise_deterministic(stage, dtype):
     (q, k, v), kw, window = _gpu_case(stage, dtype, seed=1, batch=13)
     geo = tw._Geometry(q.permute(0, 2, 3, 1, 4), v.permute(0, 2, 3, 1, 4), window, kw["shift"], backward=True)
-    # default chunks (one item each at this batch) and 4 chunks of 4, 4, 4 and 1 items summed in order
+    # default chunks and 4 chunks of 4, 4, 4 and 1 items summed in order
     for programs in (None, 4 * geo.heads * geo.nwin):
-        with tw.use_tiles(bias_programs=programs):
+        with tw.use_tiles(bias_programs=programs, programs=programs):
             first = out_and_grads(q, k, v, window, backend="triton", **kw)
             for _ in range(3):
                 again = out_and_grads(q, k, v, window, backend="triton", **kw)
@@ -329,8 +348,9 @@ def test_gpu_backward_and_bias_gradient_are_bitwise_deterministic(stage, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage", ["swin_t.s2", "cswin_t.s1.columns"])
-def test_gpu_torch_compile_inductor_matches_eager(stage):
+@pytest.mark.parametrize("stage,kernels", [
+    ("swin_t.s2", "_items_kernel"), ("cswin_t.s1.columns", "_kernel"), ("cswin_t.s2.rows", "_kernel")])
+def test_gpu_torch_compile_inductor_matches_eager(stage, kernels):
     (q, k, v), kw, window = _gpu_case(stage, torch.bfloat16, seed=2)
     heads, dim = q.shape[1], q.shape[1] * q.shape[-1]
     torch.manual_seed(0)
@@ -345,7 +365,7 @@ def test_gpu_torch_compile_inductor_matches_eager(stage):
     inputs = (q, k, v) + ((bias,) if bias is not None else ())
     compiled = torch.compile(block, fullgraph=True)
     got, code = run_compiled(lambda: torch.autograd.grad(compiled(q, k, v, bias), inputs))
-    assert_inductor_launches(code, "_forward_kernel", "_backward_kernel")
+    assert_inductor_launches(code, "_forward" + kernels, "_backward" + kernels)  # one block, a bias: items kernels
     want = torch.autograd.grad(block(q, k, v, bias), inputs)
     assert heads > 0 and len(got) == len(want)
     for name, x, y in zip(NAMES[1:], got, want):
