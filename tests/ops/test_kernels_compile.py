@@ -226,6 +226,8 @@ CASES = {
     "short_keys.volo_key_blocked.bf16": (_short_keys_key_blocked, dict(dtype=BF16)),
     "short_keys.volo_key_blocked.fp32": (_short_keys_key_blocked, dict(dtype=FP32)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
+    # 144-token windows with a bias: the per-item kernels with HAS_BIAS (query blocks of 32 rows)
+    "window.window12.bf16": (_window, dict(hw=(24, 24), window=(12, 12), shift=(6, 6), with_bias=True, dtype=BF16)),
     "window.cswin_columns.fp32": (_window, dict(hw=(28, 28), window=(28, 2), shift=(0, 0), with_bias=False,
                                                 dtype=FP32)),
     "outlook.volo_d1.bf16": (_outlook, dict(dtype=BF16)),  # 30 s to compile its three kernels: one dtype only
@@ -292,7 +294,9 @@ WRITES = {
                    "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {}),
                    "_kb_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}), "_kb_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
     "window": {"_forward_kernel": ({"out_ptr"}, {}),
-               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}})},
+               "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}}),
+               "_forward_items_kernel": ({"out_ptr"}, {}),
+               "_backward_items_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}})},
     "outlook": {"forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}), "grad_v_kernel": ({"dv_ptr"}, {}),
                 "grad_attn_kernel": ({"da_ptr"}, {})},
     "layer_norm": {"forward_kernel": ({"y_ptr"}, {"STATS": {"mean_ptr", "rstd_ptr"}}),
