@@ -179,6 +179,21 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr, dv_p
 
 
 @triton.jit
+def _items_program(H, W, NWX, NWIN, HEADS, SY, SX, WH: tl.constexpr, WW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (window, head, chunk of batch items), its window's tokens (offsets, validity, image position)
+    and which keys each query sees (the bias is loaded by the kernel: torch.compile's analysis of the tensors a
+    kernel writes counts a pointer argument handed to a helper as written)."""
+    pid = tl.program_id(0)
+    win = pid % NWIN
+    head = (pid // NWIN) % HEADS
+    chunk = pid // (NWIN * HEADS)
+    offs_n = tl.arange(0, BLOCK_N)
+    ok = offs_n < WH * WW
+    y, x, region = _window_tokens(win, offs_n, H, W, NWX, SY, SX, WH, WW)
+    return win, head, chunk, offs_n, ok, y, x, _allowed_keys(ok, ok, region, region)
+
+
+@triton.jit
 def _forward_items_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr,
                           sqb, sqy, sqx, sqh, sqd, skb, sky, skx, skh, skd, svb, svy, svx, svh, svd,
                           sbw, sbh, sbi, sbj, B, CHUNK, H, W, NWX, NWIN, HEADS, SY, SX, qk_scale2,
@@ -186,18 +201,10 @@ def _forward_items_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           PRECISION: tl.constexpr):
     qk_scale2 = tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
-    N: tl.constexpr = WH * WW
-    pid = tl.program_id(0)
-    win = pid % NWIN
-    head = (pid // NWIN) % HEADS
-    chunk = pid // (NWIN * HEADS)
-    offs_n = tl.arange(0, BLOCK_N)
+    win, head, chunk, offs_n, ok, y, x, allowed = _items_program(H, W, NWX, NWIN, HEADS, SY, SX, WH, WW, BLOCK_N)
+    bias = _bias_logits(bias_ptr + win * sbw + head * sbh, offs_n, offs_n, ok, ok, sbi, sbj)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = offs_n < N
-    y, x, region = _window_tokens(win, offs_n, H, W, NWX, SY, SX, WH, WW)
-    allowed = _allowed_keys(ok, ok, region, region)
-    bias = _bias_logits(bias_ptr + win * sbw + head * sbh, offs_n, offs_n, ok, ok, sbi, sbj)
     first = chunk.to(tl.int64) * CHUNK
     for item in range(0, tl.minimum(CHUNK, B - chunk * CHUNK)):
         b = first + item
@@ -220,17 +227,10 @@ def _backward_items_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, dq_ptr, dk_ptr
                            BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr):
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     N: tl.constexpr = WH * WW
-    pid = tl.program_id(0)
-    win = pid % NWIN
-    head = (pid // NWIN) % HEADS
-    chunk = pid // (NWIN * HEADS)
-    offs_n = tl.arange(0, BLOCK_N)
+    win, head, chunk, offs_n, ok, y, x, allowed = _items_program(H, W, NWX, NWIN, HEADS, SY, SX, WH, WW, BLOCK_N)
+    bias = _bias_logits(bias_ptr + win * sbw + head * sbh, offs_n, offs_n, ok, ok, sbi, sbj)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = offs_n < N
-    y, x, region = _window_tokens(win, offs_n, H, W, NWX, SY, SX, WH, WW)
-    allowed = _allowed_keys(ok, ok, region, region)
-    bias = _bias_logits(bias_ptr + win * sbw + head * sbh, offs_n, offs_n, ok, ok, sbi, sbj)
     dbias = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)
     first = chunk.to(tl.int64) * CHUNK
     grad_stride_y, grad_stride_x = W * HEADS * D, HEADS * D
