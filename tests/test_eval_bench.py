@@ -129,6 +129,30 @@ def test_bench_main_writes_csv_and_json(tmp_path, capsys):
     assert report["environment"]["torch"] == torch.__version__ and len(report["results"]) == 4
 
 
+def test_bench_training_steps_take_the_chosen_adamw(tmp_path, monkeypatch):
+    built = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            built.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    args = ["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2", "--dtype", "fp32",
+            "--img-size", "32", "--train", "--no-infer", "--warmup", "0", "--iters", "1", "--device", "cpu"]
+    assert bench.main(args + ["--optimizer", "fused", "--out", str(tmp_path / "fused")]) == 0
+    assert bench.main(args + ["--out", str(tmp_path / "default")]) == 0
+    assert built == [dict(lr=1e-6, fused=True), dict(lr=1e-6)]
+    report = json.loads((tmp_path / "fused" / "bench.json").read_text())
+    assert report["environment"]["train_optimizer"] == "fused" and report["results"][0]["error"] in (None, "")
+    assert bench._TRAIN["optimizer"] == "default"  # the setting ends with the run
+    with pytest.raises(ValueError, match=r"optimizer='adam': choose one of \['default', 'fused'\]"):
+        with bench.train_optimizer("adam"):
+            pass
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--optimizer", "sgd"])
+
+
 def test_time_fn_runs_warmup_then_timed_iterations():
     calls = []
     times = bench.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3)

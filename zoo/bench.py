@@ -7,13 +7,16 @@ Examples::
     zoo bench biformer_tiny --dtype bf16 --batch-sizes 128 --train --compile --compile-mode reduce-overhead
     zoo bench volo_d1_224 zoo_volo_d1_224 --dtype bf16 --batch-sizes 128 --ops-backend auto,reference --with-compile
     zoo bench official_agent_swin_t agent_swin_t --import my_official_models --dtype bf16 --batch-sizes 128
+    zoo bench agent_swin_s --dtype bf16 --batch-sizes 64 --train --no-infer --compile --compile-mode reduce-overhead \
+        --optimizer fused --rounds 5 --device-time
     zoo bench ops ...            (delegates to zoo.ops.bench)
 
 Each (model, dtype, batch size, mode) is timed after warm-up iterations, with the device synchronized around every
 iteration. ``dtype`` bf16/fp16 means autocast (mixed precision, as in training), fp32 means no autocast. Peak memory
 is the CUDA allocator's peak during the timed iterations (not measured on CPU). Results go to a table on stdout and
 to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
-``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
+Training steps take AdamW outside any compiled graph: ``--optimizer default`` (torch's choice) or ``fused`` (one
+launch a step; a compiled step's wall time then stays close to its kernel time). ``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
 ``latency_ms`` is well above it, the host (Python, launches) bounds the step and faster kernels will not show.
 ``--host-profile N`` shows where that host time goes: one more profiled pass per row gives, in a second table, the N
 operators that took the most host time a step (self CPU time as ``torch.profiler`` counts it, and calls a step; on
@@ -64,10 +67,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "host_profile",
-           "host_rows", "kernel_rows", "main", "ops_backend", "pointwise_autotune", "time_fn", "top_kernels"]
+           "host_rows", "kernel_rows", "main", "ops_backend", "pointwise_autotune", "time_fn", "top_kernels",
+           "train_optimizer"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIMIZERS = ("default", "fused")
+_TRAIN = {"optimizer": "default"}  # set by train_optimizer()
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
            "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "peak_mem_mib",
            "params_m", "channels_last", "device", "error"]
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW step)")
     p.add_argument("--no-infer", action="store_true", help="skip the inference rows (with --train)")
+    p.add_argument("--optimizer", default="default", choices=OPTIMIZERS,
+                   help="AdamW implementation of the training step, outside any compiled graph (fused: one launch "
+                        "a step)")
     p.add_argument("--device-time", action="store_true",
                    help="also report each step's summed kernel time (CUDA, one profiled pass more): a latency well "
                         "above it means the host, not the GPU, bounds the step")
@@ -253,7 +262,8 @@ def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | No
 
 def _train_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    fused = {"fused": True} if _TRAIN["optimizer"] == "fused" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, **fused)
     target = torch.randint(0, _num_outputs(model), (x.shape[0],), device=x.device)
 
     def step() -> None:
@@ -468,6 +478,21 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
 
 
 @contextlib.contextmanager
+def train_optimizer(kind: str) -> Iterator[None]:
+    """The AdamW implementation of the training steps built for the duration: ``default`` (torch's choice: the
+    multi-tensor ``foreach`` kernels on CUDA, several launches an op) or ``fused`` (one fused kernel launch a step per
+    parameter group: least host time, so a compiled step's wall time stays close to its kernel time)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kind!r}: choose one of {list(OPTIMIZERS)}")
+    before = _TRAIN["optimizer"]
+    _TRAIN["optimizer"] = kind
+    try:
+        yield
+    finally:
+        _TRAIN["optimizer"] = before
+
+
+@contextlib.contextmanager
 def pointwise_autotune(enabled: bool) -> Iterator[None]:
     """Whether inductor autotunes the launch configuration of its pointwise kernels while compiling, for the duration
     (``enabled=True`` leaves inductor's setting alone; False takes each kernel's first heuristic configuration)."""
@@ -589,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled_mode = args.compile_mode
     compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
     subjects = [(name, backend, compiled) for name in args.models for backend in backends for compiled in compiles]
-    with pointwise_autotune(not args.no_pointwise_autotune):
+    with pointwise_autotune(not args.no_pointwise_autotune), train_optimizer(args.optimizer):
         rows = _bench_subjects(args, subjects, batch_sizes, dtypes, device, modes, model_kwargs)
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
@@ -598,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(host_rows(rows), HOST_COLUMNS))
         if any(row.get("kernel_top") for row in rows):
             print(format_table(kernel_rows(rows), KERNEL_COLUMNS))
-    meta = {**environment(device), "inductor_pointwise_autotune": not args.no_pointwise_autotune}
+    meta = {**environment(device), "inductor_pointwise_autotune": not args.no_pointwise_autotune,
+            "train_optimizer": args.optimizer}
     csv_path, json_path = write_results(rows, args.out, meta)
     print(f"wrote {csv_path} and {json_path}")
     return 0
