@@ -16,7 +16,8 @@ iteration. ``dtype`` bf16/fp16 means autocast (mixed precision, as in training),
 is the CUDA allocator's peak during the timed iterations (not measured on CPU). Results go to a table on stdout and
 to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
 Training steps take AdamW outside any compiled graph: ``--optimizer default`` (torch's choice) or ``fused`` (one
-launch a step; a compiled step's wall time then stays close to its kernel time). ``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
+launch a step; a compiled step's wall time then stays close to its kernel time).
+``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
 ``latency_ms`` is well above it, the host (Python, launches) bounds the step and faster kernels will not show.
 ``--host-profile N`` shows where that host time goes: one more profiled pass per row gives, in a second table, the N
 operators that took the most host time a step (self CPU time as ``torch.profiler`` counts it, and calls a step; on

@@ -122,11 +122,10 @@ def _kernels_interpreted() -> bool:
 
 @functools.cache
 def _kernels():
-    """The forward and backward kernels (imports triton on first use)."""
+    """The kernels' module (imports triton on first use)."""
     from .kernels import window as kernels
 
-    return kernels._forward_kernel, kernels._backward_kernel, kernels._forward_items_kernel, \
-        kernels._backward_items_kernel
+    return kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,7 +162,8 @@ class _Geometry:
         # windows of one query block with a bias take the items kernels (see kernels.window): batch items in the
         # inner loop; without a bias one item a program runs as fast (CSWin's stripes, H200, not worth a kernel)
         self.items = self.block_m >= self.n and has_bias
-        self.backward = backward
+        # the items forward, three stages: 21.7 us against two's 24.7 at Agent-Swin-S stage 2 (batch 64, bf16, H200)
+        self.num_stages = _TILES["num_stages"] or (3 if self.items and not backward else 2)
 
     def programs(self, items_per_program: int = 1) -> int:
         return -(-self.b // items_per_program) * self.heads * self.nwin
@@ -184,15 +184,10 @@ class _Geometry:
         return self.h, self.w, self.nwx, self.nwin, self.heads, self.sy, self.sx
 
     def constexprs(self) -> dict:
-        return dict(WH=self.wh, WW=self.ww, D=self.d, DV=self.dv, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
-                    BLOCK_D=max(16, next_pow2(self.d)), BLOCK_DV=max(16, next_pow2(self.dv)))
-
-
-def _launch_options(geo: _Geometry) -> dict[str, int]:
-    """num_warps / num_stages of a launch (knob overrides, else by tile size, see _Geometry)."""
-    # the items forward, three stages: 21.7 us against two's 24.7 at Agent-Swin-S stage 2 (batch 64, bf16, H200)
-    return {"num_warps": geo.num_warps, "num_stages": _TILES["num_stages"] or (3 if geo.items and not geo.backward
-                                                                                else 2)}
+        """Compile-time arguments and launch options of this pass's kernel (the items kernels have no BLOCK_M)."""
+        blocks = dict(BLOCK_N=self.block_n) if self.items else dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n)
+        return dict(WH=self.wh, WW=self.ww, D=self.d, DV=self.dv, **blocks, BLOCK_D=max(16, next_pow2(self.d)),
+                    BLOCK_DV=max(16, next_pow2(self.dv)), num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _bias_strides(bias: torch.Tensor | None) -> tuple[int, ...]:
@@ -207,15 +202,14 @@ def _launch_forward(q, k, v, bias, window, shift, scale, launch=direct) -> torch
     if out.numel() == 0:  # empty batch or map: nothing to launch (a zero-size grid is an error)
         return out
     args = (q, k, v, q if bias is None else bias, out, *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias))
-    options = dict(PRECISION=dot_precision(q.dtype), **geo.constexprs(), **_launch_options(geo))
+    options = dict(PRECISION=dot_precision(q.dtype), **geo.constexprs())
     if geo.items:
         chunk = geo.items_per_program()
-        del options["BLOCK_M"]
-        launch(_kernels()[2])[(geo.programs(chunk),)](*args, geo.b, chunk, *geo.runtime(), scale * _LOG2E,
-                                                      **options)
+        launch(_kernels()._forward_items_kernel)[(geo.programs(chunk),)](
+            *args, geo.b, chunk, *geo.runtime(), scale * _LOG2E, **options)
     else:
-        launch(_kernels()[0])[(geo.programs(),)](*args, *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None,
-                                                 **options)
+        launch(_kernels()._forward_kernel)[(geo.programs(),)](
+            *args, *geo.runtime(), scale * _LOG2E, HAS_BIAS=bias is not None, **options)
     return out
 
 
@@ -233,13 +227,11 @@ def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: b
                               dtype=torch.float32)
     if item_extent(grad_out) > INT32_MAX:  # an odd stride pattern; contiguous it fits (checked in supports)
         grad_out = grad_out.contiguous()
-    options = dict(BIAS_GRAD=bias_grad, PRECISION=dot_precision(q.dtype), **geo.constexprs(),
-                   **_launch_options(geo))
-    if geo.items:
-        del options["BLOCK_M"]
-    else:
+    options = dict(BIAS_GRAD=bias_grad, PRECISION=dot_precision(q.dtype), **geo.constexprs())
+    if not geo.items:
         options["HAS_BIAS"] = bias is not None
-    launch(_kernels()[3 if geo.items else 1])[(geo.programs(chunk),)](
+    kernel = _kernels()._backward_items_kernel if geo.items else _kernels()._backward_kernel
+    launch(kernel)[(geo.programs(chunk),)](
         q, k, v, q if bias is None else bias, grad_out, dq, dk, dv, dq if partial is None else partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias),
         geo.b, chunk, *geo.runtime(), scale, scale * _LOG2E, **options)
