@@ -38,6 +38,16 @@ backward 110.9 -> 95.9 us at batch 64 (233.2 -> 207.4 at 128), its class attenti
 4 or 8 warps) kept (64, 64), two stages, four warps. Traced training calls then take the ops
 ``zoo::short_keys_attention_fwd_stats`` / ``zoo::short_keys_attention_bwd_kb``.
 
+Where every query tile's dQ fits in registers (at most four 64-row tiles and a tail, at most 8,192 float32 values:
+VOLO's 196 tokens of 32, its class attention, 49-token stages), 16-bit calls take a fused backward instead: one
+program per (batch, head) walks the key blocks and, within each, every query tile, so each tile's probabilities and
+logit gradient are computed once, not once per kernel, and dQ is summed in registers across the key blocks (no
+partial sums, no atomics). Its outputs are bitwise those of the two kernels (H200, bf16, batch 64, us: VOLO-D1
+self-attention 96.2 -> 83.0, 207.0 -> 159.6 at batch 128; its class attention 19.8 -> 13.7; 49 over 49 keys of 64
+14.2 -> 9.7; 128 over 128 of 64 41.4 -> 32.8). Traced training on a qkv projection (``qkv=``) then takes
+``zoo::short_keys_attention_qkv_fwd`` / ``zoo::short_keys_attention_qkv_bwd``, whose kernel writes qkv's gradient
+as one buffer (told so by a flag, not handed three views of it): no stack of dq, dk and dv.
+
 The one-pass backward reads q and dO once and needs no per-row statistic from the forward (H200, bf16, PVT-S stage 0 at
 batch 128: 0.48x the kernel time of one SDPA call with cuDNN, forward + backward; the README's operator table has
 the figures).
@@ -195,20 +205,27 @@ def _launch_forward(q, k, v, scale: float, launch=direct, stats: bool = False):
 # The key-blocked backward: whether training calls take it (None: 16-bit calls do), its tiles ((query rows, keys) a
 # tile, warps, stages; None: the defaults of _launch_backward_key_blocked)
 _KB_TILES: dict[str, int | bool | None] = {"enabled": None, "block_t": None, "block_n": None, "num_warps": None,
-                                           "num_stages": None}
+                                           "num_stages": None, "fused": None}
+# the fused backward keeps every query tile's dQ in registers: at most four whole tiles (and a tail), and at most
+# this many float32 values of dQ, tile rows x head dim (H200, bf16, batch 64, us two kernels -> fused: VOLO-D1's 196
+# tokens (208 tile rows) x 32, 6,656 values, 96.2 -> 83.0; 128 over 128 keys x 64, 8,192, 41.4 -> 32.8; but PVT's
+# 196 queries over 49 keys x 64, 13,312, 24.5 -> 38.1, its registers spilling)
+_FUSED_MAX_TILES = 4
+_FUSED_MAX_DQ = 8192
 
 
 def use_key_blocked_tiles(enabled: bool | None = None, block_t: int | None = None, block_n: int | None = None,
-                          num_warps: int | None = None,
-                          num_stages: int | None = None) -> contextlib.AbstractContextManager:
+                          num_warps: int | None = None, num_stages: int | None = None,
+                          fused: bool | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the key-blocked backward's knobs (None keeps the current value): whether training calls
     take it (their forward then writes row statistics; by default 16-bit calls do, float32 calls take the one-pass
     backward), query rows and keys a tile (powers of two >= 16; default 64 and 64, float32 32 and 32), warps (4) and
-    stages (16-bit 2, float32 1)."""
+    stages (16-bit 2, float32 1) of the two kernels; whether queries that fit in four tiles (and a tail) take the
+    fused kernel instead, one program per (batch, head) of 4 warps (default: 16-bit calls do)."""
     check_tile_edge("block_t", block_t)
     check_tile_edge("block_n", block_n)
     return override_knobs(_KB_TILES, enabled=enabled, block_t=block_t, block_n=block_n, num_warps=num_warps,
-                          num_stages=num_stages)
+                          num_stages=num_stages, fused=fused)
 
 
 def _fresh_gradients(q: torch.Tensor, k: torch.Tensor,
@@ -219,33 +236,87 @@ def _fresh_gradients(q: torch.Tensor, k: torch.Tensor,
     return token_major(b, heads, n, d, q), token_major(b, heads, m, d, k), token_major(b, heads, m, dv_width, v)
 
 
-def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, launch=direct, into=None):
-    """dq, dk, dv from the forward's output and row statistics (``_launch_forward`` with ``stats``): one kernel for
-    dQ (and delta = rowsum(dO * O)) per query tile, one for dK/dV per key block. Every program owns its outputs: no
-    partial sums, deterministic. Fresh token-major tensors, or written into ``into``'s three views (see
-    ``_launch_backward``)."""
-    b, heads, n, d = q.shape
-    m, dv_width = k.shape[2], v.shape[3]
-    dq, dk, dv = into or _fresh_gradients(q, k, v)
-    if b * heads == 0 or n == 0:
-        return dq, dk.zero_(), dv.zero_()
+def _key_blocked_constexprs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The key-blocked kernels' tiles and launch options (``_KB_TILES``, else the defaults)."""
+    n, d, m, dv_width = q.shape[2], q.shape[3], k.shape[2], v.shape[3]
     wide = q.dtype == torch.float32
     block_t = _KB_TILES["block_t"] or (32 if wide else 64)
     block_n = _KB_TILES["block_n"] or (32 if wide else 64)
-    constexprs = dict(D=d, DV=dv_width, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv_width)),
-                      BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-                      TAIL_T=_tail_edge(n, block_t), TAIL_N=_tail_edge(m, block_n),
-                      num_warps=_KB_TILES["num_warps"] or 4, num_stages=_KB_TILES["num_stages"] or (1 if wide else 2))
+    return dict(D=d, DV=dv_width, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv_width)),
+                BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+                TAIL_T=_tail_edge(n, block_t), TAIL_N=_tail_edge(m, block_n),
+                num_warps=_KB_TILES["num_warps"] or 4, num_stages=_KB_TILES["num_stages"] or (1 if wide else 2))
+
+
+def _fused_tiles(n: int, dtype: torch.dtype, constexprs: dict) -> int | None:
+    """The whole query tiles of the fused backward for n queries, or None where it does not serve the call (more
+    than ``_FUSED_MAX_TILES`` whole tiles, or not asked for: by default 16-bit calls take it)."""
+    fused = _KB_TILES["fused"]
+    if fused is None:
+        fused = dtype != torch.float32
+    tiles = n // constexprs["BLOCK_T"] if constexprs["TAIL_T"] else -(-n // constexprs["BLOCK_T"])
+    held = (tiles * constexprs["BLOCK_T"] + constexprs["TAIL_T"]) * constexprs["BLOCK_D"]
+    return tiles if fused and tiles <= _FUSED_MAX_TILES and held <= _FUSED_MAX_DQ else None
+
+
+def _launch_fused(grad_out, q, k, v, out, lse, scale: float, dq, dk, dv, constexprs: dict, tiles: int,
+                  launch=direct, separate_kv: bool = True) -> None:
+    """The fused backward kernel (one program per (batch, head)); without ``separate_kv``, dq is a qkv projection's
+    gradient buffer and dk, dv are not used (see the kernel)."""
+    b, heads, n, _ = q.shape
+    delta = torch.empty((b, heads, n), device=q.device, dtype=torch.float32)
+    kv_strides = (dk.stride(0), dk.stride(2), dv.stride(0), dv.stride(2)) if separate_kv else (
+        dq.stride(0), dq.stride(1), dq.stride(0), dq.stride(1))
+    dq_strides = (dq.stride(0), dq.stride(2)) if separate_kv else (dq.stride(0), dq.stride(1))
+    # 4 warps: 8 faulted with 64-key blocks (an illegal address, triton 3.6) and were slower with 32. One stage for
+    # one query tile (H200 bf16 batch 64, us at 1 / 2 stages: VOLO's class attention 13.7 / 16.7, 49 over 49 keys x
+    # 64 9.7 / 10.9), else the two kernels' (VOLO-D1 self-attention 87.9 / 83.0)
+    stages = _KB_TILES["num_stages"] or (1 if n <= constexprs["BLOCK_T"] else constexprs["num_stages"])
+    options = dict(num_warps=4, num_stages=stages)
+    launch(_kernels()._fused_backward_kernel)[(b * heads,)](
+        grad_out, q, k, v, out, lse, delta, dq, dk, dv, *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+        *dq_strides, *kv_strides, heads, n, k.shape[2], scale, scale * _LOG2E, **{**constexprs, **options},
+        TILES=tiles, TAIL_ROWS=constexprs["TAIL_T"] or 16, SEPARATE_KV=separate_kv)
+
+
+def _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, launch=direct, into=None):
+    """dq, dk, dv from the forward's output and row statistics (``_launch_forward`` with ``stats``): at most four
+    query tiles (and a tail) in 16-bit take the fused kernel, one program per (batch, head); else one kernel for dQ
+    (and delta = rowsum(dO * O)) per query tile, one for dK/dV per key block. Every program owns its outputs: no
+    partial sums, deterministic. Fresh token-major tensors, or written into ``into``'s three views (see
+    ``_launch_backward``)."""
+    b, heads, n, d = q.shape
+    m = k.shape[2]
+    dq, dk, dv = into or _fresh_gradients(q, k, v)
+    if b * heads == 0 or n == 0:
+        return dq, dk.zero_(), dv.zero_()
+    constexprs = _key_blocked_constexprs(q, k, v)
+    tiles = _fused_tiles(n, q.dtype, constexprs)
+    if tiles is not None:
+        _launch_fused(grad_out, q, k, v, out, lse, scale, dq, dk, dv, constexprs, tiles, launch)
+        return dq, dk, dv
     delta = torch.empty((b, heads, n), device=q.device, dtype=torch.float32)
     kernels = _kernels()
     strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
-    launch(kernels._kb_dq_kernel)[(b * heads, -(-n // block_t))](
+    launch(kernels._kb_dq_kernel)[(b * heads, -(-n // constexprs["BLOCK_T"]))](
         grad_out, q, k, v, out, lse, dq, delta, *strides, dq.stride(0), dq.stride(2), heads, n, m, scale,
         scale * _LOG2E, **constexprs)
-    launch(kernels._kb_dkv_kernel)[(b * heads, -(-m // block_n))](
+    launch(kernels._kb_dkv_kernel)[(b * heads, -(-m // constexprs["BLOCK_N"]))](
         grad_out, q, k, v, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(2), dv.stride(0), dv.stride(2),
         heads, n, m, scale, scale * _LOG2E, **constexprs)
     return dq, dk, dv
+
+
+def _launch_qkv_backward(grad_out, qkv, out, lse, heads: int, scale: float, launch=direct) -> torch.Tensor:
+    """The gradient (B, N, 3 * heads * d) of a qkv projection, from the fused kernel writing one buffer (the call must
+    be one :func:`_fused_tiles` serves)."""
+    q, k, v = split_qkv(qkv, heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    if dqkv.numel():
+        constexprs = _key_blocked_constexprs(q, k, v)
+        _launch_fused(grad_out, q, k, v, out, lse, scale, dqkv, dqkv, dqkv, constexprs,
+                      _fused_tiles(q.shape[2], q.dtype, constexprs), launch, separate_kv=False)
+    return dqkv
 
 
 def _launch_backward(grad_out, q, k, v, scale: float, launch=direct, into=None):
@@ -361,6 +432,45 @@ def _backward_kb(ctx, grad_out, grad_lse):
 _forward_stats_op.register_autograd(_backward_kb, setup_context=_setup_stats_context)
 
 
+def _forward_qkv_fake(qkv, heads, scale):
+    return _forward_stats_fake(*split_qkv(qkv, heads), scale)
+
+
+@kernel_op("zoo::short_keys_attention_qkv_fwd", fake=_forward_qkv_fake)
+def _forward_qkv_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention on a (B, N, 3 * heads * d) qkv projection: the forward and its row statistics, as
+    ``zoo::short_keys_attention_fwd_stats`` on qkv's head-split views."""
+    with on_device(qkv):
+        return _launch_forward(*split_qkv(qkv, heads), scale, traced, stats=True)
+
+
+def _backward_qkv_fake(grad_out, qkv, out, lse, heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+@kernel_op("zoo::short_keys_attention_qkv_bwd", fake=_backward_qkv_fake)
+def _backward_qkv_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int,
+                     scale: float) -> torch.Tensor:
+    """qkv's gradient (B, N, 3 * heads * d), contiguous, written by the fused backward in one buffer."""
+    with on_device(qkv):
+        return _launch_qkv_backward(grad_out, qkv, out, lse, heads, scale, traced)
+
+
+def _setup_qkv_context(ctx, inputs, output) -> None:
+    qkv, heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _backward_qkv(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _backward_qkv_op(grad_out, qkv, out, lse, ctx.heads, ctx.scale), None, None
+
+
+_forward_qkv_op.register_autograd(_backward_qkv, setup_context=_setup_qkv_context)
+
+
 class _EagerShortKeys(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs host time)."""
 
@@ -444,9 +554,12 @@ def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     if key_blocked is None:
         key_blocked = q.dtype != torch.float32
     if torch.compiler.is_compiling():
-        # not on qkv: inductor stacks dq, dk and dv into qkv's gradient in one fused copy, where the kernel's writes
-        # into views of one buffer made it copy each view in and out (H200, compiled VOLO-D1 step: 1.2 ms more)
         if key_blocked and needs_grad(q, k, v):
+            # on qkv only where the fused kernel writes its gradient as one buffer: a kernel writing three views of
+            # one buffer made inductor copy each view in and out (H200, compiled VOLO-D1 step: 1.2 ms more), where
+            # without qkv it stacks dq, dk and dv in one fused copy
+            if qkv is not None and _fused_tiles(q.shape[2], q.dtype, _key_blocked_constexprs(q, k, v)) is not None:
+                return _forward_qkv_op(qkv, q.shape[1], scale)[0]
             return _forward_stats_op(q, k, v, scale)[0]
         return _forward_op(q, k, v, scale)
     if not needs_grad(q, k, v):  # inference: no autograd node, nothing saved

@@ -123,13 +123,15 @@ def _short_keys_packed(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) 
     tk._packed_backward(out, qkv, 12, 32 ** -0.5, launch)
 
 
-def _short_keys_key_blocked(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+def _short_keys_key_blocked(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype, fused: bool | None = None) -> None:
     """VOLO-D1's self-attention (196 tokens, 12 heads of 32): the forward with row statistics and the key-blocked
-    backward (dQ per query tile, dK/dV per key block)."""
+    backward (16-bit: the fused kernel, one program per (batch, head); float32 or ``fused=False``: dQ per query tile,
+    dK/dV per key block)."""
     from zoo.ops.triton import short_keys as tk
     q, k, v = (_randn(64, 196, 12, 32, dtype=dtype).transpose(1, 2) for _ in range(3))
     out, lse = tk._launch_forward(q, k, v, 32 ** -0.5, launch, stats=True)
-    tk._launch_backward_key_blocked(out, q, k, v, out, lse, 32 ** -0.5, launch)
+    with tk.use_key_blocked_tiles(fused=fused):
+        tk._launch_backward_key_blocked(out, q, k, v, out, lse, 32 ** -0.5, launch)
 
 
 def _window(launch: LaunchRecorder, monkeypatch, hw: tuple[int, int], window: tuple[int, int],
@@ -224,6 +226,7 @@ CASES = {
     "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
     "short_keys.volo_qkv.bf16": (_short_keys_packed, dict(dtype=BF16)),
     "short_keys.volo_key_blocked.bf16": (_short_keys_key_blocked, dict(dtype=BF16)),
+    "short_keys.volo_two_kernel.bf16": (_short_keys_key_blocked, dict(dtype=BF16, fused=False)),
     "short_keys.volo_key_blocked.fp32": (_short_keys_key_blocked, dict(dtype=FP32)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
     # 144-token windows with a bias: the per-item kernels with HAS_BIAS (query blocks of 32 rows)
@@ -247,9 +250,9 @@ CASES = {
 EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
                     "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
 # one kernel more than the family's usual: regions of at most half a tile (32 tokens) launch the packed forward too;
-# the split agent backward is two kernels in place of one; the key-blocked short-key backward too
+# the split agent backward is two kernels in place of one; the unfused key-blocked short-key backward too
 EXTRA_KERNEL_CASES = {"routing.biformer_t.s2.bf16", "routing.biformer_t.s1.fp32", "agent.split_backward.bf16",
-                      "short_keys.volo_key_blocked.bf16", "short_keys.volo_key_blocked.fp32"}
+                      "short_keys.volo_two_kernel.bf16", "short_keys.volo_key_blocked.fp32"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -292,7 +295,8 @@ WRITES = {
               "pooling_grad_kernel": ({"dq_ptr"}, {})},
     "short_keys": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
                    "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {}),
-                   "_kb_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}), "_kb_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
+                   "_kb_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}), "_kb_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
+                   "_fused_backward_kernel": ({"delta_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}, {})},
     "window": {"_forward_kernel": ({"out_ptr"}, {}),
                "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {"BIAS_GRAD": {"dbias_ptr"}}),
                "_forward_items_kernel": ({"out_ptr"}, {}),

@@ -4,8 +4,8 @@ backward) and on the GPU (PVT and LookupViT shapes, fp32/fp16/bf16, determinism,
 CPU."""
 from __future__ import annotations
 
+import itertools
 import math
-
 import warnings
 
 import pytest
@@ -14,6 +14,7 @@ import torch
 import zoo.ops.triton.short_keys as tk  # registers the backend
 from zoo.ops import cross_attention, downsampled_attention
 from zoo.ops._dispatch import select_backend
+from zoo.ops._qkv import split_qkv
 from triton_checks import assert_close_to, assert_inductor_launches, run_compiled, run_in_interpreter
 
 
@@ -168,7 +169,50 @@ def _interpreter_fp32_checks() -> None:
 
 def _interpreter_key_blocked_checks() -> None:
     """The forward's row statistics (base-2 log-sum-exp) and the key-blocked backward (dQ per query tile, dK/dV per
-    key block) against the float64 reference, fp32, at one- and several-block tilings; bitwise repeatable."""
+    key block; and fused, one program per (batch, head)) against the float64 reference, fp32, at one- and
+    several-block tilings; bitwise repeatable. Traced training on a qkv projection: the qkv ops, whose fused
+    backward writes qkv's gradient as one buffer, bitwise equal to eager."""
+    fused_calls = []
+    launch_fused = tk._launch_fused
+    tk._launch_fused = lambda *a, **kw: fused_calls.append(kw.get("separate_kv", True)) or launch_fused(*a, **kw)
+    try:
+        _key_blocked_cases(fused_calls)
+        _traced_qkv_case(fused_calls)
+    finally:
+        tk._launch_fused = launch_fused
+
+
+def _traced_qkv_case(fused_calls: list) -> None:
+    """Traced training on a qkv projection through the fused backward: qkv's ops (one gradient buffer, the kernel
+    told so), equal to eager; their schemas and fakes."""
+    heads, n, d = 2, 50, 16
+    qkv, _ = make_qkv(2, heads, n, d, seed=5)
+
+    def loss(qkv):
+        views = qkv.view(2, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return downsampled_attention(*views, scale=0.25, qkv=qkv).square().sum()
+
+    with tk.use_key_blocked_tiles(enabled=True, fused=True, block_t=32):
+        fused_calls.clear()
+        torch._dynamo.reset()
+        traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(qkv), qkv)[0]
+        assert fused_calls == [False], fused_calls  # the qkv op's backward: one buffer
+        eager = torch.autograd.grad(loss(qkv), qkv)[0]
+        assert fused_calls == [False, True], fused_calls  # eager: into the buffer's three views
+        torch._dynamo.reset()
+        assert torch.equal(traced, eager)
+        want = torch.autograd.grad(downsampled_attention(*split_qkv(qkv, heads), scale=0.25, backend="reference")
+                                   .square().sum(), qkv)[0]
+        assert_close_to(traced, want, 1e-5, 1e-5, "traced qkv vs reference")
+        x = qkv.detach()
+        torch.library.opcheck(torch.ops.zoo.short_keys_attention_qkv_fwd.default, (x, heads, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
+        out, lse = tk._launch_forward(*split_qkv(x, heads), 0.25, stats=True)
+        torch.library.opcheck(torch.ops.zoo.short_keys_attention_qkv_bwd.default, (out, x, out, lse, heads, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def _key_blocked_cases(fused_calls: list) -> None:
     for case in INTERPRETER_CASES:
         b, heads, n, m, d, dv = case
         tensors = make_inputs(b, heads, n, m, d, dv, seed=n)
@@ -179,14 +223,17 @@ def _interpreter_key_blocked_checks() -> None:
         assert_close_to(lse, torch.logsumexp(logits, -1) / math.log(2), 1e-5, 1e-5, f"lse {case}")
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
         # (16, 32): key blocks end in a 16-key tail tile where 32 does not divide M (9, 33, 197); (32, 64): query
-        # tiles do where 32 does not divide N (40, 70), and key blocks (9, 197)
-        for block_t, block_n in ((16, 32), (32, 64)):
-            with tk.use_key_blocked_tiles(block_t=block_t, block_n=block_n):
+        # tiles do where 32 does not divide N (40, 70), and key blocks (9, 197). Fused: one program per (batch,
+        # head) where the queries fit in four tiles and a tail (all but N = 70 in 16-row tiles)
+        for (block_t, block_n), fused in itertools.product(((16, 32), (32, 64)), (False, True)):
+            fused_calls.clear()
+            with tk.use_key_blocked_tiles(block_t=block_t, block_n=block_n, fused=fused):
                 got = (out, *tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5))
                 again = tk._launch_backward_key_blocked(g, q, k, v, out, lse, d ** -0.5)
+            assert len(fused_calls) == (2 if fused and (n, block_t) != (70, 16) else 0), (case, block_t, fused)
             for name, x, y in zip(NAMES, got, want):
                 assert x.shape == y.shape, name
-                assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} tiles {block_t}x{block_n}")
+                assert_close_to(x, y, 1e-5, 1e-5, f"{name} {case} tiles {block_t}x{block_n} fused={fused}")
             assert all(torch.equal(x, y) for x, y in zip(got[1:], again)), f"not repeatable {case}"
         with tk.use_key_blocked_tiles(enabled=True):  # training through the public function: the autograd node
             trained = out_and_grads(tensors, "triton", d ** -0.5)
@@ -483,11 +530,12 @@ def test_gpu_torch_compile_follows_a_changing_batch():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_gpu_key_blocked_backward_matches_float64(shape, dtype):
+def test_gpu_key_blocked_backward_matches_float64(shape, dtype, fused):
     tensors, scale = _gpu_case(shape, dtype, seed=6)
-    with tk.use_key_blocked_tiles(enabled=True):
+    with tk.use_key_blocked_tiles(enabled=True, fused=fused):
         got = out_and_grads(tensors, "triton", scale)
         again = out_and_grads(tensors, "triton", scale)
     want = float64_out_and_grads(tensors, scale)
@@ -497,7 +545,9 @@ def test_gpu_key_blocked_backward_matches_float64(shape, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_key_blocked_compiled_training_launches_its_kernels():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_kernels"])
+def test_gpu_key_blocked_compiled_training_launches_its_kernels(fused, monkeypatch):
+    """Fused (16-bit's default at VOLO's 196 tokens): qkv's ops, one gradient buffer; else the views' ops."""
     heads, n, _, d = SHAPES["volo"]
     qkv, _ = make_qkv(8, heads, n, d, dtype=torch.bfloat16, device="cuda", seed=8)
 
@@ -505,11 +555,16 @@ def test_gpu_key_blocked_compiled_training_launches_its_kernels():
         views = qkv.view(8, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         return downsampled_attention(*views, scale=d ** -0.5, qkv=qkv).float().square().mean()
 
-    with tk.use_key_blocked_tiles(enabled=True):
+    qkv_calls = []
+    launch_qkv = tk._launch_qkv_backward
+    monkeypatch.setattr(tk, "_launch_qkv_backward", lambda *a: qkv_calls.append(1) or launch_qkv(*a))
+    with tk.use_key_blocked_tiles(enabled=True, fused=fused):
         torch._dynamo.reset()
         compiled = torch.compile(loss, fullgraph=True)
         grad, code = run_compiled(lambda: torch.autograd.grad(compiled(qkv), qkv)[0])
         eager = torch.autograd.grad(loss(qkv), qkv)[0]
     torch._dynamo.reset()
-    assert_inductor_launches(code, "_forward_kernel", "_kb_dq_kernel", "_kb_dkv_kernel")
+    backward = ("_fused_backward_kernel",) if fused else ("_kb_dq_kernel", "_kb_dkv_kernel")
+    assert_inductor_launches(code, "_forward_kernel", *backward)
+    assert bool(qkv_calls) == fused  # traced through qkv's ops (their backward writes one buffer)
     assert_close_to(grad, eager, *GPU_TOL[torch.bfloat16], "compiled vs eager")

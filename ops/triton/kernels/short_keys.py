@@ -202,7 +202,8 @@ def _kb_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_ptr, delta_p
 def _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, n0, N, sqn, sqd, son, sod,
                  qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  ROWS: tl.constexpr, PRECISION: tl.constexpr):
-    """dk and dv plus one tile of ROWS query rows from n0 (rows below N), keys as the tiles' rows."""
+    """dk and dv plus one tile of ROWS query rows from n0 (rows below N), keys as the tiles' rows; also the tile's
+    logit gradient ds^T (keys, rows), unscaled, in the inputs' dtype, for the fused backward's dQ."""
     rows = n0 + tl.arange(0, ROWS)
     row_ok = rows < N
     qt = _tile(q_base, rows, N, tl.arange(0, BLOCK_D), D, sqn, sqd)
@@ -213,9 +214,9 @@ def _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base,
     pt = tl.where(row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
     dv += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PRECISION)
     dpt = tl.dot(vt, tl.trans(dot_), input_precision=PRECISION)
-    dst = pt * (dpt - delta[None, :])
-    dk += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
-    return dk, dv
+    dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+    dk += tl.dot(dst, qt, input_precision=PRECISION)
+    return dk, dv, dst
 
 
 @triton.jit
@@ -237,11 +238,11 @@ def _kb_dkv_keys(do_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     dv = tl.zeros([KEYS, BLOCK_DV], dtype=tl.float32)
     whole = N - N % BLOCK_T if TAIL_T > 0 else N
     for n0 in range(0, whole, BLOCK_T):
-        dk, dv = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, n0, N, sqn, sqd,
-                              son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, PRECISION)
+        dk, dv, _ = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, n0, N, sqn, sqd,
+                                 son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, PRECISION)
     if TAIL_T > 0:
-        dk, dv = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, whole, N, sqn, sqd,
-                              son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, TAIL_T, PRECISION)
+        dk, dv, _ = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, whole, N, sqn,
+                                 sqd, son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, TAIL_T, PRECISION)
     _put(dk_ptr + b * sdkb + h * D, keys, M, offs_d, D, sdkm, 1, dk * scale)
     _put(dv_ptr + b * sdvb + h * DV, keys, M, offs_dv, DV, sdvm, 1, dv)
 
@@ -268,3 +269,129 @@ def _kb_dkv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
             _kb_dkv_keys(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, BLOCK_N, TAIL_T, PRECISION)
     else:
         _kb_dkv_keys(*args, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, BLOCK_N, TAIL_T, PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused backward for at most four query tiles (VOLO's 196 tokens): one program per (batch, head) walks the key blocks
+# and, within each, every query tile, so each tile's probabilities and logit gradient are computed once (the two
+# kernels above compute them twice) and dQ's tiles stay in registers across the key blocks; no partial sums
+
+
+@triton.jit
+def _fused_delta(do_base, out_base, delta_row, row0, N, son, sod, HEADS,
+                 DV: tl.constexpr, BLOCK_DV: tl.constexpr, ROWS: tl.constexpr):
+    """delta = rowsum(dO * O) of ROWS query rows from row0, stored at delta_row (rows below N)."""
+    rows = row0 + tl.arange(0, ROWS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dot_ = _tile(do_base, rows, N, offs_dv, DV, son, sod)
+    ot = _tile(out_base, rows, N, offs_dv, DV, HEADS * DV, 1)
+    tl.store(delta_row + rows, tl.sum(dot_.to(tl.float32) * ot.to(tl.float32), axis=1), mask=rows < N)
+
+
+@triton.jit
+def _fused_rows(dq, dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, row0, N, sqn, sqd, son, sod,
+                qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    """One (key block, query tile) pair: dk, dv and the tile's dq plus its share (dq unscaled)."""
+    dk, dv, dst = _kb_dkv_rows(dk, dv, kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base, row0, N, sqn, sqd,
+                               son, sod, qk_scale2, D, DV, BLOCK_D, BLOCK_DV, ROWS, PRECISION)
+    return dq + tl.dot(tl.trans(dst), kt, input_precision=PRECISION), dk, dv
+
+
+@triton.jit
+def _fused_keys(dq0, dq1, dq2, dq3, dqt, k_base, v_base, q_base, do_base, lse_ptr, delta_ptr, dk_base, dv_base,
+                stat_base, key0, N, M, sqn, sqd, skm, skd, svm, svd, son, sod, sdkm, sdvm, scale, qk_scale2,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_T: tl.constexpr, KEYS: tl.constexpr, TILES: tl.constexpr, TAIL_T: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """The KEYS keys from key0 against every query tile: their dK and dV stored, the TILES whole query tiles' dq
+    (dq0..dq3) and the tail tile's (dqt, with TAIL_T) returned with this block's share added."""
+    keys = key0 + tl.arange(0, KEYS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = _tile(k_base, keys, M, offs_d, D, skm, skd)
+    vt = _tile(v_base, keys, M, offs_dv, DV, svm, svd)
+    dk = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([KEYS, BLOCK_DV], dtype=tl.float32)
+    args = (kt, vt, q_base, do_base, lse_ptr, delta_ptr, stat_base)
+    rest = (N, sqn, sqd, son, sod, qk_scale2)
+    if TILES > 0:
+        dq0, dk, dv = _fused_rows(dq0, dk, dv, *args, 0, *rest, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, PRECISION)
+    if TILES > 1:
+        dq1, dk, dv = _fused_rows(dq1, dk, dv, *args, BLOCK_T, *rest, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T, PRECISION)
+    if TILES > 2:
+        dq2, dk, dv = _fused_rows(dq2, dk, dv, *args, 2 * BLOCK_T, *rest, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T,
+                                  PRECISION)
+    if TILES > 3:
+        dq3, dk, dv = _fused_rows(dq3, dk, dv, *args, 3 * BLOCK_T, *rest, D, DV, BLOCK_D, BLOCK_DV, BLOCK_T,
+                                  PRECISION)
+    if TAIL_T > 0:
+        dqt, dk, dv = _fused_rows(dqt, dk, dv, *args, TILES * BLOCK_T, *rest, D, DV, BLOCK_D, BLOCK_DV, TAIL_T,
+                                  PRECISION)
+    _put(dk_base, keys, M, offs_d, D, sdkm, 1, dk * scale)
+    _put(dv_base, keys, M, offs_dv, DV, sdvm, 1, dv)
+    return dq0, dq1, dq2, dq3, dqt
+
+
+@triton.jit
+def _fused_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+                           sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
+                           sdqb, sdqn, sdkb, sdkm, sdvb, sdvm, HEADS, N, M, scale, qk_scale2,
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+                           TAIL_T: tl.constexpr, TAIL_ROWS: tl.constexpr, TAIL_N: tl.constexpr,
+                           PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr = True):
+    """dQ, dK and dV of one (batch, head) (grid: batch * heads) whose N queries are TILES whole BLOCK_T tiles (at
+    most four) and, with TAIL_T, one TAIL_T tile after them (TAIL_ROWS: TAIL_T, or 16 where there is none): delta
+    = rowsum(dO * O) first (delta_ptr: (B, heads, N) float32 scratch, read back by the program's other threads),
+    then BLOCK_N keys at a time (a TAIL_N block after the last whole one) against every query tile. Layouts and
+    tails as in the two key-blocked kernels, whose arithmetic this repeats. Without SEPARATE_KV, dq_ptr is a qkv
+    projection's gradient (B, N, 3 * heads * D), dK and dV go to its second and third channel thirds (with dq's
+    strides) and dk_ptr / dv_ptr are not touched: one output buffer, where three views of it would cost torch.compile
+    a copy of each."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)
+    pid = tl.program_id(0)
+    b, h = (pid // HEADS).to(tl.int64), pid % HEADS
+    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sob + h * soh
+    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    out_base = out_ptr + b * N * HEADS * DV + h * DV
+    stat_base = (b * HEADS + h) * N
+    for t in tl.static_range(TILES):
+        _fused_delta(do_base, out_base, delta_ptr + stat_base, t * BLOCK_T, N, son, sod, HEADS, DV, BLOCK_DV, BLOCK_T)
+    if TAIL_T > 0:
+        _fused_delta(do_base, out_base, delta_ptr + stat_base, TILES * BLOCK_T, N, son, sod, HEADS, DV, BLOCK_DV,
+                     TAIL_T)
+    tl.debug_barrier()  # every row's delta stored before any thread reads one back
+    dq0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dq3 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dqt = tl.zeros([TAIL_ROWS, BLOCK_D], dtype=tl.float32)
+    if SEPARATE_KV:
+        dk_base, dv_base = dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV
+    else:
+        dk_base, dv_base = dq_ptr + b * sdqb + (HEADS + h) * D, dq_ptr + b * sdqb + 2 * HEADS * D + h * DV
+    # statistics through derived pointers: torch.compile counts a pointer handed unchanged to a helper whose results
+    # reach a store as written, and would copy lse before every launch
+    args = (k_base, v_base, q_base, do_base, lse_ptr + stat_base, delta_ptr + stat_base, dk_base, dv_base, 0)
+    rest = (N, M, sqn, sqd, skm, skd, svm, svd, son, sod, sdkm, sdvm, scale, qk_scale2)
+    whole = M - M % BLOCK_N if TAIL_N > 0 else M
+    for key0 in range(0, whole, BLOCK_N):
+        dq0, dq1, dq2, dq3, dqt = _fused_keys(dq0, dq1, dq2, dq3, dqt, *args, key0, *rest, D, DV, BLOCK_D, BLOCK_DV,
+                                              BLOCK_T, BLOCK_N, TILES, TAIL_T, PRECISION)
+    if TAIL_N > 0:
+        dq0, dq1, dq2, dq3, dqt = _fused_keys(dq0, dq1, dq2, dq3, dqt, *args, whole, *rest, D, DV, BLOCK_D, BLOCK_DV,
+                                              BLOCK_T, TAIL_N, TILES, TAIL_T, PRECISION)
+    dq_base = dq_ptr + b * sdqb + h * D
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, BLOCK_T)
+    if TILES > 0:
+        _put(dq_base, rows, N, offs_d, D, sdqn, 1, dq0 * scale)
+    if TILES > 1:
+        _put(dq_base, BLOCK_T + rows, N, offs_d, D, sdqn, 1, dq1 * scale)
+    if TILES > 2:
+        _put(dq_base, 2 * BLOCK_T + rows, N, offs_d, D, sdqn, 1, dq2 * scale)
+    if TILES > 3:
+        _put(dq_base, 3 * BLOCK_T + rows, N, offs_d, D, sdqn, 1, dq3 * scale)
+    if TAIL_T > 0:
+        _put(dq_base, TILES * BLOCK_T + tl.arange(0, TAIL_ROWS), N, offs_d, D, sdqn, 1, dqt * scale)
