@@ -161,6 +161,11 @@ CASES: list[Case] = [
     Case("pvt_s.s2.sdpa", "sdpa_plain", "PVT-S stage 2, plain SDPA 196 queries over 49 keys", 128,
          dict(tokens=14 * 14, kv_tokens=49, heads=5, dim=64), dict(tokens=64, kv_tokens=16, dim=16, batch=1),
          baseline_for="pvt_s.s2"),
+    # VOLO-D1 at 224: self-attention over its 14x14 tokens (12 heads x 32, head_dim ** -0.5) in 14 of its blocks
+    Case("volo_d1.attn", "downsampled_attention", "VOLO-D1 self-attention (196 tokens)", 128,
+         dict(tokens=14 * 14, kv_tokens=14 * 14, heads=12, dim=32), dict(tokens=40, kv_tokens=40, dim=16, batch=1)),
+    Case("volo_d1.attn.sdpa", "sdpa_plain", "VOLO-D1, plain SDPA over the same 196 tokens", 128,
+         dict(tokens=14 * 14, heads=12, dim=32), dict(tokens=40, dim=16, batch=1), baseline_for="volo_d1.attn"),
     # LookupViT-B/16 at 384 (assumed: 24x24 lookup tokens, 7x7 compressed, 12 heads x 64; the paper's table is unknown)
     Case("lookupvit_b.mhbc", "cross_attention", "LookupViT-B MHBC (assumed 576 lookup / 49 compressed)", 128,
          dict(m=49, n=576, heads=12, dim=64), dict(m=4, n=16, heads=2, dim=16, batch=1)),

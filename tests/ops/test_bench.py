@@ -15,7 +15,7 @@ MY_OPS = "downsampled_attention,cross_attention,masked_attention,neighborhood_at
 SDPA_TARGET_OPS = "agent_attention,window_attention,downsampled_attention,cross_attention"
 # the cases whose cost target is one plain SDPA over the same token counts, each with its "<case>.sdpa" row
 SDPA_TARGET_CASES = ("agent_deit_s", "agent_swin_t.s0", "agent_swin_t.s1", "agent_swin_t.s2", "agent_swin_s.s2",
-                     "pvt_s.s0", "lookupvit_b.mhbc")
+                     "pvt_s.s0", "volo_d1.attn", "lookupvit_b.mhbc")
 
 
 def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):

@@ -90,6 +90,23 @@ def test_tail_tiles_take_the_rows_after_the_last_whole_tile_where_a_smaller_tile
     assert tk._tail_edge(20, 16) == 0  # a 16-row tile is the smallest a dot takes
 
 
+def test_fused_backward_serves_16_bit_calls_whose_dq_fits_in_registers():
+    def tiles(n, m, d, dtype=torch.bfloat16, **knobs):
+        q, k = torch.empty(1, 1, n, d, dtype=dtype), torch.empty(1, 1, m, d, dtype=dtype)
+        with tk.use_key_blocked_tiles(**knobs):
+            return tk._fused_tiles(n, dtype, tk._key_blocked_constexprs(q, k, k))
+
+    assert tiles(196, 196, 32) == 3  # VOLO-D1: 3 x 64 rows and a 16-row tail, 208 x 32 values of dQ
+    assert tiles(1, 197, 32) == 0  # its class attention: the tail tile alone
+    assert tiles(49, 49, 64) == 1 and tiles(128, 128, 64) == 2 and tiles(256, 256, 32) == 4
+    assert tiles(196, 49, 64) is None  # PVT stage 2: 208 x 64 values spill (two kernels: 24.5 against 38.1 us)
+    assert tiles(300, 256, 16) is None  # five whole tiles
+    assert tiles(196, 196, 32, dtype=torch.float16) == 3
+    assert tiles(196, 196, 32, dtype=torch.float32) is None  # float32 keeps two kernels (32-row tiles)
+    assert tiles(40, 9, 16, dtype=torch.float32, fused=True) == 1  # forced: 32 + a 16-row tail
+    assert tiles(196, 196, 32, fused=False) is None
+
+
 def test_plans_split_the_queries_only_when_the_pairs_are_few():
     q, k, v = (torch.empty(128, 1, 3136, 64, dtype=torch.bfloat16), torch.empty(128, 1, 49, 64, dtype=torch.bfloat16),
                torch.empty(128, 1, 49, 64, dtype=torch.bfloat16))
