@@ -558,7 +558,8 @@ def _short_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
             # on qkv only where the fused kernel writes its gradient as one buffer: a kernel writing three views of
             # one buffer made inductor copy each view in and out (H200, compiled VOLO-D1 step: 1.2 ms more), where
             # without qkv it stacks dq, dk and dv in one fused copy
-            if qkv is not None and _fused_tiles(q.shape[2], q.dtype, _key_blocked_constexprs(q, k, v)) is not None:
+            if (qkv is not None and needs_grad(qkv)
+                    and _fused_tiles(q.shape[2], q.dtype, _key_blocked_constexprs(q, k, v)) is not None):
                 return _forward_qkv_op(qkv, q.shape[1], scale)[0]
             return _forward_stats_op(q, k, v, scale)[0]
         return _forward_op(q, k, v, scale)

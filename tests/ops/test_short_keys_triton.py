@@ -221,6 +221,16 @@ def _traced_qkv_case(fused_calls: list) -> None:
         want = torch.autograd.grad(downsampled_attention(*split_qkv(qkv, heads), scale=0.25, backend="reference")
                                    .square().sum(), qkv)[0]
         assert_close_to(traced, want, 1e-5, 1e-5, "traced qkv vs reference")
+
+        def detached_qkv_loss(qkv):  # q, k and v carry the gradient, qkv= does not: the views' op, not qkv's
+            views = qkv.view(2, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+            return downsampled_attention(*views, scale=0.25, qkv=qkv.detach()).square().sum()
+
+        fused_calls.clear()
+        compiled = torch.compile(detached_qkv_loss, backend="aot_eager", fullgraph=True)
+        assert torch.equal(torch.autograd.grad(compiled(qkv), qkv)[0], eager)
+        assert fused_calls == [True], fused_calls  # the views' fused backward
+        torch._dynamo.reset()
         x = qkv.detach()
         torch.library.opcheck(torch.ops.zoo.short_keys_attention_qkv_fwd.default, (x, heads, 0.25),
                               test_utils=("test_schema", "test_faketensor"))
