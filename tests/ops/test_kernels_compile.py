@@ -123,12 +123,13 @@ def _short_keys_packed(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) 
     tk._packed_backward(out, qkv, 12, 32 ** -0.5, launch)
 
 
-def _short_keys_key_blocked(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype, fused: bool | None = None) -> None:
+def _short_keys_key_blocked(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype, fused: bool | None = None,
+                            tokens: int = 196) -> None:
     """VOLO-D1's self-attention (196 tokens, 12 heads of 32): the forward with row statistics and the key-blocked
     backward (16-bit: the fused kernel, one program per (batch, head); float32 or ``fused=False``: dQ per query tile,
-    dK/dV per key block)."""
+    dK/dV per key block; float32 fused where its 32-row tiles are at most four)."""
     from zoo.ops.triton import short_keys as tk
-    q, k, v = (_randn(64, 196, 12, 32, dtype=dtype).transpose(1, 2) for _ in range(3))
+    q, k, v = (_randn(64, tokens, 12, 32, dtype=dtype).transpose(1, 2) for _ in range(3))
     out, lse = tk._launch_forward(q, k, v, 32 ** -0.5, launch, stats=True)
     with tk.use_key_blocked_tiles(fused=fused):
         tk._launch_backward_key_blocked(out, q, k, v, out, lse, 32 ** -0.5, launch)
@@ -228,6 +229,7 @@ CASES = {
     "short_keys.volo_key_blocked.bf16": (_short_keys_key_blocked, dict(dtype=BF16)),
     "short_keys.volo_two_kernel.bf16": (_short_keys_key_blocked, dict(dtype=BF16, fused=False)),
     "short_keys.volo_key_blocked.fp32": (_short_keys_key_blocked, dict(dtype=FP32)),
+    "short_keys.fused_100_tokens.fp32": (_short_keys_key_blocked, dict(dtype=FP32, fused=True, tokens=100)),
     "window.swin.bf16": (_window, dict(hw=(14, 14), window=(7, 7), shift=(3, 3), with_bias=True, dtype=BF16)),
     # 144-token windows with a bias: the per-item kernels with HAS_BIAS (query blocks of 32 rows)
     "window.window12.bf16": (_window, dict(hw=(24, 24), window=(12, 12), shift=(6, 6), with_bias=True, dtype=BF16)),
