@@ -249,8 +249,9 @@ def _key_blocked_constexprs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 def _fused_tiles(n: int, dtype: torch.dtype, constexprs: dict) -> int | None:
-    """The whole query tiles of the fused backward for n queries, or None where it does not serve the call (more
-    than ``_FUSED_MAX_TILES`` whole tiles, or not asked for: by default 16-bit calls take it)."""
+    """The whole query tiles of the fused backward for n queries, or None where it does not serve the call: more
+    than ``_FUSED_MAX_TILES`` whole tiles, more than ``_FUSED_MAX_DQ`` float32 values of dQ to hold, or not asked
+    for (by default 16-bit calls take it)."""
     fused = _KB_TILES["fused"]
     if fused is None:
         fused = dtype != torch.float32
