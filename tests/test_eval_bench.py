@@ -445,3 +445,36 @@ def test_gpu_host_profile_counts_the_runtime_launches():
     assert launches == 3 and calls["aten::add_"] == 1, calls
     kernels = profiled["kernel_top"]  # the three elementwise kernels, once a step each
     assert len(kernels) == 3 and all(n == 1 and ms > 0 for _, ms, n in kernels), kernels
+
+
+def test_time_fn_without_step_sync_synchronizes_once_and_credits_the_mean(monkeypatch):
+    syncs, calls = [], []
+    monkeypatch.setattr(bench, "_sync", lambda device: syncs.append(len(calls)))
+    clock = iter([10.0, 10.9])  # the timed stretch: 0.9 s for 3 calls
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    with bench.step_sync(False):
+        times = bench.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3)
+        row = bench._round_summary([times, [0.5] * 3], 6)
+    assert syncs == [2, 5]  # after the warm-up and after the last timed call only
+    assert times == pytest.approx([0.3, 0.3, 0.3])
+    assert row["latency_ms"] == pytest.approx(400.0) and row["images_per_s"] == pytest.approx(6 / 0.4)
+    assert row["latency_p50_ms"] is None and row["latency_p90_ms"] is None
+    assert bench._TIMING["step_sync"] is True  # the setting ends with the block
+    syncs.clear()
+    calls.clear()
+    clock = iter([0.0, 0.1, 1.0, 1.4])
+    bench.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=0, iters=2)
+    assert syncs == [0, 1, 2]  # by default around every timed call
+
+
+def test_bench_no_step_sync_is_recorded_and_leaves_no_percentiles(tmp_path):
+    args = ["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2", "--dtype", "fp32",
+            "--img-size", "32", "--warmup", "0", "--iters", "2", "--device", "cpu"]
+    assert bench.main(args + ["--no-step-sync", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "bench.json").read_text())
+    row = report["results"][0]
+    assert report["environment"]["step_sync"] is False and row["latency_ms"] > 0
+    assert row["latency_p50_ms"] is None and row["latency_p90_ms"] is None
+    assert bench.main(args + ["--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["environment"]["step_sync"] is True and report["results"][0]["latency_p50_ms"] > 0

@@ -12,9 +12,10 @@ Examples::
     zoo bench ops ...            (delegates to zoo.ops.bench)
 
 Each (model, dtype, batch size, mode) is timed after warm-up iterations, with the device synchronized around every
-iteration. ``dtype`` bf16/fp16 means autocast (mixed precision, as in training), fp32 means no autocast. Peak memory
-is the CUDA allocator's peak during the timed iterations (not measured on CPU). Results go to a table on stdout and
-to ``OUT/bench.csv`` and ``OUT/bench.json`` (with the environment: torch version, device name).
+iteration (``--no-step-sync``: once after the last of them, see below). ``dtype`` bf16/fp16 means autocast (mixed
+precision, as in training), fp32 means no autocast. Peak memory is the CUDA allocator's peak during the timed
+iterations (not measured on CPU). Results go to a table on stdout and to ``OUT/bench.csv`` and ``OUT/bench.json``
+(with the environment: torch version, device name).
 Training steps take AdamW outside any compiled graph: ``--optimizer default`` (torch's choice) or ``fused`` (one
 launch a step; a compiled step's wall time then stays close to its kernel time).
 ``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
@@ -43,6 +44,13 @@ in-place GELU kernel (28.9M bf16 values) at 42.8 us in one model and at 59-60 us
 ``--rounds N`` (N > 1) times every configuration in N rounds that take the models in turn and reports the median
 round, with ``latency_spread`` ((slowest - fastest round) / median): on a shared host whose speed drifts, back-to-back
 runs of one model after another can differ by more than the models do.
+
+``--no-step-sync`` runs each round's iterations back to back and synchronizes once after the last, as a training or
+serving loop does: the host then queues the next step while the GPU runs the current one, so a step whose host work
+is shorter than its kernels costs only its kernel time. Synchronizing every step adds the host's share of each step
+to it instead (on the H200 machine about 1.2 ms a compiled VOLO-D1 training step, for both models). Each iteration of
+a round is then credited with the round's mean, so there are no per-step percentiles (``latency_p50_ms`` and
+``latency_p90_ms`` are left empty).
 
 ``latency_ms`` (and images/s) is a mean over iterations, ``latency_p50_ms`` their median. They part where the host
 slows in episodes: on the H200 machine a host-bound model's iterations (eager Agent-Swin-S inference, 12.1 ms) ran
@@ -75,6 +83,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("default", "fused")
 _TRAIN = {"optimizer": "default"}  # set by train_optimizer()
+_TIMING = {"step_sync": True}  # set by step_sync()
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
            "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "peak_mem_mib",
            "params_m", "channels_last", "device", "error"]
@@ -145,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-time", action="store_true",
                    help="also report each step's summed kernel time (CUDA, one profiled pass more): a latency well "
                         "above it means the host, not the GPU, bounds the step")
+    p.add_argument("--no-step-sync", action="store_true",
+                   help="synchronize once after each round's timed steps instead of after every step, so the host "
+                        "queues a step while the GPU runs the one before (as a training loop does); no per-step "
+                        "percentiles")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="also profile one pass more per row and list the N operators that took the most host "
                         "time a step (self CPU time, calls a step), in a second table; on CUDA also the N kernels "
@@ -166,12 +179,20 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed calls, device synchronized."""
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed calls, the device synchronized around
+    each call; under ``step_sync(False)`` the calls run back to back with one synchronization after the last, and
+    each is given their mean."""
     if iters < 1:
         raise ValueError(f"iters={iters} must be >= 1")
     for _ in range(max(0, warmup)):
         fn()
     _sync(device)
+    if not _TIMING["step_sync"]:
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        return [(time.perf_counter() - start) / iters] * iters
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -382,13 +403,16 @@ def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: 
 
 def _round_summary(rounds: list[list[float]], bs: int) -> dict[str, Any]:
     """Images/s and latencies of one subject from its rounds' per-iteration seconds: images/s and ``latency_ms``
-    from the median round's mean iteration; ``latency_p50_ms`` and ``latency_p90_ms`` over every iteration."""
+    from the median round's mean iteration; ``latency_p50_ms`` and ``latency_p90_ms`` over every iteration (None
+    under ``step_sync(False)``, whose iterations are their round's mean)."""
     means = sorted(statistics.fmean(r) for r in rounds)
     median = statistics.median(means)
     pooled = sorted(t for r in rounds for t in r)
-    p90 = pooled[min(len(pooled) - 1, round(0.9 * (len(pooled) - 1)))]
-    return {"images_per_s": bs / median, "latency_ms": 1e3 * median,
-            "latency_p50_ms": 1e3 * statistics.median(pooled), "latency_p90_ms": 1e3 * p90,
+    p50 = p90 = None
+    if _TIMING["step_sync"]:  # else every iteration holds its round's mean: no per-step spread to report
+        p50 = 1e3 * statistics.median(pooled)
+        p90 = 1e3 * pooled[min(len(pooled) - 1, round(0.9 * (len(pooled) - 1)))]
+    return {"images_per_s": bs / median, "latency_ms": 1e3 * median, "latency_p50_ms": p50, "latency_p90_ms": p90,
             "rounds": len(rounds), "latency_spread": (means[-1] - means[0]) / median}
 
 
@@ -491,6 +515,18 @@ def train_optimizer(kind: str) -> Iterator[None]:
         yield
     finally:
         _TRAIN["optimizer"] = before
+
+
+@contextlib.contextmanager
+def step_sync(enabled: bool) -> Iterator[None]:
+    """Whether :func:`time_fn` synchronizes the device after every timed call (True, the default: per-step latencies)
+    or only after the last (False: back-to-back steps, as a training loop runs them), for the duration."""
+    before = _TIMING["step_sync"]
+    _TIMING["step_sync"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _TIMING["step_sync"] = before
 
 
 @contextlib.contextmanager
@@ -615,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled_mode = args.compile_mode
     compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
     subjects = [(name, backend, compiled) for name in args.models for backend in backends for compiled in compiles]
-    with pointwise_autotune(not args.no_pointwise_autotune), train_optimizer(args.optimizer):
+    with (pointwise_autotune(not args.no_pointwise_autotune), train_optimizer(args.optimizer),
+          step_sync(not args.no_step_sync)):
         rows = _bench_subjects(args, subjects, batch_sizes, dtypes, device, modes, model_kwargs)
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
@@ -625,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(row.get("kernel_top") for row in rows):
             print(format_table(kernel_rows(rows), KERNEL_COLUMNS))
     meta = {**environment(device), "inductor_pointwise_autotune": not args.no_pointwise_autotune,
-            "train_optimizer": args.optimizer}
+            "train_optimizer": args.optimizer, "step_sync": not args.no_step_sync}
     csv_path, json_path = write_results(rows, args.out, meta)
     print(f"wrote {csv_path} and {json_path}")
     return 0
