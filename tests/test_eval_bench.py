@@ -478,3 +478,44 @@ def test_bench_no_step_sync_is_recorded_and_leaves_no_percentiles(tmp_path):
     assert bench.main(args + ["--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert report["environment"]["step_sync"] is True and report["results"][0]["latency_p50_ms"] > 0
+
+
+def test_autograd_nodes_counts_each_node_of_the_graph_once():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    loss = torch.nn.functional.cross_entropy(layer(x), torch.tensor([0, 1, 2, 0, 1]))
+    # NllLoss, LogSoftmax, Addmm, T (the weight's transpose), and the weight's and bias's AccumulateGrad
+    assert bench.autograd_nodes(loss) == 6
+    shared = layer(x)
+    assert bench.autograd_nodes(shared * 2 + shared) == 6  # Add, Mul, Addmm, T, two AccumulateGrad: reached twice
+    assert bench.autograd_nodes(torch.randn(3)) == 0
+
+
+def test_host_phases_times_each_phase_of_a_training_step(monkeypatch):
+    model = zoo.create_model("biformer_tiny", **TINY)
+    step = bench._train_fn(model, torch.randn(2, 3, 32, 32), None)
+    before = [p.detach().clone() for p in model.parameters()]
+    row = bench.host_phases(step, torch.device("cpu"), iters=2)
+    assert all(row[k] > 0 for k in ("host_fwd_ms", "host_bwd_ms", "host_opt_ms"))
+    assert row["autograd_nodes"] == bench.autograd_nodes(step.loss())
+    assert row["autograd_nodes"] > 2 * len(before)  # an AccumulateGrad a parameter, and the layers' own nodes
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the optimizer stepped
+    infer = bench.host_phases(bench._inference_fn(model, torch.randn(2, 3, 32, 32), None), torch.device("cpu"), 2)
+    assert infer["host_fwd_ms"] > 0 and infer["host_bwd_ms"] is None and infer["autograd_nodes"] is None
+    with pytest.raises(ValueError, match="iters=0 must be >= 1"):
+        bench.host_phases(step, torch.device("cpu"), iters=0)
+
+
+@pytest.mark.parametrize("rounds", ["1", "2"])
+def test_bench_host_phases_fill_their_columns(rounds, tmp_path, capsys):
+    args = ["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2", "--dtype", "fp32",
+            "--img-size", "32", "--train", "--warmup", "0", "--iters", "1", "--rounds", rounds, "--device", "cpu",
+            "--host-phases", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    assert "host_bwd_ms" in capsys.readouterr().out
+    infer, train = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert infer["host_fwd_ms"] > 0 and infer["host_bwd_ms"] is None and infer["autograd_nodes"] is None
+    assert train["host_fwd_ms"] > 0 and train["host_bwd_ms"] > 0 and train["host_opt_ms"] > 0
+    assert train["autograd_nodes"] > 100
+    assert bench.main(args[:-3] + ["--out", str(tmp_path)]) == 0
+    assert "host_bwd_ms" not in capsys.readouterr().out  # hidden unless asked for

@@ -26,6 +26,11 @@ CUDA the runtime's launch calls, ``cudaLaunchKernel`` and the like, rank among t
 official model beside zoo's to see what one step does more than the other. On CUDA a third table gives the same
 pass's N kernels with the most device time a step (``device_ms``, launches a step): where two models' kernel time
 differs.
+``--host-phases`` times, without a profiler, the host's work in each phase of a step begun on an idle device:
+``host_fwd_ms`` (the forward; with the loss for training), ``host_bwd_ms`` (``backward()``) and ``host_opt_ms`` (the
+optimizer step), and counts a training step's ``autograd_nodes``. A training step whose phases add up to about its
+latency is bound by the host; on the H200 machine an eager one costs the host tens of microseconds an operator call,
+so two models' node and launch counts tell more than their kernels do.
 
 ``--ops-backend auto,reference`` runs every model once per choice of attention backend (``auto``: the dispatch's
 choice; a name forces that backend on every ``zoo.ops`` op that has it), ``--with-compile`` times eager and
@@ -85,8 +90,10 @@ OPTIMIZERS = ("default", "fused")
 _TRAIN = {"optimizer": "default"}  # set by train_optimizer()
 _TIMING = {"step_sync": True}  # set by step_sync()
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
-           "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "peak_mem_mib",
-           "params_m", "channels_last", "device", "error"]
+           "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "host_fwd_ms",
+           "host_bwd_ms", "host_opt_ms", "autograd_nodes", "peak_mem_mib", "params_m", "channels_last", "device",
+           "error"]
+PHASE_COLUMNS = ("host_fwd_ms", "host_bwd_ms", "host_opt_ms", "autograd_nodes")  # --host-phases only
 HOST_COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "rank", "host_op", "self_cpu_ms", "calls"]
 KERNEL_COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "rank", "kernel", "device_ms", "calls"]
 
@@ -158,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synchronize once after each round's timed steps instead of after every step, so the host "
                         "queues a step while the GPU runs the one before (as a training loop does); no per-step "
                         "percentiles")
+    p.add_argument("--host-phases", action="store_true",
+                   help="also time the host's work in each phase of a step (forward; a training step's backward and "
+                        "optimizer step) and count a training step's autograd nodes, over --iters more calls")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="also profile one pass more per row and list the N operators that took the most host "
                         "time a step (self CPU time, calls a step), in a second table; on CUDA also the N kernels "
@@ -282,20 +292,84 @@ def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | No
     return step
 
 
-def _train_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], Any]:
-    model.train()
-    fused = {"fused": True} if _TRAIN["optimizer"] == "fused" else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, **fused)
-    target = torch.randint(0, _num_outputs(model), (x.shape[0],), device=x.device)
+class _TrainStep:
+    """A training step on a fixed batch, callable: zero the gradients, the forward under autocast with a float32
+    cross entropy (:meth:`loss`), ``backward()``, then AdamW's step (``--optimizer``). Its phases are separate so that
+    :func:`host_phases` can time each."""
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x).float(), target)
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None):
+        model.train()
+        fused = {"fused": True} if _TRAIN["optimizer"] == "fused" else {}
+        self.model, self.x, self.amp = model, x, amp
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, **fused)
+        self.target = torch.randint(0, _num_outputs(model), (x.shape[0],), device=x.device)
+
+    def loss(self) -> torch.Tensor:
+        """Zero the gradients and run the forward: the scalar loss, its graph recorded."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.x.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return F.cross_entropy(self.model(self.x).float(), self.target)
+
+    def __call__(self) -> None:
+        self.loss().backward()
+        self.optimizer.step()
+
+
+def _train_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> _TrainStep:
+    return _TrainStep(model, x, amp)
+
+
+def autograd_nodes(output: torch.Tensor) -> int:
+    """How many autograd nodes the graph behind ``output`` holds: every node reachable from ``output.grad_fn``
+    (the parameters' ``AccumulateGrad`` nodes included), each counted once. The engine visits each of them in
+    ``backward()``, and in eager code each costs host time, a kernel or not."""
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(following for following, _ in node.next_functions)
+    return len(seen)
+
+
+def host_phases(step: Callable[[], Any], device: torch.device, iters: int) -> dict[str, Any]:
+    """Host milliseconds of a step's phases: medians over ``iters`` calls, each begun on an idle device (synchronized
+    before it) and not synchronized within, so each phase's time is what the host spends issuing its work (plus any
+    wait for a full launch queue).
+
+    Returns ``host_fwd_ms`` (the call; for a training step the forward and loss), and for a training step
+    (:class:`_TrainStep`) also ``host_bwd_ms`` (``backward()``: the autograd engine's walk and its launches),
+    ``host_opt_ms`` (the optimizer's step) and ``autograd_nodes`` (:func:`autograd_nodes` of one forward's loss).
+    Unlike ``--host-profile``, nothing is profiled, so no profiler overhead inflates them.
+    """
+    if iters < 1:
+        raise ValueError(f"iters={iters} must be >= 1")
+    phases: dict[str, list[float]] = {"host_fwd_ms": [], "host_bwd_ms": [], "host_opt_ms": []}
+    nodes = None
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        if not isinstance(step, _TrainStep):
+            step()
+            phases["host_fwd_ms"].append(time.perf_counter() - start)
+            continue
+        loss = step.loss()
+        forward_end = time.perf_counter()
+        if nodes is None:
+            nodes = autograd_nodes(loss)
+        backward_start = time.perf_counter()
         loss.backward()
-        optimizer.step()
-
-    return step
+        backward_end = time.perf_counter()
+        step.optimizer.step()
+        phases["host_fwd_ms"].append(forward_end - start)
+        phases["host_bwd_ms"].append(backward_end - backward_start)
+        phases["host_opt_ms"].append(time.perf_counter() - backward_end)
+    _sync(device)
+    result: dict[str, Any] = {k: 1e3 * statistics.median(v) if v else None for k, v in phases.items()}
+    result["autograd_nodes"] = nodes
+    return result
 
 
 def _num_outputs(model: torch.nn.Module) -> int:
@@ -313,10 +387,11 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
                 modes: tuple[str, ...] = ("infer",), img_size: int | None = None, compile: bool | str = False,
                 channels_last: bool = False, warmup: int = 3, iters: int = 10,
                 model_kwargs: dict[str, Any] | None = None, device_time: bool = False,
-                host_top: int = 0) -> list[dict[str, Any]]:
+                host_top: int = 0, phases: bool = False) -> list[dict[str, Any]]:
     """One result row per (mode, dtype, batch size): images/s, mean and p90 latency, CUDA peak memory and, with
     ``device_time`` on CUDA, ``device_ms``: the summed kernel time of one step (a profiled pass after the timing);
-    with ``host_top`` > 0, ``host_top`` from :func:`host_profile` (one more pass).
+    with ``host_top`` > 0, ``host_top`` from :func:`host_profile` (one more pass); with ``phases``, the host time of
+    each phase of a step and a training step's autograd nodes (:func:`host_phases`, ``iters`` calls more).
 
     ``compile``: False for eager, True or a ``torch.compile`` mode name (see ``COMPILE_MODES``) to compile; the rows'
     ``compile`` column is False or the mode. A configuration that runs out of memory gets a row with ``error='OOM'``
@@ -329,7 +404,7 @@ def bench_model(model_name: str, batch_sizes: list[int], dtypes: list[str], devi
     for mode, dtype, bs in _configurations(modes, dtypes, batch_sizes):
         row = subject.row(mode, dtype, bs)
         row.update(_measure(subject.runner, mode, DTYPES[dtype], bs, subject.chw, device, channels_last, warmup,
-                            iters, device_time, host_top))
+                            iters, device_time, host_top, phases))
         rows.append(row)
     return rows
 
@@ -338,7 +413,7 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
                       device: str | torch.device = "cpu", modes: tuple[str, ...] = ("infer",),
                       img_size: int | None = None, channels_last: bool = False, warmup: int = 3, iters: int = 10,
                       model_kwargs: dict[str, Any] | None = None, device_time: bool = False,
-                      rounds: int = 3, host_top: int = 0) -> list[dict[str, Any]]:
+                      rounds: int = 3, host_top: int = 0, phases: bool = False) -> list[dict[str, Any]]:
     """Rows for (model, ops backend, compile) ``subjects`` whose timings share the machine's drift.
 
     Every configuration (mode, dtype, batch size) is timed in ``rounds`` rounds; a round takes the subjects in
@@ -348,7 +423,8 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
     then moves every subject alike, which back-to-back runs of one model after another do not.
 
     Every model stays built for the whole run, so the CUDA allocator's peak is not one model's: ``peak_mem_mib`` is
-    left empty (``bench_model`` measures it). Rows come subject by subject in the order given.
+    left empty (``bench_model`` measures it). Rows come subject by subject in the order given. ``device_time``,
+    ``host_top`` and ``phases`` as for :func:`bench_model`, after the last round.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
@@ -359,14 +435,15 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
     results: dict[tuple[int, tuple], dict[str, Any]] = {}
     for config in _configurations(modes, dtypes, batch_sizes):
         for i, result in enumerate(_interleave(built, config, device, warmup, iters, device_time, rounds,
-                                               host_top)):
+                                               host_top, phases)):
             results[i, config] = result
     return [{**subject.row(*config), **results[i, config]}
             for i, subject in enumerate(built) for config in _configurations(modes, dtypes, batch_sizes)]
 
 
 def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: torch.device, warmup: int,
-                iters: int, device_time: bool, rounds: int, host_top: int = 0) -> list[dict[str, Any]]:
+                iters: int, device_time: bool, rounds: int, host_top: int = 0,
+                phases: bool = False) -> list[dict[str, Any]]:
     """One configuration's measurements of every subject, timed in interleaved rounds (see bench_interleaved)."""
     mode, dtype, bs = config
     steps: dict[int, Callable[[], Any]] = {}
@@ -397,6 +474,9 @@ def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: 
         if host_top:
             with ops_backend(subject.backend):
                 result.update(host_profile(steps[i], device, iters, host_top))
+        if phases:
+            with ops_backend(subject.backend):
+                result.update(host_phases(steps[i], device, iters))
         out.append(result)
     return out
 
@@ -481,7 +561,7 @@ def _step_fn(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
 
 def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
              device: torch.device, channels_last: bool, warmup: int, iters: int,
-             device_time: bool = False, host_top: int = 0) -> dict[str, Any]:
+             device_time: bool = False, host_top: int = 0, phases: bool = False) -> dict[str, Any]:
     with _failures_as_rows() as failure:
         fn = _step_fn(model, mode, amp, bs, chw, device, channels_last)
         if device.type == "cuda":
@@ -495,6 +575,8 @@ def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
 
             kernels = device_ms(fn, device, iters)
         host = host_profile(fn, device, iters, host_top) if host_top else {}
+        if phases:
+            host.update(host_phases(fn, device, iters))
         del fn
     if failure:
         return failure
@@ -656,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = _bench_subjects(args, subjects, batch_sizes, dtypes, device, modes, model_kwargs)
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
+    hidden |= set() if args.host_phases else set(PHASE_COLUMNS)
     print(format_table(rows, [c for c in COLUMNS if c not in hidden]))
     if args.host_profile:
         print(format_table(host_rows(rows), HOST_COLUMNS))
@@ -675,13 +758,13 @@ def _bench_subjects(args: argparse.Namespace, subjects: list[tuple[str, str, boo
     if args.rounds > 1:
         return bench_interleaved(subjects, batch_sizes, dtypes, device, modes, args.img_size, args.channels_last,
                                  args.warmup, args.iters, model_kwargs, args.device_time, args.rounds,
-                                 args.host_profile)
+                                 args.host_profile, args.host_phases)
     rows = []
     for name, backend, compiled in subjects:
         with ops_backend(backend):
             for row in bench_model(name, batch_sizes, dtypes, device, modes, args.img_size, compiled,
                                    args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time,
-                                   args.host_profile):
+                                   args.host_profile, args.host_phases):
                 rows.append({**row, "ops": backend})
     return rows
 
