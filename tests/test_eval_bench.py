@@ -493,7 +493,7 @@ def test_autograd_nodes_counts_each_node_of_the_graph_once():
 
 def test_host_phases_times_each_phase_of_a_training_step(monkeypatch):
     model = zoo.create_model("biformer_tiny", **TINY)
-    step = bench._train_fn(model, torch.randn(2, 3, 32, 32), None)
+    step = bench._TrainStep(model, torch.randn(2, 3, 32, 32), None)
     before = [p.detach().clone() for p in model.parameters()]
     row = bench.host_phases(step, torch.device("cpu"), iters=2)
     assert all(row[k] > 0 for k in ("host_fwd_ms", "host_bwd_ms", "host_opt_ms"))

@@ -315,10 +315,6 @@ class _TrainStep:
         self.optimizer.step()
 
 
-def _train_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> _TrainStep:
-    return _TrainStep(model, x, amp)
-
-
 def autograd_nodes(output: torch.Tensor) -> int:
     """How many autograd nodes the graph behind ``output`` holds: every node reachable from ``output.grad_fn``
     (the parameters' ``AccumulateGrad`` nodes included), each counted once. The engine visits each of them in
@@ -556,7 +552,7 @@ def _step_fn(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
     x = torch.randn(bs, *chw, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return _train_fn(model, x, amp) if mode == "train" else _inference_fn(model, x, amp)
+    return _TrainStep(model, x, amp) if mode == "train" else _inference_fn(model, x, amp)
 
 
 def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
@@ -738,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = _bench_subjects(args, subjects, batch_sizes, dtypes, device, modes, model_kwargs)
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
-    hidden |= set() if args.host_phases else set(PHASE_COLUMNS)
+    if not args.host_phases:
+        hidden |= set(PHASE_COLUMNS)
     print(format_table(rows, [c for c in COLUMNS if c not in hidden]))
     if args.host_profile:
         print(format_table(host_rows(rows), HOST_COLUMNS))
