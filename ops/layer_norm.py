@@ -265,27 +265,27 @@ def _forward_kernel_call(x, weight, bias, eps, y, mean, rstd, residual, total, l
 
 
 def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launch=direct):
-    """dy, x contiguous (..., C) -> dx (x's dtype; empty (0,) when not needed), dweight and dbias as float32 (C,)
-    sums (empty (0,) when not needed)."""
+    """dy, x contiguous (..., C) -> dx (x's dtype; empty (0,) when not needed) and the float32 sums of the
+    parameters asked for, (need_dw + need_db, C): dweight's row first, then dbias's. One buffer for both sums, reduced
+    by one launch: a launch costs eager training about what its kernel takes, in host time."""
     channels = x.shape[-1]
     rows = mean.numel()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty((0,))
-    empty = x.new_empty((0,), dtype=torch.float32)
     if x.numel() == 0:  # no rows (the sums are zeros), or rows of no values
-        zeros = x.new_zeros((channels,), dtype=torch.float32)
-        return dx, zeros if need_dw else empty, zeros.clone() if need_db else empty
+        return dx, x.new_zeros((need_dw + need_db, channels), dtype=torch.float32)
     backward_kernel = launch(_kernels()[1])
     block_rows, block_c, num_warps = _tiles(channels)
     num_blocks = _cdiv(rows, block_rows)
     programs = _backward_programs(x, num_blocks)
-    dw = torch.empty((programs, channels), dtype=torch.float32, device=x.device) if need_dw else None
-    db = torch.empty((programs, channels), dtype=torch.float32, device=x.device) if need_db else None
+    parts = torch.empty((need_dw + need_db, programs, channels), dtype=torch.float32, device=x.device)
+    dw = parts[0] if need_dw else None
+    db = parts[-1] if need_db else None
     with on_device(x):
         backward_kernel[(programs,)](
             dy, x, x if weight is None else weight, mean, rstd, dx if need_dx else x, x if dw is None else dw,
             x if db is None else db, rows, channels, num_blocks, HAS_W=weight is not None, DX=need_dx, DW=need_dw,
             DB=need_db, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    return dx, empty if dw is None else dw.sum(0), empty if db is None else db.sum(0)
+    return dx, parts.sum(1)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -305,17 +305,16 @@ def _triton_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
 
 
 def _triton_backward_fake(grad_out, x, weight, mean, rstd, need_dx, need_dw, need_db):
-    channels = x.shape[-1]
     return (x.new_empty(x.shape if need_dx else (0,)),
-            x.new_empty((channels,) if need_dw else (0,), dtype=torch.float32),
-            x.new_empty((channels,) if need_db else (0,), dtype=torch.float32))
+            x.new_empty((need_dw + need_db, x.shape[-1]), dtype=torch.float32))
 
 
 @kernel_op("zoo::layer_norm_bwd", fake=_triton_backward_fake)
 def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],  # noqa: UP045
                      mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool,
-                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: dx (..., C) in x's dtype, float32 (C,) sums dweight and dbias; each empty (0,) when not needed."""
+                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: dx (..., C) in x's dtype (empty (0,) when not needed) and the float32 sums (need_dw + need_db, C):
+    dweight's row, then dbias's."""
     return _launch_backward(grad_out.contiguous(), x.contiguous(), contiguous_or_none(weight), mean.contiguous(),
                             rstd.contiguous(), need_dx, need_dw, need_db, traced)
 
@@ -334,11 +333,11 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 def _input_grads(grads, need, weight, bias_dtype) -> tuple:
-    """(dx, float32 dweight, float32 dbias) -> the gradients of (x, weight, bias, eps, out_dtype) as autograd wants
-    them: None where not needed, the parameter sums in their parameters' dtypes."""
-    dx, dw, db = grads
-    return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
-            db.to(bias_dtype) if need[2] else None, None, None)
+    """(dx, float32 sums (asked, C)) -> the gradients of (x, weight, bias, eps, out_dtype) as autograd wants them:
+    None where not needed, the parameter sums in their parameters' dtypes."""
+    dx, sums = grads
+    return (dx if need[0] else None, sums[0].to(weight.dtype) if need[1] else None,
+            sums[-1].to(bias_dtype) if need[2] else None, None, None)
 
 
 _triton_forward.register_autograd(_backward, setup_context=_setup_context)
