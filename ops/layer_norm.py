@@ -285,7 +285,7 @@ def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launc
             dy, x, x if weight is None else weight, mean, rstd, dx if need_dx else x, x if dw is None else dw,
             x if db is None else db, rows, channels, num_blocks, HAS_W=weight is not None, DX=need_dx, DW=need_dw,
             DB=need_db, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    return dx, parts.sum(1)
+    return dx, parts.sum(1) if need_dw or need_db else parts[:, 0]  # frozen parameters: no reduction call
 
 
 def _cdiv(a: int, b: int) -> int:
