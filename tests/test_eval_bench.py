@@ -348,9 +348,7 @@ def test_bench_imports_a_module_that_registers_models(tmp_path, monkeypatch, cap
         "import timm, torch\n"
         "from timm.models import register_model\n"
         "@register_model\n"
-        "def my_bench_mlp(pretrained=False, **kwargs):\n"
-        "    for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'features_only'):\n"
-        "        kwargs.pop(key, None)\n"
+        "def my_bench_mlp(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None):\n"
         "    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))\n"
         "    model.pretrained_cfg = {'input_size': (3, 8, 8)}\n"
         "    return model\n")

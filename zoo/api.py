@@ -35,8 +35,10 @@ def create_model(model_name: str, pretrained: bool = False, num_classes: int | N
     model_name = registry.resolve_model_name(model_name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if features_only:  # passed only when asked, as timm.create_model does: an entrypoint need not know the argument
+        kwargs["features_only"] = True
     if checkpoint_path is None:
-        return timm.create_model(model_name, pretrained=pretrained, features_only=features_only, **kwargs)
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     from zoo import convert
 
     state_dict = convert.read_checkpoint(checkpoint_path)
@@ -48,8 +50,7 @@ def create_model(model_name: str, pretrained: bool = False, num_classes: int | N
     if head_size is not None:
         kwargs.setdefault("num_classes", head_size)
         overlay["num_classes"] = head_size  # so timm keeps a fine-tuned head of that size
-    return timm.create_model(model_name, pretrained=True, features_only=features_only,
-                             pretrained_cfg_overlay=overlay, **kwargs)
+    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def _checkpoint_num_classes(model_name: str, checkpoint: Any) -> int | None:
