@@ -6,6 +6,7 @@ definition) and optional fast backends chosen by :mod:`zoo.ops._dispatch`. See `
 from ._dispatch import BackendUnavailable, available_backends, dispatch, register_backend, registered_backends
 
 from .agent import agent_attention, pooled_agent_attention  # noqa: F401
+from .agent_bias import agent_bias_maps  # noqa: F401
 from .outlook import outlook_attention  # noqa: F401
 from .routing import routing_attention  # noqa: F401
 from .triton import routing as _routing_triton  # noqa: F401  (registers the triton backend of routing_attention)
@@ -30,7 +31,8 @@ from .patch_conv import PatchConv2d, as_patch_conv  # noqa: F401
 from .space_to_depth import SpaceToDepthConv2d, as_space_to_depth_conv  # noqa: F401
 
 __all__ = ["available_backends", "registered_backends", "register_backend", "dispatch", "BackendUnavailable",
-           "agent_attention", "pooled_agent_attention", "outlook_attention", "routing_attention", "window_attention",
+           "agent_attention", "pooled_agent_attention", "agent_bias_maps", "outlook_attention", "routing_attention",
+           "window_attention",
            "cross_attention", "downsampled_attention", "split_qkv",
            "masked_attention", "structured_mask", "neighborhood_attention",
            "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp",
