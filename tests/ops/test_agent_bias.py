@@ -147,8 +147,61 @@ def _interpreter_checks() -> None:
     assert p["ah"].grad is None and p["ca"].grad is None and p["an"].grad is not None
 
 
+# small configurations of the Agent families (their backbone tests' shapes): a class token (DeiT), key and query
+# grids of different sizes (PVT), stripe windows (CSwin); Agent-Swin's windows are checked full-size on the GPU
+TINY_MODELS = {
+    "agent_deit_tiny": dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2, agent_num=(4, 4, 4, 4),
+                            agent_layer=2),
+    "agent_pvt_tiny": dict(img_size=64, embed_dims=(8, 16, 16, 16), num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2),
+                           depths=(1, 1, 1, 1), agent_num=(4, 4, 4, 4)),
+    "agent_cswin_t": dict(img_size=64, embed_dim=8, depth=(1, 1, 1, 1), split_size=(1, 2, 2, 2),
+                          la_split_size=(4, 8, 4, 2), num_heads=(2, 2, 4, 4), agent_num=(4, 4, 4, 4),
+                          attn_type="AABB"),
+}
+
+
+def _interpreter_model_checks() -> None:
+    """A float32 training step of each small model builds its biases on the triton backend (every agent block's
+    call, none falling back) with the reference's logits and bias gradients."""
+    import os
+
+    import zoo
+
+    from zoo.ops._dispatch import _REGISTRY
+
+    # every other op on its reference: the interpreter would run their kernels too, slowly
+    others = ",".join(f"{op}:reference" for op in _REGISTRY if op != "agent_bias_maps")
+    calls, maps_forward = [], ab._maps_forward
+    ab._maps_forward = lambda *a: calls.append(a[-2:]) or maps_forward(*a)
+    try:
+        for name, config in TINY_MODELS.items():
+            torch.manual_seed(0)
+            model = zoo.create_model(name, num_classes=10, drop_path_rate=0.0, **config).train()
+            x = torch.randn(2, 3, config["img_size"], config["img_size"], generator=torch.Generator().manual_seed(1))
+            results = []
+            for backend in ("triton", "reference"):
+                os.environ["ZOO_OPS_BACKEND"] = f"agent_bias_maps:{backend},{others}"
+                model.zero_grad(set_to_none=True)
+                before = len(calls)
+                out = model(x)
+                out.square().sum().backward()
+                results.append((out.detach(), {k: p.grad for k, p in model.named_parameters()
+                                                if k.endswith("_bias") and "attn" in k and p.grad is not None},
+                                len(calls) - before))
+            del os.environ["ZOO_OPS_BACKEND"]
+            (out, grads, launched), (want_out, want_grads, none) = results
+            assert launched > 0 and none == 0, (name, launched, none)
+            assert_close_to(out, want_out, 1e-5, 1e-5, f"{name} logits")
+            assert grads.keys() == want_grads.keys() and len(grads) >= 6, (name, sorted(grads))
+            for key, want in want_grads.items():
+                if want.any():
+                    assert_close_to(grads[key], want, 1e-4, 1e-4, f"{name} grad {key}")
+    finally:
+        ab._maps_forward = maps_forward
+
+
 def test_triton_interpreter_against_the_reference():
-    run_in_interpreter("test_agent_bias", "_interpreter_checks")
+    run_in_interpreter("test_agent_bias", "_interpreter_checks", "_interpreter_model_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------
