@@ -381,6 +381,54 @@ def test_frozen_layers_and_no_grad_calls_keep_their_own_paths():
     assert all(_ATTR in m.__dict__ for m in (cached[0], cached[3], cached[4]))
 
 
+def test_a_training_forward_walks_the_modules_only_after_the_tree_changes(monkeypatch):
+    """The one cast's list of layers is kept between training forwards and walked again after a layer is added
+    (which then joins the one cast), with outputs and gradients still those of plain layers."""
+    plain, cached = _scoped_pair()
+    x = _input()
+    walks = []
+    modules = nn.Module.modules
+    monkeypatch.setattr(nn.Module, "modules", lambda self: walks.append(self) or modules(self))
+    _train_step(cached, x)
+    _train_step(cached, x)
+    assert walks.count(cached) == 1
+    layer = nn.Linear(4, 3)
+    plain.append(layer)
+    cached.append(copy.deepcopy(layer))
+    cache_autocast_casts(cached)  # swaps the new layer's class (the tree walk below is the cast's, not this one's)
+    cached.zero_grad(set_to_none=True)
+    walks.clear()
+    counter = _CountCopies()
+    outputs = [_train_step(plain, x), _train_step(cached, x, counter)]
+    assert walks.count(cached) == 1 and torch.equal(*outputs)
+    assert counter.copies == 3  # the one cast, the output's float() and its backward: the new layer cast with it
+    for p, q in zip(plain.parameters(), cached.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_replaced_and_parametrized_weights_join_the_one_cast():
+    """A weight replaced by a new Parameter after a step, and a parametrized weight (a property, not a parameter):
+    the next forward casts the current tensors, and the gradients reach the new parameter and the parametrization's
+    original, as with plain layers."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    plain, cached = _scoped_pair()
+    x = _input()
+    _train_step(cached, x)
+    for model in (plain, cached):
+        model.zero_grad(set_to_none=True)
+        model[3].weight = nn.Parameter(torch.linspace(-1, 1, 5 * 36).reshape(5, 36))
+        parametrize.register_parametrization(model[4], "weight", Double())
+    outputs = [_train_step(plain, x), _train_step(cached, x)]
+    assert torch.equal(*outputs)
+    for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+
+
 def test_the_scope_closes_when_the_forward_raises():
     from zoo.ops import autocast_cache
 
