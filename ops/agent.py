@@ -238,10 +238,11 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         conv_weight: (heads * d_v, 1, K, K) depthwise kernel, K odd, or None for no conv term; conv_bias: (heads *
             d_v,) or None. Dtypes as :func:`~zoo.ops.depthwise_conv` takes them (its compute dtype).
         qkv: the (B, N, 3 * heads * d) projection whose head-split views q, k and v are (q, k, v each heads * d
-            channels in that order, d_v = d), or None. It changes no value: in a traced training graph on CUDA the
-            ``triton`` backend then runs the module as one op whose backward writes qkv's gradient in one buffer
-            (otherwise autograd concatenates q's, k's and v's gradients, with the pooling's and the conv's added, in
-            one more pass over them).
+            channels in that order, d_v = d), or None. It changes no value: in training calls on CUDA (eager, or a
+            traced graph) the ``triton`` backend then runs the module as one autograd node on qkv whose backward
+            writes qkv's gradient in one buffer (otherwise autograd concatenates q's, k's and v's gradients, with
+            the pooling's and the conv's added, in one more pass over them). An eager call whose q, k, v are not
+            views of qkv's autograd base (a detached qkv) ignores it.
         backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
 
     Returns:

@@ -41,7 +41,8 @@ window-membership dots over the query tiles) and, after each query tile's broadc
 conv for that tile's grid tokens (nine neighbour loads of the head's channels), one launch in all. A training call is
 one autograd node: the forward also stores the agents and the aggregation's statistics; the backward is the kernel
 above with the attention's output tiles recomputed (the stored output holds the conv term too), then the pooling's
-gradient and the conv's (the depthwise-conv op's backward kernels).
+gradient and the conv's (the depthwise-conv op's backward kernels). Given the qkv projection that q, k and v are
+views of, that node is on qkv itself and its backward writes qkv's gradient in one buffer.
 """
 from __future__ import annotations
 
@@ -538,6 +539,9 @@ def pooled_agent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                  list(agent_grid), prefix, scale)[0]
         return out.view(b, n, heads, d).transpose(1, 2)
     if needs_grad(q, k, v, conv_weight, conv_bias, agent_bias, query_bias):
+        if _same_autograd_base(qkv, q, k, v):
+            return _PooledQkvAttention.apply(qkv, conv_weight, conv_bias, agent_bias, query_bias, (q, k, v), grid,
+                                             agent_grid, prefix, scale)
         return _PooledAgentAttention.apply(q, k, v, conv_weight, conv_bias, agent_bias, query_bias, grid, agent_grid,
                                            prefix, scale)
     weight, bias = _conv_in(conv_weight, conv_bias, compute_dtype(v))
@@ -569,47 +573,99 @@ def _window_span(n: int, g: int) -> int:
     return int(_window_membership(n, g, torch.device("cpu")).sum(0).max())
 
 
+def _same_autograd_base(qkv: torch.Tensor | None, *views: torch.Tensor) -> bool:
+    """Whether ``views`` (q, k, v) come from ``qkv`` through views only, so a gradient for qkv reaches them: the
+    caller checked that they lie in qkv's memory, but a detached qkv would share that memory and drop their
+    gradients."""
+    if qkv is None:
+        return False
+    base = qkv if qkv._base is None else qkv._base
+    return all(t._base is base for t in views)
+
+
+def _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
+    """The fused launch keeping the agents and the aggregation's statistics, recorded on ``ctx`` (with ``q``'s
+    autograd inputs saved by the caller): returns the output."""
+    w, cb = _conv_in(weight, bias, compute_dtype(v))
+    out, agents, agent_v, lse = _launch_pooled(q, k, v, w, cb, agent_bias, query_bias, grid, agent_grid, prefix,
+                                               scale, stats=True)
+    ctx.layout = (grid, agent_grid, prefix, scale, bias is not None)
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    return out, (w, agents, agent_v, lse)
+
+
+def _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, param_grads: tuple[bool, bool],
+                  input_grad: bool, into=None):
+    """The fused call's gradients (dq, dk, dv, d_weight, d_conv_bias, d_agent_bias, d_query_bias) from its output's
+    ``grad`` (B, heads, N, d_v): the agent backward kernel (the attention's output tiles recomputed, since the
+    stored output includes the conv; dq, dk, dv written into ``into``'s views when given), the pooling's gradient
+    added into dq and the conv's (:func:`zoo.ops.depthwise_conv.conv_backward`, its input gradient added into dv when
+    ``input_grad``). ``param_grads``: whether the conv's weight and bias want gradients."""
+    grid, agent_grid, prefix, scale, has_bias = ctx.layout
+    agent_bias_grad = agent_bias is not None and ctx.needs_input_grad[ctx.bias_inputs[0]]
+    query_bias_grad = query_bias is not None and ctx.needs_input_grad[ctx.bias_inputs[1]]
+    with on_device(q):
+        dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None, agent_v,
+                                                    lse, scale, agent_bias_grad, query_bias_grad, into=into)
+    _add_pooling_grad(_grid_tokens(dq, prefix), da, grid, agent_grid)
+    dw = db = None
+    if w is not None:
+        # the conv term's gradients: the grid rows of the output's gradient in the conv's dtype (as autograd casts
+        # it for the conv's output), the values' part added into dv's grid rows
+        g = _grid_maps(grad, prefix, grid)
+        g = g if g.dtype == w.dtype else g.to(w.dtype)
+        wants_weight = param_grads[0] or (has_bias and param_grads[1])
+        dtypes = (ctx.param_dtypes[0] if wants_weight else None,
+                  ctx.param_dtypes[1] if wants_weight and param_grads[1] else None)
+        _, dw, db = conv_backward(g, _grid_maps(v, prefix, grid), w if input_grad else None, w.shape[-1], dtypes,
+                                  into=_grid_maps(dv, prefix, grid) if input_grad else None)
+    return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, agent_bias_grad),
+            _bias_grad(dqb, query_bias, query_bias_grad))
+
+
 class _PooledAgentAttention(torch.autograd.Function):
-    """Training calls of :func:`pooled_agent_attention_triton`: one autograd node. The forward is the fused launch
-    keeping the agents and the aggregation's statistics; the backward is the agent backward kernel (recomputing
-    the attention's output tiles, since the stored output includes the conv), the pooling's gradient and the conv's
-    (:func:`zoo.ops.depthwise_conv.conv_backward`, its input gradient added into dv)."""
+    """Training calls of :func:`pooled_agent_attention_triton` on separate q, k, v: one autograd node. The forward
+    is the fused launch keeping the agents and the aggregation's statistics; the backward :func:`_pooled_grads`."""
 
     @staticmethod
     def forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
-        compute = compute_dtype(v)
-        w, cb = _conv_in(weight, bias, compute)
-        out, agents, agent_v, lse = _launch_pooled(q, k, v, w, cb, agent_bias, query_bias, grid, agent_grid, prefix,
-                                                   scale, stats=True)
+        out, (w, agents, agent_v, lse) = _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid,
+                                                         agent_grid, prefix, scale)
         ctx.save_for_backward(q, k, v, w, agents, agent_bias, query_bias, agent_v, lse)
-        ctx.layout = (grid, agent_grid, prefix, scale, bias is not None)
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.bias_grads = (agent_bias is not None and ctx.needs_input_grad[5],
-                          query_bias is not None and ctx.needs_input_grad[6])
+        ctx.bias_inputs = (5, 6)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
-        grid, agent_grid, prefix, scale, has_bias = ctx.layout
-        with on_device(q):
-            dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None,
-                                                        agent_v, lse, scale, *ctx.bias_grads)
-        _add_pooling_grad(_grid_tokens(dq, prefix), da, grid, agent_grid)
-        dw = db = None
-        if w is not None:
-            # the conv term's gradients: the grid rows of the output's gradient in the conv's dtype (as autograd casts
-            # it for the conv's output), the values' part added into dv's grid rows
-            g = _grid_maps(grad, prefix, grid)
-            g = g if g.dtype == w.dtype else g.to(w.dtype)
-            wants_weight = ctx.needs_input_grad[3] or (has_bias and ctx.needs_input_grad[4])
-            dtypes = (ctx.param_dtypes[0] if wants_weight else None,
-                      ctx.param_dtypes[1] if wants_weight and ctx.needs_input_grad[4] else None)
-            wants_input = ctx.needs_input_grad[2]
-            _, dw, db = conv_backward(g, _grid_maps(v, prefix, grid), w if wants_input else None, w.shape[-1], dtypes,
-                                      into=_grid_maps(dv, prefix, grid) if wants_input else None)
-        return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
-                _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None, None, None)
+        dq, dk, dv, dw, db, dab, dqb = _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v,
+                                                     lse, ctx.needs_input_grad[3:5], ctx.needs_input_grad[2])
+        return dq, dk, dv, dw, db, dab, dqb, None, None, None, None
+
+
+class _PooledQkvAttention(torch.autograd.Function):
+    """Training calls of :func:`pooled_agent_attention_triton` given the qkv projection whose head-split views q, k
+    and v are (``views``, a tuple autograd does not track): one autograd node on qkv, whose backward writes dq, dk
+    and dv into the thirds of one (B, N, 3 * heads * d) buffer, qkv's gradient. Otherwise autograd would concatenate
+    the three gradients through the views' nodes: a copy of them all and some six more nodes a call."""
+
+    @staticmethod
+    def forward(ctx, qkv, weight, bias, agent_bias, query_bias, views, grid, agent_grid, prefix, scale):
+        q, k, v = views
+        out, (w, agents, agent_v, lse) = _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid,
+                                                         agent_grid, prefix, scale)
+        ctx.save_for_backward(qkv, w, agents, agent_bias, query_bias, agent_v, lse)
+        ctx.bias_inputs, ctx.heads = (3, 4), q.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _, _, _, dw, db, dab, dqb = _pooled_grads(ctx, grad, *split_qkv(qkv, ctx.heads), w, agents, agent_bias,
+                                                  query_bias, agent_v, lse, ctx.needs_input_grad[1:3], True,
+                                                  into=split_qkv(dqkv, ctx.heads))
+        return (dqkv if ctx.needs_input_grad[0] else None, dw, db, dab, dqb, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

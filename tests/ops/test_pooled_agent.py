@@ -221,6 +221,21 @@ def _packed_call(qkv, ab, qb, weight, bias, heads, grid, agent_grid, prefix, bac
                                   qkv=qkv if pass_qkv else None).square()
 
 
+def _packed_reference_cases(half_case):
+    """For every layout in fp32 and ``half_case`` in fp16: (description, leaves (see :func:`_packed_leaves`), the
+    non-None leaves, the layout arguments of :func:`_packed_call`, an output gradient, the reference's output and its
+    gradients w.r.t. those leaves)."""
+    for (grid, agent_grid, prefix, conv), dtype in [*((case, torch.float32) for case in CASES),
+                                                (half_case, torch.float16)]:
+        leaves = _packed_leaves(2, 2, grid, agent_grid, 16, prefix, conv, dtype)
+        used = [t for t in leaves if t is not None]
+        args = (2, grid, agent_grid, prefix)
+        want = _packed_call(*leaves, *args, "reference")
+        g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        what = f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv}"
+        yield what, leaves, used, args, g, want, torch.autograd.grad(want, used, g)
+
+
 def _packed_checks() -> None:
     """A traced training graph given qkv runs the packed op forward and backward (no stack of q's, k's and v's
     gradients): its output and every gradient (qkv's, both biases', the conv's weight and bias) are the reference's
@@ -234,25 +249,16 @@ def _packed_checks() -> None:
         ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return nop(gm, example_inputs)
 
-    for (grid, agent_grid, prefix, conv), dtype in [*((case, torch.float32) for case in CASES),
-                                                (CASES[1], torch.float16)]:
-        heads, d = 2, 16
-        leaves = _packed_leaves(2, heads, grid, agent_grid, d, prefix, conv, dtype)
-        used = [t for t in leaves if t is not None]
-        args = (heads, grid, agent_grid, prefix)
-        want = _packed_call(*leaves, *args, "reference")
-        g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-        want_grads = torch.autograd.grad(want, used, g)
+    for what, leaves, used, args, g, want, want_grads in _packed_reference_cases(CASES[1]):
         torch._dynamo.reset()
         ops.clear()
         compiled = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True,
                                  backend=aot_autograd(fw_compiler=record, bw_compiler=record))
         got = compiled(*leaves)
         got_grads = torch.autograd.grad(got, used, g)
-        what = f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv}"
         assert {"zoo.pooled_agent_qkv_fwd.default", "zoo.pooled_agent_qkv_bwd.default"} <= ops, (what, sorted(ops))
         assert "aten.stack.default" not in ops and "aten.cat.default" not in ops, (what, sorted(ops))
-        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        tol = 1e-5 if want.dtype == torch.float32 else 2e-3
         for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
             assert x.dtype == y.dtype, (what, i)
             assert_close_to(x, y, tol, tol, f"{what} [{i}]")
@@ -273,8 +279,36 @@ def _packed_checks() -> None:
                            1, 0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
+def _eager_packed_checks() -> None:
+    """An eager training call given qkv is one autograd node on qkv itself (no views' nodes, no stack of q's, k's and
+    v's gradients) with the reference's output and gradients (qkv's, both biases', the conv's); given a detached qkv
+    (same memory, no gradient path) it differentiates q, k and v instead, so their gradients still arrive."""
+    for what, leaves, used, args, g, want, want_grads in _packed_reference_cases(CASES[0]):
+        got = _packed_call(*leaves, *args, "triton")
+        node = got.grad_fn.next_functions[0][0]  # (square's input)
+        assert type(node).__name__ == "_PooledQkvAttentionBackward", (what, node)
+        assert node.next_functions[0][0].variable is leaves[0], what  # qkv's gradient straight to its leaf
+        got_grads = torch.autograd.grad(got, used, g)
+        tol = 1e-5 if want.dtype == torch.float32 else 2e-3
+        for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
+            assert x.dtype == y.dtype, (what, i)
+            assert_close_to(x, y, tol, tol, f"eager {what} [{i}]")
+    qkv, ab, qb, weight, bias = _packed_leaves(2, 2, (4, 4), (2, 2), 8, 1, True, torch.float32)
+
+    def attend(qkv_arg, backend):
+        q, k, v = qkv.unflatten(-1, (3, 2, -1)).unbind(2)
+        return pooled_agent_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid=(4, 4),
+                                      agent_grid=(2, 2), prefix=1, scale=0.3, agent_bias=ab, query_bias=qb,
+                                      conv_weight=weight, conv_bias=bias, backend=backend, qkv=qkv_arg)
+    out, want = attend(qkv.detach(), "triton"), attend(None, "reference")
+    assert type(out.grad_fn).__name__ == "_PooledAgentAttentionBackward", out.grad_fn
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    assert_close_to(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(want, qkv, g)[0], 1e-5, 1e-5,
+                    "detached qkv: q's, k's and v's gradients")
+
+
 def test_triton_interpreter_against_the_reference_and_traced_training_writes_qkv_gradient_in_one_buffer():
-    run_in_interpreter("test_pooled_agent", "_interpreter_checks", "_packed_checks")
+    run_in_interpreter("test_pooled_agent", "_interpreter_checks", "_packed_checks", "_eager_packed_checks")
 
 
 def test_qkv_must_be_the_projection_q_k_v_view():
