@@ -584,8 +584,9 @@ def _same_autograd_base(qkv: torch.Tensor | None, *views: torch.Tensor) -> bool:
 
 
 def _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
-    """The fused launch keeping the agents and the aggregation's statistics, recorded on ``ctx`` (with ``q``'s
-    autograd inputs saved by the caller): returns the output."""
+    """The fused launch keeping the agents and the aggregation's statistics, its layout recorded on ``ctx`` (the
+    caller saves the tensors): returns (output, (the conv's weight in the compute dtype or None, agents, agent
+    values, log-sum-exp))."""
     w, cb = _conv_in(weight, bias, compute_dtype(v))
     out, agents, agent_v, lse = _launch_pooled(q, k, v, w, cb, agent_bias, query_bias, grid, agent_grid, prefix,
                                                scale, stats=True)
@@ -594,16 +595,17 @@ def _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, ag
     return out, (w, agents, agent_v, lse)
 
 
-def _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, param_grads: tuple[bool, bool],
-                  input_grad: bool, into=None):
+def _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, bias_grads: tuple[bool, bool],
+                  param_grads: tuple[bool, bool], input_grad: bool, into=None):
     """The fused call's gradients (dq, dk, dv, d_weight, d_conv_bias, d_agent_bias, d_query_bias) from its output's
     ``grad`` (B, heads, N, d_v): the agent backward kernel (the attention's output tiles recomputed, since the
     stored output includes the conv; dq, dk, dv written into ``into``'s views when given), the pooling's gradient
     added into dq and the conv's (:func:`zoo.ops.depthwise_conv.conv_backward`, its input gradient added into dv when
-    ``input_grad``). ``param_grads``: whether the conv's weight and bias want gradients."""
+    ``input_grad``). ``bias_grads`` / ``param_grads``: whether the agent and query biases / the conv's weight and
+    bias want gradients."""
     grid, agent_grid, prefix, scale, has_bias = ctx.layout
-    agent_bias_grad = agent_bias is not None and ctx.needs_input_grad[ctx.bias_inputs[0]]
-    query_bias_grad = query_bias is not None and ctx.needs_input_grad[ctx.bias_inputs[1]]
+    agent_bias_grad = agent_bias is not None and bias_grads[0]
+    query_bias_grad = query_bias is not None and bias_grads[1]
     with on_device(q):
         dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None, agent_v,
                                                     lse, scale, agent_bias_grad, query_bias_grad, into=into)
@@ -632,14 +634,14 @@ class _PooledAgentAttention(torch.autograd.Function):
         out, (w, agents, agent_v, lse) = _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid,
                                                          agent_grid, prefix, scale)
         ctx.save_for_backward(q, k, v, w, agents, agent_bias, query_bias, agent_v, lse)
-        ctx.bias_inputs = (5, 6)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
         dq, dk, dv, dw, db, dab, dqb = _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v,
-                                                     lse, ctx.needs_input_grad[3:5], ctx.needs_input_grad[2])
+                                                     lse, ctx.needs_input_grad[5:7], ctx.needs_input_grad[3:5],
+                                                     ctx.needs_input_grad[2])
         return dq, dk, dv, dw, db, dab, dqb, None, None, None, None
 
 
@@ -655,7 +657,7 @@ class _PooledQkvAttention(torch.autograd.Function):
         out, (w, agents, agent_v, lse) = _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid,
                                                          agent_grid, prefix, scale)
         ctx.save_for_backward(qkv, w, agents, agent_bias, query_bias, agent_v, lse)
-        ctx.bias_inputs, ctx.heads = (3, 4), q.shape[1]
+        ctx.heads = q.shape[1]
         return out
 
     @staticmethod
@@ -663,8 +665,8 @@ class _PooledQkvAttention(torch.autograd.Function):
         qkv, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         _, _, _, dw, db, dab, dqb = _pooled_grads(ctx, grad, *split_qkv(qkv, ctx.heads), w, agents, agent_bias,
-                                                  query_bias, agent_v, lse, ctx.needs_input_grad[1:3], True,
-                                                  into=split_qkv(dqkv, ctx.heads))
+                                                  query_bias, agent_v, lse, ctx.needs_input_grad[3:5],
+                                                  ctx.needs_input_grad[1:3], True, into=split_qkv(dqkv, ctx.heads))
         return (dqkv if ctx.needs_input_grad[0] else None, dw, db, dab, dqb, None, None, None, None, None)
 
 
