@@ -3,6 +3,7 @@ import triton
 import triton.language as tl
 
 from .. import interpreter_requested
+from .depthwise_conv import store_tap_sums, weight_tap
 
 INTERPRETED = interpreter_requested()
 """Whether these kernels were decorated for Triton's CPU interpreter."""
@@ -126,6 +127,17 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr,
 
 
 @triton.jit
+def _windows(offs_a, H, W, GA, GB):
+    """The adaptive-average-pooling windows (ATen's) of agents ``offs_a`` of a (GA, GB) grid over an (H, W) map
+    (agent a: window row a // GB, column a % GB): their top, bottom, left and right edges (bottom and right
+    exclusive)."""
+    i, j = offs_a // GB, offs_a % GB
+    top, bottom = (i * H) // GA, ((i + 1) * H + GA - 1) // GA  # ceil division without negative operands (C's
+    left, right = (j * W) // GB, ((j + 1) * W + GB - 1) // GB    # integer division truncates towards zero)
+    return top, bottom, left, right
+
+
+@triton.jit
 def _pooled_agents(q_base, offs_a, offs_d, offs_t, N, sqn, sqd, PREFIX, H, W, GA, GB,
                    D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                    ROUND_SUMS: tl.constexpr, PRECISION: tl.constexpr):
@@ -134,9 +146,7 @@ def _pooled_agents(q_base, offs_a, offs_d, offs_t, N, sqn, sqd, PREFIX, H, W, GA
     (exact products), rounded to that dtype first with ROUND_SUMS (the reference's mask matmul for unequal windows;
     equal windows take a mean, one rounding), then divided by the window's size. Tokens before PREFIX (a class
     token) are not pooled."""
-    i, j = offs_a // GB, offs_a % GB
-    top, bottom = (i * H) // GA, ((i + 1) * H + GA - 1) // GA  # ceil division without negative operands (C's
-    left, right = (j * W) // GB, ((j + 1) * W + GB - 1) // GB    # integer division truncates towards zero)
+    top, bottom, left, right = _windows(offs_a, H, W, GA, GB)
     sums = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
     for start in range(PREFIX, N, BLOCK_T):
         rows = start + offs_t
@@ -338,6 +348,30 @@ def _aggregation_grads(k_base, v_base, ab_base, dk_base, dv_base, dab_base, agen
 
 
 @triton.jit
+def _pair_grads(do_base, q_base, k_base, v_base, a_base, ab_base, qb_base, out_base, av_ptr, lse_ptr, dq_base,
+                dk_base, dv_base, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok, N, M, A, HEADS,
+                son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, scale,
+                qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
+                AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                RECOMPUTE_OUT: tl.constexpr):
+    """The agent attention's backward of one (batch, head) (the ``*_base`` pointers at its rows): the query tiles
+    (dQ), then the key tiles (dK, dV); returns the float32 (BLOCK_A, BLOCK_D) d(agent), unscaled."""
+    agent = _tile(a_base, offs_a, A, offs_d, D, san, sad)
+    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
+    lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
+    d_agent, d_agent_v = _broadcast_grads(
+        do_base, q_base, qb_base, out_base, dq_base, dqb_ptr + pid64 * N * A, agent, agent_v, 0, BLOCK_T, offs_a,
+        offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn, sca, sdqn, scale, qk_scale2, D, DV,
+        BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD, PRECISION, RECOMPUTE_OUT)
+    d_agent += _aggregation_grads(
+        k_base, v_base, ab_base, dk_base, dv_base, dab_ptr + pid64 * A * M, agent, agent_v, d_agent_v, lse, 0,
+        BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, scale,
+        qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
+    return d_agent
+
+
+@triton.jit
 def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr, av_ptr, lse_ptr,
                      dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
                      sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -351,20 +385,157 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
     scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
     b, h, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok = _backward_program(HEADS, A, BLOCK_A, BLOCK_D, BLOCK_DV,
                                                                            BLOCK_T)
-    agent = _tile(a_ptr + b * sab + h * sah, offs_a, A, offs_d, D, san, sad)
-    agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
-    lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
-    d_agent, d_agent_v = _broadcast_grads(
-        do_ptr + b * sob + h * soh, q_ptr + b * sqb + h * sqh, qb_ptr + b * scb + h * sch,
-        out_ptr + b * N * HEADS * DV + h * DV, dq_ptr + b * sdqb + h * D, dqb_ptr + pid64 * N * A,
-        agent, agent_v, 0, BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn,
-        sca, sdqn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD, PRECISION, RECOMPUTE_OUT)
-    d_agent += _aggregation_grads(
-        k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, ab_ptr + b * sbb + h * sbh,
-        dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr + pid64 * A * M,
-        agent, agent_v, d_agent_v, lse, 0, BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd,
-        svn, svd, sba, sbm, sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
+    d_agent = _pair_grads(
+        do_ptr + b * sob + h * soh, q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh,
+        a_ptr + b * sab + h * sah, ab_ptr + b * sbb + h * sbh, qb_ptr + b * scb + h * sch,
+        out_ptr + b * N * HEADS * DV + h * DV, av_ptr, lse_ptr, dq_ptr + b * sdqb + h * D,
+        dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv,
+        offs_t, a_ok, N, M, A, HEADS, son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn,
+        sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB, AB_GRAD, QB_GRAD,
+        PRECISION, RECOMPUTE_OUT)
     _put(da_ptr + b * A * HEADS * D + h * D, offs_a, A, offs_d, D, HEADS * D, 1, d_agent * scale)
+
+
+@triton.jit
+def _add_pooling_grads(dq_base, d_agent, offs_a, offs_d, offs_t, a_ok, N, sdqn, PREFIX, H, W, GA, GB,
+                       D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    """Add the agents' gradient ``d_agent`` (float32 (BLOCK_A, BLOCK_D), scaled) through :func:`_pooled_agents`'
+    pooling into the grid queries' rows of dq (one head's, channels contiguous), which this program wrote before a
+    barrier. Rounding as :func:`pooling_grad_kernel` (autograd through the reference's pooling): the agents' gradient
+    rounded to dq's dtype, each window's share rounded, their sum (0/1 membership dots of exact products) rounded,
+    the add in float32."""
+    dtype = dq_base.dtype.element_ty
+    top, bottom, left, right = _windows(offs_a, H, W, GA, GB)
+    size = tl.maximum(((bottom - top) * (right - left)).to(tl.float32), 1.0)
+    share = tl.where(a_ok[:, None], d_agent.to(dtype).to(tl.float32) / size[:, None], 0.0).to(dtype)
+    for start in range(PREFIX, N, BLOCK_T):
+        rows = start + offs_t
+        cell = rows - PREFIX
+        row, col = (cell // W)[:, None], (cell % W)[:, None]
+        member = ((row >= top[None, :]) & (row < bottom[None, :]) & (col >= left[None, :]) & (col < right[None, :])
+                  & (rows < N)[:, None])
+        add = tl.dot(member.to(dtype), share, input_precision=PRECISION)
+        old = _tile(dq_base, rows, N, offs_d, D, sdqn, 1).to(tl.float32)
+        _put(dq_base, rows, N, offs_d, D, sdqn, 1, old + add.to(dtype).to(tl.float32))
+
+
+@triton.jit
+def _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, I: tl.constexpr,
+                  J: tl.constexpr, compute: tl.constexpr):
+    """The output gradient at grid cells (y - 1 + I, x - 1 + J) (zero outside the grid), (tokens, BLOCK_DV) float32
+    rounded to ``compute``."""
+    yy, xx = y + (I - 1), x + (J - 1)
+    ok = (in_grid & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W))[:, None] & dv_ok[None, :]
+    g = tl.load(do_base + (PREFIX + yy * W + xx)[:, None] * son + offs_dv[None, :] * sod, mask=ok, other=0.0)
+    return g.to(compute).to(tl.float32)
+
+
+@triton.jit
+def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, sod, svn, svd, sdvn, sw_c, sw_t, C,
+                PREFIX, H, W, DV: tl.constexpr, BLOCK_DV: tl.constexpr, CONV_T: tl.constexpr,
+                WEIGHT_GRAD: tl.constexpr):
+    """The backward of the values' 3x3 depthwise conv (:func:`_value_conv_sum`) on this program's (batch, head)
+    channels (head * DV + d), over tiles of CONV_T grid tokens: its input gradient added into dv's grid rows (which
+    this program wrote before a barrier), and with WEIGHT_GRAD the float32 sums over the program's grid tokens of the
+    weight's nine taps' and the bias's gradients, stored as rows 0-8 and 9 of part_base's (10, C). Numerics of the
+    depthwise-conv op's ``backward3_kernel``: the output gradient and the values rounded to the weights' (compute)
+    dtype, float32 taps in its order, the input gradient rounded to the compute dtype and added in float32.
+
+    The ten sums stay per token and channel until the end: summing each tile over its tokens (a reduction across
+    warps, ten a tile) made Agent-DeiT-T's whole backward kernel 123.5 us instead of 77.5 (H200, bf16, batch 64;
+    16-token tiles; 32-token ones 92.9)."""
+    compute = w_ptr.dtype.element_ty
+    offs_t = tl.arange(0, CONV_T)
+    dv_ok = offs_dv < DV
+    ch = h * DV + offs_dv
+    w0 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 0)
+    w1 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 1)
+    w2 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 2)
+    w3 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 3)
+    w4 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 4)
+    w5 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 5)
+    w6 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 6)
+    w7 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 7)
+    w8 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 8)
+    s0 = tl.zeros([CONV_T, BLOCK_DV], dtype=tl.float32)  # s<t>: tap t's weight-gradient products, sb the bias's
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    s4 = s0
+    s5 = s0
+    s6 = s0
+    s7 = s0
+    s8 = s0
+    sb = s0
+    for start in range(PREFIX, N, CONV_T):
+        rows = start + offs_t
+        cell = rows - PREFIX
+        y, x = cell // W, cell % W
+        in_grid = rows < N
+        # g<i><j>: the output gradient at (y - 1 + i, x - 1 + j), which meets tap 8 - (3i + j)
+        g00 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 0, compute)
+        g01 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 1, compute)
+        g02 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 2, compute)
+        g10 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 0, compute)
+        g11 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 1, compute)
+        g12 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 2, compute)
+        g20 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 0, compute)
+        g21 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 1, compute)
+        g22 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 2, compute)
+        acc = g00 * w8 + g01 * w7 + g02 * w6 + g10 * w5 + g11 * w4 + g12 * w3 + g20 * w2 + g21 * w1 + g22 * w0
+        if WEIGHT_GRAD:
+            xt = _tile(v_base, rows, N, offs_dv, DV, svn, svd).to(compute).to(tl.float32)
+            s8 += g00 * xt
+            s7 += g01 * xt
+            s6 += g02 * xt
+            s5 += g10 * xt
+            s4 += g11 * xt
+            s3 += g12 * xt
+            s2 += g20 * xt
+            s1 += g21 * xt
+            s0 += g22 * xt
+            sb += g11
+        old = _tile(dv_base, rows, N, offs_dv, DV, sdvn, 1).to(tl.float32)
+        _put(dv_base, rows, N, offs_dv, DV, sdvn, 1, old + acc.to(compute).to(tl.float32))
+    if WEIGHT_GRAD:
+        store_tap_sums(part_base + ch, C, dv_ok, s0, s1, s2, s3, s4, s5, s6, s7, s8, sb)
+
+
+@triton.jit
+def _pooled_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, av_ptr, lse_ptr, w_ptr,
+                            dq_ptr, dk_ptr, dv_ptr, dab_ptr, dqb_ptr, part_ptr,
+                            sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                            sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca, sw_c, sw_t,
+                            sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, HEADS, N, A, PREFIX, H, W, GA, GB, scale, qk_scale2,
+                            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                            HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
+                            CONV: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                            CONV_T: tl.constexpr = 16):
+    """The whole backward of :func:`_pooled_forward_kernel` for one (batch, head) (grid: batch * heads): the agent
+    attention's (:func:`_backward_kernel`, the output tiles recomputed), then, once its dQ and dV rows are written,
+    the pooling's gradient added into dQ's grid rows and with CONV the conv's input gradient into dV's, and with
+    WEIGHT_GRAD the conv's weight and bias partial sums, (B, 10, HEADS * DV) float32 at part_ptr. The agents
+    (a_ptr) are the forward's, stored with its statistics."""
+    scale, qk_scale2 = tl.cast(scale, tl.float32), tl.cast(qk_scale2, tl.float32)  # fp64 from inductor's launcher
+    b, h, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok = _backward_program(HEADS, A, BLOCK_A, BLOCK_D, BLOCK_DV,
+                                                                           BLOCK_T)
+    do_base = do_ptr + b * sob + h * soh
+    v_base = v_ptr + b * svb + h * svh
+    dq_base = dq_ptr + b * sdqb + h * D
+    dv_base = dv_ptr + b * sdvb + h * DV
+    d_agent = _pair_grads(
+        do_base, q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_base, a_ptr + b * sab + h * sah,
+        ab_ptr + b * sbb + h * sbh, qb_ptr + b * scb + h * sch, q_ptr, av_ptr, lse_ptr, dq_base,
+        dk_ptr + b * sdkb + h * D, dv_base, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok, N, N, A,
+        HEADS, son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, scale,
+        qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB, AB_GRAD, QB_GRAD, PRECISION, True)
+    tl.debug_barrier()  # this program's dQ and dV stores, visible to all its threads before they are added to
+    _add_pooling_grads(dq_base, d_agent * scale, offs_a, offs_d, offs_t, a_ok, N, sdqn, PREFIX, H, W, GA, GB, D,
+                       BLOCK_T, PRECISION)
+    if CONV:
+        _conv_grads(do_base, v_base, dv_base, w_ptr, part_ptr + b * 10 * HEADS * DV, h, offs_dv, N, son, sod, svn,
+                    svd, sdvn, sw_c, sw_t, HEADS * DV, PREFIX, H, W, DV, BLOCK_DV, CONV_T, WEIGHT_GRAD)
 
 
 # Where batch * heads leaves SMs idle (Agent-PVT-T stage 0: one head) the backward runs as two launches over a

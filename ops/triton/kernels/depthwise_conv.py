@@ -137,7 +137,7 @@ def _row_shifts(item_ptr, r, cols, ch, ch_ok, H, W, s_h, s_w, s_c, compute: tl.c
 
 
 @triton.jit
-def _tap(w_ptr, ch, ch_ok, sw_c, sw_t, t: tl.constexpr):
+def weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, t: tl.constexpr):
     """Tap t of the (C, 9) weight for the channels ch: (1, BLOCK_C) float32."""
     return tl.load(w_ptr + ch * sw_c + t * sw_t, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
 
@@ -198,15 +198,15 @@ def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_
     g_item = g_ptr + item * sg_b
     x_item = x_ptr + item * sx_b
     if INPUT_GRAD:  # the taps reversed: w[8 - t]
-        w00 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 8)
-        w01 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 7)
-        w02 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 6)
-        w10 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 5)
-        w11 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 4)
-        w12 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 3)
-        w20 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 2)
-        w21 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 1)
-        w22 = _tap(w_ptr, ch, ch_ok, sw_c, sw_t, 0)
+        w00 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 8)
+        w01 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 7)
+        w02 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 6)
+        w10 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 5)
+        w11 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 4)
+        w12 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 3)
+        w20 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 2)
+        w21 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 1)
+        w22 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 0)
     d00 = tl.zeros((TILE_W, BLOCK_C), dtype=tl.float32)
     d01 = d00
     d02 = d00
@@ -259,17 +259,24 @@ def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_
         gbl, gbm, gbr = gfl, gfm, gfr
         xal, xam, xar = xel, xem, xer
         xbl, xbm, xbr = xfl, xfm, xfr
-    at = part_ptr + (block.to(tl.int64) * 10) * C + ch
-    tl.store(at, tl.sum(d00, axis=0), mask=ch_ok)
-    tl.store(at + C, tl.sum(d01, axis=0), mask=ch_ok)
-    tl.store(at + 2 * C, tl.sum(d02, axis=0), mask=ch_ok)
-    tl.store(at + 3 * C, tl.sum(d10, axis=0), mask=ch_ok)
-    tl.store(at + 4 * C, tl.sum(d11, axis=0), mask=ch_ok)
-    tl.store(at + 5 * C, tl.sum(d12, axis=0), mask=ch_ok)
-    tl.store(at + 6 * C, tl.sum(d20, axis=0), mask=ch_ok)
-    tl.store(at + 7 * C, tl.sum(d21, axis=0), mask=ch_ok)
-    tl.store(at + 8 * C, tl.sum(d22, axis=0), mask=ch_ok)
-    tl.store(at + 9 * C, tl.sum(db, axis=0), mask=ch_ok)
+    store_tap_sums(part_ptr + (block.to(tl.int64) * 10) * C + ch, C, ch_ok, d00, d01, d02, d10, d11, d12, d20, d21,
+                   d22, db)
+
+
+@triton.jit
+def store_tap_sums(at, C, ok, t0, t1, t2, t3, t4, t5, t6, t7, t8, bias):
+    """Store the column sums (over axis 0) of a 3x3 conv's nine per-tap weight-gradient products and its bias's
+    as rows 0-8 and 9 of a (10, C) float32 partial at ``at`` (the channels' addresses in row 0)."""
+    tl.store(at, tl.sum(t0, axis=0), mask=ok)
+    tl.store(at + C, tl.sum(t1, axis=0), mask=ok)
+    tl.store(at + 2 * C, tl.sum(t2, axis=0), mask=ok)
+    tl.store(at + 3 * C, tl.sum(t3, axis=0), mask=ok)
+    tl.store(at + 4 * C, tl.sum(t4, axis=0), mask=ok)
+    tl.store(at + 5 * C, tl.sum(t5, axis=0), mask=ok)
+    tl.store(at + 6 * C, tl.sum(t6, axis=0), mask=ok)
+    tl.store(at + 7 * C, tl.sum(t7, axis=0), mask=ok)
+    tl.store(at + 8 * C, tl.sum(t8, axis=0), mask=ok)
+    tl.store(at + 9 * C, tl.sum(bias, axis=0), mask=ok)
 
 
 @triton.jit
