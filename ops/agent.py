@@ -253,8 +253,10 @@ def pooled_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     kernel size 3 and a sum that keeps q's dtype; traced calls take the reference) is one kernel forward: it pools
     the agents, runs both attentions and adds the conv from registers; the attention output and the conv round as
     the separate kernels do (the agents' window sums in another order: equal up to float32 rounding before the
-    agents' one rounding). A training call is one autograd node whose backward is the agent backward kernel, the
-    pooling's gradient and the depthwise conv's backward kernels (where the reference's graph has some 25 nodes a call).
+    agents' one rounding). A training call is one autograd node (where the reference's graph has some 25 nodes a
+    call) whose backward is one launch where batch * heads fills the GPU (the agent attention's gradients, then the
+    pooling's and the conv's, in each (batch, head)'s program), else the agent backward kernels, the pooling's
+    gradient and the depthwise conv's backward kernels.
     """
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else grid
     agent_grid = tuple(agent_grid) if isinstance(agent_grid, (tuple, list)) else agent_grid

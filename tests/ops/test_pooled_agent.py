@@ -5,6 +5,9 @@ the GPU (bf16 autocast, the released Agent-DeiT and Agent-Swin shapes, and those
 inference and training); dispatch and input errors on plain CPU."""
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import pytest
 import torch
 
@@ -162,27 +165,53 @@ def outputs_and_grads(inputs, grid, agent_grid, prefix, backend):
     return (out, *torch.autograd.grad(out, [t for t in leaves if t is not None], g))
 
 
+@contextlib.contextmanager
+def _backward_launches():
+    """Count the pooled backward's paths while the block runs: yields a Counter of ``fused``
+    (``_launch_pooled_backward``, one launch) and ``split`` (``_launch_backward``, then the pooling's and the conv's
+    gradient kernels)."""
+    calls = collections.Counter()
+    fused, split = ta._launch_pooled_backward, ta._launch_backward
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    ta._launch_pooled_backward, ta._launch_backward = counted("fused", fused), counted("split", split)
+    try:
+        yield calls
+    finally:
+        ta._launch_pooled_backward, ta._launch_backward = fused, split
+
+
 def _interpreter_gradient_checks() -> None:
-    """Training calls (one autograd node: the fused forward keeping its statistics, the agent backward kernel
-    recomputing the attention's output, the pooling's and the conv's gradients) against autograd through the
-    reference: q, k, v, both biases, the conv's weight and bias (fp32 in every layout, fp16 in the class-token and the
-    overlapping-window one)."""
+    """Training calls (one autograd node: the fused forward keeping its statistics; off CUDA the backward's one
+    launch, the agent attention's gradients with the attention's output recomputed, then the pooling's and the conv's)
+    against autograd through the reference: q, k, v, both biases, the conv's weight and bias (fp32 in every layout,
+    fp16 in the class-token and the overlapping-window one). Then the split path: the agent backward over two programs
+    a (batch, head) and the separate pooling and conv gradient kernels."""
     for (grid, agent_grid, prefix, conv), dtype in [*((case, torch.float32) for case in CASES),
                                                 (CASES[0], torch.float16), (CASES[1], torch.float16)]:
         inputs = make_inputs(2, 2, grid, agent_grid, 16, prefix=prefix, conv=conv, dtype=dtype, seed=3)
-        got = outputs_and_grads(inputs, grid, agent_grid, prefix, "triton")
+        with _backward_launches() as calls:
+            got = outputs_and_grads(inputs, grid, agent_grid, prefix, "triton")
+        assert calls == {"fused": 1}, calls
         want = outputs_and_grads(inputs, grid, agent_grid, prefix, "reference")
         assert got[0].grad_fn is not None and type(got[0].grad_fn).__name__.startswith("_PooledAgentAttention")
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         for i, (x, y) in enumerate(zip(got, want)):
             assert_close_to(x, y, tol, tol, f"{dtype} {grid} {agent_grid} prefix {prefix} conv {conv} [{i}]")
-    # the agent backward split over two programs a (batch, head), recomputing the output tiles: 16-token tiles
+    # the split path, recomputing the output tiles: 16-token tiles; and the fused launch over the same tiles
     inputs = make_inputs(1, 3, (7, 7), (3, 3), 16, prefix=1, seed=5)
     want = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "reference")
-    with ta.use_tiles(block_t=16, num_warps=2, num_stages=1, backward_splits=2):
-        got = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "triton")
-    for i, (x, y) in enumerate(zip(got, want)):
-        assert_close_to(x, y, 1e-5, 1e-5, f"backward_splits=2 [{i}]")
+    for splits in (2, 1):
+        with ta.use_tiles(block_t=16, num_warps=2, num_stages=1, backward_splits=splits), _backward_launches() as calls:
+            got = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "triton")
+        assert calls == ({"split": 1} if splits == 2 else {"fused": 1}), (splits, calls)
+        for i, (x, y) in enumerate(zip(got, want)):
+            assert_close_to(x, y, 1e-5, 1e-5, f"backward_splits={splits} [{i}]")
     _pooling_grad_checks()
 
 
@@ -249,19 +278,24 @@ def _packed_checks() -> None:
         ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return nop(gm, example_inputs)
 
-    for what, leaves, used, args, g, want, want_grads in _packed_reference_cases(CASES[1]):
+    for case, (what, leaves, used, args, g, want, want_grads) in enumerate(_packed_reference_cases(CASES[1])):
         torch._dynamo.reset()
         ops.clear()
         compiled = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True,
                                  backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-        got = compiled(*leaves)
-        got_grads = torch.autograd.grad(got, used, g)
-        assert {"zoo.pooled_agent_qkv_fwd.default", "zoo.pooled_agent_qkv_bwd.default"} <= ops, (what, sorted(ops))
-        assert "aten.stack.default" not in ops and "aten.cat.default" not in ops, (what, sorted(ops))
-        tol = 1e-5 if want.dtype == torch.float32 else 2e-3
-        for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
-            assert x.dtype == y.dtype, (what, i)
-            assert_close_to(x, y, tol, tol, f"{what} [{i}]")
+        # the backward's one launch (off CUDA), and in the first layout also the split path (the stored attention
+        # output, the pooling's and the conv's gradient kernels)
+        for splits in (None, 2) if case == 0 else (None,):
+            with ta.use_tiles(backward_splits=splits), _backward_launches() as calls:
+                got = compiled(*leaves)
+                got_grads = torch.autograd.grad(got, used, g)
+            assert calls == ({"split": 1} if splits else {"fused": 1}), (what, splits, calls)
+            assert {"zoo.pooled_agent_qkv_fwd.default", "zoo.pooled_agent_qkv_bwd.default"} <= ops, (what, sorted(ops))
+            assert "aten.stack.default" not in ops and "aten.cat.default" not in ops, (what, sorted(ops))
+            tol = 1e-5 if want.dtype == torch.float32 else 2e-3
+            for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
+                assert x.dtype == y.dtype, (what, i)
+                assert_close_to(x, y, tol, tol, f"{what} backward_splits={splits} [{i}]")
     qkv, ab, qb, weight, bias = (t.detach() for t in _packed_leaves(1, 2, (4, 4), (2, 2), 8, 1, True, torch.float32))
     agents = pool_agent_tokens(qkv[:, 1:, :16], (4, 4), (2, 2))
     fwd_args = (qkv, agents, ab, qb, weight, bias, 2, [4, 4], [2, 2], 1, 0.3)
