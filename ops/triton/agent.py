@@ -234,10 +234,11 @@ def default_pooled_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> 
     """The backward splits of :func:`pooled_agent_attention_triton`'s training calls: one (the fused launch,
     :func:`_launch_pooled_backward`) wherever batch * heads fills the SMs, else as ``default_backward_splits``.
     Kernel us a backward at Agent-DeiT-T's blocks (192 (batch, head) pairs at batch 64 on the H200's 132 SMs, bf16,
-    the bias gradients' sums included): the two split agent launches with the pooling's and conv's gradient kernels
-    149.5, the fused launch 114.3 (the kernel itself 78.8); at Agent-DeiT-S's (384 pairs) 236.8 against 208.7
-    (156.7), where the single agent launch with the separate kernels had taken 205.7. The fused launch also halves
-    the backward's host time (Agent-DeiT-T: 1,000 against 618 us on a busy host, 623 against 307 on a quieter one).
+    the bias gradients' sums included; two runs): the two split agent launches with the pooling's and conv's
+    gradient kernels 149.5-149.7, the fused launch 114.3-114.7 (the kernel itself 78.8-79.0); at Agent-DeiT-S's (384
+    pairs) 235.2-236.8 against 208.7-210.0 (156.7-158.0), where the single agent launch with the separate kernels
+    had taken 205.7. The fused launch also halves the backward's host time (Agent-DeiT-T: 1,000 against 618 us on a
+    busy host, 623 against 307 on a quieter one).
     """
     pairs = s.b * s.heads
     if sms is None or type(pairs) is not int or pairs >= sms:
@@ -636,8 +637,8 @@ def _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v
     with on_device(q):
         if plan.query_splits == 1 and sizes.b * sizes.heads and sizes.n:
             dq, dk, dv, dw, db, dab, dqb = _launch_pooled_backward(
-                plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, ctx.layout,
-                (agent_bias_grad, query_bias_grad), dtypes if w is not None else (None, None), into)
+                plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix, scale,
+                (agent_bias_grad, query_bias_grad), dtypes, into)
         else:
             dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None,
                                                         agent_v, lse, scale, agent_bias_grad, query_bias_grad,
@@ -655,14 +656,14 @@ def _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v
             _bias_grad(dqb, query_bias, query_bias_grad))
 
 
-def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, layout,
+def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
+                            grid: tuple[int, int], agent_grid: tuple[int, int], prefix: int, scale: float,
                             bias_grads: tuple[bool, bool], weight_dtypes: tuple, into=None, launch=direct):
     """:func:`_pooled_grads` in one launch of ``_pooled_backward_kernel`` (one program a (batch, head), the conv's
     input gradient always added into dv) and, where the conv's weight or bias wants a gradient (``weight_dtypes``:
     their dtypes, None where not wanted), the sum of its partials over the batch. Returns dq, dk, dv, d_weight,
     d_conv_bias and the float32 per-(batch, head) logit gradients of the biases (empty when not asked for)."""
     s = plan.sizes
-    grid, agent_grid, prefix, scale, _ = layout
     dq, dk, dv = into if into is not None else (token_major(s.b, s.heads, s.n, s.d, q),
                                                 token_major(s.b, s.heads, s.m, s.d, k),
                                                 token_major(s.b, s.heads, s.m, s.dv, v))
@@ -857,8 +858,8 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tenso
         if plan.query_splits == 1 and sizes.b * sizes.heads and sizes.n:
             # one launch, which recomputes the attention's output tiles (``attn`` goes unread)
             _, _, _, dw, db, dab, dqb = _launch_pooled_backward(
-                plan, g, q, k, v, conv_weight, agents, agent_bias, query_bias, agent_v, lse,
-                (grid, agent_grid, prefix, scale, None), (agent_bias_grad, query_bias_grad), dtypes, (dq, dk, dv))
+                plan, g, q, k, v, conv_weight, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix,
+                scale, (agent_bias_grad, query_bias_grad), dtypes, (dq, dk, dv))
         else:
             *_, da, dab, dqb = _launch_backward(g, q, k, v, agents, agent_bias, query_bias, _heads(attn, heads),
                                                 agent_v, lse, scale, agent_bias_grad, query_bias_grad,

@@ -530,7 +530,7 @@ def _pooled_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, 
         dk_ptr + b * sdkb + h * D, dv_base, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok, N, N, A,
         HEADS, son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, scale,
         qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB, AB_GRAD, QB_GRAD, PRECISION, True)
-    tl.debug_barrier()  # this program's dQ and dV stores, visible to all its threads before they are added to
+    tl.debug_barrier()  # this program's dQ and dV stores, visible to all its threads before they are read back
     _add_pooling_grads(dq_base, d_agent * scale, offs_a, offs_d, offs_t, a_ok, N, sdqn, PREFIX, H, W, GA, GB, D,
                        BLOCK_T, PRECISION)
     if CONV:
