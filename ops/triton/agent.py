@@ -778,8 +778,7 @@ def _packed_forward_fake(qkv, agents, agent_bias, query_bias, conv_weight, conv_
                          prefix, scale):
     b, n, c3 = qkv.shape
     c, a = c3 // 3, agents.shape[1]
-    attn = qkv.new_empty((b, n, c) if conv_weight is not None else (0,))
-    return (qkv.new_empty((b, n, c)), attn, qkv.new_empty((b, heads, a, c // heads)),
+    return (qkv.new_empty((b, n, c)), qkv.new_empty((b, heads, a, c // heads)),
             qkv.new_empty((b, heads, a), dtype=torch.float32))
 
 
@@ -788,41 +787,33 @@ def _packed_forward_op(qkv: torch.Tensor, agents: torch.Tensor, agent_bias: Opti
                        query_bias: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],  # noqa: UP045
                        conv_bias: Optional[torch.Tensor], heads: int, grid: Sequence[int],  # noqa: UP045
                        agent_grid: Sequence[int], prefix: int, scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`zoo.ops.pooled_agent_attention` of a (B, N, 3 * heads * d) qkv projection in a traced training graph
     (an opaque op: its backward must write one buffer, which a graph of views cannot ask of it). ``agents`` (B, A,
     heads * d) must be :func:`~zoo.ops.agent.pool_agent_tokens` of qkv's grid queries: the caller pools (inductor
     fuses the pooling into its own kernels) and the op's backward adds the pooling's gradient into qkv's, so it
     gives the agents none. The conv's weight and bias come in qkv's dtype, the compute dtype. Returns the output (B,
-    N, heads * d), the attention's output before the conv term (B, N, heads * d; empty without a conv), the agents'
-    values (B, heads, A, d) and the aggregation's float32 log-sum-exp (B, heads, A): the last three for the
-    backward. The separate kernels: the agent forward kernel, the depthwise conv's with the attention's output as
-    its residual."""
+    N, heads * d), the agents' values (B, heads, A, d) and the aggregation's float32 log-sum-exp (B, heads, A): the
+    last two for the backward, which recomputes the attention's output tiles. The separate kernels: the agent
+    forward kernel, then the depthwise conv's adding into its output's grid rows in place."""
     grid, agent_grid = tuple(grid), tuple(agent_grid)
     q, k, v = split_qkv(qkv, heads)
     with on_device(qkv):
         attn, agent_v, lse = _launch_forward(q, k, v, _heads(agents, heads), agent_bias, query_bias, scale,
                                              training=True)
     b, n, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    attn = attn.transpose(1, 2).reshape(b, n, c)  # (token-major memory: a view)
-    if conv_weight is None:
-        return attn, attn.new_empty((0,)), agent_v, lse
-    values = _token_map(_third(qkv, 2), prefix, grid)
-    if prefix:
-        out = attn.clone()
-        conv_launch(values, conv_weight, conv_bias, _token_map(out, prefix, grid), conv_weight.dtype, out.dtype,
-                    inplace=True)
-    else:
-        out = conv_launch(values, conv_weight, conv_bias, attn.view(b, *grid, c), conv_weight.dtype,
-                          attn.dtype).view(b, n, c)
-    return out, attn, agent_v, lse
+    out = attn.transpose(1, 2).reshape(b, n, c)  # (token-major memory: a view)
+    if conv_weight is not None:
+        conv_launch(_token_map(_third(qkv, 2), prefix, grid), conv_weight, conv_bias, _token_map(out, prefix, grid),
+                    conv_weight.dtype, out.dtype, inplace=True)
+    return out, agent_v, lse
 
 
 _packed_forward_op.register_fake(_packed_forward_fake)
 
 
-def _packed_backward_fake(grad, qkv, attn, agents, agent_v, lse, agent_bias, query_bias, conv_weight, heads, grid,
-                          agent_grid, prefix, scale, agent_bias_grad, query_bias_grad, weight_grad, bias_grad):
+def _packed_backward_fake(grad, qkv, agents, agent_v, lse, agent_bias, query_bias, conv_weight, heads, grid, agent_grid,
+                          prefix, scale, agent_bias_grad, query_bias_grad, weight_grad, bias_grad):
     b, n, c3 = qkv.shape
     a, f32 = agents.shape[1], torch.float32
     k = conv_weight.shape[-1] if conv_weight is not None else 0
@@ -833,18 +824,18 @@ def _packed_backward_fake(grad, qkv, attn, agents, agent_v, lse, agent_bias, que
 
 
 @torch.library.custom_op("zoo::pooled_agent_qkv_bwd", mutates_args=())
-def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, agents: torch.Tensor,
-                        agent_v: torch.Tensor, lse: torch.Tensor, agent_bias: Optional[torch.Tensor],  # noqa: UP045
+def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, agents: torch.Tensor, agent_v: torch.Tensor,
+                        lse: torch.Tensor, agent_bias: Optional[torch.Tensor],  # noqa: UP045
                         query_bias: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],  # noqa: UP045
                         heads: int, grid: Sequence[int], agent_grid: Sequence[int], prefix: int, scale: float,
                         agent_bias_grad: bool, query_bias_grad: bool, weight_grad: bool, bias_grad: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of :func:`_packed_forward_op` from its output's ``grad`` (B, N, heads * d), given the
-    attention's output ``attn`` (B, N, heads * d, before the conv term): qkv's gradient (B, N, 3 * heads * d) in one
-    buffer (the agent backward kernel writes dq, dk and dv into its thirds, the pooling's gradient is added into dq's
-    grid rows and the conv's input gradient into dv's: one launch, :func:`_launch_pooled_backward`, where batch *
-    heads fills the GPU), the float32 per-(batch, head) logit gradients of the biases, and the conv's weight and bias
-    gradients in the compute dtype (each empty unless asked for)."""
+    """The backward of :func:`_packed_forward_op` from its output's ``grad`` (B, N, heads * d): qkv's gradient (B, N,
+    3 * heads * d) in one buffer (the agent backward kernel, recomputing the attention's output tiles, writes dq, dk
+    and dv into its thirds, the pooling's gradient is added into dq's grid rows and the conv's input gradient into
+    dv's: one launch, :func:`_launch_pooled_backward`, where batch * heads fills the GPU), the float32 per-(batch,
+    head) logit gradients of the biases, and the conv's weight and bias gradients in the compute dtype (each empty
+    unless asked for)."""
     grid, agent_grid = tuple(grid), tuple(agent_grid)
     q, k, v = split_qkv(qkv, heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -856,14 +847,12 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tenso
     plan = _plan(sizes, qkv.dtype, True, sm_count(qkv) if qkv.is_cuda else None, training=True)
     with on_device(qkv):
         if plan.query_splits == 1 and sizes.b * sizes.heads and sizes.n:
-            # one launch, which recomputes the attention's output tiles (``attn`` goes unread)
             _, _, _, dw, db, dab, dqb = _launch_pooled_backward(
                 plan, g, q, k, v, conv_weight, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix,
                 scale, (agent_bias_grad, query_bias_grad), dtypes, (dq, dk, dv))
         else:
-            *_, da, dab, dqb = _launch_backward(g, q, k, v, agents, agent_bias, query_bias, _heads(attn, heads),
-                                                agent_v, lse, scale, agent_bias_grad, query_bias_grad,
-                                                into=(dq, dk, dv))
+            *_, da, dab, dqb = _launch_backward(g, q, k, v, agents, agent_bias, query_bias, None, agent_v, lse,
+                                                scale, agent_bias_grad, query_bias_grad, into=(dq, dk, dv))
             _add_pooling_grad(_grid_rows(_third(dqkv, 0), prefix), da, grid, agent_grid)
             dw = db = None
             if conv_weight is not None:
@@ -879,19 +868,19 @@ _packed_backward_op.register_fake(_packed_backward_fake)
 
 def _packed_setup(ctx, inputs, output) -> None:
     qkv, agents, agent_bias, query_bias, weight, bias, heads, grid, agent_grid, prefix, scale = inputs
-    out, attn, agent_v, lse = output
-    ctx.save_for_backward(qkv, out if weight is None else attn, agents, agent_v, lse, agent_bias, query_bias, weight)
+    _, agent_v, lse = output
+    ctx.save_for_backward(qkv, agents, agent_v, lse, agent_bias, query_bias, weight)
     ctx.layout = (heads, grid, agent_grid, prefix, scale)
     ctx.has_bias = bias is not None
 
 
 def _packed_backward(ctx, grad, *_unused):
-    qkv, attn, agents, agent_v, lse, agent_bias, query_bias, weight = ctx.saved_tensors
+    qkv, agents, agent_v, lse, agent_bias, query_bias, weight = ctx.saved_tensors
     wants = ctx.needs_input_grad
     flags = (agent_bias is not None and wants[2], query_bias is not None and wants[3],
              weight is not None and wants[4], ctx.has_bias and wants[5])
-    dqkv, dab, dqb, dw, db = _packed_backward_op(grad, qkv, attn, agents, agent_v, lse, agent_bias, query_bias,
-                                                 weight, *ctx.layout, *flags)
+    dqkv, dab, dqb, dw, db = _packed_backward_op(grad, qkv, agents, agent_v, lse, agent_bias, query_bias, weight,
+                                                 *ctx.layout, *flags)
     # the agents get no gradient: dqkv holds the pooling's (see _packed_forward_op)
     return (dqkv, None, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1]),
             dw if flags[2] else None, db if flags[3] else None, None, None, None, None, None)

@@ -283,8 +283,8 @@ def _packed_checks() -> None:
         ops.clear()
         compiled = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True,
                                  backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-        # the backward's one launch (off CUDA), and in the first layout also the split path (the stored attention
-        # output, the pooling's and the conv's gradient kernels)
+        # the backward's one launch (off CUDA), and in the first layout also the split path (the agent kernels
+        # recomputing the attention's output, the pooling's and the conv's gradient kernels)
         for splits in (None, 2) if case == 0 else (None,):
             with ta.use_tiles(backward_splits=splits), _backward_launches() as calls:
                 got = compiled(*leaves)
@@ -304,13 +304,13 @@ def _packed_checks() -> None:
     launched, launch = [], ta._launch_forward
     ta._launch_forward = lambda *a, **kw: launched.append(kw.get("training")) or launch(*a, **kw)
     try:
-        out, attn, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
+        out, agent_v, lse = torch.ops.zoo.pooled_agent_qkv_fwd(*fwd_args)
     finally:
         ta._launch_forward = launch
     assert launched == [True], launched  # the op is always differentiated: the training forward's tiles
     torch.library.opcheck(torch.ops.zoo.pooled_agent_qkv_bwd.default,
-                          (torch.randn_like(out), qkv, attn, agents, agent_v, lse, ab, qb, weight, 2, [4, 4], [2, 2],
-                           1, 0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
+                          (torch.randn_like(out), qkv, agents, agent_v, lse, ab, qb, weight, 2, [4, 4], [2, 2], 1,
+                           0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
 def _eager_packed_checks() -> None:
