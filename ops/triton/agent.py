@@ -617,43 +617,51 @@ def _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, ag
     return out, (w, agents, agent_v, lse)
 
 
-def _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, bias_grads: tuple[bool, bool],
-                  param_grads: tuple[bool, bool], input_grad: bool, into=None):
-    """The fused call's gradients (dq, dk, dv, d_weight, d_conv_bias, d_agent_bias, d_query_bias) from its output's
-    ``grad`` (B, heads, N, d_v), dq, dk, dv written into ``into``'s views when given. Where batch * heads fills the
-    GPU (``default_pooled_backward_splits``) one launch (:func:`_launch_pooled_backward`); else the agent backward
-    kernels (the attention's output tiles recomputed, since the stored output includes the conv), the pooling's
-    gradient added into dq and the conv's (:func:`zoo.ops.depthwise_conv.conv_backward`, its input gradient added
-    into dv when ``input_grad``). ``bias_grads`` / ``param_grads``: whether the agent and query biases / the conv's
-    weight and bias want gradients."""
-    grid, agent_grid, prefix, scale, has_bias = ctx.layout
-    agent_bias_grad = agent_bias is not None and bias_grads[0]
-    query_bias_grad = query_bias is not None and bias_grads[1]
+def _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, bias_grads: tuple[bool, bool],
+                param_grads: tuple[bool, bool], input_grad: bool, into=None):
+    """The eager node's gradients (dq, dk, dv, d_weight, d_conv_bias, d_agent_bias, d_query_bias) from its output's
+    ``grad`` (B, heads, N, d_v) through :func:`_pooled_grads`, with the layout and dtypes :func:`_pooled_forward`
+    recorded on ``ctx``; ``bias_grads`` / ``param_grads``: whether the agent and query biases / the conv's weight and
+    bias want gradients."""
+    *layout, has_bias = ctx.layout
+    flags = (agent_bias is not None and bias_grads[0], query_bias is not None and bias_grads[1])
     wants_weight = param_grads[0] or (has_bias and param_grads[1])
     dtypes = (ctx.param_dtypes[0] if wants_weight else None,
               ctx.param_dtypes[1] if wants_weight and param_grads[1] else None)
+    dq, dk, dv, dw, db, dab, dqb = _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
+                                                 tuple(layout), flags, dtypes, input_grad, into)
+    return dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1])
+
+
+def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, layout: tuple,
+                  bias_grads: tuple[bool, bool], weight_dtypes: tuple, input_grad: bool = True, into=None):
+    """The fused call's gradients from its output's ``grad`` (B, heads, N, d_v), for the eager node and the traced
+    packed op: dq, dk, dv (written into ``into``'s views when given), the conv's weight and bias gradients
+    (``weight_dtypes``: their dtypes, None where not wanted) and the float32 per-(batch, head) logit gradients of the
+    biases (empty unless ``bias_grads`` asks for them). ``layout``: (grid, agent_grid, prefix, scale). Where batch *
+    heads fills the GPU (``default_pooled_backward_splits``) one launch (:func:`_launch_pooled_backward`); else the
+    agent backward kernels (the attention's output tiles recomputed, since the stored output includes the conv), the
+    pooling's gradient added into dq and the conv's (:func:`zoo.ops.depthwise_conv.conv_backward`, its input
+    gradient added into dv when ``input_grad``)."""
+    grid, agent_grid, prefix, scale = layout
     sizes = _Sizes.of(q, v, agents)
     plan = _plan(sizes, q.dtype, True, sm_count(q) if q.is_cuda else None, training=True)
     with on_device(q):
         if plan.query_splits == 1 and sizes.b * sizes.heads and sizes.n:
-            dq, dk, dv, dw, db, dab, dqb = _launch_pooled_backward(
-                plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix, scale,
-                (agent_bias_grad, query_bias_grad), dtypes, into)
-        else:
-            dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None,
-                                                        agent_v, lse, scale, agent_bias_grad, query_bias_grad,
-                                                        into=into)
-            _add_pooling_grad(_grid_tokens(dq, prefix), da, grid, agent_grid)
-            dw = db = None
-            if w is not None:
-                # the conv term's gradients: the grid rows of the output's gradient in the conv's dtype (as autograd
-                # casts it for the conv's output), the values' part added into dv's grid rows
-                g = _grid_maps(grad, prefix, grid)
-                g = g if g.dtype == w.dtype else g.to(w.dtype)
-                _, dw, db = conv_backward(g, _grid_maps(v, prefix, grid), w if input_grad else None, w.shape[-1],
-                                          dtypes, into=_grid_maps(dv, prefix, grid) if input_grad else None)
-    return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, agent_bias_grad),
-            _bias_grad(dqb, query_bias, query_bias_grad))
+            return _launch_pooled_backward(plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, grid,
+                                           agent_grid, prefix, scale, bias_grads, weight_dtypes, into)
+        dq, dk, dv, da, dab, dqb = _launch_backward(grad, q, k, v, agents, agent_bias, query_bias, None, agent_v, lse,
+                                                    scale, *bias_grads, into=into)
+        _add_pooling_grad(_grid_tokens(dq, prefix), da, grid, agent_grid)
+        dw = db = None
+        if w is not None:
+            # the conv term's gradients: the grid rows of the output's gradient in the conv's dtype (as autograd casts
+            # it for the conv's output), the values' part added into dv's grid rows
+            g = _grid_maps(grad, prefix, grid)
+            g = g if g.dtype == w.dtype else g.to(w.dtype)
+            _, dw, db = conv_backward(g, _grid_maps(v, prefix, grid), w if input_grad else None, w.shape[-1],
+                                      weight_dtypes, into=_grid_maps(dv, prefix, grid) if input_grad else None)
+    return dq, dk, dv, dw, db, dab, dqb
 
 
 def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
@@ -691,7 +699,7 @@ def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, q
 
 class _PooledAgentAttention(torch.autograd.Function):
     """Training calls of :func:`pooled_agent_attention_triton` on separate q, k, v: one autograd node. The forward
-    is the fused launch keeping the agents and the aggregation's statistics; the backward :func:`_pooled_grads`."""
+    is the fused launch keeping the agents and the aggregation's statistics; the backward :func:`_node_grads`."""
 
     @staticmethod
     def forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
@@ -703,9 +711,9 @@ class _PooledAgentAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
-        dq, dk, dv, dw, db, dab, dqb = _pooled_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v,
-                                                     lse, ctx.needs_input_grad[5:7], ctx.needs_input_grad[3:5],
-                                                     ctx.needs_input_grad[2])
+        dq, dk, dv, dw, db, dab, dqb = _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v,
+                                                   lse, ctx.needs_input_grad[5:7], ctx.needs_input_grad[3:5],
+                                                   ctx.needs_input_grad[2])
         return dq, dk, dv, dw, db, dab, dqb, None, None, None, None
 
 
@@ -728,9 +736,9 @@ class _PooledQkvAttention(torch.autograd.Function):
     def backward(ctx, grad):
         qkv, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _, _, _, dw, db, dab, dqb = _pooled_grads(ctx, grad, *split_qkv(qkv, ctx.heads), w, agents, agent_bias,
-                                                  query_bias, agent_v, lse, ctx.needs_input_grad[3:5],
-                                                  ctx.needs_input_grad[1:3], True, into=split_qkv(dqkv, ctx.heads))
+        _, _, _, dw, db, dab, dqb = _node_grads(ctx, grad, *split_qkv(qkv, ctx.heads), w, agents, agent_bias,
+                                                query_bias, agent_v, lse, ctx.needs_input_grad[3:5],
+                                                ctx.needs_input_grad[1:3], True, into=split_qkv(dqkv, ctx.heads))
         return (dqkv if ctx.needs_input_grad[0] else None, dw, db, dab, dqb, None, None, None, None, None)
 
 
@@ -840,25 +848,11 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, agents: torch.Ten
     q, k, v = split_qkv(qkv, heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = split_qkv(dqkv, heads)
-    g, agents = _heads(grad, heads), _heads(agents, heads)
     dtype = None if conv_weight is None else conv_weight.dtype
     dtypes = (dtype if weight_grad or bias_grad else None, dtype if bias_grad else None)
-    sizes = _Sizes.of(q, v, agents)
-    plan = _plan(sizes, qkv.dtype, True, sm_count(qkv) if qkv.is_cuda else None, training=True)
-    with on_device(qkv):
-        if plan.query_splits == 1 and sizes.b * sizes.heads and sizes.n:
-            _, _, _, dw, db, dab, dqb = _launch_pooled_backward(
-                plan, g, q, k, v, conv_weight, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix,
-                scale, (agent_bias_grad, query_bias_grad), dtypes, (dq, dk, dv))
-        else:
-            *_, da, dab, dqb = _launch_backward(g, q, k, v, agents, agent_bias, query_bias, None, agent_v, lse,
-                                                scale, agent_bias_grad, query_bias_grad, into=(dq, dk, dv))
-            _add_pooling_grad(_grid_rows(_third(dqkv, 0), prefix), da, grid, agent_grid)
-            dw = db = None
-            if conv_weight is not None:
-                _, dw, db = conv_backward(_token_map(grad, prefix, grid), _token_map(_third(qkv, 2), prefix, grid),
-                                          conv_weight, conv_weight.shape[-1], dtypes,
-                                          into=_token_map(_third(dqkv, 2), prefix, grid))
+    _, _, _, dw, db, dab, dqb = _pooled_grads(_heads(grad, heads), q, k, v, conv_weight, _heads(agents, heads),
+                                              agent_bias, query_bias, agent_v, lse, (grid, agent_grid, prefix, scale),
+                                              (agent_bias_grad, query_bias_grad), dtypes, into=(dq, dk, dv))
     empty = qkv.new_empty((0,))
     return dqkv, dab, dqb, empty.clone() if dw is None else dw, empty.clone() if db is None else db
 
