@@ -664,6 +664,11 @@ def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse
     return dq, dk, dv, dw, db, dab, dqb
 
 
+# Grid tokens a tile of the one-launch backward's conv phase (``_conv_grads``; 32 made Agent-DeiT-T's kernel slower).
+# Passed at every launch, not a kernel default: torch.compile's analysis of a kernel's writes needs every argument.
+_CONV_TOKENS = 16
+
+
 def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
                             grid: tuple[int, int], agent_grid: tuple[int, int], prefix: int, scale: float,
                             bias_grads: tuple[bool, bool], weight_dtypes: tuple, into=None, launch=direct):
@@ -688,7 +693,8 @@ def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, q
         *_bias_strides(query_bias), *((w.stride(0), w.stride(3)) if w is not None else (0, 0)), *_token_strides(dq),
         *_token_strides(dk), *_token_strides(dv), s.heads, s.n, s.a, prefix, *grid, *agent_grid, scale,
         scale * _LOG2E, HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=bias_grads[0],
-        QB_GRAD=bias_grads[1], CONV=w is not None, WEIGHT_GRAD=wants, **plan.options, **plan.constexprs)
+        QB_GRAD=bias_grads[1], CONV=w is not None, WEIGHT_GRAD=wants, CONV_T=_CONV_TOKENS, **plan.options,
+        **plan.constexprs)
     dw = db = None
     if wants:
         dw = torch.empty(w.shape, dtype=weight_dtypes[0], device=q.device)

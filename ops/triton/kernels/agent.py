@@ -511,7 +511,7 @@ def _pooled_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, 
                             BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                             HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
                             CONV: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                            CONV_T: tl.constexpr = 16):
+                            CONV_T: tl.constexpr):
     """The whole backward of :func:`_pooled_forward_kernel` for one (batch, head) (grid: batch * heads): the agent
     attention's (:func:`_backward_kernel`, the output tiles recomputed), then, once its dQ and dV rows are written,
     the pooling's gradient added into dQ's grid rows and with CONV the conv's input gradient into dV's, and with
