@@ -186,6 +186,40 @@ def _depthwise_conv(launch: LaunchRecorder, monkeypatch, c: int, k: int, hw: int
     DW._launch(x, weight, None, None, dtype, dtype, launch)
 
 
+def _depthwise_conv_backward(launch: LaunchRecorder, monkeypatch, c: int, k: int, hw: int,
+                             dtype: torch.dtype) -> None:
+    """The conv's backward, x a slice of a projection: for a 3x3 conv the one-pass kernel with the input's gradient
+    added into a slice (an Agent node's dv), written fresh (the traced op's) and not asked for, each followed by the
+    weight's and bias's sum; for other sizes the tiled weight gradients (their input gradient is the forward
+    kernel's, flipped)."""
+    x = _randn(2, hw, hw, 2 * c, dtype=dtype)[..., c:]
+    grad, into = _randn(2, hw, hw, c, dtype=dtype), _randn(2, hw, hw, 2 * c, dtype=dtype)[..., c:]
+    weight = DW._conv_weights(_randn(c, 1, k, k, dtype=dtype), None, dtype)[0]
+    ways = ((weight, into), (weight, None), (None, None)) if k == 3 else ((None, None),)
+    for w, dest in ways:
+        DW.conv_backward(grad, x, w, k, (dtype, dtype), into=dest, launch=launch)
+
+
+def _pooled_agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
+    """Agent-DeiT-T's pooled agent attention (a class token and 14x14 grid tokens, 3 heads of 64, 7x7 agents, both
+    biases, the value conv with its bias) on a qkv projection's views: the inference and training forwards, then
+    the one-launch backward with every gradient and the conv weight's and bias's sum."""
+    from zoo.ops.triton import agent as ta
+
+    heads, grid, agent_grid, d = 3, (14, 14), (7, 7), 64
+    n, a = 1 + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
+    q, k, v = (t.transpose(1, 2) for t in _randn(2, n, 3 * heads * d, dtype=dtype).view(2, n, 3, heads, d).unbind(2))
+    agent_bias, query_bias = _randn(1, heads, a, n, dtype=dtype), _randn(1, heads, n, a, dtype=dtype)
+    weight, bias = ta._conv_in(_randn(heads * d, 1, 3, 3, dtype=dtype), _randn(heads * d, dtype=dtype), dtype)
+    layout = (grid, agent_grid, 1, d ** -0.5)
+    ta._launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, *layout, launch)
+    out, agents, agent_v, lse = ta._launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, *layout, launch,
+                                                  stats=True)
+    plan = ta._plan(ta._Sizes.of(q, v, agents), dtype, True, None, training=True)
+    ta._launch_pooled_backward(plan, out, q, k, v, weight, agents, agent_bias, query_bias, agent_v, lse, *layout,
+                               (True, True), (dtype, dtype), launch=launch)
+
+
 def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points;
     100 queries (a decoder's sparse value-gradient gather) and every token a query (the encoder's dense one)."""
@@ -223,6 +257,7 @@ CASES = {
     "agent.deit_s.fp32": (_agent, dict(dtype=FP32)),
     "agent.split_backward.bf16": (_agent_split_backward, dict(dtype=BF16)),
     "agent.pooling_grad.bf16": (_agent_pooling_grad, dict(dtype=BF16)),
+    "pooled_agent.deit_t.bf16": (_pooled_agent, dict(dtype=BF16)),
     "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
     "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
     "short_keys.volo_qkv.bf16": (_short_keys_packed, dict(dtype=BF16)),
@@ -243,14 +278,17 @@ CASES = {
     "mlp.c192.fp32": (_mlp, dict(c_in=192, hidden=576, c_out=150, dtype=FP32)),
     "depthwise_conv.swin_t_s0.bf16": (_depthwise_conv, dict(c=96, k=3, hw=7, dtype=BF16)),
     "depthwise_conv.biformer_lepe.fp32": (_depthwise_conv, dict(c=64, k=5, hw=14, dtype=FP32)),
+    "depthwise_conv_backward.swin_t_s0.bf16": (_depthwise_conv_backward, dict(c=96, k=3, hw=56, dtype=BF16)),
+    "depthwise_conv_backward.biformer_lepe.fp32": (_depthwise_conv_backward, dict(c=64, k=5, hw=14, dtype=FP32)),
     "ms_deform.bf16": (_ms_deform, dict(dtype=BF16)),
     "ms_deform.fp32": (_ms_deform, dict(dtype=FP32)),
     "neighborhood.nat_t.bf16": (_neighborhood, dict(spatial=(56, 56), kernel=7, dilation=1, causal=False, dtype=BF16)),
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 8, "agent": 2, "short_keys": 2, "window": 2, "outlook": 3, "layer_norm": 2, "mlp": 1,
-                    "depthwise_conv": 1, "ms_deform": 3, "neighborhood": 3}
+EXPECTED_KERNELS = {"routing": 8, "agent": 2, "pooled_agent": 3, "short_keys": 2, "window": 2, "outlook": 3,
+                    "layer_norm": 2, "mlp": 1, "depthwise_conv": 1, "depthwise_conv_backward": 2, "ms_deform": 3,
+                    "neighborhood": 3}
 # one kernel more than the family's usual: regions of at most half a tile (32 tokens) launch the packed forward too;
 # the split agent backward is two kernels in place of one; the unfused key-blocked short-key backward too
 EXTRA_KERNEL_CASES = {"routing.biformer_t.s2.bf16", "routing.biformer_t.s1.fp32", "agent.split_backward.bf16",
@@ -275,8 +313,8 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
         assert shared <= _H200_SHARED_BYTES, f"{case}: {kernel.fn.__name__} needs {shared} bytes of shared memory"
 
 
-# What each kernel stores to: the pointers always written, and those written only when a constexpr flag of the
-# launch is set. torch.compile finds a triton_op kernel's writes by analysing its TTIR and copies every input it counts
+# What each kernel stores to: the pointers always written, and those written only when a condition on the launch's
+# constexpr flags holds (a flag's name, ``!`` before it for the flag off, or a tuple of such that must all hold). torch.compile finds a triton_op kernel's writes by analysing its TTIR and copies every input it counts
 # as written before each launch (a helper call counts all its arguments as written when its results reach a store
 # address), so an input counted as written is a wasted copy and, under in-place buffer reuse, a risk.
 WRITES = {
@@ -295,6 +333,11 @@ WRITES = {
               "_backward_queries_kernel": ({"dq_ptr", "pa_ptr", "pv_ptr"}, {"QB_GRAD": {"dqb_ptr"}}),
               "_backward_keys_kernel": ({"dk_ptr", "dv_ptr", "pk_ptr"}, {"AB_GRAD": {"dab_ptr"}}),
               "pooling_grad_kernel": ({"dq_ptr"}, {})},
+    "pooled_agent": {"_pooled_forward_kernel": ({"out_ptr"}, {"STATS": {"ag_ptr", "av_ptr", "lse_ptr"}}),
+                     "_pooled_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"},
+                                                 {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"},
+                                                  "WEIGHT_GRAD": {"part_ptr"}}),
+                     "weight_grad_sum_kernel": ({"dw_ptr", "db_ptr"}, {})},
     "short_keys": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
                    "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {}),
                    "_kb_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}), "_kb_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
@@ -309,6 +352,10 @@ WRITES = {
                    "backward_kernel": ({"dx_ptr", "dw_ptr", "db_ptr"}, {})},
     "mlp": {"forward_kernel": ({"y_ptr"}, {})},
     "depthwise_conv": {"forward_kernel": ({"y_ptr"}, {})},
+    "depthwise_conv_backward": {"backward3_kernel": ({"part_ptr"},
+                                                     {"INTO": {"r_ptr"}, ("INPUT_GRAD", "!INTO"): {"dx_ptr"}}),
+                                "weight_grad_kernel": ({"part_ptr"}, {}),
+                                "weight_grad_sum_kernel": ({"dw_ptr", "db_ptr"}, {})},
     "ms_deform": {"_forward_kernel": ({"out_ptr"}, {}),
                   "_sample_grad_kernel": ({"gloc_ptr", "gattn_ptr"}, {"WRITE_CELLS": {"cell_ptr", "record_ptr"}}),
                   "_value_grad_kernel": ({"gvalue_ptr"}, {})},
@@ -316,6 +363,12 @@ WRITES = {
                      "_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}),
                      "_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {})},
 }
+
+
+def _holds(condition: str | tuple[str, ...], bound: dict) -> bool:
+    """Whether a WRITES condition holds for a launch's bound arguments."""
+    terms = condition if isinstance(condition, tuple) else (condition,)
+    return all(not bound[t[1:]] if t.startswith("!") else bound[t] for t in terms)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -328,6 +381,6 @@ def test_torch_compile_sees_only_the_outputs_written(case, monkeypatch):
         name = kernel.fn.__name__
         always, flagged = family[name]
         bound = {**dict(zip(kernel.arg_names, args)), **kw}
-        expected = always.union(*(written for flag, written in flagged.items() if bound[flag]))
+        expected = always.union(*(written for condition, written in flagged.items() if _holds(condition, bound)))
         got = written_by(kernel, args, kw)
         assert got == expected, f"{case}: {name} counted as writing {sorted(got)}, expected {sorted(expected)}"
