@@ -1,8 +1,9 @@
 """agent_bias_maps: the reference is the Agent backbones' bias build (resizes, sums, class-token column and row);
 the ``triton`` backend (one launch forward, one autograd node with one launch backward) against it in Triton's CPU
 interpreter (maps and every parameter's gradient: a class token, square and non-square grids, up- and downsized and
-equal-size maps, a 56x56 query grid) and on the GPU (the released models' grids, and whole models' training
-gradients with either backend); what the triton backend refuses; input errors on plain CPU."""
+equal-size maps, a 56x56 query grid; eager, and traced by torch.compile as its two torch.library ops) and on the GPU
+(the released models' grids, and whole models' training gradients with either backend); what the triton backend
+refuses; input errors on plain CPU."""
 from __future__ import annotations
 
 import pytest
@@ -200,8 +201,49 @@ def _interpreter_model_checks() -> None:
         ab._maps_forward = maps_forward
 
 
+def _traced_checks() -> None:
+    """Under torch.compile the triton backend is the two ops ``zoo::agent_bias_maps_fwd`` / ``_bwd`` (no resize,
+    scatter or concatenation of the reference's left in either graph), with the reference's maps and every wanted
+    gradient; a parameter that wants none gets none."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.compilers import nop
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return nop(gm, example_inputs)
+
+    for heads, num, key0, query0, cls in CASES[:3]:
+        p = make_params(heads, num, key0, query0, cls)
+        want = maps_and_grads(p, key0, query0, "reference")
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(lambda *a: build(dict(zip(NAMES, a)), key0, query0, "triton"), fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+        key, query = compiled(*[p[n] for n in NAMES])
+        g = torch.Generator().manual_seed(1)
+        loss = (key * torch.randn(key.shape, generator=g)).sum() + (query * torch.randn(query.shape, generator=g)).sum()
+        grads = torch.autograd.grad(loss, [p[n] for n in NAMES if p[n] is not None])
+        what = f"traced: {heads} heads, {num} agents, {key0} keys, {query0} queries, cls {cls}"
+        assert len(graphs) == 2, (what, graphs)
+        assert "zoo.agent_bias_maps_fwd.default" in graphs[0], (what, sorted(graphs[0]))
+        assert "zoo.agent_bias_maps_bwd.default" in graphs[1], (what, sorted(graphs[1]))
+        assert not any("upsample" in op or "index" in op or "cat" in op for ops in graphs for op in ops), \
+            (what, graphs)
+        for i, (x, y) in enumerate(zip((key, query, *grads), (want[0], want[1], *want[2]))):
+            assert_close_to(x, y, 2e-6, 1e-6, f"{what} [{i}]")
+    p = make_params(2, 4, (14, 14), (14, 14), True)
+    p["ah"].requires_grad_(False)
+    torch._dynamo.reset()
+    key, query = torch.compile(lambda *a: build(dict(zip(NAMES, a)), (14, 14), (14, 14), "triton"),
+                               backend="aot_eager")(*[p[n] for n in NAMES])
+    (key.sum() + query.sum()).backward()
+    assert p["ah"].grad is None and p["an"].grad is not None and p["ca"].grad is not None
+
+
 def test_triton_interpreter_against_the_reference():
-    run_in_interpreter("test_agent_bias", "_interpreter_checks", "_interpreter_model_checks")
+    run_in_interpreter("test_agent_bias", "_interpreter_checks", "_interpreter_model_checks", "_traced_checks")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext, is_concrete_int
 
-import zoo.ops.layer_norm  # noqa: F401  (registers the ops)
+import zoo.ops.agent_bias  # noqa: F401  (registers the ops)
+import zoo.ops.layer_norm  # noqa: F401
 import zoo.ops.ms_deform  # noqa: F401
 import zoo.ops.outlook  # noqa: F401
 import zoo.ops.triton.agent  # noqa: F401
@@ -85,3 +86,22 @@ def test_op_body_traces_with_symbolic_sizes(name):
     first = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     assert first.shape[:1] == fakes[0].shape[:1]
     assert not is_concrete_int(first.shape[0]), f"{name}: the batch size was specialised"
+
+
+def test_agent_bias_op_bodies_trace_on_fake_tensors():
+    """The bias maps' ops take static sizes only (parameters' shapes are static under torch.compile; the dispatch
+    sends symbolic grids to the reference), but their bodies still run on fake tensors while tracing (the host-side
+    sizes, scales and buffers), with the kernels recorded, not launched."""
+    from zoo.ops import agent_bias as ab
+
+    ab._plan.cache_clear()  # the launch plan is made under the fake mode, not taken from an earlier eager call
+    shapes = ab._param_shapes(3, 49, (7, 7), (14, 14), (12, 12))
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    static = lambda t: StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * t.dim())  # noqa: E731
+    params = [mode.from_tensor(t, symbolic_context=static(t))
+              for t in (_randn(*shape, dtype=torch.float32) for shape in shapes)]
+    with mode:
+        key, query = torch.ops.zoo.agent_bias_maps_fwd(*params, [14, 14], [12, 12])
+        grads = torch.ops.zoo.agent_bias_maps_bwd(key, query, [7, 7], [14, 14], [12, 12], True)
+    assert key.shape == (1, 3, 49, 1 + 196) and query.shape == (1, 3, 1 + 144, 49)
+    assert [tuple(g.shape) for g in grads] == shapes and all(g.dtype == torch.float32 for g in grads)

@@ -220,6 +220,19 @@ def _pooled_agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> No
                                (True, True), (dtype, dtype), launch=launch)
 
 
+def _agent_bias(launch: LaunchRecorder, monkeypatch, heads: int, num: int, keys: tuple[int, int],
+                queries: tuple[int, int], cls: bool) -> None:
+    """The Agent biases' maps of one block (7x7 maps resized to the key and query grids) and every parameter's
+    gradient from the maps' (float32, a strided key gradient as a sum to a broadcast shape can leave)."""
+    from zoo.ops import agent_bias as ab
+
+    shapes = ab._param_shapes(heads, num, (7, 7), keys, queries)
+    params = [_randn(*shape, dtype=FP32) if cls or i < 6 else None for i, shape in enumerate(shapes)]
+    key, query = ab._maps_forward(*params, keys, queries, launch)
+    dkey = _randn(2, *key.shape[1:], dtype=FP32)[1:]
+    ab._maps_backward(dkey, query, (7, 7), keys, queries, int(cls), launch)
+
+
 def _ms_deform(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
     """Multi-scale deformable attention, Focus-DETR's layout at a small image: 4 levels, 8 heads of 32, 4 points;
     100 queries (a decoder's sparse value-gradient gather) and every token a query (the encoder's dense one)."""
@@ -258,6 +271,8 @@ CASES = {
     "agent.split_backward.bf16": (_agent_split_backward, dict(dtype=BF16)),
     "agent.pooling_grad.bf16": (_agent_pooling_grad, dict(dtype=BF16)),
     "pooled_agent.deit_t.bf16": (_pooled_agent, dict(dtype=BF16)),
+    "agent_bias.deit_t": (_agent_bias, dict(heads=3, num=49, keys=(14, 14), queries=(14, 14), cls=True)),
+    "agent_bias.pvt_t_s0": (_agent_bias, dict(heads=1, num=49, keys=(7, 7), queries=(56, 56), cls=False)),
     "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
     "short_keys.pvt_s0.fp32": (_short_keys, dict(batch=8, dtype=FP32)),
     "short_keys.volo_qkv.bf16": (_short_keys_packed, dict(dtype=BF16)),
@@ -286,7 +301,8 @@ CASES = {
     "neighborhood.causal_1d.fp32": (_neighborhood, dict(spatial=(200,), kernel=13, dilation=2, causal=True,
                                                         dtype=FP32)),
 }
-EXPECTED_KERNELS = {"routing": 8, "agent": 2, "pooled_agent": 3, "short_keys": 2, "window": 2, "outlook": 3,
+EXPECTED_KERNELS = {"routing": 8, "agent": 2, "pooled_agent": 3, "agent_bias": 2, "short_keys": 2, "window": 2,
+                    "outlook": 3,
                     "layer_norm": 2, "mlp": 1, "depthwise_conv": 1, "depthwise_conv_backward": 2, "ms_deform": 3,
                     "neighborhood": 3}
 # one kernel more than the family's usual: regions of at most half a tile (32 tokens) launch the packed forward too;
@@ -338,6 +354,9 @@ WRITES = {
                                                  {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"},
                                                   "WEIGHT_GRAD": {"part_ptr"}}),
                      "weight_grad_sum_kernel": ({"dw_ptr", "db_ptr"}, {})},
+    "agent_bias": {"bias_maps_kernel": ({"key_ptr", "query_ptr"}, {}),
+                   "bias_maps_backward_kernel": ({"dan_ptr", "dah_ptr", "daw_ptr", "dna_ptr", "dha_ptr", "dwa_ptr"},
+                                                 {"CLS": {"dac_ptr", "dca_ptr"}})},
     "short_keys": {"_forward_kernel": ({"out_ptr"}, {"STATS": {"lse_ptr"}}),
                    "_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"}, {}),
                    "_kb_dq_kernel": ({"dq_ptr", "delta_ptr"}, {}), "_kb_dkv_kernel": ({"dk_ptr", "dv_ptr"}, {}),
