@@ -361,9 +361,9 @@ def _setup_traced(ctx, inputs, output) -> None:
 
 
 def _traced_backward(ctx, dkey, dquery):
-    (source, key_size, query_size, cls), wanted = ctx.layout, ctx.needs_input_grad
-    grads = _maps_backward_op(dkey, dquery, source, key_size, query_size, cls)
-    return (*(g if wanted[i] and (cls or i < 6) else None for i, g in enumerate(grads)), None, None)
+    grads = _maps_backward_op(dkey, dquery, *ctx.layout)
+    wanted = ctx.needs_input_grad  # (False for the absent class biases, whose gradients come back empty)
+    return (*(g if wanted[i] else None for i, g in enumerate(grads)), None, None)
 
 
 _maps_op.register_autograd(_traced_backward, setup_context=_setup_traced)
