@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .. import interpreter_requested
-from .depthwise_conv import store_tap_sums, weight_tap
+from .depthwise_conv import input_grad_row, reversed_taps, store_tap_sums
 
 INTERPRETED = interpreter_requested()
 """Whether these kernels were decorated for Triton's CPU interpreter."""
@@ -448,15 +448,7 @@ def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, 
     offs_t = tl.arange(0, CONV_T)
     dv_ok = offs_dv < DV
     ch = h * DV + offs_dv
-    w0 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 0)
-    w1 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 1)
-    w2 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 2)
-    w3 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 3)
-    w4 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 4)
-    w5 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 5)
-    w6 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 6)
-    w7 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 7)
-    w8 = weight_tap(w_ptr, ch, dv_ok, sw_c, sw_t, 8)
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = reversed_taps(w_ptr, ch, dv_ok, sw_c, sw_t)
     s0 = tl.zeros([CONV_T, BLOCK_DV], dtype=tl.float32)  # s<t>: tap t's weight-gradient products, sb the bias's
     s1 = s0
     s2 = s0
@@ -482,7 +474,8 @@ def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, 
         g20 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 0, compute)
         g21 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 1, compute)
         g22 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 2, compute)
-        acc = g00 * w8 + g01 * w7 + g02 * w6 + g10 * w5 + g11 * w4 + g12 * w3 + g20 * w2 + g21 * w1 + g22 * w0
+        dx = input_grad_row(g00, g01, g02, g10, g11, g12, g20, g21, g22, w00, w01, w02, w10, w11, w12, w20, w21,
+                            w22, compute)
         if WEIGHT_GRAD:
             xt = _tile(v_base, rows, N, offs_dv, DV, svn, svd).to(compute).to(tl.float32)
             s8 += g00 * xt
@@ -496,7 +489,7 @@ def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, 
             s0 += g22 * xt
             sb += g11
         old = _tile(dv_base, rows, N, offs_dv, DV, sdvn, 1).to(tl.float32)
-        _put(dv_base, rows, N, offs_dv, DV, sdvn, 1, old + acc.to(compute).to(tl.float32))
+        _put(dv_base, rows, N, offs_dv, DV, sdvn, 1, old + dx)
     if WEIGHT_GRAD:
         store_tap_sums(part_base + ch, C, dv_ok, s0, s1, s2, s3, s4, s5, s6, s7, s8, sb)
 

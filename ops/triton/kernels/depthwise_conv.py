@@ -143,11 +143,24 @@ def weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, t: tl.constexpr):
 
 
 @triton.jit
-def _input_grad_row(ul, um, ur, ml, mm, mr, dl, dm, dr, w00, w01, w02, w10, w11, w12, w20, w21, w22,
-                    compute: tl.constexpr):
-    """One row of the input gradient from the output gradient's rows above (u), at (m) and below (d) it, each at
-    three column shifts, and the reversed taps: float32 taps in :func:`forward_kernel`'s order with FLIP, rounded
-    to ``compute``."""
+def reversed_taps(w_ptr, ch, ch_ok, sw_c, sw_t):
+    """The nine taps of the (C, 9) weight for the channels ch in reverse order, w[8], w[7], ..., w[0], each (1,
+    BLOCK_C) float32: the taps of the input gradient's conv (stride 1, padding 1), as :func:`input_grad_row` takes
+    them."""
+    return (weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 8), weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 7),
+            weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 6), weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 5),
+            weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 4), weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 3),
+            weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 2), weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 1),
+            weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 0))
+
+
+@triton.jit
+def input_grad_row(ul, um, ur, ml, mm, mr, dl, dm, dr, w00, w01, w02, w10, w11, w12, w20, w21, w22,
+                   compute: tl.constexpr):
+    """The input gradient at a tile of positions (one row of them here; a run of grid tokens in the pooled agent
+    backward) from the output gradient at their nine neighbours, the row above (u), at (m) and below (d) each at
+    three column shifts, and the reversed taps (:func:`reversed_taps`): float32 taps in :func:`forward_kernel`'s
+    order with FLIP, rounded to ``compute``."""
     acc = ul * w00 + um * w01 + ur * w02 + ml * w10 + mm * w11 + mr * w12 + dl * w20 + dm * w21 + dr * w22
     return acc.to(compute).to(tl.float32)
 
@@ -197,16 +210,8 @@ def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_
     col_ok = (cols < W)[:, None] & ch_ok[None, :]
     g_item = g_ptr + item * sg_b
     x_item = x_ptr + item * sx_b
-    if INPUT_GRAD:  # the taps reversed: w[8 - t]
-        w00 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 8)
-        w01 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 7)
-        w02 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 6)
-        w10 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 5)
-        w11 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 4)
-        w12 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 3)
-        w20 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 2)
-        w21 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 1)
-        w22 = weight_tap(w_ptr, ch, ch_ok, sw_c, sw_t, 0)
+    if INPUT_GRAD:
+        w00, w01, w02, w10, w11, w12, w20, w21, w22 = reversed_taps(w_ptr, ch, ch_ok, sw_c, sw_t)
     d00 = tl.zeros((TILE_W, BLOCK_C), dtype=tl.float32)
     d01 = d00
     d02 = d00
@@ -243,16 +248,16 @@ def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_
         d22 += gbm * xcr + gcm * xdr + gdm * xer + gem * xfr
         db += gbm + gcm + gdm + gem
         if INPUT_GRAD:
-            _store_input_grad(_input_grad_row(gal, gam, gar, gbl, gbm, gbr, gcl, gcm, gcr, w00, w01, w02, w10, w11,
+            _store_input_grad(input_grad_row(gal, gam, gar, gbl, gbm, gbr, gcl, gcm, gcr, w00, w01, w02, w10, w11,
                                               w12, w20, w21, w22, compute),
                               r, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
-            _store_input_grad(_input_grad_row(gbl, gbm, gbr, gcl, gcm, gcr, gdl, gdm, gdr, w00, w01, w02, w10, w11,
+            _store_input_grad(input_grad_row(gbl, gbm, gbr, gcl, gcm, gcr, gdl, gdm, gdr, w00, w01, w02, w10, w11,
                                               w12, w20, w21, w22, compute),
                               r + 1, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
-            _store_input_grad(_input_grad_row(gcl, gcm, gcr, gdl, gdm, gdr, gel, gem, ger, w00, w01, w02, w10, w11,
+            _store_input_grad(input_grad_row(gcl, gcm, gcr, gdl, gdm, gdr, gel, gem, ger, w00, w01, w02, w10, w11,
                                               w12, w20, w21, w22, compute),
                               r + 2, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
-            _store_input_grad(_input_grad_row(gdl, gdm, gdr, gel, gem, ger, gfl, gfm, gfr, w00, w01, w02, w10, w11,
+            _store_input_grad(input_grad_row(gdl, gdm, gdr, gel, gem, ger, gfl, gfm, gfr, w00, w01, w02, w10, w11,
                                               w12, w20, w21, w22, compute),
                               r + 3, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
         gal, gam, gar = gel, gem, ger
