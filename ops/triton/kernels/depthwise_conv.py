@@ -249,16 +249,16 @@ def backward3_kernel(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, H, W, C, row_
         db += gbm + gcm + gdm + gem
         if INPUT_GRAD:
             _store_input_grad(input_grad_row(gal, gam, gar, gbl, gbm, gbr, gcl, gcm, gcr, w00, w01, w02, w10, w11,
-                                              w12, w20, w21, w22, compute),
+                                             w12, w20, w21, w22, compute),
                               r, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
             _store_input_grad(input_grad_row(gbl, gbm, gbr, gcl, gcm, gcr, gdl, gdm, gdr, w00, w01, w02, w10, w11,
-                                              w12, w20, w21, w22, compute),
+                                             w12, w20, w21, w22, compute),
                               r + 1, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
             _store_input_grad(input_grad_row(gcl, gcm, gcr, gdl, gdm, gdr, gel, gem, ger, w00, w01, w02, w10, w11,
-                                              w12, w20, w21, w22, compute),
+                                             w12, w20, w21, w22, compute),
                               r + 2, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
             _store_input_grad(input_grad_row(gdl, gdm, gdr, gel, gem, ger, gfl, gfm, gfr, w00, w01, w02, w10, w11,
-                                              w12, w20, w21, w22, compute),
+                                             w12, w20, w21, w22, compute),
                               r + 3, cols, ch, col_ok, H, W, C, item, r_ptr, dx_ptr, sr_b, sr_h, sr_w, sr_c, INTO)
         gal, gam, gar = gel, gem, ger
         gbl, gbm, gbr = gfl, gfm, gfr
