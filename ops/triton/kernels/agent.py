@@ -431,6 +431,32 @@ def _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W
 
 
 @triton.jit
+def _conv_inputs(do_base, v_base, start, offs_t, dv_ok, offs_dv, N, son, sod, svn, svd, PREFIX, H, W,
+                 DV: tl.constexpr, compute: tl.constexpr, WEIGHT_GRAD: tl.constexpr):
+    """What :func:`_conv_grads` reads for the grid tokens start, start + 1, ...: the output gradient at their nine
+    neighbours (:func:`_shifted_grad`) and, with WEIGHT_GRAD, the values (else zeros), rounded to ``compute``."""
+    rows = start + offs_t
+    cell = rows - PREFIX
+    y, x = cell // W, cell % W
+    in_grid = rows < N
+    # g<i><j>: the output gradient at (y - 1 + i, x - 1 + j), which meets tap 8 - (3i + j)
+    g00 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 0, compute)
+    g01 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 1, compute)
+    g02 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 2, compute)
+    g10 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 0, compute)
+    g11 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 1, compute)
+    g12 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 2, compute)
+    g20 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 0, compute)
+    g21 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 1, compute)
+    g22 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 2, compute)
+    if WEIGHT_GRAD:
+        xt = _tile(v_base, rows, N, offs_dv, DV, svn, svd).to(compute).to(tl.float32)
+    else:
+        xt = tl.zeros_like(g11)
+    return g00, g01, g02, g10, g11, g12, g20, g21, g22, xt
+
+
+@triton.jit
 def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, sod, svn, svd, sdvn, sw_c, sw_t, C,
                 PREFIX, H, W, DV: tl.constexpr, BLOCK_DV: tl.constexpr, CONV_T: tl.constexpr,
                 WEIGHT_GRAD: tl.constexpr):
@@ -443,7 +469,9 @@ def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, 
 
     The ten sums stay per token and channel until the end: summing each tile over its tokens (a reduction across
     warps, ten a tile) made Agent-DeiT-T's whole backward kernel 123.5 us instead of 77.5 (H200, bf16, batch 64;
-    16-token tiles; 32-token ones 92.9)."""
+    16-token tiles; 32-token ones 92.9). Loading each tile's inputs during the tile before (:func:`_conv_inputs`)
+    took the whole kernel from 155.3-156.4 to 153.1-154.0 us at Agent-DeiT-S's blocks and from 80.3-80.4 to 79.3-79.6
+    at Agent-DeiT-T's (the same bits under the interpreter; ptxas: 255 registers, 40 bytes spilled)."""
     compute = w_ptr.dtype.element_ty
     offs_t = tl.arange(0, CONV_T)
     dv_ok = offs_dv < DV
@@ -459,25 +487,13 @@ def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, 
     s7 = s0
     s8 = s0
     sb = s0
+    g00, g01, g02, g10, g11, g12, g20, g21, g22, xt = _conv_inputs(
+        do_base, v_base, PREFIX, offs_t, dv_ok, offs_dv, N, son, sod, svn, svd, PREFIX, H, W, DV, compute, WEIGHT_GRAD)
     for start in range(PREFIX, N, CONV_T):
         rows = start + offs_t
-        cell = rows - PREFIX
-        y, x = cell // W, cell % W
-        in_grid = rows < N
-        # g<i><j>: the output gradient at (y - 1 + i, x - 1 + j), which meets tap 8 - (3i + j)
-        g00 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 0, compute)
-        g01 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 1, compute)
-        g02 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 0, 2, compute)
-        g10 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 0, compute)
-        g11 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 1, compute)
-        g12 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 1, 2, compute)
-        g20 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 0, compute)
-        g21 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 1, compute)
-        g22 = _shifted_grad(do_base, y, x, in_grid, dv_ok, offs_dv, son, sod, PREFIX, H, W, 2, 2, compute)
         dx = input_grad_row(g00, g01, g02, g10, g11, g12, g20, g21, g22, w00, w01, w02, w10, w11, w12, w20, w21,
                             w22, compute)
         if WEIGHT_GRAD:
-            xt = _tile(v_base, rows, N, offs_dv, DV, svn, svd).to(compute).to(tl.float32)
             s8 += g00 * xt
             s7 += g01 * xt
             s6 += g02 * xt
@@ -489,6 +505,11 @@ def _conv_grads(do_base, v_base, dv_base, w_ptr, part_base, h, offs_dv, N, son, 
             s0 += g22 * xt
             sb += g11
         old = _tile(dv_base, rows, N, offs_dv, DV, sdvn, 1).to(tl.float32)
+        # the next tile's loads (past N: masked, zeros) issued before this tile's store, which the compiler cannot
+        # move them past (the pointers may alias): they wait on memory while the store does
+        g00, g01, g02, g10, g11, g12, g20, g21, g22, xt = _conv_inputs(
+            do_base, v_base, start + CONV_T, offs_t, dv_ok, offs_dv, N, son, sod, svn, svd, PREFIX, H, W, DV, compute,
+            WEIGHT_GRAD)
         _put(dv_base, rows, N, offs_dv, DV, sdvn, 1, old + dx)
     if WEIGHT_GRAD:
         store_tap_sums(part_base + ch, C, dv_ok, s0, s1, s2, s3, s4, s5, s6, s7, s8, sb)
