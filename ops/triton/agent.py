@@ -75,12 +75,12 @@ _LOG2E = 1.4426950408889634
 # Launch knobs. block_t: the token tile (keys in the aggregation, queries in the broadcast); None for each knob picks
 # the defaults of _plan_for. Tests lower block_t to run the multi-tile loops on tiny shapes; sweeps set all.
 _TILES: dict[str, int | None] = {"block_t": None, "num_warps": None, "num_stages": None, "query_splits": None,
-                                 "backward_splits": None}
+                                 "backward_splits": None, "conv_tokens": None, "max_registers": None}
 
 
 def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              query_splits: int | None = None, backward_splits: int | None = None
-              ) -> contextlib.AbstractContextManager:
+              query_splits: int | None = None, backward_splits: int | None = None, conv_tokens: int | None = None,
+              max_registers: int | None = None) -> contextlib.AbstractContextManager:
     """Temporarily override the launch knobs of both kernels (None keeps the current value).
 
     Args:
@@ -92,12 +92,20 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stag
             ``default_query_splits``).
         backward_splits: programs sharing one (batch, head)'s query tiles, then its key tiles, in the backward; 1 is
             the single-launch backward (default: ``default_backward_splits``).
+        conv_tokens: grid tokens a tile of the pooled single-launch backward's conv phase, a power of two (default:
+            ``pooled_backward_tiles``).
+        max_registers: a cap on the registers a thread of the pooled single-launch backward (Triton's ``maxnreg``;
+            default: ``pooled_backward_tiles``, mostly none).
     """
     check_tile_edge("block_t", block_t)
     check_count("query_splits", query_splits)
     check_count("backward_splits", backward_splits)
+    check_count("max_registers", max_registers)
+    if conv_tokens is not None and (type(conv_tokens) is not int or conv_tokens < 1 or conv_tokens & (conv_tokens - 1)):
+        raise ValueError(f"conv_tokens must be a power of two >= 1 or None, got {conv_tokens!r}")
     return override_knobs(_TILES, block_t=block_t, num_warps=num_warps, num_stages=num_stages,
-                          query_splits=query_splits, backward_splits=backward_splits)
+                          query_splits=query_splits, backward_splits=backward_splits, conv_tokens=conv_tokens,
+                          max_registers=max_registers)
 
 
 class _Kernels(NamedTuple):
@@ -155,7 +163,7 @@ class _Plan(NamedTuple):
     sizes: _Sizes
     runtime: tuple[int, ...]  # heads, N, M, A
     constexprs: dict
-    options: dict  # num_warps, num_stages
+    options: dict  # num_warps, num_stages (and the pooled backward's maxnreg, where it caps registers)
     query_splits: int  # the grid's second axis (the backward's: 1 for the single-launch kernel)
 
 
@@ -163,7 +171,7 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, tr
     """The launch plan; ``training``: a forward that will be differentiated (its own tiles and splits), or in a
     backward, :func:`pooled_agent_attention_triton`'s (its own splits: ``default_pooled_backward_splits``)."""
     args = (sizes, dtype, backward, sms, training, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
-            _TILES["backward_splits" if backward else "query_splits"])
+            _TILES["backward_splits" if backward else "query_splits"], _TILES["conv_tokens"], _TILES["max_registers"])
     if all(type(size) is int for size in sizes):
         return _plan_for(*args)
     return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
@@ -171,13 +179,22 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, tr
 
 @functools.lru_cache(maxsize=256)
 def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool,
-              block_t: int | None, num_warps: int | None, num_stages: int | None, query_splits: int | None) -> _Plan:
+              block_t: int | None, num_warps: int | None, num_stages: int | None, query_splits: int | None,
+              conv_tokens: int | None = None, max_registers: int | None = None) -> _Plan:
     s = sizes
-    default_t, default_warps, default_stages = _default_tiles(s, dtype, backward, training)
+    pooled_backward = backward and training  # the single-launch pooled backward's plan: its own tiles
+    if pooled_backward:
+        default_t, default_warps, default_stages, default_conv, default_registers = pooled_backward_tiles(s, dtype, sms)
+    else:
+        default_t, default_warps, default_stages = _default_tiles(s, dtype, backward, training)
     block_t = block_t or default_t
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
                       BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
     options = dict(num_warps=num_warps or default_warps, num_stages=num_stages or default_stages)
+    if pooled_backward:
+        constexprs["CONV_T"] = conv_tokens or default_conv
+        if max_registers or default_registers:
+            options["maxnreg"] = max_registers or default_registers
     if backward:
         default = default_pooled_backward_splits if training else default_backward_splits
         splits = query_splits or default(s, sms, block_t)
@@ -282,6 +299,27 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     if wide:
         return (64, 4, 1) if training else (64, 4, 2)
     return (32, 4, 1) if training and s.n <= 64 else (32, 4, 3)
+
+
+def pooled_backward_tiles(s: _Sizes, dtype: torch.dtype, sms: int | None) -> tuple[int, int, int, int, int | None]:
+    """(block_t, num_warps, num_stages, conv tokens, register cap or None) of the single-launch pooled backward
+    (``_pooled_backward_kernel``): the agent backward's tiles (``_default_tiles``) and 16-token conv tiles (32 made
+    Agent-DeiT-T's kernel slower), except where three programs an SM finish in one wave what two an SM take two for.
+
+    At 64-wide agent, head and value tiles in 16 bits those tiles take 255 registers and 80 KB of shared memory a
+    program (ptxas -v, sm_90, triton 3.6): two programs an SM. Where batch * heads is above two programs an SM and at
+    most three, the second wave leaves a third of the SMs or more idle; two stages (64 KB), 8-token conv tiles and a
+    168-register cap (about 0.5 KB spilled a thread) fit three an SM. H200 (132 SMs), bf16, kernel us a call, these
+    tiles against the default (two runs, the same gradients): 384 (batch, head) pairs (Agent-DeiT-S at batch 64,
+    Agent-DeiT-T at 128) 131.1-131.8 / 130.4-130.8 against 154.3-155.3 / 154.4-155.0. Where two an SM take one wave,
+    or three would take two, the default was faster (192 pairs 80.7 against 96.5; 768 pairs 237-238 against
+    255-258); a 168-register cap at three stages (still two an SM by shared memory) was slower everywhere."""
+    block_t, warps, stages = _default_tiles(s, dtype, True)
+    pairs = s.b * s.heads
+    if (sms is not None and type(pairs) is int and 2 * sms < pairs <= 3 * sms
+            and dtype in (torch.float16, torch.bfloat16) and all(32 < size <= 64 for size in (s.a, s.d, s.dv))):
+        return 32, 4, 2, 8, 168
+    return block_t, warps, stages, 16, None
 
 
 def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct, stats: bool = True,
@@ -664,11 +702,6 @@ def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse
     return dq, dk, dv, dw, db, dab, dqb
 
 
-# Grid tokens a tile of the one-launch backward's conv phase (``_conv_grads``; 32 made Agent-DeiT-T's kernel slower).
-# Passed at every launch, not a kernel default: torch.compile's analysis of a kernel's writes needs every argument.
-_CONV_TOKENS = 16
-
-
 def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
                             grid: tuple[int, int], agent_grid: tuple[int, int], prefix: int, scale: float,
                             bias_grads: tuple[bool, bool], weight_dtypes: tuple, into=None, launch=direct):
@@ -693,7 +726,7 @@ def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, q
         *_bias_strides(query_bias), *((w.stride(0), w.stride(3)) if w is not None else (0, 0)), *_token_strides(dq),
         *_token_strides(dk), *_token_strides(dv), s.heads, s.n, s.a, prefix, *grid, *agent_grid, scale,
         scale * _LOG2E, HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=bias_grads[0],
-        QB_GRAD=bias_grads[1], CONV=w is not None, WEIGHT_GRAD=wants, CONV_T=_CONV_TOKENS, **plan.options,
+        QB_GRAD=bias_grads[1], CONV=w is not None, WEIGHT_GRAD=wants, **plan.options,
         **plan.constexprs)
     dw = db = None
     if wants:

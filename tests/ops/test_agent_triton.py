@@ -272,6 +272,10 @@ def test_use_tiles_checks_and_restores_the_knobs():
         ta.use_tiles(query_splits=0)
     with pytest.raises(ValueError, match="backward_splits=0 must be an int >= 1 or None"):
         ta.use_tiles(backward_splits=0)
+    with pytest.raises(ValueError, match="conv_tokens must be a power of two >= 1 or None, got 12"):
+        ta.use_tiles(conv_tokens=12)
+    with pytest.raises(ValueError, match="max_registers=0 must be an int >= 1 or None"):
+        ta.use_tiles(max_registers=0)
     before = dict(ta._TILES)
     with ta.use_tiles(block_t=32, num_warps=2):
         assert ta._TILES == {**before, "block_t": 32, "num_warps": 2}

@@ -29,6 +29,7 @@ DW = importlib.import_module("zoo.ops.depthwise_conv")
 
 BF16, FP32 = torch.bfloat16, torch.float32
 _H200_SHARED_BYTES = 227 * 1024
+_H200_SM_SHARED_BYTES = 228 * 1024  # an SM's, of which each resident block also reserves 1 KiB
 
 
 def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -200,22 +201,24 @@ def _depthwise_conv_backward(launch: LaunchRecorder, monkeypatch, c: int, k: int
         DW.conv_backward(grad, x, w, k, (dtype, dtype), into=dest, launch=launch)
 
 
-def _pooled_agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
-    """Agent-DeiT-T's pooled agent attention (a class token and 14x14 grid tokens, 3 heads of 64, 7x7 agents, both
+def _pooled_agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype, heads: int = 3, batch: int = 2,
+                  sms: int | None = None) -> None:
+    """Agent-DeiT's pooled agent attention (a class token and 14x14 grid tokens, heads of 64, 7x7 agents, both
     biases, the value conv with its bias) on a qkv projection's views: the inference and training forwards, then
-    the one-launch backward with every gradient and the conv weight's and bias's sum."""
+    the one-launch backward with every gradient and the conv weight's and bias's sum, planned for ``sms`` SMs."""
     from zoo.ops.triton import agent as ta
 
-    heads, grid, agent_grid, d = 3, (14, 14), (7, 7), 64
+    grid, agent_grid, d = (14, 14), (7, 7), 64
     n, a = 1 + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
-    q, k, v = (t.transpose(1, 2) for t in _randn(2, n, 3 * heads * d, dtype=dtype).view(2, n, 3, heads, d).unbind(2))
+    q, k, v = (t.transpose(1, 2) for t in _randn(batch, n, 3 * heads * d, dtype=dtype).view(batch, n, 3, heads, d)
+               .unbind(2))
     agent_bias, query_bias = _randn(1, heads, a, n, dtype=dtype), _randn(1, heads, n, a, dtype=dtype)
     weight, bias = ta._conv_in(_randn(heads * d, 1, 3, 3, dtype=dtype), _randn(heads * d, dtype=dtype), dtype)
     layout = (grid, agent_grid, 1, d ** -0.5)
     ta._launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, *layout, launch)
     out, agents, agent_v, lse = ta._launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, *layout, launch,
                                                   stats=True)
-    plan = ta._plan(ta._Sizes.of(q, v, agents), dtype, True, None, training=True)
+    plan = ta._plan(ta._Sizes.of(q, v, agents), dtype, True, sms, training=True)
     ta._launch_pooled_backward(plan, out, q, k, v, weight, agents, agent_bias, query_bias, agent_v, lse, *layout,
                                (True, True), (dtype, dtype), launch=launch)
 
@@ -271,6 +274,8 @@ CASES = {
     "agent.split_backward.bf16": (_agent_split_backward, dict(dtype=BF16)),
     "agent.pooling_grad.bf16": (_agent_pooling_grad, dict(dtype=BF16)),
     "pooled_agent.deit_t.bf16": (_pooled_agent, dict(dtype=BF16)),
+    # Agent-DeiT-S at batch 64 on 132 SMs: the backward's register-capped tiles, three programs an SM
+    "pooled_agent.deit_s_b64.bf16": (_pooled_agent, dict(dtype=BF16, heads=6, batch=64, sms=132)),
     "agent_bias.deit_t": (_agent_bias, dict(heads=3, num=49, keys=(14, 14), queries=(14, 14), cls=True)),
     "agent_bias.pvt_t_s0": (_agent_bias, dict(heads=1, num=49, keys=(7, 7), queries=(56, 56), cls=False)),
     "short_keys.pvt_s0.bf16": (_short_keys, dict(batch=128, dtype=BF16)),
@@ -327,6 +332,9 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
         # then fails (OutOfResources), only on the GPU
         shared = compiled.metadata.shared
         assert shared <= _H200_SHARED_BYTES, f"{case}: {kernel.fn.__name__} needs {shared} bytes of shared memory"
+        if "maxnreg" in kw:  # a register cap is for more programs an SM: their shared memory must fit too
+            programs = 65536 // (kw["maxnreg"] * 32 * kw["num_warps"])
+            assert programs * (shared + 1024) <= _H200_SM_SHARED_BYTES, (case, kernel.fn.__name__, programs, shared)
 
 
 # What each kernel stores to: the pointers always written, and those written only when a condition on the launch's

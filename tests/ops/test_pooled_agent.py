@@ -212,7 +212,40 @@ def _interpreter_gradient_checks() -> None:
         assert calls == ({"split": 1} if splits == 2 else {"fused": 1}), (splits, calls)
         for i, (x, y) in enumerate(zip(got, want)):
             assert_close_to(x, y, 1e-5, 1e-5, f"backward_splits={splits} [{i}]")
+    # the single launch at the tiles that fit three programs an SM (pooled_backward_tiles): 32-token attention
+    # tiles, 8-token conv tiles (seven over the 7x7 grid)
+    with ta.use_tiles(block_t=32, num_warps=4, num_stages=2, backward_splits=1, conv_tokens=8, max_registers=168), \
+            _backward_launches() as calls:
+        got = outputs_and_grads(inputs, (7, 7), (3, 3), 1, "triton")
+    assert calls == {"fused": 1}, calls
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert_close_to(x, y, 1e-5, 1e-5, f"three programs an SM's tiles [{i}]")
     _pooling_grad_checks()
+
+
+def test_pooled_backward_takes_three_programs_an_sm_where_that_saves_a_wave():
+    """The single-launch pooled backward's tiles (``pooled_backward_tiles``): the agent backward's and 16-token conv
+    tiles, no register cap; where batch * heads needs two waves at two programs an SM and one at three (on 132 SMs:
+    265 to 396 (batch, head) pairs) at 64-wide agent, head and value tiles in 16 bits, two stages, 8-token conv tiles
+    and a 168-register cap instead."""
+    def launch(b, heads=6, a=49, d=64, dtype=torch.bfloat16, sms=132):
+        plan = ta._plan(ta._Sizes(b, heads, 197, 197, a, d, d), dtype, True, sms, training=True)
+        return plan.constexprs["BLOCK_T"], plan.constexprs["CONV_T"], plan.options
+
+    default, three = (32, 16, {"num_warps": 4, "num_stages": 3}), (32, 8, {"num_warps": 4, "num_stages": 2,
+                                                                             "maxnreg": 168})
+    assert launch(64) == launch(128, heads=3) == three  # Agent-DeiT-S at batch 64, Agent-DeiT-T at 128: 384 pairs
+    assert launch(45) == launch(66) == launch(64, dtype=torch.float16) == launch(64, a=33, d=40) == three
+    assert launch(44) == launch(67) == launch(128) == launch(64, heads=3) == default  # 264, 402, 768, 192 pairs
+    assert launch(64, sms=None) == launch(64, a=32) == default  # off CUDA; 32-wide agent tiles
+    assert launch(64, d=80) == (64, 16, {"num_warps": 8, "num_stages": 2})  # 128-wide head tiles
+    assert launch(64, dtype=torch.float32) == (16, 16, {"num_warps": 8, "num_stages": 1})
+    with ta.use_tiles(conv_tokens=4, max_registers=200):
+        assert launch(64) == (32, 4, {"num_warps": 4, "num_stages": 2, "maxnreg": 200})
+        assert launch(128) == (32, 4, {"num_warps": 4, "num_stages": 3, "maxnreg": 200})
+    # the agent backward's own plan (not the pooled launch) takes neither
+    plain = ta._plan(ta._Sizes(64, 6, 197, 197, 49, 64, 64), torch.bfloat16, True, 132)
+    assert "CONV_T" not in plain.constexprs and plain.options == default[2]
 
 
 def _pooling_grad_checks() -> None:
@@ -373,6 +406,28 @@ GPU_SHAPES = {  # (batch, heads, grid, agent grid, head dim, prefix)
     "swin_t_s0": (2, 3, (56, 56), (3, 3), 32, 0),    # global agent attention, 3x3 agents: unequal windows
     "swin_t_s1_window": (64, 6, (7, 7), (4, 4), 32, 0),
 }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backward_at_three_programs_an_sm_against_the_reference():
+    """bf16 and fp16 training at Agent-DeiT-S's block with batch * heads at two and a half programs an SM, where the
+    single-launch backward takes its register-capped tiles (``pooled_backward_tiles``): every gradient against
+    autograd through the reference, within the agent kernels' 16-bit tolerance."""
+    heads, grid, agent_grid, d, prefix = 6, (14, 14), (7, 7), 64, 1
+    b = -(-5 * ta.sm_count(torch.empty(0, device="cuda")) // (2 * heads))
+    for dtype in (torch.bfloat16, torch.float16):
+        inputs = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, dtype=dtype, device="cuda")
+        n = prefix + grid[0] * grid[1]
+        plan = ta._plan(ta._Sizes(b, heads, n, n, agent_grid[0] * agent_grid[1], d, d), dtype, True,
+                        ta.sm_count(inputs[0]), training=True)
+        assert plan.options.get("maxnreg") == 168 and plan.constexprs["CONV_T"] == 8, plan
+        with _backward_launches() as calls:
+            got = outputs_and_grads(inputs, grid, agent_grid, prefix, "triton")
+        assert calls == {"fused": 1}, calls
+        want = outputs_and_grads(inputs, grid, agent_grid, prefix, "reference")
+        for i, (x, y) in enumerate(zip(got, want)):
+            assert_close_to(x, y, 3e-2, 1.5e-2, f"batch {b} {dtype} training [{i}]")
 
 
 @pytest.mark.gpu

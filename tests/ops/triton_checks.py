@@ -133,7 +133,7 @@ def compile_for_gpu(kernel, args: tuple, kwargs: dict, capability: int = 90):
     from triton.compiler import ASTSource
 
     kwargs = dict(kwargs)
-    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages", "maxnreg") if name in kwargs}
     bound = {**{p.name: p.default for p in kernel.params if p.has_default}, **dict(zip(kernel.arg_names, args)),
              **kwargs}
     signature, constexprs, attrs = {}, {}, {}
