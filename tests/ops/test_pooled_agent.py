@@ -346,6 +346,25 @@ def _packed_checks() -> None:
                            0.3, True, True, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
+def _inductor_packed_checks() -> None:
+    """Inductor-compiled training given qkv (its CPU code around the packed ops, which run the interpreted kernels):
+    output and every gradient against the reference, through the single launch and the split path. Inductor checks
+    each op output's sizes and strides against the op's fake, which must describe the row-padded bias gradient
+    buffers as the launches allocate them."""
+    what, leaves, used, args, g, want, want_grads = next(_packed_reference_cases(CASES[1]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True)
+    for splits in (None, 2):
+        # no cached graphs: a cached graph keeps the metadata checks of the fake that was current when it compiled
+        with ta.use_tiles(backward_splits=splits), _backward_launches() as calls, \
+                torch._inductor.config.patch(force_disable_caches=True):
+            got = compiled(*leaves)
+            got_grads = torch.autograd.grad(got, used, g)
+        assert calls == ({"split": 1} if splits else {"fused": 1}), (what, splits, calls)
+        for i, (x, y) in enumerate(zip((got, *got_grads), (want, *want_grads))):
+            assert_close_to(x, y, 1e-5, 1e-5, f"inductor {what} backward_splits={splits} [{i}]")
+
+
 def _eager_packed_checks() -> None:
     """An eager training call given qkv is one autograd node on qkv itself (no views' nodes, no stack of q's, k's and
     v's gradients) with the reference's output and gradients (qkv's, both biases', the conv's); given a detached qkv
@@ -375,7 +394,8 @@ def _eager_packed_checks() -> None:
 
 
 def test_triton_interpreter_against_the_reference_and_traced_training_writes_qkv_gradient_in_one_buffer():
-    run_in_interpreter("test_pooled_agent", "_interpreter_checks", "_packed_checks", "_eager_packed_checks")
+    run_in_interpreter("test_pooled_agent", "_interpreter_checks", "_packed_checks", "_inductor_packed_checks",
+                       "_eager_packed_checks")
 
 
 def test_qkv_must_be_the_projection_q_k_v_view():
