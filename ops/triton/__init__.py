@@ -19,7 +19,7 @@ from .._cache import functorch_transforming
 
 __all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device", "next_pow2", "prev_pow2",
-           "dot_precision", "fp32_dot_precision", "sm_count", "item_extent", "broadcast_strides",
+           "dot_precision", "fp32_dot_precision", "sm_count", "sm_shared_bytes", "item_extent", "broadcast_strides",
            "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
            "kernel_op", "kernels_interpreted", "needs_grad", "direct", "traced", "INT32_MAX"]
 
@@ -144,6 +144,12 @@ def fp32_dot_precision(t: torch.Tensor) -> str:
 def sm_count(t: torch.Tensor) -> int:
     """Streaming multiprocessors of a CUDA tensor's GPU: launch heuristics size grids by it."""
     return _properties(t.device).multi_processor_count
+
+
+def sm_shared_bytes(t: torch.Tensor) -> int | None:
+    """Shared memory of one SM of a CUDA tensor's GPU in bytes (what bounds the programs an SM holds), or None where
+    torch does not report it (before 2.6)."""
+    return getattr(_properties(t.device), "shared_memory_per_multiprocessor", None)
 
 
 def _properties(device: torch.device):

@@ -62,7 +62,7 @@ from ..agent import _agents_like, _grid_maps, _grid_tokens, _window_membership, 
 from ..depthwise_conv import _conv_weights, _launch as conv_launch, _sum_parts as sum_parts, conv_backward
 from . import (INT32_MAX, broadcast_strides, check_count, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs,
-               sm_count, token_major, traced, triton_missing_reason)
+               sm_count, sm_shared_bytes, token_major, traced, triton_missing_reason)
 
 __all__ = ["agent_attention_triton", "pooled_agent_attention_triton", "use_tiles", "SUPPORTED_DTYPES", "MAX_AGENTS",
            "MAX_HEAD_DIM"]
@@ -167,11 +167,14 @@ class _Plan(NamedTuple):
     query_splits: int  # the grid's second axis (the backward's: 1 for the single-launch kernel)
 
 
-def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool = False) -> _Plan:
+def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool = False,
+          sm_shared: int | None = None) -> _Plan:
     """The launch plan; ``training``: a forward that will be differentiated (its own tiles and splits), or in a
-    backward, :func:`pooled_agent_attention_triton`'s (its own splits: ``default_pooled_backward_splits``)."""
+    backward, :func:`pooled_agent_attention_triton`'s (its own splits: ``default_pooled_backward_splits``, and
+    tiles: ``pooled_backward_tiles``, given ``sm_shared``, an SM's shared memory in bytes)."""
     args = (sizes, dtype, backward, sms, training, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
-            _TILES["backward_splits" if backward else "query_splits"], _TILES["conv_tokens"], _TILES["max_registers"])
+            _TILES["backward_splits" if backward else "query_splits"], _TILES["conv_tokens"], _TILES["max_registers"],
+            sm_shared)
     if all(type(size) is int for size in sizes):
         return _plan_for(*args)
     return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
@@ -180,11 +183,13 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, tr
 @functools.lru_cache(maxsize=256)
 def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool,
               block_t: int | None, num_warps: int | None, num_stages: int | None, query_splits: int | None,
-              conv_tokens: int | None = None, max_registers: int | None = None) -> _Plan:
+              conv_tokens: int | None = None, max_registers: int | None = None, sm_shared: int | None = None
+              ) -> _Plan:
     s = sizes
     pooled_backward = backward and training  # the single-launch pooled backward's plan: its own tiles
     if pooled_backward:
-        default_t, default_warps, default_stages, default_conv, default_registers = pooled_backward_tiles(s, dtype, sms)
+        default_t, default_warps, default_stages, default_conv, default_registers = pooled_backward_tiles(
+            s, dtype, sms, sm_shared)
     else:
         default_t, default_warps, default_stages = _default_tiles(s, dtype, backward, training)
     block_t = block_t or default_t
@@ -301,7 +306,13 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     return (32, 4, 1) if training and s.n <= 64 else (32, 4, 3)
 
 
-def pooled_backward_tiles(s: _Sizes, dtype: torch.dtype, sms: int | None) -> tuple[int, int, int, int, int | None]:
+# Shared memory an SM needs for three programs of the register-capped tiles below (64 KB each at Agent-DeiT-S's
+# block, plus the 1 KB each resident block reserves): the H200's 228 KB holds them, an A100's 164 KB does not.
+_THREE_CAPPED_BYTES = 3 * 65 * 1024
+
+
+def pooled_backward_tiles(s: _Sizes, dtype: torch.dtype, sms: int | None, sm_shared: int | None = None
+                          ) -> tuple[int, int, int, int, int | None]:
     """(block_t, num_warps, num_stages, conv tokens, register cap or None) of the single-launch pooled backward
     (``_pooled_backward_kernel``): the agent backward's tiles (``_default_tiles``) and 16-token conv tiles (32 made
     Agent-DeiT-T's kernel slower), except where three programs an SM finish in one wave what two an SM take two for.
@@ -309,15 +320,17 @@ def pooled_backward_tiles(s: _Sizes, dtype: torch.dtype, sms: int | None) -> tup
     At 64-wide agent, head and value tiles in 16 bits those tiles take 255 registers and 80 KB of shared memory a
     program (ptxas -v, sm_90, triton 3.6): two programs an SM. Where batch * heads is above two programs an SM and at
     most three, the second wave leaves a third of the SMs or more idle; two stages (64 KB), 8-token conv tiles and a
-    168-register cap (about 0.5 KB spilled a thread) fit three an SM. H200 (132 SMs), bf16, kernel us a call, these
+    168-register cap (about 0.5 KB spilled a thread) fit three an SM where its shared memory (``sm_shared``, None
+    before torch 2.6: the default) holds them (``_THREE_CAPPED_BYTES``). H200 (132 SMs), bf16, kernel us a call, these
     tiles against the default (two runs, the same gradients): 384 (batch, head) pairs (Agent-DeiT-S at batch 64,
     Agent-DeiT-T at 128) 131.1-131.8 / 130.4-130.8 against 154.3-155.3 / 154.4-155.0. Where two an SM take one wave,
     or three would take two, the default was faster (192 pairs 80.7 against 96.5; 768 pairs 237-238 against
     255-258); a 168-register cap at three stages (still two an SM by shared memory) was slower everywhere."""
     block_t, warps, stages = _default_tiles(s, dtype, True)
     pairs = s.b * s.heads
-    if (sms is not None and type(pairs) is int and 2 * sms < pairs <= 3 * sms
-            and dtype in (torch.float16, torch.bfloat16) and all(32 < size <= 64 for size in (s.a, s.d, s.dv))):
+    if (sms is not None and type(pairs) is int and 2 * sms < pairs <= 3 * sms and sm_shared is not None
+            and sm_shared >= _THREE_CAPPED_BYTES and dtype in (torch.float16, torch.bfloat16)
+            and all(32 < size <= 64 for size in (s.a, s.d, s.dv))):
         return 32, 4, 2, 8, 168
     return block_t, warps, stages, 16, None
 
@@ -683,7 +696,8 @@ def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse
     gradient added into dv when ``input_grad``)."""
     grid, agent_grid, prefix, scale = layout
     sizes = _Sizes.of(q, v, agents)
-    plan = _plan(sizes, q.dtype, True, sm_count(q) if q.is_cuda else None, training=True)
+    plan = _plan(sizes, q.dtype, True, sm_count(q) if q.is_cuda else None, training=True,
+                 sm_shared=sm_shared_bytes(q) if q.is_cuda else None)
     with on_device(q):
         if plan.query_splits == 1 and sizes.b * sizes.heads and sizes.n:
             return _launch_pooled_backward(plan, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, grid,

@@ -226,10 +226,10 @@ def _interpreter_gradient_checks() -> None:
 def test_pooled_backward_takes_three_programs_an_sm_where_that_saves_a_wave():
     """The single-launch pooled backward's tiles (``pooled_backward_tiles``): the agent backward's and 16-token conv
     tiles, no register cap; where batch * heads needs two waves at two programs an SM and one at three (on 132 SMs:
-    265 to 396 (batch, head) pairs) at 64-wide agent, head and value tiles in 16 bits, two stages, 8-token conv tiles
-    and a 168-register cap instead."""
-    def launch(b, heads=6, a=49, d=64, dtype=torch.bfloat16, sms=132):
-        plan = ta._plan(ta._Sizes(b, heads, 197, 197, a, d, d), dtype, True, sms, training=True)
+    265 to 396 (batch, head) pairs) at 64-wide agent, head and value tiles in 16 bits, and an SM's shared memory holds
+    three, two stages, 8-token conv tiles and a 168-register cap instead."""
+    def launch(b, heads=6, a=49, d=64, dtype=torch.bfloat16, sms=132, sm_shared=228 * 1024):  # an H200
+        plan = ta._plan(ta._Sizes(b, heads, 197, 197, a, d, d), dtype, True, sms, training=True, sm_shared=sm_shared)
         return plan.constexprs["BLOCK_T"], plan.constexprs["CONV_T"], plan.options
 
     default, three = (32, 16, {"num_warps": 4, "num_stages": 3}), (32, 8, {"num_warps": 4, "num_stages": 2,
@@ -238,6 +238,8 @@ def test_pooled_backward_takes_three_programs_an_sm_where_that_saves_a_wave():
     assert launch(45) == launch(66) == launch(64, dtype=torch.float16) == launch(64, a=33, d=40) == three
     assert launch(44) == launch(67) == launch(128) == launch(64, heads=3) == default  # 264, 402, 768, 192 pairs
     assert launch(64, sms=None) == launch(64, a=32) == default  # off CUDA; 32-wide agent tiles
+    # where an SM's shared memory cannot hold three (an A100's 164 KB; torch < 2.6 does not report it)
+    assert launch(64, sm_shared=164 * 1024) == launch(64, sm_shared=None) == default
     assert launch(64, d=80) == (64, 16, {"num_warps": 8, "num_stages": 2})  # 128-wide head tiles
     assert launch(64, dtype=torch.float32) == (16, 16, {"num_warps": 8, "num_stages": 1})
     with ta.use_tiles(conv_tokens=4, max_registers=200):
@@ -440,7 +442,7 @@ def test_cuda_backward_at_three_programs_an_sm_against_the_reference():
         inputs = make_inputs(b, heads, grid, agent_grid, d, prefix=prefix, dtype=dtype, device="cuda")
         n = prefix + grid[0] * grid[1]
         plan = ta._plan(ta._Sizes(b, heads, n, n, agent_grid[0] * agent_grid[1], d, d), dtype, True,
-                        ta.sm_count(inputs[0]), training=True)
+                        ta.sm_count(inputs[0]), training=True, sm_shared=ta.sm_shared_bytes(inputs[0]))
         assert plan.options.get("maxnreg") == 168 and plan.constexprs["CONV_T"] == 8, plan
         with _backward_launches() as calls:
             got = outputs_and_grads(inputs, grid, agent_grid, prefix, "triton")
