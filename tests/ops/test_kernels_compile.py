@@ -344,7 +344,8 @@ def test_every_launched_kernel_compiles_for_sm90(case, monkeypatch):
 
 
 # What each kernel stores to: the pointers always written, and those written only when a condition on the launch's
-# constexpr flags holds (a flag's name, ``!`` before it for the flag off, or a tuple of such that must all hold). torch.compile finds a triton_op kernel's writes by analysing its TTIR and copies every input it counts
+# constexpr flags holds (a flag's name, ``!`` before it for the flag off, or a tuple of such that must all hold).
+# torch.compile finds a triton_op kernel's writes by analysing its TTIR and copies every input it counts
 # as written before each launch (a helper call counts all its arguments as written when its results reach a store
 # address), so an input counted as written is a wasted copy and, under in-place buffer reuse, a risk.
 WRITES = {
