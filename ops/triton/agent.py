@@ -94,8 +94,8 @@ def use_tiles(block_t: int | None = None, num_warps: int | None = None, num_stag
             the single-launch backward (default: ``default_backward_splits``).
         conv_tokens: grid tokens a tile of the pooled single-launch backward's conv phase, a power of two (default:
             ``pooled_backward_tiles``).
-        max_registers: a cap on the registers a thread of the pooled single-launch backward (Triton's ``maxnreg``;
-            default: ``pooled_backward_tiles``, mostly none).
+        max_registers: a cap on each thread's registers in the pooled single-launch backward (Triton's
+            ``maxnreg``; default: ``pooled_backward_tiles``, mostly none).
     """
     check_tile_edge("block_t", block_t)
     check_count("query_splits", query_splits)
