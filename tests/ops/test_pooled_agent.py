@@ -351,8 +351,8 @@ def _packed_checks() -> None:
 def _inductor_packed_checks() -> None:
     """Inductor-compiled training given qkv (its CPU code around the packed ops, which run the interpreted kernels):
     output and every gradient against the reference, through the single launch and the split path. Inductor checks
-    each op output's sizes and strides against the op's fake, which must describe the row-padded bias gradient
-    buffers as the launches allocate them."""
+    each op output's sizes and strides against the op's fake, which must describe the buffers as the launches
+    allocate them."""
     what, leaves, used, args, g, want, want_grads = next(_packed_reference_cases(CASES[1]))
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: _packed_call(*a, *args, None), fullgraph=True)
