@@ -24,8 +24,8 @@ two launches over (batch * heads, splits) programs instead: the query tiles deal
 partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
 partials in split order; torch sums the d(agent) partials. It is deterministic without atomics: every gradient
 element is float32 sums in a fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit
-gradients written as float32 (B, heads, A, M) / (B, heads, N, A) maps and summed to the bias's shape by torch (one
-reduction each).
+gradients written as float32 (B, heads, A, M) / (B, heads, N, A) maps (rows padded to multiples of 16 for vector
+stores) and summed to the bias's shape by torch (one reduction each).
 
 Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
 is a (B, heads, N, d_v) view of a contiguous (B, N, heads, d_v) tensor, so the models' ``transpose(1, 2).reshape``
@@ -370,8 +370,8 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
                                                 token_major(s.b, s.heads, s.m, s.d, k),
                                                 token_major(s.b, s.heads, s.m, s.dv, v))
     da = token_major(s.b, s.heads, s.a, s.d, agent)
-    dab = torch.empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), device=q.device, dtype=torch.float32)
-    dqb = torch.empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), device=q.device, dtype=torch.float32)
+    dab, dqb = _bias_grad_buffers(s, agent_bias_grad, query_bias_grad, q)
+    rows = _bias_grad_rows(s.m), _bias_grad_rows(s.a)
     if s.b * s.heads == 0 or s.n == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), da.zero_(), dab.zero_(), dqb.zero_()
     biases = (agent_bias if agent_bias is not None else q, query_bias if query_bias is not None else q)
@@ -381,7 +381,7 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
             grad_out, q, k, v, agent, *biases, q if out is None else out, agent_v, lse, dq, dk, dv, da, dab, dqb,
             *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *agent.stride(),
             *_bias_strides(agent_bias), *_bias_strides(query_bias), *_token_strides(dq), *_token_strides(dk),
-            *_token_strides(dv), *plan.runtime, scale, scale * _LOG2E,
+            *_token_strides(dv), *rows, *plan.runtime, scale, scale * _LOG2E,
             HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, RECOMPUTE_OUT=out is None, **flags)
         return dq, dk, dv, da, dab, dqb
     grid = (s.b * s.heads, plan.query_splits)
@@ -392,17 +392,34 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
     flags.pop("AB_GRAD"), flags.pop("QB_GRAD")
     launch(_kernels().backward_queries)[grid](
         grad_out, q, agent, biases[1], q if out is None else out, agent_v, dq, dqb, parts_q, parts_v,
-        *grad_out.stride(), *q.stride(), *agent.stride(), *_bias_strides(query_bias), *_token_strides(dq), s.heads,
-        s.n, s.a, scale, scale * _LOG2E, HAS_QB=query_bias is not None, QB_GRAD=query_bias_grad,
+        *grad_out.stride(), *q.stride(), *agent.stride(), *_bias_strides(query_bias), *_token_strides(dq), rows[1],
+        s.heads, s.n, s.a, scale, scale * _LOG2E, HAS_QB=query_bias is not None, QB_GRAD=query_bias_grad,
         RECOMPUTE_OUT=out is None, **flags)
     launch(_kernels().backward_keys)[grid](
         k, v, agent, biases[0], agent_v, lse, parts_v, dk, dv, dab, parts_k, *k.stride(), *v.stride(),
-        *agent.stride(), *_bias_strides(agent_bias), *_token_strides(dk), *_token_strides(dv), s.heads, s.m, s.a,
-        plan.query_splits, scale, scale * _LOG2E, HAS_AB=agent_bias is not None, AB_GRAD=agent_bias_grad, **flags)
+        *agent.stride(), *_bias_strides(agent_bias), *_token_strides(dk), *_token_strides(dv), rows[0], s.heads,
+        s.m, s.a, plan.query_splits, scale, scale * _LOG2E, HAS_AB=agent_bias is not None, AB_GRAD=agent_bias_grad,
+        **flags)
     # the splits' d(agent) partials, queries' then keys', summed in a fixed order
     total = parts_q.sum(0).add_(parts_k.sum(0)).view(s.b, s.heads, s.a, s.d)
     torch.mul(total, scale, out=da)  # scaled in float32, rounded once into da's dtype
     return dq, dk, dv, da, dab, dqb
+
+
+def _bias_grad_rows(n: int) -> int:
+    """The row length of a bias logit gradient buffer holding ``n`` logits a row: a multiple of 16 (see the kernels'
+    note on padded rows)."""
+    return -(-n // 16) * 16
+
+
+def _bias_grad_buffers(s: _Sizes, agent_bias_grad: bool, query_bias_grad: bool, like: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 per-(batch, head) logit gradient buffers the backward kernels write, rows padded (the pads zero):
+    the agent bias's (B, heads, A, _bias_grad_rows(M)) and the query bias's (B, heads, N, _bias_grad_rows(A)), each
+    empty (0,) unless asked for. :func:`_bias_grad` takes a bias's gradient from its buffer."""
+    shapes = ((s.b, s.heads, s.a, _bias_grad_rows(s.m)) if agent_bias_grad else (0,),
+              (s.b, s.heads, s.n, _bias_grad_rows(s.a)) if query_bias_grad else (0,))
+    return tuple(like.new_empty(shape, dtype=torch.float32) for shape in shapes)
 
 
 def _token_strides(t: torch.Tensor) -> tuple[int, int]:
@@ -437,8 +454,7 @@ def _backward_fake(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_
     s = _Sizes.of(q, v, agent)
     return (token_major(s.b, s.heads, s.n, s.d, q), token_major(s.b, s.heads, s.m, s.d, k),
             token_major(s.b, s.heads, s.m, s.dv, v), token_major(s.b, s.heads, s.a, s.d, agent),
-            q.new_empty((s.b, s.heads, s.a, s.m) if agent_bias_grad else (0,), dtype=torch.float32),
-            q.new_empty((s.b, s.heads, s.n, s.a) if query_bias_grad else (0,), dtype=torch.float32))
+            *_bias_grad_buffers(s, agent_bias_grad, query_bias_grad, q))
 
 
 @kernel_op("zoo::agent_attention_bwd", fake=_backward_fake)
@@ -448,17 +464,19 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  agent_bias_grad: bool, query_bias_grad: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic fused backward: dq, dk, dv, d(agent) (token-major memory) and the float32 per-(batch, head)
-    logit gradients (B, heads, A, M) / (B, heads, N, A) of the biases (empty when not asked for)."""
+    logit gradients of the biases in their row-padded buffers (:func:`_bias_grad_buffers`; empty when not asked
+    for)."""
     with on_device(q):
         return _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
                                 agent_bias_grad, query_bias_grad, traced)
 
 
-def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
-    """The per-(batch, head) logit gradient summed to the bias's (broadcast) shape and dtype."""
+def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, width: int) -> torch.Tensor | None:
+    """A bias's gradient from its per-(batch, head) logit gradient buffer (:func:`_bias_grad_buffers`; ``width``:
+    the logits a row, before the padding), summed to the bias's (broadcast) shape, in its dtype."""
     if not wanted:
         return None
-    return grad.sum_to_size(bias.shape).to(bias.dtype)
+    return grad.narrow(-1, 0, width).sum_to_size(bias.shape).to(bias.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -474,8 +492,8 @@ def _backward(ctx, grad_out, *_unused):
     q, k, v, agent, agent_bias, query_bias, out, agent_v, lse = ctx.saved_tensors
     dq, dk, dv, da, dab, dqb = _backward_op(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse,
                                             ctx.scale, *ctx.bias_grads)
-    return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
-            _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None, None)
+    return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0], k.shape[2]),
+            _bias_grad(dqb, query_bias, ctx.bias_grads[1], agent.shape[2]), None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -497,8 +515,8 @@ class _EagerAgent(torch.autograd.Function):
         with on_device(q):
             dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out,
                                                         agent_v, lse, ctx.scale, *ctx.bias_grads)
-        return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0]),
-                _bias_grad(dqb, query_bias, ctx.bias_grads[1]), None)
+        return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0], k.shape[2]),
+                _bias_grad(dqb, query_bias, ctx.bias_grads[1], agent.shape[2]), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -681,7 +699,8 @@ def _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, 
               ctx.param_dtypes[1] if wants_weight and param_grads[1] else None)
     dq, dk, dv, dw, db, dab, dqb = _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
                                                  tuple(layout), flags, dtypes, input_grad, into)
-    return dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1])
+    return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, flags[0], q.shape[2]),
+            _bias_grad(dqb, query_bias, flags[1], agents.shape[2]))
 
 
 def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, layout: tuple,
@@ -722,14 +741,14 @@ def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, q
     """:func:`_pooled_grads` in one launch of ``_pooled_backward_kernel`` (one program a (batch, head), the conv's
     input gradient always added into dv) and, where the conv's weight or bias wants a gradient (``weight_dtypes``:
     their dtypes, None where not wanted), the sum of its partials over the batch. Returns dq, dk, dv, d_weight,
-    d_conv_bias and the float32 per-(batch, head) logit gradients of the biases (empty when not asked for)."""
+    d_conv_bias and the float32 per-(batch, head) logit gradients of the biases in their row-padded buffers
+    (:func:`_bias_grad_buffers`; empty when not asked for)."""
     s = plan.sizes
     dq, dk, dv = into if into is not None else (token_major(s.b, s.heads, s.n, s.d, q),
                                                 token_major(s.b, s.heads, s.m, s.d, k),
                                                 token_major(s.b, s.heads, s.m, s.dv, v))
     f32, c = torch.float32, s.heads * s.dv
-    dab = torch.empty((s.b, s.heads, s.a, s.m) if bias_grads[0] else (0,), device=q.device, dtype=f32)
-    dqb = torch.empty((s.b, s.heads, s.n, s.a) if bias_grads[1] else (0,), device=q.device, dtype=f32)
+    dab, dqb = _bias_grad_buffers(s, *bias_grads, q)
     wants = weight_dtypes[0] is not None
     parts = torch.empty((s.b, 10, c) if wants else (0,), device=q.device, dtype=f32)
     wt = w if w is not None else q
@@ -738,10 +757,10 @@ def _launch_pooled_backward(plan: _Plan, grad, q, k, v, w, agents, agent_bias, q
         query_bias if query_bias is not None else q, agent_v, lse, wt, dq, dk, dv, dab, dqb, parts,
         *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *agents.stride(), *_bias_strides(agent_bias),
         *_bias_strides(query_bias), *((w.stride(0), w.stride(3)) if w is not None else (0, 0)), *_token_strides(dq),
-        *_token_strides(dk), *_token_strides(dv), s.heads, s.n, s.a, prefix, *grid, *agent_grid, scale,
-        scale * _LOG2E, HAS_AB=agent_bias is not None, HAS_QB=query_bias is not None, AB_GRAD=bias_grads[0],
-        QB_GRAD=bias_grads[1], CONV=w is not None, WEIGHT_GRAD=wants, **plan.options,
-        **plan.constexprs)
+        *_token_strides(dk), *_token_strides(dv), _bias_grad_rows(s.m), _bias_grad_rows(s.a), s.heads, s.n, s.a,
+        prefix, *grid, *agent_grid, scale, scale * _LOG2E, HAS_AB=agent_bias is not None,
+        HAS_QB=query_bias is not None, AB_GRAD=bias_grads[0], QB_GRAD=bias_grads[1], CONV=w is not None,
+        WEIGHT_GRAD=wants, **plan.options, **plan.constexprs)
     dw = db = None
     if wants:
         dw = torch.empty(w.shape, dtype=weight_dtypes[0], device=q.device)
@@ -876,10 +895,9 @@ _packed_forward_op.register_fake(_packed_forward_fake)
 def _packed_backward_fake(grad, qkv, agents, agent_v, lse, agent_bias, query_bias, conv_weight, heads, grid, agent_grid,
                           prefix, scale, agent_bias_grad, query_bias_grad, weight_grad, bias_grad):
     b, n, c3 = qkv.shape
-    a, f32 = agents.shape[1], torch.float32
-    k = conv_weight.shape[-1] if conv_weight is not None else 0
-    return (qkv.new_empty(qkv.shape), qkv.new_empty((b, heads, a, n) if agent_bias_grad else (0,), dtype=f32),
-            qkv.new_empty((b, heads, n, a) if query_bias_grad else (0,), dtype=f32),
+    d, k = c3 // (3 * heads), conv_weight.shape[-1] if conv_weight is not None else 0
+    sizes = _Sizes(b, heads, n, n, agents.shape[1], d, d)
+    return (qkv.new_empty(qkv.shape), *_bias_grad_buffers(sizes, agent_bias_grad, query_bias_grad, qkv),
             qkv.new_empty((c3 // 3, 1, k, k) if weight_grad else (0,)),
             qkv.new_empty((c3 // 3,) if bias_grad else (0,)))
 
@@ -895,8 +913,8 @@ def _packed_backward_op(grad: torch.Tensor, qkv: torch.Tensor, agents: torch.Ten
     3 * heads * d) in one buffer (the agent backward kernel, recomputing the attention's output tiles, writes dq, dk
     and dv into its thirds, the pooling's gradient is added into dq's grid rows and the conv's input gradient into
     dv's: one launch, :func:`_launch_pooled_backward`, where batch * heads fills the GPU), the float32 per-(batch,
-    head) logit gradients of the biases, and the conv's weight and bias gradients in the compute dtype (each empty
-    unless asked for)."""
+    head) logit gradients of the biases in their row-padded buffers (:func:`_bias_grad_buffers`), and the conv's
+    weight and bias gradients in the compute dtype (each empty unless asked for)."""
     grid, agent_grid = tuple(grid), tuple(agent_grid)
     q, k, v = split_qkv(qkv, heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -929,7 +947,8 @@ def _packed_backward(ctx, grad, *_unused):
     dqkv, dab, dqb, dw, db = _packed_backward_op(grad, qkv, agents, agent_v, lse, agent_bias, query_bias, weight,
                                                  *ctx.layout, *flags)
     # the agents get no gradient: dqkv holds the pooling's (see _packed_forward_op)
-    return (dqkv, None, _bias_grad(dab, agent_bias, flags[0]), _bias_grad(dqb, query_bias, flags[1]),
+    return (dqkv, None, _bias_grad(dab, agent_bias, flags[0], qkv.shape[1]),
+            _bias_grad(dqb, query_bias, flags[1], agents.shape[1]),
             dw if flags[2] else None, db if flags[3] else None, None, None, None, None, None)
 
 

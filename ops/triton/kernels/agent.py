@@ -16,6 +16,13 @@ def _tile(base, rows, n_rows, cols, n_cols, s_row, s_col):
     return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
 
 
+# The bias logit gradients (float32, a (batch, head)'s A x M agent-key and N x A query-agent logits) are stored in
+# rows padded to a multiple of 16 elements (ab_row, qb_row; the pads hold zeros): the launchers specialise such ints
+# as divisible by 16, so the masked row stores become 16-byte vectors. Unpadded (rows of 197 or 49 floats, masked by
+# the true width) they were scalar stores: the one-launch pooled backward took 129.7-130.7 against 122.6-122.8 us at
+# Agent-DeiT-S's block (H200, bf16, batch 64), 80.0-80.1 against 76.9-77.0 at Agent-DeiT-T's (the same gradients).
+
+
 @triton.jit
 def _put(base, rows, n_rows, cols, n_cols, s_row, s_col, value):
     ptrs = base + rows[:, None] * s_row + cols[None, :] * s_col
@@ -276,12 +283,12 @@ def _pooled_forward_kernel(q_ptr, k_ptr, v_ptr, ab_ptr, qb_ptr, w_ptr, cb_ptr, o
 
 @triton.jit
 def _broadcast_grads(do_base, q_base, qb_base, out_base, dq_base, dqb_base, agent, agent_v, first, step,
-                     offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn, sca, sdqn,
+                     offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn, sca, sdqn, qb_row,
                      scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_QB: tl.constexpr, QB_GRAD: tl.constexpr,
                      PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr):
     """The broadcast's backward over the query tiles first, first + step, ...: dQ (and the query-bias logit
-    gradient) written per tile; returns the float32 sums into d(agent) (BLOCK_A, BLOCK_D) and d(agent_v)
+    gradient, in rows of qb_row agents) written per tile; returns the float32 sums into d(agent) (BLOCK_A, BLOCK_D) and d(agent_v)
     (BLOCK_A, BLOCK_DV) over those tiles."""
     LOG2E: tl.constexpr = 1.4426950408889634
     d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
@@ -310,17 +317,17 @@ def _broadcast_grads(do_base, q_base, qb_base, out_base, dq_base, dqb_base, agen
         d_agent += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
         d_agent_v += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=PRECISION)
         if QB_GRAD:
-            _put(dqb_base, rows, N, offs_a, A, A, 1, ds)
+            _put(dqb_base, rows, N, offs_a, qb_row, qb_row, 1, ds)  # padded rows: 16-byte stores (module note)
     return d_agent, d_agent_v
 
 
 @triton.jit
 def _aggregation_grads(k_base, v_base, ab_base, dk_base, dv_base, dab_base, agent, agent_v, d_agent_v, lse, first,
                        step, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm,
-                       sdkn, sdvn, scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
+                       sdkn, sdvn, ab_row, scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_AB: tl.constexpr, AB_GRAD: tl.constexpr, PRECISION: tl.constexpr):
     """The aggregation's backward over the key tiles first, first + step, ... given the whole float32 d(agent_v):
-    dK, dV (and the agent-bias logit gradient) written per tile; returns the float32 sum into d(agent)
+    dK, dV (and the agent-bias logit gradient, in rows of ab_row keys) written per tile; returns the float32 sum into d(agent)
     (BLOCK_A, BLOCK_D) over those tiles."""
     LOG2E: tl.constexpr = 1.4426950408889634
     delta1 = tl.sum(d_agent_v * agent_v.to(tl.float32), axis=1)
@@ -343,17 +350,17 @@ def _aggregation_grads(k_base, v_base, ab_base, dk_base, dv_base, dab_base, agen
         _put(dk_base, keys, M, offs_d, D, sdkn, 1, dk)
         d_agent += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
         if AB_GRAD:
-            _put(dab_base, offs_a, A, keys, M, M, 1, ds)
+            _put(dab_base, offs_a, A, keys, ab_row, ab_row, 1, ds)
     return d_agent
 
 
 @triton.jit
 def _pair_grads(do_base, q_base, k_base, v_base, a_base, ab_base, qb_base, out_base, av_ptr, lse_ptr, dq_base,
                 dk_base, dv_base, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok, N, M, A, HEADS,
-                son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, scale,
-                qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr, HAS_QB: tl.constexpr,
-                AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, ab_row,
+                qb_row, scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
+                HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr, PRECISION: tl.constexpr,
                 RECOMPUTE_OUT: tl.constexpr):
     """The agent attention's backward of one (batch, head) (the ``*_base`` pointers at its rows): the query tiles
     (dQ), then the key tiles (dK, dV); returns the float32 (BLOCK_A, BLOCK_D) d(agent), unscaled."""
@@ -361,13 +368,13 @@ def _pair_grads(do_base, q_base, k_base, v_base, a_base, ab_base, qb_base, out_b
     agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     lse = tl.load(lse_ptr + pid64 * A + offs_a, mask=a_ok, other=0.0)
     d_agent, d_agent_v = _broadcast_grads(
-        do_base, q_base, qb_base, out_base, dq_base, dqb_ptr + pid64 * N * A, agent, agent_v, 0, BLOCK_T, offs_a,
-        offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn, sca, sdqn, scale, qk_scale2, D, DV,
-        BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD, PRECISION, RECOMPUTE_OUT)
+        do_base, q_base, qb_base, out_base, dq_base, dqb_ptr + pid64 * N * qb_row, agent, agent_v, 0, BLOCK_T,
+        offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS, son, sod, sqn, sqd, scn, sca, sdqn, qb_row, scale,
+        qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD, PRECISION, RECOMPUTE_OUT)
     d_agent += _aggregation_grads(
-        k_base, v_base, ab_base, dk_base, dv_base, dab_ptr + pid64 * A * M, agent, agent_v, d_agent_v, lse, 0,
-        BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, scale,
-        qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
+        k_base, v_base, ab_base, dk_base, dv_base, dab_ptr + pid64 * A * ab_row, agent, agent_v, d_agent_v, lse, 0,
+        BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn,
+        ab_row, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
     return d_agent
 
 
@@ -376,7 +383,7 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
                      dq_ptr, dk_ptr, dv_ptr, da_ptr, dab_ptr, dqb_ptr,
                      sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca,
-                     sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, HEADS, N, M, A, scale, qk_scale2,
+                     sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, ab_row, qb_row, HEADS, N, M, A, scale, qk_scale2,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                      HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
@@ -391,8 +398,8 @@ def _backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, out_ptr
         out_ptr + b * N * HEADS * DV + h * DV, av_ptr, lse_ptr, dq_ptr + b * sdqb + h * D,
         dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv,
         offs_t, a_ok, N, M, A, HEADS, son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn,
-        sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB, AB_GRAD, QB_GRAD,
-        PRECISION, RECOMPUTE_OUT)
+        sdkn, sdvn, ab_row, qb_row, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB,
+        AB_GRAD, QB_GRAD, PRECISION, RECOMPUTE_OUT)
     _put(da_ptr + b * A * HEADS * D + h * D, offs_a, A, offs_d, D, HEADS * D, 1, d_agent * scale)
 
 
@@ -520,7 +527,8 @@ def _pooled_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, 
                             dq_ptr, dk_ptr, dv_ptr, dab_ptr, dqb_ptr, part_ptr,
                             sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                             sab, sah, san, sad, sbb, sbh, sba, sbm, scb, sch, scn, sca, sw_c, sw_t,
-                            sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, HEADS, N, A, PREFIX, H, W, GA, GB, scale, qk_scale2,
+                            sdqb, sdqn, sdkb, sdkn, sdvb, sdvn, ab_row, qb_row, HEADS, N, A, PREFIX, H, W, GA, GB,
+                            scale, qk_scale2,
                             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                             BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                             HAS_QB: tl.constexpr, AB_GRAD: tl.constexpr, QB_GRAD: tl.constexpr,
@@ -542,8 +550,9 @@ def _pooled_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, 
         do_base, q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_base, a_ptr + b * sab + h * sah,
         ab_ptr + b * sbb + h * sbh, qb_ptr + b * scb + h * sch, q_ptr, av_ptr, lse_ptr, dq_base,
         dk_ptr + b * sdkb + h * D, dv_base, dab_ptr, dqb_ptr, pid64, offs_a, offs_d, offs_dv, offs_t, a_ok, N, N, A,
-        HEADS, son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, scale,
-        qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB, AB_GRAD, QB_GRAD, PRECISION, True)
+        HEADS, son, sod, sqn, sqd, skn, skd, svn, svd, san, sad, sba, sbm, scn, sca, sdqn, sdkn, sdvn, ab_row,
+        qb_row, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, BLOCK_T, HAS_AB, HAS_QB, AB_GRAD, QB_GRAD,
+        PRECISION, True)
     tl.debug_barrier()  # this program's dQ and dV stores, visible to all its threads before they are read back
     _add_pooling_grads(dq_base, d_agent * scale, offs_a, offs_d, offs_t, a_ok, N, sdqn, PREFIX, H, W, GA, GB, D,
                        BLOCK_T, PRECISION)
@@ -561,7 +570,7 @@ def _pooled_backward_kernel(do_ptr, q_ptr, k_ptr, v_ptr, a_ptr, ab_ptr, qb_ptr, 
 @triton.jit
 def _backward_queries_kernel(do_ptr, q_ptr, a_ptr, qb_ptr, out_ptr, av_ptr, dq_ptr, dqb_ptr, pa_ptr, pv_ptr,
                              sob, soh, son, sod, sqb, sqh, sqn, sqd, sab, sah, san, sad, scb, sch, scn, sca,
-                             sdqb, sdqn, HEADS, N, A, scale, qk_scale2,
+                             sdqb, sdqn, qb_row, HEADS, N, A, scale, qk_scale2,
                              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                              BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_QB: tl.constexpr,
                              QB_GRAD: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr = False):
@@ -576,10 +585,10 @@ def _backward_queries_kernel(do_ptr, q_ptr, a_ptr, qb_ptr, out_ptr, av_ptr, dq_p
     agent_v = _tile(av_ptr + pid64 * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     d_agent, d_agent_v = _broadcast_grads(
         do_ptr + b * sob + h * soh, q_ptr + b * sqb + h * sqh, qb_ptr + b * scb + h * sch,
-        out_ptr + b * N * HEADS * DV + h * DV, dq_ptr + b * sdqb + h * D, dqb_ptr + pid64 * N * A,
+        out_ptr + b * N * HEADS * DV + h * DV, dq_ptr + b * sdqb + h * D, dqb_ptr + pid64 * N * qb_row,
         agent, agent_v, split * BLOCK_T, splits * BLOCK_T, offs_a, offs_d, offs_dv, offs_t, a_ok, N, A, HEADS,
-        son, sod, sqn, sqd, scn, sca, sdqn, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB, QB_GRAD,
-        PRECISION, RECOMPUTE_OUT)
+        son, sod, sqn, sqd, scn, sca, sdqn, qb_row, scale, qk_scale2, D, DV, BLOCK_A, BLOCK_D, BLOCK_DV, HAS_QB,
+        QB_GRAD, PRECISION, RECOMPUTE_OUT)
     part = split.to(tl.int64) * tl.num_programs(0) + pid64
     _put(pa_ptr + part * A * D, offs_a, A, offs_d, D, D, 1, d_agent)
     _put(pv_ptr + part * A * DV, offs_a, A, offs_dv, DV, DV, 1, d_agent_v)
@@ -588,7 +597,7 @@ def _backward_queries_kernel(do_ptr, q_ptr, a_ptr, qb_ptr, out_ptr, av_ptr, dq_p
 @triton.jit
 def _backward_keys_kernel(k_ptr, v_ptr, a_ptr, ab_ptr, av_ptr, lse_ptr, pv_ptr, dk_ptr, dv_ptr, dab_ptr, pk_ptr,
                           skb, skh, skn, skd, svb, svh, svn, svd, sab, sah, san, sad, sbb, sbh, sba, sbm,
-                          sdkb, sdkn, sdvb, sdvn, HEADS, M, A, QUERY_SPLITS, scale, qk_scale2,
+                          sdkb, sdkn, sdvb, sdvn, ab_row, HEADS, M, A, QUERY_SPLITS, scale, qk_scale2,
                           D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, HAS_AB: tl.constexpr,
                           AB_GRAD: tl.constexpr, PRECISION: tl.constexpr):
@@ -608,8 +617,8 @@ def _backward_keys_kernel(k_ptr, v_ptr, a_ptr, ab_ptr, av_ptr, lse_ptr, pv_ptr, 
         d_agent_v += _tile(pv_ptr + (part * pairs + pid64) * A * DV, offs_a, A, offs_dv, DV, DV, 1)
     d_agent = _aggregation_grads(
         k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, ab_ptr + b * sbb + h * sbh,
-        dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr + pid64 * A * M,
+        dk_ptr + b * sdkb + h * D, dv_ptr + b * sdvb + h * DV, dab_ptr + pid64 * A * ab_row,
         agent, agent_v, d_agent_v, lse, split * BLOCK_T, tl.num_programs(1) * BLOCK_T, offs_a, offs_d, offs_dv,
-        offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, scale, qk_scale2, D, DV, BLOCK_A,
-        BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
+        offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, ab_row, scale, qk_scale2, D, DV,
+        BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
     _put(pk_ptr + (split.to(tl.int64) * pairs + pid64) * A * D, offs_a, A, offs_d, D, D, 1, d_agent)
