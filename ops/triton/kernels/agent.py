@@ -288,8 +288,8 @@ def _broadcast_grads(do_base, q_base, qb_base, out_base, dq_base, dqb_base, agen
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_QB: tl.constexpr, QB_GRAD: tl.constexpr,
                      PRECISION: tl.constexpr, RECOMPUTE_OUT: tl.constexpr):
     """The broadcast's backward over the query tiles first, first + step, ...: dQ (and the query-bias logit
-    gradient, in rows of qb_row agents) written per tile; returns the float32 sums into d(agent) (BLOCK_A, BLOCK_D) and d(agent_v)
-    (BLOCK_A, BLOCK_DV) over those tiles."""
+    gradient, in rows of qb_row agents) written per tile; returns the float32 sums into d(agent) (BLOCK_A, BLOCK_D)
+    and d(agent_v) (BLOCK_A, BLOCK_DV) over those tiles."""
     LOG2E: tl.constexpr = 1.4426950408889634
     d_agent = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
     d_agent_v = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
@@ -327,8 +327,8 @@ def _aggregation_grads(k_base, v_base, ab_base, dk_base, dv_base, dab_base, agen
                        sdkn, sdvn, ab_row, scale, qk_scale2, D: tl.constexpr, DV: tl.constexpr, BLOCK_A: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_AB: tl.constexpr, AB_GRAD: tl.constexpr, PRECISION: tl.constexpr):
     """The aggregation's backward over the key tiles first, first + step, ... given the whole float32 d(agent_v):
-    dK, dV (and the agent-bias logit gradient, in rows of ab_row keys) written per tile; returns the float32 sum into d(agent)
-    (BLOCK_A, BLOCK_D) over those tiles."""
+    dK, dV (and the agent-bias logit gradient, in rows of ab_row keys) written per tile; returns the float32 sum
+    into d(agent) (BLOCK_A, BLOCK_D) over those tiles."""
     LOG2E: tl.constexpr = 1.4426950408889634
     delta1 = tl.sum(d_agent_v * agent_v.to(tl.float32), axis=1)
     dav = d_agent_v.to(agent_v.dtype)
