@@ -47,7 +47,8 @@ from zoo.registry import register_family
 
 __all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "agent_cfg", "register_official_builder",
            "register_key_map", "init_agent_biases", "squeeze_official_biases", "resize_bilinear", "agent_biases",
-           "agent_key_bias", "agent_query_bias", "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
+           "cached_state", "agent_key_bias", "agent_query_bias", "pool_agent_tokens", "agent_grid", "as_int_list",
+           "to_2tuple"]
 
 FAMILY = "agent_attention"
 # The official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers).
@@ -239,11 +240,11 @@ def _bias_signature(params: tuple[torch.Tensor, ...]) -> tuple:
     return (*((p._version, p.data_ptr()) for p in params), optimizer_steps())
 
 
-def _cached_state(module: nn.Module) -> dict | None:
-    """The module's cache of built biases, valid for its current parameters (a fresh one when they changed), or None
-    when it cannot be known whether they changed: parameters created under inference_mode have no version counter
-    and may still change in place inside it, so they are never cached."""
-    params = _bias_params(module)
+def cached_state(module: nn.Module, params: tuple[torch.Tensor, ...]) -> dict | None:
+    """The module's cache of tensors built from ``params`` (its parameters or buffers), valid for their current
+    values (a fresh, empty one when they changed), or None when it cannot be known whether they changed: tensors
+    created under inference_mode have no version counter and may still change in place inside it, so they are never
+    cached. For eager calls without autograd only (the caller checks)."""
     state = module.__dict__.get(_CACHE_ATTR)
     if (state is not None and len(state[0]) == len(params) and all(a is b for a, b in zip(state[0], params))
             and state[1] == _bias_signature(params)):
@@ -277,7 +278,7 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         # the attention the same biases (a fused kernel reads any dtype and would otherwise read float32 ones)
         biases = _build_biases(module, key_size, query_size, agents)
         return _in_dtype(biases, autocast_dtype(biases[0].device.type))
-    entries = _cached_state(module)
+    entries = cached_state(module, _bias_params(module))
     if entries is None:
         return _build_biases(module, key_size, query_size, agents)
     # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.

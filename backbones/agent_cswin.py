@@ -27,7 +27,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm
+from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm, unless_identity
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, SpaceToDepthConv2d, agent_attention, depthwise_conv, window_attention
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
@@ -187,8 +187,8 @@ class CSWinBlock(nn.Module):
         else:
             out = self.attns[0](q, k, v)
         # The official block has a proj_drop module but never applies it; neither do we.
-        x, h = add_norm(self.norm2, x, self.drop_path(self.proj(out)))
-        return x + self.drop_path(self.mlp(h))
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.proj(out)))
+        return x + unless_identity(self.drop_path, self.mlp(h))
 
 
 class MergeBlock(nn.Module):

@@ -25,7 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import add_norm, check_images, init_linears, projection_norm
+from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
@@ -73,7 +73,7 @@ class SpatialReductionAttention(nn.Module):
         k, v = self.kv(_reduce(self, x, tuple(size))[0]).chunk(2, dim=-1)
         out = downsampled_attention(self.q(x), k, v, num_heads=self.num_heads,
                                     dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out))
+        return unless_identity(self.proj_drop, self.proj(out))
 
 
 class AgentAttention(nn.Module):
@@ -147,7 +147,7 @@ class AgentAttention(nn.Module):
         out = depthwise_conv(v.view(b, *kv_size, c), *autocast_weights(self.dwc, channels_innermost), residual=out,
                              size=size)
         out = out.flatten(1, 2)
-        return self.proj_drop(self.proj(out))
+        return unless_identity(self.proj_drop, self.proj(out))
 
 
 class AgentPVTBlock(nn.Module):
@@ -173,8 +173,8 @@ class AgentPVTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) -> same shape."""
-        x, h = add_norm(self.norm2, x, self.drop_path(self.attn(self.norm1(x), size)))
-        return x + self.drop_path(self.mlp(h))
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(self.norm1(x), size)))
+        return x + unless_identity(self.drop_path, self.mlp(h))
 
 
 class PatchEmbed(nn.Module):

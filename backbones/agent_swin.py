@@ -27,7 +27,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm
+from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm, unless_identity
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, pooled_agent_attention, window_attention
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
@@ -36,7 +36,7 @@ from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
 from ._agent_common import (AGENT_BIAS_NAMES, FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list,
-                            init_agent_biases, register_official_builder, to_2tuple)
+                            cached_state, init_agent_biases, register_official_builder, to_2tuple)
 
 __all__ = ["AgentSwinTransformer", "AgentSwinBlock", "AgentAttention", "WindowAttention", "PatchMerging",
            "PatchEmbed", "parse_attn_types", "relative_position_index"]
@@ -74,7 +74,20 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def relative_position_bias(self) -> torch.Tensor:
-        """(heads, N, N) bias of every window, N = wh*ww."""
+        """(heads, N, N) bias of every window, N = wh*ww. Without autograd, in eager code, the gathered bias is kept
+        while the table and index are unchanged (eager inference waits for the host, and the gather is three calls a
+        block), under the rules of :func:`zoo.backbones._agent_common.agent_biases`."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._gathered_bias()
+        entries = cached_state(self, (self._parameters["relative_position_bias_table"],
+                                      self._buffers["relative_position_index"]))
+        if entries is None:
+            return self._gathered_bias()
+        if "bias" not in entries:
+            entries["bias"] = self._gathered_bias()
+        return entries["bias"]
+
+    def _gathered_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
@@ -88,7 +101,7 @@ class WindowAttention(nn.Module):
                                bias=self.relative_position_bias(),
                                dropout_p=self.attn_drop if self.training else 0.0)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
-        return self.proj_drop(self.proj(out))
+        return unless_identity(self.proj_drop, self.proj(out))
 
 
 class AgentAttention(nn.Module):
@@ -131,7 +144,7 @@ class AgentAttention(nn.Module):
             self._heads(q), self._heads(k), self._heads(v), grid=(h, w), agent_grid=self.agent_grid,
             scale=self.scale, agent_bias=agent_bias, query_bias=query_bias, conv_weight=conv_weight,
             conv_bias=conv_bias, dropout_p=self.attn_drop if self.training else 0.0, qkv=qkv)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, h, w, c)))
+        return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, h, w, c)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,12 +219,12 @@ class AgentSwinBlock(nn.Module):
             x = self._window_agent(x)
         else:
             x = self.attn(x, self.shift_size)
-        return x[:, :h, :w]
+        return x if x.shape[1:3] == (h, w) else x[:, :h, :w]  # no slicing call where nothing was padded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        x, h = add_norm(self.norm2, x, self.drop_path(self._attention(self.norm1(x))))
-        return x + self.drop_path(self.mlp(h))
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self._attention(self.norm1(x))))
+        return x + unless_identity(self.drop_path, self.mlp(h))
 
 
 class PatchMerging(nn.Module):
@@ -422,7 +435,7 @@ class AgentSwinTransformer(PooledLinearHeadMixin, nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bilinear",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
-        return self.pos_drop(x)
+        return unless_identity(self.pos_drop, x)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i``: embedding (stage 0, from images) or the previous stage's patch merging, then its blocks."""

@@ -34,7 +34,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm
+from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm, unless_identity
 from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import SequentialMlp, depthwise_conv, downsampled_attention, routing_attention
@@ -259,7 +259,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _scaled(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        return self.drop_path(x if gamma is None else gamma * x)
+        return unless_identity(self.drop_path, x if gamma is None else gamma * x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -288,8 +288,8 @@ class NCHWBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + unless_identity(self.drop_path, self.attn(self.norm1(x)))
+        return x + unless_identity(self.drop_path, self.mlp(self.norm2(x)))
 
 
 def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, tokens_last: bool, grad_ckpt: bool) -> torch.Tensor:

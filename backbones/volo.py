@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, one_cast_per_forward, outlook_attention, split_qkv
 
-from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm
+from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm, unless_identity
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -69,7 +69,7 @@ class OutlookAttention(nn.Module):
         logits = self.attn(pooled)
         x = outlook_attention(v, logits, self.num_heads, self.kernel_size, self.stride, self.padding,
                               scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x))
+        return unless_identity(self.proj_drop, self.proj(x))
 
 
 class _PreNormBlock(nn.Module):
@@ -89,8 +89,8 @@ class _PreNormBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        x, h = add_norm(self.norm2, x, self.drop_path(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.mlp(h))
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(self.norm1(x))))
+        return x + unless_identity(self.drop_path, self.mlp(h))
 
 
 class Outlooker(_PreNormBlock):
@@ -127,7 +127,7 @@ class Attention(nn.Module):
         x = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
                                   qkv=qkv)
         x = x.transpose(1, 2).reshape(b, height, width, channels)
-        return self.proj_drop(self.proj(x))
+        return unless_identity(self.proj_drop, self.proj(x))
 
 
 class Transformer(_PreNormBlock):
@@ -163,7 +163,7 @@ class ClassAttention(nn.Module):
         q = self.q(x[:, :1]).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
         cls = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         cls = cls.transpose(1, 2).reshape(b, 1, self.head_dim * self.num_heads)
-        return self.proj_drop(self.proj(cls))
+        return unless_identity(self.proj_drop, self.proj(cls))
 
 
 class ClassBlock(nn.Module):
@@ -183,8 +183,8 @@ class ClassBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
-        cls, h = add_norm(self.norm2, x[:, :1], self.drop_path(self.attn(self.norm1(x))))
-        cls = cls + self.drop_path(self.mlp(h))
+        cls, h = add_norm(self.norm2, x[:, :1], unless_identity(self.drop_path, self.attn(self.norm1(x))))
+        cls = cls + unless_identity(self.drop_path, self.mlp(h))
         return torch.cat([cls, x[:, 1:]], dim=1)
 
 
@@ -418,7 +418,7 @@ class VOLO(nn.Module):
         """Add the position embedding to (B, H, W, C) tokens, resizing it when allowed."""
         grid = tuple(self.pos_embed.shape[1:3])
         if tuple(x.shape[1:3]) == grid:
-            return self.pos_drop(x + self.pos_embed)
+            return unless_identity(self.pos_drop, x + self.pos_embed)
         if not self.dynamic_img_size:
             stride = self.patch_size * self.pooling_scale
             size = (x.shape[1] * stride, x.shape[2] * stride)
@@ -428,7 +428,7 @@ class VOLO(nn.Module):
                              "dynamic_img_size=True")
         pos = F.interpolate(self.pos_embed.permute(0, 3, 1, 2), size=tuple(x.shape[1:3]), mode="bicubic",
                             align_corners=False)
-        return self.pos_drop(x + pos.permute(0, 2, 3, 1))
+        return unless_identity(self.pos_drop, x + pos.permute(0, 2, 3, 1))
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():

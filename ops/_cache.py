@@ -46,8 +46,8 @@ def register_parameter_cache(attr: str) -> str:
 
 
 def clear_parameter_caches(model: torch.nn.Module) -> int:
-    """Drop every cache of parameter-derived values (autocast's weight copies, the agent biases) in every module of
-    ``model``; returns how many were dropped.
+    """Drop every cache of parameter-derived values (autocast's weight copies, the agent biases, Agent-Swin's window
+    position biases) in every module of ``model``; returns how many were dropped.
 
     Needed after a write that neither bumps a version counter nor is an optimizer step: ``p.data`` writes, or
     ``torch._foreach_lerp_`` on CUDA (an EMA update such as timm's ModelEmaV3) that no optimizer step follows.

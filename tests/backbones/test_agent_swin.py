@@ -241,6 +241,26 @@ def test_bad_agent_num():
         AgentSwinTransformer(**dict(TINY, agent_num=(4, 4, 10, 4)))
 
 
+
+def test_window_bias_is_gathered_once_without_autograd_and_follows_the_table():
+    torch.manual_seed(0)
+    model = AgentSwinTransformer(**TINY).eval()
+    attn = model.layers[3].blocks[0].attn  # a window ('B') block
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = attn.relative_position_bias()
+        assert attn.relative_position_bias() is first  # kept, not gathered again
+        assert torch.equal(first, attn._gathered_bias())
+        out = model(x)
+        attn.relative_position_bias_table.mul_(50.0)  # an in-place update: a new version
+        updated = attn.relative_position_bias()
+        assert updated is not first and torch.equal(updated, first * 50.0)
+        changed = model(x)
+    assert (changed - out).abs().max().item() > 1e-4
+    traced = attn.relative_position_bias()  # with autograd: gathered in the graph, never the kept tensor
+    assert traced.grad_fn is not None and torch.equal(traced.detach(), updated)
+    assert torch.allclose(model(x), changed, rtol=1e-5, atol=1e-6)
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU (run by the lead: pytest -m gpu tests/backbones/test_agent_swin.py)
 
