@@ -40,7 +40,7 @@ from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops._amp import autocast_dtype
-from zoo.ops._cache import optimizer_steps, register_parameter_cache
+from zoo.ops._cache import functorch_transforming, optimizer_steps, register_parameter_cache, tracing
 from zoo.ops.agent import pool_agent_tokens
 from zoo.ops.agent_bias import agent_bias_maps, agent_grid, agent_key_bias, agent_query_bias, resize_bilinear
 from zoo.registry import register_family
@@ -244,7 +244,11 @@ def cached_state(module: nn.Module, params: tuple[torch.Tensor, ...]) -> dict | 
     """The module's cache of tensors built from ``params`` (its parameters or buffers), valid for their current
     values (a fresh, empty one when they changed), or None when it cannot be known whether they changed: tensors
     created under inference_mode have no version counter and may still change in place inside it, so they are never
-    cached. For eager calls without autograd only (the caller checks)."""
+    cached. For eager calls without autograd only (the caller checks). Never inside a ``torch.func`` transform or a
+    dispatch-mode tracer: their tensors (vmap's batched parameters, fakes) have no storage to key on and must not
+    outlive the call."""
+    if functorch_transforming() or tracing():
+        return None
     state = module.__dict__.get(_CACHE_ATTR)
     if (state is not None and len(state[0]) == len(params) and all(a is b for a, b in zip(state[0], params))
             and state[1] == _bias_signature(params)):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ._cache import functorch_transforming
+
 __all__ = ["check_qkv", "qkv_offsets", "split_qkv"]
 
 
@@ -19,8 +21,9 @@ def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 
 def qkv_offsets(qkv: torch.Tensor | None, *views: torch.Tensor) -> tuple[int, ...] | None:
     """Where each view starts in qkv's memory (bytes), for an op's call key: :func:`check_qkv` reads addresses, so a
-    call whose views lie elsewhere in qkv is checked again. None without qkv or while tracing (no addresses)."""
-    if qkv is None or torch.compiler.is_compiling():
+    call whose views lie elsewhere in qkv is checked again. None without qkv, while tracing or inside a ``torch.func``
+    transform (no addresses)."""
+    if qkv is None or torch.compiler.is_compiling() or functorch_transforming():
         return None
     base = qkv.data_ptr()
     return tuple(t.data_ptr() - base for t in views)
@@ -37,8 +40,8 @@ def check_qkv(op: str, qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
         got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"{op}: qkv must be the (B, N, 3 * heads * d) = {want} projection q, k and v are "
                          f"head-split views of (channels contiguous), got {got}")
-    if torch.compiler.is_compiling() or qkv.numel() == 0:  # (an empty tensor's views share no addresses to check)
-        return
+    if torch.compiler.is_compiling() or functorch_transforming() or qkv.numel() == 0:
+        return  # no addresses to check: traced, a torch.func transform's wrapped tensors, or views of nothing
     size = qkv.element_size()
     for i, (name, t) in enumerate((("q", q), ("k", k), ("v", v))):
         view = (tuple(t.shape) == (b, heads, n, d) and t.dtype == qkv.dtype and t.stride(0) == qkv.stride(0)

@@ -1,8 +1,11 @@
 """Deployment paths of every family, one tiny model each: bfloat16 autocast and channels-last inputs and models;
 weights cast to bfloat16 or float16 (``model.to(dtype)``, no autocast: the routing descriptors, the agent biases and
 their caches, the outlook and window ops all take low-precision parameters, and the result stays close to float32);
-``torch.compile`` as one graph; ``torch.export`` of the classifier and of the feature pyramid."""
+``torch.compile`` as one graph; ``torch.export`` of the classifier and of the feature pyramid; ``torch.func``
+ensembling (stacked parameters, one vmapped call)."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import timm
@@ -110,6 +113,24 @@ def test_low_precision_weights_match_float32(name, dtype):
     assert low.dtype == dtype and torch.isfinite(low).all()
     assert ((low.float() - ref).norm() / ref.norm()).item() < 0.03  # measured 0.004-0.010
     assert torch.equal(again, low)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmap_over_stacked_models_equals_each_model(name):
+    """torch.func ensembling without autograd: two models' parameters stacked, one vmapped call. The ops see
+    vmap's batched tensors (no storage, no addresses), and the parameter caches (agent biases, Swin's window bias)
+    are built inside the transform and never kept."""
+    first = _random_model(name)
+    second = randomize(zoo.create_model(name, **CASES[name][0]), seed=1)
+    x = image(CASES[name][1], CASES[name][1], batch=1)
+    with torch.no_grad():
+        params, buffers = torch.func.stack_module_state([first, second])
+        base = copy.deepcopy(first).to("meta")
+        out = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(params, buffers)
+        ref = torch.stack([first(x), second(x)])
+    assert (ref[0] - ref[1]).abs().max().item() > 1e-3
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert zoo.ops.clear_parameter_caches(base) == 0
 
 
 @pytest.mark.parametrize("features_only", [False, True])
