@@ -280,7 +280,7 @@ def _token_regions(height: int, width: int, region: tuple[int, int], device: tor
 def _routing_mask(index: torch.Tensor, num_regions: int, token_regions: torch.Tensor) -> torch.Tensor:
     """(B, R, topk) routed regions -> (B, 1, N, N) bool: query token i may read key token j."""
     b = index.shape[0]
-    # out of place from zeros shaped like the index, so that under torch.func.vmap the mask is batched as the index is
+    # out of place, from zeros made by the index: under torch.func.vmap the mask is then batched as the index is
     chosen = index.new_zeros(b, num_regions, num_regions, dtype=torch.bool).scatter(2, index, True)
     return chosen[:, token_regions[:, None], token_regions[None, :]].unsqueeze(1)
 
