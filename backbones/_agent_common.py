@@ -40,15 +40,14 @@ from timm.layers import trunc_normal_
 
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops._amp import autocast_dtype
-from zoo.ops._cache import functorch_transforming, optimizer_steps, register_parameter_cache, tracing
+from zoo.ops._cache import derived_cache
 from zoo.ops.agent import pool_agent_tokens
 from zoo.ops.agent_bias import agent_bias_maps, agent_grid, agent_key_bias, agent_query_bias, resize_bilinear
 from zoo.registry import register_family
 
 __all__ = ["FAMILY", "AGENT_BIAS_NAMES", "OFFICIAL_BUILDERS", "agent_cfg", "register_official_builder",
            "register_key_map", "init_agent_biases", "squeeze_official_biases", "resize_bilinear", "agent_biases",
-           "cached_state", "agent_key_bias", "agent_query_bias", "pool_agent_tokens", "agent_grid", "as_int_list",
-           "to_2tuple"]
+           "agent_key_bias", "agent_query_bias", "pool_agent_tokens", "agent_grid", "as_int_list", "to_2tuple"]
 
 FAMILY = "agent_attention"
 # The official repository has no LICENSE file (its Swin/timm-derived files carry MIT/Apache headers).
@@ -214,10 +213,6 @@ def _load_official_layout(module: nn.Module, state_dict: StateDict, prefix: str,
             state_dict[prefix + name] = value[0]
 
 
-# a plain instance attribute (not a buffer): (token, {(key_size, query_size, agents, dtype): biases})
-_CACHE_ATTR = register_parameter_cache("_agent_bias_cache")
-
-
 def _build_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple[int, int],
                   agents: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     params = module._parameters
@@ -230,34 +225,6 @@ def _bias_params(module: nn.Module) -> tuple[torch.Tensor, ...]:
     """The module's agent-bias parameters, straight from its parameter dict (``nn.Module.__getattr__`` would cost
     about as much as the cache check they serve)."""
     return tuple(p for p in map(module._parameters.get, AGENT_BIAS_NAMES) if p is not None)
-
-
-def _bias_signature(params: tuple[torch.Tensor, ...]) -> tuple:
-    """What identifies these parameters' current values, with the parameter objects themselves (compared by
-    identity, and held by the cache so that no other tensor can take their addresses): in-place updates
-    (load_state_dict, p.add_) bump ``_version``; .data swaps move data_ptr; optimizer steps are counted (fused AdamW
-    on CUDA bumps no ``_version``)."""
-    return (*((p._version, p.data_ptr()) for p in params), optimizer_steps())
-
-
-def cached_state(module: nn.Module, params: tuple[torch.Tensor, ...]) -> dict | None:
-    """The module's cache of tensors built from ``params`` (its parameters or buffers), valid for their current
-    values (a fresh, empty one when they changed), or None when it cannot be known whether they changed: tensors
-    created under inference_mode have no version counter and may still change in place inside it, so they are never
-    cached. For eager calls without autograd only (the caller checks). Never inside a ``torch.func`` transform or a
-    dispatch-mode tracer: their tensors (vmap's batched parameters, fakes) have no storage to key on and must not
-    outlive the call."""
-    if functorch_transforming() or tracing():
-        return None
-    state = module.__dict__.get(_CACHE_ATTR)
-    if (state is not None and len(state[0]) == len(params) and all(a is b for a, b in zip(state[0], params))
-            and state[1] == _bias_signature(params)):
-        return state[2]
-    if any(p.is_inference() for p in params):
-        return None
-    # A plain attribute, not a buffer: stays out of state_dict and is left behind (then invalidated) by .to().
-    module.__dict__[_CACHE_ATTR] = state = (params, _bias_signature(params), {})
-    return state[2]
 
 
 def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple[int, int],
@@ -282,7 +249,7 @@ def agent_biases(module: nn.Module, key_size: tuple[int, int], query_size: tuple
         # the attention the same biases (a fused kernel reads any dtype and would otherwise read float32 ones)
         biases = _build_biases(module, key_size, query_size, agents)
         return _in_dtype(biases, autocast_dtype(biases[0].device.type))
-    entries = cached_state(module, _bias_params(module))
+    entries = derived_cache(module, _bias_params(module))
     if entries is None:
         return _build_biases(module, key_size, query_size, agents)
     # Under autocast the attention casts float32 biases to the compute dtype on every call; cache that cast too.

@@ -30,13 +30,14 @@ from timm.models._features import feature_take_indices
 from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm, unless_identity
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, pooled_agent_attention, window_attention
+from zoo.ops._cache import derived_cache
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.ops.window import shifted_window_mask, window_partition, window_reverse
 from zoo.registry import build_zoo_model, register_variants
 
 from ._agent_common import (AGENT_BIAS_NAMES, FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list,
-                            cached_state, init_agent_biases, register_official_builder, to_2tuple)
+                            init_agent_biases, register_official_builder, to_2tuple)
 
 __all__ = ["AgentSwinTransformer", "AgentSwinBlock", "AgentAttention", "WindowAttention", "PatchMerging",
            "PatchEmbed", "parse_attn_types", "relative_position_index"]
@@ -76,11 +77,11 @@ class WindowAttention(nn.Module):
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias of every window, N = wh*ww. Without autograd, in eager code, the gathered bias is kept
         while the table and index are unchanged (eager inference waits for the host, and the gather is three calls a
-        block), under the rules of :func:`zoo.backbones._agent_common.agent_biases`."""
+        block), under the rules of :func:`zoo.ops._cache.derived_cache`."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._gathered_bias()
-        entries = cached_state(self, (self._parameters["relative_position_bias_table"],
-                                      self._buffers["relative_position_index"]))
+        entries = derived_cache(self, (self._parameters["relative_position_bias_table"],
+                                       self._buffers["relative_position_index"]))
         if entries is None:
             return self._gathered_bias()
         if "bias" not in entries:

@@ -1,5 +1,6 @@
 """Per-call constants (masks, index tables) built once per shape and device; the optimizer-step count that caches of
-values derived from parameters key on, and the one call that drops all such caches."""
+values derived from parameters key on, a module's cache of such values, and the one call that drops all such
+caches."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["cached_constant", "tracing", "functorch_transforming", "optimizer_steps", "register_parameter_cache",
-           "clear_parameter_caches"]
+           "clear_parameter_caches", "derived_cache"]
 
 T = TypeVar("T", bound=Callable[..., torch.Tensor])
 
@@ -100,3 +101,36 @@ def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
         return get  # type: ignore[return-value]
 
     return wrap
+
+
+# (sources, their signature, {key: built value}): a plain instance attribute, not a buffer, so it stays out of
+# state_dict and is left behind (then invalidated) by .to()
+_DERIVED_ATTR = register_parameter_cache("_zoo_derived_cache")
+
+
+def _signature(sources: tuple[torch.Tensor, ...]) -> tuple:
+    """What identifies these tensors' current values, with the tensors themselves (compared by identity, and held by
+    the cache so that no other tensor can take their addresses): in-place updates (load_state_dict, p.add_) bump
+    ``_version``; .data swaps move data_ptr; optimizer steps are counted (fused AdamW on CUDA bumps no
+    ``_version``)."""
+    return (*((t._version, t.data_ptr()) for t in sources), optimizer_steps())
+
+
+def derived_cache(module: torch.nn.Module, sources: tuple[torch.Tensor, ...]) -> dict | None:
+    """The module's cache of tensors built from ``sources`` (its parameters or buffers, e.g. the agent biases built
+    from their parameters, Agent-Swin's window bias gathered from its table), valid for their current values (a
+    fresh, empty dict when they changed), or None when it cannot be known whether they changed: tensors created
+    under inference_mode have no version counter and may still change in place inside it, so they are never cached.
+    For eager calls without autograd only (the caller checks). Never inside a ``torch.func`` transform or a
+    dispatch-mode tracer: their tensors (vmap's batched parameters, fakes) have no storage to key on and must not
+    outlive the call. :func:`clear_parameter_caches` drops it."""
+    if functorch_transforming() or tracing():
+        return None
+    state = module.__dict__.get(_DERIVED_ATTR)
+    if (state is not None and len(state[0]) == len(sources) and all(a is b for a, b in zip(state[0], sources))
+            and state[1] == _signature(sources)):
+        return state[2]
+    if any(t.is_inference() for t in sources):
+        return None
+    module.__dict__[_DERIVED_ATTR] = state = (sources, _signature(sources), {})
+    return state[2]

@@ -133,7 +133,7 @@ def test_no_grad_autocast_caches_the_biases_in_the_compute_dtype(build_calls):
         second = model(x)
     assert torch.equal(first, second) and len(build_calls) == len(_agent_modules(model))
     for module in _agent_modules(model):
-        for (key_size, query_size, agents, compute), cached in module._agent_bias_cache[2].items():
+        for (key_size, query_size, agents, compute), cached in module._zoo_derived_cache[2].items():
             assert compute == torch.bfloat16
             fresh = common._build_biases(module, key_size, query_size, agents)
             for c, f in zip(cached, fresh):
