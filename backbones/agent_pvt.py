@@ -3,7 +3,8 @@
 Four stages of (patch embedding + LayerNorm, absolute position embedding, blocks). In an agent block (``'A'`` in
 ``attn_type``, every stage of the released models) the queries are average-pooled into ``A`` agents, the keys and
 values optionally come from a spatially reduced map (``agent_sr_ratios``, 1 in the releases), attention goes through
-:func:`zoo.ops.agent_attention` with the agent biases, and a depthwise 3x3 conv of the values is added. ``'B'``
+:func:`zoo.ops.agent_attention` with the agent biases, and a depthwise 3x3 conv of the values is added (all three in
+:func:`zoo.ops.pooled_agent_attention` where the keys are the tokens themselves). ``'B'``
 blocks are PVT's spatial-reduction attention (:func:`zoo.ops.downsampled_attention`). There is no final norm: the
 head sees the mean of the stage-4 tokens. State-dict keys equal the official ones.
 
@@ -27,7 +28,8 @@ from timm.models._features import feature_take_indices
 
 from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
 from ._heads import PooledLinearHeadMixin
-from zoo.ops import Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention
+from zoo.ops import (Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention,
+                     pooled_agent_attention)
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
@@ -111,43 +113,53 @@ class AgentAttention(nn.Module):
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _separate_projections(self, x: torch.Tensor, size: tuple[int, int]
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """q (B, N, C) from ``x``; k, v (B, M, C) from its reduced map (or ``x``) and that map's grid."""
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], None]:
+        """q (B, N, C) from ``x``; k, v (B, M, C) from its reduced map (or ``x``), that map's grid and None."""
         kv_tokens, kv_size = _reduce(self, x, size)
         k, v = self.kv(kv_tokens).chunk(2, dim=-1)
-        return self.q(x), k, v, kv_size
+        return self.q(x), k, v, kv_size, None
 
     def _projections(self, x: torch.Tensor, size: tuple[int, int]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """q, k, v and the keys' grid (``_separate_projections``). Where the keys are the tokens themselves
-        (``sr_ratio`` 1, the releases) and torch.compile traces, q and kv come from one GEMM over the concatenated
-        weights (the model's one cast's copies, or float32 weights that autocast casts as one): one read of ``x``
-        forward, one input-gradient and one weight-gradient GEMM backward in place of two each. Eager calls keep the
-        two layers (their cached autocast copies, fewer host ops)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """q, k, v, the keys' grid and the (B, N, 3C) projection q, k and v are chunks of, or None
+        (``_separate_projections``). Where the keys are the tokens themselves (``sr_ratio`` 1, the releases) and
+        torch.compile traces, q and kv come from one GEMM over the concatenated weights (the model's one cast's
+        copies, or float32 weights that autocast casts as one): one read of ``x`` forward, one input-gradient and one
+        weight-gradient GEMM backward in place of two each. Eager calls keep the two layers (their cached autocast
+        copies, fewer host ops)."""
         if self.sr_ratio > 1 or not torch.compiler.is_compiling():
             return self._separate_projections(x, size)
         (q_weight, q_bias), (kv_weight, kv_bias) = autocast_weights(self.q), autocast_weights(self.kv)
         bias = None if q_bias is None else torch.cat([q_bias, kv_bias])
-        q, k, v = F.linear(x, torch.cat([q_weight, kv_weight]), bias).chunk(3, dim=-1)
-        return q, k, v, size
+        qkv = F.linear(x, torch.cat([q_weight, kv_weight]), bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return q, k, v, size, qkv
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) tokens on an (H, W) grid -> (B, H*W, C)."""
         b, n, c = x.shape
         size = tuple(size)
-        q, k, v, kv_size = self._projections(x, size)
+        q, k, v, kv_size, qkv = self._projections(x, size)
         agents_grid = self.agent_shape or self.agent_grid
-        agents = pool_agent_tokens(q, size, agents_grid)
         agent_bias, query_bias = agent_biases(self, kv_size, size, agents=agents_grid)
-        out = agent_attention(
-            self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
-            agent_bias=agent_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
+        if kv_size == size:
+            # keys on the query grid (sr_ratio 1, the releases): pooling, attention and the values' conv in one op,
+            # one launch at the 14x14 and 7x7 stages (fewer host calls; eager inference is host-bound); qkv, where
+            # there is one, gets a traced training step its gradient in one buffer
+            out = pooled_agent_attention(
+                self._heads(q), self._heads(k), self._heads(v), grid=size, agent_grid=agents_grid, scale=self.scale,
+                agent_bias=agent_bias, query_bias=query_bias, conv_weight=conv_weight, conv_bias=conv_bias,
+                dropout_p=dropout_p, qkv=qkv)
+            return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        agents = pool_agent_tokens(q, size, agents_grid)
+        out = agent_attention(self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
+                              agent_bias=agent_bias, query_bias=query_bias, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(b, *size, c)
-        # the values' depthwise conv, on the values bilinearly upsampled to the query grid when reduced (official)
-        out = depthwise_conv(v.view(b, *kv_size, c), *autocast_weights(self.dwc, channels_innermost), residual=out,
-                             size=size)
-        out = out.flatten(1, 2)
-        return unless_identity(self.proj_drop, self.proj(out))
+        # the values' depthwise conv, on the values bilinearly upsampled to the query grid (official)
+        out = depthwise_conv(v.view(b, *kv_size, c), conv_weight, conv_bias, residual=out, size=size)
+        return unless_identity(self.proj_drop, self.proj(out.flatten(1, 2)))
 
 
 class AgentPVTBlock(nn.Module):

@@ -427,6 +427,8 @@ GPU_SHAPES = {  # (batch, heads, grid, agent grid, head dim, prefix)
     "deit_s": (16, 6, (14, 14), (7, 7), 64, 1),
     "swin_t_s0": (2, 3, (56, 56), (3, 3), 32, 0),    # global agent attention, 3x3 agents: unequal windows
     "swin_t_s1_window": (64, 6, (7, 7), (4, 4), 32, 0),
+    "pvt_t_s0": (2, 1, (56, 56), (3, 3), 64, 0),     # Agent-PVT-T stage 0: one 64-wide head
+    "pvt_t_s2": (16, 5, (14, 14), (7, 7), 64, 0),
 }
 
 
@@ -486,7 +488,7 @@ def test_cuda_kernel_against_the_separate_kernels(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("shape", ["deit_t", "swin_t_s0"])
+@pytest.mark.parametrize("shape", ["deit_t", "swin_t_s0", "pvt_t_s2"])
 def test_cuda_compiled_training_writes_qkv_gradient_in_one_buffer(shape):
     """Inductor-compiled training given qkv (the packed op): output and every gradient against eager autograd
     through the reference, fp32 tight and bf16 within the agent kernels' bf16 tolerance."""
@@ -508,7 +510,7 @@ def test_cuda_compiled_training_writes_qkv_gradient_in_one_buffer(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_swin_t"])
+@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_swin_t", "agent_pvt_tiny"])
 def test_cuda_models_fused_against_unfused(name, monkeypatch):
     import zoo
 
