@@ -30,6 +30,8 @@ from ._layers import add_norm, check_images, init_linears, projection_norm, unle
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import (Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention,
                      pooled_agent_attention)
+from zoo.ops._amp import autocast_dtype
+from zoo.ops._cache import derived_cache, register_parameter_cache
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
@@ -39,6 +41,10 @@ from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_
 
 __all__ = ["AgentPyramidVisionTransformer", "AgentAttention", "SpatialReductionAttention", "AgentPVTBlock",
            "PatchEmbed"]
+
+
+# the concatenated q / kv weights of an sr-1 agent block, kept between eager inference calls
+_FUSED_PROJECTION = register_parameter_cache("_zoo_fused_projection")
 
 
 def _reduce(module: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -122,18 +128,43 @@ class AgentAttention(nn.Module):
     def _projections(self, x: torch.Tensor, size: tuple[int, int]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]:
         """q, k, v, the keys' grid and the (B, N, 3C) projection q, k and v are chunks of, or None
-        (``_separate_projections``). Where the keys are the tokens themselves (``sr_ratio`` 1, the releases) and
-        torch.compile traces, q and kv come from one GEMM over the concatenated weights (the model's one cast's
-        copies, or float32 weights that autocast casts as one): one read of ``x`` forward, one input-gradient and one
-        weight-gradient GEMM backward in place of two each. Eager calls keep the two layers (their cached autocast
-        copies, fewer host ops)."""
-        if self.sr_ratio > 1 or not torch.compiler.is_compiling():
+        (``_separate_projections``). Where the keys are the tokens themselves (``sr_ratio`` 1, the releases), q and kv
+        come from one GEMM over the concatenated weights: one read of ``x`` and one launch, and in traced training
+        one input-gradient and one weight-gradient GEMM backward in place of two each. Traced, the weights are
+        concatenated in the graph (the model's one cast's copies, or float32 weights that autocast casts as one);
+        eager calls without autograd keep the concatenation (``_fused_weights``); eager training calls keep the two
+        layers (their cached autocast copies, fewer host ops than a concatenation each call)."""
+        if self.sr_ratio > 1:
             return self._separate_projections(x, size)
-        (q_weight, q_bias), (kv_weight, kv_bias) = autocast_weights(self.q), autocast_weights(self.kv)
-        bias = None if q_bias is None else torch.cat([q_bias, kv_bias])
-        qkv = F.linear(x, torch.cat([q_weight, kv_weight]), bias)
+        if torch.compiler.is_compiling():
+            weight, bias = self._concatenated_weights()
+        else:
+            fused = self._fused_weights() if not torch.is_grad_enabled() else None
+            if fused is None:
+                return self._separate_projections(x, size)
+            weight, bias = fused
+        qkv = F.linear(x, weight, bias)
         q, k, v = qkv.chunk(3, dim=-1)
         return q, k, v, size, qkv
+
+    def _concatenated_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(3C, C) weight and (3C,) bias (or None) of q and kv as autocast consumes them (the cast copies)."""
+        (q_weight, q_bias), (kv_weight, kv_bias) = autocast_weights(self.q), autocast_weights(self.kv)
+        bias = None if q_bias is None else torch.cat([q_bias, kv_bias])
+        return torch.cat([q_weight, kv_weight]), bias
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``_concatenated_weights`` kept between eager calls without autograd while the q and kv parameters are
+        unchanged (per autocast compute dtype; see :func:`zoo.ops._cache.derived_cache`), or None where they
+        cannot be cached (inference-mode parameters, ``torch.func`` transforms)."""
+        sources = tuple(t for t in (self.q.weight, self.q.bias, self.kv.weight, self.kv.bias) if t is not None)
+        entries = derived_cache(self, sources, _FUSED_PROJECTION)
+        if entries is None:
+            return None
+        compute = autocast_dtype(sources[0].device.type)
+        if compute not in entries:
+            entries[compute] = self._concatenated_weights()
+        return entries[compute]
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) tokens on an (H, W) grid -> (B, H*W, C)."""

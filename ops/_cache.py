@@ -116,21 +116,26 @@ def _signature(sources: tuple[torch.Tensor, ...]) -> tuple:
     return (*((t._version, t.data_ptr()) for t in sources), optimizer_steps())
 
 
-def derived_cache(module: torch.nn.Module, sources: tuple[torch.Tensor, ...]) -> dict | None:
+def derived_cache(module: torch.nn.Module, sources: tuple[torch.Tensor, ...], attr: str = _DERIVED_ATTR
+                  ) -> dict | None:
     """The module's cache of tensors built from ``sources`` (its parameters or buffers, e.g. the agent biases built
     from their parameters, Agent-Swin's window bias gathered from its table), valid for their current values (a
     fresh, empty dict when they changed), or None when it cannot be known whether they changed: tensors created
     under inference_mode have no version counter and may still change in place inside it, so they are never cached.
     For eager calls without autograd only (the caller checks). Never inside a ``torch.func`` transform or a
     dispatch-mode tracer: their tensors (vmap's batched parameters, fakes) have no storage to key on and must not
-    outlive the call. :func:`clear_parameter_caches` drops it."""
+    outlive the call. :func:`clear_parameter_caches` drops it. ``attr`` names the instance attribute that holds it
+    (one that :func:`register_parameter_cache` returned), for a module with a second cache of other sources."""
+    if attr not in _PARAMETER_CACHE_ATTRS:
+        raise ValueError(f"derived_cache: attr={attr!r} is not a registered parameter cache "
+                         "(use the name register_parameter_cache returns)")
     if functorch_transforming() or tracing():
         return None
-    state = module.__dict__.get(_DERIVED_ATTR)
+    state = module.__dict__.get(attr)
     if (state is not None and len(state[0]) == len(sources) and all(a is b for a, b in zip(state[0], sources))
             and state[1] == _signature(sources)):
         return state[2]
     if any(t.is_inference() for t in sources):
         return None
-    module.__dict__[_DERIVED_ATTR] = state = (sources, _signature(sources), {})
+    module.__dict__[attr] = state = (sources, _signature(sources), {})
     return state[2]

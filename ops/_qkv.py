@@ -43,11 +43,17 @@ def check_qkv(op: str, qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
     if torch.compiler.is_compiling() or functorch_transforming() or qkv.numel() == 0:
         return  # no addresses to check: traced, a torch.func transform's wrapped tensors, or views of nothing
     size = qkv.element_size()
+    want_strides = (qkv.stride(0), d, qkv.stride(1), 1)
     for i, (name, t) in enumerate((("q", q), ("k", k), ("v", v))):
-        view = (tuple(t.shape) == (b, heads, n, d) and t.dtype == qkv.dtype and t.stride(0) == qkv.stride(0)
-                and t.stride(2) == qkv.stride(1) and t.stride(1) == d and t.stride(3) == 1
-                and t.data_ptr() == qkv.data_ptr() + i * heads * d * size)
+        view = (tuple(t.shape) == (b, heads, n, d) and t.dtype == qkv.dtype
+                and _strides_agree(t, want_strides) and t.data_ptr() == qkv.data_ptr() + i * heads * d * size)
         if not view:
             raise ValueError(f"{op}: {name} is not the head-split view of qkv's channels "
                              f"[{i * heads * d}, {(i + 1) * heads * d}) (shape {tuple(t.shape)}, strides "
                              f"{t.stride()}); pass qkv=None for q, k, v of other memory")
+
+
+def _strides_agree(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether ``t`` has ``strides`` in every dimension longer than one (a length-one dimension's stride addresses
+    nothing: views of one token or one head may carry any)."""
+    return all(size == 1 or have == want for size, have, want in zip(t.shape, t.stride(), strides))

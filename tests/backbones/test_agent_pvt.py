@@ -15,6 +15,7 @@ import zoo
 from backbone_checks import image, max_rel, randomize
 from zoo.backbones.agent_pvt import AgentPyramidVisionTransformer, SpatialReductionAttention
 from zoo.convert import compare_state_dict, from_official, get_converter
+from zoo.ops import clear_parameter_caches
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity" / "agent_attention"
 KEYS = json.loads((FIXTURES / "agent_pvt_keys.json").read_text())
@@ -262,6 +263,33 @@ def test_compiled_training_fuses_the_q_and_kv_projections_and_matches_eager():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
         assert g.abs().max() > 0
     torch._dynamo.reset()
+
+
+def test_inference_projects_q_and_kv_in_one_kept_gemm_that_follows_the_parameters():
+    model = _tiny()
+    attn = model.block1[0].attn
+    x = image(32, 32)
+    calls = []
+    hook = attn.q.register_forward_hook(lambda *_: calls.append("q"))
+    with torch.no_grad():
+        fused = model(x)
+        kept = attn._fused_weights()
+        assert attn._fused_weights() is kept  # kept, not concatenated again
+        torch.testing.assert_close(kept[0], torch.cat([attn.q.weight, attn.kv.weight]), rtol=0, atol=0)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert attn._fused_weights()[0].dtype == torch.bfloat16  # one entry per compute dtype
+        assert attn._fused_weights() is kept
+        attn.kv.weight.mul_(3.0)  # an in-place update: a new version
+        changed = model(x)
+        assert attn._fused_weights() is not kept
+    assert not calls  # no separate q layer call without autograd
+    separate = model(x)  # with autograd: the two layers
+    assert calls and separate.grad_fn is not None
+    torch.testing.assert_close(separate.detach(), changed, rtol=1e-5, atol=1e-6)
+    assert (changed - fused).abs().max().item() > 1e-4
+    hook.remove()
+    assert clear_parameter_caches(model) >= len(model.block1) + len(model.block4)
+    assert "_zoo_fused_projection" not in attn.__dict__
 
 
 # --- GPU --------------------------------------------------------------------------------------------------------

@@ -223,6 +223,22 @@ def test_vmap_over_stacked_parameters_runs_uncached():
     assert outputs[1].shape == (3, 2, 8, 4) and torch.equal(outputs[1], outputs[0])
 
 
+def test_derived_cache_takes_registered_attributes_only():
+    from zoo.ops._cache import derived_cache, register_parameter_cache
+
+    layer = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="attr='_my_cache' is not a registered parameter cache"):
+        derived_cache(layer, (layer.weight,), "_my_cache")
+    attr = register_parameter_cache("_test_second_cache")
+    first, second = derived_cache(layer, (layer.weight,)), derived_cache(layer, (layer.bias,), attr)
+    first["w"], second["b"] = 1, 2  # two caches of one module, of different sources, kept apart
+    assert derived_cache(layer, (layer.weight,)) == {"w": 1} and derived_cache(layer, (layer.bias,), attr) == {"b": 2}
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    assert derived_cache(layer, (layer.bias,), attr) == {} and derived_cache(layer, (layer.weight,)) == {"w": 1}
+    assert clear_parameter_caches(layer) == 2
+
+
 def test_pickle_and_deepcopy_leave_the_copies_behind():
     _, cached = _pair()
     _infer(cached, _input())

@@ -417,6 +417,12 @@ def test_qkv_must_be_the_projection_q_k_v_view():
     empty = qkv[:0]  # an empty batch's views have no addresses to compare: its shape is all that is checked
     views = (t.transpose(1, 2) for t in empty.unflatten(-1, (3, 2, 8)).unbind(2))
     assert pooled_agent_attention(*views, **kwargs, qkv=empty).shape == (0, 2, 17, 8)
+    # one token: chunk-and-reshape views carry their own stride on the length-one token axis, which addresses nothing
+    one = torch.randn(2, 1, 48)
+    views = [t.reshape(2, 1, 2, 8).transpose(1, 2) for t in one.chunk(3, dim=-1)]
+    assert views[0].stride(2) != one.stride(1)
+    kwargs.update(grid=(1, 1), agent_grid=(1, 1), prefix=0, agent_bias=None, query_bias=None)
+    assert torch.equal(pooled_agent_attention(*views, **kwargs, qkv=one), pooled_agent_attention(*views, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
