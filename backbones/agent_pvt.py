@@ -127,25 +127,23 @@ class AgentAttention(nn.Module):
 
     def _projections(self, x: torch.Tensor, size: tuple[int, int]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]:
-        """q, k, v, the keys' grid and the (B, N, 3C) projection q, k and v are chunks of, or None
-        (``_separate_projections``). Where the keys are the tokens themselves (``sr_ratio`` 1, the releases), q and kv
-        come from one GEMM over the concatenated weights: one read of ``x`` and one launch, and in traced training
-        one input-gradient and one weight-gradient GEMM backward in place of two each. Traced, the weights are
-        concatenated in the graph (the model's one cast's copies, or float32 weights that autocast casts as one);
-        eager calls without autograd keep the concatenation (``_fused_weights``); eager training calls keep the two
-        layers (their cached autocast copies, fewer host ops than a concatenation each call)."""
+        """q, k, v, the keys' grid, and in traced calls the (B, N, 3C) projection q, k and v are chunks of (the
+        pooled op's ``qkv=``, which only a traced training step uses), else None (``_separate_projections``). Where the
+        keys are the tokens themselves (``sr_ratio`` 1, the releases), q and kv come from one GEMM over the
+        concatenated weights: one read of ``x`` and one launch, and in traced training one input-gradient and one
+        weight-gradient GEMM backward in place of two each. Traced, the weights are concatenated in the graph (the
+        model's one cast's copies, or float32 weights that autocast casts as one); eager calls without autograd keep
+        the concatenation (``_fused_weights``); eager training calls keep the two layers (their cached autocast
+        copies, fewer host ops than a concatenation each call)."""
         if self.sr_ratio > 1:
             return self._separate_projections(x, size)
         if torch.compiler.is_compiling():
-            weight, bias = self._concatenated_weights()
-        else:
-            fused = self._fused_weights() if not torch.is_grad_enabled() else None
-            if fused is None:
-                return self._separate_projections(x, size)
-            weight, bias = fused
-        qkv = F.linear(x, weight, bias)
-        q, k, v = qkv.chunk(3, dim=-1)
-        return q, k, v, size, qkv
+            qkv = F.linear(x, *self._concatenated_weights())
+            return *qkv.chunk(3, dim=-1), size, qkv
+        fused = self._fused_weights() if not torch.is_grad_enabled() else None
+        if fused is None:
+            return self._separate_projections(x, size)
+        return *F.linear(x, *fused).chunk(3, dim=-1), size, None
 
     def _concatenated_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(3C, C) weight and (3C,) bias (or None) of q and kv as autocast consumes them (the cast copies)."""
@@ -177,8 +175,8 @@ class AgentAttention(nn.Module):
         conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
         if kv_size == size:
             # keys on the query grid (sr_ratio 1, the releases): pooling, attention and the values' conv in one op,
-            # one launch at the 14x14 and 7x7 stages (fewer host calls; eager inference is host-bound); qkv, where
-            # there is one, gets a traced training step its gradient in one buffer
+            # one launch at the 14x14 and 7x7 stages (fewer host calls; eager inference is host-bound); qkv (traced
+            # calls) gets a traced training step its gradient in one buffer
             out = pooled_agent_attention(
                 self._heads(q), self._heads(k), self._heads(v), grid=size, agent_grid=agents_grid, scale=self.scale,
                 agent_bias=agent_bias, query_bias=query_bias, conv_weight=conv_weight, conv_bias=conv_bias,
