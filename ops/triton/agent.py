@@ -168,13 +168,14 @@ class _Plan(NamedTuple):
 
 
 def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool = False,
-          sm_shared: int | None = None) -> _Plan:
+          sm_shared: int | None = None, pooled: bool = False) -> _Plan:
     """The launch plan; ``training``: a forward that will be differentiated (its own tiles and splits), or in a
     backward, :func:`pooled_agent_attention_triton`'s (its own splits: ``default_pooled_backward_splits``, and
-    tiles: ``pooled_backward_tiles``, given ``sm_shared``, an SM's shared memory in bytes)."""
+    tiles: ``pooled_backward_tiles``, given ``sm_shared``, an SM's shared memory in bytes); ``pooled``: the pooled
+    forward kernel's inference launch (its own tiles, ``_default_tiles``)."""
     args = (sizes, dtype, backward, sms, training, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
             _TILES["backward_splits" if backward else "query_splits"], _TILES["conv_tokens"], _TILES["max_registers"],
-            sm_shared)
+            sm_shared, pooled)
     if all(type(size) is int for size in sizes):
         return _plan_for(*args)
     return _plan_for.__wrapped__(*args)  # symbolic sizes (torch.compile, dynamic shapes) cannot be hashed
@@ -183,15 +184,15 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, tr
 @functools.lru_cache(maxsize=256)
 def _plan_for(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, training: bool,
               block_t: int | None, num_warps: int | None, num_stages: int | None, query_splits: int | None,
-              conv_tokens: int | None = None, max_registers: int | None = None, sm_shared: int | None = None
-              ) -> _Plan:
+              conv_tokens: int | None = None, max_registers: int | None = None, sm_shared: int | None = None,
+              pooled: bool = False) -> _Plan:
     s = sizes
     pooled_backward = backward and training  # the single-launch pooled backward's plan: its own tiles
     if pooled_backward:
         default_t, default_warps, default_stages, default_conv, default_registers = pooled_backward_tiles(
             s, dtype, sms, sm_shared)
     else:
-        default_t, default_warps, default_stages = _default_tiles(s, dtype, backward, training)
+        default_t, default_warps, default_stages = _default_tiles(s, dtype, backward, training, pooled)
     block_t = block_t or default_t
     constexprs = dict(D=s.d, DV=s.dv, BLOCK_D=max(16, next_pow2(s.d)), BLOCK_DV=max(16, next_pow2(s.dv)),
                       BLOCK_A=max(16, next_pow2(s.a)), BLOCK_T=block_t, PRECISION=dot_precision(dtype))
@@ -268,9 +269,11 @@ def default_pooled_backward_splits(s: _Sizes, sms: int | None, block_t: int) -> 
     return default_backward_splits(s, sms, block_t)
 
 
-def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool = False) -> tuple[int, int, int]:
+def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool = False,
+                   pooled: bool = False) -> tuple[int, int, int]:
     """(block_t, num_warps, num_stages) of a launch when use_tiles sets none (``training``: a forward that will be
-    differentiated; inference, compiled or not, keeps the batch-128 inference choices)."""
+    differentiated; inference, compiled or not, keeps the batch-128 inference choices; ``pooled``: the pooled
+    forward kernel's inference launch)."""
     # float32 runs IEEE dots on CUDA cores, which hold whole tiles in registers: at Agent-DeiT-S (49 agents, head dim
     # 64) 64-token tiles spill 2.7 KB (forward, 4 warps) and 7 KB (backward, 8 warps) per thread on sm_90 (ptxas
     # -v, triton 3.6), 16-token tiles at 8 warps at most 8 bytes
@@ -302,6 +305,13 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
     if few_agents:
         return (128, 4, 3) if training else (128, 4, 2)
     if wide:
+        if pooled:
+            # The pooled inference forward (pooling, both attentions and the conv in one program a (batch, head)):
+            # 16-token tiles keep more programs an SM. Best of 72 tilings (block_t 16-128, 2-8 warps, 1-3 stages,
+            # 1-2 splits; H200, bf16, batch 128, kernel us against (64, 4, 2)): Agent-DeiT-T 60.0 against 89.4,
+            # Agent-DeiT-S 119.1 against 147.2, Agent-PVT-T stage 2 104.6 against 139.5; stage 3 (49 tokens) 56.3
+            # against 68.5 (the best there, (16, 2, 2), 51.1).
+            return 16, 4, 3
         return (64, 4, 1) if training else (64, 4, 2)
     return (32, 4, 1) if training and s.n <= 64 else (32, 4, 3)
 
@@ -591,7 +601,8 @@ def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_gr
     float32 base-2 log-sum-exp (B, heads, A)) for the backward."""
     b, heads, n, d = q.shape
     a, dv = agent_grid[0] * agent_grid[1], v.shape[3]
-    plan = _plan(_Sizes(b, heads, n, n, a, d, dv), q.dtype, False, sm_count(q) if q.is_cuda else None)
+    plan = _plan(_Sizes(b, heads, n, n, a, d, dv), q.dtype, False, sm_count(q) if q.is_cuda else None,
+                 pooled=not stats)
     out = token_major(b, heads, n, dv, q)
     saved = ()
     if stats:
