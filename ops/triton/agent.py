@@ -172,7 +172,7 @@ def _plan(sizes: _Sizes, dtype: torch.dtype, backward: bool, sms: int | None, tr
     """The launch plan; ``training``: a forward that will be differentiated (its own tiles and splits), or in a
     backward, :func:`pooled_agent_attention_triton`'s (its own splits: ``default_pooled_backward_splits``, and
     tiles: ``pooled_backward_tiles``, given ``sm_shared``, an SM's shared memory in bytes); ``pooled``: the pooled
-    forward kernel's inference launch (its own tiles, ``_default_tiles``)."""
+    forward kernel's launch, in inference and in eager training calls (its own tiles, ``_default_tiles``)."""
     args = (sizes, dtype, backward, sms, training, _TILES["block_t"], _TILES["num_warps"], _TILES["num_stages"],
             _TILES["backward_splits" if backward else "query_splits"], _TILES["conv_tokens"], _TILES["max_registers"],
             sm_shared, pooled)
@@ -273,7 +273,7 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
                    pooled: bool = False) -> tuple[int, int, int]:
     """(block_t, num_warps, num_stages) of a launch when use_tiles sets none (``training``: a forward that will be
     differentiated; inference, compiled or not, keeps the batch-128 inference choices; ``pooled``: the pooled
-    forward kernel's inference launch)."""
+    forward kernel's launch, with or without the statistics a training call stores)."""
     # float32 runs IEEE dots on CUDA cores, which hold whole tiles in registers: at Agent-DeiT-S (49 agents, head dim
     # 64) 64-token tiles spill 2.7 KB (forward, 4 warps) and 7 KB (backward, 8 warps) per thread on sm_90 (ptxas
     # -v, triton 3.6), 16-token tiles at 8 warps at most 8 bytes
@@ -306,11 +306,13 @@ def _default_tiles(s: _Sizes, dtype: torch.dtype, backward: bool, training: bool
         return (128, 4, 3) if training else (128, 4, 2)
     if wide:
         if pooled:
-            # The pooled inference forward (pooling, both attentions and the conv in one program a (batch, head)):
-            # 16-token tiles keep more programs an SM. Best of 72 tilings (block_t 16-128, 2-8 warps, 1-3 stages,
-            # 1-2 splits; H200, bf16, batch 128, kernel us against (64, 4, 2)): Agent-DeiT-T 60.0 against 89.4,
-            # Agent-DeiT-S 119.1 against 147.2, Agent-PVT-T stage 2 104.6 against 139.5; stage 3 (49 tokens) 56.3
-            # against 68.5 (the best there, (16, 2, 2), 51.1).
+            # The pooled forward (pooling, both attentions and the conv in one program a (batch, head)): 16-token
+            # tiles keep more programs an SM. Inference, the best of 72 tilings (block_t 16-128, 2-8 warps, 1-3
+            # stages, 1-2 splits; H200, bf16, batch 128, kernel us against (64, 4, 2)): Agent-DeiT-T 60.0 against
+            # 89.4, Agent-DeiT-S 119.1 against 147.2, Agent-PVT-T stage 2 104.6 against 139.5; stage 3 (49 tokens)
+            # 56.3 against 68.5 (the best there, (16, 2, 2), 51.1). An eager training call's (storing the agents
+            # and statistics; batch 64, 6 tilings): 47.0 against 50.5, 61.8 against 96.9, 61.4 against 82.6 and 33.9
+            # against 37.0 (the best at DeiT-T and PVT-T stage 3, (64, 4, 1), 39.6 and 28.2).
             return 16, 4, 3
         return (64, 4, 1) if training else (64, 4, 2)
     return (32, 4, 1) if training and s.n <= 64 else (32, 4, 3)
@@ -601,8 +603,7 @@ def _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_gr
     float32 base-2 log-sum-exp (B, heads, A)) for the backward."""
     b, heads, n, d = q.shape
     a, dv = agent_grid[0] * agent_grid[1], v.shape[3]
-    plan = _plan(_Sizes(b, heads, n, n, a, d, dv), q.dtype, False, sm_count(q) if q.is_cuda else None,
-                 pooled=not stats)
+    plan = _plan(_Sizes(b, heads, n, n, a, d, dv), q.dtype, False, sm_count(q) if q.is_cuda else None, pooled=True)
     out = token_major(b, heads, n, dv, q)
     saved = ()
     if stats:

@@ -304,7 +304,8 @@ def test_use_tiles_checks_and_restores_the_knobs():
     assert (training(pvt_s0), training(pvt_s2)) == ((128, 4, 3), (64, 4, 1))
     assert (tiles(swin_s0, False), tiles(swin_s0, True), training(swin_s0)) == ((128, 4, 2), (64, 4, 3), (128, 4, 3))
     assert (training(swin_s2), training(swin_s3), tiles(swin_s3, False)) == ((32, 4, 3), (32, 4, 1), (32, 4, 3))
-    # the pooled kernel's inference forward: 16-token tiles where the other forwards take 64 (49 agents, heads of 64)
+    # the pooled kernel's forward (inference and eager training): 16-token tiles where the others take 64 (49 agents,
+    # heads of 64)
     pooled = lambda sizes: (lambda p: (p.constexprs["BLOCK_T"], *p.options.values()))(
         ta._plan(sizes, torch.bfloat16, False, None, pooled=True))
     assert (pooled(deit_s), pooled(pvt_s2)) == ((16, 4, 3), (16, 4, 3))
