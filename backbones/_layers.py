@@ -1,18 +1,20 @@
 """Small layers shared by several backbone families."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from timm.models._features import feature_take_indices
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.utils.checkpoint import checkpoint
 
 from zoo.ops import LayerNorm, add_layer_norm
 from zoo.ops.mlp import is_identity
 from zoo.ops._conv_layers import RewrittenConv2d
 
-__all__ = ["ChannelsLastSequential", "add_norm", "check_images", "init_linears", "channels_last_intermediates",
-           "projection_norm", "unless_identity"]
+__all__ = ["BlockSequence", "ChannelsLastSequential", "DeferredSumBlock", "add_norm", "check_images", "init_linears",
+           "channels_last_intermediates", "projection_norm", "run_blocks", "unless_identity"]
 
 
 class ChannelsLastSequential(nn.Sequential):
@@ -77,6 +79,68 @@ def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor) -> tuple[to
         return add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps)
     total = x + branch
     return total, norm(total)
+
+
+def norm_of_sum(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + branch, norm(x + branch))`` by :func:`add_norm`, or ``(x, norm(x))`` where ``branch`` is None."""
+    return (x, norm(x)) if branch is None else add_norm(norm, x, branch)
+
+
+class DeferredSumBlock(nn.Module):
+    """A pre-norm residual block whose last residual sum its successor may make (``forward_deferred``).
+
+    Subclasses define ``forward_deferred(x, branch, *args) -> (x', branch')``: the block on ``x + branch`` (on
+    ``x`` where ``branch`` is None), returning the two terms whose sum is its output. :func:`run_blocks` hands each
+    pair to the next block, whose first norm makes the sum with :func:`add_norm`: one kernel in eager inference
+    on CUDA instead of the add's and the norm's (eager inference of these backbones waits for the host, and a
+    launch costs it about what the add's kernel takes).
+    """
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """The block's output, ``x``'s shape."""
+        x, branch = self.forward_deferred(x, None, *args)
+        return x + branch
+
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None, *args: Any
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a call of ``module`` runs hooks (its own or global ones) that skipping ``__call__`` would lose."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpointing: bool = False
+               ) -> torch.Tensor:
+    """Run ``blocks`` in order on ``x`` (each called with ``*args`` after its input); returns the last output.
+
+    :class:`DeferredSumBlock` blocks pass their last residual sum on to the next one's first norm (see there).
+    With ``checkpointing`` each block is recomputed in the backward (``torch.utils.checkpoint``); a block with
+    forward hooks (or with global hooks registered) is called as a module, so its hooks see its whole output.
+    """
+    if checkpointing and not torch.jit.is_scripting():
+        for blk in blocks:
+            x = checkpoint(blk, x, *args, use_reentrant=False)
+        return x
+    branch = None
+    for blk in blocks:
+        if isinstance(blk, DeferredSumBlock) and not _hooked(blk):
+            x, branch = blk.forward_deferred(x, branch, *args)
+        else:
+            x = blk(x if branch is None else x + branch, *args)
+            branch = None
+    return x if branch is None else x + branch
+
+
+class BlockSequence(nn.Sequential):
+    """``nn.Sequential`` of blocks run by :func:`run_blocks` (same keys and outputs as ``nn.Sequential``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output."""
+        return run_blocks(self, x)
 
 
 def unless_identity(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm, unless_identity
+from ._layers import (DeferredSumBlock, add_norm, channels_last_intermediates, check_images, init_linears, norm_of_sum,
+                      projection_norm, run_blocks, unless_identity)
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, SpaceToDepthConv2d, agent_attention, depthwise_conv, window_attention
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
@@ -144,7 +144,7 @@ class AgentAttention(_Branch):
         return window_reverse(out, window, h, w)
 
 
-class CSWinBlock(nn.Module):
+class CSWinBlock(DeferredSumBlock):
     """Pre-norm CSWin block: shared qkv, one global or two stripe branches, projection, MLP (official keys)."""
 
     def __init__(self, dim: int, reso: tuple[int, int], num_heads: int, split_size: int = 7, mlp_ratio: float = 4.,
@@ -176,10 +176,12 @@ class CSWinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim, act_layer=act_layer, drop=drop)
         self.norm2 = projection_norm(norm_layer, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + branch`` (on ``x`` when ``branch`` is None), (B, H, W, C): ``(x', branch')``, whose
+        sum is its output (see :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
         b, h, w, c = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, h, w, 3, c).unbind(3)
+        x, normed = norm_of_sum(self.norm1, x, branch)
+        q, k, v = self.qkv(normed).view(b, h, w, 3, c).unbind(3)
         if self.branch_num == 2:
             half = c // 2
             out = torch.cat([self.attns[0](q[..., :half], k[..., :half], v[..., :half]),
@@ -188,7 +190,7 @@ class CSWinBlock(nn.Module):
             out = self.attns[0](q, k, v)
         # The official block has a proj_drop module but never applies it; neither do we.
         x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.proj(out)))
-        return x + unless_identity(self.drop_path, self.mlp(h))
+        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class MergeBlock(nn.Module):
@@ -316,12 +318,7 @@ class AgentCSWinTransformer(PooledLinearHeadMixin, nn.Module):
             x = self.stage1_conv_embed(x)
         else:
             x = getattr(self, f"merge{i}")(x)
-        for blk in getattr(self, f"stage{i + 1}"):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(getattr(self, f"stage{i + 1}"), x, checkpointing=self.grad_checkpointing)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, H/32, W/32, num_features) normalised channels-last map."""

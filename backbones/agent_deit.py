@@ -28,7 +28,8 @@ from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
-from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
+from ._layers import (DeferredSumBlock, add_norm, check_images, init_linears, norm_of_sum, projection_norm, run_blocks,
+                      unless_identity)
 from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
                             register_official_builder, to_2tuple)
 
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-class Block(nn.Module):
+class Block(DeferredSumBlock):
     """Pre-norm transformer block; agent attention (official ``AgentBlock``) or plain attention (``deit.Block``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = False, drop: float = 0.,
@@ -121,18 +122,12 @@ class Block(nn.Module):
         self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """(B, 1 + H*W, C) -> same shape; ``grid`` (H, W) defaults to the construction grid."""
-        x, branch = self.forward_deferred(x, None, grid)
-        return x + branch
-
     def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None,
                          grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on ``x + branch`` (on ``x`` when ``branch`` is None) with its last residual sum left to the
-        caller: returns ``(x', branch')``, (B, 1 + H*W, C) each, whose sum is the block's output. A stack of blocks
-        passes each sum on to the next block's first norm, where :func:`~zoo.backbones._layers.add_norm` computes it
-        with the norm (one kernel in eager inference instead of two)."""
-        x, h = (x, self.norm1(x)) if branch is None else add_norm(self.norm1, x, branch)
+        caller: ``(x', branch')``, (B, 1 + H*W, C) each, whose sum is the block's output (see
+        :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
+        x, h = norm_of_sum(self.norm1, x, branch)
         x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h, grid)))
         return x, unless_identity(self.drop_path, self.mlp(h))
 
@@ -269,14 +264,7 @@ class AgentVisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, 1 + H/p * W/p, embed_dim) normalised tokens (class token first)."""
         x, grid = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for blk in self.blocks:
-                x = self._block(blk, x, grid)
-            return self.norm(x)
-        branch = None
-        for blk in self.blocks:  # each block's last residual sum is made with the next block's first norm
-            x, branch = blk.forward_deferred(x, branch, grid)
-        return self.norm(x if branch is None else x + branch)
+        return self.norm(run_blocks(self.blocks, x, grid, checkpointing=self.grad_checkpointing))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 1 + N, C) tokens -> (B, num_classes) logits, or the pooled (B, C) with ``pre_logits``."""

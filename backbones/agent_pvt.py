@@ -21,12 +21,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import add_norm, check_images, init_linears, projection_norm, unless_identity
+from ._layers import (DeferredSumBlock, add_norm, check_images, init_linears, norm_of_sum, projection_norm, run_blocks,
+                      unless_identity)
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import (Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention,
                      pooled_agent_attention)
@@ -191,7 +191,7 @@ class AgentAttention(nn.Module):
         return unless_identity(self.proj_drop, self.proj(out.flatten(1, 2)))
 
 
-class AgentPVTBlock(nn.Module):
+class AgentPVTBlock(DeferredSumBlock):
     """Pre-norm block with agent attention (``attn_type='A'``) or spatial-reduction attention (``'B'``)."""
 
     def __init__(self, dim: int, grid_size: tuple[int, int], num_heads: int, mlp_ratio: float = 4.,
@@ -212,10 +212,14 @@ class AgentPVTBlock(nn.Module):
         self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, H*W, C) -> same shape."""
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(self.norm1(x), size)))
-        return x + unless_identity(self.drop_path, self.mlp(h))
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None,
+                         size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + branch`` (on ``x`` when ``branch`` is None) with its last residual sum left to the
+        caller: ``(x', branch')``, (B, H*W, C) each, whose sum is the block's output (see
+        :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
+        x, h = norm_of_sum(self.norm1, x, branch)
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h, size)))
+        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class PatchEmbed(nn.Module):
@@ -360,13 +364,8 @@ class AgentPyramidVisionTransformer(PooledLinearHeadMixin, nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Stage ``i``: (B, C, H, W) map -> (B, h*w, D) tokens and (h, w)."""
         x, size = getattr(self, f"patch_embed{i + 1}")(x)
-        x = getattr(self, f"pos_drop{i + 1}")(x + self._pos_embed(i, size))
-        for blk in getattr(self, f"block{i + 1}"):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, size, use_reentrant=False)
-            else:
-                x = blk(x, size)
-        return x, size
+        x = unless_identity(getattr(self, f"pos_drop{i + 1}"), x + self._pos_embed(i, size))
+        return run_blocks(getattr(self, f"block{i + 1}"), x, size, checkpointing=self.grad_checkpointing), size
 
     @staticmethod
     def _to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

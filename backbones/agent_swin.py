@@ -22,12 +22,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import add_norm, channels_last_intermediates, check_images, init_linears, projection_norm, unless_identity
+from ._layers import (DeferredSumBlock, add_norm, channels_last_intermediates, check_images, init_linears, norm_of_sum,
+                      projection_norm, run_blocks, unless_identity)
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, pooled_agent_attention, window_attention
 from zoo.ops._cache import derived_cache
@@ -158,7 +158,7 @@ def _pad_to_multiple(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else x
 
 
-class AgentSwinBlock(nn.Module):
+class AgentSwinBlock(DeferredSumBlock):
     """Pre-norm Swin block with agent (``'A'``) or window (``'B'``) attention.
 
     Args:
@@ -222,10 +222,12 @@ class AgentSwinBlock(nn.Module):
             x = self.attn(x, self.shift_size)
         return x if x.shape[1:3] == (h, w) else x[:, :h, :w]  # no slicing call where nothing was padded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self._attention(self.norm1(x))))
-        return x + unless_identity(self.drop_path, self.mlp(h))
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + branch`` (on ``x`` when ``branch`` is None), (B, H, W, C): ``(x', branch')``, whose
+        sum is its output (see :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
+        x, h = norm_of_sum(self.norm1, x, branch)
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self._attention(h)))
+        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class PatchMerging(nn.Module):
@@ -294,12 +296,7 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C) through the blocks (not the downsample)."""
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(self.blocks, x, checkpointing=self.grad_checkpointing)
 
 
 def parse_attn_types(attn_type: str, depths: list[int] | tuple[int, ...]) -> list[list[str]]:

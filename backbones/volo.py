@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from zoo import convert, registry
 from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, one_cast_per_forward, outlook_attention, split_qkv
 
-from ._layers import ChannelsLastSequential, add_norm, check_images, init_linears, projection_norm, unless_identity
+from ._layers import (BlockSequence, ChannelsLastSequential, DeferredSumBlock, add_norm, check_images, init_linears,
+                      norm_of_sum, projection_norm, unless_identity)
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -72,7 +73,7 @@ class OutlookAttention(nn.Module):
         return unless_identity(self.proj_drop, self.proj(x))
 
 
-class _PreNormBlock(nn.Module):
+class _PreNormBlock(DeferredSumBlock):
     """Pre-norm residual block: the given attention, then an MLP. Tokens (B, H, W, C).
 
     Keys ``norm1``, ``attn``, ``norm2``, ``mlp`` (the official blocks' names).
@@ -87,10 +88,12 @@ class _PreNormBlock(nn.Module):
         self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(self.norm1(x))))
-        return x + unless_identity(self.drop_path, self.mlp(h))
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + branch`` (on ``x`` when ``branch`` is None), (B, H, W, C): ``(x', branch')``, whose
+        sum is its output (see :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
+        x, h = norm_of_sum(self.norm1, x, branch)
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h)))
+        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class Outlooker(_PreNormBlock):
@@ -349,15 +352,15 @@ class VOLO(nn.Module):
 
     @staticmethod
     def _make_stage(i, layers, embed_dims, num_heads, outlook, mlp_ratio, qkv_bias, qk_scale, attn_drop_rate,
-                    drop_path_rate, norm_layer, out_kernel, out_stride, out_padding) -> nn.Sequential:
+                    drop_path_rate, norm_layer, out_kernel, out_stride, out_padding) -> BlockSequence:
         if outlook:
             # the official code passes no drop_path_rate to the outlooker stage: its blocks never drop
-            return nn.Sequential(*[
+            return BlockSequence(*[
                 Outlooker(embed_dims[i], out_kernel, out_padding, stride=out_stride, num_heads=num_heads[i],
                           mlp_ratio=mlp_ratio, attn_drop=attn_drop_rate, norm_layer=norm_layer, qkv_bias=qkv_bias,
                           qk_scale=qk_scale)
                 for _ in range(layers[i])])
-        return nn.Sequential(*[
+        return BlockSequence(*[
             Transformer(embed_dims[i], num_heads[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                         attn_drop=attn_drop_rate, drop_path=dpr, norm_layer=norm_layer)
             for dpr in _block_drop_rates(layers, i, drop_path_rate)])

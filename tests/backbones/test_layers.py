@@ -1,4 +1,5 @@
-"""Shared backbone layers: the official transformer init, the channels-last stem and the input check."""
+"""Shared backbone layers: the official transformer init, the channels-last stem, the input check and the runner of
+a stage's blocks."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,10 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.backbones._layers import ChannelsLastSequential, check_images, init_linears
+import zoo.backbones._layers as layers
+from zoo.backbones._layers import (BlockSequence, ChannelsLastSequential, DeferredSumBlock, add_norm, check_images,
+                                   init_linears, norm_of_sum, run_blocks)
+from zoo.ops import LayerNorm
 
 
 def test_init_linears_draws_truncated_normal_weights_and_zero_biases():
@@ -58,3 +62,85 @@ def test_every_family_checks_its_input(name):
         model(torch.zeros(3, 224, 224))
     with pytest.raises(ValueError, match="floating-point images"):
         model.forward_intermediates(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+
+
+class _ToyBlock(DeferredSumBlock):
+    """x + f(norm1(x)), then + g(norm2(.)): the pre-norm block the backbones build, with linears for branches."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.f = LayerNorm(dim), nn.Linear(dim, dim)
+        self.norm2, self.g = LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward_deferred(self, x, branch, scale=1.0):
+        x, h = norm_of_sum(self.norm1, x, branch)
+        x, h = add_norm(self.norm2, x, scale * self.f(h))
+        return x, self.g(h)
+
+
+def _toy_stack(depth: int = 3, dim: int = 8) -> BlockSequence:
+    torch.manual_seed(0)
+    return BlockSequence(*[_ToyBlock(dim) for _ in range(depth)])
+
+
+def _by_module_calls(blocks, x, *args):
+    for blk in blocks:
+        x = blk(x, *args)
+    return x
+
+
+def test_run_blocks_leaves_each_sum_to_the_next_norm(monkeypatch):
+    blocks = _toy_stack()
+    x = torch.randn(2, 5, 8)
+    expected = _by_module_calls(blocks, x, 0.5)
+    calls = []
+    monkeypatch.setattr(layers, "add_norm", lambda norm, a, b: calls.append(norm) or add_norm(norm, a, b))
+    torch.testing.assert_close(run_blocks(blocks, x, 0.5), expected, rtol=0, atol=0)
+    # blocks 2 and 3 make their predecessor's last sum with their first norm; block 1's norm1 sees x itself
+    assert calls == [blocks[1].norm1, blocks[2].norm1]
+    torch.testing.assert_close(blocks(x), _by_module_calls(blocks, x), rtol=0, atol=0)
+
+
+def test_run_blocks_calls_hooked_blocks_as_modules():
+    blocks = _toy_stack()
+    x = torch.randn(2, 5, 8)
+    seen = []
+    handle = blocks[1].register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    out = blocks(x)
+    handle.remove()
+    first = blocks[0](x)
+    torch.testing.assert_close(out, _by_module_calls(blocks, x), rtol=0, atol=0)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0], first, rtol=0, atol=0)  # the hook sees whole inputs and outputs
+    torch.testing.assert_close(seen[0][1], blocks[1](first), rtol=0, atol=0)
+    pre = nn.modules.module.register_module_forward_pre_hook(lambda module, args: seen.append(module))
+    try:
+        blocks(x)
+    finally:
+        pre.remove()
+    assert [m for m in seen[1:] if isinstance(m, _ToyBlock)] == list(blocks)  # global hooks see every block
+
+
+def test_run_blocks_with_checkpointing_matches_gradients():
+    blocks = _toy_stack()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    grads = []
+    for checkpointing in (False, True):
+        blocks.zero_grad()
+        out = run_blocks(blocks, x, checkpointing=checkpointing)
+        (out.square().sum()).backward()
+        grads.append((out.detach(), x.grad.clone(), blocks[0].f.weight.grad.clone()))
+        x.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_tiny", "agent_swin_t", "zoo_volo_d1_224"])
+def test_block_hooks_fire_in_deferred_backbones(name):
+    model = zoo.create_model(name, num_classes=0).eval()
+    block = next(m for m in model.modules() if isinstance(m, DeferredSumBlock))
+    seen = []
+    block.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert len(seen) == 1 and seen[0][0] == 1

@@ -88,11 +88,14 @@ def test_registered_exported_and_reference_chosen_on_cpu(randn):
     assert reason is not None and "training" in reason
 
 
-# calls of add_layer_norm in one forward: one a block (its attention branch's sum with the MLP's norm), and in
-# Agent-DeiT, whose blocks pass their last sum on, one more a block after the first (with the next block's first norm)
-FUSED_SUMS = {"agent_deit_tiny": 12 + 11, "agent_swin_t": 2 + 2 + 6 + 2, "agent_pvt_tiny": 2 + 2 + 2 + 2,
-              "agent_cswin_t": 1 + 2 + 21 + 1, "biformer_tiny": 2 + 2 + 8 + 2,
-              "zoo_volo_d1_224": 4 + 14 + 2}  # VOLO-D1: outlookers, transformers, class-attention blocks
+# calls of add_layer_norm in one forward: one a block (its attention branch's sum with the MLP's norm), and where
+# blocks pass their last sum on (all but BiFormer's), one more a block after a stage's first (with the next block's
+# first norm)
+FUSED_SUMS = {"agent_deit_tiny": 12 + 11, "agent_swin_t": (2 + 2 + 6 + 2) + (1 + 1 + 5 + 1),
+              "agent_pvt_tiny": (2 + 2 + 2 + 2) + (1 + 1 + 1 + 1), "agent_cswin_t": (1 + 2 + 21 + 1) + (0 + 1 + 20 + 0),
+              "biformer_tiny": 2 + 2 + 8 + 2,
+              # VOLO-D1: outlookers, transformers (three stages), class-attention blocks
+              "zoo_volo_d1_224": (4 + 14 + 2) + (3 + (3 + 7 + 1))}
 
 
 @pytest.mark.parametrize("name", FUSED_SUMS)
