@@ -104,7 +104,8 @@ class DeferredSumBlock(nn.Module):
 
     def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None, *args: Any
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``(x', branch')``, each ``x``'s shape, whose sum is the block's output on ``x + branch``."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward_deferred")
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -139,7 +140,7 @@ class BlockSequence(nn.Sequential):
     """``nn.Sequential`` of blocks run by :func:`run_blocks` (same keys and outputs as ``nn.Sequential``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's output."""
+        """The last block's output (the blocks keep ``x``'s shape: (B, H, W, C) tokens in VOLO)."""
         return run_blocks(self, x)
 
 
