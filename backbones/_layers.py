@@ -14,7 +14,7 @@ from zoo.ops.mlp import is_identity
 from zoo.ops._conv_layers import RewrittenConv2d
 
 __all__ = ["BlockSequence", "ChannelsLastSequential", "DeferredSumBlock", "add_norm", "check_images", "init_linears",
-           "channels_last_intermediates", "projection_norm", "run_blocks", "unless_identity"]
+           "channels_last_intermediates", "norm_of_sum", "projection_norm", "run_blocks", "unless_identity"]
 
 
 class ChannelsLastSequential(nn.Sequential):
@@ -97,9 +97,9 @@ class DeferredSumBlock(nn.Module):
     launch costs it about what the add's kernel takes).
     """
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        """The block's output, ``x``'s shape."""
-        x, branch = self.forward_deferred(x, None, *args)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The block's output, ``x``'s shape (the arguments after ``x`` are ``forward_deferred``'s)."""
+        x, branch = self.forward_deferred(x, None, *args, **kwargs)
         return x + branch
 
     def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None, *args: Any

@@ -99,6 +99,7 @@ def test_run_blocks_leaves_each_sum_to_the_next_norm(monkeypatch):
     # blocks 2 and 3 make their predecessor's last sum with their first norm; block 1's norm1 sees x itself
     assert calls == [blocks[1].norm1, blocks[2].norm1]
     torch.testing.assert_close(blocks(x), _by_module_calls(blocks, x), rtol=0, atol=0)
+    torch.testing.assert_close(blocks[0](x, scale=0.5), blocks[0](x, 0.5), rtol=0, atol=0)  # the block's own arguments
 
 
 def test_run_blocks_calls_hooked_blocks_as_modules():
