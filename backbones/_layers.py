@@ -90,11 +90,15 @@ def norm_of_sum(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None
 class DeferredSumBlock(nn.Module):
     """A pre-norm residual block whose last residual sum its successor may make (``forward_deferred``).
 
-    Subclasses define ``forward_deferred(x, branch, *args) -> (x', branch')``: the block on ``x + branch`` (on
-    ``x`` where ``branch`` is None), returning the two terms whose sum is its output. :func:`run_blocks` hands each
-    pair to the next block, whose first norm makes the sum with :func:`add_norm`: one kernel in eager inference
-    on CUDA instead of the add's and the norm's (eager inference of these backbones waits for the host, and a
-    launch costs it about what the add's kernel takes).
+    ``forward_deferred(x, branch, *args) -> (x', branch')`` runs the block on ``x + branch`` (on ``x`` where
+    ``branch`` is None) and returns the two terms whose sum is its output. :func:`run_blocks` hands each pair to the
+    next block, whose first norm makes the sum with :func:`add_norm`: one kernel in eager inference on CUDA instead
+    of the add's and the norm's (eager inference of these backbones waits for the host, and a launch costs it about
+    what the add's kernel takes).
+
+    The default is the transformer block ``x + drop_path(attn(norm1(x)))``, then ``+ drop_path(mlp(norm2(.)))``
+    over the submodules ``norm1``, ``norm2``, ``mlp``, ``drop_path`` and :meth:`_attention` (``attn`` called with
+    the arguments after ``x``); blocks of another shape override ``forward_deferred``.
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -102,10 +106,16 @@ class DeferredSumBlock(nn.Module):
         x, branch = self.forward_deferred(x, None, *args, **kwargs)
         return x + branch
 
-    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None, *args: Any
+    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None, *args: Any, **kwargs: Any
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x', branch')``, each ``x``'s shape, whose sum is the block's output on ``x + branch``."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward_deferred")
+        x, h = norm_of_sum(self.norm1, x, branch)
+        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self._attention(h, *args, **kwargs)))
+        return x, unless_identity(self.drop_path, self.mlp(h))
+
+    def _attention(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The attention branch on the normalised input ``h`` (before the drop path)."""
+        return self.attn(h, *args, **kwargs)
 
 
 def _hooked(module: nn.Module) -> bool:

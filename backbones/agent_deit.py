@@ -28,8 +28,7 @@ from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_variants
 
-from ._layers import (DeferredSumBlock, add_norm, check_images, init_linears, norm_of_sum, projection_norm, run_blocks,
-                      unless_identity)
+from ._layers import DeferredSumBlock, check_images, init_linears, projection_norm, run_blocks, unless_identity
 from ._agent_common import (FAMILY, agent_biases, agent_cfg, agent_grid, as_int_list, init_agent_biases,
                             register_official_builder, to_2tuple)
 
@@ -121,15 +120,6 @@ class Block(DeferredSumBlock):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-
-    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None,
-                         grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on ``x + branch`` (on ``x`` when ``branch`` is None) with its last residual sum left to the
-        caller: ``(x', branch')``, (B, 1 + H*W, C) each, whose sum is the block's output (see
-        :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
-        x, h = norm_of_sum(self.norm1, x, branch)
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h, grid)))
-        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 AgentBlock = Block  # the official name of the agent variant

@@ -25,8 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import (DeferredSumBlock, add_norm, check_images, init_linears, norm_of_sum, projection_norm, run_blocks,
-                      unless_identity)
+from ._layers import DeferredSumBlock, check_images, init_linears, projection_norm, run_blocks, unless_identity
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import (Mlp, agent_attention, as_patch_conv, depthwise_conv, downsampled_attention,
                      pooled_agent_attention)
@@ -211,15 +210,6 @@ class AgentPVTBlock(DeferredSumBlock):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-
-    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None,
-                         size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on ``x + branch`` (on ``x`` when ``branch`` is None) with its last residual sum left to the
-        caller: ``(x', branch')``, (B, H*W, C) each, whose sum is the block's output (see
-        :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
-        x, h = norm_of_sum(self.norm1, x, branch)
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h, size)))
-        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class PatchEmbed(nn.Module):

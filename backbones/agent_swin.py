@@ -26,8 +26,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ._layers import (DeferredSumBlock, add_norm, channels_last_intermediates, check_images, init_linears, norm_of_sum,
-                      projection_norm, run_blocks, unless_identity)
+from ._layers import (DeferredSumBlock, channels_last_intermediates, check_images, init_linears, projection_norm,
+                      run_blocks, unless_identity)
 from ._heads import PooledLinearHeadMixin
 from zoo.ops import Mlp, PatchConv2d, pooled_agent_attention, window_attention
 from zoo.ops._cache import derived_cache
@@ -221,13 +221,6 @@ class AgentSwinBlock(DeferredSumBlock):
         else:
             x = self.attn(x, self.shift_size)
         return x if x.shape[1:3] == (h, w) else x[:, :h, :w]  # no slicing call where nothing was padded
-
-    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on ``x + branch`` (on ``x`` when ``branch`` is None), (B, H, W, C): ``(x', branch')``, whose
-        sum is its output (see :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
-        x, h = norm_of_sum(self.norm1, x, branch)
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self._attention(h)))
-        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class PatchMerging(nn.Module):

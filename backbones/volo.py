@@ -33,7 +33,7 @@ from zoo import convert, registry
 from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, one_cast_per_forward, outlook_attention, split_qkv
 
 from ._layers import (BlockSequence, ChannelsLastSequential, DeferredSumBlock, add_norm, check_images, init_linears,
-                      norm_of_sum, projection_norm, unless_identity)
+                      projection_norm, unless_identity)
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "Transformer", "ClassBlock"]
 
@@ -87,13 +87,6 @@ class _PreNormBlock(DeferredSumBlock):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = projection_norm(norm_layer, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-
-    def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on ``x + branch`` (on ``x`` when ``branch`` is None), (B, H, W, C): ``(x', branch')``, whose
-        sum is its output (see :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
-        x, h = norm_of_sum(self.norm1, x, branch)
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.attn(h)))
-        return x, unless_identity(self.drop_path, self.mlp(h))
 
 
 class Outlooker(_PreNormBlock):
