@@ -1,0 +1,118 @@
+"""How many kernels one eager inference forward launches on the fast path, counted on the CPU.
+
+Eager inference of these backbones on a GPU waits for the host, which pays for every launch; the fusions that cut
+launches (the pooled agent launch, residual sums made by the next norm, the agent-bias and weight-cast caches, the
+fused q/kv projection) can regress without any output changing. CI has no GPU, so ``launch_census.py`` runs the CUDA
+path's Python in Triton's CPU interpreter with the Triton backends forced and each launch recorded instead of run,
+and these tests pin what a forward launches: Triton kernels, the ATen ops our Python calls directly, and the casts
+inside linear and conv layers. Thin widths at full depth: the counts follow the depths, not the widths. A change that
+moves a count on purpose updates it here, with the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+# The ops whose Triton backend every forward below takes (on a GPU some take another backend at some sizes, by the
+# speed rules in ops/: Agent-PVT's 3,136- and 784-token stages the separate kernels, wide norms ATen's).
+TRITON_OPS = ("layer_norm", "add_layer_norm", "pooled_agent_attention", "agent_attention", "agent_bias_maps",
+              "depthwise_conv", "window_attention", "outlook_attention", "routing_attention", "downsampled_attention")
+
+THIN = {"agent_deit_tiny": {"embed_dim": 48}, "agent_pvt_tiny": {"embed_dims": [16, 32, 80, 128]},
+        "agent_swin_t": {"embed_dim": 48}, "agent_cswin_t": {"embed_dim": 32},
+        "zoo_volo_d1_224": {"embed_dims": [96, 192, 192, 192]}, "biformer_tiny": {"embed_dims": [32, 64, 128, 256]}}
+
+# Per model: Triton launches by kernel, top-level ATen calls by op, casts inside linear/conv2d calls.
+EXPECTED = {
+    # 12 blocks: norm1 and the norm2 that makes the attention sum (one norm kernel each), the pooled agent launch
+    # (agents, both attentions, the value conv in place); qkv, proj, fc1, fc2 and the head GEMMs; GELU. The class
+    # token's concatenation, the position-embedding add, the last block's deferred sum and the final norm; the patch
+    # embedding. Casts: the image into the patch conv, the final norm's float32 output into the head.
+    "agent_deit_tiny": (
+        {"agent._pooled_forward_kernel": 12, "layer_norm.forward_kernel": 2 * 12},
+        {"linear": 4 * 12 + 1, "gelu": 12, "cat": 1, "add": 2, "layer_norm": 1, "conv2d": 1},
+        2),
+    # depths 2, 2, 2, 2: two norm kernels and one pooled launch a block; per block one GEMM for q and kv together
+    # (the cached fused weights), proj, fc1, fc2, and the head; a patch embedding (conv, ATen norm) and a
+    # position-embedding add a stage, each stage's last deferred sum; the head's mean. Casts: the four stage inputs
+    # into their patch convs, the stage-4 tokens into the head.
+    "agent_pvt_tiny": (
+        {"agent._pooled_forward_kernel": 8, "layer_norm.forward_kernel": 2 * 8},
+        {"linear": 4 * 8 + 1, "gelu": 8, "add": 4 + 4, "layer_norm": 4, "conv2d": 4, "mean": 1},
+        5),
+    # depths 2, 2, 6, 2, the last stage's two blocks window attention, the others agent attention; three patch
+    # mergings (concatenation, norm kernel, reduction GEMM); each stage's last deferred sum; patch embedding conv and
+    # norm, the final norm, the head's mean. Cast: the image into the patch conv.
+    "agent_swin_t": (
+        {"agent._pooled_forward_kernel": 10, "window._forward_items_kernel": 2,
+         "layer_norm.forward_kernel": 2 * 12 + 3},
+        {"linear": 4 * 12 + 3 + 1, "gelu": 12, "cat": 3, "add": 4, "layer_norm": 2, "conv2d": 1, "mean": 1},
+        1),
+    # 4 outlookers (four outlook launches each, one per residue class of pixels; an average pool each), 14
+    # transformer and 2 class-attention blocks (a short-key attention launch each), two norm kernels a block. GEMMs:
+    # outlookers v, attn, proj, fc1, fc2; transformers qkv, proj, fc1, fc2; class attention q, kv, proj, fc1, fc2;
+    # the head and the token head. Adds: the four block sequences' last deferred sums, the class blocks' MLP sums,
+    # the position embedding and the token head's half (with its mul); concatenations: the class token, the class
+    # blocks' outputs; convs: the stem's three (after a channels-last copy of the image, which on a GPU its
+    # space-to-depth conv does without), the patch projection, the downsampling. Casts: the image into the stem, the
+    # final norm's float32 output into both heads.
+    "zoo_volo_d1_224": (
+        {"outlook.forward_kernel": 4 * 4, "short_keys._forward_kernel": 14 + 2,
+         "layer_norm.forward_kernel": 2 * (4 + 14 + 2)},
+        {"linear": 5 * 4 + 4 * 14 + 5 * 2 + 2, "gelu": 4 + 14 + 2, "add": 4 + 2 + 1 + 1, "mul": 1, "avg_pool2d": 4,
+         "cat": 1 + 2, "conv2d": 3 + 1 + 1, "contiguous": 1, "layer_norm": 1},
+        3),
+    # depths 2, 2, 8, 2: a position conv and a LePE conv a block (both with their residual in the kernel), two norm
+    # kernels; routing in three kernels in the first 12 blocks, the last stage's single region short-key attention;
+    # qkv, proj, fc1, fc2 and the head; each block's MLP residual add (its position conv reads the whole sum); the
+    # stem's two convs and GELU after a channels-last copy of the image, three downsampling convs, the head's mean.
+    # Cast: the image into the stem.
+    "biformer_tiny": (
+        {"depthwise_conv.forward_kernel": 2 * 14, "layer_norm.forward_kernel": 2 * 14,
+         "routing._region_sums_kernel": 12, "routing._route_topk_kernel": 12, "routing._forward_kernel": 12,
+         "short_keys._forward_kernel": 2},
+        {"linear": 4 * 14 + 1, "gelu": 14 + 1, "add": 14, "conv2d": 5, "contiguous": 1, "mean": 1},
+        1),
+    # depths 2, 4, 18, 1: the first six blocks one agent branch each (agents pooled by a mean, or where the windows
+    # overlap by a matmul and a division), the third stage two LePE stripe branches a block (window attention,
+    # concatenated), the last stage one global branch; each branch adds its LePE conv outside the kernel
+    # (Agent-CSwin is not among the models whose eager speed was tuned). Two norm kernels a block, each stage's last
+    # deferred sum; qkv, proj, fc1, fc2 and the head; the stem conv, three merging convs, ATen norms after each and
+    # at the end.
+    "agent_cswin_t": (
+        {"agent._forward_kernel": 2 + 4, "window._forward_kernel": 2 * 18 + 1,
+         "depthwise_conv.forward_kernel": 2 + 4 + 2 * 18 + 1, "layer_norm.forward_kernel": 2 * 25},
+        {"linear": 4 * 25 + 1, "gelu": 25, "add": (2 + 4 + 2 * 18 + 1) + 4, "cat": 18, "layer_norm": 1 + 3 + 1,
+         "conv2d": 1 + 3, "mean": 4 + 1, "matmul": 2, "div_": 2},
+        1),
+}
+
+
+@pytest.fixture(scope="module")
+def census() -> dict:
+    """Every model's counts, from one interpreter process."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "ZOO_OPS_BACKEND": ",".join(f"{op}:triton" for op in TRITON_OPS)}
+    specs = [f"{name}={json.dumps(kwargs)}" for name, kwargs in THIN.items()]
+    proc = subprocess.run([sys.executable, str(HERE / "launch_census.py"), *specs], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_eager_inference_forward_launches(census, name):
+    """Triton launches, top-level ATen calls and layer casts of one eager float16-autocast inference forward."""
+    triton, aten, layer_casts = EXPECTED[name]
+    got = census[name]
+    assert got["triton"] == triton, f"{name}: Triton launches {got['triton']}"
+    assert got["aten"] == aten, f"{name}: top-level ATen calls {got['aten']}"
+    assert got["layer_casts"] == layer_casts, f"{name}: casts inside linear/conv2d calls {got['layer_casts']}"
