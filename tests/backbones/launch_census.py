@@ -1,12 +1,11 @@
-"""What one eager inference forward of a zoo model launches on the fast path, counted on the CPU.
+"""What one eager inference forward or training step of a zoo model launches on the fast path, counted on the CPU.
 
 Run as a script in a process started with ``TRITON_INTERPRET=1`` (and ``ZOO_OPS_BACKEND`` naming the Triton
 backends to take): CPU tensors then take the Python of the CUDA path (dispatch, caches, plans, launch arguments),
 while every Triton launch is recorded instead of run. Prints one JSON object: model name -> {"triton": {kernel:
-launches}, "aten": {op: top-level calls}, "layer_casts": the dtype conversions made inside linear and conv2d
-calls (autocast's casts of their inputs, and of their weights where the layers' cached copies are not used)}. Usage::
+launches}, "aten": {op: calls not made inside another ATen op}, "casts": dtype conversions}. Usage::
 
-    launch_census.py NAME=KWARGS_JSON ...
+    launch_census.py {infer,train} NAME=KWARGS_JSON ...
 
 Only the counts mean anything: the stubbed kernels write nothing, so the values flowing on are uninitialized.
 """
@@ -19,12 +18,16 @@ import sys
 
 import torch
 
-# The ATen ops counted where Python calls them directly (not inside another ATen op): on a GPU each is a kernel
-# launch or more, so the host-bound eager forward pays for each (views and allocations are left out).
+# The ATen ops counted where Python or an autograd node calls them directly (not inside another ATen op): on a GPU
+# each is a kernel launch or more, which the host-bound eager step pays for (views, allocations and casts, counted
+# apart, are left out).
 COMPUTE_OPS = frozenset({
     "linear", "addmm", "matmul", "bmm", "mm", "add", "add_", "sub", "mul", "mul_", "div", "div_", "cat", "stack",
     "conv2d", "layer_norm", "gelu", "softmax", "mean", "sum", "avg_pool2d", "adaptive_avg_pool2d", "pad",
-    "constant_pad_nd", "roll", "contiguous", "clone", "copy_", "to", "upsample_bilinear2d", "index", "gather"})
+    "constant_pad_nd", "roll", "contiguous", "clone", "copy_", "upsample_bilinear2d", "index", "gather"})
+
+# The ops under which autocast casts its operands (the float16 list's, as these models call them)
+_AUTOCAST_OPS = frozenset({"aten::linear", "aten::conv2d", "aten::matmul", "aten::bmm", "aten::mm", "aten::addmm"})
 
 
 class _Recorder:
@@ -69,21 +72,27 @@ def _top_level_ops(events) -> collections.Counter:
     return counts
 
 
-def _layer_casts(events) -> int:
-    count = 0
-    for event in events:
-        if event.name != "aten::_to_copy":
-            continue
+def _casts(events) -> int:
+    """The dtype conversions that copy where a GPU makes them too: ``.to(dtype)`` calls, autocast's casts and those
+    of autograd's backward nodes. Not those CPU kernels make inside other ops (CPU arithmetic, concatenation and
+    reductions on float16 convert their operands first; CUDA's kernels convert as they read)."""
+    def caller(event):
         parent = event.cpu_parent
-        while parent is not None and parent.name not in ("aten::linear", "aten::conv2d"):
+        while parent is not None and parent.name in ("aten::to", "aten::_to_copy"):
             parent = parent.cpu_parent
-        count += parent is not None
-    return count
+        return parent
+
+    def on_gpu_too(event) -> bool:
+        above = caller(event)
+        return above is None or not above.name.startswith("aten::") or above.name in _AUTOCAST_OPS
+
+    return sum(event.name == "aten::_to_copy" and on_gpu_too(event) for event in events)
 
 
-def census(name: str, kwargs: dict) -> dict:
-    """The counts of the second of two eager float16-autocast inference forwards (the first fills the caches) of
-    ``zoo.create_model(name, **kwargs)`` on one image of its input size."""
+def census(mode: str, name: str, kwargs: dict) -> dict:
+    """The counts of the second of two eager float16-autocast steps (the first fills the caches) of
+    ``zoo.create_model(name, **kwargs)`` on one image of its input size: an inference forward (``mode`` "infer") or a
+    forward and the backward of its logits' sum (``mode`` "train")."""
     import zoo
     from zoo.ops import triton as zoo_triton
     from torch.profiler import ProfilerActivity, profile
@@ -91,22 +100,29 @@ def census(name: str, kwargs: dict) -> dict:
     launches = collections.Counter()
     zoo_triton._LAUNCHERS = _RecordingLaunchers(launches)
     torch.manual_seed(0)
-    model = zoo.create_model(name, **kwargs).eval()
+    model = zoo.create_model(name, **kwargs).train(mode == "train")
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    # float16: Triton's interpreter mishandles bfloat16 (the GPU runs bf16 through the same Python). One autocast
-    # region a forward, as in a loop of them: autocast's own cache of weight casts lasts one region.
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.float16):
-            model(x)
-        launches.clear()
-        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.autocast("cpu", dtype=torch.float16):
-            model(x)
+
+    def step() -> None:
+        # float16: Triton's interpreter mishandles bfloat16 (the GPU runs bf16 through the same Python). One autocast
+        # region a step, as in a loop of them: autocast's own cache of weight casts lasts one region.
+        with torch.set_grad_enabled(mode == "train"):
+            with torch.autocast("cpu", dtype=torch.float16):
+                y = model(x)
+            if mode == "train":
+                y.float().sum().backward()
+                model.zero_grad(set_to_none=True)
+
+    step()
+    launches.clear()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
     events = prof.events()
     return {"triton": dict(sorted(launches.items())), "aten": dict(sorted(_top_level_ops(events).items())),
-            "layer_casts": _layer_casts(events)}
+            "casts": _casts(events)}
 
 
-def main(specs: list[str]) -> None:
+def main(mode: str, specs: list[str]) -> None:
     import warnings
 
     # a forced backend that cannot serve a call falls back with this warning: the census would count another path
@@ -114,9 +130,9 @@ def main(specs: list[str]) -> None:
     results = {}
     for spec in specs:
         name, _, kwargs = spec.partition("=")
-        results[name] = census(name, json.loads(kwargs or "{}"))
+        results[name] = census(mode, name, json.loads(kwargs or "{}"))
     print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1], sys.argv[2:])

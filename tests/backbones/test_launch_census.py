@@ -1,12 +1,13 @@
-"""How many kernels one eager inference forward launches on the fast path, counted on the CPU.
+"""How many kernels an eager inference forward or training step launches on the fast path, counted on the CPU.
 
-Eager inference of these backbones on a GPU waits for the host, which pays for every launch; the fusions that cut
+Eager steps of these backbones on a GPU wait for the host, which pays for every launch; the fusions that cut
 launches (the pooled agent launch, residual sums made by the next norm, the agent-bias and weight-cast caches, the
-fused q/kv projection) can regress without any output changing. CI has no GPU, so ``launch_census.py`` runs the CUDA
-path's Python in Triton's CPU interpreter with the Triton backends forced and each launch recorded instead of run,
-and these tests pin what a forward launches: Triton kernels, the ATen ops our Python calls directly, and the casts
-inside linear and conv layers. Thin widths at full depth: the counts follow the depths, not the widths. A change that
-moves a count on purpose updates it here, with the reason.
+fused q/kv projection, single-launch backwards) can regress without any output changing. CI has no GPU, so
+``launch_census.py`` runs the CUDA path's Python in Triton's CPU interpreter with the Triton backends forced and each
+launch recorded instead of run, and these tests pin what a step launches: for a forward, Triton kernels, the ATen ops
+our Python calls directly and the dtype casts; for a training step (whose ATen calls are mostly autograd's), the
+Triton kernels. Thin widths at full depth: the counts follow the depths, not the widths. A change that moves a count
+on purpose updates it here, with the reason.
 """
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
-# The ops whose Triton backend every forward below takes (on a GPU some take another backend at some sizes, by the
-# speed rules in ops/: Agent-PVT's 3,136- and 784-token stages the separate kernels, wide norms ATen's).
-TRITON_OPS = ("layer_norm", "add_layer_norm", "pooled_agent_attention", "agent_attention", "agent_bias_maps",
-              "depthwise_conv", "window_attention", "outlook_attention", "routing_attention", "downsampled_attention")
+# The ops whose Triton backend the steps below take (on a GPU some take another backend at some sizes, by the speed
+# rules in ops/: Agent-PVT's 3,136- and 784-token stages the separate kernels, wide norms ATen's; training steps the
+# norms' reference, ATen's, at these models' sizes).
+ATTENTION_OPS = ("pooled_agent_attention", "agent_attention", "agent_bias_maps", "depthwise_conv", "window_attention",
+                 "outlook_attention", "routing_attention", "downsampled_attention")
+TRITON_OPS = {"infer": ("layer_norm", "add_layer_norm", *ATTENTION_OPS), "train": ATTENTION_OPS}
 
 THIN = {"agent_deit_tiny": {"embed_dim": 48}, "agent_pvt_tiny": {"embed_dims": [16, 32, 80, 128]},
         "agent_swin_t": {"embed_dim": 48}, "agent_cswin_t": {"embed_dim": 32},
         "zoo_volo_d1_224": {"embed_dims": [96, 192, 192, 192]}, "biformer_tiny": {"embed_dims": [32, 64, 128, 256]}}
 
-# Per model: Triton launches by kernel, top-level ATen calls by op, casts inside linear/conv2d calls.
+# Per model, an inference forward: Triton launches by kernel, top-level ATen calls by op, dtype casts.
 EXPECTED = {
     # 12 blocks: norm1 and the norm2 that makes the attention sum (one norm kernel each), the pooled agent launch
     # (agents, both attentions, the value conv in place); qkv, proj, fc1, fc2 and the head GEMMs; GELU. The class
@@ -95,24 +98,80 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def census() -> dict:
-    """Every model's counts, from one interpreter process."""
+# Per model, a training step (forward and backward): Triton launches by kernel.
+EXPECTED_TRAINING = {
+    # each agent block: the pooled launch and its one-launch backward (with the value conv's weight-gradient total),
+    # the agent-bias maps and their backward
+    "agent_deit_tiny": {"agent._pooled_forward_kernel": 12, "agent._pooled_backward_kernel": 12,
+                        "depthwise_conv.weight_grad_sum_kernel": 12, "agent_bias.bias_maps_kernel": 12,
+                        "agent_bias.bias_maps_backward_kernel": 12},
+    "agent_pvt_tiny": {"agent._pooled_forward_kernel": 8, "agent._pooled_backward_kernel": 8,
+                       "depthwise_conv.weight_grad_sum_kernel": 8, "agent_bias.bias_maps_kernel": 8,
+                       "agent_bias.bias_maps_backward_kernel": 8},
+    # and the last stage's window attention, forward and backward
+    "agent_swin_t": {"agent._pooled_forward_kernel": 10, "agent._pooled_backward_kernel": 10,
+                     "depthwise_conv.weight_grad_sum_kernel": 10, "agent_bias.bias_maps_kernel": 10,
+                     "agent_bias.bias_maps_backward_kernel": 10, "window._forward_items_kernel": 2,
+                     "window._backward_items_kernel": 2},
+    # agent branches: forward and backward of the agent kernel and the bias maps; every branch's LePE conv: forward,
+    # the 3x3 backward pass and its weight-gradient total; LePE branches: window attention forward and backward
+    "agent_cswin_t": {"agent._forward_kernel": 6, "agent._backward_kernel": 6, "agent_bias.bias_maps_kernel": 6,
+                      "agent_bias.bias_maps_backward_kernel": 6, "depthwise_conv.forward_kernel": 43,
+                      "depthwise_conv.backward3_kernel": 43, "depthwise_conv.weight_grad_sum_kernel": 43,
+                      "window._forward_kernel": 37, "window._backward_kernel": 37},
+    # outlookers: the four residue-class launches forward and for the values' gradient, one for the attention's;
+    # transformer and class-attention blocks: the short-key attention and its fused backward
+    "zoo_volo_d1_224": {"outlook.forward_kernel": 4 * 4, "outlook.grad_v_kernel": 4 * 4,
+                        "outlook.grad_attn_kernel": 4, "short_keys._forward_kernel": 14 + 2,
+                        "short_keys._fused_backward_kernel": 14 + 2},
+    # 3x3 position convs: forward, the backward pass, its weight total; 5x5 LePE: forward, its input gradient by the
+    # forward kernel with the taps reversed, the tiled weight gradient and its total. Routing in the first 12 blocks:
+    # three forward kernels; backward: where 2x2-token regions leave routed tiles idle (the third stage's 8 blocks)
+    # the masked dq and dkv kernels, else (the first two stages' 4 blocks) the inverse routing, dq and dkv kernels;
+    # the last stage's short-key attention and its backward
+    "biformer_tiny": {"depthwise_conv.forward_kernel": 14 + 2 * 14, "depthwise_conv.backward3_kernel": 14,
+                      "depthwise_conv.weight_grad_kernel": 14, "depthwise_conv.weight_grad_sum_kernel": 2 * 14,
+                      "routing._region_sums_kernel": 12, "routing._route_topk_kernel": 12,
+                      "routing._forward_kernel": 12, "routing._masked_dq_kernel": 8, "routing._masked_dkv_kernel": 8,
+                      "routing._inverse_routing_kernel": 4, "routing._dq_kernel": 4, "routing._dkv_kernel": 4,
+                      "short_keys._forward_kernel": 2, "short_keys._fused_backward_kernel": 2},
+}
+
+
+def _census(mode: str) -> dict:
+    """Every model's counts for ``mode`` ("infer" or "train"), from one interpreter process."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "ZOO_OPS_BACKEND": ",".join(f"{op}:triton" for op in TRITON_OPS)}
+           "ZOO_OPS_BACKEND": ",".join(f"{op}:triton" for op in TRITON_OPS[mode])}
     specs = [f"{name}={json.dumps(kwargs)}" for name, kwargs in THIN.items()]
-    proc = subprocess.run([sys.executable, str(HERE / "launch_census.py"), *specs], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(HERE / "launch_census.py"), mode, *specs], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def inference_census() -> dict:
+    return _census("infer")
+
+
+@pytest.fixture(scope="module")
+def training_census() -> dict:
+    return _census("train")
+
+
 @pytest.mark.parametrize("name", EXPECTED)
-def test_eager_inference_forward_launches(census, name):
-    """Triton launches, top-level ATen calls and layer casts of one eager float16-autocast inference forward."""
-    triton, aten, layer_casts = EXPECTED[name]
-    got = census[name]
+def test_eager_inference_forward_launches(inference_census, name):
+    """Triton launches, top-level ATen calls and casts of one eager float16-autocast inference forward."""
+    triton, aten, casts = EXPECTED[name]
+    got = inference_census[name]
     assert got["triton"] == triton, f"{name}: Triton launches {got['triton']}"
     assert got["aten"] == aten, f"{name}: top-level ATen calls {got['aten']}"
-    assert got["layer_casts"] == layer_casts, f"{name}: casts inside linear/conv2d calls {got['layer_casts']}"
+    assert got["casts"] == casts, f"{name}: dtype casts {got['casts']}"
+
+
+@pytest.mark.parametrize("name", EXPECTED_TRAINING)
+def test_eager_training_step_triton_launches(training_census, name):
+    """Triton launches of one eager float16-autocast training step (forward and backward)."""
+    got = training_census[name]["triton"]
+    assert got == EXPECTED_TRAINING[name], f"{name}: Triton launches {got}"
