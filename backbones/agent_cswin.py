@@ -72,18 +72,27 @@ class _Branch(nn.Module):
         self.window_size = _branch_window(idx, tuple(resolution), split_size)  # at the construction size
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def lepe(self, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-        """Depthwise conv of the values inside each window (zero padding at window borders): (B, H, W, C)."""
+    def lepe(self, v: torch.Tensor, window: tuple[int, int], residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise conv of the values inside each window (zero padding at window borders), plus ``residual`` when
+        given (added by the conv's kernel): v, residual (B, H, W, C) -> (B, H, W, C)."""
         h, w = v.shape[1:3]
-        conv = depthwise_conv(window_partition(v, window), *autocast_weights(self.get_v, channels_innermost))
+        windows = None if residual is None else window_partition(residual, window)
+        conv = depthwise_conv(window_partition(v, window), *autocast_weights(self.get_v, channels_innermost),
+                              residual=windows)
         return window_reverse(conv, window, h, w)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, H, W, C) -> (B, H, W, C)."""
+        """q, k, v (B, H, W, C) -> (B, H, W, C): the attention output plus the LePE term."""
         h, w = q.shape[1:3]
         window = _branch_window(self.idx, (h, w), self.split_size)
         (q, (top, left)), (k, _), (v, _) = (_pad_centered(t, window) for t in (q, k, v))
-        out = self.attend(q, k, v, window) + self.lepe(v, window)
+        out = self.attend(q, k, v, window)
+        if window[1] == out.shape[2]:
+            # row stripes or the whole map: the windows are views of the output, so the conv's kernel adds it (one
+            # launch fewer, and no add node in training)
+            out = self.lepe(v, window, residual=out)
+        else:  # column stripes: their windows of the output would be a copy, which costs what the add does
+            out = out + self.lepe(v, window)
         return out[:, top:top + h, left:left + w]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Agent-CSwin: parity with the official implementation, official checkpoints, timm interface, other input sizes."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from backbone_checks import randomize, resize_1d
 from zoo.backbones.agent_cswin import AgentCSWinTransformer
 from zoo.convert import from_official, load_official_state_dict
 
+HERE = Path(__file__).resolve().parent
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity" / "agent_attention"
 CASE = "agent_cswin_tiny_224"
 VARIANT_KEYS = {  # zoo name -> keys.json entry
@@ -239,6 +243,52 @@ def test_stripe_padding_is_symmetric():
 def test_constructor_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AgentCSWinTransformer(**dict(TINY, **kwargs))
+
+
+def check_lepe_term_added_by_the_conv_kernel():
+    """(Run by the test below, in Triton's interpreter with ``depthwise_conv`` on its kernel.) The branches whose
+    windows are views of their attention output (row stripes, whole maps) pass it to the LePE conv's kernel as its
+    residual; outputs and gradients are the bits of the sum made after the conv, in float32 and float16 autocast
+    inference and in float32 training. TINY has agent stripes and global agents, LePE stripes and a global LePE."""
+    import warnings
+
+    from zoo.backbones import agent_cswin
+
+    warnings.filterwarnings("error", message=".*cannot serve this input")  # a fallback would compare the reference
+    real_lepe = agent_cswin._Branch.lepe
+
+    def lepe_then_add(self, v, window, residual=None):
+        out = real_lepe(self, v, window)
+        return out if residual is None else residual + out
+
+    model = randomize(AgentCSWinTransformer(**TINY))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(lepe, grad: bool, amp: bool):
+        agent_cswin._Branch.lepe = lepe
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            y = model(x)
+        if not grad:
+            return [y]
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad for p in model.parameters()]
+
+    try:
+        for grad, amp in ((False, False), (False, True), (True, False)):
+            fused, separate = run(real_lepe, grad, amp), run(lepe_then_add, grad, amp)
+            assert all(torch.equal(a, b) for a, b in zip(fused, separate)), (grad, amp)
+    finally:
+        agent_cswin._Branch.lepe = real_lepe
+
+
+def test_lepe_term_added_by_the_conv_kernel_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ZOO_OPS_BACKEND": "depthwise_conv:triton",
+           "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    code = "import test_agent_cswin as t\nt.check_lepe_term_added_by_the_conv_kernel()\nprint('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-6000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -85,14 +85,14 @@ EXPECTED = {
         1),
     # depths 2, 4, 18, 1: the first six blocks one agent branch each (agents pooled by a mean, or where the windows
     # overlap by a matmul and a division), the third stage two LePE stripe branches a block (window attention,
-    # concatenated), the last stage one global branch; each branch adds its LePE conv outside the kernel
-    # (Agent-CSwin is not among the models whose eager speed was tuned). Two norm kernels a block, each stage's last
-    # deferred sum; qkv, proj, fc1, fc2 and the head; the stem conv, three merging convs, ATen norms after each and
-    # at the end.
+    # concatenated), the last stage one global branch. The LePE conv's kernel adds each branch's attention output,
+    # but the column stripes' (whose windows of the output would be a copy): they add it after (Agent-CSwin is not
+    # among the models whose eager speed was tuned). Two norm kernels a block, each stage's last deferred sum; qkv,
+    # proj, fc1, fc2 and the head; the stem conv, three merging convs, ATen norms after each and at the end.
     "agent_cswin_t": (
         {"agent._forward_kernel": 2 + 4, "window._forward_kernel": 2 * 18 + 1,
          "depthwise_conv.forward_kernel": 2 + 4 + 2 * 18 + 1, "layer_norm.forward_kernel": 2 * 25},
-        {"linear": 4 * 25 + 1, "gelu": 25, "add": (2 + 4 + 2 * 18 + 1) + 4, "cat": 18, "layer_norm": 1 + 3 + 1,
+        {"linear": 4 * 25 + 1, "gelu": 25, "add": 18 + 4, "cat": 18, "layer_norm": 1 + 3 + 1,
          "conv2d": 1 + 3, "mean": 4 + 1, "matmul": 2, "div_": 2},
         1),
 }
