@@ -266,10 +266,11 @@ def sam_masks_from_prompts(sam: nn.Module, image_embeddings: torch.Tensor, point
                                        input_boxes=None, input_masks=None)  # (1, S, K+1, C): the pad point added
     if seg_embeddings is not None:
         sparse = torch.cat([sparse, seg_embeddings.to(sparse.dtype)[None, :, None, :]], dim=2)
-    low_res, _ = sam.mask_decoder(image_embeddings=image_embeddings,
-                                  image_positional_embeddings=sam.get_image_wide_positional_embeddings(),
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)
+    # (older transformers, 4.46 among them, return a third item: the attentions or None)
+    low_res = sam.mask_decoder(image_embeddings=image_embeddings,
+                               image_positional_embeddings=sam.get_image_wide_positional_embeddings(),
+                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                               multimask_output=False)[0]
     return postprocess_sam_masks(low_res[0, :, 0], original_size, long_side)
 
 

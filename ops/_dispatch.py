@@ -88,7 +88,15 @@ _MEMO_LIMIT = 512
 
 
 def _highest_first(backends: Iterable[Backend]) -> list[Backend]:
-    return sorted(backends, key=lambda b: -b.priority)
+    """The backends by priority, highest first, equal ones in registration order. An insertion sort: torch 2.5's
+    dynamo cannot trace ``sorted`` with a key (traced calls order the registry on every trace)."""
+    ordered: list[Backend] = []
+    for backend in backends:
+        at = 0
+        while at < len(ordered) and ordered[at].priority >= backend.priority:
+            at += 1
+        ordered.insert(at, backend)
+    return ordered
 
 
 def _by_priority(op: str) -> list[Backend]:
@@ -140,7 +148,8 @@ def _env_choices(spec: str) -> dict[str, str]:
     """``ZOO_OPS_BACKEND``'s ``op:backend`` items as a dict; a malformed item or an unknown op is an error (a typo
     silently ignored would leave the user measuring the backend they meant to replace)."""
     choices = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    # (a list, not filter(None, ...): torch 2.5's dynamo cannot trace that)
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, sep, backend = (part.strip() for part in item.partition(":"))
         if not sep or not name or not backend:
             raise ValueError(f"ZOO_OPS_BACKEND={spec!r}: item {item!r} is not 'op:backend' "

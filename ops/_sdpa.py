@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -13,6 +14,10 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 _ALL_BUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# Whether dynamo traces ``sdpa_kernel``: torch 2.5's breaks the graph there, so its compiled training code keeps
+# PyTorch's own choice of backend (cuDNN included)
+_SDPA_KERNEL_TRACED = hasattr(getattr(torch._dynamo, "variables", None), "SDPAKernelVariable")
 
 
 def _backends_without_cudnn() -> list[SDPBackend]:
@@ -74,7 +79,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     bf16 train step with torch 2.11), while flash, memory-efficient and math are clean on the same inputs.
     The failure needs rows whose logsumexp is below -88.7 and a key count on cuDNN's padded-tile pattern, with or
     without a mask (H200, cuDNN 9.19: 64 queries fail at keys % 128 == 64, 1 query at keys % 64 == 0; LookupViT's
-    49 queries over 576 keys fail unmasked), so no shape rule is safe and training never uses cuDNN. Inference
+    49 queries over 576 keys fail unmasked), so no shape rule is safe and training never uses cuDNN (compiled
+    training too, where dynamo traces the switch: not with torch 2.5). Inference
     keeps cuDNN's fast forward. The cost: cuDNN's backward is the fastest at some shapes (H200 bf16, batch 128,
     49 -> 576 + 576 -> 49 tokens, 12 heads x 64: 1.08 ms of kernels forward and backward for both SDPA calls with
     cuDNN, 1.91 without).
@@ -82,7 +88,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     training = _needs_grad(q, k, v, attn_mask)
     operand = _rows_aligned if q.is_cuda and not training else _dense
     q, k, v, attn_mask = operand(q), operand(k), operand(v), _dense(attn_mask)
-    if q.is_cuda and training:
+    if q.is_cuda and training and (_SDPA_KERNEL_TRACED or not torch.compiler.is_compiling()):
         with sdpa_kernel(_backends_without_cudnn()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, Optional, Sequence  # custom_op schemas: Optional is read by every torch >= 2.5
+from typing import Any, List, Optional, Sequence  # custom_op schemas: torch 2.5 reads only typing's List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -348,7 +348,7 @@ def _maps_backward_fake(dkey, dquery, source, key_size, query_size, cls):
 
 @kernel_op("zoo::agent_bias_maps_bwd", fake=_maps_backward_fake)
 def _maps_backward_op(dkey: torch.Tensor, dquery: torch.Tensor, source: Sequence[int], key_size: Sequence[int],
-                      query_size: Sequence[int], cls: bool) -> list[torch.Tensor]:
+                      query_size: Sequence[int], cls: bool) -> List[torch.Tensor]:  # noqa: UP006
     """The eight parameters' float32 gradients (:func:`_maps_backward`; ac's and ca's empty without a class token)
     in one launch, for torch.compile."""
     grads = _maps_backward(dkey, dquery, source, tuple(key_size), tuple(query_size), cls, traced)

@@ -51,6 +51,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from ._amp import autocast_dtype
@@ -145,12 +146,14 @@ class _CastTogether(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         out: list[torch.Tensor | None] = [None] * len(grads)
-        together: list[int] = []  # the multi-tensor kernel takes equal layouts only
+        together: list[int] = []
         for i, (grad, (shape, stride, dtype)) in enumerate(zip(grads, ctx.like)):
             if grad is None:
                 continue
             out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
-            if grad.stride() == stride:
+            # eager: the multi-tensor kernel takes equal layouts only; traced: the functional op takes any (and
+            # torch 2.5's dynamo refuses to read a stride in a backward)
+            if torch.compiler.is_compiling() or grad.stride() == stride:
                 together.append(i)
             else:
                 out[i] = out[i].copy_(grad)
@@ -277,7 +280,8 @@ def _traced_casts(root: nn.Module, args: tuple) -> dict[int, tuple] | None:
     bias on the input's device cast in one multi-tensor copy (:func:`_cast_layers`). Inductor lowers the copy to one
     foreach kernel and its backward's to one more, where each layer's own casts are two kernels forward and two
     backward (Agent-PVT-T's compiled training step: 146 cast kernels, 0.21 ms on an H200)."""
-    x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]  # (torch 2.5's dynamo cannot trace next's default)
+    x = tensors[0] if tensors else None
     if x is None or _distributed():
         return None
     dtype = autocast_dtype(x.device.type)
@@ -414,8 +418,7 @@ def cache_autocast_casts(model: nn.Module) -> nn.Module:
         if cached is not None:
             module.__class__ = cached
     _STRUCTURE[0] += 1  # (no registration hook sees a class swap: the cached layer lists are walked again)
-    in_scope = getattr(type(model).forward, _IN_SCOPE, False)
-    if not in_scope and not model.__dict__.get(_HOOKED, False):
+    if not _scoped(model) and not model.__dict__.get(_HOOKED, False):
         model.register_forward_pre_hook(_open_forward)
         model.register_forward_hook(_close_forward, always_call=True)
         model.__dict__[_HOOKED] = True
@@ -423,4 +426,16 @@ def cache_autocast_casts(model: nn.Module) -> nn.Module:
 
 
 _HOOKED = "_zoo_forward_casts"
+
+
+def _scoped(model: nn.Module) -> bool:
+    """Whether every forward of ``model`` runs in a method wrapped by :func:`one_cast_per_forward`: its class's
+    ``forward``, or for timm's ``FeatureGetterNet`` (``features_only=True``) the wrapped model's
+    ``forward_intermediates``, which its forward calls once (hooks there would be a scope around a scope, and
+    torch 2.5's ``torch.export`` traces a hook as a frame of its own, which whole-graph export refuses)."""
+    if getattr(type(model).forward, _IN_SCOPE, False):
+        return True
+    inner = getattr(model, "model", None)
+    return (isinstance(model, FeatureGetterNet) and isinstance(inner, nn.Module)
+            and getattr(getattr(type(inner), "forward_intermediates", None), _IN_SCOPE, False))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import math
 from typing import Callable, Sequence
 
@@ -178,16 +179,23 @@ def _reference(q, k, v, *, kernel_size, dilation, is_causal, scale):
 
 
 def _flex_module():
+    """``torch.nn.attention.flex_attention`` where it is as these backends use it (torch >= 2.6), else None."""
     try:
         from torch.nn.attention import flex_attention as flex
-    except ImportError:  # torch < 2.5
+    except ImportError:
+        return None
+    # torch 2.5's FlexAttention has no sequence lengths (they had to be multiples of the block) and fails on the
+    # masks' captured tensors ("Other buffers must be tensors")
+    if "seq_lengths" not in inspect.signature(flex.BlockMask.from_kv_blocks).parameters:
         return None
     return flex
 
 
 @functools.lru_cache(maxsize=None)
 def _flex_available() -> str | None:
-    return None if _flex_module() is not None else "torch.nn.attention.flex_attention is not available"
+    if _flex_module() is None:
+        return f"FlexAttention as the flex backends use it needs torch >= 2.6 (this is {torch.__version__})"
+    return None
 
 
 _FLEX_RECOMPILE_LIMIT = 64

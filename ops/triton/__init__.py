@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -28,13 +29,45 @@ INT32_MAX = 2**31 - 1
 _TRUE = ("1", "true", "yes", "on")
 
 
+# The oldest triton that builds every kernel here, compiled for sm_90 on the CPU (tests/ops/test_kernels_compile.py's
+# 35 cases, each version in turn): 3.3.1 builds all of them, as 3.6 and 3.8 do; 3.2.0 (torch 2.6) crashes the
+# process on the routing and pooled agent kernels and fails on the key-blocked short-key ones; 3.1.0 (torch 2.5)
+# crashes on the routing and split agent backward kernels and fails on the pooled agent and key-blocked short-key
+# ones, and its interpreter cannot run several. Below it every op runs its other backends.
+_MIN_TRITON = (3, 3)
+
+
+def _installed_version(distributions: Sequence[str]) -> tuple[int, ...] | None:
+    """The (major, minor) of the first installed distribution of these names, or None (read from its metadata, which
+    does not import it)."""
+    for name in distributions:
+        try:
+            text = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        parts = text.split(".")[:2]
+        return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+    return None
+
+
+def _triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    version = _installed_version(("triton", "pytorch-triton"))
+    if version is not None and version < _MIN_TRITON:
+        return (f"triton {'.'.join(map(str, version))} is older than {'.'.join(map(str, _MIN_TRITON))}, the oldest "
+                "that builds these kernels (torch >= 2.7 comes with it)")
+    return None
+
+
 # Looked up once: dispatch asks at every call, also inside torch.compile regions, and dynamo refuses to trace
 # importlib's find_spec (a graph break, or an error under fullgraph=True; seen on the H200 with torch 2.11).
-_TRITON_MISSING = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+_TRITON_MISSING = _triton_missing()
 
 
 def triton_missing_reason() -> str | None:
-    """Why triton cannot be used here (not installed), or None. Does not import triton."""
+    """Why triton cannot be used here (not installed, or older than these kernels need), or None. Does not import
+    triton."""
     return _TRITON_MISSING
 
 
@@ -43,7 +76,6 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
-@torch.compiler.assume_constant_result
 def kernels_interpreted(module: str) -> bool:
     """Whether the kernel module ``module`` (full name) was imported for Triton's CPU interpreter or, not imported
     yet, will be (``TRITON_INTERPRET`` is read at its import).
@@ -51,6 +83,13 @@ def kernels_interpreted(module: str) -> bool:
     A constant to ``torch.compile``: the first trace may import the module midway (running a ``triton_op`` body on
     fake tensors), and a guard on its presence would then fail on the frame that made it.
     """
+    return _zoo_kernels_interpreted_constant(module)
+
+
+# torch 2.5's dynamo stores a constant result as a global of the traced frame's module named after the function:
+# under the public name it would replace ``kernels_interpreted`` itself, in the modules that import it, by a bool
+@torch.compiler.assume_constant_result
+def _zoo_kernels_interpreted_constant(module: str) -> bool:
     loaded = sys.modules.get(module)
     return loaded.INTERPRETED if loaded is not None else interpreter_requested()
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence  # custom_op schemas: torch 2.5 reads typing's Sequence, not list[int]
 
 import torch
 
@@ -149,8 +150,8 @@ def _forward_fake(q, k, v, kernel_size, dilation, is_causal, scale, stats):
 
 
 @kernel_op("zoo::neighborhood_attention_fwd", fake=_forward_fake)
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: list[int], dilation: list[int],
-                is_causal: list[bool], scale: float, stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int],
+                is_causal: Sequence[bool], scale: float, stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled neighbourhood attention forward: (B, heads, *spatial, d_v) in q's dtype, and the float32 log-sum-exps
     (B, heads, H, W) when ``stats`` (for the backward; else empty)."""
     with on_device(q):
@@ -163,7 +164,7 @@ def _backward_fake(grad_out, q, k, v, out, lse, kernel_size, dilation, is_causal
 
 @kernel_op("zoo::neighborhood_attention_bwd", fake=_backward_fake)
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, kernel_size: list[int], dilation: list[int], is_causal: list[bool],
+                 lse: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic backward (no atomics): dq, dk, dv, contiguous."""
     with on_device(q):

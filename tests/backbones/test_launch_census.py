@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from zoo.ops.triton import triton_missing_reason
+
 HERE = Path(__file__).resolve().parent
 
 # The ops whose Triton backend the steps below take (on a GPU some take another backend at some sizes, by the speed
@@ -140,7 +142,8 @@ EXPECTED_TRAINING = {
 
 def _census(mode: str) -> dict:
     """Every model's counts for ``mode`` ("infer" or "train"), from one interpreter process."""
-    pytest.importorskip("triton")
+    if triton_missing_reason() is not None:
+        pytest.skip(triton_missing_reason())
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "ZOO_OPS_BACKEND": ",".join(f"{op}:triton" for op in TRITON_OPS[mode])}
     specs = [f"{name}={json.dumps(kwargs)}" for name, kwargs in THIN.items()]

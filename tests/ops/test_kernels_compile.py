@@ -405,6 +405,8 @@ def _holds(condition: str | tuple[str, ...], bound: dict) -> bool:
     return all(not bound[t[1:]] if t.startswith("!") else bound[t] for t in terms)
 
 
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"),
+                    reason="torch < 2.6: the kernels stay inside opaque custom ops, whose writes inductor never reads")
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_compile_sees_only_the_outputs_written(case, monkeypatch):
     build, kwargs = CASES[case]

@@ -11,6 +11,10 @@ import torch
 from zoo.ops import available_backends, masked_attention, structured_mask
 from zoo.ops import masked as masked_mod
 
+# FlexAttention as the flex backends use it (torch >= 2.6)
+NEEDS_FLEX = pytest.mark.skipif(
+    "flex" not in available_backends("neighborhood_attention"), reason="FlexAttention needs torch >= 2.6")
+
 CROC_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "croc" / "mask_and_replace.safetensors"
 
 
@@ -127,6 +131,7 @@ def test_flex_block_lists_cover_exactly(causal, prefix, valid):
             assert partial == set(torch.nonzero(any_b[s, r] & ~all_b[s, r]).flatten().tolist())
 
 
+@NEEDS_FLEX
 def test_flex_eager_forward_matches_reference_on_cpu(randn, assert_close):
     q, k, v = _qkv(randn, lq=40, lk=40, d=16, dv=16)
     prefix, valid = torch.tensor([10, 0, 25]), torch.tensor([40, 33, 30])
@@ -139,6 +144,7 @@ def test_flex_eager_forward_matches_reference_on_cpu(randn, assert_close):
     assert_close(out, expected, atol=2e-6, rtol=1e-6)
 
 
+@NEEDS_FLEX
 @pytest.mark.slow
 def test_flex_compiled_forward_on_cpu_uses_the_block_lists(randn, assert_close):
     """Compiled flex trusts the block lists (eager ignores them); new span values must not need a recompile."""

@@ -12,6 +12,10 @@ import torch
 from zoo.ops import available_backends, neighborhood_attention, neighborhood_mask
 from zoo.ops import neighborhood as na_mod
 
+# FlexAttention as the flex backends use it (torch >= 2.6)
+NEEDS_FLEX = pytest.mark.skipif(
+    "flex" not in available_backends("neighborhood_attention"), reason="FlexAttention needs torch >= 2.6")
+
 # (spatial, kernel, dilation, causal)
 CASES = [
     ((11,), (3,), (1,), (False,)),
@@ -101,6 +105,7 @@ def test_reference_gradcheck_float64(randn):
     assert torch.autograd.gradcheck(fn1, (q1, k1, v1))
 
 
+@NEEDS_FLEX
 @pytest.mark.parametrize("spatial,kernel,dilation,causal", [CASES[1], CASES[3], CASES[6], CASES[7]])
 def test_flex_eager_forward_matches_reference_on_cpu(randn, assert_close, spatial, kernel, dilation, causal):
     q, k, v = _inputs(randn, spatial, d=16, dv=16)
@@ -114,6 +119,7 @@ def test_flex_eager_forward_matches_reference_on_cpu(randn, assert_close, spatia
     assert_close(out, expected, atol=2e-6, rtol=1e-6, what="flex eager")
 
 
+@NEEDS_FLEX
 @pytest.mark.slow
 def test_flex_compiled_forward_on_cpu(randn, assert_close):
     """The compiled kernel follows the block lists, unlike eager: check it once (cold compile ~15 s on 2 cores)."""
@@ -126,6 +132,7 @@ def test_flex_compiled_forward_on_cpu(randn, assert_close):
     assert_close(out, expected, atol=2e-6, rtol=1e-6)
 
 
+@NEEDS_FLEX
 def test_flex_block_mask_agrees_with_dense_mask():
     # the compiled kernel trusts the block lists (eager ignores them): every allowed pair must lie in a listed block
     spatial, kernel, dilation, causal = (20, 13), (5, 3), (2, 3), (False, True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.ops._sdpa import _backends_without_cudnn, _rows_aligned, sdpa
+from zoo.ops._sdpa import _SDPA_KERNEL_TRACED, _backends_without_cudnn, _rows_aligned, sdpa
 
 
 def test_strided_operands_match_dense_attention(randn, assert_close):
@@ -60,6 +60,7 @@ def test_backends_without_cudnn_follow_the_user_switches():
         torch.backends.cuda.enable_flash_sdp(True)
 
 
+@pytest.mark.skipif(not _SDPA_KERNEL_TRACED, reason="torch 2.5's dynamo cannot trace sdpa_kernel")
 def test_backend_choice_traces_under_compile():
     """dynamo cannot read the SDPA switches; the compiled path must still trace without a graph break."""
     def attend(q):

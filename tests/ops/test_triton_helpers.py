@@ -51,3 +51,32 @@ def test_kernels_name_only_globals_that_inductor_copies_with_them(name):
                 continue
             copied = isinstance(value, (JITFunction, int, str, bool, tl.constexpr)) or value is tl or value is triton
             assert copied or hasattr(value, "fn"), f"{name}.{kernel_name} names global {symbol}={value!r}"
+
+
+@pytest.mark.parametrize("installed, expected", [
+    ({"triton": "3.1.0"}, "triton 3.1 is older than 3.3"),  # torch 2.5's: its compiler crashes on the kernels
+    ({"triton": "3.2.0"}, "triton 3.2 is older than 3.3"),
+    ({"triton": "3.3.1"}, None),
+    ({"triton": "3.10.0"}, None),  # numbers, not strings: 3.10 is newer than 3.3
+    ({"pytorch-triton": "3.2.0+git1234"}, "triton 3.2 is older"),  # nightly torch's distribution name
+    ({"triton": "custom"}, None),  # an unreadable version is not refused
+])
+def test_triton_older_than_the_kernels_need_is_refused(monkeypatch, installed, expected):
+    import importlib.metadata
+
+    from zoo.ops import triton as zt
+
+    if zt.importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    reason = zt._triton_missing()
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason

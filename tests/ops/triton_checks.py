@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.ops.triton import interpreter_requested
+from zoo.ops.triton import interpreter_requested, triton_missing_reason
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,11 +26,18 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, max_abs: float
     assert err <= max_abs * scale and rel <= rel_norm, f"{what}: max|err|={err:.3g} (scale {scale:.3g}), rel={rel:.3g}"
 
 
+def require_triton() -> None:
+    """Skip the calling test where the Triton backends are unavailable (triton missing or too old)."""
+    reason = triton_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def run_in_interpreter(module: str, *checks: str) -> None:
     """Run ``module.check()`` for each named check (functions of a test file of this folder), in order, in one fresh
     interpreter with ``TRITON_INTERPRET=1``: one process start (importing torch, triton and zoo takes several seconds
     on the CI machine) for a file's checks. The message of a failure holds the failing check's traceback."""
-    pytest.importorskip("triton")
+    require_triton()
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     code = f"import {module} as t\nfor name in {checks!r}:\n    getattr(t, name)()\n    print('ok', name)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -56,7 +63,7 @@ def run_pytest_in_interpreter(test_file: str, keyword: str, passed: int) -> None
     """Run the tests of ``test_file`` selected by ``-k keyword`` in a fresh pytest process with
     ``TRITON_INTERPRET=1`` (triton's own ``tl.sum`` & co. are built in interpreted form only when triton is imported
     with it set); all must pass and exactly ``passed`` of them run, none skipped."""
-    pytest.importorskip("triton")
+    require_triton()
     env = dict(os.environ, TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", keyword]
     proc = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600,
