@@ -10,6 +10,7 @@ import torch
 import zoo.ops
 
 from zoo.ops import bench
+from zoo.ops.triton import triton_missing_reason
 
 MY_OPS = "downsampled_attention,cross_attention,masked_attention,neighborhood_attention"
 SDPA_TARGET_OPS = "agent_attention,window_attention,downsampled_attention,cross_attention"
@@ -52,9 +53,14 @@ def test_cli_quick_cpu_writes_table_csv_and_json(tmp_path, capsys):
     # dense baselines ride along with their case and compare against its reference
     dense = by_key[("nat_t.s0.dense", "sdpa", "fwd")]
     assert dense["status"] == "ok" and dense["vs_reference"] > 0
-    # flex cannot run on CPU: reported as skipped with the backend's reason, never timed as a fallback
-    flex = by_key[("nat_t.s0", "flex", "fwd+bwd")]
-    assert flex["status"].startswith("skipped:") and "no backward on CPU" in flex["status"] and "time_ms" not in flex
+    # flex cannot run on CPU: reported as skipped with the backend's reason, never timed as a fallback (where this
+    # torch has it: an unavailable backend gets no row)
+    if "flex" in zoo.ops.available_backends("neighborhood_attention"):
+        flex = by_key[("nat_t.s0", "flex", "fwd+bwd")]
+        assert (flex["status"].startswith("skipped:") and "no backward on CPU" in flex["status"]
+                and "time_ms" not in flex)
+    else:
+        assert ("nat_t.s0", "flex", "fwd+bwd") not in by_key
     assert by_key[("pvt_s.s0", "sdpa", "fwd")]["status"] == "ok"
 
 
@@ -94,6 +100,8 @@ def test_inference_only_ops_time_the_reference_and_skip_the_kernel_for_training(
     training row is skipped with that reason, never timed as a fallback."""
     import importlib
 
+    if triton_missing_reason() is not None:
+        pytest.skip(triton_missing_reason())
     # let the triton rows reach the dispatch check
     monkeypatch.setattr(importlib.import_module("zoo.ops.mlp"), "_kernels_interpreted", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -268,7 +276,8 @@ def test_compiled_rows_time_the_traced_call_and_skip_fallbacks_and_graph_breaks(
     monkeypatch.setattr(bench, "_backends", lambda op: ["triton"])  # no CUDA, no interpreter: it falls back
     (row,) = bench.run(["agent_pvt_t.s0.dwconv"], device="cpu", quick=True, warmup=0, iters=1, modes=("fwd+bwd",),
                        compiled=True)
-    assert row["status"].startswith("skipped:") and "no CUDA device" in row["status"] and "time_ms" not in row
+    why = triton_missing_reason() or "no CUDA device"
+    assert row["status"].startswith("skipped:") and why in row["status"] and "time_ms" not in row
 
     real = bench._op_function
 

@@ -1,6 +1,7 @@
 """Backend dispatch: discovery, the ZOO_OPS_BACKEND override, fallback with a warning, errors, compile, autocast."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -100,7 +101,8 @@ def test_fallback_on_a_real_op_gives_reference_numbers(randn, assert_close):
     # flex has no CPU backward: asking for it while training must still give the reference's values and gradients
     q, k, v = (randn(1, 2, 6, 6, 16, seed=s, requires_grad=True) for s in (1, 2, 3))
     _dispatch._WARNED.clear()
-    with pytest.warns(UserWarning, match="no backward on CPU"):
+    why = "no backward on CPU" if "flex" in ops.available_backends("neighborhood_attention") else "torch >= 2.6"
+    with pytest.warns(UserWarning, match=re.escape(why)):
         out = ops.neighborhood_attention(q, k, v, 3, backend="flex")
     ref = ops.neighborhood_attention(q, k, v, 3, backend="reference")
     assert_close(out, ref, atol=0.0)
