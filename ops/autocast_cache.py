@@ -438,4 +438,3 @@ def _scoped(model: nn.Module) -> bool:
     inner = getattr(model, "model", None)
     return (isinstance(model, FeatureGetterNet) and isinstance(inner, nn.Module)
             and getattr(getattr(type(inner), "forward_intermediates", None), _IN_SCOPE, False))
-
