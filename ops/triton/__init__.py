@@ -30,7 +30,7 @@ _TRUE = ("1", "true", "yes", "on")
 
 
 # The oldest triton that builds every kernel here, compiled for sm_90 on the CPU (tests/ops/test_kernels_compile.py's
-# 35 cases, each version in turn): 3.3.1 builds all of them, as 3.6 and 3.8 do; 3.2.0 (torch 2.6) crashes the
+# 35 cases, each version in turn): 3.3.1 and 3.5.1 build all of them, as 3.6 and 3.8 do; 3.2.0 (torch 2.6) crashes the
 # process on the routing and pooled agent kernels and fails on the key-blocked short-key ones; 3.1.0 (torch 2.5)
 # crashes on the routing and split agent backward kernels and fails on the pooled agent and key-blocked short-key
 # ones, and its interpreter cannot run several. Below it every op runs its other backends.
