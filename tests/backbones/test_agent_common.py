@@ -149,8 +149,8 @@ def test_biases_stay_float32_under_autocast():
     assert key.shape == (1, 2, 9, 1 + 24) and query.shape == (1, 2, 1 + 27, 9)
 
 
-@pytest.mark.skipif(torch.__version__ < "2.6", reason="torch 2.5's dynamo reuses a graph compiled outside CPU "
-                    "autocast inside it (no recompile for the autocast state these biases read)")
+@pytest.mark.skipif(torch.__version__ < "2.7", reason="torch 2.5 and 2.6's dynamo reuse a graph compiled outside "
+                    "CPU autocast inside it (no recompile for the autocast state these biases read)")
 def test_compiled_inference_casts_the_biases_as_the_eager_cache_does():
     """Compiled without autograd under autocast, the biases come out in the compute dtype (the eager inference cache's
     values); with autograd on they stay float32, as in eager training."""
