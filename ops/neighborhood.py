@@ -178,7 +178,7 @@ def _reference(q, k, v, *, kernel_size, dilation, is_causal, scale):
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
-def _flex_module():
+def _load_flex():
     """``torch.nn.attention.flex_attention`` where it is as these backends use it (torch >= 2.6), else None."""
     try:
         from torch.nn.attention import flex_attention as flex
@@ -189,6 +189,15 @@ def _flex_module():
     if "seq_lengths" not in inspect.signature(flex.BlockMask.from_kv_blocks).parameters:
         return None
     return flex
+
+
+# Read once at import (3 ms): every flex call and dispatch's availability check ask, also in traced code
+_FLEX = _load_flex()
+
+
+def _flex_module():
+    """The FlexAttention module the flex backends use, or None where this torch's does not serve them."""
+    return _FLEX
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ import zoo.ops
 
 from zoo.ops import bench
 from zoo.ops.triton import triton_missing_reason
+from triton_checks import require_triton
 
 MY_OPS = "downsampled_attention,cross_attention,masked_attention,neighborhood_attention"
 SDPA_TARGET_OPS = "agent_attention,window_attention,downsampled_attention,cross_attention"
@@ -100,8 +101,7 @@ def test_inference_only_ops_time_the_reference_and_skip_the_kernel_for_training(
     training row is skipped with that reason, never timed as a fallback."""
     import importlib
 
-    if triton_missing_reason() is not None:
-        pytest.skip(triton_missing_reason())
+    require_triton()
     # let the triton rows reach the dispatch check
     monkeypatch.setattr(importlib.import_module("zoo.ops.mlp"), "_kernels_interpreted", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

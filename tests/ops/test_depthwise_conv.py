@@ -17,7 +17,7 @@ from zoo import ops
 from zoo.ops import depthwise_conv, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.triton import interpreter_requested, triton_missing_reason
-from triton_checks import interpreter_fixture, run_pytest_in_interpreter
+from triton_checks import interpreter_fixture, require_triton, run_pytest_in_interpreter
 
 DW = importlib.import_module("zoo.ops.depthwise_conv")  # the module (``zoo.ops.depthwise_conv`` is the function)
 
@@ -205,8 +205,7 @@ def test_torch_func_transforms_take_the_reference(randn, monkeypatch):
     reused there."""
     from zoo.ops._dispatch import call_key
 
-    if triton_missing_reason() is not None:
-        pytest.skip(triton_missing_reason())
+    require_triton()
     monkeypatch.setattr(DW, "_kernels_interpreted", lambda: True)  # the kernels would take these CPU tensors
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, weight, bias, residual = _inputs(*CASES[0], randn)
