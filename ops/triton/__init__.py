@@ -18,7 +18,8 @@ import torch
 
 from .._cache import functorch_transforming
 
-__all__ = ["triton_missing_reason", "interpreter_requested", "no_device_reason", "device_reason", "inputs_reason",
+__all__ = ["triton_missing_reason", "interpreter_missing_reason", "interpreter_requested", "no_device_reason",
+           "device_reason", "inputs_reason",
            "contiguous_or_none", "on_device", "next_pow2", "prev_pow2",
            "dot_precision", "fp32_dot_precision", "sm_count", "sm_shared_bytes", "item_extent", "broadcast_strides",
            "override_knobs", "is_num_warps", "check_tile_edge", "check_count", "token_major",
@@ -69,6 +70,27 @@ def triton_missing_reason() -> str | None:
     """Why triton cannot be used here (not installed, or older than these kernels need), or None. Does not import
     triton."""
     return _TRITON_MISSING
+
+
+def _interpreter_missing() -> str | None:
+    if _TRITON_MISSING is not None:
+        return _TRITON_MISSING
+    triton, numpy = _installed_version(("triton", "pytorch-triton")), _installed_version(("numpy",))
+    # triton < 3.7's interpreter converts a loop bound held in a one-element array with int(), which numpy 2.4 refuses
+    # (triton-lang/triton#9171; seen with triton 3.6, torch 2.11's): every kernel with a runtime loop bound fails
+    if triton is not None and numpy is not None and triton < (3, 7) and numpy >= (2, 4):
+        return (f"triton {'.'.join(map(str, triton))}'s CPU interpreter fails with numpy "
+                f"{'.'.join(map(str, numpy))} (triton-lang/triton#9171): install numpy<2.4 or triton>=3.7")
+    return None
+
+
+_INTERPRETER_MISSING = _interpreter_missing()
+
+
+def interpreter_missing_reason() -> str | None:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run these kernels here: triton missing or too old,
+    or a triton whose interpreter breaks on the installed numpy; or None. Does not import triton."""
+    return _INTERPRETER_MISSING
 
 
 def interpreter_requested() -> bool:

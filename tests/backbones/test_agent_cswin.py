@@ -15,7 +15,7 @@ import zoo
 from backbone_checks import randomize, resize_1d
 from zoo.backbones.agent_cswin import AgentCSWinTransformer
 from zoo.convert import from_official, load_official_state_dict
-from zoo.ops.triton import triton_missing_reason
+from zoo.ops.triton import interpreter_missing_reason
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity" / "agent_attention"
@@ -284,8 +284,8 @@ def check_lepe_term_added_by_the_conv_kernel():
 
 
 def test_lepe_term_added_by_the_conv_kernel_in_the_interpreter():
-    if triton_missing_reason() is not None:
-        pytest.skip(triton_missing_reason())
+    if interpreter_missing_reason() is not None:
+        pytest.skip(interpreter_missing_reason())
     env = {**os.environ, "TRITON_INTERPRET": "1", "ZOO_OPS_BACKEND": "depthwise_conv:triton",
            "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     code = "import test_agent_cswin as t\nt.check_lepe_term_added_by_the_conv_kernel()\nprint('ok')"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.ops.triton import interpreter_requested, triton_missing_reason
+from zoo.ops.triton import interpreter_missing_reason, interpreter_requested, triton_missing_reason
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,11 +33,19 @@ def require_triton() -> None:
         pytest.skip(reason)
 
 
+def require_interpreter() -> None:
+    """Skip the calling test where Triton's CPU interpreter cannot run the kernels (see
+    :func:`zoo.ops.triton.interpreter_missing_reason`)."""
+    reason = interpreter_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def run_in_interpreter(module: str, *checks: str) -> None:
     """Run ``module.check()`` for each named check (functions of a test file of this folder), in order, in one fresh
     interpreter with ``TRITON_INTERPRET=1``: one process start (importing torch, triton and zoo takes several seconds
     on the CI machine) for a file's checks. The message of a failure holds the failing check's traceback."""
-    require_triton()
+    require_interpreter()
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     code = f"import {module} as t\nfor name in {checks!r}:\n    getattr(t, name)()\n    print('ok', name)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -63,7 +71,7 @@ def run_pytest_in_interpreter(test_file: str, keyword: str, passed: int) -> None
     """Run the tests of ``test_file`` selected by ``-k keyword`` in a fresh pytest process with
     ``TRITON_INTERPRET=1`` (triton's own ``tl.sum`` & co. are built in interpreted form only when triton is imported
     with it set); all must pass and exactly ``passed`` of them run, none skipped."""
-    require_triton()
+    require_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", keyword]
     proc = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600,
@@ -173,7 +181,7 @@ def written_by(kernel, args: tuple, kwargs: dict, capability: int = 90) -> set[s
     """The tensor arguments that torch.compile's analysis of ``kernel``'s TTIR counts as written at this recorded
     launch (what inductor copies or orders around). Runs on CPU: the analysis only needs a compile target."""
     import triton
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
     from triton.backends.compiler import GPUTarget
 
     class _TargetOnly:  # the one thing the analysis asks of triton's (absent) GPU driver
@@ -186,10 +194,13 @@ def written_by(kernel, args: tuple, kwargs: dict, capability: int = 90) -> set[s
     previous = driver._active  # reset_active() would look for a GPU driver, which a CPU machine lacks
     driver.set_active(_TargetOnly())
     try:
-        accessed = identify_accessed_tensors(kernel, bound, {})
+        if hasattr(wrap, "identify_accessed_tensors"):
+            written = [dep.name for dep in wrap.identify_accessed_tensors(kernel, bound, {}).read_writes.writes]
+        else:  # torch <= 2.11 (the H200's): the analysis's older name, which keeps the writes only
+            written = wrap.identify_mutated_tensors(kernel, bound, {})
     finally:
         driver._active = previous
-    return {dep.name for dep in accessed.read_writes.writes if isinstance(bound.get(dep.name), torch.Tensor)}
+    return {name for name in written if isinstance(bound.get(name), torch.Tensor)}
 
 
 def assert_inference_launch_agrees(inference: torch.Tensor, training: torch.Tensor) -> None:
