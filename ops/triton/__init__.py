@@ -72,7 +72,10 @@ def triton_missing_reason() -> str | None:
     return _TRITON_MISSING
 
 
-def _interpreter_missing() -> str | None:
+@functools.cache  # only the tests ask, so it is not looked up at import as the dispatch-time reasons are
+def interpreter_missing_reason() -> str | None:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run these kernels here: triton missing or too old,
+    or a triton whose interpreter breaks on the installed numpy; or None. Does not import triton."""
     if _TRITON_MISSING is not None:
         return _TRITON_MISSING
     triton, numpy = _installed_version(("triton", "pytorch-triton")), _installed_version(("numpy",))
@@ -82,15 +85,6 @@ def _interpreter_missing() -> str | None:
         return (f"triton {'.'.join(map(str, triton))}'s CPU interpreter fails with numpy "
                 f"{'.'.join(map(str, numpy))} (triton-lang/triton#9171): install numpy<2.4 or triton>=3.7")
     return None
-
-
-_INTERPRETER_MISSING = _interpreter_missing()
-
-
-def interpreter_missing_reason() -> str | None:
-    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run these kernels here: triton missing or too old,
-    or a triton whose interpreter breaks on the installed numpy; or None. Does not import triton."""
-    return _INTERPRETER_MISSING
 
 
 def interpreter_requested() -> bool:
