@@ -37,7 +37,9 @@ def test_installed_wheel_imports_outside_the_repository(wheel, tmp_path):
                    check=True, timeout=300)
     code = ("import zoo, zoo.ops, zoo.hub; "
             "assert zoo.__file__.startswith(%r), zoo.__file__; "
-            "print(len(zoo.hub.load_manifest().entries))" % str(target))
+            "import zoo.train; cfg = zoo.train.shipped_configs()['quickstart']; "
+            "assert str(cfg).startswith(%r), cfg; "
+            "print(len(zoo.hub.load_manifest().entries))" % (str(target), str(target)))
     env = dict(os.environ, PYTHONPATH=str(target))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=300)

@@ -31,7 +31,8 @@ def fitted_run(tmp_path_factory):
     """One `zoo train fit` subprocess (through the `zoo` command) on the shortened quickstart; its log folder."""
     root = tmp_path_factory.mktemp("train")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "zoo", "train", "fit", "--config", str(QUICKSTART),
+    # the config by its shipped name, run outside the checkout: what a `pip install` without the repository has
+    proc = subprocess.run([sys.executable, "-m", "zoo", "train", "fit", "--config", "quickstart",
                            f"--trainer.default_root_dir={root}", *SHORT],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -107,3 +108,30 @@ def test_shipped_configs_instantiate(name, extra, tmp_path):
     assert cli.model.hparams.layer_decay == config.get("layer_decay")
     assert cli.model.model.num_classes == config["num_classes"]
     assert cli.trainer.max_epochs == yaml.safe_load((QUICKSTART.parent / name).read_text())["trainer"]["max_epochs"]
+
+
+def test_config_names_resolve_to_the_installed_recipe_configs(tmp_path, monkeypatch):
+    from zoo.train import resolve_config_args, shipped_configs
+
+    shipped = shipped_configs()
+    assert shipped["quickstart"].read_text() == QUICKSTART.read_text()
+    assert set(shipped) == {p.stem for p in QUICKSTART.parent.glob("*.yaml")}
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", "quickstart", "-c", "grounding.yaml", "--config=imagenet_finetune", "--x=1"]
+    assert resolve_config_args(args) == ["fit", "--config", str(shipped["quickstart"]), "-c",
+                                         str(shipped["grounding"]), f"--config={shipped['imagenet_finetune']}",
+                                         "--x=1"]
+    (tmp_path / "quickstart").write_text("trainer: {max_epochs: 1}\n")  # a file of that name is the user's config
+    inline = "trainer: {max_epochs: 1}"
+    assert resolve_config_args(["--config", "quickstart", "--config", inline, "--config", "no/such.yaml"]) == [
+        "--config", "quickstart", "--config", inline, "--config", "no/such.yaml"]
+
+
+def test_unknown_config_name_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "fit", "--config", "quikstart"]) == 1
+    err = capsys.readouterr().err
+    assert "--config 'quikstart' is neither a file nor a recipe config installed with zoo" in err
+    assert "quickstart" in err.split("one of:")[1]
