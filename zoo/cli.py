@@ -16,7 +16,8 @@ __all__ = ["main"]
 
 # Verbs whose argument parsing belongs to another module (LightningCLI for train): argv is handed over as is.
 _DELEGATED: dict[str, tuple[str, str]] = {
-    "train": ("zoo.train", "Lightning training: fit/validate/test/predict with --config recipes/configs/*.yaml"),
+    "train": ("zoo.train", "Lightning training: fit/validate/test/predict with --config FILE.yaml "
+              "or a shipped recipe config's name (quickstart, ...)"),
     "eval": ("zoo.evaluate", "evaluate a model on an ImageFolder (top-1/top-5, loss, images/s)"),
     "bench": ("zoo.bench", "benchmark models (images/s, latency, memory) or `zoo bench ops`"),
     "anomaly": ("zoo.multimodal.anovl_cli", "AnoVL zero-shot anomaly map for an image"),
