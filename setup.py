@@ -40,6 +40,6 @@ class BuildPyWithManifest(build_py):
 setup(
     package_dir=ROOTS,
     packages=find_packages_under_roots(),
-    package_data={"": ["*.yaml", "*.json", "*.txt", "configs/*.yaml", "data/*"]},
+    package_data={"": ["*.yaml", "*.json", "*.txt", "*.cpp", "configs/*.yaml", "data/*"]},
     cmdclass={"build_py": BuildPyWithManifest},
 )

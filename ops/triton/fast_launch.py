@@ -7,8 +7,10 @@ machine's host against 9 us for the launcher alone (triton 3.6, a 19-argument ke
 host time (BiFormer-T's forward makes 66 launches), so :class:`FastLaunch` keeps the compiled kernels under a key
 of what that specialisation reads (a tensor's dtype and alignment; an int's equality to 1, divisibility by 16 and
 width; the type of a float, bool or None; the keyword arguments' values and the current device), so a hit is the
-very kernel the JIT would pick, and calls the launcher directly. A miss, a grid function, launch hooks (profilers
-such as proton set them) or an argument of another type take the JIT path unchanged.
+very kernel the JIT would pick, and launches it directly: through :mod:`~zoo.ops.triton.cxx_launch`'s C++
+launcher where the kernel's launch is plain (no scratch memory, one CTA a program), else through Triton's compiled
+launcher. A miss, a grid function, launch hooks (profilers such as proton set them) or an argument of another type
+take the JIT path unchanged.
 
 Not read on a hit: Triton's check that the kernel's global variables are unchanged, and the ``TRITON_DEBUG`` /
 instrumentation environment variables (set them before the first launch). ``ZOO_TRITON_FAST_LAUNCH=0`` turns the
@@ -118,9 +120,17 @@ class FastLaunch:
         elif entry is _JIT:
             self.kernel[grid](*args, **kwargs)
         else:
-            compiled, tail = entry
+            compiled, tail, cxx = entry
             size = len(grid)
-            compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, self._current[1](key[0]),
+            stream = self._current[1](key[0])
+            if cxx is not None:  # the C++ launcher (cxx_launch): (its launch function, the kernel's index)
+                try:
+                    cxx[0](cxx[1], grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, *args,
+                           *tail)
+                    return
+                except RuntimeError:  # the driver refused the launch (no current context, say): Triton's launcher
+                    self._compiled[key] = (compiled, tail, None)  # takes this kernel from now on
+            compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream,
                          compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
 
     def _key(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
@@ -152,7 +162,17 @@ class FastLaunch:
         if not launchable or not self._runtime.isdisjoint(kwargs):
             self._compiled[key] = _JIT  # a runtime argument by keyword: its value is not in the key
             return
-        self._compiled[key] = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in rest))
+        self._compiled[key] = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in rest),
+                               _cxx_launcher(compiled))
+
+
+def _cxx_launcher(compiled: Any) -> tuple[Callable[..., None], int] | None:
+    """(the C++ launch function, the kernel's index) where :mod:`~zoo.ops.triton.cxx_launch` can launch
+    ``compiled``, else None (Triton's launcher)."""
+    from . import cxx_launch
+
+    index = cxx_launch.register(compiled)
+    return None if index is None else (cxx_launch.extension().launch, index)
 
 
 def _device_and_stream() -> tuple[Callable[[], int], Callable[[int], Any]]:

@@ -176,3 +176,7 @@ def test_gpu_fast_launches_write_what_the_jit_path_writes():
         torch.testing.assert_close(outs[0].permute(0, 3, 1, 2).float(), want, rtol=2e-3, atol=2e-3)
         assert torch.equal(outs[0], outs[1])
     assert len(launch._compiled) == 5  # aligned and misaligned at two shapes, the one-pixel map; one repeat hit
+    from zoo.ops.triton import cxx_launch
+
+    if cxx_launch.enabled() and cxx_launch.extension() is not None:  # the hits above went through the C++ launcher
+        assert all(entry[2] is not None for entry in launch._compiled.values())

@@ -1,0 +1,203 @@
+// The C++ half of zoo.ops.triton.cxx_launch: launches an already compiled Triton kernel through the CUDA driver's
+// cuLaunchKernel, packing its arguments from Python objects without going back into Python.
+//
+// Python registers each compiled kernel once (its CUfunction, block size, shared memory and the kind of each
+// positional parameter, constexprs included as "skip"); a launch then passes the entry's index, the grid, the stream
+// and the kernel's positional arguments. Built with torch's headers (tensors are read through THPVariable) and no
+// CUDA headers: the driver entry point is looked up in the already loaded libcuda at the first registration.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <vector>
+
+namespace {
+
+using LaunchFn = int (*)(void* function, unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x,
+                         unsigned block_y, unsigned block_z, unsigned shared_bytes, void* stream, void** params,
+                         void** extra);
+
+// What a positional kernel argument becomes in the parameter buffer (Triton's signature types, see cxx_launch.py)
+enum Kind : int64_t {
+  kSkip = 0,     // a constexpr or a specialised constant: not a kernel parameter
+  kPointer = 1,  // a tensor: its data pointer
+  kI32 = 2,
+  kI64 = 3,
+  kU32 = 4,
+  kU64 = 5,
+  kF32 = 6,
+  kF64 = 7,
+  kI8 = 8,       // i1 / i8 (a bool or a small int)
+};
+
+struct Entry {
+  void* function;
+  unsigned threads;
+  unsigned shared_bytes;
+  std::vector<int64_t> kinds;
+  int64_t params;  // kernel parameters: the non-skip arguments, then `trailing` null scratch pointers
+  int64_t trailing;
+};
+
+constexpr int64_t kMaxParams = 96;
+
+std::deque<Entry> entries;  // a deque: registering never moves the entries a launch reads
+LaunchFn launch_fn = nullptr;
+
+// The driver's cuLaunchKernel from the libcuda the process has loaded (torch's CUDA runtime loads it), or null
+// with a Python error set.
+LaunchFn driver_launch() {
+  if (launch_fn == nullptr) {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
+    if (lib == nullptr) {
+      PyErr_Format(PyExc_RuntimeError, "zoo cxx_launch: libcuda.so.1 cannot be opened: %s", dlerror());
+      return nullptr;
+    }
+    launch_fn = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+    if (launch_fn == nullptr) PyErr_SetString(PyExc_RuntimeError, "zoo cxx_launch: no cuLaunchKernel in libcuda");
+  }
+  return launch_fn;
+}
+
+int64_t register_kernel(int64_t function, int64_t threads, int64_t shared_bytes, std::vector<int64_t> kinds,
+                        int64_t trailing) {
+  int64_t params = trailing;
+  for (int64_t kind : kinds) {
+    TORCH_CHECK(kind >= kSkip && kind <= kI8, "zoo cxx_launch: unknown argument kind ", kind);
+    params += kind != kSkip;
+  }
+  TORCH_CHECK(params <= kMaxParams, "zoo cxx_launch: ", params, " kernel parameters, at most ", kMaxParams);
+  entries.push_back(Entry{reinterpret_cast<void*>(function), static_cast<unsigned>(threads),
+                          static_cast<unsigned>(shared_bytes), std::move(kinds), params, trailing});
+  return static_cast<int64_t>(entries.size()) - 1;
+}
+
+// Fills slot with the argument's bytes for its kind; false (with a Python error set) when it does not fit.
+bool pack(PyObject* arg, int64_t kind, uint64_t* slot) {
+  *slot = 0;
+  switch (kind) {
+    case kPointer: {
+      if (!THPVariable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "zoo cxx_launch: a pointer argument must be a tensor");
+        return false;
+      }
+      *slot = reinterpret_cast<uint64_t>(THPVariable_Unpack(arg).data_ptr());
+      return true;
+    }
+    case kI32: case kI64: case kU32: case kU64: case kI8: {
+      long long value = PyLong_AsLongLong(arg);  // bools are ints
+      if (value == -1 && PyErr_Occurred()) return false;
+      if (kind == kI32) { int32_t v = static_cast<int32_t>(value); std::memcpy(slot, &v, sizeof v); }
+      else if (kind == kU32) { uint32_t v = static_cast<uint32_t>(value); std::memcpy(slot, &v, sizeof v); }
+      else if (kind == kI8) { int8_t v = static_cast<int8_t>(value); std::memcpy(slot, &v, sizeof v); }
+      else { std::memcpy(slot, &value, sizeof value); }
+      return true;
+    }
+    case kF32: case kF64: {
+      double value = PyFloat_AsDouble(arg);
+      if (value == -1.0 && PyErr_Occurred()) return false;
+      if (kind == kF32) { float v = static_cast<float>(value); std::memcpy(slot, &v, sizeof v); }
+      else { std::memcpy(slot, &value, sizeof value); }
+      return true;
+    }
+    default:
+      PyErr_SetString(PyExc_TypeError, "zoo cxx_launch: unknown argument kind");
+      return false;
+  }
+}
+
+// Packs the positional arguments args[0:n] of entry into slots/params; false with a Python error set on failure.
+bool pack_all(const Entry& entry, PyObject* const* args, Py_ssize_t n, uint64_t* slots, void** params) {
+  if (n != static_cast<Py_ssize_t>(entry.kinds.size())) {
+    PyErr_Format(PyExc_TypeError, "zoo cxx_launch: %zd kernel arguments given, the kernel takes %zd", n,
+                 static_cast<Py_ssize_t>(entry.kinds.size()));
+    return false;
+  }
+  int64_t p = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    int64_t kind = entry.kinds[i];
+    if (kind == kSkip) continue;
+    if (!pack(args[i], kind, &slots[p])) return false;
+    params[p] = &slots[p];
+    ++p;
+  }
+  for (int64_t t = 0; t < entry.trailing; ++t, ++p) {  // global and profile scratch: none
+    slots[p] = 0;
+    params[p] = &slots[p];
+  }
+  return true;
+}
+
+// The entry args[0] names, given at least `leading` arguments (else a TypeError quoting `usage`); null with a
+// Python error set when there is none.
+const Entry* entry_of(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t leading, const char* usage) {
+  if (nargs < leading) {
+    PyErr_Format(PyExc_TypeError, "zoo cxx_launch: %s", usage);
+    return nullptr;
+  }
+  long long index = PyLong_AsLongLong(args[0]);
+  if (index == -1 && PyErr_Occurred()) return nullptr;
+  if (index < 0 || index >= static_cast<long long>(entries.size())) {
+    PyErr_SetString(PyExc_IndexError, "zoo cxx_launch: no kernel registered under this index");
+    return nullptr;
+  }
+  return &entries[index];
+}
+
+// launch(index, grid_x, grid_y, grid_z, stream, *kernel_args) -> None
+PyObject* launch(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  const Entry* entry = entry_of(args, nargs, 5, "launch(index, grid_x, grid_y, grid_z, stream, *args)");
+  if (entry == nullptr) return nullptr;
+  unsigned long grid[3];
+  for (int d = 0; d < 3; ++d) {
+    grid[d] = PyLong_AsUnsignedLong(args[1 + d]);
+    if (grid[d] == static_cast<unsigned long>(-1) && PyErr_Occurred()) return nullptr;
+  }
+  void* stream = PyLong_AsVoidPtr(args[4]);
+  if (stream == nullptr && PyErr_Occurred()) return nullptr;
+  uint64_t slots[kMaxParams];
+  void* params[kMaxParams];
+  if (!pack_all(*entry, args + 5, nargs - 5, slots, params)) return nullptr;
+  if (grid[0] * grid[1] * grid[2] == 0) Py_RETURN_NONE;  // as Triton's launcher: an empty grid launches nothing
+  if (driver_launch() == nullptr) return nullptr;
+  int rc;
+  // as Triton's launcher: without the GIL, since a launch waits when the device's launch queue is full
+  Py_BEGIN_ALLOW_THREADS
+  rc = launch_fn(entry->function, static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]),
+                 static_cast<unsigned>(grid[2]), entry->threads, 1, 1, entry->shared_bytes, stream, params, nullptr);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) {
+    PyErr_Format(PyExc_RuntimeError, "zoo cxx_launch: cuLaunchKernel failed with CUDA error %d", rc);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// packed(index, *kernel_args) -> bytes: the parameter buffer a launch would pass, 8 bytes a parameter (tests)
+PyObject* packed(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  const Entry* entry = entry_of(args, nargs, 1, "packed(index, *args)");
+  if (entry == nullptr) return nullptr;
+  uint64_t slots[kMaxParams];
+  void* params[kMaxParams];
+  if (!pack_all(*entry, args + 1, nargs - 1, slots, params)) return nullptr;
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(slots), entry->params * sizeof(uint64_t));
+}
+
+PyMethodDef methods[] = {
+    {"launch", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(launch)), METH_FASTCALL,
+     "launch(index, grid_x, grid_y, grid_z, stream, *args): launch a registered kernel"},
+    {"packed", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(packed)), METH_FASTCALL,
+     "packed(index, *args) -> bytes: the parameter buffer of a launch, 8 bytes a parameter"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("register_kernel", &register_kernel, "register a compiled kernel; returns its index");
+  TORCH_CHECK(PyModule_AddFunctions(m.ptr(), methods) == 0, "zoo cxx_launch: cannot add the launch functions");
+}

@@ -1,0 +1,230 @@
+"""zoo.ops.triton.cxx_launch: the C++ launcher's parameter lists agree with what Triton compiled, its packing writes
+each argument as the kernel reads it, and FastLaunch hands it every launch of a remembered kernel. CPU: real kernels
+compiled for sm_90 (triton's own ptxas) and the extension built here; the GPU test of test_fast_launch.py checks
+that launches through it write what the JIT path writes."""
+from __future__ import annotations
+
+import shutil
+import struct
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+fast_launch = pytest.importorskip("zoo.ops.triton.fast_launch")
+if fast_launch.knobs is None:
+    pytest.skip("this triton has no knobs (< 3.4): the fast path is off", allow_module_level=True)
+
+from zoo.ops.triton import cxx_launch, interpreter_requested  # noqa: E402
+from triton_checks import compile_for_gpu  # noqa: E402
+
+
+def _compiled_layer_norm():
+    from zoo.ops.triton.kernels import layer_norm as kernels
+
+    x, w = torch.randn(197, 192), torch.randn(192)
+    y = torch.empty(197, 192, dtype=torch.bfloat16)
+    args = (x, w, w, y, y, y, x, y, 197, 192, 1e-6)
+    kwargs = dict(HAS_W=True, HAS_B=True, BLOCK_ROWS=8, BLOCK_C=256, STATS=False, HAS_RES=False, num_warps=4)
+    return compile_for_gpu(kernels.forward_kernel, args, kwargs), args, kwargs
+
+
+def _compiled_depthwise_conv():
+    from zoo.ops.triton.kernels import depthwise_conv as kernels
+
+    x, weight = torch.randn(2, 7, 9, 64), torch.randn(64, 1, 3, 3)
+    y = torch.empty_like(x)
+    args = (x, weight, weight, y, y, 7, 9, 64, *x.stride(), *y.stride(), weight.stride(0), weight.stride(3))
+    kwargs = dict(K=3, HAS_BIAS=False, HAS_RESIDUAL=False, IN_PLACE=False, TILE_H=4, TILE_W=8, BLOCK_C=64,
+                  num_warps=4)
+    return compile_for_gpu(kernels.forward_kernel, args, kwargs), args, kwargs
+
+
+@pytest.mark.skipif(interpreter_requested(), reason="compiles the JIT kernels, not interpreted ones")
+@pytest.mark.parametrize("make", [_compiled_layer_norm, _compiled_depthwise_conv])
+def test_argument_kinds_match_the_compiled_kernels_parameters(make):
+    compiled, args, kwargs = make()
+    kinds = cxx_launch.argument_kinds(compiled)
+    names = compiled.src.fn.arg_names
+    assert kinds is not None and len(kinds) == len(names)
+    for name, value, kind in zip(names, args, kinds):
+        if isinstance(value, torch.Tensor):
+            assert kind == 1, name
+        elif value == 1 and isinstance(value, int):
+            assert kind == 0, name  # a constant after specialisation
+        elif isinstance(value, int):
+            assert kind == 2, name  # int32
+        else:
+            assert kind == 7, name  # compile_for_gpu types Python floats as inductor does: fp64
+    assert all(k == 0 for k in kinds[len(args):])  # the constexprs after the runtime arguments
+    declared = cxx_launch._ptx_parameters(compiled)
+    trailing = declared - sum(k != 0 for k in kinds)
+    assert 0 <= trailing <= 2  # triton's scratch pointers
+    assert cxx_launch._plain_launch(compiled.metadata)
+
+
+def _fake_compiled(signature, constants=None, ptx_params=None, **metadata):
+    names = list(signature)
+    ptx_params = len([t for t in signature.values() if t != "constexpr"]) + 2 if ptx_params is None else ptx_params
+    ptx = ".visible .entry k(\n" + ",\n".join(f"\t.param .u64 k_param_{i}" for i in range(ptx_params)) + "\n)\n{"
+    meta = dict(num_warps=4, shared=1024, global_scratch_size=0, profile_scratch_size=0, num_ctas=1)
+    meta.update(metadata)
+    return types.SimpleNamespace(
+        src=types.SimpleNamespace(signature=signature, constants=constants or {},
+                                  fn=types.SimpleNamespace(arg_names=names)),
+        asm={"ptx": ptx}, function=0xABC, metadata=types.SimpleNamespace(**meta))
+
+
+_SIGNATURE = {"x": "*bf16", "n": "i32", "eps": "fp32", "big": "i64", "flag": "i1", "BLOCK": "constexpr"}
+
+
+def test_register_passes_the_launch_description(monkeypatch):
+    calls = []
+    ext = types.SimpleNamespace(register_kernel=lambda *a: calls.append(a) or 3)
+    monkeypatch.setattr(cxx_launch, "extension", lambda: ext)
+    assert cxx_launch.register(_fake_compiled(_SIGNATURE)) == 3
+    assert calls == [(0xABC, 128, 1024, [1, 2, 6, 3, 8, 0], 2)]
+
+
+@pytest.mark.parametrize("case", ["scratch", "profile", "ctas", "shared", "ptx", "type", "off"])
+def test_unusual_launches_keep_tritons_launcher(monkeypatch, case):
+    monkeypatch.setattr(cxx_launch, "extension", lambda: pytest.fail("must not build for this kernel"))
+    signature = dict(_SIGNATURE)
+    metadata = {"scratch": dict(global_scratch_size=64), "profile": dict(profile_scratch_size=8),
+                "ctas": dict(num_ctas=2), "shared": dict(shared=229 * 1024)}.get(case, {})
+    if case == "type":
+        signature["desc"] = "tensordesc<bf16[64, 64]>"
+    if case == "off":
+        monkeypatch.setenv("ZOO_CXX_LAUNCH", "0")
+    compiled = _fake_compiled(signature, ptx_params=9 if case == "ptx" else None, **metadata)
+    assert cxx_launch.register(compiled) is None
+
+
+def test_fast_launch_hands_remembered_kernels_to_the_cxx_launcher(monkeypatch):
+    launched = []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            pytest.fail("Triton's launcher must not run when the C++ one serves")
+
+    class Param:
+        def __init__(self, name, constexpr=False):
+            self.name, self.is_constexpr, self.has_default, self.default = name, constexpr, False, None
+
+    class Kernel:
+        params = [Param("x"), Param("n"), Param("BLOCK", True)]
+        jit = 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                Kernel.jit += 1
+                return Compiled()
+            return run
+
+    class Driver:
+        class active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 1234)
+
+    monkeypatch.setattr(fast_launch, "driver", Driver)
+    monkeypatch.setattr(fast_launch, "_cxx_launcher", lambda compiled: (lambda *a: launched.append(a), 7))
+    launch = fast_launch.FastLaunch(Kernel())
+    x = torch.randn(32)
+    launch[(5,)](x, 32, BLOCK=64)
+    launch[(6, 2)](x, 48, BLOCK=64)
+    assert Kernel.jit == 1 and launched == [(7, 6, 2, 1, 1234, x, 48, 64)]
+
+
+def test_a_refused_cxx_launch_falls_back_to_tritons_launcher(monkeypatch):
+    """A driver error from the C++ launcher (say, no current context in a new thread) hands the kernel back to
+    Triton's launcher, which makes the launch, and keeps it there."""
+    runs, tries = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            runs.append(args)
+
+    class Param:
+        def __init__(self, name):
+            self.name, self.is_constexpr, self.has_default, self.default = name, False, False, None
+
+    class Kernel:
+        params = [Param("x")]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: Compiled()
+
+    class Driver:
+        class active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 99)
+
+    def refuse(*args):
+        tries.append(args)
+        raise RuntimeError("zoo cxx_launch: cuLaunchKernel failed with CUDA error 201")
+
+    monkeypatch.setattr(fast_launch, "driver", Driver)
+    monkeypatch.setattr(fast_launch, "_cxx_launcher", lambda compiled: (refuse, 0))
+    launch = fast_launch.FastLaunch(Kernel())
+    x = torch.randn(8)
+    for _ in range(3):
+        launch[(2,)](x)
+    assert len(tries) == 1 and len(runs) == 2  # the first launch compiled; the second fell back; the third stayed
+
+
+def _buildable() -> str | None:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = _buildable()
+    if reason is not None:
+        pytest.skip(reason)
+    module = cxx_launch.extension()
+    if module is None:
+        pytest.fail("the extension did not build on a machine with a C++ compiler")
+    return module
+
+
+def test_packed_parameters_hold_each_argument_as_the_kernel_reads_it(ext):
+    index = ext.register_kernel(1, 128, 0, [1, 0, 2, 6, 1, 3, 8, 7, 4], 2)
+    a, b = torch.randn(4), torch.randn(3)
+    raw = ext.packed(index, a, 64, -197, 1e-6, b, 2**40, True, 0.25, 2**32 - 1)
+    assert len(raw) == 8 * (8 + 2)
+    slots = [raw[i:i + 8] for i in range(0, len(raw), 8)]
+    assert struct.unpack("<Q", slots[0])[0] == a.data_ptr()
+    assert struct.unpack("<i", slots[1][:4])[0] == -197
+    assert struct.unpack("<f", slots[2][:4])[0] == struct.unpack("<f", struct.pack("<f", 1e-6))[0]
+    assert struct.unpack("<Q", slots[3])[0] == b.data_ptr()
+    assert struct.unpack("<q", slots[4])[0] == 2**40
+    assert slots[5] == b"\x01" + bytes(7)
+    assert struct.unpack("<d", slots[6])[0] == 0.25
+    assert struct.unpack("<I", slots[7][:4])[0] == 2**32 - 1
+    assert slots[8] == slots[9] == bytes(8)  # the scratch pointers: null
+    offset = torch.randn(8)[2:]  # a view's pointer includes its offset
+    raw = ext.packed(index, offset, 64, 1, 0.5, b, 1, False, 1.0, 1)
+    assert struct.unpack("<Q", raw[:8])[0] == offset.data_ptr()
+
+
+def test_packing_refuses_what_does_not_fit(ext):
+    index = ext.register_kernel(1, 128, 0, [1, 2], 0)
+    with pytest.raises(TypeError, match="1 kernel arguments given, the kernel takes 2"):
+        ext.packed(index, torch.randn(2))
+    with pytest.raises(TypeError, match="must be a tensor"):
+        ext.packed(index, 5, 5)
+    with pytest.raises(TypeError):
+        ext.packed(index, torch.randn(2), "five")
+    with pytest.raises(IndexError):
+        ext.packed(10**6, torch.randn(2), 5)
+    with pytest.raises(OverflowError):  # a negative grid size
+        ext.launch(index, -1, 1, 1, 0, torch.randn(2), 5)
+    with pytest.raises(RuntimeError, match="unknown argument kind"):
+        ext.register_kernel(1, 128, 0, [1, 42], 0)
