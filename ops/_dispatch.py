@@ -204,6 +204,8 @@ def call_key(*args: Any) -> tuple | None:
     """
     if torch.compiler.is_compiling() or functorch_transforming():
         return None
+    if _native_call_key is not None:
+        return _native_call_key(*args)
     # Flat: each tensor adds five entries, starting with its torch.Size, which no scalar entry is, so the tuple
     # still tells every argument list apart (and saves a tuple a tensor on every call of a hot op).
     items: list[Any] = []
@@ -226,6 +228,20 @@ def call_key(*args: Any) -> tuple | None:
     except TypeError:  # symbolic sizes (make_fx / export tracing with dynamic shapes) have no stable value
         return None
     return key
+
+
+# The C++ twin of call_key's body (zoo.ops.triton.cxx_launch's extension, set once it is loaded): the same key but for
+# each tensor's metadata, packed as one bytes object, for a fraction of the host time (eager op calls compute a key
+# before every launch). None until then, and on machines where it is never built (no CUDA launch, no compiler).
+_native_call_key: Callable[..., tuple | None] | None = None
+
+
+def use_native_call_key(fn: Callable[..., tuple | None] | None) -> None:
+    """Make :func:`call_key` compute keys with ``fn`` (the extension's ``call_key``), or in Python again (None).
+    Keys of the two kinds never equal each other, so the remembered choices and checks made under the other are
+    missed once and made again, never confused."""
+    global _native_call_key
+    _native_call_key = fn
 
 
 def validated(op: str, key: tuple | None) -> bool:

@@ -1,11 +1,13 @@
 // The C++ half of zoo.ops.triton.cxx_launch: launches an already compiled Triton kernel through the CUDA driver's
-// cuLaunchKernel, packing its arguments from Python objects without going back into Python.
+// cuLaunchKernel, packing its arguments from Python objects without going back into Python; and the dispatch
+// layer's call key (zoo.ops._dispatch.call_key), which eager op calls compute before every launch.
 //
 // Python registers each compiled kernel once (its CUfunction, block size, shared memory and the kind of each
 // positional parameter, constexprs included as "skip"); a launch then passes the entry's index, the grid, the stream
 // and the kernel's positional arguments. Built with torch's headers (tensors are read through THPVariable) and no
 // CUDA headers: the driver entry point is looked up in the already loaded libcuda at the first registration.
 #include <torch/extension.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <dlfcn.h>
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <string>
 #include <vector>
 
 namespace {
@@ -188,7 +191,73 @@ PyObject* packed(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(slots), entry->params * sizeof(uint64_t));
 }
 
+// A tensor's part of a call key: its dims, sizes, strides, dtype, device and requires_grad as bytes (the dims
+// first, so that no two metadata give the same bytes); false where the tensor has no plain sizes and strides
+// (symbolic, nested, sparse, or a Python subclass that computes them), which then has no key.
+bool tensor_key(const at::Tensor& t, std::string* out) {
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->has_symbolic_sizes_strides() || impl->is_python_dispatch() || t.is_nested() ||
+      t.layout() != at::kStrided) {
+    return false;
+  }
+  const int64_t dim = t.dim();
+  out->reserve(8 * (1 + 2 * dim) + 4);
+  out->append(reinterpret_cast<const char*>(&dim), sizeof dim);
+  out->append(reinterpret_cast<const char*>(t.sizes().data()), sizeof(int64_t) * dim);
+  out->append(reinterpret_cast<const char*>(t.strides().data()), sizeof(int64_t) * dim);
+  const at::Device device = t.device();
+  const char tail[4] = {static_cast<char>(t.scalar_type()), static_cast<char>(device.type()),
+                        static_cast<char>(device.index()), static_cast<char>(t.requires_grad())};
+  out->append(tail, sizeof tail);
+  return true;
+}
+
+bool is_key_scalar(PyObject* obj) {  // _dispatch._SCALARS: exact types, as the Python key reads them
+  return obj == Py_None || PyBool_Check(obj) || PyLong_CheckExact(obj) || PyFloat_CheckExact(obj) ||
+         PyUnicode_CheckExact(obj) || THPDtype_Check(obj);
+}
+
+// call_key(*args) -> tuple | None: zoo.ops._dispatch.call_key's key, each tensor's metadata packed as bytes (a bytes
+// entry comes only from a tensor, so keys still tell every argument list apart); None where an argument has no key.
+PyObject* call_key(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  PyObject* key = PyTuple_New(nargs);
+  if (key == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    PyObject* arg = args[i];
+    PyObject* item = nullptr;
+    if (THPVariable_Check(arg)) {
+      std::string bytes;
+      if (!tensor_key(THPVariable_Unpack(arg), &bytes)) break;
+      item = PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size()));
+      if (item == nullptr) { Py_DECREF(key); return nullptr; }
+    } else if (is_key_scalar(arg)) {
+      Py_INCREF(arg);
+      item = arg;
+    } else if (PyTuple_CheckExact(arg)) {
+      bool scalars = true;
+      for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(arg) && scalars; ++j) {
+        scalars = is_key_scalar(PyTuple_GET_ITEM(arg, j));
+      }
+      if (!scalars) break;
+      Py_INCREF(arg);
+      item = arg;
+    } else {
+      break;
+    }
+    PyTuple_SET_ITEM(key, i, item);
+  }
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    if (PyTuple_GET_ITEM(key, i) == nullptr) {  // an argument without a key
+      Py_DECREF(key);
+      Py_RETURN_NONE;
+    }
+  }
+  return key;
+}
+
 PyMethodDef methods[] = {
+    {"call_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(call_key)), METH_FASTCALL,
+     "call_key(*args) -> tuple | None: the dispatch layer's call key, tensors' metadata packed as bytes"},
     {"launch", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(launch)), METH_FASTCALL,
      "launch(index, grid_x, grid_y, grid_z, stream, *args): launch a registered kernel"},
     {"packed", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(packed)), METH_FASTCALL,

@@ -14,6 +14,11 @@ cooperative grid or programmatic dependent launch, at most 228 KiB of shared mem
 Triton signature) whose length matches its PTX entry's. Anything else, a failed build (no C++ compiler, say) or
 ``ZOO_CXX_LAUNCH=0`` keeps Triton's launcher. The build needs a C++ compiler and torch's headers, no CUDA toolkit
 (``cuLaunchKernel`` is looked up in the libcuda the process has loaded).
+
+Once loaded, the extension also computes the dispatch layer's call key (:func:`zoo.ops._dispatch.call_key`, which
+every eager op call computes before its checks and backend choice are looked up): 0.78 against 2.73 us for a
+LayerNorm call's five arguments on this repository's CPU, 10.3 against 13.0 us for the whole op call with its launch
+stubbed (``ZOO_CXX_CALL_KEY=0`` keeps the Python key).
 """
 from __future__ import annotations
 
@@ -54,13 +59,18 @@ def extension() -> Any | None:
     tag = hashlib.sha1(f"{torch.__version__}|{sys.version}".encode()).hexdigest()[:10]
     try:
         with _ninja_on_path():
-            return cpp_extension.load(name=f"zoo_triton_launch_{tag}", sources=[str(_SOURCE)],
-                                      extra_cflags=["-O2"], verbose=False)
+            module = cpp_extension.load(name=f"zoo_triton_launch_{tag}", sources=[str(_SOURCE)],
+                                        extra_cflags=["-O2"], verbose=False)
     except Exception as error:  # noqa: BLE001 (no compiler, no headers, a failed build: Triton's launcher stays)
         warnings.warn(f"zoo: the C++ Triton launcher could not be built ({type(error).__name__}: {error}); "
                       "kernels launch through Triton's launcher (set ZOO_CXX_LAUNCH=0 to skip the build)",
                       stacklevel=2)
         return None
+    if os.environ.get("ZOO_CXX_CALL_KEY", "1") != "0":
+        from .._dispatch import use_native_call_key
+
+        use_native_call_key(module.call_key)
+    return module
 
 
 @contextlib.contextmanager

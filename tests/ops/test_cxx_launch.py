@@ -4,6 +4,7 @@ compiled for sm_90 (triton's own ptxas) and the extension built here; the GPU te
 that launches through it write what the JIT path writes."""
 from __future__ import annotations
 
+import itertools
 import shutil
 import struct
 import types
@@ -185,13 +186,18 @@ def _buildable() -> str | None:
 
 @pytest.fixture(scope="module")
 def ext():
+    from zoo.ops import _dispatch
+
     reason = _buildable()
     if reason is not None:
         pytest.skip(reason)
     module = cxx_launch.extension()
     if module is None:
         pytest.fail("the extension did not build on a machine with a C++ compiler")
-    return module
+    assert _dispatch._native_call_key is module.call_key  # loading it hands the dispatch layer its key
+    _dispatch.use_native_call_key(None)  # the other test modules' calls keep the key they were written against
+    yield module
+    _dispatch.use_native_call_key(None)
 
 
 def test_packed_parameters_hold_each_argument_as_the_kernel_reads_it(ext):
@@ -228,3 +234,59 @@ def test_packing_refuses_what_does_not_fit(ext):
         ext.launch(index, -1, 1, 1, 0, torch.randn(2), 5)
     with pytest.raises(RuntimeError, match="unknown argument kind"):
         ext.register_kernel(1, 128, 0, [1, 42], 0)
+
+
+def _key_corpus() -> list[tuple]:
+    """Argument lists that differ in one thing each: shape, strides, dtype, device, requires_grad, offset-free views,
+    scalars of each type (1, True and 1.0 are equal keys in Python, so in both), tuples, and ones without a key."""
+    x = torch.zeros(2, 3)
+    return [
+        (x, 0.5), (torch.ones(2, 3), 0.5), (torch.zeros(3, 2), 0.5), (x.t(), 0.5), (x.t().contiguous(), 0.5),
+        (x.half(), 0.5), (torch.zeros(2, 3, device="meta"), 0.5), (x.clone().requires_grad_(), 0.5), (x[1:], 0.5),
+        (x, 0.25), (x, 1), (x, True), (x, 1.0), (x, "nhwc"), (x, None), (x, torch.bfloat16), (x, torch.float16),
+        (x, (2, 2)), (x, (2, 2.0)), (x, (2, 3)), (x, ()), (torch.zeros(()), 0.5), (torch.zeros(0, 3), 0.5),
+        (x, [2, 2]), (x, torch.Size([2, 2])), (x, (2, [2])), (x, object()), (x, x, 1), (x,), (),
+        (x, torch.nn.Parameter(x)),
+    ]
+
+
+def test_native_call_key_tells_argument_lists_apart_as_the_python_one_does(ext):
+    from zoo.ops import _dispatch
+
+    corpus = _key_corpus()
+    python_keys = [_dispatch.call_key(*args) for args in corpus]
+    native_keys = [ext.call_key(*args) for args in corpus]
+    for args, py, native in zip(corpus, python_keys, native_keys):
+        assert (py is None) == (native is None), args
+        if native is not None:
+            hash(native)
+    for i, j in itertools.combinations(range(len(corpus)), 2):
+        if python_keys[i] is not None and python_keys[j] is not None:
+            assert (python_keys[i] == python_keys[j]) == (native_keys[i] == native_keys[j]), (corpus[i], corpus[j])
+    assert all(ext.call_key(*args) == key for args, key in zip(corpus, native_keys))  # stable across calls
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_native_call_key_has_none_for_tensors_without_plain_metadata(ext):
+    nested = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    assert ext.call_key(nested, 1) is None
+    assert ext.call_key(torch.zeros(4).to_sparse(), 1) is None
+
+
+def test_ops_dispatch_alike_under_the_native_call_key(ext):
+    """The same op calls, computed and checked under either key: equal outputs, and the checks still run for a bad
+    input the first time its key is seen."""
+    from zoo.ops import _dispatch, depthwise_conv, layer_norm
+
+    x = torch.randn(2, 5, 6, 8)
+    w = torch.randn(8, 1, 3, 3)
+    want = (depthwise_conv(x, w), layer_norm(x, torch.ones(8), None, 1e-6))
+    _dispatch.use_native_call_key(ext.call_key)
+    try:
+        for _ in range(2):
+            got = (depthwise_conv(x, w), layer_norm(x, torch.ones(8), None, 1e-6))
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+        with pytest.raises(ValueError, match="weight"):
+            layer_norm(x, torch.ones(7), None, 1e-6)
+    finally:
+        _dispatch.use_native_call_key(None)
