@@ -232,7 +232,8 @@ def call_key(*args: Any) -> tuple | None:
 
 # The C++ twin of call_key's body (zoo.ops.triton.cxx_launch's extension, set once it is loaded): the same key but for
 # each tensor's metadata, packed as one bytes object, for a fraction of the host time (eager op calls compute a key
-# before every launch). None until then, and on machines where it is never built (no CUDA launch, no compiler).
+# before every launch). None until then, on machines where it is never built (no CUDA launch, no compiler), and with
+# ZOO_CXX_KEYS=0.
 _native_call_key: Callable[..., tuple | None] | None = None
 
 

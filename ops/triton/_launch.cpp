@@ -12,6 +12,7 @@
 
 #include <dlfcn.h>
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -80,6 +81,16 @@ int64_t register_kernel(int64_t function, int64_t threads, int64_t shared_bytes,
   return static_cast<int64_t>(entries.size()) - 1;
 }
 
+// A tensor's data pointer; false where it has none (a tensor without storage, such as a fake one, raises in C++).
+bool data_pointer(const at::Tensor& t, const void** out) {
+  try {
+    *out = t.data_ptr();
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 // Fills slot with the argument's bytes for its kind; false (with a Python error set) when it does not fit.
 bool pack(PyObject* arg, int64_t kind, uint64_t* slot) {
   *slot = 0;
@@ -89,7 +100,12 @@ bool pack(PyObject* arg, int64_t kind, uint64_t* slot) {
         PyErr_SetString(PyExc_TypeError, "zoo cxx_launch: a pointer argument must be a tensor");
         return false;
       }
-      *slot = reinterpret_cast<uint64_t>(THPVariable_Unpack(arg).data_ptr());
+      const void* data = nullptr;
+      if (!data_pointer(THPVariable_Unpack(arg), &data)) {
+        PyErr_SetString(PyExc_TypeError, "zoo cxx_launch: a pointer argument's tensor has no data");
+        return false;
+      }
+      *slot = reinterpret_cast<uint64_t>(data);
       return true;
     }
     case kI32: case kI64: case kU32: case kU64: case kI8: {
@@ -255,7 +271,70 @@ PyObject* call_key(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) 
   return key;
 }
 
+// What Triton's specialisation reads of an int (zoo.ops.triton.fast_launch._int_class): 1 for the value 1, else its
+// width (0 int32, 4 int64, 8 uint64) plus 2 when divisible by 16, 3 when not; -1 beyond uint64 (no class).
+int int_class(PyObject* obj) {
+  int overflow = 0;
+  long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow == 0) {
+    if (value == 1) return 1;
+    int width = (value >= INT32_MIN && value <= INT32_MAX) ? 0 : 4;
+    return width + (value % 16 == 0 ? 2 : 3);
+  }
+  if (overflow < 0) return -1;
+  unsigned long long big = PyLong_AsUnsignedLongLong(obj);
+  if (big == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    return -1;
+  }
+  return 8 + (big % 16 == 0 ? 2 : 3);
+}
+
+// argument_classes(args: tuple) -> bytes | None: fast_launch.argument_classes's classes, three bytes an argument
+// (a tensor: 'T', its dtype, whether it is 16-byte aligned; an int: 'i' and its class; a float, bool or None: its
+// type's letter); None where an argument is of another type or a tensor has no data pointer.
+PyObject* argument_classes(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1 || !PyTuple_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "zoo cxx_launch: argument_classes(args: tuple)");
+    return nullptr;
+  }
+  PyObject* tuple = args[0];
+  const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+  std::string out(3 * static_cast<size_t>(n), '\0');
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* arg = PyTuple_GET_ITEM(tuple, i);
+    char kind, value = 0, aligned = 0;
+    if (THPVariable_Check(arg)) {
+      const at::Tensor& t = THPVariable_Unpack(arg);
+      const void* data = nullptr;
+      if (!data_pointer(t, &data)) Py_RETURN_NONE;
+      kind = 'T';
+      value = static_cast<char>(t.scalar_type());
+      aligned = (reinterpret_cast<uintptr_t>(data) & 15) == 0;
+    } else if (PyBool_Check(arg)) {
+      kind = 'b';
+    } else if (PyLong_CheckExact(arg)) {
+      int cls = int_class(arg);
+      if (cls < 0) Py_RETURN_NONE;
+      kind = 'i';
+      value = static_cast<char>(cls);
+    } else if (PyFloat_CheckExact(arg)) {
+      kind = 'f';
+    } else if (arg == Py_None) {
+      kind = 'n';
+    } else {
+      Py_RETURN_NONE;
+    }
+    out[3 * i] = kind;
+    out[3 * i + 1] = value;
+    out[3 * i + 2] = aligned;
+  }
+  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
+}
+
 PyMethodDef methods[] = {
+    {"argument_classes", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(argument_classes)), METH_FASTCALL,
+     "argument_classes(args: tuple) -> bytes | None: fast_launch.argument_classes, three bytes an argument"},
     {"call_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(call_key)), METH_FASTCALL,
      "call_key(*args) -> tuple | None: the dispatch layer's call key, tensors' metadata packed as bytes"},
     {"launch", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(launch)), METH_FASTCALL,

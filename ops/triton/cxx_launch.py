@@ -15,10 +15,10 @@ Triton signature) whose length matches its PTX entry's. Anything else, a failed 
 ``ZOO_CXX_LAUNCH=0`` keeps Triton's launcher. The build needs a C++ compiler and torch's headers, no CUDA toolkit
 (``cuLaunchKernel`` is looked up in the libcuda the process has loaded).
 
-Once loaded, the extension also computes the dispatch layer's call key (:func:`zoo.ops._dispatch.call_key`, which
-every eager op call computes before its checks and backend choice are looked up): 0.78 against 2.73 us for a
-LayerNorm call's five arguments on this repository's CPU, 10.3 against 13.0 us for the whole op call with its launch
-stubbed (``ZOO_CXX_CALL_KEY=0`` keeps the Python key).
+Once loaded, the extension also computes the two keys an eager op call looks things up by: the dispatch layer's
+call key (:func:`zoo.ops._dispatch.call_key`, for the op's checks and backend choice; 0.78 against 2.73 us for a
+LayerNorm call's five arguments on this repository's CPU) and FastLaunch's argument classes (for the compiled
+kernel; 0.4 against 2.3 us for that kernel's eleven arguments). ``ZOO_CXX_KEYS=0`` keeps both in Python.
 """
 from __future__ import annotations
 
@@ -66,10 +66,12 @@ def extension() -> Any | None:
                       "kernels launch through Triton's launcher (set ZOO_CXX_LAUNCH=0 to skip the build)",
                       stacklevel=2)
         return None
-    if os.environ.get("ZOO_CXX_CALL_KEY", "1") != "0":
+    if os.environ.get("ZOO_CXX_KEYS", "1") != "0":
         from .._dispatch import use_native_call_key
+        from .fast_launch import use_native_argument_classes
 
         use_native_call_key(module.call_key)
+        use_native_argument_classes(module.argument_classes)
     return module
 
 

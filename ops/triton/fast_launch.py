@@ -78,6 +78,19 @@ def argument_classes(args: Sequence[Any], _ints: dict[int, int] = {}) -> tuple |
     return tuple(classes)
 
 
+# The C++ twin of argument_classes (zoo.ops.triton.cxx_launch's extension, set once it is loaded): the same classes
+# packed three bytes an argument, so the keys it makes equal exactly where argument_classes's do (and never one of
+# those). None until then.
+_native_classes: Callable[[tuple], bytes | None] | None = None
+
+
+def use_native_argument_classes(fn: Callable[[tuple], bytes | None] | None) -> None:
+    """Key launches by ``fn`` (the extension's ``argument_classes``) instead of :func:`argument_classes`, or by it
+    again (None). Kernels remembered under the other kind of key take the JIT path once and are remembered again."""
+    global _native_classes
+    _native_classes = fn
+
+
 def _hooked(runtime: Any) -> bool:
     """Whether launch hooks are set: a function (triton 3.6), or a non-empty ``HookChain`` (3.8, where the
     attributes are never None)."""
@@ -138,7 +151,10 @@ class FastLaunch:
         launches: a grid function, launch hooks, an argument of another type."""
         if type(grid) is not tuple or _hooked(knobs.runtime):
             return None
-        classes = argument_classes(args) if len(args) <= self._first_constexpr else self._positional_key(args)
+        if len(args) > self._first_constexpr:
+            classes = self._positional_key(args)
+        else:
+            classes = argument_classes(args) if _native_classes is None else _native_classes(args)
         if classes is None:
             return None
         if self._current is None:

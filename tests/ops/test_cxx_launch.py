@@ -19,6 +19,7 @@ if fast_launch.knobs is None:
 
 from zoo.ops.triton import cxx_launch, interpreter_requested  # noqa: E402
 from triton_checks import compile_for_gpu  # noqa: E402
+from test_fast_launch import kernel  # noqa: E402,F401 (the recording kernel fixture)
 
 
 def _compiled_layer_norm():
@@ -194,10 +195,20 @@ def ext():
     module = cxx_launch.extension()
     if module is None:
         pytest.fail("the extension did not build on a machine with a C++ compiler")
-    assert _dispatch._native_call_key is module.call_key  # loading it hands the dispatch layer its key
-    _dispatch.use_native_call_key(None)  # the other test modules' calls keep the key they were written against
+    # loading it hands the dispatch layer and FastLaunch their keys; the other test modules keep the Python ones
+    # they were written against
+    assert _dispatch._native_call_key is module.call_key
+    assert fast_launch._native_classes is module.argument_classes
+    _python_keys()
     yield module
+    _python_keys()
+
+
+def _python_keys() -> None:
+    from zoo.ops import _dispatch
+
     _dispatch.use_native_call_key(None)
+    fast_launch.use_native_argument_classes(None)
 
 
 def test_packed_parameters_hold_each_argument_as_the_kernel_reads_it(ext):
@@ -290,3 +301,44 @@ def test_ops_dispatch_alike_under_the_native_call_key(ext):
             layer_norm(x, torch.ones(7), None, 1e-6)
     finally:
         _dispatch.use_native_call_key(None)
+
+
+def _classes_corpus() -> list[tuple]:
+    """Launch argument lists that differ in one thing Triton specialises on each (and some without classes)."""
+    x = torch.randn(64)
+    ints = [1, 0, -1, 16, 17, 32, -16, -17, 2**31 - 1, 2**31, -2**31, -2**31 - 1, 2**63 - 1, 2**63, 2**64 - 16]
+    return [
+        (x,), (x[1:],), (x[4:],), (x.half(),), (x.bfloat16(),), (torch.randn(8),), (torch.nn.Parameter(x),),
+        (torch.zeros(4, dtype=torch.int64),), (torch.zeros(4, dtype=torch.bool),), (torch.empty(0),),
+        *[(x, v) for v in ints], (x, True), (x, False), (x, 0.5), (x, 2.0), (x, None), (x, 1, 1.0),
+        (x, [1, 2]), (x, torch.int32), (x, "s"), (x, (1,)), (), (x, x), (x, 16, 1e-5, None, True),
+    ]
+
+
+def test_native_argument_classes_key_launches_as_the_python_ones_do(ext):
+    corpus = _classes_corpus()
+    python = [fast_launch.argument_classes(args) for args in corpus]
+    native = [ext.argument_classes(args) for args in corpus]
+    for args, py, nat in zip(corpus, python, native):
+        assert (py is None) == (nat is None), args
+    for i, j in itertools.combinations(range(len(corpus)), 2):
+        if python[i] is not None and python[j] is not None:
+            assert (python[i] == python[j]) == (native[i] == native[j]), (corpus[i], corpus[j])
+    assert ext.argument_classes((x := torch.randn(8), 2**70)) is None and x is not None  # beyond uint64: no class
+    with pytest.raises(TypeError):
+        ext.argument_classes([torch.randn(2)])
+
+
+def test_fast_launch_hits_under_the_native_classes(ext, kernel):
+    """test_fast_launch.py's hit and miss rules, keyed by the extension's classes."""
+    fast_launch.use_native_argument_classes(ext.argument_classes)
+    try:
+        launch = fast_launch.FastLaunch(kernel)
+        x = torch.randn(32)
+        launch[(5,)](x, 32, 1e-5, BLOCK=64, num_warps=4)
+        launch[(7, 2)](torch.randn(16), 48, 1e-6, BLOCK=64, num_warps=4)  # other values, the same classes
+        launch[(1,)](x[1:], 32, 1e-5, BLOCK=64, num_warps=4)  # misaligned: another kernel
+        launch[(1,)](x, 1, 1e-5, BLOCK=64, num_warps=4)  # an int equal to 1: another kernel
+        assert len(kernel.jit) == 3 and len(kernel.compiled.launches) == 1
+    finally:
+        fast_launch.use_native_argument_classes(None)
