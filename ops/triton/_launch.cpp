@@ -5,7 +5,8 @@
 // Python registers each compiled kernel once (its CUfunction, block size, shared memory and the kind of each
 // positional parameter, constexprs included as "skip"); a launch then passes the entry's index, the grid, the stream
 // and the kernel's positional arguments. Built with torch's headers (tensors are read through THPVariable) and no
-// CUDA headers: the driver entry point is looked up in the already loaded libcuda at the first registration.
+// CUDA headers: the driver entry point is looked up in the already loaded libcuda at the first launch. FastLaunch's
+// argument classes (zoo.ops.triton.fast_launch.argument_classes) are computed here too.
 #include <torch/extension.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -108,7 +109,13 @@ bool pack(PyObject* arg, int64_t kind, uint64_t* slot) {
       *slot = reinterpret_cast<uint64_t>(data);
       return true;
     }
-    case kI32: case kI64: case kU32: case kU64: case kI8: {
+    case kU64: {  // ints from 2**63 on (Triton types them u64)
+      unsigned long long value = PyLong_AsUnsignedLongLong(arg);
+      if (value == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return false;
+      std::memcpy(slot, &value, sizeof value);
+      return true;
+    }
+    case kI32: case kI64: case kU32: case kI8: {
       long long value = PyLong_AsLongLong(arg);  // bools are ints
       if (value == -1 && PyErr_Occurred()) return false;
       if (kind == kI32) { int32_t v = static_cast<int32_t>(value); std::memcpy(slot, &v, sizeof v); }

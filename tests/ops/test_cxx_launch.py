@@ -19,7 +19,7 @@ if fast_launch.knobs is None:
 
 from zoo.ops.triton import cxx_launch, interpreter_requested  # noqa: E402
 from triton_checks import compile_for_gpu  # noqa: E402
-from test_fast_launch import kernel  # noqa: E402,F401 (the recording kernel fixture)
+import test_fast_launch  # noqa: E402 (its recording stand-ins for a kernel and the driver)
 
 
 def _compiled_layer_norm():
@@ -212,10 +212,10 @@ def _python_keys() -> None:
 
 
 def test_packed_parameters_hold_each_argument_as_the_kernel_reads_it(ext):
-    index = ext.register_kernel(1, 128, 0, [1, 0, 2, 6, 1, 3, 8, 7, 4], 2)
+    index = ext.register_kernel(1, 128, 0, [1, 0, 2, 6, 1, 3, 8, 7, 4, 5], 2)
     a, b = torch.randn(4), torch.randn(3)
-    raw = ext.packed(index, a, 64, -197, 1e-6, b, 2**40, True, 0.25, 2**32 - 1)
-    assert len(raw) == 8 * (8 + 2)
+    raw = ext.packed(index, a, 64, -197, 1e-6, b, 2**40, True, 0.25, 2**32 - 1, 2**64 - 3)
+    assert len(raw) == 8 * (9 + 2)
     slots = [raw[i:i + 8] for i in range(0, len(raw), 8)]
     assert struct.unpack("<Q", slots[0])[0] == a.data_ptr()
     assert struct.unpack("<i", slots[1][:4])[0] == -197
@@ -225,9 +225,10 @@ def test_packed_parameters_hold_each_argument_as_the_kernel_reads_it(ext):
     assert slots[5] == b"\x01" + bytes(7)
     assert struct.unpack("<d", slots[6])[0] == 0.25
     assert struct.unpack("<I", slots[7][:4])[0] == 2**32 - 1
-    assert slots[8] == slots[9] == bytes(8)  # the scratch pointers: null
+    assert struct.unpack("<Q", slots[8])[0] == 2**64 - 3
+    assert slots[9] == slots[10] == bytes(8)  # the scratch pointers: null
     offset = torch.randn(8)[2:]  # a view's pointer includes its offset
-    raw = ext.packed(index, offset, 64, 1, 0.5, b, 1, False, 1.0, 1)
+    raw = ext.packed(index, offset, 64, 1, 0.5, b, 1, False, 1.0, 1, 2**63)
     assert struct.unpack("<Q", raw[:8])[0] == offset.data_ptr()
 
 
@@ -329,8 +330,10 @@ def test_native_argument_classes_key_launches_as_the_python_ones_do(ext):
         ext.argument_classes([torch.randn(2)])
 
 
-def test_fast_launch_hits_under_the_native_classes(ext, kernel):
+def test_fast_launch_hits_under_the_native_classes(ext, monkeypatch):
     """test_fast_launch.py's hit and miss rules, keyed by the extension's classes."""
+    monkeypatch.setattr(fast_launch, "driver", test_fast_launch._Driver)
+    kernel = test_fast_launch._Kernel()
     fast_launch.use_native_argument_classes(ext.argument_classes)
     try:
         launch = fast_launch.FastLaunch(kernel)
