@@ -18,7 +18,8 @@ Triton signature) whose length matches its PTX entry's. Anything else, a failed 
 Once loaded, the extension also computes the two keys an eager op call looks things up by: the dispatch layer's
 call key (:func:`zoo.ops._dispatch.call_key`, for the op's checks and backend choice; 0.78 against 2.73 us for a
 LayerNorm call's five arguments on this repository's CPU) and FastLaunch's argument classes (for the compiled
-kernel; 0.4 against 2.3 us for that kernel's eleven arguments). ``ZOO_CXX_KEYS=0`` keeps both in Python.
+kernel; 0.4 against 2.3 us for that kernel's eleven arguments). ``ZOO_CXX_KEYS=0`` keeps both in Python (as does
+``ZOO_CXX_LAUNCH=0``, under which the extension is never built).
 """
 from __future__ import annotations
 
