@@ -103,80 +103,40 @@ def test_unusual_launches_keep_tritons_launcher(monkeypatch, case):
     assert cxx_launch.register(compiled) is None
 
 
-def test_fast_launch_hands_remembered_kernels_to_the_cxx_launcher(monkeypatch):
+@pytest.fixture
+def recording_kernel(monkeypatch):
+    """test_fast_launch.py's recording stand-ins for a JIT kernel (and its one compiled kernel) and the driver."""
+    monkeypatch.setattr(fast_launch, "driver", test_fast_launch._Driver)
+    return test_fast_launch._Kernel()
+
+
+def test_fast_launch_hands_remembered_kernels_to_the_cxx_launcher(monkeypatch, recording_kernel):
     launched = []
-
-    class Compiled:
-        function, packed_metadata = "function", "metadata"
-
-        def run(self, *args):
-            pytest.fail("Triton's launcher must not run when the C++ one serves")
-
-    class Param:
-        def __init__(self, name, constexpr=False):
-            self.name, self.is_constexpr, self.has_default, self.default = name, constexpr, False, None
-
-    class Kernel:
-        params = [Param("x"), Param("n"), Param("BLOCK", True)]
-        jit = 0
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                Kernel.jit += 1
-                return Compiled()
-            return run
-
-    class Driver:
-        class active:
-            get_current_device = staticmethod(lambda: 0)
-            get_current_stream = staticmethod(lambda device: 1234)
-
-    monkeypatch.setattr(fast_launch, "driver", Driver)
     monkeypatch.setattr(fast_launch, "_cxx_launcher", lambda compiled: (lambda *a: launched.append(a), 7))
-    launch = fast_launch.FastLaunch(Kernel())
+    launch = fast_launch.FastLaunch(recording_kernel)
     x = torch.randn(32)
-    launch[(5,)](x, 32, BLOCK=64)
-    launch[(6, 2)](x, 48, BLOCK=64)
-    assert Kernel.jit == 1 and launched == [(7, 6, 2, 1, 1234, x, 48, 64)]
+    launch[(5,)](x, 32, 0.5, BLOCK=64)
+    launch[(6, 2)](x, 48, 0.25, BLOCK=64)
+    assert len(recording_kernel.jit) == 1 and recording_kernel.compiled.launches == []  # not Triton's launcher
+    assert launched == [(7, 6, 2, 1, 1234, x, 48, 0.25, 64, False)]
 
 
-def test_a_refused_cxx_launch_falls_back_to_tritons_launcher(monkeypatch):
+def test_a_refused_cxx_launch_falls_back_to_tritons_launcher(monkeypatch, recording_kernel):
     """A driver error from the C++ launcher (say, no current context in a new thread) hands the kernel back to
     Triton's launcher, which makes the launch, and keeps it there."""
-    runs, tries = [], []
-
-    class Compiled:
-        function, packed_metadata = "function", "metadata"
-
-        def run(self, *args):
-            runs.append(args)
-
-    class Param:
-        def __init__(self, name):
-            self.name, self.is_constexpr, self.has_default, self.default = name, False, False, None
-
-    class Kernel:
-        params = [Param("x")]
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: Compiled()
-
-    class Driver:
-        class active:
-            get_current_device = staticmethod(lambda: 0)
-            get_current_stream = staticmethod(lambda device: 99)
+    tries = []
 
     def refuse(*args):
         tries.append(args)
         raise RuntimeError("zoo cxx_launch: cuLaunchKernel failed with CUDA error 201")
 
-    monkeypatch.setattr(fast_launch, "driver", Driver)
     monkeypatch.setattr(fast_launch, "_cxx_launcher", lambda compiled: (refuse, 0))
-    launch = fast_launch.FastLaunch(Kernel())
+    launch = fast_launch.FastLaunch(recording_kernel)
     x = torch.randn(8)
     for _ in range(3):
-        launch[(2,)](x)
-    assert len(tries) == 1 and len(runs) == 2  # the first launch compiled; the second fell back; the third stayed
+        launch[(2,)](x, 8, 0.5, BLOCK=64)
+    # the first launch compiled; the second fell back; the third stayed with Triton's launcher
+    assert len(recording_kernel.jit) == 1 and len(tries) == 1 and len(recording_kernel.compiled.launches) == 2
 
 
 def _buildable() -> str | None:
@@ -330,10 +290,9 @@ def test_native_argument_classes_key_launches_as_the_python_ones_do(ext):
         ext.argument_classes([torch.randn(2)])
 
 
-def test_fast_launch_hits_under_the_native_classes(ext, monkeypatch):
+def test_fast_launch_hits_under_the_native_classes(ext, recording_kernel):
     """test_fast_launch.py's hit and miss rules, keyed by the extension's classes."""
-    monkeypatch.setattr(fast_launch, "driver", test_fast_launch._Driver)
-    kernel = test_fast_launch._Kernel()
+    kernel = recording_kernel
     fast_launch.use_native_argument_classes(ext.argument_classes)
     try:
         launch = fast_launch.FastLaunch(kernel)
