@@ -22,6 +22,7 @@ op with the same metadata every step.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -111,6 +112,7 @@ def _by_priority(op: str) -> list[Backend]:
         cached = (backends, values, _highest_first(values))
         _ORDER[op] = cached
         _CHOICES.pop(op, None)  # choices remembered by dispatch were made among the old backends
+        _PLANS.pop(op, None)
     return cached[2]
 
 
@@ -262,8 +264,10 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
 
     Args:
         key: the :func:`call_key` of the op's raw arguments, whose checks have passed: the choice is then made once
-            per (key, ``backend``, ``ZOO_OPS_BACKEND``, grad mode). Only for ops whose checks and backend rules
-            read metadata, never tensor values.
+            per (key, ``backend``, ``ZOO_OPS_BACKEND``, grad mode), and, with call plans on (``ZOO_CALL_PLANS=1``),
+            a call that autograd does not record is replayed from its plan (:mod:`zoo.ops.triton.call_plans`) from
+            the third time on. Only for ops whose checks, backend rules and backends read metadata, never tensor
+            values, and that pass their keyword arguments here in one order.
     """
     if key is None:
         return select_backend(op, backend, *args, **kwargs).fn(*args, **kwargs)
@@ -276,4 +280,63 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
         wanted = backend or _env_choice(op)
         if not wanted or chosen.name == wanted:  # a fallback is chosen again each call: its warning stays reachable
             _remember(_CHOICES, op, memo_key, chosen)
+        return chosen.fn(*args, **kwargs)
+    if _plans is not None and _recording is None:
+        plan = _PLANS.get(op, _NO_PLANS).get(memo_key, 0)
+        if plan.__class__ is int:  # recordings so far
+            if plan < _PLAN_TRIES:
+                return _record(op, memo_key, chosen, plan, args, kwargs)
+        elif not _plans[2](_plans[3].runtime):  # no launch hooks (a profiler's) that a replay would bypass
+            try:
+                out = plan.replay(*args, *kwargs.values())
+            except RuntimeError:  # the driver refused a launch: the backend serves this call from now on
+                _PLANS[op][memo_key] = _PLAN_TRIES
+                out = None
+            if out is not None:
+                return out
     return chosen.fn(*args, **kwargs)
+
+
+# Plans of remembered calls (zoo.ops.triton.call_plans): op -> {dispatch memo key: its Plan, or how many recordings
+# found none (at _PLAN_TRIES, none is tried again)}. Plans are on once use_call_plans has been given the extension.
+_PLANS: dict[str, dict[tuple, Any]] = {}
+_NO_PLANS: dict[tuple, Any] = {}
+_PLAN_TRIES = 3
+_plans: tuple | None = None  # (call_plans, the extension, fast_launch._hooked, triton's knobs)
+_recording: int | None = None  # the thread recording an op call: calls made meanwhile run their backends
+
+
+def use_call_plans(call_plans: Any | None, ext: Any | None = None) -> None:
+    """Replay remembered calls from plans made by the module ``call_plans`` (:mod:`zoo.ops.triton.call_plans`)
+    with the C++ extension ``ext``; or (None) never again, forgetting every plan."""
+    global _plans
+    _PLANS.clear()
+    if call_plans is None:
+        _plans = None
+        return
+    from .triton import fast_launch
+
+    _plans = (call_plans, ext, fast_launch._hooked, fast_launch.knobs)
+
+
+def forget_plans() -> None:
+    """Drop every plan (a backend's launch knobs changed: calls are recorded again)."""
+    _PLANS.clear()
+
+
+def _record(op: str, memo_key: tuple, chosen: Backend, tries: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Run the chosen backend while recording the call's plan, and remember the plan or the failed try."""
+    global _recording
+    call_plans, ext = _plans[0], _plans[1]
+    if not call_plans.plannable_call(args, kwargs):
+        _remember(_PLANS, op, memo_key, _PLAN_TRIES)
+        return chosen.fn(*args, **kwargs)
+    _recording = threading.get_ident()
+    try:
+        out, plan, retry = call_plans.record(ext, chosen.fn, args, kwargs)
+    finally:
+        _recording = None
+    if isinstance(plan, str):
+        plan = tries + 1 if retry else _PLAN_TRIES
+    _remember(_PLANS, op, memo_key, plan)
+    return out

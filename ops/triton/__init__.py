@@ -264,13 +264,17 @@ def is_num_warps(value: Any) -> bool:
 
 @contextlib.contextmanager
 def _overridden(knobs: dict[str, Any], values: dict[str, Any]) -> Iterator[None]:
+    from .._dispatch import forget_plans
+
     old = dict(knobs)
     knobs.update(values)
+    forget_plans()  # the eager calls' plans hold launches made under the knobs before
     try:
         yield
     finally:
         knobs.clear()
         knobs.update(old)
+        forget_plans()
 
 
 def check_tile_edge(name: str, value: int | None) -> None:

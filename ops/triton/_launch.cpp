@@ -6,8 +6,10 @@
 // positional parameter, constexprs included as "skip"); a launch then passes the entry's index, the grid, the stream
 // and the kernel's positional arguments. Built with torch's headers (tensors are read through THPVariable) and no
 // CUDA headers: the driver entry point is looked up in the already loaded libcuda at the first launch. FastLaunch's
-// argument classes (zoo.ops.triton.fast_launch.argument_classes) are computed here too.
+// argument classes (zoo.ops.triton.fast_launch.argument_classes) are computed here too, and the call plans of
+// zoo.ops.triton.call_plans (a recorded op call's allocations and launches) are kept and replayed here.
 #include <torch/extension.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -52,21 +54,39 @@ constexpr int64_t kMaxParams = 96;
 
 std::deque<Entry> entries;  // a deque: registering never moves the entries a launch reads
 LaunchFn launch_fn = nullptr;
+using ContextFn = int (*)(void** context);
+ContextFn context_fn = nullptr;
+PyObject* observer = nullptr;  // tests: called with each launch's parameters instead of the driver
 
-// The driver's cuLaunchKernel from the libcuda the process has loaded (torch's CUDA runtime loads it), or null
-// with a Python error set.
-LaunchFn driver_launch() {
-  if (launch_fn == nullptr) {
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
-    if (lib == nullptr) {
-      PyErr_Format(PyExc_RuntimeError, "zoo cxx_launch: libcuda.so.1 cannot be opened: %s", dlerror());
-      return nullptr;
-    }
-    launch_fn = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
-    if (launch_fn == nullptr) PyErr_SetString(PyExc_RuntimeError, "zoo cxx_launch: no cuLaunchKernel in libcuda");
+// The driver's cuLaunchKernel and cuCtxGetCurrent from the libcuda the process has loaded (torch's CUDA runtime loads
+// it); false with a Python error set.
+bool load_driver() {
+  if (launch_fn != nullptr) return true;
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
+  if (lib == nullptr) {
+    PyErr_Format(PyExc_RuntimeError, "zoo cxx_launch: libcuda.so.1 cannot be opened: %s", dlerror());
+    return false;
   }
-  return launch_fn;
+  context_fn = reinterpret_cast<ContextFn>(dlsym(lib, "cuCtxGetCurrent"));
+  launch_fn = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+  if (launch_fn == nullptr || context_fn == nullptr) {
+    launch_fn = nullptr;
+    PyErr_SetString(PyExc_RuntimeError, "zoo cxx_launch: no cuLaunchKernel or cuCtxGetCurrent in libcuda");
+    return false;
+  }
+  return true;
+}
+
+// The calling thread's current CUDA context (0 while an observer takes the launches); false with a Python error set.
+bool current_context(uintptr_t* out) {
+  *out = 0;
+  if (observer != nullptr) return true;
+  if (!load_driver()) return false;
+  void* context = nullptr;
+  if (context_fn(&context) != 0) context = nullptr;
+  *out = reinterpret_cast<uintptr_t>(context);
+  return true;
 }
 
 int64_t register_kernel(int64_t function, int64_t threads, int64_t shared_bytes, std::vector<int64_t> kinds,
@@ -175,6 +195,35 @@ const Entry* entry_of(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t leadin
   return &entries[index];
 }
 
+// Launches entry `index` on the grid with the packed parameters, or hands them to the observer; an empty grid
+// launches nothing (as Triton's launcher). False with a Python error set.
+bool issue(const Entry& entry, int64_t index, const unsigned long grid[3], void* stream, uint64_t* slots,
+           void** params) {
+  if (grid[0] * grid[1] * grid[2] == 0) return true;
+  if (observer != nullptr) {
+    PyObject* bytes = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(slots),
+                                                static_cast<Py_ssize_t>(entry.params * sizeof(uint64_t)));
+    if (bytes == nullptr) return false;
+    PyObject* result = PyObject_CallFunction(observer, "LkkkKN", static_cast<long long>(index), grid[0], grid[1],
+                                             grid[2], static_cast<unsigned long long>(
+                                                 reinterpret_cast<uintptr_t>(stream)), bytes);
+    Py_XDECREF(result);
+    return result != nullptr;
+  }
+  if (!load_driver()) return false;
+  int rc;
+  // as Triton's launcher: without the GIL, since a launch waits when the device's launch queue is full
+  Py_BEGIN_ALLOW_THREADS
+  rc = launch_fn(entry.function, static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]),
+                 static_cast<unsigned>(grid[2]), entry.threads, 1, 1, entry.shared_bytes, stream, params, nullptr);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) {
+    PyErr_Format(PyExc_RuntimeError, "zoo cxx_launch: cuLaunchKernel failed with CUDA error %d", rc);
+    return false;
+  }
+  return true;
+}
+
 // launch(index, grid_x, grid_y, grid_z, stream, *kernel_args) -> None
 PyObject* launch(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   const Entry* entry = entry_of(args, nargs, 5, "launch(index, grid_x, grid_y, grid_z, stream, *args)");
@@ -189,18 +238,7 @@ PyObject* launch(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   uint64_t slots[kMaxParams];
   void* params[kMaxParams];
   if (!pack_all(*entry, args + 5, nargs - 5, slots, params)) return nullptr;
-  if (grid[0] * grid[1] * grid[2] == 0) Py_RETURN_NONE;  // as Triton's launcher: an empty grid launches nothing
-  if (driver_launch() == nullptr) return nullptr;
-  int rc;
-  // as Triton's launcher: without the GIL, since a launch waits when the device's launch queue is full
-  Py_BEGIN_ALLOW_THREADS
-  rc = launch_fn(entry->function, static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]),
-                 static_cast<unsigned>(grid[2]), entry->threads, 1, 1, entry->shared_bytes, stream, params, nullptr);
-  Py_END_ALLOW_THREADS
-  if (rc != 0) {
-    PyErr_Format(PyExc_RuntimeError, "zoo cxx_launch: cuLaunchKernel failed with CUDA error %d", rc);
-    return nullptr;
-  }
+  if (!issue(*entry, PyLong_AsLongLong(args[0]), grid, stream, slots, params)) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -339,6 +377,288 @@ PyObject* argument_classes(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
+// ---- call plans (zoo.ops.triton.call_plans): an eager op call's allocations and launches, recorded once in Python
+// and replayed here for later calls with the same call key.
+
+enum Source : int64_t {
+  kConstant = 0,       // a scalar (or a scratch pointer): its packed bytes
+  kInputPointer = 1,   // a tensor found in the call's arguments: an argument's data pointer plus a byte offset
+  kBufferPointer = 2,  // a tensor the call allocated: a buffer's data pointer plus a byte offset
+};
+
+struct Reference {
+  int64_t index;   // the argument's or the buffer's position
+  int64_t offset;  // bytes from its data pointer
+};
+
+struct Param {
+  int64_t source;
+  uint64_t bits;                      // kConstant
+  std::vector<Reference> references;  // every argument the pointer lay in when recorded (all must agree), or the
+                                      // one buffer
+  bool aligned;                       // 16-byte aligned when recorded: the kernel was specialised on it
+};
+
+struct PlanLaunch {
+  int64_t entry;
+  unsigned long grid[3];
+  std::vector<Param> params;  // the kernel's parameters, trailing scratch pointers included
+};
+
+struct Buffer {
+  std::vector<int64_t> sizes, strides;
+  at::TensorOptions options;
+};
+
+struct Output {
+  int64_t buffer;  // -1: None
+  std::vector<int64_t> sizes, strides;
+  int64_t offset;  // elements past the buffer's own storage offset
+  bool whole;      // the buffer itself
+};
+
+struct Plan {
+  bool live = false;
+  int autocast = -1;  // CUDA autocast's dtype when recorded, -1 off: a backend may read it (a weight cast, say)
+  Py_ssize_t inputs = 0;
+  uintptr_t context = 0;
+  PyObject* stream_fn = nullptr;  // stream_fn(device) -> the current stream's handle
+  PyObject* device = nullptr;
+  std::vector<Buffer> buffers;
+  std::vector<PlanLaunch> launches;
+  std::vector<Output> outputs;
+  bool as_tuple = false;
+};
+
+constexpr Py_ssize_t kMaxInputs = 64;
+
+int cuda_autocast() {
+  return at::autocast::is_autocast_enabled(at::kCUDA) ? static_cast<int>(at::autocast::get_autocast_dtype(at::kCUDA))
+                                                      : -1;
+}
+
+std::deque<Plan> plans;  // a deque: registering never moves a plan a replay reads
+std::vector<int64_t> free_plans;
+
+// A kernel parameter of a plan from its recorded positional argument: a pointer argument is given as
+// (source, aligned, ((index, offset), ...)), anything else as the scalar it was.
+Param plan_param(const py::handle& arg, int64_t kind) {
+  Param param{kConstant, 0, {}, false};
+  if (kind != kPointer) {
+    if (!pack(arg.ptr(), kind, &param.bits)) {
+      PyErr_Clear();
+      TORCH_CHECK(false, "zoo call plan: ", py::repr(arg).cast<std::string>(), " does not fit its kernel parameter");
+    }
+    return param;
+  }
+  auto spec = py::cast<py::tuple>(arg);
+  TORCH_CHECK(spec.size() == 3, "zoo call plan: a pointer is (source, aligned, references)");
+  param.source = spec[0].cast<int64_t>();
+  param.aligned = spec[1].cast<bool>();
+  for (const auto& ref : spec[2]) {
+    auto pair = py::cast<py::tuple>(ref);
+    param.references.push_back(Reference{pair[0].cast<int64_t>(), pair[1].cast<int64_t>()});
+  }
+  TORCH_CHECK((param.source == kInputPointer && !param.references.empty()) ||
+                  (param.source == kBufferPointer && param.references.size() == 1),
+              "zoo call plan: a pointer comes from arguments or from one buffer");
+  return param;
+}
+
+// register_plan(...) -> index for replay(index, *arguments). buffers: the tensors the call allocated (their sizes,
+// strides, dtype and device are read); launches: (entry, grid, the kernel's positional arguments, pointers as
+// plan_param reads them); outputs: (buffer or -1 for None, sizes, strides, elements past the buffer's offset).
+int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py::object device,
+                      const std::vector<at::Tensor>& buffers,
+                      const std::vector<std::tuple<int64_t, std::vector<int64_t>, py::list>>& launches,
+                      const std::vector<std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, int64_t>>&
+                          outputs,
+                      bool as_tuple) {
+  TORCH_CHECK(inputs >= 0 && inputs <= kMaxInputs, "zoo call plan: ", inputs, " arguments, at most ", kMaxInputs);
+  Plan plan;
+  plan.inputs = inputs;
+  plan.context = static_cast<uintptr_t>(context);
+  plan.autocast = cuda_autocast();
+  for (const at::Tensor& t : buffers) {
+    plan.buffers.push_back(Buffer{t.sizes().vec(), t.strides().vec(), t.options()});
+  }
+  for (const auto& [index, grid, args] : launches) {
+    TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(entries.size()), "zoo call plan: no kernel ", index);
+    TORCH_CHECK(grid.size() == 3, "zoo call plan: a grid has three sizes");
+    const Entry& entry = entries[index];
+    TORCH_CHECK(args.size() == entry.kinds.size(), "zoo call plan: ", args.size(), " kernel arguments, the kernel "
+                "takes ", entry.kinds.size());
+    PlanLaunch launch{index, {static_cast<unsigned long>(grid[0]), static_cast<unsigned long>(grid[1]),
+                              static_cast<unsigned long>(grid[2])}, {}};
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (entry.kinds[i] == kSkip) continue;
+      Param param = plan_param(args[i], entry.kinds[i]);
+      for (const Reference& ref : param.references) {
+        const int64_t limit = param.source == kInputPointer ? inputs : static_cast<int64_t>(buffers.size());
+        TORCH_CHECK(ref.index >= 0 && ref.index < limit, "zoo call plan: a pointer's reference is out of range");
+      }
+      launch.params.push_back(std::move(param));
+    }
+    for (int64_t t = 0; t < entry.trailing; ++t) launch.params.push_back(Param{kConstant, 0, {}, false});
+    plan.launches.push_back(std::move(launch));
+  }
+  for (const auto& [buffer, sizes, strides, offset] : outputs) {
+    TORCH_CHECK(buffer >= -1 && buffer < static_cast<int64_t>(buffers.size()), "zoo call plan: no buffer ", buffer);
+    bool whole = buffer >= 0 && offset == 0 && sizes == plan.buffers[buffer].sizes &&
+                 strides == plan.buffers[buffer].strides;
+    plan.outputs.push_back(Output{buffer, sizes, strides, offset, whole});
+  }
+  TORCH_CHECK(as_tuple || plan.outputs.size() == 1, "zoo call plan: one output unless a tuple");
+  plan.as_tuple = as_tuple;
+  plan.stream_fn = stream_fn.release().ptr();
+  plan.device = device.release().ptr();
+  plan.live = true;
+  if (!free_plans.empty()) {
+    int64_t slot = free_plans.back();
+    free_plans.pop_back();
+    plans[slot] = std::move(plan);
+    return slot;
+  }
+  plans.push_back(std::move(plan));
+  return static_cast<int64_t>(plans.size()) - 1;
+}
+
+// release_plan(index): forget a plan (its slot is reused).
+void release_plan(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(plans.size()) && plans[index].live,
+              "zoo call plan: no plan ", index);
+  Plan& plan = plans[index];
+  Py_XDECREF(plan.stream_fn);
+  Py_XDECREF(plan.device);
+  plan = Plan();
+  free_plans.push_back(index);
+}
+
+// The pointer a kInputPointer parameter takes from this call's argument pointers: false where an argument has none,
+// the arguments it was found in no longer agree, or its alignment differs from the recorded one.
+bool input_pointer(const Param& param, const uintptr_t* pointers, uint64_t* out) {
+  const Reference& first = param.references[0];
+  if (pointers[first.index] == 0) return false;
+  const uint64_t value = pointers[first.index] + first.offset;
+  for (size_t r = 1; r < param.references.size(); ++r) {
+    const Reference& other = param.references[r];
+    if (pointers[other.index] == 0 || pointers[other.index] + other.offset != value) return false;
+  }
+  *out = value;
+  return ((value & 15) == 0) == param.aligned;
+}
+
+PyObject* plan_outputs(const Plan& plan, const std::vector<at::Tensor>& buffers) {
+  auto wrap = [&](const Output& out) -> PyObject* {
+    if (out.buffer < 0) Py_RETURN_NONE;
+    const at::Tensor& buffer = buffers[out.buffer];
+    if (out.whole) return THPVariable_Wrap(buffer);
+    return THPVariable_Wrap(buffer.as_strided(out.sizes, out.strides, buffer.storage_offset() + out.offset));
+  };
+  if (!plan.as_tuple) return wrap(plan.outputs[0]);
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(plan.outputs.size()));
+  if (tuple == nullptr) return nullptr;
+  for (size_t i = 0; i < plan.outputs.size(); ++i) {
+    PyObject* item = wrap(plan.outputs[i]);
+    if (item == nullptr) {
+      Py_DECREF(tuple);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), item);
+  }
+  return tuple;
+}
+
+// replay(index, *arguments) -> the op's output, or None where this call cannot be replayed (another current
+// context or CUDA autocast state, an argument pointer that no longer agrees with the others or changed alignment): nothing was allocated
+// or launched then. The arguments are the op's, in the recorded order.
+PyObject* replay(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError, "zoo call plan: replay(index, *arguments)");
+    return nullptr;
+  }
+  const long long index = PyLong_AsLongLong(args[0]);
+  if (index == -1 && PyErr_Occurred()) return nullptr;
+  if (index < 0 || index >= static_cast<long long>(plans.size()) || !plans[index].live) {
+    PyErr_SetString(PyExc_IndexError, "zoo call plan: no plan under this index");
+    return nullptr;
+  }
+  const Plan& plan = plans[index];
+  if (nargs - 1 != plan.inputs) {
+    PyErr_Format(PyExc_TypeError, "zoo call plan: %zd arguments given, the plan takes %zd", nargs - 1, plan.inputs);
+    return nullptr;
+  }
+  uintptr_t context;
+  if (!current_context(&context)) return nullptr;
+  if (context != plan.context || cuda_autocast() != plan.autocast) Py_RETURN_NONE;
+  uintptr_t pointers[kMaxInputs];
+  for (Py_ssize_t i = 0; i < plan.inputs; ++i) {
+    pointers[i] = 0;
+    const void* data = nullptr;
+    if (THPVariable_Check(args[1 + i]) && data_pointer(THPVariable_Unpack(args[1 + i]), &data)) {
+      pointers[i] = reinterpret_cast<uintptr_t>(data);
+    }
+  }
+  std::vector<uint64_t> resolved;  // the input pointers, checked before anything is allocated or launched
+  for (const PlanLaunch& launch : plan.launches) {
+    for (const Param& param : launch.params) {
+      if (param.source != kInputPointer) continue;
+      uint64_t value;
+      if (!input_pointer(param, pointers, &value)) Py_RETURN_NONE;
+      resolved.push_back(value);
+    }
+  }
+  std::vector<at::Tensor> buffers;
+  buffers.reserve(plan.buffers.size());
+  for (const Buffer& buffer : plan.buffers) buffers.push_back(at::empty_strided(buffer.sizes, buffer.strides,
+                                                                                 buffer.options));
+  PyObject* handle = PyObject_CallOneArg(plan.stream_fn, plan.device);
+  if (handle == nullptr) return nullptr;
+  void* stream = PyLong_AsVoidPtr(handle);
+  Py_DECREF(handle);
+  if (stream == nullptr && PyErr_Occurred()) return nullptr;
+  size_t next = 0;
+  for (const PlanLaunch& launch : plan.launches) {
+    uint64_t slots[kMaxParams];
+    void* params[kMaxParams];
+    size_t p = 0;
+    for (const Param& param : launch.params) {
+      if (param.source == kConstant) {
+        slots[p] = param.bits;
+      } else if (param.source == kInputPointer) {
+        slots[p] = resolved[next++];
+      } else {
+        const Reference& ref = param.references[0];
+        slots[p] = reinterpret_cast<uint64_t>(buffers[ref.index].data_ptr()) + ref.offset;
+      }
+      params[p] = &slots[p];
+      ++p;
+    }
+    if (!issue(entries[launch.entry], launch.entry, launch.grid, stream, slots, params)) return nullptr;
+  }
+  return plan_outputs(plan, buffers);
+}
+
+// set_launch_observer(fn | None): tests on machines without a GPU; fn(index, grid_x, grid_y, grid_z, stream,
+// parameters: bytes) is called for each launch instead of the driver, and the current context reads 0.
+PyObject* set_launch_observer(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1) {
+    PyErr_SetString(PyExc_TypeError, "zoo cxx_launch: set_launch_observer(fn | None)");
+    return nullptr;
+  }
+  Py_XDECREF(observer);
+  observer = args[0] == Py_None ? nullptr : args[0];
+  Py_XINCREF(observer);
+  Py_RETURN_NONE;
+}
+
+// current_context() -> int: the calling thread's current CUDA context (0: none, or an observer is set).
+PyObject* context_of_thread(PyObject* /*self*/, PyObject* const* /*args*/, Py_ssize_t /*nargs*/) {
+  uintptr_t context;
+  if (!current_context(&context)) return nullptr;
+  return PyLong_FromUnsignedLongLong(context);
+}
+
 PyMethodDef methods[] = {
     {"argument_classes", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(argument_classes)), METH_FASTCALL,
      "argument_classes(args: tuple) -> bytes | None: fast_launch.argument_classes, three bytes an argument"},
@@ -348,11 +668,19 @@ PyMethodDef methods[] = {
      "launch(index, grid_x, grid_y, grid_z, stream, *args): launch a registered kernel"},
     {"packed", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(packed)), METH_FASTCALL,
      "packed(index, *args) -> bytes: the parameter buffer of a launch, 8 bytes a parameter"},
+    {"replay", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(replay)), METH_FASTCALL,
+     "replay(index, *arguments): an op call's allocations and launches from its plan, or None"},
+    {"set_launch_observer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(set_launch_observer)),
+     METH_FASTCALL, "set_launch_observer(fn | None): launches go to fn instead of the driver (tests)"},
+    {"current_context", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(context_of_thread)), METH_FASTCALL,
+     "current_context() -> int: the thread's current CUDA context"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_kernel", &register_kernel, "register a compiled kernel; returns its index");
+  m.def("register_plan", &register_plan, "register an op call's plan; returns its index for replay");
+  m.def("release_plan", &release_plan, "forget a plan");
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), methods) == 0, "zoo cxx_launch: cannot add the launch functions");
 }

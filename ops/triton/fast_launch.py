@@ -19,6 +19,7 @@ fast path off (read when a kernel's launcher is first made).
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -91,11 +92,18 @@ def use_native_argument_classes(fn: Callable[[tuple], bytes | None] | None) -> N
     _native_classes = fn
 
 
+# While zoo.ops.triton.call_plans records an op call: (the recording thread's id, a list that gets each of its launches
+# as (kernel index, grid, positional arguments, compiled kernel, (device function, stream function), device) where the
+# C++ launcher made it, else None). Other threads' launches are not the call's.
+_recorder: tuple[int, list[Any]] | None = None
+
+
 def _hooked(runtime: Any) -> bool:
     """Whether launch hooks are set: a function (triton 3.6), or a non-empty ``HookChain`` (3.8, where the
-    attributes are never None)."""
-    return any(hook is not None and getattr(hook, "calls", True)
-               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    attributes are never None). Asked before every eager launch and op replay."""
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True))
+                or (leave is not None and getattr(leave, "calls", True)))
 
 
 class FastLaunch:
@@ -140,11 +148,15 @@ class FastLaunch:
                 try:
                     cxx[0](cxx[1], grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, *args,
                            *tail)
+                    if _recorder is not None and _recorder[0] == threading.get_ident():
+                        _recorder[1].append((cxx[1], grid, (*args, *tail), compiled, self._current, key[0]))
                     return
                 except RuntimeError:  # the driver refused the launch (no current context, say): Triton's launcher
                     self._compiled[key] = (compiled, tail, None)  # takes this kernel from now on
             compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream,
                          compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+        if _recorder is not None and _recorder[0] == threading.get_ident():  # not a launch a plan can replay
+            _recorder[1].append(None)
 
     def _key(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         """(device, what the specialisation reads of ``args``, the keyword arguments), or None where the JIT path

@@ -3,7 +3,8 @@
 Run as a script in a process started with ``TRITON_INTERPRET=1`` (and ``ZOO_OPS_BACKEND`` naming the Triton
 backends to take): CPU tensors then take the Python of the CUDA path (dispatch, caches, plans, launch arguments),
 while every Triton launch is recorded instead of run. Prints one JSON object: model name -> {"triton": {kernel:
-launches}, "aten": {op: calls not made inside another ATen op}, "casts": dtype conversions}. Usage::
+launches}, "aten": {op: calls not made inside another ATen op}, "casts": dtype conversions, and for an inference
+forward "plans": {"planned" or why not: op calls recorded for a call plan (zoo.ops.triton.call_plans)}}. Usage::
 
     launch_census.py {infer,train} NAME=KWARGS_JSON ...
 
@@ -15,6 +16,7 @@ import collections
 import ctypes
 import json
 import sys
+import types
 
 import torch
 
@@ -31,14 +33,20 @@ _AUTOCAST_OPS = frozenset({"aten::linear", "aten::conv2d", "aten::matmul", "aten
 
 
 class _Recorder:
-    """Stands in for a kernel's launcher: ``launcher[grid](*args)`` counts one launch of ``name``."""
+    """Stands in for a kernel's launcher: ``launcher[grid](*args)`` counts one launch of ``name``, and hands it to
+    the call being recorded for a plan (zoo.ops.triton.call_plans) as the C++ launcher's launches are."""
 
     def __init__(self, name: str, counts: collections.Counter) -> None:
         self.name, self.counts = name, counts
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs) -> None:
+            from zoo.ops.triton import fast_launch
+
             self.counts[self.name] += 1
+            recording = fast_launch._recorder
+            if recording is not None:
+                recording[1].append((0, grid, args, None, (lambda: 0, lambda device: 0), 0))
         return launch
 
 
@@ -118,8 +126,40 @@ def census(mode: str, name: str, kwargs: dict) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = prof.events()
-    return {"triton": dict(sorted(launches.items())), "aten": dict(sorted(_top_level_ops(events).items())),
-            "casts": _casts(events)}
+    result = {"triton": dict(sorted(launches.items())), "aten": dict(sorted(_top_level_ops(events).items())),
+              "casts": _casts(events)}
+    if mode == "infer":
+        result["plans"] = _plan_outcomes(step)
+    return result
+
+
+# Stands in for the C++ extension where plans are registered (the census only asks whether a call has one)
+_PLAN_EXTENSION = types.SimpleNamespace(register_plan=lambda *args: 0, current_context=lambda: 0,
+                                        release_plan=lambda index: None, replay=lambda *args: None)
+
+
+def _plan_outcomes(step) -> dict[str, int]:
+    """With call plans on, one more step, whose op calls (their choices remembered by now) are recorded: how many
+    got a plan ("planned") and, by reason, how many did not."""
+    from zoo.ops import _dispatch
+    from zoo.ops.triton import call_plans
+
+    outcomes = collections.Counter()
+    record = call_plans.record
+
+    def noted(ext, fn, args, kwargs):
+        out, plan, retry = record(ext, fn, args, kwargs)
+        outcomes[plan if isinstance(plan, str) else "planned"] += 1
+        return out, plan, retry
+
+    call_plans.record = noted
+    _dispatch.use_call_plans(call_plans, _PLAN_EXTENSION)
+    try:
+        step()
+    finally:
+        call_plans.record = record
+        _dispatch.use_call_plans(None)
+    return dict(outcomes)
 
 
 def main(mode: str, specs: list[str]) -> None:

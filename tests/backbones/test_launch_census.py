@@ -173,6 +173,14 @@ def test_eager_inference_forward_launches(inference_census, name):
     assert got["casts"] == casts, f"{name}: dtype casts {got['casts']}"
 
 
+@pytest.mark.parametrize("name", EXPECTED)
+def test_eager_inference_op_calls_all_get_call_plans(inference_census, name):
+    """Every op call of an inference forward that is recorded for a call plan gets one: its backend allocates,
+    takes views and launches kernels, nothing else (an ATen op added to a backend's body would show here)."""
+    plans = inference_census[name]["plans"]
+    assert set(plans) == {"planned"} and plans["planned"] >= 2, f"{name}: call plans {plans}"
+
+
 @pytest.mark.parametrize("name", EXPECTED_TRAINING)
 def test_eager_training_step_triton_launches(training_census, name):
     """Triton launches of one eager float16-autocast training step (forward and backward)."""

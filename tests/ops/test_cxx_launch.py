@@ -152,6 +152,7 @@ def ext():
     reason = _buildable()
     if reason is not None:
         pytest.skip(reason)
+    cxx_launch.extension.cache_clear()  # (another test module may have loaded it and reset the keys)
     module = cxx_launch.extension()
     if module is None:
         pytest.fail("the extension did not build on a machine with a C++ compiler")
@@ -169,6 +170,7 @@ def _python_keys() -> None:
 
     _dispatch.use_native_call_key(None)
     fast_launch.use_native_argument_classes(None)
+    _dispatch.use_call_plans(None)
 
 
 def test_packed_parameters_hold_each_argument_as_the_kernel_reads_it(ext):
