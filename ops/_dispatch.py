@@ -289,6 +289,8 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
         elif not _plans[2](_plans[3].runtime):  # no launch hooks (a profiler's) that a replay would bypass
             try:
                 out = plan.replay(*args, *kwargs.values())
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:  # the driver refused a launch: the backend serves this call from now on
                 _PLANS[op][memo_key] = _PLAN_TRIES
                 out = None

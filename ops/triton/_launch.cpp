@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <dlfcn.h>
@@ -573,6 +574,7 @@ PyObject* plan_outputs(const Plan& plan, const std::vector<at::Tensor>& buffers)
 // context or CUDA autocast state, an argument pointer that no longer agrees with the others or changed alignment): nothing was allocated
 // or launched then. The arguments are the op's, in the recorded order.
 PyObject* replay(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS  // an allocation that fails (out of memory) raises torch's Python error
   if (nargs < 1) {
     PyErr_SetString(PyExc_TypeError, "zoo call plan: replay(index, *arguments)");
     return nullptr;
@@ -637,6 +639,7 @@ PyObject* replay(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
     if (!issue(entries[launch.entry], launch.entry, launch.grid, stream, slots, params)) return nullptr;
   }
   return plan_outputs(plan, buffers);
+  END_HANDLE_TH_ERRORS
 }
 
 // set_launch_observer(fn | None): tests on machines without a GPU; fn(index, grid_x, grid_y, grid_z, stream,

@@ -142,8 +142,11 @@ def _plan(ext: Any, inputs: tuple, out: Any, launches: list[tuple], allocations:
                       [_located(a, tensors, allocations) if isinstance(a, torch.Tensor) else a for a in args])
                      for index, grid, args, *_ in launches]
     outputs, as_tuple = _outputs(out, tensors, allocations)
-    index = ext.register_plan(len(inputs), ext.current_context(), stream_fn, device, allocations, plan_launches,
-                              outputs, as_tuple)
+    try:
+        index = ext.register_plan(len(inputs), ext.current_context(), stream_fn, device, allocations,
+                                  plan_launches, outputs, as_tuple)
+    except (RuntimeError, TypeError) as error:  # a value that does not fit its parameter, more than 64 arguments
+        raise _NoPlan(f"the extension refused it: {error}") from error
     return Plan(ext, index, [launch[3] for launch in launches])
 
 

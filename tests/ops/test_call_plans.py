@@ -211,6 +211,19 @@ def test_calls_a_replay_would_get_wrong_take_the_backend_every_time(ext, make_op
     assert set(_dispatch._PLANS["plan_test_0"].values()) == {_dispatch._PLAN_TRIES}  # never recorded again
 
 
+def test_a_plan_the_extension_refuses_leaves_the_call_to_the_backend(ext, make_op, monkeypatch):
+    module, _ = ext
+
+    def refuse(*args):
+        raise RuntimeError("zoo call plan: 65 arguments, at most 64")
+
+    monkeypatch.setattr(module, "register_plan", refuse)
+    op, calls = make_op(_transposed_rows)
+    outs = [op(torch.randn(4, 6), 0.5) for _ in range(4)]
+    assert len(calls) == 4 and all(out.shape == (4, 6) for out in outs)
+    assert set(_dispatch._PLANS["plan_test_0"].values()) == {_dispatch._PLAN_TRIES}
+
+
 def test_calls_autograd_records_are_never_planned(ext, make_op):
     op, calls = make_op(_transposed_rows)
     x = torch.randn(4, 6, requires_grad=True)
