@@ -21,6 +21,7 @@ op with the same metadata every step.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -286,7 +287,7 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
         if plan.__class__ is int:  # recordings so far
             if plan < _PLAN_TRIES:
                 return _record(op, memo_key, chosen, plan, args, kwargs)
-        elif not _plans[2](_plans[3].runtime):  # no launch hooks (a profiler's) that a replay would bypass
+        elif not _plans[2]():  # no launch hooks (a profiler's) that a replay would bypass
             try:
                 out = plan.replay(*args, *kwargs.values())
             except torch.OutOfMemoryError:
@@ -304,7 +305,7 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
 _PLANS: dict[str, dict[tuple, Any]] = {}
 _NO_PLANS: dict[tuple, Any] = {}
 _PLAN_TRIES = 3
-_plans: tuple | None = None  # (call_plans, the extension, fast_launch._hooked, triton's knobs)
+_plans: tuple | None = None  # (call_plans, the extension, whether launch hooks are set: a function of nothing)
 _recording: int | None = None  # the thread recording an op call: calls made meanwhile run their backends
 
 
@@ -318,7 +319,7 @@ def use_call_plans(call_plans: Any | None, ext: Any | None = None) -> None:
         return
     from .triton import fast_launch
 
-    _plans = (call_plans, ext, fast_launch._hooked, fast_launch.knobs)
+    _plans = (call_plans, ext, functools.partial(fast_launch._hooked, fast_launch.knobs.runtime))
 
 
 def forget_plans() -> None:
