@@ -307,6 +307,9 @@ _NO_PLANS: dict[tuple, Any] = {}
 _PLAN_TRIES = 3
 _plans: tuple | None = None  # (call_plans, the extension, whether launch hooks are set: a function of nothing)
 _recording: int | None = None  # the thread recording an op call: calls made meanwhile run their backends
+# held while a call is recorded: FastLaunch notes the launches of one recording thread, so a call that would start
+# a second recording at once (threads serving one model) runs its backend unrecorded instead
+_RECORDING = threading.Lock()
 
 
 def use_call_plans(call_plans: Any | None, ext: Any | None = None) -> None:
@@ -334,11 +337,14 @@ def _record(op: str, memo_key: tuple, chosen: Backend, tries: int, args: tuple, 
     if not call_plans.plannable_call(args, kwargs):
         _remember(_PLANS, op, memo_key, _PLAN_TRIES)
         return chosen.fn(*args, **kwargs)
+    if not _RECORDING.acquire(blocking=False):  # another thread is recording: not a try of this call's
+        return chosen.fn(*args, **kwargs)
     _recording = threading.get_ident()
     try:
         out, plan, retry = call_plans.record(ext, chosen.fn, args, kwargs)
     finally:
         _recording = None
+        _RECORDING.release()
     if isinstance(plan, str):
         plan = tries + 1 if retry else _PLAN_TRIES
     _remember(_PLANS, op, memo_key, plan)

@@ -21,7 +21,8 @@ differs.
 Calls under autograd (grad mode on and an argument requiring grad) are never planned: a replay records no graph.
 A backend must read nothing but the call key's metadata (the dispatch layer's contract for keyed ops) and the CUDA
 autocast state (a replay checks it); changed launch knobs (``use_tiles``) drop every plan. Launch hooks (profilers
-such as proton) send calls back through the backend.
+such as proton) send calls back through the backend. One call is recorded at a time: FastLaunch notes the launches
+of the recording thread, and a call another thread would record meanwhile runs its backend and is recorded later.
 
 Plans are off unless ``ZOO_CALL_PLANS=1`` is set when the extension loads (the first CUDA kernel compile), or
 :func:`zoo.ops._dispatch.use_call_plans` turns them on: they stay opt-in until the whole GPU test suite has run with

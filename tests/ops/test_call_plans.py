@@ -269,6 +269,63 @@ def test_changed_launch_knobs_forget_the_plans_and_their_slots(ext, make_op):
     assert len(calls) == 3
 
 
+def test_a_call_recorded_while_another_thread_records_never_gets_a_plan_missing_a_launch(ext, make_op, monkeypatch):
+    """Thread A's call is being recorded (one of its two launches made) when thread B's call, past dispatch's check
+    too, would start its own recording: B's call must run its backend unrecorded, not take over the launch
+    recorder and end A's recording early (A's plan would replay one of its two launches)."""
+    import threading
+
+    _, launches = ext
+    both_checked, a_launched, b_done = threading.Barrier(2, timeout=10), threading.Event(), threading.Event()
+
+    def two_launches(launch, x, scale, other):
+        y = torch.empty_like(x)
+        launch[(1,)](x, y, x.numel(), scale, BLOCK=16)
+        if threading.current_thread().name == "A":
+            a_launched.set()
+            assert b_done.wait(timeout=10)
+        launch[(2,)](x, y, x.numel(), scale, BLOCK=16)
+        return y
+
+    op, calls = make_op(two_launches)
+    plannable = call_plans.plannable_call
+
+    def checked_in_turn(args, kwargs):  # both calls past dispatch's check; B goes on once A has launched once
+        name = threading.current_thread().name
+        if name in ("A", "B"):
+            both_checked.wait()
+        if name == "B":
+            assert a_launched.wait(timeout=10)
+        return plannable(args, kwargs)
+
+    monkeypatch.setattr(call_plans, "plannable_call", checked_in_turn)
+    xa, xb = torch.randn(4, 6), torch.randn(5, 6)
+    op(xa, 0.5), op(xb, 0.5)  # each key's first call: its choice
+    errors = []
+
+    def call(x, done=None):
+        try:
+            op(x, 0.5)
+        except BaseException as error:  # noqa: BLE001 (reported by the main thread)
+            errors.append(error)
+        finally:
+            if done is not None:
+                done.set()
+
+    threads = [threading.Thread(target=call, args=(xa,), name="A"),
+               threading.Thread(target=call, args=(xb, b_done), name="B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    for x in (xa, xb, xa, xb):  # B's next call is recorded, the others are replays: two launches each
+        before = len(launches)
+        op(x, 0.5)
+        assert len(launches) - before == 2, f"a call of {tuple(x.shape)} made {len(launches) - before} launches"
+    assert len(calls) == 2 + 2 + 1  # the two choices, A's recording, B's unrecorded call and its recording
+
+
 def test_registration_checks_the_plan(ext):
     module, _ = ext
     kernel = module.register_kernel(1, 128, 0, _KINDS, 0)
