@@ -425,3 +425,61 @@ def _replayed_on_a_side_stream(x, r, w, b) -> None:
         torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_threads_serving_one_model_get_the_backends_outputs():
+    """Four threads run bf16 eager inference of one model at once, with plans on, from its first calls (so calls are
+    recorded while other threads replay, run their backends or would record): each output equals, bitwise, the
+    same forward made afterwards in one thread with plans off."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_tiny", embed_dim=96).cuda().eval()
+    inputs = [torch.randn(2, 3, 224, 224, device="cuda") for _ in range(4)]
+
+    @torch.inference_mode()
+    def forward(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x)
+
+    forward(inputs[0])  # compiles the kernels and loads the extension
+    torch.cuda.synchronize()
+    _dispatch.use_call_plans(call_plans, cxx_launch.extension())
+    try:
+        outputs, errors = _forwards_in_threads(forward, inputs, rounds=6)
+        planned = sum(isinstance(p, call_plans.Plan) for table in _dispatch._PLANS.values() for p in table.values())
+    finally:
+        _dispatch.use_call_plans(None)
+    assert not errors, errors
+    assert planned > 0, "no op call of the model was planned"
+    for x, got in zip(inputs, outputs):
+        expected = forward(x)
+        for out in got:
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def _forwards_in_threads(forward, inputs, rounds: int) -> tuple[list[list[torch.Tensor]], list[BaseException]]:
+    """Each input's ``rounds`` forwards in a thread of its own, all started together; (outputs per input, errors)."""
+    import threading
+
+    start = threading.Barrier(len(inputs), timeout=60)
+    outputs: list[list[torch.Tensor]] = [[] for _ in inputs]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                outputs[i].append(forward(inputs[i]))
+            torch.cuda.synchronize()
+        except BaseException as error:  # noqa: BLE001 (reported by the test)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return outputs, errors
