@@ -69,11 +69,25 @@ def _plain_float32(t: torch.Tensor | None) -> bool:
     return t is None or (type(t) in _PLAIN and t.dtype == torch.float32 and not t._is_view())
 
 
-def _state(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> tuple:
-    steps = optimizer_steps()
-    if bias is None:
-        return weight.data_ptr(), weight._version, 0, 0, dtype, steps
-    return weight.data_ptr(), weight._version, bias.data_ptr(), bias._version, dtype, steps
+def _state(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, copy_weight: Callable | None
+           ) -> tuple:
+    """What a cached copy was made from: (the weight's device type, its storage address and version, the bias's (0, 0
+    without one), the autocast dtype, the optimizer steps taken, ``copy_weight``), the layout :func:`_unchanged`
+    reads."""
+    bias_state = (0, 0) if bias is None else (bias.data_ptr(), bias._version)
+    return (weight.device.type, weight.data_ptr(), weight._version, *bias_state, dtype, optimizer_steps(),
+            copy_weight)
+
+
+def _unchanged(state: tuple, weight: torch.Tensor, bias: torch.Tensor | None, copy_weight: Callable | None) -> bool:
+    """Whether :func:`_state` would give ``state`` again for these parameters now, read field by field: it runs
+    before every inference call of every cached layer (the weight's device type is the recorded one, since a
+    weight moved to another device has another storage address)."""
+    device_type = state[0]
+    return (state[7] is copy_weight and state[6] == optimizer_steps() and weight._version == state[2]
+            and weight.data_ptr() == state[1]
+            and (bias is None or (bias._version == state[4] and bias.data_ptr() == state[3]))
+            and torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == state[5])
 
 
 def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None
@@ -95,10 +109,8 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
         # then), read from the parameter dict (``module.weight`` goes through nn.Module.__getattr__, slower)
         params = module._parameters
         weight, bias = params.get("weight"), params.get("bias")
-        if entry[0] is weight and entry[1] is bias:
-            dtype = autocast_dtype(weight.device.type)
-            if dtype is not None and entry[2] == (*_state(weight, bias, dtype), copy_weight):
-                return entry[3], entry[4]
+        if entry[0] is weight and entry[1] is bias and _unchanged(entry[2], weight, bias, copy_weight):
+            return entry[3], entry[4]
     if torch.compiler.is_compiling():
         copies = _traced_copies(module)
         return copies if copies is not None else (module.weight, module.bias)
@@ -113,10 +125,9 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
     if dtype is None:
         return weight, bias
     try:
-        state = _state(weight, bias, dtype)
+        state = _state(weight, bias, dtype, copy_weight)
     except RuntimeError:  # no storage: functorch's wrapped tensors (vmap over stacked parameters)
         return weight, bias
-    state = (*state, copy_weight)
     if entry is not None and entry[0] is weight and entry[1] is bias and entry[2] == state:
         return entry[3], entry[4]
     # outside inference mode: a copy made there could not be saved for a later backward through frozen layers

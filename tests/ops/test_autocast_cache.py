@@ -145,6 +145,23 @@ def test_copies_follow_parameter_updates(update):
     assert torch.equal(_infer(cached, x), _infer(plain, x))
 
 
+def test_copies_follow_the_autocast_state():
+    """A copy made under one autocast dtype is not handed out under another, nor with autocast off."""
+    from zoo.ops.autocast_cache import autocast_weights
+
+    layer = AutocastCachedLinear(8, 4)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):  # (the CPU's default autocast dtype, which it reports when off)
+            w_bf16, b_bf16 = autocast_weights(layer)
+            assert autocast_weights(layer)[0] is w_bf16
+        weight, bias = autocast_weights(layer)
+        with torch.autocast("cpu", torch.float16):
+            w_fp16, b_fp16 = autocast_weights(layer)
+    assert w_bf16.dtype == b_bf16.dtype == torch.bfloat16
+    assert w_fp16.dtype == b_fp16.dtype == torch.float16 and torch.equal(w_fp16, layer.weight.to(torch.float16))
+    assert weight is layer.weight and bias is layer.bias
+
+
 def test_an_optimizer_step_invalidates_the_copies():
     """Every optimizer step drops every copy, whether or not its kernels bump the parameters' version counters. A
     ``.data`` write stands in for an update they do not record; a step that changes nothing follows."""
