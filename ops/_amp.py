@@ -26,5 +26,5 @@ def compute_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dt
     when autocast is on there and x is float32/float16/bfloat16, else x's own dtype. With ``dtype``, the same rule for
     a tensor of that dtype on x's device (a result not made yet, such as a sum)."""
     dtype = x.dtype if dtype is None else dtype
-    amp = autocast_dtype(x.device.type)
+    amp = autocast_dtype("cuda" if x.is_cuda else x.device.type)  # (is_cuda: a fraction of x.device's host time)
     return amp if amp is not None and dtype in _AUTOCAST_INPUTS else dtype
