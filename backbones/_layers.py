@@ -75,8 +75,9 @@ def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor) -> tuple[to
     the residual add's launch is saved, and eager inference of these backbones waits for the host); any other norm
     gets the plain sum.
     """
-    if type(norm) is LayerNorm:
-        return add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps)
+    if type(norm) is LayerNorm:  # (so its parameters are in its dict: not parametrized, whose class is another)
+        params = norm._parameters
+        return add_layer_norm(x, branch, params["weight"], params["bias"], norm.eps)
     total = x + branch
     return total, norm(total)
 
@@ -109,13 +110,15 @@ class DeferredSumBlock(nn.Module):
     def forward_deferred(self, x: torch.Tensor, branch: torch.Tensor | None, *args: Any, **kwargs: Any
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x', branch')``, each ``x``'s shape, whose sum is the block's output on ``x + branch``."""
-        x, h = norm_of_sum(self.norm1, x, branch)
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self._attention(h, *args, **kwargs)))
-        return x, unless_identity(self.drop_path, self.mlp(h))
+        layers = self._modules  # (``self.norm1`` goes through nn.Module.__getattr__, which eager calls pay for)
+        drop_path = layers["drop_path"]
+        x, h = norm_of_sum(layers["norm1"], x, branch)
+        x, h = add_norm(layers["norm2"], x, unless_identity(drop_path, self._attention(h, *args, **kwargs)))
+        return x, unless_identity(drop_path, layers["mlp"](h))
 
     def _attention(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The attention branch on the normalised input ``h`` (before the drop path)."""
-        return self.attn(h, *args, **kwargs)
+        return self._modules["attn"](h, *args, **kwargs)
 
 
 def _hooked(module: nn.Module) -> bool:

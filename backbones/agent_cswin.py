@@ -189,17 +189,19 @@ class CSWinBlock(DeferredSumBlock):
         """The block on ``x + branch`` (on ``x`` when ``branch`` is None), (B, H, W, C): ``(x', branch')``, whose
         sum is its output (see :class:`~zoo.backbones._layers.DeferredSumBlock`)."""
         b, h, w, c = x.shape
-        x, normed = norm_of_sum(self.norm1, x, branch)
-        q, k, v = self.qkv(normed).view(b, h, w, 3, c).unbind(3)
+        layers = self._modules  # (``self.qkv`` goes through nn.Module.__getattr__, which eager calls pay for)
+        attns, drop_path = layers["attns"], layers["drop_path"]
+        x, normed = norm_of_sum(layers["norm1"], x, branch)
+        q, k, v = layers["qkv"](normed).view(b, h, w, 3, c).unbind(3)
         if self.branch_num == 2:
             half = c // 2
-            out = torch.cat([self.attns[0](q[..., :half], k[..., :half], v[..., :half]),
-                             self.attns[1](q[..., half:], k[..., half:], v[..., half:])], dim=-1)
+            out = torch.cat([attns[0](q[..., :half], k[..., :half], v[..., :half]),
+                             attns[1](q[..., half:], k[..., half:], v[..., half:])], dim=-1)
         else:
-            out = self.attns[0](q, k, v)
+            out = attns[0](q, k, v)
         # The official block has a proj_drop module but never applies it; neither do we.
-        x, h = add_norm(self.norm2, x, unless_identity(self.drop_path, self.proj(out)))
-        return x, unless_identity(self.drop_path, self.mlp(h))
+        x, h = add_norm(layers["norm2"], x, unless_identity(drop_path, layers["proj"](out)))
+        return x, unless_identity(drop_path, layers["mlp"](h))
 
 
 class MergeBlock(nn.Module):

@@ -64,11 +64,12 @@ class AgentAttention(nn.Module):
         """(B, 1 + H*W, C) -> (B, 1 + H*W, C); ``grid`` is (H, W), the construction grid when None."""
         b, n, c = x.shape
         grid = tuple(grid) if grid is not None else self.grid_size
+        layers = self._modules  # (``self.qkv`` goes through nn.Module.__getattr__, which eager calls pay for)
         # one head split for q, k and v (each a (B, N, heads, d) view): fewer ops, and eager inference is host-bound
-        qkv = self.qkv(x)
+        qkv = layers["qkv"](x)
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         agent_bias, query_bias = agent_biases(self, grid, grid)
-        conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
+        conv_weight, conv_bias = autocast_weights(layers["dwc"], channels_innermost)
         # agents pooled from the patch queries, and the values' depthwise conv on the patch tokens only, as official:
         # the class token is neither pooled nor gets a conv term
         out = pooled_agent_attention(
@@ -76,7 +77,7 @@ class AgentAttention(nn.Module):
             prefix=1, scale=self.scale, agent_bias=agent_bias, query_bias=query_bias,
             conv_weight=conv_weight, conv_bias=conv_bias,
             dropout_p=self.attn_drop if self.training else 0.0, qkv=qkv)
-        return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return unless_identity(layers["proj_drop"], layers["proj"](out.transpose(1, 2).reshape(b, n, c)))
 
 
 class Attention(nn.Module):

@@ -154,7 +154,9 @@ class AgentAttention(nn.Module):
         """``_concatenated_weights`` kept between eager calls without autograd while the q and kv parameters are
         unchanged (per autocast compute dtype; see :func:`zoo.ops._cache.derived_cache`), or None where they
         cannot be cached (inference-mode parameters, ``torch.func`` transforms)."""
-        sources = tuple(t for t in (self.q.weight, self.q.bias, self.kv.weight, self.kv.bias) if t is not None)
+        # (the layers from the module dict: ``self.q`` goes through nn.Module.__getattr__, which eager calls pay for)
+        q, kv = self._modules["q"], self._modules["kv"]
+        sources = tuple(t for t in (q.weight, q.bias, kv.weight, kv.bias) if t is not None)
         entries = derived_cache(self, sources, _FUSED_PROJECTION)
         if entries is None:
             return None
@@ -171,7 +173,8 @@ class AgentAttention(nn.Module):
         agents_grid = self.agent_shape or self.agent_grid
         agent_bias, query_bias = agent_biases(self, kv_size, size, agents=agents_grid)
         dropout_p = self.attn_drop if self.training else 0.0
-        conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
+        layers = self._modules  # (nn.Module.__getattr__ costs eager calls host time)
+        conv_weight, conv_bias = autocast_weights(layers["dwc"], channels_innermost)
         if kv_size == size:
             # keys on the query grid (sr_ratio 1, the releases): pooling, attention and the values' conv in one op,
             # one launch at the 14x14 and 7x7 stages (fewer host calls; eager inference is host-bound); qkv (traced
@@ -180,7 +183,7 @@ class AgentAttention(nn.Module):
                 self._heads(q), self._heads(k), self._heads(v), grid=size, agent_grid=agents_grid, scale=self.scale,
                 agent_bias=agent_bias, query_bias=query_bias, conv_weight=conv_weight, conv_bias=conv_bias,
                 dropout_p=dropout_p, qkv=qkv)
-            return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, n, c)))
+            return unless_identity(layers["proj_drop"], layers["proj"](out.transpose(1, 2).reshape(b, n, c)))
         agents = pool_agent_tokens(q, size, agents_grid)
         out = agent_attention(self._heads(q), self._heads(k), self._heads(v), self._heads(agents), scale=self.scale,
                               agent_bias=agent_bias, query_bias=query_bias, dropout_p=dropout_p)

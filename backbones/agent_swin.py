@@ -135,17 +135,18 @@ class AgentAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) window(s) -> (B, h, w, C)."""
         b, h, w, c = x.shape
-        qkv = self.qkv(x).view(b, h * w, 3 * c)
+        layers = self._modules  # (``self.qkv`` goes through nn.Module.__getattr__, which eager calls pay for)
+        qkv = layers["qkv"](x).view(b, h * w, 3 * c)
         q, k, v = qkv.view(b, h * w, 3, c).unbind(2)
         agent_bias, query_bias = agent_biases(self, (h, w), (h, w))
-        conv_weight, conv_bias = autocast_weights(self.dwc, channels_innermost)
+        conv_weight, conv_bias = autocast_weights(layers["dwc"], channels_innermost)
         # agents pooled from the window's queries; the values' depthwise conv restores the feature diversity the
         # low-rank agent attention loses (qkv: a compiled training step then gets its gradient in one buffer)
         out = pooled_agent_attention(
             self._heads(q), self._heads(k), self._heads(v), grid=(h, w), agent_grid=self.agent_grid,
             scale=self.scale, agent_bias=agent_bias, query_bias=query_bias, conv_weight=conv_weight,
             conv_bias=conv_bias, dropout_p=self.attn_drop if self.training else 0.0, qkv=qkv)
-        return unless_identity(self.proj_drop, self.proj(out.transpose(1, 2).reshape(b, h, w, c)))
+        return unless_identity(layers["proj_drop"], layers["proj"](out.transpose(1, 2).reshape(b, h, w, c)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

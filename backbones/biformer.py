@@ -104,12 +104,14 @@ class BiLevelRoutingAttention(nn.Module):
         _, h, w, _ = x.shape
         x = self._pad_to_grid(x)
         hp, wp = x.shape[1:3]
-        q, k, v = self.qkv(x)
+        layers = self._modules  # (nn.Module.__getattr__ costs eager calls host time; no LePE: a plain None)
+        q, k, v = layers["qkv"](x)
         out = routing_attention(q, k, v, num_heads=self.num_heads, region_size=(hp // self.n_win, wp // self.n_win),
                                 topk=self.topk, scale=self.scale, routing_scale=self.scale, layout="nhwc")
-        if self.lepe is not None:
-            out = depthwise_conv(v, *autocast_weights(self.lepe, channels_innermost), residual=out)
-        return self.wo(out)[:, :h, :w]
+        lepe = layers.get("lepe")
+        if lepe is not None:
+            out = depthwise_conv(v, *autocast_weights(lepe, channels_innermost), residual=out)
+        return layers["wo"](out)[:, :h, :w]
 
     def _pad_to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad the tokens (before projection: padded tokens become the qkv bias) to a multiple of n_win."""
@@ -183,11 +185,13 @@ class AttentionLePE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        layers = self._modules  # (nn.Module.__getattr__ costs eager calls host time; no LePE: a plain None)
+        q, k, v = layers["qkv"](x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = _global_attention(q, k, v).transpose(1, 2).reshape(b, h, w, c)
-        if self.lepe is not None:
-            out = depthwise_conv(x, *autocast_weights(self.lepe, channels_innermost), residual=out)
-        return self.proj(out)
+        lepe = layers.get("lepe")
+        if lepe is not None:
+            out = depthwise_conv(x, *autocast_weights(lepe, channels_innermost), residual=out)
+        return layers["proj"](out)
 
 
 class NCHWAttentionLePE(nn.Module):
@@ -259,19 +263,24 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _scaled(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        return unless_identity(self.drop_path, x if gamma is None else gamma * x)
+        return unless_identity(self._modules["drop_path"], x if gamma is None else gamma * x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        if self.pos_embed is not None and self.pos_embed.kernel_size[0] == 3:  # same-size: K // 2 == 1
-            x = depthwise_conv(x, *autocast_weights(self.pos_embed, channels_innermost), residual=x)
-        elif self.pos_embed is not None:
-            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # the submodules from their dict (``self.attn`` goes through nn.Module.__getattr__, which eager calls pay
+        # for); a block without a position conv has it as a plain None attribute
+        layers = self._modules
+        pos_embed, norm1, attn, norm2, mlp = (layers.get("pos_embed"), layers["norm1"], layers["attn"],
+                                              layers["norm2"], layers["mlp"])
+        if pos_embed is not None and pos_embed.kernel_size[0] == 3:  # same-size: K // 2 == 1
+            x = depthwise_conv(x, *autocast_weights(pos_embed, channels_innermost), residual=x)
+        elif pos_embed is not None:
+            x = x + pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if self.pre_norm:
-            x, h = add_norm(self.norm2, x, self._scaled(self.attn(self.norm1(x)), self.gamma1))
-            return x + self._scaled(self.mlp(h), self.gamma2)
-        x = self.norm1(x + self._scaled(self.attn(x), self.gamma1))
-        return self.norm2(x + self._scaled(self.mlp(x), self.gamma2))
+            x, h = add_norm(norm2, x, self._scaled(attn(norm1(x)), self.gamma1))
+            return x + self._scaled(mlp(h), self.gamma2)
+        x = norm1(x + self._scaled(attn(x), self.gamma1))
+        return norm2(x + self._scaled(mlp(x), self.gamma2))
 
 
 class NCHWBlock(nn.Module):

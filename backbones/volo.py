@@ -64,13 +64,14 @@ class OutlookAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        v = self.v(x)
+        layers = self._modules  # (``self.v`` goes through nn.Module.__getattr__, which eager calls pay for)
+        v = layers["v"](x)
         # one k^4-per-head logit vector per window, predicted from the window's average (a stride x stride pool)
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.stride, self.stride, ceil_mode=True).permute(0, 2, 3, 1)
-        logits = self.attn(pooled)
+        logits = layers["attn"](pooled)
         x = outlook_attention(v, logits, self.num_heads, self.kernel_size, self.stride, self.padding,
                               scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
-        return unless_identity(self.proj_drop, self.proj(x))
+        return unless_identity(layers["proj_drop"], layers["proj"](x))
 
 
 class _PreNormBlock(DeferredSumBlock):
@@ -117,13 +118,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         b, height, width, channels = x.shape
-        qkv = self.qkv(x).reshape(b, height * width, 3 * channels)
+        layers = self._modules  # (``self.qkv`` goes through nn.Module.__getattr__, which eager calls pay for)
+        qkv = layers["qkv"](x).reshape(b, height * width, 3 * channels)
         q, k, v = split_qkv(qkv, self.num_heads)
         # qkv: training's backward then writes the projection's gradient in one buffer
         x = downsampled_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
                                   qkv=qkv)
         x = x.transpose(1, 2).reshape(b, height, width, channels)
-        return unless_identity(self.proj_drop, self.proj(x))
+        return unless_identity(layers["proj_drop"], layers["proj"](x))
 
 
 class Transformer(_PreNormBlock):
@@ -179,8 +181,10 @@ class ClassBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
-        cls, h = add_norm(self.norm2, x[:, :1], unless_identity(self.drop_path, self.attn(self.norm1(x))))
-        cls = cls + unless_identity(self.drop_path, self.mlp(h))
+        layers = self._modules  # (``self.attn`` goes through nn.Module.__getattr__, which eager calls pay for)
+        drop_path = layers["drop_path"]
+        cls, h = add_norm(layers["norm2"], x[:, :1], unless_identity(drop_path, layers["attn"](layers["norm1"](x))))
+        cls = cls + unless_identity(drop_path, layers["mlp"](h))
         return torch.cat([cls, x[:, 1:]], dim=1)
 
 

@@ -124,11 +124,14 @@ class Mlp(_TimmMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        if (self._fusable_layers and _fuses_now(x, self.fc1, self.fc2)
-                and (not self.training or (self.drop1.p == 0 and self.drop2.p == 0))):
-            return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        if is_identity(self.drop1) and is_identity(self.norm) and is_identity(self.drop2):
-            return self.fc2(self.act(self.fc1(x)))  # the same layers without three calls that change nothing
+        # the submodules from their dict: ``self.fc1`` goes through nn.Module.__getattr__, which eager calls pay for
+        layers = self._modules
+        fc1, fc2, drop1, drop2 = layers["fc1"], layers["fc2"], layers["drop1"], layers["drop2"]
+        if (self._fusable_layers and _fuses_now(x, fc1, fc2)
+                and (not self.training or (drop1.p == 0 and drop2.p == 0))):
+            return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if is_identity(drop1) and is_identity(layers["norm"]) and is_identity(drop2):
+            return fc2(layers["act"](fc1(x)))  # the same layers without three calls that change nothing
         return super().forward(x)
 
 
