@@ -77,7 +77,8 @@ class _Branch(nn.Module):
         given (added by the conv's kernel): v, residual (B, H, W, C) -> (B, H, W, C)."""
         h, w = v.shape[1:3]
         windows = None if residual is None else window_partition(residual, window)
-        conv = depthwise_conv(window_partition(v, window), *autocast_weights(self.get_v, channels_innermost),
+        get_v = self._modules["get_v"]  # (``self.get_v`` goes through nn.Module.__getattr__: eager calls pay)
+        conv = depthwise_conv(window_partition(v, window), *autocast_weights(get_v, channels_innermost),
                               residual=windows)
         return window_reverse(conv, window, h, w)
 

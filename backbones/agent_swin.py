@@ -214,7 +214,7 @@ class AgentSwinBlock(DeferredSumBlock):
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_attn:
-            return self.attn(x)
+            return self._modules["attn"](x)  # (``self.attn`` goes through nn.Module.__getattr__: eager calls pay)
         h, w = x.shape[1:3]
         x = _pad_to_multiple(x, (self.window_size, self.window_size))
         if self.attn_type == "A":

@@ -69,7 +69,8 @@ class _QKVLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., dim) -> q (..., qk_dim), k (..., qk_dim), v (..., dim)."""
-        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        # (the layer from the module dict: ``self.qkv`` goes through nn.Module.__getattr__, which eager calls pay for)
+        return self._modules["qkv"](x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
 
 
 def _lepe_conv(dim: int, kernel: int) -> nn.Conv2d | None:

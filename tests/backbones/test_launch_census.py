@@ -5,8 +5,8 @@ launches (the pooled agent launch, residual sums made by the next norm, the agen
 fused q/kv projection, single-launch backwards) can regress without any output changing. CI has no GPU, so
 ``launch_census.py`` runs the CUDA path's Python in Triton's CPU interpreter with the Triton backends forced and each
 launch recorded instead of run, and these tests pin what a step launches: for a forward, Triton kernels, the ATen ops
-our Python calls directly and the dtype casts; for a training step (whose ATen calls are mostly autograd's), the
-Triton kernels. Thin widths at full depth: the counts follow the depths, not the widths. A change that moves a count
+our Python calls directly, the dtype casts and the module attribute reads through ``nn.Module.__getattr__``; for a
+training step (whose ATen calls are mostly autograd's), the Triton kernels. Thin widths at full depth: the counts follow the depths, not the widths. A change that moves a count
 on purpose updates it here, with the reason.
 """
 from __future__ import annotations
@@ -100,6 +100,16 @@ EXPECTED = {
 }
 
 
+# Per model, calls of nn.Module.__getattr__ in an inference forward. Blocks and their layers read their submodules
+# from the module dict (``self.name`` goes through that Python function: 0.70 against 0.04 us a read on this
+# repository's CPU, and a thin Agent-DeiT-T forward made 277 such reads before); what is left is read once a forward
+# or a stage (stems and their BatchNorms, embeddings, merges, heads), Agent-PVT's q and kv parameters for its cached
+# fused projection (8 blocks x 4; a parameter is read as an attribute, since a parametrized one is a property) and
+# BiFormer's stage-3 attention projections.
+MODULE_READS = {"agent_deit_tiny": 13, "agent_pvt_tiny": 70, "agent_swin_t": 41, "agent_cswin_t": 27,
+                "zoo_volo_d1_224": 41, "biformer_tiny": 35}
+
+
 # Per model, a training step (forward and backward): Triton launches by kernel.
 EXPECTED_TRAINING = {
     # each agent block: the pooled launch and its one-launch backward (with the value conv's weight-gradient total),
@@ -179,6 +189,12 @@ def test_eager_inference_op_calls_all_get_call_plans(inference_census, name):
     takes views and launches kernels, nothing else (an ATen op added to a backend's body would show here)."""
     plans = inference_census[name]["plans"]
     assert set(plans) == {"planned"} and plans["planned"] >= 2, f"{name}: call plans {plans}"
+
+
+@pytest.mark.parametrize("name", MODULE_READS)
+def test_eager_inference_forward_reads_submodules_from_their_dicts(inference_census, name):
+    """Calls of nn.Module.__getattr__ in one eager inference forward (a block reading ``self.attn`` would show)."""
+    assert inference_census[name]["module_reads"] == MODULE_READS[name]
 
 
 @pytest.mark.parametrize("name", EXPECTED_TRAINING)
