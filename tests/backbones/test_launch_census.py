@@ -6,8 +6,8 @@ fused q/kv projection, single-launch backwards) can regress without any output c
 ``launch_census.py`` runs the CUDA path's Python in Triton's CPU interpreter with the Triton backends forced and each
 launch recorded instead of run, and these tests pin what a step launches: for a forward, Triton kernels, the ATen ops
 our Python calls directly, the dtype casts and the module attribute reads through ``nn.Module.__getattr__``; for a
-training step (whose ATen calls are mostly autograd's), the Triton kernels. Thin widths at full depth: the counts follow the depths, not the widths. A change that moves a count
-on purpose updates it here, with the reason.
+training step (whose ATen calls are mostly autograd's), the Triton kernels. Thin widths at full depth: the counts
+follow the depths, not the widths. A change that moves a count on purpose updates it here, with the reason.
 """
 from __future__ import annotations
 
