@@ -145,3 +145,42 @@ def test_block_hooks_fire_in_deferred_backbones(name):
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
     assert len(seen) == 1 and seen[0][0] == 1
+
+
+class _Counted(nn.Module):
+    """Wraps a layer and counts its calls."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+_THIN = {"agent_deit_tiny": {"embed_dim": 48}, "agent_pvt_tiny": {"embed_dims": [16, 32, 80, 128]},
+         "agent_swin_t": {"embed_dim": 48}, "agent_cswin_t": {"embed_dim": 32},
+         "zoo_volo_d1_224": {"embed_dims": [96, 192, 192, 192]}, "biformer_tiny": {"embed_dims": [32, 64, 128, 256]}}
+
+
+@pytest.mark.parametrize("name", list(_THIN))
+def test_forwards_call_the_submodules_set_after_construction(name):
+    """Blocks read their submodules from the module dict at each call (not references kept at construction): layers
+    assigned later (a wrapper, as adapters and quantizers install) are the ones called, with the same outputs."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=0, **_THIN[name]).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    block = next(m for m in model.modules() if hasattr(m, "mlp") and (hasattr(m, "attn") or hasattr(m, "attns")))
+    attention = block.attn if hasattr(block, "attn") else block
+    output_layer = "wo" if hasattr(attention, "wo") else "proj"
+    wrapped = {"mlp": _Counted(block.mlp), "norm1": _Counted(block.norm1),
+               output_layer: _Counted(getattr(attention, output_layer))}
+    block.mlp, block.norm1 = wrapped["mlp"], wrapped["norm1"]
+    setattr(attention, output_layer, wrapped[output_layer])
+    with torch.no_grad():
+        got = model(x)
+    assert {key: layer.calls for key, layer in wrapped.items()} == {key: 1 for key in wrapped}
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
