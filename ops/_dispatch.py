@@ -282,7 +282,7 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
         if not wanted or chosen.name == wanted:  # a fallback is chosen again each call: its warning stays reachable
             _remember(_CHOICES, op, memo_key, chosen)
         return chosen.fn(*args, **kwargs)
-    if _plans is not None and _recording is None:
+    if _plans is not None and not _RECORDING.locked():  # (while a call records, calls run their backends)
         plan = _PLANS.get(op, _NO_PLANS).get(memo_key, 0)
         if plan.__class__ is int:  # recordings so far
             if plan < _PLAN_TRIES:
@@ -306,9 +306,9 @@ _PLANS: dict[str, dict[tuple, Any]] = {}
 _NO_PLANS: dict[tuple, Any] = {}
 _PLAN_TRIES = 3
 _plans: tuple | None = None  # (call_plans, the extension, whether launch hooks are set: a function of nothing)
-_recording: int | None = None  # the thread recording an op call: calls made meanwhile run their backends
-# held while a call is recorded: FastLaunch notes the launches of one recording thread, so a call that would start
-# a second recording at once (threads serving one model) runs its backend unrecorded instead
+# held while an op call is recorded; calls made meanwhile (the recorded call's own nested ones, other threads') run
+# their backends: FastLaunch notes the launches of one recording thread, so a second recording at once (threads
+# serving one model) would mix or cut short the first's
 _RECORDING = threading.Lock()
 
 
@@ -332,18 +332,15 @@ def forget_plans() -> None:
 
 def _record(op: str, memo_key: tuple, chosen: Backend, tries: int, args: tuple, kwargs: dict[str, Any]) -> Any:
     """Run the chosen backend while recording the call's plan, and remember the plan or the failed try."""
-    global _recording
     call_plans, ext = _plans[0], _plans[1]
     if not call_plans.plannable_call(args, kwargs):
         _remember(_PLANS, op, memo_key, _PLAN_TRIES)
         return chosen.fn(*args, **kwargs)
     if not _RECORDING.acquire(blocking=False):  # another thread is recording: not a try of this call's
         return chosen.fn(*args, **kwargs)
-    _recording = threading.get_ident()
     try:
         out, plan, retry = call_plans.record(ext, chosen.fn, args, kwargs)
     finally:
-        _recording = None
         _RECORDING.release()
     if isinstance(plan, str):
         plan = tries + 1 if retry else _PLAN_TRIES

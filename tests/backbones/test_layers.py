@@ -11,6 +11,7 @@ import zoo.backbones._layers as layers
 from zoo.backbones._layers import (BlockSequence, ChannelsLastSequential, DeferredSumBlock, add_norm, check_images,
                                    init_linears, norm_of_sum, run_blocks)
 from zoo.ops import LayerNorm
+from test_launch_census import THIN  # (the tuned models' thin widths)
 
 
 def test_init_linears_draws_truncated_normal_weights_and_zero_biases():
@@ -159,17 +160,12 @@ class _Counted(nn.Module):
         return self.inner(*args, **kwargs)
 
 
-_THIN = {"agent_deit_tiny": {"embed_dim": 48}, "agent_pvt_tiny": {"embed_dims": [16, 32, 80, 128]},
-         "agent_swin_t": {"embed_dim": 48}, "agent_cswin_t": {"embed_dim": 32},
-         "zoo_volo_d1_224": {"embed_dims": [96, 192, 192, 192]}, "biformer_tiny": {"embed_dims": [32, 64, 128, 256]}}
-
-
-@pytest.mark.parametrize("name", list(_THIN))
+@pytest.mark.parametrize("name", list(THIN))
 def test_forwards_call_the_submodules_set_after_construction(name):
     """Blocks read their submodules from the module dict at each call (not references kept at construction): layers
     assigned later (a wrapper, as adapters and quantizers install) are the ones called, with the same outputs."""
     torch.manual_seed(0)
-    model = zoo.create_model(name, num_classes=0, **_THIN[name]).eval()
+    model = zoo.create_model(name, num_classes=0, **THIN[name]).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = model(x)
