@@ -44,9 +44,7 @@ def _load(monkeypatch, plans: str | None):
 
 
 def _reset() -> None:
-    _dispatch.use_native_call_key(None)
-    fast_launch.use_native_argument_classes(None)
-    _dispatch.use_call_plans(None)
+    test_cxx_launch._python_keys()  # keys in Python again, plans off
     cxx_launch.extension.cache_clear()  # the next kernel compiled loads it again, with its keys
 
 
