@@ -265,7 +265,7 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
 
     Args:
         key: the :func:`call_key` of the op's raw arguments, whose checks have passed: the choice is then made once
-            per (key, ``backend``, ``ZOO_OPS_BACKEND``, grad mode), and, with call plans on (``ZOO_CALL_PLANS=1``),
+            per (key, ``backend``, ``ZOO_OPS_BACKEND``, grad mode), and, with call plans on (the default),
             a call that autograd does not record is replayed from its plan (:mod:`zoo.ops.triton.call_plans`) from
             the third time on. Only for ops whose checks, backend rules and backends read metadata, never tensor
             values, and that pass their keyword arguments here in one order.

@@ -24,9 +24,9 @@ autocast state (a replay checks it); changed launch knobs (``use_tiles``) drop e
 such as proton) send calls back through the backend. One call is recorded at a time: FastLaunch notes the launches
 of the recording thread, and a call another thread would record meanwhile runs its backend and is recorded later.
 
-Plans are off unless ``ZOO_CALL_PLANS=1`` is set when the extension loads (the first CUDA kernel compile), or
-:func:`zoo.ops._dispatch.use_call_plans` turns them on: they stay opt-in until the whole GPU test suite has run with
-them (BENCHMARKS.md, seventy-first session).
+Plans are on once the extension loads (the first CUDA kernel compile) unless ``ZOO_CALL_PLANS=0`` is set then;
+:func:`zoo.ops._dispatch.use_call_plans` turns them on or off at any time. The whole GPU test suite passes with them
+(BENCHMARKS.md, seventy-third session).
 """
 from __future__ import annotations
 

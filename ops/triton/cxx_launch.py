@@ -19,8 +19,8 @@ Once loaded, the extension also computes the two keys an eager op call looks thi
 call key (:func:`zoo.ops._dispatch.call_key`, for the op's checks and backend choice; 0.78 against 2.73 us for a
 LayerNorm call's five arguments on this repository's CPU) and FastLaunch's argument classes (for the compiled
 kernel; 0.4 against 2.3 us for that kernel's eleven arguments). ``ZOO_CXX_KEYS=0`` keeps both in Python (as does
-``ZOO_CXX_LAUNCH=0``, under which the extension is never built). With ``ZOO_CALL_PLANS=1`` it also replays whole
-eager op calls (:mod:`~zoo.ops.triton.call_plans`).
+``ZOO_CXX_LAUNCH=0``, under which the extension is never built). It also replays whole eager op calls
+(:mod:`~zoo.ops.triton.call_plans`; ``ZOO_CALL_PLANS=0`` keeps every call on its backend).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def extension() -> Any | None:
 
         use_native_call_key(module.call_key)
         use_native_argument_classes(module.argument_classes)
-    if os.environ.get("ZOO_CALL_PLANS", "0") == "1":  # (opt-in: see call_plans)
+    if os.environ.get("ZOO_CALL_PLANS", "1") != "0":
         from .. import _dispatch
         from . import call_plans
 

@@ -49,11 +49,11 @@ def _reset() -> None:
 
 
 @pytest.mark.parametrize("setting", [None, "0", "1"])
-def test_plans_are_on_only_when_asked(monkeypatch, setting):
+def test_plans_are_on_unless_turned_off(monkeypatch, setting):
     try:
         module = _load(monkeypatch, setting)
-        assert (_dispatch._plans is not None) == (setting == "1")
-        if setting == "1":
+        assert (_dispatch._plans is not None) == (setting != "0")
+        if setting != "0":
             assert _dispatch._plans[0] is call_plans and _dispatch._plans[1] is module
     finally:
         _reset()
