@@ -33,7 +33,7 @@ import torch
 from ._cache import functorch_transforming
 
 __all__ = ["Backend", "register_backend", "available_backends", "registered_backends", "select_backend", "dispatch",
-           "BackendUnavailable", "call_key", "validated"]
+           "BackendUnavailable", "call_key", "validated", "planned"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -283,21 +283,49 @@ def dispatch(op: str, backend: str | None, *args: Any, key: tuple | None = None,
             _remember(_CHOICES, op, memo_key, chosen)
         return chosen.fn(*args, **kwargs)
     if _plans is not None and not _RECORDING.locked():  # (while a call records, calls run their backends)
-        plan = _PLANS.get(op, _NO_PLANS).get(memo_key, 0)
-        if plan.__class__ is int:  # recordings so far
-            if plan < _PLAN_TRIES:
-                return _record(op, memo_key, chosen, plan, args, kwargs)
-        elif not _plans[2]():  # no launch hooks (a profiler's) that a replay would bypass
-            try:
-                out = plan.replay(*args, *kwargs.values())
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError:  # the driver refused a launch: the backend serves this call from now on
-                _PLANS[op][memo_key] = _PLAN_TRIES
-                out = None
-            if out is not None:
-                return out
+        return _planned_call(op, memo_key, chosen.fn, args, kwargs)
     return chosen.fn(*args, **kwargs)
+
+
+def planned(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, replayed from a call plan (:mod:`zoo.ops.triton.call_plans`) where plans are on.
+
+    For the launch code inside an autograd Function's ``forward`` and ``backward`` (which run without grad): the
+    op's own call is never planned in training, since a replay would record no graph, but the body's allocations and
+    launches are the same for every call with the same :func:`call_key` of ``args``, and eager training steps wait
+    for that Python as eager inference does. ``name`` names the body (one plan table each); ``fn`` must read only
+    its arguments' metadata and the CUDA autocast state, allocate, take views and launch through the C++ launcher
+    (any other ATen op leaves the call unplanned), and return a tensor or a flat tuple of tensors and None. The
+    first call with a key runs ``fn`` (it may compile kernels); the second records; later ones replay.
+    """
+    if _plans is None or _RECORDING.locked():
+        return fn(*args)
+    key = call_key(*args)
+    if key is None:
+        return fn(*args)
+    if key not in _PLANS.get(name, _NO_PLANS):
+        _remember(_PLANS, name, key, 0)
+        return fn(*args)
+    return _planned_call(name, key, fn, args, {})
+
+
+def _planned_call(op: str, memo_key: tuple, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A call's replay from its plan, else ``fn`` (the chosen backend) while recording one, or just ``fn``."""
+    plan = _PLANS.get(op, _NO_PLANS).get(memo_key, 0)
+    if plan.__class__ is int:  # recordings so far
+        if plan < _PLAN_TRIES:
+            return _record(op, memo_key, fn, plan, args, kwargs)
+    elif not _plans[2]():  # no launch hooks (a profiler's) that a replay would bypass
+        try:
+            out = plan.replay(*args, *kwargs.values())
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # the driver refused a launch: the backend serves this call from now on
+            _PLANS[op][memo_key] = _PLAN_TRIES
+            out = None
+        if out is not None:
+            return out
+    return fn(*args, **kwargs)
 
 
 # Plans of remembered calls (zoo.ops.triton.call_plans): op -> {dispatch memo key: its Plan, or how many recordings
@@ -330,16 +358,17 @@ def forget_plans() -> None:
     _PLANS.clear()
 
 
-def _record(op: str, memo_key: tuple, chosen: Backend, tries: int, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """Run the chosen backend while recording the call's plan, and remember the plan or the failed try."""
+def _record(op: str, memo_key: tuple, fn: Callable[..., Any], tries: int, args: tuple, kwargs: dict[str, Any]
+            ) -> Any:
+    """Run ``fn`` (the chosen backend) while recording the call's plan, and remember the plan or the failed try."""
     call_plans, ext = _plans[0], _plans[1]
     if not call_plans.plannable_call(args, kwargs):
         _remember(_PLANS, op, memo_key, _PLAN_TRIES)
-        return chosen.fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     if not _RECORDING.acquire(blocking=False):  # another thread is recording: not a try of this call's
-        return chosen.fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     try:
-        out, plan, retry = call_plans.record(ext, chosen.fn, args, kwargs)
+        out, plan, retry = call_plans.record(ext, fn, args, kwargs)
     finally:
         _RECORDING.release()
     if isinstance(plan, str):

@@ -40,7 +40,7 @@ from typing import Any, List, Optional, Sequence  # custom_op schemas: torch 2.5
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import call_key, dispatch, register_backend, validated
+from ._dispatch import call_key, dispatch, planned, register_backend, validated
 from .triton import (direct, inputs_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2, no_device_reason,
                       on_device, traced)
 
@@ -313,13 +313,18 @@ class _BiasMaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, an, ah, aw, na, ha, wa, ac, ca, key_size, query_size):
         ctx.layout = (tuple(an.shape[2:]), key_size, query_size, int(ac is not None))
-        return _maps_forward(an, ah, aw, na, ha, wa, ac, ca, key_size, query_size)
+        return planned("agent_bias_maps.forward", _maps_forward, an, ah, aw, na, ha, wa, ac, ca, key_size, query_size)
 
     @staticmethod
     def backward(ctx, dkey, dquery):
-        grads = _maps_backward(dkey, dquery, *ctx.layout)
+        grads = planned("agent_bias_maps.backward", _planned_maps_backward, dkey, dquery, *ctx.layout)
         wanted = ctx.needs_input_grad
         return (*(g if wanted[i] else None for i, g in enumerate(grads)), None, None)
+
+
+def _planned_maps_backward(dkey, dquery, source, key_size, query_size, cls) -> tuple:
+    """:func:`_maps_backward` as a tuple (what a call plan returns)."""
+    return tuple(_maps_backward(dkey, dquery, source, key_size, query_size, cls))
 
 
 # traced calls (torch.compile): the same two launches as torch.library ops

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ._amp import autocast_dtype, compute_dtype
-from ._dispatch import call_key, dispatch, register_backend, validated
+from ._dispatch import call_key, dispatch, planned, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, item_extent, kernel_op, kernels_interpreted,
                      needs_grad, next_pow2, no_device_reason, on_device, prev_pow2, sm_count, traced, INT32_MAX)
 
@@ -358,7 +358,8 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, compute):
         w, b = _conv_weights(weight, bias, compute)
-        y = _launch(x, w, b, residual, compute, _out_dtype(residual, compute))
+        # (the launch replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+        y = planned("depthwise_conv.forward", _launch, x, w, b, residual, compute, _out_dtype(residual, compute))
         ctx.save_for_backward(x, w)  # w: in the compute dtype
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -369,7 +370,8 @@ class _DepthwiseConv(torch.autograd.Function):
         wants = ctx.needs_input_grad
         g = grad if grad.dtype == w.dtype else grad.to(w.dtype)  # the conv's output gradient, as autograd casts it
         dtypes = (ctx.dtypes[0] if wants[1] or wants[2] else None, ctx.dtypes[1] if wants[2] else None)
-        dx, dw, db = conv_backward(g, x, w if wants[0] else None, w.shape[-1], dtypes)  # to the output's dtype
+        dx, dw, db = planned("depthwise_conv.backward", conv_backward, g, x, w if wants[0] else None, w.shape[-1],
+                             dtypes)  # to the output's dtype
         return dx, dw if wants[1] else None, db, grad if wants[3] else None, None
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amp import compute_dtype
-from ._dispatch import call_key, dispatch, register_backend, validated
+from ._dispatch import call_key, dispatch, planned, register_backend, validated
 from .triton import (contiguous_or_none, direct, inputs_reason, interpreter_requested, kernel_op, needs_grad,
                      no_device_reason, on_device, sm_count, traced)
 
@@ -353,7 +353,9 @@ class _EagerLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
         x, weight = x.contiguous(), contiguous_or_none(weight)
-        y, mean, rstd = _launch_forward(x, weight, contiguous_or_none(bias), eps, out_dtype)
+        # (the launch replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+        y, mean, rstd = planned("layer_norm.forward", _launch_forward, x, weight, contiguous_or_none(bias), eps,
+                                out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y

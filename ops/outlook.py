@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .triton import (device_reason, direct, dot_precision, interpreter_requested, kernel_op, needs_grad, next_pow2,
                      no_device_reason, on_device, override_knobs, traced)
 from ._checks import check_float_tensors
-from ._dispatch import call_key, dispatch, register_backend, validated
+from ._dispatch import call_key, dispatch, planned, register_backend, validated
 
 __all__ = ["outlook_attention", "outlook_window_grid", "use_tiles"]
 
@@ -268,16 +268,21 @@ def _pixels_like(v: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor
     return torch.zeros_like(v) if kernel_size < stride else torch.empty_like(v)
 
 
-def _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, launch=direct, stats: bool = True):
-    """The output and, with ``stats``, the row log-sum-exps the backward needs (else None: inference)."""
+def _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, launch=direct, stats: bool = True,
+                    defined: bool = True):
+    """The output and, with ``stats``, the row log-sum-exps the backward needs (else None: inference).
+
+    Window rows that fall in the zero padding have no output pixel, so the kernel never writes their log-sum-exp
+    (the backward masks those rows): ``defined`` zeroes them, so that the op's saved output is fully defined
+    (torch.compile's AOT tracing compares every output element); the eager node leaves them unwritten, so that its
+    forward only allocates and launches (a call plan can replay it: ``zoo.ops._dispatch.planned``)."""
     b, height, width, channels = v.shape
     _, h, w, _ = attn.shape
     out = _pixels_like(v, kernel_size, stride)
-    # Window rows that fall in the zero padding have no output pixel, so the kernel never writes their log-sum-exp;
-    # zeros keep the op's saved output fully defined (torch.compile's AOT tracing compares every output element).
     lse = None
     if stats:
-        lse = torch.zeros((b, h, w, num_heads, kernel_size * kernel_size), device=v.device, dtype=torch.float32)
+        lse = (torch.zeros if defined else torch.empty)((b, h, w, num_heads, kernel_size * kernel_size),
+                                                        device=v.device, dtype=torch.float32)
     head_dim = channels // num_heads
     args = (v, attn, out, out if lse is None else lse, height, width, channels, h, w, num_heads, head_dim, scale)
     _launch_gather(_kernels()[0], args, b, height, width, num_heads, head_dim, kernel_size, stride, padding, launch,
@@ -346,6 +351,11 @@ def _backward(ctx, grad_out, _grad_lse):
 _triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _launch_node_forward(v, attn, num_heads, kernel_size, stride, padding, scale):
+    """The eager node's forward launch: output and log-sum-exps, the padding rows' left unwritten."""
+    return _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale, direct, True, False)
+
+
 class _EagerOutlook(torch.autograd.Function):
     """The same kernels without the custom-op layer, for eager calls (``torch.library`` dispatch costs tens of
     microseconds of host time a call); graphs under ``torch.compile`` use the ``torch.library`` ops."""
@@ -353,8 +363,9 @@ class _EagerOutlook(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, attn, num_heads, kernel_size, stride, padding, scale):
         v, attn = v.contiguous(), attn.contiguous()
-        with on_device(v):
-            out, lse = _launch_forward(v, attn, num_heads, kernel_size, stride, padding, scale)
+        with on_device(v):  # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+            out, lse = planned("outlook_attention.forward", _launch_node_forward, v, attn, num_heads, kernel_size,
+                               stride, padding, scale)
         ctx.save_for_backward(v, attn, lse)
         ctx.params = (num_heads, kernel_size, stride, padding, scale)
         return out
@@ -363,7 +374,8 @@ class _EagerOutlook(torch.autograd.Function):
     def backward(ctx, grad_out):
         v, attn, lse = ctx.saved_tensors
         with on_device(v):
-            grad_v, grad_attn = _launch_backward(grad_out.contiguous(), v, attn, lse, *ctx.params)
+            grad_v, grad_attn = planned("outlook_attention.backward", _launch_backward, grad_out.contiguous(), v,
+                                        attn, lse, *ctx.params)
         return grad_v, grad_attn, None, None, None, None, None
 
 

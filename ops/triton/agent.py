@@ -56,7 +56,7 @@ from typing import Callable, NamedTuple, Optional, Sequence  # custom_op schemas
 import torch
 
 from .._amp import compute_dtype
-from .._dispatch import register_backend
+from .._dispatch import planned, register_backend
 from .._qkv import split_qkv
 from ..agent import _agents_like, _grid_maps, _grid_tokens, _window_membership, pool_agent_tokens
 from ..depthwise_conv import _conv_weights, _launch as conv_launch, _sum_parts as sum_parts, conv_backward
@@ -686,33 +686,72 @@ def _same_autograd_base(qkv: torch.Tensor | None, *views: torch.Tensor) -> bool:
     return all(t._base is base for t in views)
 
 
+def _launch_pooled_stats(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
+    """:func:`_launch_pooled` keeping the statistics for the backward, its arguments positional (a call plan's)."""
+    return _launch_pooled(q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale, stats=True)
+
+
 def _pooled_forward(ctx, q, k, v, weight, bias, agent_bias, query_bias, grid, agent_grid, prefix, scale):
     """The fused launch keeping the agents and the aggregation's statistics, its layout recorded on ``ctx`` (the
     caller saves the tensors): returns (output, (the conv's weight in the compute dtype or None, agents, agent
     values, log-sum-exp))."""
     w, cb = _conv_in(weight, bias, compute_dtype(v))
-    out, agents, agent_v, lse = _launch_pooled(q, k, v, w, cb, agent_bias, query_bias, grid, agent_grid, prefix,
-                                               scale, stats=True)
+    out, agents, agent_v, lse = planned("pooled_agent_attention.forward", _launch_pooled_stats, q, k, v, w, cb,
+                                        agent_bias, query_bias, grid, agent_grid, prefix, scale)
     ctx.layout = (grid, agent_grid, prefix, scale, bias is not None)
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     return out, (w, agents, agent_v, lse)
 
 
-def _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, bias_grads: tuple[bool, bool],
-                param_grads: tuple[bool, bool], input_grad: bool, into=None):
-    """The eager node's gradients (dq, dk, dv, d_weight, d_conv_bias, d_agent_bias, d_query_bias) from its output's
-    ``grad`` (B, heads, N, d_v) through :func:`_pooled_grads`, with the layout and dtypes :func:`_pooled_forward`
-    recorded on ``ctx``; ``bias_grads`` / ``param_grads``: whether the agent and query biases / the conv's weight and
-    bias want gradients."""
+def _grad_flags(ctx, agent_bias, query_bias, bias_grads: tuple[bool, bool], param_grads: tuple[bool, bool]
+                ) -> tuple[list, tuple[bool, bool], tuple]:
+    """(layout: grid, agent_grid, prefix, scale; which bias logit gradients to compute; the conv weight's and bias's
+    gradient dtypes, None where not wanted) of an eager node's backward, from what :func:`_pooled_forward` recorded on
+    ``ctx``; ``bias_grads`` / ``param_grads``: whether the agent and query biases / the conv's weight and bias want
+    gradients."""
     *layout, has_bias = ctx.layout
     flags = (agent_bias is not None and bias_grads[0], query_bias is not None and bias_grads[1])
     wants_weight = param_grads[0] or (has_bias and param_grads[1])
     dtypes = (ctx.param_dtypes[0] if wants_weight else None,
               ctx.param_dtypes[1] if wants_weight and param_grads[1] else None)
-    dq, dk, dv, dw, db, dab, dqb = _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
-                                                 tuple(layout), flags, dtypes, input_grad, into)
-    return (dq, dk, dv, dw, db, _bias_grad(dab, agent_bias, flags[0], q.shape[2]),
-            _bias_grad(dqb, query_bias, flags[1], agents.shape[2]))
+    return layout, flags, dtypes
+
+
+def _bias_grads(dab, dqb, agent_bias, query_bias, flags: tuple[bool, bool], m: int, a: int) -> tuple:
+    """The biases' gradients (or None) from their logit gradient buffers; ``m`` keys and ``a`` agents a row."""
+    return _bias_grad(dab, agent_bias, flags[0], m), _bias_grad(dqb, query_bias, flags[1], a)
+
+
+def _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, bias_grads: tuple[bool, bool],
+                param_grads: tuple[bool, bool], input_grad: bool):
+    """The eager node's gradients (dq, dk, dv, d_weight, d_conv_bias, d_agent_bias, d_query_bias) from its output's
+    ``grad`` (B, heads, N, d_v) through :func:`_pooled_grads` (its launches replayed from a call plan where plans are
+    on), with the layout and dtypes :func:`_pooled_forward` recorded on ``ctx`` (see :func:`_grad_flags`)."""
+    layout, flags, dtypes = _grad_flags(ctx, agent_bias, query_bias, bias_grads, param_grads)
+    dq, dk, dv, dw, db, dab, dqb = planned(
+        "pooled_agent_attention.backward", _planned_grads, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v,
+        lse, *layout, *flags, *dtypes, input_grad)
+    return (dq, dk, dv, dw, db, *_bias_grads(dab, dqb, agent_bias, query_bias, flags, q.shape[2], agents.shape[2]))
+
+
+def _planned_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix, scale,
+                   agent_bias_grad, query_bias_grad, weight_dtype, bias_dtype, input_grad) -> tuple:
+    """:func:`_pooled_grads` with flat positional arguments (a call plan's)."""
+    return _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
+                         (grid, agent_grid, prefix, scale), (agent_bias_grad, query_bias_grad),
+                         (weight_dtype, bias_dtype), input_grad)
+
+
+def _planned_qkv_grads(grad, qkv, w, agents, agent_bias, query_bias, agent_v, lse, heads, grid, agent_grid, prefix,
+                       scale, agent_bias_grad, query_bias_grad, weight_dtype, bias_dtype) -> tuple:
+    """:func:`_pooled_grads` of q, k and v as views of ``qkv`` (B, N, 3 * heads * d), with flat positional arguments
+    (a call plan's): (qkv's gradient, d_weight, d_conv_bias, the biases' logit gradient buffers)."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _, _, _, dw, db, dab, dqb = _pooled_grads(grad, *split_qkv(qkv, heads), w, agents, agent_bias, query_bias, agent_v,
+                                              lse, (grid, agent_grid, prefix, scale),
+                                              (agent_bias_grad, query_bias_grad), (weight_dtype, bias_dtype), True,
+                                              split_qkv(dqkv, heads))
+    return dqkv, dw, db, dab, dqb
 
 
 def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, layout: tuple,
@@ -819,10 +858,12 @@ class _PooledQkvAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qkv, w, agents, agent_bias, query_bias, agent_v, lse = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _, _, _, dw, db, dab, dqb = _node_grads(ctx, grad, *split_qkv(qkv, ctx.heads), w, agents, agent_bias,
-                                                query_bias, agent_v, lse, ctx.needs_input_grad[3:5],
-                                                ctx.needs_input_grad[1:3], True, into=split_qkv(dqkv, ctx.heads))
+        layout, flags, dtypes = _grad_flags(ctx, agent_bias, query_bias, ctx.needs_input_grad[3:5],
+                                            ctx.needs_input_grad[1:3])
+        dqkv, dw, db, dab, dqb = planned("pooled_agent_attention.qkv_backward", _planned_qkv_grads, grad, qkv, w,
+                                         agents, agent_bias, query_bias, agent_v, lse, ctx.heads, *layout, *flags,
+                                         *dtypes)
+        dab, dqb = _bias_grads(dab, dqb, agent_bias, query_bias, flags, qkv.shape[1], agents.shape[2])
         return (dqkv if ctx.needs_input_grad[0] else None, dw, db, dab, dqb, None, None, None, None, None)
 
 

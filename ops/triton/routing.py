@@ -88,7 +88,7 @@ import functools
 
 import torch
 
-from .._dispatch import register_backend
+from .._dispatch import planned, register_backend
 from ..routing import route
 from . import (INT32_MAX, check_count, check_tile_edge, device_reason, direct, dot_precision, fp32_dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, sm_count,
@@ -480,8 +480,9 @@ class _EagerRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, index, num_heads, region_h, region_w, scale):
-        with on_device(q):
-            out, lse = _launch_forward(q, k, v, index, num_heads, region_h, region_w, scale)
+        with on_device(q):  # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+            out, lse = planned("routing_attention.forward", _launch_forward, q, k, v, index, num_heads, region_h,
+                               region_w, scale)
         ctx.save_for_backward(q, k, v, index, out, lse)
         ctx.params = (num_heads, region_h, region_w, scale)
         return out
@@ -490,7 +491,8 @@ class _EagerRouting(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, index, out, lse = ctx.saved_tensors
         with on_device(q):
-            dq, dk, dv = _launch_backward(grad_out, q, k, v, out, lse, index, *ctx.params)
+            dq, dk, dv = planned("routing_attention.backward", _launch_backward, grad_out, q, k, v, out, lse, index,
+                                 *ctx.params)
         return dq, dk, dv, None, None, None, None, None
 
 

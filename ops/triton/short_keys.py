@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._dispatch import register_backend
+from .._dispatch import planned, register_backend
 from .._qkv import split_qkv
 from .._sdpa import sdpa
 from . import (INT32_MAX, check_tile_edge, device_reason, direct, dot_precision, item_extent, kernel_op,
@@ -477,8 +477,8 @@ class _EagerShortKeys(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        with on_device(q):
-            out = _launch_forward(q, k, v, scale)
+        with on_device(q):  # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+            out = planned("short_keys_attention.forward", _launch_forward, q, k, v, scale)
         _setup_context(ctx, (q, k, v, scale), out)
         return out
 
@@ -486,7 +486,7 @@ class _EagerShortKeys(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         with on_device(q):
-            return (*_launch_backward(grad_out, q, k, v, ctx.scale), None)
+            return (*planned("short_keys_attention.backward", _launch_backward, grad_out, q, k, v, ctx.scale), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,7 +508,7 @@ class _EagerPackedShortKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, heads, scale):
         with on_device(qkv):
-            out = _launch_forward(*split_qkv(qkv, heads), scale)
+            out = planned("short_keys_attention.packed_forward", _packed_forward, qkv, heads, scale)
         ctx.save_for_backward(qkv)
         ctx.heads, ctx.scale = heads, scale
         return out
@@ -517,7 +517,8 @@ class _EagerPackedShortKeys(torch.autograd.Function):
     def backward(ctx, grad_out):
         qkv, = ctx.saved_tensors
         with on_device(qkv):
-            return _packed_backward(grad_out, qkv, ctx.heads, ctx.scale), None, None
+            return planned("short_keys_attention.packed_backward", _packed_backward, grad_out, qkv, ctx.heads,
+                           ctx.scale), None, None
 
 
 class _EagerShortKeysKB(torch.autograd.Function):
@@ -527,7 +528,7 @@ class _EagerShortKeysKB(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, qkv, heads):
         with on_device(q):
-            out, lse = _launch_forward(q, k, v, scale, stats=True)
+            out, lse = planned("short_keys_attention.kb_forward", _forward_with_stats, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse, qkv)
         ctx.scale, ctx.heads = scale, heads
         return out
@@ -537,10 +538,29 @@ class _EagerShortKeysKB(torch.autograd.Function):
         q, k, v, out, lse, qkv = ctx.saved_tensors
         with on_device(q):
             if qkv is None:
-                return (*_launch_backward_key_blocked(grad_out, q, k, v, out, lse, ctx.scale), None, None, None)
-            dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-            _launch_backward_key_blocked(grad_out, q, k, v, out, lse, ctx.scale, into=split_qkv(dqkv, ctx.heads))
+                return (*planned("short_keys_attention.kb_backward", _launch_backward_key_blocked, grad_out, q, k, v,
+                                 out, lse, ctx.scale), None, None, None)
+            dqkv = planned("short_keys_attention.kb_packed_backward", _packed_backward_key_blocked, grad_out, q, k, v,
+                           out, lse, ctx.scale, qkv, ctx.heads)
             return None, None, None, None, dqkv, None
+
+
+def _forward_with_stats(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_launch_forward` keeping the row statistics (arguments positional: a call plan's)."""
+    return _launch_forward(q, k, v, scale, direct, True)
+
+
+def _packed_forward(qkv, heads: int, scale: float) -> torch.Tensor:
+    """:func:`_launch_forward` on the head-split views of a (B, N, 3 * heads * d) qkv projection."""
+    return _launch_forward(*split_qkv(qkv, heads), scale)
+
+
+def _packed_backward_key_blocked(grad_out, q, k, v, out, lse, scale: float, qkv, heads: int) -> torch.Tensor:
+    """The key-blocked backward's gradient of ``qkv`` (q, k and v its views): dq, dk and dv written into its
+    thirds."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _launch_backward_key_blocked(grad_out, q, k, v, out, lse, scale, into=split_qkv(dqkv, heads))
+    return dqkv
 
 
 # ----------------------------------------------------------------------------------------------------------------

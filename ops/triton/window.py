@@ -64,7 +64,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._dispatch import register_backend
+from .._dispatch import planned, register_backend
 from . import (INT32_MAX, broadcast_strides, check_tile_edge, device_reason, direct, dot_precision,
                item_extent, kernel_op, kernels_interpreted, needs_grad, next_pow2, on_device, override_knobs, traced,
                triton_missing_reason)
@@ -216,11 +216,20 @@ def _launch_forward(q, k, v, bias, window, shift, scale, launch=direct) -> torch
 def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: bool, launch=direct):
     """One kernel (plus a torch sum for the bias gradient): contiguous (B, H, W, heads, d) dq, dk, dv and the bias
     gradient in the bias's shape and dtype (None unless ``bias_grad``)."""
+    dq, dk, dv, partial = _launch_backward_kernel(grad_out, q, k, v, bias, window, shift, scale, bias_grad, launch)
+    return dq, dk, dv, _bias_grad(partial, bias, bias_grad)
+
+
+def _launch_backward_kernel(grad_out, q, k, v, bias, window, shift, scale, bias_grad: bool, launch=direct):
+    """The backward's launch: contiguous (B, H, W, heads, d) dq, dk, dv and, with ``bias_grad``, the bias
+    gradient's float32 partial sums (chunks, nW, heads, N, N) (:func:`_reduce_bias_grad` sums them), else None. It
+    only allocates and launches (a call plan can replay it: ``zoo.ops._dispatch.planned``), unless ``grad_out``'s
+    strides overflow int32 indexing (a copy)."""
     geo = _Geometry(q, v, window, shift, backward=True, has_bias=bias is not None)
     dq, dk = (torch.empty((geo.b, geo.h, geo.w, geo.heads, geo.d), device=q.device, dtype=q.dtype) for _ in "qk")
     dv = torch.empty((geo.b, geo.h, geo.w, geo.heads, geo.dv), device=q.device, dtype=q.dtype)
-    if geo.programs() == 0:  # empty batch or map: nothing to launch (a zero-size grid is an error)
-        return dq, dk, dv, (torch.zeros_like(bias) if bias_grad else None)
+    if geo.programs() == 0:  # empty batch or map: nothing to launch (a zero-size grid is an error), no partial sums
+        return dq, dk, dv, None
     chunk, partial = geo.items_per_program(bias_grad), None
     if bias_grad:
         partial = torch.empty((-(-geo.b // chunk), geo.nwin, geo.heads, geo.n, geo.n), device=q.device,
@@ -235,7 +244,15 @@ def _launch_backward(grad_out, q, k, v, bias, window, shift, scale, bias_grad: b
         q, k, v, q if bias is None else bias, grad_out, dq, dk, dv, dq if partial is None else partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias),
         geo.b, chunk, *geo.runtime(), scale, scale * _LOG2E, **options)
-    return dq, dk, dv, (_reduce_bias_grad(partial, bias) if bias_grad else None)
+    return dq, dk, dv, partial
+
+
+def _bias_grad(partial: torch.Tensor | None, bias: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+    """The bias's gradient from the backward launch's partial sums (zeros where it launched nothing), None unless
+    ``wanted``."""
+    if not wanted:
+        return None
+    return torch.zeros_like(bias) if partial is None else _reduce_bias_grad(partial, bias)
 
 
 def _reduce_bias_grad(partial: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -305,8 +322,9 @@ class _EagerWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, window_h, window_w, shift_y, shift_x, scale):
-        with on_device(q):
-            out = _launch_forward(q, k, v, bias, (window_h, window_w), (shift_y, shift_x), scale)
+        with on_device(q):  # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+            out = planned("window_attention.forward", _launch_forward, q, k, v, bias, (window_h, window_w),
+                          (shift_y, shift_x), scale)
         ctx.save_for_backward(q, k, v, bias)
         ctx.params = (window_h, window_w, shift_y, shift_x, scale)
         return out
@@ -318,9 +336,9 @@ class _EagerWindow(torch.autograd.Function):
         window_h, window_w, shift_y, shift_x, scale = ctx.params
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         with on_device(q):
-            dq, dk, dv, dbias = _launch_backward(grad_out, q, k, v, bias, (window_h, window_w), (shift_y, shift_x),
-                                                 scale, bias_grad)
-        return dq, dk, dv, dbias, None, None, None, None, None
+            dq, dk, dv, partial = planned("window_attention.backward", _launch_backward_kernel, grad_out, q, k, v,
+                                          bias, (window_h, window_w), (shift_y, shift_x), scale, bias_grad)
+        return dq, dk, dv, _bias_grad(partial, bias, bias_grad), None, None, None, None, None
 
 
 def _attend(q, k, v, bias, window: tuple[int, int], shift: tuple[int, int], scale: float) -> torch.Tensor:

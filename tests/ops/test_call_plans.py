@@ -267,6 +267,86 @@ def test_changed_launch_knobs_forget_the_plans_and_their_slots(ext, make_op):
     assert len(calls) == 3
 
 
+@pytest.fixture
+def body_plans():
+    """Forgets the plan tables of the ``planned`` bodies the tests name ``plan_body_*``."""
+    yield
+    for name in [name for name in _dispatch._PLANS if name.startswith("plan_body_")]:
+        _dispatch._PLANS.pop(name)
+
+
+def _rows_body(calls):
+    launch = fast_launch.FastLaunch(_TwoPointerKernel())
+
+    def body(x, scale):
+        calls.append(x)
+        return _transposed_rows(launch, x, scale, None)
+
+    return body
+
+
+def test_planned_bodies_run_twice_then_replay(ext, body_plans):
+    module, launches = ext
+    calls = []
+    body = _rows_body(calls)
+    xs = [torch.randn(4, 6) for _ in range(5)]
+    outs = [_dispatch.planned("plan_body_rows", body, x, 0.5) for x in xs]
+    assert len(calls) == 2  # the first call ran (it may compile), the second recorded, the rest replayed
+    assert isinstance(next(iter(_dispatch._PLANS["plan_body_rows"].values())), call_plans.Plan)
+    assert len(launches) == 4  # the recorded call's launch and three replays
+    for x, out, launch in zip(xs[1:], outs[1:], launches):
+        index, *grid, stream, raw = launch
+        assert grid == [3, 2, 1] and out.shape == (4, 6) and out.stride() == (1, 4)
+        assert raw == module.packed(index, x, out.t()[1:], 24, 0.5, 16)
+    _dispatch.planned("plan_body_rows", body, torch.randn(5, 6), 0.5)  # another key: the body again
+    assert len(calls) == 3
+
+
+def test_planned_bodies_of_an_autograd_function_replay_in_training(ext, body_plans):
+    _, launches = ext
+    calls, grads = [], []
+    body, grad_body = _rows_body(calls), _rows_body(grads)
+
+    class Rows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return _dispatch.planned("plan_body_forward", body, x, 0.5)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _dispatch.planned("plan_body_backward", grad_body, grad, 2.0)
+
+    for _ in range(4):
+        x = torch.randn(4, 6, requires_grad=True)
+        y = Rows.apply(x)  # grad mode on, x requires grad: autograd records the call, its body is planned
+        assert y.requires_grad and y.shape == (4, 6)
+        y.backward(torch.ones(4, 6))
+        assert x.grad.shape == (4, 6)
+    assert len(calls) == 2 and len(grads) == 2
+    assert len(launches) == 2 * 3  # each body: its recording and two replays
+
+
+def test_planned_bodies_stay_unplanned_when_they_run_other_aten_ops(ext, body_plans):
+    launch, calls = fast_launch.FastLaunch(_TwoPointerKernel()), []
+
+    def body(x, scale):
+        calls.append(x)
+        return _runs_aten_op(launch, x, scale, None)
+
+    for _ in range(6):
+        _dispatch.planned("plan_body_aten", body, torch.randn(4, 6), 0.5)
+    assert len(calls) == 6
+    assert set(_dispatch._PLANS["plan_body_aten"].values()) == {_dispatch._PLAN_TRIES}
+
+
+def test_planned_bodies_run_as_they_are_with_plans_off(body_plans):
+    _reset()
+    calls = []
+    for _ in range(4):
+        out = _dispatch.planned("plan_body_off", lambda x: calls.append(x) or x * 2, torch.ones(3))
+    assert len(calls) == 4 and out.tolist() == [2.0, 2.0, 2.0] and "plan_body_off" not in _dispatch._PLANS
+
+
 def test_a_call_recorded_while_another_thread_records_never_gets_a_plan_missing_a_launch(ext, make_op, monkeypatch):
     """Thread A's call is being recorded (one of its two launches made) when thread B's call, past dispatch's check
     too, would start its own recording: B's call must run its backend unrecorded, not take over the launch
@@ -481,3 +561,44 @@ def _forwards_in_threads(forward, inputs, rounds: int) -> tuple[list[list[torch.
     for thread in threads:
         thread.join(timeout=300)
     return outputs, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_t", "biformer_tiny",
+                                  "zoo_volo_d1_224"])
+def test_gpu_training_steps_replay_their_function_bodies_bitwise(name):
+    """bf16 eager training: a forward and backward whose autograd Functions' bodies are replayed (``planned``)
+    against the same step with plans off: the loss and every parameter's gradient, bitwise."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).cuda().train()
+    x = torch.randn(2, *model.pretrained_cfg["input_size"], device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    step()  # compiles the kernels and loads the extension
+    _dispatch.use_call_plans(call_plans, cxx_launch.extension())
+    try:
+        for _ in range(2):
+            step()
+        bodies = [p for name, table in _dispatch._PLANS.items() if "." in name for p in table.values()
+                  if isinstance(p, call_plans.Plan)]
+        assert bodies, "no autograd Function body of the model was planned"
+        replays = []
+        for plan in bodies:
+            plan.replay = _counting(plan.replay, replays)
+        replayed = step()
+        assert len(replays) >= len(bodies)
+    finally:
+        _dispatch.use_call_plans(None)
+    expected = step()
+    assert len(replayed) == len(expected)
+    for got, want in zip(replayed, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
