@@ -5,7 +5,8 @@ backends to take): CPU tensors then take the Python of the CUDA path (dispatch, 
 while every Triton launch is recorded instead of run. Prints one JSON object: model name -> {"triton": {kernel:
 launches}, "aten": {op: calls not made inside another ATen op}, "casts": dtype conversions, and for an inference
 forward "plans": {"planned" or why not: op calls recorded for a call plan (zoo.ops.triton.call_plans)} and
-"module_reads": calls of ``nn.Module.__getattr__``}. Usage::
+"module_reads": calls of ``nn.Module.__getattr__``, for a training step "plans": the same of its autograd Functions'
+bodies}. Usage::
 
     launch_census.py {infer,train} NAME=KWARGS_JSON ...
 
@@ -129,8 +130,8 @@ def census(mode: str, name: str, kwargs: dict) -> dict:
     events = prof.events()
     result = {"triton": dict(sorted(launches.items())), "aten": dict(sorted(_top_level_ops(events).items())),
               "casts": _casts(events)}
+    result["plans"] = _plan_outcomes(step, steps=1 if mode == "infer" else 2)
     if mode == "infer":
-        result["plans"] = _plan_outcomes(step)
         result["module_reads"] = _module_reads(step)
     return result
 
@@ -158,9 +159,10 @@ _PLAN_EXTENSION = types.SimpleNamespace(register_plan=lambda *args: 0, current_c
                                         release_plan=lambda index: None, replay=lambda *args: None)
 
 
-def _plan_outcomes(step) -> dict[str, int]:
-    """With call plans on, one more step, whose op calls (their choices remembered by now) are recorded: how many
-    got a plan ("planned") and, by reason, how many did not."""
+def _plan_outcomes(step, steps: int = 1) -> dict[str, int]:
+    """With call plans on, ``steps`` more steps, the last recording its op calls (their choices remembered by now)
+    and, in training, its autograd Functions' bodies (``zoo.ops._dispatch.planned``, which records a body the second
+    time it sees its key): how many got a plan ("planned") and, by reason, how many did not."""
     from zoo.ops import _dispatch
     from zoo.ops.triton import call_plans
 
@@ -175,7 +177,8 @@ def _plan_outcomes(step) -> dict[str, int]:
     call_plans.record = noted
     _dispatch.use_call_plans(call_plans, _PLAN_EXTENSION)
     try:
-        step()
+        for _ in range(steps):
+            step()
     finally:
         call_plans.record = record
         _dispatch.use_call_plans(None)

@@ -202,3 +202,19 @@ def test_eager_training_step_triton_launches(training_census, name):
     """Triton launches of one eager float16-autocast training step (forward and backward)."""
     got = training_census[name]["triton"]
     assert got == EXPECTED_TRAINING[name], f"{name}: Triton launches {got}"
+
+
+# Per model, the distinct (body, call key) pairs of a training step's autograd Functions (zoo.ops._dispatch.planned),
+# each recorded once, since blocks of one shape share a plan: Agent-DeiT-T's are the bias maps and the pooled
+# attention, forward and backward, at its one shape; Agent-PVT-T's the same at four stage shapes; the others' follow
+# their stage shapes and branch kinds likewise.
+TRAINING_BODY_PLANS = {"agent_deit_tiny": 4, "agent_pvt_tiny": 16, "agent_swin_t": 14, "agent_cswin_t": 20,
+                       "zoo_volo_d1_224": 6, "biformer_tiny": 24}
+
+
+@pytest.mark.parametrize("name", TRAINING_BODY_PLANS)
+def test_eager_training_function_bodies_all_get_call_plans(training_census, name):
+    """Every autograd Function body of a training step gets a call plan when recorded: it allocates, takes views and
+    launches kernels, nothing else (an ATen op added to a body's launch code would show here)."""
+    plans = training_census[name]["plans"]
+    assert plans == {"planned": TRAINING_BODY_PLANS[name]}, f"{name}: body plans {plans}"
