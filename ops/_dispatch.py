@@ -296,9 +296,10 @@ def planned(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     for that Python as eager inference does. ``name`` names the body (one plan table each); ``fn`` must read only
     its arguments' metadata and the CUDA autocast state, allocate, take views and launch through the C++ launcher
     (any other ATen op leaves the call unplanned), and return a tensor or a flat tuple of tensors and None. The
-    first call with a key runs ``fn`` (it may compile kernels); the second records; later ones replay.
+    first call with a key runs ``fn`` (it may compile kernels); the second records; later ones replay. Bodies are
+    planned only where :func:`use_call_plans` turned them on (``ZOO_TRAINING_PLANS=1`` when the extension loads).
     """
-    if _plans is None or _RECORDING.locked():
+    if _plans is None or not _body_plans or _RECORDING.locked():
         return fn(*args)
     key = call_key(*args)
     if key is None:
@@ -334,17 +335,21 @@ _PLANS: dict[str, dict[tuple, Any]] = {}
 _NO_PLANS: dict[tuple, Any] = {}
 _PLAN_TRIES = 3
 _plans: tuple | None = None  # (call_plans, the extension, whether launch hooks are set: a function of nothing)
+_body_plans = False  # whether planned() plans autograd Function bodies too (use_call_plans' ``bodies``)
 # held while an op call is recorded; calls made meanwhile (the recorded call's own nested ones, other threads') run
 # their backends: FastLaunch notes the launches of one recording thread, so a second recording at once (threads
 # serving one model) would mix or cut short the first's
 _RECORDING = threading.Lock()
 
 
-def use_call_plans(call_plans: Any | None, ext: Any | None = None) -> None:
+def use_call_plans(call_plans: Any | None, ext: Any | None = None, bodies: bool | None = None) -> None:
     """Replay remembered calls from plans made by the module ``call_plans`` (:mod:`zoo.ops.triton.call_plans`)
-    with the C++ extension ``ext``; or (None) never again, forgetting every plan."""
-    global _plans
+    with the C++ extension ``ext``; or (None) never again, forgetting every plan. ``bodies``: whether the launch code
+    of eager training's autograd Functions is planned too (:func:`planned`); None reads ``ZOO_TRAINING_PLANS``
+    (off unless set to something other than "0")."""
+    global _plans, _body_plans
     _PLANS.clear()
+    _body_plans = os.environ.get("ZOO_TRAINING_PLANS", "0") != "0" if bodies is None else bool(bodies)
     if call_plans is None:
         _plans = None
         return

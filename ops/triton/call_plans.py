@@ -21,7 +21,8 @@ differs.
 Calls under autograd (grad mode on and an argument requiring grad) are never planned: a replay records no graph.
 Their autograd nodes' forward and backward bodies run without grad, though, and the launch code in them goes through
 :func:`zoo.ops._dispatch.planned`, which records and replays it the same way (one plan table a body), so eager
-training steps replay their kernels' allocations and launches too.
+training steps replay their kernels' allocations and launches too, where ``ZOO_TRAINING_PLANS=1`` (or
+``use_call_plans(..., bodies=True)``) turns that on.
 A backend must read nothing but the call key's metadata (the dispatch layer's contract for keyed ops) and the CUDA
 autocast state (a replay checks it); changed launch knobs (``use_tiles``) drop every plan. Launch hooks (profilers
 such as proton) send calls back through the backend. One call is recorded at a time: FastLaunch notes the launches

@@ -175,7 +175,7 @@ def _plan_outcomes(step, steps: int = 1) -> dict[str, int]:
         return out, plan, retry
 
     call_plans.record = noted
-    _dispatch.use_call_plans(call_plans, _PLAN_EXTENSION)
+    _dispatch.use_call_plans(call_plans, _PLAN_EXTENSION, bodies=True)
     try:
         for _ in range(steps):
             step()

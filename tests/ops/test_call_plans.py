@@ -269,8 +269,11 @@ def test_changed_launch_knobs_forget_the_plans_and_their_slots(ext, make_op):
 
 @pytest.fixture
 def body_plans():
-    """Forgets the plan tables of the ``planned`` bodies the tests name ``plan_body_*``."""
+    """Turns the planning of autograd Function bodies on (``ext`` turned plans on) and afterwards forgets the plan
+    tables of the ``planned`` bodies the tests name ``plan_body_*``."""
+    _dispatch._body_plans = True
     yield
+    _dispatch._body_plans = False
     for name in [name for name in _dispatch._PLANS if name.startswith("plan_body_")]:
         _dispatch._PLANS.pop(name)
 
@@ -337,6 +340,27 @@ def test_planned_bodies_stay_unplanned_when_they_run_other_aten_ops(ext, body_pl
         _dispatch.planned("plan_body_aten", body, torch.randn(4, 6), 0.5)
     assert len(calls) == 6
     assert set(_dispatch._PLANS["plan_body_aten"].values()) == {_dispatch._PLAN_TRIES}
+
+
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_body_plans_are_off_unless_turned_on(monkeypatch, setting):
+    try:
+        if setting is None:
+            monkeypatch.delenv("ZOO_TRAINING_PLANS", raising=False)
+        else:
+            monkeypatch.setenv("ZOO_TRAINING_PLANS", setting)
+        _load(monkeypatch, "1")
+        assert _dispatch._plans is not None and _dispatch._body_plans == (setting == "1")
+    finally:
+        _reset()
+
+
+def test_planned_bodies_run_as_they_are_with_body_plans_off(ext, body_plans):
+    calls = []
+    _dispatch._body_plans = False
+    for _ in range(4):
+        out = _dispatch.planned("plan_body_unplanned", lambda x: calls.append(x) or x * 2, torch.ones(3))
+    assert len(calls) == 4 and out.tolist() == [2.0, 2.0, 2.0] and "plan_body_unplanned" not in _dispatch._PLANS
 
 
 def test_planned_bodies_run_as_they_are_with_plans_off(body_plans):
@@ -584,7 +608,7 @@ def test_gpu_training_steps_replay_their_function_bodies_bitwise(name):
         return [loss.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
 
     step()  # compiles the kernels and loads the extension
-    _dispatch.use_call_plans(call_plans, cxx_launch.extension())
+    _dispatch.use_call_plans(call_plans, cxx_launch.extension(), bodies=True)
     try:
         for _ in range(2):
             step()
