@@ -482,11 +482,15 @@ def test_gpu_models_replay_their_op_calls_bitwise(name):
         _dispatch.use_call_plans(None)
 
 
-def _replayed_against_backends(forward) -> None:
+def _replayed_against_backends(forward, bodies_only: bool = False) -> None:
+    """Two calls of ``forward`` (the plans recorded), a third whose plans all replay, then one with plans off: the
+    third's outputs equal it bitwise. ``bodies_only``: count only the plans of autograd Function bodies (the tables
+    that ``planned`` names ``op.part``)."""
     for _ in range(2):
         forward()
-    plans = [p for table in _dispatch._PLANS.values() for p in table.values() if isinstance(p, call_plans.Plan)]
-    assert plans, "no op call of the model was planned"
+    plans = [p for name, table in _dispatch._PLANS.items() if not bodies_only or "." in name
+             for p in table.values() if isinstance(p, call_plans.Plan)]
+    assert plans, "no autograd Function body of the model was planned" if bodies_only else "no op call was planned"
     replays = []
     for plan in plans:
         plan.replay = _counting(plan.replay, replays)
@@ -610,19 +614,6 @@ def test_gpu_training_steps_replay_their_function_bodies_bitwise(name):
     step()  # compiles the kernels and loads the extension
     _dispatch.use_call_plans(call_plans, cxx_launch.extension(), bodies=True)
     try:
-        for _ in range(2):
-            step()
-        bodies = [p for name, table in _dispatch._PLANS.items() if "." in name for p in table.values()
-                  if isinstance(p, call_plans.Plan)]
-        assert bodies, "no autograd Function body of the model was planned"
-        replays = []
-        for plan in bodies:
-            plan.replay = _counting(plan.replay, replays)
-        replayed = step()
-        assert len(replays) >= len(bodies)
+        _replayed_against_backends(step, bodies_only=True)
     finally:
         _dispatch.use_call_plans(None)
-    expected = step()
-    assert len(replayed) == len(expected)
-    for got, want in zip(replayed, expected):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
