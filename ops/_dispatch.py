@@ -297,7 +297,8 @@ def planned(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     its arguments' metadata and the CUDA autocast state, allocate, take views and launch through the C++ launcher
     (any other ATen op leaves the call unplanned), and return a tensor or a flat tuple of tensors and None. The
     first call with a key runs ``fn`` (it may compile kernels); the second records; later ones replay. Bodies are
-    planned only where :func:`use_call_plans` turned them on (``ZOO_TRAINING_PLANS=1`` when the extension loads).
+    planned wherever call plans are, unless :func:`use_call_plans` turned them off (``ZOO_TRAINING_PLANS=0`` when the
+    extension loads).
     """
     if _plans is None or not _body_plans or _RECORDING.locked():
         return fn(*args)
@@ -346,10 +347,10 @@ def use_call_plans(call_plans: Any | None, ext: Any | None = None, bodies: bool 
     """Replay remembered calls from plans made by the module ``call_plans`` (:mod:`zoo.ops.triton.call_plans`)
     with the C++ extension ``ext``; or (None) never again, forgetting every plan. ``bodies``: whether the launch code
     of eager training's autograd Functions is planned too (:func:`planned`); None reads ``ZOO_TRAINING_PLANS``
-    (off unless set to something other than "0")."""
+    (on unless set to "0")."""
     global _plans, _body_plans
     _PLANS.clear()
-    _body_plans = os.environ.get("ZOO_TRAINING_PLANS", "0") != "0" if bodies is None else bool(bodies)
+    _body_plans = os.environ.get("ZOO_TRAINING_PLANS", "1") != "0" if bodies is None else bool(bodies)
     if call_plans is None:
         _plans = None
         return

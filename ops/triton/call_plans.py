@@ -21,8 +21,8 @@ differs.
 Calls under autograd (grad mode on and an argument requiring grad) are never planned: a replay records no graph.
 Their autograd nodes' forward and backward bodies run without grad, though, and the launch code in them goes through
 :func:`zoo.ops._dispatch.planned`, which records and replays it the same way (one plan table a body), so eager
-training steps replay their kernels' allocations and launches too, where ``ZOO_TRAINING_PLANS=1`` (or
-``use_call_plans(..., bodies=True)``) turns that on.
+training steps replay their kernels' allocations and launches too, unless ``ZOO_TRAINING_PLANS=0`` (or
+``use_call_plans(..., bodies=False)``) turns that off.
 A backend must read nothing but the call key's metadata (the dispatch layer's contract for keyed ops) and the CUDA
 autocast state (a replay checks it); changed launch knobs (``use_tiles``) drop every plan. Launch hooks (profilers
 such as proton) send calls back through the backend. One call is recorded at a time: FastLaunch notes the launches
@@ -30,7 +30,7 @@ of the recording thread, and a call another thread would record meanwhile runs i
 
 Plans are on once the extension loads (the first CUDA kernel compile) unless ``ZOO_CALL_PLANS=0`` is set then;
 :func:`zoo.ops._dispatch.use_call_plans` turns them on or off at any time. The whole GPU test suite passes with them
-(BENCHMARKS.md, seventy-third session).
+(BENCHMARKS.md, seventy-third session), and with the training bodies' plans too (seventy-fifth session).
 """
 from __future__ import annotations
 

@@ -343,14 +343,14 @@ def test_planned_bodies_stay_unplanned_when_they_run_other_aten_ops(ext, body_pl
 
 
 @pytest.mark.parametrize("setting", [None, "0", "1"])
-def test_body_plans_are_off_unless_turned_on(monkeypatch, setting):
+def test_body_plans_are_on_unless_turned_off(monkeypatch, setting):
     try:
         if setting is None:
             monkeypatch.delenv("ZOO_TRAINING_PLANS", raising=False)
         else:
             monkeypatch.setenv("ZOO_TRAINING_PLANS", setting)
         _load(monkeypatch, "1")
-        assert _dispatch._plans is not None and _dispatch._body_plans == (setting == "1")
+        assert _dispatch._plans is not None and _dispatch._body_plans == (setting != "0")
     finally:
         _reset()
 
@@ -605,6 +605,7 @@ def test_gpu_training_steps_replay_their_function_bodies_bitwise(name):
     x = torch.randn(2, *model.pretrained_cfg["input_size"], device="cuda")
 
     def step():
+        torch.manual_seed(0)  # the same stochastic-depth draws in every step (Agent-Swin's default rate is 0.1)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(x).float().square().mean()
