@@ -20,8 +20,8 @@ Backends:
     ``reference``: ``F.layer_norm`` on the inputs cast to float32 (float64 if any input is float64), then cast to
         the output dtype. The definition; any device and dtype, differentiable.
     ``triton``: a forward kernel that also saves each row's mean and rstd (float32), a backward kernel that writes
-        ``dx`` and per-program float32 partial sums of ``dweight``/``dbias``, reduced by ``.sum(0)``: deterministic,
-        no atomics. CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16);
+        ``dx`` and per-program float32 partial sums of ``dweight``/``dbias``, reduced by a second kernel in a fixed
+        order: deterministic, no atomics. CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16);
         ``C <= 8192``; non-contiguous inputs are copied to contiguous ones. Chosen automatically on CUDA only (on CPU
         the interpreter is a test vehicle, far slower than the reference), in eager code only (under
         ``torch.compile`` inductor fuses the reference's LayerNorm with the ops around it), and from the sizes
@@ -206,7 +206,7 @@ def _kernels():
     """The Triton kernels, created on first use (so TRITON_INTERPRET is read then, and importing zoo is cheap)."""
     from .triton.kernels import layer_norm as kernels
 
-    return kernels.forward_kernel, kernels.backward_kernel
+    return kernels.forward_kernel, kernels.backward_kernel, kernels.sum_parts_kernel
 
 
 def _tiles(channels: int) -> tuple[int, int, int]:
@@ -269,8 +269,9 @@ def _forward_kernel_call(x, weight, bias, eps, y, mean, rstd, residual, total, l
 
 def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launch=direct):
     """dy, x contiguous (..., C) -> dx (x's dtype; empty (0,) when not needed) and the float32 sums of the
-    parameters asked for, (need_dw + need_db, C): dweight's row first, then dbias's. One buffer for both sums, reduced
-    by one launch: a launch costs eager training about what its kernel takes, in host time."""
+    parameters asked for, (need_dw + need_db, C): dweight's row first, then dbias's. One buffer for both sums' partial
+    rows, reduced by one launch of a kernel of ours (a launch costs eager training about what its kernel takes, in
+    host time; and a call that only allocates and launches can be replayed from a call plan)."""
     channels = x.shape[-1]
     rows = mean.numel()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty((0,))
@@ -288,7 +289,13 @@ def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launc
             dy, x, x if weight is None else weight, mean, rstd, dx if need_dx else x, x if dw is None else dw,
             x if db is None else db, rows, channels, num_blocks, HAS_W=weight is not None, DX=need_dx, DW=need_dw,
             DB=need_db, BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    return dx, parts.sum(1) if need_dw or need_db else parts[:, 0]  # frozen parameters: no reduction call
+        if not (need_dw or need_db):
+            return dx, parts[:, 0]  # frozen parameters: no reduction
+        sums = torch.empty((need_dw + need_db, channels), dtype=torch.float32, device=x.device)
+        block_c = min(block_c, 128)
+        launch(_kernels()[2])[(need_dw + need_db, _cdiv(channels, block_c))](
+            parts, sums, programs, channels, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
+    return dx, sums
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -364,8 +371,9 @@ class _EagerLayerNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return _input_grads(_launch_backward(grad_out.contiguous(), x, weight, mean, rstd, *need[:3]), need, weight,
-                            ctx.bias_dtype)
+        grads = planned("layer_norm.backward", _launch_backward, grad_out.contiguous(), x, weight, mean, rstd,
+                        *need[:3])
+        return _input_grads(grads, need, weight, ctx.bias_dtype)
 
 
 def _triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,

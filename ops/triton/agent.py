@@ -116,6 +116,7 @@ class _Kernels(NamedTuple):
     backward_keys: Callable
     pooling_grad: Callable
     pooled_backward: Callable
+    grad_sum: Callable
 
 
 def _kernels_interpreted() -> bool:
@@ -130,7 +131,7 @@ def _kernels() -> _Kernels:
 
     return _Kernels(kernels._forward_kernel, kernels._backward_kernel, kernels._pooled_forward_kernel,
                     kernels._backward_queries_kernel, kernels._backward_keys_kernel,
-                    kernels.pooling_grad_kernel, kernels._pooled_backward_kernel)
+                    kernels.pooling_grad_kernel, kernels._pooled_backward_kernel, kernels._agent_grad_sum_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +371,12 @@ def _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, launch=direct
     return out, agent_v, lse
 
 
+def _launch_training_forward(q, k, v, agent, agent_bias, query_bias, scale):
+    """:func:`_launch_forward` of a call that will be differentiated, with flat positional arguments (a call
+    plan's): (out, agent_v, lse)."""
+    return _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, training=True)
+
+
 def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
                      agent_bias_grad: bool, query_bias_grad: bool, launch=direct, into=None):
     """The gradients (module docstring); ``out`` None recomputes the forward's output tiles (where the stored output
@@ -412,9 +419,11 @@ def _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agen
         *agent.stride(), *_bias_strides(agent_bias), *_token_strides(dk), *_token_strides(dv), rows[0], s.heads,
         s.m, s.a, plan.query_splits, scale, scale * _LOG2E, HAS_AB=agent_bias is not None, AB_GRAD=agent_bias_grad,
         **flags)
-    # the splits' d(agent) partials, queries' then keys', summed in a fixed order
-    total = parts_q.sum(0).add_(parts_k.sum(0)).view(s.b, s.heads, s.a, s.d)
-    torch.mul(total, scale, out=da)  # scaled in float32, rounded once into da's dtype
+    # the splits' d(agent) partials, each summed in split order, then scaled in float32 and rounded once into da's
+    # dtype, by a kernel: three ATen reductions would launch as many kernels, and keep the call from a call plan
+    launch(_kernels().grad_sum)[(s.b * s.heads,)](
+        parts_q, parts_k, da, *da.stride(), s.heads, s.a, plan.query_splits, scale, D=s.d,
+        BLOCK_A=plan.constexprs["BLOCK_A"], BLOCK_D=plan.constexprs["BLOCK_D"], num_warps=4)
     return dq, dk, dv, da, dab, dqb
 
 
@@ -517,7 +526,8 @@ class _EagerAgent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, agent, agent_bias, query_bias, scale):
         with on_device(q):
-            out, agent_v, lse = _launch_forward(q, k, v, agent, agent_bias, query_bias, scale, training=True)
+            out, agent_v, lse = planned("agent_attention.forward", _launch_training_forward, q, k, v, agent,
+                                        agent_bias, query_bias, scale)
         _setup_context(ctx, (q, k, v, agent, agent_bias, query_bias, scale), (out, agent_v, lse))
         return out
 
@@ -525,8 +535,8 @@ class _EagerAgent(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, agent, agent_bias, query_bias, out, agent_v, lse = ctx.saved_tensors
         with on_device(q):
-            dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out,
-                                                        agent_v, lse, ctx.scale, *ctx.bias_grads)
+            dq, dk, dv, da, dab, dqb = planned("agent_attention.backward", _launch_backward, grad_out, q, k, v, agent,
+                                               agent_bias, query_bias, out, agent_v, lse, ctx.scale, *ctx.bias_grads)
         return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0], k.shape[2]),
                 _bias_grad(dqb, query_bias, ctx.bias_grads[1], agent.shape[2]), None)
 

@@ -618,3 +618,35 @@ def test_gpu_training_steps_replay_their_function_bodies_bitwise(name):
         _replayed_against_backends(step, bodies_only=True)
     finally:
         _dispatch.use_call_plans(None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_layer_norm_training_nodes_replay_their_bodies_bitwise():
+    """The triton LayerNorm's eager training node under bf16 autocast, its forward and backward replayed (the
+    backward's partial sums reduced by a kernel, so the whole body plans; more partial rows than the reduction's
+    32-row step) against the node with plans off: the output and the three gradients, bitwise."""
+    from zoo.ops import layer_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(64 * 28 * 28, 96, device="cuda", requires_grad=True)
+    w, b = (torch.randn(96, device="cuda", requires_grad=True) for _ in range(2))
+    g = torch.randn(64 * 28 * 28, 96, device="cuda")
+
+    def step():
+        x.grad = w.grad = b.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer_norm(x, w, b, backend="triton")
+        (y.float() * g).sum().backward()
+        return [y.detach(), x.grad, w.grad, b.grad]
+
+    step()  # compiles the kernels and loads the extension
+    _dispatch.use_call_plans(call_plans, cxx_launch.extension(), bodies=True)
+    try:
+        _replayed_against_backends(step, bodies_only=True)
+        _dispatch.use_call_plans(call_plans, cxx_launch.extension(), bodies=True)
+        for _ in range(2):
+            step()
+        assert any(isinstance(p, call_plans.Plan) for p in _dispatch._PLANS["layer_norm.backward"].values())
+    finally:
+        _dispatch.use_call_plans(None)

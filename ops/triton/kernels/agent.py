@@ -622,3 +622,22 @@ def _backward_keys_kernel(k_ptr, v_ptr, a_ptr, ab_ptr, av_ptr, lse_ptr, pv_ptr, 
         offs_t, a_ok, M, A, HEADS, skn, skd, svn, svd, sba, sbm, sdkn, sdvn, ab_row, scale, qk_scale2, D, DV,
         BLOCK_A, BLOCK_D, HAS_AB, AB_GRAD, PRECISION)
     _put(pk_ptr + (split.to(tl.int64) * pairs + pid64) * A * D, offs_a, A, offs_d, D, D, 1, d_agent)
+
+
+@triton.jit
+def _agent_grad_sum_kernel(pa_ptr, pk_ptr, da_ptr, sdab, sdah, sdaa, sdad, HEADS, A, SPLITS, scale,
+                           D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Split backward, part 3 (grid: (batch * heads,)): d(agent) from parts 1 and 2's float32 partials pa and pk
+    (SPLITS, batch * heads, A, D): each summed over the splits in split order, the queries' sum plus the keys',
+    times ``scale``, rounded once to da's dtype; da (batch, heads, A, D) through its strides."""
+    scale = tl.cast(scale, tl.float32)  # fp64 from inductor's launcher
+    b, h, offs_a, offs_d = _agent_program(HEADS, BLOCK_A, BLOCK_D)
+    pairs = tl.num_programs(0)
+    pid64 = tl.program_id(0).to(tl.int64)
+    from_queries = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    from_keys = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    for part in range(SPLITS):
+        base = (part * pairs + pid64) * A * D
+        from_queries += _tile(pa_ptr + base, offs_a, A, offs_d, D, D, 1)
+        from_keys += _tile(pk_ptr + base, offs_a, A, offs_d, D, D, 1)
+    _put(da_ptr + b * sdab + h * sdah, offs_a, A, offs_d, D, sdaa, sdad, (from_queries + from_keys) * scale)

@@ -86,3 +86,19 @@ def backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db
         tl.store(dw_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
     if DB:
         tl.store(db_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def sum_parts_kernel(parts_ptr, out_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r, c] = sum over p of parts[r, p, c], float32 (parts (R, P, C) and out (R, C) contiguous; grid: (R,
+    cdiv(C, BLOCK_C))): the backward kernel's per-program partial rows of dw / db, in a fixed order (BLOCK_P rows a
+    step, each column's tile then summed as a tree)."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_ok[None, :]
+        acc += tl.load(parts_ptr + (r * P + rows)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + r * C + cols, tl.sum(acc, axis=0), mask=col_ok)
