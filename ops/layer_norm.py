@@ -178,6 +178,12 @@ def _triton_supports(x, weight, bias, eps, out_dtype) -> str | None:
 # wins at every measured size up to 512 channels; wider rows keep the first rule (from about 8M values). Forward and
 # backward: kernels 1.227 / 0.406 / 0.242 / 0.085 vs 0.091 / 0.069 / 0.061 / 0.051 ms, but a lone call's wall
 # 1.300 / 0.732 / 0.634 / 0.670 vs 0.669 / 0.754 / 0.849 / 0.864 (the backward's host work): training keeps the rule.
+# Measured again in the seventy-fifth session, with the training node's forward and backward replayed from call plans
+# and no casts around it (H100 machine, bf16, batch 64, whole eager training steps with AdamW; three rounds of 15
+# steps, the two choices in turn in one process; ms a step, the Triton norm at every width up to 512 / this rule):
+# Agent-PVT-T 24.41, 24.48, 23.87 / 28.11, 23.46, 23.39; Agent-Swin-T 34.51, 32.15, 33.59 / 30.52, 39.07, 36.41;
+# Agent-DeiT-T 40.14, 23.09, 23.37 / 29.59, 22.50, 23.43; VOLO-D1 36.08, 35.89, 37.31 / 35.95, 35.69, 36.56. No gain
+# beyond the rounds' spread, and no less host time a forward or backward (medians of 7 steps): the rule stays.
 _FASTER_FORWARD_MAX_C, _FASTER_FORWARD_FROM = 512, 1 << 23
 _FASTER_TRAINING_FROM, _FASTER_TRAINING_MAX_C = 1 << 24, 96
 
