@@ -21,11 +21,11 @@ Backends:
         the output dtype. The definition; any device and dtype, differentiable.
     ``triton``: a forward kernel that also saves each row's mean and rstd (float32), a backward kernel that writes
         ``dx`` and per-program float32 partial sums of ``dweight``/``dbias``, reduced by a second kernel in a fixed
-        order: deterministic, no atomics. CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1`` (float32/float16);
-        ``C <= 8192``; non-contiguous inputs are copied to contiguous ones. Chosen automatically on CUDA only (on CPU
-        the interpreter is a test vehicle, far slower than the reference), in eager code only (under
-        ``torch.compile`` inductor fuses the reference's LayerNorm with the ops around it), and from the sizes
-        where it measured faster (see ``_triton_is_faster``).
+        order: deterministic, no atomics. CUDA in float32/float16/bfloat16; on CPU only under ``TRITON_INTERPRET=1``
+        (float32/float16); ``C <= 8192``; non-contiguous inputs are copied to contiguous ones. Chosen automatically
+        on CUDA only (on CPU the interpreter is a test vehicle, far slower than the reference), in eager code only
+        (under ``torch.compile`` inductor fuses the reference's LayerNorm with the ops around it), and from the
+        sizes where it measured faster (see ``_triton_is_faster``).
 """
 from __future__ import annotations
 

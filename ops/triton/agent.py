@@ -16,16 +16,16 @@ few query tiles: ``default_query_splits``):
    is stored: the backward recomputes this softmax (a per-tile store of its log-sum-exp doubled the kernel's time
    at Agent-Swin-T stage 2 on the H200).
 
-So the forward is one launch that reads q, k, v once, with no (A, M) or (N, A) probability map in memory and no
-bias cast. The backward is one launch per (batch, head) too: the broadcast's gradient over the query tiles first
-(dQ written per tile; d(agent) and d(agent_v) summed in registers), then the aggregation's over the key tiles (dK,
-dV written per tile). Where batch * heads gives fewer than two programs an SM (``default_backward_splits``), it is
-two launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing float32
-partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
-partials in split order; torch sums the d(agent) partials. It is deterministic without atomics: every gradient
-element is float32 sums in a fixed order. Bias gradients (when a bias requires grad) are the per-(batch, head) logit
-gradients written as float32 (B, heads, A, M) / (B, heads, N, A) maps (rows padded to multiples of 16 for vector
-stores) and summed to the bias's shape by torch (one reduction each).
+So the forward is one launch that reads q, k, v once, with no (A, M) or (N, A) probability map in memory and no bias
+cast. The backward is one launch per (batch, head) too: the broadcast's gradient over the query tiles first (dQ
+written per tile; d(agent) and d(agent_v) summed in registers), then the aggregation's over the key tiles (dK, dV
+written per tile). Where batch * heads gives fewer than two programs an SM (``default_backward_splits``), it is
+three launches over (batch * heads, splits) programs instead: the query tiles dealt to the splits, each writing
+float32 partials of d(agent) and d(agent_v); then the key tiles likewise, each program first summing the d(agent_v)
+partials in split order; then one program a (batch, head) sums the d(agent) partials in split order. It is
+deterministic without atomics: every gradient element is float32 sums in a fixed order. Bias gradients (when a bias
+requires grad) are the per-(batch, head) logit gradients written as float32 (B, heads, A, M) / (B, heads, N, A) maps
+(rows padded to multiples of 16 for vector stores) and summed to the bias's shape by torch (one reduction each).
 
 Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
 is a (B, heads, N, d_v) view of a contiguous (B, N, heads, d_v) tensor, so the models' ``transpose(1, 2).reshape``
