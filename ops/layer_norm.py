@@ -298,9 +298,9 @@ def _launch_backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, launc
         if not (need_dw or need_db):
             return dx, parts[:, 0]  # frozen parameters: no reduction
         sums = torch.empty((need_dw + need_db, channels), dtype=torch.float32, device=x.device)
-        block_c = min(block_c, 128)
-        launch(_kernels()[2])[(need_dw + need_db, _cdiv(channels, block_c))](
-            parts, sums, programs, channels, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
+        sum_c = min(block_c, 128)  # the reduction's column tile: (32, sum_c) partials a step
+        launch(_kernels()[2])[(need_dw + need_db, _cdiv(channels, sum_c))](
+            parts, sums, programs, channels, BLOCK_P=32, BLOCK_C=sum_c, num_warps=4)
     return dx, sums
 
 
