@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.backbones.volo import VOLO, _swap_box, official_to_zoo_kwargs
+from zoo.backbones.volo import VOLO, _swap_box, official_to_zoo_kwargs, window_means
 from zoo.convert import CheckpointMismatchError, checkpoint_filter, from_official
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "parity" / "volo"
@@ -128,6 +128,21 @@ def test_mix_token_swaps_a_box_and_swaps_it_back():
     model.mix_token = False
     cls_ref, aux_ref, _ = model.forward_train(same)
     _assert_close(aux, aux_ref, "mixed aux of identical images")
+
+
+@pytest.mark.parametrize("shape, stride", [((2, 8, 12, 5), 2), ((1, 7, 9, 3), 2), ((1, 9, 6, 2), 3),
+                                           ((1, 5, 5, 2), 1)], ids=str)
+def test_window_means_are_the_official_ceil_mode_pool(shape, stride):
+    # tiling maps take the mean of a view, others (and stride 1) the pool itself: values and gradients agree
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    pooled = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), stride, stride, ceil_mode=True).permute(0, 2, 3, 1)
+    ours = window_means(x, stride)
+    assert ours.shape == pooled.shape
+    torch.testing.assert_close(ours, pooled, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(pooled.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected, = torch.autograd.grad((pooled * weights).sum(), x)
+    actual, = torch.autograd.grad((ours * weights).sum(), x)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_official_kwargs_mapping_and_errors():
