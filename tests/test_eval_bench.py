@@ -205,7 +205,8 @@ def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeyp
     def fake_bench_model(name, batch_sizes, dtypes, device, modes, img_size, compile, *rest):
         backend = "reference" if "reference" in os.environ.get("ZOO_OPS_BACKEND", "") else "auto"
         return [{"model": name, "mode": "infer", "dtype": "fp32", "batch_size": 2, "compile": compile,
-                 "images_per_s": speed[name, backend, compile]}]
+                 "images_per_s": speed[name, backend, compile], "latency_ms": 2e3 / speed[name, backend, compile],
+                 "error": None}]
 
     written = []
     monkeypatch.setattr(bench, "bench_model", fake_bench_model)
@@ -213,7 +214,11 @@ def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeyp
     monkeypatch.delenv("ZOO_OPS_BACKEND", raising=False)
     assert bench.main(["timm_m", "zoo_m", "--ops-backend", "auto,reference", "--with-compile", "--compile-mode", on,
                        "--device", "cpu"]) == 0
-    assert "x_base" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "x_base" in printed.out
+    # a progress line as each model's row is done
+    assert printed.err.splitlines()[-1] == ("infer fp32 batch 2: zoo_m (reference, compiled reduce-overhead): "
+                                            "25.00 ms a step, 80.0 images/s")
     got = [(r["model"], r["ops"], r["compile"], r["x_base"]) for r in written]
     assert got == [("timm_m", "auto", False, 1.0), ("timm_m", "auto", on, 2.5),
                    ("timm_m", "reference", False, 1.0), ("timm_m", "reference", on, 2.5),
@@ -230,7 +235,8 @@ def test_no_pointwise_autotune_holds_for_the_runs_and_is_recorded(monkeypatch, t
 
     def fake_bench_model(name, *args):
         seen.append(inductor_config.triton.autotune_pointwise)
-        return [{"model": name, "mode": "infer", "dtype": "fp32", "batch_size": 2, "images_per_s": 1.0}]
+        return [{"model": name, "mode": "infer", "dtype": "fp32", "batch_size": 2, "compile": "default",
+                 "images_per_s": 1.0, "latency_ms": 2e3, "error": None}]
 
     monkeypatch.setattr(bench, "bench_model", fake_bench_model)
     monkeypatch.setattr(bench, "write_results", lambda rows, out, m: (meta.update(m), ("a", "b"))[1])
@@ -245,7 +251,7 @@ class _FakeSubject:
     """A bench subject whose steps log their calls; time_fn is replaced by a scripted clock in these tests."""
 
     def __init__(self, name, backend, log):
-        self.name, self.backend, self.log = name, backend, log
+        self.name, self.backend, self.log, self.compile = name, backend, log, False
 
     def row(self, mode, dtype, bs):
         return {"model": self.name, "ops": self.backend, "mode": mode, "dtype": dtype, "batch_size": bs}
@@ -271,8 +277,9 @@ def test_interleaved_rounds_take_the_subjects_in_turn_and_report_the_median_roun
 
     monkeypatch.setattr(bench, "time_fn", scripted_time_fn)
     monkeypatch.setenv("ZOO_OPS_BACKEND", "user:setting")
+    lines = []
     rows = bench.bench_interleaved([("a", "auto", False), ("broken", "auto", False)], [4], ["fp32"], "cpu",
-                                   ("infer", "train"), warmup=1, iters=2, rounds=3)
+                                   ("infer", "train"), warmup=1, iters=2, rounds=3, progress=lines.append)
     # infer: round 1 warms each subject up, later rounds only time; train: "broken" fails once and is dropped
     assert log == ["a"] * 3 + ["broken"] * 3 + ["a", "a", "broken", "broken"] * 2 + ["a"] * 7
     assert [(r["model"], r["mode"]) for r in rows] == [("a", "infer"), ("a", "train"), ("broken", "infer"),
@@ -286,6 +293,14 @@ def test_interleaved_rounds_take_the_subjects_in_turn_and_report_the_median_roun
     assert b_infer["latency_ms"] == pytest.approx(6.0)
     assert b_train["error"] == "RuntimeError: CUDA error: no training here" and b_train.get("latency_ms") is None
     assert os.environ["ZOO_OPS_BACKEND"] == "user:setting"
+    # one progress line a subject and round, as each is timed: a run cut short keeps what it measured
+    assert lines[:2] == ["round 1/3 infer fp32 batch 4: a (auto): 10.00 ms a step",
+                         "round 1/3 infer fp32 batch 4: broken (auto): 5.00 ms a step"]
+    assert lines[5] == "round 3/3 infer fp32 batch 4: broken (auto): 7.00 ms a step"
+    assert lines[6:9] == ["round 1/3 train fp32 batch 4: a (auto): 10.00 ms a step",
+                          "round 1/3 train fp32 batch 4: broken (auto): RuntimeError: CUDA error: no training here",
+                          "round 2/3 train fp32 batch 4: a (auto): 30.00 ms a step"]
+    assert len(lines) == 10
     with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
         bench.bench_interleaved([("a", "auto", False)], [4], ["fp32"], rounds=0)
 
@@ -304,8 +319,11 @@ def test_cli_rounds_time_real_models_in_turn(tmp_path, capsys):
     rc = bench.main(["biformer_tiny", "biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2",
                      "--img-size", "32", "--rounds", "2", "--warmup", "0", "--iters", "1", "--device", "cpu",
                      "--out", str(tmp_path)])
-    assert rc == 0 and "latency_spread" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert rc == 0 and "latency_spread" in printed.out
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    progress = [line for line in printed.err.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in progress] == [f"round {r}/2 infer fp32 batch 2" for r in (1, 1, 2, 2)]
     assert [r["rounds"] for r in rows] == [2, 2] and all(r["images_per_s"] > 0 and r["error"] is None for r in rows)
     assert rows[0]["x_base"] == 1.0
     with pytest.raises(ValueError, match="--rounds=0: must be >= 1"):

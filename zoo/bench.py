@@ -48,7 +48,9 @@ in-place GELU kernel (28.9M bf16 values) at 42.8 us in one model and at 59-60 us
 
 ``--rounds N`` (N > 1) times every configuration in N rounds that take the models in turn and reports the median
 round, with ``latency_spread`` ((slowest - fastest round) / median): on a shared host whose speed drifts, back-to-back
-runs of one model after another can differ by more than the models do.
+runs of one model after another can differ by more than the models do. The tables print at the end; as each round of
+each model (each row, without ``--rounds``) is timed, one line goes to stderr, so a run stopped by a time limit still
+shows what it measured.
 
 ``--no-step-sync`` runs each round's iterations back to back and synchronizes once after the last, as a training or
 serving loop does: the host then queues the next step while the GPU runs the current one, so a step whose host work
@@ -409,7 +411,8 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
                       device: str | torch.device = "cpu", modes: tuple[str, ...] = ("infer",),
                       img_size: int | None = None, channels_last: bool = False, warmup: int = 3, iters: int = 10,
                       model_kwargs: dict[str, Any] | None = None, device_time: bool = False,
-                      rounds: int = 3, host_top: int = 0, phases: bool = False) -> list[dict[str, Any]]:
+                      rounds: int = 3, host_top: int = 0, phases: bool = False,
+                      progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows for (model, ops backend, compile) ``subjects`` whose timings share the machine's drift.
 
     Every configuration (mode, dtype, batch size) is timed in ``rounds`` rounds; a round takes the subjects in
@@ -420,7 +423,8 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
 
     Every model stays built for the whole run, so the CUDA allocator's peak is not one model's: ``peak_mem_mib`` is
     left empty (``bench_model`` measures it). Rows come subject by subject in the order given. ``device_time``,
-    ``host_top`` and ``phases`` as for :func:`bench_model`, after the last round.
+    ``host_top`` and ``phases`` as for :func:`bench_model`, after the last round. ``progress``, if given, gets one
+    line per subject and round as it is timed (:func:`round_line`), so a run cut short still shows its rounds.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
@@ -431,15 +435,15 @@ def bench_interleaved(subjects: list[tuple[str, str, bool | str]], batch_sizes: 
     results: dict[tuple[int, tuple], dict[str, Any]] = {}
     for config in _configurations(modes, dtypes, batch_sizes):
         for i, result in enumerate(_interleave(built, config, device, warmup, iters, device_time, rounds,
-                                               host_top, phases)):
+                                               host_top, phases, progress)):
             results[i, config] = result
     return [{**subject.row(*config), **results[i, config]}
             for i, subject in enumerate(built) for config in _configurations(modes, dtypes, batch_sizes)]
 
 
 def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: torch.device, warmup: int,
-                iters: int, device_time: bool, rounds: int, host_top: int = 0,
-                phases: bool = False) -> list[dict[str, Any]]:
+                iters: int, device_time: bool, rounds: int, host_top: int = 0, phases: bool = False,
+                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """One configuration's measurements of every subject, timed in interleaved rounds (see bench_interleaved)."""
     mode, dtype, bs = config
     steps: dict[int, Callable[[], Any]] = {}
@@ -456,6 +460,8 @@ def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: 
             if failure:
                 failed[i] = failure
                 steps.pop(i, None)
+            if progress is not None:
+                progress(round_line(subject, config, round_, rounds, failure.get("error") or times[i][-1]))
     out = []
     for i, subject in enumerate(subjects):
         if i in failed:
@@ -475,6 +481,16 @@ def _interleave(subjects: list[_Subject], config: tuple[str, str, int], device: 
                 result.update(host_phases(steps[i], device, iters))
         out.append(result)
     return out
+
+
+def round_line(subject: _Subject, config: tuple[str, str, int], round_: int, rounds: int,
+               outcome: list[float] | str) -> str:
+    """One progress line of an interleaved run: the subject, its configuration and round, and the round's mean ms
+    a step (``outcome``: its seconds a timed iteration) or its error."""
+    mode, dtype, bs = config
+    what = f"{subject.name} ({subject.backend}{', compiled ' + subject.compile if subject.compile else ''})"
+    result = outcome if isinstance(outcome, str) else f"{1e3 * statistics.fmean(outcome):.2f} ms a step"
+    return f"round {round_ + 1}/{rounds} {mode} {dtype} batch {bs}: {what}: {result}"
 
 
 def _round_summary(rounds: list[list[float]], bs: int) -> dict[str, Any]:
@@ -755,7 +771,7 @@ def _bench_subjects(args: argparse.Namespace, subjects: list[tuple[str, str, boo
     if args.rounds > 1:
         return bench_interleaved(subjects, batch_sizes, dtypes, device, modes, args.img_size, args.channels_last,
                                  args.warmup, args.iters, model_kwargs, args.device_time, args.rounds,
-                                 args.host_profile, args.host_phases)
+                                 args.host_profile, args.host_phases, _progress_to_stderr)
     rows = []
     for name, backend, compiled in subjects:
         with ops_backend(backend):
@@ -763,7 +779,20 @@ def _bench_subjects(args: argparse.Namespace, subjects: list[tuple[str, str, boo
                                    args.channels_last, args.warmup, args.iters, model_kwargs, args.device_time,
                                    args.host_profile, args.host_phases):
                 rows.append({**row, "ops": backend})
+                _progress_to_stderr(row_line(rows[-1]))
     return rows
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """One progress line of a run that times the models one after another: a finished row's result."""
+    what = f"{row['model']} ({row['ops']}{', compiled ' + row['compile'] if row['compile'] else ''})"
+    result = row["error"] or f"{row['latency_ms']:.2f} ms a step, {row['images_per_s']:.1f} images/s"
+    return f"{row['mode']} {row['dtype']} batch {row['batch_size']}: {what}: {result}"
+
+
+def _progress_to_stderr(line: str) -> None:
+    # stderr and flushed: a run that a time limit kills still leaves what it measured in its log
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
