@@ -60,7 +60,7 @@ EXPECTED = {
          "layer_norm.forward_kernel": 2 * 12 + 3},
         {"linear": 4 * 12 + 3 + 1, "gelu": 12, "cat": 3, "add": 4, "layer_norm": 2, "conv2d": 1, "mean": 1},
         1),
-    # 4 outlookers (four outlook launches each, one per residue class of pixels; an average pool each), 14
+    # 4 outlookers (four outlook launches each, one per residue class of pixels; a mean of 2x2 windows each), 14
     # transformer and 2 class-attention blocks (a short-key attention launch each), two norm kernels a block. GEMMs:
     # outlookers v, attn, proj, fc1, fc2; transformers qkv, proj, fc1, fc2; class attention q, kv, proj, fc1, fc2;
     # the head and the token head. Adds: the four block sequences' last deferred sums, the class blocks' MLP sums,
@@ -71,7 +71,7 @@ EXPECTED = {
     "zoo_volo_d1_224": (
         {"outlook.forward_kernel": 4 * 4, "short_keys._forward_kernel": 14 + 2,
          "layer_norm.forward_kernel": 2 * (4 + 14 + 2)},
-        {"linear": 5 * 4 + 4 * 14 + 5 * 2 + 2, "gelu": 4 + 14 + 2, "add": 4 + 2 + 1 + 1, "mul": 1, "avg_pool2d": 4,
+        {"linear": 5 * 4 + 4 * 14 + 5 * 2 + 2, "gelu": 4 + 14 + 2, "add": 4 + 2 + 1 + 1, "mul": 1, "mean": 4,
          "cat": 1 + 2, "conv2d": 3 + 1 + 1, "contiguous": 1, "layer_norm": 1},
         3),
     # depths 2, 2, 8, 2: a position conv and a LePE conv a block (both with their residual in the kernel), two norm
