@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from timm.models._features import FeatureGetterNet
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
 
 from ._amp import autocast_dtype
 from ._cache import functorch_transforming, optimizer_steps, register_parameter_cache
@@ -145,11 +146,20 @@ def autocast_weights(module: nn.Module, copy_weight: Callable[[torch.Tensor, tor
 class _CastTogether(torch.autograd.Function):
     """Low-precision copies of float32 tensors by one multi-tensor copy, one autograd node: the backward casts
     their gradients back to float32 the same way. The values are those of ``t.to(dtype)`` and of autocast's
-    backward cast (``grad.to(torch.float32)``)."""
+    backward cast (``grad.to(torch.float32)``).
+
+    In eager calls the copies, and the gradients, of the contiguous tensors are views of one buffer each way
+    (:func:`_views_of_one_buffer`): an allocation each costs the host several microseconds, and a model casts some
+    hundred tensors a step. The parameters' gradients are then views of one float32 buffer, which lives while any of
+    them does."""
 
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        copies = _foreach_copy([torch.empty_like(t, dtype=dtype) for t in tensors], list(tensors))
+        if torch.compiler.is_compiling():
+            targets = [torch.empty_like(t, dtype=dtype) for t in tensors]
+        else:
+            targets = _views_of_one_buffer(tensors, [t.is_contiguous() for t in tensors], dtype)
+        copies = _foreach_copy(targets, list(tensors))
         ctx.like = [(t.shape, t.stride(), t.dtype) for t in tensors]
         ctx.set_materialize_grads(False)  # a copy no loss reached gets None, as its parameter would
         return tuple(copies)
@@ -158,21 +168,42 @@ class _CastTogether(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         out: list[torch.Tensor | None] = [None] * len(grads)
         together: list[int] = []
+        compiling = torch.compiler.is_compiling()
         for i, (grad, (shape, stride, dtype)) in enumerate(zip(grads, ctx.like)):
             if grad is None:
                 continue
-            out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
             # eager: the multi-tensor kernel takes equal layouts only; traced: the functional op takes any (and
             # torch 2.5's dynamo refuses to read a stride in a backward)
-            if torch.compiler.is_compiling() or grad.stride() == stride:
+            if compiling or grad.stride() == stride:
                 together.append(i)
             else:
-                out[i] = out[i].copy_(grad)
+                out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device).copy_(grad)
         if together:
-            copied = _foreach_copy([out[i] for i in together], [grads[i] for i in together])
-            for i, t in zip(together, copied):
+            sources = [grads[i] for i in together]
+            if compiling:
+                targets = [torch.empty_strided(ctx.like[i][0], ctx.like[i][1], dtype=ctx.like[i][2],
+                                               device=grads[i].device) for i in together]
+            else:
+                targets = _views_of_one_buffer(sources, [g.is_contiguous() and ctx.like[i][2] == torch.float32
+                                                         for i, g in zip(together, sources)], torch.float32,
+                                               [ctx.like[i][2] for i in together])
+            for i, t in zip(together, _foreach_copy(targets, sources)):
                 out[i] = t
         return (None, *out)
+
+
+def _views_of_one_buffer(like: list[torch.Tensor] | tuple[torch.Tensor, ...], pooled: list[bool],
+                         dtype: torch.dtype, dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
+    """Uninitialized tensors shaped and strided as ``like``'s, in ``dtype`` (``dtypes[i]`` for the unpooled where
+    given): those marked in ``pooled`` (contiguous ones) views of one new buffer, in order, the others each
+    allocated (``torch.empty_like``)."""
+    kept = [t for t, p in zip(like, pooled) if p]
+    views = iter(())
+    if kept:
+        flat = torch.empty(sum(t.numel() for t in kept), dtype=dtype, device=kept[0].device)
+        views = iter(_unflatten_dense_tensors(flat, kept))
+    return [next(views) if p else torch.empty_like(t, dtype=dtype if dtypes is None else dtypes[i])
+            for i, (t, p) in enumerate(zip(like, pooled))]
 
 
 def _foreach_copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -512,6 +512,27 @@ def test_cast_together_backward_takes_any_gradient_layout_and_missing_gradients(
     assert torch.equal(b.grad, torch.full((4,), 3.0)) and c.grad is None
 
 
+def test_cast_together_copies_and_gradients_are_views_of_one_buffer_each():
+    """Eager calls allocate once each way: the contiguous tensors' copies share one buffer, their gradients
+    another, which the parameters keep as their ``.grad`` (no copy); a channels-last weight gets its own."""
+    from zoo.ops.autocast_cache import _CastTogether
+
+    a = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    conv = torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last).requires_grad_()
+    low = _CastTogether.apply(torch.bfloat16, a, b, conv)
+    assert all(torch.equal(t, s.to(torch.bfloat16)) for t, s in zip(low, (a, b, conv)))
+    assert low[0]._base is not None and low[0]._base is low[1]._base and low[1].data_ptr() == low[0].data_ptr() + 30
+    assert low[2]._base is None and low[2].stride() == conv.stride()
+    weights = [torch.randn(t.shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i))
+               for i, t in enumerate(low)]
+    sum((t * w).float().sum() for t, w in zip(low, weights)).backward()
+    assert all(torch.equal(p.grad, w.float()) for p, w in zip((a, b, conv), weights))
+    shared = a.grad.untyped_storage().data_ptr() == b.grad.untyped_storage().data_ptr()
+    assert shared and b.grad.data_ptr() == a.grad.data_ptr() + 60
+    assert a.grad.dtype == torch.float32 and conv.grad.stride() == conv.stride()
+
+
 def test_zoo_model_training_step_casts_together_bitwise(autograd_nodes):
     model = zoo.create_model("agent_deit_tiny", num_classes=10, img_size=64)
     plain = copy.deepcopy(model)
