@@ -25,7 +25,9 @@ float32 partials of d(agent) and d(agent_v); then the key tiles likewise, each p
 partials in split order; then one program a (batch, head) sums the d(agent) partials in split order. It is
 deterministic without atomics: every gradient element is float32 sums in a fixed order. Bias gradients (when a bias
 requires grad) are the per-(batch, head) logit gradients written as float32 (B, heads, A, M) / (B, heads, N, A) maps
-(rows padded to multiples of 16 for vector stores) and summed to the bias's shape by torch (one reduction each).
+(rows padded to multiples of 16 for vector stores), then summed to the bias's shape: in eager training, for the
+Agent models' (1, heads, ...) biases, by one launch of ours each (over the batch in batch order, inside the node's
+planned body), elsewhere by torch (one reduction each).
 
 Layouts: inputs are read through their strides (the models pass head-split views of a qkv projection); the output
 is a (B, heads, N, d_v) view of a contiguous (B, N, heads, d_v) tensor, so the models' ``transpose(1, 2).reshape``
@@ -117,6 +119,7 @@ class _Kernels(NamedTuple):
     pooling_grad: Callable
     pooled_backward: Callable
     grad_sum: Callable
+    bias_sum: Callable
 
 
 def _kernels_interpreted() -> bool:
@@ -131,7 +134,8 @@ def _kernels() -> _Kernels:
 
     return _Kernels(kernels._forward_kernel, kernels._backward_kernel, kernels._pooled_forward_kernel,
                     kernels._backward_queries_kernel, kernels._backward_keys_kernel,
-                    kernels.pooling_grad_kernel, kernels._pooled_backward_kernel, kernels._agent_grad_sum_kernel)
+                    kernels.pooling_grad_kernel, kernels._pooled_backward_kernel, kernels._agent_grad_sum_kernel,
+                    kernels.bias_grad_sum_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,6 +504,38 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, widt
     return grad.narrow(-1, 0, width).sum_to_size(bias.shape).to(bias.dtype)
 
 
+def _summed_bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, width: int,
+                      launch=direct) -> torch.Tensor | None:
+    """:func:`_bias_grad` for eager backward bodies (call plans: allocations and launches only): a contiguous
+    (1, heads, R, ``width``) bias, as the Agent models' bias maps make, gets its batch sum from one launch of
+    ``bias_grad_sum_kernel`` (in batch order) instead of ATen's sum; other shapes take :func:`_bias_grad`."""
+    if not wanted:
+        return None
+    if not (bias.dim() == 4 and bias.shape[0] == 1 and bias.shape[1:] == grad.shape[1:3] + (width,)
+            and bias.is_contiguous() and grad.is_contiguous()):
+        return _bias_grad(grad, bias, wanted, width)
+    out = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+    rows = bias.shape[1] * bias.shape[2]
+    if out.numel():
+        launch(_kernels().bias_sum)[(-(-rows // _BIAS_SUM_ROWS), -(-width // _BIAS_SUM_COLS))](
+            grad, out, grad.shape[0], rows, width, grad.stride(0), grad.stride(2), BLOCK_R=_BIAS_SUM_ROWS,
+            BLOCK_W=_BIAS_SUM_COLS, num_warps=4)
+    return out
+
+
+_BIAS_SUM_ROWS, _BIAS_SUM_COLS = 16, 128  # not tuned: the sum reads B x ROWS x W floats once
+
+
+def _launch_backward_summed(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
+                            agent_bias_grad, query_bias_grad):
+    """The eager node's backward body: :func:`_launch_backward`, the biases' gradients summed to their shapes
+    (:func:`_summed_bias_grad`)."""
+    dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse,
+                                                scale, agent_bias_grad, query_bias_grad)
+    return (dq, dk, dv, da, _summed_bias_grad(dab, agent_bias, agent_bias_grad, k.shape[2]),
+            _summed_bias_grad(dqb, query_bias, query_bias_grad, agent.shape[2]))
+
+
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, agent, agent_bias, query_bias, scale = inputs[:7]
     out, agent_v, lse = output
@@ -535,10 +571,10 @@ class _EagerAgent(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, agent, agent_bias, query_bias, out, agent_v, lse = ctx.saved_tensors
         with on_device(q):
-            dq, dk, dv, da, dab, dqb = planned("agent_attention.backward", _launch_backward, grad_out, q, k, v, agent,
-                                               agent_bias, query_bias, out, agent_v, lse, ctx.scale, *ctx.bias_grads)
-        return (dq, dk, dv, da, _bias_grad(dab, agent_bias, ctx.bias_grads[0], k.shape[2]),
-                _bias_grad(dqb, query_bias, ctx.bias_grads[1], agent.shape[2]), None)
+            dq, dk, dv, da, dab, dqb = planned("agent_attention.backward", _launch_backward_summed, grad_out, q, k, v,
+                                               agent, agent_bias, query_bias, out, agent_v, lse, ctx.scale,
+                                               *ctx.bias_grads)
+        return dq, dk, dv, da, dab, dqb, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -728,8 +764,9 @@ def _grad_flags(ctx, agent_bias, query_bias, bias_grads: tuple[bool, bool], para
 
 
 def _bias_grads(dab, dqb, agent_bias, query_bias, flags: tuple[bool, bool], m: int, a: int) -> tuple:
-    """The biases' gradients (or None) from their logit gradient buffers; ``m`` keys and ``a`` agents a row."""
-    return _bias_grad(dab, agent_bias, flags[0], m), _bias_grad(dqb, query_bias, flags[1], a)
+    """The biases' gradients (or None) from their logit gradient buffers, in a backward body
+    (:func:`_summed_bias_grad`); ``m`` keys and ``a`` agents a row."""
+    return _summed_bias_grad(dab, agent_bias, flags[0], m), _summed_bias_grad(dqb, query_bias, flags[1], a)
 
 
 def _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, bias_grads: tuple[bool, bool],
@@ -741,27 +778,31 @@ def _node_grads(ctx, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, 
     dq, dk, dv, dw, db, dab, dqb = planned(
         "pooled_agent_attention.backward", _planned_grads, grad, q, k, v, w, agents, agent_bias, query_bias, agent_v,
         lse, *layout, *flags, *dtypes, input_grad)
-    return (dq, dk, dv, dw, db, *_bias_grads(dab, dqb, agent_bias, query_bias, flags, q.shape[2], agents.shape[2]))
+    return dq, dk, dv, dw, db, dab, dqb
 
 
 def _planned_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, grid, agent_grid, prefix, scale,
                    agent_bias_grad, query_bias_grad, weight_dtype, bias_dtype, input_grad) -> tuple:
-    """:func:`_pooled_grads` with flat positional arguments (a call plan's)."""
-    return _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
-                         (grid, agent_grid, prefix, scale), (agent_bias_grad, query_bias_grad),
-                         (weight_dtype, bias_dtype), input_grad)
+    """:func:`_pooled_grads` with flat positional arguments (a call plan's), the biases' gradients summed to their
+    shapes (:func:`_bias_grads`)."""
+    *grads, dab, dqb = _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse,
+                                     (grid, agent_grid, prefix, scale), (agent_bias_grad, query_bias_grad),
+                                     (weight_dtype, bias_dtype), input_grad)
+    return (*grads, *_bias_grads(dab, dqb, agent_bias, query_bias, (agent_bias_grad, query_bias_grad), q.shape[2],
+                                 agents.shape[2]))
 
 
 def _planned_qkv_grads(grad, qkv, w, agents, agent_bias, query_bias, agent_v, lse, heads, grid, agent_grid, prefix,
                        scale, agent_bias_grad, query_bias_grad, weight_dtype, bias_dtype) -> tuple:
     """:func:`_pooled_grads` of q, k and v as views of ``qkv`` (B, N, 3 * heads * d), with flat positional arguments
-    (a call plan's): (qkv's gradient, d_weight, d_conv_bias, the biases' logit gradient buffers)."""
+    (a call plan's): (qkv's gradient, d_weight, d_conv_bias, the biases' gradients)."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     _, _, _, dw, db, dab, dqb = _pooled_grads(grad, *split_qkv(qkv, heads), w, agents, agent_bias, query_bias, agent_v,
                                               lse, (grid, agent_grid, prefix, scale),
                                               (agent_bias_grad, query_bias_grad), (weight_dtype, bias_dtype), True,
                                               split_qkv(dqkv, heads))
-    return dqkv, dw, db, dab, dqb
+    return (dqkv, dw, db, *_bias_grads(dab, dqb, agent_bias, query_bias, (agent_bias_grad, query_bias_grad),
+                                       qkv.shape[1], agents.shape[2]))
 
 
 def _pooled_grads(grad, q, k, v, w, agents, agent_bias, query_bias, agent_v, lse, layout: tuple,
@@ -873,7 +914,6 @@ class _PooledQkvAttention(torch.autograd.Function):
         dqkv, dw, db, dab, dqb = planned("pooled_agent_attention.qkv_backward", _planned_qkv_grads, grad, qkv, w,
                                          agents, agent_bias, query_bias, agent_v, lse, ctx.heads, *layout, *flags,
                                          *dtypes)
-        dab, dqb = _bias_grads(dab, dqb, agent_bias, query_bias, flags, qkv.shape[1], agents.shape[2])
         return (dqkv if ctx.needs_input_grad[0] else None, dw, db, dab, dqb, None, None, None, None, None)
 
 

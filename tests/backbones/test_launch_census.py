@@ -113,23 +113,25 @@ MODULE_READS = {"agent_deit_tiny": 13, "agent_pvt_tiny": 70, "agent_swin_t": 41,
 # Per model, a training step (forward and backward): Triton launches by kernel.
 EXPECTED_TRAINING = {
     # each agent block: the pooled launch and its one-launch backward (with the value conv's weight-gradient total),
-    # the agent-bias maps and their backward
+    # the two biases' gradients summed over the batch, the agent-bias maps and their backward
     "agent_deit_tiny": {"agent._pooled_forward_kernel": 12, "agent._pooled_backward_kernel": 12,
-                        "depthwise_conv.weight_grad_sum_kernel": 12, "agent_bias.bias_maps_kernel": 12,
-                        "agent_bias.bias_maps_backward_kernel": 12},
+                        "depthwise_conv.weight_grad_sum_kernel": 12, "agent.bias_grad_sum_kernel": 2 * 12,
+                        "agent_bias.bias_maps_kernel": 12, "agent_bias.bias_maps_backward_kernel": 12},
     "agent_pvt_tiny": {"agent._pooled_forward_kernel": 8, "agent._pooled_backward_kernel": 8,
-                       "depthwise_conv.weight_grad_sum_kernel": 8, "agent_bias.bias_maps_kernel": 8,
-                       "agent_bias.bias_maps_backward_kernel": 8},
+                       "depthwise_conv.weight_grad_sum_kernel": 8, "agent.bias_grad_sum_kernel": 2 * 8,
+                       "agent_bias.bias_maps_kernel": 8, "agent_bias.bias_maps_backward_kernel": 8},
     # and the last stage's window attention, forward and backward
     "agent_swin_t": {"agent._pooled_forward_kernel": 10, "agent._pooled_backward_kernel": 10,
-                     "depthwise_conv.weight_grad_sum_kernel": 10, "agent_bias.bias_maps_kernel": 10,
-                     "agent_bias.bias_maps_backward_kernel": 10, "window._forward_items_kernel": 2,
-                     "window._backward_items_kernel": 2},
-    # agent branches: forward and backward of the agent kernel and the bias maps; every branch's LePE conv: forward,
-    # the 3x3 backward pass and its weight-gradient total; LePE branches: window attention forward and backward
-    "agent_cswin_t": {"agent._forward_kernel": 6, "agent._backward_kernel": 6, "agent_bias.bias_maps_kernel": 6,
-                      "agent_bias.bias_maps_backward_kernel": 6, "depthwise_conv.forward_kernel": 43,
-                      "depthwise_conv.backward3_kernel": 43, "depthwise_conv.weight_grad_sum_kernel": 43,
+                     "depthwise_conv.weight_grad_sum_kernel": 10, "agent.bias_grad_sum_kernel": 2 * 10,
+                     "agent_bias.bias_maps_kernel": 10, "agent_bias.bias_maps_backward_kernel": 10,
+                     "window._forward_items_kernel": 2, "window._backward_items_kernel": 2},
+    # agent branches: forward and backward of the agent kernel, its biases' batch sums and the bias maps; every
+    # branch's LePE conv: forward, the 3x3 backward pass and its weight-gradient total; LePE branches: window
+    # attention forward and backward
+    "agent_cswin_t": {"agent._forward_kernel": 6, "agent._backward_kernel": 6, "agent.bias_grad_sum_kernel": 2 * 6,
+                      "agent_bias.bias_maps_kernel": 6, "agent_bias.bias_maps_backward_kernel": 6,
+                      "depthwise_conv.forward_kernel": 43, "depthwise_conv.backward3_kernel": 43,
+                      "depthwise_conv.weight_grad_sum_kernel": 43,
                       "window._forward_kernel": 37, "window._backward_kernel": 37},
     # outlookers: the four residue-class launches forward and for the values' gradient, one for the attention's;
     # transformer and class-attention blocks: the short-key attention and its fused backward

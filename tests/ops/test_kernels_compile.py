@@ -65,16 +65,20 @@ def _routing(launch: LaunchRecorder, monkeypatch, hw: int, channels: int, region
 
 
 def _agent(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
-    """Agent-DeiT-S attention (197 tokens, 6 heads of 64, 49 agents) with both biases and their gradients."""
+    """Agent-DeiT-S attention (197 tokens, 6 heads of 64, 49 agents) with both biases and their gradients, summed
+    over a batch of two as the eager node's backward sums them."""
     from zoo.ops.triton import agent as ta
 
     heads, n, a, d = 6, 197, 49, 64
-    q, k, v = (_randn(1, heads, n, d, dtype=dtype) for _ in range(3))
-    agent = _randn(1, heads, a, d, dtype=dtype)
+    q, k, v = (_randn(2, heads, n, d, dtype=dtype) for _ in range(3))
+    agent = _randn(2, heads, a, d, dtype=dtype)
     agent_bias, query_bias = _randn(1, heads, a, n, dtype=dtype), _randn(1, heads, n, a, dtype=dtype)
     ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch, stats=False)  # inference
     out, agent_v, lse = ta._launch_forward(q, k, v, agent, agent_bias, query_bias, d ** -0.5, launch)
-    ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, d ** -0.5, True, True, launch)
+    *_, dab, dqb = ta._launch_backward(out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, d ** -0.5, True,
+                                       True, launch)
+    ta._summed_bias_grad(dab, agent_bias, True, n, launch)
+    ta._summed_bias_grad(dqb, query_bias, True, a, launch)
 
 
 def _agent_split_backward(launch: LaunchRecorder, monkeypatch, dtype: torch.dtype) -> None:
@@ -313,9 +317,11 @@ EXPECTED_KERNELS = {"routing": 8, "agent": 2, "pooled_agent": 3, "agent_bias": 2
                     "layer_norm": 3, "mlp": 1, "depthwise_conv": 1, "depthwise_conv_backward": 2, "ms_deform": 3,
                     "neighborhood": 3}
 # kernels beyond the family's usual: regions of at most half a tile (32 tokens) launch the packed forward too; the
-# split agent backward is three kernels in place of one; the unfused key-blocked short-key backward is two
+# split agent backward is three kernels in place of one; the eager node's bias gradients are summed over the batch
+# by one more; the unfused key-blocked short-key backward is two
 EXTRA_KERNELS = {"routing.biformer_t.s2.bf16": 1, "routing.biformer_t.s1.fp32": 1, "agent.split_backward.bf16": 2,
-                 "short_keys.volo_two_kernel.bf16": 1, "short_keys.volo_key_blocked.fp32": 1}
+                 "agent.deit_s.bf16": 1, "agent.deit_s.fp32": 1, "short_keys.volo_two_kernel.bf16": 1,
+                 "short_keys.volo_key_blocked.fp32": 1}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -363,7 +369,8 @@ WRITES = {
                                    {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"}}),
               "_backward_queries_kernel": ({"dq_ptr", "pa_ptr", "pv_ptr"}, {"QB_GRAD": {"dqb_ptr"}}),
               "_backward_keys_kernel": ({"dk_ptr", "dv_ptr", "pk_ptr"}, {"AB_GRAD": {"dab_ptr"}}),
-              "pooling_grad_kernel": ({"dq_ptr"}, {}), "_agent_grad_sum_kernel": ({"da_ptr"}, {})},
+              "pooling_grad_kernel": ({"dq_ptr"}, {}), "_agent_grad_sum_kernel": ({"da_ptr"}, {}),
+              "bias_grad_sum_kernel": ({"dst_ptr"}, {})},
     "pooled_agent": {"_pooled_forward_kernel": ({"out_ptr"}, {"STATS": {"ag_ptr", "av_ptr", "lse_ptr"}}),
                      "_pooled_backward_kernel": ({"dq_ptr", "dk_ptr", "dv_ptr"},
                                                  {"AB_GRAD": {"dab_ptr"}, "QB_GRAD": {"dqb_ptr"},

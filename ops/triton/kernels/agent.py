@@ -641,3 +641,19 @@ def _agent_grad_sum_kernel(pa_ptr, pk_ptr, da_ptr, sdab, sdah, sdaa, sdad, HEADS
         from_queries += _tile(pa_ptr + base, offs_a, A, offs_d, D, D, 1)
         from_keys += _tile(pk_ptr + base, offs_a, A, offs_d, D, D, 1)
     _put(da_ptr + b * sdab + h * sdah, offs_a, A, offs_d, D, sdaa, sdad, (from_queries + from_keys) * scale)
+
+
+@triton.jit
+def bias_grad_sum_kernel(src_ptr, dst_ptr, B, ROWS, W, src_batch, src_row,
+                         BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A batch-broadcast bias's gradient (grid: (cdiv(ROWS, BLOCK_R), cdiv(W, BLOCK_W))): the float32 logit
+    gradient buffer's (B, ROWS, padded row) summed over the batch in batch order, the first W of each row, rounded
+    once into dst's (ROWS, W) contiguous rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    total = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    src = src_ptr
+    for _ in range(B):
+        total += _tile(src, rows, ROWS, cols, W, src_row, 1)
+        src += src_batch
+    _put(dst_ptr, rows, ROWS, cols, W, W, 1, total)
