@@ -504,6 +504,9 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, widt
     return grad.narrow(-1, 0, width).sum_to_size(bias.shape).to(bias.dtype)
 
 
+_BIAS_SUM_ROWS, _BIAS_SUM_COLS = 16, 128  # not tuned: the sum reads B x ROWS x W floats once
+
+
 def _summed_bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, width: int,
                       launch=direct) -> torch.Tensor | None:
     """:func:`_bias_grad` for eager backward bodies (call plans: allocations and launches only): a contiguous
@@ -521,9 +524,6 @@ def _summed_bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: boo
             grad, out, grad.shape[0], rows, width, grad.stride(0), grad.stride(2), BLOCK_R=_BIAS_SUM_ROWS,
             BLOCK_W=_BIAS_SUM_COLS, num_warps=4)
     return out
-
-
-_BIAS_SUM_ROWS, _BIAS_SUM_COLS = 16, 128  # not tuned: the sum reads B x ROWS x W floats once
 
 
 def _launch_backward_summed(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
