@@ -158,7 +158,7 @@ class _CastTogether(torch.autograd.Function):
         if torch.compiler.is_compiling():
             targets = [torch.empty_like(t, dtype=dtype) for t in tensors]
         else:
-            targets = _views_of_one_buffer(tensors, [t.is_contiguous() for t in tensors], dtype)
+            targets = _views_of_one_buffer(tensors, dtype)
         copies = _foreach_copy(targets, list(tensors))
         ctx.like = [(t.shape, t.stride(), t.dtype) for t in tensors]
         ctx.set_materialize_grads(False)  # a copy no loss reached gets None, as its parameter would
@@ -180,30 +180,28 @@ class _CastTogether(torch.autograd.Function):
                 out[i] = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device).copy_(grad)
         if together:
             sources = [grads[i] for i in together]
-            if compiling:
-                targets = [torch.empty_strided(ctx.like[i][0], ctx.like[i][1], dtype=ctx.like[i][2],
-                                               device=grads[i].device) for i in together]
-            else:
-                targets = _views_of_one_buffer(sources, [g.is_contiguous() and ctx.like[i][2] == torch.float32
-                                                         for i, g in zip(together, sources)], torch.float32,
-                                               [ctx.like[i][2] for i in together])
+            dtypes = {ctx.like[i][2] for i in together}
+            if compiling or len(dtypes) > 1:
+                targets = [torch.empty_strided(*ctx.like[i][:2], dtype=ctx.like[i][2], device=grads[i].device)
+                           for i in together]
+            else:  # (the gradients share the parameters' layouts here: contiguous where those are)
+                targets = _views_of_one_buffer(sources, dtypes.pop())
             for i, t in zip(together, _foreach_copy(targets, sources)):
                 out[i] = t
         return (None, *out)
 
 
-def _views_of_one_buffer(like: list[torch.Tensor] | tuple[torch.Tensor, ...], pooled: list[bool],
-                         dtype: torch.dtype, dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
-    """Uninitialized tensors shaped and strided as ``like``'s, in ``dtype`` (``dtypes[i]`` for the unpooled where
-    given): those marked in ``pooled`` (contiguous ones) views of one new buffer, in order, the others each
-    allocated (``torch.empty_like``)."""
+def _views_of_one_buffer(like: list[torch.Tensor] | tuple[torch.Tensor, ...], dtype: torch.dtype
+                         ) -> list[torch.Tensor]:
+    """Uninitialized ``dtype`` tensors shaped and strided as ``like``'s: the contiguous ones' views of one new
+    buffer, in order, the others each allocated (``torch.empty_like``)."""
+    pooled = [t.is_contiguous() for t in like]
     kept = [t for t, p in zip(like, pooled) if p]
     views = iter(())
     if kept:
         flat = torch.empty(sum(t.numel() for t in kept), dtype=dtype, device=kept[0].device)
         views = iter(_unflatten_dense_tensors(flat, kept))
-    return [next(views) if p else torch.empty_like(t, dtype=dtype if dtypes is None else dtypes[i])
-            for i, (t, p) in enumerate(zip(like, pooled))]
+    return [next(views) if p else torch.empty_like(t, dtype=dtype) for t, p in zip(like, pooled)]
 
 
 def _foreach_copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> list[torch.Tensor]:

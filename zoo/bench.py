@@ -488,7 +488,7 @@ def round_line(subject: _Subject, config: tuple[str, str, int], round_: int, rou
     """One progress line of an interleaved run: the subject, its configuration and round, and the round's mean ms
     a step (``outcome``: its seconds a timed iteration) or its error."""
     mode, dtype, bs = config
-    what = f"{subject.name} ({subject.backend}{', compiled ' + subject.compile if subject.compile else ''})"
+    what = _subject_label(subject.name, subject.backend, subject.compile)
     result = outcome if isinstance(outcome, str) else f"{1e3 * statistics.fmean(outcome):.2f} ms a step"
     return f"round {round_ + 1}/{rounds} {mode} {dtype} batch {bs}: {what}: {result}"
 
@@ -785,9 +785,14 @@ def _bench_subjects(args: argparse.Namespace, subjects: list[tuple[str, str, boo
 
 def row_line(row: dict[str, Any]) -> str:
     """One progress line of a run that times the models one after another: a finished row's result."""
-    what = f"{row['model']} ({row['ops']}{', compiled ' + row['compile'] if row['compile'] else ''})"
+    what = _subject_label(row["model"], row["ops"], row["compile"])
     result = row["error"] or f"{row['latency_ms']:.2f} ms a step, {row['images_per_s']:.1f} images/s"
     return f"{row['mode']} {row['dtype']} batch {row['batch_size']}: {what}: {result}"
+
+
+def _subject_label(model: str, backend: str, compile: bool | str) -> str:
+    """``model (backend)``, or ``model (backend, compiled MODE)``: who a progress line is about."""
+    return f"{model} ({backend}{', compiled ' + compile if compile else ''})"
 
 
 def _progress_to_stderr(line: str) -> None:

@@ -529,11 +529,11 @@ def _summed_bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: boo
 def _launch_backward_summed(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,
                             agent_bias_grad, query_bias_grad):
     """The eager node's backward body: :func:`_launch_backward`, the biases' gradients summed to their shapes
-    (:func:`_summed_bias_grad`)."""
+    (:func:`_bias_grads`)."""
     dq, dk, dv, da, dab, dqb = _launch_backward(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse,
                                                 scale, agent_bias_grad, query_bias_grad)
-    return (dq, dk, dv, da, _summed_bias_grad(dab, agent_bias, agent_bias_grad, k.shape[2]),
-            _summed_bias_grad(dqb, query_bias, query_bias_grad, agent.shape[2]))
+    return (dq, dk, dv, da, *_bias_grads(dab, dqb, agent_bias, query_bias, (agent_bias_grad, query_bias_grad),
+                                         k.shape[2], agent.shape[2]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
