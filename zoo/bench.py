@@ -792,7 +792,7 @@ def row_line(row: dict[str, Any]) -> str:
 
 def _subject_label(model: str, backend: str, compile: bool | str) -> str:
     """``model (backend)``, or ``model (backend, compiled MODE)``: who a progress line is about."""
-    return f"{model} ({backend}{', compiled ' + compile if compile else ''})"
+    return f"{model} ({backend}{f', compiled {compile}' if compile else ''})"
 
 
 def _progress_to_stderr(line: str) -> None:
