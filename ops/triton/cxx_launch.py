@@ -13,7 +13,8 @@ A kernel takes this path only when its launch is plain: no global or profile scr
 cooperative grid or programmatic dependent launch, at most 228 KiB of shared memory, and a parameter list (from its
 Triton signature) whose length matches its PTX entry's. Anything else, a failed build (no C++ compiler, say) or
 ``ZOO_CXX_LAUNCH=0`` keeps Triton's launcher. The build needs a C++ compiler and torch's headers, no CUDA toolkit
-(``cuLaunchKernel`` is looked up in the libcuda the process has loaded).
+(``cuLaunchKernel`` is looked up in the libcuda the process has loaded). Under torches that lock a build with a plain
+file, a lock left by a build that was killed is cleared before building (:func:`_without_stale_build_lock`).
 
 Once loaded, the extension also computes the two keys an eager op call looks things up by: the dispatch layer's
 call key (:func:`zoo.ops._dispatch.call_key`, for the op's checks and backend choice; 0.78 against 2.73 us for a
@@ -58,11 +59,10 @@ def extension() -> Any | None:
     from torch.utils import cpp_extension
 
     # one build per torch and Python version: an extension is bound to the torch ABI it was compiled against
-    tag = hashlib.sha1(f"{torch.__version__}|{sys.version}".encode()).hexdigest()[:10]
+    name = f"zoo_triton_launch_{hashlib.sha1(f'{torch.__version__}|{sys.version}'.encode()).hexdigest()[:10]}"
     try:
-        with _ninja_on_path():
-            module = cpp_extension.load(name=f"zoo_triton_launch_{tag}", sources=[str(_SOURCE)],
-                                        extra_cflags=["-O2"], verbose=False)
+        with _ninja_on_path(), _without_stale_build_lock(cpp_extension, name):
+            module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
     except Exception as error:  # noqa: BLE001 (no compiler, no headers, a failed build: Triton's launcher stays)
         warnings.warn(f"zoo: the C++ Triton launcher could not be built ({type(error).__name__}: {error}); "
                       "kernels launch through Triton's launcher (set ZOO_CXX_LAUNCH=0 to skip the build)",
@@ -80,6 +80,38 @@ def extension() -> Any | None:
 
         _dispatch.use_call_plans(call_plans, module)
     return module
+
+
+@contextlib.contextmanager
+def _without_stale_build_lock(cpp_extension: Any, name: str) -> Iterator[None]:
+    """Holds zoo's build lock on extension ``name``'s build folder and clears a build lock left there by a dead
+    process, for torch versions whose JIT builds wait on a plain lock file.
+
+    Those torches (``cpp_extension`` with a ``FileBaton``, torch 2.11 for one) take a build folder by creating the
+    file ``lock`` and wait while it exists. A process killed mid-build (Ctrl-C during a first forward, which builds
+    this extension for about 35 s; a job's time limit) leaves it behind, and every later zoo process then hung at its
+    first kernel launch. Here each build first takes ``zoo_build.lock``, an OS lock (``filelock``) that the kernel
+    releases when its holder dies: a ``lock`` file found while holding it is a dead build's, and is removed with a
+    warning. Torches that lock with ``filelock`` themselves (2.14) are left alone, as is a folder torch cannot name.
+    """
+    try:
+        stale_prone = hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+        folder = cpp_extension._get_build_directory(name, False) if stale_prone else None
+    except Exception:  # noqa: BLE001 (a private helper: without it, torch's own locking as it is)
+        folder = None
+    if folder is None:
+        yield
+        return
+    import filelock
+
+    with filelock.FileLock(os.path.join(folder, "zoo_build.lock")):
+        stale = os.path.join(folder, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+            warnings.warn(f"zoo: removed {stale}, the build lock of an earlier build of the C++ Triton launcher "
+                          "that was interrupted (without this every later build would wait on it forever)",
+                          stacklevel=3)
+        yield
 
 
 @contextlib.contextmanager

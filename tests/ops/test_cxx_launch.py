@@ -306,3 +306,62 @@ def test_fast_launch_hits_under_the_native_classes(ext, recording_kernel):
         assert len(kernel.jit) == 3 and len(kernel.compiled.launches) == 1
     finally:
         fast_launch.use_native_argument_classes(None)
+
+
+class _OldTorchExtensions:
+    """A ``torch.utils.cpp_extension`` stand-in of the torches that lock a JIT build with a plain file (FileBaton),
+    whose build folders live under ``root``."""
+
+    FileBaton = object
+
+    def __init__(self, root):
+        self.root = root
+
+    def _get_build_directory(self, name, verbose):
+        folder = self.root / name
+        folder.mkdir(exist_ok=True)
+        return str(folder)
+
+
+def test_a_dead_builds_lock_is_removed_before_building(tmp_path):
+    """A ``lock`` file no live build holds (its builder was killed) would make every later build wait forever."""
+    folder = tmp_path / "zoo_triton_launch_x"
+    folder.mkdir()
+    (folder / "lock").touch()
+    with pytest.warns(UserWarning, match="interrupted"):
+        with cxx_launch._without_stale_build_lock(_OldTorchExtensions(tmp_path), "zoo_triton_launch_x"):
+            assert not (folder / "lock").exists()
+
+
+def test_a_live_build_keeps_its_lock_until_it_ends(tmp_path):
+    """Another process building (holding zoo's OS lock, torch's lock file in place) is waited for, not broken into:
+    the block is entered only after that build removed its own lock file and ended."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "zoo_triton_launch_x"
+    folder.mkdir()
+    builder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, pathlib, sys, time\n"
+         f"folder = pathlib.Path({str(folder)!r})\n"
+         "with filelock.FileLock(str(folder / 'zoo_build.lock')):\n"
+         "    (folder / 'lock').touch(); print('building', flush=True); time.sleep(1.0)\n"
+         "    (folder / 'lock').unlink(); (folder / 'built').touch()\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "building"
+        with cxx_launch._without_stale_build_lock(_OldTorchExtensions(tmp_path), "zoo_triton_launch_x"):
+            assert (folder / "built").exists() and not (folder / "lock").exists()
+    finally:
+        builder.wait(timeout=60)
+
+
+def test_torches_that_lock_builds_themselves_are_left_alone(tmp_path):
+    """Where torch takes an OS lock on ``lock`` (2.14), removing that file would let a second build in."""
+    folder = tmp_path / "zoo_triton_launch_x"
+    folder.mkdir()
+    (folder / "lock").touch()
+    new_torch = types.SimpleNamespace(FileLock=object, _get_build_directory=lambda name, verbose: str(folder))
+    with cxx_launch._without_stale_build_lock(new_torch, "zoo_triton_launch_x"):
+        assert (folder / "lock").exists()
+    assert not (folder / "zoo_build.lock").exists()
