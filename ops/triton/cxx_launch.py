@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +42,7 @@ import torch
 __all__ = ["enabled", "extension", "argument_kinds", "register"]
 
 _SOURCE = Path(__file__).with_name("_launch.cpp")
+logger = logging.getLogger(__name__)
 
 # Triton signature type -> the extension's argument kind (``Kind`` in _launch.cpp)
 _SKIP, _POINTER = 0, 1
@@ -61,7 +63,9 @@ def extension() -> Any | None:
     # one build per torch and Python version: an extension is bound to the torch ABI it was compiled against
     name = f"zoo_triton_launch_{hashlib.sha1(f'{torch.__version__}|{sys.version}'.encode()).hexdigest()[:10]}"
     try:
-        with _ninja_on_path(), _without_stale_build_lock(cpp_extension, name):
+        folder = _build_folder(cpp_extension, name)
+        _announce_a_build(folder, name)
+        with _ninja_on_path(), _without_stale_build_lock(cpp_extension, folder):
             module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
     except Exception as error:  # noqa: BLE001 (no compiler, no headers, a failed build: Triton's launcher stays)
         warnings.warn(f"zoo: the C++ Triton launcher could not be built ({type(error).__name__}: {error}); "
@@ -82,9 +86,26 @@ def extension() -> Any | None:
     return module
 
 
+def _build_folder(cpp_extension: Any, name: str) -> str | None:
+    """The folder torch builds and caches extension ``name`` in (created), or None where torch cannot name it."""
+    try:
+        return cpp_extension._get_build_directory(name, False)
+    except Exception:  # noqa: BLE001 (a private helper: without it, no notice and torch's own locking as it is)
+        return None
+
+
+def _announce_a_build(folder: str | None, name: str) -> None:
+    """Says, on zoo's logger, that the extension is about to be built where ``folder`` holds no build of ``name``:
+    the first kernel launch then takes about 35 s, which an interrupted process would otherwise not explain."""
+    if folder is not None and not any(entry.startswith(name) and entry.endswith((".so", ".pyd"))
+                                      for entry in os.listdir(folder)):
+        logger.warning("zoo: building the C++ Triton launcher in %s (once per torch and Python version; about 35 s)",
+                       folder)
+
+
 @contextlib.contextmanager
-def _without_stale_build_lock(cpp_extension: Any, name: str) -> Iterator[None]:
-    """Holds zoo's build lock on extension ``name``'s build folder and clears a build lock left there by a dead
+def _without_stale_build_lock(cpp_extension: Any, folder: str | None) -> Iterator[None]:
+    """Holds zoo's build lock on an extension's build ``folder`` and clears a build lock left there by a dead
     process, for torch versions whose JIT builds wait on a plain lock file.
 
     Those torches (``cpp_extension`` with a ``FileBaton``, torch 2.11 for one) take a build folder by creating the
@@ -92,14 +113,10 @@ def _without_stale_build_lock(cpp_extension: Any, name: str) -> Iterator[None]:
     this extension for about 35 s; a job's time limit) leaves it behind, and every later zoo process then hung at its
     first kernel launch. Here each build first takes ``zoo_build.lock``, an OS lock (``filelock``) that the kernel
     releases when its holder dies: a ``lock`` file found while holding it is a dead build's, and is removed with a
-    warning. Torches that lock with ``filelock`` themselves (2.14) are left alone, as is a folder torch cannot name.
+    warning. Torches that lock with ``filelock`` themselves (2.14) are left alone, as is a folder torch cannot name
+    (None).
     """
-    try:
-        stale_prone = hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
-        folder = cpp_extension._get_build_directory(name, False) if stale_prone else None
-    except Exception:  # noqa: BLE001 (a private helper: without it, torch's own locking as it is)
-        folder = None
-    if folder is None:
+    if folder is None or not hasattr(cpp_extension, "FileBaton") or hasattr(cpp_extension, "FileLock"):
         yield
         return
     import filelock

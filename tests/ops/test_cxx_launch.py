@@ -308,19 +308,10 @@ def test_fast_launch_hits_under_the_native_classes(ext, recording_kernel):
         fast_launch.use_native_argument_classes(None)
 
 
-class _OldTorchExtensions:
-    """A ``torch.utils.cpp_extension`` stand-in of the torches that lock a JIT build with a plain file (FileBaton),
-    whose build folders live under ``root``."""
-
-    FileBaton = object
-
-    def __init__(self, root):
-        self.root = root
-
-    def _get_build_directory(self, name, verbose):
-        folder = self.root / name
-        folder.mkdir(exist_ok=True)
-        return str(folder)
+# ``torch.utils.cpp_extension`` stand-ins: the torches that lock a JIT build with a plain file (FileBaton, 2.11) and
+# those that take an OS lock on it (filelock, 2.14)
+_OLD_TORCH = types.SimpleNamespace(FileBaton=object)
+_NEW_TORCH = types.SimpleNamespace(FileLock=object)
 
 
 def test_a_dead_builds_lock_is_removed_before_building(tmp_path):
@@ -329,7 +320,7 @@ def test_a_dead_builds_lock_is_removed_before_building(tmp_path):
     folder.mkdir()
     (folder / "lock").touch()
     with pytest.warns(UserWarning, match="interrupted"):
-        with cxx_launch._without_stale_build_lock(_OldTorchExtensions(tmp_path), "zoo_triton_launch_x"):
+        with cxx_launch._without_stale_build_lock(_OLD_TORCH, str(folder)):
             assert not (folder / "lock").exists()
 
 
@@ -350,7 +341,7 @@ def test_a_live_build_keeps_its_lock_until_it_ends(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert builder.stdout.readline().strip() == "building"
-        with cxx_launch._without_stale_build_lock(_OldTorchExtensions(tmp_path), "zoo_triton_launch_x"):
+        with cxx_launch._without_stale_build_lock(_OLD_TORCH, str(folder)):
             assert (folder / "built").exists() and not (folder / "lock").exists()
     finally:
         builder.wait(timeout=60)
@@ -361,7 +352,18 @@ def test_torches_that_lock_builds_themselves_are_left_alone(tmp_path):
     folder = tmp_path / "zoo_triton_launch_x"
     folder.mkdir()
     (folder / "lock").touch()
-    new_torch = types.SimpleNamespace(FileLock=object, _get_build_directory=lambda name, verbose: str(folder))
-    with cxx_launch._without_stale_build_lock(new_torch, "zoo_triton_launch_x"):
+    with cxx_launch._without_stale_build_lock(_NEW_TORCH, str(folder)):
         assert (folder / "lock").exists()
     assert not (folder / "zoo_build.lock").exists()
+
+
+def test_a_build_is_announced_only_where_none_is_cached(tmp_path, caplog):
+    """The first launch's silent 35-second build is what gets a process interrupted mid-build: it is announced."""
+    name = "zoo_triton_launch_x"
+    with caplog.at_level("WARNING", logger=cxx_launch.logger.name):
+        cxx_launch._announce_a_build(str(tmp_path), name)
+        (tmp_path / f"{name}.so").touch()
+        cxx_launch._announce_a_build(str(tmp_path), name)
+        cxx_launch._announce_a_build(None, name)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"zoo: building the C++ Triton launcher in {tmp_path} (once per torch and Python version; about 35 s)"]
