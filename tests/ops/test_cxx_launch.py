@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import struct
+import subprocess
+import sys
 import types
 
 import pytest
@@ -327,13 +329,10 @@ def test_a_dead_builds_lock_is_removed_before_building(tmp_path):
 def test_a_live_build_keeps_its_lock_until_it_ends(tmp_path):
     """Another process building (holding zoo's OS lock, torch's lock file in place) is waited for, not broken into:
     the block is entered only after that build removed its own lock file and ended."""
-    import subprocess
-    import sys
-
     folder = tmp_path / "zoo_triton_launch_x"
     folder.mkdir()
     builder = subprocess.Popen(
-        [sys.executable, "-c", "import filelock, pathlib, sys, time\n"
+        [sys.executable, "-c", "import filelock, pathlib, time\n"
          f"folder = pathlib.Path({str(folder)!r})\n"
          "with filelock.FileLock(str(folder / 'zoo_build.lock')):\n"
          "    (folder / 'lock').touch(); print('building', flush=True); time.sleep(1.0)\n"
