@@ -28,11 +28,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import re
 import shutil
 import sys
-import logging
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
