@@ -6,11 +6,10 @@ from typing import Any, Callable, Iterable
 import torch
 from timm.models._features import feature_take_indices
 from torch import nn
-from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 
 from zoo.ops import LayerNorm, add_layer_norm
-from zoo.ops.mlp import is_identity
+from zoo.ops.mlp import calls_hooks, is_identity
 from zoo.ops._conv_layers import RewrittenConv2d
 
 __all__ = ["BlockSequence", "ChannelsLastSequential", "DeferredSumBlock", "add_norm", "check_images", "init_linears",
@@ -121,19 +120,14 @@ class DeferredSumBlock(nn.Module):
         return self._modules["attn"](h, *args, **kwargs)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a call of ``module`` runs hooks (its own or global ones) that skipping ``__call__`` would lose."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
-
-
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpointing: bool = False
                ) -> torch.Tensor:
     """Run ``blocks`` in order on ``x`` (each called with ``*args`` after its input); returns the last output.
 
     :class:`DeferredSumBlock` blocks pass their last residual sum on to the next one's first norm (see there).
     With ``checkpointing`` each block is recomputed in the backward (``torch.utils.checkpoint``); a block with
-    forward hooks (or with global hooks registered) is called as a module, so its hooks see its whole output.
+    forward or backward hooks (or with global ones registered) is called as a module, so its hooks see its whole
+    output and its gradients.
     """
     if checkpointing and not torch.jit.is_scripting():
         for blk in blocks:
@@ -141,7 +135,7 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpo
         return x
     branch = None
     for blk in blocks:
-        if isinstance(blk, DeferredSumBlock) and not _hooked(blk):
+        if isinstance(blk, DeferredSumBlock) and not calls_hooks(blk):
             x, branch = blk.forward_deferred(x, branch, *args)
         else:
             x = blk(x if branch is None else x + branch, *args)

@@ -1,4 +1,5 @@
-"""The transformer MLP, ``fc2(gelu(fc1(x)))``, with a fused Triton kernel for inference.
+"""The transformer MLP, ``fc2(gelu(fc1(x)))``, with a fused Triton kernel for inference, and its first half
+``gelu(fc1(x))`` (:func:`linear_gelu`) with a backward kernel for eager training.
 
 For ``x`` of shape (..., C_in)::
 
@@ -39,13 +40,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module_hooks
 
 from ._amp import autocast_dtype, compute_dtype
-from ._dispatch import call_key, dispatch, register_backend, validated
+from ._dispatch import call_key, dispatch, planned, register_backend, validated
+from .autocast_cache import AutocastCachedLinear, autocast_weights
 from .triton import (contiguous_or_none, direct, inputs_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2,
-                     no_device_reason, on_device, traced)
+                     no_device_reason, on_device, sm_count, traced)
 
-__all__ = ["Mlp", "SequentialMlp", "is_identity", "mlp"]
+__all__ = ["Mlp", "SequentialMlp", "calls_hooks", "is_identity", "linear_gelu", "mlp"]
 
 _OP = "mlp"
 _ACTIVATIONS = ("gelu",)
@@ -109,7 +113,8 @@ class Mlp(_TimmMlp):
     Same constructor, parameters and state-dict keys as ``timm.layers.Mlp``. A call takes :func:`mlp` when it is
     being compiled (``torch.compile``), the activation is an exact ``nn.GELU``, there is no hidden norm, the layers
     are linear (not ``use_conv``), the in and out widths are those where the kernel measured faster (<= 128),
-    dropout is off (p = 0 or eval mode) and autograd records nothing (inference); otherwise it is timm's forward.
+    dropout is off (p = 0 or eval mode) and autograd records nothing (inference); otherwise it is timm's forward,
+    whose ``act(fc1(x))`` goes through :func:`linear_gelu` in eager training (see :func:`_activated`).
 
     Why only when compiled: eager inference of these backbones is bound by host time on an H200, and the fused call's
     Python and Triton launch cost about what the three layers' calls save (eager Agent-PVT-T, Agent-Swin-T and
@@ -130,14 +135,17 @@ class Mlp(_TimmMlp):
         if (self._fusable_layers and _fuses_now(x, fc1, fc2)
                 and (not self.training or (drop1.p == 0 and drop2.p == 0))):
             return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        if is_identity(drop1) and is_identity(layers["norm"]) and is_identity(drop2):
-            return fc2(layers["act"](fc1(x)))  # the same layers without three calls that change nothing
-        return super().forward(x)
+        hidden = _activated(x, fc1, layers["act"])
+        norm = layers["norm"]
+        if is_identity(drop1) and is_identity(norm) and is_identity(drop2):
+            return fc2(hidden)  # the same layers without three calls that change nothing
+        return drop2(fc2(norm(drop1(hidden))))  # timm's Mlp.forward after its act(fc1(x))
 
 
 class SequentialMlp(nn.Sequential):
     """``nn.Sequential(nn.Linear, [nn.Identity, ...], nn.GELU(), nn.Linear)`` whose calls run through :func:`mlp`
-    under the rules of :class:`Mlp` (compiled, inference, widths <= 128); anything else runs as a plain
+    under the rules of :class:`Mlp` (compiled, inference, widths <= 128), and whose linear layer and GELU (with only
+    no-op layers between) go through :func:`linear_gelu` in eager training; anything else runs as a plain
     ``nn.Sequential``.
 
     For MLPs released as a Sequential (BiFormer's ``mlp.0``/``mlp.3`` keys, with an Identity kept in the middle
@@ -155,6 +163,9 @@ class SequentialMlp(nn.Sequential):
         fc1, fc2 = self[0], self[-1]
         if self._fusable_layers and _fuses_now(x, fc1, fc2):
             return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        layers = list(self)
+        if len(layers) >= 3 and all(is_identity(m) for m in layers[1:-2]):
+            return fc2(_activated(x, fc1, layers[-2]))
         return super().forward(x)
 
 
@@ -179,6 +190,41 @@ def is_identity(module: nn.Module) -> bool:
     else:
         return False
     return not (observed or module._forward_hooks or module._forward_pre_hooks)
+
+
+def _activated(x: torch.Tensor, fc1: nn.Module, act: nn.Module) -> torch.Tensor:
+    """``act(fc1(x))`` (..., H); an eager training call of a linear layer and the exact GELU goes through
+    :func:`linear_gelu`, whose backward computes fc1's bias gradient in the GELU's backward kernel on the GPU.
+
+    Only where calling the two modules would do nothing else: ``fc1`` an ``nn.Linear`` (or the autocast-caching one,
+    whose copies it then takes), not a subclass with a forward of its own; no hooks on either module nor global ones;
+    fc1's bias taking a gradient; not under ``torch.compile`` (inductor fuses the GELU's backward and the bias sum
+    itself).
+    """
+    if torch.is_grad_enabled() and _linear_then_gelu(fc1, act) and not torch.compiler.is_compiling():
+        weight, bias = autocast_weights(fc1) if type(fc1) is AutocastCachedLinear else (fc1.weight, fc1.bias)
+        return linear_gelu(x, weight, bias)
+    return act(fc1(x))
+
+
+_LINEARS = (nn.Linear, AutocastCachedLinear)
+
+
+def _linear_then_gelu(fc1: nn.Module, act: nn.Module) -> bool:
+    """Whether ``act(fc1(x))`` is exactly :func:`linear_gelu` of fc1's parameters, with a bias that trains."""
+    if type(fc1) not in _LINEARS or type(act) is not nn.GELU or act.approximate != "none":
+        return False
+    bias = fc1._parameters.get("bias")
+    return bias is not None and bias.requires_grad and not (calls_hooks(fc1) or calls_hooks(act))
+
+
+def calls_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks that code skipping its ``__call__`` would lose: forward or backward
+    hooks of its own, or ones registered for every module (``torch.nn.modules.module.register_module_*_hook``)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_hooks._global_forward_hooks
+                or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
+                or _module_hooks._global_backward_pre_hooks)
 
 
 def _fuses_now(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
@@ -299,3 +345,149 @@ def _triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute) -> torch.Ten
 
 register_backend(_OP, "triton", _triton, supports=_triton_supports, priority=10, available=no_device_reason,
                  prefer=_triton_prefer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# linear_gelu: an MLP's first layer and its activation, for eager training
+
+_LINEAR_GELU = "linear_gelu"
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                backend: str | None = None) -> torch.Tensor:
+    """``gelu(x @ weight^T + bias)`` with the exact (erf) GELU: an MLP's ``act(fc1(x))``.
+
+    The ``triton`` backend serves eager training calls on the GPU. Its forward makes the reference's two ATen calls
+    (the bias still added in the GEMM, so the same values), but gives the GEMM a detached bias, and its backward
+    computes the bias gradient from the GELU's backward kernel: the kernel sums the input gradient it writes, where
+    ATen's linear backward would read it all again for a column sum (in bf16 eager training on H100s, 35-45 us a
+    call and a tenth of the Agent-PVT and Agent-Swin steps' kernel time went to such sums; BENCHMARKS.md,
+    seventy-eighth session). Gradients are those of the reference up to the order of that float32 sum.
+
+    Args:
+        x: (..., C_in) floating point.
+        weight: (H, C_in); bias: (H,) or None.
+        backend: ``"reference"``, ``"triton"`` or None for automatic choice (see :mod:`zoo.ops._dispatch`).
+
+    Returns:
+        (..., H), as ``F.gelu(F.linear(x, weight, bias))`` gives it (under autocast in the autocast dtype).
+    """
+    key = call_key(x, weight, bias)
+    if not validated(_LINEAR_GELU, key):
+        _check_linear_gelu(x, weight, bias)
+    return dispatch(_LINEAR_GELU, backend, x, weight, bias, key=key)
+
+
+def _check_linear_gelu(x, weight, bias) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
+        raise ValueError(f"linear_gelu: x must be a floating-point tensor of shape (..., C_in), got {_describe(x)}")
+    if (not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.ndim != 2
+            or weight.shape[1] != x.shape[-1]):
+        raise ValueError(f"linear_gelu: weight must be a floating-point tensor of shape (H, C_in) = (H, "
+                         f"{x.shape[-1]}) for x of shape {tuple(x.shape)}, got {_describe(weight)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"linear_gelu: bias must be None or a floating-point tensor of shape (H,) = "
+                         f"({weight.shape[0]},), got {_describe(bias)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"linear_gelu: {name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def _linear_gelu_reference(x, weight, bias) -> torch.Tensor:
+    return F.gelu(F.linear(x, weight, bias))
+
+
+register_backend(_LINEAR_GELU, "reference", _linear_gelu_reference, priority=0)
+
+# (BLOCK_M, BLOCK_N, num_warps) of gelu_backward_kernel and its programs a SM, each summing a share of the rows of
+# a column block. The best of 54 tilings (16-64 rows, 64-256 columns, 4 or 8 warps, 2-8 programs a SM) at five
+# shapes of the backbones' MLPs (bf16, batch 64: (200704, 512), (50176, 1024), (12544, 1280), (200704, 384),
+# (12608, 768)), then its row loop pipelined three stages deep; kernel and sum us on an H100 (torch 2.11, triton
+# 3.6, do_bench): 229 / 119 / 47 / 175 / 32, against ATen's gelu_backward and column sum 335 / 179 / 69 / 283 / 49
+# (its gelu_backward alone 207 / 108 / 39 / 158 / 27: the sum takes the rest)
+_GELU_BACKWARD_TILES = (32, 128, 8)
+_GELU_BACKWARD_PROGRAMS_PER_SM = 2
+_SUM_BLOCK_S, _SUM_BLOCK_C = 512, 32  # the partial sums' reduction (depthwise_conv's weight_grad_sum_kernel)
+
+
+def _linear_gelu_supports(x, weight, bias) -> str | None:
+    if torch.compiler.is_compiling():
+        return "under torch.compile inductor fuses the GELU's backward and the bias sum itself"
+    if bias is None or not needs_grad(bias):
+        return ("only the backward has a kernel (the bias gradient's): calls without a bias that takes a gradient "
+                "take the reference")
+    return inputs_reason(x.device, _gelu_kernels_interpreted(), compute=compute_dtype(x), x=x, weight=weight,
+                         bias=bias)
+
+
+def _linear_gelu_prefer(x, weight, bias) -> str | None:
+    if x.device.type != "cuda":
+        return f"on {x.device.type} the reference is faster than Triton's interpreter"
+    return None
+
+
+def _linear_gelu_triton(x, weight, bias) -> torch.Tensor:
+    return _GeluBiasGrad.apply(F.linear(x, weight, bias.detach()), bias)
+
+
+class _GeluBiasGrad(torch.autograd.Function):
+    """``gelu(a)`` for ``a = linear(x, weight, bias)`` computed with a detached bias: the backward returns a's
+    gradient and the bias's (the column sums of a's gradient), both from :func:`_launch_gelu_backward`."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.bias_dtype = bias.dtype
+        return F.gelu(a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (a,) = ctx.saved_tensors
+        if a.numel() == 0:
+            return torch.zeros_like(a), a.new_zeros(a.shape[-1], dtype=ctx.bias_dtype)
+        # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
+        return planned("linear_gelu.backward", _launch_gelu_backward, grad.contiguous(), a.contiguous(),
+                       ctx.bias_dtype)
+
+
+def _launch_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias_dtype: torch.dtype,
+                          launch=direct) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a's gradient in a's dtype, the bias's (H,) in ``bias_dtype``) from contiguous (..., H) ``grad`` and ``a``:
+    the GELU's backward with partial column sums, then their sum over the splits in a fixed order, rounded to a's
+    dtype (what the bias's gradient is where autocast cast the bias to it) and stored in ``bias_dtype``."""
+    n = a.shape[-1]
+    m = a.numel() // n
+    block_m, block_n, num_warps = _GELU_BACKWARD_TILES
+    col_blocks = -(-n // block_n)
+    programs = _GELU_BACKWARD_PROGRAMS_PER_SM * sm_count(a) if a.is_cuda else 3
+    splits = max(1, min(-(-m // block_m), programs // col_blocks))
+    rows_per_split = -(-(-(-m // splits)) // block_m) * block_m
+    splits = -(-m // rows_per_split)
+    da = torch.empty_like(a)
+    parts = torch.empty((splits, 1, n), dtype=torch.float32, device=a.device)
+    db = torch.empty((n,), dtype=bias_dtype, device=a.device)
+    kernels, summing = _gelu_kernels()
+    with on_device(a):
+        launch(kernels.gelu_backward_kernel)[(splits, col_blocks)](
+            grad, a, da, parts, m, n, rows_per_split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        launch(summing)[(-(-n // _SUM_BLOCK_C), 1)](parts, db, db, a, n, splits, 1, KK=0, BLOCK_S=_SUM_BLOCK_S,
+                                                    BLOCK_C=_SUM_BLOCK_C, num_warps=8)
+    return da, db
+
+
+def _gelu_kernels_interpreted() -> bool:
+    return kernels_interpreted(f"{__package__}.triton.kernels.mlp")
+
+
+@functools.cache
+def _gelu_kernels():
+    """(the kernels' module, the partial sums' reduction), imported on first use (TRITON_INTERPRET is read then)."""
+    from .triton.kernels import depthwise_conv, mlp as kernels
+
+    return kernels, depthwise_conv.weight_grad_sum_kernel
+
+
+register_backend(_LINEAR_GELU, "triton", _linear_gelu_triton, supports=_linear_gelu_supports, priority=10,
+                 available=no_device_reason, prefer=_linear_gelu_prefer)

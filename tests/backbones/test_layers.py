@@ -123,6 +123,15 @@ def test_run_blocks_calls_hooked_blocks_as_modules():
     assert [m for m in seen[1:] if isinstance(m, _ToyBlock)] == list(blocks)  # global hooks see every block
 
 
+def test_run_blocks_calls_blocks_with_backward_hooks_as_modules():
+    blocks = _toy_stack()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    seen = []
+    blocks[1].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    blocks(x).sum().backward()
+    assert seen == [(2, 5, 8)]  # the block's output gradient: the hook ran, on its whole output
+
+
 def test_run_blocks_with_checkpointing_matches_gradients():
     blocks = _toy_stack()
     x = torch.randn(2, 5, 8, requires_grad=True)

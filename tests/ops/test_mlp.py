@@ -13,7 +13,7 @@ from timm.layers import Mlp as TimmMlp
 from torch import nn
 
 from zoo import ops
-from zoo.ops import Mlp, SequentialMlp, mlp, registered_backends
+from zoo.ops import Mlp, SequentialMlp, linear_gelu, mlp, registered_backends
 from zoo.ops._dispatch import select_backend
 from zoo.ops.triton import interpreter_requested
 from triton_checks import interpreter_fixture, run_pytest_in_interpreter
@@ -176,6 +176,92 @@ def test_empty_rows_and_no_biases(randn):
     assert torch.equal(mlp(x, w1, None, w2, None), F.linear(F.gelu(F.linear(x, w1)), w2))
 
 
+def test_linear_gelu_reference_is_the_two_layers_bitwise_with_gradients(randn, grads):
+    x = randn(3, 5, 24, requires_grad=True, seed=4)
+    w, b, _, _ = (None if t is None else t.requires_grad_() for t in _weights(24, 70, 8, randn))
+    got, want = linear_gelu(x, w, b), F.gelu(F.linear(x, w, b))
+    assert torch.equal(got, want)
+    for g, r in zip(grads(got, [x, w, b]), grads(want, [x, w, b])):
+        assert torch.equal(g, r)
+    assert torch.equal(linear_gelu(x, w, None), F.gelu(F.linear(x, w)))
+
+
+def _routed(monkeypatch) -> list:
+    """The weight shapes :func:`linear_gelu` is called with from now on."""
+    calls, real = [], FM.linear_gelu
+    monkeypatch.setattr(FM, "linear_gelu", lambda *a, **k: calls.append(tuple(a[1].shape)) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.25])
+def test_mlp_module_routes_eager_training_through_linear_gelu(drop, randn, grads, monkeypatch):
+    """In training with gradients act(fc1(x)) is one linear_gelu call; outputs and gradients are timm's bitwise, with
+    dropout drawing the same masks."""
+    calls = _routed(monkeypatch)
+    theirs, ours = _timm_pair(16, 48, 12, drop=drop)
+    x = randn(2, 5, 16, requires_grad=True, seed=1)
+    torch.manual_seed(3)
+    got = ours(x)
+    torch.manual_seed(3)
+    want = theirs(x)
+    assert torch.equal(got, want) and calls == [(48, 16)]
+    mine = grads(got, [x, ours.fc1.weight, ours.fc1.bias, ours.fc2.bias])
+    for g, r in zip(mine, grads(want, [x, theirs.fc1.weight, theirs.fc1.bias, theirs.fc2.bias])):
+        assert torch.equal(g, r)
+
+
+def test_modules_take_linear_gelu_only_where_the_two_calls_do_nothing_else(randn, monkeypatch):
+    calls = _routed(monkeypatch)
+    x = randn(2, 16)
+    with torch.no_grad():
+        Mlp(16, 32)(x)  # inference
+    Mlp(16, 32, act_layer=lambda: nn.GELU(approximate="tanh"))(x)
+    Mlp(16, 32, act_layer=nn.ReLU)(x)
+    frozen = Mlp(16, 32)
+    frozen.fc1.bias.requires_grad_(False)  # no bias gradient to fuse
+    frozen(x)
+    hooked = Mlp(16, 32)
+    hooked.fc1.register_forward_hook(lambda *args: None)  # the hook must see fc1's call
+    hooked(x)
+    subclassed = Mlp(16, 32)
+    subclassed.fc1 = type("Lora", (nn.Linear,), {})(16, 32)  # a subclass's forward may differ
+    subclassed(x)
+    global_hook = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        Mlp(16, 32)(x)
+    finally:
+        global_hook.remove()
+    torch._dynamo.reset()
+    torch.compile(Mlp(16, 32), backend="eager")(x)  # inductor fuses the backward itself
+    assert calls == []
+    Mlp(16, 32)(x), SequentialMlp(nn.Linear(16, 32), nn.Identity(), nn.GELU(), nn.Linear(32, 16))(x)
+    SequentialMlp(nn.Linear(16, 32), nn.Dropout(0.5), nn.GELU(), nn.Linear(32, 16))(x)  # a dropout in between
+    assert calls == [(32, 16), (32, 16)]
+
+
+def test_linear_gelu_input_errors_name_the_argument_and_value():
+    x, w, b = torch.ones(2, 8), torch.ones(16, 8), torch.ones(16)
+    for args, message in [((x.long(), w, b), "x must be a floating-point tensor"),
+                          ((x, torch.ones(16, 9), b), r"weight must be .* \(H, 8\) .*got shape \(16, 9\)"),
+                          ((x, w, torch.ones(15)), r"bias must be None or .* \(16,\), got shape \(15,\)"),
+                          ((x, w, torch.ones(16, device="meta")), "bias must be on the device of x")]:
+        with pytest.raises(ValueError, match=message):
+            linear_gelu(*args)
+
+
+def test_linear_gelu_backend_reasons(randn, monkeypatch):
+    assert registered_backends("linear_gelu") == ["triton", "reference"] and "linear_gelu" in ops.__all__
+    x, (w, b, _, _) = randn(2, 8), _weights(8, 16, 4, randn)
+    supports, prefer = FM._linear_gelu_supports, FM._linear_gelu_prefer
+    assert "only the backward" in supports(x, w, b) and "only the backward" in supports(x, w, None)
+    b.requires_grad_()
+    assert "TRITON_INTERPRET=1" in supports(x, w, b)
+    monkeypatch.setattr(FM, "_gelu_kernels_interpreted", lambda: True)
+    assert supports(x, w, b) is None and "float64" in supports(x.double(), w, b)
+    assert "reference is faster" in prefer(x, w, b)
+    assert select_backend("linear_gelu", None, x, w, b).name == "reference"
+
+
 def _bad(**override):
     x, w1, b1, w2, b2 = torch.ones(2, 8), torch.ones(16, 8), torch.ones(16), torch.ones(4, 16), torch.ones(4)
     args = dict(x=x, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
@@ -322,11 +408,57 @@ def test_triton_interpreter_compiled_model_routes_its_narrow_mlps(interpreter, a
     assert_close(got, want, atol=1e-5 * want.abs().max().item(), what="compiled model logits")
 
 
+def _linear_gelu_grads(x, w, b, backend, randn):
+    y = linear_gelu(x, w, b, backend=backend)
+    g = randn(*y.shape, dtype=y.dtype, device=y.device, seed=11)
+    return (y, *torch.autograd.grad(y, (x, w, b), g))
+
+
+@pytest.mark.parametrize("lead, c_in, hidden", [((3, 50), 24, 70), ((150,), 16, 300), ((2, 5, 7), 8, 1)], ids=str)
+def test_triton_interpreter_linear_gelu_gradients(lead, c_in, hidden, interpreter, randn, assert_close):
+    """float32: the forward is the reference's (the same ATen calls); the gradients agree up to the order of float32
+    sums (the bias's over up to three row splits, the interpreter's three programs)."""
+    x = randn(*lead, c_in, requires_grad=True, seed=5)
+    w, b, _, _ = (t.requires_grad_() for t in _weights(c_in, hidden, 4, randn))
+    got, want = (_linear_gelu_grads(x, w, b, backend, randn) for backend in ("triton", "reference"))
+    assert torch.equal(got[0], want[0])
+    for name, g, r in zip(("y", "x", "weight", "bias"), got, want):
+        assert_close(g, r, atol=2e-6 * r.abs().max().item(), what=name)
+
+
+def test_triton_interpreter_linear_gelu_fp16_autocast_rounds_like_the_layers(interpreter, randn, assert_close):
+    """Under fp16 autocast the bias's gradient is the fp16 column sum (rounded once), in the parameter's float32."""
+    x = randn(150, 24, requires_grad=True, seed=6)
+    w, b, _, _ = (t.requires_grad_() for t in _weights(24, 40, 4, randn))
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, want = (_linear_gelu_grads(x, w, b, backend, randn) for backend in ("triton", "reference"))
+    assert got[0].dtype == torch.float16 and got[3].dtype == torch.float32
+    for name, g, r in zip(("y", "x", "weight", "bias"), got, want):
+        assert_close(g.float(), r.float(), atol=2e-3 * r.abs().max().item(), what=name)
+    assert torch.equal(got[3], got[3].half().float())  # rounded to fp16 once
+
+
+def test_triton_interpreter_mlp_training_takes_the_kernel(interpreter, randn, assert_close, monkeypatch):
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "linear_gelu:triton")
+    launches = []
+    real = FM._launch_gelu_backward
+    monkeypatch.setattr(FM, "_launch_gelu_backward", lambda *a, **k: launches.append(a[1].shape) or real(*a, **k))
+    theirs, ours = _timm_pair(16, 48, 16)
+    x = randn(3, 20, 16, seed=7)
+    got, want = ours(x), theirs(x)
+    assert torch.equal(got, want)
+    g = randn(*got.shape, seed=8)
+    for p, q in zip(torch.autograd.grad(got, list(ours.parameters()), g),
+                    torch.autograd.grad(want, list(theirs.parameters()), g)):
+        assert_close(p, q, atol=2e-6 * q.abs().max().item(), what="parameter gradient")
+    assert launches == [(3, 20, 48)]
+
+
 def test_triton_kernels_under_interpreter():
     """Runs the interpreter tests above in a fresh process with TRITON_INTERPRET=1."""
     if INTERPRETING:
         pytest.skip("already interpreting: the tests above ran in this process")
-    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=21)
+    run_pytest_in_interpreter(__file__, "interpreter and not under_interpreter", passed=26)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,3 +506,42 @@ def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
     assert_inductor_launches(code, "forward_kernel")
     assert got.dtype == torch.bfloat16
     assert_close(got.float(), eager.float(), atol=1e-2 * eager.float().abs().max().item(), what="compiled")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, c_in, hidden", [(8 * 3136, 64, 512), (8 * 197, 192, 768), (1000, 40, 70), (5, 8, 300)],
+                         ids=str)
+def test_triton_gpu_linear_gelu_gradients(rows, c_in, hidden, dtype, randn, assert_close, assert_no_fallback):
+    """Chosen for training calls; the forward is the reference's bitwise, the input gradients within a unit in the
+    last place of the dtype, the bias's within the rounding of its float32 sum; repeated calls (replayed from call
+    plans from the third) give the same values."""
+    x = randn(rows, c_in, device="cuda", requires_grad=True, seed=12)
+    w, b, _, _ = (t.requires_grad_() for t in _weights(c_in, hidden, 4, randn, device="cuda"))
+    assert select_backend("linear_gelu", None, x, w, b).name == "triton"
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        want = _linear_gelu_grads(x, w, b, "reference", randn)
+        with assert_no_fallback():
+            runs = [_linear_gelu_grads(x, w, b, "triton", randn) for _ in range(4)]
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+    assert torch.equal(runs[0][0], want[0])
+    for name, g, r in zip(("y", "x", "weight", "bias"), runs[0], want):
+        assert_close(g.float(), r.float(), atol=tol * r.float().abs().max().item(), what=name)
+    for later in runs[1:]:
+        assert all(torch.equal(g, r) for g, r in zip(later, runs[0]))
+
+
+@pytest.mark.gpu
+def test_triton_gpu_mlp_training_step_matches_timm(randn, assert_close):
+    """A bf16 autocast training step of the module (the linear_gelu backward kernel) against timm's Mlp."""
+    theirs, ours = (m.cuda() for m in _timm_pair(64, 256, 64))
+    x = randn(4, 196, 64, device="cuda", seed=13)
+    g = randn(4, 196, 64, device="cuda", seed=14)
+    results = []
+    for model in (ours, theirs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        results.append((out, torch.autograd.grad(out, list(model.parameters()), g.bfloat16())))
+    assert torch.equal(results[0][0], results[1][0])
+    for p, q in zip(results[0][1], results[1][1]):
+        assert_close(p, q, atol=8e-3 * q.abs().max().item(), what="parameter gradient")

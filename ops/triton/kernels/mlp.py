@@ -51,3 +51,35 @@ def forward_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, M, CIN, HID, CO
     if HAS_B2:
         acc += _rounded(tl.load(b2_ptr + cout, mask=cout_ok, other=0.0), dtype)[None, :]
     tl.store(y_ptr + rows[:, None] * COUT + cout[None, :], acc.to(dtype), mask=row_ok[:, None] & cout_ok[None, :])
+
+
+_GELU_PDF = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), ATen's kBeta
+
+
+@triton.jit
+def gelu_backward_kernel(g_ptr, a_ptr, da_ptr, part_ptr, M, N, ROWS_PER_SPLIT,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The exact GELU's backward and the column sums of its result (grid: (splits, cdiv(N, BLOCK_N))).
+
+    For row-major (M, N) g (the GELU output's gradient) and a (its input): da = g * GELU'(a), computed in float32 as
+    ATen's ``gelu_backward`` computes it and stored in da's dtype; program (s, j) takes rows [s * ROWS_PER_SPLIT,
+    (s + 1) * ROWS_PER_SPLIT) of column block j and stores the float32 sum of its stored (rounded) da values over
+    those rows in part[s, columns]: partial sums of the bias gradient of the linear layer that made ``a``.
+    """
+    dtype = da_ptr.dtype.element_ty
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    first = tl.program_id(0).to(tl.int64) * ROWS_PER_SPLIT
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in tl.range(0, ROWS_PER_SPLIT, BLOCK_M, num_stages=3):  # loads issued ahead of the arithmetic
+        rows = first + step + tl.arange(0, BLOCK_M)
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        at = rows[:, None] * N + cols[None, :]
+        g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.erf(a * _SQRT1_2))
+        pdf = tl.exp(-0.5 * a * a) * _GELU_PDF
+        da = (g * (cdf + a * pdf)).to(dtype)
+        tl.store(da_ptr + at, da, mask=ok)
+        total += da.to(tl.float32)  # masked entries are 0: g loads 0 there
+    tl.store(part_ptr + tl.program_id(0) * N + cols, tl.sum(total, axis=0), mask=col_ok)
