@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module_hooks
 
 from ._amp import autocast_dtype, compute_dtype
@@ -362,7 +361,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     computes the bias gradient from the GELU's backward kernel: the kernel sums the input gradient it writes, where
     ATen's linear backward would read it all again for a column sum (in bf16 eager training on H100s, 35-45 us a
     call and a tenth of the Agent-PVT and Agent-Swin steps' kernel time went to such sums; BENCHMARKS.md,
-    seventy-eighth session). Gradients are those of the reference up to the order of that float32 sum.
+    seventy-eighth session). Gradients are those of the reference up to the order of that float32 sum; a backward
+    with ``create_graph=True`` takes ATen's ops, so second derivatives are the reference's.
 
     Args:
         x: (..., C_in) floating point.
@@ -437,19 +437,19 @@ class _GeluBiasGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        ctx.bias_dtype = bias.dtype
+        ctx.save_for_backward(a, bias)
         return F.gelu(a)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (a,) = ctx.saved_tensors
-        if a.numel() == 0:
-            return torch.zeros_like(a), a.new_zeros(a.shape[-1], dtype=ctx.bias_dtype)
+        a, bias = ctx.saved_tensors
+        if torch.is_grad_enabled() or a.numel() == 0:
+            # create_graph=True (gradient penalties, double backward): the gradients get a graph from ATen's ops,
+            # on ``a`` tied to the bias again (the GEMM had it detached), ``bias - bias.detach()`` being exactly 0
+            da = torch.ops.aten.gelu_backward(grad, a + (bias - bias.detach()))
+            return da, da.reshape(-1, a.shape[-1]).sum(0).to(bias.dtype)
         # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
-        return planned("linear_gelu.backward", _launch_gelu_backward, grad.contiguous(), a.contiguous(),
-                       ctx.bias_dtype)
+        return planned("linear_gelu.backward", _launch_gelu_backward, grad.contiguous(), a.contiguous(), bias.dtype)
 
 
 def _launch_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias_dtype: torch.dtype,
