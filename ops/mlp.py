@@ -404,8 +404,8 @@ register_backend(_LINEAR_GELU, "reference", _linear_gelu_reference, priority=0)
 # a column block. The best of 54 tilings (16-64 rows, 64-256 columns, 4 or 8 warps, 2-8 programs a SM) at five
 # shapes of the backbones' MLPs (bf16, batch 64: (200704, 512), (50176, 1024), (12544, 1280), (200704, 384),
 # (12608, 768)), then its row loop pipelined three stages deep; kernel and sum us on an H100 (torch 2.11, triton
-# 3.6, do_bench): 229 / 119 / 47 / 175 / 32, against ATen's gelu_backward and column sum 335 / 179 / 69 / 283 / 49
-# (its gelu_backward alone 207 / 108 / 39 / 158 / 27: the sum takes the rest)
+# 3.6, do_bench): 229 / 121 / 50 / 177 / 35, against ATen's gelu_backward and column sum 333 / 178 / 69 / 281 / 49
+# (its gelu_backward alone 207 / 107 / 39 / 157 / 26: the sum takes the rest)
 _GELU_BACKWARD_TILES = (32, 128, 8)
 _GELU_BACKWARD_PROGRAMS_PER_SM = 2
 _SUM_BLOCK_S, _SUM_BLOCK_C = 512, 32  # the partial sums' reduction (depthwise_conv's weight_grad_sum_kernel)
@@ -446,7 +446,7 @@ class _GeluBiasGrad(torch.autograd.Function):
         if torch.is_grad_enabled() or a.numel() == 0:
             # create_graph=True (gradient penalties, double backward): the gradients get a graph from ATen's ops,
             # on ``a`` tied to the bias again (the GEMM had it detached), ``bias - bias.detach()`` being exactly 0
-            da = torch.ops.aten.gelu_backward(grad, a + (bias - bias.detach()))
+            da = torch.ops.aten.gelu_backward(grad, a + (bias - bias.detach()).to(a.dtype))
             return da, da.reshape(-1, a.shape[-1]).sum(0).to(bias.dtype)
         # (the launches replayed from a call plan where plans are on: zoo.ops._dispatch.planned)
         return planned("linear_gelu.backward", _launch_gelu_backward, grad.contiguous(), a.contiguous(), bias.dtype)
