@@ -159,10 +159,10 @@ class SequentialMlp(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        fc1, fc2 = self[0], self[-1]
+        layers = list(self)
+        fc1, fc2 = layers[0], layers[-1]
         if self._fusable_layers and _fuses_now(x, fc1, fc2):
             return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        layers = list(self)
         if len(layers) >= 3 and all(is_identity(m) for m in layers[1:-2]):
             return fc2(_activated(x, fc1, layers[-2]))
         return super().forward(x)
@@ -176,8 +176,8 @@ def _gelu_mlp_layers(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
 
 def is_identity(module: nn.Module) -> bool:
     """Whether calling ``module`` now returns its input unchanged and nothing observes the call: an ``nn.Identity``,
-    an ``nn.Dropout`` or timm ``DropPath`` with probability 0 or in eval mode, with no forward hooks of its own. Eager
-    code can then skip the call (H200 machine's host, eager Agent-DeiT-T inference at batch 128: the MLPs' two
+    an ``nn.Dropout`` or timm ``DropPath`` with probability 0 or in eval mode, and no hooks run by calling it
+    (:func:`calls_hooks`). Eager code can then skip the call (H200 machine's host, eager Agent-DeiT-T inference at batch 128: the MLPs' two
     dropouts and identity norm cost 0.45 of 8.3 ms a forward)."""
     kind = type(module)
     if kind is nn.Identity:
@@ -188,7 +188,7 @@ def is_identity(module: nn.Module) -> bool:
         observed = module.training and module.drop_prob > 0
     else:
         return False
-    return not (observed or module._forward_hooks or module._forward_pre_hooks)
+    return not (observed or calls_hooks(module))
 
 
 def _activated(x: torch.Tensor, fc1: nn.Module, act: nn.Module) -> torch.Tensor:
@@ -463,7 +463,8 @@ def _launch_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias_dtype: torch
     col_blocks = -(-n // block_n)
     programs = _GELU_BACKWARD_PROGRAMS_PER_SM * sm_count(a) if a.is_cuda else 3
     splits = max(1, min(-(-m // block_m), programs // col_blocks))
-    rows_per_split = -(-(-(-m // splits)) // block_m) * block_m
+    rows_per_split = -(-m // splits)
+    rows_per_split = -(-rows_per_split // block_m) * block_m  # whole row blocks a split
     splits = -(-m // rows_per_split)
     da = torch.empty_like(a)
     parts = torch.empty((splits, 1, n), dtype=torch.float32, device=a.device)

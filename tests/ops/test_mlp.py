@@ -134,6 +134,14 @@ def test_is_identity_names_the_calls_that_change_nothing():
     hooked = nn.Identity()
     hooked.register_forward_hook(lambda *args: None)  # a hook observes the call: it is made
     assert not is_identity(hooked)
+    backward_hooked = nn.Identity()
+    backward_hooked.register_full_backward_hook(lambda *args: None)
+    assert not is_identity(backward_hooked)
+    global_hook = nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
+    try:
+        assert not is_identity(nn.Identity())
+    finally:
+        global_hook.remove()
 
 
 def test_mlp_module_skips_its_no_op_layers_with_the_same_outputs(randn, monkeypatch):
