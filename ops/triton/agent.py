@@ -505,6 +505,12 @@ def _bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, widt
 
 
 _BIAS_SUM_ROWS, _BIAS_SUM_COLS = 16, 128  # not tuned: the sum reads B x ROWS x W floats once
+# Programs a SM the batch sum aims at: one program a (16, 128) tile looping over the whole batch left Agent-PVT-T's
+# and Agent-Swin-T's first stages 2-25 programs (35-37 us a call for some 7 MB; H100, batch 64, BENCHMARKS.md
+# seventy-eighth and seventy-ninth sessions), so the batch is split over programs when the tiles do not fill the GPU
+# and the splits' float32 partial sums are added in a second launch: 0.57 -> 0.29 ms a step for Agent-PVT-T's 16 sums,
+# 1.18 -> 0.60 ms for Agent-PVT-S's 32 (kernel time, H100, bf16, batch 64; BENCHMARKS.md eightieth session).
+_BIAS_SUM_PROGRAMS_PER_SM = 4
 
 
 def _summed_bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: bool, width: int,
@@ -519,11 +525,32 @@ def _summed_bias_grad(grad: torch.Tensor, bias: torch.Tensor | None, wanted: boo
         return _bias_grad(grad, bias, wanted, width)
     out = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
     rows = bias.shape[1] * bias.shape[2]
-    if out.numel():
-        launch(_kernels().bias_sum)[(-(-rows // _BIAS_SUM_ROWS), -(-width // _BIAS_SUM_COLS))](
-            grad, out, grad.shape[0], rows, width, grad.stride(0), grad.stride(2), BLOCK_R=_BIAS_SUM_ROWS,
-            BLOCK_W=_BIAS_SUM_COLS, num_warps=4)
+    if not out.numel():
+        return out
+    batch = grad.shape[0]
+    tiles = (-(-rows // _BIAS_SUM_ROWS), -(-width // _BIAS_SUM_COLS))
+    splits = _bias_sum_splits(batch, tiles[0] * tiles[1], grad)
+    per_split = -(-batch // splits)
+    splits = -(-batch // per_split)
+    kernel = _kernels().bias_sum
+    if splits == 1:
+        launch(kernel)[(*tiles, 1)](grad, out, batch, rows, width, grad.stride(0), grad.stride(2), batch,
+                                    BLOCK_R=_BIAS_SUM_ROWS, BLOCK_W=_BIAS_SUM_COLS, num_warps=4)
+        return out
+    parts = torch.empty((splits, rows, width), dtype=torch.float32, device=grad.device)
+    launch(kernel)[(*tiles, splits)](grad, parts, batch, rows, width, grad.stride(0), grad.stride(2), per_split,
+                                     BLOCK_R=_BIAS_SUM_ROWS, BLOCK_W=_BIAS_SUM_COLS, num_warps=4)
+    launch(kernel)[(*tiles, 1)](parts, out, splits, rows, width, rows * width, width, splits,
+                                BLOCK_R=_BIAS_SUM_ROWS, BLOCK_W=_BIAS_SUM_COLS, num_warps=4)
     return out
+
+
+def _bias_sum_splits(batch: int, tiles: int, like: torch.Tensor) -> int:
+    """How many programs share each tile's batch in :func:`_summed_bias_grad`: enough for
+    ``_BIAS_SUM_PROGRAMS_PER_SM`` programs a SM (two on CPU, so the interpreter runs both launches), at most one a
+    batch item."""
+    programs = _BIAS_SUM_PROGRAMS_PER_SM * sm_count(like) if like.is_cuda else 2 * tiles
+    return max(1, min(batch, programs // tiles))
 
 
 def _launch_backward_summed(grad_out, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse, scale,

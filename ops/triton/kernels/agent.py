@@ -644,16 +644,21 @@ def _agent_grad_sum_kernel(pa_ptr, pk_ptr, da_ptr, sdab, sdah, sdaa, sdad, HEADS
 
 
 @triton.jit
-def bias_grad_sum_kernel(src_ptr, dst_ptr, B, ROWS, W, src_batch, src_row,
+def bias_grad_sum_kernel(src_ptr, dst_ptr, B, ROWS, W, src_batch, src_row, BATCHES_PER_SPLIT,
                          BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    """A batch-broadcast bias's gradient (grid: (cdiv(ROWS, BLOCK_R), cdiv(W, BLOCK_W))): the float32 logit
-    gradient buffer's (B, ROWS, padded row) summed over the batch in batch order, the first W of each row, rounded
-    once into dst's (ROWS, W) contiguous rows."""
+    """A batch-broadcast bias's gradient (grid: (cdiv(ROWS, BLOCK_R), cdiv(W, BLOCK_W), splits)): program (i, j, s)
+    sums batches [s * BATCHES_PER_SPLIT, (s + 1) * BATCHES_PER_SPLIT) of the float32 (B, ROWS, padded row) buffer, in
+    batch order, the first W of each row, into dst's split s: (splits, ROWS, W) contiguous, rounded once to dst's
+    dtype. One split gives the bias's gradient; more give float32 partial sums, which a second launch with one split
+    (B = splits) adds up in split order."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    split = tl.program_id(2)
+    first = split * BATCHES_PER_SPLIT
+    end = tl.minimum(first + BATCHES_PER_SPLIT, B)
     total = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-    src = src_ptr
-    for _ in range(B):
+    src = src_ptr + first.to(tl.int64) * src_batch
+    for _ in tl.range(first, end, num_stages=3):  # the next batches' loads issued while this one is added
         total += _tile(src, rows, ROWS, cols, W, src_row, 1)
         src += src_batch
-    _put(dst_ptr, rows, ROWS, cols, W, W, 1, total)
+    _put(dst_ptr + split.to(tl.int64) * ROWS * W, rows, ROWS, cols, W, W, 1, total)
