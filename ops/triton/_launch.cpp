@@ -20,7 +20,9 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -52,6 +54,30 @@ struct Entry {
 };
 
 constexpr int64_t kMaxParams = 96;
+
+// Argument checks of the pybind functions raise RuntimeError from a std::runtime_error whose message is joined with
+// std::string and std::to_string. On the device machine (torch 2.11 cu130, g++ 13.3) a throw whose message this
+// extension formatted with c10::str (an ostringstream compiled here), TORCH_CHECK's included, segfaulted the process
+// even when caught here, while throws with literal messages, and c10::Errors formatted inside libtorch, were raised
+// (BENCHMARKS.md eightieth session).
+inline std::string message_piece(const char* text) { return text; }
+inline std::string message_piece(const std::string& text) { return text; }
+template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
+std::string message_piece(Int value) {
+  return std::to_string(value);
+}
+
+template <typename... Pieces>
+std::string joined_message(const Pieces&... pieces) {
+  std::string out;
+  (out.append(message_piece(pieces)), ...);
+  return out;
+}
+
+#define ZOO_CHECK(cond, ...)                                                 \
+  do {                                                                       \
+    if (!(cond)) throw std::runtime_error(joined_message(__VA_ARGS__));      \
+  } while (false)
 
 std::deque<Entry> entries;  // a deque: registering never moves the entries a launch reads
 LaunchFn launch_fn = nullptr;
@@ -94,10 +120,10 @@ int64_t register_kernel(int64_t function, int64_t threads, int64_t shared_bytes,
                         int64_t trailing) {
   int64_t params = trailing;
   for (int64_t kind : kinds) {
-    TORCH_CHECK(kind >= kSkip && kind <= kI8, "zoo cxx_launch: unknown argument kind ", kind);
+    ZOO_CHECK(kind >= kSkip && kind <= kI8, "zoo cxx_launch: unknown argument kind ", kind);
     params += kind != kSkip;
   }
-  TORCH_CHECK(params <= kMaxParams, "zoo cxx_launch: ", params, " kernel parameters, at most ", kMaxParams);
+  ZOO_CHECK(params <= kMaxParams, "zoo cxx_launch: ", params, " kernel parameters, at most ", kMaxParams);
   entries.push_back(Entry{reinterpret_cast<void*>(function), static_cast<unsigned>(threads),
                           static_cast<unsigned>(shared_bytes), std::move(kinds), params, trailing});
   return static_cast<int64_t>(entries.size()) - 1;
@@ -448,19 +474,19 @@ Param plan_param(const py::handle& arg, int64_t kind) {
   if (kind != kPointer) {
     if (!pack(arg.ptr(), kind, &param.bits)) {
       PyErr_Clear();
-      TORCH_CHECK(false, "zoo call plan: ", py::repr(arg).cast<std::string>(), " does not fit its kernel parameter");
+      ZOO_CHECK(false, "zoo call plan: ", py::repr(arg).cast<std::string>(), " does not fit its kernel parameter");
     }
     return param;
   }
   auto spec = py::cast<py::tuple>(arg);
-  TORCH_CHECK(spec.size() == 3, "zoo call plan: a pointer is (source, aligned, references)");
+  ZOO_CHECK(spec.size() == 3, "zoo call plan: a pointer is (source, aligned, references)");
   param.source = spec[0].cast<int64_t>();
   param.aligned = spec[1].cast<bool>();
   for (const auto& ref : spec[2]) {
     auto pair = py::cast<py::tuple>(ref);
     param.references.push_back(Reference{pair[0].cast<int64_t>(), pair[1].cast<int64_t>()});
   }
-  TORCH_CHECK((param.source == kInputPointer && !param.references.empty()) ||
+  ZOO_CHECK((param.source == kInputPointer && !param.references.empty()) ||
                   (param.source == kBufferPointer && param.references.size() == 1),
               "zoo call plan: a pointer comes from arguments or from one buffer");
   return param;
@@ -475,7 +501,7 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
                       const std::vector<std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, int64_t>>&
                           outputs,
                       bool as_tuple) {
-  TORCH_CHECK(inputs >= 0 && inputs <= kMaxInputs, "zoo call plan: ", inputs, " arguments, at most ", kMaxInputs);
+  ZOO_CHECK(inputs >= 0 && inputs <= kMaxInputs, "zoo call plan: ", inputs, " arguments, at most ", kMaxInputs);
   Plan plan;
   plan.inputs = inputs;
   plan.context = static_cast<uintptr_t>(context);
@@ -484,10 +510,10 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
     plan.buffers.push_back(Buffer{t.sizes().vec(), t.strides().vec(), t.options()});
   }
   for (const auto& [index, grid, args] : launches) {
-    TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(entries.size()), "zoo call plan: no kernel ", index);
-    TORCH_CHECK(grid.size() == 3, "zoo call plan: a grid has three sizes");
+    ZOO_CHECK(index >= 0 && index < static_cast<int64_t>(entries.size()), "zoo call plan: no kernel ", index);
+    ZOO_CHECK(grid.size() == 3, "zoo call plan: a grid has three sizes");
     const Entry& entry = entries[index];
-    TORCH_CHECK(args.size() == entry.kinds.size(), "zoo call plan: ", args.size(), " kernel arguments, the kernel "
+    ZOO_CHECK(args.size() == entry.kinds.size(), "zoo call plan: ", args.size(), " kernel arguments, the kernel "
                 "takes ", entry.kinds.size());
     PlanLaunch launch{index, {static_cast<unsigned long>(grid[0]), static_cast<unsigned long>(grid[1]),
                               static_cast<unsigned long>(grid[2])}, {}};
@@ -496,7 +522,7 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
       Param param = plan_param(args[i], entry.kinds[i]);
       for (const Reference& ref : param.references) {
         const int64_t limit = param.source == kInputPointer ? inputs : static_cast<int64_t>(buffers.size());
-        TORCH_CHECK(ref.index >= 0 && ref.index < limit, "zoo call plan: a pointer's reference is out of range");
+        ZOO_CHECK(ref.index >= 0 && ref.index < limit, "zoo call plan: a pointer's reference is out of range");
       }
       launch.params.push_back(std::move(param));
     }
@@ -504,12 +530,12 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
     plan.launches.push_back(std::move(launch));
   }
   for (const auto& [buffer, sizes, strides, offset] : outputs) {
-    TORCH_CHECK(buffer >= -1 && buffer < static_cast<int64_t>(buffers.size()), "zoo call plan: no buffer ", buffer);
+    ZOO_CHECK(buffer >= -1 && buffer < static_cast<int64_t>(buffers.size()), "zoo call plan: no buffer ", buffer);
     bool whole = buffer >= 0 && offset == 0 && sizes == plan.buffers[buffer].sizes &&
                  strides == plan.buffers[buffer].strides;
     plan.outputs.push_back(Output{buffer, sizes, strides, offset, whole});
   }
-  TORCH_CHECK(as_tuple || plan.outputs.size() == 1, "zoo call plan: one output unless a tuple");
+  ZOO_CHECK(as_tuple || plan.outputs.size() == 1, "zoo call plan: one output unless a tuple");
   plan.as_tuple = as_tuple;
   plan.stream_fn = stream_fn.release().ptr();
   plan.device = device.release().ptr();
@@ -526,7 +552,7 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
 
 // release_plan(index): forget a plan (its slot is reused).
 void release_plan(int64_t index) {
-  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(plans.size()) && plans[index].live,
+  ZOO_CHECK(index >= 0 && index < static_cast<int64_t>(plans.size()) && plans[index].live,
               "zoo call plan: no plan ", index);
   Plan& plan = plans[index];
   Py_XDECREF(plan.stream_fn);
@@ -685,5 +711,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_kernel", &register_kernel, "register a compiled kernel; returns its index");
   m.def("register_plan", &register_plan, "register an op call's plan; returns its index for replay");
   m.def("release_plan", &release_plan, "forget a plan");
-  TORCH_CHECK(PyModule_AddFunctions(m.ptr(), methods) == 0, "zoo cxx_launch: cannot add the launch functions");
+  ZOO_CHECK(PyModule_AddFunctions(m.ptr(), methods) == 0, "zoo cxx_launch: cannot add the launch functions");
 }
