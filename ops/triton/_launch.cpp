@@ -487,8 +487,8 @@ Param plan_param(const py::handle& arg, int64_t kind) {
     param.references.push_back(Reference{pair[0].cast<int64_t>(), pair[1].cast<int64_t>()});
   }
   ZOO_CHECK((param.source == kInputPointer && !param.references.empty()) ||
-                  (param.source == kBufferPointer && param.references.size() == 1),
-              "zoo call plan: a pointer comes from arguments or from one buffer");
+                (param.source == kBufferPointer && param.references.size() == 1),
+            "zoo call plan: a pointer comes from arguments or from one buffer");
   return param;
 }
 
@@ -514,7 +514,7 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
     ZOO_CHECK(grid.size() == 3, "zoo call plan: a grid has three sizes");
     const Entry& entry = entries[index];
     ZOO_CHECK(args.size() == entry.kinds.size(), "zoo call plan: ", args.size(), " kernel arguments, the kernel "
-                "takes ", entry.kinds.size());
+              "takes ", entry.kinds.size());
     PlanLaunch launch{index, {static_cast<unsigned long>(grid[0]), static_cast<unsigned long>(grid[1]),
                               static_cast<unsigned long>(grid[2])}, {}};
     for (size_t i = 0; i < args.size(); ++i) {
@@ -553,7 +553,7 @@ int64_t register_plan(int64_t inputs, int64_t context, py::object stream_fn, py:
 // release_plan(index): forget a plan (its slot is reused).
 void release_plan(int64_t index) {
   ZOO_CHECK(index >= 0 && index < static_cast<int64_t>(plans.size()) && plans[index].live,
-              "zoo call plan: no plan ", index);
+            "zoo call plan: no plan ", index);
   Plan& plan = plans[index];
   Py_XDECREF(plan.stream_fn);
   Py_XDECREF(plan.device);
