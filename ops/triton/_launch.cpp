@@ -74,9 +74,10 @@ std::string joined_message(const Pieces&... pieces) {
   return out;
 }
 
-#define ZOO_CHECK(cond, ...)                                                 \
-  do {                                                                       \
-    if (!(cond)) throw std::runtime_error(joined_message(__VA_ARGS__));      \
+// The exception copies the message from a C string, as the throws that were raised there did.
+#define ZOO_CHECK(cond, ...)                                                     \
+  do {                                                                           \
+    if (!(cond)) throw std::runtime_error(joined_message(__VA_ARGS__).c_str());  \
   } while (false)
 
 std::deque<Entry> entries;  // a deque: registering never moves the entries a launch reads
