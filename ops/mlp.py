@@ -177,8 +177,8 @@ def _gelu_mlp_layers(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
 def is_identity(module: nn.Module) -> bool:
     """Whether calling ``module`` now returns its input unchanged and nothing observes the call: an ``nn.Identity``,
     an ``nn.Dropout`` or timm ``DropPath`` with probability 0 or in eval mode, and no hooks run by calling it
-    (:func:`calls_hooks`). Eager code can then skip the call (H200 machine's host, eager Agent-DeiT-T inference at batch 128: the MLPs' two
-    dropouts and identity norm cost 0.45 of 8.3 ms a forward)."""
+    (:func:`calls_hooks`). Eager code can then skip the call (H200 machine's host, eager Agent-DeiT-T inference at
+    batch 128: the MLPs' two dropouts and identity norm cost 0.45 of 8.3 ms a forward)."""
     kind = type(module)
     if kind is nn.Identity:
         observed = False

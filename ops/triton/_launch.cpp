@@ -598,8 +598,8 @@ PyObject* plan_outputs(const Plan& plan, const std::vector<at::Tensor>& buffers)
 }
 
 // replay(index, *arguments) -> the op's output, or None where this call cannot be replayed (another current
-// context or CUDA autocast state, an argument pointer that no longer agrees with the others or changed alignment): nothing was allocated
-// or launched then. The arguments are the op's, in the recorded order.
+// context or CUDA autocast state, an argument pointer that no longer agrees with the others or changed alignment):
+// nothing was allocated or launched then. The arguments are the op's, in the recorded order.
 PyObject* replay(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS  // an allocation that fails (out of memory) raises torch's Python error
   if (nargs < 1) {
