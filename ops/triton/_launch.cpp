@@ -56,10 +56,10 @@ struct Entry {
 constexpr int64_t kMaxParams = 96;
 
 // Argument checks of the pybind functions raise RuntimeError from a std::runtime_error whose message is joined with
-// std::string and std::to_string. On the device machine (torch 2.11 cu130, g++ 13.3) a throw whose message this
-// extension formatted with c10::str (an ostringstream compiled here), TORCH_CHECK's included, segfaulted the process
-// even when caught here, while throws with literal messages, and c10::Errors formatted inside libtorch, were raised
-// (BENCHMARKS.md eightieth session).
+// std::string and std::to_string. On the device machine (torch 2.11 cu130, g++ 13.3) formatting a message with
+// c10::str (an ostringstream compiled here), as TORCH_CHECK with values does, segfaulted the process, even when a
+// literal message was thrown after it or the exception was caught here; messages joined with std::string raised, and a
+// c10::Error formatted inside libtorch was caught here (BENCHMARKS.md, eightieth and eighty-first sessions).
 inline std::string message_piece(const char* text) { return text; }
 inline std::string message_piece(const std::string& text) { return text; }
 template <typename Int, typename = std::enable_if_t<std::is_integral_v<Int>>>
@@ -74,7 +74,7 @@ std::string joined_message(const Pieces&... pieces) {
   return out;
 }
 
-// The exception copies the message from a C string, as the throws that were raised there did.
+// Throws the joined pieces as a std::runtime_error when `cond` fails.
 #define ZOO_CHECK(cond, ...)                                                     \
   do {                                                                           \
     if (!(cond)) throw std::runtime_error(joined_message(__VA_ARGS__).c_str());  \
