@@ -171,6 +171,26 @@ def test_without_layer_decay_every_group_has_the_base_lr(tiny_kwargs):
     assert any(p is head for p in decayed["params"])
 
 
+def test_fused_adamw_takes_the_fused_optimizer_with_the_default_update(tiny_kwargs, fixed_batch):
+    x, y = fixed_batch
+    runs = {}
+    for fused in (False, True):
+        module = _module(tiny_kwargs, lr=3e-3, fused_adamw=fused)
+        start = [p.detach().clone() for p in module.model.parameters()]
+        # one step: both optimizers then see the same gradients (later ones differ by rounding, which Adam's
+        # normalisation blows up to lr-sized steps for parameters whose gradient is about zero)
+        trainer = _fit(module, x, y, steps=1)
+        runs[fused] = (trainer.optimizers[0], start, [p.detach() for p in module.model.parameters()])
+    (default, start, after), (fused, fused_start, fused_after) = runs[False], runs[True]
+    assert fused.defaults["fused"] is True and not default.defaults["fused"]
+    assert all(torch.equal(a, b) for a, b in zip(start, fused_start))
+    assert max((a - s).abs().max().item() for a, s in zip(after, start)) > 1e-3  # the step moved the weights
+    for a, b in zip(after, fused_after):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match=r"fused_adamw must be True or False, got 'yes'"):
+        _module(tiny_kwargs, fused_adamw="yes")
+
+
 def test_warmup_cosine_factor():
     assert warmup_cosine_factor(0, 4, 100) == pytest.approx(1 / 5)
     assert warmup_cosine_factor(3, 4, 100) == pytest.approx(4 / 5)
