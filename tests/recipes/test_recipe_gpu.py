@@ -1,4 +1,4 @@
-"""GPU runs of `zoo train` (skipped without CUDA): bf16 on one GPU; DDP and FSDP on two GPUs.
+"""GPU runs of `zoo train` (skipped without CUDA): bf16 on one GPU (default and fused AdamW); DDP and FSDP on two GPUs.
 
 Each run is a subprocess of the real command on the shortened quickstart; the checkpoint of every strategy must load
 with zoo.create_model and classify the digits as well as the run's own validation said.
@@ -48,11 +48,15 @@ def _checkpoint_accuracy(ckpt):
 
 
 @pytest.mark.gpu
-def test_quickstart_bf16_on_one_gpu(tmp_path):
-    run, summary = _fit(tmp_path, "--trainer.devices=1")
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_quickstart_bf16_on_one_gpu(fused_adamw, tmp_path):
+    run, summary = _fit(tmp_path, "--trainer.devices=1", f"--model.init_args.fused_adamw={str(fused_adamw).lower()}")
     assert summary["world_size"] == 1 and summary["final_val_acc1"] > 0.9
-    acc = _checkpoint_accuracy(run / "checkpoints" / "last.ckpt")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    acc = _checkpoint_accuracy(ckpt)
     assert acc == pytest.approx(summary["final_val_acc1"], abs=0.01)
+    groups = torch.load(ckpt, map_location="cpu", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert all((group["fused"] is True) == fused_adamw for group in groups)  # the default leaves torch's choice
 
 
 @pytest.mark.gpu
