@@ -17,6 +17,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -42,6 +44,22 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_rat
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _clip_for_fused_step(precision: MixedPrecision, optimizer: torch.optim.Optimizer, clip_val: float,
+                         algorithm: str | None) -> None:
+    """Clip the gradients of ``optimizer`` (one that unscales in its own step, such as ``AdamW(fused=True)``) by
+    ``clip_val``, by their norm or by value (``algorithm``: "norm", the default, or "value").
+
+    Under ``16-mixed`` the gradients are unscaled first by the plugin's GradScaler (``unscale_``): its ``step`` then
+    passes the fused optimizer no scale (torch's contract for such optimizers), so nothing is unscaled twice. Under
+    ``bf16-mixed`` there is no scaler and the gradients are clipped as they are, as Lightning clips them for any other
+    optimizer.
+    """
+    if precision.scaler is not None:
+        precision.scaler.unscale_(optimizer)
+    # Precision's own clipping, past MixedPrecision's refusal (which is about scaled gradients, handled above)
+    Precision.clip_gradients(precision, optimizer, clip_val, GradClipAlgorithmType(algorithm or "norm"))
 
 
 class ImageClassifier(L.LightningModule):
@@ -75,7 +93,8 @@ class ImageClassifier(L.LightningModule):
             all parameters where torch's default issues dozens; eager steps on CUDA, which wait for the host, take
             less time (zoo's Agent-DeiT-T at batch 64: 19.55 -> 17.99 ms a step, H100, BENCHMARKS.md seventy-fifth
             session). Its updates equal the default's up to float rounding. Needs floating-point parameters on a
-            device that torch's fused AdamW supports (CUDA, CPU, ...).
+            device that torch's fused AdamW supports (CUDA, CPU, ...). ``trainer.gradient_clip_val`` works with it
+            under mixed precision too (see :meth:`configure_gradient_clipping`).
     """
 
     def __init__(
@@ -316,15 +335,23 @@ class ImageClassifier(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip as the Trainer asks; under FSDP, by the norm over all shards (``FSDP.clip_grad_norm_``).
+        """Clip as the Trainer asks; under FSDP, by the norm over all shards (``FSDP.clip_grad_norm_``); with a fused
+        optimizer under mixed precision, on the unscaled gradients (:func:`_clip_for_fused_step`).
 
         Lightning's FSDP precision plugin refuses norm clipping because a per-shard norm would be wrong; the root
         FSDP module computes the global norm, so ``trainer.gradient_clip_val`` works with ``strategy=fsdp`` too.
+        Lightning's mixed-precision plugin refuses any clipping before an optimizer that unscales gradients in its
+        own step (``fused_adamw=True``), so ``fused_adamw`` works with ``gradient_clip_val`` too.
         """
         root = self.trainer.model if self._trainer is not None else None
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and hasattr(root, "clip_grad_norm_") \
                 and type(self.trainer.strategy).__name__ == "FSDPStrategy":
             root.clip_grad_norm_(gradient_clip_val)
+            return
+        precision = self.trainer.precision_plugin if self._trainer is not None else None
+        if gradient_clip_val and isinstance(precision, MixedPrecision) \
+                and getattr(optimizer, "_step_supports_amp_scaling", False):
+            _clip_for_fused_step(precision, optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)

@@ -17,13 +17,14 @@ def _module(tiny_kwargs, **kw):
     return ImageClassifier("biformer_tiny", model_kwargs=tiny_kwargs, **kw)
 
 
-def _fit(module, x, y, steps, callbacks=(), batch_size=None):
+def _fit(module, x, y, steps, callbacks=(), batch_size=None, **trainer_kwargs):
     """Run `steps` optimizer steps on the same batch (repeated), without logger/checkpoints."""
     ds = TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps))
     loader = DataLoader(ds, batch_size=batch_size or len(x), shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, limit_val_batches=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=list(callbacks))
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1, **trainer_kwargs}
+    trainer = L.Trainer(max_steps=steps, max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                        **trainer_kwargs)
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
@@ -189,6 +190,52 @@ def test_fused_adamw_takes_the_fused_optimizer_with_the_default_update(tiny_kwar
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     with pytest.raises(TypeError, match=r"fused_adamw must be True or False, got 'yes'"):
         _module(tiny_kwargs, fused_adamw="yes")
+
+
+class _GradientsAroundClipping(L.Callback):
+    """Records the gradients before clipping (``on_before_optimizer_step``) and as the optimizer's step saw them."""
+
+    def __init__(self):
+        self.before, self.at_step = None, None
+
+    def on_fit_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(lambda opt, args, kwargs: setattr(self, "at_step", _grads(opt)))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before = _grads(optimizer)
+
+
+def _grads(optimizer):
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return [p.grad.detach().to("cpu", copy=True) for p in params]  # (clipping writes the gradients in place)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", pytest.param("16-mixed", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_clips_gradients_under_mixed_precision(tiny_kwargs, fixed_batch, algorithm, precision):
+    # Lightning's mixed-precision plugin refuses to clip before an optimizer that unscales in its own step (fused
+    # AdamW); the recipe clips there itself, exactly as Lightning clips before the default AdamW. 16-mixed (CUDA
+    # only) also scales the loss: the fused step must then get unscaled, clipped gradients and no scale of its own
+    x, y = fixed_batch
+    clip = 0.05 if algorithm == "norm" else 1e-3
+    accelerator = "gpu" if precision == "16-mixed" else "cpu"
+    seen = {}
+    for fused in (False, True):
+        record = _GradientsAroundClipping()
+        module = _module(tiny_kwargs, fused_adamw=fused)
+        _fit(module, x, y, steps=1, callbacks=[record], precision=precision, accelerator=accelerator,
+             gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+        seen[fused] = record, [p.detach().cpu() for p in module.model.parameters()]
+    (default, default_after), (fused, fused_after) = seen[False], seen[True]
+    before, clipped = default.before, fused.at_step
+    if algorithm == "norm":
+        norm = lambda grads: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        assert norm(before) > 4 * clip and norm(clipped) == pytest.approx(clip, rel=1e-4)
+    else:
+        assert max(g.abs().max() for g in before) > 4 * clip and max(g.abs().max() for g in clipped) == clip
+    assert all(torch.equal(a, b) for a, b in zip(default.at_step, clipped))
+    for a, b in zip(default_after, fused_after):  # a second unscaling would shrink the fused step's updates
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_warmup_cosine_factor():
