@@ -17,6 +17,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def no_tf32():
+    """Float32 matmuls and cuDNN convolutions without TF32 during the test, the flags restored after. (pytest 9's
+    monkeypatch cannot restore ``torch.backends.cuda.matmul.allow_tf32``: the flag lives in torch's C++ state behind
+    the module's ``__getattr__``, so its undo deletes an attribute that was never set and fails.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(autouse=True)
 def _private_zoo_cache(tmp_path_factory, monkeypatch):
     """Every test gets an empty weights cache unless it sets ZOO_CACHE itself."""

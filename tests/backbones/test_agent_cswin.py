@@ -298,9 +298,7 @@ def test_lepe_term_added_by_the_conv_kernel_in_the_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_parity_and_compile():
-    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would dominate the float32 error
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_gpu_parity_and_compile(no_tf32):  # (TF32 convolutions would dominate the float32 error)
     meta, t, sd = _fixture()
     model = from_official(meta["family"], meta["class"], meta["kwargs"], sd).cuda().eval()
     x = t["input"].cuda()

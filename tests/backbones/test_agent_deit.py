@@ -294,9 +294,7 @@ def test_official_argument_spellings():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_parity_backends_and_compile(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN convs default to TF32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_cuda_parity_backends_and_compile(no_tf32):
     case = json.loads((FIXTURES / "agent_deit_tiny_224.json").read_text())
     tensors = load_file(str(FIXTURES / "agent_deit_tiny_224.safetensors"))
     sd = {k[3:]: v for k, v in tensors.items() if k.startswith("sd.")}

@@ -266,9 +266,7 @@ def test_window_bias_is_gathered_once_without_autograd_and_follows_the_table():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_parity_and_compile():
-    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would dominate the float32 error
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_gpu_parity_and_compile(no_tf32):  # (TF32 convolutions would dominate the float32 error)
     meta, t, sd = _fixture()
     model = from_official(meta["family"], meta["class"], meta["kwargs"], sd).cuda().eval()
     x = t["input"].cuda()

@@ -292,16 +292,11 @@ def test_torch_compile_inductor_matches_eager():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", CASES)
-def test_gpu_parity_float32(case):
+def test_gpu_parity_float32(case, no_tf32):
     meta, t, sd = _case(case)
     model = from_official("biformer", meta["class"], meta["kwargs"], sd).eval().cuda()
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 parity
-    try:
-        with torch.no_grad():
-            out = model(t["input"].cuda()).cpu()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.no_grad():
+        out = model(t["input"].cuda()).cpu()
     err = (out - t["output"]).abs().max().item()
     assert err <= 1e-4 * t["output"].abs().max().item(), err
 

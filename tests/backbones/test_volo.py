@@ -287,9 +287,7 @@ def test_input_size_must_match_unless_dynamic():
 
 
 @pytest.mark.gpu
-def test_gpu_triton_backend_matches_reference_in_the_model(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN convs default to TF32: float32 parity
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_gpu_triton_backend_matches_reference_in_the_model(monkeypatch, no_tf32):
     meta, tensors, sd = _fixture()
     model = from_official("volo", meta["class"], meta["kwargs"], sd).cuda().eval()
     x = tensors["input"].cuda()

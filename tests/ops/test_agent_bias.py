@@ -271,13 +271,11 @@ def test_cuda_kernels_against_the_reference(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_t"])
-def test_cuda_models_train_alike_on_either_backend(name, monkeypatch):
+def test_cuda_models_train_alike_on_either_backend(name, monkeypatch, no_tf32):
     """float32 training steps (no TF32) of whole models with the fused bias build and with the reference's: the same
     logits, and the same gradients of every agent bias parameter."""
     import zoo
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = zoo.create_model(name, drop_path_rate=0.0).cuda().train()
     x = torch.randn(2, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     target = torch.randn(2, model.num_classes, device="cuda", generator=torch.Generator("cuda").manual_seed(1))

@@ -591,15 +591,13 @@ def test_triton_gpu_compiles_without_graph_breaks(randn, assert_close):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["biformer_tiny", "agent_pvt_tiny", "agent_swin_t"])
-def test_gpu_models_train_through_the_kernels(name, monkeypatch):
+def test_gpu_models_train_through_the_kernels(name, monkeypatch, no_tf32):
     """A float32 training step whose depthwise convs (BiFormer's LePE and position conv, Agent-PVT's and the large
     Agent-Swin stages' value convs) run on the kernels gives every parameter the gradient the reference's step does."""
     import timm
 
     import zoo  # noqa: F401  (registers the models)
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).cuda().train()
     x = torch.randn(2, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -632,13 +630,11 @@ def _assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_training_step_matches_eager(monkeypatch):
+def test_gpu_compiled_training_step_matches_eager(no_tf32):
     """A compiled float32 training step of a two-stage Agent-Swin, whose value convs run the kernel's op forward and
     ATen's convolution_backward in the traced graph, gives every parameter the eager step's gradient."""
     from zoo.backbones.agent_swin import AgentSwinTransformer
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = AgentSwinTransformer(img_size=64, embed_dim=32, depths=(1, 1), num_heads=(1, 2), window_size=16,
                                  agent_num=(4, 4), attn_type="AA", num_classes=10, drop_path_rate=0.0).cuda()

@@ -517,7 +517,7 @@ def test_cuda_compiled_training_writes_qkv_gradient_in_one_buffer(shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_swin_t", "agent_pvt_tiny"])
-def test_cuda_models_fused_against_unfused(name, monkeypatch):
+def test_cuda_models_fused_against_unfused(name, monkeypatch, no_tf32):
     import zoo
 
     model = zoo.create_model(name, drop_path_rate=0.0).cuda().eval()  # no random paths in the training step
@@ -530,8 +530,6 @@ def test_cuda_models_fused_against_unfused(name, monkeypatch):
     # training in float32, where both paths agree to float rounding (bf16 rounding differences grow through the
     # depth into gradients of random-init models that no tolerance separates from a wrong gradient)
     model.train()
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     target = torch.randn(4, model.num_classes, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     grads = []
     for backend in ("pooled_agent_attention:triton", "pooled_agent_attention:reference"):

@@ -77,10 +77,9 @@ def test_stem_folds_its_first_conv_with_the_official_keys_and_features(name, ste
 
 
 @pytest.mark.gpu
-def test_gpu_layer_matches_the_convolution(monkeypatch):
+def test_gpu_layer_matches_the_convolution(no_tf32):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN convolutions take TF32 by default
     x, weight, _ = conv_inputs((4, 3, 64, 66), 32, (7, 7), dtype=torch.float64)
     layer = SpaceToDepthConv2d(3, 32, 7, stride=2, padding=3, bias=False).cuda()
     with torch.no_grad():
