@@ -341,7 +341,7 @@ class ImageClassifier(L.LightningModule):
         Lightning's FSDP precision plugin refuses norm clipping because a per-shard norm would be wrong; the root
         FSDP module computes the global norm, so ``trainer.gradient_clip_val`` works with ``strategy=fsdp`` too.
         Lightning's mixed-precision plugin refuses any clipping before an optimizer that unscales gradients in its
-        own step (``fused_adamw=True``), so ``fused_adamw`` works with ``gradient_clip_val`` too.
+        own step (``fused_adamw=True``); the recipe clips for it itself, so ``gradient_clip_val`` works there too.
         """
         root = self.trainer.model if self._trainer is not None else None
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and hasattr(root, "clip_grad_norm_") \
