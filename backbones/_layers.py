@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.ops import LayerNorm, add_layer_norm
+from zoo.ops.block_graphs import run_block
 from zoo.ops.mlp import calls_hooks, is_identity
 from zoo.ops._conv_layers import RewrittenConv2d
 
@@ -127,7 +128,8 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpo
     :class:`DeferredSumBlock` blocks pass their last residual sum on to the next one's first norm (see there).
     With ``checkpointing`` each block is recomputed in the backward (``torch.utils.checkpoint``); a block with
     forward or backward hooks (or with global ones registered) is called as a module, so its hooks see its whole
-    output and its gradients.
+    output and its gradients. Each block call goes through :func:`zoo.ops.block_graphs.run_block` (replayed from
+    CUDA graphs in eager training where block graphs are on).
     """
     if checkpointing and not torch.jit.is_scripting():
         for blk in blocks:
@@ -136,9 +138,9 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpo
     branch = None
     for blk in blocks:
         if isinstance(blk, DeferredSumBlock) and not calls_hooks(blk):
-            x, branch = blk.forward_deferred(x, branch, *args)
+            x, branch = run_block(blk, blk.forward_deferred, x, branch, *args)
         else:
-            x = blk(x if branch is None else x + branch, *args)
+            x = run_block(blk, blk, x if branch is None else x + branch, *args)
             branch = None
     return x if branch is None else x + branch
 

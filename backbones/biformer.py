@@ -39,6 +39,7 @@ from ._heads import PooledLinearHeadMixin
 from zoo.convert import FamilyConverter, register_converter
 from zoo.ops import SequentialMlp, depthwise_conv, downsampled_attention, routing_attention
 from zoo.ops.autocast_cache import autocast_weights, one_cast_per_forward
+from zoo.ops.block_graphs import run_block
 from zoo.ops.depthwise_conv import channels_innermost
 from zoo.registry import build_zoo_model, register_family, register_variants
 
@@ -309,7 +310,8 @@ def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, tokens_last: bool,
         # their depthwise convs channels-last maps (a permuted NCHW map costs copies in every block)
         x = x.permute(0, 2, 3, 1).contiguous()
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if grad_ckpt and not torch.jit.is_scripting() else block(x)
+        x = checkpoint(block, x, use_reentrant=False) if grad_ckpt and not torch.jit.is_scripting() else \
+            run_block(block, block, x)
     return x.permute(0, 3, 1, 2) if tokens_last else x
 
 

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo import convert, registry
 from zoo.ops import Mlp, SpaceToDepthConv2d, downsampled_attention, one_cast_per_forward, outlook_attention, split_qkv
+from zoo.ops.block_graphs import run_block
 
 from ._layers import (BlockSequence, ChannelsLastSequential, DeferredSumBlock, add_norm, check_images, init_linears,
                       projection_norm, unless_identity)
@@ -450,7 +451,7 @@ class VOLO(nn.Module):
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        return run_block(block, block, x)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Stem output (B, H, W, C0) -> tokens of the last stage (B, N, C)."""

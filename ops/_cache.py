@@ -3,14 +3,15 @@ values derived from parameters key on, a module's cache of such values, and the 
 caches."""
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["cached_constant", "tracing", "functorch_transforming", "optimizer_steps", "register_parameter_cache",
-           "clear_parameter_caches", "derived_cache"]
+           "clear_parameter_caches", "derived_cache", "keep_cached_constants"]
 
 T = TypeVar("T", bound=Callable[..., torch.Tensor])
 
@@ -95,12 +96,31 @@ def cached_constant(maxsize: int = 64) -> Callable[[T], T]:
         def get(*args):
             if tracing():
                 return build(*args)
-            return cached(*args)
+            value = cached(*args)
+            if _KEEPERS:
+                _KEEPERS[-1].append(value)
+            return value
 
         get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info
         return get  # type: ignore[return-value]
 
     return wrap
+
+
+# the lists of the CUDA-graph captures running (zoo.ops.block_graphs), innermost last: each cached constant returned
+# meanwhile goes into the innermost, so that a graph reading it keeps it alive after the cache evicts it
+_KEEPERS: list[list] = []
+
+
+@contextlib.contextmanager
+def keep_cached_constants(into: list) -> Iterator[None]:
+    """Context manager: every :func:`cached_constant` value returned inside is appended to ``into`` (a CUDA graph
+    captured inside reads those tensors at their addresses on every replay, so its owner holds them)."""
+    _KEEPERS.append(into)
+    try:
+        yield
+    finally:
+        _KEEPERS.pop()
 
 
 # (sources, their signature, {key: built value}): a plain instance attribute, not a buffer, so it stays out of

@@ -45,9 +45,10 @@ of its own. Not under data-parallel training, for the reason above.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ from ._amp import autocast_dtype
 from ._cache import functorch_transforming, optimizer_steps, register_parameter_cache
 
 __all__ = ["AutocastCachedLinear", "AutocastCachedConv2d", "autocast_weights", "cache_autocast_casts",
-           "one_cast_per_forward"]
+           "one_cast_per_forward", "no_forward_casts"]
 
 # instance attribute: (weight, bias, state, weight copy, bias copy)
 _ATTR = register_parameter_cache("_zoo_autocast_copies")
@@ -303,10 +304,30 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     if dtype is None:
         return None
     for scope in reversed(stack):
+        if scope is _NO_CASTS:
+            return None
         copies = None if scope is None else scope.get(module, weight, bias, dtype)
         if copies is not None:
             return copies
     return None
+
+
+_NO_CASTS = "no casts"  # a scope on the stack that hides the outer ones (no_forward_casts)
+
+
+@contextlib.contextmanager
+def no_forward_casts() -> Iterator[None]:
+    """Context manager: layers called inside cast their own weights (autocast's casts) instead of taking the
+    running training forward's one cast. A CUDA graph captured inside (:mod:`zoo.ops.block_graphs`) must not read
+    copies that the next step's cast will make elsewhere."""
+    stack = getattr(_SCOPES, "stack", None)
+    if stack is None:
+        stack = _SCOPES.stack = []
+    stack.append(_NO_CASTS)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 # Under torch.compile: the copies of the zoo model forwards being traced, innermost last (``_cast_layers``'s entries,

@@ -227,6 +227,29 @@ def test_bench_runs_models_x_backends_x_compile_with_ratios_to_the_first(monkeyp
     assert "ZOO_OPS_BACKEND" not in os.environ
 
 
+def test_bench_block_graphs_both_adds_graphed_rows(monkeypatch, tmp_path):
+    """``--block-graphs both``: each backend also as ``BACKEND+graphs``, timed with block graphs on (and only
+    then)."""
+    from zoo.ops import block_graphs
+
+    seen = []
+
+    def fake_bench_model(name, *args):
+        seen.append((os.environ.get("ZOO_OPS_BACKEND", "auto")[:9], block_graphs.block_graphs_enabled()))
+        return [{"model": name, "mode": "train", "dtype": "fp32", "batch_size": 2, "compile": False,
+                 "images_per_s": 1.0, "latency_ms": 2e3, "error": None}]
+
+    written = []
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bench, "write_results", lambda rows, out, meta: (written.extend(rows), ("a", "b"))[1])
+    monkeypatch.delenv("ZOO_OPS_BACKEND", raising=False)
+    assert bench.main(["m", "--ops-backend", "auto,reference", "--block-graphs", "both", "--device", "cpu"]) == 0
+    assert [r["ops"] for r in written] == ["auto", "reference", "auto+graphs", "reference+graphs"]
+    assert [enabled for _, enabled in seen] == [False, False, True, True]
+    assert seen[1][0] == seen[3][0] != "auto"  # the reference backend forced in both of its rows
+    assert not block_graphs.block_graphs_enabled()
+
+
 def test_no_pointwise_autotune_holds_for_the_runs_and_is_recorded(monkeypatch, tmp_path):
     import torch._inductor.config as inductor_config
 

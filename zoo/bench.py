@@ -88,6 +88,7 @@ __all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_par
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHS_SUFFIX = "+graphs"  # an ops backend with block graphs on (--block-graphs)
 OPTIMIZERS = ("default", "fused")
 _TRAIN = {"optimizer": "default"}  # set by train_optimizer()
 _TIMING = {"step_sync": True}  # set by step_sync()
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops-backend", default="auto",
                    help="comma-separated attention backends to run with: auto (dispatch's choice) or a backend name "
                         "forced on every zoo.ops op that has it, e.g. auto,reference")
+    p.add_argument("--block-graphs", default="off", choices=("off", "on", "both"),
+                   help="eager training of zoo models with their blocks replayed from CUDA graphs "
+                        "(zoo.ops.block_graphs): on, off, or both side by side (rows whose ops column ends in "
+                        "'+graphs')")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW step)")
     p.add_argument("--no-infer", action="store_true", help="skip the inference rows (with --train)")
@@ -638,10 +643,18 @@ def pointwise_autotune(enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ops_backend(name: str) -> Iterator[None]:
-    """Force attention backend ``name`` on every ``zoo.ops`` op that registers it (``auto``: leave dispatch alone).
+    """Force attention backend ``name`` on every ``zoo.ops`` op that registers it (``auto``: leave dispatch alone);
+    a ``+graphs`` suffix (``auto+graphs``, what ``--block-graphs`` adds) also turns block graphs on for the duration
+    (:mod:`zoo.ops.block_graphs`).
 
     Sets ``ZOO_OPS_BACKEND`` for the duration (ops without that backend keep their automatic choice).
     """
+    if name.endswith(GRAPHS_SUFFIX):
+        from zoo.ops.block_graphs import block_graphs
+
+        with block_graphs(True), ops_backend(name[:-len(GRAPHS_SUFFIX)]):
+            yield
+        return
     if name == "auto":
         yield
         return
@@ -738,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     model_kwargs = _parse_model_kwargs(args.model_kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = _csv_list(args.ops_backend, "--ops-backend", str)
+    graphed = [b + GRAPHS_SUFFIX for b in backends]
+    backends = {"off": backends, "on": graphed, "both": [*backends, *graphed]}[args.block_graphs]
     if args.rounds < 1:
         raise ValueError(f"--rounds={args.rounds}: must be >= 1")
     if args.host_profile < 0:

@@ -1,0 +1,370 @@
+"""Block graphs (zoo.ops.block_graphs): eager training blocks replayed from CUDA graphs.
+
+CPU tests cover the switch, the call keys and the capture schedule; the GPU tests compare graphed training steps of
+every family with the same steps run eagerly, and the cases where a call must run eagerly instead.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.ops import block_graphs as bg
+
+FAMILIES = ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_t", "agent_cswin_t", "biformer_tiny",
+            "zoo_volo_d1_224"]
+
+
+@pytest.fixture(autouse=True)
+def _graphs_off_after():
+    yield
+    bg.use_block_graphs(False)
+    bg.forget_block_graphs()
+    bg.block_graph_stats(reset=True)
+
+
+def test_use_block_graphs_takes_a_bool():
+    with pytest.raises(TypeError, match="enabled must be True or False, got 'yes'"):
+        bg.use_block_graphs("yes")
+    with bg.block_graphs():
+        assert bg.block_graphs_enabled()
+    assert not bg.block_graphs_enabled()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x, branch=None, size=(1, 1)):
+        return self.norm(self.fc(x) * self.scale), x
+
+
+def test_call_keys_follow_what_a_graph_reads():
+    """The key changes with the input's layout, the other arguments, autocast, the parameters' storage and flags,
+    buffers and training flags; hooks and unhashable arguments give no key (the call runs eagerly)."""
+    block, x = _Block(), torch.randn(2, 4)
+
+    def key(*args):
+        found = bg._signature(block, args)
+        return None if found is None else found[0]
+
+    base = key(x, None, (1, 1))
+    assert base == key(torch.randn(2, 4), None, (1, 1))  # values are not in the key
+    assert base != key(torch.randn(3, 4), None, (1, 1))
+    assert base != key(torch.randn(4, 2).t(), None, (1, 1))  # strides
+    assert base != key(x, None, (2, 1))
+    assert base != key(x, x, (1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert base != key(x, None, (1, 1))
+    block.fc.weight.data = block.fc.weight.data.clone()
+    moved = key(x, None, (1, 1))
+    assert moved != base
+    block.norm.weight.requires_grad_(False)
+    assert key(x, None, (1, 1)) != moved
+    block.scale = torch.ones(4)
+    assert key(x, None, (1, 1)) != moved
+    block.norm.eval()
+    frozen = key(x, None, (1, 1))
+    assert frozen is not None and frozen != moved
+    assert key(x, None, [1, 1]) is None
+    handle = block.norm.register_forward_hook(lambda *a: None)
+    assert key(x, None, (1, 1)) is None
+    handle.remove()
+    assert key(x, None, (1, 1)) == frozen
+    for p in block.parameters():
+        p.requires_grad_(False)
+    assert key(x, None, (1, 1)) is None  # nothing to differentiate
+    assert key(x.requires_grad_(), None, (1, 1)) is not None
+
+
+def test_capture_schedule_counts_sightings_then_caps_graphs(monkeypatch):
+    """The third sighting of a key is captured; a block keeps at most MAX_GRAPHS graphs and counts a bounded
+    number of keys."""
+    block = _Block()
+    entries = bg._BLOCKS.setdefault(block, {})
+    assert bg._graphs_for(block, "a") == 0
+    entries["a"] = 1
+    assert bg._graphs_for(block, "a") == 1
+    entries["a"] = 2
+    assert bg._graphs_for(block, "a") == 2  # the caller captures now
+    entries["a"] = object.__new__(bg._Graphs)
+    entries["b"] = object.__new__(bg._Graphs)
+    entries["c"] = 2
+    assert bg._graphs_for(block, "c") is None  # MAX_GRAPHS (2) captured already
+    entries["d"] = None
+    assert bg._graphs_for(block, "d") is None  # its capture failed
+    for i in range(bg._SIGHTINGS_KEPT):
+        entries[("k", i)] = 0
+    assert bg._graphs_for(block, "new") is None
+    assert "new" not in entries
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_tiny", "zoo_volo_d1_224"])
+def test_cpu_training_is_unchanged_with_block_graphs_on(name):
+    """On the CPU every block runs eagerly through run_block: the loss and gradients equal those with graphs off."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=5, drop_path_rate=0.0, img_size=64).train()
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for enabled in (False, True):
+        with bg.block_graphs(enabled):
+            model.zero_grad(set_to_none=True)
+            loss = model(x).square().mean()
+            loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bg.block_graph_stats()["replays"] == 0
+
+
+class _Rerun:
+    """A stand-in for a CUDA graph on the CPU: ``replay()`` runs ``body`` (what a captured graph would launch)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def replay(self):
+        self.body()
+
+
+def _rerun_capture(block, fn, args, tensors, params):
+    """A CPU double of ``_capture_graphs``: graphs whose replays recompute the block on the static buffers, with the
+    same buffers, bookkeeping and gradient routing as the CUDA ones."""
+    graphs = bg._Graphs.__new__(bg._Graphs)  # (its __init__ makes CUDA graphs)
+    graphs.keep, graphs.busy, graphs.generation = [], False, 0
+    statics, static_args, aliases, targets = bg.static_leaves(args, tensors, params)
+    graphs.inputs = [s.detach() for s in statics]
+    with bg._parameters_swapped(block, aliases):
+        outputs, graphs.layout = bg._flatten(fn(*static_args))
+    graphs.outputs = [o.detach().clone() for o in outputs]
+    graphs.differentiable = [o.requires_grad for o in outputs]
+    graphs.grad_outputs = [torch.zeros_like(o) for o in outputs if o.requires_grad]
+    graphs.grads = [torch.zeros_like(s) if s.requires_grad else None for s in statics]
+    graphs.grads += [torch.zeros_like(p) for p in params]
+    live = {}
+
+    def forward():
+        with bg._parameters_swapped(block, aliases), torch.enable_grad():
+            outs, _ = bg._flatten(fn(*static_args))
+        for buf, o in zip(graphs.outputs, outs):
+            buf.copy_(o.detach())
+        live["outputs"] = [o for o in outs if o.requires_grad]
+
+    def backward():
+        grads = torch.autograd.grad(live["outputs"], targets, graphs.grad_outputs, allow_unused=True,
+                                    retain_graph=True)
+        buffers = [g for g in graphs.grads if g is not None]
+        for buf, g in zip(buffers, grads):
+            buf.zero_() if g is None else buf.copy_(g)
+
+    graphs.forward_graph, graphs.backward_graph = _Rerun(forward), _Rerun(backward)
+    return graphs
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """Block graphs on, with CPU stand-ins for the CUDA graphs (the bookkeeping around them is the real code)."""
+    monkeypatch.setattr(bg, "_graph_device", lambda x: True)
+    monkeypatch.setattr(bg, "_capture_graphs", _rerun_capture)
+    bg.use_block_graphs(True)
+
+
+def _pvt(**kwargs):
+    torch.manual_seed(0)
+    return zoo.create_model("agent_pvt_tiny", num_classes=5, drop_path_rate=0.0, img_size=64, **kwargs).train()
+
+
+def test_cpu_double_replays_match_eager_steps(cpu_graphs):
+    """With the CPU double the replay path (input copies, one node a block, gradients routed to inputs and
+    parameters) gives eager's loss and gradients, and the schedule captures on the third call."""
+    model, x = _pvt(), torch.randn(2, 3, 64, 64)
+    twin = copy.deepcopy(model)
+    for step in range(4):
+        results = []
+        for m, enabled in ((model, True), (twin, False)):
+            bg.use_block_graphs(enabled)
+            m.zero_grad(set_to_none=True)
+            loss = m(x * (step + 1)).square().mean()
+            loss.backward()
+            results.append([loss.detach()] + [p.grad for p in m.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        stats = bg.block_graph_stats()
+        assert stats["captures"] == (8 if step >= 2 else 0) and stats["replays"] == 8 * max(0, step - 1), stats
+
+
+def test_cpu_double_bookkeeping(cpu_graphs):
+    """A second forward before the backward runs eagerly; a dropped forward frees the graphs; a backward after a
+    newer replay raises."""
+    model, x = _pvt(), torch.randn(2, 3, 64, 64)
+    for _ in range(3):
+        model(x).sum().backward()
+    bg.block_graph_stats(reset=True)
+    loss = model(x).sum() + model(x).sum()
+    assert bg.block_graph_stats()["eager_busy"] == 8
+    loss.backward()
+    out = model(x)
+    del out
+    model(x).sum().backward()
+    assert bg.block_graph_stats()["eager_busy"] == 8
+    loss = model(x).sum()
+    loss.backward(retain_graph=True)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="newer replay of that block overwrote its activations"):
+        loss.backward()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU
+
+
+def _steps(model, batches, graphs: bool, amp: bool, lr: float = 0.05):
+    """SGD steps on ``batches``: per step, the loss and every parameter's gradient."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    out = []
+    with bg.block_graphs(graphs):
+        for x in batches:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = model(x).float().square().mean()
+            loss.backward()
+            out.append([loss.detach().clone()] + [p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+    return out
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _assert_steps_match(graphed, eager, eager_again, what: str):
+    """Every step's loss and gradients with graphs against eager ones, within 1e-5 of each tensor's largest value
+    plus what two eager runs differ by (atomics: a bias before a BatchNorm has a gradient of rounding noise)."""
+    for step, (a_step, b_step, c_step) in enumerate(zip(graphed, eager, eager_again)):
+        for i, (a, b, c) in enumerate(zip(a_step, b_step, c_step)):
+            floor = (c - b).abs().max().item()
+            off = (a - b).abs().max().item()
+            assert off <= 1e-5 * b.abs().max().item() + 2 * floor, \
+                f"{what}, step {step}, tensor {i}: off by {off:.3g} (eager runs: {floor:.3g}; max {b.abs().max():.3g})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gpu_graphed_training_steps_match_eager(name, amp, no_tf32):
+    """Five SGD steps with block graphs against the same steps run eagerly from the same weights: the losses and
+    every gradient, each step (the first two steps run eagerly, the third captures, the rest replay)."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=10, drop_path_rate=0.0).cuda().train()
+    twins = copy.deepcopy(model), copy.deepcopy(model)
+    size = model.pretrained_cfg["input_size"]
+    batches = [torch.randn(2, *size, device="cuda") for _ in range(5)]
+    bg.block_graph_stats(reset=True)
+    graphed = _steps(model, batches, True, amp)
+    stats = bg.block_graph_stats()
+    eager = [_steps(twin, batches, False, amp) for twin in twins]
+    assert stats["captures"] > 0 and stats["replays"] == 3 * stats["captures"], stats
+    assert stats["capture_failures"] == 0 and stats["eager_busy"] == 0, stats
+    _assert_steps_match(graphed, *eager, name)
+
+
+@pytest.mark.gpu
+def test_gpu_second_forward_before_backward_runs_eagerly():
+    """Two forwards of one model before one backward (two views of a batch): the second runs eagerly, and the
+    gradients equal those of the model without graphs."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
+    twin = copy.deepcopy(model)
+    a, b = torch.randn(2, 2, 3, 224, 224, device="cuda")
+    _steps(model, [a, a, a], True, True, lr=0.0)  # captured (the weights unchanged: the twin's)
+    bg.block_graph_stats(reset=True)
+    grads = []
+    for m, enabled in ((model, True), (twin, False)):
+        m.zero_grad(set_to_none=True)
+        with bg.block_graphs(enabled), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(a).float().square().mean() + m(b).float().square().mean()
+        loss.backward()
+        grads.append([p.grad for p in m.parameters()])
+        if enabled:
+            stats = bg.block_graph_stats()
+    assert stats["replays"] > 0 and stats["eager_busy"] == stats["replays"], stats
+    worst = max(_max_rel(g, h) for g, h in zip(*grads))
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_are_free_again_when_a_forward_is_dropped():
+    """A training forward whose autograd graph is dropped without a backward frees the block's graphs."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    _steps(model, [x, x, x], True, True)
+    bg.block_graph_stats(reset=True)
+    with bg.block_graphs(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+        del out
+        model(x).sum().backward()
+    stats = bg.block_graph_stats()
+    assert stats["eager_busy"] == 0 and stats["replays"] > 0, stats
+
+
+@pytest.mark.gpu
+def test_gpu_backward_after_a_newer_replay_raises():
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    _steps(model, [x, x, x], True, False)
+    assert bg.block_graph_stats(reset=True)["captures"] == 8
+    with bg.block_graphs():
+        loss = model(x).sum()
+        loss.backward(retain_graph=True)
+        model(x).sum().backward()
+        assert bg.block_graph_stats() == {"captures": 0, "replays": 16, "eager_busy": 0, "capture_failures": 0}
+        with pytest.raises(RuntimeError, match="newer replay of that block overwrote its activations"):
+            loss.backward()
+
+
+@pytest.mark.gpu
+def test_gpu_moved_parameters_are_captured_again():
+    """New parameter storage (``p.data = ...``) is a new key: captured again, and the steps still match eager."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
+    twin = copy.deepcopy(model)
+    batches = [torch.randn(2, 3, 224, 224, device="cuda") for _ in range(4)]
+    twin_again = copy.deepcopy(model)
+    _steps(model, batches, True, True)
+    _steps(twin, batches, False, True)
+    _steps(twin_again, batches, False, True)
+    for p in model.parameters():
+        p.data = p.data.clone()
+    bg.block_graph_stats(reset=True)
+    graphed = _steps(model, batches, True, True)
+    assert bg.block_graph_stats()["captures"] == 12
+    _assert_steps_match(graphed, _steps(twin, batches, False, True), _steps(twin_again, batches, False, True),
+                        "moved")
+
+
+@pytest.mark.gpu
+def test_gpu_stochastic_depth_draws_anew_at_every_replay():
+    """With stochastic depth a replayed block draws new masks every step: the same seed gives the same output,
+    another seed another one."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.5).cuda().train()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    _steps(model, [x, x, x], True, False)
+    outs = []
+    with bg.block_graphs():
+        for seed in (1, 1, 2):
+            torch.manual_seed(seed)
+            out = model(x)
+            out.sum().backward()
+            outs.append(out.detach())
+    assert bg.block_graph_stats()["replays"] > 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.equal(outs[0], outs[2])
