@@ -18,7 +18,8 @@ otherwise:
   ``torch.compile`` traces, under a ``torch.func`` transform or a dispatch-mode tracer, nor inside another CUDA
   graph capture (``torch.compile(mode="reduce-overhead")`` captures whole steps itself);
 - neither the block nor any of its submodules has forward or backward hooks, and no global module hooks are
-  registered (a replay would not call them);
+  registered (a replay would not call them); its parameters are plain tensors that own their storage (not FSDP's
+  views of a flat parameter, nor DTensors);
 - the call's key matches a captured one: the tensor arguments' shapes, strides, dtypes and ``requires_grad``, the
   other arguments, the autocast state, the parameters' and buffers' storage addresses and ``requires_grad`` flags
   and the submodules' training flags. A block keeps graphs for at most :data:`MAX_GRAPHS` keys (the rest run
@@ -68,6 +69,7 @@ _BLOCKS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKe
 _STATS = {"captures": 0, "replays": 0, "eager_busy": 0, "capture_failures": 0}
 _LOCK = threading.Lock()  # one capture at a time (captures sync the device and hold the capture stream)
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+_PLAIN = (nn.Parameter, torch.Tensor)
 
 
 def use_block_graphs(enabled: bool) -> None:
@@ -221,6 +223,8 @@ def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor]
         flags.append(m.training)
         for p in m._parameters.values():
             if p is not None:
+                if type(p) not in _PLAIN or p._is_view():
+                    return None  # FSDP's views of a flat parameter, DTensors: their storage is not theirs to key on
                 state.append((p.data_ptr(), p.requires_grad, p.dtype))
                 if p.requires_grad:
                     params.append(p)

@@ -77,6 +77,10 @@ def test_call_keys_follow_what_a_graph_reads():
     assert key(x, None, (1, 1)) is None
     handle.remove()
     assert key(x, None, (1, 1)) == frozen
+    weight = block.fc.weight
+    block.fc._parameters["weight"] = nn.Parameter(torch.zeros(8, 4))[:4]  # a view, as FSDP's flat parameters give
+    assert key(x, None, (1, 1)) is None
+    block.fc._parameters["weight"] = weight
     for p in block.parameters():
         p.requires_grad_(False)
     assert key(x, None, (1, 1)) is None  # nothing to differentiate
