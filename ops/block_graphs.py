@@ -234,7 +234,8 @@ def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor]
     if not params and not any(t.requires_grad for t in tensors):
         return None
     device_type = args[0].device.type
-    amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    # (a disabled autocast region still sets the dtype: not part of the key then)
+    amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     return (tuple(metas), amp, tuple(state), tuple(flags), args[0].device), tensors, params
 
 

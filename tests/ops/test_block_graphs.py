@@ -62,6 +62,8 @@ def test_call_keys_follow_what_a_graph_reads():
     assert base != key(x, x, (1, 1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert base != key(x, None, (1, 1))
+    with torch.autocast("cpu", dtype=torch.float16, enabled=False):
+        assert base == key(x, None, (1, 1))  # a disabled region's dtype does not matter
     block.fc.weight.data = block.fc.weight.data.clone()
     moved = key(x, None, (1, 1))
     assert moved != base
