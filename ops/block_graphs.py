@@ -216,15 +216,16 @@ def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor]
             except TypeError:
                 return None
             metas.append(("arg", a))
-    params, state, flags = [], [], []
+    params, state, flags, seen = [], [], [], set()
     for m in block.modules():
         if _hooked(m):
             return None
         flags.append(m.training)
         for p in m._parameters.values():
-            if p is not None:
+            if p is not None and id(p) not in seen:  # (a parameter shared by two layers is one input)
                 if type(p) not in _PLAIN or p._is_view():
                     return None  # FSDP's views of a flat parameter, DTensors: their storage is not theirs to key on
+                seen.add(id(p))
                 state.append((p.data_ptr(), p.requires_grad, p.dtype))
                 if p.requires_grad:
                     params.append(p)
@@ -270,7 +271,7 @@ class _Graphs:
 class _Claim:
     """Held by a replay's autograd node: frees the graphs for another forward when the node is freed unused."""
 
-    __slots__ = ("graphs", "generation", "__weakref__")
+    __slots__ = ("graphs", "generation")
 
     def __init__(self, graphs: _Graphs, generation: int) -> None:
         self.graphs, self.generation = graphs, generation
@@ -291,7 +292,6 @@ class _Replay(torch.autograd.Function):
         graphs.busy = True
         ctx.graphs, ctx.generation = graphs, graphs.generation
         ctx.claim = _Claim(graphs, graphs.generation)
-        ctx.num_inputs = len(tensors)
         out = tuple(o.clone() for o in graphs.outputs)
         ctx.mark_non_differentiable(*(o for o, d in zip(out, graphs.differentiable) if not d))
         return out

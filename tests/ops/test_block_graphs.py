@@ -205,6 +205,26 @@ def test_cpu_double_replays_match_eager_steps(cpu_graphs):
         assert stats["captures"] == (8 if step >= 2 else 0) and stats["replays"] == 8 * max(0, step - 1), stats
 
 
+def test_cpu_double_shared_parameter_gets_its_gradient_once(cpu_graphs):
+    """A parameter two layers of a block share is one input of the replay: its gradient is eager's, not twice it."""
+    block = _Block()
+    block.fc2 = nn.Linear(4, 4)
+    block.fc2.weight = block.fc.weight
+
+    def fn(x):
+        return block.fc2(block(x)[0])
+
+    twin = copy.deepcopy(block)
+    x = torch.randn(3, 4)
+    for _ in range(4):
+        block.zero_grad(set_to_none=True)
+        bg.run_block(block, fn, x).square().sum().backward()
+    twin_out = twin.fc2(twin(x)[0])
+    twin_out.square().sum().backward()
+    assert bg.block_graph_stats()["replays"] == 2
+    torch.testing.assert_close(block.fc.weight.grad, twin.fc.weight.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_cpu_double_bookkeeping(cpu_graphs):
     """A second forward before the backward runs eagerly; a dropped forward frees the graphs; a backward after a
     newer replay raises."""
