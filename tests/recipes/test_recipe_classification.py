@@ -192,6 +192,23 @@ def test_fused_adamw_takes_the_fused_optimizer_with_the_default_update(tiny_kwar
         _module(tiny_kwargs, fused_adamw="yes")
 
 
+def test_block_graphs_are_on_for_the_training_forward_only(tiny_kwargs, fixed_batch, monkeypatch):
+    """``block_graphs=True``: the training step's forward runs with block graphs on (on the CPU every block then
+    runs eagerly, so the step is the same), validation and the rest with them as they were."""
+    from zoo.ops import block_graphs as bg
+
+    x, y = fixed_batch
+    for flag in (False, True):
+        module = _module(tiny_kwargs, block_graphs=flag)
+        seen = []
+        forward = module.model.forward
+        monkeypatch.setattr(module.model, "forward", lambda t: (seen.append(bg.block_graphs_enabled()), forward(t))[1])
+        _fit(module, x, y, steps=2)
+        assert seen == [flag, flag] and not bg.block_graphs_enabled()
+    with pytest.raises(TypeError, match=r"block_graphs must be True or False, got 1"):
+        _module(tiny_kwargs, block_graphs=1)
+
+
 class _GradientsAroundClipping(L.Callback):
     """Records the gradients before clipping (``on_before_optimizer_step``) and as the optimizer's step saw them."""
 

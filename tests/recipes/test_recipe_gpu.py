@@ -1,4 +1,5 @@
-"""GPU runs of `zoo train` (skipped without CUDA): bf16 on one GPU (default and fused AdamW); DDP and FSDP on two GPUs.
+"""GPU runs of `zoo train` (skipped without CUDA): bf16 on one GPU (default and fused AdamW, block graphs); DDP and FSDP
+on two GPUs.
 
 Each run is a subprocess of the real command on the shortened quickstart; the checkpoint of every strategy must load
 with zoo.create_model and classify the digits as well as the run's own validation said.
@@ -48,9 +49,10 @@ def _checkpoint_accuracy(ckpt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_adamw", [False, True])
-def test_quickstart_bf16_on_one_gpu(fused_adamw, tmp_path):
-    run, summary = _fit(tmp_path, "--trainer.devices=1", f"--model.init_args.fused_adamw={str(fused_adamw).lower()}")
+@pytest.mark.parametrize("fused_adamw, block_graphs", [(False, False), (True, False), (True, True)])
+def test_quickstart_bf16_on_one_gpu(fused_adamw, block_graphs, tmp_path):
+    run, summary = _fit(tmp_path, "--trainer.devices=1", f"--model.init_args.fused_adamw={str(fused_adamw).lower()}",
+                        f"--model.init_args.block_graphs={str(block_graphs).lower()}")
     assert summary["world_size"] == 1 and summary["final_val_acc1"] > 0.9
     ckpt = run / "checkpoints" / "last.ckpt"
     acc = _checkpoint_accuracy(ckpt)
