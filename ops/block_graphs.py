@@ -21,8 +21,9 @@ otherwise:
   registered (a replay would not call them); its parameters are plain tensors that own their storage (not FSDP's
   views of a flat parameter, nor DTensors);
 - the call's key matches a captured one: the tensor arguments' shapes, strides, dtypes and ``requires_grad``, the
-  other arguments, the autocast state, the parameters' and buffers' storage addresses and ``requires_grad`` flags
-  and the submodules' training flags. A block keeps graphs for at most :data:`MAX_GRAPHS` keys (the rest run
+  other arguments, the autocast state, the parameters' and buffers' storage addresses and ``requires_grad`` flags,
+  the submodules' training flags and the settings that choose kernels (TF32, matmul precision, deterministic
+  algorithms, SDPA's backends, ``ZOO_OPS_BACKEND``). A block keeps graphs for at most :data:`MAX_GRAPHS` keys (the rest run
   eagerly), so multi-scale training does not capture one per size;
 - the block's graphs are not waiting for a backward: a second forward of the block before the first one's backward
   (two views of a batch through one model, say) runs eagerly, because a replay would overwrite the activations that
@@ -237,7 +238,19 @@ def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor]
     device_type = args[0].device.type
     # (a disabled autocast region still sets the dtype: not part of the key then)
     amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return (tuple(metas), amp, tuple(state), tuple(flags), args[0].device), tensors, params
+    return (tuple(metas), amp, tuple(state), tuple(flags), args[0].device, _settings()), tensors, params
+
+
+def _settings() -> tuple:
+    """The process settings that choose kernels, which a graph keeps as they were at its capture: TF32 and reduced-
+    precision reductions, float32 matmul precision, deterministic algorithms, SDPA's enabled backends and the
+    ``ZOO_OPS_BACKEND`` override of the zoo ops' dispatch."""
+    matmul, sdpa = torch.backends.cuda.matmul, torch.backends.cuda
+    return (matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction,
+            matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+            sdpa.flash_sdp_enabled(), sdpa.mem_efficient_sdp_enabled(), sdpa.math_sdp_enabled(),
+            sdpa.cudnn_sdp_enabled(), os.environ.get("ZOO_OPS_BACKEND"))
 
 
 class _Graphs:

@@ -45,7 +45,7 @@ class _Block(nn.Module):
         return self.norm(self.fc(x) * self.scale), x
 
 
-def test_call_keys_follow_what_a_graph_reads():
+def test_call_keys_follow_what_a_graph_reads(monkeypatch):
     """The key changes with the input's layout, the other arguments, autocast, the parameters' storage and flags,
     buffers and training flags; hooks and unhashable arguments give no key (the call runs eagerly)."""
     block, x = _Block(), torch.randn(2, 4)
@@ -74,6 +74,15 @@ def test_call_keys_follow_what_a_graph_reads():
     block.norm.eval()
     frozen = key(x, None, (1, 1))
     assert frozen is not None and frozen != moved
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = not saved
+    try:
+        assert key(x, None, (1, 1)) != frozen  # a setting that chooses kernels
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "window_attention:reference")
+    assert key(x, None, (1, 1)) != frozen
+    monkeypatch.delenv("ZOO_OPS_BACKEND")
     assert key(x, None, [1, 1]) is None
     handle = block.norm.register_forward_hook(lambda *a: None)
     assert key(x, None, (1, 1)) is None
