@@ -255,6 +255,16 @@ def test_cpu_double_bookkeeping(cpu_graphs):
         loss.backward()
 
 
+def test_compiled_training_forward_traces_through_run_block_with_graphs_on():
+    """With block graphs on, ``torch.compile`` traces the block loops without a graph break (run_block sees the
+    trace and calls the block), and the forward equals eager."""
+    model, x = _pvt(), torch.randn(2, 3, 64, 64)
+    with bg.block_graphs():
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # GPU
 
