@@ -52,10 +52,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _module_hooks
 
 from ._cache import functorch_transforming, keep_cached_constants, tracing
-from .autocast_cache import no_forward_casts
+from .autocast_cache import _PLAIN, no_forward_casts
+from .mlp import calls_hooks
 
 __all__ = ["use_block_graphs", "block_graphs_enabled", "block_graphs", "forget_block_graphs", "run_block",
            "block_graph_stats", "MAX_GRAPHS"]
@@ -70,7 +70,6 @@ _BLOCKS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKe
 _STATS = {"captures": 0, "replays": 0, "eager_busy": 0, "capture_failures": 0}
 _LOCK = threading.Lock()  # one capture at a time (captures sync the device and hold the capture stream)
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-_PLAIN = (nn.Parameter, torch.Tensor)
 
 
 def use_block_graphs(enabled: bool) -> None:
@@ -189,21 +188,9 @@ def _graphs_for(block: nn.Module, key: tuple) -> Any:
     return entry
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
-                or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks)
-
-
 def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]] | None:
     """(the call's key, its tensor arguments, the block's parameters that need gradients), or None where the call
     must run eagerly (hooks, unhashable arguments, nothing to differentiate)."""
-    if _global_hooks():
-        return None
     tensors, metas = [], []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -219,7 +206,7 @@ def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor]
             metas.append(("arg", a))
     params, state, flags, seen = [], [], [], set()
     for m in block.modules():
-        if _hooked(m):
+        if calls_hooks(m):  # (its own hooks, or global ones)
             return None
         flags.append(m.training)
         for p in m._parameters.values():

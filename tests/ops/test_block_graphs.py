@@ -284,6 +284,15 @@ def _steps(model, batches, graphs: bool, amp: bool, lr: float = 0.05):
     return out
 
 
+def _captured_pvt(amp: bool, drop_path_rate: float = 0.0, batch: int = 2):
+    """Agent-PVT-T on CUDA whose blocks were captured (three SGD steps on one batch), and that batch."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=drop_path_rate).cuda().train()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    _steps(model, [x, x, x], True, amp)
+    return model, x
+
+
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
@@ -346,10 +355,7 @@ def test_gpu_second_forward_before_backward_runs_eagerly():
 @pytest.mark.gpu
 def test_gpu_graphs_are_free_again_when_a_forward_is_dropped():
     """A training forward whose autograd graph is dropped without a backward frees the block's graphs."""
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
-    x = torch.randn(2, 3, 224, 224, device="cuda")
-    _steps(model, [x, x, x], True, True)
+    model, x = _captured_pvt(True)
     bg.block_graph_stats(reset=True)
     with bg.block_graphs(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(x)
@@ -361,10 +367,7 @@ def test_gpu_graphs_are_free_again_when_a_forward_is_dropped():
 
 @pytest.mark.gpu
 def test_gpu_backward_after_a_newer_replay_raises():
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
-    x = torch.randn(2, 3, 224, 224, device="cuda")
-    _steps(model, [x, x, x], True, False)
+    model, x = _captured_pvt(False)
     assert bg.block_graph_stats(reset=True)["captures"] == 8
     with bg.block_graphs():
         loss = model(x).sum()
@@ -399,10 +402,7 @@ def test_gpu_moved_parameters_are_captured_again():
 def test_gpu_stochastic_depth_draws_anew_at_every_replay():
     """With stochastic depth a replayed block draws new masks every step: the same seed gives the same output,
     another seed another one."""
-    torch.manual_seed(0)
-    model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.5).cuda().train()
-    x = torch.randn(4, 3, 224, 224, device="cuda")
-    _steps(model, [x, x, x], True, False)
+    model, x = _captured_pvt(False, drop_path_rate=0.5, batch=4)
     outs = []
     with bg.block_graphs():
         for seed in (1, 1, 2):
