@@ -312,6 +312,14 @@ def _forward_cast(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     return None
 
 
+def _scope_stack() -> list:
+    """This thread's stack of forward-cast scopes (created on first use)."""
+    stack = getattr(_SCOPES, "stack", None)
+    if stack is None:
+        stack = _SCOPES.stack = []
+    return stack
+
+
 _NO_CASTS = "no casts"  # a scope on the stack that hides the outer ones (no_forward_casts)
 
 
@@ -320,9 +328,7 @@ def no_forward_casts() -> Iterator[None]:
     """Context manager: layers called inside cast their own weights (autocast's casts) instead of taking the
     running training forward's one cast. A CUDA graph captured inside (:mod:`zoo.ops.block_graphs`) must not read
     copies that the next step's cast will make elsewhere."""
-    stack = getattr(_SCOPES, "stack", None)
-    if stack is None:
-        stack = _SCOPES.stack = []
+    stack = _scope_stack()
     stack.append(_NO_CASTS)
     try:
         yield
@@ -364,9 +370,7 @@ def _traced_copies(module: nn.Module) -> tuple | None:
 def _open_forward(root: nn.Module, args: tuple) -> None:
     if torch.compiler.is_compiling():
         return  # (a hook traced as a frame of its own: the cast would be a graph of its own)
-    stack = getattr(_SCOPES, "stack", None)
-    if stack is None:
-        stack = _SCOPES.stack = []
+    stack = _scope_stack()
     # a scope only where the one cast pays: training forwards, and not under data-parallel training, whose gradient
     # communication starts as each gradient is accumulated (one node would hand them all over at the end)
     active = torch.is_grad_enabled() and not _distributed()
