@@ -4,9 +4,9 @@ An eager training step of these backbones waits for the host: a block's forward 
 launches and autograd nodes, and on the device machines' hosts Python and the dispatcher take longer to issue them
 than the GPU takes to run them (BENCHMARKS.md, sessions 81-84: the official code's step and ours both wait for the
 host). With block graphs on (:func:`use_block_graphs`, or ``ZOO_BLOCK_GRAPHS=1``), the models' block loops call
-:func:`run_block`, which captures a block's forward and its backward into two CUDA graphs the third time it sees the
-same call (the first two run eagerly: the first compiles the block's kernels and the second records their call
-plans) and replays them from then on, as one autograd node a block: the forward copies the inputs into the graph's
+:func:`run_block`, which captures a block's forward and its backward into two CUDA graphs the third time in a row
+it sees the same call (the first two run eagerly: the first compiles the block's kernels and the second records
+their call plans) and replays them from then on, as one autograd node a block: the forward copies the inputs into the graph's
 input buffers, replays, and returns copies of its outputs; the backward copies the output gradients in, replays and
 returns fresh gradients for the inputs and the block's parameters, which autograd accumulates as usual. The GPU runs
 the same kernels on the same values; what changes is the host's work, a few launches a block instead of hundreds.
@@ -24,7 +24,9 @@ otherwise:
   other arguments, the autocast state, the parameters' and buffers' storage addresses and ``requires_grad`` flags,
   the submodules' training flags and the settings that choose kernels (TF32, matmul precision, deterministic
   algorithms, SDPA's backends, ``ZOO_OPS_BACKEND``). A block keeps graphs for at most :data:`MAX_GRAPHS` keys (the rest run
-  eagerly), so multi-scale training does not capture one per size;
+  eagerly), so multi-scale training does not capture one per size, and captures a key only once it has come three
+  times with at most :data:`_RECENT` calls of the block from one to the next ("in a row"), so a key that comes
+  once an epoch (a partial last batch) runs eagerly rather than taking a graph and its memory;
 - the block's graphs are not waiting for a backward: a second forward of the block before the first one's backward
   (two views of a batch through one model, say) runs eagerly, because a replay would overwrite the activations that
   backward reads. The graphs are free again once that backward has run or its autograd graph has been freed.
@@ -62,11 +64,12 @@ __all__ = ["use_block_graphs", "block_graphs_enabled", "block_graphs", "forget_b
 
 MAX_GRAPHS = 2  # keys a block captures at most
 _CAPTURE_AT = 3  # the sighting of a key whose call is captured (module docstring)
+_RECENT = 4  # the most calls of a block from one sighting of a key to the next for both to count towards its capture
 _SIGHTINGS_KEPT = 16  # keys a block counts sightings of before it stops counting new ones
+_CAPTURE = object()  # _graphs_for's answer: capture this call
 
 _ENABLED = [os.environ.get("ZOO_BLOCK_GRAPHS", "0") == "1"]
-# block -> {key: sightings so far (int), its _Graphs, or None where capturing failed}
-_BLOCKS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_BLOCKS: weakref.WeakKeyDictionary[nn.Module, _BlockState] = weakref.WeakKeyDictionary()
 _STATS = {"captures": 0, "replays": 0, "eager_busy": 0, "capture_failures": 0}
 _LOCK = threading.Lock()  # one capture at a time (captures sync the device and hold the capture stream)
 _STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -147,10 +150,7 @@ def run_block(block: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
     graphs = _graphs_for(block, key)
     if graphs is None:
         return fn(*args)
-    if isinstance(graphs, int):  # a sighting to count, or the one to capture
-        if graphs + 1 < _CAPTURE_AT:
-            _BLOCKS[block][key] = graphs + 1
-            return fn(*args)
+    if graphs is _CAPTURE:
         graphs = _capture(block, key, fn, args, tensors, params)
         if graphs is None:
             return fn(*args)
@@ -171,21 +171,42 @@ def _untraceable(x: torch.Tensor) -> bool:
             or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def _graphs_for(block: nn.Module, key: tuple) -> Any:
-    """The block's entry for ``key``: its _Graphs, how many times it was seen, or None (run eagerly: its capture
-    failed, or the block has its most graphs or keys)."""
-    entries = _BLOCKS.get(block)
-    if entries is None:
-        entries = _BLOCKS[block] = {}
-    entry = entries.get(key)
-    if entry is None:
-        if key in entries or len(entries) >= _SIGHTINGS_KEPT:
-            return None
-        entry = entries[key] = 0
-    if isinstance(entry, int) and entry + 1 >= _CAPTURE_AT:
-        if sum(isinstance(v, _Graphs) for v in entries.values()) >= MAX_GRAPHS:
-            return None
-    return entry
+class _BlockState:
+    """What block graphs keep for one block: its calls counted so far, and per key its _Graphs, its sightings as
+    (count, the call of the last one), or None where capturing it failed."""
+
+    __slots__ = ("calls", "entries", "__weakref__")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entries: dict[Any, _Graphs | tuple[int, int] | None] = {}
+
+    def captured(self) -> int:
+        """How many keys have graphs."""
+        return sum(isinstance(v, _Graphs) for v in self.entries.values())
+
+
+def _graphs_for(block: nn.Module, key: Any) -> Any:
+    """Count this call of the block and answer what it does: the key's _Graphs to replay, :data:`_CAPTURE` to
+    capture it (its third sighting in a row), or None to run eagerly (a sighting before that, a failed capture, or
+    the block has its most graphs or keys)."""
+    state = _BLOCKS.get(block)
+    if state is None:
+        state = _BLOCKS[block] = _BlockState()
+    state.calls += 1
+    entry = state.entries.get(key)
+    if entry is None and key in state.entries:
+        return None  # its capture failed
+    if not isinstance(entry, (tuple, type(None))):
+        return entry
+    if entry is None and len(state.entries) >= _SIGHTINGS_KEPT:
+        return None
+    count, last = entry if entry is not None else (0, 0)
+    count = count + 1 if count and state.calls - last <= _RECENT else 1
+    if count >= _CAPTURE_AT and state.captured() >= MAX_GRAPHS:
+        return None
+    state.entries[key] = (count, state.calls)
+    return _CAPTURE if count >= _CAPTURE_AT else None
 
 
 def _signature(block: nn.Module, args: tuple) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]] | None:
@@ -354,7 +375,7 @@ def _capture(block: nn.Module, key: tuple, fn: Callable[..., Any], args: tuple, 
         graphs = None
     finally:
         _LOCK.release()
-    _BLOCKS[block][key] = graphs
+    _BLOCKS[block].entries[key] = graphs
     if graphs is not None:
         _STATS["captures"] += 1
     return graphs

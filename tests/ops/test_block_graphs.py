@@ -98,26 +98,42 @@ def test_call_keys_follow_what_a_graph_reads(monkeypatch):
     assert key(x.requires_grad_(), None, (1, 1)) is not None
 
 
-def test_capture_schedule_counts_sightings_then_caps_graphs(monkeypatch):
-    """The third sighting of a key is captured; a block keeps at most MAX_GRAPHS graphs and counts a bounded
-    number of keys."""
+def test_capture_schedule_counts_sightings_then_caps_graphs():
+    """The third sighting of a key in a row is captured; a block keeps at most MAX_GRAPHS graphs and counts a
+    bounded number of keys."""
     block = _Block()
-    entries = bg._BLOCKS.setdefault(block, {})
-    assert bg._graphs_for(block, "a") == 0
-    entries["a"] = 1
-    assert bg._graphs_for(block, "a") == 1
-    entries["a"] = 2
-    assert bg._graphs_for(block, "a") == 2  # the caller captures now
+    assert bg._graphs_for(block, "a") is None  # first sighting: eager
+    assert bg._graphs_for(block, "a") is None  # second
+    assert bg._graphs_for(block, "a") is bg._CAPTURE  # third: the caller captures now
+    entries = bg._BLOCKS[block].entries
     entries["a"] = object.__new__(bg._Graphs)
+    assert bg._graphs_for(block, "a") is entries["a"]
     entries["b"] = object.__new__(bg._Graphs)
-    entries["c"] = 2
+    assert bg._graphs_for(block, "c") is None
+    assert bg._graphs_for(block, "c") is None
     assert bg._graphs_for(block, "c") is None  # MAX_GRAPHS (2) captured already
     entries["d"] = None
     assert bg._graphs_for(block, "d") is None  # its capture failed
+    assert entries["d"] is None
     for i in range(bg._SIGHTINGS_KEPT):
-        entries[("k", i)] = 0
+        entries[("k", i)] = (1, 0)
     assert bg._graphs_for(block, "new") is None
     assert "new" not in entries
+
+
+def test_capture_needs_sightings_in_a_row():
+    """Two sizes taking turns are captured; a key seen once an epoch (a partial last batch) never is."""
+    block = _Block()
+    answers = [bg._graphs_for(block, key) for _ in range(3) for key in ("x", "y")]
+    assert answers[-2:] == [bg._CAPTURE, bg._CAPTURE] and answers[:-2] == [None] * 4
+    block, epoch, captured = _Block(), ["full"] * (bg._RECENT + 1) + ["last"], []
+    for _ in range(4):
+        for key in epoch:
+            if bg._graphs_for(block, key) is bg._CAPTURE:
+                captured.append(key)
+                bg._BLOCKS[block].entries[key] = object.__new__(bg._Graphs)
+    assert captured == ["full"]
+    assert bg._BLOCKS[block].entries["last"] == (1, 4 * len(epoch))
 
 
 @pytest.mark.parametrize("name", ["agent_pvt_tiny", "zoo_volo_d1_224"])
