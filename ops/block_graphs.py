@@ -175,7 +175,7 @@ class _BlockState:
     """What block graphs keep for one block: its calls counted so far, and per key its _Graphs, its sightings as
     (count, the call of the last one), or None where capturing it failed."""
 
-    __slots__ = ("calls", "entries", "__weakref__")
+    __slots__ = ("calls", "entries")
 
     def __init__(self) -> None:
         self.calls = 0
@@ -194,18 +194,17 @@ def _graphs_for(block: nn.Module, key: Any) -> Any:
     if state is None:
         state = _BLOCKS[block] = _BlockState()
     state.calls += 1
-    entry = state.entries.get(key)
-    if entry is None and key in state.entries:
-        return None  # its capture failed
-    if not isinstance(entry, (tuple, type(None))):
+    entries = state.entries
+    entry = entries.get(key)
+    if isinstance(entry, _Graphs):
         return entry
-    if entry is None and len(state.entries) >= _SIGHTINGS_KEPT:
-        return None
-    count, last = entry if entry is not None else (0, 0)
+    if entry is None and (key in entries or len(entries) >= _SIGHTINGS_KEPT):
+        return None  # its capture failed, or the block counts no more keys
+    count, last = entry or (0, 0)
     count = count + 1 if count and state.calls - last <= _RECENT else 1
     if count >= _CAPTURE_AT and state.captured() >= MAX_GRAPHS:
         return None
-    state.entries[key] = (count, state.calls)
+    entries[key] = (count, state.calls)
     return _CAPTURE if count >= _CAPTURE_AT else None
 
 
