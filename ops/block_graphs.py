@@ -4,12 +4,13 @@ An eager training step of these backbones waits for the host: a block's forward 
 launches and autograd nodes, and on the device machines' hosts Python and the dispatcher take longer to issue them
 than the GPU takes to run them (BENCHMARKS.md, sessions 81-84: the official code's step and ours both wait for the
 host). With block graphs on (:func:`use_block_graphs`, or ``ZOO_BLOCK_GRAPHS=1``), the models' block loops call
-:func:`run_block`, which captures a block's forward and its backward into two CUDA graphs the third time in a row
-it sees the same call (the first two run eagerly: the first compiles the block's kernels and the second records
-their call plans) and replays them from then on, as one autograd node a block: the forward copies the inputs into the graph's
-input buffers, replays, and returns copies of its outputs; the backward copies the output gradients in, replays and
-returns fresh gradients for the inputs and the block's parameters, which autograd accumulates as usual. The GPU runs
-the same kernels on the same values; what changes is the host's work, a few launches a block instead of hundreds.
+:func:`run_block`, which captures a block's forward and its backward into two CUDA graphs the third time in a row it
+sees the same call (the first two run eagerly: the first compiles the block's kernels and the second records their
+call plans) and replays them from then on, as one autograd node a block: the forward copies the inputs into the
+graph's input buffers, replays, and returns copies of its outputs; the backward copies the output gradients in,
+replays and returns fresh gradients for the inputs and the block's parameters, which autograd accumulates as usual.
+The GPU runs the same kernels on the same values; what changes is the host's work, a few launches a block instead of
+hundreds.
 
 A call is replayed only when all of these hold, and runs the block eagerly (exactly as without block graphs)
 otherwise:
@@ -23,10 +24,10 @@ otherwise:
 - the call's key matches a captured one: the tensor arguments' shapes, strides, dtypes and ``requires_grad``, the
   other arguments, the autocast state, the parameters' and buffers' storage addresses and ``requires_grad`` flags,
   the submodules' training flags and the settings that choose kernels (TF32, matmul precision, deterministic
-  algorithms, SDPA's backends, ``ZOO_OPS_BACKEND``). A block keeps graphs for at most :data:`MAX_GRAPHS` keys (the rest run
-  eagerly), so multi-scale training does not capture one per size, and captures a key only once it has come three
-  times with at most :data:`_RECENT` calls of the block from one to the next ("in a row"), so a key that comes
-  once an epoch (a partial last batch) runs eagerly rather than taking a graph and its memory;
+  algorithms, SDPA's backends, ``ZOO_OPS_BACKEND``). A block keeps graphs for at most :data:`MAX_GRAPHS` keys
+  (the rest run eagerly), so multi-scale training does not capture one per size, and captures a key only once it
+  has come three times with at most :data:`_RECENT` calls of the block from one to the next ("in a row"), so a key
+  that comes once an epoch (a partial last batch) runs eagerly rather than taking a graph and its memory;
 - the block's graphs are not waiting for a backward: a second forward of the block before the first one's backward
   (two views of a batch through one model, say) runs eagerly, because a replay would overwrite the activations that
   backward reads. The graphs are free again once that backward has run or its autograd graph has been freed.
