@@ -23,6 +23,7 @@ from .triton import neighborhood as _neighborhood_triton  # noqa: F401  (registe
 from .ms_deform import ms_deform_attn  # noqa: F401
 from .layer_norm import LayerNorm, add_layer_norm, layer_norm  # noqa: F401
 from .mlp import Mlp, SequentialMlp, linear_gelu, mlp  # noqa: F401
+from .linear import linear, linears_as_op  # noqa: F401
 from .depthwise_conv import depthwise_conv  # noqa: F401
 from .autocast_cache import AutocastCachedConv2d, AutocastCachedLinear, cache_autocast_casts  # noqa: F401
 from .autocast_cache import one_cast_per_forward  # noqa: F401
@@ -36,7 +37,7 @@ __all__ = ["available_backends", "registered_backends", "register_backend", "dis
            "cross_attention", "downsampled_attention", "split_qkv",
            "masked_attention", "structured_mask", "neighborhood_attention",
            "neighborhood_mask", "ms_deform_attn", "layer_norm", "add_layer_norm", "LayerNorm", "mlp", "Mlp",
-           "SequentialMlp", "linear_gelu", "depthwise_conv",
+           "SequentialMlp", "linear_gelu", "linear", "linears_as_op", "depthwise_conv",
            "AutocastCachedLinear", "AutocastCachedConv2d", "cache_autocast_casts", "one_cast_per_forward",
            "clear_parameter_caches",
            "PatchConv2d", "as_patch_conv", "SpaceToDepthConv2d", "as_space_to_depth_conv"]

@@ -58,6 +58,7 @@ from torch.autograd.function import once_differentiable
 
 from ._cache import functorch_transforming, keep_cached_constants, tracing
 from .autocast_cache import _PLAIN, no_forward_casts
+from .linear import linears_as_op
 from .mlp import calls_hooks
 
 __all__ = ["use_block_graphs", "block_graphs_enabled", "block_graphs", "forget_block_graphs", "run_block",
@@ -430,6 +431,7 @@ def _capture_graphs(block: nn.Module, fn: Callable[..., Any], args: tuple, tenso
         stack.enter_context(no_forward_casts())
         stack.enter_context(keep_cached_constants(graphs.keep))
         stack.enter_context(_parameters_swapped(block, aliases))
+        stack.enter_context(linears_as_op())  # bias gradients summed by zoo's kernel: its host cost is paid once
         return stack
 
     # warm-up on the capture stream (cuBLAS's workspace for that stream, lazy initialisations)

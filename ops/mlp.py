@@ -45,8 +45,9 @@ from torch.nn.modules import module as _module_hooks
 from ._amp import autocast_dtype, compute_dtype
 from ._dispatch import call_key, dispatch, planned, register_backend, validated
 from .autocast_cache import AutocastCachedLinear, autocast_weights
+from .linear import check_linear_args, row_split_sums, sum_splits
 from .triton import (contiguous_or_none, direct, inputs_reason, kernel_op, kernels_interpreted, needs_grad, next_pow2,
-                     no_device_reason, on_device, sm_count, traced)
+                     no_device_reason, on_device, traced)
 
 __all__ = ["Mlp", "SequentialMlp", "calls_hooks", "is_identity", "linear_gelu", "mlp"]
 
@@ -374,24 +375,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     key = call_key(x, weight, bias)
     if not validated(_LINEAR_GELU, key):
-        _check_linear_gelu(x, weight, bias)
+        check_linear_args(_LINEAR_GELU, x, weight, bias, out="H")
     return dispatch(_LINEAR_GELU, backend, x, weight, bias, key=key)
-
-
-def _check_linear_gelu(x, weight, bias) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
-        raise ValueError(f"linear_gelu: x must be a floating-point tensor of shape (..., C_in), got {_describe(x)}")
-    if (not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.ndim != 2
-            or weight.shape[1] != x.shape[-1]):
-        raise ValueError(f"linear_gelu: weight must be a floating-point tensor of shape (H, C_in) = (H, "
-                         f"{x.shape[-1]}) for x of shape {tuple(x.shape)}, got {_describe(weight)}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
-                             or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"linear_gelu: bias must be None or a floating-point tensor of shape (H,) = "
-                         f"({weight.shape[0]},), got {_describe(bias)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"linear_gelu: {name} must be on the device of x ({x.device}), got {t.device}")
 
 
 def _linear_gelu_reference(x, weight, bias) -> torch.Tensor:
@@ -406,9 +391,7 @@ register_backend(_LINEAR_GELU, "reference", _linear_gelu_reference, priority=0)
 # (12608, 768)), then its row loop pipelined three stages deep; kernel and sum us on an H100 (torch 2.11, triton
 # 3.6, do_bench): 229 / 121 / 50 / 177 / 35, against ATen's gelu_backward and column sum 333 / 178 / 69 / 281 / 49
 # (its gelu_backward alone 207 / 107 / 39 / 157 / 26: the sum takes the rest)
-_GELU_BACKWARD_TILES = (32, 128, 8)
-_GELU_BACKWARD_PROGRAMS_PER_SM = 2
-_SUM_BLOCK_S, _SUM_BLOCK_C = 512, 32  # the partial sums' reduction (depthwise_conv's weight_grad_sum_kernel)
+_GELU_BACKWARD_TILES = (32, 128, 8)  # (2 programs a SM: zoo.ops.linear's row_split_sums)
 
 
 def _linear_gelu_supports(x, weight, bias) -> str | None:
@@ -460,21 +443,13 @@ def _launch_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias_dtype: torch
     n = a.shape[-1]
     m = a.numel() // n
     block_m, block_n, num_warps = _GELU_BACKWARD_TILES
-    col_blocks = -(-n // block_n)
-    programs = _GELU_BACKWARD_PROGRAMS_PER_SM * sm_count(a) if a.is_cuda else 3
-    splits = max(1, min(-(-m // block_m), programs // col_blocks))
-    rows_per_split = -(-m // splits)
-    rows_per_split = -(-rows_per_split // block_m) * block_m  # whole row blocks a split
-    splits = -(-m // rows_per_split)
+    parts, rows_per_split = row_split_sums(a, block_m, block_n)
     da = torch.empty_like(a)
-    parts = torch.empty((splits, 1, n), dtype=torch.float32, device=a.device)
     db = torch.empty((n,), dtype=bias_dtype, device=a.device)
-    kernels, summing = _gelu_kernels()
     with on_device(a):
-        launch(kernels.gelu_backward_kernel)[(splits, col_blocks)](
+        launch(_gelu_kernels().gelu_backward_kernel)[(parts.shape[0], -(-n // block_n))](
             grad, a, da, parts, m, n, rows_per_split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        launch(summing)[(-(-n // _SUM_BLOCK_C), 1)](parts, db, db, a, n, splits, 1, KK=0, BLOCK_S=_SUM_BLOCK_S,
-                                                    BLOCK_C=_SUM_BLOCK_C, num_warps=8)
+        sum_splits(parts, db, a, launch)
     return da, db
 
 
@@ -484,10 +459,10 @@ def _gelu_kernels_interpreted() -> bool:
 
 @functools.cache
 def _gelu_kernels():
-    """(the kernels' module, the partial sums' reduction), imported on first use (TRITON_INTERPRET is read then)."""
-    from .triton.kernels import depthwise_conv, mlp as kernels
+    """The kernels' module, imported on first use (TRITON_INTERPRET is read then)."""
+    from .triton.kernels import mlp as kernels
 
-    return kernels, depthwise_conv.weight_grad_sum_kernel
+    return kernels
 
 
 register_backend(_LINEAR_GELU, "triton", _linear_gelu_triton, supports=_linear_gelu_supports, priority=10,

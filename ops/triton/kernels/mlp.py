@@ -83,3 +83,19 @@ def gelu_backward_kernel(g_ptr, a_ptr, da_ptr, part_ptr, M, N, ROWS_PER_SPLIT,
         tl.store(da_ptr + at, da, mask=ok)
         total += da.to(tl.float32)  # masked entries are 0: g loads 0 there
     tl.store(part_ptr + tl.program_id(0) * N + cols, tl.sum(total, axis=0), mask=col_ok)
+
+
+@triton.jit
+def column_sum_kernel(g_ptr, part_ptr, M, N, ROWS_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial column sums of a row-major (M, N) g (grid: (splits, cdiv(N, BLOCK_N))): program (s, j) stores the
+    float32 sum of rows [s * ROWS_PER_SPLIT, (s + 1) * ROWS_PER_SPLIT) of column block j in part[s, columns]. A linear
+    layer's bias gradient is the sum of these over s (:func:`zoo.ops.linear`)."""
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    first = tl.program_id(0).to(tl.int64) * ROWS_PER_SPLIT
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in tl.range(0, ROWS_PER_SPLIT, BLOCK_M, num_stages=3):  # loads issued ahead of the additions
+        rows = first + step + tl.arange(0, BLOCK_M)
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        total += tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(part_ptr + tl.program_id(0) * N + cols, tl.sum(total, axis=0), mask=col_ok)
