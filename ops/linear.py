@@ -228,8 +228,9 @@ class _LinearsAsOp(TorchFunctionMode):
 def linears_as_op() -> Iterator[None]:
     """Context manager: ``F.linear`` calls inside (this thread's, including those of ``nn.Linear`` layers) go through
     :func:`linear`, whose automatic choice takes the ``triton`` backend for training calls on CUDA in here (the
-    backward of a call made inside runs the kernels too, wherever it runs) and ATen's ``F.linear`` otherwise. Every torch call inside passes through a Python torch-function mode,
-    so it is for code whose host time is spent once, such as a capture and its warm-up."""
+    backward of a call made inside runs the kernels too, wherever it runs) and ATen's ``F.linear`` otherwise. Every
+    torch call inside passes through a Python torch-function mode, so it is for code whose host time is spent once,
+    such as a CUDA graph's capture and its warm-up."""
     depth = getattr(_SCOPE, "depth", 0)
     _SCOPE.depth = depth + 1
     try:
