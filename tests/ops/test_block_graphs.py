@@ -13,6 +13,7 @@ from torch import nn
 
 import zoo
 from zoo.ops import block_graphs as bg
+from zoo.ops import linears_as_op
 
 FAMILIES = ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_t", "agent_cswin_t", "biformer_tiny",
             "zoo_volo_d1_224"]
@@ -286,10 +287,12 @@ def test_compiled_training_forward_traces_through_run_block_with_graphs_on():
 
 
 def _steps(model, batches, graphs: bool, amp: bool, lr: float = 0.05):
-    """SGD steps on ``batches``: per step, the loss and every parameter's gradient."""
+    """SGD steps on ``batches``: per step, the loss and every parameter's gradient. Every linear layer (in captured
+    blocks or not) sums its bias gradient with zoo.ops.linear's kernel, so that steps with and without graphs run the
+    same kernels (that kernel's sums against ATen's: tests/ops/test_linear.py)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     out = []
-    with bg.block_graphs(graphs):
+    with bg.block_graphs(graphs), linears_as_op():
         for x in batches:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
