@@ -154,8 +154,8 @@ class _Linear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad
         gx = (g @ wc).reshape(x.shape).to(x.dtype) if need_x else None
-        # ATen's layout of the product (mat1^T @ grad, then transposed): the same cuBLAS call, the same values
-        gw = (xc.reshape(-1, xc.shape[-1]).t() @ g).t().to(weight.dtype) if need_w else None
+        # grad^T @ x, the product ATen's linear backward makes for a row-major weight (the same cuBLAS call and values)
+        gw = (g.t() @ xc.reshape(-1, xc.shape[-1])).to(weight.dtype) if need_w else None
         if not need_b:
             gb = None
         elif torch.is_grad_enabled() or g.numel() == 0:

@@ -350,7 +350,7 @@ def test_gpu_graphed_training_steps_match_eager(name, amp, no_tf32):
 @pytest.mark.gpu
 def test_gpu_second_forward_before_backward_runs_eagerly():
     """Two forwards of one model before one backward (two views of a batch): the second runs eagerly, and the
-    gradients equal those of the model without graphs."""
+    gradients equal those of the model without graphs (both inside linears_as_op, as in _steps)."""
     torch.manual_seed(0)
     model = zoo.create_model("agent_pvt_tiny", num_classes=10, drop_path_rate=0.0).cuda().train()
     twin = copy.deepcopy(model)
@@ -360,7 +360,7 @@ def test_gpu_second_forward_before_backward_runs_eagerly():
     grads = []
     for m, enabled in ((model, True), (twin, False)):
         m.zero_grad(set_to_none=True)
-        with bg.block_graphs(enabled), torch.autocast("cuda", dtype=torch.bfloat16):
+        with bg.block_graphs(enabled), linears_as_op(), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = m(a).float().square().mean() + m(b).float().square().mean()
         loss.backward()
         grads.append([p.grad for p in m.parameters()])
