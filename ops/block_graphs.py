@@ -416,6 +416,22 @@ def static_leaves(args: tuple, tensors: list[torch.Tensor], params: list[torch.T
     return statics, static_args, aliases, targets
 
 
+def capture_scope(block: nn.Module, aliases: dict[int, torch.Tensor], keep: list, device_type: str, amp: bool,
+                  amp_dtype: torch.dtype) -> contextlib.ExitStack:
+    """The contexts a block's warm-up and capture run in (entered; close the returned stack to leave them): autocast
+    as the call had it but without its weight cache, the layers' own casts (:func:`no_forward_casts`), cached
+    constants kept in ``keep``, the parameters swapped for their ``aliases`` and the linear layers sent to
+    :func:`zoo.ops.linear` (:func:`linears_as_op`)."""
+    stack = contextlib.ExitStack()
+    # autocast's cache off: a cast cached before the capture (by the warm-up) would be read at its old address
+    stack.enter_context(torch.autocast(device_type, dtype=amp_dtype, enabled=amp, cache_enabled=False))
+    stack.enter_context(no_forward_casts())
+    stack.enter_context(keep_cached_constants(keep))
+    stack.enter_context(_parameters_swapped(block, aliases))
+    stack.enter_context(linears_as_op())  # bias gradients summed by zoo's kernel: its host cost is paid once
+    return stack
+
+
 def _capture_graphs(block: nn.Module, fn: Callable[..., Any], args: tuple, tensors: list[torch.Tensor],
                     params: list[torch.Tensor]) -> _Graphs:
     graphs = _Graphs()
@@ -427,14 +443,7 @@ def _capture_graphs(block: nn.Module, fn: Callable[..., Any], args: tuple, tenso
     amp_dtype = torch.get_autocast_dtype(device.type)
 
     def scope() -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        # autocast's cache off: a cast cached before the capture (by the warm-up) would be read at its old address
-        stack.enter_context(torch.autocast(device.type, dtype=amp_dtype, enabled=amp, cache_enabled=False))
-        stack.enter_context(no_forward_casts())
-        stack.enter_context(keep_cached_constants(graphs.keep))
-        stack.enter_context(_parameters_swapped(block, aliases))
-        stack.enter_context(linears_as_op())  # bias gradients summed by zoo's kernel: its host cost is paid once
-        return stack
+        return capture_scope(block, aliases, graphs.keep, device.type, amp, amp_dtype)
 
     # warm-up on the capture stream (cuBLAS's workspace for that stream, lazy initialisations)
     stream.wait_stream(torch.cuda.current_stream(device))

@@ -212,6 +212,27 @@ def _pvt(**kwargs):
     return zoo.create_model("agent_pvt_tiny", num_classes=5, drop_path_rate=0.0, img_size=64, **kwargs).train()
 
 
+def test_capture_scope_runs_the_block_on_aliases_with_its_linears_sent_to_the_op(monkeypatch):
+    """Inside a capture's scope the block's layers read the parameters' aliases, autocast runs without its weight
+    cache, and its nn.Linear calls go to zoo.ops.linear (whose choice then knows it is inside); all undone after."""
+    import importlib
+
+    linear_module = importlib.import_module("zoo.ops.linear")
+    calls, real = [], linear_module.linear
+    monkeypatch.setattr(linear_module, "linear", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    block, x = _Block(), torch.randn(2, 4)
+    _, _, aliases, _ = bg.static_leaves((x,), [x], list(block.parameters()))
+    with bg.capture_scope(block, aliases, [], "cpu", True, torch.bfloat16):
+        assert linear_module._host_once() and not torch.is_autocast_cache_enabled()
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        block(x)
+    assert len(calls) == 1 and calls[0] is aliases[id(block.fc.weight)]
+    assert not linear_module._host_once() and torch.is_autocast_cache_enabled() and not torch.is_autocast_enabled("cpu")
+    assert block.fc.weight is not aliases[id(block.fc.weight)]
+    block(x)
+    assert len(calls) == 1
+
+
 def test_cpu_double_replays_match_eager_steps(cpu_graphs):
     """With the CPU double the replay path (input copies, one node a block, gradients routed to inputs and
     parameters) gives eager's loss and gradients, and the schedule captures on the third call."""
