@@ -139,8 +139,8 @@ class _Linear(torch.autograd.Function):
         xc, wc, bc = (t.to(compute_dtype(x, t.dtype)) for t in (x, weight, bias))  # autocast's casts, if on
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, bc)
-        ctx.cast = (xc is not x, wc is not weight)
-        ctx.save_for_backward(x, weight, xc if ctx.cast[0] else None, wc if ctx.cast[1] else None)
+        # the casts saved only where autocast made one (backward reads None as "no cast")
+        ctx.save_for_backward(x, weight, None if xc is x else xc, None if wc is weight else wc)
         ctx.bias_dtype = bias.dtype
         return y
 
@@ -172,9 +172,8 @@ def column_sums(g: torch.Tensor, dtype: torch.dtype, launch=direct) -> torch.Ten
     block_m, block_n, num_warps = _TILES
     parts, rows_per_split = row_split_sums(g, block_m, block_n)
     db = torch.empty((n,), dtype=dtype, device=g.device)
-    kernels, summing = _kernels()
     with on_device(g):
-        launch(kernels.column_sum_kernel)[(parts.shape[0], -(-n // block_n))](
+        launch(_kernels()[0].column_sum_kernel)[(parts.shape[0], -(-n // block_n))](
             g, parts, m, n, rows_per_split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         sum_splits(parts, db, g, launch)
     return db
