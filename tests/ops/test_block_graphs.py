@@ -339,13 +339,20 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _assert_steps_match(graphed, eager, eager_again, what: str):
     """Every step's loss and gradients with graphs against eager ones, within 1e-5 of each tensor's largest value
-    plus what two eager runs differ by (atomics: a bias before a BatchNorm has a gradient of rounding noise)."""
+    plus twice what two eager runs differ by (atomics). A tensor whose two eager runs differ by a tenth of its size or
+    more is rounding noise, a gradient that is zero in exact arithmetic (a bias before a BatchNorm): the graphed one
+    must be noise of that size too, at most four times the larger eager one."""
     for step, (a_step, b_step, c_step) in enumerate(zip(graphed, eager, eager_again)):
         for i, (a, b, c) in enumerate(zip(a_step, b_step, c_step)):
-            floor = (c - b).abs().max().item()
+            size, floor = b.abs().max().item(), (c - b).abs().max().item()
+            if floor >= 0.1 * size:
+                noise = max(size, c.abs().max().item())
+                assert a.abs().max().item() <= 4 * noise, \
+                    f"{what}, step {step}, tensor {i}: {a.abs().max():.3g} where eager runs give noise of {noise:.3g}"
+                continue
             off = (a - b).abs().max().item()
-            assert off <= 1e-5 * b.abs().max().item() + 2 * floor, \
-                f"{what}, step {step}, tensor {i}: off by {off:.3g} (eager runs: {floor:.3g}; max {b.abs().max():.3g})"
+            assert off <= 1e-5 * size + 2 * floor, \
+                f"{what}, step {step}, tensor {i}: off by {off:.3g} (eager runs: {floor:.3g}; max {size:.3g})"
 
 
 @pytest.mark.gpu
