@@ -26,10 +26,11 @@ otherwise:
 - the call's key matches a captured one: the tensor arguments' shapes, strides, dtypes and ``requires_grad``, the
   other arguments, the autocast state, the parameters' and buffers' storage addresses and ``requires_grad`` flags,
   the submodules' training flags and the settings that choose kernels (TF32, matmul precision, deterministic
-  algorithms, cuDNN's switches, SDPA's backends, ``ZOO_OPS_BACKEND``). A block keeps graphs for at most :data:`MAX_GRAPHS` keys
-  (the rest run eagerly), so multi-scale training does not capture one per size, and captures a key only once it
-  has come three times with at most :data:`_RECENT` calls of the block from one to the next ("in a row"), so a key
-  that comes once an epoch (a partial last batch) runs eagerly rather than taking a graph and its memory;
+  algorithms, cuDNN's switches, SDPA's backends, ``ZOO_OPS_BACKEND``). A block keeps graphs for at most
+  :data:`MAX_GRAPHS` keys (the rest run eagerly), so multi-scale training does not capture one per size, and captures
+  a key only once it has come three times with at most :data:`_RECENT` calls of the block from one to the next ("in a
+  row"), so a key that comes once an epoch (a partial last batch) runs eagerly rather than taking a graph and its
+  memory;
 - the block's graphs are not waiting for a backward: a second forward of the block before the first one's backward
   (two views of a batch through one model, say) runs eagerly, because a replay would overwrite the activations that
   backward reads. The graphs are free again once that backward has run or its autograd graph has been freed.
@@ -259,8 +260,7 @@ def _settings() -> tuple:
     matmul, sdpa, cudnn = torch.backends.cuda.matmul, torch.backends.cuda, torch.backends.cudnn
     return (matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction,
             matmul.allow_fp16_reduced_precision_reduction, cudnn.allow_tf32, cudnn.enabled, cudnn.deterministic,
-            cudnn.benchmark,
-            torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+            cudnn.benchmark, torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
             sdpa.flash_sdp_enabled(), sdpa.mem_efficient_sdp_enabled(), sdpa.math_sdp_enabled(),
             sdpa.cudnn_sdp_enabled(), os.environ.get("ZOO_OPS_BACKEND"))
 
