@@ -1,4 +1,5 @@
 """`zoo eval` (ImageFolder top-1/top-5/loss) and `zoo bench` (CSV/JSON, ops delegation)."""
+import copy
 import csv
 import json
 import os
@@ -151,6 +152,60 @@ def test_bench_training_steps_take_the_chosen_adamw(tmp_path, monkeypatch):
             pass
     with pytest.raises(SystemExit):
         bench.main(args + ["--optimizer", "sgd"])
+
+
+def test_step_graph_is_refused_where_it_cannot_capture(tmp_path):
+    args = ["biformer_tiny", "--model-kwargs", json.dumps(TINY), "--batch-sizes", "2", "--img-size", "32",
+            "--step-graph", "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"--step-graph captures training steps: add --train"):
+        bench.main(args + ["--device", "cuda"])
+    with pytest.raises(ValueError, match=r"--step-graph with --device='cpu': a CUDA graph needs a CUDA device"):
+        bench.main(args + ["--train", "--device", "cpu"])
+    with pytest.raises(ValueError, match=r"--compile-mode='reduce-overhead': that mode replays CUDA graphs of its own"
+                                         r".*\['default', 'max-autotune-no-cudagraphs'\]"):
+        bench.main(args + ["--train", "--device", "cuda", "--with-compile", "--compile-mode", "reduce-overhead"])
+    with pytest.raises(ValueError, match=r"--step-graph with --block-graphs='both'.*pass --block-graphs off"):
+        bench.main(args + ["--train", "--device", "cuda", "--block-graphs", "both"])
+    model = zoo.create_model("biformer_tiny", **TINY)
+    with pytest.raises(ValueError, match=r"step graph: device 'cpu' is not accepted.*run on a CUDA device"):
+        bench._GraphedTrainStep(model, torch.randn(2, 3, 32, 32), None)
+    with bench.train_step_graph(True):
+        assert bench._TRAIN["step_graph"] is True
+        with pytest.raises(ValueError, match=r"step graph: device 'cpu'"):  # what the rows' builder then makes
+            bench._step_fn(model, "train", None, 2, (3, 32, 32), torch.device("cpu"), False)
+        assert isinstance(bench._step_fn(model, "infer", None, 2, (3, 32, 32), torch.device("cpu"), False),
+                          type(bench._inference_fn))
+    assert bench._TRAIN["step_graph"] is False  # the setting ends with the block
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_step_graph_replays_what_an_eager_step_computes(compiled):
+    """Each replay of the captured step gives the loss, gradients and AdamW update that the same step run eagerly
+    gives from the same parameters, optimizer state and batch; a new batch is copied in before the replay."""
+    torch.manual_seed(0)
+    model = zoo.create_model("biformer_tiny", **TINY).cuda()
+    twin = zoo.create_model("biformer_tiny", **TINY).cuda()
+    run = torch.compile if compiled else (lambda m: m)
+    step = bench._GraphedTrainStep(run(model), torch.randn(4, 3, 32, 32, device="cuda"), None)
+    twin_step = run(twin)
+    optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-6, fused=True)
+    for batch in range(2):
+        step.source = torch.randn(4, 3, 32, 32, device="cuda")
+        twin.load_state_dict(model.state_dict())  # the warm-up steps (and the replay before) moved the parameters
+        optimizer.load_state_dict(copy.deepcopy(step.optimizer.state_dict()))  # its own moments, not shared
+        step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(twin_step(step.source).float(), step.target)
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+        assert torch.allclose(step.loss, loss, rtol=1e-6, atol=0), (batch, step.loss, loss)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            for ours, eager in ((p.grad, q.grad), (p, q)):
+                bound = 1e-5 * eager.abs().max().item() + 1e-12
+                assert (ours - eager).abs().max().item() <= bound, (batch, name)
 
 
 def test_time_fn_runs_warmup_then_timed_iterations():

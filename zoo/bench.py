@@ -18,6 +18,13 @@ iterations (not measured on CPU). Results go to a table on stdout and to ``OUT/b
 (with the environment: torch version, device name).
 Training steps take AdamW outside any compiled graph: ``--optimizer default`` (torch's choice) or ``fused`` (one
 launch a step; a compiled step's wall time then stays close to its kernel time).
+``--step-graph`` (CUDA) captures each training step whole in one CUDA graph after a few eager steps: the forward, the
+loss, ``backward()`` and a fused, capturable AdamW step; each timed step copies the batch into the graph's input and
+replays it. The host then does the same two calls a step for any model, where an ordinary step's host work grows with
+the model's parameters (AdamW's and autograd's work for each) and its graph's launches: at batch 64 on the H200
+machine a compiled Agent-DeiT step took more host time than kernel time on either side, so two models' ratio read
+the host's, not theirs. It takes ``--compile-mode`` ``default`` or ``max-autotune-no-cudagraphs`` (the other modes
+replay graphs of their own) and no ``--block-graphs``.
 ``--device-time`` adds ``device_ms``, the summed kernel time of one step (CUDA, from one more, profiled pass): where
 ``latency_ms`` is well above it, the host (Python, launches) bounds the step and faster kernels will not show.
 ``--host-profile N`` shows where that host time goes: one more profiled pass per row gives, in a second table, the N
@@ -84,13 +91,14 @@ import torch.nn.functional as F
 
 __all__ = ["add_baseline_ratios", "bench_interleaved", "bench_model", "build_parser", "format_table", "host_profile",
            "host_rows", "kernel_rows", "main", "ops_backend", "pointwise_autotune", "time_fn", "top_kernels",
-           "train_optimizer"]
+           "train_optimizer", "train_step_graph"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHS_SUFFIX = "+graphs"  # an ops backend with block graphs on (--block-graphs)
 OPTIMIZERS = ("default", "fused")
-_TRAIN = {"optimizer": "default"}  # set by train_optimizer()
+STEP_GRAPH_COMPILE_MODES = (False, "default", "max-autotune-no-cudagraphs")  # the others capture graphs of their own
+_TRAIN = {"optimizer": "default", "step_graph": False}  # set by train_optimizer() and train_step_graph()
 _TIMING = {"step_sync": True}  # set by step_sync()
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
            "latency_ms", "latency_p50_ms", "latency_p90_ms", "rounds", "latency_spread", "device_ms", "host_fwd_ms",
@@ -165,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="default", choices=OPTIMIZERS,
                    help="AdamW implementation of the training step, outside any compiled graph (fused: one launch "
                         "a step)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="capture each training step whole (forward, loss, backward, fused capturable AdamW) in one "
+                        "CUDA graph and time its replays: the host's per-parameter work then no longer bounds the "
+                        "step (CUDA; compile mode default or max-autotune-no-cudagraphs; no --block-graphs)")
     p.add_argument("--device-time", action="store_true",
                    help="also report each step's summed kernel time (CUDA, one profiled pass more): a latency well "
                         "above it means the host, not the GPU, bounds the step")
@@ -320,6 +332,48 @@ class _TrainStep:
     def __call__(self) -> None:
         self.loss().backward()
         self.optimizer.step()
+
+
+class _GraphedTrainStep:
+    """:class:`_TrainStep`'s work replayed from one CUDA graph (``--step-graph``), callable: copy the batch into the
+    graph's input, then replay the forward under autocast with a float32 cross entropy, ``backward()`` and a fused,
+    capturable AdamW step. ``WARMUP`` eager steps on a side stream come first (compilation, autotuning, AdamW's
+    moments), then the capture, with the gradients unset so that the backward makes them in the graph's own memory
+    and every replay writes them afresh. ``loss`` is the captured loss, rewritten by each replay."""
+
+    WARMUP = 3
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None):
+        if x.device.type != "cuda":
+            raise ValueError(f"step graph: device {str(x.device)!r} is not accepted; a training step is captured in a "
+                             f"CUDA graph, so run on a CUDA device (--device cuda)")
+        model.train()
+        self.model, self.amp, self.source, self.x = model, amp, x, x.clone()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True, capturable=True)
+        self.target = torch.randint(0, _num_outputs(model), (x.shape[0],), device=x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # kept off the capture's stream, as CUDA graph capture asks of warm-up work
+            for _ in range(self.WARMUP):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._forward_backward_update()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._forward_backward_update()
+
+    def _forward_backward_update(self) -> torch.Tensor:
+        # autocast's weight-cast cache would hand the capture casts made outside its memory pool
+        with torch.autocast("cuda", dtype=self.amp, enabled=self.amp is not None, cache_enabled=False):
+            loss = F.cross_entropy(self.model(self.x).float(), self.target)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self) -> None:
+        self.x.copy_(self.source)  # a loader's batch would arrive here
+        self.graph.replay()
 
 
 def autograd_nodes(output: torch.Tensor) -> int:
@@ -573,7 +627,9 @@ def _step_fn(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int
     x = torch.randn(bs, *chw, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return _TrainStep(model, x, amp) if mode == "train" else _inference_fn(model, x, amp)
+    if mode != "train":
+        return _inference_fn(model, x, amp)
+    return (_GraphedTrainStep if _TRAIN["step_graph"] else _TrainStep)(model, x, amp)
 
 
 def _measure(model: torch.nn.Module, mode: str, amp: torch.dtype | None, bs: int, chw: tuple[int, int, int],
@@ -608,24 +664,35 @@ def train_optimizer(kind: str) -> Iterator[None]:
     parameter group: least host time, so a compiled step's wall time stays close to its kernel time)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer={kind!r}: choose one of {list(OPTIMIZERS)}")
-    before = _TRAIN["optimizer"]
-    _TRAIN["optimizer"] = kind
-    try:
+    with _setting(_TRAIN, "optimizer", kind):
         yield
-    finally:
-        _TRAIN["optimizer"] = before
+
+
+@contextlib.contextmanager
+def train_step_graph(enabled: bool) -> Iterator[None]:
+    """Whether the training steps built for the duration are captured whole in one CUDA graph and replayed
+    (:class:`_GraphedTrainStep`, ``--step-graph``) or run as ordinary steps (False, the default)."""
+    with _setting(_TRAIN, "step_graph", bool(enabled)):
+        yield
 
 
 @contextlib.contextmanager
 def step_sync(enabled: bool) -> Iterator[None]:
     """Whether :func:`time_fn` synchronizes the device after every timed call (True, the default: per-step latencies)
     or only after the last (False: back-to-back steps, as a training loop runs them), for the duration."""
-    before = _TIMING["step_sync"]
-    _TIMING["step_sync"] = bool(enabled)
+    with _setting(_TIMING, "step_sync", bool(enabled)):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(store: dict[str, Any], key: str, value: Any) -> Iterator[None]:
+    """``store[key] = value`` for the duration, the value before restored after (an error included)."""
+    before = store[key]
+    store[key] = value
     try:
         yield
     finally:
-        _TIMING["step_sync"] = before
+        store[key] = before
 
 
 @contextlib.contextmanager
@@ -759,9 +826,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--host-profile={args.host_profile}: must be >= 0 (operators to list; 0: no profile)")
     compiled_mode = args.compile_mode
     compiles = (False, compiled_mode) if args.with_compile else (compiled_mode if args.compile else False,)
+    if args.step_graph:
+        _check_step_graph(args, compiles, device)
     subjects = [(name, backend, compiled) for name in args.models for backend in backends for compiled in compiles]
     with (pointwise_autotune(not args.no_pointwise_autotune), train_optimizer(args.optimizer),
-          step_sync(not args.no_step_sync)):
+          train_step_graph(args.step_graph), step_sync(not args.no_step_sync)):
         rows = _bench_subjects(args, subjects, batch_sizes, dtypes, device, modes, model_kwargs)
     add_baseline_ratios(rows)
     hidden = {"device", "channels_last"} | ({"rounds", "latency_spread"} if args.rounds == 1 else set())
@@ -773,10 +842,27 @@ def main(argv: list[str] | None = None) -> int:
         if any(row.get("kernel_top") for row in rows):
             print(format_table(kernel_rows(rows), KERNEL_COLUMNS))
     meta = {**environment(device), "inductor_pointwise_autotune": not args.no_pointwise_autotune,
-            "train_optimizer": args.optimizer, "step_sync": not args.no_step_sync}
+            "train_optimizer": "fused, capturable" if args.step_graph else args.optimizer,
+            "train_step_graph": args.step_graph, "step_sync": not args.no_step_sync}
     csv_path, json_path = write_results(rows, args.out, meta)
     print(f"wrote {csv_path} and {json_path}")
     return 0
+
+
+def _check_step_graph(args: argparse.Namespace, compiles: tuple[bool | str, ...], device: torch.device) -> None:
+    """``--step-graph``'s requirements, checked before any model is built: training steps, a CUDA device, compile
+    modes that capture no graphs of their own, no block graphs."""
+    if not args.train:
+        raise ValueError("--step-graph captures training steps: add --train")
+    if device.type != "cuda":
+        raise ValueError(f"--step-graph with --device={str(device)!r}: a CUDA graph needs a CUDA device")
+    modes = [m for m in compiles if m is not False]
+    if any(m not in STEP_GRAPH_COMPILE_MODES for m in modes):
+        raise ValueError(f"--step-graph with --compile-mode={args.compile_mode!r}: that mode replays CUDA graphs of "
+                         f"its own inside the step's capture; use one of {list(STEP_GRAPH_COMPILE_MODES[1:])}")
+    if args.block_graphs != "off":
+        raise ValueError(f"--step-graph with --block-graphs={args.block_graphs!r}: block graphs would be captured "
+                         f"inside the step's graph; pass --block-graphs off")
 
 
 def _bench_subjects(args: argparse.Namespace, subjects: list[tuple[str, str, bool | str]], batch_sizes: list[int],
