@@ -97,7 +97,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHS_SUFFIX = "+graphs"  # an ops backend with block graphs on (--block-graphs)
 OPTIMIZERS = ("default", "fused")
-STEP_GRAPH_COMPILE_MODES = (False, "default", "max-autotune-no-cudagraphs")  # the others capture graphs of their own
+STEP_GRAPH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the others capture CUDA graphs of their own
 _TRAIN = {"optimizer": "default", "step_graph": False}  # set by train_optimizer() and train_step_graph()
 _TIMING = {"step_sync": True}  # set by step_sync()
 COLUMNS = ["model", "ops", "compile", "mode", "dtype", "batch_size", "img_size", "images_per_s", "x_base",
@@ -311,6 +311,15 @@ def _inference_fn(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | No
     return step
 
 
+def _batch_loss(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None,
+                autocast_cache: bool | None = None) -> torch.Tensor:
+    """The training steps' loss: the forward of ``x`` (B, C, H, W) under autocast to ``amp`` (None: off; its weight
+    cache as torch sets it unless ``autocast_cache`` says), then the float32 cross entropy of its logits (B, classes)
+    against ``target`` (B,); a scalar with its graph recorded."""
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None, cache_enabled=autocast_cache):
+        return F.cross_entropy(model(x).float(), target)
+
+
 class _TrainStep:
     """A training step on a fixed batch, callable: zero the gradients, the forward under autocast with a float32
     cross entropy (:meth:`loss`), ``backward()``, then AdamW's step (``--optimizer``). Its phases are separate so that
@@ -326,8 +335,7 @@ class _TrainStep:
     def loss(self) -> torch.Tensor:
         """Zero the gradients and run the forward: the scalar loss, its graph recorded."""
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.x.device.type, dtype=self.amp, enabled=self.amp is not None):
-            return F.cross_entropy(self.model(self.x).float(), self.target)
+        return _batch_loss(self.model, self.x, self.target, self.amp)
 
     def __call__(self) -> None:
         self.loss().backward()
@@ -365,8 +373,7 @@ class _GraphedTrainStep:
 
     def _forward_backward_update(self) -> torch.Tensor:
         # autocast's weight-cast cache would hand the capture casts made outside its memory pool
-        with torch.autocast("cuda", dtype=self.amp, enabled=self.amp is not None, cache_enabled=False):
-            loss = F.cross_entropy(self.model(self.x).float(), self.target)
+        loss = _batch_loss(self.model, self.x, self.target, self.amp, autocast_cache=False)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -856,10 +863,9 @@ def _check_step_graph(args: argparse.Namespace, compiles: tuple[bool | str, ...]
         raise ValueError("--step-graph captures training steps: add --train")
     if device.type != "cuda":
         raise ValueError(f"--step-graph with --device={str(device)!r}: a CUDA graph needs a CUDA device")
-    modes = [m for m in compiles if m is not False]
-    if any(m not in STEP_GRAPH_COMPILE_MODES for m in modes):
+    if any(m is not False and m not in STEP_GRAPH_COMPILE_MODES for m in compiles):
         raise ValueError(f"--step-graph with --compile-mode={args.compile_mode!r}: that mode replays CUDA graphs of "
-                         f"its own inside the step's capture; use one of {list(STEP_GRAPH_COMPILE_MODES[1:])}")
+                         f"its own inside the step's capture; use one of {list(STEP_GRAPH_COMPILE_MODES)}")
     if args.block_graphs != "off":
         raise ValueError(f"--step-graph with --block-graphs={args.block_graphs!r}: block graphs would be captured "
                          f"inside the step's graph; pass --block-graphs off")
